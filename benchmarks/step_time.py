@@ -1,0 +1,125 @@
+"""Median time of one training step, as a ratio against plain PyTorch measured in the same process.
+
+For each net at batch 120 on the CPU: a plain PyTorch Adam step of the deterministic net; a hand-written plain
+PyTorch mean-field step of the same Bayesian model (weights sampled as ``loc + scale * noise``, analytic KL for
+the weights, the layer-scale hyperprior sampled log-normally with a one-sample KL, Adam), which is the floor any
+Pyro-based mean-field step can approach; and one pyrozoo SVI step with each guide.
+
+    python benchmarks/step_time.py [--nets mlp lenet] [--repeats 100] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import time
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from pyrozoo.guides import make_guide
+from pyrozoo.models import BayesianModel
+from pyrozoo.nets import create_net, get_net_entry
+from pyrozoo.train import svi_step
+
+BATCH, DATASET_SIZE, CLASSES = 120, 60_000, 10
+
+
+def median_seconds(step, repeats: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class HandWrittenMeanField:
+    """The flat-prior Bayesian net and its mean-field posterior written out in plain PyTorch."""
+
+    def __init__(self, model: BayesianModel, lr: float):
+        self.model, self.params = model, []
+        self.layers = []
+        for layer in model.layers:
+            loc = torch.empty(layer.shape).uniform_(-2, 2).requires_grad_()
+            raw = torch.full(layer.shape, math.log(math.expm1(0.1))).requires_grad_()
+            prec_loc = torch.empty(()).uniform_(-2, 2).requires_grad_()
+            prec_raw = torch.tensor(math.log(math.expm1(0.1))).requires_grad_()
+            self.layers.append((layer, loc, raw, prec_loc, prec_raw))
+            self.params += [loc, raw, prec_loc, prec_raw]
+        self.gamma = dist.Gamma(torch.tensor(2.0), torch.tensor(2.0))
+        self.optimizer = torch.optim.Adam(self.params, lr=lr)
+
+    def step(self, x, y):
+        kl, weights = 0.0, {}
+        for layer, loc, raw, prec_loc, prec_raw in self.layers:
+            prec_scale = F.softplus(prec_raw)
+            log_prec = prec_loc + prec_scale * torch.randn(())
+            prec = log_prec.exp()
+            # one-sample KL of the log-normal posterior of the precision against its Gamma(2, 2) prior
+            log_q = -0.5 * ((log_prec - prec_loc) / prec_scale) ** 2 - prec_scale.log() - 0.5 * math.log(2 * math.pi)
+            kl = kl + (log_q - log_prec) - self.gamma.log_prob(prec)
+            scale = F.softplus(raw)
+            z = loc + scale * torch.randn_like(loc)
+            kl = kl + (0.5 * (scale**2 + loc**2 - 1) - scale.log()).sum()
+            c = prec.rsqrt() if layer.is_output else prec.rsqrt() / 10
+            weights.update(layer.split(c * z))
+        logits = functional_call(self.model.net, weights, (x,))
+        loss = F.cross_entropy(logits, y, reduction="sum") * (DATASET_SIZE / len(x)) + kl
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def bench_net(name: str, repeats: int) -> None:
+    side = get_net_entry(name).pad_to or 28
+    x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
+    net = create_net(name, in_channels=1, image_size=side, num_classes=CLASSES)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+
+    def plain_step():
+        loss = F.cross_entropy(net(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    timings = {"plain pytorch (deterministic)": median_seconds(plain_step, repeats)}
+    model = BayesianModel(create_net(name, in_channels=1, image_size=side, num_classes=CLASSES))
+    hand = HandWrittenMeanField(model, lr=1e-3)
+    timings["hand-written mean-field"] = median_seconds(lambda: hand.step(x, y), repeats)
+    with pyro.validation_enabled(False):
+        for kind in ("meanfield", "autonormal", "autodelta"):
+            guide = make_guide(kind, model, x, y, DATASET_SIZE)
+            opt = torch.optim.Adam(guide.parameters(), lr=1e-3)
+            timings[f"pyrozoo svi, guide={kind}"] = median_seconds(
+                lambda: svi_step(model, guide, opt, x, y, DATASET_SIZE), repeats)
+    plain, floor = timings["plain pytorch (deterministic)"], timings["hand-written mean-field"]
+    for what, seconds in timings.items():
+        print(f"{name:6s} {what:34s} {seconds * 1e3:8.2f} ms   ratio vs plain {seconds / plain:5.2f}"
+              f"   ratio vs hand-written {seconds / floor:5.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nets", nargs="+", default=["mlp", "lenet"])
+    parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"# batch {BATCH}, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"pyro {pyro.__version__}, {platform.processor() or platform.machine()}")
+    for name in args.nets:
+        bench_net(name, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

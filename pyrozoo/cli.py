@@ -1,0 +1,133 @@
+"""The ``pyrozoo`` command: ``train`` and ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pyrozoo import data as datasets
+from pyrozoo.errors import PyrozooError
+from pyrozoo.guides import GUIDES
+from pyrozoo.methods import METHODS
+from pyrozoo.nets import NETS
+
+SUMMARY_COLUMNS = ["epoch", "seconds", "elbo", "accuracy", "nll", "ece", "ece15", "brier", "lpd"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, as for every other user error
+        raise PyrozooError(f"{self.prog}: {message}")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _choice(known):
+    def check(text: str) -> str:
+        if text not in known:
+            raise argparse.ArgumentTypeError(f"unknown name {text!r}; choose from {', '.join(known)}")
+        return text
+    return check
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyrozoo", description="Bayesian sparsification of deep networks with Pyro and BMR.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train a Bayesian net by SVI into a run folder")
+    train.add_argument("--net", type=_choice(list(NETS)), default="lenet")
+    train.add_argument("--data", type=_choice(list(datasets.DATASETS)), default=None,
+                       help="dataset (default: fashion-mnist, or the bundled fashion-mnist-mini if it is missing)")
+    train.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
+    train.add_argument("--method", type=_choice(list(METHODS)), default="flat-ff")
+    train.add_argument("--guide", type=_choice(list(GUIDES)), default=None, help="override the method's guide")
+    train.add_argument("--epochs", type=_positive_int, default=50)
+    train.add_argument("--steps-per-epoch", type=_positive_int, default=500)
+    train.add_argument("--batch-size", type=_positive_int, default=120)
+    train.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: the method's)")
+    train.add_argument("--samples", type=_positive_int, default=None,
+                       help="posterior samples per evaluation (default: 100; 1 for MAP)")
+    train.add_argument("--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and the last)")
+    train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--out", default=None, help="run folder (default: runs/NET-METHOD-DATA-sSEED)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("info", help="list nets, methods, guides and datasets, and where each dataset was found")
+    return parser
+
+
+def _train(args) -> None:
+    from pyrozoo.train import Run, TrainConfig
+
+    config = TrainConfig(net=args.net, data=args.data, data_dir=args.data_dir, method=args.method, guide=args.guide,
+                         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
+                         lr=args.lr, samples=args.samples, eval_every=args.eval_every, device=args.device,
+                         seed=args.seed)
+    out = args.out or os.path.join("runs", f"{args.net}-{args.method}-{args.data or 'default'}-s{args.seed}")
+    run = Run(config, out, resume=args.resume, log=lambda text: print(text, file=sys.stderr))
+    c = run.config
+    print(f"training {c.net} with {c.method} (guide {c.guide}, lr {c.lr}) on {c.data} from {run.data.source}; "
+          f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}; run folder {run.out}",
+          file=sys.stderr)
+    table = run.train(progress=not args.no_progress)
+    evaluated = table.dropna(subset=["accuracy"]) if "accuracy" in table else table
+    columns = [col for col in SUMMARY_COLUMNS if col in evaluated]
+    print(f"\n{c.net} {c.method} on {c.data}: metrics per evaluated epoch (seconds = training time so far)")
+    print(evaluated[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+def _info() -> None:
+    print("nets:")
+    for entry in NETS.values():
+        print(f"  {entry.name:20s} {entry.description}")
+    print("methods:")
+    for method in METHODS.values():
+        print(f"  {method.name:20s} {method.description} (guide {method.guide}, lr {method.lr})")
+    print("guides:")
+    for name, cls in GUIDES.items():
+        print(f"  {name:20s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    print("datasets:")
+    for info in datasets.DATASETS.values():
+        where = datasets.locate(info.name)
+        print(f"  {info.name:20s} {info.description}; {'found in ' + where if where else 'not found locally'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "train":
+            _train(args)
+        else:
+            _info()
+    except PyrozooError as e:
+        print(f"pyrozoo: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("pyrozoo: interrupted; a killed run continues with --resume from its last finished epoch",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Datasets: find them (or download them), read them with our own IDX and CIFAR readers, standardise and pad.
+
+Lookup order for every dataset but the bundled `fashion-mnist-mini`: the `data_dir` argument, `$PYROZOO_DATA`,
+the cache (`$PYROZOO_CACHE`, else ~/.cache/pyrozoo), for Fashion-MNIST the Debian package folder, and last a
+torchvision download into the cache. Each folder is tried in torchvision's layout and as a flat folder.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import pickle
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pyrozoo.errors import PyrozooError
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+MINI_FILE = "fashion-mnist-mini.npz"
+IDX_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset before loading it."""
+
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    description: str
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo(
+            "fashion-mnist", 1, 28, 10, "Fashion-MNIST: 60000/10000 greyscale 28x28 images of clothing"
+        ),
+        DatasetInfo(
+            "fashion-mnist-mini", 1, 28, 10, "bundled class-balanced Fashion-MNIST subset: 4000/1000"
+        ),
+        DatasetInfo("mnist", 1, 28, 10, "MNIST: 60000/10000 greyscale 28x28 handwritten digits"),
+        DatasetInfo("cifar10", 3, 32, 10, "CIFAR-10: 50000/10000 colour 32x32 images, 10 classes"),
+        DatasetInfo("cifar100", 3, 32, 100, "CIFAR-100: 50000/10000 colour 32x32 images, 100 fine classes"),
+    )
+}
+
+# torchvision's class per dataset; for the MNIST-likes its name is also the folder of torchvision's layout.
+_TORCHVISION = {
+    "fashion-mnist": "FashionMNIST",
+    "mnist": "MNIST",
+    "cifar10": "CIFAR10",
+    "cifar100": "CIFAR100",
+}
+# CIFAR: folder inside the archive, training files, test files, label key.
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels"),
+}
+
+
+@dataclass
+class RawData:
+    """A dataset as stored: uint8 images (N, C, H, W), int64 labels, and where it was found."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    source: str
+
+
+@dataclass
+class Prepared:
+    """A dataset ready for training: standardised (and maybe padded) float32 images, int64 labels."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    mean: torch.Tensor
+    std: torch.Tensor
+    source: str
+    name: str
+
+
+def cache_dir() -> Path:
+    """Where downloads go: `$PYROZOO_CACHE`, else ~/.cache/pyrozoo."""
+    return Path(os.environ.get("PYROZOO_CACHE") or Path.home() / ".cache" / "pyrozoo").expanduser()
+
+
+def _info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise PyrozooError(f"unknown dataset '{name}'; known datasets: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _search_dirs(name: str, data_dir: str | os.PathLike | None) -> list[tuple[str, Path]]:
+    dirs = [] if data_dir is None else [("--data-dir", Path(data_dir).expanduser())]
+    if os.environ.get("PYROZOO_DATA"):
+        dirs.append(("$PYROZOO_DATA", Path(os.environ["PYROZOO_DATA"]).expanduser()))
+    dirs.append(("cache", cache_dir()))
+    if name == "fashion-mnist":
+        dirs.append(("Debian package folder", Path(DEBIAN_FASHION_MNIST)))
+    return dirs
+
+
+def _idx_path(folder: Path, stem: str) -> Path | None:
+    """The plain or the gzipped IDX file; torchvision keeps both, and the plain one reads faster."""
+    return next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
+
+
+def _find_in(name: str, directory: Path) -> Path | None:
+    """The folder under `directory` holding all files of `name`, trying torchvision's layout first."""
+    if name in _CIFAR:
+        folder, train, test, _ = _CIFAR[name]
+        return next(
+            (c for c in (directory / folder, directory) if all((c / f).is_file() for f in train + test)), None
+        )
+    candidates = (directory / _TORCHVISION[name] / "raw", directory)
+    return next((c for c in candidates if all(_idx_path(c, stem) for stem in IDX_FILES)), None)
+
+
+def locate(name: str, data_dir: str | os.PathLike | None = None) -> str | None:
+    """Where `load(name, data_dir)` would read the dataset from without downloading; None if nowhere."""
+    _info(name)
+    if name == "fashion-mnist-mini":
+        return "bundled"
+    found = (_find_in(name, d) for _, d in _search_dirs(name, data_dir))
+    return next((str(f) for f in found if f is not None), None)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an unsigned-byte IDX file (plain, or gzip if named *.gz); a malformed file raises PyrozooError."""
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # a bad gzip stream is an OSError, a truncated one an EOFError
+        raise PyrozooError(f"cannot read IDX file {path}: {e}") from e
+    # Header: two zero bytes, type code 0x08 (unsigned byte), number of dims, each dim a big-endian int32.
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08 or data[3] == 0:
+        raise PyrozooError(
+            f"corrupt IDX file {path}: bad magic number 0x{data[:4].hex()} (want 0x000008 and ndim)"
+        )
+    header = 4 + 4 * data[3]
+    dims = tuple(int.from_bytes(data[i : i + 4], "big") for i in range(4, header, 4))
+    expected = header + math.prod(dims)
+    if len(data) != expected:
+        raise PyrozooError(
+            f"corrupt IDX file {path}: {len(data)} bytes, but a header for shape {dims} says {expected}"
+        )
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims).copy()
+
+
+def _labels(labels: np.ndarray, num_classes: int, path: Path) -> torch.Tensor:
+    if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
+        raise PyrozooError(f"corrupt labels in {path}: values outside 0..{num_classes - 1}")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def _read_idx_folder(name: str, folder: Path) -> list[torch.Tensor]:
+    info = DATASETS[name]
+    out = []
+    for split in ("train", "t10k"):
+        image_path = _idx_path(folder, f"{split}-images-idx3-ubyte")
+        label_path = _idx_path(folder, f"{split}-labels-idx1-ubyte")
+        images, labels = read_idx(image_path), read_idx(label_path)
+        if images.shape[1:] != (info.image_size, info.image_size):
+            raise PyrozooError(
+                f"{image_path}: images of shape {images.shape}, want (N, {info.image_size}, ...)"
+            )
+        if labels.shape != images.shape[:1]:
+            raise PyrozooError(
+                f"{label_path}: {labels.shape} labels for {len(images)} images in {image_path}"
+            )
+        out += [torch.from_numpy(images).unsqueeze(1), _labels(labels, info.num_classes, label_path)]
+    return out
+
+
+def _read_cifar_batch(path: Path, key: bytes, num_classes: int) -> tuple[np.ndarray, torch.Tensor]:
+    """One pickled CIFAR batch (only ever read from folders the user or our download chose)."""
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")  # CIFAR was pickled by Python 2: its keys are bytes
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[key])
+    except Exception as e:  # unpickling garbage fails in many ways, all meaning a corrupt file
+        raise PyrozooError(f"corrupt CIFAR file {path}: {e!r}") from e
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != data.shape[:1]:
+        raise PyrozooError(
+            f"corrupt CIFAR file {path}: data {data.dtype} {data.shape}, labels {labels.shape}"
+        )
+    # A row holds the 1024 red values, then the green, then the blue, each plane 32x32 row-major.
+    return data.reshape(-1, 3, 32, 32), _labels(labels, num_classes, path)
+
+
+def _read_cifar_folder(name: str, folder: Path) -> list[torch.Tensor]:
+    _, train, test, key = _CIFAR[name]
+    out = []
+    for files in (train, test):
+        batches = [_read_cifar_batch(folder / f, key, DATASETS[name].num_classes) for f in files]
+        out += [torch.from_numpy(np.concatenate([x for x, _ in batches])), torch.cat([y for _, y in batches])]
+    return out
+
+
+def _read(name: str, folder: Path, source: str) -> RawData:
+    tensors = _read_cifar_folder(name, folder) if name in _CIFAR else _read_idx_folder(name, folder)
+    return RawData(name, *tensors, num_classes=DATASETS[name].num_classes, source=source)
+
+
+def _load_mini() -> RawData:
+    with resources.as_file(resources.files("pyrozoo") / "datasets" / MINI_FILE) as path, np.load(path) as npz:
+        a = {key: torch.from_numpy(npz[key]) for key in npz.files}
+    info = DATASETS["fashion-mnist-mini"]
+    x_train, x_test = a["x_train"][:, None], a["x_test"][:, None]  # stored as (N, 28, 28)
+    return RawData(
+        info.name, x_train, a["y_train"].long(), x_test, a["y_test"].long(), info.num_classes, "bundled"
+    )
+
+
+def _download(name: str, root: Path) -> None:
+    """Download with torchvision into `root`; it leaves the files in the layout `_find_in` reads."""
+    import torchvision.datasets  # here, not at the top: importing torchvision is slow and rarely needed
+
+    root.mkdir(parents=True, exist_ok=True)
+    getattr(torchvision.datasets, _TORCHVISION[name])(root=str(root), download=True)
+
+
+def _how_to_get(name: str) -> str:
+    files = "the four IDX files (train-images-idx3-ubyte[.gz], ...)"
+    if name in _CIFAR:
+        files = f"the extracted {_CIFAR[name][0]}/ folder"
+    ways = ["`apt-get install dataset-fashion-mnist`"] if name == "fashion-mnist" else []
+    ways += [
+        f"put {files} in a folder DIR and pass --data-dir DIR or set PYROZOO_DATA=DIR",
+        f"let pyrozoo download it (needs internet; into {cache_dir()}, or $PYROZOO_CACHE if set)",
+    ]
+    return "; or ".join(ways)
+
+
+def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> RawData:
+    """Load a dataset as uint8 images (N, C, H, W) and int64 labels, downloading it if allowed and needed."""
+    _info(name)
+    if name == "fashion-mnist-mini":
+        return _load_mini()
+    found = locate(name, data_dir)
+    if found is not None:
+        return _read(name, Path(found), found)
+    problem = "download not allowed"
+    if download:
+        root = cache_dir()
+        try:
+            _download(name, root)
+        except Exception as e:  # no network, a dead mirror, an unwritable cache: one message below
+            problem = f"download into {root} failed: {' '.join(str(e).split())}"  # torchvision's spans lines
+        else:
+            folder = _find_in(name, root)
+            if folder is not None:
+                return _read(name, folder, f"downloaded to {folder}")
+            problem = f"download into {root} left no files we can read"
+    places = ", ".join(f"{label} {d}" for label, d in _search_dirs(name, data_dir))
+    raise PyrozooError(
+        f"dataset '{name}' not found (looked in {places}, each also in torchvision's layout); "
+        f"{problem}. To get it: {_how_to_get(name)}"
+    )
+
+
+def load_default(data_dir: str | os.PathLike | None = None) -> tuple[RawData, str | None]:
+    """Full Fashion-MNIST if found or downloadable; else the bundled subset and a warning saying so."""
+    try:
+        return load("fashion-mnist", data_dir), None
+    except PyrozooError as e:
+        # When the set is missing, the error already says where we looked and how to get it.
+        warning = (
+            "full Fashion-MNIST not available, so using the bundled subset 'fashion-mnist-mini' "
+            f"(4000 training / 1000 test images); results will not match full-data runs. Reason: {e}"
+        )
+        return load("fashion-mnist-mini"), warning
+
+
+def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (population) std in float64, exact: from a histogram of the 256 uint8 values."""
+    counts = torch.stack(
+        [torch.bincount(x[:, c].flatten(), minlength=256) for c in range(x.shape[1])]
+    ).double()
+    values = torch.arange(256, dtype=torch.float64)
+    n = counts.sum(1)
+    mean = counts @ values / n
+    std = ((counts * (values - mean[:, None]) ** 2).sum(1) / n).sqrt()
+    # A constant channel would divide by zero; with std 1 it is just centred (to 0).
+    return mean, torch.where(std > 0, std, 1.0)
+
+
+def prepare(raw: RawData, pad_to: int | None = None, device: str | torch.device = "cpu") -> Prepared:
+    """Standardise per channel with training-image statistics, then zero-pad (after that) to pad_to."""
+    h, w = raw.x_train.shape[2:]
+    if pad_to is not None and pad_to < max(h, w):
+        raise PyrozooError(
+            f"cannot pad the {h}x{w} images of {raw.name} to {pad_to}x{pad_to}: smaller than the images"
+        )
+    mean, std = (s.float() for s in _channel_stats(raw.x_train))
+
+    def standardise(x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - mean[:, None, None]) / std[:, None, None]
+        if pad_to is not None:  # odd differences put the extra pixel at the bottom and right
+            left, top = (pad_to - w) // 2, (pad_to - h) // 2
+            x = F.pad(x, (left, pad_to - w - left, top, pad_to - h - top))
+        return x.to(device)
+
+    return Prepared(
+        standardise(raw.x_train),
+        raw.y_train.to(device),
+        standardise(raw.x_test),
+        raw.y_test.to(device),
+        raw.num_classes,
+        mean.to(device),
+        std.to(device),
+        raw.source,
+        raw.name,
+    )

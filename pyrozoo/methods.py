@@ -1,0 +1,38 @@
+"""Named recipes: which prior, which guide, which learning rate and how many posterior samples to predict with.
+
+A method is data; adding one is adding one entry to ``METHODS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pyrozoo.errors import PyrozooError
+from pyrozoo.models.priors import flat
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    prior: Callable
+    guide: str  # a key of pyrozoo.guides.GUIDES
+    lr: float  # Adam learning rate (PAPER.md §3)
+    samples: int  # posterior samples averaged at test time
+    description: str
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("flat-map", flat, "autodelta", 1e-3, 1, "flat prior, point-mass posterior (MAP)"),
+        Method("flat-ff", flat, "meanfield", 5e-3, 100, "flat prior, fully factorised Normal posterior"),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise PyrozooError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}") from None

@@ -1,0 +1,31 @@
+"""Multi-layer perceptron (PAPER.md §5: input -> 500 x 4 -> classes, SiLU)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from pyrozoo.nets import register_net
+
+
+class MLP(nn.Module):
+    """Flattens the image, then hidden Linear + activation layers, then a linear ``head``."""
+
+    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int, activation=nn.SiLU):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), activation()]
+            width = h
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+@register_net("mlp", description="MLP, 4 hidden layers of 500 SiLU units")
+def mlp(*, in_channels: int, image_size: int, num_classes: int, hidden: tuple[int, ...] = (500, 500, 500, 500)):
+    if not hidden or min(hidden) <= 0:
+        raise TypeError(f"hidden sizes must be positive, got {hidden}")
+    return MLP(in_channels * image_size * image_size, tuple(hidden), num_classes)
