@@ -1,0 +1,32 @@
+import pyro
+import pytest
+import torch
+
+import pyrozoo  # noqa: F401  (sets Pyro's module-local params)
+from pyrozoo.models import BayesianModel
+from pyrozoo.nets import create_net
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    pyro.set_rng_seed(0)
+    with pyro.validation_enabled(True):
+        yield
+
+
+@pytest.fixture
+def tiny_lenet_model():
+    net = create_net("lenet", in_channels=1, image_size=32, num_classes=10, channels=(2, 3, 4), hidden=5)
+    return BayesianModel(net)
+
+
+@pytest.fixture
+def tiny_mlp_model():
+    return BayesianModel(create_net("mlp", in_channels=1, image_size=4, num_classes=3, hidden=(5, 4)))
+
+
+@pytest.fixture
+def tiny_batch():
+    x = torch.randn(6, 1, 4, 4)
+    y = torch.randint(0, 3, (6,))
+    return x, y
