@@ -8,11 +8,13 @@ import sys
 
 from pyrozoo import data as datasets
 from pyrozoo.errors import PyrozooError
+from pyrozoo.bmr.rules import RULES
 from pyrozoo.guides import GUIDES
 from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS
 
-SUMMARY_COLUMNS = ["epoch", "seconds", "elbo", "accuracy", "nll", "ece", "ece15", "brier", "lpd"]
+SUMMARY_COLUMNS = ["epoch", "seconds", "elbo", "accuracy", "nll", "ece", "ece15", "brier", "lpd", "pruned_fraction"]
+METRIC_NAMES = ["accuracy", "nll", "ece", "ece15", "brier", "lpd"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -59,18 +61,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
     train.add_argument("--method", type=_choice(list(METHODS)), default="flat-ff")
     train.add_argument("--guide", type=_choice(list(GUIDES)), default=None, help="override the method's guide")
-    train.add_argument("--epochs", type=_positive_int, default=50)
+    train.add_argument("--epochs", type=_positive_int, default=None,
+                       help="epochs (default 50; with --resume, the run's own unless given)")
     train.add_argument("--steps-per-epoch", type=_positive_int, default=500)
     train.add_argument("--batch-size", type=_positive_int, default=120)
     train.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: the method's)")
     train.add_argument("--samples", type=_positive_int, default=None,
                        help="posterior samples per evaluation (default: 100; 1 for MAP)")
+    train.add_argument("--warmup-steps", type=int, default=None,
+                       help="SVI steps before the first BMR pass (default: the method's, 500 for bmr-ss)")
     train.add_argument("--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and the last)")
     train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default=None, help="run folder (default: runs/NET-METHOD-DATA-sSEED)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    prune = sub.add_parser("prune", help="one-shot BMR of a finished mean-field run (writes RUN/pruned.pt)")
+    prune.add_argument("run", help="run folder")
+    prune.add_argument("--rule", type=_choice(list(RULES)), default="spike-and-slab")
+    prune.add_argument("--margin", type=float, default=0.0, help="threshold rule: prune iff dF > margin")
+
+    export = sub.add_parser("export", help="rebuild the run's sparse net, save it, compare it with the dense one")
+    export.add_argument("run", help="run folder (its pruned.pt is used when there is one)")
+    export.add_argument("--repeats", type=_positive_int, default=50, help="timed forward passes per latency")
 
     sub.add_parser("info", help="list nets, methods, guides and datasets, and where each dataset was found")
     return parser
@@ -79,12 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(args) -> None:
     from pyrozoo.train import Run, TrainConfig
 
-    config = TrainConfig(net=args.net, data=args.data, data_dir=args.data_dir, method=args.method, guide=args.guide,
-                         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-                         lr=args.lr, samples=args.samples, eval_every=args.eval_every, device=args.device,
-                         seed=args.seed)
+    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
     out = args.out or os.path.join("runs", f"{args.net}-{args.method}-{args.data or 'default'}-s{args.seed}")
-    run = Run(config, out, resume=args.resume, log=lambda text: print(text, file=sys.stderr))
+    if args.resume:
+        run = Run.open(out, epochs=args.epochs, log=log)
+    else:
+        config = TrainConfig(net=args.net, data=args.data, data_dir=args.data_dir, method=args.method,
+                             guide=args.guide, epochs=args.epochs or 50, steps_per_epoch=args.steps_per_epoch,
+                             batch_size=args.batch_size, lr=args.lr, samples=args.samples,
+                             warmup_steps=args.warmup_steps, eval_every=args.eval_every, device=args.device,
+                             seed=args.seed)
+        run = Run(config, out, log=log)
     c = run.config
     print(f"training {c.net} with {c.method} (guide {c.guide}, lr {c.lr}) on {c.data} from {run.data.source}; "
           f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}; run folder {run.out}",
@@ -94,6 +113,45 @@ def _train(args) -> None:
     columns = [col for col in SUMMARY_COLUMNS if col in evaluated]
     print(f"\n{c.net} {c.method} on {c.data}: metrics per evaluated epoch (seconds = training time so far)")
     print(evaluated[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+def _table(rows: dict[str, dict]) -> str:
+    import pandas as pd
+
+    return pd.DataFrame(rows).T.to_string(float_format=lambda v: f"{v:.4f}")
+
+
+def _prune(args) -> None:
+    from pyrozoo.bmr.prune import prune
+    from pyrozoo.train import Run
+
+    run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
+    before = run.evaluate()
+    options = {"margin": args.margin} if args.rule == "threshold" else {}
+    report = prune(run.model, run.guide, args.rule, **options)
+    after = run.evaluate()
+    run.save_pruned(report, after)
+    print(f"BMR ({args.rule}) of {run.out} after epoch {run.epoch}: {report.seconds * 1e3:.1f} ms, "
+          f"pruned fraction {report.pruned_fraction:.4f}; state written to {run.out / 'pruned.pt'}")
+    print(report.table().to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(_table({"before": before, "after": after}))
+
+
+def _export(args) -> None:
+    from pyrozoo.export import export
+    from pyrozoo.train import PRUNED, Run
+
+    run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
+    state = "checkpoint"
+    if (run.out / PRUNED).exists():
+        run.load_pruned()
+        state = PRUNED
+    summary = export(run, run.out / "export", repeats=args.repeats)
+    print(f"{run.out} ({state}, epoch {run.epoch}) exported to {run.out / 'export'}: sparse_state_dict.pt, "
+          f"sparse.pt2 (torch.export); CPU, {summary['threads']} threads")
+    print(_table({k: summary[k] for k in ("dense", "sparse")}))
+    print(f"parameters {summary['parameter_ratio']:.1f}x fewer, batch-256 latency {summary['speedup_batch256']:.1f}x "
+          f"lower")
 
 
 def _info() -> None:
@@ -115,10 +173,7 @@ def _info() -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "train":
-            _train(args)
-        else:
-            _info()
+        {"train": _train, "prune": _prune, "export": _export, "info": lambda _: _info()}[args.command](args)
     except PyrozooError as e:
         print(f"pyrozoo: error: {e}", file=sys.stderr)
         return e.exit_code

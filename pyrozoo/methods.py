@@ -20,6 +20,8 @@ class Method:
     lr: float  # Adam learning rate (PAPER.md §3)
     samples: int  # posterior samples averaged at test time
     description: str
+    rule: str | None = None  # BMR rule applied after every epoch but the last (pyrozoo.bmr.rules.RULES)
+    warmup_steps: int = 0  # SVI steps before the first BMR pass
 
 
 METHODS: dict[str, Method] = {
@@ -27,6 +29,8 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("flat-map", flat, "autodelta", 1e-3, 1, "flat prior, point-mass posterior (MAP)"),
         Method("flat-ff", flat, "meanfield", 5e-3, 100, "flat prior, fully factorised Normal posterior"),
+        Method("bmr-ss", flat, "meanfield", 1e-2, 100, "flat-ff pruned by stochastic BMR, spike-and-slab rule",
+               rule="spike-and-slab", warmup_steps=500),
     )
 }
 

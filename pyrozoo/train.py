@@ -17,6 +17,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from pyrozoo import data as datasets
+from pyrozoo.bmr.prune import prune, pruned_fraction
 from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError, TrainingDiverged
 from pyrozoo.guides import make_guide
@@ -25,7 +26,7 @@ from pyrozoo.metrics import PredictionAccumulator
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net, get_net_entry
 
-CONFIG, METRICS, CHECKPOINT = "config.json", "metrics.csv", "checkpoint.pt"
+CONFIG, METRICS, CHECKPOINT, PRUNED = "config.json", "metrics.csv", "checkpoint.pt", "pruned.pt"
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TrainConfig:
     samples: int | None = None
     eval_every: int = 1
     eval_batch_size: int = 2000
+    warmup_steps: int | None = None  # SVI steps before the first BMR pass (BMR methods)
     device: str = "cpu"
     seed: int = 0
     net_options: dict = field(default_factory=dict)
@@ -61,10 +63,19 @@ class TrainConfig:
             raise PyrozooError(f"samples must be positive, got {self.samples}")
         if self.lr is not None and not self.lr > 0:
             raise PyrozooError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.seed < 2**32:  # pyro.set_rng_seed seeds numpy too, which takes only this range
+            raise PyrozooError(f"seed must be in 0..{2**32 - 1}, got {self.seed}")
+        try:
+            torch.device(self.device)
+        except RuntimeError:
+            raise PyrozooError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise PyrozooError("--device cuda was asked for, but torch sees no CUDA device")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise PyrozooError(f"warmup-steps must not be negative, got {self.warmup_steps}")
         return dataclasses.replace(self, guide=self.guide or method.guide, lr=self.lr or method.lr,
-                                   samples=self.samples or method.samples)
+                                   samples=self.samples or method.samples,
+                                   warmup_steps=method.warmup_steps if self.warmup_steps is None else self.warmup_steps)
 
 
 def svi_step(model, guide, optimizer: torch.optim.Optimizer, x, y, dataset_size: int) -> float:
@@ -153,9 +164,6 @@ class Run:
     def __init__(self, config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, log=print):
         self.out = Path(out)
         _open_run_folder(self.out, resume)
-        if resume:
-            saved = json.loads((self.out / CONFIG).read_text())
-            config = dataclasses.replace(TrainConfig(**saved["config"]), epochs=config.epochs)
         self.config = config = config.resolved()
         pyro.set_rng_seed(config.seed)
 
@@ -170,7 +178,8 @@ class Run:
         d = self.data
         net = create_net(config.net, in_channels=d.x_train.shape[1], image_size=d.x_train.shape[-1],
                          num_classes=d.num_classes, **config.net_options)
-        self.model = BayesianModel(net.to(config.device), prior=get_method(config.method).prior)
+        self.method = get_method(config.method)
+        self.model = BayesianModel(net.to(config.device), prior=self.method.prior)
         self.guide = make_guide(config.guide, self.model, *self._batch(torch.arange(min(2, len(d.x_train)))))
         self.guide.to(config.device)
         self.optimizer = torch.optim.Adam(self.guide.parameters(), lr=config.lr)
@@ -181,6 +190,17 @@ class Run:
             self._load_checkpoint()
         else:
             _atomic(self.out / CONFIG, lambda p: p.write_text(json.dumps(self._config_record(raw), indent=2)))
+
+    @classmethod
+    def open(cls, out: str | os.PathLike, epochs: int | None = None, log=print) -> "Run":
+        """Reopen the run in folder ``out`` at its last finished epoch (to resume it, with more ``epochs``)."""
+        path = Path(out) / CONFIG
+        if not path.exists():
+            raise PyrozooError(f"{out} holds no run: it has no {CONFIG}")
+        config = TrainConfig(**json.loads(path.read_text())["config"])
+        if epochs is not None:
+            config = dataclasses.replace(config, epochs=epochs)
+        return cls(config, out, resume=True, log=log)
 
     def _batch(self, indices: torch.Tensor):
         indices = indices.to(self.data.x_train.device)
@@ -207,6 +227,19 @@ class Run:
         self.epoch, self.step, self.seconds = state["epoch"], state["step"], state["seconds"]
         if (self.out / METRICS).exists():  # rows past the checkpoint belong to an epoch that will be redone
             self.history = [r for r in pd.read_csv(self.out / METRICS).to_dict("records") if r["epoch"] <= self.epoch]
+
+    def save_pruned(self, report, metrics: dict) -> None:
+        """Keep a post-hoc pruned state beside the run's own checkpoint (which stays as trained)."""
+        state = {"epoch": self.epoch, "guide": self.guide.state_dict(), "model": self.model.state_dict(),
+                 "report": report.table().to_dict("records"), "metrics": metrics}
+        _atomic(self.out / PRUNED, lambda p: torch.save(state, p))
+
+    def load_pruned(self) -> dict:
+        """Load the post-hoc pruned state written by :meth:`save_pruned`; returns its metrics."""
+        state = torch.load(self.out / PRUNED, map_location=self.config.device, weights_only=False)
+        self.guide.load_state_dict(state["guide"])
+        self.model.load_state_dict(state["model"])
+        return state["metrics"]
 
     def evaluate(self) -> dict[str, float]:
         d = self.data
@@ -235,7 +268,11 @@ class Run:
                 self.seconds += time.perf_counter() - start
                 self.epoch += 1
                 row = {"epoch": self.epoch, "step": self.step, "seconds": round(self.seconds, 3),
-                       "elbo": -sum(losses) / len(losses)}
+                       "elbo": -sum(losses) / len(losses), "bmr_seconds": float("nan")}
+                if self.method.rule and self.epoch < c.epochs and self.step >= c.warmup_steps:
+                    report = prune(self.model, self.guide, self.method.rule)
+                    row["bmr_seconds"] = round(report.seconds, 4)
+                row["pruned_fraction"] = pruned_fraction(self.model)
                 if self.epoch % c.eval_every == 0 or self.epoch == c.epochs:
                     start = time.perf_counter()
                     row.update(self.evaluate())

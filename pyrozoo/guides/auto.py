@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_uniform
+from torch.distributions import biject_to
+
+from pyrozoo.guides.meanfield import constrained_mean
 
 
 class AutoNormalGuide(AutoNormal):
@@ -21,6 +24,13 @@ class AutoNormalGuide(AutoNormal):
         return {name: tuple(t.detach() for t in self._get_loc_and_scale(name))
                 for name, _ in self.prototype_trace.iter_stochastic_nodes()}
 
+    @torch.no_grad()
+    def mean(self) -> dict[str, torch.Tensor]:
+        """Posterior mean of every latent in its own (constrained) space."""
+        posterior = self.posterior()
+        return {name: constrained_mean(*posterior[name], biject_to(site["fn"].support))
+                for name, site in self.prototype_trace.iter_stochastic_nodes()}
+
 
 class AutoDeltaGuide(AutoDelta):
     """:class:`pyro.infer.autoguide.AutoDelta` (MAP point estimates), locs initialised uniformly in ``(-2, 2)``."""
@@ -33,3 +43,7 @@ class AutoDeltaGuide(AutoDelta):
         """``{site: (value, 0)}``: a point mass has zero scale (constrained space, as AutoDelta stores it)."""
         medians = self.median()
         return {name: (v.detach(), torch.zeros_like(v)) for name, v in medians.items()}
+
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The point estimates."""
+        return {name: v.detach() for name, v in self.median().items()}

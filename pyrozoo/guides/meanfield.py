@@ -11,10 +11,26 @@ import torch.nn.functional as F
 from pyro import poutine
 from torch import nn
 from torch.distributions import biject_to, constraints
+from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform
 
 
 def _inverse_softplus(y: float) -> float:
     return math.log(math.expm1(y))
+
+
+def constrained_mean(loc: torch.Tensor, scale: torch.Tensor, transform) -> torch.Tensor:
+    """Mean of ``transform(N(loc, scale))``: exact for the identity and for exp followed by affine maps (a
+    log-normal, possibly shifted: Pyro maps Gamma's support that way), else the median ``transform(loc)``."""
+    if transform is None:
+        return loc
+    parts = transform.parts if isinstance(transform, ComposeTransform) else [transform]
+    parts = [getattr(part, "base_transform", part) for part in parts]
+    if isinstance(parts[0], ExpTransform) and all(isinstance(part, AffineTransform) for part in parts[1:]):
+        value = torch.exp(loc + scale.square() / 2)
+        for affine in parts[1:]:  # affine maps commute with the expectation
+            value = affine(value)
+        return value
+    return transform(loc)
 
 
 def _is_real(support) -> bool:
@@ -72,6 +88,19 @@ class MeanFieldNormal(nn.Module):
         """``{site: (loc, scale)}`` of every latent, in unconstrained space."""
         return {name: (self.locs[key].detach(), F.softplus(self.raw_scales[key]).detach())
                 for name, (key, _, _) in self._sites.items()}
+
+    @torch.no_grad()
+    def mean(self) -> dict[str, torch.Tensor]:
+        """Posterior mean of every latent in its own (constrained) space."""
+        posterior = self.posterior()
+        return {name: constrained_mean(*posterior[name], t) for name, (_, _, t) in self._sites.items()}
+
+    @torch.no_grad()
+    def reset_to_prior(self, name: str, where: torch.Tensor) -> None:
+        """Set entries ``where`` of a real-valued latent back to N(0, 1): the exact posterior of a pruned weight."""
+        key = self._sites[name][0]
+        self.locs[key][where] = 0.0
+        self.raw_scales[key][where] = _inverse_softplus(1.0)
 
     @torch.no_grad()
     def median(self) -> dict[str, torch.Tensor]:

@@ -13,6 +13,10 @@ _SIZES = {1: ((6, 16, 120), 84), 3: ((18, 48, 360), 256)}
 class LeNet(nn.Module):
     """Three 5x5 conv layers (pooling after the first two), a dense hidden layer and a linear ``head``."""
 
+    # Each weight layer feeds the next directly, through activations and pooling that map 0 to 0: a unit whose
+    # inputs are all pruned outputs exactly 0, so BMR may drop it with its outgoing weights (pyrozoo.bmr.units).
+    chain = True
+
     def __init__(self, in_channels: int, image_size: int, channels: tuple[int, int, int], hidden: int, num_classes: int):
         super().__init__()
         c1, c2, c3 = channels

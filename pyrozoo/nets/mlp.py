@@ -10,6 +10,10 @@ from pyrozoo.nets import register_net
 class MLP(nn.Module):
     """Flattens the image, then hidden Linear + activation layers, then a linear ``head``."""
 
+    # Each weight layer feeds the next directly, through activations and pooling that map 0 to 0: a unit whose
+    # inputs are all pruned outputs exactly 0, so BMR may drop it with its outgoing weights (pyrozoo.bmr.units).
+    chain = True
+
     def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int, activation=nn.SiLU):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]

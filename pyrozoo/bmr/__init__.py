@@ -1,0 +1,1 @@
+"""Bayesian model reduction: closed forms, pruning rules, masks and the rebuilt sparse net."""

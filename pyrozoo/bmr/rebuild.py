@@ -1,0 +1,35 @@
+"""Rebuild: a plain deterministic ``nn.Module`` from a Bayesian model and its guide, optionally smaller."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from pyrozoo.bmr.units import remove_dead_units
+
+
+@torch.no_grad()
+def rebuild(model, guide, remove_dead: bool = True) -> nn.Module:
+    """The model's net with posterior-mean weights and exact zeros where pruned.
+
+    Weights are ``scale * mask * z`` at the posterior means of the latents (``guide.mean()``). With
+    ``remove_dead`` (chain nets: MLP, LeNet), hidden units and channels whose every input or every output
+    weight is pruned are cut out, with the matching slices downstream, so the net really gets smaller and
+    faster; its outputs do not change.
+    """
+    weights = model.weights_from(guide.mean())
+    net = copy.deepcopy(model.net)
+    for layer in model.layers:
+        for name, value in layer.split(weights[layer.name]).items():
+            net.get_parameter(name).copy_(value)
+    for p in net.parameters():
+        p.requires_grad_(True)
+    if remove_dead:
+        remove_dead_units(net, model.layers)
+    return net.eval()
+
+
+def parameter_count(net: nn.Module, nonzero: bool = False) -> int:
+    return sum(int((p != 0).sum()) if nonzero else p.numel() for p in net.parameters())

@@ -1,0 +1,54 @@
+"""Pruning rules: from the evidence gains dF of a layer's live weights to a keep-mask (PAPER.md §4).
+
+A rule is a function ``rule(delta_f, live) -> Decision`` where ``delta_f`` holds dF of every weight of one layer
+(dF > 0: removing the weight raises the evidence) and ``live`` marks the weights not pruned yet. Pruned weights
+stay pruned: the returned mask never keeps a weight that was not live.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from pyrozoo.errors import PyrozooError
+
+
+class Decision(NamedTuple):
+    keep: torch.Tensor  # boolean, shaped like delta_f
+    inclusion: float  # the rule's estimate of the fraction of weights worth keeping
+    cutoff: float  # weights with dF above it are pruned
+
+
+def threshold(delta_f: torch.Tensor, live: torch.Tensor, margin: float = 0.0) -> Decision:
+    """Prune a weight iff its dF exceeds ``margin`` (0: iff removing it raises the evidence)."""
+    keep = live & (delta_f <= margin)
+    return Decision(keep, keep.sum().item() / max(live.sum().item(), 1), margin)
+
+
+def spike_and_slab(delta_f: torch.Tensor, live: torch.Tensor, iterations: int = 4) -> Decision:
+    """Spike-and-slab rule: a Beta(1, 1) prior on the layer's inclusion probability, updated by mean field.
+
+    ``zeta = E[ln p] - E[ln(1 - p)]`` starts at 0; each iteration sets ``q_k = sigmoid(zeta - dF_k)``,
+    ``a = 1 + sum q``, ``b = 1 + sum (1 - q)``, ``zeta = digamma(a) - digamma(b)``. Weight k is kept iff
+    ``dF_k <= zeta``. When most weights look prunable the cutoff falls below 0 and pruning gets bolder.
+    """
+    df = delta_f[live].double()
+    zeta = torch.zeros((), dtype=torch.float64, device=df.device)
+    a = b = torch.ones((), dtype=torch.float64, device=df.device)
+    for _ in range(iterations):
+        q = torch.sigmoid(zeta - df)
+        a, b = 1 + q.sum(), 1 + (1 - q).sum()
+        zeta = torch.digamma(a) - torch.digamma(b)
+    keep = live & (delta_f.double() <= zeta)
+    return Decision(keep, (a / (a + b)).item(), zeta.item())
+
+
+RULES = {"threshold": threshold, "spike-and-slab": spike_and_slab}
+
+
+def get_rule(name: str):
+    try:
+        return RULES[name]
+    except KeyError:
+        raise PyrozooError(f"unknown BMR rule {name!r}; known rules: {', '.join(RULES)}") from None

@@ -1,0 +1,66 @@
+"""Export a run's rebuilt network: dense vs sparse size, accuracy and CPU latency, and files to deploy."""
+
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pyrozoo.bmr.rebuild import parameter_count, rebuild
+
+
+def latency_ms(net: nn.Module, example: torch.Tensor, repeats: int = 50) -> float:
+    """Median milliseconds of one forward pass on ``example``."""
+    with torch.inference_mode():
+        for _ in range(5):
+            net(example)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            net(example)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
+    hits = sum(int((net(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()) for i in range(0, len(x), batch_size))
+    return hits / len(x)
+
+
+def _bytes(net: nn.Module) -> int:
+    buffer = io.BytesIO()
+    torch.save(net.state_dict(), buffer)
+    return buffer.tell()
+
+
+def export(run, folder: Path, repeats: int = 50) -> dict:
+    """Write ``folder/sparse_state_dict.pt`` and ``folder/sparse.pt2`` (``torch.export``) and return a summary."""
+    folder.mkdir(parents=True, exist_ok=True)
+    d = run.data
+    dense = rebuild(run.model, run.guide, remove_dead=False).cpu()
+    sparse = rebuild(run.model, run.guide, remove_dead=True).cpu()
+    x_test, y_test = d.x_test.cpu(), d.y_test.cpu()
+    torch.save(sparse.state_dict(), folder / "sparse_state_dict.pt")
+    program = torch.export.export(sparse, (x_test[:1],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, folder / "sparse.pt2")
+    summary = {}
+    for name, net in (("dense", dense), ("sparse", sparse)):
+        summary[name] = {
+            "parameters": parameter_count(net),
+            "nonzero_parameters": parameter_count(net, nonzero=True),
+            "bytes": _bytes(net),
+            "accuracy": accuracy(net, x_test, y_test),
+            "latency_ms_batch1": latency_ms(net, x_test[:1], repeats),
+            "latency_ms_batch256": latency_ms(net, x_test[:256], repeats),
+        }
+    summary["speedup_batch256"] = summary["dense"]["latency_ms_batch256"] / summary["sparse"]["latency_ms_batch256"]
+    summary["parameter_ratio"] = summary["dense"]["parameters"] / summary["sparse"]["parameters"]
+    summary["threads"] = torch.get_num_threads()
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

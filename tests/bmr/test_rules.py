@@ -1,0 +1,65 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pyrozoo.bmr.rules import get_rule, spike_and_slab, threshold
+from pyrozoo.errors import PyrozooError
+
+
+def test_threshold_prunes_iff_evidence_rises():
+    df = torch.tensor([-3.0, -0.1, 0.0, 0.1, 5.0])
+    live = torch.ones(5, dtype=torch.bool)
+    assert threshold(df, live).keep.tolist() == [True, True, True, False, False]
+    assert threshold(df, live, margin=-0.5).keep.tolist() == [True, False, False, False, False]
+
+
+def test_spike_and_slab_all_prunable():
+    df = torch.full((1000,), 3.0)
+    decision = spike_and_slab(df, torch.ones(1000, dtype=torch.bool))
+    assert not decision.keep.any() and decision.inclusion < 0.01 and decision.cutoff < -3
+
+
+def test_spike_and_slab_none_prunable():
+    df = torch.full((1000,), -3.0)
+    decision = spike_and_slab(df, torch.ones(1000, dtype=torch.bool))
+    assert decision.keep.all() and decision.inclusion > 0.99 and decision.cutoff > 3
+
+
+def test_spike_and_slab_mixed_matches_a_hand_iteration():
+    df = torch.cat([torch.full((90,), 2.0), torch.full((10,), -8.0), torch.tensor([-1.0, -2.5])])
+    decision = spike_and_slab(df, torch.ones(len(df), dtype=torch.bool))
+    zeta = 0.0
+    for _ in range(4):  # PAPER.md §4, written out independently with the standard library
+        import math
+
+        q = [1 / (1 + math.exp(-(zeta - d))) for d in df.tolist()]
+        a, b = 1 + sum(q), 1 + sum(1 - v for v in q)
+        zeta = torch.digamma(torch.tensor(a, dtype=torch.float64)).item() - torch.digamma(
+            torch.tensor(b, dtype=torch.float64)).item()
+    assert decision.cutoff == pytest.approx(zeta)
+    assert decision.keep.tolist() == [d <= zeta for d in df.tolist()]
+    # mostly prunable layer: the cutoff drops below 0, so a weight with dF = -1 goes too
+    assert zeta < -1 and not decision.keep[-2] and decision.keep[90:100].all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-50, 50), min_size=1, max_size=60), st.integers(0, 2**32 - 1))
+def test_masks_only_lose_weights(values, seed):
+    df = torch.tensor(values)
+    live = torch.rand(len(values), generator=torch.Generator().manual_seed(seed)) > 0.3
+    for rule in (threshold, spike_and_slab):
+        keep = rule(df, live).keep
+        assert not (keep & ~live).any()
+
+
+def test_pruned_weights_do_not_vote():
+    """The inclusion estimate uses live weights only: dead weights' dF must not move the cutoff."""
+    df = torch.cat([torch.full((50,), -4.0), torch.full((50,), 4.0)])
+    live = torch.cat([torch.ones(50, dtype=torch.bool), torch.zeros(50, dtype=torch.bool)])
+    assert spike_and_slab(df, live).cutoff == pytest.approx(spike_and_slab(df[:50], live[:50]).cutoff)
+
+
+def test_unknown_rule():
+    with pytest.raises(PyrozooError, match="known rules"):
+        get_rule("magnitude")

@@ -1,0 +1,215 @@
+"""Tests for the ``pyrozoo`` command: one-line errors (exit code 2), a tiny training run, resume, ``info``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from pyrozoo import data
+from pyrozoo.cli import SUMMARY_COLUMNS, main
+from pyrozoo.guides import GUIDES
+from pyrozoo.methods import METHODS
+from pyrozoo.nets import NETS
+
+TINY = ["--data", "fashion-mnist-mini", "--net", "mlp", "--steps-per-epoch", "3", "--batch-size", "32",
+        "--samples", "2", "--no-progress"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: on a small, busy machine two threads can make each step ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Work in tmp_path (the default --out is relative), with no data, cache, Debian copy or network."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYROZOO_DATA", str(tmp_path / "no-data"))
+    monkeypatch.setenv("PYROZOO_CACHE", str(tmp_path / "no-cache"))
+    (tmp_path / "no-data").mkdir()
+    (tmp_path / "no-cache").mkdir()
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian"))
+
+    def no_network(name, root):
+        raise ConnectionError("network disabled\n  in tests")
+
+    monkeypatch.setattr(data, "_download", no_network)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, out: str, err: str, *words: str) -> str:
+    assert code == 2, err
+    assert "Traceback" not in err and out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyrozoo: error:"), err
+    for word in words:
+        assert word in lines[0]
+    return lines[0]
+
+
+# --- user errors ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--net", "resnet-9000"], ["--net", "resnet-9000", "lenet", "mlp"]),
+    (["--method", "magic"], ["--method", "magic", "flat-ff"]),
+    (["--data", "imagenet"], ["--data", "imagenet", "fashion-mnist-mini"]),
+    (["--guide", "flow"], ["--guide", "flow", "meanfield"]),
+    (["--epochs", "0"], ["--epochs", "positive"]),
+    (["--epochs", "-2"], ["--epochs", "positive"]),
+    (["--batch-size", "0"], ["--batch-size", "positive"]),
+    (["--steps-per-epoch", "0"], ["--steps-per-epoch", "positive"]),
+    (["--samples", "0"], ["--samples", "positive"]),
+    (["--eval-every", "0"], ["--eval-every", "positive"]),
+    (["--lr", "0"], ["--lr", "positive"]),
+    (["--lr", "-0.01"], ["--lr", "positive"]),
+    (["--lr", "nan"], ["--lr", "positive"]),
+    (["--epochs", "two"], ["--epochs", "'two'"]),
+    (["--epochs", "1.5"], ["--epochs", "'1.5'"]),
+    (["--lr", "fast"], ["--lr", "'fast'"]),
+    (["--seed", "x"], ["--seed"]),
+    (["--bogus"], ["--bogus"]),
+])
+def test_bad_arguments(capsys, tmp_path, args, words):
+    code, out, err = cli(capsys, "train", *TINY, *args)
+    assert_one_line_error(code, out, err, *words)
+    assert not (tmp_path / "runs").exists()  # rejected before any run folder was made
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--seed", "-1"], ["seed"]),
+    (["--seed", str(2**32)], ["seed"]),
+    (["--device", "gpu0"], ["device", "gpu0"]),
+])
+def test_bad_values_found_after_parsing(capsys, tmp_path, args, words):
+    code, out, err = cli(capsys, "train", *TINY, "--out", str(tmp_path / "run"), *args)
+    assert_one_line_error(code, out, err, *words)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["info", "--extra"]])
+def test_bad_command(capsys, argv):
+    assert_one_line_error(*cli(capsys, *argv))
+
+
+def test_missing_dataset(capsys, tmp_path):
+    code, out, err = cli(capsys, "train", *TINY[2:], "--data", "mnist", "--out", str(tmp_path / "run"))
+    line = assert_one_line_error(code, out, err, "'mnist' not found", "network disabled in tests")
+    assert str(tmp_path / "no-data") in line and str(tmp_path / "no-cache") in line  # says where it looked
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "is-a-file"])
+def test_unwritable_out(capsys, tmp_path, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    out = blocker / "run" if where == "under-a-file" else blocker
+    assert_one_line_error(*cli(capsys, "train", *TINY, "--out", str(out)), "cannot write", str(out))
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+
+def summary_table(stdout: str) -> pd.DataFrame:
+    """The table after the summary's title line, parsed back from its fixed-width text."""
+    lines = stdout.strip().splitlines()
+    title = next(i for i, line in enumerate(lines) if "metrics per evaluated epoch" in line)
+    rows = [line.split() for line in lines[title + 1:]]
+    return pd.DataFrame([[float(v) for v in row] for row in rows[1:]], columns=rows[0])
+
+
+def test_tiny_training_run(capsys, tmp_path):
+    out = tmp_path / "run"
+    code, stdout, err = cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(out))
+    assert code == 0, err
+    assert "Traceback" not in err and "\r" not in err  # --no-progress: no progress bar
+    assert len(err.splitlines()) == 1 and err.startswith("training mlp with flat-ff")
+    assert "fashion-mnist-mini" in err and str(out) in err
+
+    table = summary_table(stdout)
+    assert list(table.columns) == SUMMARY_COLUMNS and "accuracy" in table and "ece" in table
+    assert list(table["epoch"]) == [1]
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert len(metrics) == 1
+    for column in ("accuracy", "ece", "nll"):
+        assert table[column][0] == pytest.approx(metrics[column][0], abs=5e-5)
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.csv", "checkpoint.pt"}
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
+def test_existing_run_needs_resume(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(out))[0] == 0
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+
+    assert_one_line_error(*cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(out)), "--resume")
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+
+    code, stdout, err = cli(capsys, "train", *TINY, "--epochs", "2", "--out", str(out), "--resume")
+    assert code == 0, err
+    assert list(summary_table(stdout)["epoch"]) == [1, 2]
+    assert list(pd.read_csv(out / "metrics.csv")["step"]) == [3, 6]
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_resume_of_nothing(capsys, tmp_path, folder):
+    out = tmp_path / folder
+    if folder == "empty":
+        out.mkdir()
+    assert_one_line_error(*cli(capsys, "train", *TINY, "--out", str(out), "--resume"), str(out))
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_default_data_falls_back_to_the_bundled_subset(capsys, tmp_path):
+    # No full Fashion-MNIST anywhere and no network: a warning, then the bundled subset in the default folder.
+    code, stdout, err = cli(capsys, "train", *TINY[2:], "--epochs", "1", "--samples", "1")
+    assert code == 0, err
+    assert "using the bundled subset 'fashion-mnist-mini'" in err
+    assert (tmp_path / "runs" / "mlp-flat-ff-default-s0" / "checkpoint.pt").exists()
+    assert "on fashion-mnist-mini" in stdout
+
+
+# --- info -------------------------------------------------------------------------------------------------
+
+
+def test_info_lists_every_name(capsys):
+    code, stdout, err = cli(capsys, "info")
+    assert code == 0 and err == ""
+    listed = {line.split()[0] for line in stdout.splitlines() if line.startswith("  ")}
+    assert set(NETS) | set(METHODS) | set(GUIDES) | set(data.DATASETS) <= listed
+    for section in ("nets:", "methods:", "guides:", "datasets:"):
+        assert section in stdout.splitlines()
+    mini = next(line for line in stdout.splitlines() if line.split()[0] == "fashion-mnist-mini")
+    assert "found in bundled" in mini
+    assert "not found locally" in next(line for line in stdout.splitlines() if line.split()[0] == "mnist")
+
+
+def test_installed_console_script(tmp_path):
+    script = shutil.which("pyrozoo") or str(Path(sys.executable).with_name("pyrozoo"))
+    if not os.path.exists(script):
+        pytest.skip("the pyrozoo console script is not installed")
+    env = {**os.environ, "PYROZOO_DATA": str(tmp_path), "PYROZOO_CACHE": str(tmp_path)}
+    kwargs = dict(capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    done = subprocess.run([script, "info"], **kwargs)
+    assert done.returncode == 0, done.stderr
+    for name in [*NETS, *METHODS, *data.DATASETS]:
+        assert f"  {name} " in done.stdout
+    bad = subprocess.run([script, "train", "--epochs", "0"], **kwargs)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.splitlines() == [bad.stderr.strip()] and bad.stderr.startswith("pyrozoo: error:")
