@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=_positive_float, default=None, help="learning rate (default: the method's)")
     train.add_argument("--samples", type=_positive_int, default=None,
                        help="posterior samples per evaluation (default: 100; 1 for MAP)")
+    train.add_argument("--dropout", type=float, default=None,
+                       help="dropout after hidden layers (default: the method's, 0.2 for flat-map, else 0)")
     train.add_argument("--warmup-steps", type=int, default=None,
                        help="SVI steps before the first BMR pass (default: the method's, 500 for bmr-ss)")
     train.add_argument("--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and the last)")
@@ -102,7 +104,7 @@ def _train(args) -> None:
                              guide=args.guide, epochs=args.epochs or 50, steps_per_epoch=args.steps_per_epoch,
                              batch_size=args.batch_size, lr=args.lr, samples=args.samples,
                              warmup_steps=args.warmup_steps, eval_every=args.eval_every, device=args.device,
-                             seed=args.seed)
+                             seed=args.seed, net_options={} if args.dropout is None else {"dropout": args.dropout})
         run = Run(config, out, log=log)
     c = run.config
     print(f"training {c.net} with {c.method} (guide {c.guide}, lr {c.lr}) on {c.data} from {run.data.source}; "

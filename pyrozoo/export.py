@@ -47,7 +47,7 @@ def export(run, folder: Path, repeats: int = 50) -> dict:
     sparse = rebuild(run.model, run.guide, remove_dead=True).cpu()
     x_test, y_test = d.x_test.cpu(), d.y_test.cpu()
     torch.save(sparse.state_dict(), folder / "sparse_state_dict.pt")
-    program = torch.export.export(sparse, (x_test[:1],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    program = torch.export.export(sparse, (x_test[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, folder / "sparse.pt2")
     summary = {}
     for name, net in (("dense", dense), ("sparse", sparse)):

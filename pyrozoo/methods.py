@@ -5,7 +5,7 @@ A method is data; adding one is adding one entry to ``METHODS``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from pyrozoo.errors import PyrozooError
@@ -22,12 +22,14 @@ class Method:
     description: str
     rule: str | None = None  # BMR rule applied after every epoch but the last (pyrozoo.bmr.rules.RULES)
     warmup_steps: int = 0  # SVI steps before the first BMR pass
+    net_options: dict = field(default_factory=dict)  # e.g. dropout, passed to the net factory
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("flat-map", flat, "autodelta", 1e-3, 1, "flat prior, point-mass posterior (MAP)"),
+        Method("flat-map", flat, "autodelta", 1e-3, 1, "flat prior, point-mass posterior (MAP), dropout 0.2",
+               net_options={"dropout": 0.2}),
         Method("flat-ff", flat, "meanfield", 5e-3, 100, "flat prior, fully factorised Normal posterior"),
         Method("bmr-ss", flat, "meanfield", 1e-2, 100, "flat-ff pruned by stochastic BMR, spike-and-slab rule",
                rule="spike-and-slab", warmup_steps=500),

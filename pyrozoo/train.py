@@ -115,12 +115,15 @@ def evaluate(model: BayesianModel, guide, x: torch.Tensor, y: torch.Tensor, num_
              batch_size: int = 2000) -> dict[str, float]:
     """Predictive metrics of ``samples`` posterior draws from ``guide`` on ``(x, y)``."""
     accumulator = PredictionAccumulator(y, samples, num_classes)
+    training = model.training
+    model.eval()  # no dropout at test time
     with poutine.block():
         for s in range(samples):
             weights = model.weights_from(guide())
             for start in range(0, len(x), batch_size):
                 logits = model.logits(x[start:start + batch_size], weights)
                 accumulator.add(s, start, model.likelihood.log_probs(logits))
+    model.train(training)
     return accumulator.result()
 
 
@@ -176,9 +179,9 @@ class Run:
             raw = datasets.load(config.data, config.data_dir)
         self.data = datasets.prepare(raw, pad_to=get_net_entry(config.net).pad_to, device=config.device)
         d = self.data
-        net = create_net(config.net, in_channels=d.x_train.shape[1], image_size=d.x_train.shape[-1],
-                         num_classes=d.num_classes, **config.net_options)
         self.method = get_method(config.method)
+        net = create_net(config.net, in_channels=d.x_train.shape[1], image_size=d.x_train.shape[-1],
+                         num_classes=d.num_classes, **{**self.method.net_options, **config.net_options})
         self.model = BayesianModel(net.to(config.device), prior=self.method.prior)
         self.guide = make_guide(config.guide, self.model, *self._batch(torch.arange(min(2, len(d.x_train)))))
         self.guide.to(config.device)

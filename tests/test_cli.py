@@ -213,3 +213,31 @@ def test_installed_console_script(tmp_path):
     bad = subprocess.run([script, "train", "--epochs", "0"], **kwargs)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.splitlines() == [bad.stderr.strip()] and bad.stderr.startswith("pyrozoo: error:")
+
+
+def test_prune_and_export_a_finished_run(capsys, tmp_path):
+    """One-shot BMR of a tiny flat-ff run, then export of the rebuilt sparse net."""
+    code, _, err = cli(capsys, "train", *TINY, "--method", "flat-ff", "--epochs", "1", "--out", "run")
+    assert code == 0, err
+    code, out, err = cli(capsys, "prune", "run", "--rule", "threshold", "--margin=-1e9")
+    assert code == 0, err
+    assert "pruned fraction 1.0000" in out  # margin -1e9: every prunable weight goes
+    assert (tmp_path / "run" / "pruned.pt").exists()
+    code, out, err = cli(capsys, "export", "run", "--repeats", "2")
+    assert code == 0, err
+    assert "pruned.pt" in out and "latency_ms_batch256" in out
+    summary = pd.read_json(tmp_path / "run" / "export" / "summary.json", typ="series")
+    assert summary["sparse"]["parameters"] < summary["dense"]["parameters"]
+    program = torch.export.load(tmp_path / "run" / "export" / "sparse.pt2")
+    x = torch.zeros(3, 1, 28, 28)
+    assert program.module()(x).shape == (3, 10)
+
+
+def test_prune_refuses_a_map_run(capsys):
+    code, _, err = cli(capsys, "train", *TINY, "--method", "flat-map", "--epochs", "1", "--out", "map")
+    assert code == 0, err
+    assert_one_line_error(*cli(capsys, "prune", "map"), "point mass")
+
+
+def test_prune_needs_a_run(capsys):
+    assert_one_line_error(*cli(capsys, "prune", "nowhere"), "nowhere")

@@ -37,3 +37,21 @@ def test_bad_sizes_are_user_errors(kwargs):
 def test_unknown_net():
     with pytest.raises(PyrozooError, match="known nets"):
         create_net("resnet", in_channels=1, image_size=28, num_classes=10)
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+def test_dropout_is_active_in_training_and_off_in_eval(name):
+    side = NETS[name].pad_to or 28
+    net = create_net(name, in_channels=1, image_size=side, num_classes=10, dropout=0.5)
+    assert any(isinstance(m, torch.nn.Dropout) for m in net.modules())
+    x = torch.randn(4, 1, side, side)
+    assert not torch.equal(net(x), net(x))
+    net.eval()
+    assert torch.equal(net(x), net(x))
+
+
+def test_map_method_trains_with_dropout():
+    from pyrozoo.methods import get_method
+
+    assert get_method("flat-map").net_options == {"dropout": 0.2}
+    assert get_method("flat-ff").net_options == {}

@@ -33,14 +33,18 @@ def spike_and_slab(delta_f: torch.Tensor, live: torch.Tensor, iterations: int = 
     ``a = 1 + sum q``, ``b = 1 + sum (1 - q)``, ``zeta = digamma(a) - digamma(b)``. Weight k is kept iff
     ``dF_k <= zeta``. When most weights look prunable the cutoff falls below 0 and pruning gets bolder.
     """
-    df = delta_f[live].double()
-    zeta = torch.zeros((), dtype=torch.float64, device=df.device)
-    a = b = torch.ones((), dtype=torch.float64, device=df.device)
+    # Masked sums over the whole tensor (no boolean-indexed copy); float64 accumulators, as the sums run over
+    # up to millions of weights.
+    zeta = torch.zeros((), dtype=torch.float64, device=delta_f.device)
+    live_count = live.sum(dtype=torch.float64)
     for _ in range(iterations):
-        q = torch.sigmoid(zeta - df)
-        a, b = 1 + q.sum(), 1 + (1 - q).sum()
+        q = torch.sigmoid(zeta.to(delta_f.dtype) - delta_f).masked_fill_(~live, 0.0)
+        included = q.sum(dtype=torch.float64)
+        a, b = 1 + included, 1 + live_count - included
         zeta = torch.digamma(a) - torch.digamma(b)
-    keep = live & (delta_f.double() <= zeta)
+    if iterations == 0:
+        a = b = torch.ones((), dtype=torch.float64)
+    keep = live & (delta_f <= zeta.to(delta_f.dtype))
     return Decision(keep, (a / (a + b)).item(), zeta.item())
 
 

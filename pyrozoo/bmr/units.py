@@ -82,10 +82,10 @@ def remove_dead_units(net: nn.Module, layers: list[Layer]) -> int:
             units = rows.shape[0]
             outgoing = b.weight.detach().reshape(b.weight.shape[0], units, -1) != 0
             keep = rows.any(dim=1) & outgoing.any(dim=(0, 2))
-            if bool(keep.all()):
-                continue
             if not bool(keep.any()):
                 keep[0] = True  # a layer needs one unit to stay a valid module; its output is 0 anyway
+            if bool(keep.all()):
+                continue
             _replace(net, producer.name, _sliced(a, rows=keep))
             inputs = _linear_inputs_of_units(b, units, keep) if isinstance(b, nn.Linear) else keep
             _replace(net, consumer.name, _sliced(b, inputs=inputs))

@@ -99,8 +99,8 @@ class MeanFieldNormal(nn.Module):
     def reset_to_prior(self, name: str, where: torch.Tensor) -> None:
         """Set entries ``where`` of a real-valued latent back to N(0, 1): the exact posterior of a pruned weight."""
         key = self._sites[name][0]
-        self.locs[key][where] = 0.0
-        self.raw_scales[key][where] = _inverse_softplus(1.0)
+        self.locs[key].masked_fill_(where, 0.0)
+        self.raw_scales[key].masked_fill_(where, _inverse_softplus(1.0))
 
     @torch.no_grad()
     def median(self) -> dict[str, torch.Tensor]:

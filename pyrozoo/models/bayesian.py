@@ -88,7 +88,10 @@ class BayesianModel(nn.Module):
         if keep.shape != mask.shape:
             raise ValueError(f"mask for {layer_name} must have shape {tuple(mask.shape)}, got {tuple(keep.shape)}")
         mask.copy_(keep)
-        self._find_pruned()
+        if bool(mask.all()):
+            self._pruned.discard(layer_name)
+        else:
+            self._pruned.add(layer_name)
 
     def sample_weights(self) -> dict[str, torch.Tensor]:
         """Draw every layer's scale and latent (Pyro sample sites) and return ``{layer: weights}``."""

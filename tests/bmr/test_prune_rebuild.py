@@ -111,3 +111,15 @@ def test_posterior_mean_of_the_layer_scale_is_log_normal(tiny_mlp_model):
     site = f"{tiny_mlp_model.layers[0].name}.precision"
     loc, scale = guide.posterior()[site]
     torch.testing.assert_close(guide.mean()[site], torch.exp(loc + scale**2 / 2))
+
+
+def test_rebuild_of_a_fully_pruned_net_keeps_one_unit_per_layer():
+    model = BayesianModel(create_net("mlp", in_channels=1, image_size=4, num_classes=3, hidden=(6, 5)))
+    for layer in model.layers[:-1]:
+        model.set_mask(layer.name, torch.zeros(layer.shape, dtype=torch.bool))
+    guide = make_guide("meanfield", model)
+    sparse = rebuild(model, guide)
+    assert [m.out_features for m in sparse.modules() if isinstance(m, torch.nn.Linear)] == [1, 1, 3]
+    x = torch.randn(2, 1, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model.logits(x, model.weights_from(guide.mean())))
