@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="posterior samples per evaluation (default: 100; 1 for MAP)")
     train.add_argument("--dropout", type=float, default=None,
                        help="dropout after hidden layers (default: the method's, 0.2 for flat-map, else 0)")
+    train.add_argument("--tau0", type=_positive_float, default=None, help="tiered prior: global scale (1e-2)")
+    train.add_argument("--local-scales", action="store_true", help="tiered prior: add per-weight local scales")
     train.add_argument("--warmup-steps", type=int, default=None,
                        help="SVI steps before the first BMR pass (default: the method's, 500 for bmr-ss)")
     train.add_argument("--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and the last)")
@@ -81,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="one-shot BMR of a finished mean-field run (writes RUN/pruned.pt)")
     prune.add_argument("run", help="run folder")
-    prune.add_argument("--rule", type=_choice(list(RULES)), default="spike-and-slab")
+    prune.add_argument("--rule", type=_choice([*RULES, "shrinkage"]), default="spike-and-slab",
+                       help="a BMR rule, or 'shrinkage': prune rows whose posterior-mean prior scale < --threshold")
     prune.add_argument("--margin", type=float, default=0.0, help="threshold rule: prune iff dF > margin")
+    prune.add_argument("--threshold", type=_positive_float, default=None, help="shrinkage rule: the scale cut-off")
 
     export = sub.add_parser("export", help="rebuild the run's sparse net, save it, compare it with the dense one")
     export.add_argument("run", help="run folder (its pruned.pt is used when there is one)")
@@ -90,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="list nets, methods, guides and datasets, and where each dataset was found")
     return parser
+
+
+def _prior_options(args) -> dict:
+    options = {"tau0": args.tau0} if args.tau0 is not None else {}
+    if args.local_scales:
+        options["local"] = True
+    if options and args.method != "tiered-ff":
+        raise PyrozooError("--tau0 and --local-scales belong to the tiered prior (--method tiered-ff)")
+    return options
 
 
 def _train(args) -> None:
@@ -104,7 +117,8 @@ def _train(args) -> None:
                              guide=args.guide, epochs=args.epochs or 50, steps_per_epoch=args.steps_per_epoch,
                              batch_size=args.batch_size, lr=args.lr, samples=args.samples,
                              warmup_steps=args.warmup_steps, eval_every=args.eval_every, device=args.device,
-                             seed=args.seed, net_options={} if args.dropout is None else {"dropout": args.dropout})
+                             seed=args.seed, net_options={} if args.dropout is None else {"dropout": args.dropout},
+                             prior_options=_prior_options(args))
         run = Run(config, out, log=log)
     c = run.config
     print(f"training {c.net} with {c.method} (guide {c.guide}, lr {c.lr}) on {c.data} from {run.data.source}; "
@@ -124,16 +138,24 @@ def _table(rows: dict[str, dict]) -> str:
 
 
 def _prune(args) -> None:
-    from pyrozoo.bmr.prune import prune
+    from pyrozoo.bmr.prune import posterior_scales, prune, scale_table, shrinkage_scores
     from pyrozoo.train import Run
 
+    if args.rule == "shrinkage" and args.threshold is None:
+        raise PyrozooError("--rule shrinkage needs --threshold T (prune rows whose posterior-mean scale is below T)")
     run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
     before = run.evaluate()
-    options = {"margin": args.margin} if args.rule == "threshold" else {}
-    report = prune(run.model, run.guide, args.rule, **options)
+    if args.rule == "shrinkage":
+        scales = posterior_scales(run.model, run.guide)
+        print(scale_table(scales).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        report = prune(run.model, run.guide, "threshold", scores=shrinkage_scores(run.model, scales),
+                       margin=-args.threshold)
+    else:
+        options = {"margin": args.margin} if args.rule == "threshold" else {}
+        report = prune(run.model, run.guide, args.rule, **options)
     after = run.evaluate()
     run.save_pruned(report, after)
-    print(f"BMR ({args.rule}) of {run.out} after epoch {run.epoch}: {report.seconds * 1e3:.1f} ms, "
+    print(f"pruning ({args.rule}) of {run.out} after epoch {run.epoch}: {report.seconds * 1e3:.1f} ms, "
           f"pruned fraction {report.pruned_fraction:.4f}; state written to {run.out / 'pruned.pt'}")
     print(report.table().to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(_table({"before": before, "after": after}))

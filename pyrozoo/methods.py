@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pyrozoo.errors import PyrozooError
-from pyrozoo.models.priors import flat
+from pyrozoo.models.priors import flat, tiered
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,8 @@ METHODS: dict[str, Method] = {
         Method("flat-map", flat, "autodelta", 1e-3, 1, "flat prior, point-mass posterior (MAP), dropout 0.2",
                net_options={"dropout": 0.2}),
         Method("flat-ff", flat, "meanfield", 5e-3, 100, "flat prior, fully factorised Normal posterior"),
+        Method("tiered-ff", tiered, "meanfield", 5e-3, 100,
+               "regularised-horseshoe (tiered) prior, fully factorised posterior (log-normal on scales)"),
         Method("bmr-ss", flat, "meanfield", 1e-2, 100, "flat-ff pruned by stochastic BMR, spike-and-slab rule",
                rule="spike-and-slab", warmup_steps=500),
     )

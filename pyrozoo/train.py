@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from pyrozoo import data as datasets
-from pyrozoo.bmr.prune import prune, pruned_fraction
+from pyrozoo.bmr.prune import posterior_scales, prune, pruned_fraction, scale_table
 from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError, TrainingDiverged
 from pyrozoo.guides import make_guide
@@ -26,7 +27,7 @@ from pyrozoo.metrics import PredictionAccumulator
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net, get_net_entry
 
-CONFIG, METRICS, CHECKPOINT, PRUNED = "config.json", "metrics.csv", "checkpoint.pt", "pruned.pt"
+CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES = "config.json", "metrics.csv", "checkpoint.pt", "pruned.pt", "scales.csv"
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainConfig:
     device: str = "cpu"
     seed: int = 0
     net_options: dict = field(default_factory=dict)
+    prior_options: dict = field(default_factory=dict)  # keyword arguments of the method's prior, e.g. tau0
 
     def resolved(self) -> "TrainConfig":
         """A copy with the method's defaults filled in, after checking names and sizes."""
@@ -182,7 +184,8 @@ class Run:
         self.method = get_method(config.method)
         net = create_net(config.net, in_channels=d.x_train.shape[1], image_size=d.x_train.shape[-1],
                          num_classes=d.num_classes, **{**self.method.net_options, **config.net_options})
-        self.model = BayesianModel(net.to(config.device), prior=self.method.prior)
+        prior = functools.partial(self.method.prior, **config.prior_options) if config.prior_options else self.method.prior
+        self.model = BayesianModel(net.to(config.device), prior=prior)
         self.guide = make_guide(config.guide, self.model, *self._batch(torch.arange(min(2, len(d.x_train)))))
         self.guide.to(config.device)
         self.optimizer = torch.optim.Adam(self.guide.parameters(), lr=config.lr)
@@ -284,6 +287,9 @@ class Run:
                 self.history.append(row)
                 _atomic(self.out / METRICS, lambda p: self.metrics().to_csv(p, index=False))
                 self._save_checkpoint()
+        if c.guide != "autodelta":  # the per-layer posterior scales (shrinkage, for a hierarchical prior)
+            table = scale_table(posterior_scales(self.model, self.guide))
+            _atomic(self.out / SCALES, lambda p: table.to_csv(p, index=False))
         return self.metrics()
 
     def metrics(self) -> pd.DataFrame:

@@ -149,7 +149,7 @@ def test_tiny_training_run(capsys, tmp_path):
     assert len(metrics) == 1
     for column in ("accuracy", "ece", "nll"):
         assert table[column][0] == pytest.approx(metrics[column][0], abs=5e-5)
-    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.csv", "checkpoint.pt"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.csv", "checkpoint.pt", "scales.csv"}
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
 
 

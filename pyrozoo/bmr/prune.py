@@ -9,6 +9,8 @@ import pandas as pd
 import torch
 
 from pyrozoo.bmr.delta_f import point_mass_meanfield
+from pyro import poutine
+
 from pyrozoo.bmr.rules import get_rule
 from pyrozoo.bmr.units import effective_masks
 from pyrozoo.errors import PyrozooError
@@ -25,10 +27,10 @@ class LayerReport:
     live_before: int
     kept: int
     inclusion: float  # the rule's estimate of the fraction worth keeping
-    cutoff: float  # dF above which weights were pruned
-    df_min: float
-    df_median: float
-    df_max: float
+    cutoff: float  # score (dF for BMR) above which weights were pruned
+    score_min: float  # over the live weights
+    score_median: float
+    score_max: float
 
 
 @dataclass
@@ -66,10 +68,39 @@ def pruned_fraction(model) -> float:
 
 
 @torch.no_grad()
-def prune(model, guide, rule="spike-and-slab", **rule_options) -> PruneReport:
+def posterior_scales(model, guide, samples: int = 100) -> dict[str, torch.Tensor]:
+    """Posterior mean of each layer's prior scale (``w = scale * mask * z``), e.g. the horseshoe's shrinkage
+    ``E[gamma_r]`` per row, by Monte Carlo over ``samples`` draws of the guide."""
+    total: dict[str, torch.Tensor] = {}
+    with poutine.block():
+        for _ in range(samples):
+            latents = guide()
+            for layer in model.layers:
+                scale = poutine.condition(model.prior, data=latents)(layer)
+                total[layer.name] = total.get(layer.name, 0) + torch.as_tensor(scale).expand(layer.shape[0], 1)
+    return {name: value / samples for name, value in total.items()}
+
+
+def scale_table(scales: dict[str, torch.Tensor]) -> pd.DataFrame:
+    """One row per layer: mean, smallest and largest posterior-mean scale over its output rows."""
+    return pd.DataFrame([{"layer": name, "mean_scale": float(s.mean()), "min_scale": float(s.min()),
+                          "max_scale": float(s.max())} for name, s in scales.items()])
+
+
+def shrinkage_scores(model, scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scores for :func:`prune` from posterior-mean scales: ``-scale`` per weight, so that the ``threshold``
+    rule with ``margin=-T`` prunes the rows whose scale is below ``T`` (a hierarchical prior's own verdict,
+    turned into masks to compare its sparsity with BMR's)."""
+    return {layer.name: -scales[layer.name].expand(layer.shape) for layer in model.layers if layer.prunable}
+
+
+@torch.no_grad()
+def prune(model, guide, rule="spike-and-slab", scores: dict[str, torch.Tensor] | None = None,
+          **rule_options) -> PruneReport:
     """Bayesian model reduction of every prunable layer; masks only ever lose weights.
 
-    ``rule`` is a name from :data:`pyrozoo.bmr.rules.RULES` or a function ``(delta_f, live) -> Decision``.
+    ``rule`` is a name from :data:`pyrozoo.bmr.rules.RULES` or a function ``(scores, live) -> Decision``; the
+    scores are BMR's dF unless ``scores`` gives others (e.g. :func:`shrinkage_scores`).
     Pruned entries of a guide that supports it (``reset_to_prior``) are set to the prior N(0, 1), which is their
     exact posterior once the weight no longer touches the likelihood. Under a mean-field posterior the surviving
     weights' reduced posterior equals their full one, so nothing else changes.
@@ -77,7 +108,7 @@ def prune(model, guide, rule="spike-and-slab", **rule_options) -> PruneReport:
     start = time.perf_counter()
     decide = get_rule(rule) if isinstance(rule, str) else rule
     reports = []
-    gains = delta_f(model, guide)
+    gains = delta_f(model, guide) if scores is None else scores
     for layer in model.layers:
         if layer.name not in gains:
             continue

@@ -23,8 +23,9 @@ def constrained_mean(loc: torch.Tensor, scale: torch.Tensor, transform) -> torch
     log-normal, possibly shifted: Pyro maps Gamma's support that way), else the median ``transform(loc)``."""
     if transform is None:
         return loc
+    while hasattr(transform, "base_transform"):  # IndependentTransform only reinterprets dimensions
+        transform = transform.base_transform
     parts = transform.parts if isinstance(transform, ComposeTransform) else [transform]
-    parts = [getattr(part, "base_transform", part) for part in parts]
     if isinstance(parts[0], ExpTransform) and all(isinstance(part, AffineTransform) for part in parts[1:]):
         value = torch.exp(loc + scale.square() / 2)
         for affine in parts[1:]:  # affine maps commute with the expectation
