@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="posterior samples per evaluation (default: 100; 1 for MAP)")
     train.add_argument("--dropout", type=float, default=None,
                        help="dropout after hidden layers (default: the method's, 0.2 for flat-map, else 0)")
+    train.add_argument("--hidden-scale", type=_positive_float, default=None,
+                       help="flat prior: hidden layers' scale relative to the output layer's (0.1)")
     train.add_argument("--tau0", type=_positive_float, default=None, help="tiered prior: global scale (1e-2)")
     train.add_argument("--local-scales", action="store_true", help="tiered prior: add per-weight local scales")
     train.add_argument("--warmup-steps", type=int, default=None,
@@ -97,12 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prior_options(args) -> dict:
-    options = {"tau0": args.tau0} if args.tau0 is not None else {}
+    tiered = {"tau0": args.tau0} if args.tau0 is not None else {}
     if args.local_scales:
-        options["local"] = True
-    if options and args.method != "tiered-ff":
+        tiered["local"] = True
+    if tiered and METHODS[args.method].prior.__name__ != "tiered":
         raise PyrozooError("--tau0 and --local-scales belong to the tiered prior (--method tiered-ff)")
-    return options
+    if args.hidden_scale is None:
+        return tiered
+    if METHODS[args.method].prior.__name__ != "flat":
+        raise PyrozooError("--hidden-scale belongs to the flat prior (flat-map, flat-ff, bmr-ss)")
+    return {"hidden_scale": args.hidden_scale}
 
 
 def _train(args) -> None:

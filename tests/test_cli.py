@@ -241,3 +241,17 @@ def test_prune_refuses_a_map_run(capsys):
 
 def test_prune_needs_a_run(capsys):
     assert_one_line_error(*cli(capsys, "prune", "nowhere"), "nowhere")
+
+
+@pytest.mark.parametrize("argv", [["--method", "flat-ff", "--tau0", "0.1"], ["--method", "bmr-ss", "--local-scales"],
+                                  ["--method", "tiered-ff", "--hidden-scale", "1"]])
+def test_prior_options_belong_to_their_prior(capsys, argv):
+    assert_one_line_error(*cli(capsys, "train", *TINY, *argv), argv[2])
+
+
+def test_prior_options_reach_the_run(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", *TINY, "--method", "tiered-ff", "--tau0", "0.05", "--epochs", "1",
+                       "--out", "tiered")
+    assert code == 0, err
+    config = pd.read_json(tmp_path / "tiered" / "config.json", typ="series")["config"]
+    assert config["prior_options"] == {"tau0": 0.05}

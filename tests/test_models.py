@@ -123,3 +123,17 @@ def test_standard_normal_kl_equals_the_general_formula(locs, scales):
     fast = td.kl_divergence(pyro.distributions.Normal(loc, scale), StandardNormal(loc.shape, dtype=torch.float64))
     general = td.kl_divergence(td.Normal(loc, scale), td.Normal(torch.zeros_like(loc), torch.ones_like(loc)))
     torch.testing.assert_close(fast, general)
+
+
+def test_flat_hidden_scale_is_a_prior_option():
+    import functools
+
+    from pyrozoo.models.priors import flat
+    from pyrozoo.nets import create_net
+
+    net = create_net("mlp", in_channels=1, image_size=4, num_classes=3, hidden=(5,))
+    model = BayesianModel(net, prior=functools.partial(flat, hidden_scale=1.0))
+    trace = poutine.trace(model.sample_weights).get_trace()
+    for layer in model.layers:  # hidden and output layers now share the scale c = precision^-1/2
+        c = trace.nodes[f"{layer.name}.precision"]["value"] ** -0.5
+        torch.testing.assert_close(trace.nodes["_RETURN"]["value"][layer.name], c * trace.nodes[layer.site]["value"])

@@ -16,14 +16,15 @@ import pyro.distributions as dist
 from pyrozoo.models.layers import Layer
 
 
-def flat(layer: Layer):
+def flat(layer: Layer, hidden_scale: float = 0.1):
     """Flat prior (PAPER.md §2): one precision-like scale per layer, ``c^-2 ~ Gamma(2, 2)`` (shape, rate).
 
-    Hidden layers use ``c = (c^-2)^(-1/2) / 10``, the output layer ``c = (c^-2)^(-1/2)``.
+    Hidden layers use ``c = hidden_scale * (c^-2)^(-1/2)`` (``hidden_scale`` 1/10 as in the paper), the output
+    layer ``c = (c^-2)^(-1/2)``.
     """
     precision = pyro.sample(f"{layer.name}.precision", dist.Gamma(layer.const(2.0), layer.const(2.0)))
     scale = precision.rsqrt()
-    return scale if layer.is_output else scale / 10
+    return scale if layer.is_output else scale * hidden_scale
 
 
 def tiered(layer: Layer, tau0: float = 1e-2, local: bool = False):
