@@ -3,7 +3,8 @@
 For each net at batch 120 on the CPU: a plain PyTorch Adam step of the deterministic net; a hand-written plain
 PyTorch mean-field step of the same Bayesian model (weights sampled as ``loc + scale * noise``, analytic KL for
 the weights, the layer-scale hyperprior sampled log-normally with a one-sample KL, Adam), which is the floor any
-Pyro-based mean-field step can approach; and one pyrozoo SVI step with each guide.
+Pyro-based mean-field step can approach; one pyrozoo SVI step with each guide (flat prior); and one step of
+tiered-ff (regularised-horseshoe prior, our mean-field guide), also as a ratio to the flat-ff step.
 
     python benchmarks/step_time.py [--nets mlp lenet] [--repeats 100] [--threads 2]
 """
@@ -24,6 +25,7 @@ from torch.func import functional_call
 
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
+from pyrozoo.models.priors import tiered as tiered_prior
 from pyrozoo.nets import create_net, get_net_entry
 from pyrozoo.train import svi_step
 
@@ -100,10 +102,17 @@ def bench_net(name: str, repeats: int) -> None:
             opt = torch.optim.Adam(guide.parameters(), lr=1e-3)
             timings[f"pyrozoo svi, guide={kind}"] = median_seconds(
                 lambda: svi_step(model, guide, opt, x, y, DATASET_SIZE), repeats)
+        tiered = BayesianModel(create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), prior=tiered_prior)
+        guide = make_guide("meanfield", tiered)
+        opt = torch.optim.Adam(guide.parameters(), lr=1e-3)
+        timings["pyrozoo svi, tiered-ff"] = median_seconds(
+            lambda: svi_step(tiered, guide, opt, x, y, DATASET_SIZE), repeats)
     plain, floor = timings["plain pytorch (deterministic)"], timings["hand-written mean-field"]
     for what, seconds in timings.items():
         print(f"{name:6s} {what:34s} {seconds * 1e3:8.2f} ms   ratio vs plain {seconds / plain:5.2f}"
               f"   ratio vs hand-written {seconds / floor:5.2f}")
+    flat_ff = timings["pyrozoo svi, guide=meanfield"]
+    print(f"{name:6s} tiered-ff / flat-ff step ratio {timings['pyrozoo svi, tiered-ff'] / flat_ff:5.2f}")
 
 
 def main() -> None:

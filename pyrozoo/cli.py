@@ -8,7 +8,7 @@ import sys
 
 from pyrozoo import data as datasets
 from pyrozoo.errors import PyrozooError
-from pyrozoo.bmr.rules import RULES
+from pyrozoo.bmr import REDUCTIONS
 from pyrozoo.guides import GUIDES
 from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS
@@ -85,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser("prune", help="one-shot BMR of a finished mean-field run (writes RUN/pruned.pt)")
     prune.add_argument("run", help="run folder")
-    prune.add_argument("--rule", type=_choice([*RULES, "shrinkage"]), default="spike-and-slab",
-                       help="a BMR rule, or 'shrinkage': prune rows whose posterior-mean prior scale < --threshold")
+    prune.add_argument("--rule", type=_choice([*REDUCTIONS, "shrinkage"]), default="spike-and-slab",
+                       help="a BMR rule, 'horseshoe' (BMR-RHS), or 'shrinkage': prune rows whose posterior-mean "
+                            "prior scale is below --threshold")
     prune.add_argument("--margin", type=float, default=0.0, help="threshold rule: prune iff dF > margin")
     prune.add_argument("--threshold", type=_positive_float, default=None, help="shrinkage rule: the scale cut-off")
 
@@ -144,6 +145,7 @@ def _table(rows: dict[str, dict]) -> str:
 
 
 def _prune(args) -> None:
+    from pyrozoo.bmr import reduce
     from pyrozoo.bmr.prune import posterior_scales, prune, scale_table, shrinkage_scores
     from pyrozoo.train import Run
 
@@ -156,9 +158,10 @@ def _prune(args) -> None:
         print(scale_table(scales).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         report = prune(run.model, run.guide, "threshold", scores=shrinkage_scores(run.model, scales),
                        margin=-args.threshold)
+    elif args.rule == "threshold":
+        report = prune(run.model, run.guide, "threshold", margin=args.margin)
     else:
-        options = {"margin": args.margin} if args.rule == "threshold" else {}
-        report = prune(run.model, run.guide, args.rule, **options)
+        report = reduce(run.model, run.guide, args.rule)
     after = run.evaluate()
     run.save_pruned(report, after)
     print(f"pruning ({args.rule}) of {run.out} after epoch {run.epoch}: {report.seconds * 1e3:.1f} ms, "

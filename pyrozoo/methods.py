@@ -20,7 +20,7 @@ class Method:
     lr: float  # Adam learning rate (PAPER.md §3)
     samples: int  # posterior samples averaged at test time
     description: str
-    rule: str | None = None  # BMR rule applied after every epoch but the last (pyrozoo.bmr.rules.RULES)
+    rule: str | None = None  # BMR pass after every epoch but the last (pyrozoo.bmr.REDUCTIONS)
     warmup_steps: int = 0  # SVI steps before the first BMR pass
     net_options: dict = field(default_factory=dict)  # e.g. dropout, passed to the net factory
 
@@ -35,6 +35,8 @@ METHODS: dict[str, Method] = {
                "regularised-horseshoe (tiered) prior, fully factorised posterior (log-normal on scales)"),
         Method("bmr-ss", flat, "meanfield", 1e-2, 100, "flat-ff pruned by stochastic BMR, spike-and-slab rule",
                rule="spike-and-slab", warmup_steps=500),
+        Method("bmr-rhs", flat, "meanfield", 1e-2, 100,
+               "flat-ff reduced by a regularised horseshoe fitted to dF (BMR-RHS)", rule="horseshoe", warmup_steps=500),
     )
 }
 

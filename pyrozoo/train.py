@@ -18,7 +18,8 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from pyrozoo import data as datasets
-from pyrozoo.bmr.prune import posterior_scales, prune, pruned_fraction, scale_table
+from pyrozoo.bmr import reduce
+from pyrozoo.bmr.prune import posterior_scales, pruned_fraction, scale_table
 from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError, TrainingDiverged
 from pyrozoo.guides import make_guide
@@ -276,7 +277,9 @@ class Run:
                 row = {"epoch": self.epoch, "step": self.step, "seconds": round(self.seconds, 3),
                        "elbo": -sum(losses) / len(losses), "bmr_seconds": float("nan")}
                 if self.method.rule and self.epoch < c.epochs and self.step >= c.warmup_steps:
-                    report = prune(self.model, self.guide, self.method.rule)
+                    report = reduce(self.model, self.guide, self.method.rule)
+                    for note in filter(None, (r.note for r in report.layers)):
+                        tqdm.write(f"epoch {self.epoch}: {note}")
                     row["bmr_seconds"] = round(report.seconds, 4)
                 row["pruned_fraction"] = pruned_fraction(self.model)
                 if self.epoch % c.eval_every == 0 or self.epoch == c.epochs:

@@ -31,6 +31,7 @@ class LayerReport:
     score_min: float  # over the live weights
     score_median: float
     score_max: float
+    note: str = ""  # e.g. a guard that stopped the reduction
 
 
 @dataclass

@@ -55,13 +55,14 @@ class MeanFieldNormal(nn.Module):
 
     :param init_radius: initial locs are drawn uniformly from ``(-init_radius, init_radius)`` (unconstrained).
     :param init_scale: initial scale of every entry.
+    :param latents: a data-free callable drawing the latents to cover (default ``model.sample_weights``).
     """
 
-    def __init__(self, model, init_radius: float = 2.0, init_scale: float = 0.1):
+    def __init__(self, model, init_radius: float = 2.0, init_scale: float = 0.1, latents=None):
         super().__init__()
         self._model = (model,)  # a tuple, so the model's buffers and net are not registered as ours
         with poutine.block():  # trace the prior without letting outer handlers (an ELBO's trace) see it
-            prototype = poutine.trace(model.sample_weights).get_trace()
+            prototype = poutine.trace(latents or model.sample_weights).get_trace()
         self.locs = nn.ParameterDict()
         self.raw_scales = nn.ParameterDict()
         self._sites: dict[str, tuple[str, int, object]] = {}  # site -> (parameter key, event dim, transform)
@@ -95,6 +96,13 @@ class MeanFieldNormal(nn.Module):
         """Posterior mean of every latent in its own (constrained) space."""
         posterior = self.posterior()
         return {name: constrained_mean(*posterior[name], t) for name, (_, _, t) in self._sites.items()}
+
+    @torch.no_grad()
+    def write_posterior(self, name: str, loc: torch.Tensor, scale: torch.Tensor) -> None:
+        """Set a latent's posterior (unconstrained space), e.g. to a reduced posterior computed by BMR."""
+        key = self._sites[name][0]
+        self.locs[key].copy_(loc)
+        self.raw_scales[key].copy_(torch.where(scale > 20, scale, torch.expm1(scale).log()))  # softplus^-1
 
     @torch.no_grad()
     def reset_to_prior(self, name: str, where: torch.Tensor) -> None:

@@ -1,0 +1,100 @@
+"""BMR-RHS (PAPER.md §4): a regularised horseshoe fitted to the evidence gains, without data.
+
+The summed reduction ``sum_k dF(mu_k, pi_k, g2 = gamma_k(h)^2)`` is a log-likelihood of horseshoe
+hyperparameters ``h`` (the tiered prior's, one scale per output row): it says how much the evidence would gain if
+weight k's N(0, 1) prior (on its latent z) were shrunk to N(0, gamma_k^2). A mean-field guide over ``h`` is fitted
+by SVI on that factor alone; each weight's prior is then shrunk by ``r_k = E[gamma_k^-2]^-1/2`` (written into the
+model's mask as a multiplier), its posterior replaced by the exact reduced one, and weights with ``r_k`` below
+``delta`` pruned. A layer the fit would empty is left as it was and flagged: the reference implementation of this
+method is known to collapse, and a silently empty network would be worse than no reduction.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import pyro
+import torch
+from pyro import poutine
+
+from pyrozoo.bmr.delta_f import meanfield
+from pyrozoo.bmr.prune import Z_PRIOR_VAR, LayerReport, PruneReport, pruned_fraction
+from pyrozoo.elbo import negative_elbo
+from pyrozoo.errors import PyrozooError
+from pyrozoo.guides.meanfield import MeanFieldNormal
+from pyrozoo.models.priors import tiered
+
+
+class _EvidenceModel:
+    """Pyro model over horseshoe hyperparameters whose only 'data' is the posterior of the weights."""
+
+    def __init__(self, layers, posterior: dict, masks: dict, tau0: float):
+        self.layers = layers
+        self.prior = functools.partial(tiered, tau0=tau0)
+        self.posterior, self.masks = posterior, masks
+
+    def scales(self) -> dict:
+        return {layer.name: self.prior(layer) for layer in self.layers}
+
+    def __call__(self):
+        for layer, scale in zip(self.layers, self.scales().values()):
+            loc, precision = self.posterior[layer.name]
+            # shrinking only: a reduced prior wider than the full N(0, 1) is not a reduction
+            g2 = torch.as_tensor(scale).square().clamp(max=Z_PRIOR_VAR).expand(layer.shape)
+            gain = meanfield(loc, precision, Z_PRIOR_VAR, g2).delta_f
+            pyro.factor(f"{layer.name}.delta_f", (gain * self.masks[layer.name]).sum())
+
+
+def prune_horseshoe(model, guide, tau0: float = 1e-2, steps: int = 1000, lr: float = 5e-2, samples: int = 100,
+                    delta: float = 1e-6) -> PruneReport:
+    """Fit the horseshoe to dF, shrink and prune every prunable layer; masks only ever shrink."""
+    if not hasattr(guide, "write_posterior"):
+        raise PyrozooError(f"BMR-RHS writes the reduced posterior back and needs pyrozoo's mean-field guide, "
+                           f"not {type(guide).__name__}")
+    start = time.perf_counter()
+    layers = [layer for layer in model.layers if layer.prunable]
+    full = guide.posterior()
+    with torch.no_grad():
+        posterior = {layer.name: (full[layer.site][0], full[layer.site][1].pow(-2)) for layer in layers}
+        masks = {layer.name: model.mask(layer.name).clone() for layer in layers}
+    evidence = _EvidenceModel(layers, posterior, {k: (m != 0).to(m.dtype) for k, m in masks.items()}, tau0)
+    with poutine.block(), torch.random.fork_rng(devices=[]):  # the fit leaves training's random stream as it was
+        torch.manual_seed(0)
+        hyper_guide = MeanFieldNormal(evidence, init_radius=0.0, latents=evidence.scales)
+        optimizer = torch.optim.Adam(hyper_guide.parameters(), lr=lr)
+        for _ in range(steps):
+            loss = negative_elbo(evidence, hyper_guide)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            inverse = {layer.name: 0.0 for layer in layers}
+            for _ in range(samples):
+                scales = poutine.condition(evidence.scales, data=hyper_guide())()
+                for name, scale in scales.items():
+                    inverse[name] = inverse[name] + torch.as_tensor(scale).square().clamp(max=Z_PRIOR_VAR).reciprocal()
+    reports = []
+    with torch.no_grad():
+        for layer in layers:
+            shrink = (inverse[layer.name] / samples).rsqrt().expand(layer.shape)
+            old = masks[layer.name]
+            new = torch.where(shrink < delta, 0.0, old * shrink)
+            note = ""
+            if bool((old != 0).any()) and not bool((new != 0).any()):
+                new, note = old, "collapse guarded: the fit would prune every weight; layer left as it was"
+            loc, precision = posterior[layer.name]
+            reduced = meanfield(loc, precision, Z_PRIOR_VAR, shrink.square())
+            # z's prior becomes N(0, 1) again under the new multiplier: rescale the reduced posterior by 1/shrink
+            live = new != 0
+            changed = live & (new != old)
+            guide.write_posterior(layer.site, torch.where(changed, reduced.mean / shrink, loc),
+                                  torch.where(changed, (reduced.precision * shrink.square()).rsqrt(),
+                                              full[layer.site][1]))
+            guide.reset_to_prior(layer.site, ~live)
+            model.set_mask(layer.name, new)
+            log_shrink = shrink[old != 0].log10() if bool((old != 0).any()) else torch.zeros(1)
+            reports.append(LayerReport(layer.name, old.numel(), int((old != 0).sum()), int(live.sum()),
+                                       float(live.float().mean()), delta, float(log_shrink.min()),
+                                       float(log_shrink.median()), float(log_shrink.max()), note))
+    return PruneReport(reports, time.perf_counter() - start, pruned_fraction(model))
