@@ -28,19 +28,19 @@ def test_tiered_log_density_and_weights_match_an_independent_computation(local):
     for layer in model.layers:
         v = {name.split(".")[-1]: site["value"] for name, site in trace.nodes.items()
              if site["type"] == "sample" and name.startswith(layer.name + ".")}
-        expected += half_cauchy_pair.log_prob(v["global_num"]) + half_cauchy_pair.log_prob(v["global_den"])
+        a, b = v["global"]  # each half-Cauchy pair is one site: (numerator, denominator)
+        expected += half_cauchy_pair.log_prob(v["global"]).sum()
         expected += td.Normal(0.0, 1.0).log_prob(v["weight_base"]).sum()
-        tau = math.sqrt(1.0) * (v["global_num"] / v["global_den"]).sqrt()
+        tau = (a / b).sqrt()
         if layer.is_output:
             scale = tau
         else:
             expected += td.Gamma(2.0, 6.0).log_prob(v["slab_precision"])
-            expected += half_cauchy_pair.log_prob(v["row_num"]).sum() + half_cauchy_pair.log_prob(v["row_den"]).sum()
-            s2 = (0.05 * tau) ** 2 * v["row_num"] / v["row_den"]  # horseshoe scale^2, one per row
+            expected += half_cauchy_pair.log_prob(v["rows"]).sum()
+            s2 = (0.05 * tau) ** 2 * v["rows"][..., 0] / v["rows"][..., 1]  # horseshoe scale^2, one per row
             if local:
-                expected += half_cauchy_pair.log_prob(v["weight_num"]).sum()
-                expected += half_cauchy_pair.log_prob(v["weight_den"]).sum()
-                s2 = s2 * v["weight_num"] / v["weight_den"]
+                expected += half_cauchy_pair.log_prob(v["weights"]).sum()
+                s2 = s2 * v["weights"][..., 0] / v["weights"][..., 1]
             c2 = 1 / v["slab_precision"]
             scale = (c2 * s2 / (c2 + s2)).sqrt()  # regularised horseshoe, written the textbook way
         torch.testing.assert_close(weights[layer.name], scale * v["weight_base"], rtol=1e-4, atol=1e-6)
@@ -52,22 +52,20 @@ def test_tiered_scales_have_half_cauchy_tails_and_the_slab_bounds_them():
     model = _model(tiered)
     head, hidden = model.layers[-1], model.layers[0]
     # the output scale sqrt(a/b) is half-Cauchy(1): P(X > t) = 1 - 2/pi atan(t)
-    draws = torch.stack([poutine.condition(model.prior, data={
-        f"{head.name}.global_num": td.Gamma(0.5, 1.0).sample(), f"{head.name}.global_den": td.Gamma(0.5, 1.0).sample(),
-    })(head) for _ in range(20_000)])
+    draws = torch.stack([poutine.condition(model.prior, data={f"{head.name}.global": td.Gamma(0.5, 1.0).sample((2,))})(head)
+                         for _ in range(20_000)])
     for t in (1.0, 10.0, 100.0):
         expected = 1 - 2 / math.pi * math.atan(t)
         observed = (draws > t).double().mean().item()
         assert abs(observed - expected) < 4 * math.sqrt(expected * (1 - expected) / len(draws)) + 1e-4
     # hidden rows: with a = b = 1 the row scale is tau0 * half-Cauchy, capped by the slab c
-    pairs = td.Gamma(0.5, 1.0).sample((2, 20_000, hidden.shape[0], 1))
+    pairs = td.Gamma(0.5, 1.0).sample((20_000, hidden.shape[0], 1, 2))
     slab = torch.tensor(4.0)  # c = 0.5
     scale = poutine.condition(model.prior, data={
-        f"{hidden.name}.global_num": torch.tensor(1.0), f"{hidden.name}.global_den": torch.tensor(1.0),
-        f"{hidden.name}.slab_precision": slab, f"{hidden.name}.row_num": pairs[0], f"{hidden.name}.row_den": pairs[1],
+        f"{hidden.name}.global": torch.ones(2), f"{hidden.name}.slab_precision": slab, f"{hidden.name}.rows": pairs,
     })(hidden)
     assert scale.max() < 0.5 and scale.max() > 0.49  # heavy tails reach the slab, never pass it
-    unregularised = 1e-2 * (pairs[0] / pairs[1]).sqrt()
+    unregularised = 1e-2 * (pairs[..., 0] / pairs[..., 1]).sqrt()
     small = unregularised < 0.05  # far below the slab the scale is the horseshoe's own
     torch.testing.assert_close(scale[small], unregularised[small], rtol=2e-2, atol=0)
 
@@ -77,11 +75,10 @@ def test_shrinkage_prune_removes_rows_with_small_posterior_scale():
     guide = make_guide("meanfield", model)
     layer = model.layers[0]
     with torch.no_grad():  # row 0: scale pushed up (row_num large), other rows: shrunk (row_num tiny)
-        key = f"{layer.name}.row_num".replace(".", "-")
-        guide.locs[key].fill_(-12.0)
-        guide.locs[key][0] = 5.0
-        for site in ("row_num", "row_den"):
-            guide.raw_scales[f"{layer.name}.{site}".replace(".", "-")].fill_(-10.0)
+        key = f"{layer.name}.rows".replace(".", "-")
+        guide.locs[key][..., 0].fill_(-12.0)  # numerators v_r
+        guide.locs[key][0, :, 0] = 5.0
+        guide.raw_scales[key].fill_(-10.0)
     scales = posterior_scales(model, guide, samples=20)
     assert scales[layer.name].shape == (layer.shape[0], 1)
     threshold = 1e-4

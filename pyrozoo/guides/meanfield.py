@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pyro import poutine
 from torch import nn
 from torch.distributions import biject_to, constraints
-from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform
+from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform, IndependentTransform
 
 
 def _inverse_softplus(y: float) -> float:
@@ -34,10 +34,20 @@ def constrained_mean(loc: torch.Tensor, scale: torch.Tensor, transform) -> torch
     return transform(loc)
 
 
-def _is_real(support) -> bool:
+def _base(support):
     while isinstance(support, constraints.independent):
         support = support.base_constraint
-    return support is constraints.real
+    return support
+
+
+def _bijection(support):
+    """The map from unconstrained space onto ``support``; plain exp onto (0, inf) or [0, inf), where torch
+    composes exp with an identity affine map that only costs time (a density puts no mass on the point 0)."""
+    base = _base(support)
+    bounded_at_zero = isinstance(base, (constraints.greater_than, constraints.greater_than_eq))
+    if bounded_at_zero and isinstance(base.lower_bound, (int, float)) and base.lower_bound == 0:
+        return IndependentTransform(ExpTransform(), support.event_dim) if support.event_dim else ExpTransform()
+    return biject_to(support)
 
 
 class MeanFieldNormal(nn.Module):
@@ -67,13 +77,13 @@ class MeanFieldNormal(nn.Module):
         self.raw_scales = nn.ParameterDict()
         self._sites: dict[str, tuple[str, int, object]] = {}  # site -> (parameter key, event dim, transform)
         for name, site in prototype.iter_stochastic_nodes():
-            transform = biject_to(site["fn"].support)
+            transform = _bijection(site["fn"].support)
             value = site["value"].detach()
             key = name.replace(".", "-")  # parameter names cannot hold dots
             loc = torch.empty_like(transform.inv(value)).uniform_(-init_radius, init_radius)
             self.locs[key] = nn.Parameter(loc)
             self.raw_scales[key] = nn.Parameter(torch.full_like(loc, _inverse_softplus(init_scale)))
-            real = _is_real(site["fn"].support)
+            real = _base(site["fn"].support) is constraints.real
             self._sites[name] = (key, site["fn"].event_dim, None if real else transform.with_cache(1))
 
     def _distribution(self, name: str):

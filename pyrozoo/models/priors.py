@@ -30,28 +30,26 @@ def flat(layer: Layer, hidden_scale: float = 0.1):
 def tiered(layer: Layer, tau0: float = 1e-2, local: bool = False):
     """Regularised horseshoe ("tiered", PAPER.md §2) with one scale per output row.
 
-    Half-Cauchy variables are ratios of Gamma(1/2, 1) pairs. Hidden layers: slab ``c^-2 ~ Gamma(2, 6)``, global
-    pair ``(a, b)``, per-row pair ``(u_r, v_r)``; ``psi_r = tau0^2 (a / b) v_r`` and
-    ``gamma_r^2 = psi_r / (u_r + c^-2 psi_r)``, i.e. ``c^2 s^2 / (c^2 + s^2)`` with the horseshoe scale
-    ``s = tau0 * sqrt(a/b) * sqrt(v_r/u_r)``. The output layer gets one half-Cauchy scale ``sqrt(a / b)``.
-    ``local=True`` adds a per-weight half-Cauchy factor (pairs ``(u_k, v_k)`` per weight).
+    Half-Cauchy variables are ratios of Gamma(1/2, 1) pairs, each pair drawn as one site with a last dimension
+    of 2 (numerator, denominator). Hidden layers: slab ``c^-2 ~ Gamma(2, 6)``, global pair ``(a, b)``, per-row
+    pair ``(v_r, u_r)``; ``psi_r = tau0^2 (a / b) v_r`` and ``gamma_r^2 = psi_r / (u_r + c^-2 psi_r)``, i.e.
+    ``c^2 s^2 / (c^2 + s^2)`` with the horseshoe scale ``s = tau0 * sqrt(a/b) * sqrt(v_r/u_r)``. The output
+    layer gets one half-Cauchy scale ``sqrt(a / b)``. ``local=True`` adds a per-weight half-Cauchy factor.
     """
-    half = layer.const(0.5)
-    one = layer.const(1.0)
-    a = pyro.sample(f"{layer.name}.global_num", dist.Gamma(half, one))
-    b = pyro.sample(f"{layer.name}.global_den", dist.Gamma(half, one))
+    half, one = layer.const(0.5), layer.const(1.0)
+
+    def pairs(name: str, *shape: int):
+        return pyro.sample(f"{layer.name}.{name}", dist.Gamma(half, one).expand([*shape, 2]).to_event(len(shape) + 1))
+
+    a, b = pairs("global").unbind(-1)
     if layer.is_output:
         return (a / b).sqrt()
-    rows = layer.shape[0]
     slab = pyro.sample(f"{layer.name}.slab_precision", dist.Gamma(layer.const(2.0), layer.const(6.0)))
-    row_pair = dist.Gamma(half, one).expand([rows, 1]).to_event(2)
-    u = pyro.sample(f"{layer.name}.row_den", row_pair)
-    v = pyro.sample(f"{layer.name}.row_num", row_pair)
+    v, u = pairs("rows", layer.shape[0], 1).unbind(-1)
     psi = tau0**2 * (a / b) * v
     if local:
-        weight_pair = dist.Gamma(half, one).expand(layer.shape).to_event(2)
-        u = u * pyro.sample(f"{layer.name}.weight_den", weight_pair)
-        psi = psi * pyro.sample(f"{layer.name}.weight_num", weight_pair)
+        v_k, u_k = pairs("weights", *layer.shape).unbind(-1)
+        psi, u = psi * v_k, u * u_k
     return (psi / (u + slab * psi)).sqrt()
 
 
