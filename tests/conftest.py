@@ -7,6 +7,16 @@ from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """One torch thread: the tests are small, and on a small, busy machine (CI has 2 cores) two threads
+    fighting other work can make a step many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     pyro.set_rng_seed(0)

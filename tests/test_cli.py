@@ -22,15 +22,6 @@ TINY = ["--data", "fashion-mnist-mini", "--net", "mlp", "--steps-per-epoch", "3"
         "--samples", "2", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a small, busy machine two threads can make each step ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """Work in tmp_path (the default --out is relative), with no data, cache, Debian copy or network."""

@@ -23,15 +23,6 @@ DOCUMENTED_COLUMNS = ["epoch", "step", "seconds", "elbo", "accuracy", "nll", "ec
 EVAL_COLUMNS = ["accuracy", "nll", "ece", "ece15", "brier", "lpd"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on a small, busy machine two threads can make each step ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**overrides) -> TrainConfig:
     settings = dict(net="mlp", data="fashion-mnist-mini", method="flat-ff", epochs=2, steps_per_epoch=6,
                     batch_size=64, samples=2, eval_batch_size=400, seed=0, net_options={"hidden": (32,)})
