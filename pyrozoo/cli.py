@@ -183,8 +183,8 @@ def _export(args) -> None:
     print(f"{run.out} ({state}, epoch {run.epoch}) exported to {run.out / 'export'}: sparse_state_dict.pt, "
           f"sparse.pt2 (torch.export); CPU, {summary['threads']} threads")
     print(_table({k: summary[k] for k in ("dense", "sparse")}))
-    print(f"parameters {summary['parameter_ratio']:.1f}x fewer, batch-256 latency {summary['speedup_batch256']:.1f}x "
-          f"lower")
+    print(f"parameters {summary['parameter_ratio']:.1f}x fewer ({summary['nonzero_ratio']:.1f}x fewer non-zero), "
+          f"batch-256 latency {summary['speedup_batch256']:.1f}x lower")
 
 
 def _info() -> None:

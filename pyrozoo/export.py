@@ -61,6 +61,7 @@ def export(run, folder: Path, repeats: int = 50) -> dict:
         }
     summary["speedup_batch256"] = summary["dense"]["latency_ms_batch256"] / summary["sparse"]["latency_ms_batch256"]
     summary["parameter_ratio"] = summary["dense"]["parameters"] / summary["sparse"]["parameters"]
+    summary["nonzero_ratio"] = summary["dense"]["parameters"] / max(summary["sparse"]["nonzero_parameters"], 1)
     summary["threads"] = torch.get_num_threads()
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

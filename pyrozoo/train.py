@@ -249,9 +249,14 @@ class Run:
         return state["metrics"]
 
     def evaluate(self) -> dict[str, float]:
+        """Test metrics now. Posterior draws come from a random stream of their own (seeded by the run's seed
+        and epoch), so how often a run evaluates never changes how it trains."""
         d = self.data
-        return evaluate(self.model, self.guide, d.x_test, d.y_test, d.num_classes, self.config.samples,
-                        self.config.eval_batch_size)
+        devices = [d.x_test.device] if d.x_test.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.config.seed * 100_003 + self.epoch)
+            return evaluate(self.model, self.guide, d.x_test, d.y_test, d.num_classes, self.config.samples,
+                            self.config.eval_batch_size)
 
     def train(self, progress: bool = True) -> pd.DataFrame:
         """Train the remaining epochs, writing metrics and a checkpoint after each; returns the metrics table."""

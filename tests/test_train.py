@@ -270,3 +270,16 @@ def test_minibatches_state_dict_reproduces_the_sequence():
     assert all(torch.equal(a, b) for a, b in zip(expected, [restored.next() for _ in range(10)]))
     fresh = Minibatches(10, 3, seed=12345)
     assert not all(torch.equal(a, b) for a, b in zip(expected, [fresh.next() for _ in range(10)]))
+
+
+def test_evaluation_never_changes_training(tmp_path):
+    """Posterior draws for test metrics use their own random stream: evaluating every epoch or only at the end
+    (or extending a finished run) leaves the trained guide bit for bit the same."""
+    every = train(tiny(epochs=3, eval_every=1), tmp_path / "every")
+    last = train(tiny(epochs=3, eval_every=3), tmp_path / "last")
+    assert_same_tensors(guide_params(every), guide_params(last))
+    assert every.metrics()["accuracy"].iloc[-1] == last.metrics()["accuracy"].iloc[-1]
+    train(tiny(epochs=2), tmp_path / "extended")
+    extended = Run.open(tmp_path / "extended", epochs=3, log=quiet)
+    extended.train(progress=False)
+    assert_same_tensors(guide_params(extended), guide_params(every))
