@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="flat prior: hidden layers' scale relative to the output layer's (0.1)")
     train.add_argument("--tau0", type=_positive_float, default=None, help="tiered prior: global scale (1e-2)")
     train.add_argument("--local-scales", action="store_true", help="tiered prior: add per-weight local scales")
+    train.add_argument("--count-pruned", action="store_true",
+                       help="spike-and-slab: count pruned weights as excluded in a layer's inclusion estimate "
+                            "(prunes much harder than the paper's rule)")
     train.add_argument("--warmup-steps", type=int, default=None,
                        help="SVI steps before the first BMR pass (default: the method's, 500 for bmr-ss)")
     train.add_argument("--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and the last)")
@@ -112,6 +115,14 @@ def _prior_options(args) -> dict:
     return {"hidden_scale": args.hidden_scale}
 
 
+def _rule_options(args) -> dict:
+    if not args.count_pruned:
+        return {}
+    if METHODS[args.method].rule != "spike-and-slab":
+        raise PyrozooError("--count-pruned belongs to the spike-and-slab rule (--method bmr-ss)")
+    return {"count_pruned": True}
+
+
 def _train(args) -> None:
     from pyrozoo.train import Run, TrainConfig
 
@@ -125,7 +136,8 @@ def _train(args) -> None:
                              batch_size=args.batch_size, lr=args.lr, samples=args.samples,
                              warmup_steps=args.warmup_steps, eval_every=args.eval_every, device=args.device,
                              seed=args.seed, net_options={} if args.dropout is None else {"dropout": args.dropout},
-                             prior_options=_prior_options(args))
+                             prior_options=_prior_options(args),
+                             rule_options=_rule_options(args))
         run = Run(config, out, log=log)
     c = run.config
     print(f"training {c.net} with {c.method} (guide {c.guide}, lr {c.lr}) on {c.data} from {run.data.source}; "

@@ -52,6 +52,7 @@ class TrainConfig:
     seed: int = 0
     net_options: dict = field(default_factory=dict)
     prior_options: dict = field(default_factory=dict)  # keyword arguments of the method's prior, e.g. tau0
+    rule_options: dict = field(default_factory=dict)  # keyword arguments of the BMR rule, e.g. count_pruned
 
     def resolved(self) -> "TrainConfig":
         """A copy with the method's defaults filled in, after checking names and sizes."""
@@ -282,7 +283,7 @@ class Run:
                 row = {"epoch": self.epoch, "step": self.step, "seconds": round(self.seconds, 3),
                        "elbo": -sum(losses) / len(losses), "bmr_seconds": float("nan")}
                 if self.method.rule and self.epoch < c.epochs and self.step >= c.warmup_steps:
-                    report = reduce(self.model, self.guide, self.method.rule)
+                    report = reduce(self.model, self.guide, self.method.rule, **c.rule_options)
                     for note in filter(None, (r.note for r in report.layers)):
                         tqdm.write(f"epoch {self.epoch}: {note}")
                     row["bmr_seconds"] = round(report.seconds, 4)

@@ -26,21 +26,25 @@ def threshold(delta_f: torch.Tensor, live: torch.Tensor, margin: float = 0.0) ->
     return Decision(keep, keep.sum().item() / max(live.sum().item(), 1), margin)
 
 
-def spike_and_slab(delta_f: torch.Tensor, live: torch.Tensor, iterations: int = 4) -> Decision:
+def spike_and_slab(delta_f: torch.Tensor, live: torch.Tensor, iterations: int = 4,
+                   count_pruned: bool = False) -> Decision:
     """Spike-and-slab rule: a Beta(1, 1) prior on the layer's inclusion probability, updated by mean field.
 
     ``zeta = E[ln p] - E[ln(1 - p)]`` starts at 0; each iteration sets ``q_k = sigmoid(zeta - dF_k)``,
     ``a = 1 + sum q``, ``b = 1 + sum (1 - q)``, ``zeta = digamma(a) - digamma(b)``. Weight k is kept iff
     ``dF_k <= zeta``. When most weights look prunable the cutoff falls below 0 and pruning gets bolder.
+    The sums run over the live weights (PAPER.md §4); ``count_pruned=True`` also counts the already pruned
+    weights as excluded (``q = 0``), so the inclusion estimate is the layer's, not the survivors'.
     """
     # Masked sums over the whole tensor (no boolean-indexed copy); float64 accumulators, as the sums run over
     # up to millions of weights.
     zeta = torch.zeros((), dtype=torch.float64, device=delta_f.device)
     live_count = live.sum(dtype=torch.float64)
+    excluded = (~live).sum(dtype=torch.float64) if count_pruned else 0.0
     for _ in range(iterations):
         q = torch.sigmoid(zeta.to(delta_f.dtype) - delta_f).masked_fill_(~live, 0.0)
         included = q.sum(dtype=torch.float64)
-        a, b = 1 + included, 1 + live_count - included
+        a, b = 1 + included, 1 + live_count - included + excluded
         zeta = torch.digamma(a) - torch.digamma(b)
     if iterations == 0:
         a = b = torch.ones((), dtype=torch.float64)

@@ -63,3 +63,15 @@ def test_pruned_weights_do_not_vote():
 def test_unknown_rule():
     with pytest.raises(PyrozooError, match="known rules"):
         get_rule("magnitude")
+
+
+def test_counting_pruned_weights_lowers_the_cutoff():
+    """With pruned weights counted as excluded, a layer that is mostly pruned keeps pruning hard: the cutoff
+    falls below the dF of indifferent survivors and, here, even of clearly useful ones."""
+    df = torch.cat([torch.full((10,), -5.0), torch.full((40,), 0.1), torch.zeros(950)])
+    live = torch.cat([torch.ones(50, dtype=torch.bool), torch.zeros(950, dtype=torch.bool)])
+    survivors = spike_and_slab(df, live)
+    layer = spike_and_slab(df, live, count_pruned=True)
+    assert survivors.cutoff > 0.1 and survivors.keep[:50].all()  # the live majority looks worth keeping
+    assert layer.cutoff < -5 and not layer.keep.any()
+    assert layer.inclusion < 0.05 < survivors.inclusion
