@@ -48,9 +48,11 @@ def bench_net(name: str, repeats: int) -> None:
     seconds = sorted(one_pass() for _ in range(repeats))[repeats // 2]
     weights = sum(layer.shape.numel() for layer in model.layers if layer.prunable)
     epoch = STEPS_PER_EPOCH * step
-    print(f"{name:6s} BMR pass {seconds * 1e3:7.2f} ms over {weights / 1e6:.3f} M weights = "
-          f"{seconds * 1e3 / (weights / 1e6):6.2f} ms per million weights; epoch of {STEPS_PER_EPOCH} steps "
-          f"{epoch:6.2f} s; ratio BMR / epoch {seconds / epoch:.4f}")
+    print(
+        f"{name:6s} BMR pass {seconds * 1e3:7.2f} ms over {weights / 1e6:.3f} M weights = "
+        f"{seconds * 1e3 / (weights / 1e6):6.2f} ms per million weights; epoch of {STEPS_PER_EPOCH} steps "
+        f"{epoch:6.2f} s; ratio BMR / epoch {seconds / epoch:.4f}"
+    )
 
 
 def main() -> None:

@@ -66,7 +66,11 @@ class HandWrittenMeanField:
             log_prec = prec_loc + prec_scale * torch.randn(())
             prec = log_prec.exp()
             # one-sample KL of the log-normal posterior of the precision against its Gamma(2, 2) prior
-            log_q = -0.5 * ((log_prec - prec_loc) / prec_scale) ** 2 - prec_scale.log() - 0.5 * math.log(2 * math.pi)
+            log_q = (
+                -0.5 * ((log_prec - prec_loc) / prec_scale) ** 2
+                - prec_scale.log()
+                - 0.5 * math.log(2 * math.pi)
+            )
             kl = kl + (log_q - log_prec) - self.gamma.log_prob(prec)
             scale = F.softplus(raw)
             z = loc + scale * torch.randn_like(loc)
@@ -101,16 +105,22 @@ def bench_net(name: str, repeats: int) -> None:
             guide = make_guide(kind, model, x, y, DATASET_SIZE)
             opt = torch.optim.Adam(guide.parameters(), lr=1e-3)
             timings[f"pyrozoo svi, guide={kind}"] = median_seconds(
-                lambda: svi_step(model, guide, opt, x, y, DATASET_SIZE), repeats)
-        tiered = BayesianModel(create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), prior=tiered_prior)
+                lambda: svi_step(model, guide, opt, x, y, DATASET_SIZE), repeats
+            )
+        tiered = BayesianModel(
+            create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), prior=tiered_prior
+        )
         guide = make_guide("meanfield", tiered)
         opt = torch.optim.Adam(guide.parameters(), lr=1e-3)
         timings["pyrozoo svi, tiered-ff"] = median_seconds(
-            lambda: svi_step(tiered, guide, opt, x, y, DATASET_SIZE), repeats)
+            lambda: svi_step(tiered, guide, opt, x, y, DATASET_SIZE), repeats
+        )
     plain, floor = timings["plain pytorch (deterministic)"], timings["hand-written mean-field"]
     for what, seconds in timings.items():
-        print(f"{name:6s} {what:34s} {seconds * 1e3:8.2f} ms   ratio vs plain {seconds / plain:5.2f}"
-              f"   ratio vs hand-written {seconds / floor:5.2f}")
+        print(
+            f"{name:6s} {what:34s} {seconds * 1e3:8.2f} ms   ratio vs plain {seconds / plain:5.2f}"
+            f"   ratio vs hand-written {seconds / floor:5.2f}"
+        )
     flat_ff = timings["pyrozoo svi, guide=meanfield"]
     print(f"{name:6s} tiered-ff / flat-ff step ratio {timings['pyrozoo svi, tiered-ff'] / flat_ff:5.2f}")
 
@@ -119,13 +129,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nets", nargs="+", default=["mlp", "lenet"])
     parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"# batch {BATCH}, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"pyro {pyro.__version__}, {platform.processor() or platform.machine()}")
+    print(
+        f"# batch {BATCH}, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"pyro {pyro.__version__}, {platform.processor() or platform.machine()}"
+    )
     for name in args.nets:
         bench_net(name, args.repeats)
 

@@ -29,7 +29,10 @@ def latency_ms(net: nn.Module, example: torch.Tensor, repeats: int = 50) -> floa
 
 @torch.no_grad()
 def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
-    hits = sum(int((net(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()) for i in range(0, len(x), batch_size))
+    hits = sum(
+        int((net(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
+        for i in range(0, len(x), batch_size)
+    )
     return hits / len(x)
 
 
@@ -59,9 +62,13 @@ def export(run, folder: Path, repeats: int = 50) -> dict:
             "latency_ms_batch1": latency_ms(net, x_test[:1], repeats),
             "latency_ms_batch256": latency_ms(net, x_test[:256], repeats),
         }
-    summary["speedup_batch256"] = summary["dense"]["latency_ms_batch256"] / summary["sparse"]["latency_ms_batch256"]
+    summary["speedup_batch256"] = (
+        summary["dense"]["latency_ms_batch256"] / summary["sparse"]["latency_ms_batch256"]
+    )
     summary["parameter_ratio"] = summary["dense"]["parameters"] / summary["sparse"]["parameters"]
-    summary["nonzero_ratio"] = summary["dense"]["parameters"] / max(summary["sparse"]["nonzero_parameters"], 1)
+    summary["nonzero_ratio"] = summary["dense"]["parameters"] / max(
+        summary["sparse"]["nonzero_parameters"], 1
+    )
     summary["threads"] = torch.get_num_threads()
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -28,15 +28,44 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("flat-map", flat, "autodelta", 1e-3, 1, "flat prior, point-mass posterior (MAP), dropout 0.2",
-               net_options={"dropout": 0.2}),
+        Method(
+            "flat-map",
+            flat,
+            "autodelta",
+            1e-3,
+            1,
+            "flat prior, point-mass posterior (MAP), dropout 0.2",
+            net_options={"dropout": 0.2},
+        ),
         Method("flat-ff", flat, "meanfield", 5e-3, 100, "flat prior, fully factorised Normal posterior"),
-        Method("tiered-ff", tiered, "meanfield", 5e-3, 100,
-               "regularised-horseshoe (tiered) prior, fully factorised posterior (log-normal on scales)"),
-        Method("bmr-ss", flat, "meanfield", 1e-2, 100, "flat-ff pruned by stochastic BMR, spike-and-slab rule",
-               rule="spike-and-slab", warmup_steps=500),
-        Method("bmr-rhs", flat, "meanfield", 1e-2, 100,
-               "flat-ff reduced by a regularised horseshoe fitted to dF (BMR-RHS)", rule="horseshoe", warmup_steps=500),
+        Method(
+            "tiered-ff",
+            tiered,
+            "meanfield",
+            5e-3,
+            100,
+            "regularised-horseshoe (tiered) prior, fully factorised posterior (log-normal on scales)",
+        ),
+        Method(
+            "bmr-ss",
+            flat,
+            "meanfield",
+            1e-2,
+            100,
+            "flat-ff pruned by stochastic BMR, spike-and-slab rule",
+            rule="spike-and-slab",
+            warmup_steps=500,
+        ),
+        Method(
+            "bmr-rhs",
+            flat,
+            "meanfield",
+            1e-2,
+            100,
+            "flat-ff reduced by a regularised horseshoe fitted to dF (BMR-RHS)",
+            rule="horseshoe",
+            warmup_steps=500,
+        ),
     )
 }
 

@@ -28,7 +28,13 @@ from pyrozoo.metrics import PredictionAccumulator
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net, get_net_entry
 
-CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES = "config.json", "metrics.csv", "checkpoint.pt", "pruned.pt", "scales.csv"
+CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES = (
+    "config.json",
+    "metrics.csv",
+    "checkpoint.pt",
+    "pruned.pt",
+    "scales.csv",
+)
 
 
 @dataclass
@@ -59,7 +65,9 @@ class TrainConfig:
         method = get_method(self.method)
         get_net_entry(self.net)
         if self.data is not None and self.data not in datasets.DATASETS:
-            raise PyrozooError(f"unknown dataset {self.data!r}; known datasets: {', '.join(datasets.DATASETS)}")
+            raise PyrozooError(
+                f"unknown dataset {self.data!r}; known datasets: {', '.join(datasets.DATASETS)}"
+            )
         for name in ("epochs", "steps_per_epoch", "batch_size", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise PyrozooError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -77,9 +85,13 @@ class TrainConfig:
             raise PyrozooError("--device cuda was asked for, but torch sees no CUDA device")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise PyrozooError(f"warmup-steps must not be negative, got {self.warmup_steps}")
-        return dataclasses.replace(self, guide=self.guide or method.guide, lr=self.lr or method.lr,
-                                   samples=self.samples or method.samples,
-                                   warmup_steps=method.warmup_steps if self.warmup_steps is None else self.warmup_steps)
+        return dataclasses.replace(
+            self,
+            guide=self.guide or method.guide,
+            lr=self.lr or method.lr,
+            samples=self.samples or method.samples,
+            warmup_steps=method.warmup_steps if self.warmup_steps is None else self.warmup_steps,
+        )
 
 
 def svi_step(model, guide, optimizer: torch.optim.Optimizer, x, y, dataset_size: int) -> float:
@@ -102,7 +114,7 @@ class Minibatches:
     def next(self) -> torch.Tensor:
         if self.position + self.batch_size > self.size:
             self.order, self.position = torch.randperm(self.size, generator=self.generator), 0
-        indices = self.order[self.position:self.position + self.batch_size]
+        indices = self.order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         return indices
 
@@ -115,8 +127,15 @@ class Minibatches:
 
 
 @torch.no_grad()
-def evaluate(model: BayesianModel, guide, x: torch.Tensor, y: torch.Tensor, num_classes: int, samples: int,
-             batch_size: int = 2000) -> dict[str, float]:
+def evaluate(
+    model: BayesianModel,
+    guide,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    samples: int,
+    batch_size: int = 2000,
+) -> dict[str, float]:
     """Predictive metrics of ``samples`` posterior draws from ``guide`` on ``(x, y)``."""
     accumulator = PredictionAccumulator(y, samples, num_classes)
     training = model.training
@@ -125,7 +144,7 @@ def evaluate(model: BayesianModel, guide, x: torch.Tensor, y: torch.Tensor, num_
         for s in range(samples):
             weights = model.weights_from(guide())
             for start in range(0, len(x), batch_size):
-                logits = model.logits(x[start:start + batch_size], weights)
+                logits = model.logits(x[start : start + batch_size], weights)
                 accumulator.add(s, start, model.likelihood.log_probs(logits))
     model.train(training)
     return accumulator.result()
@@ -140,7 +159,9 @@ def _atomic(path: Path, write) -> None:
 
 def _open_run_folder(out: Path, resume: bool) -> None:
     if (out / CHECKPOINT).exists() and not resume:
-        raise PyrozooError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        raise PyrozooError(
+            f"{out} already holds a run; pass --resume to continue it, or choose another --out"
+        )
     if resume and not (out / CHECKPOINT).exists():
         raise PyrozooError(f"nothing to resume in {out}: it has no {CHECKPOINT}")
     try:
@@ -184,9 +205,18 @@ class Run:
         self.data = datasets.prepare(raw, pad_to=get_net_entry(config.net).pad_to, device=config.device)
         d = self.data
         self.method = get_method(config.method)
-        net = create_net(config.net, in_channels=d.x_train.shape[1], image_size=d.x_train.shape[-1],
-                         num_classes=d.num_classes, **{**self.method.net_options, **config.net_options})
-        prior = functools.partial(self.method.prior, **config.prior_options) if config.prior_options else self.method.prior
+        net = create_net(
+            config.net,
+            in_channels=d.x_train.shape[1],
+            image_size=d.x_train.shape[-1],
+            num_classes=d.num_classes,
+            **{**self.method.net_options, **config.net_options},
+        )
+        prior = (
+            functools.partial(self.method.prior, **config.prior_options)
+            if config.prior_options
+            else self.method.prior
+        )
         self.model = BayesianModel(net.to(config.device), prior=prior)
         self.guide = make_guide(config.guide, self.model, *self._batch(torch.arange(min(2, len(d.x_train)))))
         self.guide.to(config.device)
@@ -215,18 +245,28 @@ class Run:
         return self.data.x_train[indices], self.data.y_train[indices], len(self.data.x_train)
 
     def _config_record(self, raw) -> dict:
-        return {"config": dataclasses.asdict(self.config), "data_source": raw.source,
-                "versions": {"torch": torch.__version__, "pyro": pyro.__version__}}
+        return {
+            "config": dataclasses.asdict(self.config),
+            "data_source": raw.source,
+            "versions": {"torch": torch.__version__, "pyro": pyro.__version__},
+        }
 
     def _save_checkpoint(self) -> None:
-        state = {"epoch": self.epoch, "step": self.step, "seconds": self.seconds,
-                 "guide": self.guide.state_dict(), "model": self.model.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "batches": self.batches.state_dict(),
-                 "rng": _rng_state()}
+        state = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "seconds": self.seconds,
+            "guide": self.guide.state_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "batches": self.batches.state_dict(),
+            "rng": _rng_state(),
+        }
         _atomic(self.out / CHECKPOINT, lambda p: torch.save(state, p))
 
     def _load_checkpoint(self) -> None:
-        state = torch.load(self.out / CHECKPOINT, map_location=self.config.device, weights_only=False)
+        # on the CPU: the random states must stay there; load_state_dict moves the rest to the model's device
+        state = torch.load(self.out / CHECKPOINT, map_location="cpu", weights_only=False)
         self.guide.load_state_dict(state["guide"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -234,17 +274,24 @@ class Run:
         _set_rng_state(state["rng"])
         self.epoch, self.step, self.seconds = state["epoch"], state["step"], state["seconds"]
         if (self.out / METRICS).exists():  # rows past the checkpoint belong to an epoch that will be redone
-            self.history = [r for r in pd.read_csv(self.out / METRICS).to_dict("records") if r["epoch"] <= self.epoch]
+            self.history = [
+                r for r in pd.read_csv(self.out / METRICS).to_dict("records") if r["epoch"] <= self.epoch
+            ]
 
     def save_pruned(self, report, metrics: dict) -> None:
         """Keep a post-hoc pruned state beside the run's own checkpoint (which stays as trained)."""
-        state = {"epoch": self.epoch, "guide": self.guide.state_dict(), "model": self.model.state_dict(),
-                 "report": report.table().to_dict("records"), "metrics": metrics}
+        state = {
+            "epoch": self.epoch,
+            "guide": self.guide.state_dict(),
+            "model": self.model.state_dict(),
+            "report": report.table().to_dict("records"),
+            "metrics": metrics,
+        }
         _atomic(self.out / PRUNED, lambda p: torch.save(state, p))
 
     def load_pruned(self) -> dict:
         """Load the post-hoc pruned state written by :meth:`save_pruned`; returns its metrics."""
-        state = torch.load(self.out / PRUNED, map_location=self.config.device, weights_only=False)
+        state = torch.load(self.out / PRUNED, map_location="cpu", weights_only=False)
         self.guide.load_state_dict(state["guide"])
         self.model.load_state_dict(state["model"])
         return state["metrics"]
@@ -256,14 +303,28 @@ class Run:
         devices = [d.x_test.device] if d.x_test.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed * 100_003 + self.epoch)
-            return evaluate(self.model, self.guide, d.x_test, d.y_test, d.num_classes, self.config.samples,
-                            self.config.eval_batch_size)
+            return evaluate(
+                self.model,
+                self.guide,
+                d.x_test,
+                d.y_test,
+                d.num_classes,
+                self.config.samples,
+                self.config.eval_batch_size,
+            )
 
     def train(self, progress: bool = True) -> pd.DataFrame:
         """Train the remaining epochs, writing metrics and a checkpoint after each; returns the metrics table."""
         c = self.config
-        bar = tqdm(total=c.epochs * c.steps_per_epoch, initial=self.epoch * c.steps_per_epoch, unit="step",
-                   desc=f"{c.net} {c.method}", disable=not progress, dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(
+            total=c.epochs * c.steps_per_epoch,
+            initial=self.epoch * c.steps_per_epoch,
+            unit="step",
+            desc=f"{c.net} {c.method}",
+            disable=not progress,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
         with bar, pyro.validation_enabled(False):
             while self.epoch < c.epochs:
                 start, losses = time.perf_counter(), []
@@ -272,7 +333,8 @@ class Run:
                     if not math.isfinite(loss):
                         raise TrainingDiverged(
                             f"the loss became {loss} at epoch {self.epoch + 1}, step {self.step + 1}; {self.out} "
-                            f"keeps the state after epoch {self.epoch} (try a smaller --lr)")
+                            f"keeps the state after epoch {self.epoch} (try a smaller --lr)"
+                        )
                     losses.append(loss)
                     self.step += 1
                     bar.update()
@@ -280,8 +342,13 @@ class Run:
                         bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                 self.seconds += time.perf_counter() - start
                 self.epoch += 1
-                row = {"epoch": self.epoch, "step": self.step, "seconds": round(self.seconds, 3),
-                       "elbo": -sum(losses) / len(losses), "bmr_seconds": float("nan")}
+                row = {
+                    "epoch": self.epoch,
+                    "step": self.step,
+                    "seconds": round(self.seconds, 3),
+                    "elbo": -sum(losses) / len(losses),
+                    "bmr_seconds": float("nan"),
+                }
                 if self.method.rule and self.epoch < c.epochs and self.step >= c.warmup_steps:
                     report = reduce(self.model, self.guide, self.method.rule, **c.rule_options)
                     for note in filter(None, (r.note for r in report.layers)):

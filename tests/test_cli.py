@@ -18,8 +18,19 @@ from pyrozoo.guides import GUIDES
 from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS
 
-TINY = ["--data", "fashion-mnist-mini", "--net", "mlp", "--steps-per-epoch", "3", "--batch-size", "32",
-        "--samples", "2", "--no-progress"]
+TINY = [
+    "--data",
+    "fashion-mnist-mini",
+    "--net",
+    "mlp",
+    "--steps-per-epoch",
+    "3",
+    "--batch-size",
+    "32",
+    "--samples",
+    "2",
+    "--no-progress",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -57,37 +68,43 @@ def assert_one_line_error(code: int, out: str, err: str, *words: str) -> str:
 # --- user errors ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--net", "resnet-9000"], ["--net", "resnet-9000", "lenet", "mlp"]),
-    (["--method", "magic"], ["--method", "magic", "flat-ff"]),
-    (["--data", "imagenet"], ["--data", "imagenet", "fashion-mnist-mini"]),
-    (["--guide", "flow"], ["--guide", "flow", "meanfield"]),
-    (["--epochs", "0"], ["--epochs", "positive"]),
-    (["--epochs", "-2"], ["--epochs", "positive"]),
-    (["--batch-size", "0"], ["--batch-size", "positive"]),
-    (["--steps-per-epoch", "0"], ["--steps-per-epoch", "positive"]),
-    (["--samples", "0"], ["--samples", "positive"]),
-    (["--eval-every", "0"], ["--eval-every", "positive"]),
-    (["--lr", "0"], ["--lr", "positive"]),
-    (["--lr", "-0.01"], ["--lr", "positive"]),
-    (["--lr", "nan"], ["--lr", "positive"]),
-    (["--epochs", "two"], ["--epochs", "'two'"]),
-    (["--epochs", "1.5"], ["--epochs", "'1.5'"]),
-    (["--lr", "fast"], ["--lr", "'fast'"]),
-    (["--seed", "x"], ["--seed"]),
-    (["--bogus"], ["--bogus"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--net", "resnet-9000"], ["--net", "resnet-9000", "lenet", "mlp"]),
+        (["--method", "magic"], ["--method", "magic", "flat-ff"]),
+        (["--data", "imagenet"], ["--data", "imagenet", "fashion-mnist-mini"]),
+        (["--guide", "flow"], ["--guide", "flow", "meanfield"]),
+        (["--epochs", "0"], ["--epochs", "positive"]),
+        (["--epochs", "-2"], ["--epochs", "positive"]),
+        (["--batch-size", "0"], ["--batch-size", "positive"]),
+        (["--steps-per-epoch", "0"], ["--steps-per-epoch", "positive"]),
+        (["--samples", "0"], ["--samples", "positive"]),
+        (["--eval-every", "0"], ["--eval-every", "positive"]),
+        (["--lr", "0"], ["--lr", "positive"]),
+        (["--lr", "-0.01"], ["--lr", "positive"]),
+        (["--lr", "nan"], ["--lr", "positive"]),
+        (["--epochs", "two"], ["--epochs", "'two'"]),
+        (["--epochs", "1.5"], ["--epochs", "'1.5'"]),
+        (["--lr", "fast"], ["--lr", "'fast'"]),
+        (["--seed", "x"], ["--seed"]),
+        (["--bogus"], ["--bogus"]),
+    ],
+)
 def test_bad_arguments(capsys, tmp_path, args, words):
     code, out, err = cli(capsys, "train", *TINY, *args)
     assert_one_line_error(code, out, err, *words)
     assert not (tmp_path / "runs").exists()  # rejected before any run folder was made
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--seed", "-1"], ["seed"]),
-    (["--seed", str(2**32)], ["seed"]),
-    (["--device", "gpu0"], ["device", "gpu0"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--seed", "-1"], ["seed"]),
+        (["--seed", str(2**32)], ["seed"]),
+        (["--device", "gpu0"], ["device", "gpu0"]),
+    ],
+)
 def test_bad_values_found_after_parsing(capsys, tmp_path, args, words):
     code, out, err = cli(capsys, "train", *TINY, "--out", str(tmp_path / "run"), *args)
     assert_one_line_error(code, out, err, *words)
@@ -121,7 +138,7 @@ def summary_table(stdout: str) -> pd.DataFrame:
     """The table after the summary's title line, parsed back from its fixed-width text."""
     lines = stdout.strip().splitlines()
     title = next(i for i, line in enumerate(lines) if "metrics per evaluated epoch" in line)
-    rows = [line.split() for line in lines[title + 1:]]
+    rows = [line.split() for line in lines[title + 1 :]]
     return pd.DataFrame([[float(v) for v in row] for row in rows[1:]], columns=rows[0])
 
 
@@ -234,15 +251,22 @@ def test_prune_needs_a_run(capsys):
     assert_one_line_error(*cli(capsys, "prune", "nowhere"), "nowhere")
 
 
-@pytest.mark.parametrize("argv", [["--method", "flat-ff", "--tau0", "0.1"], ["--method", "bmr-ss", "--local-scales"],
-                                  ["--method", "tiered-ff", "--hidden-scale", "1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--method", "flat-ff", "--tau0", "0.1"],
+        ["--method", "bmr-ss", "--local-scales"],
+        ["--method", "tiered-ff", "--hidden-scale", "1"],
+    ],
+)
 def test_prior_options_belong_to_their_prior(capsys, argv):
     assert_one_line_error(*cli(capsys, "train", *TINY, *argv), argv[2])
 
 
 def test_prior_options_reach_the_run(capsys, tmp_path):
-    code, _, err = cli(capsys, "train", *TINY, "--method", "tiered-ff", "--tau0", "0.05", "--epochs", "1",
-                       "--out", "tiered")
+    code, _, err = cli(
+        capsys, "train", *TINY, "--method", "tiered-ff", "--tau0", "0.05", "--epochs", "1", "--out", "tiered"
+    )
     assert code == 0, err
     config = pd.read_json(tmp_path / "tiered" / "config.json", typ="series")["config"]
     assert config["prior_options"] == {"tau0": 0.05}

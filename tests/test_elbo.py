@@ -7,8 +7,10 @@ from pyrozoo.elbo import negative_elbo
 from pyrozoo.guides import make_guide
 
 
-@pytest.mark.parametrize("kind, reference", [("meanfield", TraceMeanField_ELBO), ("autonormal", TraceMeanField_ELBO),
-                                             ("autodelta", Trace_ELBO)])
+@pytest.mark.parametrize(
+    "kind, reference",
+    [("meanfield", TraceMeanField_ELBO), ("autonormal", TraceMeanField_ELBO), ("autodelta", Trace_ELBO)],
+)
 def test_same_value_and_gradient_as_pyro(kind, reference, tiny_mlp_model, tiny_batch):
     x, y = tiny_batch
     guide = make_guide(kind, tiny_mlp_model, x, y, 60)
@@ -33,14 +35,20 @@ def test_meanfield_uses_the_analytic_kl(tiny_mlp_model, tiny_batch):
     for seed in range(3):
         pyro.set_rng_seed(seed)
         trace = pyro.poutine.trace(guide).get_trace()
-        trace_model = pyro.poutine.trace(pyro.poutine.replay(tiny_mlp_model.sample_weights, trace)).get_trace()
+        trace_model = pyro.poutine.trace(
+            pyro.poutine.replay(tiny_mlp_model.sample_weights, trace)
+        ).get_trace()
         kl = 0.0
         for site in weight_sites:
-            kl += torch.distributions.kl_divergence(trace.nodes[site]["fn"], trace_model.nodes[site]["fn"]).sum()
+            kl += torch.distributions.kl_divergence(
+                trace.nodes[site]["fn"], trace_model.nodes[site]["fn"]
+            ).sum()
         values.add(round(kl.item(), 4))
     assert len(values) == 1
     posterior = guide.posterior()
-    exact = sum((0.5 * (s**2 + m**2 - 1) - s.log()).sum() for m, s in (posterior[site] for site in weight_sites))
+    exact = sum(
+        (0.5 * (s**2 + m**2 - 1) - s.log()).sum() for m, s in (posterior[site] for site in weight_sites)
+    )
     assert abs(values.pop() - exact.item()) < 1e-3
 
 

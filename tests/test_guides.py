@@ -18,12 +18,16 @@ def test_meanfield_log_density_is_normal_and_log_normal(tiny_mlp_model):
     for layer in tiny_mlp_model.layers:
         loc, scale = posterior[layer.site]
         z = trace.nodes[layer.site]["value"]
-        torch.testing.assert_close(trace.nodes[layer.site]["log_prob_sum"], td.Normal(loc, scale).log_prob(z).sum())
+        torch.testing.assert_close(
+            trace.nodes[layer.site]["log_prob_sum"], td.Normal(loc, scale).log_prob(z).sum()
+        )
         site = f"{layer.name}.precision"
         loc, scale = posterior[site]
         precision = trace.nodes[site]["value"]
         assert precision > 0
-        torch.testing.assert_close(trace.nodes[site]["log_prob_sum"], td.LogNormal(loc, scale).log_prob(precision))
+        torch.testing.assert_close(
+            trace.nodes[site]["log_prob_sum"], td.LogNormal(loc, scale).log_prob(precision)
+        )
 
 
 def test_meanfield_posterior_reads_its_parameters(tiny_mlp_model):

@@ -16,7 +16,13 @@ from pyrozoo.models.bayesian import StandardNormal
 
 def test_one_latent_per_layer_with_bias_column(tiny_lenet_model):
     layers = tiny_lenet_model.layers
-    assert [layer.name for layer in layers] == ["features.0", "features.3", "features.6", "classifier.0", "head"]
+    assert [layer.name for layer in layers] == [
+        "features.0",
+        "features.3",
+        "features.6",
+        "classifier.0",
+        "head",
+    ]
     assert [tuple(layer.shape) for layer in layers] == [(2, 26), (3, 51), (4, 76), (5, 5), (10, 6)]
     assert [layer.is_output for layer in layers] == [False] * 4 + [True]
     trace = poutine.trace(tiny_lenet_model.sample_weights).get_trace()
@@ -55,7 +61,7 @@ def test_weights_follow_the_flat_prior(tiny_mlp_model):
     for layer in tiny_mlp_model.layers:
         precision = trace.nodes[f"{layer.name}.precision"]["value"]
         z = trace.nodes[layer.site]["value"]
-        c = precision ** -0.5 / (1 if layer.is_output else 10)
+        c = precision**-0.5 / (1 if layer.is_output else 10)
         torch.testing.assert_close(weights[layer.name], c * z)
 
 
@@ -64,15 +70,18 @@ def test_log_density_matches_an_independent_computation(tiny_mlp_model, tiny_bat
     dataset_size = 60
     trace = poutine.trace(tiny_mlp_model).get_trace(x, y, dataset_size)
     trace.compute_log_prob()
-    pyro_total = sum(site["log_prob_sum"] for name, site in trace.nodes.items()
-                     if site["type"] == "sample" and name != "data")
+    pyro_total = sum(
+        site["log_prob_sum"]
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and name != "data"
+    )
     expected, weights = 0.0, {}
     for layer in tiny_mlp_model.layers:
         precision = trace.nodes[f"{layer.name}.precision"]["value"]
         z = trace.nodes[layer.site]["value"]
         expected += td.Gamma(2.0, 2.0).log_prob(precision)
         expected += (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum()
-        weights[layer.name] = precision ** -0.5 / (1 if layer.is_output else 10) * z
+        weights[layer.name] = precision**-0.5 / (1 if layer.is_output else 10) * z
     # the same net written by hand: Linear layers as matrix products
     h = x.flatten(1)
     for name in ("body.1", "body.3"):
@@ -115,12 +124,17 @@ def test_minibatch_likelihood_is_scaled_to_the_dataset(tiny_mlp_model, tiny_batc
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.floats(-30, 30), min_size=1, max_size=5), st.lists(st.floats(1e-4, 1e3), min_size=1, max_size=5))
+@given(
+    st.lists(st.floats(-30, 30), min_size=1, max_size=5),
+    st.lists(st.floats(1e-4, 1e3), min_size=1, max_size=5),
+)
 def test_standard_normal_kl_equals_the_general_formula(locs, scales):
     n = min(len(locs), len(scales))
     loc = torch.tensor(locs[:n], dtype=torch.float64)
     scale = torch.tensor(scales[:n], dtype=torch.float64)
-    fast = td.kl_divergence(pyro.distributions.Normal(loc, scale), StandardNormal(loc.shape, dtype=torch.float64))
+    fast = td.kl_divergence(
+        pyro.distributions.Normal(loc, scale), StandardNormal(loc.shape, dtype=torch.float64)
+    )
     general = td.kl_divergence(td.Normal(loc, scale), td.Normal(torch.zeros_like(loc), torch.ones_like(loc)))
     torch.testing.assert_close(fast, general)
 
@@ -136,4 +150,6 @@ def test_flat_hidden_scale_is_a_prior_option():
     trace = poutine.trace(model.sample_weights).get_trace()
     for layer in model.layers:  # hidden and output layers now share the scale c = precision^-1/2
         c = trace.nodes[f"{layer.name}.precision"]["value"] ** -0.5
-        torch.testing.assert_close(trace.nodes["_RETURN"]["value"][layer.name], c * trace.nodes[layer.site]["value"])
+        torch.testing.assert_close(
+            trace.nodes["_RETURN"]["value"][layer.name], c * trace.nodes[layer.site]["value"]
+        )

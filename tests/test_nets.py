@@ -18,7 +18,9 @@ def test_reference_sizes():
     assert [m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear)] == [500] * 4 + [10]
     fashion = create_net("lenet", in_channels=1, image_size=32, num_classes=10)
     cifar = create_net("lenet", in_channels=3, image_size=32, num_classes=10)
-    convs = lambda net: [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]  # noqa: E731
+    convs = lambda net: [
+        m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)
+    ]  # noqa: E731
     assert convs(fashion) == [6, 16, 120] and fashion.classifier[0].out_features == 84
     assert convs(cifar) == [18, 48, 360] and cifar.classifier[0].out_features == 256
 

@@ -14,7 +14,9 @@ from pyrozoo.nets import create_net
 
 
 def _model(prior):
-    return BayesianModel(create_net("mlp", in_channels=1, image_size=3, num_classes=2, hidden=(4, 3)), prior=prior)
+    return BayesianModel(
+        create_net("mlp", in_channels=1, image_size=3, num_classes=2, hidden=(4, 3)), prior=prior
+    )
 
 
 @pytest.mark.parametrize("local", [False, True])
@@ -26,8 +28,11 @@ def test_tiered_log_density_and_weights_match_an_independent_computation(local):
     half_cauchy_pair = td.Gamma(torch.tensor(0.5), torch.tensor(1.0))
     expected = 0.0
     for layer in model.layers:
-        v = {name.split(".")[-1]: site["value"] for name, site in trace.nodes.items()
-             if site["type"] == "sample" and name.startswith(layer.name + ".")}
+        v = {
+            name.split(".")[-1]: site["value"]
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample" and name.startswith(layer.name + ".")
+        }
         a, b = v["global"]  # each half-Cauchy pair is one site: (numerator, denominator)
         expected += half_cauchy_pair.log_prob(v["global"]).sum()
         expected += td.Normal(0.0, 1.0).log_prob(v["weight_base"]).sum()
@@ -52,8 +57,14 @@ def test_tiered_scales_have_half_cauchy_tails_and_the_slab_bounds_them():
     model = _model(tiered)
     head, hidden = model.layers[-1], model.layers[0]
     # the output scale sqrt(a/b) is half-Cauchy(1): P(X > t) = 1 - 2/pi atan(t)
-    draws = torch.stack([poutine.condition(model.prior, data={f"{head.name}.global": td.Gamma(0.5, 1.0).sample((2,))})(head)
-                         for _ in range(20_000)])
+    draws = torch.stack(
+        [
+            poutine.condition(model.prior, data={f"{head.name}.global": td.Gamma(0.5, 1.0).sample((2,))})(
+                head
+            )
+            for _ in range(20_000)
+        ]
+    )
     for t in (1.0, 10.0, 100.0):
         expected = 1 - 2 / math.pi * math.atan(t)
         observed = (draws > t).double().mean().item()
@@ -61,9 +72,14 @@ def test_tiered_scales_have_half_cauchy_tails_and_the_slab_bounds_them():
     # hidden rows: with a = b = 1 the row scale is tau0 * half-Cauchy, capped by the slab c
     pairs = td.Gamma(0.5, 1.0).sample((20_000, hidden.shape[0], 1, 2))
     slab = torch.tensor(4.0)  # c = 0.5
-    scale = poutine.condition(model.prior, data={
-        f"{hidden.name}.global": torch.ones(2), f"{hidden.name}.slab_precision": slab, f"{hidden.name}.rows": pairs,
-    })(hidden)
+    scale = poutine.condition(
+        model.prior,
+        data={
+            f"{hidden.name}.global": torch.ones(2),
+            f"{hidden.name}.slab_precision": slab,
+            f"{hidden.name}.rows": pairs,
+        },
+    )(hidden)
     assert scale.max() < 0.5 and scale.max() > 0.49  # heavy tails reach the slab, never pass it
     unregularised = 1e-2 * (pairs[..., 0] / pairs[..., 1]).sqrt()
     small = unregularised < 0.05  # far below the slab the scale is the horseshoe's own

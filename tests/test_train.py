@@ -24,8 +24,18 @@ EVAL_COLUMNS = ["accuracy", "nll", "ece", "ece15", "brier", "lpd"]
 
 
 def tiny(**overrides) -> TrainConfig:
-    settings = dict(net="mlp", data="fashion-mnist-mini", method="flat-ff", epochs=2, steps_per_epoch=6,
-                    batch_size=64, samples=2, eval_batch_size=400, seed=0, net_options={"hidden": (32,)})
+    settings = dict(
+        net="mlp",
+        data="fashion-mnist-mini",
+        method="flat-ff",
+        epochs=2,
+        steps_per_epoch=6,
+        batch_size=64,
+        samples=2,
+        eval_batch_size=400,
+        seed=0,
+        net_options={"hidden": (32,)},
+    )
     settings.update(overrides)
     return TrainConfig(**settings)
 
@@ -170,13 +180,25 @@ def test_unwritable_run_folder(tmp_path, where):
     assert blocker.read_text() == "a regular file"
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("seed", -1, "seed"), ("seed", 2**32, "seed"), ("device", "gpu0", "device"), ("epochs", 0, "epochs"),
-    ("steps_per_epoch", 0, "steps-per-epoch"), ("batch_size", -3, "batch-size"),
-    ("eval_every", 0, "eval-every"),
-    ("samples", 0, "samples"), ("lr", -1.0, "lr"), ("lr", float("nan"), "lr"), ("net", "resnet-9000", "net"),
-    ("method", "magic", "method"), ("data", "imagenet", "dataset"), ("guide", "flow", "guide"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("seed", -1, "seed"),
+        ("seed", 2**32, "seed"),
+        ("device", "gpu0", "device"),
+        ("epochs", 0, "epochs"),
+        ("steps_per_epoch", 0, "steps-per-epoch"),
+        ("batch_size", -3, "batch-size"),
+        ("eval_every", 0, "eval-every"),
+        ("samples", 0, "samples"),
+        ("lr", -1.0, "lr"),
+        ("lr", float("nan"), "lr"),
+        ("net", "resnet-9000", "net"),
+        ("method", "magic", "method"),
+        ("data", "imagenet", "dataset"),
+        ("guide", "flow", "guide"),
+    ],
+)
 def test_bad_config_is_a_pyrozoo_error(tmp_path, field, value, words):
     with pytest.raises(PyrozooError, match=words):
         Run(tiny(**{field: value}), tmp_path / "out", log=quiet)

@@ -46,12 +46,21 @@ class _EvidenceModel:
             pyro.factor(f"{layer.name}.delta_f", (gain * self.masks[layer.name]).sum())
 
 
-def prune_horseshoe(model, guide, tau0: float = 1e-2, steps: int = 1000, lr: float = 5e-2, samples: int = 100,
-                    delta: float = 1e-6) -> PruneReport:
+def prune_horseshoe(
+    model,
+    guide,
+    tau0: float = 1e-2,
+    steps: int = 1000,
+    lr: float = 5e-2,
+    samples: int = 100,
+    delta: float = 1e-6,
+) -> PruneReport:
     """Fit the horseshoe to dF, shrink and prune every prunable layer; masks only ever shrink."""
     if not hasattr(guide, "write_posterior"):
-        raise PyrozooError(f"BMR-RHS writes the reduced posterior back and needs pyrozoo's mean-field guide, "
-                           f"not {type(guide).__name__}")
+        raise PyrozooError(
+            f"BMR-RHS writes the reduced posterior back and needs pyrozoo's mean-field guide, "
+            f"not {type(guide).__name__}"
+        )
     start = time.perf_counter()
     layers = [layer for layer in model.layers if layer.prunable]
     full = guide.posterior()
@@ -59,7 +68,10 @@ def prune_horseshoe(model, guide, tau0: float = 1e-2, steps: int = 1000, lr: flo
         posterior = {layer.name: (full[layer.site][0], full[layer.site][1].pow(-2)) for layer in layers}
         masks = {layer.name: model.mask(layer.name).clone() for layer in layers}
     evidence = _EvidenceModel(layers, posterior, {k: (m != 0).to(m.dtype) for k, m in masks.items()}, tau0)
-    with poutine.block(), torch.random.fork_rng(devices=[]):  # the fit leaves training's random stream as it was
+    with (
+        poutine.block(),
+        torch.random.fork_rng(devices=[]),
+    ):  # the fit leaves training's random stream as it was
         torch.manual_seed(0)
         hyper_guide = MeanFieldNormal(evidence, init_radius=0.0, latents=evidence.scales)
         optimizer = torch.optim.Adam(hyper_guide.parameters(), lr=lr)
@@ -73,7 +85,9 @@ def prune_horseshoe(model, guide, tau0: float = 1e-2, steps: int = 1000, lr: flo
             for _ in range(samples):
                 scales = poutine.condition(evidence.scales, data=hyper_guide())()
                 for name, scale in scales.items():
-                    inverse[name] = inverse[name] + torch.as_tensor(scale).square().clamp(max=Z_PRIOR_VAR).reciprocal()
+                    inverse[name] = (
+                        inverse[name] + torch.as_tensor(scale).square().clamp(max=Z_PRIOR_VAR).reciprocal()
+                    )
     reports = []
     with torch.no_grad():
         for layer in layers:
@@ -88,13 +102,26 @@ def prune_horseshoe(model, guide, tau0: float = 1e-2, steps: int = 1000, lr: flo
             # z's prior becomes N(0, 1) again under the new multiplier: rescale the reduced posterior by 1/shrink
             live = new != 0
             changed = live & (new != old)
-            guide.write_posterior(layer.site, torch.where(changed, reduced.mean / shrink, loc),
-                                  torch.where(changed, (reduced.precision * shrink.square()).rsqrt(),
-                                              full[layer.site][1]))
+            guide.write_posterior(
+                layer.site,
+                torch.where(changed, reduced.mean / shrink, loc),
+                torch.where(changed, (reduced.precision * shrink.square()).rsqrt(), full[layer.site][1]),
+            )
             guide.reset_to_prior(layer.site, ~live)
             model.set_mask(layer.name, new)
             log_shrink = shrink[old != 0].log10() if bool((old != 0).any()) else torch.zeros(1)
-            reports.append(LayerReport(layer.name, old.numel(), int((old != 0).sum()), int(live.sum()),
-                                       float(live.float().mean()), delta, float(log_shrink.min()),
-                                       float(log_shrink.median()), float(log_shrink.max()), note))
+            reports.append(
+                LayerReport(
+                    layer.name,
+                    old.numel(),
+                    int((old != 0).sum()),
+                    int(live.sum()),
+                    float(live.float().mean()),
+                    delta,
+                    float(log_shrink.min()),
+                    float(log_shrink.median()),
+                    float(log_shrink.max()),
+                    note,
+                )
+            )
     return PruneReport(reports, time.perf_counter() - start, pruned_fraction(model))

@@ -53,8 +53,10 @@ def delta_f(model, guide) -> dict[str, torch.Tensor]:
             continue
         loc, scale = posterior[layer.site]
         if not bool((scale > 0).all()):
-            raise PyrozooError(f"BMR needs a posterior with spread; {type(guide).__name__} gives {layer.site} a "
-                               f"point mass (train with a mean-field method such as flat-ff or bmr-ss)")
+            raise PyrozooError(
+                f"BMR needs a posterior with spread; {type(guide).__name__} gives {layer.site} a "
+                f"point mass (train with a mean-field method such as flat-ff or bmr-ss)"
+            )
         out[layer.name] = point_mass_meanfield(loc, scale.pow(-2), Z_PRIOR_VAR)
     return out
 
@@ -78,14 +80,25 @@ def posterior_scales(model, guide, samples: int = 100) -> dict[str, torch.Tensor
             latents = guide()
             for layer in model.layers:
                 scale = poutine.condition(model.prior, data=latents)(layer)
-                total[layer.name] = total.get(layer.name, 0) + torch.as_tensor(scale).expand(layer.shape[0], 1)
+                total[layer.name] = total.get(layer.name, 0) + torch.as_tensor(scale).expand(
+                    layer.shape[0], 1
+                )
     return {name: value / samples for name, value in total.items()}
 
 
 def scale_table(scales: dict[str, torch.Tensor]) -> pd.DataFrame:
     """One row per layer: mean, smallest and largest posterior-mean scale over its output rows."""
-    return pd.DataFrame([{"layer": name, "mean_scale": float(s.mean()), "min_scale": float(s.min()),
-                          "max_scale": float(s.max())} for name, s in scales.items()])
+    return pd.DataFrame(
+        [
+            {
+                "layer": name,
+                "mean_scale": float(s.mean()),
+                "min_scale": float(s.min()),
+                "max_scale": float(s.max()),
+            }
+            for name, s in scales.items()
+        ]
+    )
 
 
 def shrinkage_scores(model, scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -96,8 +109,9 @@ def shrinkage_scores(model, scales: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 @torch.no_grad()
-def prune(model, guide, rule="spike-and-slab", scores: dict[str, torch.Tensor] | None = None,
-          **rule_options) -> PruneReport:
+def prune(
+    model, guide, rule="spike-and-slab", scores: dict[str, torch.Tensor] | None = None, **rule_options
+) -> PruneReport:
     """Bayesian model reduction of every prunable layer; masks only ever lose weights.
 
     ``rule`` is a name from :data:`pyrozoo.bmr.rules.RULES` or a function ``(scores, live) -> Decision``; the
@@ -120,8 +134,17 @@ def prune(model, guide, rule="spike-and-slab", scores: dict[str, torch.Tensor] |
         if hasattr(guide, "reset_to_prior"):
             guide.reset_to_prior(layer.site, ~decision.keep)
         live_df = df[live] if bool(live.any()) else torch.zeros(1)
-        reports.append(LayerReport(
-            layer.name, live.numel(), int(live.sum()), int(decision.keep.sum()), decision.inclusion, decision.cutoff,
-            float(live_df.min()), float(live_df.median()), float(live_df.max()),
-        ))
+        reports.append(
+            LayerReport(
+                layer.name,
+                live.numel(),
+                int(live.sum()),
+                int(decision.keep.sum()),
+                decision.inclusion,
+                decision.cutoff,
+                float(live_df.min()),
+                float(live_df.median()),
+                float(live_df.max()),
+            )
+        )
     return PruneReport(reports, time.perf_counter() - start, pruned_fraction(model))

@@ -26,8 +26,9 @@ def threshold(delta_f: torch.Tensor, live: torch.Tensor, margin: float = 0.0) ->
     return Decision(keep, keep.sum().item() / max(live.sum().item(), 1), margin)
 
 
-def spike_and_slab(delta_f: torch.Tensor, live: torch.Tensor, iterations: int = 4,
-                   count_pruned: bool = False) -> Decision:
+def spike_and_slab(
+    delta_f: torch.Tensor, live: torch.Tensor, iterations: int = 4, count_pruned: bool = False
+) -> Decision:
     """Spike-and-slab rule: a Beta(1, 1) prior on the layer's inclusion probability, updated by mean field.
 
     ``zeta = E[ln p] - E[ln(1 - p)]`` starts at 0; each iteration sets ``q_k = sigmoid(zeta - dF_k)``,

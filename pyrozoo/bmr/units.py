@@ -39,7 +39,9 @@ def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
     setattr(net.get_submodule(parent) if parent else net, child, module)
 
 
-def _sliced(module: nn.Module, rows: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> nn.Module:
+def _sliced(
+    module: nn.Module, rows: torch.Tensor | None = None, inputs: torch.Tensor | None = None
+) -> nn.Module:
     """A copy of a Linear/Conv layer keeping output ``rows`` and input ``inputs`` (features or channels)."""
     weight = module.weight.detach()
     bias = None if module.bias is None else module.bias.detach()
@@ -51,9 +53,16 @@ def _sliced(module: nn.Module, rows: torch.Tensor | None = None, inputs: torch.T
     if isinstance(module, nn.Linear):
         new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     else:
-        new = type(module)(weight.shape[1], weight.shape[0], module.kernel_size, stride=module.stride,
-                           padding=module.padding, dilation=module.dilation, bias=bias is not None,
-                           padding_mode=module.padding_mode)
+        new = type(module)(
+            weight.shape[1],
+            weight.shape[0],
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            bias=bias is not None,
+            padding_mode=module.padding_mode,
+        )
     with torch.no_grad():
         new.weight.copy_(weight)
         if bias is not None:

@@ -21,15 +21,19 @@ class AutoNormalGuide(AutoNormal):
     @torch.no_grad()
     def posterior(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{site: (loc, scale)}`` of every latent, in unconstrained space."""
-        return {name: tuple(t.detach() for t in self._get_loc_and_scale(name))
-                for name, _ in self.prototype_trace.iter_stochastic_nodes()}
+        return {
+            name: tuple(t.detach() for t in self._get_loc_and_scale(name))
+            for name, _ in self.prototype_trace.iter_stochastic_nodes()
+        }
 
     @torch.no_grad()
     def mean(self) -> dict[str, torch.Tensor]:
         """Posterior mean of every latent in its own (constrained) space."""
         posterior = self.posterior()
-        return {name: constrained_mean(*posterior[name], biject_to(site["fn"].support))
-                for name, site in self.prototype_trace.iter_stochastic_nodes()}
+        return {
+            name: constrained_mean(*posterior[name], biject_to(site["fn"].support))
+            for name, site in self.prototype_trace.iter_stochastic_nodes()
+        }
 
 
 class AutoDeltaGuide(AutoDelta):

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from pyro import poutine
 from torch import nn
 from torch.distributions import biject_to, constraints
-from torch.distributions.transforms import AffineTransform, ComposeTransform, ExpTransform, IndependentTransform
+from torch.distributions.transforms import (
+    AffineTransform,
+    ComposeTransform,
+    ExpTransform,
+    IndependentTransform,
+)
 
 
 def _inverse_softplus(y: float) -> float:
@@ -46,7 +51,9 @@ def _bijection(support):
     base = _base(support)
     bounded_at_zero = isinstance(base, (constraints.greater_than, constraints.greater_than_eq))
     if bounded_at_zero and isinstance(base.lower_bound, (int, float)) and base.lower_bound == 0:
-        return IndependentTransform(ExpTransform(), support.event_dim) if support.event_dim else ExpTransform()
+        return (
+            IndependentTransform(ExpTransform(), support.event_dim) if support.event_dim else ExpTransform()
+        )
     return biject_to(support)
 
 
@@ -98,8 +105,10 @@ class MeanFieldNormal(nn.Module):
     @torch.no_grad()
     def posterior(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{site: (loc, scale)}`` of every latent, in unconstrained space."""
-        return {name: (self.locs[key].detach(), F.softplus(self.raw_scales[key]).detach())
-                for name, (key, _, _) in self._sites.items()}
+        return {
+            name: (self.locs[key].detach(), F.softplus(self.raw_scales[key]).detach())
+            for name, (key, _, _) in self._sites.items()
+        }
 
     @torch.no_grad()
     def mean(self) -> dict[str, torch.Tensor]:
@@ -124,5 +133,7 @@ class MeanFieldNormal(nn.Module):
     @torch.no_grad()
     def median(self) -> dict[str, torch.Tensor]:
         """Posterior median of every latent in its own (constrained) space; the mean for real-valued ones."""
-        return {name: (self.locs[key] if t is None else t(self.locs[key])).detach()
-                for name, (key, _, t) in self._sites.items()}
+        return {
+            name: (self.locs[key] if t is None else t(self.locs[key])).detach()
+            for name, (key, _, t) in self._sites.items()
+        }

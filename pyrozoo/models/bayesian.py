@@ -50,8 +50,13 @@ class BayesianModel(nn.Module):
         logits = model.logits(x, weights)      # a forward pass at given weights
     """
 
-    def __init__(self, net: nn.Module, prior: Callable[[Layer], torch.Tensor] = flat, likelihood=None,
-                 output: str | None = None):
+    def __init__(
+        self,
+        net: nn.Module,
+        prior: Callable[[Layer], torch.Tensor] = flat,
+        likelihood=None,
+        output: str | None = None,
+    ):
         super().__init__()
         self.net = net
         self.prior = prior
@@ -59,11 +64,14 @@ class BayesianModel(nn.Module):
         self._layers = find_layers(net, output)
         self.masks = nn.Module()
         for layer in self._layers:
-            self.masks.register_buffer(_buffer_name(layer.name), torch.ones(layer.shape, dtype=layer.dtype,
-                                                                            device=layer.device))
+            self.masks.register_buffer(
+                _buffer_name(layer.name), torch.ones(layer.shape, dtype=layer.dtype, device=layer.device)
+            )
         for p in net.parameters():  # the net's own parameters are placeholders: weights come from the latents
             p.requires_grad_(False)
-        self._pruned: set[str] = set()  # layers with at least one pruned weight (others skip the mask product)
+        self._pruned: set[str] = (
+            set()
+        )  # layers with at least one pruned weight (others skip the mask product)
         self.register_load_state_dict_post_hook(lambda module, _: module._find_pruned())
 
     def _find_pruned(self) -> None:
@@ -86,7 +94,9 @@ class BayesianModel(nn.Module):
         """Replace a layer's keep-mask (``keep`` is boolean or 0/1, shaped like the layer's latent)."""
         mask = self.mask(layer_name)
         if keep.shape != mask.shape:
-            raise ValueError(f"mask for {layer_name} must have shape {tuple(mask.shape)}, got {tuple(keep.shape)}")
+            raise ValueError(
+                f"mask for {layer_name} must have shape {tuple(mask.shape)}, got {tuple(keep.shape)}"
+            )
         mask.copy_(keep)
         if bool(mask.all()):
             self._pruned.discard(layer_name)

@@ -39,7 +39,9 @@ def tiered(layer: Layer, tau0: float = 1e-2, local: bool = False):
     half, one = layer.const(0.5), layer.const(1.0)
 
     def pairs(name: str, *shape: int):
-        return pyro.sample(f"{layer.name}.{name}", dist.Gamma(half, one).expand([*shape, 2]).to_event(len(shape) + 1))
+        return pyro.sample(
+            f"{layer.name}.{name}", dist.Gamma(half, one).expand([*shape, 2]).to_event(len(shape) + 1)
+        )
 
     a, b = pairs("global").unbind(-1)
     if layer.is_output:

@@ -31,7 +31,9 @@ def register_net(name: str, *, pad_to: int | None = None, description: str = "")
     """Decorator adding a net factory to the registry under ``name``."""
 
     def decorate(factory):
-        NETS[name] = NetEntry(name, factory, pad_to, description or (factory.__doc__ or "").strip().split("\n")[0])
+        NETS[name] = NetEntry(
+            name, factory, pad_to, description or (factory.__doc__ or "").strip().split("\n")[0]
+        )
         return factory
 
     return decorate
@@ -48,7 +50,9 @@ def create_net(name: str, *, in_channels: int, image_size: int, num_classes: int
     """Build the registered net ``name`` for the given input shape; ``overrides`` change its default sizes."""
     entry = get_net_entry(name)
     try:
-        return entry.factory(in_channels=in_channels, image_size=image_size, num_classes=num_classes, **overrides)
+        return entry.factory(
+            in_channels=in_channels, image_size=image_size, num_classes=num_classes, **overrides
+        )
     except TypeError as e:
         raise PyrozooError(f"net {name!r}: {e}") from None
 

@@ -14,8 +14,14 @@ class MLP(nn.Module):
     # inputs are all pruned outputs exactly 0, so BMR may drop it with its outgoing weights (pyrozoo.bmr.units).
     chain = True
 
-    def __init__(self, in_features: int, hidden: tuple[int, ...], num_classes: int, activation=nn.SiLU,
-                 dropout: float = 0.0):
+    def __init__(
+        self,
+        in_features: int,
+        hidden: tuple[int, ...],
+        num_classes: int,
+        activation=nn.SiLU,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
@@ -30,8 +36,14 @@ class MLP(nn.Module):
 
 
 @register_net("mlp", description="MLP, 4 hidden layers of 500 SiLU units")
-def mlp(*, in_channels: int, image_size: int, num_classes: int, hidden: tuple[int, ...] = (500, 500, 500, 500),
-        dropout: float = 0.0):
+def mlp(
+    *,
+    in_channels: int,
+    image_size: int,
+    num_classes: int,
+    hidden: tuple[int, ...] = (500, 500, 500, 500),
+    dropout: float = 0.0,
+):
     if not hidden or min(hidden) <= 0:
         raise TypeError(f"hidden sizes must be positive, got {hidden}")
     if not 0 <= dropout < 1:

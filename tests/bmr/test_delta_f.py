@@ -116,8 +116,11 @@ def _paper_multivariate(mu, P, s2, g2):
     P_r = P + torch.diag(1 / g2 - 1 / s2)
     mu_r = torch.linalg.solve(P_r, P @ mu)
     return (
-        -0.5 * torch.linalg.slogdet(M)[1] + 0.5 * torch.linalg.slogdet(P)[1] + 0.5 * torch.log(s2).sum()
-        - 0.5 * mu @ P @ mu + 0.5 * (P @ mu) @ mu_r
+        -0.5 * torch.linalg.slogdet(M)[1]
+        + 0.5 * torch.linalg.slogdet(P)[1]
+        + 0.5 * torch.log(s2).sum()
+        - 0.5 * mu @ P @ mu
+        + 0.5 * (P @ mu) @ mu_r
     ), mu_r
 
 
@@ -441,5 +444,6 @@ def test_runs_on_cuda():
     torch.testing.assert_close(gpu.delta_f.cpu(), cpu.delta_f)
     torch.testing.assert_close(gpu.mean.cpu(), cpu.mean)
     mu, pi, s2, g2 = _random_scalars(0)
-    torch.testing.assert_close(meanfield(mu.cuda(), pi.cuda(), s2.cuda(), g2.cuda()).delta_f.cpu(),
-                               meanfield(mu, pi, s2, g2).delta_f)
+    torch.testing.assert_close(
+        meanfield(mu.cuda(), pi.cuda(), s2.cuda(), g2.cuda()).delta_f.cpu(), meanfield(mu, pi, s2, g2).delta_f
+    )

@@ -41,7 +41,9 @@ def test_recovers_which_rows_are_zero_and_which_carry_signal():
 def test_guards_against_collapse():
     model, guide = _model_and_guide()
     first = model.layers[0]
-    _set(guide, first.site, torch.zeros(first.shape), torch.full(first.shape, 0.01))  # every row looks prunable
+    _set(
+        guide, first.site, torch.zeros(first.shape), torch.full(first.shape, 0.01)
+    )  # every row looks prunable
     report = prune_horseshoe(model, guide, steps=300, delta=0.5)
     assert "collapse guarded" in report.layers[0].note
     assert torch.all(model.mask(first.name) == 1)

@@ -35,8 +35,10 @@ def test_spike_and_slab_mixed_matches_a_hand_iteration():
 
         q = [1 / (1 + math.exp(-(zeta - d))) for d in df.tolist()]
         a, b = 1 + sum(q), 1 + sum(1 - v for v in q)
-        zeta = torch.digamma(torch.tensor(a, dtype=torch.float64)).item() - torch.digamma(
-            torch.tensor(b, dtype=torch.float64)).item()
+        zeta = (
+            torch.digamma(torch.tensor(a, dtype=torch.float64)).item()
+            - torch.digamma(torch.tensor(b, dtype=torch.float64)).item()
+        )
     assert decision.cutoff == pytest.approx(zeta)
     assert decision.keep.tolist() == [d <= zeta for d in df.tolist()]
     # mostly prunable layer: the cutoff drops below 0, so a weight with dF = -1 goes too
