@@ -21,7 +21,12 @@ from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net, get_net_entry
 from pyrozoo.train import svi_step
 
-from step_time import BATCH, CLASSES, DATASET_SIZE, median_seconds  # noqa: E402  (same folder)
+from step_time import (
+    BATCH,
+    CLASSES,
+    DATASET_SIZE,
+    median_seconds,
+)  # isort:skip  (a script in the same folder)
 
 STEPS_PER_EPOCH = 500
 

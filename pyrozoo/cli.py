@@ -7,8 +7,8 @@ import os
 import sys
 
 from pyrozoo import data as datasets
-from pyrozoo.errors import PyrozooError
 from pyrozoo.bmr import REDUCTIONS
+from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import GUIDES
 from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS

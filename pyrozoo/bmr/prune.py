@@ -7,10 +7,9 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 import torch
-
-from pyrozoo.bmr.delta_f import point_mass_meanfield
 from pyro import poutine
 
+from pyrozoo.bmr.delta_f import point_mass_meanfield
 from pyrozoo.bmr.rules import get_rule
 from pyrozoo.bmr.units import effective_masks
 from pyrozoo.errors import PyrozooError
