@@ -21,12 +21,8 @@ from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net, get_net_entry
 from pyrozoo.train import svi_step
 
-from step_time import (
-    BATCH,
-    CLASSES,
-    DATASET_SIZE,
-    median_seconds,
-)  # isort:skip  (a script in the same folder)
+# the step-time script beside this one (Python puts a script's folder on sys.path)
+from step_time import BATCH, CLASSES, DATASET_SIZE, median_seconds  # isort:skip
 
 STEPS_PER_EPOCH = 500
 
