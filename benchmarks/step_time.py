@@ -33,14 +33,22 @@ BATCH, DATASET_SIZE, CLASSES = 120, 60_000, 10
 
 
 def median_seconds(step, repeats: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
+    return interleaved_medians({"step": step}, repeats, warmup)["step"]
+
+
+def interleaved_medians(steps: dict, repeats: int, warmup: int = 10) -> dict[str, float]:
+    """Median seconds of each step, timed in turns (one of each per round), so that a shared machine's drifting
+    load hits every candidate alike and the ratios stay fair."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 class HandWrittenMeanField:
@@ -96,25 +104,22 @@ def bench_net(name: str, repeats: int) -> None:
         loss.backward()
         optimizer.step()
 
-    timings = {"plain pytorch (deterministic)": median_seconds(plain_step, repeats)}
     model = BayesianModel(create_net(name, in_channels=1, image_size=side, num_classes=CLASSES))
     hand = HandWrittenMeanField(model, lr=1e-3)
-    timings["hand-written mean-field"] = median_seconds(lambda: hand.step(x, y), repeats)
+    steps = {"plain pytorch (deterministic)": plain_step, "hand-written mean-field": lambda: hand.step(x, y)}
+
+    def pyrozoo_step(bayesian, guide):
+        optimizer = torch.optim.Adam(guide.parameters(), lr=1e-3)
+        return lambda: svi_step(bayesian, guide, optimizer, x, y, DATASET_SIZE)
+
+    for kind in ("meanfield", "autonormal", "autodelta"):
+        steps[f"pyrozoo svi, guide={kind}"] = pyrozoo_step(model, make_guide(kind, model, x, y, DATASET_SIZE))
+    tiered = BayesianModel(
+        create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), prior=tiered_prior
+    )
+    steps["pyrozoo svi, tiered-ff"] = pyrozoo_step(tiered, make_guide("meanfield", tiered))
     with pyro.validation_enabled(False):
-        for kind in ("meanfield", "autonormal", "autodelta"):
-            guide = make_guide(kind, model, x, y, DATASET_SIZE)
-            opt = torch.optim.Adam(guide.parameters(), lr=1e-3)
-            timings[f"pyrozoo svi, guide={kind}"] = median_seconds(
-                lambda: svi_step(model, guide, opt, x, y, DATASET_SIZE), repeats
-            )
-        tiered = BayesianModel(
-            create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), prior=tiered_prior
-        )
-        guide = make_guide("meanfield", tiered)
-        opt = torch.optim.Adam(guide.parameters(), lr=1e-3)
-        timings["pyrozoo svi, tiered-ff"] = median_seconds(
-            lambda: svi_step(tiered, guide, opt, x, y, DATASET_SIZE), repeats
-        )
+        timings = interleaved_medians(steps, repeats)
     plain, floor = timings["plain pytorch (deterministic)"], timings["hand-written mean-field"]
     for what, seconds in timings.items():
         print(
