@@ -173,7 +173,7 @@ def _prior_options(args) -> dict:
     if args.hidden_scale is None:
         return tiered
     if METHODS[args.method].prior.__name__ != "flat":
-        raise PyrozooError("--hidden-scale belongs to the flat prior (flat-map, flat-ff, bmr-ss)")
+        raise PyrozooError("--hidden-scale belongs to the flat prior (flat-map, flat-ff, bmr-ss, bmr-rhs)")
     return {"hidden_scale": args.hidden_scale}
 
 
