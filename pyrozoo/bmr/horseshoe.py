@@ -68,10 +68,8 @@ def prune_horseshoe(
         posterior = {layer.name: (full[layer.site][0], full[layer.site][1].pow(-2)) for layer in layers}
         masks = {layer.name: model.mask(layer.name).clone() for layer in layers}
     evidence = _EvidenceModel(layers, posterior, {k: (m != 0).to(m.dtype) for k, m in masks.items()}, tau0)
-    with (
-        poutine.block(),
-        torch.random.fork_rng(devices=[]),
-    ):  # the fit leaves training's random stream as it was
+    # a seeded stream of its own: the fit leaves training's random stream as it was
+    with poutine.block(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         hyper_guide = MeanFieldNormal(evidence, init_radius=0.0, latents=evidence.scales)
         optimizer = torch.optim.Adam(hyper_guide.parameters(), lr=lr)
