@@ -348,13 +348,16 @@ class Run:
                     "seconds": round(self.seconds, 3),
                     "elbo": -sum(losses) / len(losses),
                     "bmr_seconds": float("nan"),
+                    "pruned_fraction": float("nan"),
                 }
                 if self.method.rule and self.epoch < c.epochs and self.step >= c.warmup_steps:
                     report = reduce(self.model, self.guide, self.method.rule, **c.rule_options)
                     for note in filter(None, (r.note for r in report.layers)):
                         tqdm.write(f"epoch {self.epoch}: {note}")
                     row["bmr_seconds"] = round(report.seconds, 4)
-                row["pruned_fraction"] = pruned_fraction(self.model)
+                    row["pruned_fraction"] = report.pruned_fraction  # the report has just computed it
+                else:
+                    row["pruned_fraction"] = pruned_fraction(self.model)
                 if self.epoch % c.eval_every == 0 or self.epoch == c.epochs:
                     start = time.perf_counter()
                     row.update(self.evaluate())

@@ -26,6 +26,12 @@ from pyrozoo.guides.meanfield import MeanFieldNormal
 from pyrozoo.models.priors import tiered
 
 
+def _reduced_var(scale) -> torch.Tensor:
+    """gamma^2 as a reduced prior variance of z: shrinking only, since a prior wider than the full N(0, 1) is
+    not a reduction."""
+    return torch.as_tensor(scale).square().clamp(max=Z_PRIOR_VAR)
+
+
 class _EvidenceModel:
     """Pyro model over horseshoe hyperparameters whose only 'data' is the posterior of the weights."""
 
@@ -40,8 +46,7 @@ class _EvidenceModel:
     def __call__(self):
         for layer, scale in zip(self.layers, self.scales().values()):
             loc, precision = self.posterior[layer.name]
-            # shrinking only: a reduced prior wider than the full N(0, 1) is not a reduction
-            g2 = torch.as_tensor(scale).square().clamp(max=Z_PRIOR_VAR).expand(layer.shape)
+            g2 = _reduced_var(scale).expand(layer.shape)
             gain = meanfield(loc, precision, Z_PRIOR_VAR, g2).delta_f
             pyro.factor(f"{layer.name}.delta_f", (gain * self.masks[layer.name]).sum())
 
@@ -83,9 +88,7 @@ def prune_horseshoe(
             for _ in range(samples):
                 scales = poutine.condition(evidence.scales, data=hyper_guide())()
                 for name, scale in scales.items():
-                    inverse[name] = (
-                        inverse[name] + torch.as_tensor(scale).square().clamp(max=Z_PRIOR_VAR).reciprocal()
-                    )
+                    inverse[name] = inverse[name] + _reduced_var(scale).reciprocal()
     reports = []
     with torch.no_grad():
         for layer in layers:
