@@ -6,7 +6,9 @@ the weights, the layer-scale hyperprior sampled log-normally with a one-sample K
 Pyro-based mean-field step can approach; one pyrozoo SVI step with each guide (flat prior); and one step of
 tiered-ff (regularised-horseshoe prior, our mean-field guide), also as a ratio to the flat-ff step.
 
-    python benchmarks/step_time.py [--nets mlp lenet] [--repeats 100] [--threads 2]
+    python benchmarks/step_time.py [--nets mlp lenet vit mixer] [--repeats 100] [--warmup 10] [--threads 2]
+
+ViT and MLP-Mixer steps take seconds on a CPU: time them with fewer repeats (``--repeats 10 --warmup 2``).
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class HandWrittenMeanField:
         self.optimizer.step()
 
 
-def bench_net(name: str, repeats: int) -> None:
+def bench_net(name: str, repeats: int, warmup: int) -> None:
     side = get_net_entry(name).pad_to or 28
     x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
     net = create_net(name, in_channels=1, image_size=side, num_classes=CLASSES)
@@ -119,7 +121,7 @@ def bench_net(name: str, repeats: int) -> None:
     )
     steps["pyrozoo svi, tiered-ff"] = pyrozoo_step(tiered, make_guide("meanfield", tiered))
     with pyro.validation_enabled(False):
-        timings = interleaved_medians(steps, repeats)
+        timings = interleaved_medians(steps, repeats, warmup)
     plain, floor = timings["plain pytorch (deterministic)"], timings["hand-written mean-field"]
     for what, seconds in timings.items():
         print(
@@ -134,6 +136,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nets", nargs="+", default=["mlp", "lenet"])
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps of each candidate first")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
@@ -146,7 +149,7 @@ def main() -> None:
         f"pyro {pyro.__version__}, {platform.processor() or platform.machine()}"
     )
     for name in args.nets:
-        bench_net(name, args.repeats)
+        bench_net(name, args.repeats, args.warmup)
 
 
 if __name__ == "__main__":

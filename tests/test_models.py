@@ -34,7 +34,7 @@ def test_one_latent_per_layer_with_bias_column(tiny_lenet_model):
 def test_split_and_join_are_inverse(tiny_lenet_model):
     for layer in tiny_lenet_model.layers:
         module = tiny_lenet_model.net.get_submodule(layer.name)
-        w = layer.join(module)
+        w = layer.join(tiny_lenet_model.net)
         params = layer.split(w)
         assert torch.equal(params[f"{layer.name}.weight"], module.weight)
         assert torch.equal(params[f"{layer.name}.bias"], module.bias)

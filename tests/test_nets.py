@@ -46,6 +46,9 @@ def test_dropout_is_active_in_training_and_off_in_eval(name):
     side = NETS[name].pad_to or 28
     net = create_net(name, in_channels=1, image_size=side, num_classes=10, dropout=0.5)
     assert any(isinstance(m, torch.nn.Dropout) for m in net.modules())
+    with torch.no_grad():  # timm starts some heads at zero, which would hide the dropout
+        for p in net.parameters():
+            p.normal_(0, 0.1)
     x = torch.randn(4, 1, side, side)
     assert not torch.equal(net(x), net(x))
     net.eval()

@@ -15,9 +15,10 @@ def rebuild(model, guide, remove_dead: bool = True) -> nn.Module:
     """The model's net with posterior-mean weights and exact zeros where pruned.
 
     Weights are ``scale * mask * z`` at the posterior means of the latents (``guide.mean()``). With
-    ``remove_dead`` (chain nets: MLP, LeNet), hidden units and channels whose every input or every output
-    weight is pruned are cut out, with the matching slices downstream, so the net really gets smaller and
-    faster; its outputs do not change.
+    ``remove_dead``, units whose every input or every output weight is pruned (hidden neurons and channels of
+    MLP and LeNet, hidden neurons of transformer MLP blocks, attention heads: :mod:`pyrozoo.bmr.units`) are cut
+    out with the matching slices downstream, so the net really gets smaller and faster; its outputs do not
+    change and its module classes stay the same (a rebuilt timm model is still a timm model).
     """
     weights = model.weights_from(guide.mean())
     net = copy.deepcopy(model.net)
@@ -27,7 +28,7 @@ def rebuild(model, guide, remove_dead: bool = True) -> nn.Module:
     for p in net.parameters():
         p.requires_grad_(True)
     if remove_dead:
-        remove_dead_units(net, model.layers)
+        remove_dead_units(net)
     return net.eval()
 
 

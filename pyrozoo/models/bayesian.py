@@ -37,11 +37,14 @@ def _kl_normal_standard_normal(p, q):
 
 
 class BayesianModel(nn.Module):
-    """A Pyro model built from ``net``: every Linear/Conv layer's weight and bias are random.
+    """A Pyro model built from any ``nn.Module`` ``net``: every Linear/Conv/LayerNorm layer's weight and bias, and
+    every free parameter of a container module (class token, position embedding), are random.
 
     Per layer, one latent site ``<layer>.weight_base`` holds ``z ~ N(0, 1)`` of shape ``(out, fan_in + 1)``; the
     ``prior`` draws the layer's scale, and the weights are ``scale * mask * z``. Masks are buffers (saved with
-    ``state_dict``); a zero entry is a pruned weight.
+    ``state_dict``); a zero entry is a pruned weight. ``output`` names the output layer (see
+    :func:`~pyrozoo.models.layers.find_layers`); ``prunable_kinds`` says which kinds of group BMR may prune
+    (``"weight"``; add ``"norm"`` or ``"tensor"`` to prune LayerNorms or embeddings too).
 
     Usage::
 
@@ -56,12 +59,13 @@ class BayesianModel(nn.Module):
         prior: Callable[[Layer], torch.Tensor] = flat,
         likelihood=None,
         output: str | None = None,
+        prunable_kinds: tuple[str, ...] = ("weight",),
     ):
         super().__init__()
         self.net = net
         self.prior = prior
         self.likelihood = likelihood or Categorical()
-        self._layers = find_layers(net, output)
+        self._layers = find_layers(net, output, prunable_kinds)
         self.masks = nn.Module()
         for layer in self._layers:
             self.masks.register_buffer(

@@ -1,0 +1,168 @@
+"""ViT and MLP-Mixer from timm as Pyro models: layer groups, BMR's unit structures, rebuild, training."""
+
+import pytest
+import torch
+from pyro import poutine
+from timm.layers import Attention, Mlp
+from timm.models.mlp_mixer import MlpMixer
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from pyrozoo.bmr import pruned_fraction
+from pyrozoo.bmr.rebuild import parameter_count, rebuild
+from pyrozoo.bmr.units import effective_masks, find_units
+from pyrozoo.errors import PyrozooError
+from pyrozoo.guides import make_guide
+from pyrozoo.models import BayesianModel, find_layers
+from pyrozoo.nets import create_net
+
+
+def tiny(name, **options):
+    return create_net(name, in_channels=1, image_size=16, num_classes=4, preset="tiny", **options)
+
+
+def test_paper_sizes():
+    vit = create_net("vit", in_channels=1, image_size=32, num_classes=10)
+    assert isinstance(vit, VisionTransformer)
+    assert (vit.patch_embed.proj.kernel_size, vit.embed_dim, len(vit.blocks)) == ((4, 4), 256, 6)
+    assert (vit.blocks[0].attn.num_heads, vit.blocks[0].mlp.fc1.out_features) == (8, 512)
+    assert vit.pos_embed.shape == (1, 65, 256) and vit.cls_token.shape == (1, 1, 256)
+    mixer = create_net("mixer", in_channels=3, image_size=32, num_classes=100)
+    assert isinstance(mixer, MlpMixer) and len(mixer.blocks) == 6
+    block = mixer.blocks[0]
+    assert (block.mlp_tokens.fc1.in_features, block.mlp_tokens.fc1.out_features) == (64, 512)
+    assert (block.mlp_channels.fc1.in_features, block.mlp_channels.fc1.out_features) == (256, 512)
+    assert mixer.head.out_features == 100
+
+
+def test_sizes_are_overridable_and_checked():
+    assert len(create_net("vit", in_channels=1, image_size=32, num_classes=10, depth=2).blocks) == 2
+    with pytest.raises(PyrozooError, match="preset"):
+        create_net("mixer", in_channels=1, image_size=32, num_classes=10, preset="huge")
+    with pytest.raises(PyrozooError, match="multiple of the head count"):
+        create_net("vit", in_channels=1, image_size=32, num_classes=10, num_heads=7)
+
+
+def test_every_parameter_is_random_and_only_weight_layers_are_prunable():
+    net = tiny("vit")
+    layers = find_layers(net)
+    covered = set()
+    for layer in layers:
+        covered |= set(layer.split(layer.join(net)))
+    assert covered == {name for name, _ in net.named_parameters()}
+    kinds = {layer.name: layer.kind for layer in layers}
+    assert kinds["cls_token"] == kinds["pos_embed"] == "tensor"
+    assert kinds["blocks.0.norm1"] == kinds["norm"] == "norm"
+    assert {layer.name for layer in layers if layer.prunable} == {
+        layer.name for layer in layers if layer.kind == "weight" and layer.name != "head"
+    }
+    by_name = {layer.name: layer for layer in layers}
+    assert by_name["pos_embed"].shape == (net.pos_embed.shape[1], 32)  # one row per position
+    assert by_name["blocks.0.norm1"].shape == (32, 2)  # one row per feature: gain, bias
+    norms_too = find_layers(net, prunable_kinds=("weight", "norm"))
+    assert any(layer.prunable and layer.kind == "norm" for layer in norms_too)
+    with pytest.raises(PyrozooError, match="unknown prunable kinds"):
+        find_layers(net, prunable_kinds=("bias",))
+
+
+def test_split_and_join_are_inverse_for_every_kind():
+    net = tiny("vit")
+    for layer in find_layers(net):
+        for name, value in layer.split(layer.join(net)).items():
+            assert torch.equal(value, net.get_parameter(name))
+
+
+def test_an_unsupported_layer_in_a_timm_model_is_named():
+    import timm
+
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    with pytest.raises(PyrozooError, match="'conv1.1' of type BatchNorm2d"):
+        BayesianModel(net)
+
+
+def test_any_module_becomes_a_model_whose_forward_uses_the_sampled_weights():
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    model = BayesianModel(net)
+    assert [layer.kind for layer in model.layers] == ["weight", "norm", "weight"]
+    x = torch.randn(2, 1, 8, 8)
+    weights = poutine.trace(model.sample_weights).get_trace().nodes["_RETURN"]["value"]
+    hidden = nn.functional.conv2d(x, weights["0"][:, :9].reshape(4, 1, 3, 3), weights["0"][:, 9])
+    hidden = nn.functional.group_norm(hidden, 2, weights["1"][:, 0], weights["1"][:, 1]).relu()
+    expected = hidden.flatten(1) @ weights["4"][:, :-1].T + weights["4"][:, -1]
+    got = model.logits(x, weights)
+    torch.testing.assert_close(got, expected)
+    assert not torch.allclose(got, net(x))  # the net's own parameters play no part
+
+
+def _prune_units(model):
+    """Prune weights at random, then kill head 0 of each attention (its value rows) and MLP neuron 0."""
+    torch.manual_seed(3)
+    for layer in model.layers:
+        if layer.prunable:
+            model.set_mask(layer.name, torch.rand(layer.shape) > 0.3)
+    for units in find_units(model.net, model.layers):
+        keep = model.mask(units.producer.name).bool()
+        keep[units.deciding_rows[0]] = False
+        model.set_mask(units.producer.name, keep)
+
+
+@pytest.mark.parametrize("name", ["vit", "mixer"])
+def test_units_found_in_transformer_blocks(name):
+    net = tiny(name)
+    units = find_units(net)
+    kinds = [(u.producer.name.rsplit(".", 1)[-1], u.consumer.name.rsplit(".", 1)[-1], u.count) for u in units]
+    if name == "vit":
+        assert kinds == [("qkv", "proj", 2), ("fc1", "fc2", 64)] * 2
+    else:
+        assert kinds == [("fc1", "fc2", 64), ("fc1", "fc2", 64)] * 2  # timm: token hidden = ratio x width
+
+
+def test_a_head_without_values_counts_its_projection_columns_as_pruned():
+    model = BayesianModel(tiny("vit"))
+    qkv = model.layers[[layer.name for layer in model.layers].index("blocks.0.attn.qkv")]
+    keep = torch.ones(qkv.shape, dtype=torch.bool)
+    keep[2 * 32 + 16 : 3 * 32] = False  # value rows of head 1 (head_dim 16)
+    model.set_mask(qkv.name, keep)
+    masks = effective_masks(model)
+    assert not masks["blocks.0.attn.proj"][:, 16:32].any()
+    assert masks["blocks.0.attn.proj"][:, :16].all() and masks["blocks.0.attn.proj"][:, 32].all()
+    proj_rows = 32
+    expected = (16 * 33 + proj_rows * 16) / sum(
+        layer.shape.numel() for layer in model.layers if layer.prunable
+    )
+    assert pruned_fraction(model) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("name", ["vit", "mixer"])
+def test_rebuilt_transformer_matches_the_model_and_is_smaller(name):
+    model = BayesianModel(tiny(name))
+    guide = make_guide("meanfield", model)
+    _prune_units(model)
+    x = torch.randn(3, 1, 16, 16)
+    expected = model.logits(x, model.weights_from(guide.mean()))
+    dense = rebuild(model, guide, remove_dead=False)
+    sparse = rebuild(model, guide)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), expected)
+        torch.testing.assert_close(sparse(x), expected, rtol=1e-4, atol=1e-5)
+    assert parameter_count(sparse) < parameter_count(dense)
+    assert type(sparse) is type(model.net)  # still a timm model
+    mlps = [m for m in sparse.modules() if isinstance(m, Mlp)]
+    assert mlps and all(m.fc1.out_features == m.fc2.in_features < 64 for m in mlps)
+    if name == "vit":
+        for block in sparse.blocks:
+            assert isinstance(block.attn, Attention) and block.attn.num_heads == 1
+            assert block.attn.qkv.out_features == 3 * 16 and block.attn.proj.in_features == 16
+
+
+def test_an_attention_with_every_head_dead_keeps_one():
+    model = BayesianModel(tiny("vit", depth=1))
+    for layer in model.layers:
+        if layer.name.endswith("qkv"):
+            model.set_mask(layer.name, torch.zeros(layer.shape))
+    guide = make_guide("meanfield", model)
+    sparse = rebuild(model, guide)
+    assert sparse.blocks[0].attn.num_heads == 1
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model.logits(x, model.weights_from(guide.mean())))
