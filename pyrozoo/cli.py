@@ -1,4 +1,4 @@
-"""The ``pyrozoo`` command: ``train`` and ``info``."""
+"""The ``pyrozoo`` command: ``train``, ``compare``, ``plot``, ``prune``, ``export`` and ``info``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import sys
 
 from pyrozoo import data as datasets
+from pyrozoo.baselines import BASELINES
 from pyrozoo.bmr import REDUCTIONS
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import GUIDES
@@ -62,6 +63,55 @@ def _choice(known):
     return check
 
 
+def _add_run_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    """The options of one training run, shared by ``train`` and ``compare``. Without ``defaults`` an option
+    that is not given is left out of the parsed arguments, so that a grid's config file can supply it."""
+
+    def add(*flags, default=None, **kwargs):
+        parser.add_argument(*flags, default=default if defaults else argparse.SUPPRESS, **kwargs)
+
+    add("--data-dir", help="folder holding the dataset's files")
+    add("--guide", type=_choice(list(GUIDES)), help="override the method's guide")
+    add(
+        "--epochs",
+        type=_positive_int,
+        help="epochs (default 50; with --resume, the run's own unless given)",
+    )
+    add("--steps-per-epoch", type=_positive_int, default=500)
+    add("--batch-size", type=_positive_int, default=120)
+    add("--lr", type=_positive_float, help="learning rate (default: the method's)")
+    add("--samples", type=_positive_int, help="posterior samples per evaluation (default: 100; 1 for MAP)")
+    add(
+        "--dropout",
+        type=float,
+        help="dropout after hidden layers (default: the method's, 0.2 for flat-map, else 0)",
+    )
+    add(
+        "--hidden-scale",
+        type=_positive_float,
+        help="flat prior: hidden layers' scale relative to the output layer's (0.1)",
+    )
+    add("--tau0", type=_positive_float, help="tiered prior: global scale (1e-2)")
+    add(
+        "--local-scales", action="store_true", default=False, help="tiered prior: add per-weight local scales"
+    )
+    add(
+        "--count-pruned",
+        action="store_true",
+        default=False,
+        help="spike-and-slab: count pruned weights as excluded in a layer's inclusion estimate "
+        "(prunes much harder than the paper's rule)",
+    )
+    add(
+        "--warmup-steps",
+        type=int,
+        help="SVI steps before the first BMR pass (default: the method's, 500 for bmr-ss)",
+    )
+    add("--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and the last)")
+    add("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pyrozoo", description="Bayesian sparsification of deep networks with Pyro and BMR."
@@ -76,64 +126,53 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="dataset (default: fashion-mnist, or the bundled fashion-mnist-mini if it is missing)",
     )
-    train.add_argument("--data-dir", default=None, help="folder holding the dataset's files")
     train.add_argument("--method", type=_choice(list(METHODS)), default="flat-ff")
-    train.add_argument(
-        "--guide", type=_choice(list(GUIDES)), default=None, help="override the method's guide"
-    )
-    train.add_argument(
-        "--epochs",
-        type=_positive_int,
-        default=None,
-        help="epochs (default 50; with --resume, the run's own unless given)",
-    )
-    train.add_argument("--steps-per-epoch", type=_positive_int, default=500)
-    train.add_argument("--batch-size", type=_positive_int, default=120)
-    train.add_argument(
-        "--lr", type=_positive_float, default=None, help="learning rate (default: the method's)"
-    )
-    train.add_argument(
-        "--samples",
-        type=_positive_int,
-        default=None,
-        help="posterior samples per evaluation (default: 100; 1 for MAP)",
-    )
-    train.add_argument(
-        "--dropout",
-        type=float,
-        default=None,
-        help="dropout after hidden layers (default: the method's, 0.2 for flat-map, else 0)",
-    )
-    train.add_argument(
-        "--hidden-scale",
-        type=_positive_float,
-        default=None,
-        help="flat prior: hidden layers' scale relative to the output layer's (0.1)",
-    )
-    train.add_argument("--tau0", type=_positive_float, default=None, help="tiered prior: global scale (1e-2)")
-    train.add_argument(
-        "--local-scales", action="store_true", help="tiered prior: add per-weight local scales"
-    )
-    train.add_argument(
-        "--count-pruned",
-        action="store_true",
-        help="spike-and-slab: count pruned weights as excluded in a layer's inclusion estimate "
-        "(prunes much harder than the paper's rule)",
-    )
-    train.add_argument(
-        "--warmup-steps",
-        type=int,
-        default=None,
-        help="SVI steps before the first BMR pass (default: the method's, 500 for bmr-ss)",
-    )
-    train.add_argument(
-        "--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and the last)"
-    )
-    train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    _add_run_options(train)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--out", default=None, help="run folder (default: runs/NET-METHOD-DATA-sSEED)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    compare = sub.add_parser(
+        "compare",
+        help="train a grid of nets x methods x datasets x seeds into one folder (resumable); tidy results.csv, "
+        "a summary table and plots",
+    )
+    compare.add_argument(
+        "--config", help="grid config file (TOML, see experiments/grid-*.toml); flags override it"
+    )
+    compare.add_argument("--nets", nargs="+", type=_choice(list(NETS)), default=argparse.SUPPRESS)
+    compare.add_argument(
+        "--methods",
+        nargs="+",
+        type=_choice([*METHODS, *BASELINES]),
+        default=argparse.SUPPRESS,
+        help="training methods, and magnitude / magnitude-ft: global magnitude pruning of the flat-map net to "
+        "the sparsity bmr-ss reached, without / with a fine-tune",
+    )
+    compare.add_argument(
+        "--data",
+        nargs="+",
+        type=_choice(list(datasets.DATASETS)),
+        default=argparse.SUPPRESS,
+        help="datasets (default: fashion-mnist)",
+    )
+    compare.add_argument("--seeds", nargs="+", type=int, default=argparse.SUPPRESS, help="seeds (default: 0)")
+    compare.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=argparse.SUPPRESS,
+        help="magnitude-ft: Adam steps of fine-tuning after pruning, at the flat-map run's lr and batch (500)",
+    )
+    compare.add_argument("--out", default=argparse.SUPPRESS, help="grid folder (default: runs/grid)")
+    compare.add_argument(
+        "--no-plots", action="store_true", help="skip the figures (pyrozoo plot DIR draws them)"
+    )
+    _add_run_options(compare, defaults=False)
+
+    plot = sub.add_parser(
+        "plot", help="redraw a grid folder's figures from its results.csv (and run folders)"
+    )
+    plot.add_argument("grid", help="grid folder written by pyrozoo compare")
 
     prune = sub.add_parser("prune", help="one-shot BMR of a finished mean-field run (writes RUN/pruned.pt)")
     prune.add_argument("run", help="run folder")
@@ -164,55 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prior_options(args) -> dict:
-    tiered = {"tau0": args.tau0} if args.tau0 is not None else {}
-    if args.local_scales:
-        tiered["local"] = True
-    if tiered and METHODS[args.method].prior.__name__ != "tiered":
-        raise PyrozooError("--tau0 and --local-scales belong to the tiered prior (--method tiered-ff)")
-    if args.hidden_scale is None:
-        return tiered
-    if METHODS[args.method].prior.__name__ != "flat":
-        raise PyrozooError("--hidden-scale belongs to the flat prior (flat-map, flat-ff, bmr-ss, bmr-rhs)")
-    return {"hidden_scale": args.hidden_scale}
-
-
-def _rule_options(args) -> dict:
-    if not args.count_pruned:
-        return {}
-    if METHODS[args.method].rule != "spike-and-slab":
-        raise PyrozooError("--count-pruned belongs to the spike-and-slab rule (--method bmr-ss)")
-    return {"count_pruned": True}
-
-
 def _train(args) -> None:
-    from pyrozoo.train import Run, TrainConfig
+    from pyrozoo.compare import train_config
+    from pyrozoo.train import Run
 
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
     out = args.out or os.path.join("runs", f"{args.net}-{args.method}-{args.data or 'default'}-s{args.seed}")
     if args.resume:
         run = Run.open(out, epochs=args.epochs, log=log)
     else:
-        config = TrainConfig(
-            net=args.net,
-            data=args.data,
-            data_dir=args.data_dir,
-            method=args.method,
-            guide=args.guide,
-            epochs=args.epochs or 50,
-            steps_per_epoch=args.steps_per_epoch,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            samples=args.samples,
-            warmup_steps=args.warmup_steps,
-            eval_every=args.eval_every,
-            device=args.device,
-            seed=args.seed,
-            net_options={} if args.dropout is None else {"dropout": args.dropout},
-            prior_options=_prior_options(args),
-            rule_options=_rule_options(args),
-        )
-        run = Run(config, out, log=log)
+        options = {**vars(args), "epochs": args.epochs or 50}
+        run = Run(train_config(args.net, args.method, args.data, args.seed, options), out, log=log)
     c = run.config
     print(
         f"training {c.net} with {c.method} (guide {c.guide}, lr {c.lr}) on {c.data} from {run.data.source}; "
@@ -224,6 +225,32 @@ def _train(args) -> None:
     columns = [col for col in SUMMARY_COLUMNS if col in evaluated]
     print(f"\n{c.net} {c.method} on {c.data}: metrics per evaluated epoch (seconds = training time so far)")
     print(evaluated[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+def _compare(args) -> None:
+    from pyrozoo.compare import RESULTS, TABLE, make_grid, run_grid, summary_markdown
+
+    given = {k.replace("-", "_"): v for k, v in vars(args).items()}
+    for key in ("command", "config", "no_plots", "no_progress"):
+        given.pop(key, None)
+    grid = make_grid(args.config, **given)
+    progress = not args.no_progress
+    results = run_grid(grid, progress=progress)
+    summary = summary_markdown(results)
+    tmp = grid.out / (TABLE + ".tmp")
+    tmp.write_text(summary)
+    os.replace(tmp, grid.out / TABLE)
+    print(f"grid {grid.out}: {len(results)} rows in {grid.out / RESULTS}, summary in {grid.out / TABLE}\n")
+    print(summary)
+    if not args.no_plots:
+        _plot_files(grid.out, results)
+
+
+def _plot_files(folder, results=None) -> None:
+    from pyrozoo.plots import plot_grid
+
+    paths = plot_grid(folder, results, log=lambda text: print(text, file=sys.stderr))
+    print(f"figures in {folder}: {', '.join(sorted({p.stem for p in paths}))} (PNG and PDF)")
 
 
 def _table(rows: dict[str, dict]) -> str:
@@ -313,13 +340,22 @@ def _info() -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        {"train": _train, "prune": _prune, "export": _export, "info": lambda _: _info()}[args.command](args)
+        commands = {
+            "train": _train,
+            "compare": _compare,
+            "plot": lambda a: _plot_files(a.grid),
+            "prune": _prune,
+            "export": _export,
+            "info": lambda _: _info(),
+        }
+        commands[args.command](args)
     except PyrozooError as e:
         print(f"pyrozoo: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(
-            "pyrozoo: interrupted; a killed run continues with --resume from its last finished epoch",
+            "pyrozoo: interrupted; a killed run continues with --resume (a grid: the same compare command) "
+            "from its last finished epoch",
             file=sys.stderr,
         )
         return 130

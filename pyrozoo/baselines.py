@@ -1,0 +1,186 @@
+"""The baseline a practitioner would otherwise pick: global magnitude pruning of the MAP network.
+
+The ``flat-map`` run's point estimate is rebuilt as a plain ``nn.Module``; its prunable layers (every weight
+layer but the output layer, biases included: the set BMR prunes) are pruned together by
+``torch.nn.utils.prune.global_unstructured`` (L1, smallest magnitudes first) to the pruned fraction that the
+``bmr-ss`` run of the same net, data and seed reached, and evaluated with the same metrics: as pruned
+(``magnitude``), and after a short fine-tune of the surviving weights with the masks kept (``magnitude-ft``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import prune
+
+from pyrozoo.bmr.prune import pruned_fraction
+from pyrozoo.bmr.rebuild import rebuild
+from pyrozoo.errors import PyrozooError
+from pyrozoo.metrics import PredictionAccumulator
+from pyrozoo.train import CONFIG, METRICS, Minibatches, Run
+
+BASELINES = {"magnitude": False, "magnitude-ft": True}  # name -> fine-tuned after pruning
+SOURCE_METHOD, SPARSITY_METHOD = "flat-map", "bmr-ss"
+
+
+def _parameter_names(layer) -> list[str]:
+    """The net parameters of a random layer: its weight, then its bias if it has one."""
+    return list(layer.split(torch.zeros(layer.shape)))
+
+
+def _owner(net: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attribute = name.rpartition(".")
+    return (net.get_submodule(path) if path else net), attribute
+
+
+def magnitude_prune(net: nn.Module, layers, fraction: float) -> dict[str, torch.Tensor]:
+    """Prune ``net`` in place: the smallest-magnitude ``fraction`` of the prunable layers' entries (weights and
+    biases, over all those layers at once) are masked to zero with ``torch.nn.utils.prune``, whose masks keep
+    them zero under further training. Returns each prunable layer's keep-mask, shaped like its latent."""
+    if not 0 <= fraction <= 1:
+        raise PyrozooError(f"a pruned fraction lies in [0, 1], got {fraction}")
+    prunable = [layer for layer in layers if layer.prunable]
+    targets = [_owner(net, name) for layer in prunable for name in _parameter_names(layer)]
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=float(fraction))
+    masks = {}
+    for layer in prunable:
+        parts = []
+        for name in _parameter_names(layer):
+            module, attribute = _owner(net, name)
+            mask = getattr(module, attribute + "_mask")
+            parts.append(mask.reshape(layer.shape[0], -1))  # a bias becomes the last column, as in the latent
+        masks[layer.name] = torch.cat(parts, dim=1).bool()
+    return masks
+
+
+@torch.no_grad()
+def evaluate_net(net: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int = 2000):
+    """The metrics of a deterministic net (one 'posterior sample'), as :func:`pyrozoo.train.evaluate` computes
+    them for a guide."""
+    accumulator = PredictionAccumulator(y, 1, num_classes)
+    training = net.training
+    net.eval()
+    for start in range(0, len(x), batch_size):
+        accumulator.add(0, start, torch.log_softmax(net(x[start : start + batch_size]), dim=-1))
+    net.train(training)
+    return accumulator.result()
+
+
+def finetune(net: nn.Module, x, y, steps: int, lr: float, batch_size: int, seed: int) -> None:
+    """``steps`` of Adam on the cross-entropy, on random minibatches; pruning masks stay applied."""
+    parameters = [p.requires_grad_(True) for p in net.parameters()]  # the pruned ones' masks stay in force
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    batches = Minibatches(len(x), batch_size, seed)
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)  # dropout, where the net has it, as in the MAP run's training
+        net.train()
+        for _ in range(steps):
+            i = batches.next().to(x.device)
+            loss = F.cross_entropy(net(x[i]), y[i])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        net.eval()
+
+
+def _final_row(folder: Path) -> dict:
+    path = folder / METRICS
+    if not path.exists():
+        raise PyrozooError(f"{folder} has no {METRICS}: train it before its magnitude-pruning baseline")
+    return pd.read_csv(path).iloc[-1].to_dict()
+
+
+def baseline_record(method: str, source: Path, sparsity: Path, finetune_steps: int) -> dict:
+    """What defines a baseline cell: its source runs, the sparsity to match and the fine-tune."""
+    config = json.loads((source / CONFIG).read_text())["config"]
+    return {
+        "method": method,
+        "source": source.name,
+        "sparsity_from": sparsity.name,
+        "fraction": float(_final_row(sparsity)["pruned_fraction"]),
+        "finetune_steps": finetune_steps,
+        "lr": config["lr"],
+        "batch_size": config["batch_size"],
+        "seed": config["seed"],
+    }
+
+
+def baseline_state(folder: Path, method: str, source: Path, sparsity: Path, finetune_steps: int) -> str:
+    """``"finished"`` or ``"new"``; a folder holding another baseline is an error."""
+    record = baseline_record(method, source, sparsity, finetune_steps)
+    path = folder / CONFIG
+    if not path.exists():
+        return "new"
+    stored = json.loads(path.read_text()).get("baseline")
+    if stored != record:
+        differences = (
+            ["not a baseline"]
+            if not isinstance(stored, dict)
+            else [
+                f"{k} {stored.get(k)!r} there, {v!r} requested"
+                for k, v in record.items()
+                if stored.get(k) != v
+            ]
+        )
+        raise PyrozooError(
+            f"{folder} holds a different run ({'; '.join(differences)}); remove it or choose another --out"
+        )
+    return "finished" if (folder / METRICS).exists() else "new"
+
+
+def _write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def run_baseline(folder: Path, method: str, source: Path, sparsity: Path, finetune_steps: int) -> dict:
+    """Prune the ``source`` (flat-map) run's net to the ``sparsity`` (bmr-ss) run's final pruned fraction,
+    fine-tune it for ``finetune_steps`` (0: not at all), evaluate, and write ``folder``'s config.json and a
+    one-row metrics.csv; returns the row."""
+    record = baseline_record(method, source, sparsity, finetune_steps)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write(folder / CONFIG, lambda p: p.write_text(json.dumps({"baseline": record}, indent=2)))
+    run = Run.open(source, log=lambda text: None)
+    trained = _final_row(source)
+    d = run.data
+    start = time.perf_counter()
+    net = rebuild(run.model, run.guide, remove_dead=False)
+    masks = magnitude_prune(net, run.model.layers, record["fraction"])
+    entries = sum(m.numel() for m in masks.values())
+    masked = 1 - sum(int(m.sum()) for m in masks.values()) / entries
+    if record["finetune_steps"]:
+        finetune(
+            net,
+            d.x_train,
+            d.y_train,
+            record["finetune_steps"],
+            record["lr"],
+            record["batch_size"],
+            record["seed"],
+        )
+    seconds = time.perf_counter() - start
+    for name, keep in masks.items():  # BMR's pruned fraction, which also counts the weights of dead units
+        run.model.set_mask(name, keep)
+    start = time.perf_counter()
+    metrics = evaluate_net(net, d.x_test, d.y_test, d.num_classes, run.config.eval_batch_size)
+    row = {
+        "epoch": int(trained["epoch"]),
+        "step": int(trained["step"]) + record["finetune_steps"],
+        "seconds": round(float(trained["seconds"]) + seconds, 3),
+        "baseline_seconds": round(seconds, 3),
+        "pruned_fraction": pruned_fraction(run.model),
+        "masked_fraction": masked,
+        **metrics,
+        "eval_seconds": round(time.perf_counter() - start, 3),
+    }
+    _write(folder / METRICS, lambda p: pd.DataFrame([row]).to_csv(p, index=False))
+    return row

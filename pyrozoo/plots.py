@@ -1,0 +1,218 @@
+"""The paper's figures for a grid folder, as PNG and PDF beside its results.csv (headless: the Agg backend).
+
+- ``curves-<data>-<net>``: accuracy, NLL, ECE and pruned fraction against epoch, one line per method (mean over
+  seeds); the magnitude-pruning baselines, evaluated once, are markers at their final epoch.
+- ``weight-cdf-<data>-<net>``: per layer, the CDF of |posterior-mean weight| for ``bmr-ss`` against
+  ``tiered-ff`` (pruned weights are exactly 0 and drawn at the left edge).
+- ``delta-f-<data>-<net>``: per prunable layer, the histogram of dF (the evidence gain of removing a weight) over
+  the live weights of every mean-field run.
+
+The last two need the trained posteriors, so they are drawn from the run folders' checkpoints and skipped where
+those are missing (e.g. a results.csv copied away from its runs).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: draw to files, never to a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from pyrozoo.baselines import BASELINES  # noqa: E402
+from pyrozoo.errors import PyrozooError  # noqa: E402
+from pyrozoo.train import CHECKPOINT, Run  # noqa: E402
+
+CURVES = [("accuracy", "test accuracy"), ("nll", "test NLL"), ("ece", "ECE (20 equal-mass bins)")]
+PRUNED = ("pruned_fraction", "pruned fraction")
+CDF_METHODS = ("bmr-ss", "tiered-ff")
+CDF_FLOOR = 1e-6  # where |w| = 0 is drawn on the log axis
+CDF_POINTS = 2000
+FORMATS = ("png", "pdf")
+
+
+def _save(fig, folder: Path, stem: str) -> list[Path]:
+    paths = []
+    for fmt in FORMATS:
+        path = folder / f"{stem}.{fmt}"
+        tmp = path.with_name(path.name + ".tmp")
+        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def _colours(methods) -> dict[str, str]:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}
+
+
+def plot_curves(results: pd.DataFrame, folder: Path) -> list[Path]:
+    """One figure per dataset and net: a panel per metric, a line per method."""
+    paths = []
+    for (data, net), table in results.groupby(["data", "net"], sort=False):
+        methods = list(dict.fromkeys(table["method"]))
+        colours = _colours(methods)
+        panels = CURVES + [PRUNED]
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+        for ax, (column, label) in zip(axes, panels):
+            for method in methods:
+                rows = table[table["method"] == method]
+                if column not in rows:
+                    continue
+                seeds = rows["seed"].nunique()
+                curve = rows.groupby("epoch")[column].mean().dropna()
+                if curve.empty:
+                    continue
+                name = method if seeds == 1 else f"{method} ({seeds} seeds)"
+                if method in BASELINES:
+                    marker = "*" if BASELINES[method] else "X"
+                    ax.plot(curve.index, curve.values, marker, ms=11, color=colours[method], label=name)
+                else:
+                    ax.plot(
+                        curve.index,
+                        curve.values,
+                        "-",
+                        marker="." if len(curve) < 60 else None,
+                        color=colours[method],
+                        label=name,
+                    )
+            ax.set_xlabel("epoch")
+            ax.set_title(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{net} on {data}")
+        paths += _save(fig, folder, f"curves-{data}-{net}")
+    return paths
+
+
+@torch.no_grad()
+def posterior_summary(run_folder: Path) -> dict:
+    """``{"weights": {layer: |posterior-mean weight|}, "delta_f": {layer: dF of live weights}, "pruned": f}``
+    of a trained run (dF only for posteriors with spread)."""
+    from pyrozoo.bmr.prune import delta_f, pruned_fraction
+
+    run = Run.open(run_folder, log=lambda text: None)
+    weights = run.model.weights_from(run.guide.mean())
+    summary = {
+        "weights": {
+            layer.name: weights[layer.name].abs().flatten().cpu().numpy() for layer in run.model.layers
+        },
+        "delta_f": {},
+        "pruned": pruned_fraction(run.model),
+    }
+    posterior = run.guide.posterior()
+    if all(bool((posterior[layer.site][1] > 0).all()) for layer in run.model.layers):
+        for name, df in delta_f(run.model, run.guide).items():
+            live = run.model.mask(name).bool()
+            summary["delta_f"][name] = df[live].cpu().double().numpy()
+    return summary
+
+
+def plot_weight_cdf(summaries: dict[str, dict], title: str, folder: Path, stem: str) -> list[Path]:
+    """Per layer, the CDF of |posterior-mean weight| of each run in ``summaries`` (method -> summary)."""
+    layers = list(next(iter(summaries.values()))["weights"])
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.2), squeeze=False)
+    colours = _colours(summaries)
+    for ax, layer in zip(axes[0], layers):
+        for method, summary in summaries.items():
+            w = np.sort(np.maximum(summary["weights"][layer], CDF_FLOOR))
+            # at most CDF_POINTS steps: a million-point line makes a huge PDF and looks the same
+            at = np.unique(np.linspace(0, len(w) - 1, min(len(w), CDF_POINTS)).round().astype(int))
+            ax.step(w[at], (at + 1) / len(w), where="post", color=colours[method], label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"|posterior-mean weight| (0 at {CDF_FLOOR:g})")
+        ax.set_title(layer, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("CDF")
+    axes[0][0].legend(
+        [f"{m} (pruned {s['pruned']:.2f})" for m, s in summaries.items()], fontsize=8, loc="upper left"
+    )
+    fig.suptitle(title)
+    return _save(fig, folder, stem)
+
+
+def _symlog_bins(values: np.ndarray, per_decade: int = 8) -> np.ndarray:
+    """Bin edges of equal width on the symmetric-log axis (linear inside |dF| < 1, whose halves span a decade
+    each, logarithmic beyond), so that bin heights compare across the axis."""
+    low, high = float(values.min()), float(values.max())
+    edges = [np.linspace(-1, 1, 2 * per_decade + 1)]
+    for end, sign in ((-low, -1), (high, 1)):
+        if end > 1:
+            decades = max(1, int(np.ceil(np.log10(end))))
+            edges.append(sign * np.logspace(0, decades, decades * per_decade + 1))
+    return np.unique(np.concatenate(edges))
+
+
+def plot_delta_f(summaries: dict[str, dict], title: str, folder: Path, stem: str) -> list[Path]:
+    """Per prunable layer, the histogram of dF over the live weights of each run in ``summaries``."""
+    summaries = {m: s for m, s in summaries.items() if s["delta_f"]}
+    layers = list(next(iter(summaries.values()))["delta_f"])
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.2), squeeze=False)
+    colours = _colours(summaries)
+    for ax, layer in zip(axes[0], layers):
+        for method, summary in summaries.items():
+            df = summary["delta_f"][layer]
+            if len(df):
+                ax.hist(
+                    df,
+                    bins=_symlog_bins(df),
+                    weights=np.full(len(df), 1 / len(df)),
+                    histtype="step",
+                    color=colours[method],
+                    label=f"{method} ({len(df)} live)",
+                )
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("dF (> 0: removal raises the evidence)")
+        ax.set_title(layer, fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("fraction of live weights")
+    fig.suptitle(title)
+    return _save(fig, folder, stem)
+
+
+def plot_posteriors(results: pd.DataFrame, folder: Path, log=print) -> list[Path]:
+    """Weight CDFs and dF histograms from the run folders of ``folder`` (first seed of each dataset and net)."""
+    paths = []
+    for (data, net), table in results.groupby(["data", "net"], sort=False):
+        seed = int(table["seed"].min())
+        summaries = {}
+        for method in dict.fromkeys(table["method"]):
+            run_folder = folder / f"{net}-{method}-{data}-s{seed}"
+            if method in BASELINES:
+                continue
+            if not (run_folder / CHECKPOINT).exists():
+                log(f"{run_folder}: no {CHECKPOINT}, left out of the weight and dF plots")
+                continue
+            summaries[method] = posterior_summary(run_folder)
+        title = f"{net} on {data}, seed {seed}"
+        pair = {m: summaries[m] for m in CDF_METHODS if m in summaries}
+        if len(pair) == len(CDF_METHODS):
+            paths += plot_weight_cdf(
+                pair, f"{title}: CDF of |posterior-mean weight|", folder, f"weight-cdf-{data}-{net}"
+            )
+        if any(s["delta_f"] for s in summaries.values()):
+            paths += plot_delta_f(summaries, f"{title}: dF per weight", folder, f"delta-f-{data}-{net}")
+    return paths
+
+
+def plot_grid(folder: str | os.PathLike, results: pd.DataFrame | None = None, log=print) -> list[Path]:
+    """Every figure of a grid folder, from its results.csv (or ``results``) and its run folders."""
+    from pyrozoo.compare import RESULTS
+
+    folder = Path(folder)
+    if results is None:
+        path = folder / RESULTS
+        if not path.exists():
+            raise PyrozooError(f"{folder} has no {RESULTS}: run `pyrozoo compare --out {folder}` first")
+        results = pd.read_csv(path)
+    return plot_curves(results, folder) + plot_posteriors(results, folder, log)
