@@ -43,13 +43,19 @@ def _bytes(net: nn.Module) -> int:
 
 
 def export(run, folder: Path, repeats: int = 50) -> dict:
-    """Write ``folder/sparse_state_dict.pt`` and ``folder/sparse.pt2`` (``torch.export``) and return a summary."""
+    """Write the rebuilt sparse net and return a summary (sizes, accuracy, latency, dense against sparse).
+
+    ``folder/sparse.pt2`` is a ``torch.export`` program for deployment; ``sparse_net.pt`` the whole module
+    (``torch.load(path, weights_only=False)``; a rebuilt timm model is still a timm model, to fine-tune);
+    ``sparse_state_dict.pt`` its weights only (their shapes differ from the dense net's where units went).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     d = run.data
     dense = rebuild(run.model, run.guide, remove_dead=False).cpu()
     sparse = rebuild(run.model, run.guide, remove_dead=True).cpu()
     x_test, y_test = d.x_test.cpu(), d.y_test.cpu()
     torch.save(sparse.state_dict(), folder / "sparse_state_dict.pt")
+    torch.save(sparse, folder / "sparse_net.pt")
     program = torch.export.export(sparse, (x_test[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(program, folder / "sparse.pt2")
     summary = {}

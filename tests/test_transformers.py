@@ -8,7 +8,7 @@ from timm.models.mlp_mixer import MlpMixer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from pyrozoo.bmr import pruned_fraction
+from pyrozoo.bmr import prune, pruned_fraction
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.bmr.units import effective_masks, find_units
 from pyrozoo.errors import PyrozooError
@@ -166,3 +166,35 @@ def test_an_attention_with_every_head_dead_keeps_one():
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), model.logits(x, model.weights_from(guide.mean())))
+
+
+@pytest.mark.parametrize("name", ["vit", "mixer"])
+def test_bmr_ss_trains_prunes_and_exports_a_tiny_transformer(name, tmp_path):
+    from pyrozoo.export import export
+    from pyrozoo.train import Run, TrainConfig
+
+    config = TrainConfig(
+        net=name,
+        data="fashion-mnist-mini",
+        method="bmr-ss",
+        epochs=2,
+        steps_per_epoch=4,
+        batch_size=32,
+        samples=2,
+        eval_batch_size=500,
+        warmup_steps=2,
+        net_options={"preset": "tiny"},
+    )
+    run = Run(config, tmp_path / "run", log=lambda text: None)
+    metrics = run.train(progress=False)
+    assert list(metrics["pruned_fraction"].notna()) == [True, True] and 0 <= metrics["accuracy"].iloc[-1] <= 1
+    # a few steps barely move the posterior from its initialisation: prune everything to have units to cut
+    assert prune(run.model, run.guide, "threshold", margin=-1e9).pruned_fraction == 1.0
+    summary = export(run, tmp_path / "export", repeats=1)
+    assert summary["sparse"]["nonzero_parameters"] < summary["dense"]["parameters"]
+    program = torch.export.load(tmp_path / "export" / "sparse.pt2")
+    x = run.data.x_test[:3]
+    sparse = torch.load(tmp_path / "export" / "sparse_net.pt", weights_only=False)
+    assert type(sparse) is type(run.model.net)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), sparse(x))
