@@ -14,3 +14,7 @@ def test_python_api_tour_runs():
     exec(compile(block, "README.md", "exec"), namespace)
     assert isinstance(namespace["net"], torch.nn.Module)
     assert 0 <= namespace["report"].pruned_fraction <= 1
+    # the transformer example continues in the same namespace
+    block = re.search(r"### Transformers, and any `nn.Module`.*?```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert type(namespace["small"]) is type(namespace["vit"])
