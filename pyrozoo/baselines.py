@@ -1,10 +1,12 @@
 """The baseline a practitioner would otherwise pick: global magnitude pruning of the MAP network.
 
 The ``flat-map`` run's point estimate is rebuilt as a plain ``nn.Module``; its prunable layers (every weight
-layer but the output layer, biases included: the set BMR prunes) are pruned together by
-``torch.nn.utils.prune.global_unstructured`` (L1, smallest magnitudes first) to the pruned fraction that the
-``bmr-ss`` run of the same net, data and seed reached, and evaluated with the same metrics: as pruned
-(``magnitude``), and after a short fine-tune of the surviving weights with the masks kept (``magnitude-ft``).
+layer but the output layer, biases included: the set BMR prunes) are pruned with ``torch.nn.utils.prune``
+(L1, smallest magnitudes first) to the pruned fraction that the ``bmr-ss`` run of the same net, data and seed
+reached, and evaluated with the same metrics: as pruned, and after a short fine-tune of the surviving weights
+with the masks kept (``-ft``). ``magnitude`` ranks all prunable entries together
+(``global_unstructured``), the usual choice; ``magnitude-layer`` prunes every layer to the same fraction,
+which survives layers whose weights are all smaller than the others' (global ranking can empty them).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -26,7 +29,19 @@ from pyrozoo.errors import PyrozooError
 from pyrozoo.metrics import PredictionAccumulator
 from pyrozoo.train import CONFIG, METRICS, Minibatches, Run
 
-BASELINES = {"magnitude": False, "magnitude-ft": True}  # name -> fine-tuned after pruning
+
+@dataclass(frozen=True)
+class Baseline:
+    scope: str  # "global": one magnitude ranking over all prunable layers; "layer": each layer on its own
+    finetuned: bool
+
+
+BASELINES = {
+    "magnitude": Baseline("global", False),
+    "magnitude-ft": Baseline("global", True),
+    "magnitude-layer": Baseline("layer", False),
+    "magnitude-layer-ft": Baseline("layer", True),
+}
 SOURCE_METHOD, SPARSITY_METHOD = "flat-map", "bmr-ss"
 
 
@@ -40,15 +55,22 @@ def _owner(net: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (net.get_submodule(path) if path else net), attribute
 
 
-def magnitude_prune(net: nn.Module, layers, fraction: float) -> dict[str, torch.Tensor]:
+def magnitude_prune(
+    net: nn.Module, layers, fraction: float, scope: str = "global"
+) -> dict[str, torch.Tensor]:
     """Prune ``net`` in place: the smallest-magnitude ``fraction`` of the prunable layers' entries (weights and
-    biases, over all those layers at once) are masked to zero with ``torch.nn.utils.prune``, whose masks keep
-    them zero under further training. Returns each prunable layer's keep-mask, shaped like its latent."""
+    biases) are masked to zero with ``torch.nn.utils.prune``, whose masks keep them zero under further
+    training; ranked over all those layers at once (``scope="global"``) or in each layer (``"layer"``).
+    Returns each prunable layer's keep-mask, shaped like its latent."""
     if not 0 <= fraction <= 1:
         raise PyrozooError(f"a pruned fraction lies in [0, 1], got {fraction}")
+    if scope not in ("global", "layer"):
+        raise PyrozooError(f"magnitude pruning is global or per layer, not {scope!r}")
     prunable = [layer for layer in layers if layer.prunable]
-    targets = [_owner(net, name) for layer in prunable for name in _parameter_names(layer)]
-    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=float(fraction))
+    groups = [prunable] if scope == "global" else [[layer] for layer in prunable]
+    for group in groups:
+        targets = [_owner(net, name) for layer in group for name in _parameter_names(layer)]
+        prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=float(fraction))
     masks = {}
     for layer in prunable:
         parts = []
@@ -103,6 +125,7 @@ def baseline_record(method: str, source: Path, sparsity: Path, finetune_steps: i
     config = json.loads((source / CONFIG).read_text())["config"]
     return {
         "method": method,
+        "scope": BASELINES[method].scope,
         "source": source.name,
         "sparsity_from": sparsity.name,
         "fraction": float(_final_row(sparsity)["pruned_fraction"]),
@@ -154,7 +177,7 @@ def run_baseline(folder: Path, method: str, source: Path, sparsity: Path, finetu
     d = run.data
     start = time.perf_counter()
     net = rebuild(run.model, run.guide, remove_dead=False)
-    masks = magnitude_prune(net, run.model.layers, record["fraction"])
+    masks = magnitude_prune(net, run.model.layers, record["fraction"], record["scope"])
     entries = sum(m.numel() for m in masks.values())
     masked = 1 - sum(int(m.sum()) for m in masks.values()) / entries
     if record["finetune_steps"]:

@@ -146,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=_choice([*METHODS, *BASELINES]),
         default=argparse.SUPPRESS,
-        help="training methods, and magnitude / magnitude-ft: global magnitude pruning of the flat-map net to "
-        "the sparsity bmr-ss reached, without / with a fine-tune",
+        help="training methods, and baselines: magnitude (-ft) prunes the flat-map net by global magnitude to "
+        "the sparsity bmr-ss reached (then fine-tunes it), magnitude-layer (-ft) each layer to that fraction",
     )
     compare.add_argument(
         "--data",

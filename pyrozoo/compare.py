@@ -10,7 +10,7 @@ Grids can be written as TOML files (see ``experiments/grid-*.toml``)::
 
     out = "runs/grid-fashion-mnist"
     nets = ["mlp", "lenet"]
-    methods = ["flat-map", "flat-ff", "tiered-ff", "bmr-ss", "magnitude", "magnitude-ft"]
+    methods = ["flat-map", "flat-ff", "tiered-ff", "bmr-ss", "magnitude", "magnitude-ft", "magnitude-layer"]
     data = ["fashion-mnist"]
     seeds = [0]
     finetune_steps = 500       # magnitude-ft: steps of fine-tuning after pruning
@@ -367,7 +367,7 @@ def run_grid(grid: Grid, progress: bool = True, log=tqdm.write) -> pd.DataFrame:
             bar.set_postfix_str(cell.name)
             source = grid.folder(cell.with_method(SOURCE_METHOD))
             sparsity = grid.folder(cell.with_method(SPARSITY_METHOD))
-            steps = grid.finetune_steps if BASELINES[cell.method] else 0
+            steps = grid.finetune_steps if BASELINES[cell.method].finetuned else 0
             if baseline_state(grid.folder(cell), cell.method, source, sparsity, steps) != "finished":
                 run_baseline(grid.folder(cell), cell.method, source, sparsity, steps)
             bar.update()

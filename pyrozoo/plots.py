@@ -1,7 +1,7 @@
 """The paper's figures for a grid folder, as PNG and PDF beside its results.csv (headless: the Agg backend).
 
 - ``curves-<data>-<net>``: accuracy, NLL, ECE and pruned fraction against epoch, one line per method (mean over
-  seeds); the magnitude-pruning baselines, evaluated once, are markers at their final epoch.
+  seeds); the magnitude-pruning baselines, evaluated once, are markers at their source run's final epoch.
 - ``weight-cdf-<data>-<net>``: per layer, the CDF of |posterior-mean weight| for ``bmr-ss`` against
   ``tiered-ff`` (pruned weights are exactly 0 and drawn at the left edge).
 - ``delta-f-<data>-<net>``: per prunable layer, the histogram of dF (the evidence gain of removing a weight) over
@@ -35,6 +35,7 @@ CDF_METHODS = ("bmr-ss", "tiered-ff")
 CDF_FLOOR = 1e-6  # where |w| = 0 is drawn on the log axis
 CDF_POINTS = 2000
 FORMATS = ("png", "pdf")
+MARKERS = {("global", False): "X", ("global", True): "*", ("layer", False): "P", ("layer", True): "D"}
 
 
 def _save(fig, folder: Path, stem: str) -> list[Path]:
@@ -73,7 +74,8 @@ def plot_curves(results: pd.DataFrame, folder: Path) -> list[Path]:
                     continue
                 name = method if seeds == 1 else f"{method} ({seeds} seeds)"
                 if method in BASELINES:
-                    marker = "*" if BASELINES[method] else "X"
+                    baseline = BASELINES[method]
+                    marker = MARKERS[baseline.scope, baseline.finetuned]
                     ax.plot(curve.index, curve.values, marker, ms=11, color=colours[method], label=name)
                 else:
                     ax.plot(

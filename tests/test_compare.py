@@ -15,7 +15,7 @@ import torch
 
 import pyrozoo.train as train_module
 from pyrozoo import compare
-from pyrozoo.baselines import evaluate_net, finetune, magnitude_prune
+from pyrozoo.baselines import BASELINES, evaluate_net, finetune, magnitude_prune
 from pyrozoo.cli import main
 from pyrozoo.compare import RESULTS, TABLE, make_grid, read_config, run_grid
 from pyrozoo.errors import PyrozooError
@@ -172,8 +172,8 @@ def test_results_table_and_matched_magnitude_baseline(tmp_path):
     assert "±" in text  # two seeds: a spread
 
 
-def test_magnitude_baseline_prunes_to_the_bmr_runs_sparsity(tmp_path):
-    grid = tiny_grid(tmp_path, ["flat-map", "bmr-ss", "magnitude"])
+def test_magnitude_baselines_prune_to_the_bmr_runs_sparsity(tmp_path):
+    grid = tiny_grid(tmp_path, ["flat-map", "bmr-ss", "magnitude", "magnitude-layer"])
     run_grid(grid, progress=False)
     # Pretend bmr-ss reached 60%: the baseline follows its metrics.csv (a changed target is a new baseline).
     metrics = tmp_path / "mlp-bmr-ss-fashion-mnist-mini-s0" / "metrics.csv"
@@ -182,11 +182,15 @@ def test_magnitude_baseline_prunes_to_the_bmr_runs_sparsity(tmp_path):
     table.to_csv(metrics, index=False)
     with pytest.raises(PyrozooError, match="fraction 0.0 there, 0.6 requested"):
         run_grid(grid, progress=False)
-    (tmp_path / "mlp-magnitude-fashion-mnist-mini-s0" / "config.json").unlink()
-    row = run_grid(grid, progress=False).query("method == 'magnitude'").iloc[0]
-    assert row["masked_fraction"] == pytest.approx(0.6, abs=1e-6)
-    assert row["pruned_fraction"] >= row["masked_fraction"] - 1e-9  # dead units can only add to it
-    assert 0 <= row["accuracy"] <= 1 and row["nll"] > 0
+    for method in ("magnitude", "magnitude-layer"):
+        (tmp_path / f"mlp-{method}-fashion-mnist-mini-s0" / "config.json").unlink()
+    final = run_grid(grid, progress=False).set_index("method")
+    for method in ("magnitude", "magnitude-layer"):
+        row = final.loc[method]
+        assert row["masked_fraction"] == pytest.approx(0.6, abs=1e-5)
+        assert row["pruned_fraction"] >= row["masked_fraction"] - 1e-9  # dead units can only add to it
+        assert 0 <= row["accuracy"] <= 1 and row["nll"] > 0
+    assert final.loc["magnitude", "nll"] != final.loc["magnitude-layer", "nll"]  # other entries pruned
 
 
 def latent(net, layer) -> torch.Tensor:
@@ -197,18 +201,22 @@ def latent(net, layer) -> torch.Tensor:
     )
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.77, 1.0])
-def test_magnitude_prune_is_exact_global_and_spares_the_output_layer(fraction):
+def test_magnitude_prune_is_exact_and_spares_the_output_layer(fraction, scope):
     torch.manual_seed(0)
     net = create_net("mlp", in_channels=1, image_size=4, num_classes=3, hidden=(7, 5))
     model = BayesianModel(net)
     head_before = net.head.weight.detach().clone()
     before = {layer.name: latent(net, layer).abs() for layer in model.layers if layer.prunable}
-    masks = magnitude_prune(net, model.layers, fraction)
+    masks = magnitude_prune(net, model.layers, fraction, scope)
 
     total = sum(m.numel() for m in masks.values())
     pruned = sum(int((~m).sum()) for m in masks.values())
-    assert pruned == round(fraction * total)
+    if scope == "global":
+        assert pruned == round(fraction * total)
+    else:  # each layer rounds on its own
+        assert abs(pruned - fraction * total) <= len(masks) / 2
     assert set(masks) == {layer.name for layer in model.layers if layer.prunable} and "head" not in masks
     assert torch.equal(net.head.weight, head_before) and not hasattr(net.head, "weight_mask")
     for layer in model.layers:
@@ -216,10 +224,15 @@ def test_magnitude_prune_is_exact_global_and_spares_the_output_layer(fraction):
             assert masks[layer.name].shape == layer.shape
             weights = latent(net, layer)
             assert torch.equal(weights == 0, ~masks[layer.name])  # the bias column too
-    if 0 < pruned < total:  # global: every pruned magnitude is at most every kept one, across layers
-        removed = torch.cat([before[n][~m] for n, m in masks.items()])
-        kept = torch.cat([before[n][m] for n, m in masks.items()])
-        assert removed.max() <= kept.min()
+    # every pruned magnitude is at most every kept one: across layers (global) or within each layer
+    groups = [list(masks)] if scope == "global" else [[name] for name in masks]
+    for names in groups:
+        removed = torch.cat([before[n][~masks[n]] for n in names])
+        kept = torch.cat([before[n][masks[n]] for n in names])
+        if len(removed) and len(kept):
+            assert removed.max() <= kept.min()
+        if scope == "layer":
+            assert len(removed) == round(fraction * (len(removed) + len(kept)))
 
     x, y = torch.randn(40, 1, 4, 4), torch.randint(0, 3, (40,))
     finetune(net, x, y, steps=5, lr=0.05, batch_size=8, seed=0)
@@ -308,7 +321,7 @@ def test_the_papers_grids_are_valid(data):
     grid = make_grid(EXPERIMENTS / f"grid-{data}.toml")
     assert grid.data == [data] and grid.nets == ["mlp", "lenet", "vit", "mixer"]
     assert set(grid.training_methods) == {"flat-map", "flat-ff", "tiered-ff", "bmr-ss", "bmr-rhs"}
-    assert set(grid.methods) - set(METHODS) == {"magnitude", "magnitude-ft"}
+    assert set(grid.methods) - set(METHODS) == set(BASELINES)
     assert len(grid.cells()) == 4 * 5
     config = grid.config(grid.cells()[0])  # the paper's schedule
     assert (config.epochs, config.steps_per_epoch, config.batch_size) == (50, 500, 120)
