@@ -198,3 +198,21 @@ def test_bmr_ss_trains_prunes_and_exports_a_tiny_transformer(name, tmp_path):
     assert type(sparse) is type(run.model.net)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), sparse(x))
+
+
+@pytest.mark.parametrize("prior", ["flat", "tiered"])
+@pytest.mark.parametrize("name", ["vit", "mixer"])
+def test_every_prior_gives_a_finite_training_step_on_every_kind_of_group(name, prior):
+    from pyrozoo.models.priors import PRIORS
+    from pyrozoo.train import svi_step
+
+    model = BayesianModel(tiny(name), prior=PRIORS[prior])
+    guide = make_guide("meanfield", model)
+    x, y = torch.randn(4, 1, 16, 16), torch.randint(0, 4, (4,))
+    optimizer = torch.optim.Adam(guide.parameters(), lr=1e-2)
+    losses = [svi_step(model, guide, optimizer, x, y, 100) for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    trace = poutine.trace(model.sample_weights).get_trace()
+    for layer in model.layers:  # each group, whatever its kind, has its latent and its own hyperparameters
+        assert trace.nodes[layer.site]["value"].shape == layer.shape
+        assert any(site.startswith(f"{layer.name}.") and site != layer.site for site in trace.nodes)
