@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import SymmetricalLogLocator  # noqa: E402
 
 from pyrozoo.baselines import BASELINES  # noqa: E402
 from pyrozoo.errors import PyrozooError  # noqa: E402
@@ -174,9 +175,10 @@ def plot_delta_f(summaries: dict[str, dict], title: str, folder: Path, stem: str
                 )
         ax.axvline(0, color="black", lw=0.8)
         ax.set_xscale("symlog", linthresh=1)
+        ax.xaxis.set_major_locator(SymmetricalLogLocator(linthresh=1, base=100))  # ticks two decades apart
         ax.set_xlabel("dF (> 0: removal raises the evidence)")
         ax.set_title(layer, fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left")
     axes[0][0].set_ylabel("fraction of live weights")
     fig.suptitle(title)
     return _save(fig, folder, stem)
