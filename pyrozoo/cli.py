@@ -180,10 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--rule",
         type=_choice([*REDUCTIONS, "shrinkage"]),
         default="spike-and-slab",
-        help="a BMR rule, 'horseshoe' (BMR-RHS), or 'shrinkage': prune rows whose posterior-mean "
-        "prior scale is below --threshold",
+        help="a per-weight BMR rule, 'units' (structured BMR: whole neurons, channels and attention heads), "
+        "'horseshoe' (BMR-RHS), or 'shrinkage': prune rows whose posterior-mean prior scale is below --threshold",
     )
-    prune.add_argument("--margin", type=float, default=0.0, help="threshold rule: prune iff dF > margin")
+    prune.add_argument(
+        "--margin", type=float, default=0.0, help="threshold and units rules: prune iff dF > margin"
+    )
     prune.add_argument(
         "--threshold", type=_positive_float, default=None, help="shrinkage rule: the scale cut-off"
     )
@@ -282,8 +284,8 @@ def _prune(args) -> None:
             scores=shrinkage_scores(run.model, scales),
             margin=-args.threshold,
         )
-    elif args.rule == "threshold":
-        report = prune(run.model, run.guide, "threshold", margin=args.margin)
+    elif args.rule in ("threshold", "units"):
+        report = reduce(run.model, run.guide, args.rule, margin=args.margin)
     else:
         report = reduce(
             run.model, run.guide, args.rule, **({"count_pruned": True} if args.count_pruned else {})

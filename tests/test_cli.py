@@ -241,6 +241,14 @@ def test_prune_and_export_a_finished_run(capsys, tmp_path):
     assert program.module()(x).shape == (3, 10)
 
 
+def test_prune_removes_whole_units(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", *TINY, "--method", "flat-ff", "--epochs", "1", "--out", "run")
+    assert code == 0, err
+    code, out, err = cli(capsys, "prune", "run", "--rule", "units", "--margin=-1e9")
+    assert code == 0, err
+    assert "pruned fraction 1.0000" in out and "live units removed" in out
+
+
 def test_prune_refuses_a_map_run(capsys):
     code, _, err = cli(capsys, "train", *TINY, "--method", "flat-map", "--epochs", "1", "--out", "map")
     assert code == 0, err

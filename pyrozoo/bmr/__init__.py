@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from pyrozoo.bmr.prune import PruneReport, prune, pruned_fraction
+from pyrozoo.bmr.prune import PruneReport, prune, prune_units, pruned_fraction
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.rules import RULES
 
-REDUCTIONS = [*RULES, "horseshoe"]
+REDUCTIONS = [*RULES, "units", "horseshoe"]
 
 
 def reduce(model, guide, rule: str, **options) -> PruneReport:
-    """One BMR pass: a per-weight rule on dF (``RULES``), or ``"horseshoe"`` (BMR-RHS); ``options`` go to it."""
+    """One BMR pass: a per-weight rule on dF (``RULES``), ``"units"`` (whole units, :func:`prune_units`), or
+    ``"horseshoe"`` (BMR-RHS); ``options`` go to it."""
+    if rule == "units":
+        return prune_units(model, guide, **options)
     if rule == "horseshoe":
         from pyrozoo.bmr.horseshoe import prune_horseshoe
 
@@ -18,4 +21,4 @@ def reduce(model, guide, rule: str, **options) -> PruneReport:
     return prune(model, guide, rule, **options)
 
 
-__all__ = ["PruneReport", "REDUCTIONS", "prune", "pruned_fraction", "rebuild", "reduce"]
+__all__ = ["PruneReport", "REDUCTIONS", "prune", "prune_units", "pruned_fraction", "rebuild", "reduce"]

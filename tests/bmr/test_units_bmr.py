@@ -1,0 +1,103 @@
+"""Structured BMR (whole units): the unit's dF, which units go, and that the rebuilt net agrees."""
+
+import pytest
+import torch
+
+from pyrozoo.bmr import prune_units, rebuild, reduce
+from pyrozoo.bmr.delta_f import multivariate
+from pyrozoo.bmr.prune import delta_f
+from pyrozoo.bmr.units import find_units
+from pyrozoo.guides import make_guide
+from pyrozoo.models import BayesianModel
+from pyrozoo.nets import create_net
+
+
+def _model_and_guide(seed=0):
+    torch.manual_seed(seed)
+    model = BayesianModel(create_net("mlp", in_channels=1, image_size=3, num_classes=3, hidden=(6, 5)))
+    guide = make_guide("meanfield", model)
+    return model, guide
+
+
+def _set_posterior(guide, site, loc, scale):
+    key = guide._sites[site][0]
+    guide.locs[key].copy_(loc)
+    guide.raw_scales[key].copy_(torch.log(torch.expm1(scale)))
+
+
+@torch.no_grad()
+def test_a_units_gain_is_the_joint_evidence_gain_of_removing_all_its_entries():
+    model, guide = _model_and_guide()
+    for layer in model.layers:  # posteriors near the prior, so that some units are worth removing
+        shape = layer.shape
+        _set_posterior(guide, layer.site, 0.8 * torch.randn(shape), 0.3 + 0.7 * torch.rand(shape))
+    first = find_units(model.net, model.layers)[0]
+    posterior = guide.posterior()
+    # Independently: the multivariate closed form over the unit's entries jointly (diagonal precision, every
+    # entry reduced to a point mass), unit by unit.
+    expected = []
+    for unit in range(first.count):
+        locs, precisions = [], []
+        for layer, index in ((first.producer, (first.rows[unit], slice(None))), (first.consumer, None)):
+            loc, scale = posterior[layer.site]
+            if index is None:
+                loc, scale = loc[:, first.columns[unit]], scale[:, first.columns[unit]]
+            else:
+                loc, scale = loc[index], scale[index]
+            locs.append(loc.flatten().double())
+            precisions.append(scale.flatten().double().pow(-2))
+        mu, pi = torch.cat(locs), torch.cat(precisions)
+        expected.append(multivariate(mu, torch.diag(pi), 1.0, torch.zeros_like(mu)).delta_f)
+    expected = torch.stack(expected)
+    gains = delta_f(model, guide, {first.producer.name, first.consumer.name})
+    got = gains[first.producer.name][first.rows].flatten(1).sum(1) + gains[first.consumer.name][
+        :, first.columns
+    ].sum(dim=(0, 2))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    report = prune_units(model, guide)
+    removed = ~model.mask(first.producer.name).bool().any(dim=1)
+    assert torch.equal(removed, expected > 0)
+    assert report.layers[0].note == f"{int((expected > 0).sum())} of 6 live units removed"
+
+
+@torch.no_grad()
+def test_only_units_whose_removal_raises_the_evidence_go_and_the_rebuilt_net_agrees():
+    model, guide = _model_and_guide()
+    first, second, head = model.layers
+    for layer in model.layers:  # every weight carries signal: far from 0, narrow
+        _set_posterior(guide, layer.site, torch.full(layer.shape, 3.0), torch.full(layer.shape, 0.05))
+    # unit 2 of the first hidden layer: its inputs, bias and outgoing weights all near 0 and broad
+    loc = guide.locs[guide._sites[first.site][0]]
+    loc[2] = 0.01
+    _set_posterior(
+        guide, first.site, loc, torch.where(torch.arange(6)[:, None] == 2, 0.9, 0.05).expand(6, 10)
+    )
+    loc = guide.locs[guide._sites[second.site][0]].clone()
+    loc[:, 2] = 0.01
+    scale = torch.full(second.shape, 0.05)
+    scale[:, 2] = 0.9
+    _set_posterior(guide, second.site, loc, scale)
+    x = torch.randn(4, 1, 3, 3)
+    report = reduce(model, guide, "units")
+    assert [r.note for r in report.layers] == ["1 of 6 live units removed", "0 of 5 live units removed"]
+    assert not model.mask(first.name)[2].any() and not model.mask(second.name)[:, 2].any()
+    assert model.mask(first.name).sum() == 5 * 10 and model.mask(head.name).all()
+    expected = model.logits(x, model.weights_from(guide.mean()))
+    net = rebuild(model, guide)
+    assert net.body[1].out_features == 5 and net.body[3].in_features == 5
+    torch.testing.assert_close(net(x), expected)
+
+
+@pytest.mark.parametrize("name", ["vit", "lenet"])
+def test_units_rule_runs_on_every_structure_and_masks_only_shrink(name):
+    side = 16 if name == "vit" else 32
+    options = {"preset": "tiny"} if name == "vit" else {"channels": (3, 4, 5), "hidden": 6}
+    model = BayesianModel(create_net(name, in_channels=1, image_size=side, num_classes=4, **options))
+    guide = make_guide("meanfield", model)
+    before = {layer.name: model.mask(layer.name).clone() for layer in model.layers}
+    report = prune_units(model, guide, margin=-1e9)  # every live unit goes
+    assert len(report.layers) == len(find_units(model.net, model.layers))
+    for layer in model.layers:
+        assert bool((model.mask(layer.name) <= before[layer.name]).all())
+    for units in find_units(model.net, model.layers):
+        assert units.dead(model.mask(units.producer.name).bool()).all()
