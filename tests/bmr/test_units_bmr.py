@@ -101,3 +101,18 @@ def test_units_rule_runs_on_every_structure_and_masks_only_shrink(name):
         assert bool((model.mask(layer.name) <= before[layer.name]).all())
     for units in find_units(model.net, model.layers):
         assert units.dead(model.mask(units.producer.name).bool()).all()
+
+
+def test_a_per_weight_pass_can_be_followed_by_a_structured_one():
+    model, guide = _model_and_guide()
+    with torch.no_grad():
+        for layer in model.layers:  # near the prior: a per-weight pass prunes some, the unit pass more
+            _set_posterior(guide, layer.site, 0.5 * torch.randn(layer.shape), torch.full(layer.shape, 0.7))
+    twin_model, twin_guide = _model_and_guide()
+    twin_model.load_state_dict(model.state_dict())
+    twin_guide.load_state_dict(guide.state_dict())
+    plain = reduce(twin_model, twin_guide, "threshold")
+    both = reduce(model, guide, "threshold", units=True)
+    assert len(both.layers) == len(plain.layers) + len(find_units(model.net, model.layers))
+    assert both.pruned_fraction > plain.pruned_fraction
+    assert any("units removed" in r.note and not r.note.startswith("0 of") for r in both.layers)
