@@ -56,8 +56,14 @@ def _colours(methods) -> dict[str, str]:
     return {m: cycle[i % len(cycle)] for i, m in enumerate(methods)}
 
 
+def _curve(rows: pd.DataFrame, column: str) -> pd.Series:
+    return rows.groupby("epoch")[column].mean().dropna() if column in rows else pd.Series(dtype=float)
+
+
 def plot_curves(results: pd.DataFrame, folder: Path) -> list[Path]:
-    """One figure per dataset and net: a panel per metric, a line per method."""
+    """One figure per dataset and net: a panel per metric, a line per method (NLL on a log axis, as the first
+    epochs of MAP reach many times the final value). A baseline marker beyond the training curves' range is
+    drawn at the panel's edge with its value written beside it, so it does not squash the curves."""
     paths = []
     for (data, net), table in results.groupby(["data", "net"], sort=False):
         methods = list(dict.fromkeys(table["method"]))
@@ -65,19 +71,38 @@ def plot_curves(results: pd.DataFrame, folder: Path) -> list[Path]:
         panels = CURVES + [PRUNED]
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
         for ax, (column, label) in zip(axes, panels):
+            log = column == "nll"
+            off_scale = {"low": 0, "high": 0}
+            trained = [_curve(table[table["method"] == m], column) for m in methods if m not in BASELINES]
+            values = pd.concat([c for c in trained if not c.empty] or [pd.Series([0.0, 1.0])])
+            low, high = float(values.min()), float(values.max())
+            if log:
+                low, high = low / 1.15, high * 1.15
+            else:
+                pad = 0.05 * (high - low) or 0.05
+                low, high = low - pad, high + pad
             for method in methods:
                 rows = table[table["method"] == method]
-                if column not in rows:
-                    continue
-                seeds = rows["seed"].nunique()
-                curve = rows.groupby("epoch")[column].mean().dropna()
+                curve = _curve(rows, column)
                 if curve.empty:
                     continue
+                seeds = rows["seed"].nunique()
                 name = method if seeds == 1 else f"{method} ({seeds} seeds)"
                 if method in BASELINES:
                     baseline = BASELINES[method]
                     marker = MARKERS[baseline.scope, baseline.finetuned]
-                    ax.plot(curve.index, curve.values, marker, ms=11, color=colours[method], label=name)
+                    for epoch, value in curve.items():
+                        shown = min(max(value, low), high)
+                        ax.plot(epoch, shown, marker, ms=10, color=colours[method], label=name, clip_on=False)
+                        if shown != value:  # off the curves' scale: at the edge, value written beside it
+                            edge = "high" if value > high else "low"
+                            rise = (1 if edge == "low" else -1) * 10 * off_scale[edge]
+                            off_scale[edge] += 1
+                            ax.annotate(
+                                f"{method} {value:.3g}", (epoch, shown), textcoords="offset points",
+                                xytext=(-10, rise), ha="right", va="center", fontsize=7, color=colours[method],
+                            )  # fmt: skip
+                        name = None
                 else:
                     ax.plot(
                         curve.index,
@@ -87,10 +112,18 @@ def plot_curves(results: pd.DataFrame, folder: Path) -> list[Path]:
                         color=colours[method],
                         label=name,
                     )
+            if log:
+                ax.set_yscale("log")
+            ax.set_ylim(low, high)
             ax.set_xlabel("epoch")
-            ax.set_title(label)
+            ax.set_title(label + (" (log axis)" if log else ""))
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
+        labelled = {}
+        for ax in axes:
+            for handle, text in zip(*ax.get_legend_handles_labels()):
+                labelled.setdefault(text, handle)
+        fig.legend(labelled.values(), labelled.keys(), loc="lower center", ncol=min(len(labelled), 8), fontsize=8,
+                   bbox_to_anchor=(0.5, -0.1), frameon=False)  # fmt: skip
         fig.suptitle(f"{net} on {data}")
         paths += _save(fig, folder, f"curves-{data}-{net}")
     return paths
