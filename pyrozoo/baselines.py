@@ -43,11 +43,18 @@ BASELINES = {
     "magnitude-layer-ft": Baseline("layer", True),
 }
 SOURCE_METHOD, SPARSITY_METHOD = "flat-map", "bmr-ss"
+LAYERS = "layers.csv"  # per prunable layer: entries, kept fraction, median |weight| before pruning
 
 
 def _parameter_names(layer) -> list[str]:
     """The net parameters of a random layer: its weight, then its bias if it has one."""
     return list(layer.split(torch.zeros(layer.shape)))
+
+
+def _latent(net: nn.Module, layer) -> torch.Tensor:
+    """The layer's parameters in the net as one latent-shaped matrix (weight, then the bias as a column)."""
+    parts = [net.get_parameter(name).detach().reshape(layer.shape[0], -1) for name in _parameter_names(layer)]
+    return torch.cat(parts, dim=1)
 
 
 def _owner(net: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -167,8 +174,8 @@ def _write(path: Path, write) -> None:
 
 def run_baseline(folder: Path, method: str, source: Path, sparsity: Path, finetune_steps: int) -> dict:
     """Prune the ``source`` (flat-map) run's net to the ``sparsity`` (bmr-ss) run's final pruned fraction,
-    fine-tune it for ``finetune_steps`` (0: not at all), evaluate, and write ``folder``'s config.json and a
-    one-row metrics.csv; returns the row."""
+    fine-tune it for ``finetune_steps`` (0: not at all), evaluate, and write ``folder``'s config.json, a
+    one-row metrics.csv and layers.csv (what survived in each layer); returns the row."""
     record = baseline_record(method, source, sparsity, finetune_steps)
     folder.mkdir(parents=True, exist_ok=True)
     _write(folder / CONFIG, lambda p: p.write_text(json.dumps({"baseline": record}, indent=2)))
@@ -177,6 +184,7 @@ def run_baseline(folder: Path, method: str, source: Path, sparsity: Path, finetu
     d = run.data
     start = time.perf_counter()
     net = rebuild(run.model, run.guide, remove_dead=False)
+    magnitudes = {layer.name: _latent(net, layer).abs() for layer in run.model.layers if layer.prunable}
     masks = magnitude_prune(net, run.model.layers, record["fraction"], record["scope"])
     entries = sum(m.numel() for m in masks.values())
     masked = 1 - sum(int(m.sum()) for m in masks.values()) / entries
@@ -205,5 +213,17 @@ def run_baseline(folder: Path, method: str, source: Path, sparsity: Path, finetu
         **metrics,
         "eval_seconds": round(time.perf_counter() - start, 3),
     }
+    layers = pd.DataFrame(
+        [
+            {
+                "layer": name,
+                "entries": keep.numel(),
+                "kept": float(keep.float().mean()),
+                "median_abs_weight": float(magnitudes[name].median()),
+            }
+            for name, keep in masks.items()
+        ]
+    )  # why global ranking empties some layers: their weights are all small
+    _write(folder / LAYERS, lambda p: layers.to_csv(p, index=False))
     _write(folder / METRICS, lambda p: pd.DataFrame([row]).to_csv(p, index=False))
     return row

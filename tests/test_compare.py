@@ -190,6 +190,12 @@ def test_magnitude_baselines_prune_to_the_bmr_runs_sparsity(tmp_path):
         assert row["masked_fraction"] == pytest.approx(0.6, abs=1e-5)
         assert row["pruned_fraction"] >= row["masked_fraction"] - 1e-9  # dead units can only add to it
         assert 0 <= row["accuracy"] <= 1 and row["nll"] > 0
+        layers = pd.read_csv(tmp_path / f"mlp-{method}-fashion-mnist-mini-s0" / "layers.csv")
+        assert len(layers) == 4 and "head" not in set(layers["layer"])  # the hidden layers only
+        kept = (layers["kept"] * layers["entries"]).sum() / layers["entries"].sum()
+        assert kept == pytest.approx(1 - row["masked_fraction"], abs=1e-6)
+        if method == "magnitude-layer":
+            assert layers["kept"].to_numpy() == pytest.approx(0.4, abs=1e-3)
     assert final.loc["magnitude", "nll"] != final.loc["magnitude-layer", "nll"]  # other entries pruned
 
 
