@@ -5,7 +5,7 @@
 - ``weight-cdf-<data>-<net>``: per layer, the CDF of |posterior-mean weight| for ``bmr-ss`` against
   ``tiered-ff`` (pruned weights are exactly 0 and drawn at the left edge).
 - ``delta-f-<data>-<net>``: per prunable layer, the histogram of dF (the evidence gain of removing a weight) over
-  the live weights of every mean-field run.
+  the live weights of every mean-field run (both axes logarithmic, x symmetrically).
 
 The last two need the trained posteriors, so they are drawn from the run folders' checkpoints and skipped where
 those are missing (e.g. a results.csv copied away from its runs).
@@ -209,6 +209,7 @@ def plot_delta_f(summaries: dict[str, dict], title: str, folder: Path, stem: str
         ax.axvline(0, color="black", lw=0.8)
         ax.set_xscale("symlog", linthresh=1)
         ax.xaxis.set_major_locator(SymmetricalLogLocator(linthresh=1, base=100))  # ticks two decades apart
+        ax.set_yscale("log")  # most live weights sit at dF ~ 0; the tails that decide pruning are rare
         ax.set_xlabel("dF (> 0: removal raises the evidence)")
         ax.set_title(layer, fontsize=9)
         ax.legend(fontsize=7, loc="upper left")
