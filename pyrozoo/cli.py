@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import sys
 
@@ -63,6 +64,24 @@ def _choice(known):
     return check
 
 
+def _net_option(text: str) -> dict:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return {key: ast.literal_eval(value)}
+    except (ValueError, SyntaxError):
+        return {key: value}  # a bare word such as tiny
+
+
+class _MergeOptions(argparse.Action):
+    """Merges repeated ``KEY=VALUE`` options into one dict."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, {**(current if isinstance(current, dict) else {}), **values})
+
+
 def _add_run_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
     """The options of one training run, shared by ``train`` and ``compare``. Without ``defaults`` an option
     that is not given is left out of the parsed arguments, so that a grid's config file can supply it."""
@@ -101,6 +120,22 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: bool = True) -> 
         default=False,
         help="spike-and-slab: count pruned weights as excluded in a layer's inclusion estimate "
         "(prunes much harder than the paper's rule)",
+    )
+    add(
+        "--prune-units",
+        action="store_true",
+        default=False,
+        help="BMR methods: after each per-weight pass, remove whole units (neurons, channels, attention heads) "
+        "whose removal raises the evidence",
+    )
+    add(
+        "--net-option",
+        dest="net_options",
+        type=_net_option,
+        action=_MergeOptions,
+        metavar="KEY=VALUE",
+        help="a net size or option, repeatable: --net-option preset=tiny --net-option depth=2 (values are "
+        "Python literals, else strings)",
     )
     add(
         "--warmup-steps",

@@ -59,6 +59,8 @@ RUN_OPTIONS: dict[str, tuple[object, type]] = {
     "tau0": (None, float),
     "local_scales": (False, bool),
     "count_pruned": (False, bool),
+    "prune_units": (False, bool),
+    "net_options": ({}, dict),
 }
 GRID_KEYS = ("out", "nets", "methods", "data", "seeds", "finetune_steps", "train")
 ID_COLUMNS = ["data", "net", "method", "seed"]
@@ -76,6 +78,8 @@ def _option_owners(option: str) -> tuple[str, Callable]:
         return "the tiered prior (--method tiered-ff)", lambda m: m.prior.__name__ == "tiered"
     if option == "hidden_scale":
         return "the flat prior (flat-map, flat-ff, bmr-ss, bmr-rhs)", lambda m: m.prior.__name__ == "flat"
+    if option == "prune_units":
+        return "the BMR methods (bmr-ss, bmr-rhs)", lambda m: m.rule is not None
     return "the spike-and-slab rule (--method bmr-ss)", lambda m: m.rule == "spike-and-slab"
 
 
@@ -94,7 +98,7 @@ def train_config(
     """
     o = {name: options.get(name, default) for name, (default, _) in RUN_OPTIONS.items()}
     m = get_method(method)
-    for option in ("tau0", "local_scales", "hidden_scale", "count_pruned"):
+    for option in ("tau0", "local_scales", "hidden_scale", "count_pruned", "prune_units"):
         owner, applies = _option_owners(option)
         if strict and _given(option, o[option]) and not applies(m):
             if option in ("tau0", "local_scales"):
@@ -122,9 +126,12 @@ def train_config(
         eval_every=o["eval_every"],
         device=o["device"],
         seed=seed,
-        net_options={} if o["dropout"] is None else {"dropout": o["dropout"]},
+        net_options={**(o["net_options"] or {}), **({} if o["dropout"] is None else {"dropout": o["dropout"]})},
         prior_options=prior_options,
-        rule_options={"count_pruned": True} if o["count_pruned"] and m.rule == "spike-and-slab" else {},
+        rule_options={
+            **({"count_pruned": True} if o["count_pruned"] and m.rule == "spike-and-slab" else {}),
+            **({"units": True} if o["prune_units"] and m.rule is not None else {}),
+        },
     )
 
 
@@ -187,7 +194,7 @@ class Grid:
                 f"add {' and '.join(missing)} to the methods"
             )
         trained = [METHODS[m] for m in self.training_methods]
-        for option in ("tau0", "local_scales", "hidden_scale", "count_pruned"):
+        for option in ("tau0", "local_scales", "hidden_scale", "count_pruned", "prune_units"):
             owner, applies = _option_owners(option)
             if _given(option, self.options.get(option)) and not any(applies(m) for m in trained):
                 raise PyrozooError(f"{_flag(option)} belongs to {owner}, which no method of the grid uses")

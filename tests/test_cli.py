@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -278,3 +279,28 @@ def test_prior_options_reach_the_run(capsys, tmp_path):
     assert code == 0, err
     config = pd.read_json(tmp_path / "tiered" / "config.json", typ="series")["config"]
     assert config["prior_options"] == {"tau0": 0.05}
+
+
+def test_net_options_and_structured_pruning_reach_the_run(capsys, tmp_path):
+    argv = [
+        *TINY,
+        "--net",
+        "vit",
+        "--net-option",
+        "preset=tiny",
+        "--net-option",
+        "depth=1",
+        "--method",
+        "bmr-ss",
+    ]
+    code, _, err = cli(
+        capsys, "train", *argv, "--prune-units", "--warmup-steps", "1", "--epochs", "2", "--out", "r"
+    )
+    assert code == 0, err
+    config = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
+    assert config["net_options"] == {"preset": "tiny", "depth": 1}
+    assert config["rule_options"] == {"units": True}
+    assert_one_line_error(*cli(capsys, "train", *TINY, "--net-option", "depth"), "KEY=VALUE")
+    assert_one_line_error(
+        *cli(capsys, "train", *TINY, "--method", "flat-ff", "--prune-units"), "--prune-units", "BMR methods"
+    )

@@ -263,7 +263,8 @@ def test_config_file_and_flags_override_it(tmp_path):
         tmp_path / "grid.toml",
         'out = "somewhere"\nnets = ["mlp", "lenet"]\nmethods = ["flat-ff", "tiered-ff"]\n'
         'data = ["fashion-mnist-mini"]\nseeds = [3, 4]\nfinetune_steps = 7\n'
-        "[train]\nepochs = 5\nsteps_per_epoch = 3\nlr = 1\ntau0 = 0.05\neval_every = 2\n",
+        "[train]\nepochs = 5\nsteps_per_epoch = 3\nlr = 1\ntau0 = 0.05\neval_every = 2\n"
+        "net_options = {hidden = [16]}\n",
     )
     grid = make_grid(config)
     assert (grid.nets, grid.methods, grid.seeds, grid.out, grid.finetune_steps) == (
@@ -273,7 +274,14 @@ def test_config_file_and_flags_override_it(tmp_path):
         Path("somewhere"),
         7,
     )
-    assert grid.options == {"epochs": 5, "steps_per_epoch": 3, "lr": 1.0, "tau0": 0.05, "eval_every": 2}
+    assert grid.options == {
+        "epochs": 5,
+        "steps_per_epoch": 3,
+        "lr": 1.0,
+        "tau0": 0.05,
+        "eval_every": 2,
+        "net_options": {"hidden": [16]},
+    }
     grid = make_grid(config, nets=["lenet"], epochs=1, out="elsewhere")
     assert grid.nets == ["lenet"] and grid.options["epochs"] == 1 and grid.options["lr"] == 1.0
     assert grid.out == Path("elsewhere")
@@ -287,6 +295,7 @@ def test_config_file_and_flags_override_it(tmp_path):
     tiered, flat = grid.config(cells[2]), grid.config(cells[0])
     assert tiered.prior_options == {"tau0": 0.05} and flat.prior_options == {}  # the prior's own options only
     assert (flat.epochs, flat.steps_per_epoch, flat.lr, flat.eval_every, flat.seed) == (1, 3, 1.0, 2, 3)
+    assert flat.net_options == {"hidden": [16]}
 
 
 @pytest.mark.parametrize(
