@@ -14,6 +14,7 @@ from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import GUIDES
 from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS
+from pyrozoo.optim import OPTIMIZERS
 
 SUMMARY_COLUMNS = [
     "epoch",
@@ -99,6 +100,12 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: bool = True) -> 
     add("--steps-per-epoch", type=_positive_int, default=500)
     add("--batch-size", type=_positive_int, default=120)
     add("--lr", type=_positive_float, help="learning rate (default: the method's)")
+    add(
+        "--optimizer",
+        type=_choice(list(OPTIMIZERS)),
+        default="adam",
+        help="adam, or adabelief (the reference's optimiser, PAPER.md §3)",
+    )
     add("--samples", type=_positive_int, help="posterior samples per evaluation (default: 100; 1 for MAP)")
     add(
         "--dropout",
@@ -253,7 +260,7 @@ def _train(args) -> None:
         run = Run(train_config(args.net, args.method, args.data, args.seed, options), out, log=log)
     c = run.config
     print(
-        f"training {c.net} with {c.method} (guide {c.guide}, lr {c.lr}) on {c.data} from {run.data.source}; "
+        f"training {c.net} with {c.method} (guide {c.guide}, {c.optimizer} lr {c.lr}) on {c.data} from {run.data.source}; "
         f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}; run folder {run.out}",
         file=sys.stderr,
     )

@@ -17,7 +17,7 @@ class Method:
     name: str
     prior: Callable
     guide: str  # a key of pyrozoo.guides.GUIDES
-    lr: float  # Adam learning rate (PAPER.md §3)
+    lr: float  # learning rate, for Adam or AdaBelief alike (PAPER.md §3)
     samples: int  # posterior samples averaged at test time
     description: str
     rule: str | None = None  # BMR pass after every epoch but the last (pyrozoo.bmr.REDUCTIONS)

@@ -27,6 +27,7 @@ from pyrozoo.methods import get_method
 from pyrozoo.metrics import PredictionAccumulator
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net, get_net_entry
+from pyrozoo.optim import get_optimizer
 
 CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES = (
     "config.json",
@@ -50,6 +51,7 @@ class TrainConfig:
     steps_per_epoch: int = 500
     batch_size: int = 120
     lr: float | None = None
+    optimizer: str = "adam"  # a key of pyrozoo.optim.OPTIMIZERS
     samples: int | None = None
     eval_every: int = 1
     eval_batch_size: int = 2000
@@ -73,6 +75,7 @@ class TrainConfig:
                 raise PyrozooError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.samples is not None and self.samples < 1:
             raise PyrozooError(f"samples must be positive, got {self.samples}")
+        get_optimizer(self.optimizer)
         if self.lr is not None and not self.lr > 0:
             raise PyrozooError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.seed < 2**32:  # pyro.set_rng_seed seeds numpy too, which takes only this range
@@ -220,7 +223,7 @@ class Run:
         self.model = BayesianModel(net.to(config.device), prior=prior)
         self.guide = make_guide(config.guide, self.model, *self._batch(torch.arange(min(2, len(d.x_train)))))
         self.guide.to(config.device)
-        self.optimizer = torch.optim.Adam(self.guide.parameters(), lr=config.lr)
+        self.optimizer = get_optimizer(config.optimizer)(self.guide.parameters(), lr=config.lr)
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []

@@ -281,7 +281,7 @@ def test_prior_options_reach_the_run(capsys, tmp_path):
     assert config["prior_options"] == {"tau0": 0.05}
 
 
-def test_net_options_and_structured_pruning_reach_the_run(capsys, tmp_path):
+def test_net_options_structured_pruning_and_optimizer_reach_the_run(capsys, tmp_path):
     argv = [
         *TINY,
         "--net",
@@ -294,13 +294,27 @@ def test_net_options_and_structured_pruning_reach_the_run(capsys, tmp_path):
         "bmr-ss",
     ]
     code, _, err = cli(
-        capsys, "train", *argv, "--prune-units", "--warmup-steps", "1", "--epochs", "2", "--out", "r"
+        capsys,
+        "train",
+        *argv,
+        "--prune-units",
+        "--optimizer",
+        "adabelief",
+        "--warmup-steps",
+        "1",
+        "--epochs",
+        "2",
+        "--out",
+        "r",
     )
     assert code == 0, err
+    assert "adabelief lr 0.01" in err
     config = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
     assert config["net_options"] == {"preset": "tiny", "depth": 1}
     assert config["rule_options"] == {"units": True}
+    assert config["optimizer"] == "adabelief"
     assert_one_line_error(*cli(capsys, "train", *TINY, "--net-option", "depth"), "KEY=VALUE")
+    assert_one_line_error(*cli(capsys, "train", *TINY, "--optimizer", "sgd"), "sgd", "adabelief")
     assert_one_line_error(
         *cli(capsys, "train", *TINY, "--method", "flat-ff", "--prune-units"), "--prune-units", "BMR methods"
     )

@@ -1,0 +1,76 @@
+"""Optimisers for SVI: Adam (the default) and AdaBelief, the reference's choice (PAPER.md §3).
+
+torch has no AdaBelief, so it is written here from the paper's algorithm (Zhuang et al., NeurIPS 2020,
+"AdaBelief optimizer: adapting stepsizes by the belief in observed gradients", Algorithm 2).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from pyrozoo.errors import PyrozooError
+
+
+class AdaBelief(torch.optim.Optimizer):
+    """Adam with the second moment of the gradient replaced by that of its deviation from the running mean.
+
+    ``s`` tracks ``(g - m)^2``: where gradients agree with their mean (the "belief"), steps are large, where they
+    scatter, small. Defaults follow the paper and optax (betas 0.9, 0.999; eps 1e-16, added to ``s`` at every
+    step as in the paper, and to the denominator).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-16,
+    ):
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if not eps >= 0:
+            raise ValueError(f"eps must not be negative, got {eps}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            eps, lr = group["eps"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdaBelief does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["m"] = torch.zeros_like(p)
+                    state["s"] = torch.zeros_like(p)
+                state["step"] += 1
+                t, m, s = state["step"], state["m"], state["s"]
+                m.lerp_(p.grad, 1 - beta1)
+                deviation = p.grad - m
+                s.mul_(beta2).addcmul_(deviation, deviation, value=1 - beta2).add_(eps)
+                denominator = (s / (1 - beta2**t)).sqrt_().add_(eps)
+                p.addcdiv_(m, denominator, value=-lr / (1 - beta1**t))
+        return loss
+
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adabelief": AdaBelief}
+
+
+def get_optimizer(name: str) -> type[torch.optim.Optimizer]:
+    """The optimiser class called ``name`` (a key of ``OPTIMIZERS``)."""
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        raise PyrozooError(f"unknown optimizer {name!r}; known optimizers: {', '.join(OPTIMIZERS)}") from None
