@@ -103,8 +103,7 @@ def _add_run_options(parser: argparse.ArgumentParser, defaults: bool = True) -> 
     add(
         "--optimizer",
         type=_choice(list(OPTIMIZERS)),
-        default="adam",
-        help="adam, or adabelief (the reference's optimiser, PAPER.md §3)",
+        help="adam or adabelief, the reference's optimiser (default: the method's, adam)",
     )
     add("--samples", type=_positive_int, help="posterior samples per evaluation (default: 100; 1 for MAP)")
     add(
@@ -369,7 +368,9 @@ def _info() -> None:
         print(f"  {entry.name:20s} {entry.description}")
     print("methods:")
     for method in METHODS.values():
-        print(f"  {method.name:20s} {method.description} (guide {method.guide}, lr {method.lr})")
+        print(
+            f"  {method.name:20s} {method.description} (guide {method.guide}, {method.optimizer} lr {method.lr})"
+        )
     print("guides:")
     for name, cls in GUIDES.items():
         print(f"  {name:20s} {(cls.__doc__ or '').strip().splitlines()[0]}")

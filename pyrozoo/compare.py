@@ -50,7 +50,7 @@ RUN_OPTIONS: dict[str, tuple[object, type]] = {
     "steps_per_epoch": (500, int),
     "batch_size": (120, int),
     "lr": (None, float),
-    "optimizer": ("adam", str),
+    "optimizer": (None, str),
     "samples": (None, int),
     "eval_every": (1, int),
     "warmup_steps": (None, int),

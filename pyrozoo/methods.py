@@ -17,12 +17,13 @@ class Method:
     name: str
     prior: Callable
     guide: str  # a key of pyrozoo.guides.GUIDES
-    lr: float  # learning rate, for Adam or AdaBelief alike (PAPER.md §3)
+    lr: float  # learning rate (PAPER.md §3)
     samples: int  # posterior samples averaged at test time
     description: str
     rule: str | None = None  # BMR pass after every epoch but the last (pyrozoo.bmr.REDUCTIONS)
     warmup_steps: int = 0  # SVI steps before the first BMR pass
     net_options: dict = field(default_factory=dict)  # e.g. dropout, passed to the net factory
+    optimizer: str = "adam"  # a key of pyrozoo.optim.OPTIMIZERS (PAPER.md §3 allows Adam for AdaBelief)
 
 
 METHODS: dict[str, Method] = {

@@ -51,7 +51,7 @@ class TrainConfig:
     steps_per_epoch: int = 500
     batch_size: int = 120
     lr: float | None = None
-    optimizer: str = "adam"  # a key of pyrozoo.optim.OPTIMIZERS
+    optimizer: str | None = None  # a key of pyrozoo.optim.OPTIMIZERS
     samples: int | None = None
     eval_every: int = 1
     eval_batch_size: int = 2000
@@ -75,7 +75,8 @@ class TrainConfig:
                 raise PyrozooError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.samples is not None and self.samples < 1:
             raise PyrozooError(f"samples must be positive, got {self.samples}")
-        get_optimizer(self.optimizer)
+        if self.optimizer is not None:
+            get_optimizer(self.optimizer)
         if self.lr is not None and not self.lr > 0:
             raise PyrozooError(f"lr must be positive, got {self.lr}")
         if not 0 <= self.seed < 2**32:  # pyro.set_rng_seed seeds numpy too, which takes only this range
@@ -92,6 +93,7 @@ class TrainConfig:
             self,
             guide=self.guide or method.guide,
             lr=self.lr or method.lr,
+            optimizer=self.optimizer or method.optimizer,
             samples=self.samples or method.samples,
             warmup_steps=method.warmup_steps if self.warmup_steps is None else self.warmup_steps,
         )

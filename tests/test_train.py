@@ -54,7 +54,9 @@ def train(config: TrainConfig, out, resume: bool = False) -> Run:
 def assert_same_tensors(a: dict, b: dict) -> None:
     assert list(a) == list(b)
     for key in a:
-        same = torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]  # AdaBelief's step
+        same = (
+            torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]
+        )  # AdaBelief's step
         assert same, key
 
 
