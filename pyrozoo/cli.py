@@ -259,7 +259,8 @@ def _train(args) -> None:
         run = Run(train_config(args.net, args.method, args.data, args.seed, options), out, log=log)
     c = run.config
     print(
-        f"training {c.net} with {c.method} (guide {c.guide}, {c.optimizer} lr {c.lr}) on {c.data} from {run.data.source}; "
+        f"training {c.net} with {c.method} (guide {c.guide}, {c.optimizer} lr {c.lr}) "
+        f"on {c.data} from {run.data.source}; "
         f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}; run folder {run.out}",
         file=sys.stderr,
     )
