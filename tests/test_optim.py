@@ -57,8 +57,9 @@ def test_matches_the_papers_algorithm_step_by_step():
 
 @settings(max_examples=50, deadline=None)
 @given(st.floats(1e-6, 1e6) | st.floats(-1e6, -1e-6), st.floats(1e-4, 1.0))
-def test_first_step_is_lr_over_one_minus_beta1(g, lr):
-    # m1 = 0.1 g and s1 = 0.001 (0.9 g)^2, so after bias correction the step is lr g / (0.9 |g|):
+def test_first_step_is_lr_over_beta1(g, lr):
+    # m1 = 0.1 g and s1 = 0.001 (g - m1)^2 = 0.001 (0.9 g)^2, so after bias correction the step is
+    # lr g / (beta1 |g|) = lr g / (0.9 |g|):
     # whatever the gradient's size, as with Adam's lr sign(g), but 1/0.9 longer (eps 0 makes it exact).
     (value,) = steps(AdaBelief, torch.tensor([[g]], dtype=torch.float64), lr=lr, eps=0.0)[0].tolist()
     assert value == pytest.approx(-lr * math.copysign(1 / 0.9, g), rel=1e-9)
