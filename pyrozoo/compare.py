@@ -74,14 +74,16 @@ EVALUATION_ONLY = ("eval_every", "eval_batch_size", "data_dir")
 
 
 def _option_owners(option: str) -> tuple[str, Callable]:
-    """What an option belongs to (for messages) and which methods it applies to."""
+    """What an option belongs to (for messages, naming the methods it applies to) and which methods those are."""
     if option in ("tau0", "local_scales"):
-        return "the tiered prior (--method tiered-ff)", lambda m: m.prior.__name__ == "tiered"
-    if option == "hidden_scale":
-        return "the flat prior (flat-map, flat-ff, bmr-ss, bmr-rhs)", lambda m: m.prior.__name__ == "flat"
-    if option == "prune_units":
-        return "the BMR methods (bmr-ss, bmr-rhs)", lambda m: m.rule is not None
-    return "the spike-and-slab rule (--method bmr-ss)", lambda m: m.rule == "spike-and-slab"
+        owner, applies = "the tiered prior", lambda m: m.prior.__name__ == "tiered"
+    elif option == "hidden_scale":
+        owner, applies = "the flat prior", lambda m: m.prior.__name__ == "flat"
+    elif option == "prune_units":
+        owner, applies = "the BMR methods", lambda m: m.rule is not None
+    else:
+        owner, applies = "the spike-and-slab rule", lambda m: m.rule == "spike-and-slab"
+    return f"{owner} ({', '.join(name for name, m in METHODS.items() if applies(m))})", applies
 
 
 def _given(option: str, value) -> bool:

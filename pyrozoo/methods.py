@@ -58,6 +58,16 @@ METHODS: dict[str, Method] = {
             warmup_steps=500,
         ),
         Method(
+            "bmr-th",
+            flat,
+            "meanfield",
+            1e-2,
+            100,
+            "flat-ff pruned by stochastic BMR, threshold rule (prune iff dF > 0)",
+            rule="threshold",
+            warmup_steps=500,
+        ),
+        Method(
             "bmr-rhs",
             flat,
             "meanfield",

@@ -248,6 +248,40 @@ def test_nan_loss_stops_training_and_keeps_the_last_epoch(tmp_path, monkeypatch)
     assert all(torch.isfinite(t).all() for t in resumed.guide.state_dict().values())
 
 
+# --- stochastic BMR ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, rule", [("bmr-ss", "spike-and-slab"), ("bmr-th", "threshold")])
+def test_each_bmr_pass_applies_the_methods_rule_to_the_current_posterior(tmp_path, monkeypatch, method, rule):
+    from pyrozoo.bmr.prune import delta_f
+
+    passes, real_reduce = [], train_module.reduce
+
+    def spy(model, guide, rule, **options):
+        gains = delta_f(model, guide)
+        live = {name: model.mask(name).bool().clone() for name in gains}
+        report = real_reduce(model, guide, rule, **options)
+        passes.append((rule, gains, live, {name: model.mask(name).bool().clone() for name in gains}, report))
+        return report
+
+    monkeypatch.setattr(train_module, "reduce", spy)
+    run = Run(tiny(method=method, epochs=3, warmup_steps=6), tmp_path, log=quiet)
+    # So few steps barely move the posterior from its initialisation: centre half of the first layer's weights
+    # at 0 (scale 0.1, so dF = ln 10 > 0) to give both rules something to prune.
+    site = run.model.layers[0].site
+    with torch.no_grad():
+        run.guide.locs[site.replace(".", "-")][:, ::2] = 0.0
+    run.train(progress=False)
+    assert [p[0] for p in passes] == [rule, rule]  # after every epoch but the last
+    cutoffs = []
+    for _, gains, live, keep, report in passes:
+        for layer in report.layers:
+            cutoffs.append(layer.cutoff)
+            assert torch.equal(keep[layer.layer], live[layer.layer] & (gains[layer.layer] <= layer.cutoff))
+    assert sum(int((~k).sum()) for k in passes[-1][3].values()) > 0
+    assert (cutoffs == [0.0] * len(cutoffs)) == (method == "bmr-th")
+
+
 # --- guides -------------------------------------------------------------------------------------------------
 
 
