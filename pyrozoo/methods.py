@@ -68,6 +68,16 @@ METHODS: dict[str, Method] = {
             warmup_steps=500,
         ),
         Method(
+            "bmr-lss",
+            flat,
+            "meanfield",
+            1e-2,
+            100,
+            "flat-ff pruned by stochastic BMR, spike-and-slab over each whole layer, never keeping dF > 0",
+            rule="layer-spike-and-slab",
+            warmup_steps=500,
+        ),
+        Method(
             "bmr-rhs",
             flat,
             "meanfield",

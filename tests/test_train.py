@@ -251,7 +251,10 @@ def test_nan_loss_stops_training_and_keeps_the_last_epoch(tmp_path, monkeypatch)
 # --- stochastic BMR ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method, rule", [("bmr-ss", "spike-and-slab"), ("bmr-th", "threshold")])
+@pytest.mark.parametrize(
+    "method, rule",
+    [("bmr-ss", "spike-and-slab"), ("bmr-th", "threshold"), ("bmr-lss", "layer-spike-and-slab")],
+)
 def test_each_bmr_pass_applies_the_methods_rule_to_the_current_posterior(tmp_path, monkeypatch, method, rule):
     from pyrozoo.bmr.prune import delta_f
 
@@ -283,6 +286,7 @@ def test_each_bmr_pass_applies_the_methods_rule_to_the_current_posterior(tmp_pat
     _, _, _, last_keep, _ = passes[-1]
     assert sum(int((~k).sum()) for k in last_keep.values()) > 0
     assert (cutoffs == [0.0] * len(cutoffs)) == (method == "bmr-th")
+    assert max(cutoffs) > 0 if method == "bmr-ss" else max(cutoffs) <= 0
 
 
 # --- guides -------------------------------------------------------------------------------------------------

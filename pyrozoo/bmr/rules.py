@@ -27,7 +27,11 @@ def threshold(delta_f: torch.Tensor, live: torch.Tensor, margin: float = 0.0) ->
 
 
 def spike_and_slab(
-    delta_f: torch.Tensor, live: torch.Tensor, iterations: int = 4, count_pruned: bool = False
+    delta_f: torch.Tensor,
+    live: torch.Tensor,
+    iterations: int = 4,
+    count_pruned: bool = False,
+    max_cutoff: float | None = None,
 ) -> Decision:
     """Spike-and-slab rule: a Beta(1, 1) prior on the layer's inclusion probability, updated by mean field.
 
@@ -36,6 +40,7 @@ def spike_and_slab(
     ``dF_k <= zeta``. When most weights look prunable the cutoff falls below 0 and pruning gets bolder.
     The sums run over the live weights (PAPER.md §4); ``count_pruned=True`` also counts the already pruned
     weights as excluded (``q = 0``), so the inclusion estimate is the layer's, not the survivors'.
+    ``max_cutoff`` caps the cut-off: with 0 no weight whose removal raises the evidence is ever kept.
     """
     # Masked sums over the whole tensor (no boolean-indexed copy); float64 accumulators, as the sums run over
     # up to millions of weights.
@@ -49,11 +54,28 @@ def spike_and_slab(
         zeta = torch.digamma(a) - torch.digamma(b)
     if iterations == 0:
         a = b = torch.ones((), dtype=torch.float64)
-    keep = live & (delta_f <= zeta.to(delta_f.dtype))
-    return Decision(keep, (a / (a + b)).item(), zeta.item())
+    cutoff = zeta.item() if max_cutoff is None else min(zeta.item(), max_cutoff)
+    keep = live & (delta_f <= cutoff)
+    return Decision(keep, (a / (a + b)).item(), cutoff)
 
 
-RULES = {"threshold": threshold, "spike-and-slab": spike_and_slab}
+def layer_spike_and_slab(delta_f: torch.Tensor, live: torch.Tensor, iterations: int = 4) -> Decision:
+    """Spike-and-slab with the inclusion estimated over the whole layer (pruned weights count as excluded) and
+    the cut-off capped at 0: a weight goes if removing it raises the evidence (the threshold rule) or if the
+    layer's inclusion odds, mostly pruned already, say it is more likely out than in.
+
+    Why the cap: early in training the posteriors still sit near their initialisation (scale 0.1, so precision
+    100), every weight looks needed, the inclusion estimate is high and the plain rule's positive cut-off keeps
+    weights whose own dF says remove them.
+    """
+    return spike_and_slab(delta_f, live, iterations, count_pruned=True, max_cutoff=0.0)
+
+
+RULES = {
+    "threshold": threshold,
+    "spike-and-slab": spike_and_slab,
+    "layer-spike-and-slab": layer_spike_and_slab,
+}
 
 
 def get_rule(name: str):

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyrozoo.bmr.rules import get_rule, spike_and_slab, threshold
+from pyrozoo.bmr.rules import get_rule, layer_spike_and_slab, spike_and_slab, threshold
 from pyrozoo.errors import PyrozooError
 
 
@@ -50,7 +50,7 @@ def test_spike_and_slab_mixed_matches_a_hand_iteration():
 def test_masks_only_lose_weights(values, seed):
     df = torch.tensor(values)
     live = torch.rand(len(values), generator=torch.Generator().manual_seed(seed)) > 0.3
-    for rule in (threshold, spike_and_slab):
+    for rule in (threshold, spike_and_slab, layer_spike_and_slab):
         keep = rule(df, live).keep
         assert not (keep & ~live).any()
 
@@ -77,3 +77,36 @@ def test_counting_pruned_weights_lowers_the_cutoff():
     assert survivors.cutoff > 0.1 and survivors.keep[:50].all()  # the live majority looks worth keeping
     assert layer.cutoff < -5 and not layer.keep.any()
     assert layer.inclusion < 0.05 < survivors.inclusion
+
+
+def test_layer_rule_on_a_mostly_live_layer_is_the_threshold_rule():
+    """Most of the layer looks needed, so the layer-wide cut-off is positive; the cap at 0 still removes the
+    weights whose removal raises the evidence, which the plain rule keeps."""
+    df = torch.cat([torch.full((80,), -6.0), torch.tensor([0.3, 0.8, -0.2, 0.0])])
+    live = torch.ones(len(df), dtype=torch.bool)
+    assert spike_and_slab(df, live).cutoff > 0.8 and spike_and_slab(df, live).keep.all()
+    decision = layer_spike_and_slab(df, live)
+    assert decision.cutoff == 0.0
+    assert decision.keep.tolist() == threshold(df, live).keep.tolist()
+
+
+def test_layer_rule_on_a_mostly_pruned_layer_is_the_layer_wide_spike_and_slab():
+    df = torch.cat([torch.full((10,), -5.0), torch.full((40,), -0.1), torch.zeros(950)])
+    live = torch.cat([torch.ones(50, dtype=torch.bool), torch.zeros(950, dtype=torch.bool)])
+    decision = layer_spike_and_slab(df, live)
+    layer = spike_and_slab(df, live, count_pruned=True)
+    assert decision.cutoff == pytest.approx(layer.cutoff) and decision.cutoff < -0.1
+    assert decision.keep.tolist() == layer.keep.tolist()
+    assert (
+        threshold(df, live).keep[:50].all()
+    )  # every survivor has dF <= 0: only the layer's odds remove them
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-20, 20), min_size=1, max_size=80), st.integers(0, 2**32 - 1))
+def test_layer_rule_keeps_what_both_of_its_parts_keep(values, seed):
+    df = torch.tensor(values)
+    live = torch.rand(len(values), generator=torch.Generator().manual_seed(seed)) > 0.5
+    keep = layer_spike_and_slab(df, live).keep
+    both = threshold(df, live).keep & spike_and_slab(df, live, count_pruned=True).keep
+    assert keep.tolist() == both.tolist()
