@@ -97,9 +97,8 @@ def test_layer_rule_on_a_mostly_pruned_layer_is_the_layer_wide_spike_and_slab():
     layer = spike_and_slab(df, live, count_pruned=True)
     assert decision.cutoff == pytest.approx(layer.cutoff) and decision.cutoff < -0.1
     assert decision.keep.tolist() == layer.keep.tolist()
-    assert (
-        threshold(df, live).keep[:50].all()
-    )  # every survivor has dF <= 0: only the layer's odds remove them
+    # every survivor has dF <= 0, so the threshold rule keeps them all: only the layer's odds remove them
+    assert threshold(df, live).keep[:50].all()
 
 
 @settings(max_examples=40, deadline=None)
