@@ -270,7 +270,7 @@ def test_each_bmr_pass_applies_the_methods_rule_to_the_current_posterior(tmp_pat
     monkeypatch.setattr(train_module, "reduce", spy)
     run = Run(tiny(method=method, epochs=3, warmup_steps=6), tmp_path, log=quiet)
     # So few steps barely move the posterior from its initialisation: centre half of the first layer's weights
-    # at 0 (scale 0.1, so dF = ln 10 > 0) to give both rules something to prune.
+    # at 0 (scale 0.1, so dF = ln 10 > 0) to give every rule something to prune.
     site = run.model.layers[0].site
     loc, scale = run.guide.posterior()[site]
     loc = loc.clone()

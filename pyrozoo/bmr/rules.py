@@ -54,7 +54,9 @@ def spike_and_slab(
         zeta = torch.digamma(a) - torch.digamma(b)
     if iterations == 0:
         a = b = torch.ones((), dtype=torch.float64)
-    cutoff = zeta.item() if max_cutoff is None else min(zeta.item(), max_cutoff)
+    cutoff = zeta.item()
+    if max_cutoff is not None:
+        cutoff = min(cutoff, max_cutoff)
     keep = live & (delta_f <= cutoff)
     return Decision(keep, (a / (a + b)).item(), cutoff)
 
@@ -65,8 +67,8 @@ def layer_spike_and_slab(delta_f: torch.Tensor, live: torch.Tensor, iterations: 
     layer's inclusion odds, mostly pruned already, say it is more likely out than in.
 
     Why the cap: early in training the posteriors still sit near their initialisation (scale 0.1, so precision
-    100), every weight looks needed, the inclusion estimate is high and the plain rule's positive cut-off keeps
-    weights whose own dF says remove them.
+    100), every weight looks needed, the inclusion estimate is high, and the uncapped spike-and-slab cut-off
+    is positive, so it would keep weights whose own dF says remove them.
     """
     return spike_and_slab(delta_f, live, iterations, count_pruned=True, max_cutoff=0.0)
 
