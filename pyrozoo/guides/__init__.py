@@ -1,32 +1,34 @@
-"""Posterior families. Every guide exposes ``posterior() -> {site: (loc, scale)}``, the one thing BMR reads."""
+"""Posterior families, all behind one contract (:class:`~pyrozoo.guides.base.Posterior`): BMR, rebuild,
+export and training read ``posterior()``, ``mean()`` and ``point_mass`` and write back with ``write_posterior``
+and ``reset_to_prior``, whatever the guide."""
 
 from __future__ import annotations
 
-from pyrozoo.errors import PyrozooError
+from pyro import poutine
+
 from pyrozoo.guides.auto import AutoDeltaGuide, AutoNormalGuide
+from pyrozoo.guides.base import Posterior
 from pyrozoo.guides.meanfield import MeanFieldNormal
+from pyrozoo.registry import Registry
 
-GUIDES = {
-    "meanfield": MeanFieldNormal,
-    "autonormal": AutoNormalGuide,
-    "autodelta": AutoDeltaGuide,
-}
+GUIDES = Registry("guide")
+GUIDES.register("meanfield", MeanFieldNormal)
+GUIDES.register("autonormal", AutoNormalGuide)
+GUIDES.register("autodelta", AutoDeltaGuide)
 
 
-def make_guide(kind: str, model, *init_args, **init_kwargs):
-    """Build guide ``kind`` for ``model``; ``init_args`` (one model call's arguments) set up lazy autoguides
-    so their parameters exist before an optimiser is made."""
-    try:
-        cls = GUIDES[kind]
-    except KeyError:
-        raise PyrozooError(f"unknown guide {kind!r}; known guides: {', '.join(GUIDES)}") from None
-    guide = cls(model)
+def make_guide(kind: str, model, *init_args, **init_kwargs) -> Posterior:
+    """Build guide ``kind`` for ``model``; no data is needed.
+
+    ``init_args`` (one model call's arguments, as callers passed when autoguides were set up lazily) are
+    optional: given, the guide draws one blocked sample with them, which keeps a run's random stream, and so
+    every recorded result, as it was.
+    """
+    guide = GUIDES[kind](model)
     if init_args or init_kwargs:
-        from pyro import poutine
-
         with poutine.block():
             guide(*init_args, **init_kwargs)
     return guide
 
 
-__all__ = ["AutoDeltaGuide", "AutoNormalGuide", "GUIDES", "MeanFieldNormal", "make_guide"]
+__all__ = ["AutoDeltaGuide", "AutoNormalGuide", "GUIDES", "MeanFieldNormal", "Posterior", "make_guide"]

@@ -10,60 +10,19 @@ import torch
 import torch.nn.functional as F
 from pyro import poutine
 from torch import nn
-from torch.distributions import biject_to, constraints
-from torch.distributions.transforms import (
-    AffineTransform,
-    ComposeTransform,
-    ExpTransform,
-    IndependentTransform,
-)
+from torch.distributions import constraints
+
+from pyrozoo.guides.base import Posterior, _base, bijection, inverse_softplus
 
 
-def _inverse_softplus(y: float) -> float:
-    return math.log(math.expm1(y))
-
-
-def constrained_mean(loc: torch.Tensor, scale: torch.Tensor, transform) -> torch.Tensor:
-    """Mean of ``transform(N(loc, scale))``: exact for the identity and for exp followed by affine maps (a
-    log-normal, possibly shifted: Pyro maps Gamma's support that way), else the median ``transform(loc)``."""
-    if transform is None:
-        return loc
-    while hasattr(transform, "base_transform"):  # IndependentTransform only reinterprets dimensions
-        transform = transform.base_transform
-    parts = transform.parts if isinstance(transform, ComposeTransform) else [transform]
-    if isinstance(parts[0], ExpTransform) and all(isinstance(part, AffineTransform) for part in parts[1:]):
-        value = torch.exp(loc + scale.square() / 2)
-        for affine in parts[1:]:  # affine maps commute with the expectation
-            value = affine(value)
-        return value
-    return transform(loc)
-
-
-def _base(support):
-    while isinstance(support, constraints.independent):
-        support = support.base_constraint
-    return support
-
-
-def _bijection(support):
-    """The map from unconstrained space onto ``support``; plain exp onto (0, inf) or [0, inf), where torch
-    composes exp with an identity affine map that only costs time (a density puts no mass on the point 0)."""
-    base = _base(support)
-    bounded_at_zero = isinstance(base, (constraints.greater_than, constraints.greater_than_eq))
-    if bounded_at_zero and isinstance(base.lower_bound, (int, float)) and base.lower_bound == 0:
-        return (
-            IndependentTransform(ExpTransform(), support.event_dim) if support.event_dim else ExpTransform()
-        )
-    return biject_to(support)
-
-
-class MeanFieldNormal(nn.Module):
-    """Fully factorised Gaussian posterior over the latents of a :class:`~pyrozoo.models.BayesianModel`.
+class MeanFieldNormal(Posterior, nn.Module):
+    """Fully factorised Gaussian posterior (ours), sampled as a Normal so the ELBO uses the analytic KL.
 
     Real-valued latents (the weights' ``z``) get ``N(loc, scale)`` and are sampled as such, so the KL to the
     model's ``N(0, 1)`` prior is analytic. Constrained latents (e.g. a layer's positive precision) get a Normal in
     the unconstrained space pushed through the support's bijection (a log-normal for positive ones).
-    ``scale = softplus(raw_scale)`` keeps scales positive without clipping.
+    ``scale = softplus(raw_scale)`` keeps scales positive without clipping. Implements
+    :class:`~pyrozoo.guides.base.Posterior`.
 
     Usage::
 
@@ -77,24 +36,27 @@ class MeanFieldNormal(nn.Module):
 
     def __init__(self, model, init_radius: float = 2.0, init_scale: float = 0.1, latents=None):
         super().__init__()
-        self._model = (model,)  # a tuple, so the model's buffers and net are not registered as ours
         with poutine.block():  # trace the prior without letting outer handlers (an ELBO's trace) see it
             prototype = poutine.trace(latents or model.sample_weights).get_trace()
         self.locs = nn.ParameterDict()
         self.raw_scales = nn.ParameterDict()
-        self._sites: dict[str, tuple[str, int, object]] = {}  # site -> (parameter key, event dim, transform)
+        # site -> (parameter key, support, event dim, map onto the support or None for real latents)
+        self._sites: dict[str, tuple[str, constraints.Constraint, int, object]] = {}
         for name, site in prototype.iter_stochastic_nodes():
-            transform = _bijection(site["fn"].support)
-            value = site["value"].detach()
+            support = site["fn"].support
+            transform = bijection(support)
             key = name.replace(".", "-")  # parameter names cannot hold dots
-            loc = torch.empty_like(transform.inv(value)).uniform_(-init_radius, init_radius)
+            loc = torch.empty_like(transform.inv(site["value"].detach())).uniform_(-init_radius, init_radius)
             self.locs[key] = nn.Parameter(loc)
-            self.raw_scales[key] = nn.Parameter(torch.full_like(loc, _inverse_softplus(init_scale)))
-            real = _base(site["fn"].support) is constraints.real
-            self._sites[name] = (key, site["fn"].event_dim, None if real else transform.with_cache(1))
+            self.raw_scales[key] = nn.Parameter(torch.full_like(loc, math.log(math.expm1(init_scale))))
+            # real latents are sampled as a plain Normal (no transform), so the KL to N(0, 1) stays analytic;
+            # the cache spares recomputing the inverse map when the ELBO scores a sample
+            real = _base(support) is constraints.real
+            event_dim = site["fn"].event_dim
+            self._sites[name] = (key, support, event_dim, None if real else transform.with_cache(1))
 
     def _distribution(self, name: str):
-        key, event_dim, transform = self._sites[name]
+        key, _, event_dim, transform = self._sites[name]
         base = dist.Normal(self.locs[key], F.softplus(self.raw_scales[key])).to_event(event_dim)
         return base if transform is None else dist.TransformedDistribution(base, transform)
 
@@ -102,38 +64,20 @@ class MeanFieldNormal(nn.Module):
         """Sample every latent (the model's arguments are accepted and ignored)."""
         return {name: pyro.sample(name, self._distribution(name)) for name in self._sites}
 
-    @torch.no_grad()
-    def posterior(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{site: (loc, scale)}`` of every latent, in unconstrained space."""
-        return {
-            name: (self.locs[key].detach(), F.softplus(self.raw_scales[key]).detach())
-            for name, (key, _, _) in self._sites.items()
-        }
+    def sites(self) -> list[str]:
+        return list(self._sites)
 
-    @torch.no_grad()
-    def mean(self) -> dict[str, torch.Tensor]:
-        """Posterior mean of every latent in its own (constrained) space."""
-        posterior = self.posterior()
-        return {name: constrained_mean(*posterior[name], t) for name, (_, _, t) in self._sites.items()}
+    def site_support(self, site: str) -> constraints.Constraint:
+        return self._sites[site][1]
 
-    @torch.no_grad()
-    def write_posterior(self, name: str, loc: torch.Tensor, scale: torch.Tensor) -> None:
-        """Set a latent's posterior (unconstrained space), e.g. to a reduced posterior computed by BMR."""
-        key = self._sites[name][0]
+    def site_posterior(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = self._sites[site][0]
+        return self.locs[key].detach(), F.softplus(self.raw_scales[key]).detach()
+
+    def _write(self, site, loc, scale, where) -> None:
+        key = self._sites[site][0]
+        raw = inverse_softplus(scale)
+        if where is not None:  # entries outside where keep their stored values bit for bit
+            loc, raw = torch.where(where, loc, self.locs[key]), torch.where(where, raw, self.raw_scales[key])
         self.locs[key].copy_(loc)
-        self.raw_scales[key].copy_(torch.where(scale > 20, scale, torch.expm1(scale).log()))  # softplus^-1
-
-    @torch.no_grad()
-    def reset_to_prior(self, name: str, where: torch.Tensor) -> None:
-        """Set entries ``where`` of a real-valued latent back to N(0, 1): the exact posterior of a pruned weight."""
-        key = self._sites[name][0]
-        self.locs[key].masked_fill_(where, 0.0)
-        self.raw_scales[key].masked_fill_(where, _inverse_softplus(1.0))
-
-    @torch.no_grad()
-    def median(self) -> dict[str, torch.Tensor]:
-        """Posterior median of every latent in its own (constrained) space; the mean for real-valued ones."""
-        return {
-            name: (self.locs[key] if t is None else t(self.locs[key])).detach()
-            for name, (key, _, t) in self._sites.items()
-        }
+        self.raw_scales[key].copy_(raw)
