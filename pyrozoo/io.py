@@ -39,16 +39,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
 
     The temporary name is unique to this call (so two processes never write the same temporary file), and the
     rename is atomic: a reader, or a run killed at any moment, sees the old file or the new one, never a part.
+    If ``write`` fails, the old file stays and the temporary one is removed. The system's refusals (no such
+    folder, no permission, a full disk) are a PyrozooError naming ``path``. (Nothing is fsynced: this guards
+    against a killed process, not a power cut.)
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise PyrozooError(f"cannot write {path}: {e.strerror or e}") from e
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise PyrozooError(f"cannot write {path}: {e.strerror or e}") from e
         raise
 
 

@@ -208,6 +208,22 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
 
 
+def test_refusals_of_the_system_are_one_error_naming_the_file(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    path.write_text("old")
+
+    def disk_full(tmp: Path) -> None:
+        tmp.write_text("part")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(PyrozooError, match=f"^cannot write {re.escape(str(path))}: No space left on device$"):
+        atomic_write(path, disk_full)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    missing = tmp_path / "no-such-folder" / "config.json"
+    with pytest.raises(PyrozooError, match=f"^cannot write {re.escape(str(missing))}: No such file"):
+        atomic_write(missing, lambda tmp: tmp.write_text("new"))
+
+
 def test_write_replaces_with_usual_permissions(tmp_path):
     path = tmp_path / "config.json"
     atomic_write(path, lambda tmp: tmp.write_text("new"))
