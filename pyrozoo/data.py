@@ -185,7 +185,8 @@ def _decoding(path: Path, kind: str, errors: tuple[type[Exception], ...] = _GZIP
     except errors as e:
         if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile):  # no permission, a folder, ...
             raise PyrozooError(f"cannot read {kind} file {path}: {e.strerror or e}") from e
-        raise _corrupt(path, f"{type(e).__name__}: {e}", kind) from e
+        name = "zlib.error" if isinstance(e, zlib.error) else type(e).__name__  # not a bare "error"
+        raise _corrupt(path, f"{name}: {e}", kind) from e
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
