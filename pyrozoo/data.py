@@ -3,17 +3,24 @@
 Lookup order for every dataset but the bundled `fashion-mnist-mini`: the `data_dir` argument, `$PYROZOO_DATA`,
 the cache (`$PYROZOO_CACHE`, else ~/.cache/pyrozoo), for Fashion-MNIST the Debian package folder, and last a
 torchvision download into the cache. Each folder is tried in torchvision's layout and as a flat folder.
+
+Every problem with a dataset file (a broken gzip or pickle, a bad IDX header, labels out of range, image and
+label counts that differ, an empty split) is a PyrozooError that names the file and says what to do: the
+readers decode bytes only inside :func:`_decoding`, and check the decoded arrays with :func:`_corrupt`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -145,33 +152,74 @@ def locate(name: str, data_dir: str | os.PathLike | None = None) -> str | None:
     return next((str(f) for f in found if f is not None), None)
 
 
+def _remedy(path: Path) -> str:
+    """What to do about a bad file at ``path``, by where it lies."""
+    path = Path(os.path.abspath(path))
+    if path.is_relative_to(os.path.abspath(cache_dir())):
+        return "delete it and let pyrozoo download it again"
+    if path.is_relative_to(os.path.abspath(DEBIAN_FASHION_MNIST)):
+        return "re-install the dataset (`apt-get install --reinstall dataset-fashion-mnist`)"
+    return "replace it with a good copy, or delete it and let pyrozoo find or download the dataset again"
+
+
+def _corrupt(path: Path, problem: str, kind: str = "dataset") -> PyrozooError:
+    """The error for a file whose contents are wrong: names the file, the problem and the remedy."""
+    return PyrozooError(f"corrupt {kind} file {path}: {problem}; {_remedy(path)}")
+
+
+# What decoding a damaged gzip stream raises: BadGzipFile (an OSError) for a bad header or checksum,
+# zlib.error for broken deflate data, EOFError for a stream cut short.
+_GZIP_ERRORS = (OSError, EOFError, zlib.error)
+
+
+@contextlib.contextmanager
+def _decoding(path: Path, kind: str, errors: tuple[type[Exception], ...] = _GZIP_ERRORS) -> Iterator[None]:
+    """Turn what reading and decoding ``path`` raises into one PyrozooError naming the file.
+
+    Only the reading and decoding of bytes runs inside, so a bug elsewhere still shows as a bug.
+    """
+    try:
+        yield
+    except PyrozooError:
+        raise
+    except errors as e:
+        if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile):  # no permission, a folder, ...
+            raise PyrozooError(f"cannot read {kind} file {path}: {e.strerror or e}") from e
+        name = "zlib.error" if isinstance(e, zlib.error) else type(e).__name__  # not a bare "error"
+        raise _corrupt(path, f"{name}: {e}", kind) from e
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an unsigned-byte IDX file (plain, or gzip if named *.gz); a malformed file raises PyrozooError."""
     path = Path(path)
-    try:
+    with _decoding(path, "IDX"):
         with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:  # a bad gzip stream is an OSError, a truncated one an EOFError
-        raise PyrozooError(f"cannot read IDX file {path}: {e}") from e
     # Header: two zero bytes, type code 0x08 (unsigned byte), number of dims, each dim a big-endian int32.
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08 or data[3] == 0:
-        raise PyrozooError(
-            f"corrupt IDX file {path}: bad magic number 0x{data[:4].hex()} (want 0x000008 and ndim)"
-        )
+        raise _corrupt(path, f"bad magic number 0x{data[:4].hex()} (want 0x000008 and ndim)", "IDX")
     header = 4 + 4 * data[3]
+    if len(data) < header:
+        raise _corrupt(path, f"{len(data)} bytes, too short for the header of {data[3]} dims", "IDX")
     dims = tuple(int.from_bytes(data[i : i + 4], "big") for i in range(4, header, 4))
     expected = header + math.prod(dims)
     if len(data) != expected:
-        raise PyrozooError(
-            f"corrupt IDX file {path}: {len(data)} bytes, but a header for shape {dims} says {expected}"
-        )
+        raise _corrupt(path, f"{len(data)} bytes, but a header for shape {dims} says {expected}", "IDX")
     return np.frombuffer(data, np.uint8, offset=header).reshape(dims).copy()
 
 
-def _labels(labels: np.ndarray, num_classes: int, path: Path) -> torch.Tensor:
+def _labels(labels: np.ndarray, num_classes: int, path: Path, kind: str) -> torch.Tensor:
+    if labels.size and labels.dtype.kind not in "iu":  # (an empty list unpickles as float64)
+        raise _corrupt(path, f"labels of type {labels.dtype}, want integers", kind)
     if labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
-        raise PyrozooError(f"corrupt labels in {path}: values outside 0..{num_classes - 1}")
+        raise _corrupt(path, f"labels outside 0..{num_classes - 1}", kind)
     return torch.from_numpy(labels.astype(np.int64))
+
+
+def _check_nonempty(count: int, split: str, path: Path, files: str = "") -> None:
+    """An empty split would make standardisation divide by zero (training) or metrics NaN (test)."""
+    if count == 0:
+        raise PyrozooError(f"{path}{files} holds 0 {split} images; {_remedy(path)}")
 
 
 def _read_idx_folder(name: str, folder: Path) -> list[torch.Tensor]:
@@ -181,32 +229,30 @@ def _read_idx_folder(name: str, folder: Path) -> list[torch.Tensor]:
         image_path = _idx_path(folder, f"{split}-images-idx3-ubyte")
         label_path = _idx_path(folder, f"{split}-labels-idx1-ubyte")
         images, labels = read_idx(image_path), read_idx(label_path)
-        if images.shape[1:] != (info.image_size, info.image_size):
-            raise PyrozooError(
-                f"{image_path}: images of shape {images.shape}, want (N, {info.image_size}, ...)"
-            )
+        size = info.image_size
+        if images.ndim != 3 or images.shape[1:] != (size, size):
+            raise _corrupt(image_path, f"images of shape {images.shape}, want (N, {size}, {size})", "IDX")
         if labels.shape != images.shape[:1]:
-            raise PyrozooError(
-                f"{label_path}: {labels.shape} labels for {len(images)} images in {image_path}"
+            raise _corrupt(
+                label_path, f"{labels.shape} labels for {len(images)} images in {image_path}", "IDX"
             )
-        out += [torch.from_numpy(images).unsqueeze(1), _labels(labels, info.num_classes, label_path)]
+        _check_nonempty(len(images), "training" if split == "train" else "test", image_path)
+        out += [torch.from_numpy(images).unsqueeze(1), _labels(labels, info.num_classes, label_path, "IDX")]
     return out
 
 
 def _read_cifar_batch(path: Path, key: bytes, num_classes: int) -> tuple[np.ndarray, torch.Tensor]:
     """One pickled CIFAR batch (only ever read from folders the user or our download chose)."""
-    try:
+    # Unpickling garbage fails in many ways (UnpicklingError, EOFError, KeyError, ImportError, ...), and a
+    # batch that is not a dict fails on indexing: all mean a corrupt file.
+    with _decoding(path, "CIFAR", errors=(Exception,)):
         with open(path, "rb") as f:
             batch = pickle.load(f, encoding="bytes")  # CIFAR was pickled by Python 2: its keys are bytes
         data, labels = np.asarray(batch[b"data"]), np.asarray(batch[key])
-    except Exception as e:  # unpickling garbage fails in many ways, all meaning a corrupt file
-        raise PyrozooError(f"corrupt CIFAR file {path}: {e!r}") from e
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != data.shape[:1]:
-        raise PyrozooError(
-            f"corrupt CIFAR file {path}: data {data.dtype} {data.shape}, labels {labels.shape}"
-        )
+        raise _corrupt(path, f"data {data.dtype} {data.shape}, labels {labels.shape}", "CIFAR")
     # A row holds the 1024 red values, then the green, then the blue, each plane 32x32 row-major.
-    return data.reshape(-1, 3, 32, 32), _labels(labels, num_classes, path)
+    return data.reshape(-1, 3, 32, 32), _labels(labels, num_classes, path, "CIFAR")
 
 
 def _read_cifar_folder(name: str, folder: Path) -> list[torch.Tensor]:
@@ -214,6 +260,8 @@ def _read_cifar_folder(name: str, folder: Path) -> list[torch.Tensor]:
     out = []
     for files in (train, test):
         batches = [_read_cifar_batch(folder / f, key, DATASETS[name].num_classes) for f in files]
+        split = "training" if files is train else "test"
+        _check_nonempty(sum(len(x) for x, _ in batches), split, folder, f" ({', '.join(files)})")
         out += [torch.from_numpy(np.concatenate([x for x, _ in batches])), torch.cat([y for _, y in batches])]
     return out
 
@@ -313,6 +361,10 @@ def prepare(raw: RawData, pad_to: int | None = None, device: str | torch.device 
         raise PyrozooError(
             f"cannot pad the {h}x{w} images of {raw.name} to {pad_to}x{pad_to}: smaller than the images"
         )
+    # The readers refuse empty splits too, naming the file; a RawData built in memory is caught here.
+    for split, x, purpose in (("training", raw.x_train, "train on"), ("test", raw.x_test, "evaluate on")):
+        if len(x) == 0:
+            raise PyrozooError(f"dataset {raw.name} ({raw.source}) has 0 {split} images: none to {purpose}")
     mean, std = (s.float() for s in _channel_stats(raw.x_train))
 
     def standardise(x: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,34 @@
-"""Files that are never half-written: every file pyrozoo writes goes through :func:`atomic_write`."""
+"""Files that are never half-written, and folders with one writer.
+
+Every file pyrozoo writes goes through :func:`atomic_write`. A process that writes into a run folder first
+takes the folder's lock with :func:`hold_folder` (or :class:`FolderLock`), so a second process on the same
+folder stops with a PyrozooError naming the first, instead of mixing its files into the run.
+
+The lock is ``fcntl.flock`` on a file ``.lock`` in the folder, not a lock file that exists or not: the kernel
+drops a flock when its holder dies, however it dies (``kill -9`` included), so a folder is never left locked
+by a process that is gone, and no stale-lock guessing (is that pid still alive? on which host?) is needed.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import errno
+import fcntl
+import json
 import os
+import shlex
+import socket
+import sys
 import tempfile
+import threading
+import time
+import warnings
+import weakref
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
+
+from pyrozoo.errors import PyrozooError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -16,18 +39,193 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
 
     The temporary name is unique to this call (so two processes never write the same temporary file), and the
     rename is atomic: a reader, or a run killed at any moment, sees the old file or the new one, never a part.
+    If ``write`` fails, the old file stays and the temporary one is removed. The system's refusals (no such
+    folder, no permission, a full disk) are a PyrozooError naming ``path``. (Nothing is fsynced: this guards
+    against a killed process, not a power cut.)
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise PyrozooError(f"cannot write {path}: {e.strerror or e}") from e
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise PyrozooError(f"cannot write {path}: {e.strerror or e}") from e
         raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
+
+
+# --- one writer per folder ----------------------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+# Errors of a filesystem that has no flock (some network and FUSE mounts): nothing can be locked there.
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class _Hold:
+    """This process's hold on one folder: the locked file and how many FolderLocks share it."""
+
+    def __init__(self, fd: int | None):
+        self.fd, self.count = fd, 0
+
+
+# Held folders by identity (device, inode), so that two spellings of one folder are one lock. A flock belongs
+# to an open file, so opening the lock file a second time in this process would block on ourselves: a second
+# FolderLock on a held folder shares the first one's hold instead (re-entrant).
+_holds: dict[tuple[int, int], _Hold] = {}
+_holds_mutex = threading.Lock()
+
+
+def _forget_holds_in_child() -> None:
+    """A forked child does not own its parent's locks: it closes its copies of the locked files (which leaves
+    the parent's lock in place) and starts with none, so it is refused like any other process."""
+    global _holds_mutex
+    for hold in _holds.values():
+        if hold.fd is not None:
+            os.close(hold.fd)
+    _holds.clear()
+    _holds_mutex = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_forget_holds_in_child)
+
+
+def _holder_record() -> bytes:
+    command = shlex.join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]])
+    started = datetime.datetime.now().astimezone().isoformat(sep=" ", timespec="seconds")
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": started, "command": command}
+    return (json.dumps(record) + "\n").encode()
+
+
+def read_holder(folder: str | os.PathLike) -> dict | None:
+    """The record of the process holding ``folder`` (pid, host, started, command); None if none is there."""
+    try:
+        record = json.loads((Path(folder) / LOCK_NAME).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "pid" in record else None
+
+
+def _in_use(folder: Path) -> PyrozooError:
+    # The holder writes its record just after taking the lock; give it a moment if we came in between.
+    for _ in range(20):
+        record = read_holder(folder)
+        if record is not None:
+            break
+        time.sleep(0.025)
+    if record is None:
+        who = "another process"
+    else:
+        host = record.get("host")
+        where = f" on {host}" if host and host != socket.gethostname() else ""
+        command = str(record.get("command", "?"))
+        command = command if len(command) <= 200 else command[:197] + "..."
+        who = f"process {record['pid']}{where} (started {record.get('started', '?')}, command: {command})"
+    return PyrozooError(f"{folder} is in use by {who}: wait for it to finish, or choose another --out")
+
+
+def _release(key: tuple[int, int], hold: _Hold) -> None:
+    with _holds_mutex:
+        if _holds.get(key) is not hold:  # released already, or a forked child's copy of a parent's lock
+            return
+        hold.count -= 1
+        if hold.count > 0:
+            return
+        del _holds[key]
+        if hold.fd is not None:
+            try:
+                os.ftruncate(hold.fd, 0)  # the record names no process once none holds the folder
+            finally:
+                os.close(hold.fd)  # which drops the lock
+
+
+class FolderLock:
+    """The one-writer lock on ``folder``; take it with :meth:`acquire` or ``with``, and drop it with
+    :meth:`release` (or leaving the ``with`` block, on an exception too).
+
+    Another process that holds the folder makes :meth:`acquire` raise PyrozooError naming that process
+    (pid, host, when it took the lock, command). Within one process the lock is re-entrant: a second
+    FolderLock on a folder this process holds (train, then evaluate in the same folder) shares the hold, and
+    the folder is free again when the last of them is released. So the lock separates processes, not threads
+    or objects of one process. The kernel drops the lock when the process dies, however it dies; a forked
+    child does not inherit it. The folder is made if missing. On a filesystem without file locks nothing can
+    be locked: a warning says so, and the folder is used unlocked.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._finalizer: weakref.finalize | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._finalizer is not None and self._finalizer.alive
+
+    def acquire(self) -> "FolderLock":
+        if self.held:
+            raise RuntimeError(f"this FolderLock on {self.folder} is held already")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            stat = self.folder.stat()
+        except OSError as e:
+            raise PyrozooError(f"cannot use the folder {self.folder}: {e.strerror or e}") from None
+        key = (stat.st_dev, stat.st_ino)
+        with _holds_mutex:
+            hold = _holds.get(key) or self._lock(key)
+            hold.count += 1
+        # Released when the object goes, too, so a lock dropped without release() does not outlive it.
+        self._finalizer = weakref.finalize(self, _release, key, hold)
+        return self
+
+    def _lock(self, key: tuple[int, int]) -> _Hold:
+        path = self.folder / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as e:
+            raise PyrozooError(f"cannot write to the folder {self.folder}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _in_use(self.folder) from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in _NO_LOCKS:
+                raise PyrozooError(f"cannot lock the folder {self.folder}: {e.strerror or e}") from None
+            warnings.warn(
+                f"{self.folder} is on a filesystem without file locks ({e.strerror}), so nothing stops a "
+                "second process writing into it; make sure only one does",
+                stacklevel=3,
+            )
+            fd = None
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder_record(), 0)
+        _holds[key] = hold = _Hold(fd)
+        return hold
+
+    def release(self) -> None:
+        """Drop this lock (the folder stays held while another FolderLock of this process holds it)."""
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | os.PathLike) -> Iterator[FolderLock]:
+    """``with hold_folder(out):`` runs its block as the folder's one writer (see :class:`FolderLock`)."""
+    with FolderLock(folder) as lock:
+        yield lock

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import pickle
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +234,202 @@ def test_corrupt_cifar_names_the_file(tmp_path):
     write_cifar_batch(folder / "train", np.zeros((2, 3000), np.uint8), [0, 1], b"fine_labels")
     with pytest.raises(PyrozooError, match="corrupt CIFAR file"):
         data.load("cifar100", data_dir=tmp_path, download=False)
+
+
+# --- bad files: one table, each an error naming the file ---------------------------------------------------
+
+CIFAR100_FILES = {"train": 6, "test": 2}
+
+
+def write_cifar100(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, n in CIFAR100_FILES.items():
+        write_cifar_batch(folder / name, np.zeros((n, 3072), np.uint8), list(range(n)), b"fine_labels")
+
+
+def recompressed(mutate):
+    """Damage a gzipped file's content, and gzip it again with no name in its header (so that its deflate
+    data starts at byte 10), then damage the gzip bytes with ``mutate``."""
+
+    def damage(path: Path) -> None:
+        path.write_bytes(mutate(gzip.compress(gzip.decompress(path.read_bytes()), mtime=0)))
+
+    return damage
+
+
+def gz_bytes(offset: int, value: bytes):
+    """Overwrite the gzip stream at ``offset`` (negative: from the end)."""
+
+    def mutate(stream: bytes) -> bytes:
+        start = offset % len(stream)
+        return stream[:start] + value + stream[start + len(value) :]
+
+    return recompressed(mutate)
+
+
+def content(mutate):
+    """Replace the IDX bytes inside a gzipped file with ``mutate(bytes)``."""
+    return lambda p: p.write_bytes(gzip.compress(mutate(gzip.decompress(p.read_bytes()))))
+
+
+def raw_bytes(value: bytes):
+    return lambda p: p.write_bytes(value)
+
+
+def cut(n: int):
+    """Drop the last ``n`` bytes of the file."""
+    return lambda p: p.write_bytes(p.read_bytes()[:-n])
+
+
+def idx(array: np.ndarray):
+    return lambda p: write_idx(p, array)
+
+
+def empty_split(p: Path) -> None:
+    write_idx(p, np.zeros((0, 28, 28), np.uint8))
+    write_idx(p.with_name(p.name.replace("images-idx3", "labels-idx1")), np.zeros(0, np.uint8))
+
+
+def pickled(obj):
+    return lambda p: p.write_bytes(pickle.dumps(obj))
+
+
+def cifar(n: int, pixels=np.uint8, width: int = 3072, labels=None):
+    labels = [0] * n if labels is None else labels
+    return pickled({b"data": np.zeros((n, width), pixels), b"fine_labels": labels})
+
+
+U8 = np.uint8
+TRAIN_X, TRAIN_Y = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
+TEST_X, TEST_Y = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+# (case, dataset kind, file to damage, damage, what pyrozoo must turn into the PyrozooError: the underlying
+# exception type, kept as __cause__, or a phrase of the message)
+BAD_FILES = [
+    # the gzip layer
+    ("broken deflate data", "idx", TRAIN_Y, gz_bytes(10, b"\xff"), zlib.error),  # reserved block type
+    ("truncated gzip", "idx", TRAIN_Y, cut(9), EOFError),
+    ("truncated gzip images", "idx", TRAIN_X, cut(100), EOFError),
+    ("not gzip at all", "idx", TEST_X, raw_bytes(b"not gzip at all"), gzip.BadGzipFile),
+    ("gzip checksum wrong", "idx", TEST_Y, gz_bytes(-8, b"\0\0\0\0"), gzip.BadGzipFile),
+    ("gzip length wrong", "idx", TEST_Y, gz_bytes(-4, b"\1"), gzip.BadGzipFile),
+    ("empty gzip file", "idx", TEST_Y, raw_bytes(b""), "bad magic"),
+    # the IDX header and sizes
+    ("float type code", "idx", TRAIN_X, content(lambda b: b"\0\0\x0d\1" + (2).to_bytes(4, "big") + bytes(8)),
+     "bad magic"),
+    ("zero dims", "idx", TRAIN_Y, content(lambda b: b"\0\0\x08\0"), "bad magic"),
+    ("nonzero magic", "idx", TRAIN_Y, content(lambda b: b"\1" + b[1:]), "bad magic"),
+    ("truncated header", "idx", TRAIN_X, content(lambda b: b"\0\0\x08\3" + (5).to_bytes(4, "big")),
+     "too short for the header"),
+    ("data short of the dims", "idx", TEST_Y, content(lambda b: b[:-1]), "header for shape"),
+    ("data beyond the dims", "idx", TEST_X, content(lambda b: b + b"\0"), "header for shape"),
+    ("plain file, wrong size", "plain", "train-images-idx3-ubyte", cut(28 * 14), "header for shape"),
+    ("images 27x28", "idx", TRAIN_X, idx(np.zeros((12, 27, 28), U8)), "images of shape"),
+    ("images with a channel axis", "idx", TEST_X, idx(np.zeros((5, 28, 28, 1), U8)), "images of shape"),
+    ("images 1-D", "idx", TEST_X, idx(np.zeros(5, U8)), "images of shape"),
+    # labels
+    ("labels 2-D", "idx", TRAIN_Y, idx(np.zeros((12, 1), U8)), "labels for 12 images"),
+    ("fewer labels than images", "idx", TEST_Y, idx(np.array([0, 1, 2], U8)), "labels for 5 images"),
+    ("more labels than images", "idx", TRAIN_Y, idx(np.zeros(13, U8)), "labels for 12 images"),
+    ("label 10 of 10 classes", "idx", TEST_Y, idx(np.array([0, 1, 2, 3, 10], U8)), "outside 0..9"),
+    ("label 255", "idx", TRAIN_Y, idx(np.full(12, 255, U8)), "outside 0..9"),
+    # empty splits
+    ("0 training images", "idx", TRAIN_X, empty_split, "0 training images"),
+    ("0 test images", "idx", TEST_X, empty_split, "0 test images"),
+    # CIFAR pickles
+    ("garbage pickle", "cifar", "train", raw_bytes(b"garbage"), pickle.UnpicklingError),
+    ("truncated pickle", "cifar", "train", cut(50), pickle.UnpicklingError),
+    ("empty pickle", "cifar", "test", raw_bytes(b""), EOFError),
+    ("pickle of a list", "cifar", "train", pickled([1, 2, 3]), TypeError),
+    ("pickle without labels", "cifar", "test", pickled({b"data": np.zeros((2, 3072), U8)}), KeyError),
+    ("rows of 3000 pixels", "cifar", "train", cifar(6, width=3000), "data uint8 (6, 3000)"),
+    ("int64 pixels", "cifar", "train", cifar(6, pixels=np.int64), "data int64"),
+    ("one label for two rows", "cifar", "test", cifar(2, labels=[0]), "labels (1,)"),
+    ("label 100 of 100 classes", "cifar", "test", cifar(2, labels=[0, 100]), "outside 0..99"),
+    ("float labels", "cifar", "test", cifar(2, labels=[0.5, 1.0]), "want integers"),
+    ("0 CIFAR training images", "cifar", "train", cifar(0), "0 training images"),
+    ("0 CIFAR test images", "cifar", "test", cifar(0), "0 test images"),
+]
+
+
+def damaged_dataset(root: Path, kind: str, filename: str, damage) -> tuple[str, Path, Path]:
+    """A small good dataset under ``root`` with one file damaged: (dataset name, folder, damaged file)."""
+    if kind == "cifar":
+        folder = root / "cifar-100-python"
+        write_cifar100(folder)
+        name = "cifar100"
+    else:
+        folder = root
+        write_mnist_like(folder, gz=kind != "plain")
+        name = "fashion-mnist"
+    damage(folder / filename)
+    return name, folder, folder / filename
+
+
+@pytest.mark.parametrize("case, kind, filename, damage, cause", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_bad_file_is_one_line_naming_the_file(tmp_path, case, kind, filename, damage, cause):
+    name, folder, path = damaged_dataset(tmp_path / "data", kind, filename, damage)
+    with pytest.raises(PyrozooError) as info:
+        data.load(name, data_dir=tmp_path / "data", download=False)
+    message = str(info.value)
+    assert str(path) in message or (str(folder) in message and path.name in message), message
+    assert "\n" not in message
+    assert "replace it with a good copy, or delete it" in message  # what to do, for a --data-dir folder
+    if isinstance(cause, str):
+        assert cause in message
+    else:  # the underlying error is kept as the cause, and named in the message
+        assert isinstance(info.value.__cause__, cause), repr(info.value.__cause__)
+        assert cause.__name__ in message
+
+
+def test_bad_file_remedy_depends_on_where_it_lies(tmp_path, monkeypatch):
+    write_mnist_like(tmp_path / "cache" / "FashionMNIST" / "raw")
+    gz_bytes(10, b"\xff")(tmp_path / "cache" / "FashionMNIST" / "raw" / TRAIN_Y)
+    with pytest.raises(PyrozooError, match="delete it and let pyrozoo download it again"):
+        data.load("fashion-mnist")
+    write_mnist_like(tmp_path / "debian")
+    (tmp_path / "debian" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"junk")
+    monkeypatch.setenv("PYROZOO_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "debian"))
+    with pytest.raises(PyrozooError, match=r"apt-get install --reinstall dataset-fashion-mnist"):
+        data.load("fashion-mnist")
+
+
+def test_unreadable_file_is_not_called_corrupt(tmp_path, monkeypatch):
+    write_mnist_like(tmp_path)
+
+    def no_permission(path, mode):  # chmod would not stop root, who runs the tests in some containers
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(data.gzip, "open", no_permission)
+    path = re.escape(str(tmp_path / TRAIN_X))
+    with pytest.raises(PyrozooError, match=f"^cannot read IDX file {path}: Permission denied$"):
+        data.load("fashion-mnist", data_dir=tmp_path, download=False)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_prepare_refuses_empty_splits(split):
+    raw = raw_data()
+    empty = raw.x_train[:0]
+    if split == "train":
+        raw = dataclasses.replace(raw, x_train=empty, y_train=raw.y_train[:0])
+    else:
+        raw = dataclasses.replace(raw, x_test=empty, y_test=raw.y_test[:0])
+    word = "training" if split == "train" else "test"
+    with pytest.raises(PyrozooError, match=f"synthetic \\(memory\\) has 0 {word} images"):
+        data.prepare(raw)
+
+
+def test_cli_bad_data_file_exits_2_with_one_line(tmp_path, capsys):
+    from pyrozoo.cli import main
+
+    write_mnist_like(tmp_path / "d")
+    broken = tmp_path / "d" / TRAIN_Y
+    gz_bytes(10, b"\xff")(broken)
+    args = ["--data", "fashion-mnist", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "run")]
+    code = main(["train", *args, "--epochs", "1", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("pyrozoo: error: corrupt IDX file") and str(broken) in err
 
 
 # --- bundled subset and the default -------------------------------------------------------------------------
