@@ -1,33 +1,42 @@
-"""Bayesian model reduction: closed forms, pruning rules, masks and the rebuilt sparse net."""
+"""Bayesian model reduction: closed forms, scores, reductions (decision x scope), masks and the rebuilt net.
+
+Every reduction is registered in :data:`REDUCTIONS` (importing a module registers what it defines).
+"""
 
 from __future__ import annotations
 
-from pyrozoo.bmr.prune import PruneReport, prune, prune_units, pruned_fraction
+from pyrozoo.bmr.reduction import (
+    REDUCTIONS,
+    PruneReport,
+    Reduction,
+    Sequence,
+    WeightReduction,
+    make_reduction,
+)
+from pyrozoo.bmr.rules import Shrinkage, SpikeAndSlab, Threshold
+from pyrozoo.bmr.structured import Units
+from pyrozoo.bmr.horseshoe import Horseshoe
+from pyrozoo.bmr.sparsity import TargetSparsity
+from pyrozoo.bmr.prune import prune, prune_units, reduce
 from pyrozoo.bmr.rebuild import rebuild
-from pyrozoo.bmr.rules import RULES
+from pyrozoo.bmr.units import pruned_fraction
 
-REDUCTIONS = [*RULES, "units", "horseshoe"]
-
-
-def reduce(model, guide, rule: str, units: bool = False, **options) -> PruneReport:
-    """One BMR pass: a per-weight rule on dF (``RULES``), ``"units"`` (whole units, :func:`prune_units`), or
-    ``"horseshoe"`` (BMR-RHS); ``options`` go to it. ``units=True`` follows the pass with a structured one."""
-    if rule == "units":
-        return prune_units(model, guide, **options)
-    if rule == "horseshoe":
-        from pyrozoo.bmr.horseshoe import prune_horseshoe
-
-        report = prune_horseshoe(model, guide, **options)
-    else:
-        report = prune(model, guide, rule, **options)
-    if units:
-        structured = prune_units(model, guide)
-        report = PruneReport(
-            report.layers + structured.layers,
-            report.seconds + structured.seconds,
-            structured.pruned_fraction,
-        )
-    return report
-
-
-__all__ = ["PruneReport", "REDUCTIONS", "prune", "prune_units", "pruned_fraction", "rebuild", "reduce"]
+__all__ = [
+    "REDUCTIONS",
+    "Horseshoe",
+    "PruneReport",
+    "Reduction",
+    "Sequence",
+    "Shrinkage",
+    "SpikeAndSlab",
+    "TargetSparsity",
+    "Threshold",
+    "Units",
+    "WeightReduction",
+    "make_reduction",
+    "prune",
+    "prune_units",
+    "pruned_fraction",
+    "rebuild",
+    "reduce",
+]

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pyro
 import torch
 from pyro import poutine
 
 from pyrozoo.bmr.delta_f import meanfield
-from pyrozoo.bmr.prune import Z_PRIOR_VAR, LayerReport, PruneReport, pruned_fraction
+from pyrozoo.bmr.reduction import REDUCTIONS, LayerReport, PruneReport, Reduction
+from pyrozoo.bmr.scores import Z_PRIOR_VAR
+from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides.meanfield import MeanFieldNormal
@@ -51,6 +55,23 @@ class _EvidenceModel:
             pyro.factor(f"{layer.name}.delta_f", (gain * self.masks[layer.name]).sum())
 
 
+@REDUCTIONS.register("horseshoe")
+@dataclass(frozen=True)
+class Horseshoe(Reduction):
+    """BMR-RHS: fit the horseshoe (global scale ``tau0``) to dF by ``steps`` of SVI at ``lr``, shrink every
+    prunable layer by ``samples`` draws of the fit, and prune weights shrunk below ``delta``."""
+
+    tau0: float = 1e-2
+    steps: int = 1000
+    lr: float = 5e-2
+    samples: int = 100
+    delta: float = 1e-6
+    name: ClassVar[str] = "horseshoe"
+
+    def __call__(self, model, posterior) -> PruneReport:
+        return prune_horseshoe(model, posterior, self.tau0, self.steps, self.lr, self.samples, self.delta)
+
+
 def prune_horseshoe(
     model,
     guide,
@@ -61,11 +82,8 @@ def prune_horseshoe(
     delta: float = 1e-6,
 ) -> PruneReport:
     """Fit the horseshoe to dF, shrink and prune every prunable layer; masks only ever shrink."""
-    if not hasattr(guide, "write_posterior"):
-        raise PyrozooError(
-            f"BMR-RHS writes the reduced posterior back and needs pyrozoo's mean-field guide, "
-            f"not {type(guide).__name__}"
-        )
+    if guide.point_mass:
+        raise PyrozooError(f"BMR-RHS needs a posterior with spread; {type(guide).__name__} is a point mass")
     start = time.perf_counter()
     layers = [layer for layer in model.layers if layer.prunable]
     full = guide.posterior()

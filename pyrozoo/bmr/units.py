@@ -113,6 +113,15 @@ def effective_masks(model) -> dict[str, torch.Tensor]:
     return masks
 
 
+def pruned_fraction(model) -> float:
+    """Pruned entries over prunable entries (PAPER.md §6), counting the outgoing weights of dead units."""
+    masks = effective_masks(model)
+    prunable = [layer for layer in model.layers if layer.prunable]
+    total = sum(layer.shape.numel() for layer in prunable)
+    kept = sum(int(masks[layer.name].sum()) for layer in prunable)
+    return 1.0 - kept / total
+
+
 def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(net.get_submodule(parent) if parent else net, child, module)

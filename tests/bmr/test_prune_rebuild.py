@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from pyrozoo.bmr.prune import delta_f, prune, pruned_fraction
+from pyrozoo.bmr import prune, pruned_fraction
+from pyrozoo.bmr.scores import delta_f
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.bmr.units import effective_masks
 from pyrozoo.errors import PyrozooError

@@ -1,10 +1,27 @@
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyrozoo.bmr.rules import get_rule, layer_spike_and_slab, spike_and_slab, threshold
+from pyrozoo.bmr import make_reduction
+from pyrozoo.bmr.rules import SpikeAndSlab, Threshold
 from pyrozoo.errors import PyrozooError
+from pyrozoo.methods import METHODS
+
+
+def threshold(df, live, margin=0.0):
+    return Threshold(margin).decide(df, live)
+
+
+def spike_and_slab(df, live, **options):
+    return SpikeAndSlab(**options).decide(df, live)
+
+
+def layer_spike_and_slab(df, live):
+    """The configured spike-and-slab that the method bmr-lss runs."""
+    return METHODS["bmr-lss"].reduction.decide(df, live)
 
 
 def test_threshold_prunes_iff_evidence_rises():
@@ -45,14 +62,41 @@ def test_spike_and_slab_mixed_matches_a_hand_iteration():
     assert zeta < -1 and not decision.keep[-2] and decision.keep[90:100].all()
 
 
+def _zeta(df: list[float], iterations: int = 4) -> float:
+    """PAPER.md §4's cut-off, written out with the standard library."""
+    zeta = 0.0
+    for _ in range(iterations):
+        q = [0.5 * (1 + math.tanh((zeta - d) / 2)) for d in df]  # sigmoid, without overflow
+        zeta = digamma(1 + sum(q)) - digamma(1 + sum(1 - v for v in q))
+    return zeta
+
+
+def digamma(x: float) -> float:
+    return torch.digamma(torch.tensor(x, dtype=torch.float64)).item()
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.floats(-50, 50), min_size=1, max_size=60), st.integers(0, 2**32 - 1))
-def test_masks_only_lose_weights(values, seed):
+def test_rules_keep_the_live_weights_at_or_below_an_independently_computed_cutoff(values, seed):
     df = torch.tensor(values)
     live = torch.rand(len(values), generator=torch.Generator().manual_seed(seed)) > 0.3
-    for rule in (threshold, spike_and_slab, layer_spike_and_slab):
-        keep = rule(df, live).keep
-        assert not (keep & ~live).any()
+    live_values = [v for v, alive in zip(values, live.tolist()) if alive]
+    pruned_as_excluded = live_values + [1e9] * int((~live).sum())  # q = 0 for a pruned weight
+    expected = {
+        "threshold": 0.0,
+        "spike-and-slab": _zeta(live_values),
+        "bmr-lss": min(_zeta(pruned_as_excluded), 0.0),
+    }
+    decisions = {
+        "threshold": threshold(df, live),
+        "spike-and-slab": spike_and_slab(df, live),
+        "bmr-lss": layer_spike_and_slab(df, live),
+    }
+    for name, decision in decisions.items():
+        assert decision.cutoff == pytest.approx(expected[name], abs=1e-5), name
+        want = [alive and v <= expected[name] + 1e-6 for v, alive in zip(values, live.tolist())]
+        near = [abs(v - expected[name]) < 1e-5 for v in values]  # float32 rounding at the cut-off itself
+        assert all(k == w or n for k, w, n in zip(decision.keep.tolist(), want, near)), name
 
 
 def test_pruned_weights_do_not_vote():
@@ -63,8 +107,8 @@ def test_pruned_weights_do_not_vote():
 
 
 def test_unknown_rule():
-    with pytest.raises(PyrozooError, match="known rules"):
-        get_rule("magnitude")
+    with pytest.raises(PyrozooError, match="known reductions: threshold"):
+        make_reduction("magnitude")
 
 
 def test_counting_pruned_weights_lowers_the_cutoff():

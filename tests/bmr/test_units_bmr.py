@@ -5,7 +5,7 @@ import torch
 
 from pyrozoo.bmr import prune_units, rebuild, reduce
 from pyrozoo.bmr.delta_f import multivariate
-from pyrozoo.bmr.prune import delta_f
+from pyrozoo.bmr.scores import delta_f
 from pyrozoo.bmr.units import find_units
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel

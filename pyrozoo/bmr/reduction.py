@@ -1,0 +1,185 @@
+"""A reduction is one object: ``reduction(model, posterior) -> PruneReport``, its options typed dataclass fields.
+
+Three parts stay separate, as in JAXPruner (``calculate_scores``) and ``torch.nn.utils.prune``
+(``compute_mask``):
+
+- the **score** of each entry (BMR's dF by default, :mod:`pyrozoo.bmr.scores`): a :class:`WeightReduction`
+  overrides :meth:`~WeightReduction.scores` to use another (the horseshoe's shrinkage, say);
+- the **decision** from scores to a keep-mask (:meth:`~WeightReduction.decide`: threshold, spike-and-slab, a
+  target sparsity), which only ever loses entries;
+- the **scope**: single weights (:class:`WeightReduction`), or whole units whose entries are scored together
+  (:class:`~pyrozoo.bmr.units.Units`).
+
+Reductions compose: ``Threshold().then(Units())`` is one reduction, a per-weight pass and then a structured one.
+Every registered reduction is in :data:`REDUCTIONS`; :func:`make_reduction` builds one from a name and options,
+checked against its fields. To add one, write a dataclass subclass in a file of its own and register it (see
+``pyrozoo/bmr/sparsity.py`` and CONTRIBUTING.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import asdict, dataclass
+from typing import ClassVar, NamedTuple
+
+import pandas as pd
+import torch
+
+from pyrozoo.bmr.units import pruned_fraction
+from pyrozoo.options import bind_options
+from pyrozoo.registry import Registry
+
+REDUCTIONS = Registry("reduction")
+
+
+class Decision(NamedTuple):
+    keep: torch.Tensor  # boolean, shaped like the scores
+    inclusion: float  # the decision's estimate of the fraction of entries worth keeping
+    cutoff: float  # entries scoring above it are pruned
+
+
+@dataclass
+class LayerReport:
+    layer: str
+    size: int  # entries of the layer's latent (weights and bias)
+    live_before: int
+    kept: int
+    inclusion: float  # the decision's estimate of the fraction worth keeping
+    cutoff: float  # score (dF for BMR) above which entries were pruned
+    score_min: float  # over the live entries
+    score_median: float
+    score_max: float
+    note: str = ""  # e.g. a guard that stopped the reduction
+
+
+@dataclass
+class PruneReport:
+    layers: list[LayerReport]
+    seconds: float
+    pruned_fraction: float
+
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame([asdict(r) for r in self.layers])
+
+    def then(self, later: "PruneReport") -> "PruneReport":
+        """This report followed by a later pass's: every layer row, the summed time, the final fraction."""
+        return PruneReport(self.layers + later.layers, self.seconds + later.seconds, later.pruned_fraction)
+
+
+def score_summary(scores: torch.Tensor, live: torch.Tensor) -> tuple[float, float, float]:
+    """Smallest, median and largest score over the live entries (zeros when none is live)."""
+    values = scores[live] if bool(live.any()) else torch.zeros(1)
+    return float(values.min()), float(values.median()), float(values.max())
+
+
+class Reduction:
+    """Maps ``(model, posterior)`` to a :class:`PruneReport`, writing new keep-masks into the model and the
+    reduced posterior into the posterior source. Masks only ever lose entries."""
+
+    name: ClassVar[str] = ""
+
+    def __call__(self, model, posterior) -> PruneReport:
+        raise NotImplementedError
+
+    def then(self, later: "Reduction") -> "Sequence":
+        """This reduction followed by ``later``, as one reduction."""
+        return Sequence((self, later))
+
+    def options(self) -> dict:
+        """The option values of this reduction (its dataclass fields)."""
+        return (
+            {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+            if dataclasses.is_dataclass(self)
+            else {}
+        )
+
+    def describe(self) -> str:
+        """Its name and its options, e.g. ``spike-and-slab(count_pruned=True, max_cutoff=0.0, iterations=4)``."""
+        options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{self.name}({options})"
+
+
+@dataclass(frozen=True)
+class Sequence(Reduction):
+    """Reductions applied one after another, each on the masks the previous one left."""
+
+    steps: tuple[Reduction, ...]
+    name: ClassVar[str] = "sequence"
+
+    def __call__(self, model, posterior) -> PruneReport:
+        report = None
+        for step in self.steps:
+            later = step(model, posterior)
+            report = later if report is None else report.then(later)
+        return report
+
+    def then(self, later: Reduction) -> "Sequence":
+        return Sequence((*self.steps, later))
+
+    def describe(self) -> str:
+        return " then ".join(step.describe() for step in self.steps)
+
+
+class WeightReduction(Reduction):
+    """A reduction of single entries: score every entry of every prunable layer, decide per layer which to keep.
+
+    Subclasses implement :meth:`decide` (one layer), or :meth:`decide_layers` (all layers at once, for decisions
+    that rank across layers), and may override :meth:`scores`. Pruned entries of the posterior are reset to
+    their prior, their exact posterior once the weight no longer touches the likelihood; under a mean-field
+    posterior the surviving entries' reduced posterior equals their full one, so nothing else changes.
+    """
+
+    def scores(self, model, posterior) -> dict[str, torch.Tensor]:
+        """``{layer: score per entry}``, high meaning prune; BMR's dF by default."""
+        from pyrozoo.bmr.scores import delta_f
+
+        return delta_f(model, posterior)
+
+    def decide(self, scores: torch.Tensor, live: torch.Tensor) -> Decision:
+        raise NotImplementedError
+
+    def decide_layers(self, scores: dict, live: dict) -> dict[str, Decision]:
+        return {name: self.decide(scores[name], live[name]) for name in scores}
+
+    @torch.no_grad()
+    def __call__(self, model, posterior, scores: dict[str, torch.Tensor] | None = None) -> PruneReport:
+        start = time.perf_counter()
+        scores = self.scores(model, posterior) if scores is None else scores
+        layers = [layer for layer in model.layers if layer.name in scores]
+        live = {layer.name: model.mask(layer.name).bool() for layer in layers}
+        decisions = self.decide_layers(scores, live)
+        reports = []
+        for layer in layers:
+            decision, was_live = decisions[layer.name], live[layer.name]
+            keep = decision.keep & was_live  # pruned entries stay pruned whatever a decision says
+            model.set_mask(layer.name, keep)
+            posterior.reset_to_prior(layer.site, ~keep)
+            reports.append(
+                LayerReport(
+                    layer.name,
+                    was_live.numel(),
+                    int(was_live.sum()),
+                    int(keep.sum()),
+                    decision.inclusion,
+                    decision.cutoff,
+                    *score_summary(scores[layer.name], was_live),
+                )
+            )
+        return PruneReport(reports, time.perf_counter() - start, pruned_fraction(model))
+
+
+def make_reduction(name: str, **options) -> Reduction:
+    """The registered reduction ``name`` with ``options``; an option it does not take is an error naming those
+    it does."""
+    cls = REDUCTIONS[name]
+    return cls(**bind_options(f"reduction {name!r}", cls, options))
+
+
+def configure(reduction: Reduction, options: dict) -> Reduction:
+    """``reduction`` with some of its options replaced (checked as :func:`make_reduction` checks them)."""
+    if not options:
+        return reduction
+    return dataclasses.replace(
+        reduction, **bind_options(f"reduction {reduction.name!r}", type(reduction), options)
+    )

@@ -1,0 +1,88 @@
+"""Options of components (a reduction's fields, a prior's keyword arguments, a net's sizes): parsed from
+``KEY=VALUE`` text one way, and checked one way against what the component declares.
+
+An option the component does not take is an error that names the options it does take; a value of the wrong
+type, or a float that is not finite, is an error too. Nothing is silently ignored.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import types
+import typing
+from typing import Callable
+
+from pyrozoo.errors import PyrozooError
+from pyrozoo.registry import option_defaults
+
+
+def parse_option(text: str) -> tuple[str, object]:
+    """``"KEY=VALUE"`` -> ``(key, value)``; the value is a Python literal (``0.5``, ``True``, ``(8, 16)``,
+    ``None``), ``true``/``false`` in any case, else the bare word as a string (``preset=tiny``)."""
+    key, sep, value = text.partition("=")
+    key = key.strip().replace("-", "_")
+    if not sep or not key.isidentifier():
+        raise PyrozooError(f"expected KEY=VALUE, got {text!r}")
+    if value.strip().lower() in ("true", "false"):
+        return key, value.strip().lower() == "true"
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def _hints(factory: Callable) -> dict:
+    try:
+        return typing.get_type_hints(factory)
+    except Exception:  # an annotation that cannot be resolved: check by the default's type instead
+        return {}
+
+
+def accepts(kind, value) -> bool:
+    """Whether ``value`` fits the annotation ``kind`` (None, bool, int, float, str, tuples, unions)."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(accepts(k, value) for k in typing.get_args(kind))
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if origin is tuple or kind is tuple:
+        return isinstance(value, (tuple, list))
+    return True  # an annotation we do not check (a callable, a module type)
+
+
+def kind_name(kind) -> str:
+    return getattr(kind, "__name__", str(kind)).replace("NoneType", "None")
+
+
+def bind_options(what: str, factory: Callable, options: dict) -> dict:
+    """``options`` checked against the keyword options ``factory`` declares (dataclass fields or keyword
+    parameters, see :func:`pyrozoo.registry.option_defaults`); floats converted and required to be finite."""
+    defaults = option_defaults(factory)
+    hints = _hints(factory)
+    bound = {}
+    for key, value in options.items():
+        if key not in defaults:
+            takes = ", ".join(defaults) if defaults else "none"
+            raise PyrozooError(f"{what} takes no option {key!r}; its options: {takes}")
+        kind = hints.get(key, type(defaults[key]) if defaults[key] is not None else None)
+        if kind is not None and not accepts(kind, value):
+            raise PyrozooError(f"{what}: option {key} must be {kind_name(kind)}, got {value!r}")
+        if isinstance(value, float) or (kind is float and isinstance(value, int)):
+            value = float(value)
+            if not math.isfinite(value):
+                raise PyrozooError(f"{what}: option {key} must be a finite number, got {value}")
+        bound[key] = value
+    return bound
+
+
+def takes_option(factory: Callable, key: str) -> bool:
+    return key in option_defaults(factory)
