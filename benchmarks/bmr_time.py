@@ -18,7 +18,7 @@ import torch
 from pyrozoo.bmr.prune import prune
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
-from pyrozoo.nets import create_net, get_net_entry
+from pyrozoo.nets import NETS, create_net
 from pyrozoo.train import svi_step
 
 # the step-time script beside this one (Python puts a script's folder on sys.path)
@@ -28,7 +28,7 @@ STEPS_PER_EPOCH = 500
 
 
 def bench_net(name: str, repeats: int) -> None:
-    side = get_net_entry(name).pad_to or 28
+    side = NETS[name].pad_to or 28
     x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
     model = BayesianModel(create_net(name, in_channels=1, image_size=side, num_classes=CLASSES))
     guide = make_guide("meanfield", model)

@@ -28,7 +28,7 @@ from torch.func import functional_call
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.priors import tiered as tiered_prior
-from pyrozoo.nets import create_net, get_net_entry
+from pyrozoo.nets import NETS, create_net
 from pyrozoo.train import svi_step
 
 BATCH, DATASET_SIZE, CLASSES = 120, 60_000, 10
@@ -95,7 +95,7 @@ class HandWrittenMeanField:
 
 
 def bench_net(name: str, repeats: int, warmup: int) -> None:
-    side = get_net_entry(name).pad_to or 28
+    side = NETS[name].pad_to or 28
     x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
     net = create_net(name, in_channels=1, image_size=side, num_classes=CLASSES)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)

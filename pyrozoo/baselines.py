@@ -12,7 +12,6 @@ which survives layers whose weights are all smaller than the others' (global ran
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from pyrozoo.bmr.prune import pruned_fraction
+from pyrozoo.bmr.units import pruned_fraction
+from pyrozoo.io import atomic_write
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.errors import PyrozooError
-from pyrozoo.metrics import PredictionAccumulator
+from pyrozoo.registry import Registry
+from pyrozoo.metrics import evaluate_net
 from pyrozoo.train import CONFIG, METRICS, Minibatches, Run
 
 
@@ -34,14 +35,16 @@ from pyrozoo.train import CONFIG, METRICS, Minibatches, Run
 class Baseline:
     scope: str  # "global": one magnitude ranking over all prunable layers; "layer": each layer on its own
     finetuned: bool
+    description: str
 
 
-BASELINES = {
-    "magnitude": Baseline("global", False),
-    "magnitude-ft": Baseline("global", True),
-    "magnitude-layer": Baseline("layer", False),
-    "magnitude-layer-ft": Baseline("layer", True),
-}
+BASELINES = Registry("baseline")
+BASELINES.register("magnitude", Baseline("global", False, "global magnitude pruning of the flat-map net"))
+BASELINES.register("magnitude-ft", Baseline("global", True, "global magnitude pruning, then a fine-tune"))
+BASELINES.register("magnitude-layer", Baseline("layer", False, "magnitude pruning of each layer alike"))
+BASELINES.register(
+    "magnitude-layer-ft", Baseline("layer", True, "magnitude pruning of each layer, then a fine-tune")
+)
 SOURCE_METHOD, SPARSITY_METHOD = "flat-map", "bmr-ss"
 LAYERS = "layers.csv"  # per prunable layer: entries, kept fraction, median |weight| before pruning
 
@@ -87,19 +90,6 @@ def magnitude_prune(
             parts.append(mask.reshape(layer.shape[0], -1))  # a bias becomes the last column, as in the latent
         masks[layer.name] = torch.cat(parts, dim=1).bool()
     return masks
-
-
-@torch.no_grad()
-def evaluate_net(net: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, batch_size: int = 2000):
-    """The metrics of a deterministic net (one 'posterior sample'), as :func:`pyrozoo.train.evaluate` computes
-    them for a guide."""
-    accumulator = PredictionAccumulator(y, 1, num_classes)
-    training = net.training
-    net.eval()
-    for start in range(0, len(x), batch_size):
-        accumulator.add(0, start, torch.log_softmax(net(x[start : start + batch_size]), dim=-1))
-    net.train(training)
-    return accumulator.result()
 
 
 def finetune(net: nn.Module, x, y, steps: int, lr: float, batch_size: int, seed: int) -> None:
@@ -166,19 +156,13 @@ def baseline_state(folder: Path, method: str, source: Path, sparsity: Path, fine
     return "finished" if (folder / METRICS).exists() else "new"
 
 
-def _write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def run_baseline(folder: Path, method: str, source: Path, sparsity: Path, finetune_steps: int) -> dict:
     """Prune the ``source`` (flat-map) run's net to the ``sparsity`` (bmr-ss) run's final pruned fraction,
     fine-tune it for ``finetune_steps`` (0: not at all), evaluate, and write ``folder``'s config.json, a
     one-row metrics.csv and layers.csv (what survived in each layer); returns the row."""
     record = baseline_record(method, source, sparsity, finetune_steps)
     folder.mkdir(parents=True, exist_ok=True)
-    _write(folder / CONFIG, lambda p: p.write_text(json.dumps({"baseline": record}, indent=2)))
+    atomic_write(folder / CONFIG, lambda p: p.write_text(json.dumps({"baseline": record}, indent=2)))
     run = Run.open(source, log=lambda text: None)
     trained = _final_row(source)
     d = run.data
@@ -224,6 +208,6 @@ def run_baseline(folder: Path, method: str, source: Path, sparsity: Path, finetu
             for name, keep in masks.items()
         ]
     )  # why global ranking empties some layers: their weights are all small
-    _write(folder / LAYERS, lambda p: layers.to_csv(p, index=False))
-    _write(folder / METRICS, lambda p: pd.DataFrame([row]).to_csv(p, index=False))
+    atomic_write(folder / LAYERS, lambda p: layers.to_csv(p, index=False))
+    atomic_write(folder / METRICS, lambda p: pd.DataFrame([row]).to_csv(p, index=False))
     return row

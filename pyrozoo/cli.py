@@ -1,20 +1,29 @@
-"""The ``pyrozoo`` command: ``train``, ``compare``, ``plot``, ``prune``, ``export`` and ``info``."""
+"""The ``pyrozoo`` command: ``train``, ``compare``, ``plot``, ``prune``, ``export`` and ``info``.
+
+Run options are not declared here: the flags of ``train`` and ``compare`` are built from
+:class:`pyrozoo.config.TrainConfig`'s fields and :data:`pyrozoo.config.ALIASES`, and every name a flag takes is
+checked against its registry.
+"""
 
 from __future__ import annotations
 
 import argparse
-import ast
+import math
 import os
 import sys
 
 from pyrozoo import data as datasets
 from pyrozoo.baselines import BASELINES
 from pyrozoo.bmr import REDUCTIONS
+from pyrozoo.config import ALIASES, TABLES, TrainConfig, run_name, run_option_fields
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import GUIDES
 from pyrozoo.methods import METHODS
+from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import NETS
 from pyrozoo.optim import OPTIMIZERS
+from pyrozoo.options import parse_option
+from pyrozoo.registry import describe, option_names
 
 SUMMARY_COLUMNS = [
     "epoch",
@@ -28,7 +37,7 @@ SUMMARY_COLUMNS = [
     "lpd",
     "pruned_fraction",
 ]
-METRIC_NAMES = ["accuracy", "nll", "ece", "ece15", "brier", "lpd"]
+REGISTRIES = {"guides": GUIDES, "optimizers": OPTIMIZERS, "priors": PRIORS, "reductions": REDUCTIONS}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,24 +45,24 @@ class _Parser(argparse.ArgumentParser):
         raise PyrozooError(f"{self.prog}: {message}")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+def _number(kind: type, check: str | None = None):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if not math.isfinite(value):
+            sign = f"{check} " if check else ""
+            raise argparse.ArgumentTypeError(f"must be a finite {sign}number, got {text!r}")
+        if check == "positive" and not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+        if check == "non-negative" and not value >= 0:
+            raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+        return value
 
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
+    return parse
 
 
 def _choice(known):
@@ -65,14 +74,12 @@ def _choice(known):
     return check
 
 
-def _net_option(text: str) -> dict:
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+def _key_value(text: str) -> dict:
     try:
-        return {key: ast.literal_eval(value)}
-    except (ValueError, SyntaxError):
-        return {key: value}  # a bare word such as tiny
+        key, value = parse_option(text)
+    except PyrozooError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return {key: value}
 
 
 class _MergeOptions(argparse.Action):
@@ -83,73 +90,46 @@ class _MergeOptions(argparse.Action):
         setattr(namespace, self.dest, {**(current if isinstance(current, dict) else {}), **values})
 
 
-def _add_run_options(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
-    """The options of one training run, shared by ``train`` and ``compare``. Without ``defaults`` an option
-    that is not given is left out of the parsed arguments, so that a grid's config file can supply it."""
-
-    def add(*flags, default=None, **kwargs):
-        parser.add_argument(*flags, default=default if defaults else argparse.SUPPRESS, **kwargs)
-
-    add("--data-dir", help="folder holding the dataset's files")
-    add("--guide", type=_choice(list(GUIDES)), help="override the method's guide")
-    add(
-        "--epochs",
-        type=_positive_int,
-        help="epochs (default 50; with --resume, the run's own unless given)",
-    )
-    add("--steps-per-epoch", type=_positive_int, default=500)
-    add("--batch-size", type=_positive_int, default=120)
-    add("--lr", type=_positive_float, help="learning rate (default: the method's)")
-    add(
-        "--optimizer",
-        type=_choice(list(OPTIMIZERS)),
-        help="adam or adabelief, the reference's optimiser (default: the method's, adam)",
-    )
-    add("--samples", type=_positive_int, help="posterior samples per evaluation (default: 100; 1 for MAP)")
-    add(
-        "--dropout",
-        type=float,
-        help="dropout after hidden layers (default: the method's, 0.2 for flat-map, else 0)",
-    )
-    add(
-        "--hidden-scale",
-        type=_positive_float,
-        help="flat prior: hidden layers' scale relative to the output layer's (0.1)",
-    )
-    add("--tau0", type=_positive_float, help="tiered prior: global scale (1e-2)")
-    add(
-        "--local-scales", action="store_true", default=False, help="tiered prior: add per-weight local scales"
-    )
-    add(
-        "--count-pruned",
-        action="store_true",
-        default=False,
-        help="spike-and-slab: count pruned weights as excluded in a layer's inclusion estimate "
-        "(prunes much harder than the paper's rule)",
-    )
-    add(
-        "--prune-units",
-        action="store_true",
-        default=False,
-        help="BMR methods: after each per-weight pass, remove whole units (neurons, channels, attention heads) "
-        "whose removal raises the evidence",
-    )
-    add(
-        "--net-option",
-        dest="net_options",
-        type=_net_option,
+def _add_key_value(parser, flag: str, dest: str, help: str) -> None:
+    parser.add_argument(
+        flag,
+        dest=dest,
+        type=_key_value,
         action=_MergeOptions,
         metavar="KEY=VALUE",
-        help="a net size or option, repeatable: --net-option preset=tiny --net-option depth=2 (values are "
-        "Python literals, else strings)",
+        default=argparse.SUPPRESS,
+        help=help + " (values are Python literals or true/false, else strings)",
     )
-    add(
-        "--warmup-steps",
-        type=int,
-        help="SVI steps before the first BMR pass (default: the method's, 500 for bmr-ss)",
-    )
-    add("--eval-every", type=_positive_int, default=1, help="evaluate every N epochs (and the last)")
-    add("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of one training run, shared by ``train`` and ``compare``, built from TrainConfig's fields.
+    An option that is not given is left out of the parsed arguments, so that the config (or a grid file, or
+    the stored run when resuming) supplies it."""
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    for f in run_option_fields():
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.name in TABLES:
+            _add_key_value(parser, f"--{TABLES[f.name]}-option", f.name, meta["help"])
+            continue
+        kind = next((k for k in typing.get_args(hints[f.name]) if k is not type(None)), hints[f.name])
+        kwargs = {"help": meta["help"], "default": argparse.SUPPRESS}
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", **kwargs)
+        elif meta.get("choices"):
+            parser.add_argument(flag, type=_choice(list(REGISTRIES[meta["choices"]])), **kwargs)
+        elif kind in (int, float):
+            parser.add_argument(flag, type=_number(kind, meta.get("check")), **kwargs)
+        else:
+            parser.add_argument(flag, **kwargs)
+    for name, alias in ALIASES.items():
+        flag = "--" + name.replace("_", "-")
+        if alias.kind is bool:
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=alias.help)
+        else:
+            parser.add_argument(flag, type=_number(alias.kind), default=argparse.SUPPRESS, help=alias.help)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -158,18 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyrozoo", description="Bayesian sparsification of deep networks with Pyro and BMR."
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    quiet = argparse.SUPPRESS
 
     train = sub.add_parser("train", help="train a Bayesian net by SVI into a run folder")
-    train.add_argument("--net", type=_choice(list(NETS)), default="lenet")
+    train.add_argument("--net", type=_choice(list(NETS)), default=quiet, help="net (default lenet)")
     train.add_argument(
         "--data",
         type=_choice(list(datasets.DATASETS)),
-        default=None,
+        default=quiet,
         help="dataset (default: fashion-mnist, or the bundled fashion-mnist-mini if it is missing)",
     )
-    train.add_argument("--method", type=_choice(list(METHODS)), default="flat-ff")
+    train.add_argument(
+        "--method", type=_choice(list(METHODS)), default=quiet, help="method (default flat-ff)"
+    )
     _add_run_options(train)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=quiet, help="random seed (default 0)")
     train.add_argument("--out", default=None, help="run folder (default: runs/NET-METHOD-DATA-sSEED)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
 
@@ -181,12 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--config", help="grid config file (TOML, see experiments/grid-*.toml); flags override it"
     )
-    compare.add_argument("--nets", nargs="+", type=_choice(list(NETS)), default=argparse.SUPPRESS)
+    compare.add_argument("--nets", nargs="+", type=_choice(list(NETS)), default=quiet)
     compare.add_argument(
         "--methods",
         nargs="+",
         type=_choice([*METHODS, *BASELINES]),
-        default=argparse.SUPPRESS,
+        default=quiet,
         help="training methods, and baselines: magnitude (-ft) prunes the flat-map net by global magnitude to "
         "the sparsity bmr-ss reached (then fine-tunes it), magnitude-layer (-ft) each layer to that fraction",
     )
@@ -194,21 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         nargs="+",
         type=_choice(list(datasets.DATASETS)),
-        default=argparse.SUPPRESS,
+        default=quiet,
         help="datasets (default: fashion-mnist)",
     )
-    compare.add_argument("--seeds", nargs="+", type=int, default=argparse.SUPPRESS, help="seeds (default: 0)")
+    compare.add_argument("--seeds", nargs="+", type=int, default=quiet, help="seeds (default: 0)")
     compare.add_argument(
         "--finetune-steps",
         type=int,
-        default=argparse.SUPPRESS,
+        default=quiet,
         help="magnitude-ft: Adam steps of fine-tuning after pruning, at the flat-map run's lr and batch (500)",
     )
-    compare.add_argument("--out", default=argparse.SUPPRESS, help="grid folder (default: runs/grid)")
+    compare.add_argument("--out", default=quiet, help="grid folder (default: runs/grid)")
     compare.add_argument(
         "--no-plots", action="store_true", help="skip the figures (pyrozoo plot DIR draws them)"
     )
-    _add_run_options(compare, defaults=False)
+    _add_run_options(compare)
 
     plot = sub.add_parser(
         "plot", help="redraw a grid folder's figures from its results.csv (and run folders)"
@@ -219,44 +202,58 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("run", help="run folder")
     prune.add_argument(
         "--rule",
-        type=_choice([*REDUCTIONS, "shrinkage"]),
-        default="spike-and-slab",
-        help="a per-weight BMR rule, 'units' (structured BMR: whole neurons, channels and attention heads), "
-        "'horseshoe' (BMR-RHS), or 'shrinkage': prune rows whose posterior-mean prior scale is below --threshold",
+        type=_choice(list(REDUCTIONS)),
+        default="threshold",
+        help="the reduction (pyrozoo info lists them with their options): threshold (prune iff dF > margin), "
+        "spike-and-slab, sparsity (to a target), units (whole neurons, channels and attention heads), "
+        "horseshoe (BMR-RHS), shrinkage (rows whose posterior-mean prior scale is below a threshold)",
+    )
+    _add_key_value(prune, "--rule-option", "rule_options", "an option of the reduction, repeatable")
+    prune.add_argument(
+        "--margin", type=_number(float), default=quiet, help="short for --rule-option margin=M"
     )
     prune.add_argument(
-        "--margin", type=float, default=0.0, help="threshold and units rules: prune iff dF > margin"
+        "--threshold",
+        type=_number(float, "positive"),
+        default=quiet,
+        help="short for --rule-option threshold=T",
     )
     prune.add_argument(
-        "--threshold", type=_positive_float, default=None, help="shrinkage rule: the scale cut-off"
-    )
-    prune.add_argument(
-        "--count-pruned",
-        action="store_true",
-        help="spike-and-slab rule: count pruned weights as excluded in a layer's inclusion estimate",
+        "--count-pruned", action="store_true", default=quiet, help="short for --rule-option count_pruned=true"
     )
 
     export = sub.add_parser(
         "export", help="rebuild the run's sparse net, save it, compare it with the dense one"
     )
     export.add_argument("run", help="run folder (its pruned.pt is used when there is one)")
-    export.add_argument("--repeats", type=_positive_int, default=50, help="timed forward passes per latency")
+    export.add_argument(
+        "--repeats", type=_number(int, "positive"), default=50, help="timed forward passes per latency"
+    )
 
-    sub.add_parser("info", help="list nets, methods, guides and datasets, and where each dataset was found")
+    sub.add_parser("info", help="list nets, methods, reductions, priors, guides and datasets")
     return parser
 
 
+# Parsed arguments that are not run options.
+_NOT_OPTIONS = ("command", "out", "resume", "no_progress", "net", "data", "method", "seed")
+
+
+def _run_options(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in _NOT_OPTIONS}
+
+
 def _train(args) -> None:
-    from pyrozoo.compare import train_config
+    from pyrozoo.config import make_config
     from pyrozoo.train import Run
 
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
-    out = args.out or os.path.join("runs", f"{args.net}-{args.method}-{args.data or 'default'}-s{args.seed}")
+    axes = {k: getattr(args, k, getattr(TrainConfig, k)) for k in ("net", "method", "data", "seed")}
+    out = args.out or os.path.join("runs", run_name(**axes))
     if args.resume:
-        run = Run.open(out, epochs=args.epochs, log=log)
+        given = {k: getattr(args, k) for k in axes if hasattr(args, k)}
+        run = Run.open(out, log=log, **given, **_run_options(args))
     else:
-        options = {**vars(args), "epochs": args.epochs or 50}
-        run = Run(train_config(args.net, args.method, args.data, args.seed, options), out, log=log)
+        run = Run(make_config(**axes, options=_run_options(args)), out, log=log)
     c = run.config
     print(
         f"training {c.net} with {c.method} (guide {c.guide}, {c.optimizer} lr {c.lr}) "
@@ -304,38 +301,19 @@ def _table(rows: dict[str, dict]) -> str:
 
 
 def _prune(args) -> None:
-    from pyrozoo.bmr import reduce
-    from pyrozoo.bmr.prune import posterior_scales, prune, scale_table, shrinkage_scores
+    from pyrozoo.bmr import make_reduction
     from pyrozoo.train import Run
 
-    if args.count_pruned and args.rule != "spike-and-slab":
-        raise PyrozooError("--count-pruned belongs to the spike-and-slab rule")
-    if args.rule == "shrinkage" and args.threshold is None:
-        raise PyrozooError(
-            "--rule shrinkage needs --threshold T (prune rows whose posterior-mean scale is below T)"
-        )
+    aliases = {k: getattr(args, k) for k in ("margin", "threshold", "count_pruned") if hasattr(args, k)}
+    options = {**aliases, **getattr(args, "rule_options", {})}
+    reduction = make_reduction(args.rule, **options)  # a wrong option fails before the run is loaded
     run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
     before = run.evaluate()
-    if args.rule == "shrinkage":
-        scales = posterior_scales(run.model, run.guide)
-        print(scale_table(scales).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-        report = prune(
-            run.model,
-            run.guide,
-            "threshold",
-            scores=shrinkage_scores(run.model, scales),
-            margin=-args.threshold,
-        )
-    elif args.rule in ("threshold", "units"):
-        report = reduce(run.model, run.guide, args.rule, margin=args.margin)
-    else:
-        report = reduce(
-            run.model, run.guide, args.rule, **({"count_pruned": True} if args.count_pruned else {})
-        )
+    report = reduction(run.model, run.guide)
     after = run.evaluate()
     run.save_pruned(report, after)
     print(
-        f"pruning ({args.rule}) of {run.out} after epoch {run.epoch}: {report.seconds * 1e3:.1f} ms, "
+        f"pruning ({reduction.describe()}) of {run.out} after epoch {run.epoch}: {report.seconds * 1e3:.1f} ms, "
         f"pruned fraction {report.pruned_fraction:.4f}; state written to {run.out / 'pruned.pt'}"
     )
     print(report.table().to_string(index=False, float_format=lambda v: f"{v:.3g}"))
@@ -364,23 +342,43 @@ def _export(args) -> None:
 
 
 def _info() -> None:
-    print("nets:")
-    for entry in NETS.values():
-        print(f"  {entry.name:20s} {entry.description}")
-    print("methods:")
-    for method in METHODS.values():
-        print(
-            f"  {method.name:20s} {method.description} (guide {method.guide}, {method.optimizer} lr {method.lr})"
-        )
-    print("guides:")
-    for name, cls in GUIDES.items():
-        print(f"  {name:20s} {(cls.__doc__ or '').strip().splitlines()[0]}")
-    print("datasets:")
-    for info in datasets.DATASETS.values():
-        where = datasets.locate(info.name)
-        print(
-            f"  {info.name:20s} {info.description}; {'found in ' + where if where else 'not found locally'}"
-        )
+    def section(title: str, rows) -> None:
+        print(f"{title}:")
+        for name, text in rows:
+            print(f"  {name:20s} {text}")
+
+    def with_options(factory) -> str:
+        names = option_names(factory)
+        return f" [options: {', '.join(names)}]" if names else ""
+
+    section("nets", NETS.described())
+    section(
+        "methods",
+        (
+            (
+                name,
+                f"{m.description} (prior {m.prior.__name__}, guide {m.guide}, {m.optimizer} lr {m.lr}"
+                + (f", reduction {m.reduction.describe()})" if m.reduction else ")"),
+            )
+            for name, m in METHODS.items()
+        ),
+    )
+    section("reductions", ((name, describe(cls) + with_options(cls)) for name, cls in REDUCTIONS.items()))
+    section("priors", ((name, describe(fn) + with_options(fn)) for name, fn in PRIORS.items()))
+    section("guides", GUIDES.described())
+    section("optimizers", OPTIMIZERS.described())
+    section("baselines", BASELINES.described())
+    section(
+        "datasets",
+        (
+            (
+                name,
+                f"{info.description}; "
+                + (f"found in {where}" if (where := datasets.locate(name)) else "not found locally"),
+            )
+            for name, info in datasets.DATASETS.items()
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

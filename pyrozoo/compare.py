@@ -36,33 +36,27 @@ from tqdm.auto import tqdm
 from pyrozoo import data as datasets
 from pyrozoo.baselines import BASELINES, SOURCE_METHOD, SPARSITY_METHOD, baseline_state, run_baseline
 from pyrozoo.errors import PyrozooError
-from pyrozoo.methods import METHODS, get_method
+from pyrozoo.config import (
+    ALIASES,
+    TABLES,
+    TrainConfig,
+    bmr_methods,
+    check_run_options,
+    fold_aliases,
+    make_config,
+    options_taken,
+    owners,
+    run_name,
+    run_option_fields,
+    spelled,
+)
+from pyrozoo.io import atomic_write, hold_folder
+from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS
-from pyrozoo.train import CHECKPOINT, CONFIG, METRICS, Run, TrainConfig
+from pyrozoo.train import CHECKPOINT, CONFIG, METRICS, Run
 
 RESULTS, TABLE = "results.csv", "table.md"
 
-# The options of one run that `pyrozoo train` and a grid share, with their defaults and types.
-RUN_OPTIONS: dict[str, tuple[object, type]] = {
-    "data_dir": (None, str),
-    "guide": (None, str),
-    "epochs": (50, int),
-    "steps_per_epoch": (500, int),
-    "batch_size": (120, int),
-    "lr": (None, float),
-    "optimizer": (None, str),
-    "samples": (None, int),
-    "eval_every": (1, int),
-    "warmup_steps": (None, int),
-    "device": ("cpu", str),
-    "dropout": (None, float),
-    "hidden_scale": (None, float),
-    "tau0": (None, float),
-    "local_scales": (False, bool),
-    "count_pruned": (False, bool),
-    "prune_units": (False, bool),
-    "net_options": ({}, dict),
-}
 GRID_KEYS = ("out", "nets", "methods", "data", "seeds", "finetune_steps", "train")
 ID_COLUMNS = ["data", "net", "method", "seed"]
 FINAL_COLUMNS = ["accuracy", "nll", "ece", "ece15", "brier", "lpd", "pruned_fraction", "seconds"]
@@ -71,79 +65,6 @@ FINAL_COLUMNS = ["accuracy", "nll", "ece", "ece15", "brier", "lpd", "pruned_frac
 # and from which folder the test set is evaluated, never what the run learns (evaluation draws its posterior
 # samples from a stream of its own), so a finished run stays valid whatever they are.
 EVALUATION_ONLY = ("eval_every", "eval_batch_size", "data_dir")
-
-
-def _option_owners(option: str) -> tuple[str, Callable]:
-    """What an option belongs to (for messages, naming the methods it applies to) and which methods those are."""
-    if option in ("tau0", "local_scales"):
-        owner, applies = "the tiered prior", lambda m: m.prior.__name__ == "tiered"
-    elif option == "hidden_scale":
-        owner, applies = "the flat prior", lambda m: m.prior.__name__ == "flat"
-    elif option == "prune_units":
-        owner, applies = "the BMR methods", lambda m: m.rule is not None
-    else:
-        owner, applies = "the spike-and-slab rule", lambda m: m.rule == "spike-and-slab"
-    return f"{owner} ({', '.join(name for name, m in METHODS.items() if applies(m))})", applies
-
-
-def _given(option: str, value) -> bool:
-    return value is not None and value is not False
-
-
-def train_config(
-    net: str, method: str, data: str | None, seed: int, options: dict, strict=True
-) -> TrainConfig:
-    """The run of ``net`` x ``method`` on ``data`` with ``seed`` under the run ``options`` (``RUN_OPTIONS``).
-
-    Prior and rule options (``tau0``, ``local_scales``, ``hidden_scale``, ``count_pruned``) reach the methods
-    they belong to; with ``strict`` an option that does not belong to ``method`` is an error (as for
-    ``pyrozoo train``), otherwise it is left out of this run (as in a grid of several methods).
-    """
-    o = {name: options.get(name, default) for name, (default, _) in RUN_OPTIONS.items()}
-    m = get_method(method)
-    for option in ("tau0", "local_scales", "hidden_scale", "count_pruned", "prune_units"):
-        owner, applies = _option_owners(option)
-        if strict and _given(option, o[option]) and not applies(m):
-            if option in ("tau0", "local_scales"):
-                raise PyrozooError(f"--tau0 and --local-scales belong to {owner}")
-            raise PyrozooError(f"{_flag(option)} belongs to {owner}")
-    prior_options = {}
-    if m.prior.__name__ == "tiered":
-        prior_options = {"tau0": o["tau0"]} if o["tau0"] is not None else {}
-        if o["local_scales"]:
-            prior_options["local"] = True
-    elif m.prior.__name__ == "flat" and o["hidden_scale"] is not None:
-        prior_options = {"hidden_scale": o["hidden_scale"]}
-    return TrainConfig(
-        net=net,
-        data=data,
-        data_dir=o["data_dir"],
-        method=method,
-        guide=o["guide"],
-        epochs=o["epochs"],
-        steps_per_epoch=o["steps_per_epoch"],
-        batch_size=o["batch_size"],
-        lr=o["lr"],
-        optimizer=o["optimizer"],
-        samples=o["samples"],
-        warmup_steps=o["warmup_steps"],
-        eval_every=o["eval_every"],
-        device=o["device"],
-        seed=seed,
-        net_options={
-            **(o["net_options"] or {}),
-            **({} if o["dropout"] is None else {"dropout": o["dropout"]}),
-        },
-        prior_options=prior_options,
-        rule_options={
-            **({"count_pruned": True} if o["count_pruned"] and m.rule == "spike-and-slab" else {}),
-            **({"units": True} if o["prune_units"] and m.rule is not None else {}),
-        },
-    )
-
-
-def _flag(option: str) -> str:
-    return "--" + option.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -155,7 +76,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"{self.net}-{self.method}-{self.data}-s{self.seed}"
+        return run_name(self.net, self.method, self.data, self.seed)
 
     def with_method(self, method: str) -> "Cell":
         return dataclasses.replace(self, method=method)
@@ -170,7 +91,7 @@ class Grid:
     data: list[str] = field(default_factory=lambda: ["fashion-mnist"])
     seeds: list[int] = field(default_factory=lambda: [0])
     out: Path = Path("runs/grid")
-    options: dict = field(default_factory=dict)  # run options (RUN_OPTIONS)
+    options: dict = field(default_factory=dict)  # run options (TrainConfig's fields and ALIASES)
     finetune_steps: int = 500
 
     def __post_init__(self):
@@ -190,9 +111,7 @@ class Grid:
             raise PyrozooError(f"seeds must be distinct and at least one, got {self.seeds}")
         if self.finetune_steps < 0:
             raise PyrozooError(f"finetune-steps must not be negative, got {self.finetune_steps}")
-        unknown = set(self.options) - set(RUN_OPTIONS)
-        if unknown:
-            raise PyrozooError(f"unknown run options {sorted(unknown)}; known: {', '.join(RUN_OPTIONS)}")
+        self.options = check_run_options(self.options, "the grid")
         baselines = [m for m in self.methods if m in BASELINES]
         missing = [m for m in (SOURCE_METHOD, SPARSITY_METHOD) if m not in self.methods]
         if baselines and missing:
@@ -200,11 +119,29 @@ class Grid:
                 f"{', '.join(baselines)} prune the {SOURCE_METHOD} net to the sparsity {SPARSITY_METHOD} reached: "
                 f"add {' and '.join(missing)} to the methods"
             )
-        trained = [METHODS[m] for m in self.training_methods]
-        for option in ("tau0", "local_scales", "hidden_scale", "count_pruned", "prune_units"):
-            owner, applies = _option_owners(option)
-            if _given(option, self.options.get(option)) and not any(applies(m) for m in trained):
-                raise PyrozooError(f"{_flag(option)} belongs to {owner}, which no method of the grid uses")
+        self._check_options_belong()
+
+    def _check_options_belong(self) -> None:
+        """A prior or rule option (or --prune-units) that no method of the grid takes is an error: in a grid a
+        method that does not take it runs without it, but one that none takes is a mistake."""
+        options = fold_aliases(self.options)
+        prior, rule = options.get("prior"), options.get("rule")
+        for table in ("prior_options", "rule_options"):
+            for key in options.get(table, {}):
+                takers = [
+                    m for m in self.training_methods if key in (options_taken(table, m, prior, rule) or [])
+                ]
+                if not takers:
+                    raise PyrozooError(
+                        f"{spelled(table, key)} belongs to {owners(table, key)}, which no method of the grid uses"
+                    )
+        if options.get("prune_units") and not any(
+            options_taken("rule_options", m, prior, rule) is not None for m in self.training_methods
+        ):
+            raise PyrozooError(
+                f"--prune-units belongs to the BMR methods ({', '.join(bmr_methods())}), which no method of the "
+                "grid uses"
+            )
 
     @property
     def training_methods(self) -> list[str]:
@@ -222,9 +159,7 @@ class Grid:
         ]
 
     def config(self, cell: Cell) -> TrainConfig:
-        return train_config(
-            cell.net, cell.method, cell.data, cell.seed, self.options, strict=False
-        ).resolved()
+        return make_config(cell.net, cell.method, cell.data, cell.seed, self.options, strict=False).resolved()
 
     def folder(self, cell: Cell) -> Path:
         return self.out / cell.name
@@ -269,24 +204,21 @@ def read_config(path: str | os.PathLike) -> dict:
     train = raw.get("train", {})
     if not isinstance(train, dict):
         raise PyrozooError(f"{path}: train must be a table ([train])")
-    unknown = set(train) - set(RUN_OPTIONS)
-    if unknown:
-        raise PyrozooError(
-            f"{path}: unknown keys {sorted(unknown)} in [train]; known: {', '.join(RUN_OPTIONS)}"
-        )
-    settings["options"] = {
-        key: _check_type(f"{path} [train]", key, value, RUN_OPTIONS[key][1]) for key, value in train.items()
-    }
+    settings["options"] = check_run_options(train, f"{path} [train]")
     return settings
 
 
 def make_grid(config_file: str | os.PathLike | None = None, **overrides) -> Grid:
     """A grid from a config file (optional) with ``overrides`` on top: ``Grid`` fields, and run options
-    (``RUN_OPTIONS`` names) that replace the file's ``[train]`` values one by one."""
+    (TrainConfig's fields, ALIASES) that replace the file's ``[train]`` values one by one (option tables such
+    as ``net_options`` are merged key by key)."""
     settings = read_config(config_file) if config_file else {"options": {}}
     options = dict(settings.get("options", {}))
+    run_options = {f.name for f in run_option_fields()} | set(ALIASES)
     for key, value in overrides.items():
-        if key in RUN_OPTIONS:
+        if key in TABLES:
+            options[key] = {**options.get(key, {}), **value}
+        elif key in run_options:
             options[key] = value
         elif key in ("nets", "methods", "data", "seeds", "out", "finetune_steps"):
             settings[key] = value
@@ -317,11 +249,10 @@ def config_differences(stored: dict, requested: TrainConfig) -> list[str]:
     defaults, resolved for the stored method as then, so they count as different only if ``requested`` asks
     for something else.
     """
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(stored) - known)
-    if unknown:
-        return [f"unknown config keys {unknown}"]
-    old = json.loads(json.dumps(dataclasses.asdict(TrainConfig(**stored).resolved())))
+    try:
+        old = json.loads(json.dumps(dataclasses.asdict(TrainConfig.from_record(stored).resolved())))
+    except PyrozooError as e:
+        return [str(e)]
     new = json.loads(json.dumps(dataclasses.asdict(requested)))
     return [
         f"{key} {old[key]!r} there, {new[key]!r} requested"
@@ -356,7 +287,8 @@ def run_state(folder: Path, config: TrainConfig) -> str:
 
 def train_run(config: TrainConfig, folder: Path, resume: bool, progress: bool) -> None:
     """Train one cell (the unit a grid runs; tests replace it to interrupt a grid)."""
-    Run(config, folder, resume=resume, log=tqdm.write).train(progress=progress)
+    with Run(config, folder, resume=resume, log=tqdm.write) as run:
+        run.train(progress=progress)
 
 
 def run_grid(grid: Grid, progress: bool = True, log=tqdm.write) -> pd.DataFrame:
@@ -372,23 +304,24 @@ def run_grid(grid: Grid, progress: bool = True, log=tqdm.write) -> pd.DataFrame:
     bar = tqdm(total=len(plan) + len(baselines), desc="grid", unit="run", disable=not progress, position=0)
     with bar:
         for cell, config in plan:
-            state = states[cell]
-            bar.set_postfix_str(f"{cell.name} ({state})")
-            if state != "finished":
-                train_run(config, grid.folder(cell), resume=state == "resume", progress=progress)
+            # A cell is decided and trained under its folder's lock, so two grids never run it at once.
+            with hold_folder(grid.folder(cell)):
+                state = run_state(grid.folder(cell), config) if states[cell] != "finished" else "finished"
+                bar.set_postfix_str(f"{cell.name} ({state})")
+                if state != "finished":
+                    train_run(config, grid.folder(cell), resume=state == "resume", progress=progress)
             bar.update()
         for cell in baselines:
             bar.set_postfix_str(cell.name)
             source = grid.folder(cell.with_method(SOURCE_METHOD))
             sparsity = grid.folder(cell.with_method(SPARSITY_METHOD))
             steps = grid.finetune_steps if BASELINES[cell.method].finetuned else 0
-            if baseline_state(grid.folder(cell), cell.method, source, sparsity, steps) != "finished":
-                run_baseline(grid.folder(cell), cell.method, source, sparsity, steps)
+            with hold_folder(grid.folder(cell)):
+                if baseline_state(grid.folder(cell), cell.method, source, sparsity, steps) != "finished":
+                    run_baseline(grid.folder(cell), cell.method, source, sparsity, steps)
             bar.update()
     results = collect(grid)
-    tmp = grid.out / (RESULTS + ".tmp")
-    results.to_csv(tmp, index=False)
-    os.replace(tmp, grid.out / RESULTS)
+    atomic_write(grid.out / RESULTS, lambda p: results.to_csv(p, index=False))
     return results
 
 
@@ -405,7 +338,7 @@ def collect(grid: Grid) -> pd.DataFrame:
         table = pd.read_csv(path)
         for i, column in enumerate(ID_COLUMNS):
             table.insert(i, column, getattr(cell, column))
-        if cell.method in METHODS and METHODS[cell.method].rule is None:
+        if cell.method in METHODS and METHODS[cell.method].reduction is None:
             # A method without BMR never prunes; runs from before the column existed leave it out.
             table["pruned_fraction"] = table.get("pruned_fraction", pd.Series(0.0, index=table.index)).fillna(
                 0.0
@@ -438,7 +371,7 @@ def _short(value: float, digits: int = 3) -> str:
 
 
 def _prunes(method: str) -> bool:
-    return method in BASELINES or (method in METHODS and METHODS[method].rule is not None)
+    return method in BASELINES or (method in METHODS and METHODS[method].reduction is not None)
 
 
 def markdown(rows: list[list[str]], header: list[str]) -> str:

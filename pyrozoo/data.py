@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pyrozoo.errors import PyrozooError
+from pyrozoo.registry import Registry
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 MINI_FILE = "fashion-mnist-mini.npz"
@@ -49,20 +50,15 @@ class DatasetInfo:
     description: str
 
 
-DATASETS: dict[str, DatasetInfo] = {
-    info.name: info
-    for info in (
-        DatasetInfo(
-            "fashion-mnist", 1, 28, 10, "Fashion-MNIST: 60000/10000 greyscale 28x28 images of clothing"
-        ),
-        DatasetInfo(
-            "fashion-mnist-mini", 1, 28, 10, "bundled class-balanced Fashion-MNIST subset: 4000/1000"
-        ),
-        DatasetInfo("mnist", 1, 28, 10, "MNIST: 60000/10000 greyscale 28x28 handwritten digits"),
-        DatasetInfo("cifar10", 3, 32, 10, "CIFAR-10: 50000/10000 colour 32x32 images, 10 classes"),
-        DatasetInfo("cifar100", 3, 32, 100, "CIFAR-100: 50000/10000 colour 32x32 images, 100 fine classes"),
-    )
-}
+DATASETS = Registry("dataset")
+for _entry in (
+    DatasetInfo("fashion-mnist", 1, 28, 10, "Fashion-MNIST: 60000/10000 greyscale 28x28 images of clothing"),
+    DatasetInfo("fashion-mnist-mini", 1, 28, 10, "bundled class-balanced Fashion-MNIST subset: 4000/1000"),
+    DatasetInfo("mnist", 1, 28, 10, "MNIST: 60000/10000 greyscale 28x28 handwritten digits"),
+    DatasetInfo("cifar10", 3, 32, 10, "CIFAR-10: 50000/10000 colour 32x32 images, 10 classes"),
+    DatasetInfo("cifar100", 3, 32, 100, "CIFAR-100: 50000/10000 colour 32x32 images, 100 fine classes"),
+):
+    DATASETS.register(_entry.name, _entry)
 
 # torchvision's class per dataset; for the MNIST-likes its name is also the folder of torchvision's layout.
 _TORCHVISION = {
@@ -112,8 +108,6 @@ def cache_dir() -> Path:
 
 
 def _info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise PyrozooError(f"unknown dataset '{name}'; known datasets: {', '.join(DATASETS)}")
     return DATASETS[name]
 
 

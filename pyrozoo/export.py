@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
+from pyrozoo.io import atomic_write_folder
+from pyrozoo.metrics import evaluate_net
 
 
 def latency_ms(net: nn.Module, example: torch.Tensor, repeats: int = 50) -> float:
@@ -27,15 +29,6 @@ def latency_ms(net: nn.Module, example: torch.Tensor, repeats: int = 50) -> floa
     return statistics.median(times) * 1e3
 
 
-@torch.no_grad()
-def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
-    hits = sum(
-        int((net(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
-        for i in range(0, len(x), batch_size)
-    )
-    return hits / len(x)
-
-
 def _bytes(net: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(net.state_dict(), buffer)
@@ -49,22 +42,17 @@ def export(run, folder: Path, repeats: int = 50) -> dict:
     (``torch.load(path, weights_only=False)``; a rebuilt timm model is still a timm model, to fine-tune);
     ``sparse_state_dict.pt`` its weights only (their shapes differ from the dense net's where units went).
     """
-    folder.mkdir(parents=True, exist_ok=True)
     d = run.data
     dense = rebuild(run.model, run.guide, remove_dead=False).cpu()
     sparse = rebuild(run.model, run.guide, remove_dead=True).cpu()
     x_test, y_test = d.x_test.cpu(), d.y_test.cpu()
-    torch.save(sparse.state_dict(), folder / "sparse_state_dict.pt")
-    torch.save(sparse, folder / "sparse_net.pt")
-    program = torch.export.export(sparse, (x_test[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    torch.export.save(program, folder / "sparse.pt2")
     summary = {}
     for name, net in (("dense", dense), ("sparse", sparse)):
         summary[name] = {
             "parameters": parameter_count(net),
             "nonzero_parameters": parameter_count(net, nonzero=True),
             "bytes": _bytes(net),
-            "accuracy": accuracy(net, x_test, y_test),
+            "accuracy": evaluate_net(net, x_test, y_test, d.num_classes)["accuracy"],
             "latency_ms_batch1": latency_ms(net, x_test[:1], repeats),
             "latency_ms_batch256": latency_ms(net, x_test[:256], repeats),
         }
@@ -76,5 +64,13 @@ def export(run, folder: Path, repeats: int = 50) -> dict:
         summary["sparse"]["nonzero_parameters"], 1
     )
     summary["threads"] = torch.get_num_threads()
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    def write(tmp: Path) -> None:
+        torch.save(sparse.state_dict(), tmp / "sparse_state_dict.pt")
+        torch.save(sparse, tmp / "sparse_net.pt")
+        program = torch.export.export(sparse, (x_test[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, tmp / "sparse.pt2")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    atomic_write_folder(folder, write)
     return summary

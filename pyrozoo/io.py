@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import shlex
+import shutil
 import socket
 import sys
 import tempfile
@@ -62,6 +63,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
+
+
+def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a fresh temporary folder beside ``path``, then put it in ``path``'s place.
+
+    A kill while writing leaves the previous folder untouched (and a temporary one that the next call ignores);
+    the previous folder is removed only once the new one is complete and in place.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as e:
+        raise PyrozooError(f"cannot write {path}: {e.strerror or e}") from e
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno is not None:
+            raise PyrozooError(f"cannot write {path}: {e.strerror or e}") from e
+        raise
 
 
 # --- one writer per folder ----------------------------------------------------------------------------------
@@ -176,7 +206,7 @@ class FolderLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             stat = self.folder.stat()
         except OSError as e:
-            raise PyrozooError(f"cannot use the folder {self.folder}: {e.strerror or e}") from None
+            raise PyrozooError(f"cannot write to the run folder {self.folder}: {e.strerror or e}") from None
         key = (stat.st_dev, stat.st_ino)
         with _holds_mutex:
             hold = _holds.get(key) or self._lock(key)

@@ -5,6 +5,7 @@ where float32 rounding would show up in the reported digits.
 """
 
 import math
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -111,10 +112,33 @@ class PredictionAccumulator:
         }
 
 
-def summarize(log_probs: Tensor, targets: Tensor) -> dict[str, float]:
-    """Metrics of a full [S, N, C] tensor of log-probabilities; for small cases and tests."""
-    s, _, c = log_probs.shape
-    acc = PredictionAccumulator(targets, s, c)
-    for i in range(s):
-        acc.add(i, 0, log_probs[i])
-    return acc.result()
+def evaluate_draws(
+    draws: Iterable[Callable[[Tensor], Tensor]],
+    x: Tensor,
+    y: Tensor,
+    num_classes: int,
+    samples: int,
+    batch_size: int = 2000,
+) -> dict[str, float]:
+    """The one evaluation loop: each of ``samples`` draws maps a batch of inputs to log-probabilities [B, C]
+    (a posterior sample of a Bayesian net, or a deterministic net as its one draw); all metrics over ``(x, y)``.
+    """
+    accumulator = PredictionAccumulator(y, samples, num_classes)
+    for s, draw in enumerate(draws):
+        for start in range(0, len(x), batch_size):
+            accumulator.add(s, start, draw(x[start : start + batch_size]))
+    return accumulator.result()
+
+
+@torch.no_grad()
+def evaluate_net(
+    net: torch.nn.Module, x: Tensor, y: Tensor, num_classes: int, batch_size: int = 2000
+) -> dict:
+    """The metrics of a deterministic classifier (one 'posterior sample'), in eval mode."""
+    training = net.training
+    net.eval()
+    metrics = evaluate_draws(
+        [lambda xb: torch.log_softmax(net(xb), dim=-1)], x, y, num_classes, 1, batch_size
+    )
+    net.train(training)
+    return metrics

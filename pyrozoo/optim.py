@@ -10,7 +10,7 @@ from typing import Iterable
 
 import torch
 
-from pyrozoo.errors import PyrozooError
+from pyrozoo.registry import Registry
 
 
 class AdaBelief(torch.optim.Optimizer):
@@ -65,12 +65,6 @@ class AdaBelief(torch.optim.Optimizer):
         return loss
 
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adabelief": AdaBelief}
-
-
-def get_optimizer(name: str) -> type[torch.optim.Optimizer]:
-    """The optimiser class called ``name`` (a key of ``OPTIMIZERS``)."""
-    try:
-        return OPTIMIZERS[name]
-    except KeyError:
-        raise PyrozooError(f"unknown optimizer {name!r}; known optimizers: {', '.join(OPTIMIZERS)}") from None
+OPTIMIZERS = Registry("optimizer")
+OPTIMIZERS.register("adam", torch.optim.Adam)
+OPTIMIZERS.register("adabelief", AdaBelief)

@@ -133,7 +133,8 @@ def plot_curves(results: pd.DataFrame, folder: Path) -> list[Path]:
 def posterior_summary(run_folder: Path) -> dict:
     """``{"weights": {layer: |posterior-mean weight|}, "delta_f": {layer: dF of live weights}, "pruned": f}``
     of a trained run (dF only for posteriors with spread)."""
-    from pyrozoo.bmr.prune import delta_f, pruned_fraction
+    from pyrozoo.bmr.scores import delta_f
+    from pyrozoo.bmr.units import pruned_fraction
 
     run = Run.open(run_folder, log=lambda text: None)
     weights = run.model.weights_from(run.guide.mean())
@@ -144,8 +145,7 @@ def posterior_summary(run_folder: Path) -> dict:
         "delta_f": {},
         "pruned": pruned_fraction(run.model),
     }
-    posterior = run.guide.posterior()
-    if all(bool((posterior[layer.site][1] > 0).all()) for layer in run.model.layers):
+    if not run.guide.point_mass:
         for name, df in delta_f(run.model, run.guide).items():
             live = run.model.mask(name).bool()
             summary["delta_f"][name] = df[live].cpu().double().numpy()

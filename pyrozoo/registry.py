@@ -68,7 +68,9 @@ def describe(entry) -> str:
     """An entry's ``description`` attribute, else the first line of its docstring, as plain text."""
     text = getattr(entry, "description", None)
     if not isinstance(text, str) or not text:
-        text = (inspect.getdoc(entry) or "").strip().split("\n")[0]
+        paragraph = " ".join((inspect.getdoc(entry) or "").strip().split("\n\n")[0].split())
+        end = paragraph.find(". ")
+        text = paragraph if end < 0 else paragraph[: end + 1]
     return plain(text)
 
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -18,16 +16,18 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from pyrozoo import data as datasets
-from pyrozoo.bmr import reduce
-from pyrozoo.bmr.prune import posterior_scales, pruned_fraction, scale_table
+from pyrozoo.bmr.scores import posterior_scales, scale_table
+from pyrozoo.bmr.units import pruned_fraction
+from pyrozoo.config import RESUMABLE, TABLES, TrainConfig
 from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError, TrainingDiverged
 from pyrozoo.guides import make_guide
-from pyrozoo.methods import get_method
-from pyrozoo.metrics import PredictionAccumulator
+from pyrozoo.io import FolderLock, atomic_write, hold_folder
+from pyrozoo.methods import METHODS
+from pyrozoo.metrics import evaluate_draws
 from pyrozoo.models import BayesianModel
-from pyrozoo.nets import create_net, get_net_entry
-from pyrozoo.optim import get_optimizer
+from pyrozoo.nets import NETS, create_net
+from pyrozoo.optim import OPTIMIZERS
 
 CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES = (
     "config.json",
@@ -36,67 +36,6 @@ CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES = (
     "pruned.pt",
     "scales.csv",
 )
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; ``None`` means the method's or dataset's default."""
-
-    net: str = "lenet"
-    data: str | None = None  # None: full Fashion-MNIST if it can be had, else the bundled subset
-    data_dir: str | None = None
-    method: str = "flat-ff"
-    guide: str | None = None
-    epochs: int = 50
-    steps_per_epoch: int = 500
-    batch_size: int = 120
-    lr: float | None = None
-    optimizer: str | None = None  # a key of pyrozoo.optim.OPTIMIZERS
-    samples: int | None = None
-    eval_every: int = 1
-    eval_batch_size: int = 2000
-    warmup_steps: int | None = None  # SVI steps before the first BMR pass (BMR methods)
-    device: str = "cpu"
-    seed: int = 0
-    net_options: dict = field(default_factory=dict)
-    prior_options: dict = field(default_factory=dict)  # keyword arguments of the method's prior, e.g. tau0
-    rule_options: dict = field(default_factory=dict)  # keyword arguments of the BMR rule, e.g. count_pruned
-
-    def resolved(self) -> "TrainConfig":
-        """A copy with the method's defaults filled in, after checking names and sizes."""
-        method = get_method(self.method)
-        get_net_entry(self.net)
-        if self.data is not None and self.data not in datasets.DATASETS:
-            raise PyrozooError(
-                f"unknown dataset {self.data!r}; known datasets: {', '.join(datasets.DATASETS)}"
-            )
-        for name in ("epochs", "steps_per_epoch", "batch_size", "eval_every", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise PyrozooError(f"{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.samples is not None and self.samples < 1:
-            raise PyrozooError(f"samples must be positive, got {self.samples}")
-        if self.optimizer is not None:
-            get_optimizer(self.optimizer)
-        if self.lr is not None and not self.lr > 0:
-            raise PyrozooError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.seed < 2**32:  # pyro.set_rng_seed seeds numpy too, which takes only this range
-            raise PyrozooError(f"seed must be in 0..{2**32 - 1}, got {self.seed}")
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            raise PyrozooError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise PyrozooError("--device cuda was asked for, but torch sees no CUDA device")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise PyrozooError(f"warmup-steps must not be negative, got {self.warmup_steps}")
-        return dataclasses.replace(
-            self,
-            guide=self.guide or method.guide,
-            lr=self.lr or method.lr,
-            optimizer=self.optimizer or method.optimizer,
-            samples=self.samples or method.samples,
-            warmup_steps=method.warmup_steps if self.warmup_steps is None else self.warmup_steps,
-        )
 
 
 def svi_step(model, guide, optimizer: torch.optim.Optimizer, x, y, dataset_size: int) -> float:
@@ -142,24 +81,18 @@ def evaluate(
     batch_size: int = 2000,
 ) -> dict[str, float]:
     """Predictive metrics of ``samples`` posterior draws from ``guide`` on ``(x, y)``."""
-    accumulator = PredictionAccumulator(y, samples, num_classes)
+
+    def draws():
+        for _ in range(samples):
+            weights = model.weights_from(guide())
+            yield lambda xb: model.likelihood.log_probs(model.logits(xb, weights))
+
     training = model.training
     model.eval()  # no dropout at test time
     with poutine.block():
-        for s in range(samples):
-            weights = model.weights_from(guide())
-            for start in range(0, len(x), batch_size):
-                logits = model.logits(x[start : start + batch_size], weights)
-                accumulator.add(s, start, model.likelihood.log_probs(logits))
+        metrics = evaluate_draws(draws(), x, y, num_classes, samples, batch_size)
     model.train(training)
-    return accumulator.result()
-
-
-def _atomic(path: Path, write) -> None:
-    """Write via a temporary file and a rename, so a kill never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    return metrics
 
 
 def _open_run_folder(out: Path, resume: bool) -> None:
@@ -167,15 +100,6 @@ def _open_run_folder(out: Path, resume: bool) -> None:
         raise PyrozooError(
             f"{out} already holds a run; pass --resume to continue it, or choose another --out"
         )
-    if resume and not (out / CHECKPOINT).exists():
-        raise PyrozooError(f"nothing to resume in {out}: it has no {CHECKPOINT}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise PyrozooError(f"cannot write to the run folder {out}: {e.strerror or e}") from None
 
 
 def _rng_state() -> dict:
@@ -196,8 +120,32 @@ class Run:
 
     def __init__(self, config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, log=print):
         self.out = Path(out)
-        _open_run_folder(self.out, resume)
-        self.config = config = config.resolved()
+        self.log = log
+        if resume and not (self.out / CHECKPOINT).exists():  # checked before the lock, which makes the folder
+            raise PyrozooError(f"nothing to resume in {out}: it has no {CHECKPOINT}")
+        config = config.resolved()  # a mistake in the config leaves no folder behind
+        # One writer per run folder, held while this object lives (released at exit, or by close()).
+        self._lock = FolderLock(self.out).acquire()
+        try:
+            _open_run_folder(self.out, resume)
+            self._build(config, resume)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def close(self) -> None:
+        """Give up the run folder's lock (another process may then write to it)."""
+        self._lock.release()
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _build(self, config: TrainConfig, resume: bool) -> None:
+        log = self.log
+        self.config = config
         pyro.set_rng_seed(config.seed)
 
         if config.data is None:
@@ -207,9 +155,10 @@ class Run:
             self.config = config = dataclasses.replace(config, data=raw.name)
         else:
             raw = datasets.load(config.data, config.data_dir)
-        self.data = datasets.prepare(raw, pad_to=get_net_entry(config.net).pad_to, device=config.device)
+        self.data = datasets.prepare(raw, pad_to=NETS[config.net].pad_to, device=config.device)
         d = self.data
-        self.method = get_method(config.method)
+        self.method = METHODS[config.method]
+        self.reduction = config.reduction()
         net = create_net(
             config.net,
             in_channels=d.x_train.shape[1],
@@ -217,32 +166,52 @@ class Run:
             num_classes=d.num_classes,
             **{**self.method.net_options, **config.net_options},
         )
-        prior = (
-            functools.partial(self.method.prior, **config.prior_options)
-            if config.prior_options
-            else self.method.prior
-        )
-        self.model = BayesianModel(net.to(config.device), prior=prior)
+        self.model = BayesianModel(net.to(config.device), prior=config.bound_prior())
         self.guide = make_guide(config.guide, self.model, *self._batch(torch.arange(min(2, len(d.x_train)))))
         self.guide.to(config.device)
-        self.optimizer = get_optimizer(config.optimizer)(self.guide.parameters(), lr=config.lr)
+        self.optimizer = OPTIMIZERS[config.optimizer](self.guide.parameters(), lr=config.lr)
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []
         if resume:
             self._load_checkpoint()
         else:
-            _atomic(self.out / CONFIG, lambda p: p.write_text(json.dumps(self._config_record(raw), indent=2)))
+            atomic_write(
+                self.out / CONFIG, lambda p: p.write_text(json.dumps(self._config_record(raw), indent=2))
+            )
 
     @classmethod
-    def open(cls, out: str | os.PathLike, epochs: int | None = None, log=print) -> "Run":
-        """Reopen the run in folder ``out`` at its last finished epoch (to resume it, with more ``epochs``)."""
+    def open(cls, out: str | os.PathLike, log=print, **changes) -> "Run":
+        """Reopen the run in folder ``out`` at its last finished epoch, to resume it, evaluate or prune it.
+
+        ``changes`` are run options (and net, method, data, seed) as a resumed run is asked for: those in
+        ``RESUMABLE`` (more ``epochs``, the evaluation schedule, the device) change the run; any other that
+        differs from the stored config is an error naming it, since the run could not be what it says.
+        """
+        from pyrozoo.config import fold_aliases
+
         path = Path(out) / CONFIG
         if not path.exists():
             raise PyrozooError(f"{out} holds no run: it has no {CONFIG}")
-        config = TrainConfig(**json.loads(path.read_text())["config"])
-        if epochs is not None:
-            config = dataclasses.replace(config, epochs=epochs)
+        with hold_folder(out):  # no other process rewrites the config while it is read
+            config = TrainConfig.from_record(json.loads(path.read_text())["config"])
+        stored = config.resolved()
+        changes = fold_aliases(changes)
+        for key, value in changes.items():
+            if key in TABLES:
+                value = {**getattr(config, key), **value}
+            changes[key] = value
+        differ = [
+            f"--{key.replace('_', '-')} ({getattr(stored, key)!r} in the run, {value!r} asked for)"
+            for key, value in changes.items()
+            if key not in RESUMABLE and value != getattr(stored, key) and value != getattr(config, key)
+        ]
+        if differ:
+            raise PyrozooError(
+                f"{out} was trained with other settings; --resume cannot change {', '.join(differ)}: "
+                "start a new run in another --out"
+            )
+        config = dataclasses.replace(config, **{k: v for k, v in changes.items() if k in RESUMABLE})
         return cls(config, out, resume=True, log=log)
 
     def _batch(self, indices: torch.Tensor):
@@ -267,7 +236,7 @@ class Run:
             "batches": self.batches.state_dict(),
             "rng": _rng_state(),
         }
-        _atomic(self.out / CHECKPOINT, lambda p: torch.save(state, p))
+        atomic_write(self.out / CHECKPOINT, lambda p: torch.save(state, p))
 
     def _load_checkpoint(self) -> None:
         # on the CPU: the random states must stay there; load_state_dict moves the rest to the model's device
@@ -292,7 +261,7 @@ class Run:
             "report": report.table().to_dict("records"),
             "metrics": metrics,
         }
-        _atomic(self.out / PRUNED, lambda p: torch.save(state, p))
+        atomic_write(self.out / PRUNED, lambda p: torch.save(state, p))
 
     def load_pruned(self) -> dict:
         """Load the post-hoc pruned state written by :meth:`save_pruned`; returns its metrics."""
@@ -321,6 +290,12 @@ class Run:
     def train(self, progress: bool = True) -> pd.DataFrame:
         """Train the remaining epochs, writing metrics and a checkpoint after each; returns the metrics table."""
         c = self.config
+        if self.reduction is not None and self.epoch == 0 and c.bmr_passes() == 0:
+            self.log(
+                f"warning: no BMR pass will run: the first comes after {c.warmup_steps} warm-up steps and after an "
+                f"epoch but the last, and this run has {c.epochs} x {c.steps_per_epoch} steps; lower --warmup-steps "
+                "or train longer"
+            )
         bar = tqdm(
             total=c.epochs * c.steps_per_epoch,
             initial=self.epoch * c.steps_per_epoch,
@@ -355,8 +330,8 @@ class Run:
                     "bmr_seconds": float("nan"),
                     "pruned_fraction": float("nan"),
                 }
-                if self.method.rule and self.epoch < c.epochs and self.step >= c.warmup_steps:
-                    report = reduce(self.model, self.guide, self.method.rule, **c.rule_options)
+                if self.reduction and self.epoch < c.epochs and self.step >= c.warmup_steps:
+                    report = self.reduction(self.model, self.guide)
                     for note in filter(None, (r.note for r in report.layers)):
                         tqdm.write(f"epoch {self.epoch}: {note}")
                     row["bmr_seconds"] = round(report.seconds, 4)
@@ -369,11 +344,11 @@ class Run:
                     row["eval_seconds"] = round(time.perf_counter() - start, 3)
                     bar.set_postfix(loss=f"{losses[-1]:.4g}", acc=f"{row['accuracy']:.4f}")
                 self.history.append(row)
-                _atomic(self.out / METRICS, lambda p: self.metrics().to_csv(p, index=False))
+                atomic_write(self.out / METRICS, lambda p: self.metrics().to_csv(p, index=False))
                 self._save_checkpoint()
-        if c.guide != "autodelta":  # the per-layer posterior scales (shrinkage, for a hierarchical prior)
+        if not self.guide.point_mass:  # the per-layer posterior scales (shrinkage, for a hierarchical prior)
             table = scale_table(posterior_scales(self.model, self.guide))
-            _atomic(self.out / SCALES, lambda p: table.to_csv(p, index=False))
+            atomic_write(self.out / SCALES, lambda p: table.to_csv(p, index=False))
         return self.metrics()
 
     def metrics(self) -> pd.DataFrame:

@@ -2,7 +2,7 @@ import pyro
 import pytest
 import torch
 
-import pyrozoo  # noqa: F401  (sets Pyro's module-local params)
+import pyrozoo  # noqa: F401
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net
 

@@ -158,7 +158,13 @@ def test_tiny_training_run(capsys, tmp_path):
     assert len(metrics) == 1
     for column in ("accuracy", "ece", "nll"):
         assert table[column][0] == pytest.approx(metrics[column][0], abs=5e-5)
-    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.csv", "checkpoint.pt", "scales.csv"}
+    assert {p.name for p in out.iterdir()} == {
+        "config.json",
+        "metrics.csv",
+        "checkpoint.pt",
+        "scales.csv",
+        ".lock",
+    }
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
 
 
@@ -311,7 +317,7 @@ def test_net_options_structured_pruning_and_optimizer_reach_the_run(capsys, tmp_
     assert "adabelief lr 0.01" in err
     config = json.loads((tmp_path / "r" / "config.json").read_text())["config"]
     assert config["net_options"] == {"preset": "tiny", "depth": 1}
-    assert config["rule_options"] == {"units": True}
+    assert config["prune_units"] is True and config["rule_options"] == {}
     assert config["optimizer"] == "adabelief"
     assert_one_line_error(*cli(capsys, "train", *TINY, "--net-option", "depth"), "KEY=VALUE")
     assert_one_line_error(*cli(capsys, "train", *TINY, "--optimizer", "sgd"), "sgd", "adabelief")

@@ -15,7 +15,8 @@ import torch
 
 import pyrozoo.train as train_module
 from pyrozoo import compare
-from pyrozoo.baselines import BASELINES, evaluate_net, finetune, magnitude_prune
+from pyrozoo.baselines import BASELINES, finetune, magnitude_prune
+from pyrozoo.metrics import evaluate_net
 from pyrozoo.cli import main
 from pyrozoo.compare import RESULTS, TABLE, make_grid, read_config, run_grid
 from pyrozoo.errors import PyrozooError

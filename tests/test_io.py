@@ -45,7 +45,7 @@ def _try_lock(folder: Path, conn) -> None:
 
 
 def try_in_another_process(folder: Path) -> str:
-    """"ok" if another process can take the folder's lock now, else its error message."""
+    """ "ok" if another process can take the folder's lock now, else its error message."""
     ours, theirs = FORK.Pipe()
     child = FORK.Process(target=_try_lock, args=(folder, theirs))
     child.start()
@@ -173,7 +173,7 @@ def test_two_folders_are_independent(tmp_path, holders):
 def test_a_folder_that_cannot_be_made_is_one_error(tmp_path):
     (tmp_path / "file").write_text("")
     folder = tmp_path / "file" / "run"
-    message = f"^cannot use the folder {re.escape(str(folder))}: Not a directory$"
+    message = f"^cannot write to the run folder {re.escape(str(folder))}: Not a directory$"
     with pytest.raises(PyrozooError, match=message):
         FolderLock(folder).acquire()
 

@@ -1,4 +1,4 @@
-"""Metrics on hand-computed examples, the accumulator against `summarize`, and property tests."""
+"""Metrics on hand-computed examples, the accumulator against the evaluation loop, and property tests."""
 
 import math
 
@@ -16,9 +16,18 @@ from pyrozoo.metrics import (
     ece_equal_mass,
     ece_equal_width,
     lpd,
+    evaluate_draws,
     nll,
-    summarize,
 )
+
+
+def summarize(log_probs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Metrics of a full [S, N, C] tensor through the one evaluation loop: each draw maps point indices to
+    their log-probabilities, in batches of 7 so that batching is exercised."""
+    s, n, c = log_probs.shape
+    draws = [lambda idx, lp=lp: lp[idx] for lp in log_probs]
+    return evaluate_draws(draws, torch.arange(n), targets, c, s, batch_size=7)
+
 
 KEYS = {"accuracy", "nll", "ece", "ece15", "brier", "lpd"}
 

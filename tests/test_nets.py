@@ -56,7 +56,7 @@ def test_dropout_is_active_in_training_and_off_in_eval(name):
 
 
 def test_map_method_trains_with_dropout():
-    from pyrozoo.methods import get_method
+    from pyrozoo.methods import METHODS
 
-    assert get_method("flat-map").net_options == {"dropout": 0.2}
-    assert get_method("flat-ff").net_options == {}
+    assert METHODS["flat-map"].net_options == {"dropout": 0.2}
+    assert METHODS["flat-ff"].net_options == {}

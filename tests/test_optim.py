@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyrozoo.errors import PyrozooError
-from pyrozoo.optim import AdaBelief, get_optimizer
+from pyrozoo.optim import OPTIMIZERS, AdaBelief
 
 
 def steps(optimizer_class, grads, lr=0.1, **kwargs):
@@ -96,6 +96,6 @@ def test_bad_arguments():
     for kwargs in (dict(lr=0.0), dict(lr=1e-3, betas=(1.0, 0.9)), dict(lr=1e-3, eps=-1.0)):
         with pytest.raises(ValueError):
             AdaBelief(p, **kwargs)
-    assert get_optimizer("adabelief") is AdaBelief and get_optimizer("adam") is torch.optim.Adam
+    assert OPTIMIZERS["adabelief"] is AdaBelief and OPTIMIZERS["adam"] is torch.optim.Adam
     with pytest.raises(PyrozooError, match="unknown optimizer 'sgd'; known optimizers: adam, adabelief"):
-        get_optimizer("sgd")
+        OPTIMIZERS["sgd"]

@@ -6,7 +6,8 @@ import torch
 import torch.distributions as td
 from pyro import poutine
 
-from pyrozoo.bmr.prune import posterior_scales, prune, shrinkage_scores
+from pyrozoo.bmr import prune
+from pyrozoo.bmr.scores import posterior_scales, shrinkage_scores
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.priors import tiered

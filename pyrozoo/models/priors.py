@@ -14,8 +14,12 @@ import pyro
 import pyro.distributions as dist
 
 from pyrozoo.models.layers import Layer
+from pyrozoo.registry import Registry
+
+PRIORS = Registry("prior")
 
 
+@PRIORS.register("flat")
 def flat(layer: Layer, hidden_scale: float = 0.1):
     """Flat prior (PAPER.md §2): one precision-like scale per layer, ``c^-2 ~ Gamma(2, 2)`` (shape, rate).
 
@@ -27,6 +31,7 @@ def flat(layer: Layer, hidden_scale: float = 0.1):
     return scale if layer.is_output else scale * hidden_scale
 
 
+@PRIORS.register("tiered")
 def tiered(layer: Layer, tau0: float = 1e-2, local: bool = False):
     """Regularised horseshoe ("tiered", PAPER.md §2) with one scale per output row.
 
@@ -53,6 +58,3 @@ def tiered(layer: Layer, tau0: float = 1e-2, local: bool = False):
         v_k, u_k = pairs("weights", *layer.shape).unbind(-1)
         psi, u = psi * v_k, u * u_k
     return (psi / (u + slab * psi)).sqrt()
-
-
-PRIORS = {"flat": flat, "tiered": tiered}

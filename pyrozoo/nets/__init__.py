@@ -14,6 +14,7 @@ from typing import Callable
 from torch import nn
 
 from pyrozoo.errors import PyrozooError
+from pyrozoo.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -24,31 +25,25 @@ class NetEntry:
     description: str
 
 
-NETS: dict[str, NetEntry] = {}
+NETS = Registry("net")
 
 
 def register_net(name: str, *, pad_to: int | None = None, description: str = ""):
     """Decorator adding a net factory to the registry under ``name``."""
 
     def decorate(factory):
-        NETS[name] = NetEntry(
-            name, factory, pad_to, description or (factory.__doc__ or "").strip().split("\n")[0]
+        NETS.register(
+            name,
+            NetEntry(name, factory, pad_to, description or (factory.__doc__ or "").strip().split("\n")[0]),
         )
         return factory
 
     return decorate
 
 
-def get_net_entry(name: str) -> NetEntry:
-    try:
-        return NETS[name]
-    except KeyError:
-        raise PyrozooError(f"unknown net {name!r}; known nets: {', '.join(sorted(NETS))}") from None
-
-
 def create_net(name: str, *, in_channels: int, image_size: int, num_classes: int, **overrides) -> nn.Module:
     """Build the registered net ``name`` for the given input shape; ``overrides`` change its default sizes."""
-    entry = get_net_entry(name)
+    entry = NETS[name]
     try:
         return entry.factory(
             in_channels=in_channels, image_size=image_size, num_classes=num_classes, **overrides
