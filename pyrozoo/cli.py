@@ -337,7 +337,12 @@ def _export(args) -> None:
     print(_table({k: summary[k] for k in ("dense", "sparse")}))
     print(
         f"parameters {summary['parameter_ratio']:.1f}x fewer ({summary['nonzero_ratio']:.1f}x fewer non-zero), "
-        f"batch-256 latency {summary['speedup_batch256']:.1f}x lower"
+        "at batch 256 "
+        + (
+            f"{summary['speedup_batch256']:.1f}x faster"
+            if summary["speedup_batch256"] >= 1
+            else f"{1 / summary['speedup_batch256']:.1f}x slower"
+        )
     )
 
 

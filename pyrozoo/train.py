@@ -173,12 +173,11 @@ class Run:
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []
+        self._source = raw.source
         if resume:
             self._load_checkpoint()
         else:
-            atomic_write(
-                self.out / CONFIG, lambda p: p.write_text(json.dumps(self._config_record(raw), indent=2))
-            )
+            self._write_config()
 
     @classmethod
     def open(cls, out: str | os.PathLike, log=print, **changes) -> "Run":
@@ -218,12 +217,13 @@ class Run:
         indices = indices.to(self.data.x_train.device)
         return self.data.x_train[indices], self.data.y_train[indices], len(self.data.x_train)
 
-    def _config_record(self, raw) -> dict:
-        return {
+    def _write_config(self) -> None:
+        record = {
             "config": dataclasses.asdict(self.config),
-            "data_source": raw.source,
+            "data_source": self._source,
             "versions": {"torch": torch.__version__, "pyro": pyro.__version__},
         }
+        atomic_write(self.out / CONFIG, lambda p: p.write_text(json.dumps(record, indent=2)))
 
     def _save_checkpoint(self) -> None:
         state = {
@@ -290,6 +290,7 @@ class Run:
     def train(self, progress: bool = True) -> pd.DataFrame:
         """Train the remaining epochs, writing metrics and a checkpoint after each; returns the metrics table."""
         c = self.config
+        self._write_config()  # a resumed run may have been extended: the folder says what it now is
         if self.reduction is not None and self.epoch == 0 and c.bmr_passes() == 0:
             self.log(
                 f"warning: no BMR pass will run: the first comes after {c.warmup_steps} warm-up steps and after an "
@@ -306,6 +307,11 @@ class Run:
             mininterval=0.5,
         )
         with bar, pyro.validation_enabled(False):
+            if self.history and math.isnan(self.history[-1]["bmr_seconds"]):
+                # A run extended past what was its last epoch gets the pass that epoch skipped, as a run asked
+                # for this many epochs from the start had it; passes use no random numbers, so the rest of the
+                # run is the same.
+                self._bmr_pass(self.history[-1])
             while self.epoch < c.epochs:
                 start, losses = time.perf_counter(), []
                 for _ in range(c.steps_per_epoch):
@@ -330,13 +336,7 @@ class Run:
                     "bmr_seconds": float("nan"),
                     "pruned_fraction": float("nan"),
                 }
-                if self.reduction and self.epoch < c.epochs and self.step >= c.warmup_steps:
-                    report = self.reduction(self.model, self.guide)
-                    for note in filter(None, (r.note for r in report.layers)):
-                        tqdm.write(f"epoch {self.epoch}: {note}")
-                    row["bmr_seconds"] = round(report.seconds, 4)
-                    row["pruned_fraction"] = report.pruned_fraction  # the report has just computed it
-                else:
+                if not self._bmr_pass(row):
                     row["pruned_fraction"] = pruned_fraction(self.model)
                 if self.epoch % c.eval_every == 0 or self.epoch == c.epochs:
                     start = time.perf_counter()
@@ -350,6 +350,18 @@ class Run:
             table = scale_table(posterior_scales(self.model, self.guide))
             atomic_write(self.out / SCALES, lambda p: table.to_csv(p, index=False))
         return self.metrics()
+
+    def _bmr_pass(self, row: dict) -> bool:
+        """The BMR pass after the epoch just finished, if the schedule has one there; records it in ``row``."""
+        c = self.config
+        if not (self.reduction and 0 < self.epoch < c.epochs and self.step >= c.warmup_steps):
+            return False
+        report = self.reduction(self.model, self.guide)
+        for note in filter(None, (r.note for r in report.layers)):
+            tqdm.write(f"epoch {self.epoch}: {note}")
+        row["bmr_seconds"] = round(report.seconds, 4)
+        row["pruned_fraction"] = report.pruned_fraction  # the report has just computed it
+        return True
 
     def metrics(self) -> pd.DataFrame:
         return pd.DataFrame(self.history)

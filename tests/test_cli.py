@@ -324,3 +324,58 @@ def test_net_options_structured_pruning_and_optimizer_reach_the_run(capsys, tmp_
     assert_one_line_error(
         *cli(capsys, "train", *TINY, "--method", "flat-ff", "--prune-units"), "--prune-units", "BMR methods"
     )
+
+
+def test_a_rule_option_reaches_its_reduction_and_one_it_does_not_take_is_refused(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", *TINY, "--method", "flat-ff", "--epochs", "1", "--out", "run")
+    assert code == 0, err
+    assert_one_line_error(
+        *cli(capsys, "prune", "run", "--rule", "spike-and-slab", "--rule-option", "margin=1"),
+        "reduction 'spike-and-slab' takes no option 'margin'; its options: count_pruned, max_cutoff, iterations",
+    )
+    assert not (tmp_path / "run" / "pruned.pt").exists()
+    code, out, err = cli(capsys, "prune", "run", "--rule", "threshold", "--rule-option", "margin=-1e9")
+    assert code == 0, err
+    assert "threshold(margin=-1000000000.0)" in out and "pruned fraction 1.0000" in out
+    assert_one_line_error(*cli(capsys, "prune", "run", "--rule", "threshold", "--margin", "nan"), "finite")
+
+
+def test_autonormal_trains_prunes_and_exports(capsys, tmp_path):
+    argv = ["train", *TINY, "--method", "bmr-th", "--guide", "autonormal", "--warmup-steps", "0"]
+    code, _, err = cli(capsys, *argv, "--epochs", "2", "--out", "run")
+    assert code == 0, err
+    assert cli(capsys, "prune", "run", "--rule", "units")[0] == 0
+    code, out, err = cli(capsys, "export", "run", "--repeats", "2")
+    assert code == 0, err
+    assert "exported" in out
+
+
+def test_a_warm_up_as_long_as_the_run_is_announced(capsys, tmp_path):
+    from pyrozoo.config import TrainConfig
+
+    # The case: 500 warm-up steps outlast the BMR passes after epochs 1-3 of 100 steps each.
+    assert TrainConfig(method="bmr-ss", epochs=4, steps_per_epoch=100).resolved().bmr_passes() == 0
+    assert TrainConfig(method="bmr-ss", epochs=7, steps_per_epoch=100).resolved().bmr_passes() == 2
+    bmr = ["train", *TINY, "--method", "bmr-ss", "--epochs", "2", "--steps-per-epoch", "3"]
+    code, _, err = cli(capsys, *bmr, "--warmup-steps", "6", "--out", "late")
+    assert code == 0, err
+    assert "warning: no BMR pass will run" in err and "--warmup-steps" in err
+    code, _, err = cli(capsys, *bmr, "--warmup-steps", "3", "--out", "in-time")
+    assert code == 0, err
+    assert "warning" not in err
+
+
+def test_resume_refuses_a_flag_that_changes_the_run(capsys, tmp_path):
+    code, _, err = cli(capsys, "train", *TINY, "--method", "flat-ff", "--epochs", "1", "--out", "run")
+    assert code == 0, err
+    assert_one_line_error(
+        *cli(capsys, "train", "--out", "run", "--resume", "--lr", "1", "--no-progress"), "--lr", "--resume"
+    )
+    assert_one_line_error(
+        *cli(capsys, "train", "--out", "run", "--resume", "--method", "bmr-th", "--no-progress"), "--method"
+    )
+    code, _, err = cli(
+        capsys, "train", "--out", "run", "--resume", "--epochs", "2", "--no-progress", "--net", "mlp"
+    )
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["epochs"] == 2

@@ -91,11 +91,12 @@ def test_shrinkage_prune_removes_rows_with_small_posterior_scale():
     model = _model(tiered)
     guide = make_guide("meanfield", model)
     layer = model.layers[0]
-    with torch.no_grad():  # row 0: scale pushed up (row_num large), other rows: shrunk (row_num tiny)
-        key = f"{layer.name}.rows".replace(".", "-")
-        guide.locs[key][..., 0].fill_(-12.0)  # numerators v_r
-        guide.locs[key][0, :, 0] = 5.0
-        guide.raw_scales[key].fill_(-10.0)
+    # row 0: scale pushed up (row_num large), other rows: shrunk (row_num tiny)
+    site = f"{layer.name}.rows"
+    loc = guide.posterior()[site][0].clone()
+    loc[..., 0] = -12.0  # numerators v_r
+    loc[0, :, 0] = 5.0
+    guide.write_posterior(site, loc, torch.full_like(loc, 4.5e-5))  # softplus(-10)
     scales = posterior_scales(model, guide, samples=20)
     assert scales[layer.name].shape == (layer.shape[0], 1)
     threshold = 1e-4

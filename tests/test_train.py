@@ -104,6 +104,23 @@ def test_resume_is_exact(tmp_path, guide, optimizer):
         assert_same_tensors(sa[key], sb[key])
 
 
+@pytest.mark.parametrize("method", ["bmr-th", "bmr-ss"])
+def test_extending_a_finished_run_is_the_run_asked_for_from_the_start(tmp_path, method):
+    """The pass that the old last epoch skipped runs before the extension trains, so the state equals a run
+    asked for with the longer schedule from the start, and config.json records the new total."""
+    config = tiny(method=method, epochs=3, warmup_steps=0)
+    straight = train(config, tmp_path / "straight")
+    train(dataclasses.replace(config, epochs=2), tmp_path / "short")
+    extended = Run.open(tmp_path / "short", epochs=3, log=quiet)
+    extended.train(progress=False)
+    assert_same_tensors(guide_params(extended), guide_params(straight))
+    assert_same_tensors(dict(extended.model.named_buffers()), dict(straight.model.named_buffers()))
+    a, b = pd.read_csv(tmp_path / "straight" / METRICS), pd.read_csv(tmp_path / "short" / METRICS)
+    assert a["pruned_fraction"].tolist() == b["pruned_fraction"].tolist()
+    assert b["bmr_seconds"].notna().tolist() == [True, True, False]
+    assert json.loads((tmp_path / "short" / CONFIG).read_text())["config"]["epochs"] == 3
+
+
 def test_open_resumes_with_the_saved_config(tmp_path):
     train(tiny(epochs=1, steps_per_epoch=3), tmp_path)
     run = Run.open(tmp_path, epochs=2, log=quiet)

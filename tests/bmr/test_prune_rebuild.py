@@ -14,10 +14,7 @@ from pyrozoo.nets import create_net
 
 
 def _set_posterior(guide, site, loc, scale):
-    key = site.replace(".", "-")
-    with torch.no_grad():
-        guide.locs[key].copy_(loc)
-        guide.raw_scales[key].copy_(torch.log(torch.expm1(scale)))
+    guide.write_posterior(site, loc, scale)
 
 
 def test_delta_f_reads_the_guide_posterior(tiny_mlp_model):

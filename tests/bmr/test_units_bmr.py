@@ -20,9 +20,7 @@ def _model_and_guide(seed=0):
 
 
 def _set_posterior(guide, site, loc, scale):
-    key = guide._sites[site][0]
-    guide.locs[key].copy_(loc)
-    guide.raw_scales[key].copy_(torch.log(torch.expm1(scale)))
+    guide.write_posterior(site, loc, scale)
 
 
 @torch.no_grad()
@@ -67,12 +65,12 @@ def test_only_units_whose_removal_raises_the_evidence_go_and_the_rebuilt_net_agr
     for layer in model.layers:  # every weight carries signal: far from 0, narrow
         _set_posterior(guide, layer.site, torch.full(layer.shape, 3.0), torch.full(layer.shape, 0.05))
     # unit 2 of the first hidden layer: its inputs, bias and outgoing weights all near 0 and broad
-    loc = guide.locs[guide._sites[first.site][0]]
+    loc = guide.posterior()[first.site][0].clone()
     loc[2] = 0.01
     _set_posterior(
         guide, first.site, loc, torch.where(torch.arange(6)[:, None] == 2, 0.9, 0.05).expand(6, 10)
     )
-    loc = guide.locs[guide._sites[second.site][0]].clone()
+    loc = guide.posterior()[second.site][0].clone()
     loc[:, 2] = 0.01
     scale = torch.full(second.shape, 0.05)
     scale[:, 2] = 0.9
