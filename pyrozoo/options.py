@@ -54,9 +54,18 @@ def accepts(kind, value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is str:
         return isinstance(value, str)
+    if kind is dict or origin is dict:
+        return isinstance(value, dict)
     if origin is tuple or kind is tuple:
         return isinstance(value, (tuple, list))
     return True  # an annotation we do not check (a callable, a module type)
+
+
+def _members(kind) -> tuple:
+    """The types of a union annotation (``float | None`` -> ``(float, NoneType)``), or the annotation itself."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return typing.get_args(kind)
+    return (kind,)
 
 
 def kind_name(kind) -> str:
@@ -76,7 +85,10 @@ def bind_options(what: str, factory: Callable, options: dict) -> dict:
         kind = hints.get(key, type(defaults[key]) if defaults[key] is not None else None)
         if kind is not None and not accepts(kind, value):
             raise PyrozooError(f"{what}: option {key} must be {kind_name(kind)}, got {value!r}")
-        if isinstance(value, float) or (kind is float and isinstance(value, int)):
+        float_option = float in _members(kind) and int not in _members(kind)
+        if isinstance(value, float) or (
+            float_option and isinstance(value, int) and not isinstance(value, bool)
+        ):
             value = float(value)
             if not math.isfinite(value):
                 raise PyrozooError(f"{what}: option {key} must be a finite number, got {value}")

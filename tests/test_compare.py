@@ -299,6 +299,28 @@ def test_config_file_and_flags_override_it(tmp_path):
     assert flat.net_options == {"hidden": [16]}
 
 
+def test_option_tables_in_a_config_file_reach_the_methods_that_take_them(tmp_path):
+    config = write(
+        tmp_path / "grid.toml",
+        'nets = ["mlp"]\nmethods = ["flat-ff", "bmr-ss", "bmr-th"]\ndata = ["fashion-mnist-mini"]\n'
+        "[train]\nprune_units = true\n"
+        "[train.rule_options]\ncount_pruned = true\n"
+        "[train.prior_options]\nhidden_scale = 0.2\n",
+    )
+    grid = make_grid(config, rule_options={"max_cutoff": 0})
+    ff, ss, th = [grid.config(cell) for cell in grid.cells()]
+    assert ss.rule_options == {"count_pruned": True, "max_cutoff": 0.0} and ss.prune_units
+    assert th.rule_options == {} and th.prune_units  # threshold takes neither option
+    assert ff.rule_options == {} and not ff.prune_units and ff.prior_options == {"hidden_scale": 0.2}
+    assert ss.reduction().describe() == (
+        "spike-and-slab(count_pruned=True, max_cutoff=0.0, iterations=4) then units(margin=0.0)"
+    )
+    with pytest.raises(PyrozooError, match="rule option 'colour' belongs to no rule of any method"):
+        make_grid(config, rule_options={"colour": 1})
+    with pytest.raises(PyrozooError, match="net_options must be dict"):
+        read_config(write(tmp_path / "bad.toml", "[train]\nnet_options = 3\n"))
+
+
 @pytest.mark.parametrize(
     "text, words",
     [
