@@ -18,6 +18,7 @@ from pyrozoo.bmr import REDUCTIONS
 from pyrozoo.config import ALIASES, TABLES, TrainConfig, run_name, run_option_fields
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import GUIDES
+from pyrozoo.io import atomic_write_text
 from pyrozoo.methods import METHODS
 from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import NETS
@@ -278,9 +279,7 @@ def _compare(args) -> None:
     progress = not args.no_progress
     results = run_grid(grid, progress=progress)
     summary = summary_markdown(results)
-    tmp = grid.out / (TABLE + ".tmp")
-    tmp.write_text(summary)
-    os.replace(tmp, grid.out / TABLE)
+    atomic_write_text(grid.out / TABLE, summary)
     print(f"grid {grid.out}: {len(results)} rows in {grid.out / RESULTS}, summary in {grid.out / TABLE}\n")
     print(summary)
     if not args.no_plots:

@@ -28,6 +28,7 @@ from matplotlib.ticker import SymmetricalLogLocator  # noqa: E402
 
 from pyrozoo.baselines import BASELINES  # noqa: E402
 from pyrozoo.errors import PyrozooError  # noqa: E402
+from pyrozoo.io import atomic_write  # noqa: E402
 from pyrozoo.train import CHECKPOINT, Run  # noqa: E402
 
 CURVES = [("accuracy", "test accuracy"), ("nll", "test NLL"), ("ece", "ECE (20 equal-mass bins)")]
@@ -43,9 +44,7 @@ def _save(fig, folder: Path, stem: str) -> list[Path]:
     paths = []
     for fmt in FORMATS:
         path = folder / f"{stem}.{fmt}"
-        tmp = path.with_name(path.name + ".tmp")
-        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"))
         paths.append(path)
     plt.close(fig)
     return paths

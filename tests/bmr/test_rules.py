@@ -46,16 +46,7 @@ def test_spike_and_slab_none_prunable():
 def test_spike_and_slab_mixed_matches_a_hand_iteration():
     df = torch.cat([torch.full((90,), 2.0), torch.full((10,), -8.0), torch.tensor([-1.0, -2.5])])
     decision = spike_and_slab(df, torch.ones(len(df), dtype=torch.bool))
-    zeta = 0.0
-    for _ in range(4):  # PAPER.md §4, written out independently with the standard library
-        import math
-
-        q = [1 / (1 + math.exp(-(zeta - d))) for d in df.tolist()]
-        a, b = 1 + sum(q), 1 + sum(1 - v for v in q)
-        zeta = (
-            torch.digamma(torch.tensor(a, dtype=torch.float64)).item()
-            - torch.digamma(torch.tensor(b, dtype=torch.float64)).item()
-        )
+    zeta = _zeta(df.tolist())  # PAPER.md §4, written out independently with the standard library
     assert decision.cutoff == pytest.approx(zeta)
     assert decision.keep.tolist() == [d <= zeta for d in df.tolist()]
     # mostly prunable layer: the cutoff drops below 0, so a weight with dF = -1 goes too
