@@ -82,6 +82,13 @@ class Reduction:
     def __call__(self, model, posterior) -> PruneReport:
         raise NotImplementedError
 
+    @property
+    def resets_pruned(self) -> bool:
+        """Whether entries it prunes get the prior as posterior (their exact posterior, as the weight no longer
+        touches the likelihood); a reduction that follows the reference code keeps their variational parameters
+        instead."""
+        return True
+
     def then(self, later: "Reduction") -> "Sequence":
         """This reduction followed by ``later``, as one reduction."""
         return Sequence((self, later))
@@ -154,7 +161,8 @@ class WeightReduction(Reduction):
             decision, was_live = decisions[layer.name], live[layer.name]
             keep = decision.keep & was_live  # pruned entries stay pruned whatever a decision says
             model.set_mask(layer.name, keep)
-            posterior.reset_to_prior(layer.site, ~keep)
+            if self.resets_pruned:
+                posterior.reset_to_prior(layer.site, ~keep)
             reports.append(
                 LayerReport(
                     layer.name,
