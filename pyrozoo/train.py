@@ -29,12 +29,13 @@ from pyrozoo.models import BayesianModel
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.optim import OPTIMIZERS
 
-CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES = (
+CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
     "config.json",
     "metrics.csv",
     "checkpoint.pt",
     "pruned.pt",
     "scales.csv",
+    "bmr.csv",
 )
 
 
@@ -173,6 +174,7 @@ class Run:
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []
+        self.bmr_log: list[dict] = []  # one row per BMR pass and layer: the reason for every removal
         self._source = raw.source
         if resume:
             self._load_checkpoint()
@@ -247,10 +249,12 @@ class Run:
         self.batches.load_state_dict(state["batches"])
         _set_rng_state(state["rng"])
         self.epoch, self.step, self.seconds = state["epoch"], state["step"], state["seconds"]
-        if (self.out / METRICS).exists():  # rows past the checkpoint belong to an epoch that will be redone
-            self.history = [
-                r for r in pd.read_csv(self.out / METRICS).to_dict("records") if r["epoch"] <= self.epoch
-            ]
+        # rows past the checkpoint belong to an epoch that will be redone
+        for name, rows in ((METRICS, self.history), (BMR_LOG, self.bmr_log)):
+            if (self.out / name).exists():
+                rows[:] = [
+                    r for r in pd.read_csv(self.out / name).to_dict("records") if r["epoch"] <= self.epoch
+                ]
 
     def save_pruned(self, report, metrics: dict) -> None:
         """Keep a post-hoc pruned state beside the run's own checkpoint (which stays as trained)."""
@@ -359,6 +363,10 @@ class Run:
         report = self.reduction(self.model, self.guide)
         for note in filter(None, (r.note for r in report.layers)):
             tqdm.write(f"epoch {self.epoch}: {note}")
+        self.bmr_log += [
+            {"epoch": self.epoch, "step": self.step, **r} for r in report.table().to_dict("records")
+        ]
+        atomic_write(self.out / BMR_LOG, lambda p: pd.DataFrame(self.bmr_log).to_csv(p, index=False))
         row["bmr_seconds"] = round(report.seconds, 4)
         row["pruned_fraction"] = report.pruned_fraction  # the report has just computed it
         return True

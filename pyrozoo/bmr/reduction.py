@@ -51,6 +51,7 @@ class LayerReport:
     score_median: float
     score_max: float
     note: str = ""  # e.g. a guard that stopped the reduction
+    score_positive: float = float("nan")  # fraction of all entries, pruned ones too, scoring above 0 (dF > 0)
 
 
 @dataclass
@@ -172,6 +173,7 @@ class WeightReduction(Reduction):
                     decision.inclusion,
                     decision.cutoff,
                     *score_summary(scores[layer.name], was_live),
+                    score_positive=float((scores[layer.name] > 0).double().mean()),
                 )
             )
         return PruneReport(reports, time.perf_counter() - start, pruned_fraction(model))
