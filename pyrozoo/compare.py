@@ -124,11 +124,13 @@ class Grid:
         """A prior or rule option (or --prune-units) that no method of the grid takes is an error: in a grid a
         method that does not take it runs without it, but one that none takes is a mistake."""
         options = fold_aliases(self.options)
-        prior, rule = options.get("prior"), options.get("rule")
-        for table in ("prior_options", "rule_options"):
+        prior, rule, guide = options.get("prior"), options.get("rule"), options.get("guide")
+        for table in ("prior_options", "rule_options", "guide_options"):
             for key in options.get(table, {}):
                 takers = [
-                    m for m in self.training_methods if key in (options_taken(table, m, prior, rule) or [])
+                    m
+                    for m in self.training_methods
+                    if key in (options_taken(table, m, prior, rule, guide) or [])
                 ]
                 if not takers:
                     raise PyrozooError(

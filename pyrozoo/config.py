@@ -24,7 +24,7 @@ from pyrozoo.registry import option_defaults
 # What --resume may change: how far the run goes and how it is evaluated, never what it learns.
 RESUMABLE = ("epochs", "eval_every", "eval_batch_size", "data_dir", "device")
 # Option tables: run option name -> the word used in messages.
-TABLES = {"net_options": "net", "prior_options": "prior", "rule_options": "rule"}
+TABLES = {"net_options": "net", "prior_options": "prior", "rule_options": "rule", "guide_options": "guide"}
 
 
 def _run_option(default, help: str, *, check: str | None = None, choices: str | None = None, **kw):
@@ -75,6 +75,9 @@ class TrainConfig:
     rule_options: dict = _run_option(
         {}, "an option of the method's BMR reduction, repeatable: count_pruned=true, margin=0.5"
     )
+    guide_options: dict = _run_option(
+        {}, "an option of the guide, repeatable: init_scale=0.05, init_locs={'features.0.precision': 1.5}"
+    )
     prune_units: bool = _run_option(
         False,
         "BMR methods: after each per-weight pass, remove whole units (neurons, channels, attention heads) "
@@ -97,6 +100,7 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with the method's defaults filled in, after checking names, sizes and options."""
         from pyrozoo.bmr.reduction import REDUCTIONS
+        from pyrozoo.guides import GUIDES
         from pyrozoo.methods import METHODS
         from pyrozoo.models.priors import PRIORS
         from pyrozoo.nets import NETS
@@ -122,6 +126,9 @@ class TrainConfig:
             PRIORS[self.prior]
         if self.rule is not None:
             REDUCTIONS[self.rule]
+        bind_options(
+            f"guide {self.guide or method.guide!r}", GUIDES[self.guide or method.guide], self.guide_options
+        )
         for table in ("prior_options", "rule_options"):
             taken = options_taken(table, self.method, self.prior, self.rule) or []
             for key in getattr(self, table):
@@ -274,21 +281,30 @@ def owners(table: str, key: str) -> str:
     if not methods:
         return f"no {TABLES[table]} of any method"
     m = [METHODS[name] for name in methods]
-    parts = dict.fromkeys(x.prior.__name__ if table == "prior_options" else x.reduction.name for x in m)
-    word = "prior" if table == "prior_options" else "reduction"
+    part_of = {
+        "prior_options": lambda x: x.prior.__name__,
+        "rule_options": lambda x: x.reduction.name,
+        "guide_options": lambda x: x.guide,
+    }[table]
+    parts = dict.fromkeys(part_of(x) for x in m)
+    word = {"prior_options": "prior", "rule_options": "reduction", "guide_options": "guide"}[table]
     return f"the {' and '.join(parts)} {word}{'s' if len(parts) > 1 else ''} ({', '.join(methods)})"
 
 
 def options_taken(
-    table: str, method: str, prior: str | None = None, rule: str | None = None
+    table: str, method: str, prior: str | None = None, rule: str | None = None, guide: str | None = None
 ) -> list[str] | None:
-    """The options that the prior or the reduction of a run declares (None: it has no reduction): the method's,
-    or those named by ``prior`` and ``rule``. Net options are the net's and are not listed."""
+    """The options that the prior, the reduction or the guide of a run declares (None: it has no reduction):
+    the method's, or those named by ``prior``, ``rule`` and ``guide``. Net options are the net's, not listed.
+    """
     from pyrozoo.bmr.reduction import REDUCTIONS
+    from pyrozoo.guides import GUIDES
     from pyrozoo.methods import METHODS
     from pyrozoo.models.priors import PRIORS
 
     m = METHODS[method]
+    if table == "guide_options":
+        return list(option_defaults(GUIDES[guide or m.guide]))
     if table == "prior_options":
         return list(option_defaults(PRIORS[prior] if prior else m.prior))
     if table == "rule_options":
@@ -331,9 +347,9 @@ def make_config(
     """
     options = fold_aliases(options)
     if not strict:
-        prior, rule = options.get("prior"), options.get("rule")
-        for table in ("prior_options", "rule_options"):
-            taken = options_taken(table, method, prior, rule) or []
+        prior, rule, guide = options.get("prior"), options.get("rule"), options.get("guide")
+        for table in ("prior_options", "rule_options", "guide_options"):
+            taken = options_taken(table, method, prior, rule, guide) or []
             options[table] = {k: v for k, v in options.get(table, {}).items() if k in taken}
         if options_taken("rule_options", method, prior, rule) is None:
             options["prune_units"] = False

@@ -168,7 +168,12 @@ class Run:
             **{**self.method.net_options, **config.net_options},
         )
         self.model = BayesianModel(net.to(config.device), prior=config.bound_prior())
-        self.guide = make_guide(config.guide, self.model, *self._batch(torch.arange(min(2, len(d.x_train)))))
+        self.guide = make_guide(
+            config.guide,
+            self.model,
+            *self._batch(torch.arange(min(2, len(d.x_train)))),
+            options=config.guide_options,
+        )
         self.guide.to(config.device)
         self.optimizer = OPTIMIZERS[config.optimizer](self.guide.parameters(), lr=config.lr)
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)

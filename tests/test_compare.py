@@ -313,7 +313,8 @@ def test_option_tables_in_a_config_file_reach_the_methods_that_take_them(tmp_pat
     assert th.rule_options == {} and th.prune_units  # threshold takes neither option
     assert ff.rule_options == {} and not ff.prune_units and ff.prior_options == {"hidden_scale": 0.2}
     assert ss.reduction().describe() == (
-        "spike-and-slab(count_pruned=True, max_cutoff=0.0, iterations=4) then units(margin=0.0)"
+        "spike-and-slab(count_pruned=True, max_cutoff=0.0, iterations=4, pruned_vote=True, "
+        "keep_pruned_posterior=True) then units(margin=0.0)"
     )
     with pytest.raises(PyrozooError, match="rule option 'colour' belongs to no rule of any method"):
         make_grid(config, rule_options={"colour": 1})

@@ -117,3 +117,18 @@ def test_constrained_mean_by_quadrature_matches_numerical_integration():
     expected = torch.trapezoid(torch.sigmoid(values) * density, grid, dim=-1)
     torch.testing.assert_close(constrained_mean(loc, scale, transform), expected, rtol=1e-6, atol=1e-8)
     assert not torch.allclose(constrained_mean(loc, scale, transform), torch.sigmoid(loc), atol=1e-3)
+
+
+def test_meanfield_init_locs_replace_only_the_named_sites_after_every_draw(tiny_mlp_model):
+    """init_locs start chosen sites at given values (another run's draw, say) without changing the others."""
+    site = f"{tiny_mlp_model.layers[0].name}.precision"
+    torch.manual_seed(3)
+    plain = make_guide("meanfield", tiny_mlp_model).posterior()
+    torch.manual_seed(3)
+    given = make_guide("meanfield", tiny_mlp_model, options={"init_locs": {site: 1.5}}).posterior()
+    assert torch.all(given[site][0] == 1.5) and not torch.all(plain[site][0] == 1.5)
+    assert all(torch.equal(given[s][0], plain[s][0]) for s in plain if s != site)
+    with pytest.raises(PyrozooError, match="has no latent 'nope'"):
+        make_guide("meanfield", tiny_mlp_model, options={"init_locs": {"nope": 0.0}})
+    with pytest.raises(PyrozooError, match="guide 'meanfield' takes no option 'bogus'"):
+        make_guide("meanfield", tiny_mlp_model, options={"bogus": 1})

@@ -9,6 +9,7 @@ from pyro import poutine
 from pyrozoo.guides.auto import AutoDeltaGuide, AutoNormalGuide
 from pyrozoo.guides.base import Posterior
 from pyrozoo.guides.meanfield import MeanFieldNormal
+from pyrozoo.options import bind_options
 from pyrozoo.registry import Registry
 
 GUIDES = Registry("guide")
@@ -17,14 +18,15 @@ GUIDES.register("autonormal", AutoNormalGuide)
 GUIDES.register("autodelta", AutoDeltaGuide)
 
 
-def make_guide(kind: str, model, *init_args, **init_kwargs) -> Posterior:
-    """Build guide ``kind`` for ``model``; no data is needed.
+def make_guide(kind: str, model, *init_args, options: dict | None = None, **init_kwargs) -> Posterior:
+    """Build guide ``kind`` for ``model`` with its ``options`` (keyword arguments of its class, checked); no data
+    is needed.
 
     ``init_args`` (one model call's arguments, as callers passed when autoguides were set up lazily) are
     optional: given, the guide draws one blocked sample with them, which keeps a run's random stream, and so
     every recorded result, as it was.
     """
-    guide = GUIDES[kind](model)
+    guide = GUIDES[kind](model, **bind_options(f"guide {kind!r}", GUIDES[kind], options or {}))
     if init_args or init_kwargs:
         with poutine.block():
             guide(*init_args, **init_kwargs)

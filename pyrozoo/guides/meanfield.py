@@ -12,6 +12,7 @@ from pyro import poutine
 from torch import nn
 from torch.distributions import constraints
 
+from pyrozoo.errors import PyrozooError
 from pyrozoo.guides.base import Posterior, _base, bijection, inverse_softplus
 
 
@@ -32,9 +33,19 @@ class MeanFieldNormal(Posterior, nn.Module):
     :param init_radius: initial locs are drawn uniformly from ``(-init_radius, init_radius)`` (unconstrained).
     :param init_scale: initial scale of every entry.
     :param latents: a data-free callable drawing the latents to cover (default ``model.sample_weights``).
+    :param init_locs: ``{site: value}``, initial locs (unconstrained space) that replace the random ones of
+        those sites after every site has drawn its own (so the other sites' draws do not change): e.g. a
+        layer precision's ``"features.0.precision"``, to start from another run's initial draw.
     """
 
-    def __init__(self, model, init_radius: float = 2.0, init_scale: float = 0.1, latents=None):
+    def __init__(
+        self,
+        model,
+        init_radius: float = 2.0,
+        init_scale: float = 0.1,
+        latents=None,
+        init_locs: dict[str, float] | None = None,
+    ):
         super().__init__()
         with poutine.block():  # trace the prior without letting outer handlers (an ELBO's trace) see it
             prototype = poutine.trace(latents or model.sample_weights).get_trace()
@@ -54,6 +65,13 @@ class MeanFieldNormal(Posterior, nn.Module):
             real = _base(support) is constraints.real
             event_dim = site["fn"].event_dim
             self._sites[name] = (key, support, event_dim, None if real else transform.with_cache(1))
+        for name, value in (init_locs or {}).items():
+            if name not in self._sites:
+                raise PyrozooError(
+                    f"init_locs: the model has no latent {name!r}; its latents: {', '.join(self._sites)}"
+                )
+            with torch.no_grad():
+                self.locs[self._sites[name][0]].fill_(float(value))
 
     def _distribution(self, name: str):
         key, _, event_dim, transform = self._sites[name]
