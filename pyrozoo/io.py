@@ -29,6 +29,7 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pyrozoo import faults
 from pyrozoo.errors import PyrozooError
 
 _UMASK = os.umask(0)
@@ -53,6 +54,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
         write(Path(tmp))
+        faults.reached("write")
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
