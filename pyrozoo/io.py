@@ -96,6 +96,16 @@ def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], object]
         raise
 
 
+def remove_leftovers(folder: Path) -> None:
+    """Remove the temporary files and folders that writers killed mid-write left in ``folder`` (only safe for
+    the folder's one writer, which :class:`FolderLock` makes the caller)."""
+    for path in [*folder.glob(".*.tmp"), *folder.glob(".*.old")]:
+        try:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        except OSError:
+            pass  # not ours to worry about: it is only a leftover
+
+
 # --- one writer per folder ----------------------------------------------------------------------------------
 
 LOCK_NAME = ".lock"
@@ -241,6 +251,7 @@ class FolderLock:
         else:
             os.ftruncate(fd, 0)
             os.pwrite(fd, _holder_record(), 0)
+            remove_leftovers(self.folder)  # we are its one writer now: no one else is writing these
         _holds[key] = hold = _Hold(fd)
         return hold
 
