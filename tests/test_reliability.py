@@ -464,7 +464,8 @@ BAD_INPUTS = [
      ["checkpoint.pt is corrupt or truncated", "delete"]),
     ("checkpoint-truncated/prune", lambda r: _truncate(r / CHECKPOINT), ["prune", "RUN"], ["checkpoint.pt"]),
     ("checkpoint-truncated/export", lambda r: _truncate(r / CHECKPOINT, 0.9), ["export", "RUN"], ["checkpoint.pt"]),
-    ("checkpoint-random-bytes", lambda r: (r / CHECKPOINT).write_bytes(random.Random(0).randbytes(300)), ["prune", "RUN"],
+    ("checkpoint-random-bytes", lambda r: (r / CHECKPOINT).write_bytes(random.Random(0).randbytes(300)),
+     ["prune", "RUN"],
      ["checkpoint.pt is corrupt"]),
     ("checkpoint-empty", lambda r: (r / CHECKPOINT).write_bytes(b""), ["train", "--out", "RUN", "--resume"],
      ["checkpoint.pt is corrupt"]),
@@ -545,3 +546,4 @@ def test_the_counts_in_results_md_are_the_suites():
     text = (ROOT / "experiments" / "RESULTS.md").read_text()
     assert f"{len(KILLS) + 1} kill-and-resume cases" in text
     assert f"{len(BAD_INPUTS)} bad inputs" in text
+    assert f"{len(FOREIGN) * len(USES)} foreign-guide cases" in text
