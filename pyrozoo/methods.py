@@ -73,7 +73,9 @@ METHODS.register(
     "bmr-lss",
     Method(
         description="flat-ff pruned by stochastic BMR, spike-and-slab over each whole layer, never keeping dF > 0",
-        reduction=SpikeAndSlab(count_pruned=True, max_cutoff=0.0),
+        reduction=SpikeAndSlab(
+            count_pruned=True, max_cutoff=0.0, pruned_vote=False, keep_pruned_posterior=False
+        ),
         **_BMR,
     ),
 )

@@ -40,12 +40,13 @@ from pyrozoo.models import BayesianModel
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.optim import OPTIMIZERS
 
-CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES = (
+CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
     "config.json",
     "metrics.csv",
     "checkpoint.pt",
     "pruned.pt",
     "scales.csv",
+    "bmr.csv",
 )
 
 
@@ -184,6 +185,13 @@ def _committed_history(folder: Path, state: dict) -> list[dict]:
     return rows
 
 
+def _committed_bmr_log(folder: Path, state: dict) -> list[dict]:
+    """The BMR log rows (one per pass and layer) of the epochs ``state`` (a checkpoint) commits."""
+    if "bmr_log" in state:
+        return [dict(row) for row in state["bmr_log"]]
+    return [r for r in read_metrics(folder / BMR_LOG) if r["epoch"] <= state["epoch"]]  # an older folder
+
+
 def committed_epoch(folder: str | os.PathLike) -> int:
     """The last epoch committed in ``folder`` (0 when it has no checkpoint)."""
     if not (Path(folder) / CHECKPOINT).exists():
@@ -294,6 +302,7 @@ class Run:
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []
+        self.bmr_log: list[dict] = []  # one row per BMR pass and layer: the reason for every removal
         self._source = raw.source
 
     @classmethod
@@ -381,6 +390,7 @@ class Run:
             "batches": self.batches.state_dict(),
             "rng": _rng_state(),
             "history": self.history,  # the metrics rows this checkpoint commits (metrics.csv is their copy)
+            "bmr_log": self.bmr_log,  # and the BMR log's rows (bmr.csv)
         }
         atomic_write(self.out / CHECKPOINT, lambda p: torch.save(state, p))
 
@@ -402,6 +412,7 @@ class Run:
                 group["lr"] = self.config.lr
         self.epoch, self.step, self.seconds = state["epoch"], state["step"], state["seconds"]
         self.history = _committed_history(self.out, state)
+        self.bmr_log = _committed_bmr_log(self.out, state)
 
     def source(self) -> dict:
         """Which committed state this run holds: its epoch, step and the checksum of its checkpoint.pt."""
@@ -478,6 +489,8 @@ class Run:
         self._write_config()  # a resumed run may have been extended: the folder says what it now is
         if self.history or (self.out / METRICS).exists():  # drop rows past the checkpoint, mend a bad file
             atomic_write(self.out / METRICS, lambda p: self.metrics().to_csv(p, index=False))
+        if self.bmr_log or (self.out / BMR_LOG).exists():
+            atomic_write(self.out / BMR_LOG, lambda p: pd.DataFrame(self.bmr_log).to_csv(p, index=False))
         if self.reduction is not None and self.epoch == 0 and c.bmr_passes() == 0:
             self.log(
                 f"warning: no BMR pass will run: the first comes after {c.warmup_steps} warm-up steps and after an "
@@ -569,6 +582,10 @@ class Run:
         faults.reached("bmr")
         for note in filter(None, (r.note for r in report.layers)):
             tqdm.write(f"epoch {self.epoch}: {note}")
+        self.bmr_log += [
+            {"epoch": self.epoch, "step": self.step, **r} for r in report.table().to_dict("records")
+        ]
+        atomic_write(self.out / BMR_LOG, lambda p: pd.DataFrame(self.bmr_log).to_csv(p, index=False))
         row["bmr_seconds"] = round(report.seconds, 4)
         row["pruned_fraction"] = report.pruned_fraction  # the report has just computed it
         return True

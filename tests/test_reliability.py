@@ -33,7 +33,7 @@ from pyrozoo.io import hold_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net
-from pyrozoo.train import CHECKPOINT, CONFIG, METRICS, PRUNED, SCALES, Run, TrainConfig
+from pyrozoo.train import BMR_LOG, CHECKPOINT, CONFIG, METRICS, PRUNED, SCALES, Run, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny BMR run: 3 epochs of 3 steps, a pass after epochs 1 and 2, evaluation after each.
@@ -94,6 +94,7 @@ def assert_same_run(folder: Path, straight: Path) -> None:
     pd.testing.assert_frame_equal(ma.drop(columns=timings), mb.drop(columns=timings), check_exact=True)
     assert ma[timings].isna().equals(mb[timings].isna())
     assert (folder / SCALES).read_text() == (straight / SCALES).read_text()
+    assert (folder / BMR_LOG).read_text() == (straight / BMR_LOG).read_text()
     assert not [p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".old"))]  # leftovers removed
 
 
@@ -109,15 +110,16 @@ def straight(tmp_path_factory) -> Path:
 # --- kills at chosen points, then resume ------------------------------------------------------------------
 
 # (fault point, which hit, the committed epoch the kill leaves). Writes of a fresh 3-epoch run, in order:
-# config.json twice, then per epoch metrics.csv and checkpoint.pt, with scales.csv before them after epoch 3.
+# config.json twice, then per epoch bmr.csv (after a pass), metrics.csv and checkpoint.pt, with scales.csv before
+# the last two after epoch 3.
 KILLS = [
     pytest.param("metrics", 2, 1, id="between-metrics-and-checkpoint-renames"),
     pytest.param("metrics", 3, 2, id="between-renames-of-the-last-epoch", marks=pytest.mark.slow),
     pytest.param("step", 4, 1, id="mid-step", marks=pytest.mark.slow),
     pytest.param("bmr", 2, 1, id="mid-bmr-pass", marks=pytest.mark.slow),
     pytest.param("eval", 2, 1, id="mid-evaluation", marks=pytest.mark.slow),
-    pytest.param("write", 6, 1, id="checkpoint-written-not-renamed", marks=pytest.mark.slow),
-    pytest.param("write", 7, 2, id="scales-written-not-renamed", marks=pytest.mark.slow),
+    pytest.param("write", 8, 1, id="checkpoint-written-not-renamed", marks=pytest.mark.slow),
+    pytest.param("write", 9, 2, id="scales-written-not-renamed", marks=pytest.mark.slow),
     pytest.param("commit", 1, 1, id="after-a-commit", marks=pytest.mark.slow),
     pytest.param("write", 1, 0, id="config-written-not-renamed", marks=pytest.mark.slow),
 ]

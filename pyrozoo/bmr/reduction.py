@@ -51,6 +51,7 @@ class LayerReport:
     score_median: float
     score_max: float
     note: str = ""  # e.g. a guard that stopped the reduction
+    score_positive: float = float("nan")  # fraction of all entries, pruned ones too, scoring above 0 (dF > 0)
 
 
 @dataclass
@@ -81,6 +82,13 @@ class Reduction:
 
     def __call__(self, model, posterior) -> PruneReport:
         raise NotImplementedError
+
+    @property
+    def resets_pruned(self) -> bool:
+        """Whether entries it prunes get the prior as posterior (their exact posterior, as the weight no longer
+        touches the likelihood); a reduction that follows the reference code keeps their variational parameters
+        instead."""
+        return True
 
     def then(self, later: "Reduction") -> "Sequence":
         """This reduction followed by ``later``, as one reduction."""
@@ -154,7 +162,8 @@ class WeightReduction(Reduction):
             decision, was_live = decisions[layer.name], live[layer.name]
             keep = decision.keep & was_live  # pruned entries stay pruned whatever a decision says
             model.set_mask(layer.name, keep)
-            posterior.reset_to_prior(layer.site, ~keep)
+            if self.resets_pruned:
+                posterior.reset_to_prior(layer.site, ~keep)
             reports.append(
                 LayerReport(
                     layer.name,
@@ -164,6 +173,7 @@ class WeightReduction(Reduction):
                     decision.inclusion,
                     decision.cutoff,
                     *score_summary(scores[layer.name], was_live),
+                    score_positive=float((scores[layer.name] > 0).double().mean()),
                 )
             )
         return PruneReport(reports, time.perf_counter() - start, pruned_fraction(model))

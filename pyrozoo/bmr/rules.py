@@ -36,29 +36,46 @@ class SpikeAndSlab(WeightReduction):
     ``zeta = E[ln p] - E[ln(1 - p)]`` starts at 0; each iteration sets ``q_k = sigmoid(zeta - dF_k)``,
     ``a = 1 + sum q``, ``b = 1 + sum (1 - q)``, ``zeta = digamma(a) - digamma(b)``. Weight k is kept iff
     ``dF_k <= zeta``. When most weights look prunable the cut-off falls below 0 and pruning gets bolder.
-    The sums run over the live weights (PAPER.md §4); ``count_pruned=True`` also counts the already pruned
-    weights as excluded (``q = 0``), so the inclusion estimate is the layer's, not the survivors'.
-    ``max_cutoff`` caps the cut-off: with 0 no weight whose removal raises the evidence is ever kept.
+
+    Which entries vote, and what becomes of pruned ones, is where variants differ:
+
+    - ``pruned_vote=True`` (the default, as the reference code runs it): the sums run over every entry of the
+      layer, pruned ones too, each with its own current dF; and with ``keep_pruned_posterior=True`` (the
+      default) a pruned entry keeps its variational parameters, which then drift under the KL alone towards the
+      prior (so its dF drifts towards 0 and its vote towards inclusion). Together these give the reference's
+      trajectory: pruning starts late, then accelerates (experiments/RESULTS.md, issue 20).
+    - ``pruned_vote=False, keep_pruned_posterior=False``: the sums run over the live weights only and pruned
+      entries are reset to the prior, their exact posterior (pyrozoo's rule before 2026-11-30).
+    - ``count_pruned=True`` (whatever ``pruned_vote`` says): pruned entries vote as excluded (``q = 0``), so
+      the inclusion estimate is the layer's, not the survivors'; ``max_cutoff`` caps the cut-off (with 0 no weight whose removal raises the
+      evidence is ever kept). ``bmr-lss`` is this with the cap at 0.
     """
 
     count_pruned: bool = False
     max_cutoff: float | None = None
     iterations: int = 4
+    pruned_vote: bool = True
+    keep_pruned_posterior: bool = True
     name: ClassVar[str] = "spike-and-slab"
 
     def __post_init__(self):
         if self.iterations < 0:
             raise PyrozooError(f"spike-and-slab: iterations must not be negative, got {self.iterations}")
 
+    @property
+    def resets_pruned(self) -> bool:
+        return not self.keep_pruned_posterior
+
     def decide(self, scores: torch.Tensor, live: torch.Tensor) -> Decision:
         # Masked sums over the whole tensor (no boolean-indexed copy); float64 accumulators, as the sums run
         # over up to millions of weights.
         zeta = torch.zeros((), dtype=torch.float64, device=scores.device)
         a = b = torch.ones((), dtype=torch.float64)
-        live_count = live.sum(dtype=torch.float64)
+        voters = torch.ones_like(live) if self.pruned_vote and not self.count_pruned else live
+        live_count = voters.sum(dtype=torch.float64)
         excluded = (~live).sum(dtype=torch.float64) if self.count_pruned else 0.0
         for _ in range(self.iterations):
-            q = torch.sigmoid(zeta.to(scores.dtype) - scores).masked_fill_(~live, 0.0)
+            q = torch.sigmoid(zeta.to(scores.dtype) - scores).masked_fill_(~voters, 0.0)
             included = q.sum(dtype=torch.float64)
             a, b = 1 + included, 1 + live_count - included + excluded
             zeta = torch.digamma(a) - torch.digamma(b)

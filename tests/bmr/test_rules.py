@@ -16,7 +16,13 @@ def threshold(df, live, margin=0.0):
 
 
 def spike_and_slab(df, live, **options):
-    return SpikeAndSlab(**options).decide(df, live)
+    """The spike-and-slab rule with sums over the live weights only (pyrozoo's rule before 2026-11-30)."""
+    return SpikeAndSlab(**{"pruned_vote": False, **options}).decide(df, live)
+
+
+def reference_spike_and_slab(df, live):
+    """bmr-ss's rule as the reference code runs it: every entry votes with its own dF, pruned ones too."""
+    return METHODS["bmr-ss"].reduction.decide(df, live)
 
 
 def layer_spike_and_slab(df, live):
@@ -75,12 +81,14 @@ def test_rules_keep_the_live_weights_at_or_below_an_independently_computed_cutof
     pruned_as_excluded = live_values + [1e9] * int((~live).sum())  # q = 0 for a pruned weight
     expected = {
         "threshold": 0.0,
-        "spike-and-slab": _zeta(live_values),
+        "spike-and-slab, live only": _zeta(live_values),
+        "bmr-ss": _zeta(values),
         "bmr-lss": min(_zeta(pruned_as_excluded), 0.0),
     }
     decisions = {
         "threshold": threshold(df, live),
-        "spike-and-slab": spike_and_slab(df, live),
+        "spike-and-slab, live only": spike_and_slab(df, live),
+        "bmr-ss": reference_spike_and_slab(df, live),
         "bmr-lss": layer_spike_and_slab(df, live),
     }
     for name, decision in decisions.items():
@@ -95,6 +103,20 @@ def test_pruned_weights_do_not_vote():
     df = torch.cat([torch.full((50,), -4.0), torch.full((50,), 4.0)])
     live = torch.cat([torch.ones(50, dtype=torch.bool), torch.zeros(50, dtype=torch.bool)])
     assert spike_and_slab(df, live).cutoff == pytest.approx(spike_and_slab(df[:50], live[:50]).cutoff)
+
+
+def test_in_the_reference_rule_pruned_weights_vote_with_their_own_evidence():
+    """As the reference code runs it, a pruned entry's dF counts as a live one's would: a layer whose pruned
+    half now looks indifferent (dF near 0, drifted to the prior) has a higher cut-off than its live half alone.
+    """
+    df = torch.cat([torch.full((50,), -4.0), torch.full((50,), 0.0)])
+    live = torch.cat([torch.ones(50, dtype=torch.bool), torch.zeros(50, dtype=torch.bool)])
+    everyone = reference_spike_and_slab(df, live)
+    assert everyone.cutoff == pytest.approx(
+        reference_spike_and_slab(df, torch.ones(100, dtype=torch.bool)).cutoff
+    )
+    assert everyone.cutoff != pytest.approx(spike_and_slab(df, live).cutoff)
+    assert not everyone.keep[50:].any()  # pruned entries stay pruned whatever they say
 
 
 def test_unknown_rule():
