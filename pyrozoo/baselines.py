@@ -28,7 +28,7 @@ from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.errors import PyrozooError
 from pyrozoo.registry import Registry
 from pyrozoo.metrics import evaluate_net
-from pyrozoo.train import CONFIG, METRICS, Minibatches, Run
+from pyrozoo.train import CONFIG, METRICS, Minibatches, Run, committed_metrics
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,10 @@ def _final_row(folder: Path) -> dict:
     path = folder / METRICS
     if not path.exists():
         raise PyrozooError(f"{folder} has no {METRICS}: train it before its magnitude-pruning baseline")
-    return pd.read_csv(path).iloc[-1].to_dict()
+    rows = committed_metrics(folder)  # the committed epochs only: never a row past the checkpoint
+    if rows.empty:
+        raise PyrozooError(f"{folder} has no finished epoch: train it before its magnitude-pruning baseline")
+    return rows.iloc[-1].to_dict()
 
 
 def baseline_record(method: str, source: Path, sparsity: Path, finetune_steps: int) -> dict:

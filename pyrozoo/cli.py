@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import sys
+import traceback
 
 from pyrozoo import data as datasets
 from pyrozoo.baselines import BASELINES
@@ -38,6 +39,9 @@ SUMMARY_COLUMNS = [
     "lpd",
     "pruned_fraction",
 ]
+# Exit codes: 0 done, 2 a user's mistake (PyrozooError, one line), 1 a diverged loss (TrainingDiverged), 3 a bug
+# (any other exception, with its traceback), 130 interrupted.
+BUG_EXIT_CODE = 3
 REGISTRIES = {"guides": GUIDES, "optimizers": OPTIMIZERS, "priors": PRIORS, "reductions": REDUCTIONS}
 
 
@@ -156,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=quiet, help="random seed (default 0)")
     train.add_argument("--out", default=None, help="run folder (default: runs/NET-METHOD-DATA-sSEED)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last epoch")
+    train.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="OPTION",
+        help="with --resume: let OPTION (only lr) change from the run's; config.json records the change",
+    )
 
     compare = sub.add_parser(
         "compare",
@@ -236,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Parsed arguments that are not run options.
-_NOT_OPTIONS = ("command", "out", "resume", "no_progress", "net", "data", "method", "seed")
+_NOT_OPTIONS = ("command", "out", "resume", "override", "no_progress", "net", "data", "method", "seed")
 
 
 def _run_options(args) -> dict:
@@ -252,8 +263,10 @@ def _train(args) -> None:
     out = args.out or os.path.join("runs", run_name(**axes))
     if args.resume:
         given = {k: getattr(args, k) for k in axes if hasattr(args, k)}
-        run = Run.open(out, log=log, **given, **_run_options(args))
+        run = Run.open(out, log=log, override=args.override, **given, **_run_options(args))
     else:
+        if args.override:
+            raise PyrozooError("--override changes a resumed run: give it with --resume")
         run = Run(make_config(**axes, options=_run_options(args)), out, log=log)
     c = run.config
     print(
@@ -312,8 +325,9 @@ def _prune(args) -> None:
     after = run.evaluate()
     run.save_pruned(report, after)
     print(
-        f"pruning ({reduction.describe()}) of {run.out} after epoch {run.epoch}: {report.seconds * 1e3:.1f} ms, "
-        f"pruned fraction {report.pruned_fraction:.4f}; state written to {run.out / 'pruned.pt'}"
+        f"pruning ({reduction.describe()}) of {run.out} after epoch {run.epoch} (step {run.step}): "
+        f"{report.seconds * 1e3:.1f} ms, pruned fraction {report.pruned_fraction:.4f}; state written to "
+        f"{run.out / 'pruned.pt'}"
     )
     print(report.table().to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(_table({"before": before, "after": after}))
@@ -326,12 +340,13 @@ def _export(args) -> None:
     run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
     state = "checkpoint"
     if (run.out / PRUNED).exists():
-        run.load_pruned()
+        run.load_pruned()  # refused if it was pruned from an older checkpoint
         state = PRUNED
-    summary = export(run, run.out / "export", repeats=args.repeats)
+    source = {"state": state, **run.source()}
+    summary = export(run, run.out / "export", repeats=args.repeats, source=source)
     print(
-        f"{run.out} ({state}, epoch {run.epoch}) exported to {run.out / 'export'}: sparse_state_dict.pt, "
-        f"sparse.pt2 (torch.export); CPU, {summary['threads']} threads"
+        f"{run.out} ({state}, epoch {run.epoch}, step {run.step}) exported to {run.out / 'export'}: "
+        f"sparse_state_dict.pt, sparse.pt2 (torch.export); CPU, {summary['threads']} threads"
     )
     print(_table({k: summary[k] for k in ("dense", "sparse")}))
     print(
@@ -407,6 +422,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    except BrokenPipeError:  # the reader of our output went away (| head): nothing more to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception:  # not a mistake of the user's: keep the traceback, and an exit code of its own
+        traceback.print_exc()
+        print(
+            f"pyrozoo: internal error (exit code {BUG_EXIT_CODE}): this is a bug in pyrozoo; please report it "
+            "with the command and the traceback above",
+            file=sys.stderr,
+        )
+        return BUG_EXIT_CODE
     return 0
 
 

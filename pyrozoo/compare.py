@@ -1,9 +1,10 @@
 """The experiment grid behind ``pyrozoo compare``: nets x methods x datasets x seeds, one run folder each.
 
 A grid folder holds one run folder per cell, ``<net>-<method>-<data>-s<seed>`` (``pyrozoo train``'s naming). The
-grid is resumable: a run whose ``metrics.csv`` reaches the last epoch is skipped, an unfinished one continues
-from its checkpoint, and a folder holding a different run is an error, never silently reused. Every run's
-``metrics.csv`` is collected into one tidy table, ``results.csv`` (one row per run and epoch), and summarised
+grid is resumable: a run whose committed checkpoint reaches the last epoch is skipped, an unfinished one
+continues from its checkpoint, and a folder holding a different run is an error, never silently reused. Every
+run's committed metrics rows (those of ``metrics.csv`` up to its checkpoint's epoch) are collected into one tidy
+table, ``results.csv`` (one row per run and epoch), and summarised
 at the final epoch in the shape of PAPER.md §7.
 
 Grids can be written as TOML files (see ``experiments/grid-*.toml``)::
@@ -52,7 +53,7 @@ from pyrozoo.config import (
 from pyrozoo.io import atomic_write, hold_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS
-from pyrozoo.train import CHECKPOINT, CONFIG, METRICS, Run
+from pyrozoo.train import CHECKPOINT, CONFIG, METRICS, Run, committed_epoch, committed_metrics
 
 RESULTS, TABLE = "results.csv", "table.md"
 
@@ -235,12 +236,9 @@ def make_grid(config_file: str | os.PathLike | None = None, **overrides) -> Grid
 
 
 def finished_epochs(folder: Path) -> int:
-    """The last epoch in the folder's metrics.csv (0 when there is none)."""
-    path = folder / METRICS
-    if not path.exists():
-        return 0
-    epochs = pd.read_csv(path)["epoch"]
-    return int(epochs.max()) if len(epochs) else 0
+    """The last epoch the folder's checkpoint commits (0 when there is none): never metrics.csv, which may be
+    one epoch ahead of a run killed between its two renames."""
+    return committed_epoch(folder)
 
 
 def config_differences(stored: dict, requested: TrainConfig) -> list[str]:
@@ -333,10 +331,12 @@ def collect(grid: Grid) -> pd.DataFrame:
     """Every cell's metrics.csv in one tidy table: one row per run and epoch, with data, net, method, seed."""
     frames = []
     for cell in grid.cells() + grid.cells(baselines=True):
-        path = grid.folder(cell) / METRICS
-        if not path.exists():
+        folder = grid.folder(cell)
+        if not (folder / METRICS).exists() and not (folder / CHECKPOINT).exists():
             continue
-        table = pd.read_csv(path)
+        table = committed_metrics(folder)
+        if table.empty:
+            continue
         for i, column in enumerate(ID_COLUMNS):
             table.insert(i, column, getattr(cell, column))
         if cell.method in METHODS and METHODS[cell.method].reduction is None:

@@ -23,6 +23,8 @@ from pyrozoo.registry import option_defaults
 
 # What --resume may change: how far the run goes and how it is evaluated, never what it learns.
 RESUMABLE = ("epochs", "eval_every", "eval_batch_size", "data_dir", "device")
+# What --resume may change with an explicit --override: the learning rate (a diverged run needs it lowered).
+OVERRIDABLE = ("lr",)
 # Option tables: run option name -> the word used in messages.
 TABLES = {"net_options": "net", "prior_options": "prior", "rule_options": "rule", "guide_options": "guide"}
 
@@ -95,6 +97,10 @@ class TrainConfig:
         unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise PyrozooError(f"unknown config keys {unknown}")
+        hints = typing.get_type_hints(cls)
+        for key, value in stored.items():
+            if not accepts(hints[key], value):
+                raise PyrozooError(f"config key {key} must be {kind_name(hints[key])}, got {value!r}")
         return cls(**stored)
 
     def resolved(self) -> "TrainConfig":
@@ -103,11 +109,14 @@ class TrainConfig:
         from pyrozoo.guides import GUIDES
         from pyrozoo.methods import METHODS
         from pyrozoo.models.priors import PRIORS
-        from pyrozoo.nets import NETS
+        from pyrozoo.nets import DATA_SHAPE, NETS
         from pyrozoo.optim import OPTIMIZERS
 
         method = METHODS[self.method]
         NETS[self.net]
+        fixed = [key for key in DATA_SHAPE if key in self.net_options]
+        if fixed:
+            raise PyrozooError(f"net option {', '.join(fixed)}: the data decides it, not a net option")
         if self.data is not None:
             datasets.DATASETS[self.data]
         for f in run_option_fields():

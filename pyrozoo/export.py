@@ -35,18 +35,20 @@ def _bytes(net: nn.Module) -> int:
     return buffer.tell()
 
 
-def export(run, folder: Path, repeats: int = 50) -> dict:
+def export(run, folder: Path, repeats: int = 50, source: dict | None = None) -> dict:
     """Write the rebuilt sparse net and return a summary (sizes, accuracy, latency, dense against sparse).
 
     ``folder/sparse.pt2`` is a ``torch.export`` program for deployment; ``sparse_net.pt`` the whole module
     (``torch.load(path, weights_only=False)``; a rebuilt timm model is still a timm model, to fine-tune);
     ``sparse_state_dict.pt`` its weights only (their shapes differ from the dense net's where units went).
+    ``source`` (which state was exported: checkpoint or pruned.pt, its epoch, step and checkpoint checksum;
+    by default the run's checkpoint) goes into ``summary.json``.
     """
     d = run.data
     dense = rebuild(run.model, run.guide, remove_dead=False).cpu()
     sparse = rebuild(run.model, run.guide, remove_dead=True).cpu()
     x_test, y_test = d.x_test.cpu(), d.y_test.cpu()
-    summary = {}
+    summary = {"source": source or {"state": "checkpoint", **run.source()}}
     for name, net in (("dense", dense), ("sparse", sparse)):
         summary[name] = {
             "parameters": parameter_count(net),

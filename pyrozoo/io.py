@@ -29,6 +29,7 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
+from pyrozoo import faults
 from pyrozoo.errors import PyrozooError
 
 _UMASK = os.umask(0)
@@ -53,6 +54,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
         write(Path(tmp))
+        faults.reached("write")
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -92,6 +94,16 @@ def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], object]
         if isinstance(e, OSError) and e.errno is not None:
             raise PyrozooError(f"cannot write {path}: {e.strerror or e}") from e
         raise
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Remove the temporary files and folders that writers killed mid-write left in ``folder`` (only safe for
+    the folder's one writer, which :class:`FolderLock` makes the caller)."""
+    for path in [*folder.glob(".*.tmp"), *folder.glob(".*.old")]:
+        try:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        except OSError:
+            pass  # not ours to worry about: it is only a leftover
 
 
 # --- one writer per folder ----------------------------------------------------------------------------------
@@ -239,6 +251,7 @@ class FolderLock:
         else:
             os.ftruncate(fd, 0)
             os.pwrite(fd, _holder_record(), 0)
+            remove_leftovers(self.folder)  # we are its one writer now: no one else is writing these
         _holds[key] = hold = _Hold(fd)
         return hold
 

@@ -29,7 +29,8 @@ from matplotlib.ticker import SymmetricalLogLocator  # noqa: E402
 from pyrozoo.baselines import BASELINES  # noqa: E402
 from pyrozoo.errors import PyrozooError  # noqa: E402
 from pyrozoo.io import atomic_write  # noqa: E402
-from pyrozoo.train import CHECKPOINT, Run  # noqa: E402
+from pyrozoo.methods import METHODS  # noqa: E402
+from pyrozoo.train import CHECKPOINT, Run, _reason  # noqa: E402
 
 CURVES = [("accuracy", "test accuracy"), ("nll", "test NLL"), ("ece", "ECE (20 equal-mass bins)")]
 PRUNED = ("pruned_fraction", "pruned fraction")
@@ -242,6 +243,30 @@ def plot_posteriors(results: pd.DataFrame, folder: Path, log=print) -> list[Path
     return paths
 
 
+def read_results(path: Path) -> pd.DataFrame:
+    """A grid's results.csv, checked for the columns the figures need; a bad file is one PyrozooError."""
+    from pyrozoo.compare import ID_COLUMNS
+
+    try:
+        results = pd.read_csv(path)
+        missing = [c for c in [*ID_COLUMNS, "epoch"] if c not in results]
+        if missing:
+            raise ValueError(f"no column {', '.join(missing)}")
+        if not pd.api.types.is_integer_dtype(results["epoch"]) or not pd.api.types.is_integer_dtype(
+            results["seed"]
+        ):
+            raise ValueError("epoch and seed must be whole numbers")
+        unknown = sorted(set(results["method"].astype(str)) - set(METHODS) - set(BASELINES))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}")
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise PyrozooError(
+            f"{path} is corrupt ({_reason(e)}): "
+            f"delete it and rerun the grid's pyrozoo compare command, which rebuilds it from the run folders"
+        ) from None
+    return results
+
+
 def plot_grid(folder: str | os.PathLike, results: pd.DataFrame | None = None, log=print) -> list[Path]:
     """Every figure of a grid folder, from its results.csv (or ``results``) and its run folders."""
     from pyrozoo.compare import RESULTS
@@ -251,5 +276,5 @@ def plot_grid(folder: str | os.PathLike, results: pd.DataFrame | None = None, lo
         path = folder / RESULTS
         if not path.exists():
             raise PyrozooError(f"{folder} has no {RESULTS}: run `pyrozoo compare --out {folder}` first")
-        results = pd.read_csv(path)
+        results = read_results(path)
     return plot_curves(results, folder) + plot_posteriors(results, folder, log)

@@ -1,8 +1,18 @@
-"""The SVI loop: epochs of minibatch steps, evaluation, and a run folder that a killed run resumes from."""
+"""The SVI loop: epochs of minibatch steps, evaluation, and a run folder that a killed run resumes from.
+
+A run folder is consistent or it is not finished. An epoch is committed by one atomic step, the rename of
+``checkpoint.pt``, which holds the state after the epoch *and* the metrics rows up to it; ``metrics.csv`` is
+written just before it, so it is never behind the checkpoint, and rows past the checkpoint's epoch (a run killed
+between the two renames) belong to an epoch that will be redone: every reader takes "finished" and "resume from"
+from the checkpoint only (:func:`committed_epoch`, :func:`committed_metrics`). A folder written before
+checkpoints held the metrics (no ``history`` in ``checkpoint.pt``) is read the same way, its metrics rows from
+``metrics.csv`` up to the checkpoint's epoch.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -16,9 +26,10 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from pyrozoo import data as datasets
+from pyrozoo import faults
 from pyrozoo.bmr.scores import posterior_scales, scale_table
 from pyrozoo.bmr.units import pruned_fraction
-from pyrozoo.config import RESUMABLE, TABLES, TrainConfig
+from pyrozoo.config import OVERRIDABLE, RESUMABLE, TABLES, TrainConfig
 from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError, TrainingDiverged
 from pyrozoo.guides import make_guide
@@ -44,6 +55,7 @@ def svi_step(model, guide, optimizer: torch.optim.Optimizer, x, y, dataset_size:
     loss = negative_elbo(model, guide, x, y, dataset_size)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    faults.reached("step")
     optimizer.step()
     return loss.item()
 
@@ -116,6 +128,111 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_CHECKPOINT_KEYS = ("epoch", "step", "seconds", "guide", "model", "optimizer", "batches", "rng")
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def read_checkpoint(folder: str | os.PathLike, mmap: bool = False) -> dict:
+    """The state in ``folder/checkpoint.pt``; a corrupt or truncated file is a PyrozooError saying what to do.
+    ``mmap`` maps the tensors instead of reading them (to read the epoch of a large checkpoint)."""
+    path = Path(folder) / CHECKPOINT
+    try:
+        # on the CPU: the random states must stay there; load_state_dict moves the rest to the model's device
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except FileNotFoundError:
+        raise PyrozooError(f"{folder} has no {CHECKPOINT}: nothing was trained there yet") from None
+    except Exception as e:  # a truncated zip, a bad pickle, random bytes: torch raises many kinds
+        state = e
+    if isinstance(state, BaseException) or not isinstance(state, dict) or set(_CHECKPOINT_KEYS) - set(state):
+        why = _reason(state) if isinstance(state, BaseException) else "not a pyrozoo checkpoint"
+        raise PyrozooError(
+            f"{path} is corrupt or truncated ({why}); it holds the run's only trained state: restore it from a "
+            f"backup, or delete {folder} and train again"
+        )
+    return state
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a metrics.csv; a corrupt file is a PyrozooError naming it."""
+    path = Path(path)
+    try:
+        table = pd.read_csv(path)
+        if "epoch" not in table or not pd.api.types.is_integer_dtype(table["epoch"]):
+            raise ValueError("no whole-number epoch column")
+    except FileNotFoundError:
+        return []
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise PyrozooError(f"{path} is corrupt ({_reason(e)}): delete it, or restore it from a backup") from None
+    return table.to_dict("records")
+
+
+def _committed_history(folder: Path, state: dict) -> list[dict]:
+    """The metrics rows of the epochs ``state`` (a checkpoint) commits."""
+    if "history" in state:
+        return [dict(row) for row in state["history"]]
+    # A folder from before checkpoints held the metrics: its metrics.csv up to the checkpoint's epoch (rows
+    # past it belong to an epoch that will be redone).
+    rows = [r for r in read_metrics(folder / METRICS) if r["epoch"] <= state["epoch"]]
+    if [r["epoch"] for r in rows] != list(range(1, state["epoch"] + 1)):
+        raise PyrozooError(
+            f"{folder / METRICS} does not hold one row for each of the {state['epoch']} epochs that "
+            f"{CHECKPOINT} has trained: restore it from a backup, or delete {folder} and train again"
+        )
+    return rows
+
+
+def _committed_bmr_log(folder: Path, state: dict) -> list[dict]:
+    """The BMR log rows (one per pass and layer) of the epochs ``state`` (a checkpoint) commits."""
+    if "bmr_log" in state:
+        return [dict(row) for row in state["bmr_log"]]
+    return [r for r in read_metrics(folder / BMR_LOG) if r["epoch"] <= state["epoch"]]  # an older folder
+
+
+def committed_epoch(folder: str | os.PathLike) -> int:
+    """The last epoch committed in ``folder`` (0 when it has no checkpoint)."""
+    if not (Path(folder) / CHECKPOINT).exists():
+        return 0
+    return int(read_checkpoint(folder, mmap=True)["epoch"])
+
+
+def committed_metrics(folder: str | os.PathLike) -> pd.DataFrame:
+    """The metrics rows of the committed epochs of a run folder (a folder without a checkpoint, such as a
+    baseline's, has only its metrics.csv)."""
+    folder = Path(folder)
+    if not (folder / CHECKPOINT).exists():
+        return pd.DataFrame(read_metrics(folder / METRICS))
+    return pd.DataFrame(_committed_history(folder, read_checkpoint(folder, mmap=True)))
+
+
+def read_config_record(folder: str | os.PathLike) -> dict:
+    """The record in ``folder/config.json`` (``config``, ``data_source``, ...); a corrupt one is a PyrozooError."""
+    path = Path(folder) / CONFIG
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+            raise ValueError("no config table")
+        TrainConfig.from_record(record["config"])
+    except FileNotFoundError:
+        raise PyrozooError(f"{folder} holds no run: it has no {CONFIG}") from None
+    except (ValueError, UnicodeDecodeError, PyrozooError) as e:
+        raise PyrozooError(
+            f"{path} is corrupt ({_reason(e)}): restore it from a backup, or delete {folder} and train again"
+        ) from None
+    return record
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class Run:
     """A training run living in folder ``out``: built from a config, or reloaded from the folder's files."""
 
@@ -124,12 +241,18 @@ class Run:
         self.log = log
         if resume and not (self.out / CHECKPOINT).exists():  # checked before the lock, which makes the folder
             raise PyrozooError(f"nothing to resume in {out}: it has no {CHECKPOINT}")
-        config = config.resolved()  # a mistake in the config leaves no folder behind
+        # Everything a user's setting can break (the config, the data, the net options, the batch size) is
+        # built before the lock, which makes the folder: a mistake leaves no folder behind.
+        self._build(config.resolved(), resume)
+        self.overrides: list[dict] = []  # the changes --override made to the run, as config.json records them
         # One writer per run folder, held while this object lives (released at exit, or by close()).
         self._lock = FolderLock(self.out).acquire()
         try:
             _open_run_folder(self.out, resume)
-            self._build(config, resume)
+            if resume:
+                self._load_checkpoint()
+            else:
+                self._write_config()
         except BaseException:
             self._lock.release()
             raise
@@ -158,6 +281,11 @@ class Run:
             raw = datasets.load(config.data, config.data_dir)
         self.data = datasets.prepare(raw, pad_to=NETS[config.net].pad_to, device=config.device)
         d = self.data
+        if not resume and config.batch_size > len(d.x_train):  # a resumed run keeps what it was started with
+            raise PyrozooError(
+                f"--batch-size {config.batch_size} is larger than the training set of {config.data} "
+                f"({len(d.x_train)} images): use at most {len(d.x_train)}"
+            )
         self.method = METHODS[config.method]
         self.reduction = config.reduction()
         net = create_net(
@@ -181,26 +309,34 @@ class Run:
         self.history: list[dict] = []
         self.bmr_log: list[dict] = []  # one row per BMR pass and layer: the reason for every removal
         self._source = raw.source
-        if resume:
-            self._load_checkpoint()
-        else:
-            self._write_config()
 
     @classmethod
-    def open(cls, out: str | os.PathLike, log=print, **changes) -> "Run":
-        """Reopen the run in folder ``out`` at its last finished epoch, to resume it, evaluate or prune it.
+    def open(cls, out: str | os.PathLike, log=print, override=(), **changes) -> "Run":
+        """Reopen the run in folder ``out`` at its last committed epoch, to resume it, evaluate or prune it.
 
         ``changes`` are run options (and net, method, data, seed) as a resumed run is asked for: those in
         ``RESUMABLE`` (more ``epochs``, the evaluation schedule, the device) change the run; any other that
-        differs from the stored config is an error naming it, since the run could not be what it says.
+        differs from the stored config is an error naming it, since the run could not be what it says. The
+        options named in ``override`` (only those in ``OVERRIDABLE``: the learning rate, which a diverged run
+        needs lowered) change the run from its last epoch on; config.json records the new value and, under
+        ``overrides``, when it changed.
         """
         from pyrozoo.config import fold_aliases
 
+        override = list(dict.fromkeys(k.replace("-", "_") for k in override))
+        for key in override:
+            if key not in OVERRIDABLE:
+                raise PyrozooError(
+                    f"--override {key}: only {', '.join(OVERRIDABLE)} may be overridden on a resumed run"
+                )
+            if key not in changes:
+                raise PyrozooError(f"--override {key} needs the new value: give --{key.replace('_', '-')} too")
         path = Path(out) / CONFIG
         if not path.exists():
             raise PyrozooError(f"{out} holds no run: it has no {CONFIG}")
         with hold_folder(out):  # no other process rewrites the config while it is read
-            config = TrainConfig.from_record(json.loads(path.read_text())["config"])
+            record = read_config_record(out)
+        config = TrainConfig.from_record(record["config"])
         stored = config.resolved()
         changes = fold_aliases(changes)
         for key, value in changes.items():
@@ -210,15 +346,29 @@ class Run:
         differ = [
             f"--{key.replace('_', '-')} ({getattr(stored, key)!r} in the run, {value!r} asked for)"
             for key, value in changes.items()
-            if key not in RESUMABLE and value != getattr(stored, key) and value != getattr(config, key)
+            if key not in RESUMABLE
+            and key not in override
+            and value != getattr(stored, key)
+            and value != getattr(config, key)
         ]
         if differ:
+            allowed = f" (the learning rate may be lowered with --override lr)" if "lr" in changes else ""
             raise PyrozooError(
                 f"{out} was trained with other settings; --resume cannot change {', '.join(differ)}: "
-                "start a new run in another --out"
+                f"start a new run in another --out{allowed}"
             )
-        config = dataclasses.replace(config, **{k: v for k, v in changes.items() if k in RESUMABLE})
-        return cls(config, out, resume=True, log=log)
+        allowed = (*RESUMABLE, *override)
+        config = dataclasses.replace(config, **{k: v for k, v in changes.items() if k in allowed})
+        run = cls(config, out, resume=True, log=log)
+        run.overrides = list(record.get("overrides", []))
+        for key in override:
+            before, after = getattr(stored, key), getattr(run.config, key)
+            if before != after:
+                run.overrides.append(
+                    {"option": key, "from": before, "to": after, "epoch": run.epoch, "step": run.step}
+                )
+                log(f"--override: {key} {before} -> {after} after epoch {run.epoch} (step {run.step})")
+        return run
 
     def _batch(self, indices: torch.Tensor):
         indices = indices.to(self.data.x_train.device)
@@ -230,6 +380,8 @@ class Run:
             "data_source": self._source,
             "versions": {"torch": torch.__version__, "pyro": pyro.__version__},
         }
+        if self.overrides:
+            record["overrides"] = self.overrides
         atomic_write(self.out / CONFIG, lambda p: p.write_text(json.dumps(record, indent=2)))
 
     def _save_checkpoint(self) -> None:
@@ -242,29 +394,41 @@ class Run:
             "optimizer": self.optimizer.state_dict(),
             "batches": self.batches.state_dict(),
             "rng": _rng_state(),
+            "history": self.history,  # the metrics rows this checkpoint commits (metrics.csv is their copy)
+            "bmr_log": self.bmr_log,  # and the BMR log's rows (bmr.csv)
         }
         atomic_write(self.out / CHECKPOINT, lambda p: torch.save(state, p))
 
     def _load_checkpoint(self) -> None:
-        # on the CPU: the random states must stay there; load_state_dict moves the rest to the model's device
-        state = torch.load(self.out / CHECKPOINT, map_location="cpu", weights_only=False)
-        self.guide.load_state_dict(state["guide"])
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.batches.load_state_dict(state["batches"])
-        _set_rng_state(state["rng"])
+        state = read_checkpoint(self.out)
+        try:
+            self.guide.load_state_dict(state["guide"])
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.batches.load_state_dict(state["batches"])
+            _set_rng_state(state["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise PyrozooError(
+                f"{self.out / CHECKPOINT} does not fit the run its {CONFIG} describes ({_reason(e)}): restore "
+                f"the two files from one run, or delete {self.out} and train again"
+            ) from None
+        for group in self.optimizer.param_groups:  # the run's learning rate, which --override may have changed
+            if "lr" in group:
+                group["lr"] = self.config.lr
         self.epoch, self.step, self.seconds = state["epoch"], state["step"], state["seconds"]
-        # rows past the checkpoint belong to an epoch that will be redone
-        for name, rows in ((METRICS, self.history), (BMR_LOG, self.bmr_log)):
-            if (self.out / name).exists():
-                rows[:] = [
-                    r for r in pd.read_csv(self.out / name).to_dict("records") if r["epoch"] <= self.epoch
-                ]
+        self.history = _committed_history(self.out, state)
+        self.bmr_log = _committed_bmr_log(self.out, state)
+
+    def source(self) -> dict:
+        """Which committed state this run holds: its epoch, step and the checksum of its checkpoint.pt."""
+        return {"epoch": self.epoch, "step": self.step, "checkpoint_sha256": _sha256(self.out / CHECKPOINT)}
 
     def save_pruned(self, report, metrics: dict) -> None:
-        """Keep a post-hoc pruned state beside the run's own checkpoint (which stays as trained)."""
+        """Keep a post-hoc pruned state beside the run's own checkpoint (which stays as trained), with the
+        checkpoint it came from (epoch, step, checksum), so that a later use can tell when it is stale."""
         state = {
             "epoch": self.epoch,
+            "source": self.source(),
             "guide": self.guide.state_dict(),
             "model": self.model.state_dict(),
             "report": report.table().to_dict("records"),
@@ -273,10 +437,34 @@ class Run:
         atomic_write(self.out / PRUNED, lambda p: torch.save(state, p))
 
     def load_pruned(self) -> dict:
-        """Load the post-hoc pruned state written by :meth:`save_pruned`; returns its metrics."""
-        state = torch.load(self.out / PRUNED, map_location="cpu", weights_only=False)
-        self.guide.load_state_dict(state["guide"])
-        self.model.load_state_dict(state["model"])
+        """Load the post-hoc pruned state written by :meth:`save_pruned`; returns its metrics. A pruned.pt
+        made from another checkpoint than the run's current one (trained further since) is refused."""
+        path = self.out / PRUNED
+        redo = f"prune again (pyrozoo prune {self.out}), or delete {path}"
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or not {"guide", "model", "metrics"} <= set(state):
+                raise ValueError("not a pyrozoo pruned state")
+        except FileNotFoundError:
+            raise PyrozooError(f"{self.out} has no {PRUNED}: run pyrozoo prune {self.out} first") from None
+        except Exception as e:
+            raise PyrozooError(f"{path} is corrupt or truncated ({_reason(e)}): {redo}") from None
+        current = self.source()
+        made = state.get("source", {"epoch": state.get("epoch")})  # before sources: the epoch alone
+        stale = [k for k in ("epoch", "step", "checkpoint_sha256") if k in made and made[k] != current[k]]
+        if stale:
+            was = f"epoch {made.get('epoch')}" + (f", step {made['step']}" if "step" in made else "")
+            why = (
+                f"the run is now at epoch {current['epoch']}, step {current['step']}"
+                if {"epoch", "step"} & set(stale)
+                else "checkpoint.pt has been written again since"
+            )
+            raise PyrozooError(f"{path} was pruned from the checkpoint of {was}, but {why}: {redo}")
+        try:
+            self.guide.load_state_dict(state["guide"])
+            self.model.load_state_dict(state["model"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise PyrozooError(f"{path} does not fit this run ({_reason(e)}): {redo}") from None
         return state["metrics"]
 
     def evaluate(self) -> dict[str, float]:
@@ -286,7 +474,7 @@ class Run:
         devices = [d.x_test.device] if d.x_test.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed * 100_003 + self.epoch)
-            return evaluate(
+            metrics = evaluate(
                 self.model,
                 self.guide,
                 d.x_test,
@@ -295,11 +483,19 @@ class Run:
                 self.config.samples,
                 self.config.eval_batch_size,
             )
+            faults.reached("eval")
+            return metrics
 
     def train(self, progress: bool = True) -> pd.DataFrame:
-        """Train the remaining epochs, writing metrics and a checkpoint after each; returns the metrics table."""
+        """Train the remaining epochs, committing each (metrics, then the checkpoint that holds them); returns
+        the metrics table. After the last epoch, ``scales.csv`` is written before the commit, so a run that
+        cannot write it is not finished."""
         c = self.config
         self._write_config()  # a resumed run may have been extended: the folder says what it now is
+        if self.history or (self.out / METRICS).exists():  # drop rows past the checkpoint, mend a bad file
+            atomic_write(self.out / METRICS, lambda p: self.metrics().to_csv(p, index=False))
+        if self.bmr_log or (self.out / BMR_LOG).exists():
+            atomic_write(self.out / BMR_LOG, lambda p: pd.DataFrame(self.bmr_log).to_csv(p, index=False))
         if self.reduction is not None and self.epoch == 0 and c.bmr_passes() == 0:
             self.log(
                 f"warning: no BMR pass will run: the first comes after {c.warmup_steps} warm-up steps and after an "
@@ -326,10 +522,7 @@ class Run:
                 for _ in range(c.steps_per_epoch):
                     loss = svi_step(self.model, self.guide, self.optimizer, *self._batch(self.batches.next()))
                     if not math.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"the loss became {loss} at epoch {self.epoch + 1}, step {self.step + 1}; {self.out} "
-                            f"keeps the state after epoch {self.epoch} (try a smaller --lr)"
-                        )
+                        raise TrainingDiverged(self._diverged(loss))
                     losses.append(loss)
                     self.step += 1
                     bar.update()
@@ -353,12 +546,37 @@ class Run:
                     row["eval_seconds"] = round(time.perf_counter() - start, 3)
                     bar.set_postfix(loss=f"{losses[-1]:.4g}", acc=f"{row['accuracy']:.4f}")
                 self.history.append(row)
+                if self.epoch == c.epochs:
+                    self._write_scales()
                 atomic_write(self.out / METRICS, lambda p: self.metrics().to_csv(p, index=False))
-                self._save_checkpoint()
-        if not self.guide.point_mass:  # the per-layer posterior scales (shrinkage, for a hierarchical prior)
-            table = scale_table(posterior_scales(self.model, self.guide))
-            atomic_write(self.out / SCALES, lambda p: table.to_csv(p, index=False))
+                faults.reached("metrics")
+                self._save_checkpoint()  # the commit: the epoch is done once this rename is
+                faults.reached("commit")
         return self.metrics()
+
+    def _write_scales(self) -> None:
+        """The per-layer posterior scales (shrinkage, for a hierarchical prior), from a random stream of their
+        own, so that the checkpoint's random state is what a longer run would continue from."""
+        if self.guide.point_mass:
+            return
+        devices = [self.data.x_test.device] if self.data.x_test.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            table = scale_table(posterior_scales(self.model, self.guide))
+        atomic_write(self.out / SCALES, lambda p: table.to_csv(p, index=False))
+
+    def _diverged(self, loss: float) -> str:
+        lower = f"{self.config.lr / 10:g}"
+        if self.epoch == 0:
+            advice = (
+                f"no epoch was finished, so there is nothing to resume: run the same command again with a "
+                f"smaller --lr (e.g. --lr {lower})"
+            )
+        else:
+            advice = (
+                f"{self.out} keeps the state after epoch {self.epoch}; resume it with a smaller learning rate: "
+                f"pyrozoo train --out {self.out} --resume --lr {lower} --override lr"
+            )
+        return f"the loss became {loss} at epoch {self.epoch + 1}, step {self.step + 1}; {advice}"
 
     def _bmr_pass(self, row: dict) -> bool:
         """The BMR pass after the epoch just finished, if the schedule has one there; records it in ``row``."""
@@ -366,6 +584,7 @@ class Run:
         if not (self.reduction and 0 < self.epoch < c.epochs and self.step >= c.warmup_steps):
             return False
         report = self.reduction(self.model, self.guide)
+        faults.reached("bmr")
         for note in filter(None, (r.note for r in report.layers)):
             tqdm.write(f"epoch {self.epoch}: {note}")
         self.bmr_log += [

@@ -176,11 +176,12 @@ def test_results_table_and_matched_magnitude_baseline(tmp_path):
 def test_magnitude_baselines_prune_to_the_bmr_runs_sparsity(tmp_path):
     grid = tiny_grid(tmp_path, ["flat-map", "bmr-ss", "magnitude", "magnitude-layer"])
     run_grid(grid, progress=False)
-    # Pretend bmr-ss reached 60%: the baseline follows its metrics.csv (a changed target is a new baseline).
-    metrics = tmp_path / "mlp-bmr-ss-fashion-mnist-mini-s0" / "metrics.csv"
-    table = pd.read_csv(metrics)
-    table.loc[table.index[-1], "pruned_fraction"] = 0.6
-    table.to_csv(metrics, index=False)
+    # Pretend bmr-ss reached 60%: the baseline follows its committed metrics, which its checkpoint holds (a
+    # changed target is a new baseline).
+    checkpoint = tmp_path / "mlp-bmr-ss-fashion-mnist-mini-s0" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=False)
+    state["history"][-1]["pruned_fraction"] = 0.6
+    torch.save(state, checkpoint)
     with pytest.raises(PyrozooError, match="fraction 0.0 there, 0.6 requested"):
         run_grid(grid, progress=False)
     for method in ("magnitude", "magnitude-layer"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pyrozoo.bmr.check import check_posterior
 from pyrozoo.bmr.reduction import Reduction, make_reduction
 from pyrozoo.bmr.structured import Units
 
@@ -22,15 +23,18 @@ def prune(model, guide, rule: str | Reduction = "threshold", scores: dict | None
     """One reduction pass of every prunable layer: ``rule`` is a name in ``REDUCTIONS`` (with ``options``) or a
     reduction object; masks only ever lose weights. ``scores`` replace a per-weight rule's own (BMR's dF)."""
     reduction = as_reduction(rule, **options)
+    check_posterior(model, guide)
     return reduction(model, guide) if scores is None else reduction(model, guide, scores=scores)
 
 
 def prune_units(model, guide, margin: float = 0.0):
     """Structured BMR: remove whole units whose summed dF exceeds ``margin`` (:class:`Units`)."""
+    check_posterior(model, guide)
     return Units(margin)(model, guide)
 
 
 def reduce(model, guide, rule: str | Reduction, units: bool = False, **options):
     """One BMR pass of ``rule`` (with ``options``); ``units=True`` follows it with a structured pass."""
     reduction = as_reduction(rule, **options)
+    check_posterior(model, guide)
     return (reduction.then(Units()) if units else reduction)(model, guide)

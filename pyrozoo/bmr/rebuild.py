@@ -7,6 +7,7 @@ import copy
 import torch
 from torch import nn
 
+from pyrozoo.bmr.check import check_posterior
 from pyrozoo.bmr.units import remove_dead_units
 
 
@@ -20,6 +21,7 @@ def rebuild(model, guide, remove_dead: bool = True) -> nn.Module:
     out with the matching slices downstream, so the net really gets smaller and faster; its outputs do not
     change and its module classes stay the same (a rebuilt timm model is still a timm model).
     """
+    check_posterior(model, guide)
     weights = model.weights_from(guide.mean())
     net = copy.deepcopy(model.net)
     for layer in model.layers:

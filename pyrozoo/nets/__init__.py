@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from pyrozoo.errors import PyrozooError
@@ -41,15 +42,43 @@ def register_net(name: str, *, pad_to: int | None = None, description: str = "")
     return decorate
 
 
+DATA_SHAPE = ("in_channels", "image_size", "num_classes")
+
+
 def create_net(name: str, *, in_channels: int, image_size: int, num_classes: int, **overrides) -> nn.Module:
-    """Build the registered net ``name`` for the given input shape; ``overrides`` change its default sizes."""
+    """Build the registered net ``name`` for the given input shape; ``overrides`` change its default sizes.
+
+    This is the one place where a net's options are checked: options the factory refuses, or that build a
+    net which cannot map a batch of the data's shape to ``num_classes`` logits (a negative depth, fractional
+    channels, a patch size of 0), are a PyrozooError naming the options, never a traceback from deep inside
+    torch or timm. The data's shape is not a net option.
+    """
     entry = NETS[name]
-    try:
-        return entry.factory(
-            in_channels=in_channels, image_size=image_size, num_classes=num_classes, **overrides
+    fixed = [key for key in DATA_SHAPE if key in overrides]
+    if fixed:
+        raise PyrozooError(
+            f"net {name!r}: {', '.join(fixed)} comes from the data ({in_channels} channels, {image_size} x "
+            f"{image_size} images, {num_classes} classes), not from a net option"
         )
-    except TypeError as e:
-        raise PyrozooError(f"net {name!r}: {e}") from None
+    shown = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    try:
+        net = entry.factory(in_channels=in_channels, image_size=image_size, num_classes=num_classes, **overrides)
+        if overrides:  # a net that builds may still be unusable: try it once on a batch of the data's shape
+            training = net.training
+            net.eval()
+            with torch.no_grad():
+                out = net(torch.zeros(2, in_channels, image_size, image_size))
+            net.train(training)
+            if tuple(out.shape) != (2, num_classes):
+                raise ValueError(f"it maps images to outputs of shape {tuple(out.shape[1:])}, not ({num_classes},)")
+    except PyrozooError:
+        raise
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AssertionError, IndexError) as e:
+        text = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+        what = f"with the net options {shown}" if overrides else "for this data"
+        raise PyrozooError(f"net {name!r} cannot be built {what} ({why}): check --net-option") from None
+    return net
 
 
 # Importing the modules registers their nets.
