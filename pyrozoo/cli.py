@@ -22,7 +22,7 @@ from pyrozoo.guides import GUIDES
 from pyrozoo.io import atomic_write_text
 from pyrozoo.methods import METHODS
 from pyrozoo.models.priors import PRIORS
-from pyrozoo.nets import NETS
+from pyrozoo.nets import NETS, net_options
 from pyrozoo.optim import OPTIMIZERS
 from pyrozoo.options import parse_option
 from pyrozoo.registry import describe, option_names
@@ -317,7 +317,11 @@ def _prune(args) -> None:
     from pyrozoo.train import Run
 
     aliases = {k: getattr(args, k) for k in ("margin", "threshold", "count_pruned") if hasattr(args, k)}
-    options = {**aliases, **getattr(args, "rule_options", {})}
+    given = getattr(args, "rule_options", {})
+    clash = [k for k in aliases if k in given and given[k] != aliases[k]]
+    if clash:
+        raise PyrozooError(f"--{clash[0].replace('_', '-')} and rule option {clash[0]} disagree")
+    options = {**aliases, **given}
     reduction = make_reduction(args.rule, **options)  # a wrong option fails before the run is loaded
     run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
     before = run.evaluate()
@@ -370,7 +374,10 @@ def _info() -> None:
         names = option_names(factory)
         return f" [options: {', '.join(names)}]" if names else ""
 
-    section("nets", NETS.described())
+    section(
+        "nets",
+        ((name, f"{text} [options: {', '.join(net_options(name))}]") for name, text in NETS.described()),
+    )
     section(
         "methods",
         (

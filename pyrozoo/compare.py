@@ -27,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -286,11 +287,16 @@ def run_state(folder: Path, config: TrainConfig) -> str:
 
 def train_run(config: TrainConfig, folder: Path, resume: bool, progress: bool) -> None:
     """Train one cell (the unit a grid runs; tests replace it to interrupt a grid)."""
-    with Run(config, folder, resume=resume, log=tqdm.write) as run:
+    with Run(config, folder, resume=resume, log=_to_stderr) as run:
         run.train(progress=progress)
 
 
-def run_grid(grid: Grid, progress: bool = True, log=tqdm.write) -> pd.DataFrame:
+def _to_stderr(text: str) -> None:
+    """Notes and warnings go where pyrozoo train puts them, beside the progress bars."""
+    tqdm.write(text, file=sys.stderr)
+
+
+def run_grid(grid: Grid, progress: bool = True, log=_to_stderr) -> pd.DataFrame:
     """Train every unfinished cell, then the baselines, and write and return ``results.csv``."""
     try:
         grid.out.mkdir(parents=True, exist_ok=True)

@@ -143,9 +143,16 @@ class TrainConfig:
             for key in getattr(self, table):
                 if key not in taken:
                     raise PyrozooError(
-                        f"{spelled(table, key)} belongs to {owners(table, key)}, not to {self.method}"
+                        f"{spelled(table, key)} belongs to {owners(table, key)}, not to this run's "
+                        f"{self._part(table)}"
                         + (f" (whose {TABLES[table]} options are: {', '.join(taken)})" if taken else "")
                     )
+        guide = GUIDES[self.guide or method.guide]
+        if self.reduction() is not None and guide.point_mass:
+            raise PyrozooError(
+                f"BMR needs a posterior with spread; guide {self.guide or method.guide!r} is a point mass: "
+                "choose a guide such as meanfield, or a method that does not prune"
+            )
         if self.reduction() is None and self.prune_units:
             raise PyrozooError(
                 f"--prune-units belongs to the BMR methods ({', '.join(bmr_methods())}); {self.method} prunes "
@@ -161,6 +168,17 @@ class TrainConfig:
             samples=self.samples or method.samples,
             warmup_steps=method.warmup_steps if self.warmup_steps is None else self.warmup_steps,
         )
+
+    def _part(self, table: str) -> str:
+        """This run's prior or reduction, for messages: ``flat prior (of flat-ff)``."""
+        from pyrozoo.methods import METHODS
+
+        if table == "prior_options":
+            return f"{self.prior_function().__name__} prior" + ("" if self.prior else f" (of {self.method})")
+        if self.rule:
+            return f"reduction, {self.rule}"
+        reduction = METHODS[self.method].reduction
+        return f"reduction, {'none' if reduction is None else reduction.name} (of {self.method})"
 
     def prior_function(self):
         """The prior function: the method's, or the one named by ``prior``."""

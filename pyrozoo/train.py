@@ -166,7 +166,9 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     except FileNotFoundError:
         return []
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise PyrozooError(f"{path} is corrupt ({_reason(e)}): delete it, or restore it from a backup") from None
+        raise PyrozooError(
+            f"{path} is corrupt ({_reason(e)}): delete it, or restore it from a backup"
+        ) from None
     return table.to_dict("records")
 
 
@@ -330,7 +332,9 @@ class Run:
                     f"--override {key}: only {', '.join(OVERRIDABLE)} may be overridden on a resumed run"
                 )
             if key not in changes:
-                raise PyrozooError(f"--override {key} needs the new value: give --{key.replace('_', '-')} too")
+                raise PyrozooError(
+                    f"--override {key} needs the new value: give --{key.replace('_', '-')} too"
+                )
         path = Path(out) / CONFIG
         if not path.exists():
             raise PyrozooError(f"{out} holds no run: it has no {CONFIG}")
@@ -360,6 +364,12 @@ class Run:
         allowed = (*RESUMABLE, *override)
         config = dataclasses.replace(config, **{k: v for k, v in changes.items() if k in allowed})
         run = cls(config, out, resume=True, log=log)
+        if run.epoch > run.config.epochs:
+            run.close()
+            raise PyrozooError(
+                f"{out} has finished {run.epoch} epochs; --epochs {run.config.epochs} would shorten it, and a "
+                "run is only ever extended"
+            )
         run.overrides = list(record.get("overrides", []))
         for key in override:
             before, after = getattr(stored, key), getattr(run.config, key)
@@ -412,7 +422,9 @@ class Run:
                 f"{self.out / CHECKPOINT} does not fit the run its {CONFIG} describes ({_reason(e)}): restore "
                 f"the two files from one run, or delete {self.out} and train again"
             ) from None
-        for group in self.optimizer.param_groups:  # the run's learning rate, which --override may have changed
+        for (
+            group
+        ) in self.optimizer.param_groups:  # the run's learning rate, which --override may have changed
             if "lr" in group:
                 group["lr"] = self.config.lr
         self.epoch, self.step, self.seconds = state["epoch"], state["step"], state["seconds"]
@@ -515,8 +527,16 @@ class Run:
             if self.history and math.isnan(self.history[-1]["bmr_seconds"]):
                 # A run extended past what was its last epoch gets the pass that epoch skipped, as a run asked
                 # for this many epochs from the start had it; passes use no random numbers, so the rest of the
-                # run is the same.
-                self._bmr_pass(self.history[-1])
+                # run is the same. That epoch's row is then what the longer run would have written: evaluated
+                # after the pass, or not at all if the evaluation schedule skips it.
+                row = self.history[-1]
+                if self._bmr_pass(row):
+                    for key in ("accuracy", "nll", "ece", "ece15", "brier", "lpd", "eval_seconds"):
+                        row.pop(key, None)
+                    if self.epoch % c.eval_every == 0:
+                        start = time.perf_counter()
+                        row.update(self.evaluate())
+                        row["eval_seconds"] = round(time.perf_counter() - start, 3)
             while self.epoch < c.epochs:
                 start, losses = time.perf_counter(), []
                 for _ in range(c.steps_per_epoch):
@@ -529,6 +549,7 @@ class Run:
                     if self.step % 50 == 0:
                         bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                 self.seconds += time.perf_counter() - start
+                self._check_posterior_is_finite()
                 self.epoch += 1
                 row = {
                     "epoch": self.epoch,
@@ -564,7 +585,17 @@ class Run:
             table = scale_table(posterior_scales(self.model, self.guide))
         atomic_write(self.out / SCALES, lambda p: table.to_csv(p, index=False))
 
-    def _diverged(self, loss: float) -> str:
+    def _check_posterior_is_finite(self) -> None:
+        """A posterior whose locs or scales left the numbers (or whose scales collapsed to 0) is a diverged
+        run too, even while the loss still looks finite."""
+        for site, (loc, scale) in self.guide.posterior().items():
+            collapsed = not self.guide.point_mass and not bool((scale > 0).all())
+            if collapsed or not bool(torch.isfinite(loc).all() and torch.isfinite(scale).all()):
+                raise TrainingDiverged(
+                    self._diverged(float("nan"), f"the posterior of {site} became degenerate")
+                )
+
+    def _diverged(self, loss: float, what: str | None = None) -> str:
         lower = f"{self.config.lr / 10:g}"
         if self.epoch == 0:
             advice = (
@@ -576,7 +607,10 @@ class Run:
                 f"{self.out} keeps the state after epoch {self.epoch}; resume it with a smaller learning rate: "
                 f"pyrozoo train --out {self.out} --resume --lr {lower} --override lr"
             )
-        return f"the loss became {loss} at epoch {self.epoch + 1}, step {self.step + 1}; {advice}"
+        # a loss is that of the step being taken; a degenerate posterior is found after the epoch's last step
+        step = self.step if what else self.step + 1
+        what = what or f"the loss became {loss}"
+        return f"{what} at epoch {self.epoch + 1}, step {step}; {advice}"
 
     def _bmr_pass(self, row: dict) -> bool:
         """The BMR pass after the epoch just finished, if the schedule has one there; records it in ``row``."""
@@ -585,8 +619,9 @@ class Run:
             return False
         report = self.reduction(self.model, self.guide)
         faults.reached("bmr")
-        for note in filter(None, (r.note for r in report.layers)):
-            tqdm.write(f"epoch {self.epoch}: {note}")
+        for layer in report.layers:
+            if layer.note:
+                self.log(f"epoch {self.epoch}, {layer.layer}: {layer.note}")
         self.bmr_log += [
             {"epoch": self.epoch, "step": self.step, **r} for r in report.table().to_dict("records")
         ]

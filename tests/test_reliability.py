@@ -44,6 +44,7 @@ RUN = [
 ]  # fmt: skip
 TINY = ["--data", "fashion-mnist-mini", "--net", "mlp", "--net-option", "hidden=(16,)", "--steps-per-epoch", "3",
         "--batch-size", "32", "--samples", "2", "--no-progress"]  # fmt: skip
+VIT = [arg if arg != "mlp" else "vit" for arg in TINY if arg not in ("--net-option", "hidden=(16,)")]
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -57,7 +58,9 @@ def pyrozoo(*argv: str, cwd: Path, fault: str | None = None, wait: bool = True):
         env["PYROZOO_FAULT"] = fault
     command = [sys.executable, "-m", "pyrozoo.cli", *argv]
     if not wait:
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -157,7 +160,9 @@ def _stopped(pid: int) -> bool:
 def test_two_real_processes_on_one_out(tmp_path):
     """The first process holds the folder (stopped mid-step by its fault point); the second exits 2 naming it,
     and writes nothing; once the first is killed, the folder is free."""
-    first = pyrozoo("train", *TINY, "--epochs", "1", "--out", "run", cwd=tmp_path, fault="step:stop", wait=False)
+    first = pyrozoo(
+        "train", *TINY, "--epochs", "1", "--out", "run", cwd=tmp_path, fault="step:stop", wait=False
+    )
     try:
         deadline = time.monotonic() + 300
         while not _stopped(first.pid):
@@ -204,7 +209,9 @@ def isolated(tmp_path, monkeypatch):
         monkeypatch.setenv(name, str(tmp_path / "none"))
     monkeypatch.delenv("PYROZOO_FAULT", raising=False)
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "none"))
-    monkeypatch.setattr(data, "_download", lambda name, root: (_ for _ in ()).throw(ConnectionError("offline")))
+    monkeypatch.setattr(
+        data, "_download", lambda name, root: (_ for _ in ()).throw(ConnectionError("offline"))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +326,9 @@ def test_a_pruned_state_from_a_retrained_run_is_stale_too(capsys, run, trained):
 # --- resume after a NaN, with --override lr -----------------------------------------------------------------
 
 
-def test_a_diverged_run_resumes_with_a_smaller_lr_by_the_command_its_message_gives(capsys, tmp_path, monkeypatch):
+def test_a_diverged_run_resumes_with_a_smaller_lr_by_the_command_its_message_gives(
+    capsys, tmp_path, monkeypatch
+):
     real, calls = train_module.negative_elbo, []
 
     def nan_in_epoch_two(*args, **kwargs):
@@ -335,7 +344,9 @@ def test_a_diverged_run_resumes_with_a_smaller_lr_by_the_command_its_message_giv
     monkeypatch.setattr(train_module, "negative_elbo", real)
 
     # Without the opt-in, a changed lr stays an error that names the way to do it.
-    assert_one_line_error(*cli(capsys, "train", "--out", "run", "--resume", "--lr", "0.0005"), "--override lr")
+    assert_one_line_error(
+        *cli(capsys, "train", "--out", "run", "--resume", "--lr", "0.0005"), "--override lr"
+    )
     code, out, err = cli(capsys, *command.split()[1:], "--no-progress")
     assert code == 0, err
     assert "--override: lr 0.005 -> 0.0005 after epoch 1" in err
@@ -349,7 +360,9 @@ def test_a_diverged_run_resumes_with_a_smaller_lr_by_the_command_its_message_giv
 
 
 def test_a_nan_in_the_first_epoch_says_to_start_again(capsys, monkeypatch):
-    monkeypatch.setattr(train_module, "negative_elbo", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(
+        train_module, "negative_elbo", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
+    )
     code, _, err = cli(capsys, "train", *TINY, "--epochs", "1", "--out", "run")
     assert code == 1 and "nothing to resume" in err and "--lr 0.0005" in err
 
@@ -392,7 +405,9 @@ def _model(kind: str) -> BayesianModel:
                                         hidden=5))  # fmt: skip
     prior = METHODS["tiered-ff"].prior if kind == "mlp-tiered" else METHODS["flat-ff"].prior
     hidden = (6, 4) if kind == "mlp-wider" else (5, 4)
-    return BayesianModel(create_net("mlp", in_channels=1, image_size=4, num_classes=3, hidden=hidden), prior=prior)
+    return BayesianModel(
+        create_net("mlp", in_channels=1, image_size=4, num_classes=3, hidden=hidden), prior=prior
+    )
 
 
 FOREIGN = [("mlp", "mlp-wider", "shape"), ("mlp", "lenet", "no site"), ("mlp", "mlp-tiered", "no site"),
@@ -496,16 +511,16 @@ BAD_INPUTS = [
     ("results-random-bytes", _results(random.Random(2).randbytes(200)), ["plot", "GRID"], ["results.csv is corrupt"]),
     ("results-empty", _results(b""), ["plot", "GRID"], ["results.csv is corrupt"]),
     ("results-no-columns", _results(b"a,b\n1,2\n"), ["plot", "GRID"], ["results.csv is corrupt", "method"]),
-    ("net-option-depth-negative", None, ["train", *TINY, "--net", "vit", "--net-option", "preset=tiny",
+    ("net-option-depth-negative", None, ["train", *VIT, "--net-option", "preset=tiny",
      "--net-option", "depth=-2", "--out", "NEW"], ["net 'vit' cannot be built", "depth=-2"]),
     ("net-option-channels-fractional", None, ["train", *TINY, "--net", "lenet", "--net-option",
      "channels=(1.5,2,3)", "--out", "NEW"], ["net 'lenet' cannot be built", "channels=(1.5, 2, 3)"]),
-    ("net-option-patch-size-0", None, ["train", *TINY, "--net", "vit", "--net-option", "preset=tiny",
+    ("net-option-patch-size-0", None, ["train", *VIT, "--net-option", "preset=tiny",
      "--net-option", "patch_size=0", "--out", "NEW"], ["net 'vit' cannot be built", "patch_size=0"]),
     ("net-option-num-classes", None, ["train", *TINY, "--net-option", "num_classes=3", "--out", "NEW"],
      ["num_classes", "the data"]),
     ("net-option-unknown", None, ["train", *TINY, "--net-option", "depth=2", "--out", "NEW"],
-     ["net 'mlp' cannot be built", "depth"]),
+     ["net 'mlp' takes no option 'depth'; its options: hidden, dropout"]),
     ("net-option-hidden-fractional", None, ["train", *TINY, "--net-option", "hidden=(1.5,)", "--out", "NEW"],
      ["net 'mlp' cannot be built"]),
     ("batch-size-over-the-training-set", None, ["train", *TINY, "--batch-size", "100000", "--out", "NEW"],
@@ -527,6 +542,21 @@ BAD_INPUTS = [
      ["--resume"]),
     ("new-run-in-a-run-folder", None, ["train", *TINY, "--out", "RUN"], ["--resume"]),
     ("export-of-nothing", None, ["export", "NEW"], ["holds no run"]),
+    ("resume-shortens", None, ["train", "--out", "RUN", "--resume", "--epochs", "1"], ["would shorten it"]),
+    ("bmr-with-a-point-mass", None, ["train", *TINY, "--method", "bmr-th", "--guide", "autodelta", "--out", "NEW"],
+     ["point mass"]),
+    ("tiered-tau0-zero", None, ["train", *TINY, "--method", "tiered-ff", "--tau0", "0", "--out", "NEW"],
+     ["tau0 must be positive"]),
+    ("flat-hidden-scale-negative", None, ["train", *TINY, "--prior-option", "hidden_scale=-1", "--out", "NEW"],
+     ["hidden_scale must be positive"]),
+    ("prune-alias-and-option-disagree", None, ["prune", "RUN", "--margin", "1", "--rule-option", "margin=2"],
+     ["--margin and rule option margin disagree"]),
+    ("horseshoe-tau0-zero", None, ["prune", "RUN", "--rule", "horseshoe", "--rule-option", "tau0=0"],
+     ["horseshoe: tau0 and lr must be positive"]),
+    ("horseshoe-no-samples", None, ["prune", "RUN", "--rule", "horseshoe", "--rule-option", "samples=0"],
+     ["samples at least 1"]),
+    ("shrinkage-no-samples", None, ["prune", "RUN", "--rule", "shrinkage", "--rule-option", "samples=0"],
+     ["samples must be at least 1"]),
 ]  # fmt: skip
 
 

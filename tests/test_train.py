@@ -118,6 +118,9 @@ def test_extending_a_finished_run_is_the_run_asked_for_from_the_start(tmp_path, 
     a, b = pd.read_csv(tmp_path / "straight" / METRICS), pd.read_csv(tmp_path / "short" / METRICS)
     assert a["pruned_fraction"].tolist() == b["pruned_fraction"].tolist()
     assert b["bmr_seconds"].notna().tolist() == [True, True, False]
+    assert_same_metrics(a, b)  # the old last epoch's row is evaluated after its pass, as in the straight run
+    with pytest.raises(PyrozooError, match="would shorten it"):
+        Run.open(tmp_path / "short", epochs=2, log=quiet)
     passes = pd.read_csv(tmp_path / "short" / "bmr.csv")  # one row per pass and prunable layer
     pd.testing.assert_frame_equal(passes, pd.read_csv(tmp_path / "straight" / "bmr.csv"))
     assert passes["epoch"].tolist() == [1, 2] and (passes["kept"] <= passes["live_before"]).all()

@@ -68,6 +68,13 @@ class Horseshoe(Reduction):
     delta: float = 1e-6
     name: ClassVar[str] = "horseshoe"
 
+    def __post_init__(self):
+        if not (self.tau0 > 0 and self.lr > 0 and self.samples >= 1 and self.steps >= 0 and self.delta >= 0):
+            raise PyrozooError(
+                f"horseshoe: tau0 and lr must be positive, samples at least 1, steps and delta not negative; "
+                f"got {self.describe()}"
+            )
+
     def __call__(self, model, posterior) -> PruneReport:
         return prune_horseshoe(model, posterior, self.tau0, self.steps, self.lr, self.samples, self.delta)
 

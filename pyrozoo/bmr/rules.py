@@ -23,6 +23,10 @@ class Threshold(WeightReduction):
     margin: float = 0.0
     name: ClassVar[str] = "threshold"
 
+    def __post_init__(self):
+        if self.margin != self.margin:  # NaN: every comparison is False, so everything would be pruned
+            raise PyrozooError("threshold: the margin must be a number, got nan")
+
     def decide(self, scores: torch.Tensor, live: torch.Tensor) -> Decision:
         keep = live & (scores <= self.margin)
         return Decision(keep, keep.sum().item() / max(live.sum().item(), 1), self.margin)
@@ -100,6 +104,8 @@ class Shrinkage(WeightReduction):
             raise PyrozooError(
                 f"shrinkage: the threshold is a scale and must be positive, got {self.threshold}"
             )
+        if self.samples < 1:
+            raise PyrozooError(f"shrinkage: samples must be at least 1, got {self.samples}")
 
     def scores(self, model, posterior) -> dict[str, torch.Tensor]:
         from pyrozoo.bmr.scores import posterior_scales, shrinkage_scores

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 
+from pyrozoo.errors import PyrozooError
 from pyrozoo.models.layers import Layer
 from pyrozoo.registry import Registry
 
@@ -26,6 +27,8 @@ def flat(layer: Layer, hidden_scale: float = 0.1):
     Hidden layers use ``c = hidden_scale * (c^-2)^(-1/2)`` (``hidden_scale`` 1/10 as in the paper), the output
     layer ``c = (c^-2)^(-1/2)``.
     """
+    if not hidden_scale > 0:
+        raise PyrozooError(f"flat prior: hidden_scale must be positive, got {hidden_scale}")
     precision = pyro.sample(f"{layer.name}.precision", dist.Gamma(layer.const(2.0), layer.const(2.0)))
     scale = precision.rsqrt()
     return scale if layer.is_output else scale * hidden_scale
@@ -41,6 +44,8 @@ def tiered(layer: Layer, tau0: float = 1e-2, local: bool = False):
     ``c^2 s^2 / (c^2 + s^2)`` with the horseshoe scale ``s = tau0 * sqrt(a/b) * sqrt(v_r/u_r)``. The output
     layer gets one half-Cauchy scale ``sqrt(a / b)``. ``local=True`` adds a per-weight half-Cauchy factor.
     """
+    if not tau0 > 0:
+        raise PyrozooError(f"tiered prior: tau0 must be positive, got {tau0}")
     half, one = layer.const(0.5), layer.const(1.0)
 
     def pairs(name: str, *shape: int):

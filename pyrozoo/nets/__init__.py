@@ -8,6 +8,8 @@ of its sizes, and returns an ``nn.Module`` mapping images ``(B, C, H, W)`` to lo
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -45,6 +47,12 @@ def register_net(name: str, *, pad_to: int | None = None, description: str = "")
 DATA_SHAPE = ("in_channels", "image_size", "num_classes")
 
 
+def net_options(name: str) -> list[str]:
+    """The options a registered net takes: its factory's keyword parameters, less the data's shape."""
+    parameters = inspect.signature(NETS[name].factory).parameters.values()
+    return [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in DATA_SHAPE]
+
+
 def create_net(name: str, *, in_channels: int, image_size: int, num_classes: int, **overrides) -> nn.Module:
     """Build the registered net ``name`` for the given input shape; ``overrides`` change its default sizes.
 
@@ -60,9 +68,17 @@ def create_net(name: str, *, in_channels: int, image_size: int, num_classes: int
             f"net {name!r}: {', '.join(fixed)} comes from the data ({in_channels} channels, {image_size} x "
             f"{image_size} images, {num_classes} classes), not from a net option"
         )
+    takes = net_options(name)
+    unknown = [key for key in overrides if key not in takes]
+    if unknown:
+        raise PyrozooError(
+            f"net {name!r} takes no option {unknown[0]!r}; its options: {', '.join(takes) or 'none'}"
+        )
     shown = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
     try:
-        net = entry.factory(in_channels=in_channels, image_size=image_size, num_classes=num_classes, **overrides)
+        net = entry.factory(
+            in_channels=in_channels, image_size=image_size, num_classes=num_classes, **overrides
+        )
         if overrides:  # a net that builds may still be unusable: try it once on a batch of the data's shape
             training = net.training
             net.eval()
@@ -70,7 +86,9 @@ def create_net(name: str, *, in_channels: int, image_size: int, num_classes: int
                 out = net(torch.zeros(2, in_channels, image_size, image_size))
             net.train(training)
             if tuple(out.shape) != (2, num_classes):
-                raise ValueError(f"it maps images to outputs of shape {tuple(out.shape[1:])}, not ({num_classes},)")
+                raise ValueError(
+                    f"it maps images to outputs of shape {tuple(out.shape[1:])}, not ({num_classes},)"
+                )
     except PyrozooError:
         raise
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AssertionError, IndexError) as e:
