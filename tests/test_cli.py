@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from pyrozoo import data
-from pyrozoo.cli import SUMMARY_COLUMNS, main
+from pyrozoo.cli import SUMMARY_COLUMNS
 from pyrozoo.guides import GUIDES
 from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS
+from clitools import assert_one_line_error, cli
 
 TINY = [
     "--data",
@@ -48,22 +49,6 @@ def isolated(tmp_path, monkeypatch):
         raise ConnectionError("network disabled\n  in tests")
 
     monkeypatch.setattr(data, "_download", no_network)
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, out: str, err: str, *words: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err and out == ""
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pyrozoo: error:"), err
-    for word in words:
-        assert word in lines[0]
-    return lines[0]
 
 
 # --- user errors ------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from pyrozoo.methods import METHODS
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net
 from pyrozoo.train import BMR_LOG, CHECKPOINT, CONFIG, METRICS, PRUNED, SCALES, Run, TrainConfig
+from clitools import assert_one_line_error, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny BMR run: 3 epochs of 3 steps, a pass after epochs 1 and 2, evaluation after each.
@@ -183,22 +184,6 @@ def test_two_real_processes_on_one_out(tmp_path):
 
 
 # --- a run folder is consistent or not finished (in process) -------------------------------------------------
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code: int, out: str, err: str, *words: str) -> str:
-    assert code == 2, err
-    assert "Traceback" not in err and out == ""
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pyrozoo: error:"), err
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(autouse=True)
