@@ -356,7 +356,7 @@ class Run:
             and value != getattr(config, key)
         ]
         if differ:
-            allowed = f" (the learning rate may be lowered with --override lr)" if "lr" in changes else ""
+            allowed = " (the learning rate may be lowered with --override lr)" if "lr" in changes else ""
             raise PyrozooError(
                 f"{out} was trained with other settings; --resume cannot change {', '.join(differ)}: "
                 f"start a new run in another --out{allowed}"
