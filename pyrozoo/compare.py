@@ -366,6 +366,12 @@ def final_table(results: pd.DataFrame) -> pd.DataFrame:
     table = table.join(std)
     table["seeds"] = grouped["seed"].nunique()
     table["epoch"] = grouped["epoch"].max()
+    # Whether a row prunes: a baseline or BMR method does, and so does any run that made BMR passes (a grid's
+    # --rule can give one to a method that prunes nothing by itself).
+    passes = results.assign(_passes=results["bmr_seconds"].notna() if "bmr_seconds" in results else False)
+    table["prunes"] = passes.groupby(["data", "net", "method"], sort=False)["_passes"].any()
+    methods = table.index.get_level_values("method")
+    table["prunes"] |= pd.Series([_prunes_by_name(m) for m in methods], index=table.index)
     # Keep the order in which the grid lists things (groupby(sort=False) keeps first appearance per key).
     return table.reset_index()
 
@@ -377,7 +383,7 @@ def _short(value: float, digits: int = 3) -> str:
     return text[1:] if text.startswith("0.") else text
 
 
-def _prunes(method: str) -> bool:
+def _prunes_by_name(method: str) -> bool:
     return method in BASELINES or (method in METHODS and METHODS[method].reduction is not None)
 
 
@@ -396,7 +402,11 @@ def paper_table(final: pd.DataFrame, data: str) -> str:
 
         def cell(column, digits=3, only_pruning=False):
             return " / ".join(
-                _short(by_method[column].get(m, math.nan), digits) if not only_pruning or _prunes(m) else "-"
+                (
+                    _short(by_method[column].get(m, math.nan), digits)
+                    if not only_pruning or by_method["prunes"].get(m, False)
+                    else "-"
+                )
                 for m in methods
             )
 
@@ -417,7 +427,7 @@ def long_table(final: pd.DataFrame) -> str:
             std = getattr(r, name + "_std", math.nan)
             return value + (f" ± {std:.{digits}f}" if r.seeds > 1 and not math.isnan(std) else "")
 
-        pruned = r.pruned_fraction if _prunes(r.method) else math.nan
+        pruned = r.pruned_fraction if r.prunes else math.nan
         rows.append(
             [
                 r.data,

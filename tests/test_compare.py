@@ -385,3 +385,19 @@ def test_compare_command(capsys, tmp_path):
     assert out == "" and len(err.splitlines()) == 1 and "holds a different run (lr" in err
     assert main(["compare", "--nets", "mlp", "--out", str(tmp_path / "g2")]) == 2
     assert "no methods" in capsys.readouterr().err
+
+
+def test_the_table_shows_the_pruned_fraction_of_every_run_that_pruned():
+    """A grid's rule can give BMR passes to a method that prunes nothing by itself: its row then shows what it
+    pruned, and a method that made no pass shows '-'."""
+    from pyrozoo.compare import final_table, paper_table
+
+    rows = [
+        dict(data="d", net="mlp", method="flat-ff", seed=0, epoch=1, bmr_seconds=0.1, pruned_fraction=0.4),
+        dict(data="d", net="mlp", method="flat-ff", seed=0, epoch=2, bmr_seconds=None, pruned_fraction=0.4),
+        dict(data="d", net="mlp", method="flat-map", seed=0, epoch=2, bmr_seconds=None, pruned_fraction=0.0),
+    ]
+    results = pd.DataFrame([{**r, "accuracy": 0.5, "nll": 1.0, "ece": 0.1} for r in rows])
+    final = final_table(results)
+    assert final.set_index("method")["prunes"].to_dict() == {"flat-ff": True, "flat-map": False}
+    assert "| mlp | .500 / .500 | .100 / .100 | 1.00 / 1.00 | .400 / - |" in paper_table(final, "d")
