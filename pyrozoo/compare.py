@@ -53,7 +53,7 @@ from pyrozoo.config import (
 )
 from pyrozoo.io import atomic_write, hold_folder
 from pyrozoo.methods import METHODS
-from pyrozoo.nets import NETS
+from pyrozoo.nets import NETS, net_options
 from pyrozoo.train import CHECKPOINT, CONFIG, METRICS, Run, committed_epoch, committed_metrics
 
 RESULTS, TABLE = "results.csv", "table.md"
@@ -123,9 +123,17 @@ class Grid:
         self._check_options_belong()
 
     def _check_options_belong(self) -> None:
-        """A prior or rule option (or --prune-units) that no method of the grid takes is an error: in a grid a
-        method that does not take it runs without it, but one that none takes is a mistake."""
+        """A net, prior, rule or guide option (or --prune-units) that no net or method of the grid takes is an
+        error: in a grid a net or method that does not take it runs without it, but one that none takes is a
+        mistake."""
         options = fold_aliases(self.options)
+        for key in options.get("net_options", {}):
+            if not any(key in net_options(net) for net in self.nets):
+                known = sorted({k for net in self.nets for k in net_options(net)})
+                raise PyrozooError(
+                    f"net option {key!r} is taken by no net of the grid ({', '.join(self.nets)}; their options: "
+                    f"{', '.join(known)})"
+                )
         prior, rule, guide = options.get("prior"), options.get("rule"), options.get("guide")
         for table in ("prior_options", "rule_options", "guide_options"):
             for key in options.get(table, {}):

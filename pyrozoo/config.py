@@ -380,4 +380,9 @@ def make_config(
             options[table] = {k: v for k, v in options.get(table, {}).items() if k in taken}
         if options_taken("rule_options", method, prior, rule) is None:
             options["prune_units"] = False
+        from pyrozoo.nets import net_options
+
+        options["net_options"] = {
+            k: v for k, v in options.get("net_options", {}).items() if k in net_options(net)
+        }
     return TrainConfig(net=net, method=method, data=data, seed=seed, **options)

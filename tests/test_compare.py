@@ -401,3 +401,15 @@ def test_the_table_shows_the_pruned_fraction_of_every_run_that_pruned():
     final = final_table(results)
     assert final.set_index("method")["prunes"].to_dict() == {"flat-ff": True, "flat-map": False}
     assert "| mlp | .500 / .500 | .100 / .100 | 1.00 / 1.00 | .400 / - |" in paper_table(final, "d")
+
+
+def test_net_options_reach_the_nets_that_take_them(tmp_path):
+    grid = make_grid(
+        nets=["mlp", "mixer"], methods=["flat-ff"], data=["fashion-mnist-mini"], net_options={"num_blocks": 1}
+    )
+    mlp, mixer = (grid.config(cell) for cell in grid.cells())
+    assert mlp.net_options == {} and mixer.net_options == {"num_blocks": 1}
+    with pytest.raises(PyrozooError, match="net option 'depth' is taken by no net of the grid"):
+        make_grid(
+            nets=["mlp", "lenet"], methods=["flat-ff"], data=["fashion-mnist-mini"], net_options={"depth": 2}
+        )
