@@ -18,7 +18,7 @@ import torch
 
 from pyrozoo import data as datasets
 from pyrozoo.errors import PyrozooError
-from pyrozoo.options import accepts, kind_name, bind_options
+from pyrozoo.options import bind_options, coerce
 from pyrozoo.registry import option_defaults
 
 # What --resume may change: how far the run goes and how it is evaluated, never what it learns.
@@ -98,10 +98,7 @@ class TrainConfig:
         if unknown:
             raise PyrozooError(f"unknown config keys {unknown}")
         hints = typing.get_type_hints(cls)
-        for key, value in stored.items():
-            if not accepts(hints[key], value):
-                raise PyrozooError(f"config key {key} must be {kind_name(hints[key])}, got {value!r}")
-        return cls(**stored)
+        return cls(**{key: coerce(f"config key {key}", hints[key], value) for key, value in stored.items()})
 
     def resolved(self) -> "TrainConfig":
         """A copy with the method's defaults filled in, after checking names, sizes and options."""
@@ -354,10 +351,7 @@ def check_run_options(options: dict, where: str) -> dict:
         else:
             known = ", ".join([*fields, *ALIASES])
             raise PyrozooError(f"{where}: unknown run option {key!r}; known: {known}")
-        if not accepts(kind, value):
-            raise PyrozooError(f"{where}: {key} must be {kind_name(kind)}, got {value!r}")
-        if isinstance(value, int) and not isinstance(value, bool) and accepts(kind, 0.5):
-            value = float(value)
+        value = coerce(f"{where}: {key}", kind, value)
         if key in fields:
             check_value(fields[key], value)
         checked[key] = value

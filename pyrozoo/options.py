@@ -83,18 +83,18 @@ def bind_options(what: str, factory: Callable, options: dict) -> dict:
             takes = ", ".join(defaults) if defaults else "none"
             raise PyrozooError(f"{what} takes no option {key!r}; its options: {takes}")
         kind = hints.get(key, type(defaults[key]) if defaults[key] is not None else None)
-        if kind is not None and not accepts(kind, value):
-            raise PyrozooError(f"{what}: option {key} must be {kind_name(kind)}, got {value!r}")
-        float_option = float in _members(kind) and int not in _members(kind)
-        if isinstance(value, float) or (
-            float_option and isinstance(value, int) and not isinstance(value, bool)
-        ):
-            value = float(value)
-            if not math.isfinite(value):
-                raise PyrozooError(f"{what}: option {key} must be a finite number, got {value}")
-        bound[key] = value
+        bound[key] = coerce(f"{what}: option {key}", kind, value)
     return bound
 
 
-def takes_option(factory: Callable, key: str) -> bool:
-    return key in option_defaults(factory)
+def coerce(label: str, kind, value):
+    """``value`` checked against the annotation ``kind`` (None: anything): a whole number given for a float
+    becomes a float, and a float must be finite. ``label`` starts the message, e.g. ``"grid: epochs"``."""
+    if kind is not None and not accepts(kind, value):
+        raise PyrozooError(f"{label} must be {kind_name(kind)}, got {value!r}")
+    float_option = kind is not None and float in _members(kind) and int not in _members(kind)
+    if isinstance(value, float) or (float_option and isinstance(value, int) and not isinstance(value, bool)):
+        value = float(value)
+        if not math.isfinite(value):
+            raise PyrozooError(f"{label} must be a finite number, got {value}")
+    return value

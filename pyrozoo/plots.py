@@ -27,10 +27,10 @@ import torch  # noqa: E402
 from matplotlib.ticker import SymmetricalLogLocator  # noqa: E402
 
 from pyrozoo.baselines import BASELINES  # noqa: E402
-from pyrozoo.errors import PyrozooError  # noqa: E402
+from pyrozoo.errors import PyrozooError, reason  # noqa: E402
 from pyrozoo.io import atomic_write  # noqa: E402
 from pyrozoo.methods import METHODS  # noqa: E402
-from pyrozoo.train import CHECKPOINT, Run, _reason  # noqa: E402
+from pyrozoo.train import CHECKPOINT, Run  # noqa: E402
 
 CURVES = [("accuracy", "test accuracy"), ("nll", "test NLL"), ("ece", "ECE (20 equal-mass bins)")]
 PRUNED = ("pruned_fraction", "pruned fraction")
@@ -261,7 +261,7 @@ def read_results(path: Path) -> pd.DataFrame:
             raise ValueError(f"unknown methods {unknown}")
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise PyrozooError(
-            f"{path} is corrupt ({_reason(e)}): "
+            f"{path} is corrupt ({reason(e)}): "
             f"delete it and rerun the grid's pyrozoo compare command, which rebuilds it from the run folders"
         ) from None
     return results

@@ -31,7 +31,7 @@ from pyrozoo.bmr.scores import posterior_scales, scale_table
 from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.config import OVERRIDABLE, RESUMABLE, TABLES, TrainConfig
 from pyrozoo.elbo import negative_elbo
-from pyrozoo.errors import PyrozooError, TrainingDiverged
+from pyrozoo.errors import PyrozooError, TrainingDiverged, reason
 from pyrozoo.guides import make_guide
 from pyrozoo.io import FolderLock, atomic_write, hold_folder
 from pyrozoo.methods import METHODS
@@ -131,11 +131,6 @@ def _set_rng_state(state: dict) -> None:
 _CHECKPOINT_KEYS = ("epoch", "step", "seconds", "guide", "model", "optimizer", "batches", "rng")
 
 
-def _reason(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
-
-
 def read_checkpoint(folder: str | os.PathLike, mmap: bool = False) -> dict:
     """The state in ``folder/checkpoint.pt``; a corrupt or truncated file is a PyrozooError saying what to do.
     ``mmap`` maps the tensors instead of reading them (to read the epoch of a large checkpoint)."""
@@ -148,7 +143,7 @@ def read_checkpoint(folder: str | os.PathLike, mmap: bool = False) -> dict:
     except Exception as e:  # a truncated zip, a bad pickle, random bytes: torch raises many kinds
         state = e
     if isinstance(state, BaseException) or not isinstance(state, dict) or set(_CHECKPOINT_KEYS) - set(state):
-        why = _reason(state) if isinstance(state, BaseException) else "not a pyrozoo checkpoint"
+        why = reason(state) if isinstance(state, BaseException) else "not a pyrozoo checkpoint"
         raise PyrozooError(
             f"{path} is corrupt or truncated ({why}); it holds the run's only trained state: restore it from a "
             f"backup, or delete {folder} and train again"
@@ -167,7 +162,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
         return []
     except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise PyrozooError(
-            f"{path} is corrupt ({_reason(e)}): delete it, or restore it from a backup"
+            f"{path} is corrupt ({reason(e)}): delete it, or restore it from a backup"
         ) from None
     return table.to_dict("records")
 
@@ -222,7 +217,7 @@ def read_config_record(folder: str | os.PathLike) -> dict:
         raise PyrozooError(f"{folder} holds no run: it has no {CONFIG}") from None
     except (ValueError, UnicodeDecodeError, PyrozooError) as e:
         raise PyrozooError(
-            f"{path} is corrupt ({_reason(e)}): restore it from a backup, or delete {folder} and train again"
+            f"{path} is corrupt ({reason(e)}): restore it from a backup, or delete {folder} and train again"
         ) from None
     return record
 
@@ -419,7 +414,7 @@ class Run:
             _set_rng_state(state["rng"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise PyrozooError(
-                f"{self.out / CHECKPOINT} does not fit the run its {CONFIG} describes ({_reason(e)}): restore "
+                f"{self.out / CHECKPOINT} does not fit the run its {CONFIG} describes ({reason(e)}): restore "
                 f"the two files from one run, or delete {self.out} and train again"
             ) from None
         for (
@@ -460,7 +455,7 @@ class Run:
         except FileNotFoundError:
             raise PyrozooError(f"{self.out} has no {PRUNED}: run pyrozoo prune {self.out} first") from None
         except Exception as e:
-            raise PyrozooError(f"{path} is corrupt or truncated ({_reason(e)}): {redo}") from None
+            raise PyrozooError(f"{path} is corrupt or truncated ({reason(e)}): {redo}") from None
         current = self.source()
         made = state.get("source", {"epoch": state.get("epoch")})  # before sources: the epoch alone
         stale = [k for k in ("epoch", "step", "checkpoint_sha256") if k in made and made[k] != current[k]]
@@ -476,7 +471,7 @@ class Run:
             self.guide.load_state_dict(state["guide"])
             self.model.load_state_dict(state["model"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
-            raise PyrozooError(f"{path} does not fit this run ({_reason(e)}): {redo}") from None
+            raise PyrozooError(f"{path} does not fit this run ({reason(e)}): {redo}") from None
         return state["metrics"]
 
     def evaluate(self) -> dict[str, float]:

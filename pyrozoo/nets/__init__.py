@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pyrozoo.errors import PyrozooError
+from pyrozoo.errors import PyrozooError, reason
 from pyrozoo.registry import Registry
 
 
@@ -92,8 +92,7 @@ def create_net(name: str, *, in_channels: int, image_size: int, num_classes: int
     except PyrozooError:
         raise
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AssertionError, IndexError) as e:
-        text = str(e).strip().splitlines()
-        why = f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+        why = reason(e)
         what = f"with the net options {shown}" if overrides else "for this data"
         raise PyrozooError(f"net {name!r} cannot be built {what} ({why}): check --net-option") from None
     return net
