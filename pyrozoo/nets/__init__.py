@@ -99,4 +99,4 @@ def create_net(name: str, *, in_channels: int, image_size: int, num_classes: int
 
 
 # Importing the modules registers their nets.
-from pyrozoo.nets import lenet, mixer, mlp, vit  # noqa: E402,F401
+from pyrozoo.nets import lenet, mixer, mlp, resnet, vit  # noqa: E402,F401
