@@ -37,7 +37,7 @@ from pyrozoo.io import FolderLock, atomic_write, hold_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.metrics import evaluate_draws
 from pyrozoo.models import BayesianModel
-from pyrozoo.nets import NETS, create_net
+from pyrozoo.nets import NETS, create_net, model_options
 from pyrozoo.optim import OPTIMIZERS
 
 CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
@@ -285,14 +285,20 @@ class Run:
             )
         self.method = METHODS[config.method]
         self.reduction = config.reduction()
+        net_options = {**self.method.net_options, **config.net_options}
         net = create_net(
             config.net,
             in_channels=d.x_train.shape[1],
             image_size=d.x_train.shape[-1],
             num_classes=d.num_classes,
-            **{**self.method.net_options, **config.net_options},
+            **net_options,
         )
-        self.model = BayesianModel(net.to(config.device), prior=config.bound_prior())
+        self.model = BayesianModel(
+            net.to(config.device),
+            prior=config.bound_prior(),
+            example_input=d.x_train[:2],
+            **model_options(net_options)[1],  # deterministic / random selectors
+        )
         self.guide = make_guide(
             config.guide,
             self.model,
@@ -300,7 +306,9 @@ class Run:
             options=config.guide_options,
         )
         self.guide.to(config.device)
-        self.optimizer = OPTIMIZERS[config.optimizer](self.guide.parameters(), lr=config.lr)
+        # deterministic parameters (BatchNorm's affine) are point estimates trained beside the guide
+        trained = [*self.guide.parameters(), *self.model.deterministic_parameters()]
+        self.optimizer = OPTIMIZERS[config.optimizer](trained, lr=config.lr)
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []

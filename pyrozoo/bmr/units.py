@@ -419,6 +419,8 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
             units.append(Units(name, count, tuple(tensors), zero, None, tuple(passthrough)))
         else:
             fixed[name] = why
+    order = {layer.name: i for i, layer in enumerate(layers)}  # producers before consumers, as in the net
+    units.sort(key=lambda u: min(order[m.layer] for m in (u.producers or u.members)))
     return Structure(units, fixed)
 
 

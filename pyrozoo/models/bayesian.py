@@ -214,19 +214,24 @@ def _detached(x, size: int = 2):
 
 
 def _guess_example(net: nn.Module):
-    """An example batch for common first layers: a ViT's image size, a first conv or a first linear layer."""
+    """An example batch for common first layers: a ViT's image size, a first conv or a first linear layer.
+    Drawn from its own generator, so that the global random state is left alone."""
     parameter = next(net.parameters(), None)
     device = parameter.device if parameter is not None else None
-    patch_embed = getattr(net, "patch_embed", None)
-    size = getattr(patch_embed, "img_size", None)
+    size = next((m.img_size for m in net.modules() if getattr(m, "img_size", None) is not None), None)
+    if isinstance(size, int):
+        size = (size, size)
+    generator = torch.Generator().manual_seed(0)
     for module in net.modules():
+        shape = None
         if isinstance(module, nn.Conv2d):
-            side = tuple(size) if size is not None else (32, 32)
-            return torch.randn(2, module.in_channels, *side, device=device)
-        if isinstance(module, nn.Conv1d):
-            return torch.randn(2, module.in_channels, 32, device=device)
-        if isinstance(module, nn.Linear):
-            return torch.randn(2, module.in_features, device=device)
-        if isinstance(module, nn.Embedding):
-            return torch.randint(0, module.num_embeddings, (2, 8), device=device)
+            shape = (2, module.in_channels, *(tuple(size) if size is not None else (32, 32)))
+        elif isinstance(module, nn.Conv1d):
+            shape = (2, module.in_channels, 32)
+        elif isinstance(module, nn.Linear):
+            shape = (2, module.in_features)
+        elif isinstance(module, nn.Embedding):
+            return torch.randint(0, module.num_embeddings, (2, 8), generator=generator).to(device)
+        if shape is not None:
+            return torch.randn(shape, generator=generator).to(device)
     return None

@@ -36,7 +36,14 @@ class ResNet(nn.Module):
     """A 3x3 conv stem, stages of basic blocks (the first block of each later stage halves the side), global
     average pooling and a linear ``head``."""
 
-    def __init__(self, in_channels: int, widths: tuple[int, ...], blocks: tuple[int, ...], num_classes: int):
+    def __init__(
+        self,
+        in_channels: int,
+        widths: tuple[int, ...],
+        blocks: tuple[int, ...],
+        num_classes: int,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]))
         stages, width = [], widths[0]
@@ -49,16 +56,19 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x):
         x = self.stages(self.stem(x).relu())
-        return self.head(self.pool(x).flatten(1))
+        return self.head(self.dropout(self.pool(x).flatten(1)))
 
 
-def _check(widths, blocks):
+def _check(widths, blocks, dropout):
     if len(widths) != len(blocks) or not widths or min(widths) <= 0 or min(blocks) <= 0:
         raise TypeError(f"widths and blocks must be positive and of one length, got {widths} and {blocks}")
+    if not 0 <= dropout < 1:
+        raise TypeError(f"dropout must be in [0, 1), got {dropout}")
 
 
 @register_net("resnet18", pad_to=32, description="ResNet-18, CIFAR-style (3x3 stem, no max-pool), BatchNorm")
@@ -69,11 +79,13 @@ def resnet18(
     num_classes: int,
     widths: tuple[int, ...] = (64, 128, 256, 512),
     blocks: tuple[int, ...] = (2, 2, 2, 2),
+    dropout: float = 0.0,
 ):
-    """``widths`` per stage (default 64-128-256-512) and ``blocks`` per stage (default 2-2-2-2)."""
+    """``widths`` per stage (default 64-128-256-512), ``blocks`` per stage (default 2-2-2-2), ``dropout``
+    before the head."""
     widths, blocks = tuple(widths), tuple(blocks)
-    _check(widths, blocks)
-    return ResNet(in_channels, widths, blocks, num_classes)
+    _check(widths, blocks, dropout)
+    return ResNet(in_channels, widths, blocks, num_classes, dropout)
 
 
 @register_net("resnet20", pad_to=32, description="ResNet-20 (He et al.): 16-32-64 channels, 3 blocks a stage")
@@ -84,8 +96,10 @@ def resnet20(
     num_classes: int,
     widths: tuple[int, ...] = (16, 32, 64),
     blocks: tuple[int, ...] = (3, 3, 3),
+    dropout: float = 0.0,
 ):
-    """``widths`` per stage (default 16-32-64) and ``blocks`` per stage (default 3-3-3)."""
+    """``widths`` per stage (default 16-32-64), ``blocks`` per stage (default 3-3-3), ``dropout`` before the
+    head."""
     widths, blocks = tuple(widths), tuple(blocks)
-    _check(widths, blocks)
-    return ResNet(in_channels, widths, blocks, num_classes)
+    _check(widths, blocks, dropout)
+    return ResNet(in_channels, widths, blocks, num_classes, dropout)
