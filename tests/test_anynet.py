@@ -201,3 +201,126 @@ def test_any_net_builds_trains_prunes_and_rebuilds_smaller_with_the_same_outputs
     if isinstance(got, dict):
         got = got[options["output_key"]]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_any_net_end_to_end_on_cuda():
+    """Build, SVI step, forced prune and rebuild with the model on the GPU: index tensors follow the model."""
+    torch.manual_seed(0)
+    net = create_net("resnet20", in_channels=3, image_size=32, num_classes=4, widths=(8, 16, 16), blocks=(1, 1, 1))
+    x, y = (t.cuda() for t in _images())
+    model = BayesianModel(net.cuda(), example_input=x)
+    guide = make_guide("meanfield", model).cuda()
+    optimizer = torch.optim.Adam([*guide.parameters(), *model.deterministic_parameters()], lr=1e-3)
+    loss = negative_elbo(model, guide, x, y, 100)
+    loss.backward()
+    optimizer.step()
+    groups = model_units(model)
+    chosen = [(units, torch.arange(units.count) < max(1, units.count // 3)) for units in groups]
+    _force(model, guide, chosen)
+    model.eval()
+    Units(margin=-1e-6)(model, guide)
+    with torch.no_grad():
+        expected = model.logits(x, model.weights_from(guide.mean()))
+    sparse = rebuild(model, guide)
+    assert parameter_count(sparse) < parameter_count(rebuild(model, guide, remove_dead=False))
+    assert next(sparse.parameters()).is_cuda
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["tv:mobilenet_v3_small", "timm:resnet10t"])
+def test_torchvision_and_timm_models_by_name_offline(name):
+    from pyrozoo.nets import NETS
+
+    assert name in NETS and "tv:no_such_model" not in NETS
+    net = create_net(name, in_channels=1, image_size=28, num_classes=10)
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)  # the first conv takes the data's channels
+
+
+def test_unknown_library_model_and_bad_weights_file_are_one_line_errors(tmp_path):
+    from pyrozoo.errors import PyrozooError
+
+    with pytest.raises(PyrozooError, match="torchvision has no model 'nope'"):
+        create_net("tv:nope", in_channels=3, image_size=32, num_classes=10)
+    with pytest.raises(PyrozooError, match="cannot load weights"):
+        create_net("tv:resnet18", in_channels=3, image_size=32, num_classes=10, weights=str(tmp_path / "x.pt"))
+
+
+def test_local_weights_are_loaded(tmp_path):
+    net = create_net("timm:resnet10t", in_channels=3, image_size=32, num_classes=5)
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    again = create_net("timm:resnet10t", in_channels=3, image_size=32, num_classes=5, weights=str(tmp_path / "w.pt"))
+    for a, b in zip(net.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_selectors_as_net_options_reach_the_model_and_deterministic_parameters_are_trained_and_saved(tmp_path):
+    from pyrozoo.train import Run, TrainConfig
+
+    config = TrainConfig(
+        net="resnet20", data="fashion-mnist-mini", method="bmr-th", epochs=1, steps_per_epoch=2, batch_size=8,
+        samples=1, eval_batch_size=500, warmup_steps=1,
+        net_options={"widths": (4, 8, 8), "blocks": (1, 1, 1), "deterministic": "stem.0"},
+    )  # fmt: skip
+    run = Run(config, tmp_path / "run", log=lambda text: None)
+    names = {layer.name for layer in run.model.layers}
+    assert "stem.0" not in names and "stem.1" not in names and "head" in names
+    bn = run.model.net.get_submodule("stem.1")
+    weight, stats = bn.weight.detach().clone(), bn.running_mean.clone()
+    run.train(progress=False)
+    assert not torch.equal(bn.weight.detach(), weight)  # trained with the guide
+    assert not torch.equal(bn.running_mean, stats)  # updated by SVI steps in train mode
+    state = run.model.state_dict()
+    assert torch.equal(state["net.stem.1.weight"], bn.weight.detach())  # checkpointed with the model
+
+
+def test_default_batch_norm_statistics_follow_train_and_eval_mode():
+    net = BatchNormCNN()
+    x = torch.randn(4, 3, 16, 16)
+    model = BayesianModel(net, example_input=x)
+    guide = make_guide("meanfield", model)
+    before = _statistics(model.net)
+    model.eval()
+    with torch.no_grad():
+        model.logits(x, model.weights_from(guide()))
+    _same_statistics(before, _statistics(model.net))
+    model.train()
+    with torch.no_grad():
+        model.logits(x, model.weights_from(guide()))
+    assert not torch.equal(before["features.1.running_mean"], model.net.features[1].running_mean)
+
+
+def test_a_unit_with_a_constant_output_is_kept_unless_its_consumers_are_pruned():
+    """Sigmoid(0) = 0.5: a unit whose inputs are all pruned still feeds its consumers; the rebuild keeps it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x = torch.randn(3, 4)
+    model = BayesianModel(net, example_input=x)
+    guide = make_guide("meanfield", model)
+    keep = torch.ones(model.layers[0].shape, dtype=torch.bool)
+    keep[:2] = False  # units 0 and 1 of the sigmoid layer: dead, but they output 0.5
+    model.set_mask("0", keep)
+    keep = torch.ones(model.layers[1].shape, dtype=torch.bool)
+    keep[:3] = False  # units 0-2 of the tanh layer: dead, and tanh(0) = 0
+    model.set_mask("2", keep)
+    with torch.no_grad():
+        expected = model.logits(x, model.weights_from(guide.mean()))
+    sparse = rebuild(model, guide)
+    assert sparse[0].out_features == 6 and sparse[2].out_features == 2
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), expected)
+
+
+def test_slicing_latents_by_a_group_matches_the_rebuilt_shapes():
+    from pyrozoo.bmr.units import slice_latents
+
+    model = BayesianModel(create_net("resnet20", in_channels=3, image_size=32, num_classes=4), example_input=_images()[0])
+    units = model_units(model)[0]
+    keep = torch.arange(units.count) % 2 == 0
+    masks = {layer.name: model.mask(layer.name) for layer in model.layers}
+    sliced = slice_latents(units, keep, masks)
+    for member in units.members:
+        assert sliced[member.layer].shape[member.axis] == masks[member.layer].shape[member.axis] - (
+            int((~keep).sum()) * member.index.shape[1]
+        )

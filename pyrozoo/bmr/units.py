@@ -490,9 +490,10 @@ def _sliced_linear(module: nn.Linear, rows=None, inputs=None) -> nn.Linear:
     weight = module.weight.detach()
     bias = None if module.bias is None else module.bias.detach()
     if rows is not None:
+        rows = rows.to(weight.device)
         weight, bias = weight[rows], None if bias is None else bias[rows]
     if inputs is not None:
-        weight = weight[:, inputs]
+        weight = weight[:, inputs.to(weight.device)]
     new = copy.copy(module)  # the same class and attributes, new parameters
     new._parameters = dict(module._parameters)
     new.weight = nn.Parameter(weight.clone())
