@@ -149,7 +149,9 @@ def _force(model, guide, chosen):
             loc, scale = guide.site_posterior(layer.site)
             at_prior = torch.zeros(layer.shape, dtype=torch.bool)
             member.put(at_prior, which, True)
-            guide.write_posterior(layer.site, torch.where(at_prior, 0.0, loc), torch.where(at_prior, 1.0, scale))
+            guide.write_posterior(
+                layer.site, torch.where(at_prior, 0.0, loc), torch.where(at_prior, 1.0, scale)
+            )
 
 
 @pytest.mark.parametrize("make", list(NETS.values()), ids=list(NETS))
@@ -207,7 +209,9 @@ def test_any_net_builds_trains_prunes_and_rebuilds_smaller_with_the_same_outputs
 def test_any_net_end_to_end_on_cuda():
     """Build, SVI step, forced prune and rebuild with the model on the GPU: index tensors follow the model."""
     torch.manual_seed(0)
-    net = create_net("resnet20", in_channels=3, image_size=32, num_classes=4, widths=(8, 16, 16), blocks=(1, 1, 1))
+    net = create_net(
+        "resnet20", in_channels=3, image_size=32, num_classes=4, widths=(8, 16, 16), blocks=(1, 1, 1)
+    )
     x, y = (t.cuda() for t in _images())
     model = BayesianModel(net.cuda(), example_input=x)
     guide = make_guide("meanfield", model).cuda()
@@ -244,18 +248,24 @@ def test_unknown_library_model_and_bad_weights_file_are_one_line_errors(tmp_path
     with pytest.raises(PyrozooError, match="torchvision has no model 'nope'"):
         create_net("tv:nope", in_channels=3, image_size=32, num_classes=10)
     with pytest.raises(PyrozooError, match="cannot load weights"):
-        create_net("tv:resnet18", in_channels=3, image_size=32, num_classes=10, weights=str(tmp_path / "x.pt"))
+        create_net(
+            "tv:resnet18", in_channels=3, image_size=32, num_classes=10, weights=str(tmp_path / "x.pt")
+        )
 
 
 def test_local_weights_are_loaded(tmp_path):
     net = create_net("timm:resnet10t", in_channels=3, image_size=32, num_classes=5)
     torch.save(net.state_dict(), tmp_path / "w.pt")
-    again = create_net("timm:resnet10t", in_channels=3, image_size=32, num_classes=5, weights=str(tmp_path / "w.pt"))
+    again = create_net(
+        "timm:resnet10t", in_channels=3, image_size=32, num_classes=5, weights=str(tmp_path / "w.pt")
+    )
     for a, b in zip(net.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
 
 
-def test_selectors_as_net_options_reach_the_model_and_deterministic_parameters_are_trained_and_saved(tmp_path):
+def test_selectors_as_net_options_reach_the_model_and_deterministic_parameters_are_trained_and_saved(
+    tmp_path,
+):
     from pyrozoo.train import Run, TrainConfig
 
     config = TrainConfig(
@@ -315,7 +325,9 @@ def test_a_unit_with_a_constant_output_is_kept_unless_its_consumers_are_pruned()
 def test_slicing_latents_by_a_group_matches_the_rebuilt_shapes():
     from pyrozoo.bmr.units import slice_latents
 
-    model = BayesianModel(create_net("resnet20", in_channels=3, image_size=32, num_classes=4), example_input=_images()[0])
+    model = BayesianModel(
+        create_net("resnet20", in_channels=3, image_size=32, num_classes=4), example_input=_images()[0]
+    )
     units = model_units(model)[0]
     keep = torch.arange(units.count) % 2 == 0
     masks = {layer.name: model.mask(layer.name) for layer in model.layers}

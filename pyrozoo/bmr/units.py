@@ -76,7 +76,9 @@ class Units:
     members: tuple[Member, ...]
     zero_preserving: bool = True  # all producing entries pruned -> consumers see exactly 0
     heads_of: str | None = None  # path of the attention module whose head count shrinks
-    passthrough: tuple[str, ...] = field(default=())  # deterministic modules sliced with the units (BatchNorm)
+    passthrough: tuple[str, ...] = field(
+        default=()
+    )  # deterministic modules sliced with the units (BatchNorm)
 
     @property
     def producers(self) -> list[Member]:
@@ -121,7 +123,9 @@ class Units:
             member.put(masks[member.layer], units, False)
 
 
-def slice_latents(units: Units, keep: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def slice_latents(
+    units: Units, keep: torch.Tensor, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Latent-shaped ``tensors`` (masks, guide locs and scales, optimiser moments) of the group's layers with the
     entries of the units not in ``keep`` cut out along each membership's axis: the compaction of a group."""
     out = dict(tensors)
@@ -190,8 +194,10 @@ def _example_on(example, device):
         return {k: _example_on(v, device) for k, v in example.items()}
     if isinstance(example, (tuple, list)):
         return type(example)(_example_on(v, device) for v in example)
-    return example.to(device) if isinstance(example, torch.Tensor) and example.is_floating_point() else (
-        example.to(device) if isinstance(example, torch.Tensor) else example
+    return (
+        example.to(device)
+        if isinstance(example, torch.Tensor) and example.is_floating_point()
+        else (example.to(device) if isinstance(example, torch.Tensor) else example)
     )
 
 
@@ -360,7 +366,9 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding)
     units, fixed = list(heads), {}
     visited: set[nn.Module] = set()
-    for root in list(graph.module2node):  # as Torch-Pruning's get_all_groups, but a root it cannot map is fixed
+    for root in list(
+        graph.module2node
+    ):  # as Torch-Pruning's get_all_groups, but a root it cannot map is fixed
         if not isinstance(root, roots) or root in visited:
             continue
         pruner = graph.get_pruner_of_module(root)
@@ -372,10 +380,16 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
                     root, pruner.prune_out_channels, list(range(pruner.get_out_channels(root)))
                 )
         except (IndexError, ZeroDivisionError, ValueError, KeyError) as e:
-            fixed[module_path.get(root, str(root))] = f"Torch-Pruning cannot map its channels ({type(e).__name__})"
+            fixed[module_path.get(root, str(root))] = (
+                f"Torch-Pruning cannot map its channels ({type(e).__name__})"
+            )
             visited.add(root)
             continue
-        visited.update(item.dep.target.module for item in group.items if graph.is_out_channel_pruning_fn(item.dep.handler))
+        visited.update(
+            item.dep.target.module
+            for item in group.items
+            if graph.is_out_channel_pruning_fn(item.dep.handler)
+        )
         root = group[0].dep.target.module
         name = module_path.get(root, str(root))
         count = len(group[0].idxs)
@@ -424,7 +438,9 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
     return Structure(units, fixed)
 
 
-def find_units(net: nn.Module, layers: list[Layer] | None = None, example=None, output_key=None) -> list[Units]:
+def find_units(
+    net: nn.Module, layers: list[Layer] | None = None, example=None, output_key=None
+) -> list[Units]:
     """Every group of units of ``net`` that can be removed (see the module docstring), traced on ``example``."""
     layers = find_layers(net) if layers is None else layers
     if example is None:
@@ -580,7 +596,9 @@ def _cut(net: nn.Module, cuts: list[tuple[Units, torch.Tensor]], example, output
         root = net.get_submodule(units.name)
         pruner = graph.get_pruner_of_module(root)
         with _tolerant_reshapes():
-            group = graph.get_pruning_group(root, pruner.prune_out_channels, gone.nonzero().flatten().tolist())
+            group = graph.get_pruning_group(
+                root, pruner.prune_out_channels, gone.nonzero().flatten().tolist()
+            )
         group.prune()
 
 

@@ -82,7 +82,9 @@ class BayesianModel(nn.Module):
         example_input: Any = None,
     ):
         super().__init__()
-        self.net = copy.deepcopy(net)  # ours to change (requires_grad, functional calls); tying survives the copy
+        self.net = copy.deepcopy(
+            net
+        )  # ours to change (requires_grad, functional calls); tying survives the copy
         self.prior = prior
         self.likelihood = likelihood or Categorical()
         self.output_key = output_key
@@ -198,7 +200,9 @@ def select_output(out, output_key=None) -> torch.Tensor:
         try:
             return out[output_key]
         except (KeyError, IndexError, TypeError):
-            raise PyrozooError(f"output_key {output_key!r} does not pick anything from the net's output") from None
+            raise PyrozooError(
+                f"output_key {output_key!r} does not pick anything from the net's output"
+            ) from None
     if isinstance(out, torch.Tensor):
         return out
     what = f"a dict with keys {list(out)}" if isinstance(out, dict) else f"a {type(out).__name__}"

@@ -48,7 +48,9 @@ class NetRegistry(Registry):
             if not _library_has(prefix, model):
                 raise PyrozooError(f"{PREFIXES[prefix]} has no model {model!r}")
             factory = _torchvision if prefix == "tv" else _timm
-            return NetEntry(name, _bind(factory, model), 32, f"{PREFIXES[prefix]} {model}, no pretrained weights")
+            return NetEntry(
+                name, _bind(factory, model), 32, f"{PREFIXES[prefix]} {model}, no pretrained weights"
+            )
         return super().__missing__(name)
 
     def __contains__(self, name) -> bool:

@@ -45,7 +45,9 @@ class ResNet(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]))
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0])
+        )
         stages, width = [], widths[0]
         for i, (channels, count) in enumerate(zip(widths, blocks)):
             stride = 1 if i == 0 else 2
