@@ -336,3 +336,24 @@ def test_slicing_latents_by_a_group_matches_the_rebuilt_shapes():
         assert sliced[member.layer].shape[member.axis] == masks[member.layer].shape[member.axis] - (
             int((~keep).sum()) * member.index.shape[1]
         )
+
+
+def test_a_net_the_tracer_cannot_follow_still_trains_and_prunes_weight_by_weight():
+    from pyrozoo.bmr import prune
+    from pyrozoo.bmr.units import structure
+
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            if x.requires_grad or torch.is_grad_enabled():
+                raise RuntimeError("no tracing here")
+            return self.head(self.a(x).relu())
+
+    model = BayesianModel(Opaque(), example_input=torch.randn(2, 4))
+    guide = make_guide("meanfield", model)
+    assert structure(model).units == [] and "cannot trace Opaque" in structure(model).fixed[""]
+    assert 0 <= prune(model, guide, "threshold").pruned_fraction <= 1
+    assert parameter_count(rebuild(model, guide)) == parameter_count(model.net)

@@ -454,10 +454,14 @@ _STRUCTURES: "weakref.WeakKeyDictionary[nn.Module, Structure]" = weakref.WeakKey
 
 
 def structure(model) -> Structure:
-    """The groups of a Bayesian model's net, traced once per model and remembered."""
+    """The groups of a Bayesian model's net, traced once per model and remembered. A net that cannot be traced
+    (or has no example batch) has no removable groups; ``fixed[""]`` says why."""
     found = _STRUCTURES.get(model)
     if found is None:
-        found = find_structure(model.net, model.layers, model.example_input(), model.output_key)
+        try:
+            found = find_structure(model.net, model.layers, model.example_input(), model.output_key)
+        except PyrozooError as e:  # a net the tracer cannot follow still trains and prunes weight by weight
+            found = Structure([], {"": str(e)})
         _STRUCTURES[model] = found
     return found
 
@@ -557,8 +561,6 @@ def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | No
     """
     net.eval()
     masks = effective_masks(model) if masks is None else masks
-    example = _example_on(model.example_input(), next(net.parameters()).device)
-    reference = _outputs(net, example, model.output_key)
     cuts = []
     for units in model_units(model):
         gone = units.gone(masks)
@@ -568,6 +570,8 @@ def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | No
             cuts.append((units, gone))
     if not cuts:
         return 0
+    example = _example_on(model.example_input(), next(net.parameters()).device)
+    reference = _outputs(net, example, model.output_key)
     before = copy.deepcopy(net)
     _cut(net, cuts, example, model.output_key)
     if _same(_outputs(net, example, model.output_key), reference):
