@@ -56,6 +56,8 @@ def test_batch_norm_is_deterministic_unless_selected_random_and_selectors_go_by_
         find_layers(net, deterministic=[nn.Linear])
     assert [layer.name for layer in find_layers(net, deterministic="2")] == ["0", "3"]
     assert [layer.name for layer in find_layers(net, deterministic=["[02]"])] == ["3"]
+    with pytest.raises(PyrozooError, match="selector 'bn' matches no module"):
+        find_layers(net, deterministic=["bn"])
     with pytest.raises(PyrozooError, match="both deterministic"):
         find_layers(net, deterministic=["2"], random=[nn.Linear])
 

@@ -224,6 +224,13 @@ def find_layers(
     deterministic, random = parse_selectors(deterministic), parse_selectors(random)
     groups: list[tuple] = []
     claimed: dict[int, str] = {}  # id of a parameter -> the group holding it (tied weights)
+    for which, selectors in (("deterministic", deterministic), ("random", random)):
+        for selector in selectors:  # a selector that selects nothing is a typo, not a choice
+            if not any(matches(selector, name, module) for name, module in net.named_modules()):
+                raise PyrozooError(
+                    f"{which} selector {selector!r} matches no module of {type(net).__name__} (a module name, "
+                    "pattern, class or class name)"
+                )
     for name, module in net.named_modules():
         direct = [(p, v) for p, v in module.named_parameters(recurse=False)]
         if not direct:
