@@ -121,7 +121,9 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
             continue
         kind = next((k for k in typing.get_args(hints[f.name]) if k is not type(None)), hints[f.name])
         kwargs = {"help": meta["help"], "default": argparse.SUPPRESS}
-        if kind is bool:
+        if kind is bool and f.default is True:  # a switch on by default: --no-<name> turns it off
+            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", **kwargs)
+        elif kind is bool:
             parser.add_argument(flag, action="store_true", **kwargs)
         elif meta.get("choices"):
             parser.add_argument(flag, type=_choice(list(REGISTRIES[meta["choices"]])), **kwargs)

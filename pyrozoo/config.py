@@ -85,6 +85,12 @@ class TrainConfig:
         "BMR methods: after each per-weight pass, remove whole units (neurons, channels, attention heads) "
         "whose removal raises the evidence",
     )
+    compact: bool = _run_option(
+        True,
+        "BMR methods: after each pass, cut the units it killed out of the net, the posterior and the optimiser "
+        "state, so that training gets cheaper (the function and the surviving state stay exactly as they were); "
+        "--no-compact keeps the full shapes",
+    )
 
     @classmethod
     def from_record(cls, stored: dict) -> "TrainConfig":
@@ -94,6 +100,7 @@ class TrainConfig:
         if "units" in rule_options:  # before reductions were objects, the structured pass was a rule option
             stored["prune_units"] = bool(rule_options.pop("units"))
             stored["rule_options"] = rule_options
+        stored.setdefault("compact", False)  # a run recorded before compaction existed was trained without it
         unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise PyrozooError(f"unknown config keys {unknown}")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from pyrozoo import data as datasets
 from pyrozoo import faults
+from pyrozoo.bmr.compact import CannotCompact, compact, compact_to
 from pyrozoo.bmr.scores import posterior_scales, scale_table
 from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.config import OVERRIDABLE, RESUMABLE, TABLES, TrainConfig
@@ -313,6 +314,7 @@ class Run:
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []
         self.bmr_log: list[dict] = []  # one row per BMR pass and layer: the reason for every removal
+        self._compact_note = ""
         self._source = raw.source
 
     @classmethod
@@ -409,18 +411,21 @@ class Run:
             "rng": _rng_state(),
             "history": self.history,  # the metrics rows this checkpoint commits (metrics.csv is their copy)
             "bmr_log": self.bmr_log,  # and the BMR log's rows (bmr.csv)
+            "kept": self.model.kept,  # a compacted run: the original indices its layers still hold
         }
         atomic_write(self.out / CHECKPOINT, lambda p: torch.save(state, p))
 
     def _load_checkpoint(self) -> None:
         state = read_checkpoint(self.out)
         try:
+            if state.get("kept"):  # a compacted run: its shapes first, from the original indices it kept
+                compact_to(self.model, self.guide, self.optimizer, state["kept"])
             self.guide.load_state_dict(state["guide"])
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.batches.load_state_dict(state["batches"])
             _set_rng_state(state["rng"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        except (RuntimeError, KeyError, ValueError, TypeError, CannotCompact) as e:
             raise PyrozooError(
                 f"{self.out / CHECKPOINT} does not fit the run its {CONFIG} describes ({reason(e)}): restore "
                 f"the two files from one run, or delete {self.out} and train again"
@@ -629,9 +634,24 @@ class Run:
             {"epoch": self.epoch, "step": self.step, **r} for r in report.table().to_dict("records")
         ]
         atomic_write(self.out / BMR_LOG, lambda p: pd.DataFrame(self.bmr_log).to_csv(p, index=False))
-        row["bmr_seconds"] = round(report.seconds, 4)
-        row["pruned_fraction"] = report.pruned_fraction  # the report has just computed it
+        row["bmr_seconds"] = round(report.seconds + self._compact(), 4)
+        row["pruned_fraction"] = report.pruned_fraction  # the report has just computed it (of the original net)
         return True
+
+    def _compact(self) -> float:
+        """Cut the units the pass killed out of the model, guide and optimiser (``--no-compact``: not); returns
+        the seconds it took."""
+        if not self.config.compact:
+            return 0.0
+        start = time.perf_counter()
+        removed, note = compact(self.model, self.guide, self.optimizer)
+        if note and note != self._compact_note:  # said once, not after every pass
+            self.log(f"epoch {self.epoch}, compaction: {note}")
+            self._compact_note = note
+        if removed:
+            sizes = sum(layer.shape.numel() for layer in self.model.layers)
+            self.log(f"epoch {self.epoch}: compacted {removed} units; the latents now hold {sizes} entries")
+        return time.perf_counter() - start
 
     def metrics(self) -> pd.DataFrame:
         return pd.DataFrame(self.history)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pyrozoo.bmr.check import check_posterior
+from pyrozoo.bmr.compact import expand
 from pyrozoo.bmr.units import remove_dead_units
 
 
@@ -19,9 +20,11 @@ def rebuild(model, guide, remove_dead: bool = True) -> nn.Module:
     ``remove_dead``, units whose every input or every output weight is pruned (hidden neurons and channels of
     MLP and LeNet, hidden neurons of transformer MLP blocks, attention heads: :mod:`pyrozoo.bmr.units`) are cut
     out with the matching slices downstream, so the net really gets smaller and faster; its outputs do not
-    change and its module classes stay the same (a rebuilt timm model is still a timm model).
+    change and its module classes stay the same (a rebuilt timm model is still a timm model). A model compacted
+    during training (:mod:`pyrozoo.bmr.compact`) is first grown back to its original net.
     """
     check_posterior(model, guide)
+    model, guide = expand(model, guide)  # a compacted run rebuilds its original net, as its uncompacted twin
     weights = model.weights_from(guide.mean())
     net = copy.deepcopy(model.net)
     for layer in model.layers:

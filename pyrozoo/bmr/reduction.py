@@ -167,7 +167,7 @@ class WeightReduction(Reduction):
             reports.append(
                 LayerReport(
                     layer.name,
-                    was_live.numel(),
+                    getattr(model, "full_shapes", {}).get(layer.name, was_live.shape).numel(),  # original net
                     int(was_live.sum()),
                     int(keep.sum()),
                     decision.inclusion,

@@ -493,7 +493,8 @@ def pruned_fraction(model) -> float:
     """Pruned entries over prunable entries (PAPER.md §6), counting every entry of dead and unused units."""
     masks = effective_masks(model)
     prunable = [layer for layer in model.layers if layer.prunable]
-    total = sum(layer.shape.numel() for layer in prunable)
+    full = getattr(model, "full_shapes", {})  # a compacted model counts its original net's entries
+    total = sum(full.get(layer.name, layer.shape).numel() for layer in prunable)
     kept = sum(int(masks[layer.name].sum()) for layer in prunable)
     return 1.0 - kept / total
 

@@ -73,6 +73,15 @@ class MeanFieldNormal(Posterior, nn.Module):
             with torch.no_grad():
                 self.locs[self._sites[name][0]].fill_(float(value))
 
+    def __getstate__(self):
+        # the transforms' one-value caches may hold a non-leaf tensor of the last step, which deepcopy refuses
+        state = dict(self.__dict__)
+        state["_sites"] = {
+            name: (key, support, event_dim, None if transform is None else bijection(support).with_cache(1))
+            for name, (key, support, event_dim, transform) in self._sites.items()
+        }
+        return state
+
     def _distribution(self, name: str):
         key, _, event_dim, transform = self._sites[name]
         base = dist.Normal(self.locs[key], F.softplus(self.raw_scales[key])).to_event(event_dim)
@@ -91,6 +100,22 @@ class MeanFieldNormal(Posterior, nn.Module):
     def site_posterior(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._sites[site][0]
         return self.locs[key].detach(), F.softplus(self.raw_scales[key]).detach()
+
+    @torch.no_grad()
+    def resize(self, resize_site) -> dict[nn.Parameter, tuple[nn.Parameter, str]]:
+        """Compaction (:mod:`pyrozoo.bmr.compact`): each site's loc and raw scale become
+        ``resize_site(site, tensor, fill)`` (new entries, when growing, at the prior N(0, 1)); returns
+        ``{old parameter: (new parameter, site)}`` for those that changed, so an optimiser can follow."""
+        moved = {}
+        prior_raw = float(inverse_softplus(torch.tensor(1.0)))
+        for site, (key, *_) in self._sites.items():
+            for table, fill in ((self.locs, 0.0), (self.raw_scales, prior_raw)):
+                old = table[key]
+                value = resize_site(site, old.detach(), fill)
+                if value.shape != old.shape:
+                    table[key] = nn.Parameter(value.contiguous().clone())
+                    moved[old] = (table[key], site)
+        return moved
 
     def _write(self, site, loc, scale, where) -> None:
         key = self._sites[site][0]

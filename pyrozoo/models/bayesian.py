@@ -90,6 +90,10 @@ class BayesianModel(nn.Module):
         self.output_key = output_key
         self.deterministic, self.random = parse_selectors(deterministic), parse_selectors(random)
         self._layers = find_layers(self.net, output, prunable_kinds, self.deterministic, self.random)
+        # the latents' shapes in the net as built, and (once compacted, pyrozoo.bmr.compact) the original row
+        # and column indices each compacted layer's latent still holds: reports speak of the original net
+        self.full_shapes: dict[str, torch.Size] = {layer.name: layer.shape for layer in self._layers}
+        self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.masks = nn.Module()
         for layer in self._layers:
             self.masks.register_buffer(

@@ -1,0 +1,252 @@
+"""Compaction during training (issue 17): cutting gone units out of the model, guide and optimiser changes
+nothing that remains.
+
+For an MLP, a LeNet, a tiny ViT (MLP hidden units and attention heads) and a tiny Mixer, some units of every
+group are pruned whole (masked and reset to the prior, as the structured pass does) and, in the MLP, a unit is
+only killed (its rows pruned: it outputs 0, its consumers' columns stay live). Against an uncompacted twin (a
+deep copy taken just before), at the same random draws: the log-likelihood, the predictions at posterior samples
+and the posterior mean, the ELBO (less the removed entries' KL, computed independently from the twin), and the
+next Adam / AdaBelief step's parameters and moments on the surviving entries.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pyrozoo.bmr.compact import compact, expand
+from pyrozoo.bmr.units import model_units, pruned_fraction
+from pyrozoo.elbo import negative_elbo
+from pyrozoo.guides import make_guide
+from pyrozoo.guides.meanfield import MeanFieldNormal
+from pyrozoo.models import BayesianModel
+from pyrozoo.nets import create_net
+from pyrozoo.optim import OPTIMIZERS
+
+NETS = {
+    "mlp": dict(name="mlp", in_channels=1, image_size=8, num_classes=4, hidden=(16, 12)),
+    "lenet": dict(name="lenet", in_channels=1, image_size=32, num_classes=4),
+    "vit": dict(name="vit", in_channels=1, image_size=16, num_classes=4, preset="tiny"),
+    "mixer": dict(name="mixer", in_channels=1, image_size=16, num_classes=4, preset="tiny"),
+}
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    """In double precision, so that 1e-6 separates a wrong cut from float rounding (sums of other lengths)."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+class FixedNormal(dist.Normal):
+    """A Normal whose reparameterised draw uses given standard-normal noise: the same draws for two guides."""
+
+    def __init__(self, loc, scale, eps):
+        super().__init__(loc, scale)
+        self.eps = eps
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.loc + self.eps * self.scale
+
+
+class fixed_noise:
+    """While active, a MeanFieldNormal guide draws with ``noise[site]`` (full shapes), sliced to the model's
+    kept entries (``model.kept``) for a compacted model."""
+
+    def __init__(self, model, noise):
+        self.model, self.noise = model, noise
+
+    def _eps(self, site):
+        eps = self.noise[site]
+        for layer in self.model.layers:
+            if site == layer.site and layer.name in self.model.kept:
+                rows, cols = self.model.kept[layer.name]
+                eps = eps[rows][:, cols]
+        return eps
+
+    def __enter__(self):
+        self.original = MeanFieldNormal._distribution
+        context = self
+
+        def distribution(guide, name):
+            key, _, event_dim, transform = guide._sites[name]
+            loc, scale = guide.locs[key], F.softplus(guide.raw_scales[key])
+            base = FixedNormal(loc, scale, context._eps(name)).to_event(event_dim)
+            return base if transform is None else dist.TransformedDistribution(base, transform)
+
+        MeanFieldNormal._distribution = distribution
+
+    def __exit__(self, *exc):
+        MeanFieldNormal._distribution = self.original
+
+
+def _setup(net: str, optimizer: str = "adam"):
+    torch.manual_seed(0)
+    options = dict(NETS[net])
+    name = options.pop("name")
+    module = create_net(name, **options)
+    x = torch.randn(6, options["in_channels"], options["image_size"], options["image_size"])
+    y = torch.randint(0, options["num_classes"], (6,))
+    model = BayesianModel(module, example_input=x[:2])
+    guide = make_guide("meanfield", model)
+    opt = OPTIMIZERS[optimizer](guide.parameters(), lr=1e-2)
+    for _ in range(2):  # moments that are not zero
+        loss = negative_elbo(model, guide, x, y, 100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, guide, opt, x, y
+
+
+@torch.no_grad()
+def _kill(model, guide, net: str):
+    """Prune about a third of every prunable group's units whole; in the MLP, also kill one unit by its rows."""
+    prunable = {layer.name for layer in model.layers if layer.prunable}
+    groups = [u for u in model_units(model) if all(m.layer in prunable for m in u.producers)]
+    assert groups
+    masks = {layer.name: model.mask(layer.name).bool().clone() for layer in model.layers}
+    for units in groups:
+        which = torch.zeros(units.count, dtype=torch.bool)
+        which[1 : 1 + max(1, units.count // 3)] = True
+        units.remove(masks, which)
+    if net == "mlp":
+        masks["body.1"][0] = False  # dead: outputs SiLU(0) = 0; body.3's column 0 stays live
+    sites = {layer.name: layer.site for layer in model.layers}
+    for name, keep in masks.items():
+        guide.reset_to_prior(sites[name], model.mask(name).bool() & ~keep)
+        model.set_mask(name, keep)
+
+
+def _twin(model, guide, opt, optimizer):
+    model2, guide2 = copy.deepcopy(model), copy.deepcopy(guide)
+    opt2 = OPTIMIZERS[optimizer](guide2.parameters(), lr=1e-2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # Adam keeps the loaded step tensors themselves
+    return model2, guide2, opt2
+
+
+def _removed_kl(model, twin, twin_guide) -> float:
+    """KL to N(0, 1) of the twin's entries that the compacted model no longer holds (closed form)."""
+    total = 0.0
+    for layer in twin.layers:
+        if layer.name not in model.kept:
+            continue
+        loc, scale = twin_guide.site_posterior(layer.site)
+        rows, cols = model.kept[layer.name]
+        held = torch.zeros(layer.shape, dtype=torch.bool)
+        held[rows[:, None], cols[None, :]] = True
+        kl = 0.5 * (scale.square() + loc.square() - 1) - scale.log()
+        total += float(kl[~held].double().sum())
+    return total
+
+
+def _sliced(model, layer_name, tensor):
+    rows, cols = model.kept.get(layer_name, (None, None))
+    return tensor if rows is None else tensor[rows][:, cols]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adabelief"])
+@pytest.mark.parametrize("net", list(NETS))
+def test_compaction_changes_nothing_that_remains(net, optimizer):
+    if optimizer == "adabelief" and net != "mlp":
+        pytest.skip("one net is enough for the second optimiser")
+    model, guide, opt, x, y = _setup(net, optimizer)
+    _kill(model, guide, net)
+    twin, twin_guide, twin_opt = _twin(model, guide, opt, optimizer)
+    fraction = pruned_fraction(model)
+    sizes = sum(layer.shape.numel() for layer in model.layers)
+
+    removed, note = compact(model, guide, opt)
+    assert removed > 0, note
+    assert sum(layer.shape.numel() for layer in model.layers) < sizes
+    assert pruned_fraction(model) == pytest.approx(fraction, abs=1e-12)  # of the original net
+    if net == "vit":  # attention heads went too
+        assert any(m.num_heads < 2 for n, m in model.net.named_modules() if n.endswith("attn"))
+
+    noise = {}
+    with torch.no_grad():  # the same draws for both: full-shape noise, sliced for the compacted guide
+        for site in twin_guide.sites():
+            noise[site] = torch.randn(twin_guide.site_posterior(site)[0].shape)
+    model.eval(), twin.eval()
+    with torch.no_grad():
+        for a, b in ((model.weights_from(guide.mean()), twin.weights_from(twin_guide.mean())),):
+            torch.testing.assert_close(model.logits(x, a), twin.logits(x, b), rtol=1e-6, atol=1e-6)
+        for _ in range(3):  # predictions and log-likelihood at posterior samples
+            sample = {s: torch.randn(v.shape) for s, v in noise.items()}
+            with fixed_noise(model, sample):
+                got = model.logits(x, model.weights_from(guide()))
+            with fixed_noise(twin, sample):
+                want = twin.logits(x, twin.weights_from(twin_guide()))
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(
+                torch.distributions.Categorical(logits=got).log_prob(y).sum(),
+                torch.distributions.Categorical(logits=want).log_prob(y).sum(),
+                rtol=1e-6,
+                atol=1e-5,
+            )
+    model.train(), twin.train()
+
+    with fixed_noise(model, noise):
+        loss = negative_elbo(model, guide, x, y, 100)
+    with fixed_noise(twin, noise):
+        twin_loss = negative_elbo(twin, twin_guide, x, y, 100)
+    kl = _removed_kl(model, twin, twin_guide)
+    if net != "mlp":  # every removed entry was at the prior: the ELBO itself is unchanged
+        assert kl == pytest.approx(0.0, abs=1e-9)
+    assert loss.item() == pytest.approx(twin_loss.item() - kl, rel=1e-9, abs=1e-6)
+
+    opt.zero_grad(), twin_opt.zero_grad()
+    loss.backward()
+    twin_loss.backward()
+    opt.step()
+    twin_opt.step()
+    for layer in twin.layers:  # the next step: every surviving entry's value and moments as the twin's
+        for table in ("locs", "raw_scales"):
+            key = layer.site.replace(".", "-")
+            mine, theirs = getattr(guide, table)[key], getattr(twin_guide, table)[key]
+            torch.testing.assert_close(
+                mine.detach(), _sliced(model, layer.name, theirs.detach()), rtol=1e-6, atol=1e-6
+            )
+            for k, v in opt.state[mine].items():
+                w = twin_opt.state[theirs][k]
+                if isinstance(v, torch.Tensor) and v.dim() > 0:
+                    w = _sliced(model, layer.name, w)  # to float rounding of the gradients (sums in other orders)
+                    torch.testing.assert_close(v, w, rtol=1e-6, atol=1e-9 * float(w.abs().max()))
+                else:
+                    assert float(v) == float(w)
+    assert math.isfinite(loss.item())
+
+
+def test_expanding_a_compacted_model_gives_the_twin_back_where_it_matters():
+    model, guide, opt, x, y = _setup("mlp")
+    _kill(model, guide, "mlp")
+    twin, twin_guide, _ = _twin(model, guide, opt, "adam")
+    compact(model, guide, opt)
+    full, full_guide = expand(model, guide)
+    assert [layer.shape for layer in full.layers] == [layer.shape for layer in twin.layers]
+    assert full.net.body[1].out_features == 16 and full.net.head.in_features == 12
+    with torch.no_grad():
+        torch.testing.assert_close(
+            full.logits(x, full.weights_from(full_guide.mean())),
+            twin.logits(x, twin.weights_from(twin_guide.mean())),
+            rtol=1e-6,
+            atol=1e-6,
+        )
+    assert pruned_fraction(full) == pytest.approx(pruned_fraction(twin))
+    assert model.kept and not full.kept  # the compacted model itself is left as it is
+
+
+def test_nothing_to_cut_changes_nothing_and_autoguides_are_refused_with_a_reason():
+    model, guide, opt, x, y = _setup("mlp")
+    state = copy.deepcopy(guide.state_dict())
+    assert compact(model, guide, opt) == (0, "")
+    assert all(torch.equal(v, guide.state_dict()[k]) for k, v in state.items())
+    auto = make_guide("autonormal", model)
+    removed, why = compact(model, auto, None)
+    assert removed == 0 and "cannot be compacted" in why
