@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 
 import pyro.distributions as dist
 import pytest
@@ -250,3 +251,119 @@ def test_nothing_to_cut_changes_nothing_and_autoguides_are_refused_with_a_reason
     auto = make_guide("autonormal", model)
     removed, why = compact(model, auto, None)
     assert removed == 0 and "cannot be compacted" in why
+
+
+# --- in a training run: resume and export -------------------------------------------------------------------
+
+from pyrozoo.bmr.reduction import PruneReport, Reduction  # noqa: E402
+from pyrozoo.config import TrainConfig  # noqa: E402
+from pyrozoo.train import CHECKPOINT, Run, read_checkpoint  # noqa: E402
+
+
+class KillUnits(Reduction):
+    """Prunes units 1-3 of every prunable group whole, once (a model already compacted is left alone): units
+    that die at a known pass, so a short run compacts."""
+
+    name = "kill-units"
+
+    def __call__(self, model, posterior):
+        if not model.kept:
+            _kill(model, posterior, "")
+        return PruneReport([], 0.0, pruned_fraction(model))
+
+
+RUN = dict(
+    net="mlp",
+    data="fashion-mnist-mini",
+    method="bmr-th",
+    steps_per_epoch=4,
+    batch_size=32,
+    samples=2,
+    eval_every=10,
+    warmup_steps=0,
+    net_options={"hidden": (16, 12)},
+)
+
+
+def _train(folder, epochs, resume=False, **options):
+    config = TrainConfig(epochs=epochs, **RUN, **options)
+    run = Run.open(folder, log=lambda text: None, epochs=epochs) if resume else Run(config, folder, log=print)
+    run.reduction = KillUnits()
+    with run:
+        run.train(progress=False)
+    return run
+
+
+def _equal_states(a: dict, b: dict, path=""):
+    assert type(a) is type(b), path
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _equal_states(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _equal_states(x, y, f"{path}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), path
+    elif not (isinstance(a, float) and math.isnan(a) and math.isnan(b)):
+        assert a == b, path
+
+
+@pytest.fixture
+def float32():
+    torch.set_default_dtype(torch.float32)  # runs are in float32, as they are trained
+
+
+def test_a_compacted_run_resumes_bit_exactly(tmp_path, float32):
+    straight = _train(tmp_path / "straight", 3)
+    assert straight.model.kept, "the run did not compact"
+    _train(tmp_path / "split", 2)
+    resumed = _train(tmp_path / "split", 3, resume=True)
+    assert resumed.model.kept
+    a, b = read_checkpoint(tmp_path / "straight"), read_checkpoint(tmp_path / "split")
+    for key in ("guide", "model", "optimizer", "kept", "batches", "rng"):
+        _equal_states(a[key], b[key], key)
+    for row in a["history"] + b["history"]:  # everything but the timings
+        for key in ("seconds", "bmr_seconds", "eval_seconds"):
+            row.pop(key, None)
+    _equal_states(a["history"], b["history"])
+
+
+def test_export_of_a_compacted_run_equals_that_of_its_uncompacted_twin(tmp_path, float32):
+    from pyrozoo.bmr.rebuild import rebuild
+    from pyrozoo.export import export
+
+    twin = _train(tmp_path / "twin", 2, compact=False)
+    assert not twin.model.kept
+    # the same state, compacted and committed: as a compacting run would have it
+    shutil.copytree(tmp_path / "twin", tmp_path / "compacted")
+    with Run.open(tmp_path / "compacted", log=lambda text: None) as run:
+        removed, _ = compact(run.model, run.guide, run.optimizer)
+        assert removed > 0
+        run._save_checkpoint()
+    assert read_checkpoint(tmp_path / "compacted")["kept"]
+    summaries = {}
+    for name in ("twin", "compacted"):
+        with Run.open(tmp_path / name, log=lambda text: None) as run:
+            assert bool(run.model.kept) == (name == "compacted")
+            sparse = rebuild(run.model, run.guide)
+            summaries[name] = (sparse.state_dict(), export(run, tmp_path / name / "export", repeats=2), run)
+    (twin_net, twin_summary, twin_run), (net, summary, run) = summaries["twin"], summaries["compacted"]
+    _equal_states(dict(twin_net), dict(net))
+    assert twin_summary["sparse"]["parameters"] == summary["sparse"]["parameters"]
+    assert twin_summary["sparse"]["accuracy"] == summary["sparse"]["accuracy"]
+    assert twin_summary["dense"]["parameters"] == summary["dense"]["parameters"]
+    exported = torch.load(tmp_path / "compacted" / "export" / "sparse_state_dict.pt")
+    _equal_states(exported, torch.load(tmp_path / "twin" / "export" / "sparse_state_dict.pt"))
+    assert pruned_fraction(run.model) == pruned_fraction(twin_run.model)
+
+
+def test_no_compact_is_a_flag_and_older_records_were_not_compacted():
+    from pyrozoo.cli import build_parser
+
+    assert TrainConfig().compact is True
+    assert TrainConfig.from_record({"net": "mlp"}).compact is False
+    parser = build_parser()
+    args = parser.parse_args(["train", "--no-compact"])
+    assert args.compact is False
