@@ -635,7 +635,7 @@ class Run:
         ]
         atomic_write(self.out / BMR_LOG, lambda p: pd.DataFrame(self.bmr_log).to_csv(p, index=False))
         row["bmr_seconds"] = round(report.seconds + self._compact(), 4)
-        row["pruned_fraction"] = report.pruned_fraction  # the report has just computed it (of the original net)
+        row["pruned_fraction"] = report.pruned_fraction  # just computed, of the original net
         return True
 
     def _compact(self) -> float:

@@ -217,7 +217,9 @@ def test_compaction_changes_nothing_that_remains(net, optimizer):
             for k, v in opt.state[mine].items():
                 w = twin_opt.state[theirs][k]
                 if isinstance(v, torch.Tensor) and v.dim() > 0:
-                    w = _sliced(model, layer.name, w)  # to float rounding of the gradients (sums in other orders)
+                    w = _sliced(
+                        model, layer.name, w
+                    )  # to float rounding of the gradients (sums in other orders)
                     torch.testing.assert_close(v, w, rtol=1e-6, atol=1e-9 * float(w.abs().max()))
                 else:
                     assert float(v) == float(w)
@@ -257,7 +259,7 @@ def test_nothing_to_cut_changes_nothing_and_autoguides_are_refused_with_a_reason
 
 from pyrozoo.bmr.reduction import PruneReport, Reduction  # noqa: E402
 from pyrozoo.config import TrainConfig  # noqa: E402
-from pyrozoo.train import CHECKPOINT, Run, read_checkpoint  # noqa: E402
+from pyrozoo.train import Run, read_checkpoint  # noqa: E402
 
 
 class KillUnits(Reduction):

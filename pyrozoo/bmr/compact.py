@@ -100,7 +100,9 @@ class _Resize:
             return tensor
         rows, cols = kept_indices(self.model, owner)
         if tensor.shape[0] != rows.numel() or tensor.shape[1] not in (1, cols.numel()):
-            raise CannotCompact(f"latent {site!r} of shape {tuple(tensor.shape)} does not follow {owner}'s rows")
+            raise CannotCompact(
+                f"latent {site!r} of shape {tuple(tensor.shape)} does not follow {owner}'s rows"
+            )
         new_rows, new_cols = self.target[owner]
         full_rows, full_cols = self.model.full_shapes[owner]
         tensor = _move(tensor, 0, rows, new_rows, full_rows, fill)
@@ -119,7 +121,9 @@ def _weight_shape(layer: Layer, rows: int, columns: int) -> torch.Size:
     kernel = math.prod(s[2:])
     if fan_in % kernel:
         raise CannotCompact(f"layer {layer.name!r}: {fan_in} inputs do not fill its kernel of {kernel}")
-    return torch.Size((fan_in // kernel, rows, *s[2:]) if layer.transposed else (rows, fan_in // kernel, *s[2:]))
+    return torch.Size(
+        (fan_in // kernel, rows, *s[2:]) if layer.transposed else (rows, fan_in // kernel, *s[2:])
+    )
 
 
 def _set_parameter(net: nn.Module, old: nn.Parameter, new: nn.Parameter) -> None:
@@ -210,7 +214,9 @@ def _remap(found: Structure, keeps: dict[str, list[torch.Tensor]]) -> Structure:
             if not torch.equal(keep[member.index], survive[:, None].expand_as(member.index)):
                 raise CannotCompact(f"group {group.name!r} would lose part of a unit")
             position = keep.long().cumsum(0) - 1
-            members.append(Member(member.layer, member.axis, position[member.index[survive]], member.produces))
+            members.append(
+                Member(member.layer, member.axis, position[member.index[survive]], member.produces)
+            )
         units.append(dataclasses.replace(group, count=int(survive.sum()), members=tuple(members)))
     return Structure(units, found.fixed)
 
