@@ -50,10 +50,16 @@ def main() -> None:
     parser.add_argument("--nets", nargs="+", default=["mlp", "lenet"])
     parser.add_argument("--points", type=int, default=2000, help="test points (random images)")
     parser.add_argument("--samples", type=int, default=8, help="posterior samples per evaluation")
-    parser.add_argument("--batch-size", type=int, default=2000, help="test points per batch (as eval_batch_size)")
+    parser.add_argument(
+        "--batch-size", type=int, default=2000, help="test points per batch (as eval_batch_size)"
+    )
     parser.add_argument("--at-once", type=int, nargs="+", default=[4, 8], help="samples run together")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (one of each candidate per round)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed rounds (one of each candidate per round)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

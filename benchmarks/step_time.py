@@ -152,7 +152,9 @@ def bench_net(name: str, repeats: int, warmup: int) -> None:
         create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), prior=tiered_prior
     )
     steps["pyrozoo svi, tiered-ff"] = pyrozoo_step(tiered, make_guide("meanfield", tiered))
-    peer = bayesian_torch_step(create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), x, y, 1e-3)
+    peer = bayesian_torch_step(
+        create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), x, y, 1e-3
+    )
     if peer is None:
         print(f"{name:6s} bayesian-torch is not installed: its line is skipped (pip install -e '.[bench]')")
     else:

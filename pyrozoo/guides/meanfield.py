@@ -18,7 +18,12 @@ from pyrozoo.guides.base import Posterior, _base, bijection, inverse_softplus
 
 class _Normal(dist.Normal):
     """A Normal whose reparameterised sample ``loc + noise * scale`` is one fused multiply-add (one pass over the
-    entries and one tensor forward, where torch's ``rsample`` makes two): the same values, bit for bit."""
+    entries and one tensor, where torch's ``rsample`` makes two), built without broadcasting ``loc`` and
+    ``scale``, which always have one shape here."""
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor):
+        self.loc, self.scale = loc, scale
+        torch.distributions.Distribution.__init__(self, loc.shape)  # checks the arguments if validation is on
 
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
