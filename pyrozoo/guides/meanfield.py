@@ -25,6 +25,10 @@ class _Normal(dist.Normal):
         self.loc, self.scale = loc, scale
         torch.distributions.Distribution.__init__(self, loc.shape)  # checks the arguments if validation is on
 
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return _Normal(self.loc.expand(batch_shape), self.scale.expand(batch_shape))
+
     def rsample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
         noise = torch.empty(shape, dtype=self.loc.dtype, device=self.loc.device).normal_()
