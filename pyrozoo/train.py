@@ -51,7 +51,8 @@ CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
 
 
 # Set to 1 to keep Pyro's and torch's checks of distribution arguments and sample values on while training
-# (for debugging a model or prior): they cost 8-22% of a step, so training turns them off otherwise.
+# (for debugging a model or prior): they cost 7-11% of a step (experiments/RESULTS.md), so training turns them
+# off otherwise.
 VALIDATE_ENV = "PYROZOO_VALIDATE"
 
 
