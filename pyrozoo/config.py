@@ -100,7 +100,6 @@ class TrainConfig:
         if "units" in rule_options:  # before reductions were objects, the structured pass was a rule option
             stored["prune_units"] = bool(rule_options.pop("units"))
             stored["rule_options"] = rule_options
-        stored.setdefault("compact", False)  # a run recorded before compaction existed was trained without it
         unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise PyrozooError(f"unknown config keys {unknown}")

@@ -361,11 +361,11 @@ def test_export_of_a_compacted_run_equals_that_of_its_uncompacted_twin(tmp_path,
     assert pruned_fraction(run.model) == pruned_fraction(twin_run.model)
 
 
-def test_no_compact_is_a_flag_and_older_records_were_not_compacted():
+def test_no_compact_is_a_flag_and_compaction_is_on_by_default():
     from pyrozoo.cli import build_parser
 
     assert TrainConfig().compact is True
-    assert TrainConfig.from_record({"net": "mlp"}).compact is False
+    assert TrainConfig.from_record({"net": "mlp"}).compact is True  # an older record: a grid sees no change
     parser = build_parser()
     args = parser.parse_args(["train", "--no-compact"])
     assert args.compact is False
