@@ -37,6 +37,7 @@ from pyrozoo.io import FolderLock, atomic_write, hold_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.metrics import evaluate_draws
 from pyrozoo.models import BayesianModel
+from pyrozoo.models.likelihoods import Categorical, Gaussian
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.optim import OPTIMIZERS
 
@@ -128,6 +129,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# What an evaluation writes into a metrics row: classification's, then regression's own columns.
+_EVALUATED = (
+    "accuracy",
+    "nll",
+    "ece",
+    "ece15",
+    "brier",
+    "lpd",
+    "rmse",
+    "coverage50",
+    "coverage90",
+    "coverage95",
+)
 _CHECKPOINT_KEYS = ("epoch", "step", "seconds", "guide", "model", "optimizer", "batches", "rng")
 
 
@@ -275,7 +289,7 @@ class Run:
                 log(warning)
             self.config = config = dataclasses.replace(config, data=raw.name)
         else:
-            raw = datasets.load(config.data, config.data_dir)
+            raw = datasets.load(config.data, config.data_dir, target=config.target, task=config.task)
         self.data = datasets.prepare(raw, pad_to=NETS[config.net].pad_to, device=config.device)
         d = self.data
         if not resume and config.batch_size > len(d.x_train):  # a resumed run keeps what it was started with
@@ -292,7 +306,8 @@ class Run:
             num_classes=d.num_classes,
             **{**self.method.net_options, **config.net_options},
         )
-        self.model = BayesianModel(net.to(config.device), prior=config.bound_prior())
+        likelihood = Gaussian(config.noise, config.noise_precision) if d.task == "regress" else Categorical()
+        self.model = BayesianModel(net.to(config.device), prior=config.bound_prior(), likelihood=likelihood)
         self.guide = make_guide(
             config.guide,
             self.model,
@@ -300,7 +315,10 @@ class Run:
             options=config.guide_options,
         )
         self.guide.to(config.device)
-        self.optimizer = OPTIMIZERS[config.optimizer](self.guide.parameters(), lr=config.lr)
+        self.model.to(config.device)
+        # the guide's parameters, and the model's own where it has any (a learned point-estimate noise)
+        learned = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = OPTIMIZERS[config.optimizer]([*self.guide.parameters(), *learned], lr=config.lr)
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []
@@ -481,6 +499,8 @@ class Run:
         devices = [d.x_test.device] if d.x_test.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed * 100_003 + self.epoch)
+            if d.task == "regress":
+                return self._evaluate_regression()
             metrics = evaluate(
                 self.model,
                 self.guide,
@@ -492,6 +512,17 @@ class Run:
             )
             faults.reached("eval")
             return metrics
+
+    def _evaluate_regression(self) -> dict[str, float]:
+        """RMSE, NLL, LPD and interval coverage in the targets' original units (see metrics.regression_metrics)."""
+        from pyrozoo.metrics import regression_metrics
+        from pyrozoo.predict import regression_draws
+
+        d, c = self.data, self.config
+        locs, noise_var = regression_draws(self.model, self.guide, d.x_test, c.samples, c.eval_batch_size)
+        metrics = regression_metrics(locs, noise_var, d.y_test, d.y_mean, d.y_std)
+        faults.reached("eval")
+        return metrics
 
     def train(self, progress: bool = True) -> pd.DataFrame:
         """Train the remaining epochs, committing each (metrics, then the checkpoint that holds them); returns
@@ -526,7 +557,7 @@ class Run:
                 # after the pass, or not at all if the evaluation schedule skips it.
                 row = self.history[-1]
                 if self._bmr_pass(row):
-                    for key in ("accuracy", "nll", "ece", "ece15", "brier", "lpd", "eval_seconds"):
+                    for key in (*_EVALUATED, "eval_seconds"):
                         row.pop(key, None)
                     if self.epoch % c.eval_every == 0:
                         start = time.perf_counter()
@@ -560,7 +591,8 @@ class Run:
                     start = time.perf_counter()
                     row.update(self.evaluate())
                     row["eval_seconds"] = round(time.perf_counter() - start, 3)
-                    bar.set_postfix(loss=f"{losses[-1]:.4g}", acc=f"{row['accuracy']:.4f}")
+                    shown = "accuracy" if "accuracy" in row else "rmse"
+                    bar.set_postfix(loss=f"{losses[-1]:.4g}", **{shown[:4]: f"{row[shown]:.4f}"})
                 self.history.append(row)
                 if self.epoch == c.epochs:
                     self._write_scales()
