@@ -149,20 +149,25 @@ def evaluate_net(
 INTERVALS = (0.5, 0.9, 0.95)  # central predictive intervals whose coverage is reported
 
 
-def mixture_quantile(loc: Tensor, scale: Tensor, q: float, iterations: int = 60) -> Tensor:
+def mixture_quantile(loc: Tensor, scale: Tensor, q: float | Tensor, iterations: int = 50) -> Tensor:
     """Per point ``n``, the ``q``-quantile of the equal-weight Gaussian mixture ``mean_s N(loc[s, n],
     scale[s, n]^2)`` (the posterior predictive of a Gaussian likelihood), by bisection on its CDF, in float64.
-    """
+    ``q`` may be a 1-D tensor of levels: then the result is ``[len(q), N]``."""
     loc, scale = loc.double(), scale.double().expand_as(loc)
-    normal = torch.distributions.Normal(0.0, 1.0)
-    z = normal.icdf(torch.tensor(q, dtype=torch.float64)).item()
-    low = (loc - 8 * scale).min(dim=0).values.clamp(max=(loc + z * scale).min(dim=0).values)
-    high = (loc + 8 * scale).max(dim=0).values.clamp(min=(loc + z * scale).max(dim=0).values)
+    levels = torch.as_tensor(q, dtype=torch.float64, device=loc.device)
+    qs = levels.reshape(-1, 1)
+    z = torch.special.ndtri(qs)  # [Q, 1]: the quantile lies between the components' own quantiles
+    low = (loc.min(dim=0).values - 8 * scale.max(dim=0).values).expand(len(qs), -1)
+    high = (loc.max(dim=0).values + 8 * scale.max(dim=0).values).expand(len(qs), -1)
+    low = torch.minimum(low, (loc[None] + z[..., None] * scale[None]).min(dim=1).values)
+    high = torch.maximum(high, (loc[None] + z[..., None] * scale[None]).max(dim=1).values)
+    inverse = scale.reciprocal()
     for _ in range(iterations):  # the CDF is increasing: halve [low, high] around the quantile
         middle = (low + high) / 2
-        below = normal.cdf((middle - loc) / scale).mean(dim=0) < q
+        below = torch.special.ndtr((middle[:, None] - loc[None]) * inverse[None]).mean(dim=1) < qs
         low, high = torch.where(below, middle, low), torch.where(below, high, middle)
-    return (low + high) / 2
+    out = (low + high) / 2
+    return out if levels.dim() else out[0]
 
 
 def regression_metrics(
@@ -183,9 +188,10 @@ def regression_metrics(
     ll = torch.distributions.Normal(loc, scale).log_prob(y) - math.log(y_std)
     mean = loc.mean(dim=0)
     out = {"rmse": (y_std * (mean - y)).square().mean().sqrt().item(), "nll": nll(ll), "lpd": lpd(ll)}
-    for level in INTERVALS:
-        lower = mixture_quantile(loc, scale, (1 - level) / 2)
-        upper = mixture_quantile(loc, scale, (1 + level) / 2)
+    levels = torch.tensor(INTERVALS, dtype=torch.float64)
+    bounds = mixture_quantile(loc, scale, torch.cat([(1 - levels) / 2, (1 + levels) / 2]))
+    for i, level in enumerate(INTERVALS):
+        lower, upper = bounds[i], bounds[len(INTERVALS) + i]
         out[f"coverage{round(level * 100)}"] = ((y >= lower) & (y <= upper)).double().mean().item()
     return out
 

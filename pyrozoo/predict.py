@@ -148,9 +148,11 @@ def _regression_summary(
     out["std"] = y_std * (aleatoric + epistemic).sqrt()
     out["aleatoric_std"] = y_std * aleatoric.sqrt()
     out["epistemic_std"] = y_std * epistemic.sqrt()
-    for level in INTERVALS:
-        for side, q in (("lower", (1 - level) / 2), ("upper", (1 + level) / 2)):
-            out[f"{side}{round(level * 100)}"] = y_mean + y_std * mixture_quantile(locs, noise_var.sqrt(), q)
+    levels = torch.tensor(INTERVALS, dtype=torch.float64)
+    bounds = mixture_quantile(locs, noise_var.sqrt(), torch.cat([(1 - levels) / 2, (1 + levels) / 2]))
+    for i, level in enumerate(INTERVALS):
+        out[f"lower{round(level * 100)}"] = y_mean + y_std * bounds[i]
+        out[f"upper{round(level * 100)}"] = y_mean + y_std * bounds[len(INTERVALS) + i]
     return out
 
 
