@@ -446,7 +446,7 @@ def _predict(args) -> None:
     run, raw = _open_for_prediction(args)
     with run:
         c = run.config
-        samples = args.samples or (1 if run.guide.point_mass else c.samples)
+        samples = 1 if run.guide.point_mass else args.samples or c.samples  # a point mass: one draw
         known = args.input is None
         if args.input is not None:
             x, y = read_inputs(args.input, raw, c.target), None
@@ -482,7 +482,7 @@ def _uncertainty(args) -> None:
 
     run, raw = _open_for_prediction(args)
     with run:
-        samples = args.samples or (1 if run.guide.point_mass else run.config.samples)
+        samples = 1 if run.guide.point_mass else args.samples or run.config.samples  # a point mass: one draw
         table = uncertainty_table(run, raw, samples, args.batch_size, progress=not args.no_progress)
         table.insert(0, "samples", samples)
         atomic_write(run.out / "uncertainty.csv", lambda p: table.to_csv(p, index=False))
