@@ -22,11 +22,13 @@ from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import GUIDES
 from pyrozoo.io import atomic_write, atomic_write_text
 from pyrozoo.methods import METHODS
+from pyrozoo.models.likelihoods import LIKELIHOODS
 from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import NETS, net_options
 from pyrozoo.optim import OPTIMIZERS
 from pyrozoo.options import parse_option
 from pyrozoo.registry import describe, option_names
+from pyrozoo.shift import SHIFTS
 
 SUMMARY_COLUMNS = [
     "epoch",
@@ -519,12 +521,14 @@ def _info() -> None:
     section("guides", GUIDES.described())
     section("optimizers", OPTIMIZERS.described())
     section("baselines", BASELINES.described())
+    section("likelihoods", LIKELIHOODS.described())
+    section("shifts (pyrozoo uncertainty)", SHIFTS.described())
     section(
         "datasets",
         (
             (
                 name,
-                f"{info.description}; "
+                f"{info.description} [{info.task}]; "
                 + (f"found in {where}" if (where := datasets.locate(name)) else "not found locally"),
             )
             for name, info in datasets.DATASETS.items()
