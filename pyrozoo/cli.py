@@ -40,10 +40,11 @@ SUMMARY_COLUMNS = [
     "ece15",
     "brier",
     "lpd",
-    "rmse",
-    "coverage90",
     "pruned_fraction",
 ]
+# A regression run's summary: its own metrics in place of the classification ones.
+REGRESSION_SUMMARY_COLUMNS = ["epoch", "seconds", "elbo", "rmse", "nll", "lpd", "coverage50", "coverage90",
+                              "coverage95", "pruned_fraction"]  # fmt: skip
 # Exit codes: 0 done, 2 a user's mistake (PyrozooError, one line), 1 a diverged loss (TrainingDiverged), 3 a bug
 # (any other exception, with its traceback), 130 interrupted.
 BUG_EXIT_CODE = 3
@@ -342,7 +343,8 @@ def _train(args) -> None:
     table = run.train(progress=not args.no_progress)
     score = next((col for col in ("accuracy", "rmse") if col in table), None)
     evaluated = table.dropna(subset=[score]) if score else table
-    columns = [col for col in SUMMARY_COLUMNS if col in evaluated]
+    shown = REGRESSION_SUMMARY_COLUMNS if score == "rmse" else SUMMARY_COLUMNS
+    columns = [col for col in shown if col in evaluated]
     print(f"\n{c.net} {c.method} on {c.data}: metrics per evaluated epoch (seconds = training time so far)")
     print(evaluated[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
