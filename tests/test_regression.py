@@ -42,7 +42,9 @@ def test_gaussian_log_density_and_noise_prior_match_torch():
     x, y = torch.randn(7, 2, 1, 1), torch.randn(7)
     trace = poutine.trace(model).get_trace(x, y, dataset_size=70)
     tau = trace.nodes["noise.precision"]["value"]
-    mean = model.logits(x, model.weights_from({k: v["value"] for k, v in trace.nodes.items() if v["type"] == "sample"}))[:, 0]
+    mean = model.logits(
+        x, model.weights_from({k: v["value"] for k, v in trace.nodes.items() if v["type"] == "sample"})
+    )[:, 0]
     site = trace.nodes["y"]
     got = (site["fn"].log_prob(y) * site["scale"]).sum()
     want = torch.distributions.Normal(mean, tau.rsqrt()).log_prob(y).sum() * 70 / 7
@@ -337,3 +339,24 @@ def test_shifts():
         assert (noisy - 128 / 255).std().item() == pytest.approx(NOISE_STD[severity - 1], rel=0.05)
     with pytest.raises(PyrozooError, match="severity"):
         SHIFTS["noise"](grey, 6)
+
+
+def test_uncertainty_command_and_its_compare_columns(tmp_path, capsys):
+    from pyrozoo.compare import uncertainty_summary
+
+    config = TrainConfig(
+        net="mlp", data="fashion-mnist-mini", method="flat-ff", epochs=1, steps_per_epoch=2, batch_size=32,
+        samples=2, net_options={"hidden": (8,)},
+    )  # fmt: skip
+    Run(config, tmp_path, log=quiet).train(progress=False)
+    code, out, err = cli(capsys, "uncertainty", str(tmp_path), "--no-progress", "--samples", "2")
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "uncertainty.csv")
+    assert list(table["shift"]) == ["none"] + ["rotate"] * 5 + ["noise"] * 5
+    assert table[["accuracy", "ece", "nll", "entropy_auroc", "mi_auroc"]].notna().all().all()
+    assert ((table["entropy_auroc"] >= 0) & (table["entropy_auroc"] <= 1)).all()
+    summary = uncertainty_summary(tmp_path / "uncertainty.csv")
+    assert summary["entropy_auroc"] == table["entropy_auroc"][0]
+    assert summary["shift_accuracy"] == pytest.approx(table["accuracy"][1:].mean())
+    code, out, err = cli(capsys, "uncertainty", str(tmp_path / "nope"))
+    assert_one_line_error(code, out, err, "nope")
