@@ -109,7 +109,7 @@ class Grid:
                     f"the grid has no {key}: give --{key} (or {key} = [...] in the config file)"
                 )
             for value in values:
-                if value not in known:
+                if value not in known and not (key == "data" and datasets.is_table(value)):  # FILE.csv
                     raise PyrozooError(f"unknown name {value!r} in {key}; choose from {', '.join(known)}")
             if len(set(values)) != len(values):
                 raise PyrozooError(f"{key} lists a name twice: {values}")
