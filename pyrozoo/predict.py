@@ -10,7 +10,7 @@ predicted class, the predictive entropy ``H[mean_s p_s]`` (total uncertainty), t
 (epistemic, >= 0 by Jensen's inequality). Regression: the predictive mean, its standard deviation split by the
 law of total variance into an aleatoric part (the noise, ``mean_s 1/tau_s``) and an epistemic part (the spread
 of the draws' means), and central intervals of the predictive mixture. A deterministic net is one draw: it has
-no epistemic part, and reports none.
+no epistemic part, and reports none; nor does a single draw of a posterior (a point mass).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def predict_batch(
             probs = prob_sum / samples
             entropy = _entropy(probs.log())
             result = {"probs": probs, "class": probs.argmax(-1), "entropy": entropy}
-            if bayesian:
+            if samples > 1:  # one draw (a point mass, a plain net) has no epistemic part, and reports none
                 result["expected_entropy"] = expected / samples
                 # >= 0 by Jensen; float64 rounding alone can take it a hair below
                 result["mutual_information"] = (entropy - result["expected_entropy"]).clamp(min=0)
