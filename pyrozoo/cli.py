@@ -1,4 +1,5 @@
-"""The ``pyrozoo`` command: ``train``, ``compare``, ``plot``, ``prune``, ``export`` and ``info``.
+"""The ``pyrozoo`` command: ``train``, ``compare``, ``plot``, ``prune``, ``export``, ``predict``,
+``uncertainty`` and ``info``.
 
 Run options are not declared here: the flags of ``train`` and ``compare`` are built from
 :class:`pyrozoo.config.TrainConfig`'s fields and :data:`pyrozoo.config.ALIASES`, and every name a flag takes is
@@ -19,13 +20,15 @@ from pyrozoo.bmr import REDUCTIONS
 from pyrozoo.config import ALIASES, TABLES, TrainConfig, run_name, run_option_fields
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import GUIDES
-from pyrozoo.io import atomic_write_text
+from pyrozoo.io import atomic_write, atomic_write_text
 from pyrozoo.methods import METHODS
+from pyrozoo.models.likelihoods import LIKELIHOODS
 from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import NETS, net_options
 from pyrozoo.optim import OPTIMIZERS
 from pyrozoo.options import parse_option
 from pyrozoo.registry import describe, option_names
+from pyrozoo.shift import SHIFTS
 
 SUMMARY_COLUMNS = [
     "epoch",
@@ -39,6 +42,9 @@ SUMMARY_COLUMNS = [
     "lpd",
     "pruned_fraction",
 ]
+# A regression run's summary: its own metrics in place of the classification ones.
+REGRESSION_SUMMARY_COLUMNS = ["epoch", "seconds", "elbo", "rmse", "nll", "lpd", "coverage50", "coverage90",
+                              "coverage95", "pruned_fraction"]  # fmt: skip
 # Exit codes: 0 done, 2 a user's mistake (PyrozooError, one line), 1 a diverged loss (TrainingDiverged), 3 a bug
 # (any other exception, with its traceback), 130 interrupted.
 BUG_EXIT_CODE = 3
@@ -77,6 +83,11 @@ def _choice(known):
         return text
 
     return check
+
+
+def _data_choice(text: str) -> str:
+    """A registered dataset's name, or a CSV table's path."""
+    return text if datasets.is_table(text) else _choice(list(datasets.DATASETS))(text)
 
 
 def _key_value(text: str) -> dict:
@@ -151,9 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--data",
-        type=_choice(list(datasets.DATASETS)),
+        type=_data_choice,
         default=quiet,
-        help="dataset (default: fashion-mnist, or the bundled fashion-mnist-mini if it is missing)",
+        help="dataset, or a CSV table FILE.csv (with --target COLUMN) (default: fashion-mnist, or the bundled "
+        "fashion-mnist-mini if it is missing)",
     )
     train.add_argument(
         "--method", type=_choice(list(METHODS)), default=quiet, help="method (default flat-ff)"
@@ -190,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--data",
         nargs="+",
-        type=_choice(list(datasets.DATASETS)),
+        type=_data_choice,
         default=quiet,
         help="datasets (default: fashion-mnist)",
     )
@@ -244,6 +256,59 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=_number(int, "positive"), default=50, help="timed forward passes per latency"
     )
 
+    predict = sub.add_parser(
+        "predict",
+        help="per-input predictions with their uncertainty (class probabilities, entropy, mutual information; "
+        "regression mean, std and intervals) into a CSV",
+    )
+    predict.add_argument("run", help="run folder")
+    source = predict.add_mutually_exclusive_group()
+    source.add_argument(
+        "--data",
+        type=_data_choice,
+        default=None,
+        help="a dataset or FILE.csv whose test split to predict "
+        "(default: the run's own test set); standardised with the run's training statistics",
+    )
+    source.add_argument(
+        "--input",
+        default=None,
+        help="inputs to predict: a CSV of feature columns (tabular runs), or a .npy/.pt "
+        "array of images (N, H, W) or (N, C, H, W) with pixel values 0..255",
+    )
+    predict.add_argument(
+        "--shift", choices=["rotate", "noise"], default=None, help="shift the test images first"
+    )
+    predict.add_argument("--severity", type=int, default=3, help="shift severity 1..5 (default 3)")
+    predict.add_argument(
+        "--samples",
+        type=_number(int, "positive"),
+        default=None,
+        help="posterior samples " "(default: the run's)",
+    )
+    predict.add_argument("--batch-size", type=_number(int, "positive"), default=2000, help="inputs per batch")
+    predict.add_argument("--pruned", action="store_true", help="use the run's pruned.pt (from pyrozoo prune)")
+    predict.add_argument("--out", required=True, help="CSV file to write (written atomically)")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    uncertainty = sub.add_parser(
+        "uncertainty",
+        help="accuracy, ECE, NLL and misclassification AUROC of entropy and MI on the clean test set and on "
+        "rotated and noisy copies of it, severities 1..5 (writes RUN/uncertainty.csv)",
+    )
+    uncertainty.add_argument("run", help="run folder")
+    uncertainty.add_argument(
+        "--samples",
+        type=_number(int, "positive"),
+        default=None,
+        help="posterior samples (default: the run's)",
+    )
+    uncertainty.add_argument(
+        "--batch-size", type=_number(int, "positive"), default=2000, help="inputs per batch"
+    )
+    uncertainty.add_argument("--pruned", action="store_true", help="use the run's pruned.pt")
+    uncertainty.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     sub.add_parser("info", help="list nets, methods, reductions, priors, guides and datasets")
     return parser
 
@@ -278,8 +343,10 @@ def _train(args) -> None:
         file=sys.stderr,
     )
     table = run.train(progress=not args.no_progress)
-    evaluated = table.dropna(subset=["accuracy"]) if "accuracy" in table else table
-    columns = [col for col in SUMMARY_COLUMNS if col in evaluated]
+    score = next((col for col in ("accuracy", "rmse") if col in table), None)
+    evaluated = table.dropna(subset=[score]) if score else table
+    shown = REGRESSION_SUMMARY_COLUMNS if score == "rmse" else SUMMARY_COLUMNS
+    columns = [col for col in shown if col in evaluated]
     print(f"\n{c.net} {c.method} on {c.data}: metrics per evaluated epoch (seconds = training time so far)")
     print(evaluated[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
@@ -366,6 +433,68 @@ def _export(args) -> None:
     )
 
 
+def _open_for_prediction(args):
+    """The run (with its pruned state if asked) and its raw data, for predict and uncertainty."""
+    from pyrozoo.train import Run
+
+    run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
+    if args.pruned:
+        run.load_pruned()
+    c = run.config
+    raw = datasets.load(c.data, c.data_dir, target=c.target, task=c.task)
+    return run, raw
+
+
+def _predict(args) -> None:
+    from pyrozoo.predict import classification_summary, predict_frame, prepare_like, read_inputs
+    from pyrozoo.shift import SHIFTS
+
+    run, raw = _open_for_prediction(args)
+    with run:
+        c = run.config
+        samples = 1 if run.guide.point_mass else args.samples or c.samples  # a point mass: one draw
+        known = args.input is None
+        if args.input is not None:
+            x, y = read_inputs(args.input, raw, c.target), None
+        elif args.data is not None:
+            other = datasets.load(
+                args.data, c.data_dir, target=c.target, task=c.task if args.data.endswith(".csv") else None
+            )
+            if other.x_test.shape[1:] != raw.x_test.shape[1:]:
+                raise PyrozooError(
+                    f"{args.data} has inputs of shape {tuple(other.x_test.shape[1:])}, the run "
+                    f"was trained on {tuple(raw.x_test.shape[1:])}"
+                )
+            x, y = other.x_test, other.y_test
+        else:
+            x, y = raw.x_test, raw.y_test
+        if args.shift:
+            if x.is_floating_point():
+                raise PyrozooError("--shift makes shifted images; this run's data are a table")
+            x = SHIFTS[args.shift](x, args.severity, seed=c.seed)
+        prepared = prepare_like(run, raw, x, y)
+        predictions, frame = predict_frame(
+            run, prepared, samples, args.batch_size, not args.no_progress, known
+        )
+        atomic_write(args.out, lambda p: frame.to_csv(p, index=False))
+        print(f"{len(frame)} predictions ({samples} posterior samples) in {args.out}", file=sys.stderr)
+        if known and prepared.task == "classify":
+            summary = classification_summary(predictions, prepared.y_test)
+            print(" ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+
+
+def _uncertainty(args) -> None:
+    from pyrozoo.predict import uncertainty_table
+
+    run, raw = _open_for_prediction(args)
+    with run:
+        samples = 1 if run.guide.point_mass else args.samples or run.config.samples  # a point mass: one draw
+        table = uncertainty_table(run, raw, samples, args.batch_size, progress=not args.no_progress)
+        table.insert(0, "samples", samples)
+        atomic_write(run.out / "uncertainty.csv", lambda p: table.to_csv(p, index=False))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
 def _info() -> None:
     def section(title: str, rows) -> None:
         print(f"{title}:")
@@ -396,12 +525,14 @@ def _info() -> None:
     section("guides", GUIDES.described())
     section("optimizers", OPTIMIZERS.described())
     section("baselines", BASELINES.described())
+    section("likelihoods", LIKELIHOODS.described())
+    section("shifts (pyrozoo uncertainty)", SHIFTS.described())
     section(
         "datasets",
         (
             (
                 name,
-                f"{info.description}; "
+                f"{info.description} [{info.task}]; "
                 + (f"found in {where}" if (where := datasets.locate(name)) else "not found locally"),
             )
             for name, info in datasets.DATASETS.items()
@@ -418,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
             "plot": lambda a: _plot_files(a.grid),
             "prune": _prune,
             "export": _export,
+            "predict": _predict,
+            "uncertainty": _uncertainty,
             "info": lambda _: _info(),
         }
         commands[args.command](args)

@@ -61,6 +61,11 @@ RESULTS, TABLE = "results.csv", "table.md"
 GRID_KEYS = ("out", "nets", "methods", "data", "seeds", "finetune_steps", "train")
 ID_COLUMNS = ["data", "net", "method", "seed"]
 FINAL_COLUMNS = ["accuracy", "nll", "ece", "ece15", "brier", "lpd", "pruned_fraction", "seconds"]
+# Regression runs' columns, and those of `pyrozoo uncertainty` (RUN/uncertainty.csv): misclassification AUROCs
+# on the clean test set, and accuracy/ECE/NLL averaged over the shifted sets' severities.
+REGRESSION_COLUMNS = ["rmse", "coverage50", "coverage90", "coverage95"]
+UNCERTAINTY_COLUMNS = ["entropy_auroc", "mi_auroc", "shift_accuracy", "shift_ece", "shift_nll"]
+UNCERTAINTY = "uncertainty.csv"
 
 # Where a stored run's config may differ from the requested one: these only say how often, in what batches
 # and from which folder the test set is evaluated, never what the run learns (evaluation draws its posterior
@@ -104,7 +109,7 @@ class Grid:
                     f"the grid has no {key}: give --{key} (or {key} = [...] in the config file)"
                 )
             for value in values:
-                if value not in known:
+                if value not in known and not (key == "data" and datasets.is_table(value)):  # FILE.csv
                     raise PyrozooError(f"unknown name {value!r} in {key}; choose from {', '.join(known)}")
             if len(set(values)) != len(values):
                 raise PyrozooError(f"{key} lists a name twice: {values}")
@@ -358,19 +363,35 @@ def collect(grid: Grid) -> pd.DataFrame:
             table["pruned_fraction"] = table.get("pruned_fraction", pd.Series(0.0, index=table.index)).fillna(
                 0.0
             )
+        if (folder / UNCERTAINTY).exists():  # its values belong to the final epoch's row
+            for key, value in uncertainty_summary(folder / UNCERTAINTY).items():
+                table.loc[table.index[-1], key] = value
         frames.append(table)
     if not frames:
         raise PyrozooError(f"no finished runs in {grid.out}")
     return pd.concat(frames, ignore_index=True)
 
 
+def uncertainty_summary(path: Path) -> dict[str, float]:
+    """The compare columns of a run's uncertainty.csv: clean-set AUROCs, and shifted-set means."""
+    table = pd.read_csv(path)
+    clean, shifted = table[table["shift"] == "none"], table[table["shift"] != "none"]
+    out = {
+        key: float(clean[key].iloc[0]) for key in ("entropy_auroc", "mi_auroc") if key in clean and len(clean)
+    }
+    for key in ("accuracy", "ece", "nll"):
+        if len(shifted):
+            out[f"shift_{key}"] = float(shifted[key].mean())
+    return out
+
+
 def final_table(results: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset, net and method: the final epoch's metrics, mean (and std) over seeds."""
     final = results.sort_values("epoch", kind="stable").groupby(ID_COLUMNS, sort=False).tail(1)
-    columns = [c for c in FINAL_COLUMNS if c in final]
+    columns = [c for c in FINAL_COLUMNS + REGRESSION_COLUMNS + UNCERTAINTY_COLUMNS if c in final]
     grouped = final.groupby(["data", "net", "method"], sort=False)
     table = grouped[columns].mean()
-    std = grouped[["accuracy", "nll", "ece"]].std().add_suffix("_std")
+    std = grouped[[c for c in ("accuracy", "nll", "ece", "rmse") if c in final]].std().add_suffix("_std")
     table = table.join(std)
     table["seeds"] = grouped["seed"].nunique()
     table["epoch"] = grouped["epoch"].max()
@@ -404,6 +425,7 @@ def paper_table(final: pd.DataFrame, data: str) -> str:
     """PAPER.md §7's shape: one row per net, each cell the methods' values joined by ' / '."""
     part = final[final["data"] == data]
     methods = list(dict.fromkeys(part["method"]))
+    regression = "rmse" in part and bool(part["rmse"].notna().any())
     rows = []
     for net, group in part.groupby("net", sort=False):
         by_method = group.set_index("method")
@@ -418,11 +440,29 @@ def paper_table(final: pd.DataFrame, data: str) -> str:
                 for m in methods
             )
 
-        rows.append(
-            [net, cell("accuracy"), cell("ece"), cell("nll", 2), cell("pruned_fraction", only_pruning=True)]
-        )
+        if regression:
+            rows.append(
+                [
+                    net,
+                    cell("rmse"),
+                    cell("nll", 2),
+                    cell("coverage90"),
+                    cell("pruned_fraction", only_pruning=True),
+                ]
+            )
+        else:
+            rows.append(
+                [
+                    net,
+                    cell("accuracy"),
+                    cell("ece"),
+                    cell("nll", 2),
+                    cell("pruned_fraction", only_pruning=True),
+                ]
+            )
     title = f"{data}, final epoch, order {' / '.join(methods)}:"
-    return title + "\n\n" + markdown(rows, ["net", "accuracy", "ECE", "NLL", "pruned fraction"])
+    header = ["RMSE", "NLL", "90% coverage"] if regression else ["accuracy", "ECE", "NLL"]
+    return title + "\n\n" + markdown(rows, ["net", *header, "pruned fraction"])
 
 
 def long_table(final: pd.DataFrame) -> str:
@@ -431,6 +471,8 @@ def long_table(final: pd.DataFrame) -> str:
     for r in final.itertuples(index=False):
 
         def pm(name, digits=4):
+            if math.isnan(getattr(r, name, math.nan)):
+                return "-"
             value = f"{getattr(r, name):.{digits}f}"
             std = getattr(r, name + "_std", math.nan)
             return value + (f" ± {std:.{digits}f}" if r.seeds > 1 and not math.isnan(std) else "")
@@ -444,9 +486,12 @@ def long_table(final: pd.DataFrame) -> str:
                 pm("accuracy"),
                 pm("nll", 3),
                 pm("ece"),
-                f"{r.ece15:.4f}",
-                f"{r.brier:.4f}",
-                f"{r.lpd:.3f}",
+                pm("ece15"),
+                pm("brier"),
+                pm("lpd", 3),
+                pm("rmse"),
+                pm("coverage90", 3),
+                pm("entropy_auroc", 3),
                 "-" if math.isnan(pruned) else f"{pruned:.3f}",
                 f"{r.seconds:.0f}",
                 str(r.epoch),
@@ -463,6 +508,9 @@ def long_table(final: pd.DataFrame) -> str:
         "ECE (15 eq.-width)",
         "Brier",
         "LPD",
+        "RMSE",
+        "90% coverage",
+        "entropy AUROC",
         "pruned",
         "training s",
         "epoch",

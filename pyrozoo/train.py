@@ -37,6 +37,7 @@ from pyrozoo.io import FolderLock, atomic_write, hold_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.metrics import evaluate_draws
 from pyrozoo.models import BayesianModel
+from pyrozoo.models.likelihoods import Categorical, Gaussian
 from pyrozoo.nets import NETS, create_net, model_options
 from pyrozoo.optim import OPTIMIZERS
 
@@ -159,6 +160,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# What an evaluation writes into a metrics row: classification's, then regression's own columns.
+_EVALUATED = (
+    "accuracy",
+    "nll",
+    "ece",
+    "ece15",
+    "brier",
+    "lpd",
+    "rmse",
+    "coverage50",
+    "coverage90",
+    "coverage95",
+)
 _CHECKPOINT_KEYS = ("epoch", "step", "seconds", "guide", "model", "optimizer", "batches", "rng")
 
 
@@ -306,7 +320,7 @@ class Run:
                 log(warning)
             self.config = config = dataclasses.replace(config, data=raw.name)
         else:
-            raw = datasets.load(config.data, config.data_dir)
+            raw = datasets.load(config.data, config.data_dir, target=config.target, task=config.task)
         self.data = datasets.prepare(raw, pad_to=NETS[config.net].pad_to, device=config.device)
         d = self.data
         if not resume and config.batch_size > len(d.x_train):  # a resumed run keeps what it was started with
@@ -328,6 +342,7 @@ class Run:
             net.to(config.device),
             prior=config.bound_prior(),
             example_input=d.x_train[:2],
+            likelihood=Gaussian(config.noise, config.noise_precision) if d.task == "regress" else Categorical(),
             **model_options(net_options)[1],  # deterministic / random selectors
         )
         self.guide = make_guide(
@@ -337,7 +352,8 @@ class Run:
             options=config.guide_options,
         )
         self.guide.to(config.device)
-        # deterministic parameters (BatchNorm's affine) are point estimates trained beside the guide
+        self.model.to(config.device)
+        # the model's point estimates (BatchNorm's affine, a learned noise) are trained beside the guide
         trained = [*self.guide.parameters(), *self.model.deterministic_parameters()]
         self.optimizer = OPTIMIZERS[config.optimizer](trained, lr=config.lr)
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
@@ -520,6 +536,8 @@ class Run:
         devices = [d.x_test.device] if d.x_test.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed * 100_003 + self.epoch)
+            if d.task == "regress":
+                return self._evaluate_regression()
             metrics = evaluate(
                 self.model,
                 self.guide,
@@ -531,6 +549,17 @@ class Run:
             )
             faults.reached("eval")
             return metrics
+
+    def _evaluate_regression(self) -> dict[str, float]:
+        """RMSE, NLL, LPD and interval coverage in the targets' original units (see metrics.regression_metrics)."""
+        from pyrozoo.metrics import regression_metrics
+        from pyrozoo.predict import regression_draws
+
+        d, c = self.data, self.config
+        locs, noise_var = regression_draws(self.model, self.guide, d.x_test, c.samples, c.eval_batch_size)
+        metrics = regression_metrics(locs, noise_var, d.y_test, d.y_mean, d.y_std)
+        faults.reached("eval")
+        return metrics
 
     def train(self, progress: bool = True) -> pd.DataFrame:
         """Train the remaining epochs, committing each (metrics, then the checkpoint that holds them); returns
@@ -565,7 +594,7 @@ class Run:
                 # after the pass, or not at all if the evaluation schedule skips it.
                 row = self.history[-1]
                 if self._bmr_pass(row):
-                    for key in ("accuracy", "nll", "ece", "ece15", "brier", "lpd", "eval_seconds"):
+                    for key in (*_EVALUATED, "eval_seconds"):
                         row.pop(key, None)
                     if self.epoch % c.eval_every == 0:
                         start = time.perf_counter()
@@ -599,7 +628,8 @@ class Run:
                     start = time.perf_counter()
                     row.update(self.evaluate())
                     row["eval_seconds"] = round(time.perf_counter() - start, 3)
-                    bar.set_postfix(loss=f"{losses[-1]:.4g}", acc=f"{row['accuracy']:.4f}")
+                    shown = "accuracy" if "accuracy" in row else "rmse"
+                    bar.set_postfix(loss=f"{losses[-1]:.4g}", **{shown[:4]: f"{row[shown]:.4f}"})
                 self.history.append(row)
                 if self.epoch == c.epochs:
                     self._write_scales()
