@@ -278,3 +278,32 @@ def plot_grid(folder: str | os.PathLike, results: pd.DataFrame | None = None, lo
             raise PyrozooError(f"{folder} has no {RESULTS}: run `pyrozoo compare --out {folder}` first")
         results = read_results(path)
     return plot_curves(results, folder) + plot_posteriors(results, folder, log)
+
+
+def plot_sweep(table: pd.DataFrame, folder: Path, stem: str = "sweep") -> list[Path]:
+    """The accuracy-sparsity curve (``pyrozoo sweep``): accuracy, NLL and ECE against the pruned fraction, one
+    line per method (dashed: after fine-tuning), the dense net as a grey line."""
+    dense = table[table.method == "dense"].iloc[0]
+    curves = table[table.method != "dense"]
+    colours = _colours(list(dict.fromkeys(curves.method)))
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4), squeeze=False)
+    for ax, (column, label) in zip(axes[0], CURVES):
+        ax.axhline(dense[column], color="grey", lw=1, label="dense")
+        for (method, steps), rows in curves.groupby(["method", "finetune_steps"], sort=False):
+            rows = rows.sort_values("target")
+            ax.plot(
+                rows.sparsity,
+                rows[column],
+                marker="o",
+                ms=3,
+                color=colours[method],
+                ls="--" if steps else "-",
+                label=method + (f" +{steps} steps" if steps else ""),
+            )
+        ax.set_xlabel("pruned fraction")
+        ax.set_ylabel(label)
+        ax.set_xscale("logit")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{dense.get('net', '')} on {dense.get('data', '')}: one-shot pruning of one trained net")
+    fig.tight_layout()
+    return _save(fig, Path(folder), stem)
