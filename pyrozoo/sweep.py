@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 from pyrozoo.baselines import finetune, magnitude_prune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.sparsity import TargetSparsity
-from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.errors import PyrozooError
 from pyrozoo.io import atomic_write
 from pyrozoo.metrics import evaluate_net
@@ -51,18 +50,23 @@ DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 TABLE, FIGURE = "sweep.csv", "sweep"
 
 
-def _bmr_net(model, posterior, sparsity: float, write_back: bool = True) -> nn.Module:
-    """The net after pruning ``model`` to ``sparsity`` by dF (on copies), at the reduced posterior mean."""
-    model, posterior = copy.deepcopy(model), copy.deepcopy(posterior)
-    if write_back:
-        TargetSparsity(sparsity)(model, posterior)
-    else:
-        original = type(posterior).reduce
+def _bmr_net(model, posterior, sparsity: float, write_back: bool = True) -> tuple[nn.Module, float]:
+    """The net after pruning ``model`` to ``sparsity`` by dF (on copies), at the reduced posterior mean, and its
+    pruned fraction of the prunable entries."""
+    model = copy.deepcopy(model)
+    saved = copy.deepcopy(posterior.state_dict())  # the posterior is restored after (guides do not deep-copy)
+    if not write_back:
         posterior.reduce = lambda site, pruned: posterior.reset_to_prior(site, pruned)
+    try:
         TargetSparsity(sparsity)(model, posterior)
-        posterior.reduce = original.__get__(posterior)
-    net = rebuild(model, posterior, remove_dead=False)
-    return _masked(net, model)
+        net = rebuild(model, posterior, remove_dead=False)
+    finally:
+        if not write_back:
+            del posterior.reduce
+        posterior.load_state_dict(saved)
+    prunable = [layer for layer in model.layers if layer.prunable]
+    kept = sum(int(model.mask(layer.name).sum()) for layer in prunable)
+    return _masked(net, model), 1 - kept / sum(layer.shape.numel() for layer in prunable)
 
 
 def _masked(net: nn.Module, model) -> nn.Module:
@@ -110,7 +114,7 @@ def channel_prune(net: nn.Module, layers, x_example: torch.Tensor, sparsity: flo
 
     lo, hi = 0.0, 0.999
     best = pruned(0.0)
-    for _ in range(14):
+    for _ in range(10):
         mid = 0.5 * (lo + hi)
         candidate = pruned(mid)
         if candidate[1] < sparsity:
@@ -129,6 +133,7 @@ def sweep(
     finetune_steps: int = 0,
     progress: bool = True,
     log=print,
+    fit_size: int | None = None,
 ) -> pd.DataFrame:
     """The tidy table of the curve: one row per method, target sparsity and fine-tuning (0 or ``finetune_steps``):
     achieved sparsity, accuracy, NLL, ECE (20 equal-mass bins), ECE (15 bins), Brier, and seconds to prune."""
@@ -154,28 +159,25 @@ def sweep(
         name = "bmr-laplace-" + ("diag" if structure == "diag" else "kfac")
         if any(m.startswith(name) for m in methods):
             start = time.perf_counter()
-            posteriors[structure] = (*laplace_from_run(run, structure, progress=progress), time.perf_counter() - start)
+            posteriors[structure] = (*laplace_from_run(run, structure, progress=progress, fit_size=fit_size), time.perf_counter() - start)
             log(f"Laplace {structure}: fitted in {posteriors[structure][2]:.1f} s; prior precisions "
                 + ", ".join(f"{r['layer']} {r['prior_precision']:.3g}" for r in posteriors[structure][0].laplace))
 
     def one(method: str, target: float) -> tuple[nn.Module, float]:
         if method == "bmr-laplace-diag":
             model, posterior, _ = posteriors["diag"]
-            net = _bmr_net(model, posterior, target)
+            return _bmr_net(model, posterior, target)
         elif method in ("bmr-laplace-kfac", "bmr-laplace-kfac-nowb"):
             model, posterior, _ = posteriors["kron"]
-            net = _bmr_net(model, posterior, target, write_back=method == "bmr-laplace-kfac")
+            return _bmr_net(model, posterior, target, write_back=method == "bmr-laplace-kfac")
         elif method == "bmr-run":
             model = copy.deepcopy(run.model)
-            net = _bmr_net(model, run.guide, target)
+            return _bmr_net(model, run.guide, target)
         elif method in ("magnitude", "magnitude-layer"):
             net = copy.deepcopy(base)
             masks = magnitude_prune(net, layers, target, "global" if method == "magnitude" else "layer")
             return net, 1 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
-        else:
-            net, achieved = channel_prune(base, layers, d.x_train[:2], target)
-            return net, achieved
-        return net, _achieved(net, layers)
+        return channel_prune(base, layers, d.x_train[:2], target)
 
     cells = [(m, s) for s in sparsities for m in methods]
     for method, target in tqdm(cells, desc="sweep", unit="cell", disable=not progress):
@@ -193,17 +195,6 @@ def sweep(
     table.insert(0, "net", run.config.net)
     table.insert(1, "data", run.config.data)
     return table
-
-
-def _achieved(net: nn.Module, layers) -> float:
-    """Pruned fraction of the prunable layers' entries in a net whose pruned entries are exactly zero."""
-    total = kept = 0
-    for layer in layers:
-        if layer.prunable:
-            w = layer.join(net)
-            total += w.numel()
-            kept += int((w != 0).sum())
-    return 1 - kept / total
 
 
 def _row(method, target, achieved, steps, seconds, metrics) -> dict:

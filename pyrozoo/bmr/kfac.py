@@ -122,7 +122,7 @@ class KroneckerGaussian:
     # --- any set of entries -------------------------------------------------------------------------------
 
     def conditional_mean(
-        self, pruned: Tensor, tol: float = 1e-8, max_iter: int = 1000
+        self, pruned: Tensor, tol: float = 1e-6, max_iter: int = 500
     ) -> tuple[Tensor, float, int]:
         """The reduced mean after removing the entries ``pruned`` (bool ``(R, K)``) together.
 

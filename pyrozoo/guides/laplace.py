@@ -278,6 +278,7 @@ def laplace(
     seed: int = 0,
     likelihood=None,
     progress: bool = True,
+    fit_size: int | None = None,
 ) -> tuple[BayesianModel, LaplacePosterior]:
     """A Laplace approximation around ``net``'s own weights, fitted on the training inputs ``x``.
 
@@ -285,11 +286,19 @@ def laplace(
     not changed) whose prior is the Gaussian chosen by the marginal likelihood, one scale per layer, and its
     :class:`LaplacePosterior`, diagonal (``structure="diag"``) or KFAC (``"kron"``); every reduction, rebuild and
     evaluation of pyrozoo takes them. ``model.laplace`` records each layer's prior precision and the evidence.
+    ``fit_size`` estimates the curvature's sum over ``x`` from that many images drawn at random (scaled by
+    ``len(x) / fit_size``), for a large training set on a small machine.
     """
     net = copy.deepcopy(net)
     layers = find_layers(net, output)
+    n = len(x)
+    if fit_size is not None and fit_size < n:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:fit_size]
+        x = x[order.to(x.device)]
     with torch.enable_grad():
         curv = curvature(net, layers, x, structure, batch_size, samples, seed, progress)
+    factor = n / len(x)
+    curv = {k: (v[0] * factor, v[1]) if structure == "kron" else v * factor for k, v in curv.items()}
     scales, loc, scale, kron, record = {}, {}, {}, {}, []
     for layer in layers:
         w = layer.join(net).double()
