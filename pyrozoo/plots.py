@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.ticker import SymmetricalLogLocator  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, NullFormatter, SymmetricalLogLocator  # noqa: E402
 
 from pyrozoo.baselines import BASELINES  # noqa: E402
 from pyrozoo.errors import PyrozooError, reason  # noqa: E402
@@ -300,9 +300,13 @@ def plot_sweep(table: pd.DataFrame, folder: Path, stem: str = "sweep") -> list[P
                 ls="--" if steps else "-",
                 label=method + (f" +{steps} steps" if steps else ""),
             )
-        ax.set_xlabel("pruned fraction")
+        ax.set_xlabel("pruned fraction (logit scale)")
         ax.set_ylabel(label)
         ax.set_xscale("logit")
+        ticks = sorted(curves.target.unique())
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{dense.get('net', '')} on {dense.get('data', '')}: one-shot pruning of one trained net")
     fig.tight_layout()
