@@ -246,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
         "prune writes RUN/pruned-POSTERIOR.pt (the pruned net) instead of RUN/pruned.pt",
     )
     prune.add_argument(
+        "--fit-size",
+        type=_number(int, "positive"),
+        default=None,
+        help="with a Laplace posterior: estimate the curvature from this many training images drawn at random "
+        "(default: all)",
+    )
+    prune.add_argument(
         "--sparsity",
         type=_number(float, "non-negative"),
         default=quiet,
@@ -378,12 +385,14 @@ def _prune(args) -> None:
     rule = args.rule
     if hasattr(args, "sparsity"):
         if rule not in ("threshold", "sparsity") or "sparsity" in given:
-            raise PyrozooError("--sparsity is the sparsity rule's option: give it alone or with --rule sparsity")
+            raise PyrozooError(
+                "--sparsity is the sparsity rule's option: give it alone or with --rule sparsity"
+            )
         rule, options = "sparsity", {**options, "sparsity": args.sparsity}
     reduction = make_reduction(rule, **options)  # a wrong option fails before the run is loaded
     run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
     if args.posterior != "run":
-        return _prune_laplace(run, reduction, args.posterior)
+        return _prune_laplace(run, reduction, args.posterior, args.fit_size)
     before = run.evaluate()
     report = reduction(run.model, run.guide)
     after = run.evaluate()
@@ -397,7 +406,7 @@ def _prune(args) -> None:
     print(_table({"before": before, "after": after}))
 
 
-def _prune_laplace(run, reduction, posterior: str) -> None:
+def _prune_laplace(run, reduction, posterior: str, fit_size: int | None = None) -> None:
     """BMR of a run from a Laplace approximation around its point estimate; writes the pruned net."""
     import torch
 
@@ -407,8 +416,11 @@ def _prune_laplace(run, reduction, posterior: str) -> None:
     from pyrozoo.metrics import evaluate_net
 
     d = run.data
-    model, laplace_posterior = laplace_from_run(run, "diag" if posterior == "laplace-diag" else "kron")
-    before = evaluate_net(rebuild(model, laplace_posterior, remove_dead=False), d.x_test, d.y_test, d.num_classes)
+    structure = "diag" if posterior == "laplace-diag" else "kron"
+    model, laplace_posterior = laplace_from_run(run, structure, fit_size=fit_size)
+    before = evaluate_net(
+        rebuild(model, laplace_posterior, remove_dead=False), d.x_test, d.y_test, d.num_classes
+    )
     report = reduction(model, laplace_posterior)
     net = rebuild(model, laplace_posterior, remove_dead=False)
     after = evaluate_net(net, d.x_test, d.y_test, d.num_classes)
@@ -450,7 +462,9 @@ def _sweep(args) -> None:
     out = args.out or run.out / "sweep"
     paths = write_sweep(table, out)
     shown = table.drop(columns=["net", "data", "ece15", "brier", "lpd"], errors="ignore")
-    print(f"{run.out} (epoch {run.epoch}): accuracy-sparsity curve, one shot, evaluated at the point estimate")
+    print(
+        f"{run.out} (epoch {run.epoch}): accuracy-sparsity curve, one shot, evaluated at the point estimate"
+    )
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("\nwhere each falls 1 point below the dense net's accuracy:")
     print(below_dense(table).to_string(index=False))

@@ -77,7 +77,9 @@ def _masked(net: nn.Module, model) -> nn.Module:
         mask = model.mask(layer.name).bool()
         for name, value in layer.split(mask.to(torch.float32)).items():
             path, _, attribute = name.rpartition(".")
-            torch_prune.custom_from_mask(net.get_submodule(path), attribute, value.reshape_as(net.get_parameter(name)))
+            torch_prune.custom_from_mask(
+                net.get_submodule(path), attribute, value.reshape_as(net.get_parameter(name))
+            )
     return net
 
 
@@ -91,7 +93,9 @@ def _prunable_params(net: nn.Module, layers) -> int:
     return total
 
 
-def channel_prune(net: nn.Module, layers, x_example: torch.Tensor, sparsity: float) -> tuple[nn.Module, float]:
+def channel_prune(
+    net: nn.Module, layers, x_example: torch.Tensor, sparsity: float
+) -> tuple[nn.Module, float]:
     """Torch-Pruning L1 channel pruning of ``net`` (a copy) to remove about ``sparsity`` of the prunable layers'
     parameters; returns the pruned net and the fraction it removed. The output layer's outputs are kept."""
     import torch_pruning as tp
@@ -144,7 +148,9 @@ def sweep(
     if unknown:
         raise PyrozooError(f"unknown sweep method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     if "bmr-run" in methods and run.guide.point_mass:
-        raise PyrozooError(f"bmr-run needs a posterior with spread; {run.out} is a point-mass ({run.config.method}) run")
+        raise PyrozooError(
+            f"bmr-run needs a posterior with spread; {run.out} is a point-mass ({run.config.method}) run"
+        )
     bad = [s for s in sparsities if not 0 <= s < 1]
     if bad:
         raise PyrozooError(f"a target sparsity lies in [0, 1), got {bad[0]}")
@@ -159,9 +165,16 @@ def sweep(
         name = "bmr-laplace-" + ("diag" if structure == "diag" else "kfac")
         if any(m.startswith(name) for m in methods):
             start = time.perf_counter()
-            posteriors[structure] = (*laplace_from_run(run, structure, progress=progress, fit_size=fit_size), time.perf_counter() - start)
-            log(f"Laplace {structure}: fitted in {posteriors[structure][2]:.1f} s; prior precisions "
-                + ", ".join(f"{r['layer']} {r['prior_precision']:.3g}" for r in posteriors[structure][0].laplace))
+            posteriors[structure] = (
+                *laplace_from_run(run, structure, progress=progress, fit_size=fit_size),
+                time.perf_counter() - start,
+            )
+            log(
+                f"Laplace {structure}: fitted in {posteriors[structure][2]:.1f} s; prior precisions "
+                + ", ".join(
+                    f"{r['layer']} {r['prior_precision']:.3g}" for r in posteriors[structure][0].laplace
+                )
+            )
 
     def one(method: str, target: float) -> tuple[nn.Module, float]:
         if method == "bmr-laplace-diag":
@@ -184,12 +197,21 @@ def sweep(
         start = time.perf_counter()
         net, achieved = one(method, target)
         seconds = time.perf_counter() - start
-        rows.append(_row(method, target, achieved, 0, seconds, evaluate_net(net, d.x_test, d.y_test, d.num_classes)))
+        rows.append(
+            _row(method, target, achieved, 0, seconds, evaluate_net(net, d.x_test, d.y_test, d.num_classes))
+        )
         if finetune_steps:
             c = run.config
             finetune(net, d.x_train, d.y_train, finetune_steps, c.lr, c.batch_size, c.seed)
             rows.append(
-                _row(method, target, achieved, finetune_steps, seconds, evaluate_net(net, d.x_test, d.y_test, d.num_classes))
+                _row(
+                    method,
+                    target,
+                    achieved,
+                    finetune_steps,
+                    seconds,
+                    evaluate_net(net, d.x_test, d.y_test, d.num_classes),
+                )
             )
     table = pd.DataFrame(rows)
     table.insert(0, "net", run.config.net)
@@ -198,7 +220,14 @@ def sweep(
 
 
 def _row(method, target, achieved, steps, seconds, metrics) -> dict:
-    return {"method": method, "target": target, "sparsity": achieved, "finetune_steps": steps, "seconds": seconds, **metrics}
+    return {
+        "method": method,
+        "target": target,
+        "sparsity": achieved,
+        "finetune_steps": steps,
+        "seconds": seconds,
+        **metrics,
+    }
 
 
 def write_sweep(table: pd.DataFrame, folder: str | os.PathLike) -> list[Path]:

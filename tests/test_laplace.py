@@ -11,7 +11,13 @@ from torch import nn
 from pyrozoo.bmr import TargetSparsity, pruned_fraction, rebuild
 from pyrozoo.bmr.kfac import KroneckerGaussian
 from pyrozoo.guides import GUIDES, Posterior, make_guide
-from pyrozoo.guides.laplace import LaplacePosterior, curvature, laplace, log_marginal_likelihood, prior_precision
+from pyrozoo.guides.laplace import (
+    LaplacePosterior,
+    curvature,
+    laplace,
+    log_marginal_likelihood,
+    prior_precision,
+)
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.layers import find_layers
 from pyrozoo.nets import create_net
@@ -72,7 +78,9 @@ def test_curvature_is_the_monte_carlo_fisher_of_the_net():
     for layer in layers:
         assert torch.allclose(diag[layer.name].float(), grads[layer.name].square().sum(0), atol=1e-5)
     one = curvature(net, layers, x[:1], "kron", seed=3, progress=False)
-    label = torch.multinomial(net(x[:1]).softmax(-1), 1, generator=torch.Generator().manual_seed(3)).squeeze(-1)
+    label = torch.multinomial(net(x[:1]).softmax(-1), 1, generator=torch.Generator().manual_seed(3)).squeeze(
+        -1
+    )
     grads = _per_example_grads(net, layers, x[:1], label)
     for layer in layers:
         G, A = one[layer.name]
@@ -87,7 +95,9 @@ def test_prior_precision_maximises_the_laplace_evidence():
     for factor in (0.5, 0.9, 1.1, 2.0):
         assert log_marginal_likelihood(h, 2.5, delta * factor) < best
     eps = 1e-6 * delta
-    slope = (log_marginal_likelihood(h, 2.5, delta + eps) - log_marginal_likelihood(h, 2.5, delta - eps)) / (2 * eps)
+    slope = (log_marginal_likelihood(h, 2.5, delta + eps) - log_marginal_likelihood(h, 2.5, delta - eps)) / (
+        2 * eps
+    )
     assert abs(slope) < 1e-3
 
 
@@ -148,7 +158,9 @@ def _model_and_posterior(source: str, kind: str):
 @pytest.mark.parametrize("per_layer", [False, True])
 @pytest.mark.parametrize("sparsity", [0.3, 0.77, 0.95])
 @pytest.mark.parametrize("source,kind", list(_sources()))
-def test_target_sparsity_reaches_the_requested_fraction_within_one_weight_per_layer(source, kind, sparsity, per_layer):
+def test_target_sparsity_reaches_the_requested_fraction_within_one_weight_per_layer(
+    source, kind, sparsity, per_layer
+):
     model, posterior = _model_and_posterior(source, kind)
     if posterior.point_mass:
         pytest.skip("BMR needs a posterior with spread (a point mass is refused, tested elsewhere)")

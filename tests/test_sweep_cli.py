@@ -36,7 +36,7 @@ def map_run(capsys, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("posterior", ["laplace-diag", "laplace-kfac"])
 def test_prune_a_map_run_from_a_laplace_posterior_to_a_sparsity(capsys, map_run, posterior):
-    code, out, err = cli(capsys, "prune", "map", "--posterior", posterior, "--sparsity", "0.6")
+    code, out, err = cli(capsys, "prune", "map", "--posterior", posterior, "--sparsity", "0.6", "--fit-size", "500")
     assert code == 0, err
     assert "pruned fraction 0.6000" in out
     state = torch.load(map_run / f"pruned-{posterior}.pt", weights_only=False)
@@ -48,8 +48,19 @@ def test_prune_a_map_run_from_a_laplace_posterior_to_a_sparsity(capsys, map_run,
 
 def test_sweep_writes_the_curve_and_the_figure(capsys, map_run):
     code, out, err = cli(
-        capsys, "sweep", "map", "--sparsities", "0.5", "0.9", "--fit-size", "300", "--no-progress",
-        "--methods", "bmr-laplace-kfac", "magnitude", "torch-pruning",
+        capsys,
+        "sweep",
+        "map",
+        "--sparsities",
+        "0.5",
+        "0.9",
+        "--fit-size",
+        "300",
+        "--no-progress",
+        "--methods",
+        "bmr-laplace-kfac",
+        "magnitude",
+        "torch-pruning",
     )
     assert code == 0, err
     table = pd.read_csv(map_run / "sweep" / "sweep.csv")

@@ -135,7 +135,9 @@ class KroneckerGaussian:
             return self.mean.clone(), 0.0, 0
         source = torch.where(pruned, self.mean, 0.0)  # M_S, zero elsewhere
         b = keep * self.precision_matvec(source)  # P_TS M_S
-        diag = torch.outer(torch.diagonal(self.G.double()), torch.diagonal(self.A.double())) + 1 / self.prior_var
+        diag = (
+            torch.outer(torch.diagonal(self.G.double()), torch.diagonal(self.A.double())) + 1 / self.prior_var
+        )
         inv_diag = keep / diag
         x = torch.zeros_like(b)
         r = b.clone()

@@ -125,6 +125,7 @@ def curvature(
         modules[layer.name] = module
     store: dict = {}
     handles = []
+
     def capture(module, inputs, output, name):
         a = _inputs(module, inputs[0].detach())
         output.register_hook(lambda g: _add(store, name, structure, a, _output_grads(module, g.detach())))
@@ -190,7 +191,9 @@ def prior_precision(eigenvalues: torch.Tensor, squared_norm: float) -> float:
 def log_marginal_likelihood(eigenvalues: torch.Tensor, squared_norm: float, delta: float) -> float:
     """The δ-dependent part of a layer's Laplace log marginal likelihood (what :func:`prior_precision` maximises)."""
     h = eigenvalues.double().flatten().clamp(min=0)
-    return -0.5 * delta * squared_norm + 0.5 * h.numel() * math.log(delta) - 0.5 * float((h + delta).log().sum())
+    return (
+        -0.5 * delta * squared_norm + 0.5 * h.numel() * math.log(delta) - 0.5 * float((h + delta).log().sum())
+    )
 
 
 # --- the posterior ------------------------------------------------------------------------------------------
@@ -235,12 +238,18 @@ class LaplacePosterior(Posterior):
     @torch.no_grad()
     def reduce(self, site: str, pruned: torch.Tensor) -> None:
         """Point-mass reduction of the entries ``pruned`` of ``site``: pruned entries get the prior; under KFAC
-        the survivors move to the reduced posterior mean (the full posterior conditioned on the pruned being 0)."""
+        the survivors move to the reduced posterior mean (the full posterior conditioned on the pruned being 0).
+        """
         if site in self.kron and bool(pruned.any()):
             mean, residual, iterations = self.kron[site].conditional_mean(pruned)
             self.loc[site] = mean.to(self.loc[site])
             self.report.append(
-                {"site": site, "pruned": int(pruned.sum()), "cg_residual": residual, "cg_iterations": iterations}
+                {
+                    "site": site,
+                    "pruned": int(pruned.sum()),
+                    "cg_residual": residual,
+                    "cg_iterations": iterations,
+                }
             )
         super().reduce(site, pruned)
 

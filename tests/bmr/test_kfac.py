@@ -11,7 +11,6 @@ from pyrozoo.bmr.delta_f import multivariate_covariance
 from pyrozoo.bmr.kfac import KroneckerGaussian
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """These tests run in float64 throughout (1e-6 agreement), and leave the default as they found it."""
@@ -28,7 +27,9 @@ def _spd(n: int, generator, scale: float = 1.0, rank: int | None = None) -> torc
 
 def _layer(R=3, K=4, seed=0, prior_var=0.7) -> KroneckerGaussian:
     g = torch.Generator().manual_seed(seed)
-    return KroneckerGaussian(torch.randn(R, K, generator=g), _spd(R, g, 3.0), _spd(K, g, 5.0, rank=2), prior_var)
+    return KroneckerGaussian(
+        torch.randn(R, K, generator=g), _spd(R, g, 3.0), _spd(K, g, 5.0, rank=2), prior_var
+    )
 
 
 def _dense(layer: KroneckerGaussian):
@@ -138,7 +139,9 @@ def test_delta_f_is_the_exact_evidence_difference_of_a_conjugate_regression(seed
     for r in range(layer.shape[0]):
         keep = full.clone()
         keep[r] = False
-        assert float(rows[r]) == pytest.approx(_log_evidence(X, Y, noise, layer.prior_var, keep) - log_z, abs=1e-6)
+        assert float(rows[r]) == pytest.approx(
+            _log_evidence(X, Y, noise, layer.prior_var, keep) - log_z, abs=1e-6
+        )
         for c in range(layer.shape[1]):
             keep = full.clone()
             keep[r, c] = False
