@@ -36,7 +36,9 @@ def map_run(capsys, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("posterior", ["laplace-diag", "laplace-kfac"])
 def test_prune_a_map_run_from_a_laplace_posterior_to_a_sparsity(capsys, map_run, posterior):
-    code, out, err = cli(capsys, "prune", "map", "--posterior", posterior, "--sparsity", "0.6", "--fit-size", "500")
+    code, out, err = cli(
+        capsys, "prune", "map", "--posterior", posterior, "--sparsity", "0.6", "--fit-size", "500"
+    )
     assert code == 0, err
     assert "pruned fraction 0.6000" in out
     state = torch.load(map_run / f"pruned-{posterior}.pt", weights_only=False)
