@@ -197,3 +197,15 @@ def test_laplace_posterior_is_not_a_registered_guide_but_meets_the_contract():
     assert set(draw) == set(posterior.sites())
     weights = model.weights_from(draw)
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_readme_compress_section_runs_as_written():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"## Compress a network you already have.*?```python\n(.*?)```", readme, re.S).group(1)
+    namespace = {"net": _net("lenet"), "x_train": _inputs("lenet", 30)}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["report"].pruned_fraction >= 0.9 - 0.01  # dead units downstream count too
+    assert isinstance(namespace["small"], nn.Module)
