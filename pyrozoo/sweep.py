@@ -8,6 +8,9 @@ Adam steps with the masks kept), and is evaluated at its point estimate on the t
   (:class:`~pyrozoo.bmr.TargetSparsity`, ranked over all prunable layers);
 - ``bmr-laplace-kfac``: the same from a KFAC Laplace posterior, with the reduced posterior mean written back, so
   the survivors compensate; ``bmr-laplace-kfac-nowb`` keeps the survivors as trained (what write-back adds);
+  ``bmr-laplace-kfac-diagdf`` ranks by the diagonal Laplace's dF and writes back KFAC's reduced mean (the
+  diagonal GGN is exact on the diagonal, where KFAC's marginal variances are only approximate: measured to rank
+  better, see experiments/RESULTS.md);
 - ``bmr-run``: BMR from the run's own posterior, when it has one with spread (a mean-field run);
 - ``magnitude`` / ``magnitude-layer``: smallest |w| globally / in each layer (:mod:`pyrozoo.baselines`);
 - ``torch-pruning``: Torch-Pruning's ``MagnitudePruner`` with L1 channel importance, the same channel ratio in
@@ -32,6 +35,7 @@ from tqdm.auto import tqdm
 
 from pyrozoo.baselines import finetune, magnitude_prune
 from pyrozoo.bmr.rebuild import rebuild
+from pyrozoo.bmr.scores import delta_f
 from pyrozoo.bmr.sparsity import TargetSparsity
 from pyrozoo.errors import PyrozooError
 from pyrozoo.io import atomic_write
@@ -41,6 +45,7 @@ METHODS = (
     "bmr-laplace-diag",
     "bmr-laplace-kfac",
     "bmr-laplace-kfac-nowb",
+    "bmr-laplace-kfac-diagdf",
     "bmr-run",
     "magnitude",
     "magnitude-layer",
@@ -50,7 +55,9 @@ DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 TABLE, FIGURE = "sweep.csv", "sweep"
 
 
-def _bmr_net(model, posterior, sparsity: float, write_back: bool = True) -> tuple[nn.Module, float]:
+def _bmr_net(
+    model, posterior, sparsity: float, write_back: bool = True, scores: dict | None = None
+) -> tuple[nn.Module, float]:
     """The net after pruning ``model`` to ``sparsity`` by dF (on copies), at the reduced posterior mean, and its
     pruned fraction of the prunable entries."""
     model = copy.deepcopy(model)
@@ -58,7 +65,7 @@ def _bmr_net(model, posterior, sparsity: float, write_back: bool = True) -> tupl
     if not write_back:
         posterior.reduce = lambda site, pruned: posterior.reset_to_prior(site, pruned)
     try:
-        TargetSparsity(sparsity)(model, posterior)
+        TargetSparsity(sparsity)(model, posterior, scores=scores)
         net = rebuild(model, posterior, remove_dead=False)
     finally:
         if not write_back:
@@ -163,7 +170,9 @@ def sweep(
     posteriors = {}
     for structure in ("diag", "kron"):
         name = "bmr-laplace-" + ("diag" if structure == "diag" else "kfac")
-        if any(m.startswith(name) for m in methods):
+        if any(m.startswith(name) for m in methods) or (
+            structure == "diag" and "bmr-laplace-kfac-diagdf" in methods
+        ):
             start = time.perf_counter()
             posteriors[structure] = (
                 *laplace_from_run(run, structure, progress=progress, fit_size=fit_size),
@@ -180,6 +189,9 @@ def sweep(
         if method == "bmr-laplace-diag":
             model, posterior, _ = posteriors["diag"]
             return _bmr_net(model, posterior, target)
+        elif method == "bmr-laplace-kfac-diagdf":
+            model, posterior, _ = posteriors["kron"]
+            return _bmr_net(model, posterior, target, scores=delta_f(*posteriors["diag"][:2]))
         elif method in ("bmr-laplace-kfac", "bmr-laplace-kfac-nowb"):
             model, posterior, _ = posteriors["kron"]
             return _bmr_net(model, posterior, target, write_back=method == "bmr-laplace-kfac")
