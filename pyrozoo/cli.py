@@ -1,4 +1,4 @@
-"""The ``pyrozoo`` command: ``train``, ``compare``, ``plot``, ``prune``, ``export``, ``predict``,
+"""The ``pyrozoo`` command: ``train``, ``compare``, ``plot``, ``prune``, ``sweep``, ``export``, ``predict``,
 ``uncertainty`` and ``info``.
 
 Run options are not declared here: the flags of ``train`` and ``compare`` are built from
@@ -29,6 +29,9 @@ from pyrozoo.optim import OPTIMIZERS
 from pyrozoo.options import parse_option
 from pyrozoo.registry import describe, option_names
 from pyrozoo.shift import SHIFTS
+from pyrozoo.sweep import METHODS as SWEEP_METHODS
+
+POSTERIORS = ("run", "laplace-diag", "laplace-kfac")
 
 SUMMARY_COLUMNS = [
     "epoch",
@@ -247,6 +250,63 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--count-pruned", action="store_true", default=quiet, help="short for --rule-option count_pruned=true"
     )
+    prune.add_argument(
+        "--posterior",
+        type=_choice(list(POSTERIORS)),
+        default="run",
+        help="where BMR's posterior comes from: run (the run's own guide, default), laplace-diag or laplace-kfac "
+        "(a Laplace approximation around the run's point estimate, e.g. a flat-map run's MAP weights, fitted on "
+        "its training set; KFAC writes back the reduced mean so the surviving weights compensate); a Laplace "
+        "prune writes RUN/pruned-POSTERIOR.pt (the pruned net) instead of RUN/pruned.pt",
+    )
+    prune.add_argument(
+        "--fit-size",
+        type=_number(int, "positive"),
+        default=None,
+        help="with a Laplace posterior: estimate the curvature from this many training images drawn at random "
+        "(default: all)",
+    )
+    prune.add_argument(
+        "--sparsity",
+        type=_number(float, "non-negative"),
+        default=quiet,
+        help="prune to this fraction by dF (the sparsity rule: --rule sparsity --rule-option sparsity=S)",
+    )
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="accuracy-sparsity curve of a trained run: BMR (Laplace diagonal, Laplace KFAC with write-back, the "
+        "run's own posterior) against magnitude and Torch-Pruning channel pruning, one shot (RUN/sweep/)",
+    )
+    sweep.add_argument("run", help="run folder (a flat-map run, or any finished run)")
+    sweep.add_argument(
+        "--sparsities",
+        nargs="+",
+        type=_number(float, "non-negative"),
+        default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98],
+        help="target pruned fractions (default 0.5 0.7 0.8 0.9 0.95 0.98)",
+    )
+    sweep.add_argument(
+        "--methods",
+        nargs="+",
+        type=_choice(list(SWEEP_METHODS)),
+        default=quiet,
+        help="methods (default: all that apply; bmr-run only for a run whose posterior has spread)",
+    )
+    sweep.add_argument(
+        "--finetune-steps",
+        type=_number(int, "non-negative"),
+        default=0,
+        help="also fine-tune every pruned net for this many Adam steps (masks kept) at the run's lr and batch",
+    )
+    sweep.add_argument(
+        "--fit-size",
+        type=_number(int, "positive"),
+        default=None,
+        help="Laplace: estimate the curvature from this many training images drawn at random (default: all)",
+    )
+    sweep.add_argument("--out", default=None, help="folder for sweep.csv and the figure (default RUN/sweep)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     export = sub.add_parser(
         "export", help="rebuild the run's sparse net, save it, compare it with the dense one"
@@ -391,8 +451,17 @@ def _prune(args) -> None:
     if clash:
         raise PyrozooError(f"--{clash[0].replace('_', '-')} and rule option {clash[0]} disagree")
     options = {**aliases, **given}
-    reduction = make_reduction(args.rule, **options)  # a wrong option fails before the run is loaded
+    rule = args.rule
+    if hasattr(args, "sparsity"):
+        if rule not in ("threshold", "sparsity") or "sparsity" in given:
+            raise PyrozooError(
+                "--sparsity is the sparsity rule's option: give it alone or with --rule sparsity"
+            )
+        rule, options = "sparsity", {**options, "sparsity": args.sparsity}
+    reduction = make_reduction(rule, **options)  # a wrong option fails before the run is loaded
     run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
+    if args.posterior != "run":
+        return _prune_laplace(run, reduction, args.posterior, args.fit_size)
     before = run.evaluate()
     report = reduction(run.model, run.guide)
     after = run.evaluate()
@@ -404,6 +473,71 @@ def _prune(args) -> None:
     )
     print(report.table().to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(_table({"before": before, "after": after}))
+
+
+def _prune_laplace(run, reduction, posterior: str, fit_size: int | None = None) -> None:
+    """BMR of a run from a Laplace approximation around its point estimate; writes the pruned net."""
+    import torch
+
+    from pyrozoo.bmr import rebuild
+    from pyrozoo.guides.laplace import laplace_from_run
+    from pyrozoo.io import atomic_write
+    from pyrozoo.metrics import evaluate_net
+
+    d = run.data
+    structure = "diag" if posterior == "laplace-diag" else "kron"
+    model, laplace_posterior = laplace_from_run(run, structure, fit_size=fit_size)
+    before = evaluate_net(
+        rebuild(model, laplace_posterior, remove_dead=False), d.x_test, d.y_test, d.num_classes
+    )
+    report = reduction(model, laplace_posterior)
+    net = rebuild(model, laplace_posterior, remove_dead=False)
+    after = evaluate_net(net, d.x_test, d.y_test, d.num_classes)
+    path = run.out / f"pruned-{posterior}.pt"
+    state = {
+        "source": run.source(),
+        "posterior": posterior,
+        "laplace": model.laplace,
+        "net_state_dict": net.state_dict(),
+        "masks": {layer.name: model.mask(layer.name).bool() for layer in model.layers},
+        "report": report.table().to_dict("records"),
+        "metrics": after,
+    }
+    atomic_write(path, lambda p: torch.save(state, p))
+    print(
+        f"pruning ({reduction.describe()}) of {run.out} after epoch {run.epoch} from a {posterior} posterior "
+        f"(prior precisions by the Laplace evidence: "
+        + ", ".join(f"{r['layer']} {r['prior_precision']:.3g}" for r in model.laplace)
+        + f"): pruned fraction {report.pruned_fraction:.4f}; the pruned net's state_dict written to {path}"
+    )
+    print(report.table().to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(_table({"before (posterior mean)": before, "after": after}))
+
+
+def _sweep(args) -> None:
+    from pyrozoo.sweep import below_dense, sweep, write_sweep
+    from pyrozoo.train import Run
+
+    run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
+    table = sweep(
+        run,
+        args.sparsities,
+        getattr(args, "methods", None),
+        args.finetune_steps,
+        progress=not args.no_progress,
+        log=lambda text: print(text, file=sys.stderr),
+        fit_size=args.fit_size,
+    )
+    out = args.out or run.out / "sweep"
+    paths = write_sweep(table, out)
+    shown = table.drop(columns=["net", "data", "ece15", "brier", "lpd"], errors="ignore")
+    print(
+        f"{run.out} (epoch {run.epoch}): accuracy-sparsity curve, one shot, evaluated at the point estimate"
+    )
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("\nwhere each falls 1 point below the dense net's accuracy:")
+    print(below_dense(table).to_string(index=False))
+    print(f"written: {', '.join(str(p) for p in paths)}")
 
 
 def _export(args) -> None:
@@ -548,6 +682,7 @@ def main(argv: list[str] | None = None) -> int:
             "compare": _compare,
             "plot": lambda a: _plot_files(a.grid),
             "prune": _prune,
+            "sweep": _sweep,
             "export": _export,
             "predict": _predict,
             "uncertainty": _uncertainty,

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.ticker import SymmetricalLogLocator  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, NullFormatter, SymmetricalLogLocator  # noqa: E402
 
 from pyrozoo.baselines import BASELINES  # noqa: E402
 from pyrozoo.errors import PyrozooError, reason  # noqa: E402
@@ -319,3 +319,36 @@ def plot_regression_bands(run, path_stem: str | os.PathLike, samples: int = 200,
     ax.grid(alpha=0.3)
     stem = Path(path_stem)
     return _save(fig, stem.parent, stem.name)
+
+
+def plot_sweep(table: pd.DataFrame, folder: Path, stem: str = "sweep") -> list[Path]:
+    """The accuracy-sparsity curve (``pyrozoo sweep``): accuracy, NLL and ECE against the pruned fraction, one
+    line per method (dashed: after fine-tuning), the dense net as a grey line."""
+    dense = table[table.method == "dense"].iloc[0]
+    curves = table[table.method != "dense"]
+    colours = _colours(list(dict.fromkeys(curves.method)))
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4), squeeze=False)
+    for ax, (column, label) in zip(axes[0], CURVES):
+        ax.axhline(dense[column], color="grey", lw=1, label="dense")
+        for (method, steps), rows in curves.groupby(["method", "finetune_steps"], sort=False):
+            rows = rows.sort_values("target")
+            ax.plot(
+                rows.sparsity,
+                rows[column],
+                marker="o",
+                ms=3,
+                color=colours[method],
+                ls="--" if steps else "-",
+                label=method + (f" +{steps} steps" if steps else ""),
+            )
+        ax.set_xlabel("pruned fraction (logit scale)")
+        ax.set_ylabel(label)
+        ax.set_xscale("logit")
+        ticks = sorted(curves.target.unique())
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{dense.get('net', '')} on {dense.get('data', '')}: one-shot pruning of one trained net")
+    fig.tight_layout()
+    return _save(fig, Path(folder), stem)
