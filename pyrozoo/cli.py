@@ -255,10 +255,12 @@ def _run_options(args) -> dict:
 
 
 def _train(args) -> None:
+    from pyrozoo import distributed
     from pyrozoo.config import make_config
     from pyrozoo.train import Run
 
-    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    world = distributed.setup()  # several processes when torchrun started this one; rank 0 prints and writes
+    log = lambda text: print(text, file=sys.stderr) if world.main else None  # noqa: E731
     axes = {k: getattr(args, k, getattr(TrainConfig, k)) for k in ("net", "method", "data", "seed")}
     out = args.out or os.path.join("runs", run_name(**axes))
     if args.resume:
@@ -269,13 +271,17 @@ def _train(args) -> None:
             raise PyrozooError("--override changes a resumed run: give it with --resume")
         run = Run(make_config(**axes, options=_run_options(args)), out, log=log)
     c = run.config
-    print(
+    processes = f" ({world.size} processes)" if world.parallel else ""
+    log(
         f"training {c.net} with {c.method} (guide {c.guide}, {c.optimizer} lr {c.lr}) "
         f"on {c.data} from {run.data.source}; "
-        f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}; run folder {run.out}",
-        file=sys.stderr,
+        f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}{processes}; "
+        f"run folder {run.out}"
     )
     table = run.train(progress=not args.no_progress)
+    distributed.finish()
+    if not world.main:
+        return
     evaluated = table.dropna(subset=["accuracy"]) if "accuracy" in table else table
     columns = [col for col in SUMMARY_COLUMNS if col in evaluated]
     print(f"\n{c.net} {c.method} on {c.data}: metrics per evaluated epoch (seconds = training time so far)")
@@ -420,7 +426,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         commands[args.command](args)
     except PyrozooError as e:
-        print(f"pyrozoo: error: {e}", file=sys.stderr)
+        from pyrozoo.distributed import RankZeroStopped
+
+        if not isinstance(e, RankZeroStopped):  # rank 0 of a data-parallel run has printed that one
+            print(f"pyrozoo: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(

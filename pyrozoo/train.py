@@ -26,7 +26,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from pyrozoo import data as datasets
-from pyrozoo import faults
+from pyrozoo import distributed, faults
 from pyrozoo.bmr.scores import posterior_scales, scale_table
 from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.config import OVERRIDABLE, RESUMABLE, TABLES, TrainConfig
@@ -50,11 +50,14 @@ CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
 )
 
 
-def svi_step(model, guide, optimizer: torch.optim.Optimizer, x, y, dataset_size: int) -> float:
-    """One stochastic-gradient step on ``-ELBO``; returns the loss."""
+def svi_step(model, guide, optimizer: torch.optim.Optimizer, x, y, dataset_size: int, share=None) -> float:
+    """One stochastic-gradient step on ``-ELBO``; returns the loss. ``share`` (a data-parallel run's, see
+    :meth:`pyrozoo.distributed.World.sharer`) turns this process's gradients and loss into the run's."""
     loss = negative_elbo(model, guide, x, y, dataset_size)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if share is not None:
+        loss = share(loss, optimizer)
     faults.reached("step")
     optimizer.step()
     return loss.item()
@@ -92,13 +95,15 @@ def evaluate(
     num_classes: int,
     samples: int,
     batch_size: int = 2000,
+    world: distributed.World = distributed.World(),
 ) -> dict[str, float]:
-    """Predictive metrics of ``samples`` posterior draws from ``guide`` on ``(x, y)``."""
+    """Predictive metrics of ``samples`` posterior draws from ``guide`` on ``(x, y)``; in a data-parallel
+    ``world``, each rank computes its part of every batch and all get the metrics of the whole."""
 
     def draws():
         for _ in range(samples):
             weights = model.weights_from(guide())
-            yield lambda xb: model.likelihood.log_probs(model.logits(xb, weights))
+            yield world.sharded(lambda xb: model.likelihood.log_probs(model.logits(xb, weights)))
 
     training = model.training
     model.eval()  # no dropout at test time
@@ -235,19 +240,23 @@ class Run:
 
     def __init__(self, config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, log=print):
         self.out = Path(out)
-        self.log = log
+        self.world = distributed.setup()  # a run started by torchrun has several processes; rank 0 writes
+        self.log = log if self.world.main else lambda text: None
         if resume and not (self.out / CHECKPOINT).exists():  # checked before the lock, which makes the folder
             raise PyrozooError(f"nothing to resume in {out}: it has no {CHECKPOINT}")
         # Everything a user's setting can break (the config, the data, the net options, the batch size) is
         # built before the lock, which makes the folder: a mistake leaves no folder behind.
         self._build(config.resolved(), resume)
         self.overrides: list[dict] = []  # the changes --override made to the run, as config.json records them
-        # One writer per run folder, held while this object lives (released at exit, or by close()).
-        self._lock = FolderLock(self.out).acquire()
+        # One writer per run folder, held while this object lives (released at exit, or by close()); in a
+        # data-parallel run rank 0 holds it, and the others stop too if it cannot.
+        self._lock = FolderLock(self.out)
+        self.world.agree(self._lock.acquire)
         try:
             _open_run_folder(self.out, resume)
             if resume:
                 self._load_checkpoint()
+                self.world.sync_rng()
             else:
                 self._write_config()
         except BaseException:
@@ -276,13 +285,15 @@ class Run:
             self.config = config = dataclasses.replace(config, data=raw.name)
         else:
             raw = datasets.load(config.data, config.data_dir)
-        self.data = datasets.prepare(raw, pad_to=NETS[config.net].pad_to, device=config.device)
+        device = self.world.device(config.device)  # with several GPU processes, one GPU each
+        self.data = datasets.prepare(raw, pad_to=NETS[config.net].pad_to, device=device)  # moved there once
         d = self.data
         if not resume and config.batch_size > len(d.x_train):  # a resumed run keeps what it was started with
             raise PyrozooError(
                 f"--batch-size {config.batch_size} is larger than the training set of {config.data} "
                 f"({len(d.x_train)} images): use at most {len(d.x_train)}"
             )
+        self.world.check_batch(config.batch_size)
         self.method = METHODS[config.method]
         self.reduction = config.reduction()
         net = create_net(
@@ -292,14 +303,14 @@ class Run:
             num_classes=d.num_classes,
             **{**self.method.net_options, **config.net_options},
         )
-        self.model = BayesianModel(net.to(config.device), prior=config.bound_prior())
+        self.model = BayesianModel(net.to(device), prior=config.bound_prior())
         self.guide = make_guide(
             config.guide,
             self.model,
             *self._batch(torch.arange(min(2, len(d.x_train)))),
             options=config.guide_options,
         )
-        self.guide.to(config.device)
+        self.guide.to(device)
         self.optimizer = OPTIMIZERS[config.optimizer](self.guide.parameters(), lr=config.lr)
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
@@ -330,6 +341,7 @@ class Run:
                 raise PyrozooError(
                     f"--override {key} needs the new value: give --{key.replace('_', '-')} too"
                 )
+        distributed.setup()  # before the lock: in a data-parallel run only rank 0 takes it
         path = Path(out) / CONFIG
         if not path.exists():
             raise PyrozooError(f"{out} holds no run: it has no {CONFIG}")
@@ -489,6 +501,7 @@ class Run:
                 d.num_classes,
                 self.config.samples,
                 self.config.eval_batch_size,
+                self.world,
             )
             faults.reached("eval")
             return metrics
@@ -514,7 +527,7 @@ class Run:
             initial=self.epoch * c.steps_per_epoch,
             unit="step",
             desc=f"{c.net} {c.method}",
-            disable=not progress,
+            disable=not progress or not self.world.main,
             dynamic_ncols=True,
             mininterval=0.5,
         )
@@ -535,7 +548,9 @@ class Run:
             while self.epoch < c.epochs:
                 start, losses = time.perf_counter(), []
                 for _ in range(c.steps_per_epoch):
-                    loss = svi_step(self.model, self.guide, self.optimizer, *self._batch(self.batches.next()))
+                    part, weight = self.world.split(self.batches.next())  # this process's part of the batch
+                    share = self.world.sharer(weight)
+                    loss = svi_step(self.model, self.guide, self.optimizer, *self._batch(part), share=share)
                     if not math.isfinite(loss):
                         raise TrainingDiverged(self._diverged(loss))
                     losses.append(loss)
@@ -544,6 +559,7 @@ class Run:
                     if self.step % 50 == 0:
                         bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                 self.seconds += time.perf_counter() - start
+                self.world.sync_rng()  # keep the ranks' random streams one (what rank 0 checkpoints)
                 self._check_posterior_is_finite()
                 self.epoch += 1
                 row = {
@@ -573,7 +589,7 @@ class Run:
     def _write_scales(self) -> None:
         """The per-layer posterior scales (shrinkage, for a hierarchical prior), from a random stream of their
         own, so that the checkpoint's random state is what a longer run would continue from."""
-        if self.guide.point_mass:
+        if self.guide.point_mass or not self.world.main:
             return
         devices = [self.data.x_test.device] if self.data.x_test.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -613,6 +629,7 @@ class Run:
         if not (self.reduction and 0 < self.epoch < c.epochs and self.step >= c.warmup_steps):
             return False
         report = self.reduction(self.model, self.guide)
+        self.world.broadcast(self.model, self.guide)  # rank 0's masks and posterior, on every rank
         faults.reached("bmr")
         for layer in report.layers:
             if layer.note:
