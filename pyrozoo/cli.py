@@ -203,6 +203,31 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--no-plots", action="store_true", help="skip the figures (pyrozoo plot DIR draws them)"
     )
+    compare.add_argument(
+        "--launcher",
+        type=_choice(["local", "slurm"]),
+        default="local",
+        help="where the cells run: local (on this machine, --jobs at a time) or slurm (one Slurm job per cell, "
+        "through submitit)",
+    )
+    compare.add_argument(
+        "--jobs",
+        type=_number(int, "positive"),
+        default=quiet,
+        help="--launcher local: cells run at once, as separate processes sharing this machine's threads (1)",
+    )
+    _add_key_value(
+        compare,
+        "--slurm-option",
+        "slurm_options",
+        "--launcher slurm: a submitit option, repeatable: partition=gpu, timeout_min=600, gpus_per_node=1, "
+        "cpus_per_task=8, mem_gb=32, account=..., qos=...; cluster=local tries the jobs on this machine",
+    )
+    compare.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="--launcher slurm: return once the jobs are submitted (the same command again collects the results)",
+    )
     _add_run_options(compare)
 
     plot = sub.add_parser(
@@ -291,12 +316,29 @@ def _train(args) -> None:
 def _compare(args) -> None:
     from pyrozoo.compare import RESULTS, TABLE, make_grid, run_grid, summary_markdown
 
+    from pyrozoo.compare import LAUNCHERS
+
     given = {k.replace("-", "_"): v for k, v in vars(args).items()}
-    for key in ("command", "config", "no_plots", "no_progress"):
+    for key in ("command", "config", "no_plots", "no_progress", "launcher", "jobs", "slurm_options", "no_wait"):
         given.pop(key, None)
     grid = make_grid(args.config, **given)
     progress = not args.no_progress
-    results = run_grid(grid, progress=progress)
+    if args.launcher == "local":
+        for flag, given in (("--slurm-option", hasattr(args, "slurm_options")), ("--no-wait", args.no_wait)):
+            if given:
+                raise PyrozooError(f"{flag} belongs to --launcher slurm")
+        launcher = LAUNCHERS["local"](jobs=getattr(args, "jobs", 1))
+    else:
+        if hasattr(args, "jobs"):
+            raise PyrozooError("--jobs belongs to --launcher local (Slurm runs as many jobs as it schedules)")
+        launcher = LAUNCHERS["slurm"](options=getattr(args, "slurm_options", {}), wait=not args.no_wait)
+    results = run_grid(grid, progress=progress, launcher=launcher)
+    if results is None:
+        print(
+            f"grid {grid.out}: jobs submitted; when they are done, the same command collects the results "
+            f"(a cell still queued then is submitted again: whichever of its jobs starts second finds it finished, or running and stops)"
+        )
+        return
     summary = summary_markdown(results)
     atomic_write_text(grid.out / TABLE, summary)
     print(f"grid {grid.out}: {len(results)} rows in {grid.out / RESULTS}, summary in {grid.out / TABLE}\n")

@@ -105,7 +105,10 @@ def _worker(rank: int, size: int, init_file: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True)
+    # forked (one torch thread, see conftest), which spares each worker the seconds of importing pyrozoo again
+    mp.start_processes(
+        _worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True, start_method="fork"
+    )
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -215,6 +218,7 @@ def two_processes(tmp_path_factory) -> Path:
     return cwd / "run"
 
 
+@pytest.mark.slow
 def test_two_processes_train_what_one_process_trains(tmp_path, two_processes):
     done = one_process("train", *RUN, "--out", "run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -223,6 +227,7 @@ def test_two_processes_train_what_one_process_trains(tmp_path, two_processes):
     assert names == sorted(p.name for p in (tmp_path / "run").iterdir())  # rank 1 wrote nothing of its own
 
 
+@pytest.mark.slow  # subprocesses: 1-2 minutes on a busy 2-core machine
 def test_a_killed_two_process_run_resumes_with_one_process(tmp_path, two_processes):
     killed = torchrun("train", *RUN, "--out", "run", cwd=tmp_path, fault="step@5")  # mid-epoch 2
     assert killed.returncode != 0
