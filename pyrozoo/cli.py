@@ -319,13 +319,22 @@ def _compare(args) -> None:
     from pyrozoo.compare import LAUNCHERS
 
     given = {k.replace("-", "_"): v for k, v in vars(args).items()}
-    for key in ("command", "config", "no_plots", "no_progress", "launcher", "jobs", "slurm_options", "no_wait"):
+    for key in (
+        "command",
+        "config",
+        "no_plots",
+        "no_progress",
+        "launcher",
+        "jobs",
+        "slurm_options",
+        "no_wait",
+    ):
         given.pop(key, None)
     grid = make_grid(args.config, **given)
     progress = not args.no_progress
     if args.launcher == "local":
-        for flag, given in (("--slurm-option", hasattr(args, "slurm_options")), ("--no-wait", args.no_wait)):
-            if given:
+        for flag, used in (("--slurm-option", hasattr(args, "slurm_options")), ("--no-wait", args.no_wait)):
+            if used:
                 raise PyrozooError(f"{flag} belongs to --launcher slurm")
         launcher = LAUNCHERS["local"](jobs=getattr(args, "jobs", 1))
     else:

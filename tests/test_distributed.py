@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -180,7 +179,12 @@ def _env(fault: str | None = None) -> dict:
 def torchrun(*argv: str, cwd: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     return subprocess.run(
-        [*command, "-m", "pyrozoo", *argv], cwd=cwd, env=_env(fault), capture_output=True, text=True, timeout=600
+        [*command, "-m", "pyrozoo", *argv],
+        cwd=cwd,
+        env=_env(fault),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

@@ -102,7 +102,10 @@ def test_launcher_flags_belong_to_their_launcher(capsys, tmp_path):
         (["--slurm-option", "partition=gpu"], ["--slurm-option", "--launcher slurm"]),
         (["--launcher", "slurm", "--jobs", "2"], ["--jobs", "--launcher local"]),
         (["--jobs", "0"], ["--jobs", "positive"]),
-        (["--launcher", "slurm", "--slurm-option", "cluster=local", "--slurm-option", "colour=red"], ["colour"]),
+        (
+            ["--launcher", "slurm", "--slurm-option", "cluster=local", "--slurm-option", "colour=red"],
+            ["colour"],
+        ),
     ):
         assert_one_line_error(*cli(capsys, "compare", *GRID, "--out", out, *flags), *words)
 
