@@ -148,21 +148,27 @@ class World:
             dist.broadcast(state, src=0)
             torch.cuda.set_rng_state(state)
 
-    def sharded(self, draw: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """``draw`` (a batch of inputs -> log-probabilities) computed on this rank's part of each batch and
-        gathered from all ranks, in order: every rank gets the whole batch's result."""
+    def sharded(
+        self, draw: Callable[[torch.Tensor], torch.Tensor], points_dim: int = 0
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``draw`` (a batch of inputs -> log-probabilities, the batch's points along ``points_dim`` of its
+        result: 0 for ``[B, C]``, 1 for several draws at once, ``[K, B, C]``) computed on this rank's part of each
+        batch and gathered from all ranks, in order: every rank gets the whole batch's result."""
         if not self.parallel:
             return draw
 
         def gathered(x: torch.Tensor) -> torch.Tensor:
             parts = x.tensor_split(self.size)
             mine = draw(parts[self.rank])
-            rows = len(parts[0])  # the largest part
-            padded = mine.new_zeros((rows, *mine.shape[1:]))
-            padded[: len(mine)] = mine
+            shape = list(mine.shape)
+            shape[points_dim] = len(parts[0])  # the largest part
+            padded = mine.new_zeros(shape)
+            padded.narrow(points_dim, 0, len(parts[self.rank])).copy_(mine)
             pieces = [torch.empty_like(padded) for _ in range(self.size)]
-            dist.all_gather(pieces, padded.contiguous())
-            return torch.cat([piece[: len(part)] for piece, part in zip(pieces, parts)])
+            dist.all_gather(pieces, padded)
+            return torch.cat(
+                [p.narrow(points_dim, 0, len(part)) for p, part in zip(pieces, parts)], points_dim
+            )
 
         return gathered
 

@@ -77,6 +77,10 @@ def _worker(rank: int, size: int, init_file: str, out: str) -> None:
 
         result["gathered"] = world.sharded(draw)(x)
         result["seen"] = seen
+        # several draws at once: [K, B, C], the points along dim 1
+        result["gathered_k"] = world.sharded(lambda xb: torch.stack([draw(xb), 2 * draw(xb)]), points_dim=1)(
+            x
+        )
 
         # rank 0's masks (and the model's record of pruned layers) become every rank's
         model, guide, *_ = _problem()
@@ -143,8 +147,9 @@ def test_sharded_evaluation_gathers_the_whole_batch(ranks):
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     whole = torch.log_softmax(x @ weights, dim=-1)
     for rank, part in zip(ranks, (3, 2)):
-        assert rank["seen"] == [part]  # each rank computed only its part
+        assert rank["seen"] == [part, part, part]  # each rank computed only its part
         torch.testing.assert_close(rank["gathered"], whole, rtol=0, atol=0)
+        torch.testing.assert_close(rank["gathered_k"], torch.stack([whole, 2 * whole]), rtol=0, atol=0)
 
 
 def test_a_broadcast_gives_every_rank_the_masks_of_rank_0(ranks):

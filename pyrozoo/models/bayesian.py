@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import pyro
@@ -27,6 +28,13 @@ class StandardNormal(dist.Normal):
     def __init__(self, shape: torch.Size, device=None, dtype=None):
         zero = torch.zeros((), device=device, dtype=dtype)
         super().__init__(zero.expand(shape), (zero + 1).expand(shape))
+
+
+@functools.lru_cache(maxsize=1024)
+def _standard_normal_latent(shape: torch.Size, device, dtype):
+    """The prior of a layer's latent, built once per shape: it holds only two broadcast constants, and building
+    it every step is a visible share of a small net's step."""
+    return StandardNormal(shape, device, dtype).to_event(2)
 
 
 @register_kl(torch.distributions.Normal, StandardNormal)
@@ -112,7 +120,7 @@ class BayesianModel(nn.Module):
         weights = {}
         for layer in self.layers:
             scale = self.prior(layer)
-            z = pyro.sample(layer.site, StandardNormal(layer.shape, layer.device, layer.dtype).to_event(2))
+            z = pyro.sample(layer.site, _standard_normal_latent(layer.shape, layer.device, layer.dtype))
             if layer.name in self._pruned:
                 z = self.mask(layer.name) * z
             weights[layer.name] = scale * z
