@@ -220,6 +220,31 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--no-plots", action="store_true", help="skip the figures (pyrozoo plot DIR draws them)"
     )
+    compare.add_argument(
+        "--launcher",
+        type=_choice(["local", "slurm"]),
+        default="local",
+        help="where the cells run: local (on this machine, --jobs at a time) or slurm (one Slurm job per cell, "
+        "through submitit)",
+    )
+    compare.add_argument(
+        "--jobs",
+        type=_number(int, "positive"),
+        default=quiet,
+        help="--launcher local: cells run at once, as separate processes sharing this machine's threads (1)",
+    )
+    _add_key_value(
+        compare,
+        "--slurm-option",
+        "slurm_options",
+        "--launcher slurm: a submitit option, repeatable: partition=gpu, timeout_min=600, gpus_per_node=1, "
+        "cpus_per_task=8, mem_gb=32, account=..., qos=...; cluster=local tries the jobs on this machine",
+    )
+    compare.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="--launcher slurm: return once the jobs are submitted (the same command again collects the results)",
+    )
     _add_run_options(compare)
 
     plot = sub.add_parser(
@@ -382,10 +407,12 @@ def _run_options(args) -> dict:
 
 
 def _train(args) -> None:
+    from pyrozoo import distributed
     from pyrozoo.config import make_config
     from pyrozoo.train import Run
 
-    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    world = distributed.setup()  # several processes when torchrun started this one; rank 0 prints and writes
+    log = lambda text: print(text, file=sys.stderr) if world.main else None  # noqa: E731
     axes = {k: getattr(args, k, getattr(TrainConfig, k)) for k in ("net", "method", "data", "seed")}
     out = args.out or os.path.join("runs", run_name(**axes))
     if args.resume:
@@ -396,13 +423,17 @@ def _train(args) -> None:
             raise PyrozooError("--override changes a resumed run: give it with --resume")
         run = Run(make_config(**axes, options=_run_options(args)), out, log=log)
     c = run.config
-    print(
+    processes = f" ({world.size} processes)" if world.parallel else ""
+    log(
         f"training {c.net} with {c.method} (guide {c.guide}, {c.optimizer} lr {c.lr}) "
         f"on {c.data} from {run.data.source}; "
-        f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}; run folder {run.out}",
-        file=sys.stderr,
+        f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}{processes}; "
+        f"run folder {run.out}"
     )
     table = run.train(progress=not args.no_progress)
+    distributed.finish()
+    if not world.main:
+        return
     score = next((col for col in ("accuracy", "rmse") if col in table), None)
     evaluated = table.dropna(subset=[score]) if score else table
     shown = REGRESSION_SUMMARY_COLUMNS if score == "rmse" else SUMMARY_COLUMNS
@@ -414,12 +445,38 @@ def _train(args) -> None:
 def _compare(args) -> None:
     from pyrozoo.compare import RESULTS, TABLE, make_grid, run_grid, summary_markdown
 
+    from pyrozoo.compare import LAUNCHERS
+
     given = {k.replace("-", "_"): v for k, v in vars(args).items()}
-    for key in ("command", "config", "no_plots", "no_progress"):
+    for key in (
+        "command",
+        "config",
+        "no_plots",
+        "no_progress",
+        "launcher",
+        "jobs",
+        "slurm_options",
+        "no_wait",
+    ):
         given.pop(key, None)
     grid = make_grid(args.config, **given)
     progress = not args.no_progress
-    results = run_grid(grid, progress=progress)
+    if args.launcher == "local":
+        for flag, used in (("--slurm-option", hasattr(args, "slurm_options")), ("--no-wait", args.no_wait)):
+            if used:
+                raise PyrozooError(f"{flag} belongs to --launcher slurm")
+        launcher = LAUNCHERS["local"](jobs=getattr(args, "jobs", 1))
+    else:
+        if hasattr(args, "jobs"):
+            raise PyrozooError("--jobs belongs to --launcher local (Slurm runs as many jobs as it schedules)")
+        launcher = LAUNCHERS["slurm"](options=getattr(args, "slurm_options", {}), wait=not args.no_wait)
+    results = run_grid(grid, progress=progress, launcher=launcher)
+    if results is None:
+        print(
+            f"grid {grid.out}: jobs submitted; when they are done, the same command collects the results "
+            f"(a cell still queued then is submitted again: whichever of its jobs starts second finds it finished, or running and stops)"
+        )
+        return
     summary = summary_markdown(results)
     atomic_write_text(grid.out / TABLE, summary)
     print(f"grid {grid.out}: {len(results)} rows in {grid.out / RESULTS}, summary in {grid.out / TABLE}\n")
@@ -690,7 +747,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         commands[args.command](args)
     except PyrozooError as e:
-        print(f"pyrozoo: error: {e}", file=sys.stderr)
+        from pyrozoo.distributed import RankZeroStopped
+
+        if not isinstance(e, RankZeroStopped):  # rank 0 of a data-parallel run has printed that one
+            print(f"pyrozoo: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(
