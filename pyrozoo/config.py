@@ -80,6 +80,11 @@ class TrainConfig:
     guide_options: dict = _run_option(
         {}, "an option of the guide, repeatable: init_scale=0.05, init_locs={'features.0.precision': 1.5}"
     )
+    init_from: str | None = _run_option(
+        None,
+        "start from a trained net: a file holding its state_dict, or a net saved whole (pyrozoo export's "
+        "sparse_net.pt, when no unit was removed); the posterior means start at its weights, the scales small",
+    )
     prune_units: bool = _run_option(
         False,
         "BMR methods: after each per-weight pass, remove whole units (neurons, channels, attention heads) "

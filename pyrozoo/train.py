@@ -300,6 +300,12 @@ class Run:
             options=config.guide_options,
         )
         self.guide.to(config.device)
+        if config.init_from is not None and not resume:  # a resumed run's checkpoint holds where it started
+            from pyrozoo.init_from import load_state, start_from_weights
+
+            start_from_weights(
+                self.model, self.guide, load_state(config.init_from), what=f"--init-from {config.init_from}"
+            )
         self.optimizer = OPTIMIZERS[config.optimizer](self.guide.parameters(), lr=config.lr)
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
