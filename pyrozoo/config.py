@@ -149,6 +149,9 @@ class TrainConfig:
                         f"{self._part(table)}"
                         + (f" (whose {TABLES[table]} options are: {', '.join(taken)})" if taken else "")
                     )
+        from pyrozoo.steps import check_step
+
+        check_step(method.step, self.guide or method.guide, self.optimizer or method.optimizer)
         guide = GUIDES[self.guide or method.guide]
         if self.reduction() is not None and guide.point_mass:
             raise PyrozooError(

@@ -125,25 +125,35 @@ def fit_hyperparameters(model, guide, weights: dict[str, torch.Tensor], steps: i
 
 @torch.no_grad()
 def start_from_weights(
-    model, guide, weights: dict[str, torch.Tensor] | nn.Module, init_scale: float = 1e-3, what="the weights"
+    model,
+    guide,
+    weights: dict[str, torch.Tensor] | nn.Module,
+    init_scale: float | None = 1e-3,
+    what="the weights",
 ) -> None:
     """Set ``guide``'s posterior so that its mean is the trained net ``weights`` (a state_dict or an
     ``nn.Module`` of ``model.net``'s architecture), for any prior: hyperparameters at their MAP given the weights,
-    ``z``'s locs at ``w / scale``, every scale ``init_scale`` (0 for a point-mass guide). The model's masks
-    are left as they are (all kept in a new model)."""
+    ``z``'s locs at ``w / scale``, every scale ``init_scale`` (0 for a point-mass guide; None: each entry keeps
+    the scale it has, e.g. IVON's from its initial Hessian). The model's masks are left as they are (all kept in
+    a new model)."""
     net = trained_net(model.net, weights, what)
     layers = model.layers
     w = {layer.name: layer.join(net).to(model.mask(layer.name)) for layer in layers}
     spread = 0.0 if guide.point_mass else init_scale
+    current = guide.posterior()
+
+    def scales(site, like):
+        return current[site][1].clone() if spread is None else torch.full_like(like, spread)
+
     hyper = fit_hyperparameters(model, guide, w)
     for site, loc in hyper.items():
-        guide.write_posterior(site, loc, torch.full_like(loc, spread))
+        guide.write_posterior(site, loc, scales(site, loc))
     mean = guide.mean()
     hyper_mean = {site: mean[site] for site in hyper}
     for layer in layers:
         scale = _layer_scale(model, layer, hyper_mean).expand(layer.shape)
         z = w[layer.name] / scale
-        guide.write_posterior(layer.site, z, torch.full_like(z, spread))
+        guide.write_posterior(layer.site, z, scales(layer.site, z))
     # the net's own parameters (placeholders, but what a deterministic evaluation of model.net would read)
     for name, value in net.state_dict().items():
         model.net.state_dict()[name].copy_(value)

@@ -30,7 +30,6 @@ from pyrozoo import faults
 from pyrozoo.bmr.scores import posterior_scales, scale_table
 from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.config import OVERRIDABLE, RESUMABLE, TABLES, TrainConfig
-from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError, TrainingDiverged, reason
 from pyrozoo.guides import make_guide
 from pyrozoo.io import FolderLock, atomic_write, hold_folder
@@ -38,7 +37,8 @@ from pyrozoo.methods import METHODS
 from pyrozoo.metrics import evaluate_draws
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import NETS, create_net
-from pyrozoo.optim import OPTIMIZERS
+from pyrozoo.steps import STEPS
+from pyrozoo.steps import svi_step  # noqa: F401  (its public name was pyrozoo.train.svi_step)
 
 CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
     "config.json",
@@ -48,16 +48,6 @@ CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
     "scales.csv",
     "bmr.csv",
 )
-
-
-def svi_step(model, guide, optimizer: torch.optim.Optimizer, x, y, dataset_size: int) -> float:
-    """One stochastic-gradient step on ``-ELBO``; returns the loss."""
-    loss = negative_elbo(model, guide, x, y, dataset_size)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    faults.reached("step")
-    optimizer.step()
-    return loss.item()
 
 
 class Minibatches:
@@ -304,9 +294,14 @@ class Run:
             from pyrozoo.init_from import load_state, start_from_weights
 
             start_from_weights(
-                self.model, self.guide, load_state(config.init_from), what=f"--init-from {config.init_from}"
+                self.model,
+                self.guide,
+                load_state(config.init_from),
+                init_scale=STEPS[self.method.step].init_scale,
+                what=f"--init-from {config.init_from}",
             )
-        self.optimizer = OPTIMIZERS[config.optimizer](self.guide.parameters(), lr=config.lr)
+        self.training_step = STEPS[self.method.step]  # SVI, or IVON: the method says how it trains
+        self.optimizer = self.training_step.optimizer(self.guide, config.lr, config.optimizer, len(d.x_train))
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []
@@ -541,7 +536,8 @@ class Run:
             while self.epoch < c.epochs:
                 start, losses = time.perf_counter(), []
                 for _ in range(c.steps_per_epoch):
-                    loss = svi_step(self.model, self.guide, self.optimizer, *self._batch(self.batches.next()))
+                    batch = self._batch(self.batches.next())
+                    loss = self.training_step.step(self.model, self.guide, self.optimizer, *batch)
                     if not math.isfinite(loss):
                         raise TrainingDiverged(self._diverged(loss))
                     losses.append(loss)

@@ -34,12 +34,15 @@ class Posterior:
     - ``reset_to_prior(site, where)`` sets entries ``where`` of a real-valued weight latent, whose prior is
       N(0, 1), to that prior: loc 0, scale 1 (a point mass: the prior's mode 0).
     - ``point_mass`` (class attribute) is True when the posterior has no spread, so BMR, which needs spread,
-      can refuse it up front.
+      can refuse it up front; ``fixed_prior`` is True when it covers only weight latents, for a prior without
+      hyperparameters (IVON's).
 
     A subclass implements ``sites``, ``site_support``, ``site_posterior`` and ``_write``.
     """
 
     point_mass: ClassVar[bool] = False
+    # True when the model's prior must be fixed, with no hyperparameter latents (IVON's prior is its weight decay)
+    fixed_prior: ClassVar[bool] = False
 
     # --- what a subclass implements ------------------------------------------------------------------------
 
