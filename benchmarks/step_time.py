@@ -3,8 +3,10 @@
 For each net at batch 120 on the CPU: a plain PyTorch Adam step of the deterministic net; a hand-written plain
 PyTorch mean-field step of the same Bayesian model (weights sampled as ``loc + scale * noise``, analytic KL for
 the weights, the layer-scale hyperprior sampled log-normally with a one-sample KL, Adam), which is the floor any
-Pyro-based mean-field step can approach; one pyrozoo SVI step with each guide (flat prior); and one step of
-tiered-ff (regularised-horseshoe prior, our mean-field guide), also as a ratio to the flat-ff step.
+Pyro-based mean-field step can approach; one pyrozoo SVI step with each guide (flat prior); one step of
+tiered-ff (regularised-horseshoe prior, our mean-field guide), also as a ratio to the flat-ff step; and one IVON
+step (methods ivon, ivon-bmr: the plain net trained by ivon-opt, whose state is the posterior), as a ratio to the
+plain Adam step.
 
     python benchmarks/step_time.py [--nets mlp lenet vit mixer] [--repeats 100] [--warmup 10] [--threads 2]
 
@@ -27,6 +29,8 @@ from torch.func import functional_call
 
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
+from pyrozoo.guides.ivon import ivon_step
+from pyrozoo.models.priors import gaussian
 from pyrozoo.models.priors import tiered as tiered_prior
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.train import svi_step
@@ -120,6 +124,14 @@ def bench_net(name: str, repeats: int, warmup: int) -> None:
         create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), prior=tiered_prior
     )
     steps["pyrozoo svi, tiered-ff"] = pyrozoo_step(tiered, make_guide("meanfield", tiered))
+    ivon_model = BayesianModel(
+        create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), prior=gaussian
+    )
+    ivon_guide = make_guide("ivon", ivon_model)
+    ivon_optimizer = ivon_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE)
+    steps["pyrozoo ivon (plain net + IVON)"] = lambda: ivon_step(
+        ivon_model, ivon_guide, ivon_optimizer, x, y, DATASET_SIZE
+    )
     with pyro.validation_enabled(False):
         timings = interleaved_medians(steps, repeats, warmup)
     plain, floor = timings["plain pytorch (deterministic)"], timings["hand-written mean-field"]
@@ -130,6 +142,10 @@ def bench_net(name: str, repeats: int, warmup: int) -> None:
         )
     flat_ff = timings["pyrozoo svi, guide=meanfield"]
     print(f"{name:6s} tiered-ff / flat-ff step ratio {timings['pyrozoo svi, tiered-ff'] / flat_ff:5.2f}")
+    ivon = timings["pyrozoo ivon (plain net + IVON)"]
+    print(
+        f"{name:6s} ivon / plain adam step ratio {ivon / plain:5.2f}   ivon / flat-ff {ivon / flat_ff:5.2f}"
+    )
 
 
 def main() -> None:

@@ -69,8 +69,9 @@ class AdaBelief(torch.optim.Optimizer):
 
 
 class IVONOptimizer(IVON):
-    """ivon-opt's IVON with its step counter in ``state_dict``, and its per-group buffers (Hessian, momentum)
-    moved to the parameters' device on loading."""
+    """IVON (ivon-opt, the authors' code): trains a plain net and keeps a diagonal Gaussian posterior; only for the
+    ivon methods, whose guide is that posterior. Its step counter is added to ``state_dict`` (debiasing reads it),
+    and its per-group buffers (Hessian, momentum) follow the parameters' device on loading."""
 
     def state_dict(self) -> dict:
         state = super().state_dict()
