@@ -52,11 +52,20 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def trained_net(net: nn.Module, weights: dict[str, torch.Tensor] | nn.Module, what: str = "the weights"):
     """A copy of ``net`` holding ``weights`` (a state_dict or a module of the same architecture); a state that
-    does not fit is one PyrozooError naming the first mismatch."""
+    does not fit is one PyrozooError naming the first mismatch. Names may differ where the tensors are the same,
+    in the same order and of the same shapes (a net built with dropout, whose ``nn.Sequential`` indices shift)."""
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
     own = net.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    same_shapes = len(state) == len(own) and all(
+        tuple(a.shape) == tuple(b.shape) for a, b in zip(state.values(), own.values())
+    )
+    if (missing or unexpected) and same_shapes:
+        # the same tensors in the same order under other names: the net was built with parameter-free modules
+        # in between (flat-map's dropout shifts an nn.Sequential's indices), so it is the same architecture
+        state = dict(zip(own, state.values()))
+        missing = unexpected = []
     if missing or unexpected:
         parts = []
         if missing:
