@@ -30,6 +30,7 @@ from pyrozoo import faults
 from pyrozoo.bmr.scores import posterior_scales, scale_table
 from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.config import OVERRIDABLE, RESUMABLE, TABLES, TrainConfig
+from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError, TrainingDiverged, reason
 from pyrozoo.guides import make_guide
 from pyrozoo.io import FolderLock, atomic_write, hold_folder
@@ -38,7 +39,6 @@ from pyrozoo.metrics import evaluate_draws
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.steps import STEPS
-from pyrozoo.steps import svi_step  # noqa: F401  (its public name was pyrozoo.train.svi_step)
 
 CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
     "config.json",
@@ -48,6 +48,16 @@ CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
     "scales.csv",
     "bmr.csv",
 )
+
+
+def svi_step(model, guide, optimizer: torch.optim.Optimizer, x, y, dataset_size: int) -> float:
+    """One stochastic-gradient step on ``-ELBO``; returns the loss."""
+    loss = negative_elbo(model, guide, x, y, dataset_size)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    faults.reached("step")
+    optimizer.step()
+    return loss.item()
 
 
 class Minibatches:
