@@ -53,7 +53,8 @@ def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def trained_net(net: nn.Module, weights: dict[str, torch.Tensor] | nn.Module, what: str = "the weights"):
     """A copy of ``net`` holding ``weights`` (a state_dict or a module of the same architecture); a state that
     does not fit is one PyrozooError naming the first mismatch. Names may differ where the tensors are the same,
-    in the same order and of the same shapes (a net built with dropout, whose ``nn.Sequential`` indices shift)."""
+    in the same order and of the same shapes (a net built with dropout, whose ``nn.Sequential`` indices shift).
+    """
     state = weights.state_dict() if isinstance(weights, nn.Module) else weights
     own = net.state_dict()
     missing = [k for k in own if k not in state]
