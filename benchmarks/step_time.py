@@ -3,12 +3,16 @@
 For each net at batch 120 on the CPU: a plain PyTorch Adam step of the deterministic net; a hand-written plain
 PyTorch mean-field step of the same Bayesian model (weights sampled as ``loc + scale * noise``, analytic KL for
 the weights, the layer-scale hyperprior sampled log-normally with a one-sample KL, Adam), which is the floor any
-Pyro-based mean-field step can approach; one pyrozoo SVI step with each guide (flat prior); one step of
-tiered-ff (regularised-horseshoe prior, our mean-field guide), also as a ratio to the flat-ff step; and one IVON
-step (methods ivon, ivon-bmr: the plain net trained by ivon-opt, whose state is the posterior), as a ratio to the
-plain Adam step.
+Pyro-based mean-field step can approach; one pyrozoo SVI step with each guide (flat prior); and one step of
+tiered-ff (regularised-horseshoe prior, our mean-field guide), also as a ratio to the flat-ff step; one IVON step
+(methods ivon, ivon-bmr: the plain net trained by ivon-opt, whose state is the posterior), as a ratio to the plain
+Adam step. A peer's
+line, when it is installed (``pip install -e ".[bench]"``; otherwise the line is skipped and says so):
+bayesian-torch's reparameterised layers (``dnn_to_bnn`` of the same net, N(0, 1) prior, its KL from
+``get_kl_loss``, Adam), also as a ratio to pyrozoo's mean-field step.
 
     python benchmarks/step_time.py [--nets mlp lenet vit mixer] [--repeats 100] [--warmup 10] [--threads 2]
+        [--only WORD ...] [--with-checks]
 
 ViT and MLP-Mixer steps take seconds on a CPU: time them with fewer repeats (``--repeats 10 --warmup 2``).
 """
@@ -16,6 +20,7 @@ ViT and MLP-Mixer steps take seconds on a CPU: time them with fewer repeats (``-
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import platform
 import statistics
@@ -98,7 +103,35 @@ class HandWrittenMeanField:
         self.optimizer.step()
 
 
-def bench_net(name: str, repeats: int, warmup: int) -> None:
+def bayesian_torch_step(net: torch.nn.Module, x, y, lr: float):
+    """One step of bayesian-torch's reparameterised mean-field layers on a copy of ``net`` (None when
+    bayesian-torch is not installed): the minibatch log-likelihood scaled to the dataset plus the KL."""
+    try:
+        from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn, get_kl_loss
+    except ImportError:
+        return None
+    bnn = copy.deepcopy(net)
+    prior = {
+        "prior_mu": 0.0,
+        "prior_sigma": 1.0,
+        "posterior_mu_init": 0.0,
+        "posterior_rho_init": -3.0,
+        "type": "Reparameterization",
+        "moped_enable": False,
+    }
+    dnn_to_bnn(bnn, prior)
+    optimizer = torch.optim.Adam(bnn.parameters(), lr=lr)
+
+    def step():
+        loss = F.cross_entropy(bnn(x), y, reduction="sum") * (DATASET_SIZE / len(x)) + get_kl_loss(bnn)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def bench_net(name: str, repeats: int, warmup: int, only=(), with_checks: bool = False) -> None:
     side = NETS[name].pad_to or 28
     x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
     net = create_net(name, in_channels=1, image_size=side, num_classes=CLASSES)
@@ -114,9 +147,9 @@ def bench_net(name: str, repeats: int, warmup: int) -> None:
     hand = HandWrittenMeanField(model, lr=1e-3)
     steps = {"plain pytorch (deterministic)": plain_step, "hand-written mean-field": lambda: hand.step(x, y)}
 
-    def pyrozoo_step(bayesian, guide):
+    def pyrozoo_step(bayesian, guide, validate=None):
         optimizer = torch.optim.Adam(guide.parameters(), lr=1e-3)
-        return lambda: svi_step(bayesian, guide, optimizer, x, y, DATASET_SIZE)
+        return lambda: svi_step(bayesian, guide, optimizer, x, y, DATASET_SIZE, validate=validate)
 
     for kind in ("meanfield", "autonormal", "autodelta"):
         steps[f"pyrozoo svi, guide={kind}"] = pyrozoo_step(model, make_guide(kind, model, x, y, DATASET_SIZE))
@@ -132,6 +165,20 @@ def bench_net(name: str, repeats: int, warmup: int) -> None:
     steps["pyrozoo ivon (plain net + IVON)"] = lambda: ivon_step(
         ivon_model, ivon_guide, ivon_optimizer, x, y, DATASET_SIZE
     )
+    if with_checks:  # Pyro's and torch's argument checks on, as Pyro has them by default
+        steps["pyrozoo svi, meanfield, checks on"] = pyrozoo_step(
+            model, make_guide("meanfield", model), validate=True
+        )
+    peer = bayesian_torch_step(
+        create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), x, y, 1e-3
+    )
+    if peer is None:
+        print(f"{name:6s} bayesian-torch is not installed: its line is skipped (pip install -e '.[bench]')")
+    else:
+        steps["bayesian-torch reparameterization"] = peer
+    base = ("plain pytorch (deterministic)", "hand-written mean-field", "pyrozoo svi, guide=meanfield")
+    if only:
+        steps = {k: v for k, v in steps.items() if k in base or any(word in k for word in only)}
     with pyro.validation_enabled(False):
         timings = interleaved_medians(steps, repeats, warmup)
     plain, floor = timings["plain pytorch (deterministic)"], timings["hand-written mean-field"]
@@ -141,11 +188,19 @@ def bench_net(name: str, repeats: int, warmup: int) -> None:
             f"   ratio vs hand-written {seconds / floor:5.2f}"
         )
     flat_ff = timings["pyrozoo svi, guide=meanfield"]
-    print(f"{name:6s} tiered-ff / flat-ff step ratio {timings['pyrozoo svi, tiered-ff'] / flat_ff:5.2f}")
-    ivon = timings["pyrozoo ivon (plain net + IVON)"]
-    print(
-        f"{name:6s} ivon / plain adam step ratio {ivon / plain:5.2f}   ivon / flat-ff {ivon / flat_ff:5.2f}"
-    )
+    if "pyrozoo svi, tiered-ff" in timings:
+        print(f"{name:6s} tiered-ff / flat-ff step ratio {timings['pyrozoo svi, tiered-ff'] / flat_ff:5.2f}")
+    if "pyrozoo ivon (plain net + IVON)" in timings:
+        ivon = timings["pyrozoo ivon (plain net + IVON)"]
+        print(
+            f"{name:6s} ivon / plain adam step ratio {ivon / plain:5.2f}   ivon / flat-ff {ivon / flat_ff:5.2f}"
+        )
+    if "pyrozoo svi, meanfield, checks on" in timings:
+        ratio = timings["pyrozoo svi, meanfield, checks on"] / flat_ff
+        print(f"{name:6s} flat-ff step with / without argument checks {ratio:5.2f}")
+    if "bayesian-torch reparameterization" in timings:
+        ratio = flat_ff / timings["bayesian-torch reparameterization"]
+        print(f"{name:6s} pyrozoo flat-ff / bayesian-torch step ratio {ratio:5.2f}")
 
 
 def main() -> None:
@@ -156,6 +211,16 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=(),
+        help="time only candidates whose name holds one of these words "
+        "(besides plain, hand-written and pyrozoo's mean-field step, the bases of the ratios)",
+    )
+    parser.add_argument(
+        "--with-checks", action="store_true", help="also time our step with Pyro's argument checks on"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -165,7 +230,7 @@ def main() -> None:
         f"pyro {pyro.__version__}, {platform.processor() or platform.machine()}"
     )
     for name in args.nets:
-        bench_net(name, args.repeats, args.warmup)
+        bench_net(name, args.repeats, args.warmup, args.only, args.with_checks)
 
 
 if __name__ == "__main__":

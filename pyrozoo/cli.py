@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     quiet = argparse.SUPPRESS
 
     train = sub.add_parser("train", help="train a Bayesian net by SVI into a run folder")
-    train.add_argument("--net", type=_choice(list(NETS)), default=quiet, help="net (default lenet)")
+    train.add_argument(
+        "--net", type=_choice(NETS), default=quiet, help="net (default lenet; or tv:NAME, timm:NAME)"
+    )
     train.add_argument(
         "--data",
         type=_choice(list(datasets.DATASETS)),
@@ -176,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--config", help="grid config file (TOML, see experiments/grid-*.toml); flags override it"
     )
-    compare.add_argument("--nets", nargs="+", type=_choice(list(NETS)), default=quiet)
+    compare.add_argument("--nets", nargs="+", type=_choice(NETS), default=quiet)
     compare.add_argument(
         "--methods",
         nargs="+",

@@ -120,13 +120,23 @@ def evaluate_draws(
     samples: int,
     batch_size: int = 2000,
 ) -> dict[str, float]:
-    """The one evaluation loop: each of ``samples`` draws maps a batch of inputs to log-probabilities [B, C]
-    (a posterior sample of a Bayesian net, or a deterministic net as its one draw); all metrics over ``(x, y)``.
+    """The one evaluation loop: each draw maps a batch of inputs to log-probabilities [B, C] (a posterior sample
+    of a Bayesian net, or a deterministic net as its one draw), or a group of K posterior samples at once to
+    [K, B, C]; ``samples`` draws in all. All metrics over ``(x, y)``; each point receives its samples in draw
+    order, whether grouped or not, so grouping changes no sum's order.
     """
     accumulator = PredictionAccumulator(y, samples, num_classes)
-    for s, draw in enumerate(draws):
+    first = 0  # the index of the draw's (or group's first) sample
+    for draw in draws:
+        group = 1
         for start in range(0, len(x), batch_size):
-            accumulator.add(s, start, draw(x[start : start + batch_size]))
+            log_probs = draw(x[start : start + batch_size])
+            if log_probs.dim() == 2:
+                log_probs = log_probs[None]
+            group = len(log_probs)
+            for k in range(group):
+                accumulator.add(first + k, start, log_probs[k])
+        first += group
     return accumulator.result()
 
 

@@ -27,8 +27,8 @@ def svi_step(model, guide, optimizer: torch.optim.Optimizer, x, y, dataset_size:
 
 @dataclass(frozen=True)
 class TrainingStep:
-    """A way of training: ``optimizer(guide, lr, optimizer_name, dataset_size)`` builds the optimiser, ``step(model,
-    guide, optimizer, x, y, dataset_size)`` takes one step and returns ``-ELBO``'s estimate."""
+    """A way of training: ``optimizer(model, guide, lr, optimizer_name, dataset_size)`` builds the optimiser,
+    ``step(model, guide, optimizer, x, y, dataset_size)`` takes one step and returns ``-ELBO``'s estimate."""
 
     description: str
     optimizer: Callable
@@ -46,7 +46,10 @@ STEPS.register(
     "svi",
     TrainingStep(
         "stochastic variational inference: a gradient step on -ELBO",
-        lambda guide, lr, name, n: OPTIMIZERS[name](guide.parameters(), lr=lr),
+        # deterministic parameters (BatchNorm's affine) are point estimates trained beside the guide
+        lambda model, guide, lr, name, n: OPTIMIZERS[name](
+            [*guide.parameters(), *model.deterministic_parameters()], lr=lr
+        ),
         svi_step,
         None,
         None,
@@ -57,13 +60,24 @@ STEPS.register(
     "ivon",
     TrainingStep(
         "IVON (ivon-opt) trains the plain net; its state is the posterior",
-        lambda guide, lr, name, n: guide.make_optimizer(lr, n),
+        lambda model, guide, lr, name, n: _ivon_optimizer(model, guide, lr, n),
         ivon_step,
         "ivon",
         "ivon",
         None,  # IVON's hess_init sets its initial posterior; a tiny scale would be a huge Hessian, frozen steps
     ),
 )
+
+
+def _ivon_optimizer(model, guide, lr: float, dataset_size: int):
+    from pyrozoo.errors import PyrozooError
+
+    if model.deterministic_parameters():
+        raise PyrozooError(
+            "the ivon methods train only the net's random layers; this net has deterministic parameters "
+            "(BatchNorm's affine, or modules selected deterministic), which IVON would leave untrained"
+        )
+    return guide.make_optimizer(lr, dataset_size)
 
 
 def check_step(step: str, guide: str, optimizer: str) -> None:

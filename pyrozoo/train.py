@@ -37,7 +37,7 @@ from pyrozoo.io import FolderLock, atomic_write, hold_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.metrics import evaluate_draws
 from pyrozoo.models import BayesianModel
-from pyrozoo.nets import NETS, create_net
+from pyrozoo.nets import NETS, create_net, model_options
 from pyrozoo.steps import STEPS
 
 CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
@@ -50,9 +50,24 @@ CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
 )
 
 
-def svi_step(model, guide, optimizer: torch.optim.Optimizer, x, y, dataset_size: int) -> float:
-    """One stochastic-gradient step on ``-ELBO``; returns the loss."""
-    loss = negative_elbo(model, guide, x, y, dataset_size)
+# Set to 1 to keep Pyro's and torch's checks of distribution arguments and sample values on while training
+# (for debugging a model or prior): they cost 7-11% of a step (experiments/RESULTS.md), so training turns them
+# off otherwise.
+VALIDATE_ENV = "PYROZOO_VALIDATE"
+
+
+def _validate() -> bool:
+    return os.environ.get(VALIDATE_ENV) == "1"
+
+
+def svi_step(
+    model, guide, optimizer: torch.optim.Optimizer, x, y, dataset_size: int, validate: bool | None = None
+) -> float:
+    """One stochastic-gradient step on ``-ELBO``; returns the loss. ``validate`` (default: whether
+    ``$PYROZOO_VALIDATE`` is 1) turns Pyro's and torch's argument checks on or off for the step only, whatever
+    Pyro's own setting (on by default, and slow)."""
+    with pyro.validation_enabled(_validate() if validate is None else validate):
+        loss = negative_elbo(model, guide, x, y, dataset_size)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     faults.reached("step")
@@ -92,18 +107,34 @@ def evaluate(
     num_classes: int,
     samples: int,
     batch_size: int = 2000,
+    samples_at_once: int = 1,
 ) -> dict[str, float]:
-    """Predictive metrics of ``samples`` posterior draws from ``guide`` on ``(x, y)``."""
+    """Predictive metrics of ``samples`` posterior draws from ``guide`` on ``(x, y)``.
+
+    ``samples_at_once`` > 1 runs that many draws through the net together (``torch.func.vmap`` over their
+    weights), on ``batch_size // samples_at_once`` points at a time, so that memory stays that of ``batch_size``
+    points. The draws are the same, in the same order, so the metrics are the same up to float rounding. On a
+    CPU it is slower (the net's matrix products are as large either way, and a convolution over stacked weights
+    becomes a grouped one): experiments/RESULTS.md, issue 17.
+    """
+    at_once = max(1, min(samples_at_once, samples, batch_size))
+    batched_logits = torch.func.vmap(model.logits, in_dims=(None, 0))
 
     def draws():
-        for _ in range(samples):
-            weights = model.weights_from(guide())
-            yield lambda xb: model.likelihood.log_probs(model.logits(xb, weights))
+        for first in range(0, samples, at_once):
+            # one draw after another, as the one-at-a-time loop draws them: the same random numbers
+            group = [model.weights_from(guide()) for _ in range(min(at_once, samples - first))]
+            if at_once == 1:
+                weights = group[0]
+                yield lambda xb: model.likelihood.log_probs(model.logits(xb, weights))
+            else:
+                stacked = {name: torch.stack([w[name] for w in group]) for name in group[0]}
+                yield lambda xb: model.likelihood.log_probs(batched_logits(xb, stacked))
 
     training = model.training
     model.eval()  # no dropout at test time
     with poutine.block():
-        metrics = evaluate_draws(draws(), x, y, num_classes, samples, batch_size)
+        metrics = evaluate_draws(draws(), x, y, num_classes, samples, max(1, batch_size // at_once))
     model.train(training)
     return metrics
 
@@ -285,14 +316,20 @@ class Run:
             )
         self.method = METHODS[config.method]
         self.reduction = config.reduction()
+        net_options = {**self.method.net_options, **config.net_options}
         net = create_net(
             config.net,
             in_channels=d.x_train.shape[1],
             image_size=d.x_train.shape[-1],
             num_classes=d.num_classes,
-            **{**self.method.net_options, **config.net_options},
+            **net_options,
         )
-        self.model = BayesianModel(net.to(config.device), prior=config.bound_prior())
+        self.model = BayesianModel(
+            net.to(config.device),
+            prior=config.bound_prior(),
+            example_input=d.x_train[:2],
+            **model_options(net_options)[1],  # deterministic / random selectors
+        )
         self.guide = make_guide(
             config.guide,
             self.model,
@@ -311,7 +348,9 @@ class Run:
                 what=f"--init-from {config.init_from}",
             )
         self.training_step = STEPS[self.method.step]  # SVI, or IVON: the method says how it trains
-        self.optimizer = self.training_step.optimizer(self.guide, config.lr, config.optimizer, len(d.x_train))
+        self.optimizer = self.training_step.optimizer(
+            self.model, self.guide, config.lr, config.optimizer, len(d.x_train)
+        )
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []
@@ -529,7 +568,7 @@ class Run:
             dynamic_ncols=True,
             mininterval=0.5,
         )
-        with bar, pyro.validation_enabled(False):
+        with bar, pyro.validation_enabled(_validate()):
             if self.history and math.isnan(self.history[-1]["bmr_seconds"]):
                 # A run extended past what was its last epoch gets the pass that epoch skipped, as a run asked
                 # for this many epochs from the start had it; passes use no random numbers, so the rest of the

@@ -132,3 +132,21 @@ def test_meanfield_init_locs_replace_only_the_named_sites_after_every_draw(tiny_
         make_guide("meanfield", tiny_mlp_model, options={"init_locs": {"nope": 0.0}})
     with pytest.raises(PyrozooError, match="guide 'meanfield' takes no option 'bogus'"):
         make_guide("meanfield", tiny_mlp_model, options={"bogus": 1})
+
+
+def test_meanfield_normal_samples_as_torchs_normal():
+    """The guide's Normal (one fused multiply-add, no broadcasting) draws what torch's Normal draws from the same
+    seed (to rounding), scores alike, and expands (as under a plate)."""
+    from pyrozoo.guides.meanfield import _Normal
+
+    loc, scale = torch.randn(4, 3), torch.rand(4, 3) + 0.1
+    torch.manual_seed(1)
+    ours = _Normal(loc, scale).rsample()
+    torch.manual_seed(1)
+    theirs = torch.distributions.Normal(loc, scale).rsample()
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        _Normal(loc, scale).log_prob(ours), torch.distributions.Normal(loc, scale).log_prob(ours)
+    )
+    wide = _Normal(loc, scale).expand([2, 4, 3])
+    assert wide.batch_shape == (2, 4, 3) and wide.rsample().shape == (2, 4, 3)

@@ -200,3 +200,16 @@ def test_sample_order_does_not_matter(case: tuple[torch.Tensor, torch.Tensor, li
     top2 = log_probs.exp().mean(0).topk(2, dim=1).values
     near_ties = int((top2[:, 0] - top2[:, 1] < 1e-12).sum())
     assert abs(b["accuracy"] - a["accuracy"]) <= near_ties / len(targets)
+
+
+def test_a_group_of_draws_gives_the_metrics_of_its_draws_one_by_one():
+    """A draw may map a batch to [K, B, C], K samples at once: the metrics are those of the K draws given
+    one at a time, to the last bit (each point receives its samples in the same order)."""
+    g = torch.Generator().manual_seed(0)
+    log_probs = torch.log_softmax(torch.randn(5, 23, 4, generator=g, dtype=torch.float64), dim=-1)
+    targets = torch.randint(0, 4, (23,), generator=g)
+    groups = [lambda idx: log_probs[:2, idx], lambda idx: log_probs[2, idx], lambda idx: log_probs[3:, idx]]
+    grouped = evaluate_draws(groups, torch.arange(23), targets, 4, 5, batch_size=7)
+    assert grouped == summarize(log_probs, targets)
+    with pytest.raises(PyrozooError, match="never added"):  # a group counts all its samples, not one
+        evaluate_draws(groups[:2], torch.arange(23), targets, 4, 5, batch_size=7)

@@ -40,10 +40,26 @@ def test_split_and_join_are_inverse(tiny_lenet_model):
         assert torch.equal(params[f"{layer.name}.bias"], module.bias)
 
 
-def test_unsupported_layer_is_named():
-    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    with pytest.raises(PyrozooError, match="'1' of type BatchNorm1d"):
+def test_unsupported_layer_is_named_with_the_selector_that_keeps_it_deterministic():
+    net = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2))
+    with pytest.raises(PyrozooError, match=r"'1' of type PReLU random.*deterministic=\['1'\]"):
         find_layers(net)
+    assert [layer.name for layer in find_layers(net, deterministic=["1"])] == ["0", "2"]
+    assert [layer.name for layer in find_layers(net, deterministic=[nn.PReLU])] == ["0", "2"]
+
+
+def test_batch_norm_is_deterministic_unless_selected_random_and_selectors_go_by_type_name_or_pattern():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.Linear(4, 2))
+    assert [layer.name for layer in find_layers(net)] == ["0", "2", "3"]
+    assert [(l.name, l.kind) for l in find_layers(net, random=["BatchNorm1d"])][1] == ("1", "norm")
+    with pytest.raises(PyrozooError, match="no random weight layers"):
+        find_layers(net, deterministic=[nn.Linear])
+    assert [layer.name for layer in find_layers(net, deterministic="2")] == ["0", "3"]
+    assert [layer.name for layer in find_layers(net, deterministic=["[02]"])] == ["3"]
+    with pytest.raises(PyrozooError, match="selector 'bn' matches no module"):
+        find_layers(net, deterministic=["bn"])
+    with pytest.raises(PyrozooError, match="both deterministic"):
+        find_layers(net, deterministic=["2"], random=[nn.Linear])
 
 
 def test_output_layer_defaults_to_last_and_can_be_named():

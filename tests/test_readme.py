@@ -18,3 +18,8 @@ def test_python_api_tour_runs():
     block = re.search(r"### Transformers, and any `nn.Module`.*?```python\n(.*?)```", readme, re.S).group(1)
     exec(compile(block, "README.md", "exec"), namespace)
     assert type(namespace["small"]) is type(namespace["vit"])
+    # bring your own network: a torchvision model through build, train, prune, rebuild and export
+    block = re.search(r"### Bring your own network.*?```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(block.replace("range(200)", "range(2)"), "README.md", "exec"), namespace)
+    assert type(namespace["small"]) is type(namespace["net"])
+    assert "classifier.0" not in {layer.name for layer in namespace["model"].layers}

@@ -12,7 +12,7 @@ import torch
 from pyrozoo.baselines import BASELINES
 from pyrozoo.data import DATASETS
 from pyrozoo.bmr import REDUCTIONS, Reduction, make_reduction, pruned_fraction
-from pyrozoo.bmr.units import find_units
+from pyrozoo.bmr.units import model_units
 from pyrozoo.cli import main
 from pyrozoo.config import TrainConfig
 from pyrozoo.errors import PyrozooError
@@ -100,7 +100,7 @@ def test_reductions_compose_into_one_value():
     both = make_reduction("threshold").then(make_reduction("units"))
     assert both.describe() == "threshold(margin=0.0) then units(margin=0.0)"
     report = both(model, guide)
-    assert len(report.layers) == 2 + len(find_units(model.net, model.layers))
+    assert len(report.layers) == 2 + len(model_units(model))
     assert report.pruned_fraction == pytest.approx(pruned_fraction(model))
 
 

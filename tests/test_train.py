@@ -383,3 +383,62 @@ def test_evaluation_never_changes_training(tmp_path):
     extended = Run.open(tmp_path / "extended", epochs=3, log=quiet)
     extended.train(progress=False)
     assert_same_tensors(guide_params(extended), guide_params(every))
+
+
+@pytest.mark.parametrize("net", ["tiny_mlp_model", "tiny_lenet_model"])
+@pytest.mark.parametrize("at_once", [2, 5])
+def test_evaluating_samples_together_gives_the_metrics_of_the_one_at_a_time_loop(net, at_once, request):
+    """The same seed gives the same draws whether they go through the net one at a time or several together
+    (vmap over the stacked weights), and so the same metrics; a different seed gives other metrics, so the
+    comparison can fail."""
+    from pyrozoo.guides import make_guide
+    from pyrozoo.train import evaluate
+
+    model = request.getfixturevalue(net)
+    side = 32 if net == "tiny_lenet_model" else 4
+    classes = 10 if net == "tiny_lenet_model" else 3
+    x, y = torch.randn(9, 1, side, side), torch.randint(0, classes, (9,))
+    guide = make_guide("meanfield", model)
+    results = []
+    for seed, group in [(1, 1), (1, at_once), (2, 1)]:
+        torch.manual_seed(seed)
+        results.append(evaluate(model, guide, x, y, classes, 5, batch_size=8, samples_at_once=group))
+    one_by_one, together, other_seed = results
+    for key in one_by_one:
+        assert together[key] == pytest.approx(one_by_one[key], abs=1e-6, rel=1e-6), key
+    assert any(other_seed[key] != pytest.approx(one_by_one[key], abs=1e-6) for key in one_by_one)
+
+
+@pytest.mark.parametrize("env, checked", [(None, False), ("1", True)])
+def test_training_checks_distribution_arguments_only_when_asked(tmp_path, monkeypatch, env, checked):
+    """Training steps, and svi_step called on its own, run without Pyro's argument checks (on in the tests, as
+    in Pyro by default), unless $PYROZOO_VALIDATE is 1 (a debugging aid) or the call asks for them."""
+    from pyro.infer.util import is_validation_enabled
+
+    from pyrozoo.guides import make_guide
+    from pyrozoo.models import BayesianModel
+    from pyrozoo.nets import create_net
+
+    seen = []
+    elbo = train_module.negative_elbo
+
+    def recording_elbo(*args):
+        seen.append(is_validation_enabled())
+        return elbo(*args)
+
+    monkeypatch.setattr(train_module, "negative_elbo", recording_elbo)
+    if env is None:
+        monkeypatch.delenv(train_module.VALIDATE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(train_module.VALIDATE_ENV, env)
+    train(tiny(epochs=1, steps_per_epoch=2), tmp_path / "run")
+    assert seen == [checked, checked]
+    model = BayesianModel(create_net("mlp", in_channels=1, image_size=4, num_classes=3, hidden=(5,)))
+    guide = make_guide("meanfield", model)
+    optimizer = torch.optim.Adam(guide.parameters())
+    x, y = torch.randn(6, 1, 4, 4), torch.randint(0, 3, (6,))
+    for validate in (None, True, False):
+        seen.clear()
+        train_module.svi_step(model, guide, optimizer, x, y, 60, validate=validate)
+        assert seen == [checked if validate is None else validate]
+    assert is_validation_enabled()  # the tests' setting, which the step changed only while it ran

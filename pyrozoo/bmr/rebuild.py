@@ -30,7 +30,7 @@ def rebuild(model, guide, remove_dead: bool = True) -> nn.Module:
     for p in net.parameters():
         p.requires_grad_(True)
     if remove_dead:
-        remove_dead_units(net)
+        remove_dead_units(net, model)
     return net.eval()
 
 

@@ -1,7 +1,8 @@
-"""Structured BMR: remove whole units (neurons, channels, attention heads; :mod:`pyrozoo.bmr.units`).
+"""Structured BMR: remove whole units (neurons, channels, embedding dimensions, attention heads) of the coupled
+groups that :mod:`pyrozoo.bmr.units` finds in the net's dependency graph.
 
-Removing a unit reduces all its live entries at once: its producer rows and its consumer columns (the output
-layer's too, although single output weights are never pruned). Under a mean-field posterior dF is additive over
+Removing a unit reduces all its live entries at once: in every layer of its group, its producing rows (or
+columns) and its consuming columns (the output layer's too, although single output weights are never pruned). Under a mean-field posterior dF is additive over
 entries, so a unit's score is the sum of theirs, the exact joint evidence gain; the decision on unit scores is
 the threshold rule. Structures are reduced in order, each on the masks the previous ones left, so every removal
 raises the evidence of the model as it then is.
@@ -18,7 +19,7 @@ import torch
 from pyrozoo.bmr.reduction import REDUCTIONS, LayerReport, PruneReport, Reduction, score_summary
 from pyrozoo.bmr.rules import Threshold
 from pyrozoo.bmr.scores import delta_f
-from pyrozoo.bmr.units import find_units, pruned_fraction
+from pyrozoo.bmr.units import model_units, pruned_fraction
 
 
 @REDUCTIONS.register("units")
@@ -32,34 +33,29 @@ class Units(Reduction):
     @torch.no_grad()
     def __call__(self, model, posterior) -> PruneReport:
         start = time.perf_counter()
-        structures = [u for u in find_units(model.net, model.layers) if u.producer.prunable]
-        names = {name for u in structures for name in (u.producer.name, u.consumer.name)}
+        prunable = {layer.name for layer in model.layers if layer.prunable}
+        structures = [u for u in model_units(model) if all(m.layer in prunable for m in u.producers)]
+        names = {name for u in structures for name in u.layers}
         gains = delta_f(model, posterior, names)
+        sites = {layer.name: layer.site for layer in model.layers}
         decision = Threshold(self.margin)
         reports = []
         for units in structures:
-            producer, consumer = units.producer.name, units.consumer.name
-            live_in, live_out = model.mask(producer).bool(), model.mask(consumer).bool()
-            gain_in = torch.where(live_in, gains[producer], 0.0)[units.rows].flatten(1).sum(1)
-            gain_out = torch.where(live_out, gains[consumer], 0.0)[:, units.columns].sum(dim=(0, 2))
-            unit_gain = gain_in + gain_out
-            alive = ~units.dead(live_in)
+            live = {name: model.mask(name).bool() for name in units.layers}
+            unit_gain = units.total({name: torch.where(live[name], gains[name], 0.0) for name in live})
+            alive = ~units.gone(live)
             remove = alive & ~decision.decide(unit_gain, alive).keep
-            keep_in, keep_out = live_in.clone(), live_out.clone()
-            keep_in[units.rows[remove].flatten()] = False
-            keep_out[:, units.columns[remove].flatten()] = False
-            for layer, keep, live in (
-                (units.producer, keep_in, live_in),
-                (units.consumer, keep_out, live_out),
-            ):
-                model.set_mask(layer.name, keep)
-                posterior.reset_to_prior(layer.site, live & ~keep)
+            keep = {name: mask.clone() for name, mask in live.items()}
+            units.remove(keep, remove)
+            for name in units.layers:
+                model.set_mask(name, keep[name])
+                posterior.reset_to_prior(sites[name], live[name] & ~keep[name])
             reports.append(
                 LayerReport(
-                    producer,
-                    live_in.numel(),
-                    int(live_in.sum()),
-                    int(keep_in.sum()),
+                    units.name,
+                    sum(int(m.numel()) for m in live.values()),
+                    sum(int(m.sum()) for m in live.values()),
+                    sum(int(m.sum()) for m in keep.values()),
                     float((alive & ~remove).sum()) / units.count,
                     self.margin,
                     *score_summary(unit_gain, alive),

@@ -1,120 +1,496 @@
-"""Units (neurons, channels, attention heads): which are dead after pruning, and how to cut them out of a net.
+"""Units (channels, neurons, embedding dimensions, attention heads) and the groups they couple into.
 
-A unit is a set of rows of a *producer* layer's latent whose output reaches a set of columns of a *consumer*
-layer, and nothing else. If every weight and bias in its deciding rows is pruned, the unit outputs exactly 0
-(dead) and its consumer columns are as good as pruned; if every consumer column is pruned, it is unused. Either
-way it can be cut out without changing the net's output. Three structures are recognised:
+A *group* (:class:`Units`) is a set of ``count`` units that go together: for each unit, a set of entries of
+random latents, as a list of memberships ``(layer, axis, index)`` with ``index[u]`` the unit's rows (axis 0)
+or columns (axis 1) of that layer's latent. Memberships that *produce* the unit's value (a conv's output rows,
+an embedding's columns) are told apart from those that *consume* it (the next layers' input columns). The same
+representation slices masks, posterior parameters and optimiser state alike (:func:`slice_latents`), so it can
+drive compaction during training as well as the rebuild.
 
-- chain nets (``chain = True``: MLP, LeNet), where each weight layer feeds the next through activations and
-  pooling that map 0 to 0: a unit is a neuron or channel, its consumer columns the next layer's inputs from it
-  (a kernel's worth after a conv, a flattened map's worth for a linear after a conv);
-- MLP blocks (timm's ``Mlp``: ``fc1 -> act -> fc2`` with ``act(0) = 0``, as in ViT and MLP-Mixer): a unit is a
-  hidden neuron;
-- self-attention (timm's ``Attention``: fused ``qkv`` and ``proj``): a unit is a head. A head whose value rows are
-  all pruned outputs 0 whatever it attends to; cutting it removes its query, key and value rows and its columns
-  of ``proj``, and the module's head count drops.
+Where the groups come from:
+
+- **Torch-Pruning's DependencyGraph** (``torch-pruning`` on PyPI, the DepGraph paper) traces the net on an
+  example batch and couples channels through residual additions, BatchNorm, depthwise convolutions,
+  concatenations, flattening and 1x1-conv or linear MLPs. Each of its groups (rooted at a layer's output
+  channels) becomes one :class:`Units`; deterministic per-channel modules in it (BatchNorm) are sliced with
+  their units at rebuild. A group whose channels pass through an operation that mixes channels (LayerNorm,
+  GroupNorm, softmax, matrix products, attention) or reach a deterministic weight layer, an RNN's hidden state
+  or the output layer's rows is *fixed*: removing one of its units could change the function.
+- **Attention heads** of timm's ``Attention`` (fused ``qkv`` and ``proj``) are found by hand: the
+  DependencyGraph tracks features, not heads, and a head is the unit whose value rows decide whether it
+  contributes. Cutting a head removes its query, key and value rows and its ``proj`` columns.
+
+A unit is *removable without changing the function* when all its consuming entries are pruned (unused), or when
+all its producing entries are pruned and the path to its consumers maps 0 to 0 (dead: ReLU, GELU, SiLU, tanh,
+pooling, additions of dead channels; not BatchNorm or sigmoid, whose constant output is kept). The rebuild
+(:func:`remove_dead_units`) also checks each group's removal against the unpruned net's outputs on the example
+batch and keeps the units if they differ.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import copy
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from pyrozoo.models.layers import Layer, find_layers
+from pyrozoo.errors import PyrozooError
+from pyrozoo.models.bayesian import call_arguments, select_output
+from pyrozoo.models.layers import Layer, find_layers, is_batch_norm
+
+
+@dataclass(frozen=True)
+class Member:
+    """The entries of one random layer's latent that belong to each unit of a group."""
+
+    layer: str  # a Layer's name
+    axis: int  # 0: rows of the latent; 1: columns
+    index: torch.Tensor  # (count, k): unit u holds index[u] along axis
+    produces: bool  # True: these entries make the unit's value; False: they consume it
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Per unit, its entries of a latent-shaped ``tensor``: ``(count, k * other axis)``."""
+        index = self.index.to(tensor.device)
+        if self.axis == 0:
+            return tensor[index].flatten(1)
+        return tensor[:, index].permute(1, 0, 2).flatten(1)
+
+    def put(self, tensor: torch.Tensor, units: torch.Tensor, value) -> None:
+        """Set the entries of ``units`` (boolean, per unit) of ``tensor`` to ``value`` in place."""
+        index = self.index.to(tensor.device)[units.to(tensor.device)].flatten()
+        if self.axis == 0:
+            tensor[index] = value
+        else:
+            tensor[:, index] = value
 
 
 @dataclass(frozen=True)
 class Units:
-    """``count`` units from ``producer`` to ``consumer``; index tensors have one row per unit."""
+    """``count`` coupled units: their memberships in random layers (see the module docstring)."""
 
-    producer: Layer
-    consumer: Layer
-    deciding_rows: torch.Tensor  # (count, k): producer rows that, all pruned, make the unit dead
-    rows: torch.Tensor  # (count, k'): producer rows removed with the unit
-    columns: torch.Tensor  # (count, m): consumer latent columns fed by the unit
+    name: str  # the root module's path (or the attention module's, for heads)
+    count: int
+    members: tuple[Member, ...]
+    zero_preserving: bool = True  # all producing entries pruned -> consumers see exactly 0
     heads_of: str | None = None  # path of the attention module whose head count shrinks
+    passthrough: tuple[str, ...] = field(
+        default=()
+    )  # deterministic modules sliced with the units (BatchNorm)
 
     @property
-    def count(self) -> int:
-        return self.rows.shape[0]
+    def producers(self) -> list[Member]:
+        return [m for m in self.members if m.produces]
 
-    def dead(self, producer: torch.Tensor) -> torch.Tensor:
-        """Units whose deciding rows of the producer's keep-matrix are all False."""
-        return ~producer[self.deciding_rows].flatten(1).any(dim=1)
+    @property
+    def consumers(self) -> list[Member]:
+        return [m for m in self.members if not m.produces]
 
-    def unused(self, consumer: torch.Tensor) -> torch.Tensor:
-        """Units whose consumer columns are all False."""
-        return ~consumer[:, self.columns].permute(1, 0, 2).flatten(1).any(dim=1)
+    @property
+    def layers(self) -> set[str]:
+        return {m.layer for m in self.members}
+
+    def _none(self, masks: dict[str, torch.Tensor], members: list[Member]) -> torch.Tensor:
+        device = next(iter(masks.values())).device
+        out = torch.ones(self.count, dtype=torch.bool, device=device)
+        for member in members:
+            out &= ~member.take(masks[member.layer]).any(dim=1)
+        return out
+
+    def dead(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Units whose producing entries are all pruned and whose consumers therefore see 0."""
+        if not self.zero_preserving or not self.producers:
+            return torch.zeros(self.count, dtype=torch.bool, device=next(iter(masks.values())).device)
+        return self._none(masks, self.producers)
+
+    def unused(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Units whose consuming entries are all pruned."""
+        return self._none(masks, self.consumers)
+
+    def gone(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Units that can go without changing the function: dead or unused."""
+        return self.dead(masks) | self.unused(masks)
+
+    def total(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per unit, the sum of ``values`` (latent-shaped, e.g. dF with pruned entries at 0) over its entries."""
+        return sum(member.take(values[member.layer]).sum(dim=1) for member in self.members)
+
+    def remove(self, masks: dict[str, torch.Tensor], units: torch.Tensor) -> None:
+        """Mark every entry of ``units`` (boolean, per unit) pruned in the boolean ``masks``, in place."""
+        for member in self.members:
+            member.put(masks[member.layer], units, False)
 
 
-def _blocks(count: int, size: int) -> torch.Tensor:
-    return torch.arange(count * size).reshape(count, size)
+def slice_latents(
+    units: Units, keep: torch.Tensor, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Latent-shaped ``tensors`` (masks, guide locs and scales, optimiser moments) of the group's layers with the
+    entries of the units not in ``keep`` cut out along each membership's axis: the compaction of a group."""
+    out = dict(tensors)
+    for member in units.members:
+        if member.layer not in out:
+            continue
+        tensor = out[member.layer]
+        index = member.index.to(tensor.device)
+        dropped = index[~keep.to(tensor.device)].flatten()
+        size = tensor.shape[member.axis]
+        kept = torch.ones(size, dtype=torch.bool, device=tensor.device)
+        kept[dropped] = False
+        out[member.layer] = tensor[kept] if member.axis == 0 else tensor[:, kept]
+    return out
 
 
-def is_chain(net: nn.Module) -> bool:
-    return bool(getattr(net, "chain", False))
+# --- finding groups ---------------------------------------------------------------------------------------
+
+# Operations (autograd node names as the DependencyGraph records them) that mix a channel with the others: a
+# unit passing through one cannot be removed without changing what the others compute.
+_MIXING = ("LayerNorm", "GroupNorm", "Softmax", "Mm", "Bmm", "Matmul", "Attention", "Var", "Std", "Norm")
+# Operations that map a channel of zeros to zeros (with every other input of the unit zero too).
+_ZERO_TO_ZERO = (
+    "Relu", "Gelu", "Silu", "Tanh", "Hardswish", "Hardtanh", "LeakyRelu", "Elu", "Mish", "Add", "Sub", "Mul",
+    "Div", "Mean", "Sum", "Pool", "View", "Reshape", "Permute", "Transpose", "Unsqueeze", "Squeeze", "Flatten",
+    "Clone", "Cat", "Split", "Slice", "Select", "Unbind", "Expand", "TBackward", "Index", "Contiguous",
+    "Dropout", "Pad", "Chunk", "Stack", "Narrow", "Identity", "Alias",
+)  # fmt: skip
 
 
-def _maps_zero_to_zero(module: nn.Module) -> bool:
-    with torch.no_grad():
-        return bool((module(torch.zeros(1)) == 0).all())
+def _timm_attention(module: nn.Module, children: dict) -> bool:
+    return (
+        isinstance(children.get("qkv"), nn.Linear)
+        and isinstance(children.get("proj"), nn.Linear)
+        and isinstance(children.get("norm", nn.Identity()), nn.Identity)
+        and getattr(module, "gate", None) is None
+        and hasattr(module, "num_heads")
+        and hasattr(module, "head_dim")
+        and children["qkv"].out_features == 3 * module.num_heads * module.head_dim
+    )
 
 
-def find_units(net: nn.Module, layers: list[Layer] | None = None) -> list[Units]:
-    """Every unit structure of ``net`` (see the module docstring), producers before their consumers."""
-    layers = find_layers(net) if layers is None else layers
-    by_name = {layer.name: layer for layer in layers}
+def _heads(net: nn.Module, by_name: dict[str, Layer]) -> list[Units]:
     found = []
-    if is_chain(net):
-        weights = [layer for layer in layers if layer.kind == "weight"]
-        for producer, consumer in zip(weights, weights[1:]):
-            count = producer.rows
-            block = _blocks(count, 1)
-            found.append(Units(producer, consumer, block, block, _blocks(count, consumer.fan_in // count)))
-        return found
     for path, module in net.named_modules():
         prefix = f"{path}." if path else ""
         children = dict(module.named_children())
-        if (
-            isinstance(children.get("fc1"), nn.Linear)
-            and isinstance(children.get("fc2"), nn.Linear)
-            and isinstance(children.get("norm", nn.Identity()), nn.Identity)
-            and "act" in children
-            and _maps_zero_to_zero(children["act"])
-        ):
-            producer, consumer = by_name[prefix + "fc1"], by_name[prefix + "fc2"]
-            block = _blocks(producer.rows, 1)
-            found.append(Units(producer, consumer, block, block, block))
-        elif (
-            isinstance(children.get("qkv"), nn.Linear)
-            and isinstance(children.get("proj"), nn.Linear)
-            and isinstance(children.get("norm", nn.Identity()), nn.Identity)
-            and getattr(module, "gate", None) is None
-            and hasattr(module, "num_heads")
-            and hasattr(module, "head_dim")
-        ):
-            heads, size = module.num_heads, module.head_dim
-            if children["qkv"].out_features != 3 * heads * size:
-                continue
-            qkv = torch.arange(3 * heads * size).reshape(3, heads, size).permute(1, 0, 2)  # (head, q/k/v, d)
-            producer, consumer = by_name[prefix + "qkv"], by_name[prefix + "proj"]
-            found.append(Units(producer, consumer, qkv[:, 2], qkv.flatten(1), _blocks(heads, size), path))
+        if not _timm_attention(module, children):
+            continue
+        qkv_name, proj_name = prefix + "qkv", prefix + "proj"
+        if qkv_name not in by_name or proj_name not in by_name:
+            continue
+        heads, size = module.num_heads, module.head_dim
+        qkv = torch.arange(3 * heads * size).reshape(3, heads, size).permute(1, 0, 2)  # (head, q/k/v, d)
+        members = (
+            Member(qkv_name, 0, qkv[:, 2], True),  # value rows decide whether a head contributes
+            Member(qkv_name, 0, qkv[:, :2].flatten(1), False),  # queries and keys go with it
+            Member(proj_name, 1, torch.arange(heads * size).reshape(heads, size), False),
+        )
+        found.append(Units(path, heads, members, True, heads_of=path))
     return found
 
 
+def _example_on(example, device):
+    if isinstance(example, dict):
+        return {k: _example_on(v, device) for k, v in example.items()}
+    if isinstance(example, (tuple, list)):
+        return type(example)(_example_on(v, device) for v in example)
+    return (
+        example.to(device)
+        if isinstance(example, torch.Tensor) and example.is_floating_point()
+        else (example.to(device) if isinstance(example, torch.Tensor) else example)
+    )
+
+
+@contextlib.contextmanager
+def _tolerant_reshapes():
+    """Torch-Pruning cannot map channels through a reshape that permutes them (ShuffleNet's channel shuffle) and
+    fails with a ZeroDivisionError. While active, such a reshape is recorded in its graph's ``unmapped`` set
+    instead, and every group that passes through it is fixed (:func:`find_structure`)."""
+    from torch_pruning.dependency import index_mapping
+
+    original = index_mapping.update_reshape_index_mapping
+
+    def tolerant(graph, node):
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            graph.__dict__.setdefault("unmapped", set()).add(node.module)
+
+    index_mapping.update_reshape_index_mapping = tolerant
+    try:
+        yield
+    finally:
+        index_mapping.update_reshape_index_mapping = original
+
+
+def dependency_graph(net: nn.Module, example, output_key=None, ignored: list[nn.Module] = ()):
+    """Torch-Pruning's DependencyGraph of ``net`` (in eval mode, so BatchNorm statistics stay as they are); every
+    parameter of ``net`` is left requiring gradients."""
+    import torch_pruning as tp
+
+    args, kwargs = call_arguments(example)
+    training = net.training
+    net.eval()
+    for p in net.parameters():  # the graph is traced through autograd: a layer without gradient is invisible
+        p.requires_grad_(True)
+    try:
+        with torch.enable_grad(), _tolerant_reshapes():  # autograd records the graph, even under no_grad
+            graph = tp.DependencyGraph().build_dependency(
+                net,
+                example_inputs=example,
+                forward_fn=lambda model, _: select_output(model(*args, **kwargs), output_key),
+                ignored_layers=list(ignored),
+                verbose=False,
+            )
+    except Exception as e:  # tracing arbitrary user code: say what failed, in one line
+        raise PyrozooError(f"cannot trace {type(net).__name__} to find its units ({type(e).__name__}: {e})")
+    finally:
+        net.train(training)
+    return graph
+
+
+def _item_members(graph, item, module_path, by_name, by_param, pruning_dims):
+    """Memberships of one DependencyGraph item, or a string saying why the group must stay fixed, or None for
+    an item that holds no random entries and mixes nothing."""
+    import torch_pruning as tp
+
+    dep, idxs = item.dep, list(item.idxs)
+    module, handler = dep.target.module, dep.handler
+    roots = getattr(item, "root_idxs", None)
+    if roots is None or any(r is None for r in roots):
+        return "an index mapping without roots"
+    out = graph.is_out_channel_pruning_fn(handler)
+    if isinstance(module, nn.Parameter):
+        name = by_param.get(id(module))
+        if name is None:
+            return "a parameter pyrozoo does not know"
+        layer = by_name.get(name)
+        if layer is None:
+            return f"deterministic parameter {name!r}"
+        if pruning_dims.get(id(module)) != module.dim() - 1:
+            return f"parameter {name!r} along a dimension other than its last"
+        return [(layer, 1, idxs, roots, True)]
+    if isinstance(module, tp.ops._ElementWiseOp):
+        op = str(module._grad_fn)
+        if "BatchNorm" not in op and any(word in op for word in _MIXING):
+            return f"operation {op}, which mixes channels"
+        return None if any(word in op for word in _ZERO_TO_ZERO) else "constant"
+    if module in graph.__dict__.get("unmapped", ()):
+        return "a reshape that permutes channels (a channel shuffle)"
+    if module.__class__.__module__.startswith("torch_pruning"):
+        return None  # concatenation, split, reshape, ...: index mappings only
+    path = module_path.get(module)
+    if is_batch_norm(module) or isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
+        if path in by_name:
+            return f"random normalisation {path!r}"
+        return "pass"  # deterministic and per channel: sliced with the units, but not zero-preserving
+    if isinstance(module, nn.PReLU):
+        return None if module.num_parameters == 1 else "pass"
+    layer = by_name.get(path)
+    tied = by_name.get(by_param.get(id(getattr(module, "weight", None)), ""))
+    if layer is None and tied is not None and isinstance(module, nn.Linear) and not out:
+        if tied.kind == "embedding":  # a decoder sharing an embedding's matrix: its inputs are the columns
+            return [(tied, 1, idxs, roots, False)]
+        return f"layer {path!r} tied to {tied.name!r}"
+    if layer is None:
+        kind = type(module).__name__
+        if not any(True for _ in module.parameters(recurse=False)):
+            return None
+        return f"deterministic layer {path!r} ({kind})"
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or layer.kind == "norm":
+        return f"normalisation {path!r}, which mixes channels"
+    if isinstance(module, nn.Embedding):
+        return [(layer, 1, idxs, roots, True)] if out else f"embedding {path!r} indices"
+    if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
+        if out:
+            return f"the hidden state of {path!r}"
+        names = [n for n in by_name if n.startswith(f"{path}.weight_ih_l0")]
+        return [(by_name[n], 1, idxs, roots, False) for n in names]
+    if isinstance(module, nn.MultiheadAttention):
+        return f"attention {path!r}"
+    if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_conv_transposes())):
+        return f"layer {path!r} of type {type(module).__name__}"
+    if out:
+        if layer.is_output:
+            return f"the output layer {path!r}"
+        return [(layer, 0, idxs, roots, True)]
+    groups = getattr(module, "groups", 1)
+    if groups > 1:
+        if groups == module.in_channels == module.out_channels:
+            return None  # depthwise: its input channel is its output channel, a row of its own
+        return f"grouped convolution {path!r}"
+    if isinstance(module, nn.Linear):
+        return [(layer, 1, idxs, roots, False)]
+    kernel = layer.fan_in // (module.in_channels // groups)
+    columns = [c * kernel + k for c in idxs for k in range(kernel)]
+    return [(layer, 1, columns, [r for r in roots for _ in range(kernel)], False)]
+
+
+def _conv_transposes():
+    return (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _per_unit(indices: list[int], roots: list[int], count: int) -> torch.Tensor | None:
+    """``(count, k)`` indices, unit by unit, or None when units hold different numbers of indices."""
+    buckets: list[list[int]] = [[] for _ in range(count)]
+    for index, root in zip(indices, roots):
+        buckets[root].append(index)
+    sizes = {len(b) for b in buckets}
+    if len(sizes) != 1 or 0 in sizes:
+        return None
+    return torch.tensor(buckets, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Every group of a net: the removable ones (:attr:`units`) and why the others are fixed."""
+
+    units: list[Units]
+    fixed: dict[str, str]  # root path -> why its units cannot be removed
+
+
+def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None) -> Structure:
+    """Trace ``net`` (a copy; BatchNorm statistics untouched) on ``example`` and group its units."""
+    import torch_pruning as tp
+
+    net = copy.deepcopy(net)
+    by_name = {layer.name: layer for layer in layers}
+    heads = _heads(net, by_name)
+    claimed = {m.layer for u in heads for m in u.members}
+    graph = dependency_graph(net, _example_on(example, next(net.parameters()).device), output_key)
+    module_path = {module: path for path, module in net.named_modules()}
+    by_param = {id(p): name for name, p in net.named_parameters()}
+    for layer in layers:
+        by_param.setdefault(id(net.get_parameter(layer.weight_name)), layer.name)
+    pruning_dims = {id(u.parameters): u.pruning_dim for u in graph.unwrapped_parameters}
+    roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding)
+    units, fixed = list(heads), {}
+    visited: set[nn.Module] = set()
+    for root in list(
+        graph.module2node
+    ):  # as Torch-Pruning's get_all_groups, but a root it cannot map is fixed
+        if not isinstance(root, roots) or root in visited:
+            continue
+        pruner = graph.get_pruner_of_module(root)
+        if pruner is None or pruner.get_out_channels(root) is None:
+            continue
+        try:
+            with _tolerant_reshapes():
+                group = graph.get_pruning_group(
+                    root, pruner.prune_out_channels, list(range(pruner.get_out_channels(root)))
+                )
+        except (IndexError, ZeroDivisionError, ValueError, KeyError) as e:
+            fixed[module_path.get(root, str(root))] = (
+                f"Torch-Pruning cannot map its channels ({type(e).__name__})"
+            )
+            visited.add(root)
+            continue
+        visited.update(
+            item.dep.target.module
+            for item in group.items
+            if graph.is_out_channel_pruning_fn(item.dep.handler)
+        )
+        root = group[0].dep.target.module
+        name = module_path.get(root, str(root))
+        count = len(group[0].idxs)
+        members: dict[tuple[str, int, bool], tuple[list[int], list[int]]] = {}
+        why, zero, passthrough = None, True, []
+        for item in group.items:
+            found = _item_members(graph, item, module_path, by_name, by_param, pruning_dims)
+            if found is None:
+                continue
+            if found == "constant":
+                zero = False
+                continue
+            if found == "pass":
+                zero = False
+                passthrough.append(module_path.get(item.dep.target.module, "?"))
+                continue
+            if isinstance(found, str):
+                why = found
+                break
+            for layer, axis, idxs, rts, produces in found:
+                if layer.name in claimed:
+                    why = f"attention heads of {layer.name!r} are units of their own"
+                    break
+                key = (layer.name, axis, produces)
+                indices, rs = members.setdefault(key, ([], []))
+                indices += list(idxs)
+                rs += list(rts)
+            if why:
+                break
+        tensors = []
+        if why is None:
+            for (layer_name, axis, produces), (indices, rs) in members.items():
+                per_unit = _per_unit(indices, rs, count)
+                if per_unit is None:
+                    why = f"units of {layer_name!r} of unequal sizes"
+                    break
+                tensors.append(Member(layer_name, axis, per_unit, produces))
+        if why is None and not any(not m.produces for m in tensors):
+            why = "its units reach no random layer (the output, or an operation)"
+        if why is None:
+            units.append(Units(name, count, tuple(tensors), zero, None, tuple(passthrough)))
+        else:
+            fixed[name] = why
+    order = {layer.name: i for i, layer in enumerate(layers)}  # producers before consumers, as in the net
+    units.sort(key=lambda u: min(order[m.layer] for m in (u.producers or u.members)))
+    return Structure(units, fixed)
+
+
+def find_units(
+    net: nn.Module, layers: list[Layer] | None = None, example=None, output_key=None
+) -> list[Units]:
+    """Every group of units of ``net`` that can be removed (see the module docstring), traced on ``example``."""
+    layers = find_layers(net) if layers is None else layers
+    if example is None:
+        from pyrozoo.models.bayesian import _guess_example
+
+        example = _guess_example(net)
+    return find_structure(net, layers, example, output_key).units
+
+
+_STRUCTURES: "weakref.WeakKeyDictionary[nn.Module, Structure]" = weakref.WeakKeyDictionary()
+
+
+def structure(model) -> Structure:
+    """The groups of a Bayesian model's net, traced once per model and remembered. A net that cannot be traced
+    (or has no example batch) has no removable groups; ``fixed[""]`` says why."""
+    found = _STRUCTURES.get(model)
+    if found is None:
+        try:
+            found = find_structure(model.net, model.layers, model.example_input(), model.output_key)
+        except PyrozooError as e:  # a net the tracer cannot follow still trains and prunes weight by weight
+            found = Structure([], {"": str(e)})
+        _STRUCTURES[model] = found
+    return found
+
+
+def model_units(model) -> list[Units]:
+    """The removable groups of a Bayesian model (:func:`structure`)."""
+    return structure(model).units
+
+
 def effective_masks(model) -> dict[str, torch.Tensor]:
-    """Boolean keep-masks with the outgoing weights of dead units (all inputs pruned) marked pruned too."""
+    """Boolean keep-masks with every entry of a dead or unused unit marked pruned too, until nothing changes
+    (removing a unit can leave another without inputs or outputs)."""
     masks = {layer.name: model.mask(layer.name).bool().clone() for layer in model.layers}
-    for units in find_units(model.net, model.layers):
-        dead = units.dead(masks[units.producer.name])
-        masks[units.consumer.name][:, units.columns[dead].flatten()] = False
+    groups = model_units(model)
+    changed = True
+    while changed:
+        changed = False
+        for units in groups:
+            gone = units.gone(masks)
+            if not bool(gone.any()):
+                continue
+            before = sum(int(masks[name].sum()) for name in units.layers)
+            units.remove(masks, gone)
+            changed |= sum(int(masks[name].sum()) for name in units.layers) != before
     return masks
 
 
 def pruned_fraction(model) -> float:
-    """Pruned entries over prunable entries (PAPER.md §6), counting the outgoing weights of dead units."""
+    """Pruned entries over prunable entries (PAPER.md §6), counting every entry of dead and unused units."""
     masks = effective_masks(model)
     prunable = [layer for layer in model.layers if layer.prunable]
     total = sum(layer.shape.numel() for layer in prunable)
@@ -122,78 +498,114 @@ def pruned_fraction(model) -> float:
     return 1.0 - kept / total
 
 
+# --- cutting units out of a plain net ------------------------------------------------------------------------
+
+
 def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(net.get_submodule(parent) if parent else net, child, module)
 
 
-def _sliced(
-    module: nn.Module, rows: torch.Tensor | None = None, inputs: torch.Tensor | None = None
-) -> nn.Module:
-    """A copy of a Linear/Conv layer keeping output ``rows`` and ``inputs`` (features or channels, indices)."""
+def _sliced_linear(module: nn.Linear, rows=None, inputs=None) -> nn.Linear:
     weight = module.weight.detach()
     bias = None if module.bias is None else module.bias.detach()
     if rows is not None:
-        weight = weight[rows]
-        bias = None if bias is None else bias[rows]
+        rows = rows.to(weight.device)
+        weight, bias = weight[rows], None if bias is None else bias[rows]
     if inputs is not None:
-        weight = weight[:, inputs]
-    if isinstance(module, nn.Linear):
-        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    else:
-        new = type(module)(
-            weight.shape[1],
-            weight.shape[0],
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            bias=bias is not None,
-            padding_mode=module.padding_mode,
-        )
+        weight = weight[:, inputs.to(weight.device)]
+    new = copy.copy(module)  # the same class and attributes, new parameters
+    new._parameters = dict(module._parameters)
+    new.weight = nn.Parameter(weight.clone())
+    new.bias = None if bias is None else nn.Parameter(bias.clone())
+    new.out_features, new.in_features = weight.shape
+    return new
+
+
+def _cut_heads(net: nn.Module, units: Units, keep: torch.Tensor) -> None:
+    attention = net.get_submodule(units.heads_of)
+    prefix = f"{units.heads_of}." if units.heads_of else ""
+    rows = torch.cat([m.index for m in units.members if m.layer == prefix + "qkv"], dim=1)
+    columns = next(m.index for m in units.members if m.layer == prefix + "proj")
+    rows = rows[keep].flatten().sort().values
+    _replace(net, prefix + "qkv", _sliced_linear(attention.qkv, rows=rows))
+    _replace(net, prefix + "proj", _sliced_linear(attention.proj, inputs=columns[keep].flatten()))
+    attention.num_heads = int(keep.sum())
+    if hasattr(attention, "attn_dim"):
+        attention.attn_dim = attention.num_heads * attention.head_dim
+
+
+def _outputs(net: nn.Module, example, output_key) -> torch.Tensor:
+    args, kwargs = call_arguments(example)
     with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    return new.to(weight.device)
+        return select_output(net(*args, **kwargs), output_key).detach()
 
 
-def _cut(net: nn.Module, units: Units, keep: torch.Tensor) -> None:
-    producer = net.get_submodule(units.producer.name)
-    consumer = net.get_submodule(units.consumer.name)
-    # Conv inputs are channels (one per unit); Linear inputs are the latent's columns.
-    inputs = (
-        keep.nonzero().flatten() if not isinstance(consumer, nn.Linear) else units.columns[keep].flatten()
-    )
-    _replace(net, units.producer.name, _sliced(producer, rows=units.rows[keep].flatten()))
-    _replace(net, units.consumer.name, _sliced(consumer, inputs=inputs))
-    if units.heads_of is not None:
-        attention = net.get_submodule(units.heads_of)
-        attention.num_heads = int(keep.sum())
-        if hasattr(attention, "attn_dim"):
-            attention.attn_dim = attention.num_heads * attention.head_dim
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    scale = float(b.abs().max()) if b.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(scale, 1.0)))
 
 
-def remove_dead_units(net: nn.Module) -> int:
-    """Cut dead and unused units out of ``net`` in place (outputs unchanged); returns how many went.
+@torch.no_grad()
+def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | None = None) -> int:
+    """Cut the units that can go (dead or unused under ``masks``, by default the model's effective masks) out
+    of ``net``, a plain copy of ``model.net`` with its weights set, in place; returns how many went.
 
-    Zeros in the net's weights are taken as pruned entries. A layer keeps at least one unit so that it stays a
-    valid module (its output is 0 anyway). Repeats until nothing changes, since cutting one layer's units can
-    leave the next layer's units without inputs.
+    Each group is cut by Torch-Pruning (BatchNorm channels and every coupled layer with it, the module classes
+    kept), or, for attention heads, by slicing ``qkv`` and ``proj``. A group keeps at least one unit so that its
+    layers stay valid modules. The net's outputs on the example batch are then compared with the unpruned
+    net's; if they differ, the groups are cut again one by one, each checked, and a group whose cut changes the
+    outputs keeps its units.
     """
-    removed, changed = 0, True
-    while changed:
-        changed = False
-        for units in find_units(net):
-            nonzero_in = units.producer.join(net) != 0
-            nonzero_out = units.consumer.join(net) != 0
-            keep = ~units.dead(nonzero_in) & ~units.unused(nonzero_out)
-            if not bool(keep.any()):
-                keep[0] = True
-            if bool(keep.all()):
-                continue
-            _cut(net, units, keep)
-            removed += int((~keep).sum())
-            changed = True
-            break  # the other structures' layer shapes may have changed: find them afresh
+    net.eval()
+    masks = effective_masks(model) if masks is None else masks
+    cuts = []
+    for units in model_units(model):
+        gone = units.gone(masks)
+        if bool(gone.all()):
+            gone[0] = False
+        if bool(gone.any()):
+            cuts.append((units, gone))
+    if not cuts:
+        return 0
+    example = _example_on(model.example_input(), next(net.parameters()).device)
+    reference = _outputs(net, example, model.output_key)
+    before = copy.deepcopy(net)
+    _cut(net, cuts, example, model.output_key)
+    if _same(_outputs(net, example, model.output_key), reference):
+        return sum(int(gone.sum()) for _, gone in cuts)
+    _restore(net, before)
+    removed = 0
+    for cut in cuts:  # a path the graph did not show (a constant reaching the output): find the culprit
+        before = copy.deepcopy(net)
+        _cut(net, [cut], example, model.output_key)
+        if _same(_outputs(net, example, model.output_key), reference):
+            removed += int(cut[1].sum())
+        else:
+            _restore(net, before)
     return removed
+
+
+def _cut(net: nn.Module, cuts: list[tuple[Units, torch.Tensor]], example, output_key) -> None:
+    graph = None
+    for units, gone in cuts:
+        if units.heads_of is not None:
+            _cut_heads(net, units, ~gone)
+            graph = None  # modules were replaced: trace afresh for the next group
+            continue
+        if graph is None:
+            graph = dependency_graph(net, example, output_key)
+        root = net.get_submodule(units.name)
+        pruner = graph.get_pruner_of_module(root)
+        with _tolerant_reshapes():
+            group = graph.get_pruning_group(
+                root, pruner.prune_out_channels, gone.nonzero().flatten().tolist()
+            )
+        group.prune()
+
+
+def _restore(net: nn.Module, before: nn.Module) -> None:
+    """Make ``net`` (modified in place) again what ``before`` (a deep copy) was."""
+    net.__dict__.update(before.__dict__)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable
+import copy
+import functools
+from typing import Any, Callable
 
 import pyro
 import pyro.distributions as dist
@@ -12,7 +14,8 @@ from torch import nn
 from torch.distributions import register_kl
 from torch.func import functional_call
 
-from pyrozoo.models.layers import Layer, find_layers
+from pyrozoo.errors import PyrozooError
+from pyrozoo.models.layers import Layer, Selector, find_layers, parse_selectors
 from pyrozoo.models.likelihoods import Categorical
 from pyrozoo.models.priors import flat
 
@@ -29,6 +32,13 @@ class StandardNormal(dist.Normal):
         super().__init__(zero.expand(shape), (zero + 1).expand(shape))
 
 
+@functools.lru_cache(maxsize=1024)
+def _standard_normal_latent(shape: torch.Size, device, dtype):
+    """The prior of a layer's latent, built once per shape: it holds only two broadcast constants, and building
+    it every step is a visible share of a small net's step."""
+    return StandardNormal(shape, device, dtype).to_event(2)
+
+
 @register_kl(torch.distributions.Normal, StandardNormal)
 def _kl_normal_standard_normal(p, q):
     # The general Normal-Normal KL spends half its arithmetic on the constant loc 0 and scale 1;
@@ -37,20 +47,34 @@ def _kl_normal_standard_normal(p, q):
 
 
 class BayesianModel(nn.Module):
-    """A Pyro model built from any ``nn.Module`` ``net``: every Linear/Conv/LayerNorm layer's weight and bias, and
-    every free parameter of a container module (class token, position embedding), are random.
+    """A Pyro model built from any ``nn.Module`` ``net``: its random modules' parameters become latents, its
+    deterministic ones stay point estimates (:mod:`pyrozoo.models.layers` says which is which).
 
-    Per layer, one latent site ``<layer>.weight_base`` holds ``z ~ N(0, 1)`` of shape ``(out, fan_in + 1)``; the
-    ``prior`` draws the layer's scale, and the weights are ``scale * mask * z``. Masks are buffers (saved with
-    ``state_dict``); a zero entry is a pruned weight. ``output`` names the output layer (see
-    :func:`~pyrozoo.models.layers.find_layers`); ``prunable_kinds`` says which kinds of group BMR may prune
-    (``"weight"``; add ``"norm"`` or ``"tensor"`` to prune LayerNorms or embeddings too).
+    Per random layer, one latent site ``<layer>.weight_base`` holds ``z ~ N(0, 1)`` of shape
+    ``(out, fan_in + 1)``; the ``prior`` draws the layer's scale, and the weights are ``scale * mask * z``. Masks
+    are buffers (saved with ``state_dict``); a zero entry is a pruned weight. ``output`` names the output layer
+    (see :func:`~pyrozoo.models.layers.find_layers`); ``prunable_kinds`` says which kinds of group BMR may prune
+    (``"weight"``; add ``"norm"``, ``"embedding"`` or ``"tensor"`` to prune those too).
+
+    Deterministic modules (BatchNorm by default; any module chosen with ``deterministic=[type or name, ...]``)
+    keep their parameters as plain ``nn.Parameter`` point estimates that train beside the guide
+    (:meth:`deterministic_parameters`) and are saved in ``state_dict``; BatchNorm's running statistics follow
+    ``train()``/``eval()`` as in torch: SVI steps update them, evaluation and BMR do not. ``random=[...]`` makes
+    modules random that are deterministic by default.
+
+    The user's ``net`` is copied, never changed. Any forward signature works: ``x`` may be a tensor, a tuple of
+    the net's positional inputs or a dict of its keyword inputs; ``output_key`` picks the logits out of a
+    dict or tuple output (a key, an index, or a callable). ``example_input`` (a batch, in the same form as
+    ``x``) is what BMR traces the net with to find its coupled units; by default the first batch the model
+    sees.
 
     Usage::
 
         model = BayesianModel(create_net("lenet", in_channels=1, image_size=32, num_classes=10), prior=flat)
         model(x, y, dataset_size=60000)        # the Pyro model, for SVI
         logits = model.logits(x, weights)      # a forward pass at given weights
+        model = BayesianModel(two_input_net, deterministic=[nn.Embedding], output_key="logits")
+        model((tokens, lengths), y, dataset_size=60000)
     """
 
     def __init__(
@@ -60,23 +84,53 @@ class BayesianModel(nn.Module):
         likelihood=None,
         output: str | None = None,
         prunable_kinds: tuple[str, ...] = ("weight",),
+        deterministic: list[Selector] | str | None = None,
+        random: list[Selector] | str | None = None,
+        output_key: Any = None,
+        example_input: Any = None,
     ):
         super().__init__()
-        self.net = net
+        self.net = copy.deepcopy(
+            net
+        )  # ours to change (requires_grad, functional calls); tying survives the copy
         self.prior = prior
         self.likelihood = likelihood or Categorical()
-        self._layers = find_layers(net, output, prunable_kinds)
+        self.output_key = output_key
+        self.deterministic, self.random = parse_selectors(deterministic), parse_selectors(random)
+        self._layers = find_layers(self.net, output, prunable_kinds, self.deterministic, self.random)
         self.masks = nn.Module()
         for layer in self._layers:
             self.masks.register_buffer(
                 _buffer_name(layer.name), torch.ones(layer.shape, dtype=layer.dtype, device=layer.device)
             )
-        for p in net.parameters():  # the net's own parameters are placeholders: weights come from the latents
-            p.requires_grad_(False)
+        random_params = {layer.weight_name for layer in self._layers} | {
+            layer.bias_name for layer in self._layers if layer.has_bias
+        }
+        self._random_params = random_params
+        for name, p in self.net.named_parameters():
+            # random parameters are placeholders (weights come from the latents); deterministic ones train
+            p.requires_grad_(name not in random_params)
+        self._example = None if example_input is None else _detached(example_input)
         self._pruned: set[str] = (
             set()
         )  # layers with at least one pruned weight (others skip the mask product)
         self.register_load_state_dict_post_hook(lambda module, _: module._find_pruned())
+
+    def deterministic_parameters(self) -> list[nn.Parameter]:
+        """The point-estimate parameters (BatchNorm affine, modules selected deterministic), to train with
+        the guide's."""
+        return [p for name, p in self.net.named_parameters() if name not in self._random_params]
+
+    def example_input(self):
+        """A small batch to trace the net with: ``example_input`` or the first batch seen."""
+        if self._example is None:
+            self._example = _guess_example(self.net)
+        if self._example is None:
+            raise PyrozooError(
+                f"finding {type(self.net).__name__}'s units needs an example input: pass "
+                "BayesianModel(..., example_input=x) or run the model on a batch first"
+            )
+        return self._example
 
     def _find_pruned(self) -> None:
         self._pruned = {layer.name for layer in self._layers if not bool(self.mask(layer.name).all())}
@@ -112,7 +166,7 @@ class BayesianModel(nn.Module):
         weights = {}
         for layer in self.layers:
             scale = self.prior(layer)
-            z = pyro.sample(layer.site, StandardNormal(layer.shape, layer.device, layer.dtype).to_event(2))
+            z = pyro.sample(layer.site, _standard_normal_latent(layer.shape, layer.device, layer.dtype))
             if layer.name in self._pruned:
                 z = self.mask(layer.name) * z
             weights[layer.name] = scale * z
@@ -122,13 +176,74 @@ class BayesianModel(nn.Module):
         """Weights at given latent values (e.g. a posterior sample returned by a guide)."""
         return poutine.condition(self.sample_weights, data=latents)()
 
-    def logits(self, x: torch.Tensor, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The net's output with its parameters replaced by ``weights``."""
+    def logits(self, x, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The net's output (picked by ``output_key``) with its random parameters replaced by ``weights``."""
+        if self._example is None:
+            self._example = _detached(x)
         params = {}
         for layer in self.layers:
             params.update(layer.split(weights[layer.name]))
-        return functional_call(self.net, params, (x,))
+        args, kwargs = call_arguments(x)
+        return select_output(functional_call(self.net, params, args, kwargs), self.output_key)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, dataset_size: int | None = None):
+    def forward(self, x, y: torch.Tensor | None = None, dataset_size: int | None = None):
         logits = self.logits(x, self.sample_weights())
         return self.likelihood(logits, y, dataset_size)
+
+
+def call_arguments(x) -> tuple[tuple, dict]:
+    """The net's positional and keyword arguments for an input ``x``: a tensor, a tuple or a dict."""
+    if isinstance(x, dict):
+        return (), dict(x)
+    if isinstance(x, (tuple, list)):
+        return tuple(x), {}
+    return (x,), {}
+
+
+def select_output(out, output_key=None) -> torch.Tensor:
+    """The logits out of a net's output: itself if a tensor, else picked by ``output_key``."""
+    if callable(output_key):
+        return output_key(out)
+    if output_key is not None:
+        try:
+            return out[output_key]
+        except (KeyError, IndexError, TypeError):
+            raise PyrozooError(
+                f"output_key {output_key!r} does not pick anything from the net's output"
+            ) from None
+    if isinstance(out, torch.Tensor):
+        return out
+    what = f"a dict with keys {list(out)}" if isinstance(out, dict) else f"a {type(out).__name__}"
+    raise PyrozooError(f"the net returns {what}: say which part is the logits with output_key=")
+
+
+def _detached(x, size: int = 2):
+    if isinstance(x, dict):
+        return {k: _detached(v, size) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detached(v, size) for v in x)
+    return x[:size].detach().clone() if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+
+
+def _guess_example(net: nn.Module):
+    """An example batch for common first layers: a ViT's image size, a first conv or a first linear layer.
+    Drawn from its own generator, so that the global random state is left alone."""
+    parameter = next(net.parameters(), None)
+    device = parameter.device if parameter is not None else None
+    size = next((m.img_size for m in net.modules() if getattr(m, "img_size", None) is not None), None)
+    if isinstance(size, int):
+        size = (size, size)
+    generator = torch.Generator().manual_seed(0)
+    for module in net.modules():
+        shape = None
+        if isinstance(module, nn.Conv2d):
+            shape = (2, module.in_channels, *(tuple(size) if size is not None else (32, 32)))
+        elif isinstance(module, nn.Conv1d):
+            shape = (2, module.in_channels, 32)
+        elif isinstance(module, nn.Linear):
+            shape = (2, module.in_features)
+        elif isinstance(module, nn.Embedding):
+            return torch.randint(0, module.num_embeddings, (2, 8), generator=generator).to(device)
+        if shape is not None:
+            return torch.randn(shape, generator=generator).to(device)
+    return None

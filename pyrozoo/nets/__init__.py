@@ -4,6 +4,12 @@ A net factory takes the data's shape (``in_channels``, ``image_size``, ``num_cla
 of its sizes, and returns an ``nn.Module`` mapping images ``(B, C, H, W)`` to logits ``(B, num_classes)``::
 
     net = create_net("lenet", in_channels=1, image_size=32, num_classes=10, channels=(8, 16, 120))
+
+Besides the registered nets, any torchvision or timm classification model is a net by name: ``tv:NAME``
+(``torchvision.models.get_model``) and ``timm:NAME`` (``timm.create_model``), built offline without pretrained
+weights (the net option ``weights`` loads a local state-dict file). Every net also takes the model options
+``deterministic`` and ``random``: selectors of modules to keep deterministic or make random (comma-separated
+module names, patterns or class names; :mod:`pyrozoo.models.layers`).
 """
 
 from __future__ import annotations
@@ -28,7 +34,85 @@ class NetEntry:
     description: str
 
 
-NETS = Registry("net")
+PREFIXES = {"tv": "torchvision", "timm": "timm"}
+# Options every net takes: they choose what the Bayesian model makes random, not how the net is built.
+MODEL_OPTIONS = ("deterministic", "random")
+
+
+class NetRegistry(Registry):
+    """The registered nets, and ``tv:NAME`` / ``timm:NAME`` for any torchvision or timm model."""
+
+    def __missing__(self, name):
+        prefix, _, model = name.partition(":")
+        if prefix in PREFIXES and model:
+            if not _library_has(prefix, model):
+                raise PyrozooError(f"{PREFIXES[prefix]} has no model {model!r}")
+            factory = _torchvision if prefix == "tv" else _timm
+            return NetEntry(
+                name, _bind(factory, model), 32, f"{PREFIXES[prefix]} {model}, no pretrained weights"
+            )
+        return super().__missing__(name)
+
+    def __contains__(self, name) -> bool:
+        if dict.__contains__(self, name):
+            return True
+        prefix, _, model = str(name).partition(":")
+        return prefix in PREFIXES and bool(model) and _library_has(prefix, model)
+
+
+def _library_has(prefix: str, model: str) -> bool:
+    if prefix == "tv":
+        import torchvision
+
+        return model in torchvision.models.list_models()
+    import timm
+
+    return model in timm.list_models()
+
+
+def _bind(factory, model: str):
+    def build(*, in_channels: int, image_size: int, num_classes: int, weights: str | None = None):
+        net = factory(model, in_channels, num_classes)
+        if weights is not None:
+            try:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError) as e:
+                raise TypeError(f"cannot load weights {weights!r}: {reason(e)}") from None
+            net.load_state_dict(state)
+        return net
+
+    build.__doc__ = f"{model}; ``weights``: a local state-dict file to start from (nothing is downloaded)."
+    return build
+
+
+def _torchvision(model: str, in_channels: int, num_classes: int) -> nn.Module:
+    import torchvision
+
+    net = torchvision.models.get_model(model, weights=None, num_classes=num_classes)
+    if in_channels != 3:  # torchvision models take RGB: the first conv takes the data's channels instead
+        for name, module in net.named_modules():
+            if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+                parent, _, child = name.rpartition(".")
+                setattr(
+                    net.get_submodule(parent) if parent else net,
+                    child,
+                    nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride,
+                              module.padding, module.dilation, module.groups, module.bias is not None),
+                )  # fmt: skip
+                break
+    return net
+
+
+def _timm(model: str, in_channels: int, num_classes: int) -> nn.Module:
+    import os
+
+    import timm
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded
+    return timm.create_model(model, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+NETS = NetRegistry("net")
 
 
 def register_net(name: str, *, pad_to: int | None = None, description: str = ""):
@@ -50,7 +134,14 @@ DATA_SHAPE = ("in_channels", "image_size", "num_classes")
 def net_options(name: str) -> list[str]:
     """The options a registered net takes: its factory's keyword parameters, less the data's shape."""
     parameters = inspect.signature(NETS[name].factory).parameters.values()
-    return [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in DATA_SHAPE]
+    own = [p.name for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in DATA_SHAPE]
+    return own + list(MODEL_OPTIONS)
+
+
+def model_options(options: dict) -> tuple[dict, dict]:
+    """Net options split into the factory's and the Bayesian model's (``deterministic``, ``random``)."""
+    model = {k: v for k, v in options.items() if k in MODEL_OPTIONS}
+    return {k: v for k, v in options.items() if k not in MODEL_OPTIONS}, model
 
 
 def create_net(name: str, *, in_channels: int, image_size: int, num_classes: int, **overrides) -> nn.Module:
@@ -74,6 +165,7 @@ def create_net(name: str, *, in_channels: int, image_size: int, num_classes: int
         raise PyrozooError(
             f"net {name!r} takes no option {unknown[0]!r}; its options: {', '.join(takes) or 'none'}"
         )
+    overrides, _ = model_options(overrides)  # for the Bayesian model, not the factory
     shown = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
     try:
         net = entry.factory(
@@ -99,4 +191,4 @@ def create_net(name: str, *, in_channels: int, image_size: int, num_classes: int
 
 
 # Importing the modules registers their nets.
-from pyrozoo.nets import lenet, mixer, mlp, vit  # noqa: E402,F401
+from pyrozoo.nets import lenet, mixer, mlp, resnet, vit  # noqa: E402,F401

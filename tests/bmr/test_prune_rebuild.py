@@ -73,9 +73,13 @@ def test_pruned_fraction_counts_weights_downstream_of_dead_units():
     model = _mlp_with_dead_units()
     masks = effective_masks(model)
     assert not masks["body.3"][:, 1].any()  # outgoing weights of dead unit 1 count as pruned
-    # prunable entries: 6 x 17 + 5 x 7 = 137; pruned: row 1 of layer 1 (17), in layer 2 column 4 (5),
-    # row 2 (7) and column 1 (5) minus their overlaps (column 4 and column 1 at row 2): 17 + 5 + 7 + 5 - 2 = 32
-    assert pruned_fraction(model) == pytest.approx(32 / 137)
+    assert not masks["body.1"][4].any()  # so do the incoming weights of unused unit 4
+    assert (
+        not masks["head"][:, 2].any() and masks["head"][:, :2].all()
+    )  # and the head's inputs from dead unit 2
+    # prunable entries: 6 x 17 + 5 x 7 = 137; pruned: rows 1 and 4 of layer 1 (34), in layer 2 columns 1 and 4
+    # (10) and row 2 (7) minus their overlaps (2): 34 + 10 + 7 - 2 = 49 (the head is not prunable)
+    assert pruned_fraction(model) == pytest.approx(49 / 137)
 
 
 @pytest.mark.parametrize("net_name", ["mlp", "lenet"])

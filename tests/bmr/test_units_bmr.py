@@ -6,7 +6,7 @@ import torch
 from pyrozoo.bmr import prune_units, rebuild, reduce
 from pyrozoo.bmr.delta_f import multivariate
 from pyrozoo.bmr.scores import delta_f
-from pyrozoo.bmr.units import find_units
+from pyrozoo.bmr.units import model_units
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net
@@ -29,31 +29,28 @@ def test_a_units_gain_is_the_joint_evidence_gain_of_removing_all_its_entries():
     for layer in model.layers:  # posteriors near the prior, so that some units are worth removing
         shape = layer.shape
         _set_posterior(guide, layer.site, 0.8 * torch.randn(shape), 0.3 + 0.7 * torch.rand(shape))
-    first = find_units(model.net, model.layers)[0]
+    first = model_units(model)[0]
+    producer, consumer = first.producers[0].layer, first.consumers[0].layer
+    assert (producer, consumer) == ("body.1", "body.3")
     posterior = guide.posterior()
+    sites = {layer.name: layer.site for layer in model.layers}
     # Independently: the multivariate closed form over the unit's entries jointly (diagonal precision, every
-    # entry reduced to a point mass), unit by unit.
+    # entry reduced to a point mass), unit by unit: row u of the producer, column u of the consumer.
     expected = []
     for unit in range(first.count):
         locs, precisions = [], []
-        for layer, index in ((first.producer, (first.rows[unit], slice(None))), (first.consumer, None)):
-            loc, scale = posterior[layer.site]
-            if index is None:
-                loc, scale = loc[:, first.columns[unit]], scale[:, first.columns[unit]]
-            else:
-                loc, scale = loc[index], scale[index]
-            locs.append(loc.flatten().double())
-            precisions.append(scale.flatten().double().pow(-2))
+        for name, index in ((producer, (unit, slice(None))), (consumer, (slice(None), unit))):
+            loc, scale = posterior[sites[name]]
+            locs.append(loc[index].flatten().double())
+            precisions.append(scale[index].flatten().double().pow(-2))
         mu, pi = torch.cat(locs), torch.cat(precisions)
         expected.append(multivariate(mu, torch.diag(pi), 1.0, torch.zeros_like(mu)).delta_f)
     expected = torch.stack(expected)
-    gains = delta_f(model, guide, {first.producer.name, first.consumer.name})
-    got = gains[first.producer.name][first.rows].flatten(1).sum(1) + gains[first.consumer.name][
-        :, first.columns
-    ].sum(dim=(0, 2))
+    gains = delta_f(model, guide, first.layers)
+    got = first.total(gains)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     report = prune_units(model, guide)
-    removed = ~model.mask(first.producer.name).bool().any(dim=1)
+    removed = ~model.mask(producer).bool().any(dim=1)
     assert torch.equal(removed, expected > 0)
     assert report.layers[0].note == f"{int((expected > 0).sum())} of 6 live units removed"
 
@@ -94,11 +91,12 @@ def test_units_rule_runs_on_every_structure_and_masks_only_shrink(name):
     guide = make_guide("meanfield", model)
     before = {layer.name: model.mask(layer.name).clone() for layer in model.layers}
     report = prune_units(model, guide, margin=-1e9)  # every live unit goes
-    assert len(report.layers) == len(find_units(model.net, model.layers))
+    assert len(report.layers) == len(model_units(model))
     for layer in model.layers:
         assert bool((model.mask(layer.name) <= before[layer.name]).all())
-    for units in find_units(model.net, model.layers):
-        assert units.dead(model.mask(units.producer.name).bool()).all()
+    masks = {layer.name: model.mask(layer.name).bool() for layer in model.layers}
+    for units in model_units(model):
+        assert units.unused(masks).all() and units.dead(masks).all()
 
 
 def test_a_per_weight_pass_can_be_followed_by_a_structured_one():
@@ -111,6 +109,6 @@ def test_a_per_weight_pass_can_be_followed_by_a_structured_one():
     twin_guide.load_state_dict(guide.state_dict())
     plain = reduce(twin_model, twin_guide, "threshold")
     both = reduce(model, guide, "threshold", units=True)
-    assert len(both.layers) == len(plain.layers) + len(find_units(model.net, model.layers))
+    assert len(both.layers) == len(plain.layers) + len(model_units(model))
     assert both.pruned_fraction > plain.pruned_fraction
     assert any("units removed" in r.note and not r.note.startswith("0 of") for r in both.layers)
