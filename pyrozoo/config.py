@@ -97,6 +97,11 @@ class TrainConfig:
         "regression, --noise fixed or learned: the (initial) noise precision of standardised targets",
         check="positive",
     )
+    init_from: str | None = _run_option(
+        None,
+        "start from a trained net: a file holding its state_dict, or a net saved whole (pyrozoo export's "
+        "sparse_net.pt, when no unit was removed); the posterior means start at its weights, the scales small",
+    )
     prune_units: bool = _run_option(
         False,
         "BMR methods: after each per-weight pass, remove whole units (neurons, channels, attention heads) "
@@ -166,6 +171,9 @@ class TrainConfig:
                         f"{self._part(table)}"
                         + (f" (whose {TABLES[table]} options are: {', '.join(taken)})" if taken else "")
                     )
+        from pyrozoo.steps import check_step
+
+        check_step(method.step, self.guide or method.guide, self.optimizer or method.optimizer)
         guide = GUIDES[self.guide or method.guide]
         if self.reduction() is not None and guide.point_mass:
             raise PyrozooError(

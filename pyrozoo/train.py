@@ -39,7 +39,7 @@ from pyrozoo.metrics import evaluate_draws
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.likelihoods import Categorical, Gaussian
 from pyrozoo.nets import NETS, create_net, model_options
-from pyrozoo.optim import OPTIMIZERS
+from pyrozoo.steps import STEPS
 
 CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
     "config.json",
@@ -375,9 +375,25 @@ class Run:
         )
         self.guide.to(device)
         self.model.to(device)
-        # the model's point estimates (BatchNorm's affine, a learned noise) are trained beside the guide
-        trained = [*self.guide.parameters(), *self.model.deterministic_parameters()]
-        self.optimizer = OPTIMIZERS[config.optimizer](trained, lr=config.lr)
+        if config.init_from is not None and not resume:  # a resumed run's checkpoint holds where it started
+            from pyrozoo.init_from import load_state, start_from_weights
+
+            start_from_weights(
+                self.model,
+                self.guide,
+                load_state(config.init_from),
+                init_scale=STEPS[self.method.step].init_scale,
+                what=f"--init-from {config.init_from}",
+            )
+        self.training_step = STEPS[self.method.step]  # SVI, or IVON: the method says how it trains
+        if self.world.parallel and self.method.step != "svi":
+            raise PyrozooError(
+                f"{config.method} trains by {self.method.step}, which runs in one process only: "
+                "start it without torchrun"
+            )
+        self.optimizer = self.training_step.optimizer(
+            self.model, self.guide, config.lr, config.optimizer, len(d.x_train)
+        )
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []
@@ -628,8 +644,11 @@ class Run:
                 start, losses = time.perf_counter(), []
                 for _ in range(c.steps_per_epoch):
                     part, weight = self.world.split(self.batches.next())  # this process's part of the batch
-                    share = self.world.sharer(weight)
-                    loss = svi_step(self.model, self.guide, self.optimizer, *self._batch(part), share=share)
+                    share = self.world.sharer(weight)  # None in one process
+                    shared = {} if share is None else {"share": share}
+                    loss = self.training_step.step(
+                        self.model, self.guide, self.optimizer, *self._batch(part), **shared
+                    )
                     if not math.isfinite(loss):
                         raise TrainingDiverged(self._diverged(loss))
                     losses.append(loss)

@@ -36,12 +36,15 @@ class Posterior:
     - ``reduce(site, pruned)`` writes the reduced posterior after the entries ``pruned`` are removed: the
       prior for them, and for a correlated posterior the reduced mean of the others.
     - ``point_mass`` (class attribute) is True when the posterior has no spread, so BMR, which needs spread,
-      can refuse it up front.
+      can refuse it up front; ``fixed_prior`` is True when it covers only weight latents, for a prior without
+      hyperparameters (IVON's).
 
     A subclass implements ``sites``, ``site_support``, ``site_posterior`` and ``_write``.
     """
 
     point_mass: ClassVar[bool] = False
+    # True when the model's prior must be fixed, with no hyperparameter latents (IVON's prior is its weight decay)
+    fixed_prior: ClassVar[bool] = False
 
     # --- what a subclass implements ------------------------------------------------------------------------
 
