@@ -20,6 +20,7 @@ from pyrozoo.guides.laplace import (
 )
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.layers import find_layers
+from pyrozoo.models.priors import flat, gaussian
 from pyrozoo.nets import create_net
 
 
@@ -146,7 +147,7 @@ def _model_and_posterior(source: str, kind: str):
     net = _net("mlp")
     if source.startswith("laplace"):
         return laplace(net, _inputs("mlp"), kind, progress=False)
-    model = BayesianModel(net)
+    model = BayesianModel(net, prior=gaussian if GUIDES[kind].fixed_prior else flat)
     guide = make_guide(kind, model)
     g = torch.Generator().manual_seed(2)
     for site, (loc, _) in guide.posterior().items():

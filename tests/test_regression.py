@@ -20,6 +20,7 @@ from pyrozoo.methods import METHODS
 from pyrozoo.metrics import auroc, mixture_quantile, regression_metrics
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.likelihoods import Gaussian
+from pyrozoo.models.priors import gaussian
 from pyrozoo.nets import create_net
 from pyrozoo.predict import regression_draws
 from pyrozoo.shift import NOISE_STD, SHIFTS
@@ -58,6 +59,11 @@ def test_gaussian_log_density_and_noise_prior_match_torch():
 
 @pytest.mark.parametrize("guide", list(GUIDES))
 def test_every_guide_covers_the_noise_latent(guide):
+    if GUIDES[guide].fixed_prior:  # it covers only weight latents (IVON): it refuses a noise latent by name
+        with pytest.raises(PyrozooError, match="--noise fixed"):
+            make_guide(guide, regression_model(prior=gaussian))
+        assert "noise.precision" not in make_guide(guide, regression_model("fixed", prior=gaussian)).sites()
+        return
     model = regression_model()
     posterior = make_guide(guide, model)
     assert "noise.precision" in posterior.sites()
@@ -219,7 +225,10 @@ def tiny_regression(method="flat-ff", **changes):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_trains_on_regression(tmp_path, method):
-    run = Run(tiny_regression(method), tmp_path, log=quiet)
+    covers_weights_only = GUIDES[METHODS[method].guide].fixed_prior  # IVON: the noise is a constant
+    run = Run(
+        tiny_regression(method, **({"noise": "fixed"} if covers_weights_only else {})), tmp_path, log=quiet
+    )
     table = run.train(progress=False)
     last = table.iloc[-1]
     for key in ("rmse", "nll", "coverage50", "coverage90", "coverage95", "pruned_fraction"):

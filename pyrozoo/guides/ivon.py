@@ -85,7 +85,8 @@ class IVONPosterior(Posterior, nn.Module):
         if hyper:
             raise PyrozooError(
                 f"guide 'ivon' needs a fixed prior, its weight decay; this model's prior has hyperparameters "
-                f"({', '.join(hyper[:3])}): use --prior gaussian (method ivon-bmr does)"
+                f"({', '.join(hyper[:3])}): use --prior gaussian (method ivon-bmr does), and in regression "
+                "--noise fixed"
             )
         self.options = dict(hess_init=hess_init, beta1=beta1, beta2=beta2, mc_samples=mc_samples)
         self.options["clip_radius"] = clip_radius
@@ -233,8 +234,7 @@ def ivon_step(model, guide: IVONPosterior, optimizer: IVONOptimizer, x, y, datas
     for _ in range(optimizer.mc_samples):
         with optimizer.sampled_params(train=True):
             optimizer.zero_grad(set_to_none=True)
-            log_probs = model.likelihood.log_probs(model.logits(x, guide.masked_weights(model)))
-            nll = -log_probs.gather(-1, y.unsqueeze(-1)).mean()
+            nll = -model.likelihood.log_likelihood(model.logits(x, guide.masked_weights(model)), y).mean()
             nll.backward()
         total += nll.item()
     if optimizer.current_step % KL_EVERY == 0:

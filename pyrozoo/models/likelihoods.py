@@ -54,6 +54,12 @@ class Categorical(nn.Module):
         """One draw's predictive distribution: per-class log-probabilities ``[B, C]``."""
         return self.log_probs(output)
 
+    def log_likelihood(
+        self, output: torch.Tensor, y: torch.Tensor, latents: dict | None = None
+    ) -> torch.Tensor:
+        """``log p(y | f(x))`` per example, outside Pyro (a training step that is not SVI's, e.g. IVON's)."""
+        return self.log_probs(output).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
 
 NOISE = ("prior", "fixed", "learned")
 
@@ -125,6 +131,12 @@ class Gaussian(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One draw's predictive distribution: mean ``[B]`` and noise variance (a scalar) of ``N(f(x), 1/tau)``."""
         return _mean(output), self.precision(latents).reciprocal()
+
+    def log_likelihood(
+        self, output: torch.Tensor, y: torch.Tensor, latents: dict | None = None
+    ) -> torch.Tensor:
+        """``log p(y | f(x))`` per example, outside Pyro (a training step that is not SVI's, e.g. IVON's)."""
+        return dist.Normal(_mean(output), self.precision(latents).rsqrt()).log_prob(y)
 
 
 def _mean(output: torch.Tensor) -> torch.Tensor:
