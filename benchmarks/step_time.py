@@ -4,7 +4,9 @@ For each net at batch 120 on the CPU: a plain PyTorch Adam step of the determini
 PyTorch mean-field step of the same Bayesian model (weights sampled as ``loc + scale * noise``, analytic KL for
 the weights, the layer-scale hyperprior sampled log-normally with a one-sample KL, Adam), which is the floor any
 Pyro-based mean-field step can approach; one pyrozoo SVI step with each guide (flat prior); and one step of
-tiered-ff (regularised-horseshoe prior, our mean-field guide), also as a ratio to the flat-ff step. A peer's
+tiered-ff (regularised-horseshoe prior, our mean-field guide), also as a ratio to the flat-ff step; one IVON step
+(methods ivon, ivon-bmr: the plain net trained by ivon-opt, whose state is the posterior), as a ratio to the plain
+Adam step. A peer's
 line, when it is installed (``pip install -e ".[bench]"``; otherwise the line is skipped and says so):
 bayesian-torch's reparameterised layers (``dnn_to_bnn`` of the same net, N(0, 1) prior, its KL from
 ``get_kl_loss``, Adam), also as a ratio to pyrozoo's mean-field step.
@@ -32,6 +34,8 @@ from torch.func import functional_call
 
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
+from pyrozoo.guides.ivon import ivon_step
+from pyrozoo.models.priors import gaussian
 from pyrozoo.models.priors import tiered as tiered_prior
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.train import svi_step
@@ -153,6 +157,14 @@ def bench_net(name: str, repeats: int, warmup: int, only=(), with_checks: bool =
         create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), prior=tiered_prior
     )
     steps["pyrozoo svi, tiered-ff"] = pyrozoo_step(tiered, make_guide("meanfield", tiered))
+    ivon_model = BayesianModel(
+        create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), prior=gaussian
+    )
+    ivon_guide = make_guide("ivon", ivon_model)
+    ivon_optimizer = ivon_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE)
+    steps["pyrozoo ivon (plain net + IVON)"] = lambda: ivon_step(
+        ivon_model, ivon_guide, ivon_optimizer, x, y, DATASET_SIZE
+    )
     if with_checks:  # Pyro's and torch's argument checks on, as Pyro has them by default
         steps["pyrozoo svi, meanfield, checks on"] = pyrozoo_step(
             model, make_guide("meanfield", model), validate=True
@@ -178,6 +190,11 @@ def bench_net(name: str, repeats: int, warmup: int, only=(), with_checks: bool =
     flat_ff = timings["pyrozoo svi, guide=meanfield"]
     if "pyrozoo svi, tiered-ff" in timings:
         print(f"{name:6s} tiered-ff / flat-ff step ratio {timings['pyrozoo svi, tiered-ff'] / flat_ff:5.2f}")
+    if "pyrozoo ivon (plain net + IVON)" in timings:
+        ivon = timings["pyrozoo ivon (plain net + IVON)"]
+        print(
+            f"{name:6s} ivon / plain adam step ratio {ivon / plain:5.2f}   ivon / flat-ff {ivon / flat_ff:5.2f}"
+        )
     if "pyrozoo svi, meanfield, checks on" in timings:
         ratio = timings["pyrozoo svi, meanfield, checks on"] / flat_ff
         print(f"{name:6s} flat-ff step with / without argument checks {ratio:5.2f}")

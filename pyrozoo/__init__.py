@@ -4,3 +4,9 @@
 # (pyrozoo's autoguides switch on module-local params only inside their own calls, see pyrozoo.guides.auto).
 
 __version__ = "0.1.0"
+
+# ``pyrozoo.predict(model, guide, x)``: per-input predictions with their uncertainty. The name is the function;
+# the module's other helpers are imported by ``from pyrozoo.predict import ...``.
+from pyrozoo.predict import predict  # noqa: E402
+
+__all__ = ["__version__", "predict"]

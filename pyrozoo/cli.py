@@ -1,4 +1,5 @@
-"""The ``pyrozoo`` command: ``train``, ``compare``, ``plot``, ``prune``, ``export`` and ``info``.
+"""The ``pyrozoo`` command: ``train``, ``compare``, ``plot``, ``prune``, ``sweep``, ``export``, ``predict``,
+``uncertainty`` and ``info``.
 
 Run options are not declared here: the flags of ``train`` and ``compare`` are built from
 :class:`pyrozoo.config.TrainConfig`'s fields and :data:`pyrozoo.config.ALIASES`, and every name a flag takes is
@@ -19,13 +20,18 @@ from pyrozoo.bmr import REDUCTIONS
 from pyrozoo.config import ALIASES, TABLES, TrainConfig, run_name, run_option_fields
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import GUIDES
-from pyrozoo.io import atomic_write_text
+from pyrozoo.io import atomic_write, atomic_write_text
 from pyrozoo.methods import METHODS
+from pyrozoo.models.likelihoods import LIKELIHOODS
 from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import NETS, net_options
 from pyrozoo.optim import OPTIMIZERS
 from pyrozoo.options import parse_option
 from pyrozoo.registry import describe, option_names
+from pyrozoo.shift import SHIFTS
+from pyrozoo.sweep import METHODS as SWEEP_METHODS
+
+POSTERIORS = ("run", "laplace-diag", "laplace-kfac")
 
 SUMMARY_COLUMNS = [
     "epoch",
@@ -39,6 +45,9 @@ SUMMARY_COLUMNS = [
     "lpd",
     "pruned_fraction",
 ]
+# A regression run's summary: its own metrics in place of the classification ones.
+REGRESSION_SUMMARY_COLUMNS = ["epoch", "seconds", "elbo", "rmse", "nll", "lpd", "coverage50", "coverage90",
+                              "coverage95", "pruned_fraction"]  # fmt: skip
 # Exit codes: 0 done, 2 a user's mistake (PyrozooError, one line), 1 a diverged loss (TrainingDiverged), 3 a bug
 # (any other exception, with its traceback), 130 interrupted.
 BUG_EXIT_CODE = 3
@@ -77,6 +86,11 @@ def _choice(known):
         return text
 
     return check
+
+
+def _data_choice(text: str) -> str:
+    """A registered dataset's name, or a CSV table's path."""
+    return text if datasets.is_table(text) else _choice(list(datasets.DATASETS))(text)
 
 
 def _key_value(text: str) -> dict:
@@ -153,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--data",
-        type=_choice(list(datasets.DATASETS)),
+        type=_data_choice,
         default=quiet,
-        help="dataset (default: fashion-mnist, or the bundled fashion-mnist-mini if it is missing)",
+        help="dataset, or a CSV table FILE.csv (with --target COLUMN) (default: fashion-mnist, or the bundled "
+        "fashion-mnist-mini if it is missing)",
     )
     train.add_argument(
         "--method", type=_choice(list(METHODS)), default=quiet, help="method (default flat-ff)"
@@ -192,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--data",
         nargs="+",
-        type=_choice(list(datasets.DATASETS)),
+        type=_data_choice,
         default=quiet,
         help="datasets (default: fashion-mnist)",
     )
@@ -206,6 +221,31 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default=quiet, help="grid folder (default: runs/grid)")
     compare.add_argument(
         "--no-plots", action="store_true", help="skip the figures (pyrozoo plot DIR draws them)"
+    )
+    compare.add_argument(
+        "--launcher",
+        type=_choice(["local", "slurm"]),
+        default="local",
+        help="where the cells run: local (on this machine, --jobs at a time) or slurm (one Slurm job per cell, "
+        "through submitit)",
+    )
+    compare.add_argument(
+        "--jobs",
+        type=_number(int, "positive"),
+        default=quiet,
+        help="--launcher local: cells run at once, as separate processes sharing this machine's threads (1)",
+    )
+    _add_key_value(
+        compare,
+        "--slurm-option",
+        "slurm_options",
+        "--launcher slurm: a submitit option, repeatable: partition=gpu, timeout_min=600, gpus_per_node=1, "
+        "cpus_per_task=8, mem_gb=32, account=..., qos=...; cluster=local tries the jobs on this machine",
+    )
+    compare.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="--launcher slurm: return once the jobs are submitted (the same command again collects the results)",
     )
     _add_run_options(compare)
 
@@ -237,6 +277,63 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--count-pruned", action="store_true", default=quiet, help="short for --rule-option count_pruned=true"
     )
+    prune.add_argument(
+        "--posterior",
+        type=_choice(list(POSTERIORS)),
+        default="run",
+        help="where BMR's posterior comes from: run (the run's own guide, default), laplace-diag or laplace-kfac "
+        "(a Laplace approximation around the run's point estimate, e.g. a flat-map run's MAP weights, fitted on "
+        "its training set; KFAC writes back the reduced mean so the surviving weights compensate); a Laplace "
+        "prune writes RUN/pruned-POSTERIOR.pt (the pruned net) instead of RUN/pruned.pt",
+    )
+    prune.add_argument(
+        "--fit-size",
+        type=_number(int, "positive"),
+        default=None,
+        help="with a Laplace posterior: estimate the curvature from this many training images drawn at random "
+        "(default: all)",
+    )
+    prune.add_argument(
+        "--sparsity",
+        type=_number(float, "non-negative"),
+        default=quiet,
+        help="prune to this fraction by dF (the sparsity rule: --rule sparsity --rule-option sparsity=S)",
+    )
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="accuracy-sparsity curve of a trained run: BMR (Laplace diagonal, Laplace KFAC with write-back, the "
+        "run's own posterior) against magnitude and Torch-Pruning channel pruning, one shot (RUN/sweep/)",
+    )
+    sweep.add_argument("run", help="run folder (a flat-map run, or any finished run)")
+    sweep.add_argument(
+        "--sparsities",
+        nargs="+",
+        type=_number(float, "non-negative"),
+        default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.98],
+        help="target pruned fractions (default 0.5 0.7 0.8 0.9 0.95 0.98)",
+    )
+    sweep.add_argument(
+        "--methods",
+        nargs="+",
+        type=_choice(list(SWEEP_METHODS)),
+        default=quiet,
+        help="methods (default: all that apply; bmr-run only for a run whose posterior has spread)",
+    )
+    sweep.add_argument(
+        "--finetune-steps",
+        type=_number(int, "non-negative"),
+        default=0,
+        help="also fine-tune every pruned net for this many Adam steps (masks kept) at the run's lr and batch",
+    )
+    sweep.add_argument(
+        "--fit-size",
+        type=_number(int, "positive"),
+        default=None,
+        help="Laplace: estimate the curvature from this many training images drawn at random (default: all)",
+    )
+    sweep.add_argument("--out", default=None, help="folder for sweep.csv and the figure (default RUN/sweep)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     export = sub.add_parser(
         "export", help="rebuild the run's sparse net, save it, compare it with the dense one"
@@ -245,6 +342,59 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--repeats", type=_number(int, "positive"), default=50, help="timed forward passes per latency"
     )
+
+    predict = sub.add_parser(
+        "predict",
+        help="per-input predictions with their uncertainty (class probabilities, entropy, mutual information; "
+        "regression mean, std and intervals) into a CSV",
+    )
+    predict.add_argument("run", help="run folder")
+    source = predict.add_mutually_exclusive_group()
+    source.add_argument(
+        "--data",
+        type=_data_choice,
+        default=None,
+        help="a dataset or FILE.csv whose test split to predict "
+        "(default: the run's own test set); standardised with the run's training statistics",
+    )
+    source.add_argument(
+        "--input",
+        default=None,
+        help="inputs to predict: a CSV of feature columns (tabular runs), or a .npy/.pt "
+        "array of images (N, H, W) or (N, C, H, W) with pixel values 0..255",
+    )
+    predict.add_argument(
+        "--shift", choices=["rotate", "noise"], default=None, help="shift the test images first"
+    )
+    predict.add_argument("--severity", type=int, default=3, help="shift severity 1..5 (default 3)")
+    predict.add_argument(
+        "--samples",
+        type=_number(int, "positive"),
+        default=None,
+        help="posterior samples " "(default: the run's)",
+    )
+    predict.add_argument("--batch-size", type=_number(int, "positive"), default=2000, help="inputs per batch")
+    predict.add_argument("--pruned", action="store_true", help="use the run's pruned.pt (from pyrozoo prune)")
+    predict.add_argument("--out", required=True, help="CSV file to write (written atomically)")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    uncertainty = sub.add_parser(
+        "uncertainty",
+        help="accuracy, ECE, NLL and misclassification AUROC of entropy and MI on the clean test set and on "
+        "rotated and noisy copies of it, severities 1..5 (writes RUN/uncertainty.csv)",
+    )
+    uncertainty.add_argument("run", help="run folder")
+    uncertainty.add_argument(
+        "--samples",
+        type=_number(int, "positive"),
+        default=None,
+        help="posterior samples (default: the run's)",
+    )
+    uncertainty.add_argument(
+        "--batch-size", type=_number(int, "positive"), default=2000, help="inputs per batch"
+    )
+    uncertainty.add_argument("--pruned", action="store_true", help="use the run's pruned.pt")
+    uncertainty.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("info", help="list nets, methods, reductions, priors, guides and datasets")
     return parser
@@ -259,10 +409,12 @@ def _run_options(args) -> dict:
 
 
 def _train(args) -> None:
+    from pyrozoo import distributed
     from pyrozoo.config import make_config
     from pyrozoo.train import Run
 
-    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    world = distributed.setup()  # several processes when torchrun started this one; rank 0 prints and writes
+    log = lambda text: print(text, file=sys.stderr) if world.main else None  # noqa: E731
     axes = {k: getattr(args, k, getattr(TrainConfig, k)) for k in ("net", "method", "data", "seed")}
     out = args.out or os.path.join("runs", run_name(**axes))
     if args.resume:
@@ -273,15 +425,21 @@ def _train(args) -> None:
             raise PyrozooError("--override changes a resumed run: give it with --resume")
         run = Run(make_config(**axes, options=_run_options(args)), out, log=log)
     c = run.config
-    print(
+    processes = f" ({world.size} processes)" if world.parallel else ""
+    log(
         f"training {c.net} with {c.method} (guide {c.guide}, {c.optimizer} lr {c.lr}) "
         f"on {c.data} from {run.data.source}; "
-        f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}; run folder {run.out}",
-        file=sys.stderr,
+        f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}{processes}; "
+        f"run folder {run.out}"
     )
     table = run.train(progress=not args.no_progress)
-    evaluated = table.dropna(subset=["accuracy"]) if "accuracy" in table else table
-    columns = [col for col in SUMMARY_COLUMNS if col in evaluated]
+    distributed.finish()
+    if not world.main:
+        return
+    score = next((col for col in ("accuracy", "rmse") if col in table), None)
+    evaluated = table.dropna(subset=[score]) if score else table
+    shown = REGRESSION_SUMMARY_COLUMNS if score == "rmse" else SUMMARY_COLUMNS
+    columns = [col for col in shown if col in evaluated]
     print(f"\n{c.net} {c.method} on {c.data}: metrics per evaluated epoch (seconds = training time so far)")
     print(evaluated[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
@@ -289,12 +447,38 @@ def _train(args) -> None:
 def _compare(args) -> None:
     from pyrozoo.compare import RESULTS, TABLE, make_grid, run_grid, summary_markdown
 
+    from pyrozoo.compare import LAUNCHERS
+
     given = {k.replace("-", "_"): v for k, v in vars(args).items()}
-    for key in ("command", "config", "no_plots", "no_progress"):
+    for key in (
+        "command",
+        "config",
+        "no_plots",
+        "no_progress",
+        "launcher",
+        "jobs",
+        "slurm_options",
+        "no_wait",
+    ):
         given.pop(key, None)
     grid = make_grid(args.config, **given)
     progress = not args.no_progress
-    results = run_grid(grid, progress=progress)
+    if args.launcher == "local":
+        for flag, used in (("--slurm-option", hasattr(args, "slurm_options")), ("--no-wait", args.no_wait)):
+            if used:
+                raise PyrozooError(f"{flag} belongs to --launcher slurm")
+        launcher = LAUNCHERS["local"](jobs=getattr(args, "jobs", 1))
+    else:
+        if hasattr(args, "jobs"):
+            raise PyrozooError("--jobs belongs to --launcher local (Slurm runs as many jobs as it schedules)")
+        launcher = LAUNCHERS["slurm"](options=getattr(args, "slurm_options", {}), wait=not args.no_wait)
+    results = run_grid(grid, progress=progress, launcher=launcher)
+    if results is None:
+        print(
+            f"grid {grid.out}: jobs submitted; when they are done, the same command collects the results "
+            f"(a cell still queued then is submitted again: whichever of its jobs starts second finds it finished, or running and stops)"
+        )
+        return
     summary = summary_markdown(results)
     atomic_write_text(grid.out / TABLE, summary)
     print(f"grid {grid.out}: {len(results)} rows in {grid.out / RESULTS}, summary in {grid.out / TABLE}\n")
@@ -326,8 +510,17 @@ def _prune(args) -> None:
     if clash:
         raise PyrozooError(f"--{clash[0].replace('_', '-')} and rule option {clash[0]} disagree")
     options = {**aliases, **given}
-    reduction = make_reduction(args.rule, **options)  # a wrong option fails before the run is loaded
+    rule = args.rule
+    if hasattr(args, "sparsity"):
+        if rule not in ("threshold", "sparsity") or "sparsity" in given:
+            raise PyrozooError(
+                "--sparsity is the sparsity rule's option: give it alone or with --rule sparsity"
+            )
+        rule, options = "sparsity", {**options, "sparsity": args.sparsity}
+    reduction = make_reduction(rule, **options)  # a wrong option fails before the run is loaded
     run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
+    if args.posterior != "run":
+        return _prune_laplace(run, reduction, args.posterior, args.fit_size)
     before = run.evaluate()
     report = reduction(run.model, run.guide)
     after = run.evaluate()
@@ -339,6 +532,71 @@ def _prune(args) -> None:
     )
     print(report.table().to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(_table({"before": before, "after": after}))
+
+
+def _prune_laplace(run, reduction, posterior: str, fit_size: int | None = None) -> None:
+    """BMR of a run from a Laplace approximation around its point estimate; writes the pruned net."""
+    import torch
+
+    from pyrozoo.bmr import rebuild
+    from pyrozoo.guides.laplace import laplace_from_run
+    from pyrozoo.io import atomic_write
+    from pyrozoo.metrics import evaluate_net
+
+    d = run.data
+    structure = "diag" if posterior == "laplace-diag" else "kron"
+    model, laplace_posterior = laplace_from_run(run, structure, fit_size=fit_size)
+    before = evaluate_net(
+        rebuild(model, laplace_posterior, remove_dead=False), d.x_test, d.y_test, d.num_classes
+    )
+    report = reduction(model, laplace_posterior)
+    net = rebuild(model, laplace_posterior, remove_dead=False)
+    after = evaluate_net(net, d.x_test, d.y_test, d.num_classes)
+    path = run.out / f"pruned-{posterior}.pt"
+    state = {
+        "source": run.source(),
+        "posterior": posterior,
+        "laplace": model.laplace,
+        "net_state_dict": net.state_dict(),
+        "masks": {layer.name: model.mask(layer.name).bool() for layer in model.layers},
+        "report": report.table().to_dict("records"),
+        "metrics": after,
+    }
+    atomic_write(path, lambda p: torch.save(state, p))
+    print(
+        f"pruning ({reduction.describe()}) of {run.out} after epoch {run.epoch} from a {posterior} posterior "
+        f"(prior precisions by the Laplace evidence: "
+        + ", ".join(f"{r['layer']} {r['prior_precision']:.3g}" for r in model.laplace)
+        + f"): pruned fraction {report.pruned_fraction:.4f}; the pruned net's state_dict written to {path}"
+    )
+    print(report.table().to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(_table({"before (posterior mean)": before, "after": after}))
+
+
+def _sweep(args) -> None:
+    from pyrozoo.sweep import below_dense, sweep, write_sweep
+    from pyrozoo.train import Run
+
+    run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
+    table = sweep(
+        run,
+        args.sparsities,
+        getattr(args, "methods", None),
+        args.finetune_steps,
+        progress=not args.no_progress,
+        log=lambda text: print(text, file=sys.stderr),
+        fit_size=args.fit_size,
+    )
+    out = args.out or run.out / "sweep"
+    paths = write_sweep(table, out)
+    shown = table.drop(columns=["net", "data", "ece15", "brier", "lpd"], errors="ignore")
+    print(
+        f"{run.out} (epoch {run.epoch}): accuracy-sparsity curve, one shot, evaluated at the point estimate"
+    )
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("\nwhere each falls 1 point below the dense net's accuracy:")
+    print(below_dense(table).to_string(index=False))
+    print(f"written: {', '.join(str(p) for p in paths)}")
 
 
 def _export(args) -> None:
@@ -366,6 +624,68 @@ def _export(args) -> None:
             else f"{1 / summary['speedup_batch256']:.1f}x slower"
         )
     )
+
+
+def _open_for_prediction(args):
+    """The run (with its pruned state if asked) and its raw data, for predict and uncertainty."""
+    from pyrozoo.train import Run
+
+    run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
+    if args.pruned:
+        run.load_pruned()
+    c = run.config
+    raw = datasets.load(c.data, c.data_dir, target=c.target, task=c.task)
+    return run, raw
+
+
+def _predict(args) -> None:
+    from pyrozoo.predict import classification_summary, predict_frame, prepare_like, read_inputs
+    from pyrozoo.shift import SHIFTS
+
+    run, raw = _open_for_prediction(args)
+    with run:
+        c = run.config
+        samples = 1 if run.guide.point_mass else args.samples or c.samples  # a point mass: one draw
+        known = args.input is None
+        if args.input is not None:
+            x, y = read_inputs(args.input, raw, c.target), None
+        elif args.data is not None:
+            other = datasets.load(
+                args.data, c.data_dir, target=c.target, task=c.task if args.data.endswith(".csv") else None
+            )
+            if other.x_test.shape[1:] != raw.x_test.shape[1:]:
+                raise PyrozooError(
+                    f"{args.data} has inputs of shape {tuple(other.x_test.shape[1:])}, the run "
+                    f"was trained on {tuple(raw.x_test.shape[1:])}"
+                )
+            x, y = other.x_test, other.y_test
+        else:
+            x, y = raw.x_test, raw.y_test
+        if args.shift:
+            if x.is_floating_point():
+                raise PyrozooError("--shift makes shifted images; this run's data are a table")
+            x = SHIFTS[args.shift](x, args.severity, seed=c.seed)
+        prepared = prepare_like(run, raw, x, y)
+        predictions, frame = predict_frame(
+            run, prepared, samples, args.batch_size, not args.no_progress, known
+        )
+        atomic_write(args.out, lambda p: frame.to_csv(p, index=False))
+        print(f"{len(frame)} predictions ({samples} posterior samples) in {args.out}", file=sys.stderr)
+        if known and prepared.task == "classify":
+            summary = classification_summary(predictions, prepared.y_test)
+            print(" ".join(f"{k} {v:.4f}" for k, v in summary.items()))
+
+
+def _uncertainty(args) -> None:
+    from pyrozoo.predict import uncertainty_table
+
+    run, raw = _open_for_prediction(args)
+    with run:
+        samples = 1 if run.guide.point_mass else args.samples or run.config.samples  # a point mass: one draw
+        table = uncertainty_table(run, raw, samples, args.batch_size, progress=not args.no_progress)
+        table.insert(0, "samples", samples)
+        atomic_write(run.out / "uncertainty.csv", lambda p: table.to_csv(p, index=False))
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
 def _info() -> None:
@@ -398,12 +718,14 @@ def _info() -> None:
     section("guides", GUIDES.described())
     section("optimizers", OPTIMIZERS.described())
     section("baselines", BASELINES.described())
+    section("likelihoods", LIKELIHOODS.described())
+    section("shifts (pyrozoo uncertainty)", SHIFTS.described())
     section(
         "datasets",
         (
             (
                 name,
-                f"{info.description}; "
+                f"{info.description} [{info.task}]; "
                 + (f"found in {where}" if (where := datasets.locate(name)) else "not found locally"),
             )
             for name, info in datasets.DATASETS.items()
@@ -419,12 +741,18 @@ def main(argv: list[str] | None = None) -> int:
             "compare": _compare,
             "plot": lambda a: _plot_files(a.grid),
             "prune": _prune,
+            "sweep": _sweep,
             "export": _export,
+            "predict": _predict,
+            "uncertainty": _uncertainty,
             "info": lambda _: _info(),
         }
         commands[args.command](args)
     except PyrozooError as e:
-        print(f"pyrozoo: error: {e}", file=sys.stderr)
+        from pyrozoo.distributed import RankZeroStopped
+
+        if not isinstance(e, RankZeroStopped):  # rank 0 of a data-parallel run has printed that one
+            print(f"pyrozoo: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(

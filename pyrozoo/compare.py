@@ -26,12 +26,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
+import shutil
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
 from pyrozoo import data as datasets
@@ -54,6 +59,7 @@ from pyrozoo.config import (
 from pyrozoo.io import atomic_write, hold_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS, net_options
+from pyrozoo.registry import Registry
 from pyrozoo.train import CHECKPOINT, CONFIG, METRICS, Run, committed_epoch, committed_metrics
 
 RESULTS, TABLE = "results.csv", "table.md"
@@ -61,6 +67,11 @@ RESULTS, TABLE = "results.csv", "table.md"
 GRID_KEYS = ("out", "nets", "methods", "data", "seeds", "finetune_steps", "train")
 ID_COLUMNS = ["data", "net", "method", "seed"]
 FINAL_COLUMNS = ["accuracy", "nll", "ece", "ece15", "brier", "lpd", "pruned_fraction", "seconds"]
+# Regression runs' columns, and those of `pyrozoo uncertainty` (RUN/uncertainty.csv): misclassification AUROCs
+# on the clean test set, and accuracy/ECE/NLL averaged over the shifted sets' severities.
+REGRESSION_COLUMNS = ["rmse", "coverage50", "coverage90", "coverage95"]
+UNCERTAINTY_COLUMNS = ["entropy_auroc", "mi_auroc", "shift_accuracy", "shift_ece", "shift_nll"]
+UNCERTAINTY = "uncertainty.csv"
 
 # Where a stored run's config may differ from the requested one: these only say how often, in what batches
 # and from which folder the test set is evaluated, never what the run learns (evaluation draws its posterior
@@ -104,7 +115,7 @@ class Grid:
                     f"the grid has no {key}: give --{key} (or {key} = [...] in the config file)"
                 )
             for value in values:
-                if value not in known:
+                if value not in known and not (key == "data" and datasets.is_table(value)):  # FILE.csv
                     raise PyrozooError(f"unknown name {value!r} in {key}; choose from {', '.join(known)}")
             if len(set(values)) != len(values):
                 raise PyrozooError(f"{key} lists a name twice: {values}")
@@ -299,13 +310,199 @@ def train_run(config: TrainConfig, folder: Path, resume: bool, progress: bool) -
         run.train(progress=progress)
 
 
+def run_cell(folder: Path, config: TrainConfig, progress: bool = False, threads: int | None = None) -> str:
+    """Train one grid cell to its last epoch in this process (with ``threads`` torch threads), deciding what to
+    do and doing it under the folder's lock, so that no two processes ever run a cell at once; returns what it
+    found: ``"finished"``, ``"resume"`` or ``"new"``."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with hold_folder(folder):
+        state = run_state(folder, config)
+        if state != "finished":
+            train_run(config, folder, resume=state == "resume", progress=progress)
+    return state
+
+
+def _cell_job(folder: Path, config: TrainConfig, threads: int | None = None) -> tuple[str | None, str | None]:
+    """:func:`run_cell` in a worker process or a Slurm job: ``(state, None)``, or ``(None, message)`` for a
+    user's error (which then comes back as its one line, not as a remote traceback)."""
+    try:
+        return run_cell(folder, config, threads=threads), None
+    except PyrozooError as e:
+        return None, str(e)
+
+
+def _failed(errors: list[str]) -> PyrozooError:
+    return PyrozooError(
+        f"{len(errors)} grid cell(s) failed ({'; '.join(errors)}); the others are done: fix the cause and run the "
+        "same command again"
+    )
+
+
 def _to_stderr(text: str) -> None:
     """Notes and warnings go where pyrozoo train puts them, beside the progress bars."""
     tqdm.write(text, file=sys.stderr)
 
 
-def run_grid(grid: Grid, progress: bool = True, log=_to_stderr) -> pd.DataFrame:
-    """Train every unfinished cell, then the baselines, and write and return ``results.csv``."""
+# --- launchers: where the cells run ---------------------------------------------------------------------------
+
+LAUNCHERS = Registry("launcher")
+
+
+@LAUNCHERS.register("local")
+@dataclass
+class Local:
+    """Cells as processes on this machine, ``jobs`` at once, the torch threads of this process split between
+    them (with 1, one after another in this process).
+
+    Built on :class:`concurrent.futures.ProcessPoolExecutor`: a fresh process per cell (spawned, so that no
+    state of one run reaches another), whose user errors come back as one line. A cell that fails stops the grid
+    once the cells running by then are done; a process that dies (killed, out of memory) stops it at once.
+    """
+
+    jobs: int = 1
+
+    def __post_init__(self):
+        if self.jobs < 1:
+            raise PyrozooError(f"--jobs must be at least 1, got {self.jobs}")
+
+    def prepare(self, grid: Grid) -> None:
+        """Check what can be checked before anything runs (nothing to check here)."""
+
+    def run(self, grid: Grid, todo: list, bar, progress: bool, log) -> bool:
+        if self.jobs == 1 or len(todo) <= 1:
+            for cell, config in todo:
+                bar.set_postfix_str(cell.name)
+                run_cell(grid.folder(cell), config, progress=progress)
+                bar.update()
+            return True
+        threads = max(1, torch.get_num_threads() // self.jobs)
+        log(f"{len(todo)} cells, {self.jobs} at a time with {threads} torch thread(s) each")
+        errors = []
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(self.jobs, mp_context=context, max_tasks_per_child=1) as pool:
+            futures = {
+                pool.submit(_cell_job, grid.folder(cell), config, threads): cell for cell, config in todo
+            }
+            for future in as_completed(futures):
+                cell = futures[future]
+                if future.cancelled():  # not started, after another cell failed
+                    continue
+                try:
+                    state, error = future.result()
+                except BrokenProcessPool:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise PyrozooError(
+                        f"the process of grid cell {cell.name} died (killed, or out of memory), which stops the "
+                        "grid: run the same command again to continue from the cells' checkpoints"
+                    ) from None
+                if error is not None:
+                    errors.append(f"{cell.name}: {error}")
+                    for other in futures:
+                        other.cancel()  # those not started; the running ones finish
+                else:
+                    bar.set_postfix_str(f"{cell.name} ({state})")
+                    bar.update()
+        if errors:
+            raise _failed(errors)
+        return True
+
+
+@LAUNCHERS.register("slurm")
+@dataclass
+class Slurm:
+    """Each unfinished cell as one Slurm job, submitted through ``submitit``; waits for them (or, without
+    ``wait``, returns once they are submitted), then the grid collects the results.
+
+    ``options`` are submitit's: its shared ones (``timeout_min``, ``gpus_per_node``, ``cpus_per_task``,
+    ``mem_gb``, ``nodes``, ``tasks_per_node``) and any of its Slurm executor's (``partition``, ``time``,
+    ``account``, ``qos``, ``constraint``, ``gres``, ...; a ``slurm_`` prefix may be given or not). The option
+    ``cluster`` chooses submitit's executor: ``slurm`` (the default), or ``local`` / ``debug`` to try the jobs
+    on this machine. A cell whose folder another process holds (its job is running) is not submitted again;
+    a job that starts while another runs its cell stops with that error, so no cell ever runs twice at once.
+    """
+
+    options: dict = field(default_factory=dict)
+    wait: bool = True
+
+    def _executor(self, folder: Path):
+        try:
+            import submitit
+        except ImportError:
+            raise PyrozooError(
+                "--launcher slurm needs submitit: pip install submitit (or pip install 'pyrozoo[cluster]')"
+            ) from None
+        options = dict(self.options)
+        cluster = str(options.pop("cluster", "slurm"))
+        if cluster == "slurm" and shutil.which("sbatch") is None:
+            raise PyrozooError(
+                "--launcher slurm: no Slurm here (sbatch not found); run on the cluster's login node, or try the "
+                "jobs on this machine with --slurm-option cluster=local"
+            )
+        try:
+            executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster)
+        except ValueError as e:
+            raise PyrozooError(f"--slurm-option cluster={cluster}: {e}") from None
+        shared = submitit.AutoExecutor._valid_parameters()
+        parameters = {}
+        for key, value in options.items():
+            key = key.removeprefix("slurm_")
+            parameters[key if key in shared else f"slurm_{key}"] = value
+        try:
+            executor.update_parameters(**parameters)
+        except (NameError, AssertionError, TypeError, ValueError) as e:
+            raise PyrozooError(f"--slurm-option: {str(e).strip().splitlines()[0]}") from None
+        return executor, cluster
+
+    def prepare(self, grid: Grid) -> None:
+        """Check submitit, Slurm and the options before anything is submitted."""
+        self._submitter = self._executor(grid.out / ".slurm")
+
+    def run(self, grid: Grid, todo: list, bar, progress: bool, log) -> bool:
+        import submitit
+
+        executor, cluster = self._submitter
+        jobs = {}
+        for cell, config in todo:
+            try:
+                with hold_folder(grid.folder(cell)):  # free now: not running anywhere
+                    pass
+            except PyrozooError as e:
+                log(f"{cell.name}: not submitted, {e}")
+                continue
+            executor.update_parameters(name=f"pyrozoo-{cell.name}")
+            jobs[executor.submit(_cell_job, grid.folder(cell), config)] = cell
+        if jobs:
+            log(
+                f"submitted {len(jobs)} job(s) to {cluster}: "
+                + ", ".join(f"{cell.name} ({job.job_id})" for job, cell in jobs.items())
+                + f"; logs in {grid.out / '.slurm'}"
+            )
+        if not self.wait:
+            return False
+        errors = []
+        poll = 1 if cluster in ("local", "debug") else 30
+        for job in submitit.helpers.as_completed(list(jobs), poll_frequency=poll):
+            cell = jobs[job]
+            try:
+                state, error = job.result()
+            except submitit.core.utils.UncompletedJobError as e:
+                state, error = None, f"job {job.job_id} failed ({str(e).strip().splitlines()[0][:200]})"
+            if error is not None:
+                errors.append(f"{cell.name}: {error}")
+            else:
+                bar.set_postfix_str(f"{cell.name} ({state})")
+                bar.update()
+        if errors:
+            raise _failed(errors)
+        return True
+
+
+def run_grid(
+    grid: Grid, progress: bool = True, log=_to_stderr, launcher: Local | Slurm | None = None
+) -> pd.DataFrame | None:
+    """Train every unfinished cell where ``launcher`` runs them (by default one after another, here), then
+    the baselines, and write and return ``results.csv``; None when the launcher only submitted the cells."""
     try:
         grid.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -314,16 +511,15 @@ def run_grid(grid: Grid, progress: bool = True, log=_to_stderr) -> pd.DataFrame:
     plan = [(cell, grid.config(cell)) for cell in grid.cells()]
     states = {cell: run_state(grid.folder(cell), config) for cell, config in plan}
     baselines = grid.cells(baselines=True)
+    launcher = launcher or Local()
+    launcher.prepare(grid)
     bar = tqdm(total=len(plan) + len(baselines), desc="grid", unit="run", disable=not progress, position=0)
     with bar:
-        for cell, config in plan:
-            # A cell is decided and trained under its folder's lock, so two grids never run it at once.
-            with hold_folder(grid.folder(cell)):
-                state = run_state(grid.folder(cell), config) if states[cell] != "finished" else "finished"
-                bar.set_postfix_str(f"{cell.name} ({state})")
-                if state != "finished":
-                    train_run(config, grid.folder(cell), resume=state == "resume", progress=progress)
-            bar.update()
+        todo = [(cell, config) for cell, config in plan if states[cell] != "finished"]
+        bar.update(len(plan) - len(todo))
+        # A cell is decided and trained under its folder's lock (run_cell), so two grids never run it at once.
+        if not launcher.run(grid, todo, bar, progress, log):
+            return None
         for cell in baselines:
             bar.set_postfix_str(cell.name)
             source = grid.folder(cell.with_method(SOURCE_METHOD))
@@ -358,19 +554,35 @@ def collect(grid: Grid) -> pd.DataFrame:
             table["pruned_fraction"] = table.get("pruned_fraction", pd.Series(0.0, index=table.index)).fillna(
                 0.0
             )
+        if (folder / UNCERTAINTY).exists():  # its values belong to the final epoch's row
+            for key, value in uncertainty_summary(folder / UNCERTAINTY).items():
+                table.loc[table.index[-1], key] = value
         frames.append(table)
     if not frames:
         raise PyrozooError(f"no finished runs in {grid.out}")
     return pd.concat(frames, ignore_index=True)
 
 
+def uncertainty_summary(path: Path) -> dict[str, float]:
+    """The compare columns of a run's uncertainty.csv: clean-set AUROCs, and shifted-set means."""
+    table = pd.read_csv(path)
+    clean, shifted = table[table["shift"] == "none"], table[table["shift"] != "none"]
+    out = {
+        key: float(clean[key].iloc[0]) for key in ("entropy_auroc", "mi_auroc") if key in clean and len(clean)
+    }
+    for key in ("accuracy", "ece", "nll"):
+        if len(shifted):
+            out[f"shift_{key}"] = float(shifted[key].mean())
+    return out
+
+
 def final_table(results: pd.DataFrame) -> pd.DataFrame:
     """One row per dataset, net and method: the final epoch's metrics, mean (and std) over seeds."""
     final = results.sort_values("epoch", kind="stable").groupby(ID_COLUMNS, sort=False).tail(1)
-    columns = [c for c in FINAL_COLUMNS if c in final]
+    columns = [c for c in FINAL_COLUMNS + REGRESSION_COLUMNS + UNCERTAINTY_COLUMNS if c in final]
     grouped = final.groupby(["data", "net", "method"], sort=False)
     table = grouped[columns].mean()
-    std = grouped[["accuracy", "nll", "ece"]].std().add_suffix("_std")
+    std = grouped[[c for c in ("accuracy", "nll", "ece", "rmse") if c in final]].std().add_suffix("_std")
     table = table.join(std)
     table["seeds"] = grouped["seed"].nunique()
     table["epoch"] = grouped["epoch"].max()
@@ -404,6 +616,7 @@ def paper_table(final: pd.DataFrame, data: str) -> str:
     """PAPER.md §7's shape: one row per net, each cell the methods' values joined by ' / '."""
     part = final[final["data"] == data]
     methods = list(dict.fromkeys(part["method"]))
+    regression = "rmse" in part and bool(part["rmse"].notna().any())
     rows = []
     for net, group in part.groupby("net", sort=False):
         by_method = group.set_index("method")
@@ -418,11 +631,29 @@ def paper_table(final: pd.DataFrame, data: str) -> str:
                 for m in methods
             )
 
-        rows.append(
-            [net, cell("accuracy"), cell("ece"), cell("nll", 2), cell("pruned_fraction", only_pruning=True)]
-        )
+        if regression:
+            rows.append(
+                [
+                    net,
+                    cell("rmse"),
+                    cell("nll", 2),
+                    cell("coverage90"),
+                    cell("pruned_fraction", only_pruning=True),
+                ]
+            )
+        else:
+            rows.append(
+                [
+                    net,
+                    cell("accuracy"),
+                    cell("ece"),
+                    cell("nll", 2),
+                    cell("pruned_fraction", only_pruning=True),
+                ]
+            )
     title = f"{data}, final epoch, order {' / '.join(methods)}:"
-    return title + "\n\n" + markdown(rows, ["net", "accuracy", "ECE", "NLL", "pruned fraction"])
+    header = ["RMSE", "NLL", "90% coverage"] if regression else ["accuracy", "ECE", "NLL"]
+    return title + "\n\n" + markdown(rows, ["net", *header, "pruned fraction"])
 
 
 def long_table(final: pd.DataFrame) -> str:
@@ -431,6 +662,8 @@ def long_table(final: pd.DataFrame) -> str:
     for r in final.itertuples(index=False):
 
         def pm(name, digits=4):
+            if math.isnan(getattr(r, name, math.nan)):
+                return "-"
             value = f"{getattr(r, name):.{digits}f}"
             std = getattr(r, name + "_std", math.nan)
             return value + (f" ± {std:.{digits}f}" if r.seeds > 1 and not math.isnan(std) else "")
@@ -444,9 +677,12 @@ def long_table(final: pd.DataFrame) -> str:
                 pm("accuracy"),
                 pm("nll", 3),
                 pm("ece"),
-                f"{r.ece15:.4f}",
-                f"{r.brier:.4f}",
-                f"{r.lpd:.3f}",
+                pm("ece15"),
+                pm("brier"),
+                pm("lpd", 3),
+                pm("rmse"),
+                pm("coverage90", 3),
+                pm("entropy_auroc", 3),
                 "-" if math.isnan(pruned) else f"{pruned:.3f}",
                 f"{r.seconds:.0f}",
                 str(r.epoch),
@@ -463,6 +699,9 @@ def long_table(final: pd.DataFrame) -> str:
         "ECE (15 eq.-width)",
         "Brier",
         "LPD",
+        "RMSE",
+        "90% coverage",
+        "entropy AUROC",
         "pruned",
         "training s",
         "epoch",

@@ -13,6 +13,7 @@ import functools
 import math
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -80,6 +81,27 @@ class TrainConfig:
     guide_options: dict = _run_option(
         {}, "an option of the guide, repeatable: init_scale=0.05, init_locs={'features.0.precision': 1.5}"
     )
+    target: str | None = _run_option(
+        None, "with --data FILE.csv: the target column (the others are features)"
+    )
+    task: str | None = _run_option(
+        None, "with --data FILE.csv: regress (a numeric target, the default) or classify (a label column)"
+    )
+    noise: str = _run_option(
+        "prior",
+        "regression: the noise precision is a latent with a Gamma(2, 2) prior (prior), a constant (fixed) or a "
+        "point estimate fitted by SVI (learned)",
+    )
+    noise_precision: float = _run_option(
+        1.0,
+        "regression, --noise fixed or learned: the (initial) noise precision of standardised targets",
+        check="positive",
+    )
+    init_from: str | None = _run_option(
+        None,
+        "start from a trained net: a file holding its state_dict, or a net saved whole (pyrozoo export's "
+        "sparse_net.pt, when no unit was removed); the posterior means start at its weights, the scales small",
+    )
     prune_units: bool = _run_option(
         False,
         "BMR methods: after each per-weight pass, remove whole units (neurons, channels, attention heads) "
@@ -120,8 +142,13 @@ class TrainConfig:
         fixed = [key for key in DATA_SHAPE if key in self.net_options]
         if fixed:
             raise PyrozooError(f"net option {', '.join(fixed)}: the data decides it, not a net option")
-        if self.data is not None:
+        if self.data is not None and not datasets.is_table(self.data):
             datasets.DATASETS[self.data]
+        datasets.dataset_task(self.data, self.task)
+        if (self.target is not None or self.task is not None) and not datasets.is_table(self.data):
+            raise PyrozooError("--target and --task describe a --data FILE.csv table")
+        if self.noise not in ("prior", "fixed", "learned"):
+            raise PyrozooError(f"unknown --noise {self.noise!r}; choose from prior, fixed, learned")
         for f in run_option_fields():
             check_value(f, getattr(self, f.name))
         if self.optimizer is not None:
@@ -150,6 +177,9 @@ class TrainConfig:
                         f"{self._part(table)}"
                         + (f" (whose {TABLES[table]} options are: {', '.join(taken)})" if taken else "")
                     )
+        from pyrozoo.steps import check_step
+
+        check_step(method.step, self.guide or method.guide, self.optimizer or method.optimizer)
         guide = GUIDES[self.guide or method.guide]
         if self.reduction() is not None and guide.point_mass:
             raise PyrozooError(
@@ -217,6 +247,8 @@ class TrainConfig:
 
 def run_name(net: str, method: str, data: str | None, seed: int) -> str:
     """The folder name of one run, in ``runs/`` for ``pyrozoo train`` and in a grid folder for ``compare``."""
+    if datasets.is_table(data):  # a path: its file name without the suffix
+        data = Path(data).stem
     return f"{net}-{method}-{data or 'default'}-s{seed}"
 
 

@@ -48,6 +48,7 @@ class DatasetInfo:
     image_size: int
     num_classes: int
     description: str
+    task: str = "classify"  # or "regress": the likelihood and metrics a run on it uses
 
 
 DATASETS = Registry("dataset")
@@ -57,6 +58,23 @@ for _entry in (
     DatasetInfo("mnist", 1, 28, 10, "MNIST: 60000/10000 greyscale 28x28 handwritten digits"),
     DatasetInfo("cifar10", 3, 32, 10, "CIFAR-10: 50000/10000 colour 32x32 images, 10 classes"),
     DatasetInfo("cifar100", 3, 32, 100, "CIFAR-100: 50000/10000 colour 32x32 images, 100 fine classes"),
+    DatasetInfo(
+        "toy1d",
+        1,
+        1,
+        1,
+        "synthetic 1-D regression: y = x sin x + heteroscedastic noise, inputs with a gap in (-1, 1); 600/600",
+        "regress",
+    ),
+    DatasetInfo(
+        "diabetes",
+        10,
+        1,
+        1,
+        "diabetes progression (scikit-learn's bundled copy; pip install 'pyrozoo[tabular]'): 10 features, "
+        "442 patients, split 354/88",
+        "regress",
+    ),
 ):
     DATASETS.register(_entry.name, _entry)
 
@@ -76,7 +94,8 @@ _CIFAR = {
 
 @dataclass
 class RawData:
-    """A dataset as stored: uint8 images (N, C, H, W), int64 labels, and where it was found."""
+    """A dataset as stored: uint8 images (N, C, H, W) or float features (N, D, 1, 1), int64 labels or float
+    regression targets, and where it was found."""
 
     name: str
     x_train: torch.Tensor
@@ -85,6 +104,7 @@ class RawData:
     y_test: torch.Tensor
     num_classes: int
     source: str
+    task: str = "classify"
 
 
 @dataclass
@@ -100,6 +120,11 @@ class Prepared:
     std: torch.Tensor
     source: str
     name: str
+    task: str = "classify"
+    # regression: the training targets' mean and std; targets are standardised with them, and predictions and
+    # metrics are mapped back to the original units (y = y_mean + y_std * standardised y)
+    y_mean: float = 0.0
+    y_std: float = 1.0
 
 
 def cache_dir() -> Path:
@@ -139,9 +164,13 @@ def _find_in(name: str, directory: Path) -> Path | None:
 
 def locate(name: str, data_dir: str | os.PathLike | None = None) -> str | None:
     """Where `load(name, data_dir)` would read the dataset from without downloading; None if nowhere."""
+    if is_table(name):
+        return name if Path(name).is_file() else None
     _info(name)
     if name == "fashion-mnist-mini":
         return "bundled"
+    if name in _MADE:
+        return _MADE[name][1]
     found = (_find_in(name, d) for _, d in _search_dirs(name, data_dir))
     return next((str(f) for f in found if f is not None), None)
 
@@ -295,11 +324,27 @@ def _how_to_get(name: str) -> str:
     return "; or ".join(ways)
 
 
-def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> RawData:
-    """Load a dataset as uint8 images (N, C, H, W) and int64 labels, downloading it if allowed and needed."""
+def load(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    download: bool = True,
+    target: str | None = None,
+    task: str | None = None,
+) -> RawData:
+    """Load a dataset as uint8 images (N, C, H, W) and int64 labels, downloading it if allowed and needed; or a
+    regression set (toy1d, diabetes) as float features (N, D, 1, 1) and float targets; or a user's CSV table
+    ``name`` (a path ending in .csv) with the column ``target`` as target (``task`` "regress" by default)."""
+    if is_table(name):
+        return read_table(name, target, task)
     _info(name)
+    if target is not None:
+        raise PyrozooError(f"--target names a column of a --data FILE.csv; {name} is a named dataset")
+    if task is not None and task != DATASETS[name].task:
+        raise PyrozooError(f"{name} is a {DATASETS[name].task} dataset, not a {task} one")
     if name == "fashion-mnist-mini":
         return _load_mini()
+    if name in _MADE:
+        return _MADE[name][0]()
     found = locate(name, data_dir)
     if found is not None:
         return _read(name, Path(found), found)
@@ -349,7 +394,11 @@ def _channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def prepare(raw: RawData, pad_to: int | None = None, device: str | torch.device = "cpu") -> Prepared:
-    """Standardise per channel with training-image statistics, then zero-pad (after that) to pad_to."""
+    """Standardise per channel with training-image statistics, then zero-pad (after that) to pad_to. Float
+    features (tabular data) are standardised per feature, and regression targets with the training targets'
+    mean and std (kept in ``y_mean``, ``y_std``)."""
+    if raw.x_train.is_floating_point():
+        return _prepare_features(raw, device)
     h, w = raw.x_train.shape[2:]
     if pad_to is not None and pad_to < max(h, w):
         raise PyrozooError(
@@ -378,4 +427,170 @@ def prepare(raw: RawData, pad_to: int | None = None, device: str | torch.device 
         std.to(device),
         raw.source,
         raw.name,
+    )
+
+
+# --- regression and tabular data ------------------------------------------------------------------------------
+
+TASKS = ("classify", "regress")
+
+
+def is_table(name: str | None) -> bool:
+    """Whether ``--data`` names a user's CSV file rather than a registered dataset."""
+    return name is not None and str(name).lower().endswith(".csv")
+
+
+def dataset_task(name: str | None, task: str | None = None) -> str:
+    """The task a run on ``name`` does: the dataset's, or for a CSV table ``task`` (default "regress")."""
+    if task is not None and task not in TASKS:
+        raise PyrozooError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if is_table(name):
+        return task or "regress"
+    return DATASETS[name].task if name is not None else "classify"
+
+
+def _split(n: int, test_fraction: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed train/test split of ``n`` rows (seed 0, whatever the run's seed: runs of other seeds are then
+    compared on the same test points)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    n_test = max(1, round(n * test_fraction))
+    return order[n_test:], order[:n_test]
+
+
+def _features(x: np.ndarray) -> torch.Tensor:
+    """Rows of features as (N, D, 1, 1) float32: the layout of a 1x1 image with D channels, which the MLP takes."""
+    return torch.from_numpy(np.asarray(x, dtype=np.float32)).reshape(len(x), -1, 1, 1)
+
+
+def toy1d(n_train: int = 600, n_test: int = 600) -> RawData:
+    """The synthetic 1-D benchmark: ``y = x sin(x) + eps``, ``eps ~ N(0, (0.1 + 0.2 |x|)^2)`` (noise that grows
+    with ``|x|``), with inputs uniform on ``[-4, -1] U [1, 4]``: a gap in ``(-1, 1)`` where a model should say it
+    does not know. Training and test points come from the same input distribution; fixed seeds, so every run
+    sees the same data."""
+    g = np.random.default_rng(20261130)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        x = g.uniform(1, 4, n) * g.choice([-1.0, 1.0], n)
+        y = x * np.sin(x) + g.normal(0, 1, n) * toy1d_noise_std(x)
+        return x, y
+
+    (xa, ya), (xb, yb) = draw(n_train), draw(n_test)
+    as_y = lambda y: torch.from_numpy(y.astype(np.float32))  # noqa: E731
+    return RawData(
+        "toy1d", _features(xa[:, None]), as_y(ya), _features(xb[:, None]), as_y(yb), 1, "synthetic", "regress"
+    )
+
+
+def toy1d_mean(x):
+    """The toy1d benchmark's true regression function, ``x sin x``."""
+    return x * np.sin(x)
+
+
+def toy1d_noise_std(x):
+    """The toy1d benchmark's true noise standard deviation, ``0.1 + 0.2 |x|``."""
+    return 0.1 + 0.2 * np.abs(x)
+
+
+def diabetes() -> RawData:
+    """scikit-learn's bundled diabetes data (Efron et al. 2004: 442 patients, 10 baseline features, disease
+    progression after a year), split 80/20. It ships inside scikit-learn, so it needs no download; sklearn is
+    an optional extra (``pip install 'pyrozoo[tabular]'``)."""
+    try:
+        from sklearn.datasets import load_diabetes
+    except ImportError:
+        raise PyrozooError(
+            "dataset 'diabetes' is read from scikit-learn's bundled copy: pip install 'pyrozoo[tabular]' "
+            "(or scikit-learn)"
+        ) from None
+    x, y = load_diabetes(return_X_y=True, scaled=False)
+    train, test = _split(len(x))
+    xs, ys = _features(x), torch.from_numpy(np.asarray(y, dtype=np.float32))
+    return RawData(
+        "diabetes", xs[train], ys[train], xs[test], ys[test], 1, "scikit-learn (bundled)", "regress"
+    )
+
+
+_MADE = {"toy1d": (toy1d, "synthetic"), "diabetes": (diabetes, "scikit-learn (bundled)")}
+
+
+def read_table(path: str | os.PathLike, target: str | None, task: str | None = None) -> RawData:
+    """A user's CSV table: every column but ``target`` is a numeric feature; ``target`` is a number to regress
+    on (``task`` "regress", the default) or a label (``"classify"``: its distinct values, sorted, become classes
+    0..K-1). Rows are split 80/20 into training and test sets by a fixed permutation."""
+    import pandas as pd
+
+    task = dataset_task(str(path), task)
+    if target is None:
+        raise PyrozooError(f"--data {path} is a table: name its target column with --target COLUMN")
+    try:
+        table = pd.read_csv(path)
+    except FileNotFoundError:
+        raise PyrozooError(f"no such file: {path}") from None
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise PyrozooError(f"cannot read {path} as CSV ({' '.join(str(e).split())})") from None
+    if target not in table:
+        raise PyrozooError(
+            f"{path} has no column {target!r}; its columns: {', '.join(map(str, table.columns))}"
+        )
+    features = table.drop(columns=[target])
+    if features.shape[1] == 0 or len(table) < 2:
+        raise PyrozooError(f"{path} needs at least one feature column besides {target!r} and two rows")
+    bad = [str(c) for c in features if not pd.api.types.is_numeric_dtype(features[c])]
+    if bad:
+        raise PyrozooError(
+            f"{path}: feature columns must be numeric; {', '.join(bad)} are not (encode them first)"
+        )
+    if table.isna().any().any():
+        column = str(table.columns[table.isna().any()][0])
+        raise PyrozooError(f"{path}: column {column!r} has missing values; fill or drop them first")
+    if task == "regress":
+        if not pd.api.types.is_numeric_dtype(table[target]):
+            raise PyrozooError(
+                f"{path}: target {target!r} is not numeric; for a label column pass --task classify"
+            )
+        y = torch.from_numpy(table[target].to_numpy(np.float32))
+        num_classes = 1
+    else:
+        classes, codes = np.unique(table[target].to_numpy(), return_inverse=True)
+        if len(classes) < 2:
+            raise PyrozooError(f"{path}: target {target!r} has only one value; nothing to classify")
+        y, num_classes = torch.from_numpy(codes.astype(np.int64)), len(classes)
+    x = _features(features.to_numpy(np.float64))
+    train, test = _split(len(x))
+    return RawData(Path(path).name, x[train], y[train], x[test], y[test], num_classes, str(path), task)
+
+
+def _prepare_features(raw: RawData, device) -> Prepared:
+    """Float features standardised per feature with training statistics; regression targets likewise."""
+    for split, x in (("training", raw.x_train), ("test", raw.x_test)):
+        if len(x) == 0:
+            raise PyrozooError(f"dataset {raw.name} ({raw.source}) has 0 {split} rows")
+    x64 = raw.x_train.double()
+    mean = x64.mean(dim=(0, 2, 3))
+    std = x64.std(dim=(0, 2, 3), unbiased=False)
+    std = torch.where(std > 0, std, 1.0)  # a constant feature is just centred
+
+    def standardise(x: torch.Tensor) -> torch.Tensor:
+        return ((x.double() - mean[:, None, None]) / std[:, None, None]).float().to(device)
+
+    y_mean, y_std = 0.0, 1.0
+    y_train, y_test = raw.y_train, raw.y_test
+    if raw.task == "regress":
+        y_mean = float(raw.y_train.double().mean())
+        y_std = float(raw.y_train.double().std(unbiased=False)) or 1.0
+        y_train = ((raw.y_train.double() - y_mean) / y_std).float()
+        y_test = ((raw.y_test.double() - y_mean) / y_std).float()
+    return Prepared(
+        standardise(raw.x_train),
+        y_train.to(device),
+        standardise(raw.x_test),
+        y_test.to(device),
+        raw.num_classes,
+        mean.float().to(device),
+        std.float().to(device),
+        raw.source,
+        raw.name,
+        raw.task,
+        y_mean,
+        y_std,
     )

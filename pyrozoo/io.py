@@ -35,6 +35,17 @@ from pyrozoo.errors import PyrozooError
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+# False in a process that must leave every file to another: the ranks but 0 of a distributed run
+# (pyrozoo.distributed), which compute what rank 0 computes and write nothing.
+_WRITES = True
+
+
+def stop_writing() -> None:
+    """From now on this process writes no file (:func:`atomic_write` and :func:`atomic_write_folder` do
+    nothing) and takes no folder lock (:class:`FolderLock` holds nothing): another process writes them."""
+    global _WRITES
+    _WRITES = False
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``.
@@ -45,6 +56,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     folder, no permission, a full disk) are a PyrozooError naming ``path``. (Nothing is fsynced: this guards
     against a killed process, not a power cut.)
     """
+    if not _WRITES:
+        return
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -73,6 +86,8 @@ def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], object]
     A kill while writing leaves the previous folder untouched (and a temporary one that the next call ignores);
     the previous folder is removed only once the new one is complete and in place.
     """
+    if not _WRITES:
+        return
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,6 +229,8 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         if self.held:
             raise RuntimeError(f"this FolderLock on {self.folder} is held already")
+        if not _WRITES:  # a process that writes nothing needs no lock (and must not take its writer's)
+            return self
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             stat = self.folder.stat()

@@ -12,7 +12,7 @@ from typing import Callable
 from pyrozoo.bmr import SpikeAndSlab, Threshold
 from pyrozoo.bmr.horseshoe import Horseshoe
 from pyrozoo.bmr.reduction import Reduction
-from pyrozoo.models.priors import flat, tiered
+from pyrozoo.models.priors import flat, gaussian, tiered
 from pyrozoo.registry import Registry
 
 
@@ -27,6 +27,9 @@ class Method:
     warmup_steps: int = 0  # SVI steps before the first BMR pass
     net_options: dict = field(default_factory=dict)  # e.g. dropout, passed to the net factory
     optimizer: str = "adam"  # a name in pyrozoo.optim.OPTIMIZERS (PAPER.md §3 allows Adam for AdaBelief)
+    step: str = (
+        "svi"  # how it trains, a name in pyrozoo.steps.STEPS: svi, or ivon (the optimiser's posterior)
+    )
 
 
 METHODS = Registry("method")
@@ -85,5 +88,23 @@ METHODS.register(
         description="flat-ff reduced by a regularised horseshoe fitted to dF (BMR-RHS)",
         reduction=Horseshoe(),
         **_BMR,
+    ),
+)
+_IVON = dict(
+    prior=gaussian, guide="ivon", optimizer="ivon", step="ivon", lr=0.1, samples=100, warmup_steps=500
+)
+METHODS.register(
+    "ivon",
+    Method(
+        description="the plain net trained by IVON (weight decay = the gaussian prior); its posterior",
+        **_IVON,
+    ),
+)
+METHODS.register(
+    "ivon-bmr",
+    Method(
+        description="the plain net trained by IVON, pruned by stochastic BMR from IVON's posterior, threshold rule",
+        reduction=Threshold(),
+        **_IVON,
     ),
 )

@@ -152,3 +152,79 @@ def evaluate_net(
     )
     net.train(training)
     return metrics
+
+
+# --- regression ----------------------------------------------------------------------------------------------
+
+INTERVALS = (0.5, 0.9, 0.95)  # central predictive intervals whose coverage is reported
+
+
+def mixture_quantile(loc: Tensor, scale: Tensor, q: float | Tensor, iterations: int = 50) -> Tensor:
+    """Per point ``n``, the ``q``-quantile of the equal-weight Gaussian mixture ``mean_s N(loc[s, n],
+    scale[s, n]^2)`` (the posterior predictive of a Gaussian likelihood), by bisection on its CDF, in float64.
+    ``q`` may be a 1-D tensor of levels: then the result is ``[len(q), N]``."""
+    loc, scale = loc.double(), scale.double().expand_as(loc)
+    levels = torch.as_tensor(q, dtype=torch.float64, device=loc.device)
+    qs = levels.reshape(-1, 1)
+    z = torch.special.ndtri(qs)  # [Q, 1]: the quantile lies between the components' own quantiles
+    low = (loc.min(dim=0).values - 8 * scale.max(dim=0).values).expand(len(qs), -1)
+    high = (loc.max(dim=0).values + 8 * scale.max(dim=0).values).expand(len(qs), -1)
+    low = torch.minimum(low, (loc[None] + z[..., None] * scale[None]).min(dim=1).values)
+    high = torch.maximum(high, (loc[None] + z[..., None] * scale[None]).max(dim=1).values)
+    inverse = scale.reciprocal()
+    for _ in range(iterations):  # the CDF is increasing: halve [low, high] around the quantile
+        middle = (low + high) / 2
+        below = torch.special.ndtr((middle[:, None] - loc[None]) * inverse[None]).mean(dim=1) < qs
+        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    out = (low + high) / 2
+    return out if levels.dim() else out[0]
+
+
+def regression_metrics(
+    loc: Tensor, noise_var: Tensor, y: Tensor, y_mean: float = 0.0, y_std: float = 1.0
+) -> dict:
+    """Predictive metrics of a Gaussian likelihood over posterior draws, in the targets' original units.
+
+    ``loc[s, n]`` is draw ``s``'s mean for point ``n`` and ``noise_var[s]`` (or ``[s, n]``) its noise variance, both
+    on standardised targets; ``y`` are standardised targets; ``y = y_mean + y_std * standardised``. Returns RMSE of
+    the posterior-mean prediction, the NLL of the posterior-predictive mixture per point (``nll``), the joint
+    ``lpd``, and the coverage of the central 50/90/95% predictive intervals (``coverage50`` ...).
+    """
+    loc, y = loc.double(), y.double()
+    var = noise_var.double()
+    var = var.reshape(var.shape + (1,) * (loc.dim() - var.dim())).expand_as(loc)
+    scale = var.sqrt()
+    # log N(y; loc, var) in original units: the standardised density minus ln y_std
+    ll = torch.distributions.Normal(loc, scale).log_prob(y) - math.log(y_std)
+    mean = loc.mean(dim=0)
+    out = {"rmse": (y_std * (mean - y)).square().mean().sqrt().item(), "nll": nll(ll), "lpd": lpd(ll)}
+    levels = torch.tensor(INTERVALS, dtype=torch.float64)
+    bounds = mixture_quantile(loc, scale, torch.cat([(1 - levels) / 2, (1 + levels) / 2]))
+    for i, level in enumerate(INTERVALS):
+        lower, upper = bounds[i], bounds[len(INTERVALS) + i]
+        out[f"coverage{round(level * 100)}"] = ((y >= lower) & (y <= upper)).double().mean().item()
+    return out
+
+
+# --- uncertainty -----------------------------------------------------------------------------------------------
+
+
+def auroc(scores: Tensor, positive: Tensor) -> float:
+    """Area under the ROC curve of ``scores`` for telling ``positive`` points from the rest: the probability that
+    a random positive scores above a random negative, ties counting one half (Mann-Whitney U). NaN when either
+    class is empty."""
+    scores, positive = scores.double().flatten(), positive.bool().flatten()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    # average ranks of tied scores, so ties count one half
+    order = torch.argsort(scores, stable=True)
+    sorted_scores = scores[order]
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    average = ends - (counts.double() - 1) / 2
+    ranks[order] = average[inverse]
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
+    return (u / (n_pos * n_neg)).item()

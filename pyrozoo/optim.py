@@ -1,4 +1,5 @@
-"""Optimisers for SVI: Adam (the default) and AdaBelief, the reference's choice (PAPER.md §3).
+"""Optimisers: Adam (the default) and AdaBelief, the reference's choice (PAPER.md §3), for SVI; IVON, which trains
+a plain net and keeps its own posterior (pyrozoo.guides.ivon), for the methods whose posterior it is.
 
 torch has no AdaBelief, so it is written here from the paper's algorithm (Zhuang et al., NeurIPS 2020,
 "AdaBelief optimizer: adapting stepsizes by the belief in observed gradients", Algorithm 2).
@@ -9,6 +10,8 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+
+from ivon import IVON
 
 from pyrozoo.registry import Registry
 
@@ -65,6 +68,27 @@ class AdaBelief(torch.optim.Optimizer):
         return loss
 
 
+class IVONOptimizer(IVON):
+    """IVON (ivon-opt, the authors' code): trains a plain net and keeps a diagonal Gaussian posterior; only for the
+    ivon methods, whose guide is that posterior. Its step counter is added to ``state_dict`` (debiasing reads it),
+    and its per-group buffers (Hessian, momentum) follow the parameters' device on loading."""
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["state"] = {**state["state"], "current_step": self.current_step}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        inner = dict(state_dict["state"])
+        step = inner.pop("current_step", 0)
+        super().load_state_dict({**state_dict, "state": inner})
+        self.current_step = step
+        for group in self.param_groups:
+            for key in ("hess", "momentum"):
+                group[key] = group[key].to(device=self._device, dtype=self._dtype)
+
+
 OPTIMIZERS = Registry("optimizer")
 OPTIMIZERS.register("adam", torch.optim.Adam)
 OPTIMIZERS.register("adabelief", AdaBelief)
+OPTIMIZERS.register("ivon", IVONOptimizer)  # only with the ivon guide and step (method ivon-bmr), see config

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from matplotlib.ticker import SymmetricalLogLocator  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, NullFormatter, SymmetricalLogLocator  # noqa: E402
 
 from pyrozoo.baselines import BASELINES  # noqa: E402
 from pyrozoo.errors import PyrozooError, reason  # noqa: E402
@@ -33,6 +33,7 @@ from pyrozoo.methods import METHODS  # noqa: E402
 from pyrozoo.train import CHECKPOINT, Run  # noqa: E402
 
 CURVES = [("accuracy", "test accuracy"), ("nll", "test NLL"), ("ece", "ECE (20 equal-mass bins)")]
+REGRESSION_CURVES = [("rmse", "test RMSE"), ("nll", "test NLL"), ("coverage90", "90% interval coverage")]
 PRUNED = ("pruned_fraction", "pruned fraction")
 CDF_METHODS = ("bmr-ss", "tiered-ff")
 CDF_FLOOR = 1e-6  # where |w| = 0 is drawn on the log axis
@@ -68,13 +69,14 @@ def plot_curves(results: pd.DataFrame, folder: Path) -> list[Path]:
     for (data, net), table in results.groupby(["data", "net"], sort=False):
         methods = list(dict.fromkeys(table["method"]))
         colours = _colours(methods)
-        panels = CURVES + [PRUNED]
+        regression = "rmse" in table and bool(table["rmse"].notna().any())
+        panels = (REGRESSION_CURVES if regression else CURVES) + [PRUNED]
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
         for ax, (column, label) in zip(axes, panels):
-            log = column == "nll"
             off_scale = {"low": 0, "high": 0}
             trained = [_curve(table[table["method"] == m], column) for m in methods if m not in BASELINES]
             values = pd.concat([c for c in trained if not c.empty] or [pd.Series([0.0, 1.0])])
+            log = column == "nll" and bool((values > 0).all())  # a regression NLL may be negative
             low, high = float(values.min()), float(values.max())
             if log:
                 low, high = low / 1.15, high * 1.15
@@ -278,3 +280,75 @@ def plot_grid(folder: str | os.PathLike, results: pd.DataFrame | None = None, lo
             raise PyrozooError(f"{folder} has no {RESULTS}: run `pyrozoo compare --out {folder}` first")
         results = read_results(path)
     return plot_curves(results, folder) + plot_posteriors(results, folder, log)
+
+
+@torch.no_grad()
+def plot_regression_bands(run, path_stem: str | os.PathLike, samples: int = 200, title: str | None = None):
+    """A 1-D regression run's predictive mean and its 50% and 95% bands (and the epistemic part alone) over the
+    inputs' range and beyond, against the training data (and, for toy1d, the true function and noise)."""
+    from pyrozoo import data as datasets
+    from pyrozoo.predict import predict
+
+    d = run.data
+    if d.task != "regress" or d.x_train.shape[1] != 1:
+        raise PyrozooError("the band figure is for regression on one input feature")
+    mean, std = float(d.mean[0]), float(d.std[0])
+    x_train = (d.x_train.flatten().cpu() * std + mean).numpy()
+    y_train = (d.y_mean + d.y_std * d.y_train.double().cpu()).numpy()
+    span = x_train.max() - x_train.min()
+    grid = np.linspace(x_train.min() - 0.25 * span, x_train.max() + 0.25 * span, 400)
+    x = torch.tensor((grid - mean) / std, dtype=torch.float32, device=d.x_train.device).reshape(-1, 1, 1, 1)
+    out = predict(run.model, run.guide, x, samples, y_mean=d.y_mean, y_std=d.y_std, seed=run.config.seed)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(x_train, y_train, s=4, color="0.6", label="training data")
+    if d.name == "toy1d":
+        truth = datasets.toy1d_mean(grid)
+        ax.plot(grid, truth, "k--", lw=1, label="true mean")
+        for z in (-1.96, 1.96):
+            ax.plot(grid, truth + z * datasets.toy1d_noise_std(grid), "k:", lw=0.8)
+    ax.fill_between(grid, out["lower95"], out["upper95"], alpha=0.2, color="C0", label="95% predictive")
+    ax.fill_between(grid, out["lower50"], out["upper50"], alpha=0.35, color="C0", label="50% predictive")
+    epistemic = 1.96 * out["epistemic_std"].numpy()
+    ax.fill_between(grid, out["mean"] - epistemic, out["mean"] + epistemic, alpha=0.35, color="C1",
+                    label="mean ± 1.96 epistemic sd")  # fmt: skip
+    ax.plot(grid, out["mean"], color="C0", lw=1.5, label="predictive mean")
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_title(title or f"{run.config.net} {run.config.method} on {d.name}")
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+    stem = Path(path_stem)
+    return _save(fig, stem.parent, stem.name)
+
+
+def plot_sweep(table: pd.DataFrame, folder: Path, stem: str = "sweep") -> list[Path]:
+    """The accuracy-sparsity curve (``pyrozoo sweep``): accuracy, NLL and ECE against the pruned fraction, one
+    line per method (dashed: after fine-tuning), the dense net as a grey line."""
+    dense = table[table.method == "dense"].iloc[0]
+    curves = table[table.method != "dense"]
+    colours = _colours(list(dict.fromkeys(curves.method)))
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4), squeeze=False)
+    for ax, (column, label) in zip(axes[0], CURVES):
+        ax.axhline(dense[column], color="grey", lw=1, label="dense")
+        for (method, steps), rows in curves.groupby(["method", "finetune_steps"], sort=False):
+            rows = rows.sort_values("target")
+            ax.plot(
+                rows.sparsity,
+                rows[column],
+                marker="o",
+                ms=3,
+                color=colours[method],
+                ls="--" if steps else "-",
+                label=method + (f" +{steps} steps" if steps else ""),
+            )
+        ax.set_xlabel("pruned fraction (logit scale)")
+        ax.set_ylabel(label)
+        ax.set_xscale("logit")
+        ticks = sorted(curves.target.unique())
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{dense.get('net', '')} on {dense.get('data', '')}: one-shot pruning of one trained net")
+    fig.tight_layout()
+    return _save(fig, Path(folder), stem)

@@ -26,7 +26,7 @@ from pyro import poutine
 from tqdm.auto import tqdm
 
 from pyrozoo import data as datasets
-from pyrozoo import faults
+from pyrozoo import distributed, faults
 from pyrozoo.bmr.compact import CannotCompact, compact, compact_to
 from pyrozoo.bmr.scores import posterior_scales, scale_table
 from pyrozoo.bmr.units import pruned_fraction
@@ -38,8 +38,9 @@ from pyrozoo.io import FolderLock, atomic_write, hold_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.metrics import evaluate_draws
 from pyrozoo.models import BayesianModel
+from pyrozoo.models.likelihoods import Categorical, Gaussian
 from pyrozoo.nets import NETS, create_net, model_options
-from pyrozoo.optim import OPTIMIZERS
+from pyrozoo.steps import STEPS
 
 CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
     "config.json",
@@ -62,15 +63,25 @@ def _validate() -> bool:
 
 
 def svi_step(
-    model, guide, optimizer: torch.optim.Optimizer, x, y, dataset_size: int, validate: bool | None = None
+    model,
+    guide,
+    optimizer: torch.optim.Optimizer,
+    x,
+    y,
+    dataset_size: int,
+    validate: bool | None = None,
+    share=None,
 ) -> float:
     """One stochastic-gradient step on ``-ELBO``; returns the loss. ``validate`` (default: whether
     ``$PYROZOO_VALIDATE`` is 1) turns Pyro's and torch's argument checks on or off for the step only, whatever
-    Pyro's own setting (on by default, and slow)."""
+    Pyro's own setting (on by default, and slow). ``share`` (a data-parallel run's, see
+    :meth:`pyrozoo.distributed.World.sharer`) turns this process's gradients and loss into the run's."""
     with pyro.validation_enabled(_validate() if validate is None else validate):
         loss = negative_elbo(model, guide, x, y, dataset_size)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if share is not None:
+        loss = share(loss, optimizer)
     faults.reached("step")
     optimizer.step()
     return loss.item()
@@ -109,6 +120,7 @@ def evaluate(
     samples: int,
     batch_size: int = 2000,
     samples_at_once: int = 1,
+    world: distributed.World = distributed.World(),
 ) -> dict[str, float]:
     """Predictive metrics of ``samples`` posterior draws from ``guide`` on ``(x, y)``.
 
@@ -116,7 +128,8 @@ def evaluate(
     weights), on ``batch_size // samples_at_once`` points at a time, so that memory stays that of ``batch_size``
     points. The draws are the same, in the same order, so the metrics are the same up to float rounding. On a
     CPU it is slower (the net's matrix products are as large either way, and a convolution over stacked weights
-    becomes a grouped one): experiments/RESULTS.md, issue 17.
+    becomes a grouped one): experiments/RESULTS.md, issue 17. In a data-parallel ``world``, each rank computes
+    its part of every batch and all get the metrics of the whole.
     """
     at_once = max(1, min(samples_at_once, samples, batch_size))
     batched_logits = torch.func.vmap(model.logits, in_dims=(None, 0))
@@ -127,10 +140,12 @@ def evaluate(
             group = [model.weights_from(guide()) for _ in range(min(at_once, samples - first))]
             if at_once == 1:
                 weights = group[0]
-                yield lambda xb: model.likelihood.log_probs(model.logits(xb, weights))
+                yield world.sharded(lambda xb: model.likelihood.log_probs(model.logits(xb, weights)))
             else:
                 stacked = {name: torch.stack([w[name] for w in group]) for name in group[0]}
-                yield lambda xb: model.likelihood.log_probs(batched_logits(xb, stacked))
+                yield world.sharded(
+                    lambda xb: model.likelihood.log_probs(batched_logits(xb, stacked)), points_dim=1
+                )
 
     training = model.training
     model.eval()  # no dropout at test time
@@ -160,6 +175,19 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# What an evaluation writes into a metrics row: classification's, then regression's own columns.
+_EVALUATED = (
+    "accuracy",
+    "nll",
+    "ece",
+    "ece15",
+    "brier",
+    "lpd",
+    "rmse",
+    "coverage50",
+    "coverage90",
+    "coverage95",
+)
 _CHECKPOINT_KEYS = ("epoch", "step", "seconds", "guide", "model", "optimizer", "batches", "rng")
 
 
@@ -267,19 +295,23 @@ class Run:
 
     def __init__(self, config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, log=print):
         self.out = Path(out)
-        self.log = log
+        self.world = distributed.setup()  # a run started by torchrun has several processes; rank 0 writes
+        self.log = log if self.world.main else lambda text: None
         if resume and not (self.out / CHECKPOINT).exists():  # checked before the lock, which makes the folder
             raise PyrozooError(f"nothing to resume in {out}: it has no {CHECKPOINT}")
         # Everything a user's setting can break (the config, the data, the net options, the batch size) is
         # built before the lock, which makes the folder: a mistake leaves no folder behind.
         self._build(config.resolved(), resume)
         self.overrides: list[dict] = []  # the changes --override made to the run, as config.json records them
-        # One writer per run folder, held while this object lives (released at exit, or by close()).
-        self._lock = FolderLock(self.out).acquire()
+        # One writer per run folder, held while this object lives (released at exit, or by close()); in a
+        # data-parallel run rank 0 holds it, and the others stop too if it cannot.
+        self._lock = FolderLock(self.out)
+        self.world.agree(self._lock.acquire)
         try:
             _open_run_folder(self.out, resume)
             if resume:
                 self._load_checkpoint()
+                self.world.sync_rng()
             else:
                 self._write_config()
         except BaseException:
@@ -307,14 +339,16 @@ class Run:
                 log(warning)
             self.config = config = dataclasses.replace(config, data=raw.name)
         else:
-            raw = datasets.load(config.data, config.data_dir)
-        self.data = datasets.prepare(raw, pad_to=NETS[config.net].pad_to, device=config.device)
+            raw = datasets.load(config.data, config.data_dir, target=config.target, task=config.task)
+        device = self.world.device(config.device)  # with several GPU processes, one GPU each
+        self.data = datasets.prepare(raw, pad_to=NETS[config.net].pad_to, device=device)  # moved there once
         d = self.data
         if not resume and config.batch_size > len(d.x_train):  # a resumed run keeps what it was started with
             raise PyrozooError(
                 f"--batch-size {config.batch_size} is larger than the training set of {config.data} "
                 f"({len(d.x_train)} images): use at most {len(d.x_train)}"
             )
+        self.world.check_batch(config.batch_size)
         self.method = METHODS[config.method]
         self.reduction = config.reduction()
         net_options = {**self.method.net_options, **config.net_options}
@@ -326,9 +360,12 @@ class Run:
             **net_options,
         )
         self.model = BayesianModel(
-            net.to(config.device),
+            net.to(device),
             prior=config.bound_prior(),
             example_input=d.x_train[:2],
+            likelihood=(
+                Gaussian(config.noise, config.noise_precision) if d.task == "regress" else Categorical()
+            ),
             **model_options(net_options)[1],  # deterministic / random selectors
         )
         self.guide = make_guide(
@@ -337,10 +374,27 @@ class Run:
             *self._batch(torch.arange(min(2, len(d.x_train)))),
             options=config.guide_options,
         )
-        self.guide.to(config.device)
-        # deterministic parameters (BatchNorm's affine) are point estimates trained beside the guide
-        trained = [*self.guide.parameters(), *self.model.deterministic_parameters()]
-        self.optimizer = OPTIMIZERS[config.optimizer](trained, lr=config.lr)
+        self.guide.to(device)
+        self.model.to(device)
+        if config.init_from is not None and not resume:  # a resumed run's checkpoint holds where it started
+            from pyrozoo.init_from import load_state, start_from_weights
+
+            start_from_weights(
+                self.model,
+                self.guide,
+                load_state(config.init_from),
+                init_scale=STEPS[self.method.step].init_scale,
+                what=f"--init-from {config.init_from}",
+            )
+        self.training_step = STEPS[self.method.step]  # SVI, or IVON: the method says how it trains
+        if self.world.parallel and self.method.step != "svi":
+            raise PyrozooError(
+                f"{config.method} trains by {self.method.step}, which runs in one process only: "
+                "start it without torchrun"
+            )
+        self.optimizer = self.training_step.optimizer(
+            self.model, self.guide, config.lr, config.optimizer, len(d.x_train)
+        )
         self.batches = Minibatches(len(d.x_train), config.batch_size, config.seed)
         self.epoch, self.step, self.seconds = 0, 0, 0.0
         self.history: list[dict] = []
@@ -371,6 +425,7 @@ class Run:
                 raise PyrozooError(
                     f"--override {key} needs the new value: give --{key.replace('_', '-')} too"
                 )
+        distributed.setup()  # before the lock: in a data-parallel run only rank 0 takes it
         path = Path(out) / CONFIG
         if not path.exists():
             raise PyrozooError(f"{out} holds no run: it has no {CONFIG}")
@@ -525,6 +580,8 @@ class Run:
         devices = [d.x_test.device] if d.x_test.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed * 100_003 + self.epoch)
+            if d.task == "regress":
+                return self._evaluate_regression()
             metrics = evaluate(
                 self.model,
                 self.guide,
@@ -533,9 +590,21 @@ class Run:
                 d.num_classes,
                 self.config.samples,
                 self.config.eval_batch_size,
+                world=self.world,
             )
             faults.reached("eval")
             return metrics
+
+    def _evaluate_regression(self) -> dict[str, float]:
+        """RMSE, NLL, LPD and interval coverage in the targets' original units (see metrics.regression_metrics)."""
+        from pyrozoo.metrics import regression_metrics
+        from pyrozoo.predict import regression_draws
+
+        d, c = self.data, self.config
+        locs, noise_var = regression_draws(self.model, self.guide, d.x_test, c.samples, c.eval_batch_size)
+        metrics = regression_metrics(locs, noise_var, d.y_test, d.y_mean, d.y_std)
+        faults.reached("eval")
+        return metrics
 
     def train(self, progress: bool = True) -> pd.DataFrame:
         """Train the remaining epochs, committing each (metrics, then the checkpoint that holds them); returns
@@ -558,7 +627,7 @@ class Run:
             initial=self.epoch * c.steps_per_epoch,
             unit="step",
             desc=f"{c.net} {c.method}",
-            disable=not progress,
+            disable=not progress or not self.world.main,
             dynamic_ncols=True,
             mininterval=0.5,
         )
@@ -570,7 +639,7 @@ class Run:
                 # after the pass, or not at all if the evaluation schedule skips it.
                 row = self.history[-1]
                 if self._bmr_pass(row):
-                    for key in ("accuracy", "nll", "ece", "ece15", "brier", "lpd", "eval_seconds"):
+                    for key in (*_EVALUATED, "eval_seconds"):
                         row.pop(key, None)
                     if self.epoch % c.eval_every == 0:
                         start = time.perf_counter()
@@ -579,7 +648,12 @@ class Run:
             while self.epoch < c.epochs:
                 start, losses = time.perf_counter(), []
                 for _ in range(c.steps_per_epoch):
-                    loss = svi_step(self.model, self.guide, self.optimizer, *self._batch(self.batches.next()))
+                    part, weight = self.world.split(self.batches.next())  # this process's part of the batch
+                    share = self.world.sharer(weight)  # None in one process
+                    shared = {} if share is None else {"share": share}
+                    loss = self.training_step.step(
+                        self.model, self.guide, self.optimizer, *self._batch(part), **shared
+                    )
                     if not math.isfinite(loss):
                         raise TrainingDiverged(self._diverged(loss))
                     losses.append(loss)
@@ -588,6 +662,7 @@ class Run:
                     if self.step % 50 == 0:
                         bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
                 self.seconds += time.perf_counter() - start
+                self.world.sync_rng()  # keep the ranks' random streams one (what rank 0 checkpoints)
                 self._check_posterior_is_finite()
                 self.epoch += 1
                 row = {
@@ -604,7 +679,8 @@ class Run:
                     start = time.perf_counter()
                     row.update(self.evaluate())
                     row["eval_seconds"] = round(time.perf_counter() - start, 3)
-                    bar.set_postfix(loss=f"{losses[-1]:.4g}", acc=f"{row['accuracy']:.4f}")
+                    shown = "accuracy" if "accuracy" in row else "rmse"
+                    bar.set_postfix(loss=f"{losses[-1]:.4g}", **{shown[:4]: f"{row[shown]:.4f}"})
                 self.history.append(row)
                 if self.epoch == c.epochs:
                     self._write_scales()
@@ -617,7 +693,7 @@ class Run:
     def _write_scales(self) -> None:
         """The per-layer posterior scales (shrinkage, for a hierarchical prior), from a random stream of their
         own, so that the checkpoint's random state is what a longer run would continue from."""
-        if self.guide.point_mass:
+        if self.guide.point_mass or not self.world.main:
             return
         devices = [self.data.x_test.device] if self.data.x_test.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
@@ -657,6 +733,7 @@ class Run:
         if not (self.reduction and 0 < self.epoch < c.epochs and self.step >= c.warmup_steps):
             return False
         report = self.reduction(self.model, self.guide)
+        self.world.broadcast(self.model, self.guide)  # rank 0's masks and posterior, on every rank
         faults.reached("bmr")
         for layer in report.layers:
             if layer.note:

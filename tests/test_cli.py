@@ -89,6 +89,9 @@ def test_bad_arguments(capsys, tmp_path, args, words):
         (["--seed", "-1"], ["seed"]),
         (["--seed", str(2**32)], ["seed"]),
         (["--device", "gpu0"], ["device", "gpu0"]),
+        (["--init-from", "/nonexistent/net.pt"], ["--init-from", "no such file"]),
+        (["--method", "ivon-bmr", "--prior", "flat"], ["ivon", "fixed prior"]),
+        (["--method", "bmr-th", "--guide", "ivon"], ["ivon"]),
     ],
 )
 def test_bad_values_found_after_parsing(capsys, tmp_path, args, words):

@@ -527,5 +527,8 @@ def test_prepare_rejects_too_small_pad():
 
 
 def test_datasets_table():
-    assert list(data.DATASETS) == ["fashion-mnist", "fashion-mnist-mini", "mnist", "cifar10", "cifar100"]
+    assert list(data.DATASETS) == [
+        "fashion-mnist", "fashion-mnist-mini", "mnist", "cifar10", "cifar100", "toy1d", "diabetes"
+    ]  # fmt: skip
+    assert [name for name, info in data.DATASETS.items() if info.task == "regress"] == ["toy1d", "diabetes"]
     assert data.DATASETS["cifar100"].num_classes == 100 and data.DATASETS["cifar10"].channels == 3

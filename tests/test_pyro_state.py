@@ -15,8 +15,22 @@ from torch.distributions import constraints
 
 from pyrozoo.guides import GUIDES, make_guide
 from pyrozoo.elbo import negative_elbo
+from pyrozoo.models import BayesianModel
+from pyrozoo.models.priors import flat, gaussian
+from pyrozoo.nets import create_net
 
 KINDS = list(GUIDES)
+
+
+def _model_for(kind):
+    """conftest's tiny MLP, with the fixed gaussian prior for a guide that needs one (IVON: its weight decay)."""
+    prior = gaussian if GUIDES[kind].fixed_prior else flat
+    return BayesianModel(create_net("mlp", in_channels=1, image_size=4, num_classes=3, hidden=(5, 4)), prior)
+
+
+@pytest.fixture
+def tiny_mlp_model(kind):
+    return _model_for(kind)
 
 
 def _train(model, guide, batch) -> None:
@@ -79,12 +93,13 @@ def _user_model(y):
         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
 
-def test_a_users_pyro_module_trains_with_the_global_param_store_after_our_guides(tiny_mlp_model, tiny_batch):
+def test_a_users_pyro_module_trains_with_the_global_param_store_after_our_guides(tiny_batch):
     """With module-local params switched on for the whole process (as pyrozoo once did on import), Pyro's SVI
     fails here with "'Parameter' object has no attribute 'unconstrained'" (TyXe's failure)."""
     for kind in KINDS:  # our guides first, in the same process
-        guide = make_guide(kind, tiny_mlp_model, *tiny_batch, 60)
-        _train(tiny_mlp_model, guide, tiny_batch)
+        model = _model_for(kind)
+        guide = make_guide(kind, model, *tiny_batch, 60)
+        _train(model, guide, tiny_batch)
         guide.median()
     pyro.clear_param_store()
     y = torch.tensor([1.0, 2.0, 1.5, 2.5])

@@ -23,9 +23,11 @@ from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.optim import OPTIMIZERS
 from pyrozoo.options import bind_options
+from pyrozoo.models.likelihoods import LIKELIHOODS
+from pyrozoo.shift import SHIFTS
 from pyrozoo.registry import Registry, describe, option_defaults, option_names
 
-REGISTRIES = [REDUCTIONS, PRIORS, METHODS, NETS, GUIDES, OPTIMIZERS, BASELINES, DATASETS]
+REGISTRIES = [REDUCTIONS, PRIORS, METHODS, NETS, GUIDES, OPTIMIZERS, BASELINES, DATASETS, LIKELIHOODS, SHIFTS]
 
 
 @pytest.mark.parametrize("registry", REGISTRIES, ids=lambda r: r.kind)

@@ -162,8 +162,8 @@ class WeightReduction(Reduction):
             decision, was_live = decisions[layer.name], live[layer.name]
             keep = decision.keep & was_live  # pruned entries stay pruned whatever a decision says
             model.set_mask(layer.name, keep)
-            if self.resets_pruned:
-                posterior.reset_to_prior(layer.site, ~keep)
+            if self.resets_pruned:  # and a correlated posterior's survivors move to the reduced mean
+                posterior.reduce(layer.site, ~keep)
             reports.append(
                 LayerReport(
                     layer.name,

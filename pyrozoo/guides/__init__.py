@@ -8,6 +8,7 @@ from pyro import poutine
 
 from pyrozoo.guides.auto import AutoDeltaGuide, AutoNormalGuide
 from pyrozoo.guides.base import Posterior
+from pyrozoo.guides.ivon import IVONPosterior
 from pyrozoo.guides.meanfield import MeanFieldNormal
 from pyrozoo.options import bind_options
 from pyrozoo.registry import Registry
@@ -16,6 +17,7 @@ GUIDES = Registry("guide")
 GUIDES.register("meanfield", MeanFieldNormal)
 GUIDES.register("autonormal", AutoNormalGuide)
 GUIDES.register("autodelta", AutoDeltaGuide)
+GUIDES.register("ivon", IVONPosterior)
 
 
 def make_guide(kind: str, model, *init_args, options: dict | None = None, **init_kwargs) -> Posterior:
@@ -33,4 +35,12 @@ def make_guide(kind: str, model, *init_args, options: dict | None = None, **init
     return guide
 
 
-__all__ = ["AutoDeltaGuide", "AutoNormalGuide", "GUIDES", "MeanFieldNormal", "Posterior", "make_guide"]
+__all__ = [
+    "AutoDeltaGuide",
+    "AutoNormalGuide",
+    "GUIDES",
+    "IVONPosterior",
+    "MeanFieldNormal",
+    "Posterior",
+    "make_guide",
+]

@@ -33,13 +33,18 @@ class Posterior:
     - ``write_posterior(site, loc, scale, where=None)`` sets a site's posterior, in unconstrained space.
     - ``reset_to_prior(site, where)`` sets entries ``where`` of a real-valued weight latent, whose prior is
       N(0, 1), to that prior: loc 0, scale 1 (a point mass: the prior's mode 0).
+    - ``reduce(site, pruned)`` writes the reduced posterior after the entries ``pruned`` are removed: the
+      prior for them, and for a correlated posterior the reduced mean of the others.
     - ``point_mass`` (class attribute) is True when the posterior has no spread, so BMR, which needs spread,
-      can refuse it up front.
+      can refuse it up front; ``fixed_prior`` is True when it covers only weight latents, for a prior without
+      hyperparameters (IVON's).
 
     A subclass implements ``sites``, ``site_support``, ``site_posterior`` and ``_write``.
     """
 
     point_mass: ClassVar[bool] = False
+    # True when the model's prior must be fixed, with no hyperparameter latents (IVON's prior is its weight decay)
+    fixed_prior: ClassVar[bool] = False
 
     # --- what a subclass implements ------------------------------------------------------------------------
 
@@ -105,6 +110,14 @@ class Posterior:
         if not self.point_mass and not bool((written > 0).all()):
             raise PyrozooError(f"{type(self).__name__} needs positive scales; {site} was given one <= 0")
         self._write(site, loc, scale, where)
+
+    @torch.no_grad()
+    def reduce(self, site: str, pruned: torch.Tensor) -> None:
+        """Write the reduced posterior of a point-mass reduction of the entries ``pruned`` (bool, shaped like the
+        latent) of the weight latent ``site``: the pruned entries get their prior (:meth:`reset_to_prior`). A
+        factorised posterior's surviving entries keep their posterior, which is then the reduced one; a
+        correlated posterior (a KFAC Laplace) moves them to the reduced mean as well."""
+        self.reset_to_prior(site, pruned)
 
     @torch.no_grad()
     def reset_to_prior(self, site: str, where: torch.Tensor) -> None:

@@ -31,6 +31,12 @@ class StandardNormal(dist.Normal):
         zero = torch.zeros((), device=device, dtype=dtype)
         super().__init__(zero.expand(shape), (zero + 1).expand(shape))
 
+    def expand(self, batch_shape, _instance=None):
+        # Pyro's vectorised plates (Predictive(parallel=True), vectorised particles) expand the prior; the
+        # constructor's signature differs from Normal's, so build the expanded instance through Normal's
+        new = self._get_checked_instance(StandardNormal, _instance)
+        return super().expand(batch_shape, _instance=new)
+
 
 @functools.lru_cache(maxsize=1024)
 def _standard_normal_latent(shape: torch.Size, device, dtype):
@@ -121,9 +127,9 @@ class BayesianModel(nn.Module):
         self.register_load_state_dict_post_hook(lambda module, _: module._find_pruned())
 
     def deterministic_parameters(self) -> list[nn.Parameter]:
-        """The point-estimate parameters (BatchNorm affine, modules selected deterministic), to train with
-        the guide's."""
-        return [p for name, p in self.net.named_parameters() if name not in self._random_params]
+        """The point-estimate parameters (BatchNorm affine, modules selected deterministic, a learned
+        likelihood noise), to train with the guide's: the model's parameters that take gradients."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def example_input(self):
         """A small batch to trace the net with: ``example_input`` or the first batch seen."""
@@ -166,14 +172,23 @@ class BayesianModel(nn.Module):
             self._pruned.add(layer_name)
 
     def sample_weights(self) -> dict[str, torch.Tensor]:
-        """Draw every layer's scale and latent (Pyro sample sites) and return ``{layer: weights}``."""
+        """Draw every latent (Pyro sample sites): each layer's scale and ``z``, then the likelihood's own (a
+        Gaussian's noise precision). Returns ``{layer: weights}``, plus ``{site: value}`` of the likelihood's
+        latents, which :meth:`forward` hands to the likelihood; every guide covers what this draws."""
         weights = {}
         for layer in self.layers:
             scale = self.prior(layer)
             z = pyro.sample(layer.site, _standard_normal_latent(layer.shape, layer.device, layer.dtype))
             if layer.name in self._pruned:
                 z = self.mask(layer.name) * z
+            if z.dim() > 2 and torch.is_tensor(scale) and 0 < scale.dim() < z.dim():
+                # draws stacked by a vectorised plate (Predictive(parallel=True)): Pyro gives a global scalar
+                # site the shape (draws, 1) but a latent matrix (draws, rows, cols); one scale per draw
+                batch = z.shape[:-2]
+                if scale.shape[: len(batch)] == batch and scale[0].numel() == 1:
+                    scale = scale.reshape(batch + (1, 1))
             weights[layer.name] = scale * z
+        weights.update(self.likelihood.sample_latents(self.mask(self._layers[0].name)))
         return weights
 
     def weights_from(self, latents: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -181,18 +196,31 @@ class BayesianModel(nn.Module):
         return poutine.condition(self.sample_weights, data=latents)()
 
     def logits(self, x, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The net's output (picked by ``output_key``) with its random parameters replaced by ``weights``."""
+        """The net's output (picked by ``output_key``) with its random parameters replaced by ``weights``.
+        Weights with leading batch dimensions (draws stacked by a vectorised plate, e.g.
+        ``Predictive(parallel=True)``) give one output per draw, stacked along those dimensions."""
         if self._example is None:
             self._example = _detached(x)
-        params = {}
-        for layer in self.layers:
-            params.update(layer.split(weights[layer.name]))
+        layers = self.layers
         args, kwargs = call_arguments(x)
-        return select_output(functional_call(self.net, params, args, kwargs), self.output_key)
+
+        def one(*ws):
+            params = {}
+            for layer, w in zip(layers, ws):
+                params.update(layer.split(w))
+            return select_output(functional_call(self.net, params, args, kwargs), self.output_key)
+
+        first = weights[layers[0].name]
+        batch = first.shape[: first.dim() - 2]
+        if not batch:
+            return one(*(weights[layer.name] for layer in layers))
+        flat = [weights[layer.name].expand(batch + layer.shape).reshape(-1, *layer.shape) for layer in layers]
+        out = torch.vmap(one, randomness="different")(*flat)
+        return out.reshape(batch + out.shape[1:])
 
     def forward(self, x, y: torch.Tensor | None = None, dataset_size: int | None = None):
-        logits = self.logits(x, self.sample_weights())
-        return self.likelihood(logits, y, dataset_size)
+        weights = self.sample_weights()
+        return self.likelihood(self.logits(x, weights), y, dataset_size, weights)
 
 
 def call_arguments(x) -> tuple[tuple, dict]:

@@ -1,26 +1,151 @@
-"""Likelihoods: the observation site of a model, inside a data plate scaled to the full dataset."""
+"""Likelihoods: the observation site of a model, inside a data plate scaled to the full dataset.
+
+A likelihood says which ``task`` it serves (``"classify"`` or ``"regress"``), may draw latents of its own
+(:meth:`sample_latents`, called by the model with the weights' latents, so every guide covers them), and maps the
+net's output to a predictive distribution per posterior draw (:meth:`predictive`), which evaluation and
+:mod:`pyrozoo.predict` read.
+"""
 
 from __future__ import annotations
+
+import math
 
 import pyro
 import pyro.distributions as dist
 import torch
+from torch import nn
+
+from pyrozoo.errors import PyrozooError
+from pyrozoo.registry import Registry
+
+LIKELIHOODS = Registry("likelihood")
 
 
-class Categorical:
-    """``y ~ Categorical(logits = f(x))`` for classification.
-
-    The data plate has the full dataset's size and the minibatch as its subsample, so Pyro scales the
-    minibatch log-likelihood by ``dataset_size / batch``: the ELBO stays an unbiased estimate of the full-data one.
+def _data_plate(batch: int, dataset_size: int | None, device):
+    """The data plate: the full dataset's size, the minibatch as its subsample, so Pyro scales the minibatch
+    log-likelihood by ``dataset_size / batch`` and the ELBO stays an unbiased estimate of the full-data one.
     """
+    return pyro.plate(
+        "data", size=dataset_size or batch, subsample=torch.arange(batch, device=device), dim=-1
+    )
 
-    def __call__(self, logits: torch.Tensor, y: torch.Tensor | None, dataset_size: int | None = None):
-        batch = logits.shape[0]
-        indices = torch.arange(batch, device=logits.device)
-        with pyro.plate("data", size=dataset_size or batch, subsample=indices):
+
+class Categorical(nn.Module):
+    """``y ~ Categorical(logits = f(x))`` for classification."""
+
+    task = "classify"
+
+    def sample_latents(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """No latents of its own."""
+        return {}
+
+    def forward(
+        self, logits: torch.Tensor, y: torch.Tensor | None, dataset_size: int | None = None, latents=None
+    ):
+        with _data_plate(logits.shape[-2], dataset_size, logits.device):
             return pyro.sample("y", dist.Categorical(logits=logits), obs=y)
 
     @staticmethod
     def log_probs(logits: torch.Tensor) -> torch.Tensor:
         """Per-class log-probabilities, as the metrics need them."""
         return torch.log_softmax(logits, dim=-1)
+
+    def predictive(self, output: torch.Tensor, latents: dict | None = None) -> torch.Tensor:
+        """One draw's predictive distribution: per-class log-probabilities ``[B, C]``."""
+        return self.log_probs(output)
+
+    def log_likelihood(
+        self, output: torch.Tensor, y: torch.Tensor, latents: dict | None = None
+    ) -> torch.Tensor:
+        """``log p(y | f(x))`` per example, outside Pyro (a training step that is not SVI's, e.g. IVON's)."""
+        return self.log_probs(output).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+NOISE = ("prior", "fixed", "learned")
+
+
+class Gaussian(nn.Module):
+    """``y ~ N(f(x), 1 / tau)`` for regression (PAPER.md §2), on standardised targets; ``f(x)`` is the net's one
+    output.
+
+    ``noise`` says what the noise precision ``tau`` is:
+
+    - ``"prior"`` (default, as the paper): a latent ``noise.precision`` with prior ``Gamma(shape, rate)``
+      (``Gamma(2, 2)``); every guide covers it (the mean-field guide with a log-normal, as the layer scales).
+    - ``"fixed"``: the constant ``precision``.
+    - ``"learned"``: a point estimate, a parameter of the model (``log_precision``, starting at ``log precision``)
+      that SVI fits by maximising the ELBO (type-II maximum likelihood), with no prior.
+    """
+
+    task = "regress"
+    site = "noise.precision"
+
+    def __init__(self, noise: str = "prior", precision: float = 1.0, shape: float = 2.0, rate: float = 2.0):
+        super().__init__()
+        if noise not in NOISE:
+            raise PyrozooError(f"unknown noise {noise!r}; choose from {', '.join(NOISE)}")
+        if not (precision > 0 and shape > 0 and rate > 0 and math.isfinite(precision)):
+            raise PyrozooError(
+                f"noise precision, shape and rate must be positive, got {precision}, {shape}, {rate}"
+            )
+        self.noise, self.shape, self.rate = noise, float(shape), float(rate)
+        # a buffer, so the constant follows the model's device and dtype and is saved with it
+        self.register_buffer("fixed_precision", torch.tensor(float(precision)))
+        if noise == "learned":
+            self.log_precision = nn.Parameter(torch.tensor(math.log(precision)))
+
+    def prior(self, like: torch.Tensor) -> dist.Gamma:
+        """The noise precision's prior, ``Gamma(shape, rate)``, on ``like``'s device and dtype."""
+        return dist.Gamma(like.new_tensor(self.shape), like.new_tensor(self.rate))
+
+    def sample_latents(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """With ``noise="prior"``, draw the noise precision (a Pyro sample site); else nothing."""
+        if self.noise != "prior":
+            return {}
+        return {self.site: pyro.sample(self.site, self.prior(like))}
+
+    def precision(self, latents: dict | None = None) -> torch.Tensor:
+        """The noise precision of one draw: the latent's value in ``latents``, the learned or the fixed one."""
+        if self.noise == "prior":
+            if latents is None or self.site not in latents:
+                raise PyrozooError(
+                    f"the Gaussian likelihood's noise is a latent: pass its value as {self.site!r}"
+                )
+            return latents[self.site]
+        if self.noise == "learned":
+            return self.log_precision.exp()
+        return self.fixed_precision
+
+    def forward(
+        self, output: torch.Tensor, y: torch.Tensor | None, dataset_size: int | None = None, latents=None
+    ):
+        mean = _mean(output)
+        precision = self.precision(latents)
+        if precision.dim():  # draws batched along leading dims (Predictive's parallel plate): one per draw
+            precision = precision.reshape(precision.shape + (1,) * (mean.dim() - precision.dim()))
+        with _data_plate(mean.shape[-1], dataset_size, mean.device):
+            return pyro.sample("y", dist.Normal(mean, precision.rsqrt()), obs=y)
+
+    def predictive(
+        self, output: torch.Tensor, latents: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draw's predictive distribution: mean ``[B]`` and noise variance (a scalar) of ``N(f(x), 1/tau)``."""
+        return _mean(output), self.precision(latents).reciprocal()
+
+    def log_likelihood(
+        self, output: torch.Tensor, y: torch.Tensor, latents: dict | None = None
+    ) -> torch.Tensor:
+        """``log p(y | f(x))`` per example, outside Pyro (a training step that is not SVI's, e.g. IVON's)."""
+        return dist.Normal(_mean(output), self.precision(latents).rsqrt()).log_prob(y)
+
+
+def _mean(output: torch.Tensor) -> torch.Tensor:
+    if output.shape[-1] != 1:
+        raise PyrozooError(
+            f"a Gaussian likelihood needs a net with 1 output, this one has {output.shape[-1]}"
+        )
+    return output[..., 0]
+
+
+LIKELIHOODS.register("categorical", Categorical)
+LIKELIHOODS.register("gaussian", Gaussian)

@@ -63,3 +63,16 @@ def tiered(layer: Layer, tau0: float = 1e-2, local: bool = False):
         v_k, u_k = pairs("weights", *layer.shape).unbind(-1)
         psi, u = psi * v_k, u * u_k
     return (psi / (u + slab * psi)).sqrt()
+
+
+@PRIORS.register("gaussian")
+def gaussian(layer: Layer, hidden_scale: float = 0.1, output_scale: float = 1.0):
+    """A fixed Gaussian prior, no hyperparameters: ``w ~ N(0, hidden_scale^2)`` in hidden layers and
+    ``N(0, output_scale^2)`` in the output layer (the flat prior with its layer precision fixed at 1).
+
+    This is the prior of weight decay: IVON's (pyrozoo.guides.ivon) weight decay of a layer is
+    ``1 / (ess * scale^2)``, so with this prior the model's evidence and IVON's objective are the same."""
+    for name, value in (("hidden_scale", hidden_scale), ("output_scale", output_scale)):
+        if not value > 0:
+            raise PyrozooError(f"gaussian prior: {name} must be positive, got {value}")
+    return layer.const(output_scale if layer.is_output else hidden_scale)

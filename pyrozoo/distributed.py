@@ -1,0 +1,243 @@
+"""Data-parallel training over ``torch.distributed``: one run, N processes started by ``torchrun``.
+
+``torchrun --nproc_per_node N -m pyrozoo train ...`` starts N processes (ranks). Each holds the whole data set on
+its device (moved there once), and a replica of the model, guide and optimiser. Every rank draws the same global
+minibatch indices (one generator, seeded alike) and takes its own contiguous part (:meth:`World.split`); every
+rank draws the same weights (one random stream, seeded alike and re-synchronised after every epoch,
+:meth:`World.sync_rng`). So the N-process step is the one-process step on the global minibatch:
+
+- rank ``r`` computes ``g_r``, the gradient of the ELBO estimate on its ``b_r`` points (its likelihood scaled by
+  ``dataset_size / b_r``, the KL whole). The weighted sum ``sum_r (b_r / B) g_r`` is exactly the gradient of the
+  one-process estimate on the ``B`` points of the global batch: the likelihood terms add up to ``dataset_size / B``
+  times the batch's sum, and the KL gradient, the same on every rank, has weights summing to 1. With equal parts
+  (``B`` a multiple of N) this is the plain average of the gradients.
+- :meth:`World.share_gradients` makes that sum with one ``all_reduce`` per step (the loss travels in the same
+  buffer), so every rank holds the same gradient and its optimiser takes the same step.
+
+Why not ``DistributedDataParallel``: DDP wraps the module whose ``forward`` produces the loss and averages its
+parameters' gradients with hooks during ``backward``. Here the trained parameters belong to the guide, and the
+loss is a Pyro trace of the guide replayed through the model (:func:`pyrozoo.elbo.negative_elbo`), whose callers
+(BMR, the posterior contract, ``state_dict``) use the guide itself, not a wrapper. DDP also averages with equal
+weights, which is exact only for equal parts. An explicit ``all_reduce`` after ``loss.backward()`` is what DDP
+does, without the overlap of communication with ``backward`` that its buckets give; for these nets one reduction
+of a flat buffer per step costs little next to the step.
+
+A BMR pass is computed on every rank (it uses no random numbers) and rank 0's result, the model's masks and the
+guide's posterior, is then broadcast (:meth:`World.broadcast`), so every rank holds the same masks even where
+floating-point reductions are not deterministic (some CUDA kernels). Evaluation splits each test batch across the
+ranks and gathers the log-probabilities (:meth:`World.sharded`), so every rank computes the same metrics from the
+whole test set. Only rank 0 writes files or takes folder locks (:func:`pyrozoo.io.stop_writing` on the others);
+a checkpoint holds rank 0's state, which is every rank's, so ``--resume`` works with any number of processes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from pyrozoo import io
+from pyrozoo.errors import PyrozooError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in a distributed run: ``rank`` of ``size`` processes, ``local_rank`` on its node.
+    ``World()`` is a run of one process, for which every method here does nothing."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Whether this is rank 0, the one that writes the run folder and prints."""
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.size > 1
+
+    def device(self, requested: str) -> str:
+        """The device of this process for a run asked to use ``requested``: with ``cuda`` and several
+        processes, the GPU of its local rank (one device per process)."""
+        if not self.parallel or not requested.startswith("cuda"):
+            return requested
+        if requested != "cuda":
+            raise PyrozooError(
+                f"--device {requested} names one GPU, but this run has {self.size} processes: give --device "
+                "cuda, and each process takes the GPU of its local rank"
+            )
+        if self.local_rank >= torch.cuda.device_count():
+            raise PyrozooError(
+                f"process {self.rank} has local rank {self.local_rank}, but this node has "
+                f"{torch.cuda.device_count()} GPUs: start at most that many processes per node"
+            )
+        torch.cuda.set_device(self.local_rank)
+        return f"cuda:{self.local_rank}"
+
+    def check_batch(self, batch_size: int) -> None:
+        if batch_size < self.size:
+            raise PyrozooError(
+                f"--batch-size {batch_size} (the global batch) is smaller than the {self.size} processes that "
+                "share it: use at least one point per process"
+            )
+
+    def split(self, indices: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This rank's contiguous part of the global minibatch ``indices``, and its weight ``b_r / B``."""
+        if not self.parallel:
+            return indices, 1.0
+        part = indices.tensor_split(self.size)[self.rank]
+        return part, len(part) / len(indices)
+
+    def sharer(self, weight: float) -> Callable | None:
+        """What :func:`pyrozoo.train.svi_step` calls after ``backward`` (None for one process)."""
+        if not self.parallel:
+            return None
+        return lambda loss, optimizer: self.share_gradients(loss, optimizer, weight)
+
+    def share_gradients(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, weight: float):
+        """Replace every rank's gradients of ``optimizer``'s parameters by their ``weight``-ed sum over the
+        ranks, in one ``all_reduce``; returns the loss summed the same way (what one process would report)."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        for p in params:
+            if p.grad is None:  # a parameter this step did not reach; another rank's may have
+                p.grad = torch.zeros_like(p)
+        by_kind: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
+        for tensors in by_kind.values():
+            flat = torch.cat([t.reshape(-1) for t in tensors]).mul_(weight)
+            dist.all_reduce(flat)
+            for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+                t.copy_(part.view_as(t))
+        total = loss.detach().reshape(1).double() * weight
+        dist.all_reduce(total)
+        return total.to(loss.dtype)[0]
+
+    def broadcast(self, *modules: torch.nn.Module) -> None:
+        """Make rank 0's parameters and buffers of ``modules`` every rank's (their load hooks run, so a model
+        knows which of its layers are pruned)."""
+        if not self.parallel:
+            return
+        for module in modules:
+            state = module.state_dict(keep_vars=False)
+            tensors = [t for t in state.values() if torch.is_tensor(t)]
+            by_kind: dict[tuple, list[torch.Tensor]] = {}
+            for t in tensors:
+                by_kind.setdefault((t.device, t.dtype), []).append(t)
+            for group in by_kind.values():
+                flat = torch.cat([t.reshape(-1) for t in group])
+                dist.broadcast(flat, src=0)
+                for t, part in zip(group, flat.split([t.numel() for t in group])):
+                    t.copy_(part.view_as(t))
+            module.load_state_dict(state)
+
+    def sync_rng(self) -> None:
+        """Make rank 0's random state (the CPU's, and its GPU's) every rank's."""
+        if not self.parallel:
+            return
+        state = torch.get_rng_state()
+        dist.broadcast(state, src=0)
+        torch.set_rng_state(state)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state = torch.cuda.get_rng_state()  # of this process's device
+            dist.broadcast(state, src=0)
+            torch.cuda.set_rng_state(state)
+
+    def sharded(
+        self, draw: Callable[[torch.Tensor], torch.Tensor], points_dim: int = 0
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``draw`` (a batch of inputs -> log-probabilities, the batch's points along ``points_dim`` of its
+        result: 0 for ``[B, C]``, 1 for several draws at once, ``[K, B, C]``) computed on this rank's part of each
+        batch and gathered from all ranks, in order: every rank gets the whole batch's result."""
+        if not self.parallel:
+            return draw
+
+        def gathered(x: torch.Tensor) -> torch.Tensor:
+            parts = x.tensor_split(self.size)
+            mine = draw(parts[self.rank])
+            shape = list(mine.shape)
+            shape[points_dim] = len(parts[0])  # the largest part
+            padded = mine.new_zeros(shape)
+            padded.narrow(points_dim, 0, len(parts[self.rank])).copy_(mine)
+            pieces = [torch.empty_like(padded) for _ in range(self.size)]
+            dist.all_gather(pieces, padded)
+            return torch.cat(
+                [p.narrow(points_dim, 0, len(part)) for p, part in zip(pieces, parts)], points_dim
+            )
+
+        return gathered
+
+    def agree(self, act: Callable):
+        """``act()`` on rank 0 alone, its user error raised on every rank (so that no rank waits for one that
+        stopped); returns what ``act`` returned on rank 0, None on the others."""
+        if not self.parallel:
+            return act()
+        result, message = None, [None]
+        if self.main:
+            try:
+                result = act()
+            except PyrozooError as e:
+                message = [str(e)]
+                dist.broadcast_object_list(message, src=0)
+                raise
+            dist.broadcast_object_list(message, src=0)
+        else:
+            dist.broadcast_object_list(message, src=0)
+            if message[0] is not None:
+                raise RankZeroStopped(message[0])
+        return result
+
+
+class RankZeroStopped(PyrozooError):
+    """Rank 0's user error, raised on the other ranks too; rank 0 prints it, they need not."""
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value not in (None, "") else default
+    except ValueError:
+        raise PyrozooError(f"${name} must be a whole number, got {value!r}") from None
+
+
+def current() -> World:
+    """This process's world: from the initialised process group, else a world of one."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", 0))
+    return World()
+
+
+def setup() -> World:
+    """Join the distributed run that ``torchrun`` (or Slurm's ``srun`` with the same variables) started this
+    process in, once: ``$WORLD_SIZE`` > 1 initialises the process group, gloo for CPU tensors and NCCL for
+    CUDA ones. Ranks other than 0 write nothing from then on. Without ``$WORLD_SIZE``, a world of one."""
+    if dist.is_available() and dist.is_initialized():
+        return current()
+    size = _env_int("WORLD_SIZE", 1)
+    if size <= 1:
+        return World()
+    if not dist.is_available():
+        raise PyrozooError("this torch was built without torch.distributed: it cannot run several processes")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise PyrozooError(
+                f"$WORLD_SIZE is {size} but ${name} is not set: start distributed runs with torchrun "
+                "(torchrun --nproc_per_node N -m pyrozoo train ...)"
+            )
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    world = current()
+    if not world.main:
+        io.stop_writing()
+    return world
+
+
+def finish() -> None:
+    """Leave the process group (at the end of a distributed run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

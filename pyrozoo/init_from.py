@@ -1,0 +1,169 @@
+"""Start a posterior from a trained network's weights, for any prior and any guide.
+
+A trained net's weights ``w`` become the posterior means of the non-centred latents ``z = w / scale``, where
+``scale`` is the layer's prior scale (``w = scale * mask * z``, pyrozoo.models.priors). The prior's
+hyperparameters (a flat prior's layer precision, a horseshoe's global and per-row pairs, ...) are first set to
+their most probable values given the trained weights (MAP in unconstrained space, a few hundred Adam steps on
+``ln p(w | h) + ln p(h)``), so that ``z`` is on the prior's own scale rather than on whatever the guide's random
+initialisation says; then ``z``'s locs are ``w`` divided by the scale at the posterior mean of the
+hyperparameters. That is what ``rebuild`` and the predictions at the posterior mean read, so the net's outputs
+there are the trained net's. Every scale starts at ``init_scale`` (small), so the first predictive samples stay
+close to the trained net.
+
+The MAP step works for any prior function, since it only evaluates the prior's log density (through Pyro's
+trace); no prior needs code of its own.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import torch
+from pyro import poutine
+from torch import nn
+from torch.distributions import biject_to
+
+from pyrozoo.errors import PyrozooError, reason
+
+
+def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The weights in ``path``: a ``state_dict`` of the net (``torch.save(net.state_dict(), path)``), a whole
+    saved ``nn.Module`` (``pyrozoo export``'s ``sparse_net.pt``), or a ``{"state_dict": ...}`` wrapper."""
+    path = Path(path)
+    if not path.is_file():
+        raise PyrozooError(f"--init-from {path}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated zip, a bad pickle, random bytes: torch raises many kinds
+        raise PyrozooError(f"--init-from {path}: not a torch file ({reason(e)})") from None
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise PyrozooError(
+            f"--init-from {path}: holds neither a state_dict of tensors nor an nn.Module "
+            f"(found {type(obj).__name__})"
+        )
+    return obj
+
+
+def trained_net(net: nn.Module, weights: dict[str, torch.Tensor] | nn.Module, what: str = "the weights"):
+    """A copy of ``net`` holding ``weights`` (a state_dict or a module of the same architecture); a state that
+    does not fit is one PyrozooError naming the first mismatch. Names may differ where the tensors are the same,
+    in the same order and of the same shapes (a net built with dropout, whose ``nn.Sequential`` indices shift).
+    """
+    state = weights.state_dict() if isinstance(weights, nn.Module) else weights
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    same_shapes = len(state) == len(own) and all(
+        tuple(a.shape) == tuple(b.shape) for a, b in zip(state.values(), own.values())
+    )
+    if (missing or unexpected) and same_shapes:
+        # the same tensors in the same order under other names: the net was built with parameter-free modules
+        # in between (flat-map's dropout shifts an nn.Sequential's indices), so it is the same architecture
+        state = dict(zip(own, state.values()))
+        missing = unexpected = []
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        raise PyrozooError(f"{what} do not fit the net {type(net).__name__}: {'; '.join(parts)}")
+    for key, value in own.items():
+        if tuple(state[key].shape) != tuple(value.shape):
+            raise PyrozooError(
+                f"{what} do not fit the net {type(net).__name__}: {key} has shape "
+                f"{tuple(state[key].shape)} there, {tuple(value.shape)} in the net (a net with units removed "
+                "cannot start a dense one; give the net options it was trained with)"
+            )
+    copied = copy.deepcopy(net)
+    copied.load_state_dict({k: v.to(own[k]) for k, v in state.items()})
+    return copied
+
+
+def _hyper_sites(model, guide) -> list[str]:
+    weight_sites = {layer.site for layer in model.layers}
+    return [site for site in guide.sites() if site not in weight_sites]
+
+
+def _layer_scale(model, layer, hyper: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The layer's prior scale (broadcastable to its latent) at the hyperparameter values ``hyper``."""
+    with poutine.block():
+        return torch.as_tensor(poutine.condition(model.prior, data=hyper)(layer))
+
+
+def fit_hyperparameters(model, guide, weights: dict[str, torch.Tensor], steps: int = 300, lr: float = 0.05):
+    """MAP of the prior's hyperparameters given the layers' weights ``{layer: w}``: ``{site: unconstrained}``.
+
+    Maximises ``sum_layers ln N(w; 0, scale(h)^2) + ln p(h)`` in unconstrained space (with the log-Jacobian of
+    the map onto each support, so that densities diverging at a boundary, as Gamma(1/2) does at 0, have a
+    finite maximum), starting from the guide's locs."""
+    sites = _hyper_sites(model, guide)
+    if not sites:
+        return {}
+    posterior = guide.posterior()
+    free = {s: posterior[s][0].clone().requires_grad_(True) for s in sites}
+    transforms = {s: biject_to(guide.site_support(s)) for s in sites}
+    optimizer = torch.optim.Adam(free.values(), lr=lr)
+
+    def objective():
+        values = {s: transforms[s](free[s]) for s in sites}
+        total = sum(transforms[s].log_abs_det_jacobian(free[s], values[s]).sum() for s in sites)
+        for layer in model.layers:
+            with poutine.block(), poutine.trace() as tape:
+                scale = torch.as_tensor(poutine.condition(model.prior, data=values)(layer))
+            trace = tape.trace
+            total = total + trace.log_prob_sum()
+            w = weights[layer.name]
+            scale = scale.expand_as(w)
+            total = total + torch.distributions.Normal(0.0, scale).log_prob(w).sum()
+        return -total
+
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = objective()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return {s: v.detach() for s, v in free.items()}
+
+
+@torch.no_grad()
+def start_from_weights(
+    model,
+    guide,
+    weights: dict[str, torch.Tensor] | nn.Module,
+    init_scale: float | None = 1e-3,
+    what="the weights",
+) -> None:
+    """Set ``guide``'s posterior so that its mean is the trained net ``weights`` (a state_dict or an
+    ``nn.Module`` of ``model.net``'s architecture), for any prior: hyperparameters at their MAP given the weights,
+    ``z``'s locs at ``w / scale``, every scale ``init_scale`` (0 for a point-mass guide; None: each entry keeps
+    the scale it has, e.g. IVON's from its initial Hessian). The model's masks are left as they are (all kept in
+    a new model)."""
+    net = trained_net(model.net, weights, what)
+    layers = model.layers
+    w = {layer.name: layer.join(net).to(model.mask(layer.name)) for layer in layers}
+    spread = 0.0 if guide.point_mass else init_scale
+    current = guide.posterior()
+
+    def scales(site, like):
+        return current[site][1].clone() if spread is None else torch.full_like(like, spread)
+
+    hyper = fit_hyperparameters(model, guide, w)
+    for site, loc in hyper.items():
+        guide.write_posterior(site, loc, scales(site, loc))
+    mean = guide.mean()
+    hyper_mean = {site: mean[site] for site in hyper}
+    for layer in layers:
+        scale = _layer_scale(model, layer, hyper_mean).expand(layer.shape)
+        z = w[layer.name] / scale
+        guide.write_posterior(layer.site, z, scales(layer.site, z))
+    # the net's own parameters (placeholders, but what a deterministic evaluation of model.net would read)
+    for name, value in net.state_dict().items():
+        model.net.state_dict()[name].copy_(value)

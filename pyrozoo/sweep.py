@@ -1,0 +1,272 @@
+"""The accuracy-sparsity curve: BMR from several posterior sources next to magnitude and channel pruning.
+
+From one trained run (a ``flat-map`` net's MAP weights, or a mean-field run's posterior mean), every method
+prunes the same network to each target sparsity, one shot (and optionally fine-tunes the survivors for a few
+Adam steps with the masks kept), and is evaluated at its point estimate on the test set (accuracy, NLL, ECE):
+
+- ``bmr-laplace-diag``: BMR's dF from a diagonal Laplace posterior, the largest dF pruned to the target
+  (:class:`~pyrozoo.bmr.TargetSparsity`, ranked over all prunable layers);
+- ``bmr-laplace-kfac``: the same from a KFAC Laplace posterior, with the reduced posterior mean written back, so
+  the survivors compensate; ``bmr-laplace-kfac-nowb`` keeps the survivors as trained (what write-back adds);
+  ``bmr-laplace-kfac-diagdf`` ranks by the diagonal Laplace's dF and writes back KFAC's reduced mean (the
+  diagonal GGN is exact on the diagonal, where KFAC's marginal variances are only approximate: measured to rank
+  better, see experiments/RESULTS.md);
+- ``bmr-run``: BMR from the run's own posterior, when it has one with spread (a mean-field run);
+- ``magnitude`` / ``magnitude-layer``: smallest |w| globally / in each layer (:mod:`pyrozoo.baselines`);
+- ``torch-pruning``: Torch-Pruning's ``MagnitudePruner`` with L1 channel importance, the same channel ratio in
+  every layer, the ratio found by bisection to remove the target fraction of the prunable parameters.
+
+Sparsity is PAPER.md §6's pruned fraction over the prunable layers (all weight layers but the output layer,
+biases included); channel pruning's is the fraction of those layers' parameters it removed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+from tqdm.auto import tqdm
+
+from pyrozoo.baselines import finetune, magnitude_prune
+from pyrozoo.bmr.rebuild import rebuild
+from pyrozoo.bmr.scores import delta_f
+from pyrozoo.bmr.sparsity import TargetSparsity
+from pyrozoo.errors import PyrozooError
+from pyrozoo.io import atomic_write
+from pyrozoo.metrics import evaluate_net
+
+METHODS = (
+    "bmr-laplace-diag",
+    "bmr-laplace-kfac",
+    "bmr-laplace-kfac-nowb",
+    "bmr-laplace-kfac-diagdf",
+    "bmr-run",
+    "magnitude",
+    "magnitude-layer",
+    "torch-pruning",
+)
+DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+TABLE, FIGURE = "sweep.csv", "sweep"
+
+
+def _bmr_net(
+    model, posterior, sparsity: float, write_back: bool = True, scores: dict | None = None
+) -> tuple[nn.Module, float]:
+    """The net after pruning ``model`` to ``sparsity`` by dF (on copies), at the reduced posterior mean, and its
+    pruned fraction of the prunable entries."""
+    model = copy.deepcopy(model)
+    saved = copy.deepcopy(posterior.state_dict())  # the posterior is restored after (guides do not deep-copy)
+    if not write_back:
+        posterior.reduce = lambda site, pruned: posterior.reset_to_prior(site, pruned)
+    try:
+        TargetSparsity(sparsity)(model, posterior, scores=scores)
+        net = rebuild(model, posterior, remove_dead=False)
+    finally:
+        if not write_back:
+            del posterior.reduce
+        posterior.load_state_dict(saved)
+    prunable = [layer for layer in model.layers if layer.prunable]
+    kept = sum(int(model.mask(layer.name).sum()) for layer in prunable)
+    return _masked(net, model), 1 - kept / sum(layer.shape.numel() for layer in prunable)
+
+
+def _masked(net: nn.Module, model) -> nn.Module:
+    """``net`` with the model's keep-masks as ``torch.nn.utils.prune`` masks, so fine-tuning keeps them."""
+    for layer in model.layers:
+        if not layer.prunable:
+            continue
+        mask = model.mask(layer.name).bool()
+        for name, value in layer.split(mask.to(torch.float32)).items():
+            path, _, attribute = name.rpartition(".")
+            torch_prune.custom_from_mask(
+                net.get_submodule(path), attribute, value.reshape_as(net.get_parameter(name))
+            )
+    return net
+
+
+def _prunable_params(net: nn.Module, layers) -> int:
+    """Parameters of the prunable layers (found by module name, whatever their size now)."""
+    total = 0
+    for layer in layers:
+        if layer.prunable:
+            module = net.get_submodule(layer.name)
+            total += sum(p.numel() for p in module.parameters(recurse=False))
+    return total
+
+
+def channel_prune(
+    net: nn.Module, layers, x_example: torch.Tensor, sparsity: float
+) -> tuple[nn.Module, float]:
+    """Torch-Pruning L1 channel pruning of ``net`` (a copy) to remove about ``sparsity`` of the prunable layers'
+    parameters; returns the pruned net and the fraction it removed. The output layer's outputs are kept."""
+    import torch_pruning as tp
+
+    dense = _prunable_params(net, layers)
+
+    def pruned(ratio: float) -> tuple[nn.Module, float]:
+        candidate = copy.deepcopy(net).eval()
+        head = candidate.get_submodule(next(layer.name for layer in layers if layer.is_output))
+        if ratio > 0:
+            pruner = tp.pruner.MagnitudePruner(
+                candidate,
+                x_example,
+                importance=tp.importance.MagnitudeImportance(p=1),
+                pruning_ratio=ratio,
+                ignored_layers=[head],
+            )
+            pruner.step()
+        return candidate, 1 - _prunable_params(candidate, layers) / dense
+
+    lo, hi = 0.0, 0.999
+    best = pruned(0.0)
+    for _ in range(10):
+        mid = 0.5 * (lo + hi)
+        candidate = pruned(mid)
+        if candidate[1] < sparsity:
+            lo = mid
+        else:
+            hi = mid
+        if abs(candidate[1] - sparsity) < abs(best[1] - sparsity):
+            best = candidate
+    return best
+
+
+def sweep(
+    run,
+    sparsities=DEFAULT_SPARSITIES,
+    methods=None,
+    finetune_steps: int = 0,
+    progress: bool = True,
+    log=print,
+    fit_size: int | None = None,
+) -> pd.DataFrame:
+    """The tidy table of the curve: one row per method, target sparsity and fine-tuning (0 or ``finetune_steps``):
+    achieved sparsity, accuracy, NLL, ECE (20 equal-mass bins), ECE (15 bins), Brier, and seconds to prune."""
+    from pyrozoo.guides.laplace import laplace_from_run
+
+    methods = list(methods or [m for m in METHODS if m != "bmr-run" or not run.guide.point_mass])
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise PyrozooError(f"unknown sweep method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if "bmr-run" in methods and run.guide.point_mass:
+        raise PyrozooError(
+            f"bmr-run needs a posterior with spread; {run.out} is a point-mass ({run.config.method}) run"
+        )
+    bad = [s for s in sparsities if not 0 <= s < 1]
+    if bad:
+        raise PyrozooError(f"a target sparsity lies in [0, 1), got {bad[0]}")
+    d = run.data
+    layers = run.model.layers
+    base = rebuild(run.model, run.guide, remove_dead=False)
+    dense = evaluate_net(base, d.x_test, d.y_test, d.num_classes)
+    rows = [{"method": "dense", "target": 0.0, "sparsity": 0.0, "finetune_steps": 0, "seconds": 0.0, **dense}]
+
+    posteriors = {}
+    for structure in ("diag", "kron"):
+        name = "bmr-laplace-" + ("diag" if structure == "diag" else "kfac")
+        if any(m.startswith(name) for m in methods) or (
+            structure == "diag" and "bmr-laplace-kfac-diagdf" in methods
+        ):
+            start = time.perf_counter()
+            posteriors[structure] = (
+                *laplace_from_run(run, structure, progress=progress, fit_size=fit_size),
+                time.perf_counter() - start,
+            )
+            log(
+                f"Laplace {structure}: fitted in {posteriors[structure][2]:.1f} s; prior precisions "
+                + ", ".join(
+                    f"{r['layer']} {r['prior_precision']:.3g}" for r in posteriors[structure][0].laplace
+                )
+            )
+
+    def one(method: str, target: float) -> tuple[nn.Module, float]:
+        if method == "bmr-laplace-diag":
+            model, posterior, _ = posteriors["diag"]
+            return _bmr_net(model, posterior, target)
+        elif method == "bmr-laplace-kfac-diagdf":
+            model, posterior, _ = posteriors["kron"]
+            return _bmr_net(model, posterior, target, scores=delta_f(*posteriors["diag"][:2]))
+        elif method in ("bmr-laplace-kfac", "bmr-laplace-kfac-nowb"):
+            model, posterior, _ = posteriors["kron"]
+            return _bmr_net(model, posterior, target, write_back=method == "bmr-laplace-kfac")
+        elif method == "bmr-run":
+            model = copy.deepcopy(run.model)
+            return _bmr_net(model, run.guide, target)
+        elif method in ("magnitude", "magnitude-layer"):
+            net = copy.deepcopy(base)
+            masks = magnitude_prune(net, layers, target, "global" if method == "magnitude" else "layer")
+            return net, 1 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+        return channel_prune(base, layers, d.x_train[:2], target)
+
+    cells = [(m, s) for s in sparsities for m in methods]
+    for method, target in tqdm(cells, desc="sweep", unit="cell", disable=not progress):
+        start = time.perf_counter()
+        net, achieved = one(method, target)
+        seconds = time.perf_counter() - start
+        rows.append(
+            _row(method, target, achieved, 0, seconds, evaluate_net(net, d.x_test, d.y_test, d.num_classes))
+        )
+        if finetune_steps:
+            c = run.config
+            finetune(net, d.x_train, d.y_train, finetune_steps, c.lr, c.batch_size, c.seed)
+            rows.append(
+                _row(
+                    method,
+                    target,
+                    achieved,
+                    finetune_steps,
+                    seconds,
+                    evaluate_net(net, d.x_test, d.y_test, d.num_classes),
+                )
+            )
+    table = pd.DataFrame(rows)
+    table.insert(0, "net", run.config.net)
+    table.insert(1, "data", run.config.data)
+    return table
+
+
+def _row(method, target, achieved, steps, seconds, metrics) -> dict:
+    return {
+        "method": method,
+        "target": target,
+        "sparsity": achieved,
+        "finetune_steps": steps,
+        "seconds": seconds,
+        **metrics,
+    }
+
+
+def write_sweep(table: pd.DataFrame, folder: str | os.PathLike) -> list[Path]:
+    """``folder/sweep.csv`` and the figure ``folder/sweep.{png,pdf}``, each written atomically."""
+    from pyrozoo.plots import plot_sweep
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / TABLE, lambda p: table.to_csv(p, index=False))
+    return [folder / TABLE, *plot_sweep(table, folder, FIGURE)]
+
+
+def below_dense(table: pd.DataFrame, points: float = 0.01) -> pd.DataFrame:
+    """Per method (and fine-tuning), the smallest target sparsity whose accuracy is ``points`` below the dense
+    net's, and the largest one still within it (NaN where none)."""
+    dense = float(table.loc[table.method == "dense", "accuracy"].iloc[0])
+    out = []
+    for (method, steps), rows in table[table.method != "dense"].groupby(["method", "finetune_steps"]):
+        rows = rows.sort_values("target")
+        below = rows[rows.accuracy < dense - points]
+        within = rows[rows.accuracy >= dense - points]
+        out.append(
+            {
+                "method": method,
+                "finetune_steps": steps,
+                "last_within_1pt": within.target.max() if len(within) else float("nan"),
+                "first_1pt_below": below.target.min() if len(below) else float("nan"),
+            }
+        )
+    return pd.DataFrame(out)

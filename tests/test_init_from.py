@@ -1,0 +1,116 @@
+"""Starting a posterior from trained weights (``--init-from``, pyrozoo.init_from): the net's outputs at the
+posterior mean are the trained net's, for the flat and tiered priors and every guide; the first evaluation is the
+trained net's accuracy; files that do not fit are one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pyrozoo.bmr.rebuild import rebuild
+from pyrozoo.errors import PyrozooError
+from pyrozoo.guides import GUIDES, make_guide
+from pyrozoo.init_from import fit_hyperparameters, start_from_weights
+from pyrozoo.metrics import evaluate_net
+from pyrozoo.models import BayesianModel
+from pyrozoo.models.priors import flat, tiered
+from pyrozoo.nets import create_net
+from pyrozoo.train import Run, TrainConfig
+
+
+def _trained_mlp(seed: int = 3):
+    """An MLP whose weights look trained: far from any guide's initialisation, different scales per layer."""
+    torch.manual_seed(seed)
+    net = create_net("mlp", in_channels=1, image_size=4, num_classes=3, hidden=(5, 4))
+    with torch.no_grad():
+        for i, p in enumerate(net.parameters()):
+            p.copy_(torch.randn(p.shape) * (0.3 + i))
+    return net
+
+
+@pytest.mark.parametrize("prior", [flat, tiered], ids=["flat", "tiered"])
+@pytest.mark.parametrize("kind", [k for k in GUIDES if not GUIDES[k].fixed_prior])
+def test_outputs_at_the_posterior_mean_are_the_trained_nets(prior, kind):
+    trained = _trained_mlp()
+    model = BayesianModel(create_net("mlp", in_channels=1, image_size=4, num_classes=3, hidden=(5, 4)), prior)
+    guide = make_guide(kind, model)
+    x = torch.randn(7, 1, 4, 4)
+    assert not torch.allclose(rebuild(model, guide, remove_dead=False)(x), trained(x), atol=1e-2)  # can fail
+    start_from_weights(model, guide, trained)
+    torch.testing.assert_close(rebuild(model, guide, remove_dead=False)(x), trained(x), rtol=1e-5, atol=1e-5)
+    for site, (_, scale) in guide.posterior().items():  # scales start small
+        assert bool((scale <= 1.001e-3).all()), site
+
+
+def test_hyperparameters_fit_the_weights_scale():
+    """The flat prior's precision is fitted to the weights: the layer scale is near their RMS (the maximum of
+    N(w; 0, c^2) with a Gamma(2, 2) prior on c^-2 is close to it for many weights), not the guide's random draw.
+    """
+    model = BayesianModel(create_net("mlp", in_channels=1, image_size=16, num_classes=3, hidden=(200,)), flat)
+    guide = make_guide("meanfield", model)
+    weights = {layer.name: torch.randn(layer.shape) * 0.02 for layer in model.layers}
+    hyper = fit_hyperparameters(model, guide, weights, steps=600)
+    hidden = model.layers[0]
+    precision = hyper[f"{hidden.name}.precision"].exp()
+    scale = 0.1 * precision.rsqrt()
+    assert float(scale) == pytest.approx(0.02, rel=0.05)
+
+
+def test_first_evaluation_is_the_trained_nets_accuracy(tmp_path):
+    config = dict(
+        net="mlp",
+        data="fashion-mnist-mini",
+        epochs=1,
+        steps_per_epoch=2,
+        batch_size=64,
+        samples=20,
+        net_options={"hidden": (16, 16)},
+    )
+    source = Run(TrainConfig(method="flat-map", **config, lr=1e-2), tmp_path / "map", log=print)
+    source.train(progress=False)
+    net = rebuild(source.model, source.guide, remove_dead=False)
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    d = source.data
+    accuracy = evaluate_net(net, d.x_test, d.y_test, d.num_classes)["accuracy"]
+    for method in ("bmr-th", "tiered-ff"):
+        run = Run(TrainConfig(method=method, init_from=str(tmp_path / "net.pt"), **config), tmp_path / method)
+        assert run.evaluate()["accuracy"] == pytest.approx(accuracy, abs=0.01)
+        fresh = Run(TrainConfig(method=method, **config), tmp_path / f"{method}-fresh")
+        assert abs(fresh.evaluate()["accuracy"] - accuracy) > 0.05  # the test could fail
+    # flat-map's net has dropout layers, which shift nn.Sequential's names: the same tensors under other names
+    assert set(net.state_dict()) != set(run.model.net.state_dict())
+    whole = tmp_path / "whole.pt"
+    torch.save(net, whole)  # a net saved whole, as pyrozoo export's sparse_net.pt
+    run = Run(TrainConfig(method="flat-ff", init_from=str(whole), **config), tmp_path / "whole")
+    assert run.evaluate()["accuracy"] == pytest.approx(accuracy, abs=0.01)
+
+
+def test_files_that_do_not_fit_are_one_line_errors(tmp_path):
+    config = dict(
+        net="mlp",
+        data="fashion-mnist-mini",
+        epochs=1,
+        steps_per_epoch=1,
+        batch_size=8,
+        net_options={"hidden": (5,)},
+    )
+    other = create_net("mlp", in_channels=1, image_size=28, num_classes=10, hidden=(7,))
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    torch.save({"a": 1}, tmp_path / "dict.pt")
+    cases = {
+        "other.pt": "has shape",
+        "junk.pt": "not a torch file",
+        "dict.pt": "neither a state_dict",
+        "missing.pt": "no such file",
+    }
+    for name, message in cases.items():
+        with pytest.raises(PyrozooError, match=message) as e:
+            Run(TrainConfig(**config, init_from=str(tmp_path / name)), tmp_path / name.replace(".", "-"))
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / name.replace(".", "-")).exists()  # no folder left behind
+    state = create_net("mlp", in_channels=1, image_size=28, num_classes=10, hidden=(5,)).state_dict()
+    renamed = {f"x.{k}": v for k, v in list(state.items())[:-1]}  # other names, and one tensor short
+    torch.save(renamed, tmp_path / "renamed.pt")
+    with pytest.raises(PyrozooError, match="missing"):
+        Run(TrainConfig(**config, init_from=str(tmp_path / "renamed.pt")), tmp_path / "renamed")

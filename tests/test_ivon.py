@@ -1,0 +1,236 @@
+"""IVON as a posterior source (pyrozoo.guides.ivon): its dF is the exact evidence difference of a conjugate linear
+regression, whose posterior IVON's state holds (and IVON's own training reaches); pruned entries stay pruned in
+the net and in the optimiser's state; sampling is IVON's; a run resumes bit for bit; misuse is one-line errors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pyrozoo.bmr import Threshold
+from pyrozoo.bmr.rebuild import rebuild
+from pyrozoo.bmr.scores import delta_f
+from pyrozoo.errors import PyrozooError
+from pyrozoo.guides import make_guide
+from pyrozoo.guides.ivon import IVONPosterior
+from pyrozoo.models import BayesianModel
+from pyrozoo.models.priors import gaussian
+from pyrozoo.train import Run, TrainConfig
+
+N, D, NOISE_VAR, PRIOR_SCALE = 40, 6, 0.5, 0.7
+
+
+class _Regression(nn.Module):
+    """``y = x w`` with one hidden "layer" that BMR may prune (a linear map to 1 output, no bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(D, 1, bias=False)
+        self.head = nn.Linear(1, 1, bias=False)  # the output layer (never pruned), fixed at 1
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def _problem():
+    """An orthogonal design (``X'X`` diagonal), so the exact posterior is the diagonal one IVON holds."""
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(N, D, generator=generator, dtype=torch.float64))
+    x = q * torch.linspace(1.0, 6.0, D, dtype=torch.float64)  # columns of different strengths
+    w = torch.tensor([2.0, 0.0, -1.0, 0.05, 0.0, 0.8], dtype=torch.float64)
+    y = x @ w + math.sqrt(NOISE_VAR) * torch.randn(N, generator=generator, dtype=torch.float64)
+    return x, y
+
+
+def _log_evidence(x, y, columns) -> float:
+    """``ln N(y; 0, s2 I + sigma^2 X_c X_c')``: the exact marginal likelihood keeping ``columns``."""
+    xc = x[:, columns]
+    cov = NOISE_VAR * torch.eye(N, dtype=x.dtype) + PRIOR_SCALE**2 * xc @ xc.T
+    return float(torch.distributions.MultivariateNormal(torch.zeros(N, dtype=x.dtype), cov).log_prob(y))
+
+
+def _model():
+    net = _Regression().double()
+    prior = lambda layer: gaussian(layer, hidden_scale=PRIOR_SCALE)  # noqa: E731
+    return BayesianModel(net, prior=prior, output="head")
+
+
+def _exact_dF(x, y):
+    full = _log_evidence(x, y, list(range(D)))
+    return torch.tensor(
+        [_log_evidence(x, y, [k for k in range(D) if k != j]) - full for j in range(D)], dtype=torch.float64
+    )
+
+
+def test_dF_from_ivons_state_is_the_exact_evidence_difference():
+    """IVON's state at the exact posterior: mean, ``h`` = the Hessian of the mean loss, ``ess = N`` and weight
+    decay ``1 / (N sigma^2)`` (the prior). dF of removing each weight equals ln Z(without it) - ln Z(full)."""
+    x, y = _problem()
+    model = _model()
+    guide = IVONPosterior(model, ess=N)
+    guide.make_optimizer(lr=0.1, dataset_size=N)
+    curvature = (x * x).sum(0) / NOISE_VAR  # X'X / s2, diagonal
+    precision = curvature + 1 / PRIOR_SCALE**2
+    mean = (x.T @ y / NOISE_VAR) / precision
+    with torch.no_grad():
+        guide.weights["body"].copy_(mean[None, :])
+        guide.hess.body.copy_((curvature / N)[None, :])  # IVON's h: the Hessian of the *mean* loss
+        guide.weights["head"].fill_(1.0)
+    guide._push_state()
+    group = guide.optimizer.param_groups[0]
+    assert group["weight_decay"] == pytest.approx(1 / (N * PRIOR_SCALE**2))
+    ivon_precision = group["ess"] * (group["hess"] + group["weight_decay"])  # what IVON samples with
+    torch.testing.assert_close(ivon_precision, precision)
+    scores = delta_f(model, guide)["body"][0]
+    torch.testing.assert_close(scores, _exact_dF(x, y), rtol=1e-9, atol=1e-9)
+    assert (scores > 0).any() and (scores < 0).any()  # some weights worth removing, some not: it can fail
+
+
+def test_ivon_trained_on_the_regression_reaches_its_posterior_and_dF():
+    """IVON's own steps on the regression's mean loss: its mean and Hessian reach the exact posterior's, and dF
+    from its state approaches the exact evidence differences, with the same decision for every weight."""
+    torch.manual_seed(0)
+    x, y = _problem()
+    model = _model()
+    guide = IVONPosterior(model, ess=N, hess_init=0.1, beta2=0.999)
+    optimizer = guide.make_optimizer(lr=0.05, dataset_size=N)
+    for _ in range(2000):
+        with optimizer.sampled_params(train=True):
+            optimizer.zero_grad()
+            guide.weights["head"].data.fill_(1.0)  # fixed: only the body is learnt
+            loss = ((y - x @ guide.weights["body"][0]) ** 2).mean() / (2 * NOISE_VAR)
+            loss.backward()
+            guide.weights["head"].grad = torch.zeros_like(guide.weights["head"])
+        optimizer.step()
+    guide.pull_state()
+    curvature = (x * x).sum(0) / NOISE_VAR
+    precision = curvature + 1 / PRIOR_SCALE**2
+    mean = (x.T @ y / NOISE_VAR) / precision
+    error_in_sds = (guide.weights["body"][0].detach() - mean) * precision.sqrt()
+    assert float(error_in_sds.abs().max()) < 0.2
+    torch.testing.assert_close(guide.hess.body[0] * N, curvature, rtol=0.25, atol=0)
+    scores, exact = delta_f(model, guide)["body"][0], _exact_dF(x, y)
+    torch.testing.assert_close(scores, exact, rtol=0.2, atol=0.1)
+    assert torch.equal(scores > 0, exact > 0)
+
+
+def _tiny(**overrides) -> TrainConfig:
+    settings = dict(
+        net="mlp",
+        data="fashion-mnist-mini",
+        method="ivon-bmr",
+        epochs=3,
+        steps_per_epoch=8,
+        batch_size=64,
+        samples=3,
+        eval_batch_size=500,
+        warmup_steps=0,
+        net_options={"hidden": (24,)},
+    )
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def test_pruned_entries_stay_pruned_in_the_net_and_in_the_optimiser(tmp_path):
+    run = Run(_tiny(epochs=2), tmp_path / "run", log=print)
+    run.train(progress=False)  # one BMR pass after epoch 1
+    guide, optimizer = run.guide, run.optimizer
+    layer = run.model.layers[0]
+    pruned = ~run.model.mask(layer.name).bool()
+    assert pruned.any() and (~pruned).any()
+    group = optimizer.param_groups[0]
+    for _ in range(5):  # more steps: nothing comes back
+        run.training_step.step(run.model, guide, optimizer, *run._batch(run.batches.next()))
+    assert bool((guide.weights[layer.name.replace(".", "-")][pruned] == 0).all())
+    assert bool((guide.hess.get_buffer(layer.name.replace(".", "-"))[pruned] == 0).all())
+    assert bool((group["hess"].view(layer.shape)[pruned] == 0).all())
+    assert bool((group["momentum"].view(layer.shape)[pruned] == 0).all())
+    loc, scale = guide.posterior()[layer.site]
+    assert bool((loc[pruned] == 0).all()) and bool((scale[pruned] == 1).all())  # the prior, exactly
+
+
+def test_sampling_is_ivons_posterior(tmp_path):
+    run = Run(_tiny(epochs=1), tmp_path / "run", log=print)
+    run.train(progress=False)
+    guide, optimizer = run.guide, run.optimizer
+    for group, layer in zip(optimizer.param_groups, run.model.layers):
+        key = layer.name.replace(".", "-")
+        ivon_sd = (group["ess"] * (group["hess"] + group["weight_decay"])).rsqrt().view(layer.shape)
+        _, scale = guide.posterior()[layer.site]
+        prior_scale = float(getattr(guide, f"prior_scale_{key}").flatten()[0])
+        torch.testing.assert_close(scale * prior_scale, ivon_sd)
+    # a draw through the model (as evaluation makes them) has the spread of IVON's sampled_params
+    torch.manual_seed(1)
+    with torch.no_grad():
+        draws = torch.stack([run.model.weights_from(guide())[run.model.layers[0].name] for _ in range(400)])
+    group = optimizer.param_groups[0]
+    expected = (
+        (group["ess"] * (group["hess"] + group["weight_decay"])).rsqrt().view(run.model.layers[0].shape)
+    )
+    ratio = (draws.std(0) / expected).mean()
+    assert float(ratio) == pytest.approx(1.0, abs=0.05)
+
+
+def test_a_resumed_run_continues_bit_for_bit(tmp_path):
+    straight = Run(_tiny(), tmp_path / "straight", log=print)
+    straight.train(progress=False)
+    first = Run(_tiny(epochs=2), tmp_path / "split", log=print)
+    first.train(progress=False)
+    first.close()
+    resumed = Run.open(tmp_path / "split", log=print, epochs=3)
+    resumed.train(progress=False)
+    assert resumed.optimizer.current_step == straight.optimizer.current_step == 24
+    for a, b in zip(straight.guide.state_dict().values(), resumed.guide.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.optimizer.param_groups, resumed.optimizer.param_groups):
+        assert torch.equal(a["hess"], b["hess"]) and torch.equal(a["momentum"], b["momentum"])
+    cols = ["elbo", "accuracy", "pruned_fraction"]
+    assert straight.metrics()[cols].equals(resumed.metrics()[cols])
+
+
+def test_init_from_starts_ivon_at_the_weights(tmp_path):
+    source = Run(_tiny(method="flat-map", epochs=1), tmp_path / "map", log=print)
+    source.train(progress=False)
+    net = rebuild(source.model, source.guide, remove_dead=False)
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    run = Run(_tiny(init_from=str(tmp_path / "net.pt")), tmp_path / "ivon", log=print)
+    x = run.data.x_test[:50]
+    torch.testing.assert_close(rebuild(run.model, run.guide, remove_dead=False)(x), net(x))
+    key = run.model.layers[0].name.replace(".", "-")
+    assert float(run.guide.hess.get_buffer(key)[0, 0]) == pytest.approx(0.1, rel=1e-3)  # IVON's own hess_init
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(method="bmr-th", guide="ivon"), "trained only by ivon"),
+        (dict(guide="meanfield"), "needs the guide 'ivon'"),
+        (dict(optimizer="adam"), "needs the optimizer 'ivon'"),
+        (dict(method="flat-ff", optimizer="ivon"), "trained only by ivon"),
+    ],
+)
+def test_misuse_is_a_one_line_error(changes, message, tmp_path):
+    with pytest.raises(PyrozooError, match=message):
+        _tiny(**changes).resolved()
+
+
+def test_ivon_needs_a_fixed_prior(tiny_mlp_model):
+    with pytest.raises(PyrozooError, match="fixed prior"):
+        make_guide("ivon", tiny_mlp_model)
+    with pytest.raises(PyrozooError, match="fixed prior"):
+        Run(_tiny(prior="flat"), "/nonexistent/never-made", log=print)
+
+
+def test_threshold_pass_on_ivon_prunes_by_dF(tmp_path):
+    run = Run(_tiny(epochs=1), tmp_path / "run", log=print)
+    run.train(progress=False)
+    scores = delta_f(run.model, run.guide)
+    report = Threshold()(run.model, run.guide)
+    for layer in run.model.layers:
+        if layer.prunable:
+            assert torch.equal(run.model.mask(layer.name).bool(), scores[layer.name] <= 0)
+    assert 0 < report.pruned_fraction < 1

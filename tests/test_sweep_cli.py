@@ -1,0 +1,79 @@
+"""The after-training commands: ``pyrozoo prune --posterior laplace-*`` and ``pyrozoo sweep`` on a tiny MAP run."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from clitools import assert_one_line_error, cli
+
+TINY = [
+    "--net",
+    "mlp",
+    "--net-option",
+    "hidden=(16,16)",
+    "--data",
+    "fashion-mnist-mini",
+    "--steps-per-epoch",
+    "20",
+    "--no-progress",
+    "--method",
+    "flat-map",
+    "--epochs",
+    "1",
+    "--out",
+    "map",
+]
+
+
+@pytest.fixture
+def map_run(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, "train", *TINY)
+    assert code == 0, err
+    return tmp_path / "map"
+
+
+@pytest.mark.parametrize("posterior", ["laplace-diag", "laplace-kfac"])
+def test_prune_a_map_run_from_a_laplace_posterior_to_a_sparsity(capsys, map_run, posterior):
+    code, out, err = cli(
+        capsys, "prune", "map", "--posterior", posterior, "--sparsity", "0.6", "--fit-size", "500"
+    )
+    assert code == 0, err
+    assert "pruned fraction 0.6000" in out
+    state = torch.load(map_run / f"pruned-{posterior}.pt", weights_only=False)
+    masks = state["masks"]
+    assert {"net_state_dict", "laplace", "metrics"} <= set(state)
+    hidden = [m for name, m in masks.items() if name != "head"]
+    assert abs(sum(int((~m).sum()) for m in hidden) / sum(m.numel() for m in hidden) - 0.6) < 1e-3
+
+
+def test_sweep_writes_the_curve_and_the_figure(capsys, map_run):
+    code, out, err = cli(
+        capsys,
+        "sweep",
+        "map",
+        "--sparsities",
+        "0.5",
+        "0.9",
+        "--fit-size",
+        "300",
+        "--no-progress",
+        "--methods",
+        "bmr-laplace-kfac",
+        "magnitude",
+        "torch-pruning",
+    )
+    assert code == 0, err
+    table = pd.read_csv(map_run / "sweep" / "sweep.csv")
+    assert set(table.method) == {"dense", "bmr-laplace-kfac", "magnitude", "torch-pruning"}
+    rows = table[table.method.isin(["bmr-laplace-kfac", "magnitude"])]
+    assert ((rows.sparsity - rows.target).abs() < 1e-3).all()
+    channel = table[table.method == "torch-pruning"]
+    assert ((channel.sparsity - channel.target).abs() < 0.1).all()
+    assert (map_run / "sweep" / "sweep.png").exists() and "1 point below" in out
+
+
+def test_sweep_refuses_bmr_from_a_point_mass_and_bad_sparsities(capsys, map_run):
+    assert_one_line_error(*cli(capsys, "sweep", "map", "--methods", "bmr-run"), "spread")
+    assert_one_line_error(*cli(capsys, "sweep", "map", "--sparsities", "1.5"), "1.5")
