@@ -55,6 +55,10 @@ REGISTRIES = {"guides": GUIDES, "optimizers": OPTIMIZERS, "priors": PRIORS, "red
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # a misspelt flag that happens to be a prefix (--epoch for --epochs) is an error, never a guess
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
     def error(self, message):  # one line and exit code 2, as for every other user error
         raise PyrozooError(f"{self.prog}: {message}")
 

@@ -73,11 +73,11 @@ def trained_net(net: nn.Module, weights: dict[str, torch.Tensor] | nn.Module, wh
             parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
         if unexpected:
             parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
-        raise PyrozooError(f"{what} do not fit the net {type(net).__name__}: {'; '.join(parts)}")
+        raise PyrozooError(f"{what} does not fit the net {type(net).__name__}: {'; '.join(parts)}")
     for key, value in own.items():
         if tuple(state[key].shape) != tuple(value.shape):
             raise PyrozooError(
-                f"{what} do not fit the net {type(net).__name__}: {key} has shape "
+                f"{what} does not fit the net {type(net).__name__}: {key} has shape "
                 f"{tuple(state[key].shape)} there, {tuple(value.shape)} in the net (a net with units removed "
                 "cannot start a dense one; give the net options it was trained with)"
             )

@@ -285,10 +285,16 @@ def plot_grid(folder: str | os.PathLike, results: pd.DataFrame | None = None, lo
 @torch.no_grad()
 def plot_regression_bands(run, path_stem: str | os.PathLike, samples: int = 200, title: str | None = None):
     """A 1-D regression run's predictive mean and its 50% and 95% bands (and the epistemic part alone) over the
-    inputs' range and beyond, against the training data (and, for toy1d, the true function and noise)."""
+    inputs' range and beyond, against the training data (and, for toy1d, the true function and noise). ``run``
+    is a :class:`pyrozoo.train.Run` or a run folder."""
     from pyrozoo import data as datasets
     from pyrozoo.predict import predict
 
+    if isinstance(run, (str, os.PathLike)):
+        from pyrozoo.train import Run
+
+        with Run.open(run, log=lambda _: None) as opened:
+            return plot_regression_bands(opened, path_stem, samples, title)
     d = run.data
     if d.task != "regress" or d.x_train.shape[1] != 1:
         raise PyrozooError("the band figure is for regression on one input feature")

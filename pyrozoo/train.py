@@ -40,6 +40,7 @@ from pyrozoo.metrics import evaluate_draws
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.likelihoods import Categorical, Gaussian
 from pyrozoo.nets import NETS, create_net, model_options
+from pyrozoo.nets import net_options as net_options_of
 from pyrozoo.steps import STEPS
 
 CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
@@ -351,7 +352,13 @@ class Run:
         self.world.check_batch(config.batch_size)
         self.method = METHODS[config.method]
         self.reduction = config.reduction()
-        net_options = {**self.method.net_options, **config.net_options}
+        # a method's default net options (flat-map's dropout) reach the nets that take them; a user's reach any
+        taken = set(net_options_of(config.net))
+        skipped = sorted(set(self.method.net_options) - taken - set(config.net_options))
+        if skipped:
+            log(f"{config.net} takes no {', '.join(skipped)}: {config.method} runs without it")
+        own = {k: v for k, v in self.method.net_options.items() if k in taken}
+        net_options = {**own, **config.net_options}
         net = create_net(
             config.net,
             in_channels=d.x_train.shape[1],

@@ -357,3 +357,26 @@ def test_a_net_the_tracer_cannot_follow_still_trains_and_prunes_weight_by_weight
     assert structure(model).units == [] and "cannot trace Opaque" in structure(model).fixed[""]
     assert 0 <= prune(model, guide, "threshold").pruned_fraction <= 1
     assert parameter_count(rebuild(model, guide)) == parameter_count(model.net)
+
+
+def test_a_methods_default_net_option_reaches_only_the_nets_that_take_it(tmp_path):
+    """flat-map's dropout is a default for the nets that take it; a torchvision net takes none, and the run goes
+    on without it (saying so), where it used to be refused over an option the user never gave."""
+    from pyrozoo.config import TrainConfig
+    from pyrozoo.train import Run
+
+    said = []
+    config = TrainConfig(
+        net="tv:mobilenet_v3_small", method="flat-map", data="fashion-mnist-mini", epochs=1, steps_per_epoch=1,
+        samples=1, eval_every=1,
+    )  # fmt: skip
+    Run(config, tmp_path, log=said.append)
+    assert any("takes no dropout" in line for line in said), said
+    with pytest.raises(
+        Exception, match="dropout"
+    ):  # a user's own option still reaches the net, and fails there
+        Run(
+            TrainConfig(**{**config.__dict__, "net_options": {"dropout": 0.2}}),
+            tmp_path / "b",
+            log=said.append,
+        )

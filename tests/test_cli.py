@@ -367,3 +367,9 @@ def test_resume_refuses_a_flag_that_changes_the_run(capsys, tmp_path):
     )
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["epochs"] == 2
+
+
+def test_a_flag_is_never_guessed_from_its_prefix(tmp_path, capsys):
+    code, out, err = cli(capsys, "train", "--net", "mlp", "--epoch", "1", "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, out, err, "--epoch")
+    assert not (tmp_path / "run").exists()
