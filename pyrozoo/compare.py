@@ -396,16 +396,22 @@ class Local:
                         f"the process of grid cell {cell.name} died (killed, or out of memory), which stops the "
                         "grid: run the same command again to continue from the cells' checkpoints"
                     ) from None
-                if error is not None:
-                    errors.append(f"{cell.name}: {error}")
+                if not _finished(cell, state, error, errors, bar):
                     for other in futures:
                         other.cancel()  # those not started; the running ones finish
-                else:
-                    bar.set_postfix_str(f"{cell.name} ({state})")
-                    bar.update()
         if errors:
             raise _failed(errors)
         return True
+
+
+def _finished(cell, state, error, errors: list, bar) -> bool:
+    """Record a cell a launcher saw end: its error, or its progress; True if it succeeded."""
+    if error is not None:
+        errors.append(f"{cell.name}: {error}")
+        return False
+    bar.set_postfix_str(f"{cell.name} ({state})")
+    bar.update()
+    return True
 
 
 @LAUNCHERS.register("slurm")
@@ -488,11 +494,7 @@ class Slurm:
                 state, error = job.result()
             except submitit.core.utils.UncompletedJobError as e:
                 state, error = None, f"job {job.job_id} failed ({str(e).strip().splitlines()[0][:200]})"
-            if error is not None:
-                errors.append(f"{cell.name}: {error}")
-            else:
-                bar.set_postfix_str(f"{cell.name} ({state})")
-                bar.update()
+            _finished(cell, state, error, errors, bar)
         if errors:
             raise _failed(errors)
         return True
