@@ -24,7 +24,7 @@ from pyrozoo.io import atomic_write, atomic_write_text
 from pyrozoo.methods import METHODS
 from pyrozoo.models.likelihoods import LIKELIHOODS
 from pyrozoo.models.priors import PRIORS
-from pyrozoo.nets import NETS, net_options
+from pyrozoo.nets import NETS, PREFIXES, net_options
 from pyrozoo.optim import OPTIMIZERS
 from pyrozoo.options import parse_option
 from pyrozoo.registry import describe, option_names
@@ -90,6 +90,16 @@ def _choice(known):
         return text
 
     return check
+
+
+def _net_choice(text: str) -> str:
+    """A registered net's name, or ``tv:NAME`` / ``timm:NAME``."""
+    try:
+        return _choice(NETS)(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(
+            f"{e}; or tv:NAME / timm:NAME for a torchvision or timm model"
+        ) from None
 
 
 def _data_choice(text: str) -> str:
@@ -167,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a Bayesian net by SVI into a run folder")
     train.add_argument(
-        "--net", type=_choice(NETS), default=quiet, help="net (default lenet; or tv:NAME, timm:NAME)"
+        "--net", type=_net_choice, default=quiet, help="net (default lenet; or tv:NAME, timm:NAME)"
     )
     train.add_argument(
         "--data",
@@ -199,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--config", help="grid config file (TOML, see experiments/grid-*.toml); flags override it"
     )
-    compare.add_argument("--nets", nargs="+", type=_choice(NETS), default=quiet)
+    compare.add_argument(
+        "--nets", nargs="+", type=_net_choice, default=quiet, help="the grid's nets, in place of its config's"
+    )
     compare.add_argument(
         "--methods",
         nargs="+",
@@ -667,7 +679,9 @@ def _predict(args) -> None:
             x, y = raw.x_test, raw.y_test
         if args.shift:
             if x.is_floating_point():
-                raise PyrozooError("--shift makes shifted images; this run's data are a table")
+                raise PyrozooError(
+                    f"--shift makes shifted images; {raw.name}'s inputs are features, not images"
+                )
             x = SHIFTS[args.shift](x, args.severity, seed=c.seed)
         prepared = prepare_like(run, raw, x, y)
         predictions, frame = predict_frame(
@@ -704,7 +718,11 @@ def _info() -> None:
 
     section(
         "nets",
-        ((name, f"{text} [options: {', '.join(net_options(name))}]") for name, text in NETS.described()),
+        [
+            *((name, f"{text} [options: {', '.join(net_options(name))}]") for name, text in NETS.described()),
+            *((f"{prefix}:NAME", f"any {library} classification model by name, no pretrained weights unless "
+               "--net-option weights=FILE") for prefix, library in PREFIXES.items()),  # fmt: skip
+        ],
     )
     section(
         "methods",

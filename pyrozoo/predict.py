@@ -311,7 +311,9 @@ def uncertainty_table(run, raw, samples: int, batch_size: int = 2000, progress: 
     from pyrozoo.shift import SEVERITIES, SHIFTS
 
     if raw.x_test.is_floating_point():
-        raise PyrozooError("shifted test sets are made from images; this run's data are a table")
+        raise PyrozooError(
+            f"shifted test sets are made from images; {raw.name}'s inputs are features, not images"
+        )
     cases = [("none", 0)] + [(name, k) for name in SHIFTS for k in SEVERITIES]
     rows = []
     for name, severity in tqdm(cases, desc="shifts", disable=not progress, dynamic_ncols=True):

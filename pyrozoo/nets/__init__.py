@@ -51,7 +51,10 @@ class NetRegistry(Registry):
             return NetEntry(
                 name, _bind(factory, model), 32, f"{PREFIXES[prefix]} {model}, no pretrained weights"
             )
-        return super().__missing__(name)
+        try:
+            return super().__missing__(name)
+        except PyrozooError as e:
+            raise PyrozooError(f"{e}; or tv:NAME / timm:NAME for a torchvision or timm model") from None
 
     def __contains__(self, name) -> bool:
         if dict.__contains__(self, name):
