@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sparsity",
         type=_number(float, "non-negative"),
         default=quiet,
-        help="prune to this fraction by dF (the sparsity rule: --rule sparsity --rule-option sparsity=S)",
+        help="prune to this fraction by dF, counting units that die with their weights, never emptying a layer "
+        "(the sparsity rule: --rule sparsity --rule-option sparsity=S)",
     )
 
     sweep = sub.add_parser(

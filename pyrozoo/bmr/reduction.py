@@ -37,6 +37,7 @@ class Decision(NamedTuple):
     keep: torch.Tensor  # boolean, shaped like the scores
     inclusion: float  # the decision's estimate of the fraction of entries worth keeping
     cutoff: float  # entries scoring above it are pruned
+    note: str = ""  # why the decision kept more than it was asked to (a guard), for the layer's report
 
 
 @dataclass
@@ -133,7 +134,8 @@ class WeightReduction(Reduction):
     """A reduction of single entries: score every entry of every prunable layer, decide per layer which to keep.
 
     Subclasses implement :meth:`decide` (one layer), or :meth:`decide_layers` (all layers at once, for decisions
-    that rank across layers), and may override :meth:`scores`. Pruned entries of the posterior are reset to
+    that rank across layers), or :meth:`decide_model` (for decisions that also look at how the layers connect),
+    and may override :meth:`scores`. Pruned entries of the posterior are reset to
     their prior, their exact posterior once the weight no longer touches the likelihood; under a mean-field
     posterior the surviving entries' reduced posterior equals their full one, so nothing else changes.
     """
@@ -150,13 +152,17 @@ class WeightReduction(Reduction):
     def decide_layers(self, scores: dict, live: dict) -> dict[str, Decision]:
         return {name: self.decide(scores[name], live[name]) for name in scores}
 
+    def decide_model(self, model, scores: dict, live: dict) -> dict[str, Decision]:
+        """The decisions for ``model``'s layers; :meth:`decide_layers` unless a decision needs the model."""
+        return self.decide_layers(scores, live)
+
     @torch.no_grad()
     def __call__(self, model, posterior, scores: dict[str, torch.Tensor] | None = None) -> PruneReport:
         start = time.perf_counter()
         scores = self.scores(model, posterior) if scores is None else scores
         layers = [layer for layer in model.layers if layer.name in scores]
         live = {layer.name: model.mask(layer.name).bool() for layer in layers}
-        decisions = self.decide_layers(scores, live)
+        decisions = self.decide_model(model, scores, live)
         reports = []
         for layer in layers:
             decision, was_live = decisions[layer.name], live[layer.name]
@@ -173,6 +179,7 @@ class WeightReduction(Reduction):
                     decision.inclusion,
                     decision.cutoff,
                     *score_summary(scores[layer.name], was_live),
+                    note=decision.note,
                     score_positive=float((scores[layer.name] > 0).double().mean()),
                 )
             )

@@ -5,6 +5,15 @@ decision meets the budget while keeping BMR's reason for every removal: it remov
 raises the evidence most (largest dF), until ``sparsity`` of the prunable entries are pruned, ranked over all
 prunable layers at once or, with ``per_layer``, in each layer alike. Entries already pruned count towards the
 target, and no entry comes back, so a model already sparser than the target is left as it is.
+
+A budget never kills the net. Ranked globally, one layer's entries can all score above the others' (a Laplace
+posterior's curvature differs by orders of magnitude between layers), and the budget would empty that layer:
+every unit before it loses its consumers, every unit after it its inputs, and the net is a constant that
+"meets" any sparsity. With ``connected`` (the default) the ranking skips an entry whose removal would leave a
+layer that still has live weights with none, counting the entries that then die with their units (dead or
+unused units, :func:`~pyrozoo.bmr.units.effective_masks`); in a chain of layers that keeps a path from the
+input to every output layer. Where the skipped entries make the budget unreachable the decision stops short, says so in
+the report's ``note`` column, and the report's pruned fraction is the one reached.
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ from typing import ClassVar
 import torch
 
 from pyrozoo.bmr.reduction import REDUCTIONS, Decision, WeightReduction
+from pyrozoo.bmr.units import model_units
 from pyrozoo.errors import PyrozooError
 
 
@@ -23,10 +33,11 @@ from pyrozoo.errors import PyrozooError
 @dataclass(frozen=True)
 class TargetSparsity(WeightReduction):
     """Prune the entries of largest dF until ``sparsity`` of the prunable entries are pruned (globally, or
-    ``per_layer``)."""
+    ``per_layer``), never emptying a layer unless ``connected`` is off (see the module docstring)."""
 
     sparsity: float = 0.9
     per_layer: bool = False
+    connected: bool = True
     name: ClassVar[str] = "sparsity"
 
     def __post_init__(self):
@@ -48,6 +59,95 @@ class TargetSparsity(WeightReduction):
         inclusion = keep.float().mean().item()
         return {n: Decision(part.reshape(live[n].shape), inclusion, cutoff) for n, part in zip(names, parts)}
 
+    def decide_model(self, model, scores: dict, live: dict) -> dict[str, Decision]:
+        if not self.connected:
+            return self.decide_layers(scores, live)
+        return self._guarded(model, scores, live)
+
+    def _guarded(self, model, scores: dict, live: dict) -> dict[str, Decision]:
+        """Prune in order of dF until the *effective* pruned count (entries of dead and unused units included)
+        reaches the target, skipping each entry whose removal (after those before it) would cut a layer or
+        overshoot the target.
+
+        What a prefix of the ranking cuts, and how many entries it prunes, only grow with the prefix, so the
+        first entry that fails is found by bisection over the prefix length; it is set aside and the ranking
+        resumes without it. Overshooting entries are set aside until the count is within one entry per layer of
+        the target, at most :data:`SKIPS` times per ranking. Per layer, the rankings run one layer after another
+        and none may push a layer already done over its target (its units can die with a later layer's)."""
+        effect = _Effect(model, live)
+        names = list(scores)
+        sizes = [live[n].numel() for n in names]
+        offsets = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist()))
+        full = getattr(model, "full_shapes", {})  # a compacted model: the entries compaction removed count
+        removed = {n: full.get(n, live[n].shape).numel() - live[n].numel() for n in names}
+        flat_scores = torch.cat([scores[n].flatten() for n in names])
+        keep = torch.cat([live[n].flatten() for n in names])
+        protected = torch.zeros_like(keep)  # set aside: their removal would cut a layer
+        skipped = torch.zeros_like(keep)  # set aside: their removal would overshoot the target
+        targets = []  # (layers, target) of the rankings done and the current one's: none may overshoot
+        cutoff, short = math.inf, []
+
+        def trial(prefix: torch.Tensor) -> tuple[bool, bool, int]:
+            """Pruning ``prefix`` too: whether it cuts a layer, whether it overshoots a target, and the current
+            ranking's effectively pruned count."""
+            candidate = keep.clone()
+            candidate[prefix] = False
+            cut, pruned = effect({n: p.reshape(live[n].shape) for n, p in zip(names, candidate.split(sizes))})
+            counts = [sum(pruned[n] + removed[n] for n in group) for group, _ in targets]
+            return bool(cut), any(c > t for c, (_, t) in zip(counts, targets)), counts[-1]
+
+        def passes(prefix: torch.Tensor) -> bool:
+            cut, over, _ = trial(prefix)
+            return not (cut or over)
+
+        for group in [[n] for n in names] if self.per_layer else [names]:
+            target = round(self.sparsity * sum(live[n].numel() + removed[n] for n in group))
+            targets.append((group, target))
+            index = torch.cat([torch.arange(offsets[n], offsets[n] + live[n].numel()) for n in group])
+            index = index[keep[index]]
+            order = index[flat_scores[index].argsort(descending=True, stable=True)]
+            pruned = trial(order[:0])[2]
+            low = done = skips = 0  # a prefix of ``done`` candidates passes
+            while pruned < target:
+                candidates = order[~(protected | skipped)[order]]
+                high = min(len(candidates), done + target - pruned)  # each entry prunes at least itself
+                if passes(candidates[:high]):
+                    low = high
+                else:
+                    low = done  # a prefix of ``low`` passes, one of ``high`` fails
+                    while high - low > 1:
+                        middle = (low + high) // 2
+                        low, high = (middle, high) if passes(candidates[:middle]) else (low, middle)
+                pruned = trial(candidates[:low])[2]
+                if low == len(candidates) or pruned >= target - len(group):
+                    break
+                cut = trial(candidates[: low + 1])[0]
+                if not cut:
+                    skips += 1
+                    if skips > SKIPS:
+                        break
+                (protected if cut else skipped)[candidates[low]] = True
+                done = low
+            chosen = order[~(protected | skipped)[order]][:low]
+            keep[chosen] = False
+            if len(chosen):
+                cutoff = min(cutoff, float(flat_scores[chosen].min()))
+            if pruned < target - len(group):
+                short.append((group, target - pruned))
+        inclusion = keep.float().mean().item()
+        decisions = {}
+        for n, part, kept in zip(names, keep.split(sizes), protected.split(sizes)):
+            notes = [f"kept {int(kept.sum())} entries whose removal would leave a layer with no live weight"]
+            notes = notes if bool(kept.any()) else []
+            notes += [
+                f"target sparsity {self.sparsity:g} not met: {missing} entries short (the rest would "
+                "disconnect the net; connected=False allows it)"
+                for group, missing in short
+                if n in group
+            ]
+            decisions[n] = Decision(part.reshape(live[n].shape), inclusion, cutoff, "; ".join(notes))
+        return decisions
+
     def _rank(self, scores: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Keep-mask over flat entries, and the smallest dF pruned now (inf when nothing more is pruned)."""
         more = round(self.sparsity * live.numel()) - int((~live).sum())
@@ -58,3 +158,41 @@ class TargetSparsity(WeightReduction):
         worst = ranked.topk(more).indices
         keep[worst] = False
         return keep, float(ranked[worst].min())
+
+
+SKIPS = 32  # entries set aside for overshooting the target, at most, per ranking
+
+
+class _Effect:
+    """What keep-masks do to the net: the layers they cut (layers that had a live weight under ``live``, bias
+    and norm-offset columns aside, which give a constant, and have none left), and the pruned entries per layer,
+    once dead and unused units are removed with all their entries (the fixed point of
+    :func:`~pyrozoo.bmr.units.effective_masks`, here on masks not yet the model's)."""
+
+    def __init__(self, model, live: dict[str, torch.Tensor]):
+        self.layers = model.layers
+        self.groups = model_units(model)
+        self.others = {
+            layer.name: model.mask(layer.name).bool() for layer in self.layers if layer.name not in live
+        }
+        self.before, _ = self._effective(live)
+
+    def _effective(self, keep: dict[str, torch.Tensor]) -> tuple[set[str], dict[str, int]]:
+        masks = {name: mask.clone() for name, mask in {**self.others, **keep}.items()}
+        changed = True
+        while changed:
+            changed = False
+            for units in self.groups:
+                gone = units.gone(masks)
+                if bool(gone.any()):
+                    before = sum(int(masks[name].sum()) for name in units.layers)
+                    units.remove(masks, gone)
+                    changed |= sum(int(masks[name].sum()) for name in units.layers) != before
+        alive = {layer.name for layer in self.layers if bool(masks[layer.name][:, : layer.fan_in].any())}
+        return alive, {name: int((~mask).sum()) for name, mask in masks.items()}
+
+    def __call__(self, keep: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, int]]:
+        """The layers ``keep`` (masks of some layers, the model's own for the rest) cuts, by name, and the
+        effectively pruned entries of each layer."""
+        alive, pruned = self._effective(keep)
+        return sorted(self.before - alive), pruned
