@@ -355,7 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export", help="rebuild the run's sparse net, save it, compare it with the dense one"
     )
-    export.add_argument("run", help="run folder (its pruned.pt is used when there is one)")
+    export.add_argument("run", help="run folder")
+    export.add_argument(
+        "--pruned",
+        choices=["latest", "run", "laplace-diag", "laplace-kfac", "none"],
+        default="latest",
+        help="which pruned result to export: the one pyrozoo prune --posterior P wrote (run: pruned.pt; "
+        "laplace-diag, laplace-kfac: pruned-laplace-*.pt), latest (the default: the newest of those, said when "
+        "there are several), or none (the checkpoint as trained)",
+    )
     export.add_argument(
         "--repeats", type=_number(int, "positive"), default=50, help="timed forward passes per latency"
     )
@@ -556,6 +564,7 @@ def _prune_laplace(run, reduction, posterior: str, fit_size: int | None = None) 
     import torch
 
     from pyrozoo.bmr import rebuild
+    from pyrozoo.export import PRUNED_FILES
     from pyrozoo.guides.laplace import laplace_from_run
     from pyrozoo.io import atomic_write
     from pyrozoo.metrics import evaluate_net
@@ -569,7 +578,7 @@ def _prune_laplace(run, reduction, posterior: str, fit_size: int | None = None) 
     report = reduction(model, laplace_posterior)
     net = rebuild(model, laplace_posterior, remove_dead=False)
     after = evaluate_net(net, d.x_test, d.y_test, d.num_classes)
-    path = run.out / f"pruned-{posterior}.pt"
+    path = run.out / PRUNED_FILES[posterior]
     state = {
         "source": run.source(),
         "posterior": posterior,
@@ -617,16 +626,27 @@ def _sweep(args) -> None:
 
 
 def _export(args) -> None:
-    from pyrozoo.export import export
-    from pyrozoo.train import PRUNED, Run
+    from pyrozoo.export import PRUNED_FILES, export, laplace_pruned_nets, pruned_results
+    from pyrozoo.train import Run
 
     run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
-    state = "checkpoint"
-    if (run.out / PRUNED).exists():
-        run.load_pruned()  # refused if it was pruned from an older checkpoint
-        state = PRUNED
+    which, found, nets = args.pruned, pruned_results(run.out), None
+    if which == "latest":
+        which = next(iter(found), "none")
+        if len(found) > 1:
+            print(
+                f"{run.out} has {len(found)} pruned results ({', '.join(p.name for p in found.values())}): "
+                f"exporting the newest, {found[which].name} (choose with --pruned " + "|".join(found) + ")",
+                file=sys.stderr,
+            )
+    state = "checkpoint" if which == "none" else PRUNED_FILES[which]
+    if which == "run":
+        run.load_pruned()  # refused if it was pruned from an older checkpoint, or is not there
+    elif which != "none":
+        dense, sparse, _ = laplace_pruned_nets(run, which)  # the same refusals
+        nets = dense, sparse
     source = {"state": state, **run.source()}
-    summary = export(run, run.out / "export", repeats=args.repeats, source=source)
+    summary = export(run, run.out / "export", repeats=args.repeats, source=source, nets=nets)
     print(
         f"{run.out} ({state}, epoch {run.epoch}, step {run.step}) exported to {run.out / 'export'}: "
         f"sparse_state_dict.pt, sparse.pt2 (torch.export); CPU, {summary['threads']} threads"

@@ -7,6 +7,9 @@ import pytest
 import torch
 from clitools import assert_one_line_error, cli
 
+from pyrozoo.bmr import rebuild
+from pyrozoo.train import Run
+
 TINY = [
     "--net",
     "mlp",
@@ -77,3 +80,50 @@ def test_sweep_writes_the_curve_and_the_figure(capsys, map_run):
 def test_sweep_refuses_bmr_from_a_point_mass_and_bad_sparsities(capsys, map_run):
     assert_one_line_error(*cli(capsys, "sweep", "map", "--methods", "bmr-run"), "spread")
     assert_one_line_error(*cli(capsys, "sweep", "map", "--sparsities", "1.5"), "1.5")
+
+
+def test_export_a_laplace_pruned_result(capsys, map_run):
+    """``pyrozoo export`` exports what ``prune --posterior laplace-*`` wrote: by name, or the newest of several."""
+    assert_one_line_error(*cli(capsys, "export", "map", "--pruned", "laplace-kfac"), "prune", "laplace-kfac")
+    for posterior in ("laplace-kfac", "laplace-diag"):
+        code, _, err = cli(
+            capsys, "prune", "map", "--posterior", posterior, "--sparsity", "0.98", "--fit-size", "300"
+        )
+        assert code == 0, err
+        if posterior == "laplace-kfac":
+            code, out, err = cli(capsys, "export", "map", "--repeats", "1")  # the only pruned result
+            assert code == 0, err
+            assert "pruned-laplace-kfac.pt" in out and "several" not in err
+    code, out, err = cli(capsys, "export", "map", "--repeats", "1")
+    assert code == 0, err
+    assert "2 pruned results" in err and "exporting the newest, pruned-laplace-diag.pt" in err
+    for posterior in ("laplace-kfac", "laplace-diag"):
+        code, out, err = cli(capsys, "export", "map", "--pruned", posterior, "--repeats", "1")
+        assert code == 0, err
+        state = torch.load(map_run / f"pruned-{posterior}.pt", weights_only=False)
+        summary = pd.read_json(map_run / "export" / "summary.json", typ="series")
+        assert summary["source"]["state"] == f"pruned-{posterior}.pt"
+        # the exported nets are the pruned net: its accuracy, its non-zero weights, its function
+        assert summary["dense"]["accuracy"] == pytest.approx(state["metrics"]["accuracy"], abs=1e-9)
+        assert summary["sparse"]["accuracy"] == pytest.approx(state["metrics"]["accuracy"], abs=1e-9)
+        nonzero = sum(int((v != 0).sum()) for v in state["net_state_dict"].values())
+        assert summary["dense"]["nonzero_parameters"] == nonzero
+        assert summary["sparse"]["parameters"] <= summary["dense"]["parameters"]
+        run = Run.open(map_run)
+        dense = rebuild(run.model, run.guide, remove_dead=False)
+        dense.load_state_dict(state["net_state_dict"])
+        sparse = torch.load(map_run / "export" / "sparse_net.pt", weights_only=False)
+        x = torch.randn(5, 1, 28, 28)
+        assert torch.allclose(sparse(x), dense.eval()(x), atol=1e-5)
+    assert_one_line_error(*cli(capsys, "export", "map", "--pruned", "run"), "pruned.pt", "prune")
+    # a unit whose weights are all pruned is cut out of the exported sparse net
+    path = map_run / "pruned-laplace-kfac.pt"
+    state = torch.load(path, weights_only=False)
+    state["masks"]["body.1"][0] = False
+    state["net_state_dict"]["body.1.weight"][0] = 0
+    state["net_state_dict"]["body.1.bias"][0] = 0
+    torch.save(state, path)
+    code, out, err = cli(capsys, "export", "map", "--pruned", "laplace-kfac", "--repeats", "1")
+    assert code == 0, err
+    summary = pd.read_json(map_run / "export" / "summary.json", typ="series")
+    assert summary["sparse"]["parameters"] < summary["dense"]["parameters"]
