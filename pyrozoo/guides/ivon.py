@@ -152,9 +152,11 @@ class IVONPosterior(Posterior, nn.Module):
 
     @torch.no_grad()
     def pull_state(self) -> None:
-        """This posterior's Hessian from the optimiser's (after a step: IVON replaces its buffers)."""
+        """This posterior's Hessian from the optimiser's (after a step). IVON's update replaces its Hessian with a
+        new tensor each step, so the posterior holds a view of that tensor rather than a copy (a pass over every
+        weight saved per step); a write (:meth:`_write`) gives the optimiser a copy again."""
         for group, (key, _) in self._groups():
-            getattr(self.hess, key).copy_(group["hess"].view_as(getattr(self.hess, key)))
+            self.hess.register_buffer(key, group["hess"].view(getattr(self.hess, key).shape))
 
     @torch.no_grad()
     def kl_divergence(self, model) -> float:
@@ -169,8 +171,16 @@ class IVONPosterior(Posterior, nn.Module):
         return total
 
     def masked_weights(self, model) -> dict[str, torch.Tensor]:
-        """``{layer: weights * mask}``, the net's parameters as the model multiplies them."""
-        return {layer.name: self.weights[key] * model.mask(layer.name) for key, layer in self._sites.values()}
+        """``{layer: weights * mask}``, the net's parameters as the model multiplies them (a layer with nothing
+        pruned skips the product, a multiplication by 1, and its backward pass)."""
+        return {
+            layer.name: (
+                self.weights[key] * model.mask(layer.name)
+                if model.has_pruned(layer.name)
+                else self.weights[key]
+            )
+            for key, layer in self._sites.values()
+        }
 
     # --- the posterior contract -----------------------------------------------------------------------------
 

@@ -171,6 +171,10 @@ class BayesianModel(nn.Module):
         else:
             self._pruned.add(layer_name)
 
+    def has_pruned(self, layer_name: str) -> bool:
+        """Whether the layer has a pruned entry (a layer without one can skip the product with its mask)."""
+        return layer_name in self._pruned
+
     def sample_weights(self) -> dict[str, torch.Tensor]:
         """Draw every latent (Pyro sample sites): each layer's scale and ``z``, then the likelihood's own (a
         Gaussian's noise precision). Returns ``{layer: weights}``, plus ``{site: value}`` of the likelihood's
