@@ -6,7 +6,8 @@ the weights, the layer-scale hyperprior sampled log-normally with a one-sample K
 Pyro-based mean-field step can approach; one pyrozoo SVI step with each guide (flat prior); and one step of
 tiered-ff (regularised-horseshoe prior, our mean-field guide), also as a ratio to the flat-ff step; one IVON step
 (methods ivon, ivon-bmr: the plain net trained by ivon-opt, whose state is the posterior), as a ratio to the plain
-Adam step. A peer's
+Adam step; for the MLP, the mean-field SVI step of the net pruned to 99% with whole units dead and compacted
+(:func:`compacted_step`), as a ratio to the dense plain step and to the dense flat-ff step. A peer's
 line, when it is installed (``pip install -e ".[bench]"``; otherwise the line is skipped and says so):
 bayesian-torch's reparameterised layers (``dnn_to_bnn`` of the same net, N(0, 1) prior, its KL from
 ``get_kl_loss``, Adam), also as a ratio to pyrozoo's mean-field step.
@@ -131,6 +132,53 @@ def bayesian_torch_step(net: torch.nn.Module, x, y, lr: float):
     return step
 
 
+# the stand-in for a trained posterior (compacted_step): the fraction of each group's units that survive (about 55
+# of the MLP's 500 per layer, as bmr-th's run keeps), and of the entries between survivors that matter (a little
+# more than a 99% budget leaves)
+COMPACTED_SURVIVORS, COMPACTED_DENSITY = 0.11, 0.25
+
+
+def compacted_step(name: str, side: int, x, y, sparsity: float = 0.99, seed: int = 0):
+    """An SVI step (mean-field guide, flat prior, Adam) of the net pruned to ``sparsity`` (the true fraction,
+    dead units' entries counted) with whole units dead, then compacted (:mod:`pyrozoo.bmr.compact`), as a run
+    trains once BMR has killed them; and a line describing it.
+
+    The posterior stands in for a trained one as bmr-th leaves it (experiments/runs/mlp-bmr-th: 99.7% pruned, the
+    rebuilt net 51,687 parameters of which 3,093 non-zero): in each group a random ``COMPACTED_SURVIVORS`` of
+    the units survive, and a random ``COMPACTED_DENSITY`` of the entries between surviving units (and inputs)
+    carry weights far from 0 (mean 2-4, scale 0.5 in ``z``), every other entry a weight near 0 (mean 0.01), so
+    that BMR's dF ranks those first; :class:`~pyrozoo.bmr.TargetSparsity` then prunes to ``sparsity``, which
+    kills the other units and thins the survivors, and compaction cuts the dead units out."""
+    from pyrozoo.bmr import TargetSparsity, pruned_fraction
+    from pyrozoo.bmr.compact import compact
+    from pyrozoo.bmr.units import model_units
+    from pyrozoo.models.priors import flat
+
+    g = torch.Generator().manual_seed(seed)
+    model = BayesianModel(create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), prior=flat)
+    model.logits(x[:2], {layer.name: layer.join(model.net) for layer in model.layers})  # its example batch
+    guide = make_guide("meanfield", model)
+    strong = {layer.name: torch.rand(layer.shape, generator=g) < COMPACTED_DENSITY for layer in model.layers}
+    for units in model_units(model):
+        dies = torch.rand(units.count, generator=g) >= COMPACTED_SURVIVORS
+        for member in units.members:  # the unit's rows in its own layer, its columns in the next
+            member.put(strong[member.layer], dies, False)
+    for layer in model.layers:
+        loc = torch.randn(layer.shape, generator=g).abs() * 0.01
+        loc[strong[layer.name]] = 2 + 2 * torch.rand(int(strong[layer.name].sum()), generator=g)
+        guide.write_posterior(layer.site, loc, torch.full(layer.shape, 0.5))
+    TargetSparsity(sparsity)(model, guide)
+    fraction = pruned_fraction(model)
+    removed, note = compact(model, guide)
+    if not removed:
+        raise RuntimeError(f"the benchmark's model did not compact: {note}")
+    held = sum(layer.shape.numel() for layer in model.layers)
+    full = sum(shape.numel() for shape in model.full_shapes.values())
+    optimizer = torch.optim.Adam(guide.parameters(), lr=1e-3)
+    describe = f"{fraction:.4f} pruned, {removed} units removed; the compacted latents hold {held:,} of {full:,} entries"
+    return (lambda: svi_step(model, guide, optimizer, x, y, DATASET_SIZE)), describe
+
+
 def bench_net(name: str, repeats: int, warmup: int, only=(), with_checks: bool = False) -> None:
     side = NETS[name].pad_to or 28
     x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
@@ -169,6 +217,9 @@ def bench_net(name: str, repeats: int, warmup: int, only=(), with_checks: bool =
         steps["pyrozoo svi, meanfield, checks on"] = pyrozoo_step(
             model, make_guide("meanfield", model), validate=True
         )
+    compacted = "pyrozoo svi, compacted at 99% pruned"
+    if name == "mlp" and (not only or any(word in compacted for word in only)):
+        steps[compacted], describe = compacted_step(name, side, x, y)
     peer = bayesian_torch_step(
         create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), x, y, 1e-3
     )
@@ -194,6 +245,12 @@ def bench_net(name: str, repeats: int, warmup: int, only=(), with_checks: bool =
         ivon = timings["pyrozoo ivon (plain net + IVON)"]
         print(
             f"{name:6s} ivon / plain adam step ratio {ivon / plain:5.2f}   ivon / flat-ff {ivon / flat_ff:5.2f}"
+        )
+    if "pyrozoo svi, compacted at 99% pruned" in timings:
+        seconds = timings["pyrozoo svi, compacted at 99% pruned"]
+        print(
+            f"{name:6s} compacted at 99% pruned ({describe}): step / dense plain step {seconds / plain:5.2f}   "
+            f"/ dense flat-ff step {seconds / flat_ff:5.2f}"
         )
     if "pyrozoo svi, meanfield, checks on" in timings:
         ratio = timings["pyrozoo svi, meanfield, checks on"] / flat_ff
