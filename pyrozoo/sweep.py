@@ -17,7 +17,10 @@ Adam steps with the masks kept), and is evaluated at its point estimate on the t
   every layer, the ratio found by bisection to remove the target fraction of the prunable parameters.
 
 Sparsity is PAPER.md §6's pruned fraction over the prunable layers (all weight layers but the output layer,
-biases included); channel pruning's is the fraction of those layers' parameters it removed.
+biases included), for BMR and magnitude alike the true one: the entries of units that died with their weights
+(no inputs left, or no consumers) count as pruned (:func:`~pyrozoo.bmr.pruned_fraction`); BMR prunes to the
+target in that count, magnitude by its raw count, so it may land above. Channel pruning's is the fraction of
+those layers' parameters it removed.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pyrozoo.baselines import finetune, magnitude_prune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
 from pyrozoo.bmr.sparsity import TargetSparsity
+from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.errors import PyrozooError
 from pyrozoo.io import atomic_write
 from pyrozoo.metrics import evaluate_net
@@ -59,7 +63,8 @@ def _bmr_net(
     model, posterior, sparsity: float, write_back: bool = True, scores: dict | None = None
 ) -> tuple[nn.Module, float]:
     """The net after pruning ``model`` to ``sparsity`` by dF (on copies), at the reduced posterior mean, and its
-    pruned fraction of the prunable entries."""
+    pruned fraction of the prunable entries (the true one: entries of units that died with their weights count).
+    """
     model = copy.deepcopy(model)
     saved = copy.deepcopy(posterior.state_dict())  # the posterior is restored after (guides do not deep-copy)
     if not write_back:
@@ -71,9 +76,7 @@ def _bmr_net(
         if not write_back:
             del posterior.reduce
         posterior.load_state_dict(saved)
-    prunable = [layer for layer in model.layers if layer.prunable]
-    kept = sum(int(model.mask(layer.name).sum()) for layer in prunable)
-    return _masked(net, model), 1 - kept / sum(layer.shape.numel() for layer in prunable)
+    return _masked(net, model), pruned_fraction(model)
 
 
 def _masked(net: nn.Module, model) -> nn.Module:
@@ -201,9 +204,15 @@ def sweep(
         elif method in ("magnitude", "magnitude-layer"):
             net = copy.deepcopy(base)
             masks = magnitude_prune(net, layers, target, "global" if method == "magnitude" else "layer")
-            return net, 1 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+            for (
+                name,
+                mask,
+            ) in masks.items():  # counted as BMR's: the entries of units that died count as pruned
+                probe.set_mask(name, mask)
+            return net, pruned_fraction(probe)
         return channel_prune(base, layers, d.x_train[:2], target)
 
+    probe = copy.deepcopy(run.model)  # magnitude's masks, to count its pruned fraction as BMR's is counted
     cells = [(m, s) for s in sparsities for m in methods]
     for method, target in tqdm(cells, desc="sweep", unit="cell", disable=not progress):
         start = time.perf_counter()
