@@ -133,16 +133,20 @@ class TargetSparsity(WeightReduction):
             if len(chosen):
                 cutoff = min(cutoff, float(flat_scores[chosen].min()))
             if pruned < target - len(group):
-                short.append((group, target - pruned))
+                why = (
+                    "further entries would take whole units with them past the target"
+                    if skips
+                    else "the rest would disconnect the net; connected=False allows it"
+                )
+                short.append((group, target - pruned, why))
         inclusion = keep.float().mean().item()
         decisions = {}
         for n, part, kept in zip(names, keep.split(sizes), protected.split(sizes)):
             notes = [f"kept {int(kept.sum())} entries whose removal would leave a layer with no live weight"]
             notes = notes if bool(kept.any()) else []
             notes += [
-                f"target sparsity {self.sparsity:g} not met: {missing} entries short (the rest would "
-                "disconnect the net; connected=False allows it)"
-                for group, missing in short
+                f"target sparsity {self.sparsity:g} not met: {missing} entries short ({why})"
+                for group, missing, why in short
                 if n in group
             ]
             decisions[n] = Decision(part.reshape(live[n].shape), inclusion, cutoff, "; ".join(notes))
