@@ -110,16 +110,20 @@ class TargetSparsity(WeightReduction):
             low = done = skips = 0  # a prefix of ``done`` candidates passes
             while pruned < target:
                 candidates = order[~(protected | skipped)[order]]
-                high = min(len(candidates), done + target - pruned)  # each entry prunes at least itself
+                # at most what the target still lacks: an entry prunes itself or, already dead with its unit, nothing
+                high = min(len(candidates), done + target - pruned)
                 if passes(candidates[:high]):
-                    low = high
-                else:
-                    low = done  # a prefix of ``low`` passes, one of ``high`` fails
-                    while high - low > 1:
-                        middle = (low + high) // 2
-                        low, high = (middle, high) if passes(candidates[:middle]) else (low, middle)
+                    low = done = high
+                    pruned = trial(candidates[:low])[2]
+                    if low == len(candidates) or pruned >= target - len(group):
+                        break
+                    continue  # the target lies further down the ranking
+                low = done  # a prefix of ``low`` passes, one of ``high`` fails
+                while high - low > 1:
+                    middle = (low + high) // 2
+                    low, high = (middle, high) if passes(candidates[:middle]) else (low, middle)
                 pruned = trial(candidates[:low])[2]
-                if low == len(candidates) or pruned >= target - len(group):
+                if pruned >= target - len(group):
                     break
                 cut = trial(candidates[: low + 1])[0]
                 if not cut:
