@@ -167,3 +167,18 @@ def start_from_weights(
     # the net's own parameters (placeholders, but what a deterministic evaluation of model.net would read)
     for name, value in net.state_dict().items():
         model.net.state_dict()[name].copy_(value)
+
+
+def start_from_net(model, guide) -> None:
+    """Start ``guide``'s posterior at the net's own (torch) initialisation, the default start of any net but
+    the paper's four (:class:`pyrozoo.nets.NetEntry`'s ``start``): :func:`start_from_weights` with
+    ``model.net``'s initial weights, each scale kept as the guide drew it.
+
+    The guide's own start draws every latent's loc uniformly in (-2, 2), so a weight's mean has a scale of about
+    ``hidden_scale`` whatever its fan-in: right for LeNet and the MLP the paper measured, but ten times torch's
+    ``1/sqrt(fan_in)`` in a 3x3 conv of 512 channels, and compounding with depth where nothing normalises
+    (logits of 1e8 in a ResNet without BatchNorm; 40 in resnet18's head). From the net's initialisation, the
+    posterior means give torch's activations, the prior's layer scales sit at their MAP given those weights
+    (so each ``z`` is of order one, and a posterior scale of 0.1 is a tenth of the weight scale), and the
+    initial ELBO's data term is the plain net's ``N x`` cross-entropy."""
+    start_from_weights(model, guide, model.net, init_scale=None, what="the net's initialisation")
