@@ -17,6 +17,7 @@ trace); no prior needs code of its own.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 
@@ -110,6 +111,17 @@ def fit_hyperparameters(model, guide, weights: dict[str, torch.Tensor], steps: i
     free = {s: posterior[s][0].clone().requires_grad_(True) for s in sites}
     transforms = {s: biject_to(guide.site_support(s)) for s in sites}
     optimizer = torch.optim.Adam(free.values(), lr=lr)
+    # a layer-wide scale needs only the weights' count and sum of squares: 300 passes over a ResNet-18's 11M
+    # weights would take minutes
+    squares = {name: (len(v.reshape(-1)), v.double().square().sum().to(v.dtype)) for name, v in weights.items()}
+
+    def gaussian(layer, scale):
+        if scale.numel() == 1:
+            count, sum_squares = squares[layer.name]
+            scale = scale.reshape(())
+            return -0.5 * sum_squares / scale.square() - count * (scale.log() + 0.5 * math.log(2 * math.pi))
+        w = weights[layer.name]
+        return torch.distributions.Normal(0.0, scale.expand_as(w)).log_prob(w).sum()
 
     def objective():
         values = {s: transforms[s](free[s]) for s in sites}
@@ -119,9 +131,7 @@ def fit_hyperparameters(model, guide, weights: dict[str, torch.Tensor], steps: i
                 scale = torch.as_tensor(poutine.condition(model.prior, data=values)(layer))
             trace = tape.trace
             total = total + trace.log_prob_sum()
-            w = weights[layer.name]
-            scale = scale.expand_as(w)
-            total = total + torch.distributions.Normal(0.0, scale).log_prob(w).sum()
+            total = total + gaussian(layer, scale)
         return -total
 
     with torch.enable_grad():
