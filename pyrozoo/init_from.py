@@ -113,7 +113,9 @@ def fit_hyperparameters(model, guide, weights: dict[str, torch.Tensor], steps: i
     optimizer = torch.optim.Adam(free.values(), lr=lr)
     # a layer-wide scale needs only the weights' count and sum of squares: 300 passes over a ResNet-18's 11M
     # weights would take minutes
-    squares = {name: (len(v.reshape(-1)), v.double().square().sum().to(v.dtype)) for name, v in weights.items()}
+    squares = {
+        name: (len(v.reshape(-1)), v.double().square().sum().to(v.dtype)) for name, v in weights.items()
+    }
 
     def gaussian(layer, scale):
         if scale.numel() == 1:
