@@ -3,15 +3,18 @@ Torch-Pruning's L1 channel pruning (issue 15): test accuracy, NLL, ECE, pruned f
 latency at batch 256 against the dense net, all measured in this one process (latencies in turns, one thread
 by default).
 
-    python benchmarks/prune_compare.py BMR_RUN FLAT_MAP_RUN [--repeats 10] [--threads 1] [--out summary.json]
+    python benchmarks/prune_compare.py BMR_RUN FLAT_MAP_RUN [--repeats 10] [--threads 1] [--units]
+        [--test-size N] [--out summary.json]
 
 The sparsity is the BMR run's last pruned fraction (PAPER.md §6: over the prunable layers, all weight layers
 but the output layer, biases included). Magnitude pruning (``pyrozoo.baselines.magnitude_prune``) and channel
 pruning (``pyrozoo.sweep.channel_prune``: ``MagnitudePruner`` with L1 importance, one ratio for every layer,
 found by bisection to remove that fraction of the prunable parameters) are the ones ``pyrozoo sweep`` runs.
 A magnitude-pruned net keeps the dense shapes, so its latency is the dense net's (zeros are still multiplied);
-it is not timed again. The BMR net's own metrics are the run's (its predictive, ``--samples`` draws); its
-rebuilt net's (the posterior mean, dead units removed) are measured here.
+it is not timed again. The BMR net's own metrics are the run's (its predictive, ``--samples`` draws; computed
+here the same way where the run's last epoch was not evaluated, or with ``--test-size``); its rebuilt net's
+(the posterior mean, dead units removed) are measured here. ``--units`` adds a structured pass (``Units``:
+whole coupled channel groups whose removal raises the evidence) on the BMR run, rebuilt again.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pyrozoo.bmr import Units, pruned_fraction
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.metrics import evaluate_net
 from pyrozoo.sweep import _prunable_params, channel_prune
-from pyrozoo.train import Run, read_metrics
+from pyrozoo.train import Run, evaluate, read_metrics
 
 
 def latencies(nets: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -49,6 +52,10 @@ def latencies(nets: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+def _evaluated(metrics: dict) -> bool:
+    return "accuracy" in metrics and metrics["accuracy"] == metrics["accuracy"]  # NaN where not evaluated
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bmr_run")
@@ -57,6 +64,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--out", default=None, help="write the summary here as JSON")
+    parser.add_argument("--test-size", type=int, default=None, help="evaluate all on the first N test images")
     parser.add_argument("--units", action="store_true", help="also a Units pass on the BMR run, rebuilt")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,10 +73,15 @@ def main() -> None:
     bmr_run, map_run = Run.open(args.bmr_run, log=quiet), Run.open(args.map_run, log=quiet)
     d = map_run.data
     x, y, classes = d.x_test.cpu(), d.y_test.cpu(), d.num_classes
-    bmr_last, map_last = (
-        read_metrics(bmr_run.out / "metrics.csv")[-1],
-        read_metrics(map_run.out / "metrics.csv")[-1],
-    )
+    if args.test_size:
+        x, y = x[: args.test_size], y[: args.test_size]
+    bmr_last = read_metrics(bmr_run.out / "metrics.csv")[-1]
+    map_last = read_metrics(map_run.out / "metrics.csv")[-1]
+    own = not args.test_size  # the runs' own metrics are of the whole test set, when they were evaluated
+    if not (own and _evaluated(bmr_last)):  # the run's predictive, as its evaluation computes it
+        torch.manual_seed(bmr_run.config.seed * 100_003 + bmr_run.epoch)
+        samples = bmr_run.config.samples
+        bmr_last = {**bmr_last, **evaluate(bmr_run.model, bmr_run.guide, x, y, classes, samples, 500)}
     sparsity = float(bmr_last["pruned_fraction"])
     layers = map_run.model.layers
     rows = {}
@@ -85,7 +98,8 @@ def main() -> None:
         }
 
     dense = rebuild(map_run.model, map_run.guide, remove_dead=False).cpu().eval()
-    row("flat-map dense", dense, map_last, 0.0)
+    dense_metrics = map_last if own and _evaluated(map_last) else evaluate_net(dense, x, y, classes)
+    row("flat-map dense", dense, dense_metrics, 0.0)
 
     start = time.perf_counter()
     bmr_net = rebuild(bmr_run.model, bmr_run.guide).cpu().eval()
@@ -138,6 +152,9 @@ def main() -> None:
         "bmr_run": str(bmr_run.out),
         "map_run": str(map_run.out),
         "sparsity": sparsity,
+        "test_images": len(x),
+        "bmr_epoch": bmr_run.epoch,
+        "map_epoch": map_run.epoch,
         "batch": args.batch,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
