@@ -102,6 +102,12 @@ class TrainConfig:
         "start from a trained net: a file holding its state_dict, or a net saved whole (pyrozoo export's "
         "sparse_net.pt, when no unit was removed); the posterior means start at its weights, the scales small",
     )
+    start: str | None = _run_option(
+        None,
+        "where the posterior starts: net (its means at the net's own torch initialisation, so activations have "
+        "torch's scale; every net's default but lenet, mlp, vit and mixer) or guide (the guide's random start, "
+        "the paper's; theirs); --init-from starts from trained weights instead",
+    )
     prune_units: bool = _run_option(
         False,
         "BMR methods: after each per-weight pass, remove whole units (neurons, channels, attention heads) "
@@ -134,7 +140,7 @@ class TrainConfig:
         from pyrozoo.guides import GUIDES
         from pyrozoo.methods import METHODS
         from pyrozoo.models.priors import PRIORS
-        from pyrozoo.nets import DATA_SHAPE, NETS
+        from pyrozoo.nets import DATA_SHAPE, NETS, STARTS
         from pyrozoo.optim import OPTIMIZERS
 
         method = METHODS[self.method]
@@ -147,6 +153,8 @@ class TrainConfig:
         datasets.dataset_task(self.data, self.task)
         if (self.target is not None or self.task is not None) and not datasets.is_table(self.data):
             raise PyrozooError("--target and --task describe a --data FILE.csv table")
+        if self.start is not None and self.start not in STARTS:
+            raise PyrozooError(f"unknown --start {self.start!r}; choose from {', '.join(STARTS)}")
         if self.noise not in ("prior", "fixed", "learned"):
             raise PyrozooError(f"unknown --noise {self.noise!r}; choose from prior, fixed, learned")
         for f in run_option_fields():
@@ -200,6 +208,7 @@ class TrainConfig:
             optimizer=self.optimizer or method.optimizer,
             samples=self.samples or method.samples,
             warmup_steps=method.warmup_steps if self.warmup_steps is None else self.warmup_steps,
+            start=self.start or NETS[self.net].start,
         )
 
     def _part(self, table: str) -> str:

@@ -393,6 +393,10 @@ class Run:
                 init_scale=STEPS[self.method.step].init_scale,
                 what=f"--init-from {config.init_from}",
             )
+        elif config.start == "net" and not resume:
+            from pyrozoo.init_from import start_from_net
+
+            start_from_net(self.model, self.guide)
         self.training_step = STEPS[self.method.step]  # SVI, or IVON: the method says how it trains
         if self.world.parallel and self.method.step != "svi":
             raise PyrozooError(

@@ -9,6 +9,7 @@ statistics are not touched by evaluation, BMR or the rebuild.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -19,6 +20,7 @@ from pyrozoo.bmr import Units
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.bmr.units import model_units
 from pyrozoo.elbo import negative_elbo
+from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net
@@ -380,3 +382,76 @@ def test_a_methods_default_net_option_reaches_only_the_nets_that_take_it(tmp_pat
             tmp_path / "b",
             log=said.append,
         )
+
+
+def _start_terms(net, x, y, size, start):
+    """The plain net's ``size x`` cross-entropy on ``(x, y)`` in train mode, and the Bayesian model's data
+    term (one posterior draw), its mean's logits and its KL per weight, with the posterior started at
+    ``start``."""
+    import pyro
+    import torch.nn.functional as F
+
+    from pyrozoo.init_from import start_from_net
+
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        plain = copy.deepcopy(net).train()(x)
+    model = BayesianModel(net, example_input=x)
+    guide = make_guide("meanfield", model)
+    if start == "net":
+        start_from_net(model, guide)
+    with torch.no_grad():
+        data = size * F.cross_entropy(model.logits(x, model.weights_from(guide())), y)
+        mean = model.logits(x, model.weights_from(guide.mean()))
+        kl = negative_elbo(model, guide, x, y, size) - data
+    weights = sum(layer.shape.numel() for layer in model.layers)
+    return size * F.cross_entropy(plain, y), data, plain, mean, kl / weights
+
+
+def test_a_net_starts_at_its_own_initialisation_with_torchs_activation_scale():
+    """The default start of any net: the posterior mean is the net as torch initialised it (same logits), a
+    posterior draw's data term is the plain net's N x cross-entropy, and the KL stays that of a posterior
+    scale of 0.1 per weight (the guide's own start costs as much). From the guide's uniform start (lenet's, the
+    paper's) the head's weights are forty times torch's: the data term is many times the plain net's."""
+    torch.manual_seed(0)
+    net = create_net("resnet20", in_channels=1, image_size=28, num_classes=10, blocks=(1, 1, 1))
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    plain, data, logits, mean, kl = _start_terms(net, x, y, 60000, "net")
+    torch.testing.assert_close(mean, logits, rtol=1e-4, atol=1e-4)
+    assert 0.7 < float(data / plain) < 1.5
+    assert float(kl) < 2.5  # nats per weight: -ln 0.1 = 2.3 from the posterior scale, little from the means
+    plain, data, _, _, _ = _start_terms(net, x, y, 60000, "guide")
+    assert float(data / plain) > 3
+
+
+@pytest.mark.slow
+def test_resnet18_starts_at_torchs_activation_scale():
+    torch.manual_seed(0)
+    net = create_net("resnet18", in_channels=1, image_size=28, num_classes=10)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    plain, data, logits, mean, kl = _start_terms(net, x, y, 60000, "net")
+    torch.testing.assert_close(mean, logits, rtol=1e-4, atol=1e-4)
+    assert 0.7 < float(data / plain) < 1.5 and float(kl) < 2.5
+
+
+def test_where_training_starts_by_net_and_by_choice(tmp_path):
+    """lenet, mlp, vit and mixer start where the paper's runs (experiments/RESULTS.md) started, at the guide's
+    own draw; every other net at its own initialisation; --start chooses."""
+    from pyrozoo.train import Run, TrainConfig
+
+    for name in ("lenet", "mlp", "vit", "mixer"):
+        assert TrainConfig(net=name).resolved().start == "guide"
+    for name in ("resnet18", "resnet20", "tv:resnet18"):
+        assert TrainConfig(net=name).resolved().start == "net"
+    locs = {}
+    for start in (None, "guide", "net"):
+        config = TrainConfig(
+            net="lenet", data="fashion-mnist-mini", epochs=1, steps_per_epoch=1, batch_size=8, start=start,
+            net_options={"channels": (2, 4, 8), "hidden": 8},
+        )  # fmt: skip
+        with Run(config, tmp_path / str(start), log=lambda text: None) as run:
+            locs[start] = {k: v.detach().clone() for k, v in run.guide.locs.items()}
+    assert all(torch.equal(locs[None][k], locs["guide"][k]) for k in locs[None])
+    assert not torch.equal(locs["net"]["head-weight_base"], locs["guide"]["head-weight_base"])
+    with pytest.raises(PyrozooError, match="--start"):
+        TrainConfig(net="lenet", start="zero").resolved()

@@ -52,7 +52,9 @@ class LeNet(nn.Module):
         return self.head(self.classifier(self.features(x)))
 
 
-@register_net("lenet", pad_to=32, description="LeNet-5: convs 6-16-120, dense 84 (CIFAR: 18-48-360, 256)")
+@register_net(
+    "lenet", pad_to=32, start="guide", description="LeNet-5: convs 6-16-120, dense 84 (CIFAR: 18-48-360, 256)"
+)
 def lenet(
     *,
     in_channels: int,

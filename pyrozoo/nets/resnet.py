@@ -73,7 +73,7 @@ def _check(widths, blocks, dropout):
         raise TypeError(f"dropout must be in [0, 1), got {dropout}")
 
 
-@register_net("resnet18", pad_to=32, description="ResNet-18, CIFAR-style (3x3 stem, no max-pool), BatchNorm")
+@register_net("resnet18", description="ResNet-18, CIFAR-style (3x3 stem, no max-pool), BatchNorm")
 def resnet18(
     *,
     in_channels: int,
@@ -90,7 +90,7 @@ def resnet18(
     return ResNet(in_channels, widths, blocks, num_classes, dropout)
 
 
-@register_net("resnet20", pad_to=32, description="ResNet-20 (He et al.): 16-32-64 channels, 3 blocks a stage")
+@register_net("resnet20", description="ResNet-20 (He et al.): 16-32-64 channels, 3 blocks a stage")
 def resnet20(
     *,
     in_channels: int,

@@ -1,0 +1,184 @@
+"""A BMR run's rebuilt net next to its ``flat-map`` twin pruned to the same sparsity by global magnitude and by
+Torch-Pruning's L1 channel pruning (issue 15): test accuracy, NLL, ECE, pruned fraction, parameters, and CPU
+latency at batch 256 against the dense net, all measured in this one process (latencies in turns, one thread
+by default).
+
+    python benchmarks/prune_compare.py BMR_RUN FLAT_MAP_RUN [--repeats 10] [--threads 1] [--units]
+        [--test-size N] [--out summary.json]
+
+The sparsity is the BMR run's last pruned fraction (PAPER.md §6: over the prunable layers, all weight layers
+but the output layer, biases included). Magnitude pruning (``pyrozoo.baselines.magnitude_prune``) and channel
+pruning (``pyrozoo.sweep.channel_prune``: ``MagnitudePruner`` with L1 importance, one ratio for every layer,
+found by bisection to remove that fraction of the prunable parameters) are the ones ``pyrozoo sweep`` runs.
+A magnitude-pruned net keeps the dense shapes, so its latency is the dense net's (zeros are still multiplied);
+it is not timed again. The BMR net's own metrics are the run's (its predictive, ``--samples`` draws; computed
+here the same way where the run's last epoch was not evaluated, or with ``--test-size``); its rebuilt net's
+(the posterior mean, dead units removed) are measured here. ``--units`` adds a structured pass (``Units``:
+whole coupled channel groups whose removal raises the evidence) on the BMR run, rebuilt again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+from torch.nn.utils import prune as torch_prune
+
+from pyrozoo.baselines import magnitude_prune
+from pyrozoo.bmr import Units, pruned_fraction
+from pyrozoo.bmr.rebuild import parameter_count, rebuild
+from pyrozoo.metrics import evaluate_net
+from pyrozoo.sweep import _prunable_params, channel_prune
+from pyrozoo.train import Run, evaluate, read_metrics
+
+
+def latencies(nets: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median milliseconds per forward pass of each net on ``x``, the nets timed in turns (so that load from
+    other jobs falls on all of them alike)."""
+    times = {name: [] for name in nets}
+    with torch.inference_mode():
+        for net in nets.values():
+            net.eval()
+            net(x)  # warm-up
+        for _ in range(repeats):
+            for name, net in nets.items():
+                start = time.perf_counter()
+                net(x)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def _evaluated(metrics: dict) -> bool:
+    return "accuracy" in metrics and metrics["accuracy"] == metrics["accuracy"]  # NaN where not evaluated
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bmr_run")
+    parser.add_argument("map_run")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--out", default=None, help="write the summary here as JSON")
+    parser.add_argument("--test-size", type=int, default=None, help="evaluate all on the first N test images")
+    parser.add_argument("--units", action="store_true", help="also a Units pass on the BMR run, rebuilt")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    quiet = lambda text: None  # noqa: E731
+
+    bmr_run, map_run = Run.open(args.bmr_run, log=quiet), Run.open(args.map_run, log=quiet)
+    d = map_run.data
+    x, y, classes = d.x_test.cpu(), d.y_test.cpu(), d.num_classes
+    if args.test_size:
+        x, y = x[: args.test_size], y[: args.test_size]
+    bmr_last = read_metrics(bmr_run.out / "metrics.csv")[-1]
+    map_last = read_metrics(map_run.out / "metrics.csv")[-1]
+    own = not args.test_size  # the runs' own metrics are of the whole test set, when they were evaluated
+    if not (own and _evaluated(bmr_last)):  # the run's predictive, as its evaluation computes it
+        torch.manual_seed(bmr_run.config.seed * 100_003 + bmr_run.epoch)
+        samples = bmr_run.config.samples
+        bmr_last = {**bmr_last, **evaluate(bmr_run.model, bmr_run.guide, x, y, classes, samples, 500)}
+    sparsity = float(bmr_last["pruned_fraction"])
+    layers = map_run.model.layers
+    rows = {}
+
+    def row(name, net, metrics, pruned, seconds=0.0):
+        keys = ("accuracy", "nll", "ece", "ece15", "brier")
+        rows[name] = {
+            **{k: float(metrics[k]) for k in keys if k in metrics},
+            "pruned_fraction": pruned,
+            "parameters": parameter_count(net),
+            "nonzero_parameters": parameter_count(net, nonzero=True),
+            "prunable_parameters": _prunable_params(net, layers),
+            "seconds_to_prune": seconds,
+        }
+
+    dense = rebuild(map_run.model, map_run.guide, remove_dead=False).cpu().eval()
+    dense_metrics = map_last if own and _evaluated(map_last) else evaluate_net(dense, x, y, classes)
+    row("flat-map dense", dense, dense_metrics, 0.0)
+
+    start = time.perf_counter()
+    bmr_net = rebuild(bmr_run.model, bmr_run.guide).cpu().eval()
+    seconds = time.perf_counter() - start
+    row(f"{bmr_run.config.method} (run's predictive)", bmr_net, bmr_last, sparsity)
+    row(f"{bmr_run.config.method} rebuilt (posterior mean)", bmr_net, evaluate_net(bmr_net, x, y, classes),
+        sparsity, seconds)  # fmt: skip
+
+    if args.units:  # whole coupled channel groups whose removal raises the evidence, then rebuilt again
+        start = time.perf_counter()
+        Units()(bmr_run.model, bmr_run.guide)
+        units_net = rebuild(bmr_run.model, bmr_run.guide).cpu().eval()
+        seconds = time.perf_counter() - start
+        row(f"{bmr_run.config.method} + units pass, rebuilt", units_net, evaluate_net(units_net, x, y, classes),
+            pruned_fraction(bmr_run.model), seconds)  # fmt: skip
+
+    start = time.perf_counter()
+    magnitude = copy.deepcopy(dense)
+    masks = magnitude_prune(magnitude, layers, sparsity, "global")
+    for module in magnitude.modules():  # the masks made permanent, so that the zeros are counted
+        for name in [
+            n[: -len("_mask")] for n, _ in module.named_buffers(recurse=False) if n.endswith("_mask")
+        ]:
+            torch_prune.remove(module, name)
+    achieved = 1 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    seconds = time.perf_counter() - start
+    row("flat-map + global magnitude", magnitude, evaluate_net(magnitude, x, y, classes), achieved, seconds)
+
+    start = time.perf_counter()
+    channels, achieved = channel_prune(dense, layers, d.x_train[:2].cpu(), sparsity)
+    seconds = time.perf_counter() - start
+    row(
+        "flat-map + Torch-Pruning L1 channels",
+        channels,
+        evaluate_net(channels, x, y, classes),
+        achieved,
+        seconds,
+    )
+
+    nets = {"flat-map dense": dense, "bmr": bmr_net, "flat-map + Torch-Pruning L1 channels": channels}
+    if args.units:
+        nets["units"] = units_net
+    timed = latencies(
+        nets,
+        x[: args.batch],
+        args.repeats,
+    )
+    for name, r in rows.items():
+        key = ("units" if "units" in name else "bmr") if name.startswith(bmr_run.config.method) else name
+        ms = timed.get(key, timed["flat-map dense"])  # magnitude pruning keeps the dense shapes
+        r["latency_ms"] = ms
+        r["speedup"] = timed["flat-map dense"] / ms
+        r["parameter_ratio"] = rows["flat-map dense"]["parameters"] / r["parameters"]
+    summary = {
+        "bmr_run": str(bmr_run.out),
+        "map_run": str(map_run.out),
+        "sparsity": sparsity,
+        "test_images": len(x),
+        "bmr_epoch": bmr_run.epoch,
+        "map_epoch": map_run.epoch,
+        "batch": args.batch,
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "machine": f"{platform.machine()}, torch {torch.__version__}",
+        "rows": rows,
+    }
+    print(
+        f"{'':42s} {'acc':>6s} {'ECE':>6s} {'NLL':>6s} {'pruned':>7s} {'params':>10s} {'ms/256':>8s} {'speedup':>7s}"
+    )
+    for name, r in rows.items():
+        print(
+            f"{name:42s} {r['accuracy']:6.4f} {r['ece']:6.4f} {r['nll']:6.3f} {r['pruned_fraction']:7.4f} "
+            f"{r['parameters']:10d} {r['latency_ms']:8.1f} {r['speedup']:7.2f}"
+        )
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
