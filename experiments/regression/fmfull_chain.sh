@@ -2,15 +2,18 @@
 # Issue 18, Done-when item 3 on the full Fashion-MNIST: 8 trainings in one sequential chain, each followed by
 # `pyrozoo uncertainty`. One thread. Run from the worktree root:
 #   nohup bash experiments/regression/fmfull_chain.sh > experiments/regression/runs/fmfull-chain.log 2>&1 &
-# DATA / EPOCHS / STEPS / SAMPLES / PREFIX override the schedule (for a dry run on fashion-mnist-mini).
+# DATA / EPOCHS / STEPS / SAMPLES / PREFIX override the schedule (for a dry run on fashion-mnist-mini), NETS and
+# METHODS the runs and their order (space-separated).
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 DATA=${DATA:-fashion-mnist}
 EPOCHS=${EPOCHS:-5}
 STEPS=${STEPS:-500}
 SAMPLES=${SAMPLES:-20}
 PREFIX=${PREFIX:-experiments/regression/runs/fmfull}
-for net in lenet mlp; do
-  for m in flat-map flat-ff tiered-ff bmr-th; do
+NETS=${NETS:-lenet mlp}
+METHODS=${METHODS:-flat-map flat-ff tiered-ff bmr-th}
+for net in $NETS; do
+  for m in $METHODS; do
     out=$PREFIX-$net-$m
     echo "$(date -u +%FT%TZ) start $net $m -> $out"
     python -m pyrozoo train --net $net --data $DATA --method $m --epochs $EPOCHS --steps-per-epoch $STEPS \
