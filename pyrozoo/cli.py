@@ -676,16 +676,34 @@ def _open_for_prediction(args):
 
 
 def _predict(args) -> None:
-    from pyrozoo.predict import classification_summary, predict_frame, prepare_like, read_inputs
+    from pyrozoo.predict import (
+        align_table,
+        classification_summary,
+        predict_frame,
+        prepare_like,
+        read_inputs,
+        regression_summary,
+    )
     from pyrozoo.shift import SHIFTS
 
     run, raw = _open_for_prediction(args)
     with run:
         c = run.config
         samples = 1 if run.guide.point_mass else args.samples or c.samples  # a point mass: one draw
-        known = args.input is None
         if args.input is not None:
-            x, y = read_inputs(args.input, raw, c.target), None
+            x, y = read_inputs(args.input, raw, c.target)
+            if y is not None:  # say so: the column is not an input, and the rows are scored against it
+                print(
+                    f"{args.input}: column {c.target!r} is the run's target, so it is not an input: each row "
+                    "is scored against it (target, "
+                    f"{'error' if raw.task == 'regress' else 'correct'}, nll)",
+                    file=sys.stderr,
+                )
+            elif c.target is not None and args.input.lower().endswith(".csv"):
+                print(
+                    f"{args.input}: no column {c.target!r} (the run's target): predictions only, not scored",
+                    file=sys.stderr,
+                )
         elif args.data is not None:
             other = datasets.load(
                 args.data, c.data_dir, target=c.target, task=c.task if args.data.endswith(".csv") else None
@@ -695,7 +713,7 @@ def _predict(args) -> None:
                     f"{args.data} has inputs of shape {tuple(other.x_test.shape[1:])}, the run "
                     f"was trained on {tuple(raw.x_test.shape[1:])}"
                 )
-            x, y = other.x_test, other.y_test
+            x, y = align_table(other, raw)
         else:
             x, y = raw.x_test, raw.y_test
         if args.shift:
@@ -704,14 +722,18 @@ def _predict(args) -> None:
                     f"--shift makes shifted images; {raw.name}'s inputs are features, not images"
                 )
             x = SHIFTS[args.shift](x, args.severity, seed=c.seed)
+        known = y is not None
         prepared = prepare_like(run, raw, x, y)
         predictions, frame = predict_frame(
             run, prepared, samples, args.batch_size, not args.no_progress, known
         )
         atomic_write(args.out, lambda p: frame.to_csv(p, index=False))
         print(f"{len(frame)} predictions ({samples} posterior samples) in {args.out}", file=sys.stderr)
-        if known and prepared.task == "classify":
-            summary = classification_summary(predictions, prepared.y_test)
+        if known:
+            if prepared.task == "classify":
+                summary = classification_summary(predictions, prepared.y_test)
+            else:
+                summary = regression_summary(frame)
             print(" ".join(f"{k} {v:.4f}" for k, v in summary.items()))
 
 

@@ -658,6 +658,14 @@ def paper_table(final: pd.DataFrame, data: str) -> str:
     return title + "\n\n" + markdown(rows, ["net", *header, "pruned fraction"])
 
 
+def _seconds(value: float) -> str:
+    """Whole seconds from 10 s up; two significant digits below, so a run of a fraction of a second does not
+    read as 0 s."""
+    if math.isnan(value):
+        return "-"
+    return f"{value:.0f}" if value >= 10 else f"{value:.2g}"
+
+
 def long_table(final: pd.DataFrame) -> str:
     """Every dataset x net x method with all final metrics; ± the std over seeds where there are several."""
     rows = []
@@ -686,7 +694,7 @@ def long_table(final: pd.DataFrame) -> str:
                 pm("coverage90", 3),
                 pm("entropy_auroc", 3),
                 "-" if math.isnan(pruned) else f"{pruned:.3f}",
-                f"{r.seconds:.0f}",
+                _seconds(r.seconds),
                 str(r.epoch),
                 str(r.seeds),
             ]

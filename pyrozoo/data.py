@@ -105,6 +105,10 @@ class RawData:
     num_classes: int
     source: str
     task: str = "classify"
+    # a CSV table's feature column names (in the order of the features) and its target's class labels (class k
+    # is labels[k]), so that new rows of the same table can be read by name; None for other datasets
+    feature_names: tuple[str, ...] | None = None
+    class_labels: tuple | None = None
 
 
 @dataclass
@@ -557,7 +561,11 @@ def read_table(path: str | os.PathLike, target: str | None, task: str | None = N
         y, num_classes = torch.from_numpy(codes.astype(np.int64)), len(classes)
     x = _features(features.to_numpy(np.float64))
     train, test = _split(len(x))
-    return RawData(Path(path).name, x[train], y[train], x[test], y[test], num_classes, str(path), task)
+    labels = None if task == "regress" else tuple(classes.tolist())
+    names = tuple(map(str, features.columns))
+    return RawData(
+        Path(path).name, x[train], y[train], x[test], y[test], num_classes, str(path), task, names, labels
+    )
 
 
 def _prepare_features(raw: RawData, device) -> Prepared:

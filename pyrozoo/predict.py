@@ -15,6 +15,7 @@ no epistemic part, and reports none; nor does a single draw of a posterior (a po
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import pandas as pd
@@ -98,6 +99,7 @@ def predict(
     task: str | None = None,
     seed: int = 0,
     progress: bool = False,
+    y: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Per-input predictions of ``model`` (a :class:`~pyrozoo.models.BayesianModel`) under ``guide``'s posterior,
     averaged over ``samples`` draws; with ``guide=None``, of ``model`` as a plain deterministic net (one draw).
@@ -109,6 +111,12 @@ def predict(
     their squares) and the central intervals ``lower50``/``upper50``, ``lower90``... of the predictive mixture.
     A deterministic regression net gives ``mean``, and with ``noise_std`` (original units) ``std`` (all
     aleatoric) and intervals.
+
+    With targets ``y`` (class indices; or regression targets standardised as the model's, like ``x``), also per
+    input: ``nll``, the negative log density of the target under the predictive (classification: ``-ln
+    probs[y]``; regression: of the posterior-predictive mixture, in original units, as
+    :func:`pyrozoo.metrics.regression_metrics`' mean ``nll``), and for regression ``error`` (``mean`` minus the
+    target, original units).
 
     Usage::
 
@@ -126,8 +134,12 @@ def predict(
     with bar:
         for start in range(0, len(x), batch_size):
             batch = predict_batch(model, guide, x[start : start + batch_size], samples, task, seed)
+            targets = None if y is None else y[start : start + batch_size].to(x.device)
             if task == "regress":
-                batch = _regression_summary(batch, y_mean, y_std, noise_std)
+                batch = _regression_summary(batch, y_mean, y_std, noise_std, targets)
+            elif targets is not None:
+                picked = batch["probs"].gather(1, targets.long()[:, None])[:, 0]
+                batch["nll"] = -picked.clamp(min=1e-300).log()
             for key, value in batch.items():
                 parts.setdefault(key, []).append(value.cpu())
             bar.update(min(batch_size, len(x) - start))
@@ -135,10 +147,12 @@ def predict(
 
 
 def _regression_summary(
-    batch: dict, y_mean: float, y_std: float, noise_std: float | None
+    batch: dict, y_mean: float, y_std: float, noise_std: float | None, y: Tensor | None = None
 ) -> dict[str, Tensor]:
     locs, noise_var = batch["locs"], batch["noise_var"]
     out = {"mean": y_mean + y_std * locs.mean(0)}
+    if y is not None:
+        out["error"] = out["mean"] - (y_mean + y_std * y.double())
     if noise_var is None:  # a deterministic net: only the noise the caller states
         if noise_std is None:
             return out
@@ -153,6 +167,9 @@ def _regression_summary(
     for i, level in enumerate(INTERVALS):
         out[f"lower{round(level * 100)}"] = y_mean + y_std * bounds[i]
         out[f"upper{round(level * 100)}"] = y_mean + y_std * bounds[len(INTERVALS) + i]
+    if y is not None:  # the mixture's density in original units: the standardised one divided by y_std
+        ll = torch.distributions.Normal(locs, noise_var.sqrt()).log_prob(y.double())
+        out["nll"] = math.log(y_std) - (torch.logsumexp(ll, 0) - math.log(len(locs)))
     return out
 
 
@@ -205,14 +222,20 @@ def classification_uncertainty(predictions: dict[str, Tensor], y: Tensor) -> dic
 # --- on a run's data ------------------------------------------------------------------------------------------
 
 
-def read_inputs(path: str, like, target: str | None = None) -> torch.Tensor:
-    """Raw inputs from a file, in the stored layout of the run's data (``like``, a RawData): a CSV of feature
-    columns for tabular data (named as in training, the target column may be present and is dropped), or a
-    ``.npy``/``.pt`` array of images ``(N, H, W)`` or ``(N, C, H, W)`` with pixel values 0..255."""
+def read_inputs(path: str, like, target: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw inputs from a file, in the stored layout of the run's data (``like``, a RawData), and their targets
+    when the file has them: a CSV of feature columns for tabular data, or a ``.npy``/``.pt`` array of images
+    ``(N, H, W)`` or ``(N, C, H, W)`` with pixel values 0..255 (no targets).
+
+    A CSV of a run trained on a CSV table is read by column name (any order); its column ``target`` (the run's
+    target), when present, becomes the targets: numbers in the target's units, or class labels of the
+    training table (mapped to their class indices). Other tabular runs (toy1d, diabetes) take the feature
+    columns in order."""
     import numpy as np
 
     from pyrozoo.data import _features
 
+    y = None
     try:
         if path.lower().endswith(".csv"):
             if not like.x_train.is_floating_point():
@@ -221,7 +244,24 @@ def read_inputs(path: str, like, target: str | None = None) -> torch.Tensor:
                 )
             table = pd.read_csv(path)
             if target is not None and target in table:
-                table = table.drop(columns=[target])
+                y = _targets(path, table.pop(target), like)
+            names = getattr(like, "feature_names", None)
+            if names is not None:
+                missing = [n for n in names if n not in table]
+                extra = [str(c) for c in table if c not in names]
+                if missing or extra:
+                    raise PyrozooError(
+                        f"{path}: the run's features are the columns {', '.join(names)}"
+                        + (f"; missing: {', '.join(missing)}" if missing else "")
+                        + (f"; not features of the run: {', '.join(extra)}" if extra else "")
+                    )
+                table = table[list(names)]
+            bad = [str(c) for c in table if not pd.api.types.is_numeric_dtype(table[c])]
+            if bad or table.isna().any().any():
+                raise PyrozooError(
+                    f"{path}: feature columns must be numeric and complete; "
+                    f"{', '.join(bad or [str(c) for c in table if table[c].isna().any()])} are not"
+                )
             x = _features(table.to_numpy(np.float64))
         elif path.lower().endswith(".npy"):
             x = torch.from_numpy(np.load(path, allow_pickle=False))
@@ -249,7 +289,56 @@ def read_inputs(path: str, like, target: str | None = None) -> torch.Tensor:
             x = x.round().to(torch.uint8)
     elif x.shape[1:] != like.x_train.shape[1:]:
         raise PyrozooError(f"{path} has {x.shape[1]} feature columns, the run's data {like.x_train.shape[1]}")
-    return x
+    return x, y
+
+
+def align_table(other, like) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split of another table ``other`` (a RawData) in the layout of the run's table ``like``: its
+    feature columns by name in the run's order, its class labels as the run's class indices."""
+    x, y = other.x_test, other.y_test
+    names, theirs = like.feature_names, other.feature_names
+    if names is not None and theirs is not None and names != theirs:
+        if sorted(names) != sorted(theirs):
+            raise PyrozooError(
+                f"{other.source} has the feature columns {', '.join(theirs)}; the run's are {', '.join(names)}"
+            )
+        x = x[:, [theirs.index(n) for n in names]]
+    if like.class_labels is not None and other.class_labels is not None:
+        codes = {str(label): k for k, label in enumerate(like.class_labels)}
+        unknown = [str(v) for v in other.class_labels if str(v) not in codes]
+        if unknown:
+            raise PyrozooError(
+                f"{other.source} has labels the run was not trained on: {', '.join(unknown[:5])} "
+                f"(its classes: {', '.join(codes)})"
+            )
+        y = torch.tensor([codes[str(v)] for v in other.class_labels], dtype=torch.int64)[y]
+    return x, y
+
+
+def _targets(path: str, column: pd.Series, like) -> torch.Tensor:
+    """A CSV's target column as the run's targets: float numbers (regression), or class indices of the run's
+    class labels (classification; a label the run never saw is an error)."""
+    name = column.name
+    if column.isna().any():
+        raise PyrozooError(
+            f"{path}: target column {name!r} has missing values; fill them, or drop the column"
+        )
+    if like.task == "regress":
+        if not pd.api.types.is_numeric_dtype(column):
+            raise PyrozooError(f"{path}: target column {name!r} is not numeric, the run regresses on it")
+        return torch.from_numpy(column.to_numpy(dtype="float32"))
+    labels = getattr(like, "class_labels", None)
+    if labels is None:  # a named classification set: the column holds class indices
+        codes = {str(k): k for k in range(like.num_classes)}
+    else:
+        codes = {str(label): k for k, label in enumerate(labels)}
+    unknown = sorted({str(v) for v in column if str(v) not in codes})
+    if unknown:
+        raise PyrozooError(
+            f"{path}: target column {name!r} has labels the run was not trained on: {', '.join(unknown[:5])} "
+            f"(its classes: {', '.join(codes)})"
+        )
+    return torch.tensor([codes[str(v)] for v in column], dtype=torch.int64)
 
 
 def prepare_like(run, raw, x_raw: torch.Tensor, y_raw: torch.Tensor | None = None):
@@ -277,6 +366,7 @@ def predict_frame(run, prepared, samples: int, batch_size: int, progress: bool, 
         y_std=prepared.y_std,
         seed=run.config.seed,
         progress=progress,
+        y=prepared.y_test if known_targets else None,
     )
     frame = to_frame(predictions)
     if known_targets:
@@ -287,6 +377,20 @@ def predict_frame(run, prepared, samples: int, batch_size: int, progress: bool, 
             frame.insert(0, "target", y.numpy())
             frame.insert(1, "correct", (predictions["class"] == y).numpy())
     return predictions, frame
+
+
+def regression_summary(frame: pd.DataFrame) -> dict[str, float]:
+    """RMSE, mean NLL and the 50/90/95% interval coverage of per-input regression predictions with targets
+    (a :func:`predict_frame` with known targets), in the targets' units."""
+    out = {"rmse": math.sqrt((frame["error"] ** 2).mean())}
+    if "nll" in frame:
+        out["nll"] = frame["nll"].mean()
+    for level in INTERVALS:
+        lower, upper = f"lower{round(level * 100)}", f"upper{round(level * 100)}"
+        if lower in frame:
+            hit = (frame["target"] >= frame[lower]) & (frame["target"] <= frame[upper])
+            out[f"coverage{round(level * 100)}"] = hit.mean()
+    return out
 
 
 def classification_summary(predictions: dict[str, Tensor], y: Tensor) -> dict[str, float]:

@@ -413,3 +413,14 @@ def test_net_options_reach_the_nets_that_take_them(tmp_path):
         make_grid(
             nets=["mlp", "lenet"], methods=["flat-ff"], data=["fashion-mnist-mini"], net_options={"depth": 2}
         )
+
+
+def test_the_summary_table_shows_short_training_times():
+    """ "training s" of a sub-second run is not rounded to 0: whole seconds from 10 s, two digits below."""
+    rows = [
+        dict(data="d", net="mlp", method=m, seeds=1, prunes=False, pruned_fraction=0.0, seconds=s, epoch=1)
+        for m, s in [("a", 0.378), ("b", 0.004), ("c", 5.27), ("d", 123.6), ("e", float("nan"))]
+    ]
+    lines = compare.long_table(pd.DataFrame(rows)).splitlines()
+    times = {line.split("|")[3].strip(): line.split("|")[-4].strip() for line in lines[2:]}
+    assert times == {"a": "0.38", "b": "0.004", "c": "5.3", "d": "124", "e": "-"}

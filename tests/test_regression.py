@@ -1,5 +1,6 @@
 """Gaussian regression, per-input predictions and measured uncertainty (issue 18)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -20,7 +21,7 @@ from pyrozoo.methods import METHODS
 from pyrozoo.metrics import auroc, mixture_quantile, regression_metrics
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.likelihoods import Gaussian
-from pyrozoo.models.priors import gaussian
+from pyrozoo.models.priors import PRIORS, gaussian
 from pyrozoo.nets import create_net
 from pyrozoo.predict import regression_draws
 from pyrozoo.shift import NOISE_STD, SHIFTS
@@ -208,6 +209,35 @@ def test_predictive_in_parallel_for_classification(tiny_mlp_model, tiny_batch):
     assert out["y"].shape[0] == 4 and out["y"].shape[-1] == 6
 
 
+@pytest.mark.parametrize("prior", [*PRIORS, "tiered-local"])
+def test_predictive_in_parallel_with_every_prior(prior):
+    """Every prior (the tiered one's per-row and per-weight scales included) under Pyro's vectorised plate:
+    Predictive(parallel=True) returns every site in the shapes of parallel=False, and each stacked draw's y has
+    the distribution the model gives that draw's latents one at a time (its logits, compared exactly)."""
+    from functools import partial
+
+    fn = partial(PRIORS["tiered"], local=True) if prior == "tiered-local" else PRIORS[prior]
+    net = create_net("mlp", in_channels=1, image_size=4, num_classes=3, hidden=(5, 4))
+    model = BayesianModel(net, prior=fn)
+    guide = make_guide("meanfield", model, options={"init_scale": 0.5})
+    x, draws = torch.randn(6, 1, 4, 4), 4
+    pyro.set_rng_seed(0)
+    sequential = Predictive(model, guide=guide, num_samples=draws, parallel=False)(x)
+    parallel = Predictive(model, guide=guide, num_samples=draws, parallel=True)(x)
+    assert {k: v.shape for k, v in parallel.items()} == {k: v.shape for k, v in sequential.items()}
+    # the trace Predictive(parallel=True) runs: the model in a vectorised plate, at the guide's stacked draws
+    trace = Predictive(model, guide=guide, num_samples=draws, parallel=True).get_vectorized_trace(x)
+    logits = trace.nodes["y"]["fn"].logits
+    assert logits.numel() == draws * 6 * 3
+    latents = {k: trace.nodes[k]["value"] for k in parallel if k != "y"}
+    assert "head.weight_base" in latents and (prior != "tiered" or "body.1.rows" in latents)
+    for s in range(draws):
+        one = {k: v[s].reshape(trace.nodes[k]["fn"].event_shape) for k, v in latents.items()}
+        want = torch.log_softmax(model.logits(x, model.weights_from(one)), -1)
+        got = torch.log_softmax(logits.reshape(draws, 6, 3)[s], -1)
+        torch.testing.assert_close(got, want)
+
+
 def tiny_regression(method="flat-ff", **changes):
     options = dict(
         net="mlp",
@@ -369,3 +399,124 @@ def test_uncertainty_command_and_its_compare_columns(tmp_path, capsys):
     assert summary["shift_accuracy"] == pytest.approx(table["accuracy"][1:].mean())
     code, out, err = cli(capsys, "uncertainty", str(tmp_path / "nope"))
     assert_one_line_error(code, out, err, "nope")
+
+
+def csv_run(tmp_path, task):
+    path = tmp_path / "table.csv"
+    write_table(path, classify=task == "classify")
+    config = TrainConfig(
+        net="mlp", data=str(path), target="target", task=task, method="flat-ff", epochs=1, steps_per_epoch=3,
+        batch_size=16, samples=4, net_options={"hidden": (4,)},
+    )  # fmt: skip
+    Run(config, tmp_path / "run", log=quiet).train(progress=False)
+    return path, tmp_path / "run"
+
+
+@pytest.mark.parametrize("task", ["regress", "classify"])
+def test_predict_input_csv_with_the_target_column_scores_each_row(tmp_path, capsys, task):
+    """A --input CSV holding the run's target column: the column is not an input, it is said so on stderr, and
+    each row is scored against it; the columns are read by name (any order), labels mapped to the run's
+    classes; the same rows give the same predictions as the run's own test split."""
+    table, run = csv_run(tmp_path, task)
+    rows = pd.read_csv(table).iloc[::-1]  # reversed rows, shuffled columns
+    rows = rows[["target", "b", "a"]]
+    inputs, out, ref = tmp_path / "in.csv", tmp_path / "out.csv", tmp_path / "ref.csv"
+    rows.to_csv(inputs, index=False)
+    code, stdout, err = cli(
+        capsys, "predict", str(run), "--input", str(inputs), "--out", str(out), "--no-progress"
+    )
+    assert code == 0, err
+    assert "'target' is the run's target" in err and "scored" in err
+    frame = pd.read_csv(out)
+    assert len(frame) == 60 and "nll" in frame and "target" in frame
+    if task == "regress":
+        np.testing.assert_allclose(frame["target"], rows["target"], rtol=1e-6)
+        np.testing.assert_allclose(frame["error"], frame["mean"] - frame["target"], rtol=1e-5, atol=1e-5)
+        assert stdout.startswith("rmse ") and "coverage90" in stdout
+    else:
+        assert list(frame["target"]) == [int(v == "yes") for v in rows["target"]]  # classes sorted: no, yes
+        probs = frame[["prob0", "prob1"]].to_numpy()
+        picked = probs[np.arange(60), frame["target"].to_numpy()]
+        np.testing.assert_allclose(frame["nll"], -np.log(picked), rtol=1e-6)
+        assert stdout.startswith("accuracy ")
+    # the run's own test split: the same inputs give the same predictions (same seeded draws)
+    code, _, err = cli(capsys, "predict", str(run), "--out", str(ref), "--no-progress")
+    assert code == 0, err
+    reference = pd.read_csv(ref)
+    _, test = datasets._split(60)  # the run's test rows, in order
+    merged = frame.set_index(rows.index).loc[test.numpy()]
+    column = "mean" if task == "regress" else "prob1"
+    np.testing.assert_allclose(merged[column], reference[column], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(merged["nll"], reference["nll"], rtol=1e-5, atol=1e-6)
+    # without the target column: predictions only, and stderr says the rows are not scored
+    rows.drop(columns=["target"]).to_csv(inputs, index=False)
+    code, _, err = cli(
+        capsys, "predict", str(run), "--input", str(inputs), "--out", str(out), "--no-progress"
+    )
+    assert code == 0 and "not scored" in err
+    assert not {"target", "nll", "error", "correct"} & set(pd.read_csv(out))
+
+
+def test_predict_input_csv_mistakes_are_one_line_errors(tmp_path, capsys):
+    table, run = csv_run(tmp_path, "classify")
+    rows, inputs = pd.read_csv(table), tmp_path / "in.csv"
+    base = ["predict", str(run), "--input", str(inputs), "--out", str(tmp_path / "o.csv"), "--no-progress"]
+    rows.assign(target="maybe").to_csv(inputs, index=False)
+    assert_one_line_error(*cli(capsys, *base), "maybe", "no, yes")
+    rows.rename(columns={"b": "c"}).to_csv(inputs, index=False)
+    assert_one_line_error(*cli(capsys, *base), "missing: b", "not features of the run: c")
+
+
+def test_regression_predict_nll_per_input_against_the_mixture_density():
+    """predict's per-input regression NLL is the posterior-predictive mixture's, in original units: checked
+    against the density of the same seeded draws computed by hand, and its mean against regression_metrics."""
+    from pyrozoo.predict import predict_batch
+
+    model = regression_model()
+    guide = make_guide("meanfield", model, options={"init_scale": 0.3})
+    x, y = torch.randn(9, 2, 1, 1), torch.randn(9)
+    out = pyrozoo.predict(model, guide, x, samples=6, y_mean=1.5, y_std=3.0, y=y, batch_size=4)
+    # the same seeded draws (float32 sums differ a hair between batch sizes, hence the tolerances)
+    draws = predict_batch(model, guide, x, samples=6)
+    locs, var = draws["locs"].numpy(), draws["noise_var"].numpy()
+    y_orig, mu, sd = 1.5 + 3.0 * y.double().numpy(), 1.5 + 3.0 * locs, 3.0 * np.sqrt(var)
+    density = (np.exp(-0.5 * ((y_orig - mu) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))).mean(0)
+    np.testing.assert_allclose(out["nll"].numpy(), -np.log(density), rtol=1e-7)
+    np.testing.assert_allclose(out["error"].numpy(), 1.5 + 3.0 * locs.mean(0) - y_orig, atol=1e-6)
+    want = regression_metrics(draws["locs"], draws["noise_var"], y, y_mean=1.5, y_std=3.0)["nll"]
+    assert out["nll"].mean().item() == pytest.approx(want, rel=1e-7)
+
+
+def test_predict_data_csv_reads_columns_by_name_and_labels_as_the_runs_classes(tmp_path, capsys):
+    """--data OTHER.csv: its columns in another order, its labels a subset in another order of codes; the rows
+    are the same as the run's table, so the predictions and scored classes must be the run's own."""
+    table, run = csv_run(tmp_path, "classify")
+    rows = pd.read_csv(table)
+    other, out, ref = tmp_path / "other.csv", tmp_path / "o.csv", tmp_path / "ref.csv"
+    rows[["b", "target", "a"]].to_csv(other, index=False)
+    assert cli(capsys, "predict", str(run), "--out", str(ref), "--no-progress")[0] == 0
+    code, _, err = cli(capsys, "predict", str(run), "--data", str(other), "--out", str(out), "--no-progress")
+    assert code == 0, err
+    pd.testing.assert_frame_equal(pd.read_csv(out), pd.read_csv(ref))
+    # labels of another table: their codes there are not the run's
+    from pyrozoo.data import RawData
+    from pyrozoo.predict import align_table
+
+    x = torch.arange(6.0).reshape(2, 3, 1, 1)
+    like = RawData("t", x, None, x, None, 3, "t.csv", "classify", ("a", "b", "c"), ("no", "maybe", "yes"))
+    theirs = RawData(
+        "o",
+        x,
+        None,
+        x.flip(1),
+        torch.tensor([0, 1]),
+        2,
+        "o.csv",
+        "classify",
+        ("c", "b", "a"),
+        ("maybe", "yes"),
+    )
+    x2, y2 = align_table(theirs, like)
+    assert torch.equal(x2, x) and y2.tolist() == [1, 2]
+    with pytest.raises(PyrozooError, match="not trained on: never"):
+        align_table(dataclasses.replace(theirs, class_labels=("never", "yes")), like)

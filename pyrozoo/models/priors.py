@@ -57,6 +57,11 @@ def tiered(layer: Layer, tau0: float = 1e-2, local: bool = False):
     if layer.is_output:
         return (a / b).sqrt()
     slab = pyro.sample(f"{layer.name}.slab_precision", dist.Gamma(layer.const(2.0), layer.const(6.0)))
+    # The per-layer scalars broadcast against the (rows, 1) matrix. Under a vectorised plate (Predictive(
+    # parallel=True)) each value carries the draws' batch dimensions in front, and a guide's scalar site may
+    # hold the plate's singleton dimension where a vector site does not: line them up with the global pair's.
+    slab = slab.reshape(a.shape)
+    a, b, slab = a[..., None, None], b[..., None, None], slab[..., None, None]
     v, u = pairs("rows", layer.shape[0], 1).unbind(-1)
     psi = tau0**2 * (a / b) * v
     if local:
