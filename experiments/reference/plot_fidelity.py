@@ -1,8 +1,10 @@
 """Issue 20's figure: the reference code's BMR-S&S trajectory beside pyrozoo's, per net.
 
     python experiments/reference/plot_fidelity.py REFERENCE.csv RUN [RUN ...] --out FIGURE.png
+    python experiments/reference/plot_fidelity.py REF_A.csv REF_B.csv RUN [RUN ...] --references 2 --out FIGURE.png
 
-REFERENCE.csv is a per-epoch trajectory in the layout of shared/reference/lenet-bmr-ss.csv (columns epoch,
+Each REFERENCE.csv (the first --references arguments, one by default; black, one line style per seed) is a
+per-epoch trajectory in the layout of shared/reference/lenet-bmr-ss.csv (columns epoch,
 pruned_fraction, accuracy, pruned_layerK); each RUN is a pyrozoo run folder (metrics.csv, bmr.csv). Panels:
 overall pruned fraction, test accuracy, and each layer's pruned fraction, against epoch.
 """
@@ -29,26 +31,30 @@ def run_curves(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("reference", type=Path)
-    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("paths", type=Path, nargs="+", help="the reference CSVs, then the pyrozoo run folders")
+    parser.add_argument("--references", type=int, default=1, help="how many of the paths are reference CSVs")
     parser.add_argument("--labels", nargs="+", help="one label per run (default: folder names)")
     parser.add_argument("--title", default="")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    reference = pd.read_csv(args.reference)
-    layer_columns = [c for c in reference if c.startswith("pruned_layer")]
-    runs = [run_curves(folder) for folder in args.runs]
-    labels = args.labels or [folder.name for folder in args.runs]
+    references, run_folders = args.paths[: args.references], args.paths[args.references :]
+    if not run_folders:
+        parser.error("give at least one pyrozoo run folder after the reference CSVs")
+    runs = [run_curves(folder) for folder in run_folders]
+    labels = args.labels or [folder.name for folder in run_folders]
     layers = list(runs[0][1].columns)
     panels = 2 + len(layers)
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.0), squeeze=False)
     axes = axes[0]
-    evaluated = reference.dropna(subset=["accuracy"])
-    axes[0].plot(reference["epoch"], reference["pruned_fraction"], "k-", lw=2, label="reference")
-    axes[1].plot(evaluated["epoch"], evaluated["accuracy"], "ko-", lw=2, label="reference")
-    for k, layer in enumerate(layers):
-        if k < len(layer_columns):
-            axes[2 + k].plot(reference["epoch"], reference[layer_columns[k]], "k-", lw=2, label="reference")
+    for path, style in zip(references, ["-", "--", ":", "-."]):
+        reference = pd.read_csv(path)
+        label = f"reference ({path.stem})"
+        layer_columns = [c for c in reference if c.startswith("pruned_layer")]
+        evaluated = reference.dropna(subset=["accuracy"])
+        axes[0].plot(reference["epoch"], reference["pruned_fraction"], "k" + style, lw=2, label=label)
+        axes[1].plot(evaluated["epoch"], evaluated["accuracy"], "ko" + style, lw=2, label=label)
+        for k, layer in enumerate(layers[: len(layer_columns)]):
+            axes[2 + k].plot(reference["epoch"], reference[layer_columns[k]], "k" + style, lw=2, label=label)
     for (metrics, per_layer), label in zip(runs, labels):
         axes[0].plot(metrics["epoch"], metrics["pruned_fraction"], label=label)
         shown = metrics.dropna(subset=["accuracy"])
