@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from pyrozoo.bmr.reduction import REDUCTIONS, Decision, WeightReduction
-from pyrozoo.bmr.units import model_units
+from pyrozoo.bmr.units import model_units, remove_gone_units
 from pyrozoo.errors import PyrozooError
 
 
@@ -174,8 +174,8 @@ SKIPS = 32  # entries set aside for overshooting the target, at most, per rankin
 class _Effect:
     """What keep-masks do to the net: the layers they cut (layers that had a live weight under ``live``, bias
     and norm-offset columns aside, which give a constant, and have none left), and the pruned entries per layer,
-    once dead and unused units are removed with all their entries (the fixed point of
-    :func:`~pyrozoo.bmr.units.effective_masks`, here on masks not yet the model's)."""
+    once dead and unused units are removed with all their entries (:func:`~pyrozoo.bmr.units.remove_gone_units`
+    on masks not yet the model's)."""
 
     def __init__(self, model, live: dict[str, torch.Tensor]):
         self.layers = model.layers
@@ -186,16 +186,9 @@ class _Effect:
         self.before, _ = self._effective(live)
 
     def _effective(self, keep: dict[str, torch.Tensor]) -> tuple[set[str], dict[str, int]]:
-        masks = {name: mask.clone() for name, mask in {**self.others, **keep}.items()}
-        changed = True
-        while changed:
-            changed = False
-            for units in self.groups:
-                gone = units.gone(masks)
-                if bool(gone.any()):
-                    before = sum(int(masks[name].sum()) for name in units.layers)
-                    units.remove(masks, gone)
-                    changed |= sum(int(masks[name].sum()) for name in units.layers) != before
+        masks = remove_gone_units(
+            self.groups, {name: mask.clone() for name, mask in {**self.others, **keep}.items()}
+        )
         alive = {layer.name for layer in self.layers if bool(masks[layer.name][:, : layer.fan_in].any())}
         return alive, {name: int((~mask).sum()) for name, mask in masks.items()}
 

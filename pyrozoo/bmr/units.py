@@ -475,7 +475,12 @@ def effective_masks(model) -> dict[str, torch.Tensor]:
     """Boolean keep-masks with every entry of a dead or unused unit marked pruned too, until nothing changes
     (removing a unit can leave another without inputs or outputs)."""
     masks = {layer.name: model.mask(layer.name).bool().clone() for layer in model.layers}
-    groups = model_units(model)
+    return remove_gone_units(model_units(model), masks)
+
+
+def remove_gone_units(groups: list[Units], masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mark, in place, every entry of each dead or unused unit of ``groups`` pruned in boolean ``masks``, until
+    nothing changes; :func:`effective_masks` on masks that need not be the model's."""
     changed = True
     while changed:
         changed = False
