@@ -267,6 +267,20 @@ def test_every_method_trains_on_regression(tmp_path, method):
         assert table["bmr_seconds"].notna().any()
 
 
+def test_laplace_refuses_a_regression_run_by_name(tmp_path):
+    """A Laplace posterior is built for classification only: a regression run is refused in one line, before
+    any curvature is computed, and the run is left as it was."""
+    from pyrozoo.guides.laplace import laplace_from_run
+
+    run = Run(tiny_regression("flat-map"), tmp_path, log=quiet)
+    run.train(progress=False)
+    before = {k: v.clone() for k, v in run.guide.state_dict().items()}
+    with pytest.raises(PyrozooError, match="classification runs only.*regression"):
+        laplace_from_run(run, "kron", progress=False)
+    for k, v in run.guide.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
 @pytest.mark.parametrize("noise", ["fixed", "learned"])
 def test_fixed_and_learned_noise(tmp_path, noise):
     run = Run(tiny_regression(noise=noise, noise_precision=2.0), tmp_path, log=quiet)

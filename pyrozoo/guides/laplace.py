@@ -346,7 +346,15 @@ def laplace_from_run(run, structure: str = "kron", progress: bool = True, **opti
     """:func:`laplace` around a run's point estimate (posterior mean; a ``flat-map`` run's MAP weights), fitted
     on its training images."""
     from pyrozoo.bmr.rebuild import rebuild
+    from pyrozoo.models.likelihoods import Gaussian
 
+    if isinstance(run.model.likelihood, Gaussian):
+        # The fit would need the run's noise held fixed and the pruned net evaluated as a regressor: not built.
+        raise PyrozooError(
+            "a Laplace posterior is built for classification runs only; this run is a regression "
+            "(Gaussian likelihood): train it with a mean-field method (flat-ff, bmr-th) and prune that run's "
+            "own posterior (pyrozoo prune RUN, no --posterior)"
+        )
     net = rebuild(run.model, run.guide, remove_dead=False)
     output = next(layer.name for layer in run.model.layers if layer.is_output)
     return laplace(
