@@ -112,9 +112,7 @@ def export(run, folder: Path, repeats: int = 50, source: dict | None = None, net
     """
     d = run.data
     if nets is None:
-        nets = rebuild(run.model, run.guide, remove_dead=False), rebuild(
-            run.model, run.guide, remove_dead=True
-        )
+        nets = [rebuild(run.model, run.guide, remove_dead=dead) for dead in (False, True)]
     dense, sparse = (net.cpu() for net in nets)
     x_test, y_test = d.x_test.cpu(), d.y_test.cpu()
     summary = {"source": source or {"state": "checkpoint", **run.source()}}

@@ -204,10 +204,8 @@ def sweep(
         elif method in ("magnitude", "magnitude-layer"):
             net = copy.deepcopy(base)
             masks = magnitude_prune(net, layers, target, "global" if method == "magnitude" else "layer")
-            for (
-                name,
-                mask,
-            ) in masks.items():  # counted as BMR's: the entries of units that died count as pruned
+            # counted as BMR's: the entries of units that died with their weights count as pruned
+            for name, mask in masks.items():
                 probe.set_mask(name, mask)
             return net, pruned_fraction(probe)
         return channel_prune(base, layers, d.x_train[:2], target)
