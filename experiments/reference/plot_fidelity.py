@@ -42,6 +42,8 @@ def main() -> None:
         parser.error("give at least one pyrozoo run folder after the reference CSVs")
     runs = [run_curves(folder) for folder in run_folders]
     labels = args.labels or [folder.name for folder in run_folders]
+    if len(labels) != len(run_folders):
+        parser.error(f"give one label per run folder: {len(labels)} labels for {len(run_folders)} runs")
     layers = list(runs[0][1].columns)
     panels = 2 + len(layers)
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.0), squeeze=False)
