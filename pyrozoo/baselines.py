@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
@@ -26,8 +25,8 @@ from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.io import atomic_write
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.errors import PyrozooError
+from pyrozoo.models.likelihoods import Categorical
 from pyrozoo.registry import Registry
-from pyrozoo.metrics import evaluate_net
 from pyrozoo.train import CONFIG, METRICS, Minibatches, Run, committed_metrics
 
 
@@ -92,8 +91,12 @@ def magnitude_prune(
     return masks
 
 
-def finetune(net: nn.Module, x, y, steps: int, lr: float, batch_size: int, seed: int) -> None:
-    """``steps`` of Adam on the cross-entropy, on random minibatches; pruning masks stay applied."""
+def finetune(
+    net: nn.Module, x, y, steps: int, lr: float, batch_size: int, seed: int, likelihood=None
+) -> None:
+    """``steps`` of Adam on the negative log-likelihood (``likelihood``, a point one; the cross-entropy by
+    default), on random minibatches; pruning masks stay applied."""
+    likelihood = Categorical() if likelihood is None else likelihood
     parameters = [p.requires_grad_(True) for p in net.parameters()]  # the pruned ones' masks stay in force
     optimizer = torch.optim.Adam(parameters, lr=lr)
     batches = Minibatches(len(x), batch_size, seed)
@@ -103,7 +106,7 @@ def finetune(net: nn.Module, x, y, steps: int, lr: float, batch_size: int, seed:
         net.train()
         for _ in range(steps):
             i = batches.next().to(x.device)
-            loss = F.cross_entropy(net(x[i]), y[i])
+            loss = -likelihood.log_likelihood(net(x[i]), y[i]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -184,12 +187,13 @@ def run_baseline(folder: Path, method: str, source: Path, sparsity: Path, finetu
             record["lr"],
             record["batch_size"],
             record["seed"],
+            run.model.likelihood.at_point(run.guide),
         )
     seconds = time.perf_counter() - start
     for name, keep in masks.items():  # BMR's pruned fraction, which also counts the weights of dead units
         run.model.set_mask(name, keep)
     start = time.perf_counter()
-    metrics = evaluate_net(net, d.x_test, d.y_test, d.num_classes, run.config.eval_batch_size)
+    metrics = run.net_metrics(net)
     row = {
         "epoch": int(trained["epoch"]),
         "step": int(trained["step"]) + record["finetune_steps"],

@@ -567,17 +567,13 @@ def _prune_laplace(run, reduction, posterior: str, fit_size: int | None = None) 
     from pyrozoo.export import PRUNED_FILES
     from pyrozoo.guides.laplace import laplace_from_run
     from pyrozoo.io import atomic_write
-    from pyrozoo.metrics import evaluate_net
 
-    d = run.data
     structure = "diag" if posterior == "laplace-diag" else "kron"
     model, laplace_posterior = laplace_from_run(run, structure, fit_size=fit_size)
-    before = evaluate_net(
-        rebuild(model, laplace_posterior, remove_dead=False), d.x_test, d.y_test, d.num_classes
-    )
+    before = run.net_metrics(rebuild(model, laplace_posterior, remove_dead=False))
     report = reduction(model, laplace_posterior)
     net = rebuild(model, laplace_posterior, remove_dead=False)
-    after = evaluate_net(net, d.x_test, d.y_test, d.num_classes)
+    after = run.net_metrics(net)
     path = run.out / PRUNED_FILES[posterior]
     state = {
         "source": run.source(),
@@ -620,7 +616,8 @@ def _sweep(args) -> None:
         f"{run.out} (epoch {run.epoch}): accuracy-sparsity curve, one shot, evaluated at the point estimate"
     )
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    print("\nwhere each falls 1 point below the dense net's accuracy:")
+    worse = "RMSE is 1% above" if "rmse" in table else "accuracy is 1 point below"
+    print(f"\nwhere each one's {worse} the dense net's:")
     print(below_dense(table).to_string(index=False))
     print(f"written: {', '.join(str(p) for p in paths)}")
 

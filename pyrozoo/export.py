@@ -15,7 +15,6 @@ from torch import nn
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.errors import PyrozooError, reason
 from pyrozoo.io import atomic_write_folder
-from pyrozoo.metrics import evaluate_net
 from pyrozoo.train import PRUNED
 
 # what ``pyrozoo prune RUN --posterior P`` writes into the run folder, by P
@@ -101,7 +100,8 @@ def _bytes(net: nn.Module) -> int:
 
 
 def export(run, folder: Path, repeats: int = 50, source: dict | None = None, nets=None) -> dict:
-    """Write the rebuilt sparse net and return a summary (sizes, accuracy, latency, dense against sparse).
+    """Write the rebuilt sparse net and return a summary (sizes, accuracy or a regression's RMSE, latency,
+    dense against sparse).
 
     ``folder/sparse.pt2`` is a ``torch.export`` program for deployment; ``sparse_net.pt`` the whole module
     (``torch.load(path, weights_only=False)``; a rebuilt timm model is still a timm model, to fine-tune);
@@ -113,15 +113,17 @@ def export(run, folder: Path, repeats: int = 50, source: dict | None = None, net
     d = run.data
     if nets is None:
         nets = [rebuild(run.model, run.guide, remove_dead=dead) for dead in (False, True)]
+    score = "rmse" if d.task == "regress" else "accuracy"
+    scores = [run.net_metrics(net)[score] for net in nets]
     dense, sparse = (net.cpu() for net in nets)
-    x_test, y_test = d.x_test.cpu(), d.y_test.cpu()
+    x_test = d.x_test.cpu()
     summary = {"source": source or {"state": "checkpoint", **run.source()}}
-    for name, net in (("dense", dense), ("sparse", sparse)):
+    for name, net, value in (("dense", dense, scores[0]), ("sparse", sparse, scores[1])):
         summary[name] = {
             "parameters": parameter_count(net),
             "nonzero_parameters": parameter_count(net, nonzero=True),
             "bytes": _bytes(net),
-            "accuracy": evaluate_net(net, x_test, y_test, d.num_classes)["accuracy"],
+            score: value,
             "latency_ms_batch1": latency_ms(net, x_test[:1], repeats),
             "latency_ms_batch256": latency_ms(net, x_test[:256], repeats),
         }

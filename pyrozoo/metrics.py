@@ -206,6 +206,23 @@ def regression_metrics(
     return out
 
 
+@torch.no_grad()
+def net_metrics(net: torch.nn.Module, data, likelihood, batch_size: int = 2000) -> dict:
+    """The test metrics of a deterministic net on ``data`` (a rebuilt, pruned or Laplace-mean net), for the data's
+    task: classification as :func:`evaluate_net`; regression as :func:`regression_metrics` of its one draw, with
+    ``likelihood``'s noise (held at a point: ``likelihood.at_point(guide)``), in the targets' original units.
+    """
+    if data.task != "regress":
+        return evaluate_net(net, data.x_test, data.y_test, data.num_classes, batch_size)
+    training = net.training
+    net.eval()
+    x = data.x_test
+    means = [likelihood.predictive(net(x[i : i + batch_size]))[0] for i in range(0, len(x), batch_size)]
+    net.train(training)
+    noise_var = likelihood.precision().reciprocal().reshape(1)
+    return regression_metrics(torch.cat(means)[None], noise_var, data.y_test, data.y_mean, data.y_std)
+
+
 # --- uncertainty -----------------------------------------------------------------------------------------------
 
 

@@ -328,13 +328,15 @@ def plot_regression_bands(run, path_stem: str | os.PathLike, samples: int = 200,
 
 
 def plot_sweep(table: pd.DataFrame, folder: Path, stem: str = "sweep") -> list[Path]:
-    """The accuracy-sparsity curve (``pyrozoo sweep``): accuracy, NLL and ECE against the pruned fraction, one
-    line per method (dashed: after fine-tuning), the dense net as a grey line."""
+    """The accuracy-sparsity curve (``pyrozoo sweep``): accuracy, NLL and ECE (a regression's RMSE, NLL and 90%
+    coverage) against the pruned fraction, one line per method (dashed: after fine-tuning), the dense net as a grey line.
+    """
     dense = table[table.method == "dense"].iloc[0]
     curves = table[table.method != "dense"]
     colours = _colours(list(dict.fromkeys(curves.method)))
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4), squeeze=False)
-    for ax, (column, label) in zip(axes[0], CURVES):
+    panels = REGRESSION_CURVES if "rmse" in table else CURVES
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (column, label) in zip(axes[0], panels):
         ax.axhline(dense[column], color="grey", lw=1, label="dense")
         for (method, steps), rows in curves.groupby(["method", "finetune_steps"], sort=False):
             rows = rows.sort_values("target")

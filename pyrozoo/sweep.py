@@ -43,7 +43,6 @@ from pyrozoo.bmr.sparsity import TargetSparsity
 from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.errors import PyrozooError
 from pyrozoo.io import atomic_write
-from pyrozoo.metrics import evaluate_net
 
 METHODS = (
     "bmr-laplace-diag",
@@ -167,7 +166,7 @@ def sweep(
     d = run.data
     layers = run.model.layers
     base = rebuild(run.model, run.guide, remove_dead=False)
-    dense = evaluate_net(base, d.x_test, d.y_test, d.num_classes)
+    dense = run.net_metrics(base)
     rows = [{"method": "dense", "target": 0.0, "sparsity": 0.0, "finetune_steps": 0, "seconds": 0.0, **dense}]
 
     posteriors = {}
@@ -216,12 +215,11 @@ def sweep(
         start = time.perf_counter()
         net, achieved = one(method, target)
         seconds = time.perf_counter() - start
-        rows.append(
-            _row(method, target, achieved, 0, seconds, evaluate_net(net, d.x_test, d.y_test, d.num_classes))
-        )
+        rows.append(_row(method, target, achieved, 0, seconds, run.net_metrics(net)))
         if finetune_steps:
             c = run.config
-            finetune(net, d.x_train, d.y_train, finetune_steps, c.lr, c.batch_size, c.seed)
+            point = run.model.likelihood.at_point(run.guide)
+            finetune(net, d.x_train, d.y_train, finetune_steps, c.lr, c.batch_size, c.seed, point)
             rows.append(
                 _row(
                     method,
@@ -229,7 +227,7 @@ def sweep(
                     achieved,
                     finetune_steps,
                     seconds,
-                    evaluate_net(net, d.x_test, d.y_test, d.num_classes),
+                    run.net_metrics(net),
                 )
             )
     table = pd.DataFrame(rows)
@@ -261,19 +259,22 @@ def write_sweep(table: pd.DataFrame, folder: str | os.PathLike) -> list[Path]:
 
 def below_dense(table: pd.DataFrame, points: float = 0.01) -> pd.DataFrame:
     """Per method (and fine-tuning), the smallest target sparsity whose accuracy is ``points`` below the dense
-    net's, and the largest one still within it (NaN where none)."""
-    dense = float(table.loc[table.method == "dense", "accuracy"].iloc[0])
+    net's (a regression's: whose RMSE is a fraction ``points`` above it), and the largest one still within it
+    (NaN where none)."""
+    dense = table.loc[table.method == "dense"].iloc[0]
     out = []
     for (method, steps), rows in table[table.method != "dense"].groupby(["method", "finetune_steps"]):
         rows = rows.sort_values("target")
-        below = rows[rows.accuracy < dense - points]
-        within = rows[rows.accuracy >= dense - points]
+        if "rmse" in table:
+            within = rows.rmse <= dense.rmse * (1 + points)
+        else:
+            within = rows.accuracy >= dense.accuracy - points
         out.append(
             {
                 "method": method,
                 "finetune_steps": steps,
-                "last_within_1pt": within.target.max() if len(within) else float("nan"),
-                "first_1pt_below": below.target.min() if len(below) else float("nan"),
+                "last_within_1pt": rows.target[within].max() if within.any() else float("nan"),
+                "first_1pt_below": rows.target[~within].min() if (~within).any() else float("nan"),
             }
         )
     return pd.DataFrame(out)

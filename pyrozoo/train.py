@@ -606,6 +606,14 @@ class Run:
             faults.reached("eval")
             return metrics
 
+    def net_metrics(self, net: torch.nn.Module) -> dict[str, float]:
+        """The test metrics of a deterministic net made from this run (rebuilt, pruned, Laplace), for its task; a
+        regression's noise held at its posterior mean (see metrics.net_metrics)."""
+        from pyrozoo.metrics import net_metrics
+
+        likelihood = self.model.likelihood.at_point(self.guide)
+        return net_metrics(net, self.data, likelihood, self.config.eval_batch_size)
+
     def _evaluate_regression(self) -> dict[str, float]:
         """RMSE, NLL, LPD and interval coverage in the targets' original units (see metrics.regression_metrics)."""
         from pyrozoo.metrics import regression_metrics

@@ -22,6 +22,7 @@ from pyrozoo.guides.laplace import (
 )
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.layers import find_layers
+from pyrozoo.models.likelihoods import Gaussian
 from pyrozoo.models.priors import flat, gaussian
 from pyrozoo.nets import create_net
 
@@ -89,6 +90,28 @@ def test_curvature_is_the_monte_carlo_fisher_of_the_net():
         G, A = one[layer.name]
         flat = grads[layer.name][0].flatten().double()
         assert torch.allclose(torch.kron(G, A), torch.outer(flat, flat), atol=1e-6)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_gaussian_curvature_is_tau_x_x_on_a_linear_model(structure):
+    """For a linear model with Gaussian noise of precision tau the GGN is ``tau X'X`` (inputs augmented by 1),
+    exactly; the Monte Carlo Fisher of targets drawn at that noise approaches it."""
+    torch.manual_seed(0)
+    net, x, tau = nn.Linear(3, 1), torch.randn(40, 3), 4.0
+    xa = torch.cat([x, torch.ones(40, 1)], 1).double()
+    exact = tau * xa.T @ xa
+    got = curvature(
+        net,
+        find_layers(net),
+        x,
+        structure,
+        samples=2000,
+        progress=False,
+        likelihood=Gaussian("fixed", tau),
+    )[find_layers(net)[0].name]
+    dense = torch.kron(*got) if structure == "kron" else torch.diag(got.flatten())
+    want = exact if structure == "kron" else torch.diag(torch.diag(exact))
+    assert torch.linalg.norm(dense - want) / torch.linalg.norm(want) < 0.05
 
 
 def test_prior_precision_maximises_the_laplace_evidence():

@@ -267,18 +267,62 @@ def test_every_method_trains_on_regression(tmp_path, method):
         assert table["bmr_seconds"].notna().any()
 
 
-def test_laplace_refuses_a_regression_run_by_name(tmp_path):
-    """A Laplace posterior is built for classification only: a regression run is refused in one line, before
-    any curvature is computed, and the run is left as it was."""
+@pytest.mark.parametrize("method", ["flat-map", "flat-ff"])
+def test_a_deterministic_net_holds_the_noise_at_its_posterior_mean(tmp_path, method):
+    """A rebuilt or Laplace net has no noise latent: the run's noise precision is held at its posterior mean
+    (a log-normal's mean under mean-field, the point under MAP); the Laplace model keeps that constant."""
     from pyrozoo.guides.laplace import laplace_from_run
 
-    run = Run(tiny_regression("flat-map"), tmp_path, log=quiet)
+    run = Run(tiny_regression(method), tmp_path, log=quiet)
     run.train(progress=False)
-    before = {k: v.clone() for k, v in run.guide.state_dict().items()}
-    with pytest.raises(PyrozooError, match="classification runs only.*regression"):
-        laplace_from_run(run, "kron", progress=False)
-    for k, v in run.guide.state_dict().items():
-        torch.testing.assert_close(v, before[k])
+    loc, scale = run.guide.site_posterior("noise.precision")
+    want = math.exp(float(loc) + float(scale) ** 2 / 2)  # the log-normal's mean (scale 0: MAP's point)
+    point = run.model.likelihood.at_point(run.guide)
+    assert point.noise == "fixed" and point.precision().item() == pytest.approx(want, rel=1e-6)
+    model, _ = laplace_from_run(run, "diag", progress=False)
+    assert model.likelihood.noise == "fixed"
+    assert model.likelihood.precision().item() == pytest.approx(want, rel=1e-6)
+    with pytest.raises(PyrozooError, match="noise precision is a latent"):
+        run.model.likelihood.at_point(None)
+
+
+def test_laplace_prune_sweep_and_export_of_a_regression_run(tmp_path, capsys):
+    """Every posterior source works on regression: a flat-map run pruned from a KFAC Laplace posterior, its
+    metrics in the targets' units (before pruning: the run's own evaluation of its MAP net), then swept with a
+    fine-tune, and exported."""
+    run = Run(tiny_regression("flat-map"), tmp_path, log=quiet)
+    table = run.train(progress=False)
+    code, out, err = cli(capsys, "prune", str(tmp_path), "--posterior", "laplace-kfac", "--sparsity", "0.5")
+    assert code == 0, err
+    state = torch.load(tmp_path / "pruned-laplace-kfac.pt", weights_only=False)
+    assert {"rmse", "nll", "coverage90"} <= set(state["metrics"]) and "accuracy" not in state["metrics"]
+    before = next(line for line in out.splitlines() if line.startswith("before"))
+    assert f"{table.rmse.iloc[-1]:.4f}" in before  # the MAP net as the run evaluated it
+    assert state["metrics"]["rmse"] != pytest.approx(table.rmse.iloc[-1])  # half its weights are gone
+    code, out, err = cli(
+        capsys,
+        "sweep",
+        str(tmp_path),
+        "--sparsities",
+        "0.5",
+        "--methods",
+        "bmr-laplace-diag",
+        "magnitude",
+        "--finetune-steps",
+        "3",
+        "--no-progress",
+    )
+    assert code == 0, err
+    sweep = pd.read_csv(tmp_path / "sweep" / "sweep.csv")
+    assert sweep.rmse.notna().all() and "accuracy" not in sweep
+    tuned = sweep[sweep.finetune_steps == 3].set_index("method").rmse
+    untuned = sweep[(sweep.finetune_steps == 0) & (sweep.method != "dense")].set_index("method").rmse
+    assert (tuned != untuned).all()  # the fine-tune ran on the Gaussian likelihood
+    assert "RMSE is 1% above" in out
+    code, out, err = cli(capsys, "export", str(tmp_path), "--pruned", "laplace-kfac")
+    assert code == 0, err
+    summary = pd.read_json(tmp_path / "export" / "summary.json", typ="series")
+    assert summary["sparse"]["rmse"] == pytest.approx(state["metrics"]["rmse"], rel=1e-6)
 
 
 @pytest.mark.parametrize("noise", ["fixed", "learned"])

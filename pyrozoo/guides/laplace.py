@@ -20,8 +20,9 @@ its KFAC keeps a layer's bias as a Kronecker block of its own, while a pyrozoo u
 is removed with its bias, so the input factor here is over the inputs augmented by a constant 1 (Martens and
 Grosse 2015, one block per layer); and its exact-GGN backends took 30 s for 1,200 LeNet images (KFAC) and 28 s
 for 256 MLP images (diagonal) on the shared 2-core machine, about half an hour for the training set. Here the
-GGN is the Fisher of the net's own predictive estimated by Monte Carlo (``samples`` labels drawn per image,
-Martens and Grosse; unbiased for the categorical likelihood's GGN), one backward pass per batch and sample, and
+GGN is the Fisher of the net's own predictive estimated by Monte Carlo (``samples`` targets drawn per input,
+Martens and Grosse; unbiased for the GGN of the categorical likelihood, and of the Gaussian one with its noise
+held at a point), one backward pass per batch and sample, and
 the marginal likelihood's optimum is a one-dimensional root per layer given the eigenvalues, which needs no
 optimiser. Convolutions use the KFC factors (Grosse and Martens 2016): ``G`` summed over positions and images
 and divided by the positions, ``A`` averaged over both. Linear and Conv2d layers are supported; other random
@@ -47,6 +48,7 @@ from pyrozoo.errors import PyrozooError
 from pyrozoo.guides.base import Posterior
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.layers import find_layers
+from pyrozoo.models.likelihoods import Categorical
 
 STRUCTURES = ("diag", "kron")
 
@@ -110,9 +112,12 @@ def curvature(
     samples: int = 1,
     seed: int = 0,
     progress: bool = True,
+    likelihood=None,
 ) -> dict:
-    """The GGN of each layer of ``layers`` summed over ``x``, by a Monte Carlo Fisher with ``samples`` labels per
-    image: ``{layer: diagonal (R, K)}`` or ``{layer: (G (R, R), A (K, K))}`` with ``H ≈ G ⊗ A`` (float64)."""
+    """The GGN of each layer of ``layers`` summed over ``x``, by a Monte Carlo Fisher with ``samples`` targets per
+    input drawn from ``likelihood`` (categorical by default; a Gaussian's noise held at a point):
+    ``{layer: diagonal (R, K)}`` or ``{layer: (G (R, R), A (K, K))}`` with ``H ≈ G ⊗ A`` (float64)."""
+    likelihood = Categorical() if likelihood is None else likelihood
     if structure not in STRUCTURES:
         raise PyrozooError(f"Laplace structure is one of {', '.join(STRUCTURES)}, not {structure!r}")
     modules = {}
@@ -143,10 +148,7 @@ def curvature(
         for start in tqdm(starts, desc=f"Laplace {structure} curvature", unit="batch", disable=not progress):
             xb = x[start : start + batch_size]
             for _ in range(samples):
-                logits = net(xb)
-                with torch.no_grad():
-                    labels = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
-                loss = F.cross_entropy(logits, labels, reduction="sum")
+                loss = likelihood.sampled_nll(net(xb), generator)
                 net.zero_grad(set_to_none=True)
                 loss.backward()
     finally:
@@ -160,7 +162,8 @@ def curvature(
     out = {}
     for name, value in store.items():
         if structure == "kron":
-            out[name] = (value[0] / samples, value[1] / n)  # G summed over images, A averaged (KFAC)
+            # G summed over images, A averaged (KFAC); both were added once per sampled target
+            out[name] = (value[0] / samples, value[1] / (n * samples))
         else:
             out[name] = value / samples
     return out
@@ -305,7 +308,7 @@ def laplace(
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:fit_size]
         x = x[order.to(x.device)]
     with torch.enable_grad():
-        curv = curvature(net, layers, x, structure, batch_size, samples, seed, progress)
+        curv = curvature(net, layers, x, structure, batch_size, samples, seed, progress, likelihood)
     factor = n / len(x)
     curv = {k: (v[0] * factor, v[1]) if structure == "kron" else v * factor for k, v in curv.items()}
     scales, loc, scale, kron, record = {}, {}, {}, {}, []
@@ -344,17 +347,10 @@ def laplace(
 
 def laplace_from_run(run, structure: str = "kron", progress: bool = True, **options):
     """:func:`laplace` around a run's point estimate (posterior mean; a ``flat-map`` run's MAP weights), fitted
-    on its training images."""
+    on its training inputs; a regression run's noise precision is held at its posterior mean (or its learned or
+    fixed value)."""
     from pyrozoo.bmr.rebuild import rebuild
-    from pyrozoo.models.likelihoods import Gaussian
 
-    if isinstance(run.model.likelihood, Gaussian):
-        # The fit would need the run's noise held fixed and the pruned net evaluated as a regressor: not built.
-        raise PyrozooError(
-            "a Laplace posterior is built for classification runs only; this run is a regression "
-            "(Gaussian likelihood): train it with a mean-field method (flat-ff, bmr-th) and prune that run's "
-            "own posterior (pyrozoo prune RUN, no --posterior)"
-        )
     net = rebuild(run.model, run.guide, remove_dead=False)
     output = next(layer.name for layer in run.model.layers if layer.is_output)
     return laplace(
@@ -362,7 +358,7 @@ def laplace_from_run(run, structure: str = "kron", progress: bool = True, **opti
         run.data.x_train,
         structure,
         output=output,
-        likelihood=run.model.likelihood,
+        likelihood=run.model.likelihood.at_point(run.guide),
         progress=progress,
         seed=run.config.seed,
         **options,

@@ -60,6 +60,17 @@ class Categorical(nn.Module):
         """``log p(y | f(x))`` per example, outside Pyro (a training step that is not SVI's, e.g. IVON's)."""
         return self.log_probs(output).gather(-1, y.unsqueeze(-1)).squeeze(-1)
 
+    def at_point(self, guide=None) -> "Categorical":
+        """The likelihood of a deterministic net: itself (it has no latents)."""
+        return self
+
+    def sampled_nll(self, output: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Summed ``-log p(y | f(x))`` at labels drawn from the net's own predictive (not differentiated): its
+        gradient's outer product is, in expectation, the Gauss-Newton matrix (the Monte Carlo Fisher)."""
+        with torch.no_grad():
+            labels = torch.multinomial(output.softmax(-1), 1, generator=generator).squeeze(-1)
+        return -self.log_likelihood(output, labels).sum()
+
 
 NOISE = ("prior", "fixed", "learned")
 
@@ -137,6 +148,29 @@ class Gaussian(nn.Module):
     ) -> torch.Tensor:
         """``log p(y | f(x))`` per example, outside Pyro (a training step that is not SVI's, e.g. IVON's)."""
         return dist.Normal(_mean(output), self.precision(latents).rsqrt()).log_prob(y)
+
+    def at_point(self, guide=None) -> "Gaussian":
+        """This likelihood with the noise held at one value, for a deterministic net (a rebuilt or a Laplace
+        one): the latent's posterior mean under ``guide`` (``noise="prior"``), or the learned or fixed one."""
+        if self.noise == "prior":
+            if guide is None or self.site not in guide.sites():
+                raise PyrozooError(
+                    f"the noise precision is a latent: pass the guide that holds {self.site!r}"
+                )
+            precision = float(guide.mean()[self.site])
+        else:
+            precision = float(self.precision())
+        return Gaussian("fixed", precision, self.shape, self.rate).to(self.fixed_precision)
+
+    def sampled_nll(self, output: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Summed ``-log p(y | f(x))`` at targets drawn from the net's own predictive (not differentiated): its
+        gradient's outer product is, in expectation, the Gauss-Newton matrix ``tau J'J`` (the Monte Carlo
+        Fisher). The noise must be held at a point (:meth:`at_point`)."""
+        mean, precision = _mean(output), self.precision()
+        with torch.no_grad():
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            y = mean + noise * precision.rsqrt()
+        return -self.log_likelihood(output, y).sum()
 
 
 def _mean(output: torch.Tensor) -> torch.Tensor:
