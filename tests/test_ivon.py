@@ -5,6 +5,7 @@ the net and in the optimiser's state; sampling is IVON's; a run resumes bit for 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -234,3 +235,48 @@ def test_threshold_pass_on_ivon_prunes_by_dF(tmp_path):
         if layer.prunable:
             assert torch.equal(run.model.mask(layer.name).bool(), scores[layer.name] <= 0)
     assert 0 < report.pruned_fraction < 1
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},  # pyrozoo's use: one parameter per group, one draw per step
+        {"mc_samples": 3, "clip_radius": 0.05},
+        {"joined": True, "rescale_lr": False, "beta2": 0.9},  # a group of several parameters
+    ],
+)
+def test_the_in_place_ivon_step_is_ivon_opts(options):
+    """pyrozoo's IVON (its three per-step methods rewritten in place) against ivon-opt's own, from the same random
+    draws: the same weights, Hessian and momentum after every step, to float rounding."""
+    from ivon import IVON
+
+    from pyrozoo.optim import IVONOptimizer
+
+    options = dict(options)
+    joined = options.pop("joined", False)
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))]
+    nets.append(copy.deepcopy(nets[0]))
+    x, y = torch.randn(32, 5), torch.randint(0, 3, (32,))
+
+    def groups(net):
+        if joined:
+            return [{"params": list(net.parameters()), "weight_decay": 1e-3}]
+        return [{"params": [p], "weight_decay": 1e-3 * (i + 1)} for i, p in enumerate(net.parameters())]
+
+    settings = dict(lr=0.1, ess=100.0, hess_init=0.3, **options)
+    optimizers = [IVON(groups(nets[0]), **settings), IVONOptimizer(groups(nets[1]), **settings)]
+    for step in range(6):
+        for net, optimizer in zip(nets, optimizers):
+            torch.manual_seed(step)
+            for _ in range(optimizer.mc_samples):
+                with optimizer.sampled_params(train=True):
+                    optimizer.zero_grad()
+                    nn.functional.cross_entropy(net(x), y).backward()
+            optimizer.step()
+        for theirs, ours in zip(nets[0].parameters(), nets[1].parameters()):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        for theirs, ours in zip(optimizers[0].param_groups, optimizers[1].param_groups):
+            for key in ("hess", "momentum"):
+                torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
+        assert optimizers[1].current_step == optimizers[0].current_step

@@ -4,9 +4,9 @@ IVON (Shen et al., ICML 2024, "Variational learning is effective for large deep 
 network with an Adam-like step and keeps, as a by-product, a diagonal Gaussian posterior ``N(m, 1 / (ess (h +
 delta)))`` over the weights: ``m`` the weights themselves, ``h`` its running Hessian estimate, ``ess`` the
 effective sample size (the training set's size) and ``delta`` the weight decay, which is its Gaussian prior
-``N(0, 1 / (ess delta))``. The optimiser is the authors' code (``ivon-opt``), used as it is: only its step
-counter is added to its ``state_dict`` (pyrozoo.optim.IVONOptimizer: debiasing reads it, so a resumed run must
-continue it).
+``N(0, 1 / (ess delta))``. The optimiser is the authors' (``ivon-opt``) with its per-step arithmetic done in
+place (pyrozoo.optim.IVONOptimizer, which says why) and its step counter added to its ``state_dict`` (debiasing
+reads it, so a resumed run must continue it).
 
 The frame. pyrozoo's models are non-centred: ``w = scale * mask * z``, ``z ~ N(0, 1)``. With the fixed prior
 ``gaussian`` (no hyperparameters) a layer's scale ``s`` is a constant, and IVON's weight decay for that layer is
@@ -152,9 +152,9 @@ class IVONPosterior(Posterior, nn.Module):
 
     @torch.no_grad()
     def pull_state(self) -> None:
-        """This posterior's Hessian from the optimiser's (after a step). IVON's update replaces its Hessian with a
-        new tensor each step, so the posterior holds a view of that tensor rather than a copy (a pass over every
-        weight saved per step); a write (:meth:`_write`) gives the optimiser a copy again."""
+        """This posterior's Hessian from the optimiser's (after a step): a view of the optimiser's tensor, which
+        its update changes in place, rather than a copy (a pass over every weight saved per step); a write
+        (:meth:`_write`) gives the optimiser a copy again."""
         for group, (key, _) in self._groups():
             self.hess.register_buffer(key, group["hess"].view(getattr(self.hess, key).shape))
 
