@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fit-size",
         type=_number(int, "positive"),
         default=None,
-        help="with a Laplace posterior: estimate the curvature from this many training images drawn at random "
+        help="with a Laplace posterior: estimate the curvature from this many training inputs drawn at random "
         "(default: all)",
     )
     prune.add_argument(
@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fit-size",
         type=_number(int, "positive"),
         default=None,
-        help="Laplace: estimate the curvature from this many training images drawn at random (default: all)",
+        help="Laplace: estimate the curvature from this many training inputs drawn at random (default: all)",
     )
     sweep.add_argument("--out", default=None, help="folder for sweep.csv and the figure (default RUN/sweep)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -399,7 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="posterior samples " "(default: the run's)",
     )
     predict.add_argument("--batch-size", type=_number(int, "positive"), default=2000, help="inputs per batch")
-    predict.add_argument("--pruned", action="store_true", help="use the run's pruned.pt (from pyrozoo prune)")
+    predict.add_argument(
+        "--pruned",
+        nargs="?",
+        const="run",
+        choices=("run", "laplace-diag", "laplace-kfac"),
+        help="predict with a pruned state: the run's pruned.pt (pyrozoo prune; the default), or the net pruned "
+        "from a Laplace posterior (pyrozoo prune --posterior laplace-*), a plain net: one draw, no epistemic part",
+    )
     predict.add_argument("--out", required=True, help="CSV file to write (written atomically)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -555,8 +562,16 @@ def _prune(args) -> None:
         f"{report.seconds * 1e3:.1f} ms, pruned fraction {report.pruned_fraction:.4f}; state written to "
         f"{run.out / 'pruned.pt'}"
     )
-    print(report.table().to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    _print_report(report)
     print(_table({"before": before, "after": after}))
+
+
+def _print_report(report) -> None:
+    print(report.table().to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(
+        "(kept: each layer's weights this pass kept; the pruned fraction also counts the weights of units that "
+        "died with them, left without inputs or consumers)"
+    )
 
 
 def _prune_laplace(run, reduction, posterior: str, fit_size: int | None = None) -> None:
@@ -591,7 +606,7 @@ def _prune_laplace(run, reduction, posterior: str, fit_size: int | None = None) 
         + ", ".join(f"{r['layer']} {r['prior_precision']:.3g}" for r in model.laplace)
         + f"): pruned fraction {report.pruned_fraction:.4f}; the pruned net's state_dict written to {path}"
     )
-    print(report.table().to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    _print_report(report)
     print(_table({"before (posterior mean)": before, "after": after}))
 
 
@@ -612,9 +627,8 @@ def _sweep(args) -> None:
     out = args.out or run.out / "sweep"
     paths = write_sweep(table, out)
     shown = table.drop(columns=["net", "data", "ece15", "brier", "lpd"], errors="ignore")
-    print(
-        f"{run.out} (epoch {run.epoch}): accuracy-sparsity curve, one shot, evaluated at the point estimate"
-    )
+    score = "RMSE" if "rmse" in table else "accuracy"
+    print(f"{run.out} (epoch {run.epoch}): {score}-sparsity curve, one shot, evaluated at the point estimate")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     worse = "RMSE is 1% above" if "rmse" in table else "accuracy is 1 point below"
     print(f"\nwhere each one's {worse} the dense net's:")
@@ -650,7 +664,8 @@ def _export(args) -> None:
     )
     print(_table({k: summary[k] for k in ("dense", "sparse")}))
     print(
-        f"parameters {summary['parameter_ratio']:.1f}x fewer ({summary['nonzero_ratio']:.1f}x fewer non-zero), "
+        f"parameters {summary['parameter_ratio']:.1f}x fewer (its non-zero ones {summary['nonzero_ratio']:.1f}x fewer "
+        "than the dense net's parameters), "
         "at batch 256 "
         + (
             f"{summary['speedup_batch256']:.1f}x faster"
@@ -665,7 +680,7 @@ def _open_for_prediction(args):
     from pyrozoo.train import Run
 
     run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
-    if args.pruned:
+    if args.pruned in (True, "run"):
         run.load_pruned()
     c = run.config
     raw = datasets.load(c.data, c.data_dir, target=c.target, task=c.task)
@@ -686,7 +701,13 @@ def _predict(args) -> None:
     run, raw = _open_for_prediction(args)
     with run:
         c = run.config
-        samples = 1 if run.guide.point_mass else args.samples or c.samples  # a point mass: one draw
+        net = None
+        if args.pruned not in (None, "run"):  # a Laplace-pruned plain net, as pyrozoo export writes it
+            from pyrozoo.export import laplace_pruned_nets
+
+            net = laplace_pruned_nets(run, args.pruned)[0].to(run.data.x_test.device)
+        # a point mass or a plain net: one draw
+        samples = 1 if run.guide.point_mass or net is not None else args.samples or c.samples
         if args.input is not None:
             x, y = read_inputs(args.input, raw, c.target)
             if y is not None:  # say so: the column is not an input, and the rows are scored against it
@@ -722,10 +743,13 @@ def _predict(args) -> None:
         known = y is not None
         prepared = prepare_like(run, raw, x, y)
         predictions, frame = predict_frame(
-            run, prepared, samples, args.batch_size, not args.no_progress, known
+            run, prepared, samples, args.batch_size, not args.no_progress, known, net=net
         )
         atomic_write(args.out, lambda p: frame.to_csv(p, index=False))
-        print(f"{len(frame)} predictions ({samples} posterior samples) in {args.out}", file=sys.stderr)
+        draws = (
+            "the pruned plain net" if net is not None else f"{samples} posterior sample{'s' * (samples > 1)}"
+        )
+        print(f"{len(frame)} predictions ({draws}) in {args.out}", file=sys.stderr)
         if known:
             if prepared.task == "classify":
                 summary = classification_summary(predictions, prepared.y_test)

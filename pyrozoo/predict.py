@@ -354,16 +354,30 @@ def prepare_like(run, raw, x_raw: torch.Tensor, y_raw: torch.Tensor | None = Non
     return datasets.prepare(shifted, pad_to=NETS[run.config.net].pad_to, device=run.config.device)
 
 
-def predict_frame(run, prepared, samples: int, batch_size: int, progress: bool, known_targets: bool):
-    """Predictions of a run on prepared data, one row per input (targets and hits when ``known_targets``)."""
+def predict_frame(
+    run,
+    prepared,
+    samples: int,
+    batch_size: int,
+    progress: bool,
+    known_targets: bool,
+    net: nn.Module | None = None,
+):
+    """Predictions of a run on prepared data, one row per input (targets and hits when ``known_targets``); with
+    ``net``, of that plain net made from the run (a Laplace-pruned one), a regression's noise the run's."""
+    noise_std = None
+    if net is not None and prepared.task == "regress":
+        noise_std = prepared.y_std * float(run.model.likelihood.at_point(run.guide).precision().rsqrt())
     predictions = predict(
-        run.model,
-        run.guide,
+        run.model if net is None else net,
+        run.guide if net is None else None,
         prepared.x_test,
         samples,
         batch_size=batch_size,
         y_mean=prepared.y_mean,
         y_std=prepared.y_std,
+        noise_std=noise_std,
+        task=prepared.task,
         seed=run.config.seed,
         progress=progress,
         y=prepared.y_test if known_targets else None,

@@ -323,6 +323,24 @@ def test_laplace_prune_sweep_and_export_of_a_regression_run(tmp_path, capsys):
     assert code == 0, err
     summary = pd.read_json(tmp_path / "export" / "summary.json", typ="series")
     assert summary["sparse"]["rmse"] == pytest.approx(state["metrics"]["rmse"], rel=1e-6)
+    preds = tmp_path / "preds.csv"
+    code, out, err = cli(capsys, "predict", str(tmp_path), "--pruned", "laplace-kfac", "--out", str(preds))
+    assert code == 0, err
+    frame = pd.read_csv(preds)
+    assert math.sqrt((frame.error**2).mean()) == pytest.approx(state["metrics"]["rmse"], rel=1e-5)
+    hit = (frame.target >= frame.lower90) & (frame.target <= frame.upper90)
+    assert hit.mean() == pytest.approx(state["metrics"]["coverage90"])  # the run's noise, as prune scored it
+    assert "the pruned plain net" in err
+
+
+def test_laplace_of_a_one_output_net_as_a_classifier_says_how_to_make_it_a_regressor():
+    from pyrozoo.guides.laplace import laplace
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    with pytest.raises(PyrozooError, match="likelihood=Gaussian"):
+        laplace(net, torch.randn(20, 3), progress=False)
+    model, _ = laplace(net, torch.randn(20, 3), likelihood=Gaussian("fixed", 4.0), progress=False)
+    assert all(r["prior_precision"] > 1e-6 for r in model.laplace)
 
 
 @pytest.mark.parametrize("noise", ["fixed", "learned"])

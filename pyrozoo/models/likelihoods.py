@@ -67,6 +67,11 @@ class Categorical(nn.Module):
     def sampled_nll(self, output: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Summed ``-log p(y | f(x))`` at labels drawn from the net's own predictive (not differentiated): its
         gradient's outer product is, in expectation, the Gauss-Newton matrix (the Monte Carlo Fisher)."""
+        if output.shape[-1] == 1:
+            raise PyrozooError(
+                "a categorical likelihood over a net with 1 output has no curvature: for a regressor pass "
+                "likelihood=Gaussian('fixed', precision=1 / noise variance) (pyrozoo.models.likelihoods)"
+            )
         with torch.no_grad():
             labels = torch.multinomial(output.softmax(-1), 1, generator=generator).squeeze(-1)
         return -self.log_likelihood(output, labels).sum()
