@@ -360,3 +360,32 @@ def plot_sweep(table: pd.DataFrame, folder: Path, stem: str = "sweep") -> list[P
     fig.suptitle(f"{dense.get('net', '')} on {dense.get('data', '')}: one-shot pruning of one trained net")
     fig.tight_layout()
     return _save(fig, Path(folder), stem)
+
+
+def epoch_seconds(metrics: pd.DataFrame) -> pd.Series:
+    """Training seconds of each epoch (``metrics.csv`` holds the running total), indexed by epoch."""
+    seconds = metrics.set_index("epoch")["seconds"].astype(float)
+    return seconds.diff().fillna(seconds.iloc[0])
+
+
+def plot_epoch_times(runs: dict[str, pd.DataFrame], folder: Path, stem: str) -> list[Path]:
+    """Seconds per epoch against epoch for each run (``{label: metrics}``, e.g. a run with compaction and its
+    twin without), with each run's pruned fraction on a second axis: where training gets cheaper as it prunes.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4))
+    pruned_ax = ax.twinx()
+    colours = _colours(list(runs))
+    for label, metrics in runs.items():
+        seconds = epoch_seconds(metrics)
+        ax.plot(seconds.index, seconds.values, marker="o", ms=3, color=colours[label], label=label)
+        rows = metrics.set_index("epoch")
+        pruned_ax.plot(rows.index, rows.pruned_fraction, ls=":", color=colours[label])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training seconds per epoch (solid)")
+    ax.set_ylim(bottom=0)
+    pruned_ax.set_ylabel("pruned fraction (dotted)")
+    pruned_ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return _save(fig, Path(folder), stem)

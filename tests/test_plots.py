@@ -104,3 +104,17 @@ def test_plot_of_a_folder_without_results(capsys, tmp_path):
     out, err = capsys.readouterr()
     assert out == "" and err.strip().endswith("run `pyrozoo compare --out " + str(tmp_path) + "` first")
     assert len(err.splitlines()) == 1
+
+
+def test_epoch_times_figure(tmp_path):
+    """Seconds per epoch come from the running total of metrics.csv; the figure is written as PNG and PDF."""
+    from pyrozoo.plots import epoch_seconds, plot_epoch_times
+
+    metrics = pd.DataFrame(
+        {"epoch": [1, 2, 3], "seconds": [10.0, 18.0, 21.0], "pruned_fraction": [0.1, 0.9, 0.99]}
+    )
+    assert epoch_seconds(metrics).tolist() == [10.0, 8.0, 3.0]
+    paths = plot_epoch_times(
+        {"a": metrics, "b": metrics.assign(seconds=[10.0, 20.0, 30.0])}, tmp_path / "f", "s"
+    )
+    assert [p.name for p in paths] == ["s.png", "s.pdf"] and all(p.stat().st_size > 0 for p in paths)
