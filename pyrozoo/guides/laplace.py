@@ -298,8 +298,11 @@ def laplace(
     not changed) whose prior is the Gaussian chosen by the marginal likelihood, one scale per layer, and its
     :class:`LaplacePosterior`, diagonal (``structure="diag"``) or KFAC (``"kron"``); every reduction, rebuild and
     evaluation of pyrozoo takes them. ``model.laplace`` records each layer's prior precision and the evidence.
-    ``fit_size`` estimates the curvature's sum over ``x`` from that many images drawn at random (scaled by
-    ``len(x) / fit_size``), for a large training set on a small machine.
+    ``fit_size`` estimates the curvature's sum over ``x`` from that many inputs drawn at random (scaled by
+    ``len(x) / fit_size``), for a large training set on a small machine. ``likelihood`` is the observation model
+    the curvature is taken under and the returned model keeps: categorical by default; for a regressor
+    ``Gaussian("fixed", precision)`` (pyrozoo.models.likelihoods), the noise precision of the targets it was
+    fitted to.
     """
     net = copy.deepcopy(net)
     layers = find_layers(net, output)
