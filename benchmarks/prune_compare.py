@@ -14,7 +14,8 @@ A magnitude-pruned net keeps the dense shapes, so its latency is the dense net's
 it is not timed again. The BMR net's own metrics are the run's (its predictive, ``--samples`` draws; computed
 here the same way where the run's last epoch was not evaluated, or with ``--test-size``); its rebuilt net's
 (the posterior mean, dead units removed) are measured here. ``--units`` adds a structured pass (``Units``:
-whole coupled channel groups whose removal raises the evidence) on the BMR run, rebuilt again.
+whole coupled channel groups whose removal raises the evidence) on the BMR run, rebuilt again;
+``--laplace-units N`` the same pass on the flat-map run's diagonal Laplace posterior (fitted on N training images).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch.nn.utils import prune as torch_prune
 from pyrozoo.baselines import magnitude_prune
 from pyrozoo.bmr import Units, pruned_fraction
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
+from pyrozoo.guides.laplace import laplace_from_run
 from pyrozoo.metrics import evaluate_net
 from pyrozoo.sweep import _prunable_params, channel_prune
 from pyrozoo.train import Run, evaluate, read_metrics
@@ -67,6 +69,14 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the summary here as JSON")
     parser.add_argument("--test-size", type=int, default=None, help="evaluate all on the first N test images")
     parser.add_argument("--units", action="store_true", help="also a Units pass on the BMR run, rebuilt")
+    parser.add_argument(
+        "--laplace-units",
+        type=int,
+        default=None,
+        metavar="FIT_SIZE",
+        help="also a Units pass on the flat-map run from a diagonal Laplace posterior fitted on FIT_SIZE training "
+        "images, rebuilt",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     quiet = lambda text: None  # noqa: E731
@@ -117,6 +127,23 @@ def main() -> None:
         row(f"{bmr_run.config.method} + units pass, rebuilt", units_net, evaluate_net(units_net, x, y, classes),
             pruned_fraction(bmr_run.model), seconds)  # fmt: skip
 
+    laplace_name = "flat-map + diagonal Laplace, units pass, rebuilt"
+    if args.laplace_units:  # coupled channel groups whose removal raises the Laplace evidence
+        start = time.perf_counter()
+        model, posterior = laplace_from_run(
+            map_run, "diag", progress=False, fit_size=args.laplace_units, batch_size=16
+        )
+        report = Units()(model, posterior)
+        laplace_net = rebuild(model, posterior).cpu().eval()
+        seconds = time.perf_counter() - start
+        row(
+            laplace_name,
+            laplace_net,
+            evaluate_net(laplace_net, x, y, classes),
+            report.pruned_fraction,
+            seconds,
+        )
+
     start = time.perf_counter()
     magnitude = copy.deepcopy(dense)
     masks = magnitude_prune(magnitude, layers, sparsity, "global")
@@ -143,6 +170,8 @@ def main() -> None:
     nets = {"flat-map dense": dense, "bmr": bmr_net, "flat-map + Torch-Pruning L1 channels": channels}
     if args.units:
         nets["units"] = units_net
+    if args.laplace_units:
+        nets[laplace_name] = laplace_net
     timed = latencies(
         nets,
         x[: args.batch],
