@@ -309,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with a Laplace posterior: estimate the curvature from this many training inputs drawn at random "
         "(default: all)",
     )
+    prune.add_argument("--no-progress", action="store_true", help="no progress bar (a Laplace fit's)")
     prune.add_argument(
         "--sparsity",
         type=_number(float, "non-negative"),
@@ -552,7 +553,7 @@ def _prune(args) -> None:
     reduction = make_reduction(rule, **options)  # a wrong option fails before the run is loaded
     run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
     if args.posterior != "run":
-        return _prune_laplace(run, reduction, args.posterior, args.fit_size)
+        return _prune_laplace(run, reduction, args.posterior, args.fit_size, not args.no_progress)
     before = run.evaluate()
     report = reduction(run.model, run.guide)
     after = run.evaluate()
@@ -574,7 +575,9 @@ def _print_report(report) -> None:
     )
 
 
-def _prune_laplace(run, reduction, posterior: str, fit_size: int | None = None) -> None:
+def _prune_laplace(
+    run, reduction, posterior: str, fit_size: int | None = None, progress: bool = True
+) -> None:
     """BMR of a run from a Laplace approximation around its point estimate; writes the pruned net."""
     import torch
 
@@ -584,7 +587,7 @@ def _prune_laplace(run, reduction, posterior: str, fit_size: int | None = None) 
     from pyrozoo.io import atomic_write
 
     structure = "diag" if posterior == "laplace-diag" else "kron"
-    model, laplace_posterior = laplace_from_run(run, structure, fit_size=fit_size)
+    model, laplace_posterior = laplace_from_run(run, structure, progress=progress, fit_size=fit_size)
     before = run.net_metrics(rebuild(model, laplace_posterior, remove_dead=False))
     report = reduction(model, laplace_posterior)
     net = rebuild(model, laplace_posterior, remove_dead=False)
@@ -660,19 +663,23 @@ def _export(args) -> None:
     summary = export(run, run.out / "export", repeats=args.repeats, source=source, nets=nets)
     print(
         f"{run.out} ({state}, epoch {run.epoch}, step {run.step}) exported to {run.out / 'export'}: "
-        f"sparse_state_dict.pt, sparse.pt2 (torch.export); CPU, {summary['threads']} threads"
+        f"sparse_net.pt, sparse_state_dict.pt, sparse.pt2 (torch.export); CPU, {summary['threads']} threads"
     )
-    print(_table({k: summary[k] for k in ("dense", "sparse")}))
-    print(
-        f"parameters {summary['parameter_ratio']:.1f}x fewer (its non-zero ones {summary['nonzero_ratio']:.1f}x fewer "
-        "than the dense net's parameters), "
-        "at batch 256 "
-        + (
-            f"{summary['speedup_batch256']:.1f}x faster"
-            if summary["speedup_batch256"] >= 1
-            else f"{1 / summary['speedup_batch256']:.1f}x slower"
+    # "dense": the pruned net in the trained net's shapes (pruned weights at zero); "sparse": dead units cut out
+    print(_table({"pruned, full shapes": summary["dense"], "pruned, dead units cut": summary["sparse"]}))
+    if summary["dense"]["parameters"] == summary["sparse"]["parameters"]:
+        print(
+            "no unit is dead: the net keeps its shapes (the latency difference is noise), and its "
+            f"{summary['sparse']['nonzero_parameters']:,d} non-zero parameters are "
+            f"{summary['nonzero_ratio']:.1f}x fewer than its parameters"
         )
-    )
+    else:
+        speed = summary["speedup_batch256"]
+        print(
+            f"dead units cut: {summary['parameter_ratio']:.1f}x fewer parameters (the non-zero ones "
+            f"{summary['nonzero_ratio']:.1f}x fewer than the full shapes' parameters), at batch 256 "
+            + (f"{speed:.1f}x faster" if speed >= 1 else f"{1 / speed:.1f}x slower")
+        )
 
 
 def _open_for_prediction(args):

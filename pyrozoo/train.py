@@ -641,6 +641,15 @@ class Run:
                 f"epoch but the last, and this run has {c.epochs} x {c.steps_per_epoch} steps; lower --warmup-steps "
                 "or train longer"
             )
+        beta2 = getattr(self.guide, "options", {}).get("beta2")  # IVON's Hessian average
+        if self.reduction is not None and self.epoch == 0 and beta2 is not None and beta2 < 1:
+            memory = 1 / (1 - beta2)
+            if c.bmr_passes() and c.warmup_steps < memory:
+                self.log(
+                    f"warning: IVON's Hessian averages over ~{memory:.0f} steps (beta2 {beta2}), and the first BMR "
+                    f"pass comes after {c.warmup_steps} warm-up steps: it reads a Hessian still near hess_init, "
+                    "whose posterior is near the prior, and may prune most weights; raise --warmup-steps"
+                )
         bar = tqdm(
             total=c.epochs * c.steps_per_epoch,
             initial=self.epoch * c.steps_per_epoch,
@@ -776,8 +785,13 @@ class Run:
             self.log(f"epoch {self.epoch}, compaction: {note}")
             self._compact_note = note
         if removed:
+            full = getattr(self.model, "full_shapes", {})
             sizes = sum(layer.shape.numel() for layer in self.model.layers)
-            self.log(f"epoch {self.epoch}: compacted {removed} units; the latents now hold {sizes} entries")
+            total = sum(full.get(layer.name, layer.shape).numel() for layer in self.model.layers)
+            self.log(
+                f"epoch {self.epoch}: compacted {removed} units (gone with the weights pruned so far, or by a units "
+                f"rule); the latents now hold {sizes:,d} of the original {total:,d} entries"
+            )
         return time.perf_counter() - start
 
     def metrics(self) -> pd.DataFrame:

@@ -286,3 +286,23 @@ def test_readme_compress_section_runs_as_written():
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["report"].pruned_fraction >= 0.9 - 0.01  # dead units downstream count too
     assert isinstance(namespace["small"], nn.Module)
+
+
+def test_the_rebuild_of_a_laplace_model_cuts_dead_channels_at_the_inputs_size():
+    """The Laplace model traces its net at the fitted inputs' size (28x28 here, where a guessed 32x32 example
+    fails to trace), so dead channels are found and cut out; the rebuilt net computes what the masked one does.
+    """
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(6 * 13 * 13, 3)
+    )
+    x = torch.randn(60, 1, 28, 28)
+    model, posterior = laplace(net, x, structure="diag", progress=False)
+    conv = model.layers[0]
+    dead = torch.tensor([0, 2, 3])
+    posterior.reduce(conv.site, torch.zeros(conv.shape, dtype=torch.bool).index_fill_(0, dead, True))
+    model.set_mask(conv.name, model.mask(conv.name).index_fill(0, dead, 0))
+    small = rebuild(model, posterior)
+    full = rebuild(model, posterior, remove_dead=False)
+    assert small[0].out_channels == 3 and small[4].in_features == 3 * 13 * 13
+    torch.testing.assert_close(small(x), full(x), rtol=1e-5, atol=1e-5)

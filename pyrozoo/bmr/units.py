@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -462,6 +463,11 @@ def structure(model) -> Structure:
             found = find_structure(model.net, model.layers, model.example_input(), model.output_key)
         except PyrozooError as e:  # a net the tracer cannot follow still trains and prunes weight by weight
             found = Structure([], {"": str(e)})
+            warnings.warn(
+                f"{e}: no unit of it can be removed, only single weights (give BayesianModel(..., "
+                "example_input=x) a batch of its real inputs if the example batch was the problem)",
+                stacklevel=2,
+            )
         _STRUCTURES[model] = found
     return found
 

@@ -343,7 +343,8 @@ def laplace(
             }
         )
     kwargs = {} if likelihood is None else {"likelihood": likelihood}
-    model = BayesianModel(net, prior=FixedScales(scales), output=output, **kwargs)
+    # the example batch traces the net's units (for a units pass and the rebuild) at the inputs' own size
+    model = BayesianModel(net, prior=FixedScales(scales), output=output, example_input=x[:2], **kwargs)
     model.laplace = record
     return model, LaplacePosterior(model, loc, scale, kron)
 
