@@ -226,6 +226,57 @@ def test_compaction_changes_nothing_that_remains(net, optimizer):
     assert math.isfinite(loss.item())
 
 
+def test_compacting_ivon_moves_its_weights_hessian_and_momentum(monkeypatch):
+    """IVON's posterior and optimiser state (a flat Hessian and momentum per layer group) follow compaction: the
+    function at the mean, every surviving entry's weight, Hessian and momentum, and the next step's result (at
+    the mean, no noise, so both draw alike) are the uncompacted twin's."""
+    from pyrozoo.guides.ivon import ivon_step
+    from pyrozoo.models.priors import gaussian
+
+    torch.manual_seed(0)
+    net = create_net("mlp", in_channels=1, image_size=6, num_classes=3, hidden=(7, 5))
+    model = BayesianModel(net, prior=gaussian)
+    guide = make_guide("ivon", model)
+    optimizer = guide.make_optimizer(lr=0.1, dataset_size=100)
+    x, y = torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))
+    for _ in range(2):  # a Hessian and momentum that are not their initial values
+        ivon_step(model, guide, optimizer, x, y, 100)
+    _kill(model, guide, "mlp")
+    twin, twin_guide = copy.deepcopy(model), copy.deepcopy(guide)
+    twin_optimizer = twin_guide.make_optimizer(lr=0.1, dataset_size=100)  # (a deep copy loses its settings)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    twin_guide.pull_state()
+    sizes = sum(layer.shape.numel() for layer in model.layers)
+    removed, note = compact(model, guide, optimizer)
+    assert removed > 0, note
+    assert sum(g["numel"] for g in optimizer.param_groups) == sum(
+        layer.shape.numel() for layer in model.layers
+    )
+    assert sum(layer.shape.numel() for layer in model.layers) < sizes
+
+    def same_state():
+        model.eval(), twin.eval()
+        with torch.no_grad():
+            got = model.logits(x, guide.masked_weights(model))
+            want = twin.logits(x, twin_guide.masked_weights(twin))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        model.train(), twin.train()
+        for (group, (key, layer)), (twin_group, _) in zip(guide._groups(), twin_guide._groups()):
+            shape = twin_guide.weights[key].shape
+            for mine, theirs in (
+                (guide.weights[key].detach(), twin_guide.weights[key].detach()),
+                (guide.hess.get_buffer(key), twin_guide.hess.get_buffer(key)),
+                (group["momentum"].view(guide.weights[key].shape), twin_group["momentum"].view(shape)),
+            ):
+                torch.testing.assert_close(mine, _sliced(model, layer.name, theirs), rtol=1e-6, atol=1e-7)
+
+    same_state()
+    monkeypatch.setattr(torch, "randn", lambda *size, **kw: torch.zeros(*size, dtype=kw.get("dtype")))
+    ivon_step(model, guide, optimizer, x, y, 100)
+    ivon_step(twin, twin_guide, twin_optimizer, x, y, 100)
+    same_state()
+
+
 def test_expanding_a_compacted_model_gives_the_twin_back_where_it_matters():
     model, guide, opt, x, y = _setup("mlp")
     _kill(model, guide, "mlp")
@@ -288,7 +339,7 @@ RUN = dict(
 
 
 def _train(folder, epochs, resume=False, **options):
-    config = TrainConfig(epochs=epochs, **RUN, **options)
+    config = TrainConfig(epochs=epochs, **{**RUN, **options})
     run = Run.open(folder, log=lambda text: None, epochs=epochs) if resume else Run(config, folder, log=print)
     run.reduction = KillUnits()
     with run:
@@ -317,11 +368,12 @@ def float32():
     torch.set_default_dtype(torch.float32)  # runs are in float32, as they are trained
 
 
-def test_a_compacted_run_resumes_bit_exactly(tmp_path, float32):
-    straight = _train(tmp_path / "straight", 3)
+@pytest.mark.parametrize("method", ["bmr-th", "ivon-bmr"])
+def test_a_compacted_run_resumes_bit_exactly(tmp_path, float32, method):
+    straight = _train(tmp_path / "straight", 3, method=method)
     assert straight.model.kept, "the run did not compact"
-    _train(tmp_path / "split", 2)
-    resumed = _train(tmp_path / "split", 3, resume=True)
+    _train(tmp_path / "split", 2, method=method)
+    resumed = _train(tmp_path / "split", 3, resume=True, method=method)
     assert resumed.model.kept
     a, b = read_checkpoint(tmp_path / "straight"), read_checkpoint(tmp_path / "split")
     for key in ("guide", "model", "optimizer", "kept", "batches", "rng"):
@@ -332,11 +384,12 @@ def test_a_compacted_run_resumes_bit_exactly(tmp_path, float32):
     _equal_states(a["history"], b["history"])
 
 
-def test_export_of_a_compacted_run_equals_that_of_its_uncompacted_twin(tmp_path, float32):
+@pytest.mark.parametrize("method", ["bmr-th", "ivon-bmr"])
+def test_export_of_a_compacted_run_equals_that_of_its_uncompacted_twin(tmp_path, float32, method):
     from pyrozoo.bmr.rebuild import rebuild
     from pyrozoo.export import export
 
-    twin = _train(tmp_path / "twin", 2, compact=False)
+    twin = _train(tmp_path / "twin", 2, compact=False, method=method)
     assert not twin.model.kept
     # the same state, compacted and committed: as a compacting run would have it
     shutil.copytree(tmp_path / "twin", tmp_path / "compacted")

@@ -3,7 +3,8 @@
 After a pass, every group of units (:mod:`pyrozoo.bmr.units`) whose units are gone under the effective masks
 (dead or unused) loses them, physically: from the net (its placeholder parameters and the modules' sizes, an
 attention module's head count), the Bayesian model's layers and masks, the guide's parameters and the
-optimiser's state (every per-parameter tensor shaped like its parameter: Adam's and AdaBelief's moments). The
+optimiser's state (every per-parameter tensor shaped like its parameter: Adam's and AdaBelief's moments; IVON's
+per-layer Hessian and momentum, which its posterior resizes with its weights). The
 function the model computes and every surviving entry's posterior and optimiser state are exactly what they
 were; the KL terms of the removed entries, which nothing that remains depends on, leave the ELBO.
 
@@ -265,7 +266,7 @@ def _outputs(model, weights: dict[str, torch.Tensor]) -> torch.Tensor:
 def _resize_guide(guide, resize: _Resize) -> dict[nn.Parameter, tuple[nn.Parameter, str]]:
     if not callable(getattr(guide, "resize", None)):
         raise CannotCompact(
-            f"the {type(guide).__name__} guide cannot be compacted (the meanfield guide can): run with --no-compact"
+            f"the {type(guide).__name__} guide cannot be compacted (the meanfield and ivon guides can): run with --no-compact"
         )
     return guide.resize(resize.site)
 
@@ -293,7 +294,7 @@ def compactable(guide) -> str | None:
     """Why ``guide`` cannot be compacted, or None when it can."""
     if callable(getattr(guide, "resize", None)):
         return None
-    return f"the {type(guide).__name__} guide cannot be compacted (the meanfield guide can)"
+    return f"the {type(guide).__name__} guide cannot be compacted (the meanfield and ivon guides can)"
 
 
 @torch.no_grad()

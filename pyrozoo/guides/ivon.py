@@ -143,6 +143,42 @@ class IVONPosterior(Posterior, nn.Module):
         return zip(self.optimizer.param_groups, self._sites.values())
 
     @torch.no_grad()
+    def resize(self, resize_site) -> dict[nn.Parameter, tuple[nn.Parameter, str]]:
+        """Compaction (:mod:`pyrozoo.bmr.compact`): each layer's weights, Hessian and prior scale, and with an
+        optimiser its group's Hessian, momentum and size, become ``resize_site(site, tensor, fill)`` (new entries,
+        when growing, at the prior: weight 0, Hessian 0, momentum 0); returns ``{old parameter: (new parameter,
+        site)}`` for those that changed."""
+        groups = {key: group for group, (key, _) in self._groups()} if self.optimizer is not None else {}
+        moved = {}
+        for site, (key, _layer) in self._sites.items():
+            old = self.weights[key]
+            weights = resize_site(site, old.detach(), 0.0)
+            if weights.shape == old.shape:
+                continue
+            scale = getattr(self, f"prior_scale_{key}")
+            self.register_buffer(
+                f"prior_scale_{key}", resize_site(site, scale, float(scale.flatten()[0])).clone()
+            )
+            self.weights[key] = nn.Parameter(weights.contiguous().clone())
+            moved[old] = (self.weights[key], site)
+            group = groups.get(key)
+            if group is None:
+                self.hess.register_buffer(
+                    key, resize_site(site, getattr(self.hess, key), 0.0).contiguous().clone()
+                )
+                continue
+            for state in (
+                "hess",
+                "momentum",
+            ):  # the optimiser's own, of which the posterior's Hessian is a view
+                group[state] = resize_site(site, group[state].view(old.shape), 0.0).flatten().clone()
+            group["params"], group["numel"] = [self.weights[key]], weights.numel()
+            self.hess.register_buffer(key, group["hess"].view(weights.shape))
+        if self.optimizer is not None:
+            self.optimizer._numel = sum(group["numel"] for group in self.optimizer.param_groups)
+        return moved
+
+    @torch.no_grad()
     def _push_state(self) -> None:
         """The optimiser's Hessian from this posterior's (after a write or a load)."""
         if self.optimizer is None:
