@@ -641,14 +641,14 @@ class Run:
                 f"epoch but the last, and this run has {c.epochs} x {c.steps_per_epoch} steps; lower --warmup-steps "
                 "or train longer"
             )
-        beta2 = getattr(self.guide, "options", {}).get("beta2")  # IVON's Hessian average
-        if self.reduction is not None and self.epoch == 0 and beta2 is not None and beta2 < 1:
-            memory = 1 / (1 - beta2)
-            if c.bmr_passes() and c.warmup_steps < memory:
+        beta2 = getattr(self.guide, "options", {}).get("beta2")  # IVON's Hessian: a running average
+        if self.reduction is not None and self.epoch == 0 and beta2 is not None and c.bmr_passes():
+            initial = beta2**c.warmup_steps  # the weight hess_init still has at the first pass
+            if initial > 0.75:
                 self.log(
-                    f"warning: IVON's Hessian averages over ~{memory:.0f} steps (beta2 {beta2}), and the first BMR "
-                    f"pass comes after {c.warmup_steps} warm-up steps: it reads a Hessian still near hess_init, "
-                    "whose posterior is near the prior, and may prune most weights; raise --warmup-steps"
+                    f"warning: after {c.warmup_steps} warm-up steps IVON's Hessian is still {initial:.0%} its initial "
+                    f"value (beta2 {beta2}): the first BMR pass reads a posterior near the prior and may prune most "
+                    "weights; raise --warmup-steps"
                 )
         bar = tqdm(
             total=c.epochs * c.steps_per_epoch,

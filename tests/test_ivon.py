@@ -280,3 +280,16 @@ def test_the_in_place_ivon_step_is_ivon_opts(options):
             for key in ("hess", "momentum"):
                 torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
         assert optimizers[1].current_step == optimizers[0].current_step
+
+
+@pytest.mark.parametrize("beta2, warns", [(0.999, True), (0.5, False)])
+def test_a_bmr_pass_on_a_hessian_still_near_its_start_is_warned_of(tmp_path, beta2, warns):
+    """After 8 warm-up steps IVON's Hessian is 99% hess_init with beta2 0.999 (a posterior near the prior, which
+    BMR would prune almost whole), 0.4% with beta2 0.5."""
+    logs = []
+    run = Run(_tiny(epochs=2, warmup_steps=8, guide_options={"beta2": beta2}), tmp_path, log=logs.append)
+    run.train(progress=False)
+    said = [line for line in logs if "IVON's Hessian is still" in line]
+    assert bool(said) == warns, logs
+    if warns:
+        assert "99%" in said[0] and "--warmup-steps" in said[0]
