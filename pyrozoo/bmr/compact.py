@@ -266,7 +266,8 @@ def _outputs(model, weights: dict[str, torch.Tensor]) -> torch.Tensor:
 def _resize_guide(guide, resize: _Resize) -> dict[nn.Parameter, tuple[nn.Parameter, str]]:
     if not callable(getattr(guide, "resize", None)):
         raise CannotCompact(
-            f"the {type(guide).__name__} guide cannot be compacted (the meanfield and ivon guides can): run with --no-compact"
+            f"the {type(guide).__name__} guide cannot be compacted (the meanfield and ivon guides can): run "
+            "with --no-compact"
         )
     return guide.resize(resize.site)
 

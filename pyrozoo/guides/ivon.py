@@ -167,10 +167,8 @@ class IVONPosterior(Posterior, nn.Module):
                     key, resize_site(site, getattr(self.hess, key), 0.0).contiguous().clone()
                 )
                 continue
-            for state in (
-                "hess",
-                "momentum",
-            ):  # the optimiser's own, of which the posterior's Hessian is a view
+            # the optimiser's own state, of which the posterior's Hessian is a view
+            for state in ("hess", "momentum"):
                 group[state] = resize_site(site, group[state].view(old.shape), 0.0).flatten().clone()
             group["params"], group["numel"] = [self.weights[key]], weights.numel()
             self.hess.register_buffer(key, group["hess"].view(weights.shape))
