@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 import warnings
 
 import torch
@@ -28,6 +26,7 @@ from torch import nn
 
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.train import Run
+from step_time import interleaved_medians  # benchmarks/ is on the path when run as a script
 
 
 class SparseLinear(nn.Module):
@@ -57,15 +56,8 @@ def sparsified(net: nn.Module, layout: str) -> nn.Module:
 
 
 def medians(candidates: dict, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each callable, called in turns (one of each per round) after 10 warm-up rounds."""
-    times = {k: [] for k in candidates}
-    for r in range(repeats + 10):
-        for key, call in candidates.items():
-            start = time.perf_counter()
-            call()
-            if r >= 10:
-                times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    """Median milliseconds of each callable, timed in turns after 10 warm-up calls (step_time's timer)."""
+    return {k: v * 1e3 for k, v in interleaved_medians(candidates, repeats, warmup=10).items()}
 
 
 def layer_step(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, layout: str):
