@@ -187,7 +187,7 @@ def run_baseline(folder: Path, method: str, source: Path, sparsity: Path, finetu
             record["lr"],
             record["batch_size"],
             record["seed"],
-            run.model.likelihood.at_point(run.guide),
+            run.point_likelihood(),
         )
     seconds = time.perf_counter() - start
     for name, keep in masks.items():  # BMR's pruned fraction, which also counts the weights of dead units

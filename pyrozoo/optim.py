@@ -179,9 +179,8 @@ class IVONOptimizer(IVON):
             params = self._params(group)
             mean = self._flat([p.data for p in params])
             torch.add(hess, wd, out=shifted)
-            step = torch.add(
-                momentum, mean, alpha=wd * debias, out=gap
-            )  # debias (momentum / debias + wd mean)
+            # debias (momentum / debias + wd mean), into the spare buffer
+            step = torch.add(momentum, mean, alpha=wd * debias, out=gap)
             if group["clip_radius"] == float("inf"):
                 mean.addcdiv_(step, shifted, value=-lr / debias)
             else:

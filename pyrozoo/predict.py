@@ -367,7 +367,7 @@ def predict_frame(
     ``net``, of that plain net made from the run (a Laplace-pruned one), a regression's noise the run's."""
     noise_std = None
     if net is not None and prepared.task == "regress":
-        noise_std = prepared.y_std * float(run.model.likelihood.at_point(run.guide).precision().rsqrt())
+        noise_std = prepared.y_std * float(run.point_likelihood().precision().rsqrt())
     predictions = predict(
         run.model if net is None else net,
         run.guide if net is None else None,

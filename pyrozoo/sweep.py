@@ -210,6 +210,7 @@ def sweep(
         return channel_prune(base, layers, d.x_train[:2], target)
 
     probe = copy.deepcopy(run.model)  # magnitude's masks, to count its pruned fraction as BMR's is counted
+    point = run.point_likelihood()  # what a fine-tune fits
     cells = [(m, s) for s in sparsities for m in methods]
     for method, target in tqdm(cells, desc="sweep", unit="cell", disable=not progress):
         start = time.perf_counter()
@@ -218,7 +219,6 @@ def sweep(
         rows.append(_row(method, target, achieved, 0, seconds, run.net_metrics(net)))
         if finetune_steps:
             c = run.config
-            point = run.model.likelihood.at_point(run.guide)
             finetune(net, d.x_train, d.y_train, finetune_steps, c.lr, c.batch_size, c.seed, point)
             rows.append(
                 _row(

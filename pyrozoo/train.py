@@ -29,7 +29,7 @@ from pyrozoo import data as datasets
 from pyrozoo import distributed, faults
 from pyrozoo.bmr.compact import CannotCompact, compact, compact_to
 from pyrozoo.bmr.scores import posterior_scales, scale_table
-from pyrozoo.bmr.units import pruned_fraction
+from pyrozoo.bmr.units import original_entries, pruned_fraction
 from pyrozoo.config import OVERRIDABLE, RESUMABLE, TABLES, TrainConfig
 from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError, TrainingDiverged, reason
@@ -606,13 +606,16 @@ class Run:
             faults.reached("eval")
             return metrics
 
+    def point_likelihood(self):
+        """The run's likelihood for a deterministic net made from it (rebuilt, pruned, Laplace): a regression's
+        noise held at its posterior mean (``Likelihood.at_point``)."""
+        return self.model.likelihood.at_point(self.guide)
+
     def net_metrics(self, net: torch.nn.Module) -> dict[str, float]:
-        """The test metrics of a deterministic net made from this run (rebuilt, pruned, Laplace), for its task; a
-        regression's noise held at its posterior mean (see metrics.net_metrics)."""
+        """The test metrics of a deterministic net made from this run, for its task (see metrics.net_metrics)."""
         from pyrozoo.metrics import net_metrics
 
-        likelihood = self.model.likelihood.at_point(self.guide)
-        return net_metrics(net, self.data, likelihood, self.config.eval_batch_size)
+        return net_metrics(net, self.data, self.point_likelihood(), self.config.eval_batch_size)
 
     def _evaluate_regression(self) -> dict[str, float]:
         """RMSE, NLL, LPD and interval coverage in the targets' original units (see metrics.regression_metrics)."""
@@ -785,9 +788,8 @@ class Run:
             self.log(f"epoch {self.epoch}, compaction: {note}")
             self._compact_note = note
         if removed:
-            full = getattr(self.model, "full_shapes", {})
             sizes = sum(layer.shape.numel() for layer in self.model.layers)
-            total = sum(full.get(layer.name, layer.shape).numel() for layer in self.model.layers)
+            total = original_entries(self.model, self.model.layers)
             self.log(
                 f"epoch {self.epoch}: compacted {removed} units (gone with the weights pruned so far, or by a units "
                 f"rule); the latents now hold {sizes:,d} of the original {total:,d} entries"

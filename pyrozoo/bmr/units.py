@@ -500,14 +500,18 @@ def remove_gone_units(groups: list[Units], masks: dict[str, torch.Tensor]) -> di
     return masks
 
 
+def original_entries(model, layers) -> int:
+    """The entries of ``layers``' latents in the original net (a compacted model's full shapes)."""
+    full = getattr(model, "full_shapes", {})
+    return sum(full.get(layer.name, layer.shape).numel() for layer in layers)
+
+
 def pruned_fraction(model) -> float:
     """Pruned entries over prunable entries (PAPER.md §6), counting every entry of dead and unused units."""
     masks = effective_masks(model)
     prunable = [layer for layer in model.layers if layer.prunable]
-    full = getattr(model, "full_shapes", {})  # a compacted model counts its original net's entries
-    total = sum(full.get(layer.name, layer.shape).numel() for layer in prunable)
     kept = sum(int(masks[layer.name].sum()) for layer in prunable)
-    return 1.0 - kept / total
+    return 1.0 - kept / original_entries(model, prunable)
 
 
 # --- cutting units out of a plain net ------------------------------------------------------------------------

@@ -104,10 +104,12 @@ class AutoDeltaGuide(_ScopedAutoGuide, AutoDelta):
         self._store(raw, to_support.inv(bijection(self._supports[site])(loc)), where)
 
     @torch.no_grad()
+    def site_mean(self, site: str) -> torch.Tensor:
+        """The point estimate of one latent, read directly: a point mass's mean is its median."""
+        raw, to_support = self._value(site)
+        return to_support(raw).detach()
+
+    @torch.no_grad()
     def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """The point estimates, read directly (Pyro's ``median`` would run the guide)."""
-        return {site: self._value(site)[1](self._value(site)[0]).detach() for site in self.sites()}
-
-    def mean(self) -> dict[str, torch.Tensor]:
-        """The point estimates: a point mass's mean is its median."""
-        return self.median()
+        return self.mean()

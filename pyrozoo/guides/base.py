@@ -72,12 +72,14 @@ class Posterior:
         return {site: self.site_posterior(site) for site in self.sites()}
 
     @torch.no_grad()
+    def site_mean(self, site: str) -> torch.Tensor:
+        """Posterior mean of one latent in its own (constrained) space."""
+        return constrained_mean(*self.site_posterior(site), bijection(self.site_support(site)))
+
+    @torch.no_grad()
     def mean(self) -> dict[str, torch.Tensor]:
         """Posterior mean of every latent in its own (constrained) space."""
-        return {
-            site: constrained_mean(*self.site_posterior(site), bijection(self.site_support(site)))
-            for site in self.sites()
-        }
+        return {site: self.site_mean(site) for site in self.sites()}
 
     @torch.no_grad()
     def median(self, *args, **kwargs) -> dict[str, torch.Tensor]:

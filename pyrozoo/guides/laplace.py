@@ -362,7 +362,7 @@ def laplace_from_run(run, structure: str = "kron", progress: bool = True, **opti
         run.data.x_train,
         structure,
         output=output,
-        likelihood=run.model.likelihood.at_point(run.guide),
+        likelihood=run.point_likelihood(),
         progress=progress,
         seed=run.config.seed,
         **options,

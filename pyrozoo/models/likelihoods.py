@@ -162,7 +162,7 @@ class Gaussian(nn.Module):
                 raise PyrozooError(
                     f"the noise precision is a latent: pass the guide that holds {self.site!r}"
                 )
-            precision = float(guide.mean()[self.site])
+            precision = float(guide.site_mean(self.site))
         else:
             precision = float(self.precision())
         return Gaussian("fixed", precision, self.shape, self.rate).to(self.fixed_precision)
