@@ -1,7 +1,8 @@
 """A BMR run's rebuilt net next to its ``flat-map`` twin pruned to the same sparsity by global magnitude and by
 Torch-Pruning's L1 channel pruning (issue 15): test accuracy, NLL, ECE, pruned fraction, parameters, and CPU
-latency at batch 256 against the dense net, all measured in this one process (latencies in turns, one thread
-by default).
+latency at batch 256 against the dense net, all measured in this one process: metrics on the device the runs'
+data are on (the GPU for runs trained there), latencies on the CPU, the nets timed in turns (one thread by
+default).
 
     python benchmarks/prune_compare.py BMR_RUN FLAT_MAP_RUN [--repeats 10] [--threads 1] [--units]
         [--test-size N] [--out summary.json]
@@ -36,7 +37,7 @@ from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.guides.laplace import laplace_from_run
 from pyrozoo.metrics import evaluate_net
 from pyrozoo.sweep import _prunable_params, channel_prune
-from pyrozoo.train import Run, evaluate, read_metrics
+from pyrozoo.train import Run, evaluate
 
 
 def latencies(nets: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -83,11 +84,10 @@ def main() -> None:
 
     bmr_run, map_run = Run.open(args.bmr_run, log=quiet), Run.open(args.map_run, log=quiet)
     d = map_run.data
-    x, y, classes = d.x_test.cpu(), d.y_test.cpu(), d.num_classes
+    x, y, classes = d.x_test, d.y_test, d.num_classes  # evaluated where the runs' data are (the GPU if trained there)
     if args.test_size:
         x, y = x[: args.test_size], y[: args.test_size]
-    bmr_last = read_metrics(bmr_run.out / "metrics.csv")[-1]
-    map_last = read_metrics(map_run.out / "metrics.csv")[-1]
+    bmr_last, map_last = bmr_run.history[-1], map_run.history[-1]  # the epochs the checkpoints hold
     own = not args.test_size  # the runs' own metrics are of the whole test set, when they were evaluated
     if not (own and _evaluated(bmr_last)):  # the run's predictive, as its evaluation computes it
         torch.manual_seed(bmr_run.config.seed * 100_003 + bmr_run.epoch)
@@ -108,15 +108,20 @@ def main() -> None:
             "seconds_to_prune": seconds,
         }
 
+    def scored(net):  # the metrics of a deterministic net, on the data's device; the net is left on the CPU
+        metrics = evaluate_net(net.to(x.device), x, y, classes)
+        net.cpu()
+        return metrics
+
     dense = rebuild(map_run.model, map_run.guide, remove_dead=False).cpu().eval()
-    dense_metrics = map_last if own and _evaluated(map_last) else evaluate_net(dense, x, y, classes)
+    dense_metrics = map_last if own and _evaluated(map_last) else scored(dense)
     row("flat-map dense", dense, dense_metrics, 0.0)
 
     start = time.perf_counter()
     bmr_net = rebuild(bmr_run.model, bmr_run.guide).cpu().eval()
     seconds = time.perf_counter() - start
     row(f"{bmr_run.config.method} (run's predictive)", bmr_net, bmr_last, sparsity)
-    row(f"{bmr_run.config.method} rebuilt (posterior mean)", bmr_net, evaluate_net(bmr_net, x, y, classes),
+    row(f"{bmr_run.config.method} rebuilt (posterior mean)", bmr_net, scored(bmr_net),
         sparsity, seconds)  # fmt: skip
 
     if args.units:  # whole coupled channel groups whose removal raises the evidence, then rebuilt again
@@ -124,7 +129,7 @@ def main() -> None:
         Units()(bmr_run.model, bmr_run.guide)
         units_net = rebuild(bmr_run.model, bmr_run.guide).cpu().eval()
         seconds = time.perf_counter() - start
-        row(f"{bmr_run.config.method} + units pass, rebuilt", units_net, evaluate_net(units_net, x, y, classes),
+        row(f"{bmr_run.config.method} + units pass, rebuilt", units_net, scored(units_net),
             pruned_fraction(bmr_run.model), seconds)  # fmt: skip
 
     laplace_name = "flat-map + diagonal Laplace, units pass, rebuilt"
@@ -139,7 +144,7 @@ def main() -> None:
         row(
             laplace_name,
             laplace_net,
-            evaluate_net(laplace_net, x, y, classes),
+            scored(laplace_net),
             report.pruned_fraction,
             seconds,
         )
@@ -154,7 +159,7 @@ def main() -> None:
             torch_prune.remove(module, name)
     achieved = 1 - sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
     seconds = time.perf_counter() - start
-    row("flat-map + global magnitude", magnitude, evaluate_net(magnitude, x, y, classes), achieved, seconds)
+    row("flat-map + global magnitude", magnitude, scored(magnitude), achieved, seconds)
 
     start = time.perf_counter()
     channels, achieved = channel_prune(dense, layers, d.x_train[:2].cpu(), sparsity)
@@ -162,7 +167,7 @@ def main() -> None:
     row(
         "flat-map + Torch-Pruning L1 channels",
         channels,
-        evaluate_net(channels, x, y, classes),
+        scored(channels),
         achieved,
         seconds,
     )
@@ -174,7 +179,7 @@ def main() -> None:
         nets[laplace_name] = laplace_net
     timed = latencies(
         nets,
-        x[: args.batch],
+        x[: args.batch].cpu(),
         args.repeats,
     )
     for name, r in rows.items():
