@@ -149,7 +149,7 @@ def _force(model, guide, chosen):
         for member in units.members:
             layer = next(layer for layer in model.layers if layer.name == member.layer)
             loc, scale = guide.site_posterior(layer.site)
-            at_prior = torch.zeros(layer.shape, dtype=torch.bool)
+            at_prior = torch.zeros(layer.shape, dtype=torch.bool, device=loc.device)
             member.put(at_prior, which, True)
             guide.write_posterior(
                 layer.site, torch.where(at_prior, 0.0, loc), torch.where(at_prior, 1.0, scale)
