@@ -84,7 +84,7 @@ def main() -> None:
 
     bmr_run, map_run = Run.open(args.bmr_run, log=quiet), Run.open(args.map_run, log=quiet)
     d = map_run.data
-    x, y, classes = d.x_test, d.y_test, d.num_classes  # evaluated where the runs' data are (the GPU if trained there)
+    x, y, classes = d.x_test, d.y_test, d.num_classes  # where the runs' data are (the GPU if trained there)
     if args.test_size:
         x, y = x[: args.test_size], y[: args.test_size]
     bmr_last, map_last = bmr_run.history[-1], map_run.history[-1]  # the epochs the checkpoints hold
