@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import time
 
 import torch
@@ -38,22 +37,17 @@ from pyrozoo.guides.laplace import laplace_from_run
 from pyrozoo.metrics import evaluate_net
 from pyrozoo.sweep import _prunable_params, channel_prune
 from pyrozoo.train import Run, evaluate
+from step_time import interleaved_medians  # benchmarks/ is on the path when run as a script
 
 
 def latencies(nets: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median milliseconds per forward pass of each net on ``x``, the nets timed in turns (so that load from
-    other jobs falls on all of them alike)."""
-    times = {name: [] for name in nets}
+    """Median milliseconds per forward pass of each net on ``x`` in eval mode, the nets timed in turns after one
+    warm-up pass (step_time's timer), so that load from other jobs falls on all of them alike."""
+    for net in nets.values():
+        net.eval()
     with torch.inference_mode():
-        for net in nets.values():
-            net.eval()
-            net(x)  # warm-up
-        for _ in range(repeats):
-            for name, net in nets.items():
-                start = time.perf_counter()
-                net(x)
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        calls = {name: (lambda net=net: net(x)) for name, net in nets.items()}
+        return {name: t * 1e3 for name, t in interleaved_medians(calls, repeats, warmup=1).items()}
 
 
 def _evaluated(metrics: dict) -> bool:
