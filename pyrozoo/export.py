@@ -15,6 +15,7 @@ from torch import nn
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.errors import PyrozooError, reason
 from pyrozoo.io import atomic_write_folder
+from pyrozoo.torchfile import load_tensors
 from pyrozoo.train import PRUNED
 
 # what ``pyrozoo prune RUN --posterior P`` writes into the run folder, by P
@@ -44,13 +45,15 @@ def laplace_pruned_nets(run, posterior: str) -> tuple[nn.Module, nn.Module, dict
     path = run.out / PRUNED_FILES[posterior]
     redo = f"prune again (pyrozoo prune {run.out} --posterior {posterior} ...), or delete {path}"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_tensors(path, fix=redo)
         if not isinstance(state, dict) or not {"net_state_dict", "masks", "laplace", "source"} <= set(state):
             raise ValueError("not a pyrozoo Laplace-pruned state")
     except FileNotFoundError:
         raise PyrozooError(
             f"{run.out} has no {path.name}: run pyrozoo prune {run.out} --posterior {posterior} first"
         ) from None
+    except PyrozooError:
+        raise
     except Exception as e:
         raise PyrozooError(f"{path} is corrupt or truncated ({reason(e)}): {redo}") from None
     made, current = state["source"], run.source()

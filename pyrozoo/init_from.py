@@ -27,16 +27,24 @@ from torch import nn
 from torch.distributions import biject_to
 
 from pyrozoo.errors import PyrozooError, reason
+from pyrozoo.torchfile import load_tensors
 
 
-def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The weights in ``path``: a ``state_dict`` of the net (``torch.save(net.state_dict(), path)``), a whole
-    saved ``nn.Module`` (``pyrozoo export``'s ``sparse_net.pt``), or a ``{"state_dict": ...}`` wrapper."""
+def load_state(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The weights in ``path``: a ``state_dict`` of the net (``torch.save(net.state_dict(), path)``) or a
+    ``{"state_dict": ...}`` wrapper; a whole saved ``nn.Module`` (``pyrozoo export``'s ``sparse_net.pt``) only
+    with ``trust_pickle``, since opening one runs whatever code the file holds."""
     path = Path(path)
     if not path.is_file():
         raise PyrozooError(f"--init-from {path}: no such file")
+    fix = (
+        "if you made it yourself (a net saved whole, or pyrozoo export's sparse_net.pt), pass --trust-pickle; "
+        "or save the net's weights with torch.save(net.state_dict(), path) and pass that file"
+    )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = load_tensors(path, what=f"--init-from {path}", fix=fix, trust_pickle=trust_pickle)
+    except PyrozooError:
+        raise
     except Exception as e:  # a truncated zip, a bad pickle, random bytes: torch raises many kinds
         raise PyrozooError(f"--init-from {path}: not a torch file ({reason(e)})") from None
     if isinstance(obj, nn.Module):

@@ -20,6 +20,7 @@ import os
 import shlex
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -245,11 +246,7 @@ class FolderLock:
         return self
 
     def _lock(self, key: tuple[int, int]) -> _Hold:
-        path = self.folder / LOCK_NAME
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError as e:
-            raise PyrozooError(f"cannot write to the folder {self.folder}: {e.strerror or e}") from None
+        fd = open_regular(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, f"the folder {self.folder}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -289,3 +286,23 @@ def hold_folder(folder: str | os.PathLike) -> Iterator[FolderLock]:
     """``with hold_folder(out):`` runs its block as the folder's one writer (see :class:`FolderLock`)."""
     with FolderLock(folder) as lock:
         yield lock
+
+
+def open_regular(path: Path, flags: int, what: str) -> int:
+    """``os.open(path, flags)`` for a file written in place, never through a link: a link (to a file anywhere)
+    or anything but a regular file at ``path`` is a PyrozooError naming ``what``, and nothing is written."""
+    refused = PyrozooError(
+        f"cannot use {what}: {path} is not a regular file (a link, a folder or a device); pyrozoo never writes "
+        "through one, so remove it"
+    )
+    try:
+        # O_NONBLOCK: a FIFO planted at path must not hang the open (it is refused just below)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise refused from None
+        raise PyrozooError(f"cannot write to {what}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise refused
+    return fd

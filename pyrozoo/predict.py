@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from pyrozoo.errors import PyrozooError
 from pyrozoo.metrics import INTERVALS, mixture_quantile
+from pyrozoo.torchfile import load_tensors
 
 
 def _draws(model, guide, samples: int, seed: int) -> Iterator[tuple[dict, dict]]:
@@ -266,7 +267,9 @@ def read_inputs(path: str, like, target: str | None = None) -> tuple[torch.Tenso
         elif path.lower().endswith(".npy"):
             x = torch.from_numpy(np.load(path, allow_pickle=False))
         elif path.lower().endswith(".pt"):
-            x = torch.load(path, map_location="cpu", weights_only=True)
+            x = load_tensors(
+                path, what=f"--input {path}", fix="save the inputs as a tensor (torch.save(x, path))"
+            )
         else:
             raise PyrozooError(f"--input {path}: give a .csv table, or a .npy or .pt array of images")
     except PyrozooError:

@@ -81,7 +81,9 @@ def test_first_evaluation_is_the_trained_nets_accuracy(tmp_path):
     assert set(net.state_dict()) != set(run.model.net.state_dict())
     whole = tmp_path / "whole.pt"
     torch.save(net, whole)  # a net saved whole, as pyrozoo export's sparse_net.pt
-    run = Run(TrainConfig(method="flat-ff", init_from=str(whole), **config), tmp_path / "whole")
+    run = Run(
+        TrainConfig(method="flat-ff", init_from=str(whole), trust_pickle=True, **config), tmp_path / "whole"
+    )
     assert run.evaluate()["accuracy"] == pytest.approx(accuracy, abs=0.01)
 
 

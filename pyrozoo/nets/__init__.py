@@ -24,6 +24,7 @@ from torch import nn
 
 from pyrozoo.errors import PyrozooError, reason
 from pyrozoo.registry import Registry
+from pyrozoo.torchfile import load_tensors
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,12 @@ def _bind(factory, model: str):
         net = factory(model, in_channels, num_classes)
         if weights is not None:
             try:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError) as e:
+                state = load_tensors(
+                    weights, what=f"weights={weights}", fix="save the net's state_dict instead"
+                )
+            except PyrozooError:
+                raise
+            except Exception as e:  # a missing file, a truncated zip, random bytes: torch raises many kinds
                 raise TypeError(f"cannot load weights {weights!r}: {reason(e)}") from None
             net.load_state_dict(state)
         return net
