@@ -46,6 +46,7 @@ from pyrozoo.config import (
     ALIASES,
     TABLES,
     TrainConfig,
+    as_stored,
     bmr_methods,
     check_run_options,
     fold_aliases,
@@ -75,8 +76,9 @@ UNCERTAINTY = "uncertainty.csv"
 
 # Where a stored run's config may differ from the requested one: these only say how often, in what batches
 # and from which folder the test set is evaluated, never what the run learns (evaluation draws its posterior
-# samples from a stream of its own), so a finished run stays valid whatever they are.
-EVALUATION_ONLY = ("eval_every", "eval_batch_size", "data_dir")
+# samples from a stream of its own), so a finished run stays valid whatever they are; nor does how its
+# --init-from file was opened (trust_pickle).
+EVALUATION_ONLY = ("eval_every", "eval_batch_size", "data_dir", "trust_pickle")
 
 
 @dataclass(frozen=True)
@@ -269,10 +271,10 @@ def config_differences(stored: dict, requested: TrainConfig) -> list[str]:
     for something else.
     """
     try:
-        old = json.loads(json.dumps(dataclasses.asdict(TrainConfig.from_record(stored).resolved())))
+        old = as_stored(dataclasses.asdict(TrainConfig.from_record(stored).resolved()))
     except PyrozooError as e:
         return [str(e)]
-    new = json.loads(json.dumps(dataclasses.asdict(requested)))
+    new = as_stored(dataclasses.asdict(requested))
     return [
         f"{key} {old[key]!r} there, {new[key]!r} requested"
         for key in new

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -22,8 +23,9 @@ from pyrozoo.errors import PyrozooError
 from pyrozoo.options import bind_options, coerce
 from pyrozoo.registry import option_defaults
 
-# What --resume may change: how far the run goes and how it is evaluated, never what it learns.
-RESUMABLE = ("epochs", "eval_every", "eval_batch_size", "data_dir", "device")
+# What --resume may change: how far the run goes and how it is evaluated, never what it learns (trust_pickle
+# says how the --init-from file was opened, which a resumed run does not open again).
+RESUMABLE = ("epochs", "eval_every", "eval_batch_size", "data_dir", "device", "trust_pickle")
 # What --resume may change with an explicit --override: the learning rate (a diverged run needs it lowered).
 OVERRIDABLE = ("lr",)
 # Option tables: run option name -> the word used in messages.
@@ -100,7 +102,13 @@ class TrainConfig:
     init_from: str | None = _run_option(
         None,
         "start from a trained net: a file holding its state_dict, or a net saved whole (pyrozoo export's "
-        "sparse_net.pt, when no unit was removed); the posterior means start at its weights, the scales small",
+        "sparse_net.pt, when no unit was removed; with --trust-pickle); the posterior means start at its weights, "
+        "the scales small",
+    )
+    trust_pickle: bool = _run_option(
+        False,
+        "with --init-from: open a net saved whole (torch.save(net, path)) by unpickling it, which runs any code "
+        "the file holds; only for a file you made or trust (a state_dict never needs it)",
     )
     start: str | None = _run_option(
         None,
@@ -315,6 +323,12 @@ ALIASES = {
         "spike-and-slab: count pruned weights as excluded (option count_pruned)",
     ),
 }
+
+
+def as_stored(value):
+    """``value`` as config.json holds it (tuples as lists): run options are compared in this form, so that a
+    spelling (``(32, 32)`` on the command line, ``[32, 32]`` read back) is never taken for a change."""
+    return json.loads(json.dumps(value))
 
 
 def fold_aliases(options: dict) -> dict:

@@ -24,8 +24,11 @@ def parse_option(text: str) -> tuple[str, object]:
     key = key.strip().replace("-", "_")
     if not sep or not key.isidentifier():
         raise PyrozooError(f"expected KEY=VALUE, got {text!r}")
-    if value.strip().lower() in ("true", "false"):
-        return key, value.strip().lower() == "true"
+    word = value.strip().lower()
+    if word in ("true", "false"):
+        return key, word == "true"
+    if word.lstrip("+-") in ("inf", "infinity", "nan"):  # a number, so that the finiteness check names it
+        return key, float(word)
     try:
         return key, ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -85,6 +88,18 @@ def bind_options(what: str, factory: Callable, options: dict) -> dict:
         kind = hints.get(key, type(defaults[key]) if defaults[key] is not None else None)
         bound[key] = coerce(f"{what}: option {key}", kind, value)
     return bound
+
+
+def build_with_options(what: str, factory: Callable, options: dict, *args):
+    """``factory(*args, **options)`` with ``options`` bound (:func:`bind_options`); a value the factory cannot
+    take (its arithmetic overflows, or it raises ValueError) is a PyrozooError naming the options, not a crash.
+    """
+    bound = bind_options(what, factory, options)
+    try:
+        return factory(*args, **bound)
+    except (OverflowError, ValueError) as e:
+        given = ", ".join(f"{k}={v!r}" for k, v in bound.items())
+        raise PyrozooError(f"{what}: cannot use the options {given} ({e}); choose values in range") from None
 
 
 def coerce(label: str, kind, value):

@@ -42,6 +42,7 @@ from pyrozoo.models.likelihoods import Categorical, Gaussian
 from pyrozoo.nets import NETS, create_net, model_options
 from pyrozoo.nets import net_options as net_options_of
 from pyrozoo.steps import STEPS
+from pyrozoo.torchfile import load_tensors
 
 CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
     "config.json",
@@ -198,9 +199,11 @@ def read_checkpoint(folder: str | os.PathLike, mmap: bool = False) -> dict:
     path = Path(folder) / CHECKPOINT
     try:
         # on the CPU: the random states must stay there; load_state_dict moves the rest to the model's device
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        state = load_tensors(path, mmap=mmap)
     except FileNotFoundError:
         raise PyrozooError(f"{folder} has no {CHECKPOINT}: nothing was trained there yet") from None
+    except PyrozooError:
+        raise
     except Exception as e:  # a truncated zip, a bad pickle, random bytes: torch raises many kinds
         state = e
     if isinstance(state, BaseException) or not isinstance(state, dict) or set(_CHECKPOINT_KEYS) - set(state):
@@ -389,7 +392,7 @@ class Run:
             start_from_weights(
                 self.model,
                 self.guide,
-                load_state(config.init_from),
+                load_state(config.init_from, trust_pickle=config.trust_pickle),
                 init_scale=STEPS[self.method.step].init_scale,
                 what=f"--init-from {config.init_from}",
             )
@@ -424,7 +427,7 @@ class Run:
         needs lowered) change the run from its last epoch on; config.json records the new value and, under
         ``overrides``, when it changed.
         """
-        from pyrozoo.config import fold_aliases
+        from pyrozoo.config import as_stored, fold_aliases
 
         override = list(dict.fromkeys(k.replace("-", "_") for k in override))
         for key in override:
@@ -454,8 +457,7 @@ class Run:
             for key, value in changes.items()
             if key not in RESUMABLE
             and key not in override
-            and value != getattr(stored, key)
-            and value != getattr(config, key)
+            and as_stored(value) not in (as_stored(getattr(stored, key)), as_stored(getattr(config, key)))
         ]
         if differ:
             allowed = " (the learning rate may be lowered with --override lr)" if "lr" in changes else ""
@@ -471,6 +473,13 @@ class Run:
             raise PyrozooError(
                 f"{out} has finished {run.epoch} epochs; --epochs {run.config.epochs} would shorten it, and a "
                 "run is only ever extended"
+            )
+        if override and run.epoch >= run.config.epochs:
+            run.close()
+            raise PyrozooError(
+                f"{out} has finished its {run.epoch} epochs, so --override {', '.join(override)} would change "
+                f"nothing it trained: extend it with --epochs N (more than {run.epoch}) to train on with the new "
+                "value, or start a new run in another --out"
             )
         run.overrides = list(record.get("overrides", []))
         for key in override:
@@ -559,11 +568,13 @@ class Run:
         path = self.out / PRUNED
         redo = f"prune again (pyrozoo prune {self.out}), or delete {path}"
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = load_tensors(path, fix=redo)
             if not isinstance(state, dict) or not {"guide", "model", "metrics"} <= set(state):
                 raise ValueError("not a pyrozoo pruned state")
         except FileNotFoundError:
             raise PyrozooError(f"{self.out} has no {PRUNED}: run pyrozoo prune {self.out} first") from None
+        except PyrozooError:
+            raise
         except Exception as e:
             raise PyrozooError(f"{path} is corrupt or truncated ({reason(e)}): {redo}") from None
         current = self.source()

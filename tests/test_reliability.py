@@ -539,9 +539,18 @@ BAD_INPUTS = [
     ("horseshoe-tau0-zero", None, ["prune", "RUN", "--rule", "horseshoe", "--rule-option", "tau0=0"],
      ["horseshoe: tau0 and lr must be positive"]),
     ("horseshoe-no-samples", None, ["prune", "RUN", "--rule", "horseshoe", "--rule-option", "samples=0"],
-     ["samples at least 1"]),
+     ["samples and steps at least 1"]),
     ("shrinkage-no-samples", None, ["prune", "RUN", "--rule", "shrinkage", "--rule-option", "samples=0"],
      ["samples must be at least 1"]),
+    ("horseshoe-no-steps", None, ["prune", "RUN", "--rule", "horseshoe", "--rule-option", "steps=0"],
+     ["samples and steps at least 1"]),
+    ("rule-option-margin-inf", None, ["prune", "RUN", "--rule-option", "margin=inf"], ["margin", "finite"]),
+    ("guide-option-init-scale-overflows", None, ["train", *TINY, "--guide-option", "init_scale=1e300", "--out",
+     "NEW"], ["init_scale must lie in (0, 1000]"]),
+    ("guide-option-init-radius-negative", None, ["train", *TINY, "--guide-option", "init_radius=-1", "--out",
+     "NEW"], ["init_radius must lie in"]),
+    ("override-on-a-finished-run", None, ["train", "--out", "RUN", "--resume", "--lr", "0.001", "--override",
+     "lr"], ["has finished its 2 epochs", "--epochs N (more than 2)"]),
 ]  # fmt: skip
 
 

@@ -69,9 +69,10 @@ class Horseshoe(Reduction):
     name: ClassVar[str] = "horseshoe"
 
     def __post_init__(self):
-        if not (self.tau0 > 0 and self.lr > 0 and self.samples >= 1 and self.steps >= 0 and self.delta >= 0):
+        # steps=0 would prune by the horseshoe's random start, fitted to nothing
+        if not (self.tau0 > 0 and self.lr > 0 and self.samples >= 1 and self.steps >= 1 and self.delta >= 0):
             raise PyrozooError(
-                f"horseshoe: tau0 and lr must be positive, samples at least 1, steps and delta not negative; "
+                f"horseshoe: tau0 and lr must be positive, samples and steps at least 1, delta not negative; "
                 f"got {self.describe()}"
             )
 

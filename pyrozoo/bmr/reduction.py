@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from pyrozoo.bmr.units import pruned_fraction
-from pyrozoo.options import bind_options
+from pyrozoo.options import bind_options, build_with_options
 from pyrozoo.registry import Registry
 
 REDUCTIONS = Registry("reduction")
@@ -189,8 +189,7 @@ class WeightReduction(Reduction):
 def make_reduction(name: str, **options) -> Reduction:
     """The registered reduction ``name`` with ``options``; an option it does not take is an error naming those
     it does."""
-    cls = REDUCTIONS[name]
-    return cls(**bind_options(f"reduction {name!r}", cls, options))
+    return build_with_options(f"reduction {name!r}", REDUCTIONS[name], options)
 
 
 def configure(reduction: Reduction, options: dict) -> Reduction:

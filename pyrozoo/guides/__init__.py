@@ -10,7 +10,7 @@ from pyrozoo.guides.auto import AutoDeltaGuide, AutoNormalGuide
 from pyrozoo.guides.base import Posterior
 from pyrozoo.guides.ivon import IVONPosterior
 from pyrozoo.guides.meanfield import MeanFieldNormal
-from pyrozoo.options import bind_options
+from pyrozoo.options import build_with_options
 from pyrozoo.registry import Registry
 
 GUIDES = Registry("guide")
@@ -28,7 +28,7 @@ def make_guide(kind: str, model, *init_args, options: dict | None = None, **init
     optional: given, the guide draws one blocked sample with them, which keeps a run's random stream, and so
     every recorded result, as it was.
     """
-    guide = GUIDES[kind](model, **bind_options(f"guide {kind!r}", GUIDES[kind], options or {}))
+    guide = build_with_options(f"guide {kind!r}", GUIDES[kind], options or {}, model)
     if init_args or init_kwargs:
         with poutine.block():
             guide(*init_args, **init_kwargs)

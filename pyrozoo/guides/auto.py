@@ -15,7 +15,7 @@ from pyro.infer.autoguide import AutoDelta, AutoNormal
 from pyro.infer.autoguide.initialization import init_to_uniform
 from torch.distributions import constraints, transform_to
 
-from pyrozoo.guides.base import Posterior, bijection
+from pyrozoo.guides.base import Posterior, bijection, check_start
 
 
 def _local_params():
@@ -60,6 +60,7 @@ class AutoNormalGuide(_ScopedAutoGuide, AutoNormal):
     """
 
     def __init__(self, model, init_radius: float = 2.0, init_scale: float = 0.1, latents=None):
+        check_start(init_radius, init_scale, "autonormal")
         super().__init__(
             model, latents, init_loc_fn=init_to_uniform(radius=init_radius), init_scale=init_scale
         )
@@ -87,6 +88,7 @@ class AutoDeltaGuide(_ScopedAutoGuide, AutoDelta):
     point_mass = True
 
     def __init__(self, model, init_radius: float = 2.0, latents=None):
+        check_start(init_radius, None, "autodelta")
         super().__init__(model, latents, init_loc_fn=init_to_uniform(radius=init_radius))
 
     def _value(self, site: str) -> tuple[torch.Tensor, object]:

@@ -187,3 +187,16 @@ def constrained_mean(loc: torch.Tensor, scale: torch.Tensor, transform) -> torch
 def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     """``x`` with ``softplus(x) = y``; for large ``y`` softplus is the identity to float precision."""
     return torch.where(y > 20, y, torch.expm1(y).log())
+
+
+# Under every prior the guides cover, the latents are standard normal (non-centred) or a transform of a unit-scale
+# variable, so a posterior that starts wider than this, or centred farther out, has no use and overflows float32.
+MAX_START = 1e3
+
+
+def check_start(init_radius: float, init_scale: float | None, guide: str) -> None:
+    """A guide's start options in range: ``init_radius`` in [0, MAX_START], ``init_scale`` in (0, MAX_START]."""
+    if not 0 <= init_radius <= MAX_START:
+        raise PyrozooError(f"guide {guide!r}: init_radius must lie in [0, {MAX_START:g}], got {init_radius}")
+    if init_scale is not None and not 0 < init_scale <= MAX_START:
+        raise PyrozooError(f"guide {guide!r}: init_scale must lie in (0, {MAX_START:g}], got {init_scale}")

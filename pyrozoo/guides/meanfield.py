@@ -13,7 +13,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from pyrozoo.errors import PyrozooError
-from pyrozoo.guides.base import Posterior, _base, bijection, inverse_softplus
+from pyrozoo.guides.base import Posterior, _base, bijection, check_start, inverse_softplus
 
 
 class _Normal(dist.Normal):
@@ -66,6 +66,7 @@ class MeanFieldNormal(Posterior, nn.Module):
         init_locs: dict[str, float] | None = None,
     ):
         super().__init__()
+        check_start(init_radius, init_scale, "meanfield")
         with poutine.block():  # trace the prior without letting outer handlers (an ELBO's trace) see it
             prototype = poutine.trace(latents or model.sample_weights).get_trace()
         self.locs = nn.ParameterDict()
