@@ -209,3 +209,20 @@ def test_a_lock_that_is_a_folder_is_refused(tmp_path):
     (folder / LOCK_NAME).mkdir(parents=True)
     with pytest.raises(PyrozooError, match="not a regular file"):
         FolderLock(folder).acquire()
+
+
+def test_run_files_that_are_links_are_replaced_not_written_through(capsys, run, tmp_path):
+    """Every other run file is written beside its place and renamed onto it: a link there is replaced, and the
+    file it pointed to keeps its bytes (a resume rewrites config.json, metrics.csv and checkpoint.pt)."""
+    targets = {}
+    for name in ("config.json", "metrics.csv", "scales.csv"):
+        target = tmp_path / f"precious-{name}"
+        target.write_bytes((run / name).read_bytes())
+        (run / name).unlink()
+        os.symlink(target, run / name)
+        targets[name] = target.read_bytes()
+    code, _, err = cli(capsys, "train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress")
+    assert code == 0, err
+    for name, content in targets.items():
+        assert not (run / name).is_symlink()
+        assert (tmp_path / f"precious-{name}").read_bytes() == content
