@@ -18,7 +18,7 @@ from pyrozoo import data as datasets
 from pyrozoo.baselines import BASELINES
 from pyrozoo.bmr import REDUCTIONS
 from pyrozoo.config import ALIASES, TABLES, TrainConfig, run_name, run_option_fields
-from pyrozoo.errors import PyrozooError
+from pyrozoo.errors import PyrozooError, did_you_mean
 from pyrozoo.guides import GUIDES
 from pyrozoo.io import atomic_write, atomic_write_text
 from pyrozoo.methods import METHODS
@@ -60,7 +60,27 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message):  # one line and exit code 2, as for every other user error
-        raise PyrozooError(f"{self.prog}: {message}")
+        # main prints "pyrozoo: error:" before it: name the subcommand only ("train: ...")
+        where = self.prog.removeprefix("pyrozoo").strip()
+        raise PyrozooError(f"{where}: {message}" if where else message)
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, with a misspelt flag answered by the subcommand's closest one ("did you mean")."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(parsed, "command", None)
+            sub = next(
+                (
+                    action.choices[command]
+                    for action in self._actions
+                    if isinstance(action, argparse._SubParsersAction) and command in action.choices
+                ),
+                self,
+            )
+            flags = list(sub._option_string_actions)
+            hint = next((did_you_mean(w, flags) for w in extras if w.startswith("--")), "")
+            sub.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return parsed
 
 
 def _number(kind: type, check: str | None = None):
@@ -86,7 +106,9 @@ def _number(kind: type, check: str | None = None):
 def _choice(known):
     def check(text: str) -> str:
         if text not in known:
-            raise argparse.ArgumentTypeError(f"unknown name {text!r}; choose from {', '.join(known)}")
+            raise argparse.ArgumentTypeError(
+                f"unknown name {text!r}{did_you_mean(text, known)}; choose from {', '.join(known)}"
+            )
         return text
 
     return check

@@ -473,7 +473,7 @@ class Slurm:
         jobs = {}
         for cell, config in todo:
             try:
-                with hold_folder(grid.folder(cell)):  # free now: not running anywhere
+                with hold_folder(grid.folder(cell), "choose another --out"):  # free now: not running anywhere
                     pass
             except PyrozooError as e:
                 log(f"{cell.name}: not submitted, {e}")
@@ -529,7 +529,7 @@ def run_grid(
             source = grid.folder(cell.with_method(SOURCE_METHOD))
             sparsity = grid.folder(cell.with_method(SPARSITY_METHOD))
             steps = grid.finetune_steps if BASELINES[cell.method].finetuned else 0
-            with hold_folder(grid.folder(cell)):
+            with hold_folder(grid.folder(cell), "choose another --out"):
                 if baseline_state(grid.folder(cell), cell.method, source, sparsity, steps) != "finished":
                     run_baseline(grid.folder(cell), cell.method, source, sparsity, steps)
             bar.update()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pyrozoo import data as datasets
-from pyrozoo.errors import PyrozooError
+from pyrozoo.errors import PyrozooError, did_you_mean
 from pyrozoo.options import bind_options, coerce
 from pyrozoo.registry import option_defaults
 
@@ -188,10 +188,15 @@ class TrainConfig:
             taken = options_taken(table, self.method, self.prior, self.rule) or []
             for key in getattr(self, table):
                 if key not in taken:
+                    whose = f" (whose {TABLES[table]} options are: {', '.join(taken)})" if taken else ""
+                    if did_you_mean(key, taken):  # a misspelling of one of its own options
+                        raise PyrozooError(
+                            f"this run's {self._part(table)} takes no {spelled(table, key)}"
+                            f"{did_you_mean(key, taken)}{whose}"
+                        )
                     raise PyrozooError(
                         f"{spelled(table, key)} belongs to {owners(table, key)}, not to this run's "
-                        f"{self._part(table)}"
-                        + (f" (whose {TABLES[table]} options are: {', '.join(taken)})" if taken else "")
+                        f"{self._part(table)}{whose}"
                     )
         from pyrozoo.steps import check_step
 

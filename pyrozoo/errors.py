@@ -1,10 +1,20 @@
-"""The one exception type for mistakes a user can make (the CLI turns it into one line and exit code 2)."""
+"""The one exception type for mistakes a user can make (the CLI turns it into one line and exit code 2), and the
+wording its messages share."""
+
+import difflib
+from typing import Iterable
 
 
 def reason(e: BaseException) -> str:
     """An exception in a few words for a one-line message: its type and the first line of its text."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """``" (did you mean 'X'?)"`` for the known name closest to a misspelt ``word``; ``""`` when none is close."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class PyrozooError(Exception):

@@ -173,7 +173,7 @@ def read_holder(folder: str | os.PathLike) -> dict | None:
     return record if isinstance(record, dict) and "pid" in record else None
 
 
-def _in_use(folder: Path) -> PyrozooError:
+def _in_use(folder: Path, instead: str | None) -> PyrozooError:
     # The holder writes its record just after taking the lock; give it a moment if we came in between.
     for _ in range(20):
         record = read_holder(folder)
@@ -188,7 +188,9 @@ def _in_use(folder: Path) -> PyrozooError:
         command = str(record.get("command", "?"))
         command = command if len(command) <= 200 else command[:197] + "..."
         who = f"process {record['pid']}{where} (started {record.get('started', '?')}, command: {command})"
-    return PyrozooError(f"{folder} is in use by {who}: wait for it to finish, or choose another --out")
+    return PyrozooError(
+        f"{folder} is in use by {who}: wait for it to finish" + (f", or {instead}" if instead else "")
+    )
 
 
 def _release(key: tuple[int, int], hold: _Hold) -> None:
@@ -219,8 +221,9 @@ class FolderLock:
     be locked: a warning says so, and the folder is used unlocked.
     """
 
-    def __init__(self, folder: str | os.PathLike):
+    def __init__(self, folder: str | os.PathLike, instead: str | None = None):
         self.folder = Path(folder)
+        self.instead = instead  # what else the user can do when the folder is in use ("choose another --out")
         self._finalizer: weakref.finalize | None = None
 
     @property
@@ -251,7 +254,7 @@ class FolderLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise _in_use(self.folder) from None
+            raise _in_use(self.folder, self.instead) from None
         except OSError as e:
             os.close(fd)
             if e.errno not in _NO_LOCKS:
@@ -282,9 +285,9 @@ class FolderLock:
 
 
 @contextlib.contextmanager
-def hold_folder(folder: str | os.PathLike) -> Iterator[FolderLock]:
+def hold_folder(folder: str | os.PathLike, instead: str | None = None) -> Iterator[FolderLock]:
     """``with hold_folder(out):`` runs its block as the folder's one writer (see :class:`FolderLock`)."""
-    with FolderLock(folder) as lock:
+    with FolderLock(folder, instead) as lock:
         yield lock
 
 

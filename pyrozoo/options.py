@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 import types
 import typing
 from typing import Callable
 
-from pyrozoo.errors import PyrozooError
+from pyrozoo.errors import PyrozooError, did_you_mean
 from pyrozoo.registry import option_defaults
+
+
+# How a value meant as a Python literal starts: a bracket, a quote, a digit, a sign or a decimal point before
+# a digit (not a path such as ./weights.pt, which stays a string).
+_LITERAL_START = re.compile(r"[\[\](){}'\"0-9+\-]|\.\d")
 
 
 def parse_option(text: str) -> tuple[str, object]:
@@ -31,8 +37,14 @@ def parse_option(text: str) -> tuple[str, object]:
         return key, float(word)
     try:
         return key, ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return key, value
+    except (ValueError, SyntaxError) as e:
+        if _LITERAL_START.match(value.strip()):  # meant as a number, tuple, list or string, but malformed
+            why = e.msg if isinstance(e, SyntaxError) else "not a literal"
+            raise PyrozooError(
+                f"{key}={value}: not a valid value ({why}); write numbers, tuples and lists as in Python, e.g. "
+                f'hidden=(100,100), and quote the whole option in the shell: "{key}=..."'
+            ) from None
+        return key, value  # a bare word: a name such as preset=tiny
 
 
 def _hints(factory: Callable) -> dict:
@@ -84,7 +96,9 @@ def bind_options(what: str, factory: Callable, options: dict) -> dict:
     for key, value in options.items():
         if key not in defaults:
             takes = ", ".join(defaults) if defaults else "none"
-            raise PyrozooError(f"{what} takes no option {key!r}; its options: {takes}")
+            raise PyrozooError(
+                f"{what} takes no option {key!r}{did_you_mean(key, defaults)}; its options: {takes}"
+            )
         kind = hints.get(key, type(defaults[key]) if defaults[key] is not None else None)
         bound[key] = coerce(f"{what}: option {key}", kind, value)
     return bound

@@ -19,7 +19,7 @@ import inspect
 import re
 from typing import Callable, Iterator, TypeVar
 
-from pyrozoo.errors import PyrozooError
+from pyrozoo.errors import PyrozooError, did_you_mean
 
 T = TypeVar("T")
 
@@ -44,7 +44,9 @@ class Registry(dict):
         return add if entry is None else add(entry)
 
     def __missing__(self, name):
-        raise PyrozooError(f"unknown {self.kind} {name!r}; known {self.plural}: {', '.join(self)}")
+        raise PyrozooError(
+            f"unknown {self.kind} {name!r}{did_you_mean(str(name), self)}; known {self.plural}: {', '.join(self)}"
+        )
 
     def names(self) -> list[str]:
         return list(self)

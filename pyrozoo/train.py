@@ -309,7 +309,7 @@ class Run:
         self.overrides: list[dict] = []  # the changes --override made to the run, as config.json records them
         # One writer per run folder, held while this object lives (released at exit, or by close()); in a
         # data-parallel run rank 0 holds it, and the others stop too if it cannot.
-        self._lock = FolderLock(self.out)
+        self._lock = FolderLock(self.out, instead=None if resume else "choose another --out")
         self.world.agree(self._lock.acquire)
         try:
             _open_run_folder(self.out, resume)

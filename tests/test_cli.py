@@ -373,3 +373,27 @@ def test_a_flag_is_never_guessed_from_its_prefix(tmp_path, capsys):
     code, out, err = cli(capsys, "train", "--net", "mlp", "--epoch", "1", "--out", str(tmp_path / "run"))
     assert_one_line_error(code, out, err, "--epoch")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["train", "--epoch", "1"], ["train: unrecognized arguments: --epoch 1", "did you mean '--epochs'"]),
+        (["train", "--net", "mlpp"], ["did you mean 'mlp'"]),
+        (["train", "--method", "bmr-tt"], ["did you mean 'bmr-th'"]),
+        (
+            ["train", "--method", "bmr-th", "--rule-option", "marign=1"],
+            ["takes no rule option 'marign' (did you mean 'margin'?)"],
+        ),
+        (
+            ["train", "--net-option", "hidden=(100,100"],
+            ["hidden=(100,100: not a valid value", "was never closed"],
+        ),
+        (["train", "--data", "fashon-mnist"], ["did you mean 'fashion-mnist'"]),
+    ],
+)
+def test_a_mistake_gets_the_fix_suggested(capsys, tmp_path, argv, words):
+    """Issue 30: misspelt flags, names and option keys get the closest known one, a malformed value a syntax
+    hint, and the message has one 'pyrozoo:' prefix."""
+    line = assert_one_line_error(*cli(capsys, *argv, "--out", str(tmp_path / "r")), *words)
+    assert line.count("pyrozoo") == 1

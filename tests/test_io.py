@@ -95,10 +95,14 @@ def test_second_process_is_refused_naming_the_first(tmp_path, holders):
     folder = tmp_path / "run"
     holder = holders(folder)
     with pytest.raises(PyrozooError) as info:
-        FolderLock(folder).acquire()
+        FolderLock(folder, instead="choose another --out").acquire()
     message = str(info.value)
     assert message.startswith(f"{folder} is in use by process {holder.pid} (started ")
     assert "command: " in message and "choose another --out" in message and "\n" not in message
+    # a reader of the folder (prune, export) has no --out to choose: the message offers only the wait
+    with pytest.raises(PyrozooError) as info:
+        FolderLock(folder).acquire()
+    assert str(info.value).endswith("wait for it to finish")
     assert io.read_holder(folder)["pid"] == holder.pid
     # Another process, not only this one, is refused the same way.
     assert f"in use by process {holder.pid}" in try_in_another_process(folder)

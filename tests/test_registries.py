@@ -33,8 +33,11 @@ REGISTRIES = [REDUCTIONS, PRIORS, METHODS, NETS, GUIDES, OPTIMIZERS, BASELINES, 
 @pytest.mark.parametrize("registry", REGISTRIES, ids=lambda r: r.kind)
 def test_every_registry_names_what_it_knows_when_a_name_is_unknown(registry):
     assert isinstance(registry, Registry) and len(registry) > 0
-    with pytest.raises(PyrozooError, match=f"unknown {registry.kind} 'nope'; known {registry.plural}: "):
-        registry["nope"]
+    with pytest.raises(PyrozooError, match=f"unknown {registry.kind} 'qqqq'; known {registry.plural}: "):
+        registry["qqqq"]
+    first = next(iter(registry))  # a misspelling (one letter dropped) gets the name suggested
+    with pytest.raises(PyrozooError, match=f"did you mean '{first}'"):
+        registry[first[:-1] if len(first) > 3 else first + "x"]
     for name, text in registry.described():
         assert text and ":class:" not in text and "``" not in text, (name, text)
 
