@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shlex
 import sys
 import traceback
 
@@ -479,11 +480,16 @@ def _train(args) -> None:
         if args.override:
             raise PyrozooError("--override changes a resumed run: give it with --resume")
         run = Run(make_config(**axes, options=_run_options(args)), out, log=log)
+    args.out = str(run.out)  # for the resume command an interrupt prints (main)
     c = run.config
+    if args.resume:
+        log(f"resuming {run.out} after epoch {run.epoch} (step {run.step}) of {c.epochs}")
     processes = f" ({world.size} processes)" if world.parallel else ""
     log(
-        f"training {c.net} with {c.method} (guide {c.guide}, {c.optimizer} lr {c.lr}) "
-        f"on {c.data} from {run.data.source}; "
+        f"training {c.net} with {c.method}: {_with_options(c.prior_function().__name__, c.prior_options)} prior, "
+        f"guide {_with_options(c.guide, c.guide_options)}, "
+        f"{'no pruning while training' if run.reduction is None else 'BMR ' + run.reduction.describe()}; "
+        f"{c.optimizer} lr {c.lr}; on {c.data} from {run.data.source}; "
         f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}{processes}; "
         f"run folder {run.out}"
     )
@@ -497,6 +503,23 @@ def _train(args) -> None:
     columns = [col for col in shown if col in evaluated]
     print(f"\n{c.net} {c.method} on {c.data}: metrics per evaluated epoch (seconds = training time so far)")
     print(evaluated[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    written = sorted(p.name for p in run.out.iterdir() if p.is_file() and not p.name.startswith("."))
+    folder = shlex.quote(str(run.out))
+    print(f"\nwritten to {run.out}: {', '.join(written)}")
+    steps = [
+        (f"pyrozoo export {folder}", "the rebuilt plain PyTorch net, its size and latency"),
+        (f"pyrozoo predict {folder} --out predictions.csv", "per-input predictions and their uncertainty"),
+        (f"pyrozoo train --out {folder} --resume --epochs {c.epochs * 2}", "train on"),
+    ]
+    if run.reduction is None and not run.guide.point_mass:
+        steps.insert(0, (f"pyrozoo prune {folder}", "one-shot BMR of the trained posterior -> pruned.pt"))
+    width = max(len(command) for command, _ in steps)
+    print("next:\n" + "\n".join(f"  {command:<{width}}  # {why}" for command, why in steps))
+
+
+def _with_options(name: str, options: dict) -> str:
+    """``name(k=v, ...)``, or the name alone when no option is set: a component as the start line shows it."""
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in options.items())})" if options else name
 
 
 def _compare(args) -> None:
@@ -849,6 +872,7 @@ def _info() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = None
     try:
         args = build_parser().parse_args(argv)
         commands = {
@@ -870,9 +894,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pyrozoo: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        command = getattr(args, "command", None)
+        if command == "train" and getattr(args, "out", None):
+            again = f"pyrozoo train --out {shlex.quote(args.out)} --resume"
+        elif command == "compare":
+            again = shlex.join(["pyrozoo", *(sys.argv[1:] if argv is None else argv)])
+        else:
+            again = None
         print(
-            "pyrozoo: interrupted; a killed run continues with --resume (a grid: the same compare command) "
-            "from its last finished epoch",
+            "pyrozoo: interrupted; "
+            + (
+                f"continue from the last finished epoch with: {again}"
+                if again
+                else "nothing was left half-written"
+            ),
             file=sys.stderr,
         )
         return 130

@@ -397,3 +397,28 @@ def test_a_mistake_gets_the_fix_suggested(capsys, tmp_path, argv, words):
     hint, and the message has one 'pyrozoo:' prefix."""
     line = assert_one_line_error(*cli(capsys, *argv, "--out", str(tmp_path / "r")), *words)
     assert line.count("pyrozoo") == 1
+
+
+def test_a_run_says_what_it_used_made_and_what_comes_next(capsys, tmp_path, monkeypatch):
+    """Issue 30: the start line shows the effective prior, guide and rule with their options; the end lists the
+    files written and the next commands; a resume names its epoch; Ctrl-C prints the exact resume command."""
+    out = tmp_path / "my run"
+    argv = ["train", "--net", "mlp", "--net-option", "hidden=(8,)", "--data", "fashion-mnist-mini", "--method",
+            "bmr-th", "--rule-option", "margin=0.5", "--prior-option", "hidden_scale=0.2", "--epochs", "1",
+            "--steps-per-epoch", "2", "--samples", "1", "--no-progress", "--out", str(out)]  # fmt: skip
+    code, stdout, err = cli(capsys, *argv)
+    assert code == 0, err
+    assert "flat(hidden_scale=0.2) prior, guide meanfield, BMR threshold(margin=0.5)" in err
+    assert "written to" in stdout and "checkpoint.pt, config.json, metrics.csv" in stdout
+    assert (
+        f"pyrozoo export '{out}'" in stdout and f"pyrozoo train --out '{out}' --resume --epochs 2" in stdout
+    )
+
+    def interrupted(self, progress=True):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pyrozoo.train.Run.train", interrupted)
+    code, _, err = cli(capsys, "train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress")
+    assert code == 130
+    assert f"resuming {out} after epoch 1 (step 2) of 2" in err
+    assert f"continue from the last finished epoch with: pyrozoo train --out '{out}' --resume" in err
