@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import traceback
+from pathlib import Path
 
 from pyrozoo import data as datasets
 from pyrozoo.baselines import BASELINES
@@ -28,6 +29,7 @@ from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import NETS, PREFIXES, net_options
 from pyrozoo.optim import OPTIMIZERS
 from pyrozoo.options import parse_option
+from pyrozoo.pruners import PRUNERS
 from pyrozoo.registry import describe, option_names
 from pyrozoo.shift import SHIFTS
 from pyrozoo.sweep import METHODS as SWEEP_METHODS
@@ -392,6 +394,76 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats", type=_number(int, "positive"), default=50, help="timed forward passes per latency"
     )
 
+    compress = sub.add_parser(
+        "compress",
+        help="a trained net in, a smaller and faster one out: whole units removed in the order the evidence "
+        "gives, to a target cost, with Torch-Pruning's pruners at the same cost beside it",
+    )
+    compress.add_argument(
+        "net",
+        help="the net's architecture: a pyrozoo net (pyrozoo info), tv:NAME, timm:NAME, or package.module:factory "
+        "(a function building it, called with those of in_channels, num_classes, image_size it takes)",
+    )
+    compress.add_argument(
+        "--weights",
+        required=True,
+        help="its trained weights: a state_dict file (torch.save(net.state_dict(), path)), or a net saved whole "
+        "(with --trust-pickle)",
+    )
+    compress.add_argument(
+        "--trust-pickle", action="store_true", help="open a net saved whole (runs its code)"
+    )
+    compress.add_argument(
+        "--data", type=_data_choice, default=None, help="the data it was trained on (default: Fashion-MNIST)"
+    )
+    compress.add_argument("--data-dir", default=None, help="folder holding the data set's files")
+    compress.add_argument(
+        "--pad-to",
+        type=_number(int, "positive"),
+        default=None,
+        help="zero-pad images to this size, as the net was trained (default: a pyrozoo net's own; else none)",
+    )
+    compress.add_argument(
+        "--target",
+        action="append",
+        default=None,
+        help="what to reach, repeatable: params=F, flops=F or latency=F (F: the fraction of the dense net's "
+        "cost to keep; several as latency=0.7,0.5), or evidence (every unit whose removal raises the evidence; "
+        "the default)",
+    )
+    compress.add_argument(
+        "--finetune-steps",
+        type=_number(int, "non-negative"),
+        default=300,
+        help="Adam steps of fine-tuning after pruning, the same for every method (default 300)",
+    )
+    compress.add_argument(
+        "--lr", type=_number(float, "positive"), default=1e-3, help="fine-tune learning rate"
+    )
+    compress.add_argument("--batch-size", type=_number(int, "positive"), default=128, help="fine-tune batch")
+    compress.add_argument(
+        "--fit-size",
+        type=_number(int, "positive"),
+        default=2000,
+        help="training inputs the Laplace curvature is estimated from (default 2000)",
+    )
+    compress.add_argument(
+        "--baselines",
+        nargs="*",
+        choices=list(PRUNERS),
+        default=list(PRUNERS),
+        help="the pruners to compare with, at the same cost and fine-tune (default: all; none: give it empty)",
+    )
+    compress.add_argument(
+        "--repeats", type=_number(int, "positive"), default=7, help="timed rounds per latency ratio"
+    )
+    compress.add_argument(
+        "--threads", type=_number(int, "positive"), default=1, help="CPU threads for timing (default 1)"
+    )
+    compress.add_argument("--seed", type=_number(int, "non-negative"), default=0, help="random seed")
+    compress.add_argument("--out", default=None, help="report folder (default compressed/NET)")
+    compress.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     predict = sub.add_parser(
         "predict",
         help="per-input predictions with their uncertainty (class probabilities, entropy, mutual information; "
@@ -515,6 +587,61 @@ def _train(args) -> None:
         steps.insert(0, (f"pyrozoo prune {folder}", "one-shot BMR of the trained posterior -> pruned.pt"))
     width = max(len(command) for command, _ in steps)
     print("next:\n" + "\n".join(f"  {command:<{width}}  # {why}" for command, why in steps))
+
+
+def _compress(args) -> None:
+    import datetime
+    import platform
+
+    import torch
+
+    from pyrozoo.compress import Target, compress, load_trained_net, markdown, write_report
+
+    targets = [t for text in (args.target or ["evidence"]) for t in Target.parse(text)]
+    if args.data is None:
+        raw, warning = datasets.load_default(args.data_dir)
+        if warning:
+            print(f"pyrozoo: {warning}", file=sys.stderr)
+    else:
+        raw = datasets.load(args.data, args.data_dir)
+    pad_to = args.pad_to or (NETS[args.net].pad_to if args.net in NETS else None)
+    d = datasets.prepare(raw, pad_to=pad_to)
+    if d.task != "classify":
+        raise PyrozooError(f"compress takes a classification data set; {raw.name} is a regression one")
+    net = load_trained_net(args.net, args.weights, d, trust_pickle=args.trust_pickle)
+    out = Path(args.out or Path("compressed") / args.net.replace(":", "-").replace("/", "-"))
+    torch.set_num_threads(args.threads)
+    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    result = compress(
+        net,
+        d,
+        targets,
+        finetune_steps=args.finetune_steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        fit_size=args.fit_size,
+        baselines=tuple(args.baselines),
+        repeats=args.repeats,
+        seed=args.seed,
+        progress=not args.no_progress,
+        log=log,
+    )
+    record = {
+        "command": shlex.join(["pyrozoo", *args.argv]),
+        "net": args.net,
+        "weights": args.weights,
+        "data": raw.name,
+        "targets": [str(t) for t in targets],
+        "finetune_steps": args.finetune_steps,
+        "threads": args.threads,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": datetime.date.today().isoformat(),
+    }
+    write_report(result, out, record, d.x_test[:2])
+    print(markdown(result.table))
+    print(
+        f"written to {out}: report.json, report.md, front.png, front.pdf, nets/ (state_dict.pt, net.pt, net.pt2)"
+    )
 
 
 def _with_options(name: str, options: dict) -> str:
@@ -875,6 +1002,7 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, for the records
         commands = {
             "train": _train,
             "compare": _compare,
@@ -882,6 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
             "prune": _prune,
             "sweep": _sweep,
             "export": _export,
+            "compress": _compress,
             "predict": _predict,
             "uncertainty": _uncertainty,
             "info": lambda _: _info(),

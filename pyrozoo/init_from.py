@@ -30,31 +30,32 @@ from pyrozoo.errors import PyrozooError, reason
 from pyrozoo.torchfile import load_tensors
 
 
-def load_state(path: str | os.PathLike, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+def load_state(path: str | os.PathLike, trust_pickle: bool = False, flag: str = "--init-from") -> dict:
     """The weights in ``path``: a ``state_dict`` of the net (``torch.save(net.state_dict(), path)``) or a
     ``{"state_dict": ...}`` wrapper; a whole saved ``nn.Module`` (``pyrozoo export``'s ``sparse_net.pt``) only
-    with ``trust_pickle``, since opening one runs whatever code the file holds."""
+    with ``trust_pickle``, since opening one runs whatever code the file holds. ``flag`` names the file in
+    messages."""
     path = Path(path)
+    what = f"{flag} {path}"
     if not path.is_file():
-        raise PyrozooError(f"--init-from {path}: no such file")
+        raise PyrozooError(f"{what}: no such file")
     fix = (
         "if you made it yourself (a net saved whole, or pyrozoo export's sparse_net.pt), pass --trust-pickle; "
         "or save the net's weights with torch.save(net.state_dict(), path) and pass that file"
     )
     try:
-        obj = load_tensors(path, what=f"--init-from {path}", fix=fix, trust_pickle=trust_pickle)
+        obj = load_tensors(path, what=what, fix=fix, trust_pickle=trust_pickle)
     except PyrozooError:
         raise
     except Exception as e:  # a truncated zip, a bad pickle, random bytes: torch raises many kinds
-        raise PyrozooError(f"--init-from {path}: not a torch file ({reason(e)})") from None
+        raise PyrozooError(f"{what}: not a torch file ({reason(e)})") from None
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PyrozooError(
-            f"--init-from {path}: holds neither a state_dict of tensors nor an nn.Module "
-            f"(found {type(obj).__name__})"
+            f"{what}: holds neither a state_dict of tensors nor an nn.Module " f"(found {type(obj).__name__})"
         )
     return obj
 

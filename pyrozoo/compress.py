@@ -1,0 +1,419 @@
+"""A trained network in, a smaller and faster one out: whole units removed in the order the evidence gives.
+
+:func:`compress` takes any trained classifier (an ``nn.Module``) and its data, and
+
+1. fits a diagonal Laplace posterior around the trained weights (:func:`pyrozoo.guides.laplace.laplace`; its
+   prior scale per layer chosen by the evidence);
+2. scores every removable unit (a neuron, a channel with what couples to it, an attention head:
+   :mod:`pyrozoo.bmr.units`) by the change in evidence ``dF`` of switching the whole unit off, its producing
+   rows and consuming columns together. Under a fully factorised posterior and prior the reduced model of a
+   group factorises too, so the group's ``dF`` is exactly the sum of its entries' (docs/method.md);
+3. removes units in order of ``dF`` per unit of cost (its parameters, times the positions a convolution slides
+   over when the target is FLOPs or latency), most favoured first, until the rebuilt net meets the target
+   (``params=0.25``, ``flops=0.3``, ``latency=0.5``: a fraction of the dense net's cost, measured on the
+   rebuilt net), or, with ``evidence``, every unit whose removal raises the evidence. Each group keeps at
+   least one unit, so no layer is emptied;
+4. rebuilds a plain net of the same classes with the units cut out (:func:`pyrozoo.bmr.rebuild.rebuild`),
+   fine-tunes it, and evaluates it against the dense net and the baselines of :mod:`pyrozoo.pruners`, each
+   brought to the same cost and given the same fine-tune.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from pyrozoo import costs, pruners
+from pyrozoo.baselines import finetune
+from pyrozoo.bmr.rebuild import rebuild
+from pyrozoo.bmr.scores import delta_f
+from pyrozoo.bmr.units import Units, model_units
+from pyrozoo.errors import PyrozooError
+from pyrozoo.metrics import evaluate_net
+
+TARGET_KINDS = (*costs.KINDS, "evidence")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to compress to: a cost ``kind`` and the fraction of the dense net's to keep; ``evidence``: no
+    fraction, every unit whose removal raises the evidence goes."""
+
+    kind: str
+    value: float | None = None
+
+    def __post_init__(self):
+        if self.kind not in TARGET_KINDS:
+            raise PyrozooError(f"unknown target {self.kind!r}; known targets: {', '.join(TARGET_KINDS)}")
+        if self.kind == "evidence":
+            if self.value is not None:
+                raise PyrozooError("the evidence target takes no value: --target evidence")
+        elif self.value is None or not (0 < self.value < 1):
+            raise PyrozooError(
+                f"--target {self.kind}=FRACTION keeps that fraction of the dense net's {self.kind}: a number "
+                f"between 0 and 1 (e.g. {self.kind}=0.5), got {self.value}"
+            )
+
+    def __str__(self) -> str:
+        return self.kind if self.value is None else f"{self.kind}={self.value:g}"
+
+    @classmethod
+    def parse(cls, text: str) -> list["Target"]:
+        """``"latency=0.5"``, ``"params=0.7,0.5"`` (several fractions of one kind) or ``"evidence"``."""
+        kind, sep, values = text.partition("=")
+        kind = kind.strip()
+        if not sep:
+            return [cls(kind)]
+        out = []
+        for value in values.split(","):
+            try:
+                number = float(value)
+            except ValueError:
+                raise PyrozooError(f"--target {text}: {value!r} is not a number") from None
+            if not math.isfinite(number):
+                raise PyrozooError(f"--target {text}: the fraction must be finite, got {value}")
+            out.append(cls(kind, number))
+        return out
+
+
+@dataclass
+class Ranking:
+    """Every removable unit of a Bayesian model, in the order compression removes them."""
+
+    groups: list[Units]
+    order: list[tuple[int, int]]  # (group index, unit index), most favoured removal first
+    gain: list[float]  # dF of removing each unit in ``order`` (positive: the evidence rises)
+    masks: dict[str, torch.Tensor]  # the model's masks before any removal
+
+
+def _positions(model, example: torch.Tensor) -> dict[str, int]:
+    """Per layer, how many positions its weights are applied at in one forward pass of one input (a
+    convolution's output pixels; 1 for a Linear layer)."""
+    found, hooks = {}, []
+    for layer in model.layers:
+        try:
+            module = model.net.get_submodule(layer.name)
+        except AttributeError:
+            continue
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            hooks.append(
+                module.register_forward_hook(
+                    lambda m, i, out, name=layer.name: found.__setitem__(name, int(out.shape[2:].numel()))
+                )
+            )
+    try:
+        with torch.no_grad():
+            model.net.eval()(example[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return found
+
+
+def rank_units(model, posterior, example: torch.Tensor, by: str = "params") -> Ranking:
+    """The removable units of ``model`` ranked by ``dF`` per unit of cost (``by``: parameters, or FLOPs for
+    ``flops`` and ``latency``), most favoured removal first; the last live unit of each group is left out."""
+    groups = model_units(model)
+    if not groups:
+        fixed = "; ".join(f"{k or 'the net'}: {v}" for k, v in _fixed(model).items())
+        raise PyrozooError(f"this net has no unit that can be removed ({fixed or 'no coupled groups found'})")
+    names = {name for units in groups for name in units.layers}
+    gains = delta_f(model, posterior, names)
+    masks = {layer.name: model.mask(layer.name).bool().clone() for layer in model.layers}
+    positions = _positions(model, example) if by != "params" else {}
+    candidates = []
+    for g, units in enumerate(groups):
+        live = {name: masks[name] for name in units.layers}
+        gain = units.total({name: torch.where(live[name], gains[name], 0.0) for name in live})
+        size = units.total({name: live[name].to(gain.dtype) * positions.get(name, 1) for name in live})
+        alive = (~units.gone(live)).nonzero().flatten().tolist()
+        if len(alive) < 2:
+            continue
+        per_cost = (gain / size.clamp(min=1)).tolist()
+        alive.sort(key=lambda u: per_cost[u], reverse=True)
+        candidates += [(per_cost[u], float(gain[u]), g, u) for u in alive[:-1]]  # the group's last unit stays
+    candidates.sort(key=lambda c: c[0], reverse=True)
+    return Ranking(groups, [(g, u) for _, _, g, u in candidates], [c[1] for c in candidates], masks)
+
+
+def _fixed(model) -> dict:
+    from pyrozoo.bmr.units import structure
+
+    return structure(model).fixed
+
+
+def remove_first(model, ranking: Ranking, count: int) -> None:
+    """Set ``model``'s masks to those before compression less the first ``count`` units of ``ranking``."""
+    masks = {name: mask.clone() for name, mask in ranking.masks.items()}
+    chosen: dict[int, list[int]] = {}
+    for g, u in ranking.order[:count]:
+        chosen.setdefault(g, []).append(u)
+    for g, units in chosen.items():
+        group = ranking.groups[g]
+        remove = torch.zeros(group.count, dtype=torch.bool)
+        remove[units] = True
+        group.remove(masks, remove)
+    for name, mask in masks.items():
+        model.set_mask(name, mask)
+
+
+def reduce_to(
+    model, posterior, ranking: Ranking, target: Target, dense: nn.Module, example, repeats: int = 7
+):
+    """The rebuilt net with as few units removed as meets ``target`` (bisection over the ranking's prefix,
+    each candidate rebuilt and measured); returns ``(net, units removed, cost)``."""
+    if target.kind == "evidence":
+        count = sum(1 for gain in ranking.gain if gain > 0)
+        remove_first(model, ranking, count)
+        net = rebuild(model, posterior)
+        return net, count, costs.cost("params", net, dense, example)
+
+    def measured(count: int) -> tuple[nn.Module, float]:
+        remove_first(model, ranking, count)
+        net = rebuild(model, posterior)
+        return net, costs.cost(target.kind, net, dense, example, repeats)
+
+    lo, hi = 0, len(ranking.order)
+    best = None
+    while lo < hi:  # the fewest removals whose cost is at most the target
+        mid = (lo + hi) // 2
+        net, value = measured(mid)
+        if value <= target.value:
+            hi, best = mid, (net, mid, value)
+        else:
+            lo = mid + 1
+    if best is None or best[1] != lo:
+        net, value = measured(lo)
+        best = (net, lo, value)
+    return best
+
+
+def load_trained_net(spec: str, weights: str, data, trust_pickle: bool = False) -> nn.Module:
+    """The trained net to compress: the architecture ``spec`` (a pyrozoo net, ``tv:NAME``, ``timm:NAME`` or
+    ``package.module:factory``) built for ``data``'s images and classes, holding the state_dict in ``weights``;
+    or, with ``trust_pickle``, the net saved whole in ``weights`` (then ``spec`` only names it)."""
+    import importlib
+    import inspect
+
+    from pyrozoo.init_from import load_state, trained_net
+    from pyrozoo.nets import NETS, PREFIXES, create_net
+    from pyrozoo.torchfile import load_tensors
+
+    shape = {"in_channels": data.x_train.shape[1], "num_classes": data.num_classes}
+    shape["image_size"] = data.x_train.shape[-1]
+    if trust_pickle:
+        whole = load_tensors(weights, trust_pickle=True)
+        if isinstance(whole, nn.Module):
+            return whole.eval()
+    if spec in NETS or spec.partition(":")[0] in PREFIXES:
+        net = create_net(spec, **shape)
+    elif ":" in spec:
+        module_name, _, factory_name = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), factory_name)
+        except (ImportError, AttributeError) as e:
+            raise PyrozooError(f"cannot find the net factory {spec} ({e})") from None
+        takes = inspect.signature(factory).parameters
+        net = factory(**{k: v for k, v in shape.items() if k in takes})
+        if not isinstance(net, nn.Module):
+            raise PyrozooError(f"{spec} returned a {type(net).__name__}, not an nn.Module")
+    else:
+        raise PyrozooError(
+            f"unknown net {spec!r}: give a pyrozoo net ({', '.join(NETS)}), tv:NAME, timm:NAME or "
+            "package.module:factory"
+        )
+    return trained_net(
+        net, load_state(weights, trust_pickle=trust_pickle, flag="--weights"), what=f"--weights {weights}"
+    ).eval()
+
+
+@dataclass
+class Compressed:
+    """What :func:`compress` returns: pyrozoo's net for each target, and the table of every method's row."""
+
+    nets: dict[str, nn.Module]  # str(target) -> the compressed, fine-tuned plain net
+    table: list[dict]
+    dense: dict
+
+    @property
+    def net(self) -> nn.Module:
+        """The net of the first target."""
+        return next(iter(self.nets.values()))
+
+
+def _data(data, data_dir=None):
+    """``data`` as an object with x_train, y_train, x_test, y_test, num_classes: a pyrozoo dataset's name, a
+    prepared dataset, or a tuple ``(x_train, y_train, x_test, y_test)`` of tensors."""
+    from pyrozoo import data as datasets
+
+    if isinstance(data, str):
+        prepared = datasets.prepare(datasets.load(data, data_dir))
+        if prepared.task != "classify":
+            raise PyrozooError(f"compress takes a classification data set; {data} is a regression one")
+        return prepared
+    if isinstance(data, tuple):
+        if len(data) != 4:
+            raise PyrozooError("data as tensors is a tuple (x_train, y_train, x_test, y_test)")
+        x_train, y_train, x_test, y_test = data
+        classes = int(max(y_train.max(), y_test.max())) + 1
+        return SimpleNamespace(
+            x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, num_classes=classes
+        )
+    return data
+
+
+def _row(
+    method: str, target: Target, net: nn.Module, dense: nn.Module, d, example: dict, repeats: int, **extra
+):
+    metrics = evaluate_net(net, d.x_test, d.y_test, d.num_classes)
+    return {
+        "method": method,
+        "target": str(target),
+        **{k: metrics[k] for k in ("accuracy", "nll", "ece")},
+        "params": costs.parameters(net),
+        "nonzero_params": sum(int((p != 0).sum()) for p in net.parameters()),
+        "flops": costs.flops(net, example[1]),
+        "latency_b1": costs.latency_ratio(net, dense, example[1], repeats),
+        "latency_b256": costs.latency_ratio(net, dense, example[256], repeats),
+        **extra,
+    }
+
+
+def compress(
+    net: nn.Module,
+    data,
+    target: str | Target | list[Target] = "evidence",
+    *,
+    finetune_steps: int = 300,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    fit_size: int | None = 2000,
+    baselines: tuple[str, ...] = pruners.PRUNERS,
+    repeats: int = 7,
+    seed: int = 0,
+    progress: bool = True,
+    log=print,
+) -> Compressed:
+    """Compress the trained classifier ``net`` on ``data`` (see the module docstring) to each target; every
+    baseline in ``baselines`` is pruned to the same cost as pyrozoo's net and given the same ``finetune_steps``
+    of Adam at ``lr``. ``net`` is not changed."""
+    from pyrozoo.guides.laplace import laplace
+
+    targets = (
+        Target.parse(target)
+        if isinstance(target, str)
+        else [target] if isinstance(target, Target) else target
+    )
+    unknown = set(baselines) - set(pruners.PRUNERS)
+    if unknown:
+        raise PyrozooError(f"unknown baselines {sorted(unknown)}; known: {', '.join(pruners.PRUNERS)}")
+    if finetune_steps < 0 or batch_size < 1:
+        raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
+    d = _data(data)
+    dense = copy.deepcopy(net).eval()
+    example = {1: d.x_test[:1], 256: d.x_test[:256]}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        dense_row = _row("dense", Target("evidence"), dense, dense, d, example, repeats)
+    dense_row["target"] = "-"
+    table = [dense_row]
+    log(f"dense: {dense_row['params']:,} parameters, accuracy {dense_row['accuracy']:.4f}")
+
+    start = time.perf_counter()
+    model, posterior = laplace(dense, d.x_train, "diag", fit_size=fit_size, progress=progress, seed=seed)
+    head = next(layer for layer in model.layers if layer.is_output)
+    keep = [dense.get_submodule(head.name)]
+    fitted = time.perf_counter() - start
+    nets = {}
+    batch = (d.x_train[:batch_size], d.y_train[:batch_size])
+    steps = tqdm(total=len(targets) * (1 + len(baselines)), desc="compress", disable=not progress)
+    for t in targets:
+        start = time.perf_counter()
+        ranking = rank_units(model, posterior, d.x_train[:2], by="params" if t.kind == "params" else "flops")
+        small, removed, value = reduce_to(model, posterior, ranking, t, dense, example[256], repeats)
+        remove_first(model, ranking, 0)  # the model as fitted, for the next target
+        finetune(small, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)
+        seconds = fitted + time.perf_counter() - start
+        nets[str(t)] = small
+        table.append(
+            _row("pyrozoo", t, small, dense, d, example, repeats, units_removed=removed, seconds=seconds)
+        )
+        log(
+            f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units ({value:.3f} of the dense cost)"
+        )
+        steps.update()
+        # the baselines meet the cost pyrozoo's net reached, measured the same way
+        kind, reached = ("params", value) if t.kind == "evidence" else (t.kind, t.value)
+        measure = lambda candidate: costs.cost(kind, candidate, dense, example[256], repeats)  # noqa: E731
+        for name in baselines:
+            start = time.perf_counter()
+            if name == "global-magnitude":  # as many weights zeroed as pyrozoo's net has fewer
+                fraction = 1 - costs.parameters(small) / dense_row["params"]
+                pruned = pruners.global_magnitude(dense, keep, fraction)
+                finetune(pruned, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)
+                pruners.make_permanent(pruned)
+            else:
+                pruned, _ = pruners.channel_prune_to(dense, example[1], name, keep, measure, reached, batch)
+                finetune(pruned, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)
+            table.append(
+                _row(name, t, pruned, dense, d, example, repeats, seconds=time.perf_counter() - start)
+            )
+            steps.update()
+    steps.close()
+    return Compressed(nets, table, dense_row)
+
+
+COLUMNS = ("method", "target", "accuracy", "nll", "ece", "params", "flops", "latency_b1", "latency_b256")
+
+
+def markdown(table: list[dict]) -> str:
+    """The report's table in Markdown: one row per method and target, costs as fractions of the dense net."""
+    dense = table[0]
+    lines = [
+        "| method | target | accuracy | NLL | ECE | parameters | FLOPs | latency b1 | latency b256 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table:
+        lines.append(
+            f"| {row['method']} | {row['target']} | {row['accuracy']:.4f} | {row['nll']:.4f} | {row['ece']:.4f} | "
+            f"{row['params']:,} ({row['params'] / dense['params']:.2f}) | {row['flops'] / dense['flops']:.2f} | "
+            f"{row['latency_b1']:.2f} | {row['latency_b256']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: Compressed, folder, record: dict, example: torch.Tensor) -> None:
+    """Write ``folder`` whole (atomically): ``report.json`` (``record``, the table), ``report.md``, the figure
+    ``front.{png,pdf}``, and per target ``nets/TARGET/``: the compressed net's ``state_dict.pt``, the net
+    saved whole (``net.pt``, opened with ``torch.load(..., weights_only=False)`` or ``--trust-pickle``) and a
+    ``torch.export`` program (``net.pt2``)."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from pyrozoo.io import atomic_write_folder
+    from pyrozoo.plots import plot_front
+
+    def write(tmp: Path) -> None:
+        (tmp / "report.json").write_text(json.dumps({**record, "table": result.table}, indent=2))
+        (tmp / "report.md").write_text(markdown(result.table))
+        plot_front(pd.DataFrame(result.table), tmp)
+        for name, net in result.nets.items():
+            where = tmp / "nets" / name.replace("=", "-")
+            where.mkdir(parents=True)
+            torch.save(net.state_dict(), where / "state_dict.pt")
+            torch.save(net, where / "net.pt")
+            program = torch.export.export(
+                net.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)
+            )
+            torch.export.save(program, where / "net.pt2")
+
+    atomic_write_folder(folder, write)

@@ -1,0 +1,90 @@
+"""What a network costs to run: parameters, FLOPs and CPU latency, measured on the network itself.
+
+FLOPs are counted by torch's own ``torch.utils.flop_counter.FlopCounterMode`` (the operators a forward pass
+dispatches, so a rebuilt net with fewer channels counts fewer), not by a formula per layer type. Latency is a
+ratio to a reference net timed in the same process, the two called in turns (round-robin) and the median taken,
+so that load from other jobs on a shared machine falls on both alike: absolute milliseconds on a loaded machine
+mean little, the ratio is what a target such as ``latency=0.5`` asks for.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+KINDS = ("params", "flops", "latency")
+
+
+def parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+@torch.no_grad()
+def flops(net: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one forward pass on ``example`` (a multiply-add counts 2), in eval mode."""
+    training = net.training
+    net.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        net(example)
+    net.train(training)
+    return int(counter.get_total_flops())
+
+
+def _calls_per_turn(net: nn.Module, example: torch.Tensor, seconds: float = 0.005) -> int:
+    """How many forward passes make a turn of at least ``seconds`` (a pass of a small net at batch 1 takes
+    microseconds, below what one reading of the clock resolves under load)."""
+    start = time.perf_counter()
+    net(example)
+    once = max(time.perf_counter() - start, 1e-6)
+    return max(1, min(1000, math.ceil(seconds / once)))
+
+
+@torch.inference_mode()
+def latency_ratio(net: nn.Module, reference: nn.Module, example: torch.Tensor, repeats: int = 7) -> float:
+    """Median over ``repeats`` rounds of (``net``'s time / ``reference``'s) for a forward pass on ``example``,
+    the two called in turns (each turn the same number of passes, enough to last a few milliseconds) after a
+    warm-up, in eval mode."""
+    nets = (net.eval(), reference.eval())
+    if net is reference:
+        return 1.0
+    calls = max(_calls_per_turn(candidate, example) for candidate in nets)
+    ratios = []
+    for _ in range(repeats):
+        seconds = []
+        for candidate in nets:
+            start = time.perf_counter()
+            for _ in range(calls):
+                candidate(example)
+            seconds.append(time.perf_counter() - start)
+        ratios.append(seconds[0] / seconds[1])
+    return statistics.median(ratios)
+
+
+@torch.inference_mode()
+def latency_ms(net: nn.Module, example: torch.Tensor, repeats: int = 7) -> float:
+    """Median milliseconds of one forward pass on ``example`` after one warm-up call, in eval mode."""
+    net.eval()
+    net(example)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        net(example)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def cost(kind: str, net: nn.Module, dense: nn.Module, example: torch.Tensor, repeats: int = 7) -> float:
+    """``net``'s cost as a fraction of ``dense``'s: parameters, FLOPs on ``example``, or latency on ``example``."""
+    if kind == "params":
+        return parameters(net) / parameters(dense)
+    if kind == "flops":
+        return flops(net, example) / flops(dense, example)
+    if kind == "latency":
+        return latency_ratio(net, dense, example, repeats)
+    raise ValueError(f"unknown cost {kind!r}; known: {', '.join(KINDS)}")

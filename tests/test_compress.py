@@ -1,0 +1,155 @@
+"""``pyrozoo compress`` (issue 28): targets, the evidence ranking of units, the reduction to a target measured on
+the rebuilt net, the baselines at the same cost, and the command's report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from clitools import assert_one_line_error, cli
+from pyrozoo import costs, pruners
+from pyrozoo.baselines import finetune
+from pyrozoo.bmr.rebuild import rebuild
+from pyrozoo.bmr.scores import delta_f
+from pyrozoo.compress import Target, rank_units, reduce_to, remove_first
+from pyrozoo.errors import PyrozooError
+from pyrozoo.guides.laplace import laplace
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 2 * 2, 12), nn.ReLU(), nn.Linear(12, 3),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """A small CNN trained a little on random 3-class data, and its diagonal Laplace posterior."""
+    torch.manual_seed(0)
+    x, y = torch.randn(96, 1, 8, 8), torch.randint(0, 3, (96,))
+    net = _cnn()
+    finetune(net, x, y, 30, 1e-2, 32, 0)
+    model, posterior = laplace(net, x, "diag", progress=False)
+    return net.eval(), model, posterior, x
+
+
+def test_targets_are_parsed_and_checked():
+    assert Target.parse("latency=0.7,0.5") == [Target("latency", 0.7), Target("latency", 0.5)]
+    assert Target.parse("evidence") == [Target("evidence")]
+    assert str(Target("params", 0.25)) == "params=0.25"
+    for bad, words in [("params=1.5", "between 0 and 1"), ("params=x", "not a number"), ("speed=0.5", "unknown"),
+                       ("params=inf", "finite"), ("params", "between 0 and 1"), ("evidence=0.5", "takes no value")]:  # fmt: skip
+        with pytest.raises(PyrozooError, match=words):
+            Target.parse(bad)
+
+
+def test_units_are_ranked_by_their_joint_evidence_per_parameter(fitted):
+    _, model, posterior, x = fitted
+    ranking = rank_units(model, posterior, x[:2])
+    groups = ranking.groups
+    gains = delta_f(model, posterior, {name for g in groups for name in g.layers})
+    ones = {name: torch.ones_like(gains[name]) for g in groups for name in g.layers}
+    per_cost = [float(groups[g].total(gains)[u] / groups[g].total(ones)[u]) for g, u in ranking.order]
+    assert per_cost == sorted(per_cost, reverse=True)
+    # the group's dF is the sum over every entry of the unit: producing rows and consuming columns
+    g, u = ranking.order[0]
+    entries = sum(float(m.take(gains[m.layer])[u].sum()) for m in groups[g].members)
+    assert ranking.gain[0] == pytest.approx(entries)
+    # each group keeps one unit: fewer candidates than units
+    assert len(ranking.order) == sum(group.count - 1 for group in groups)
+
+
+@pytest.mark.parametrize("kind", ["params", "flops"])
+def test_a_target_is_met_by_the_rebuilt_net_with_the_fewest_removals(fitted, kind):
+    net, model, posterior, x = fitted
+    ranking = rank_units(model, posterior, x[:2], by=kind)
+    small, removed, value = reduce_to(model, posterior, ranking, Target(kind, 0.6), net, x[:4])
+    assert value <= 0.6 and value == pytest.approx(costs.cost(kind, small, net, x[:4]))
+    remove_first(model, ranking, removed - 1)  # one unit fewer does not meet it
+    assert costs.cost(kind, rebuild(model, posterior), net, x[:4]) > 0.6
+    # the rebuilt net computes what the reduced model's mean net computes, dead units cut out or not
+    remove_first(model, ranking, removed)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            small(x), rebuild(model, posterior, remove_dead=False)(x), atol=1e-5, rtol=1e-5
+        )
+    remove_first(model, ranking, 0)
+
+
+def test_the_evidence_target_removes_exactly_the_units_whose_removal_raises_it(fitted):
+    net, model, posterior, x = fitted
+    ranking = rank_units(model, posterior, x[:2])
+    _, removed, _ = reduce_to(model, posterior, ranking, Target("evidence"), net, x[:4])
+    assert removed == sum(gain > 0 for gain in ranking.gain)
+    remove_first(model, ranking, 0)
+
+
+@pytest.mark.parametrize("criterion", ["tp-l1", "tp-group-norm", "tp-taylor"])
+def test_channel_baselines_meet_the_same_cost(fitted, criterion):
+    net, _, _, x = fitted
+    y = torch.randint(0, 3, (len(x),))
+    measure = lambda candidate: costs.cost("params", candidate, net, x[:4])  # noqa: E731
+    pruned, value = pruners.channel_prune_to(net, x[:1], criterion, [net[-1]], measure, 0.6, (x[:16], y[:16]))
+    assert value <= 0.6 and value == measure(pruned)
+    assert pruned(x).shape == (len(x), 3)  # the head keeps its outputs
+
+
+def test_global_magnitude_zeroes_the_fraction_and_keeps_the_head(fitted):
+    net, _, _, _ = fitted
+    pruned = pruners.make_permanent(pruners.global_magnitude(net, [net[-1]], 0.5))
+    weights = [m.weight for m in pruned.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    body = torch.cat([w.flatten() for w in weights[:-1]])
+    assert (body == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+    assert torch.equal(pruned[-1].weight, net[-1].weight)
+
+
+def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
+    """The command on a pyrozoo net trained briefly: every method's row, the costs, the files."""
+    from pyrozoo import data as datasets
+    from pyrozoo.nets import NETS, create_net
+
+    torch.manual_seed(0)
+    d = datasets.prepare(datasets.load("fashion-mnist-mini"), pad_to=NETS["lenet"].pad_to)
+    net = create_net("lenet", in_channels=1, image_size=d.x_train.shape[-1], num_classes=10)
+    finetune(net, d.x_train, d.y_train, 20, 1e-3, 64, 0)
+    torch.save(net.state_dict(), tmp_path / "lenet.pt")
+    out = tmp_path / "out"
+    code, stdout, err = cli(
+        capsys, "compress", "lenet", "--weights", str(tmp_path / "lenet.pt"), "--data", "fashion-mnist-mini",
+        "--target", "params=0.5", "--finetune-steps", "3", "--fit-size", "64", "--baselines", "tp-l1",
+        "global-magnitude", "--repeats", "1", "--no-progress", "--out", str(out),
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    rows = {row["method"]: row for row in report["table"]}
+    assert set(rows) == {"dense", "pyrozoo", "tp-l1", "global-magnitude"}
+    assert (
+        rows["pyrozoo"]["params"] <= 0.5 * rows["dense"]["params"]
+        and rows["tp-l1"]["params"] <= rows["dense"]["params"] * 0.5
+    )
+    assert rows["global-magnitude"]["nonzero_params"] < rows["dense"]["params"]
+    for name in (
+        "report.md",
+        "front.png",
+        "front.pdf",
+        "nets/params-0.5/state_dict.pt",
+        "nets/params-0.5/net.pt2",
+    ):
+        assert (out / name).is_file(), name
+    assert "| pyrozoo | params=0.5 |" in stdout
+    loaded = torch.export.load(out / "nets" / "params-0.5" / "net.pt2").module()
+    assert loaded(d.x_test[:3]).shape == (3, 10)
+
+
+def test_the_command_refuses_what_it_cannot_use(capsys, tmp_path):
+    assert_one_line_error(*cli(capsys, "compress", "nope:thing", "--weights", str(tmp_path / "w.pt"),
+                               "--data", "fashion-mnist-mini"), "cannot find the net factory")  # fmt: skip
+    assert_one_line_error(*cli(capsys, "compress", "lenet", "--weights", str(tmp_path / "w.pt"),
+                               "--data", "fashion-mnist-mini"), "--weights", "no such file")  # fmt: skip
+    assert_one_line_error(*cli(capsys, "compress", "lenet", "--weights", "w.pt", "--target", "latency=2"),
+                          "between 0 and 1")  # fmt: skip
