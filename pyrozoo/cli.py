@@ -529,7 +529,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Parsed arguments that are not run options.
-_NOT_OPTIONS = ("command", "out", "resume", "override", "no_progress", "net", "data", "method", "seed")
+_NOT_OPTIONS = (
+    "command",
+    "argv",
+    "out",
+    "resume",
+    "override",
+    "no_progress",
+    "net",
+    "data",
+    "method",
+    "seed",
+)
 
 
 def _run_options(args) -> dict:
@@ -657,6 +668,7 @@ def _compare(args) -> None:
     given = {k.replace("-", "_"): v for k, v in vars(args).items()}
     for key in (
         "command",
+        "argv",
         "config",
         "no_plots",
         "no_progress",

@@ -127,7 +127,9 @@ def summary_table(stdout: str) -> pd.DataFrame:
     """The table after the summary's title line, parsed back from its fixed-width text."""
     lines = stdout.strip().splitlines()
     title = next(i for i, line in enumerate(lines) if "metrics per evaluated epoch" in line)
-    rows = [line.split() for line in lines[title + 1 :]]
+    table = lines[title + 1 :]
+    table = table[: table.index("")] if "" in table else table  # the files written and next commands follow
+    rows = [line.split() for line in table]
     return pd.DataFrame([[float(v) for v in row] for row in rows[1:]], columns=rows[0])
 
 
