@@ -724,7 +724,7 @@ def long_table(final: pd.DataFrame) -> str:
 
 
 def summary_markdown(results: pd.DataFrame) -> str:
-    """The printed summary: docs/method.md#reference-results-shaped tables per dataset, then the long one."""
+    """The printed summary: per dataset a table shaped as docs/method.md#reference-results, then the long one."""
     final = final_table(results)
     parts = [paper_table(final, data) for data in dict.fromkeys(final["data"])]
     return "\n\n".join(parts + ["All final metrics (mean over seeds):\n\n" + long_table(final)]) + "\n"
