@@ -7,10 +7,11 @@ default).
     python benchmarks/prune_compare.py BMR_RUN FLAT_MAP_RUN [--repeats 10] [--threads 1] [--units]
         [--test-size N] [--out summary.json]
 
-The sparsity is the BMR run's last pruned fraction (PAPER.md §6: over the prunable layers, all weight layers
-but the output layer, biases included). Magnitude pruning (``pyrozoo.baselines.magnitude_prune``) and channel
-pruning (``pyrozoo.sweep.channel_prune``: ``MagnitudePruner`` with L1 importance, one ratio for every layer,
-found by bisection to remove that fraction of the prunable parameters) are the ones ``pyrozoo sweep`` runs.
+The sparsity is the BMR run's last pruned fraction (docs/method.md#pruned-fraction: over the prunable layers,
+all weight layers but the output layer, biases included). Magnitude pruning
+(``pyrozoo.baselines.magnitude_prune``) and channel pruning (``pyrozoo.sweep.channel_prune``:
+``MagnitudePruner`` with L1 importance, one ratio for every layer, found by bisection to remove that fraction
+of the prunable parameters) are the ones ``pyrozoo sweep`` runs.
 A magnitude-pruned net keeps the dense shapes, so its latency is the dense net's (zeros are still multiplied);
 it is not timed again. The BMR net's own metrics are the run's (its predictive, ``--samples`` draws; computed
 here the same way where the run's last epoch was not evaluated, or with ``--test-size``); its rebuilt net's

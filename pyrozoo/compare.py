@@ -5,7 +5,7 @@ grid is resumable: a run whose committed checkpoint reaches the last epoch is sk
 continues from its checkpoint, and a folder holding a different run is an error, never silently reused. Every
 run's committed metrics rows (those of ``metrics.csv`` up to its checkpoint's epoch) are collected into one tidy
 table, ``results.csv`` (one row per run and epoch), and summarised
-at the final epoch in the shape of PAPER.md §7.
+at the final epoch in the shape of docs/method.md#reference-results.
 
 Grids can be written as TOML files (see ``experiments/grid-*.toml``)::
 
@@ -617,7 +617,8 @@ def markdown(rows: list[list[str]], header: list[str]) -> str:
 
 
 def paper_table(final: pd.DataFrame, data: str) -> str:
-    """PAPER.md §7's shape: one row per net, each cell the methods' values joined by ' / '."""
+    """The shape of docs/method.md#reference-results: one row per net, each cell the methods' values joined
+    by ' / '."""
     part = final[final["data"] == data]
     methods = list(dict.fromkeys(part["method"]))
     regression = "rmse" in part and bool(part["rmse"].notna().any())
@@ -723,7 +724,7 @@ def long_table(final: pd.DataFrame) -> str:
 
 
 def summary_markdown(results: pd.DataFrame) -> str:
-    """The printed summary: PAPER.md §7-shaped tables per dataset, then the long table."""
+    """The printed summary: per dataset a table shaped as docs/method.md#reference-results, then the long one."""
     final = final_table(results)
     parts = [paper_table(final, data) for data in dict.fromkeys(final["data"])]
     return "\n\n".join(parts + ["All final metrics (mean over seeds):\n\n" + long_table(final)]) + "\n"

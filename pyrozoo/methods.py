@@ -20,13 +20,13 @@ from pyrozoo.registry import Registry
 class Method:
     prior: Callable  # a prior function (pyrozoo.models.priors)
     guide: str  # a name in pyrozoo.guides.GUIDES
-    lr: float  # learning rate (PAPER.md §3)
+    lr: float  # learning rate (docs/method.md#schedule)
     samples: int  # posterior samples averaged at test time
     description: str
     reduction: Reduction | None = None  # BMR pass after every epoch but the last
     warmup_steps: int = 0  # SVI steps before the first BMR pass
     net_options: dict = field(default_factory=dict)  # e.g. dropout, passed to the net factory
-    optimizer: str = "adam"  # a name in pyrozoo.optim.OPTIMIZERS (PAPER.md §3 allows Adam for AdaBelief)
+    optimizer: str = "adam"  # a name in pyrozoo.optim.OPTIMIZERS (docs/method.md#schedule: Adam or AdaBelief)
     step: str = (
         "svi"  # how it trains, a name in pyrozoo.steps.STEPS: svi, or ivon (the optimiser's posterior)
     )

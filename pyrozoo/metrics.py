@@ -1,4 +1,4 @@
-"""Predictive metrics over posterior samples (PAPER.md §6): accuracy, NLL, LPD, Brier and two ECEs.
+"""Predictive metrics over posterior samples (docs/method.md#metrics): accuracy, NLL, LPD, Brier and two ECEs.
 
 Everything is computed in float64: NLL and LPD are differences of logsumexps over many samples and points,
 where float32 rounding would show up in the reported digits.

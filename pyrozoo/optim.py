@@ -1,5 +1,6 @@
-"""Optimisers: Adam (the default) and AdaBelief, the reference's choice (PAPER.md §3), for SVI; IVON, which trains
-a plain net and keeps its own posterior (pyrozoo.guides.ivon), for the methods whose posterior it is.
+"""Optimisers: Adam (the default) and AdaBelief, the reference's choice (docs/method.md#schedule), for SVI;
+IVON, which trains a plain net and keeps its own posterior (pyrozoo.guides.ivon), for the methods whose
+posterior it is.
 
 torch has no AdaBelief, so it is written here from the paper's algorithm (Zhuang et al., NeurIPS 2020,
 "AdaBelief optimizer: adapting stepsizes by the belief in observed gradients", Algorithm 2). IVON is ivon-opt's,

@@ -4,13 +4,13 @@
 replays one seeded random stream), so inputs are streamed in batches in constant memory and a point's result
 does not depend on the batch it came in.
 
-Classification (PAPER.md §6; Depeweg et al. 2018 for the decomposition): the posterior-mean probabilities, the
-predicted class, the predictive entropy ``H[mean_s p_s]`` (total uncertainty), the expected entropy
-``mean_s H[p_s]`` (aleatoric) and their difference, the mutual information between the label and the weights
-(epistemic, >= 0 by Jensen's inequality). Regression: the predictive mean, its standard deviation split by the
-law of total variance into an aleatoric part (the noise, ``mean_s 1/tau_s``) and an epistemic part (the spread
-of the draws' means), and central intervals of the predictive mixture. A deterministic net is one draw: it has
-no epistemic part, and reports none; nor does a single draw of a posterior (a point mass).
+Classification (docs/method.md#metrics; Depeweg et al. 2018 for the decomposition): the posterior-mean
+probabilities, the predicted class, the predictive entropy ``H[mean_s p_s]`` (total uncertainty), the expected
+entropy ``mean_s H[p_s]`` (aleatoric) and their difference, the mutual information between the label and the
+weights (epistemic, >= 0 by Jensen's inequality). Regression: the predictive mean, its standard deviation
+split by the law of total variance into an aleatoric part (the noise, ``mean_s 1/tau_s``) and an epistemic
+part (the spread of the draws' means), and central intervals of the predictive mixture. A deterministic net is
+one draw: it has no epistemic part, and reports none; nor does a single draw of a posterior (a point mass).
 """
 
 from __future__ import annotations

@@ -16,11 +16,11 @@ Adam steps with the masks kept), and is evaluated at its point estimate on the t
 - ``torch-pruning``: Torch-Pruning's ``MagnitudePruner`` with L1 channel importance, the same channel ratio in
   every layer, the ratio found by bisection to remove the target fraction of the prunable parameters.
 
-Sparsity is PAPER.md §6's pruned fraction over the prunable layers (all weight layers but the output layer,
-biases included), for BMR and magnitude alike the true one: the entries of units that died with their weights
-(no inputs left, or no consumers) count as pruned (:func:`~pyrozoo.bmr.pruned_fraction`); BMR prunes to the
-target in that count, magnitude by its raw count, so it may land above. Channel pruning's is the fraction of
-those layers' parameters it removed.
+Sparsity is the pruned fraction of docs/method.md#pruned-fraction over the prunable layers (all weight layers
+but the output layer, biases included), for BMR and magnitude alike the true one: the entries of units that
+died with their weights (no inputs left, or no consumers) count as pruned
+(:func:`~pyrozoo.bmr.pruned_fraction`); BMR prunes to the target in that count, magnitude by its raw count, so
+it may land above. Channel pruning's is the fraction of those layers' parameters it removed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Closed forms of Bayesian model reduction (PAPER.md §4) for Gaussian posteriors and Gaussian priors.
+"""Closed forms of Bayesian model reduction (docs/method.md#delta-f) for Gaussian posteriors and priors.
 
 A full model has the prior ``N(0, s2)`` and the (approximate) posterior ``q = N(mu, P^-1)``. The reduced model
 differs only in its prior, ``N(0, g2)`` with ``0 <= g2 <= s2`` (``g2 = 0``: a point mass at zero, ``g2 = s2``:

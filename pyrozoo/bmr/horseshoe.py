@@ -1,4 +1,4 @@
-"""BMR-RHS (PAPER.md §4): a regularised horseshoe fitted to the evidence gains, without data.
+"""BMR-RHS (docs/method.md#horseshoe): a regularised horseshoe fitted to the evidence gains, without data.
 
 The summed reduction ``sum_k dF(mu_k, pi_k, g2 = gamma_k(h)^2)`` is a log-likelihood of horseshoe
 hyperparameters ``h`` (the tiered prior's, one scale per output row): it says how much the evidence would gain if

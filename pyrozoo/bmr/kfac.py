@@ -7,7 +7,8 @@ With the eigendecompositions ``G = U_G diag(g) U_G'`` and ``A = U_A diag(a) U_A'
 ``Σ = (U_G ⊗ U_A) diag(D) (U_G ⊗ U_A)'`` with ``D[i, j] = 1 / (g_i a_j + 1/s2)``, so everything below costs
 matrix products of the layer's size (``R² K + R K²``), never ``(R K)²``.
 
-Point-mass reductions (PAPER.md §4 with ``g2 = 0`` on the reduced entries ``S``) of a correlated Gaussian:
+Point-mass reductions (docs/method.md#correlated-posteriors with ``g2 = 0`` on the reduced entries ``S``) of a
+correlated Gaussian:
 
     dF_S = ln N(0; M_S, Σ_SS) - ln N(0; 0, s2 I_S)            (the Savage-Dickey ratio)
     M~   = M - Σ_{:,S} Σ_SS^-1 M_S                            (the survivors compensate, as in OBS)

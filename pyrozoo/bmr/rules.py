@@ -1,4 +1,4 @@
-"""Per-weight decisions on BMR's evidence gains (PAPER.md §4): from dF of a layer's entries to a keep-mask.
+"""Per-weight decisions on BMR's evidence gains (docs/method.md#reductions): from a layer's dF to a keep-mask.
 
 dF > 0 means removing the weight raises the evidence. Each decision is a registered
 :class:`~pyrozoo.bmr.reduction.WeightReduction` whose options are its fields.

@@ -81,8 +81,8 @@ NOISE = ("prior", "fixed", "learned")
 
 
 class Gaussian(nn.Module):
-    """``y ~ N(f(x), 1 / tau)`` for regression (PAPER.md §2), on standardised targets; ``f(x)`` is the net's one
-    output.
+    """``y ~ N(f(x), 1 / tau)`` for regression (docs/method.md#likelihoods), on standardised targets; ``f(x)``
+    is the net's one output.
 
     ``noise`` says what the noise precision ``tau`` is:
 

@@ -3,7 +3,7 @@
 A prior is called once per layer inside the Pyro model as ``prior(layer)``. It may draw hyperparameters with
 ``pyro.sample`` (name them ``f"{layer.name}.<something>"``) and returns the scale that multiplies the layer's
 standard-normal latent ``z`` (shape ``layer.shape``): a scalar, or a tensor that broadcasts against it (one value
-per output row, say). The weights are then ``w = scale * mask * z`` (non-centred form, PAPER.md §2).
+per output row, say). The weights are then ``w = scale * mask * z`` (non-centred form, docs/method.md#model).
 
 ``layer.const(v)`` makes a constant on the model's device and dtype, so a prior works on CPU and GPU alike.
 """
@@ -22,7 +22,8 @@ PRIORS = Registry("prior")
 
 @PRIORS.register("flat")
 def flat(layer: Layer, hidden_scale: float = 0.1):
-    """Flat prior (PAPER.md §2): one precision-like scale per layer, ``c^-2 ~ Gamma(2, 2)`` (shape, rate).
+    """Flat prior (docs/method.md#priors): one precision-like scale per layer, ``c^-2 ~ Gamma(2, 2)`` (shape,
+    rate).
 
     Hidden layers use ``c = hidden_scale * (c^-2)^(-1/2)`` (``hidden_scale`` 1/10 as in the paper), the output
     layer ``c = (c^-2)^(-1/2)``.
@@ -36,7 +37,7 @@ def flat(layer: Layer, hidden_scale: float = 0.1):
 
 @PRIORS.register("tiered")
 def tiered(layer: Layer, tau0: float = 1e-2, local: bool = False):
-    """Regularised horseshoe ("tiered", PAPER.md §2) with one scale per output row.
+    """Regularised horseshoe ("tiered", docs/method.md#priors) with one scale per output row.
 
     Half-Cauchy variables are ratios of Gamma(1/2, 1) pairs, each pair drawn as one site with a last dimension
     of 2 (numerator, denominator). Hidden layers: slab ``c^-2 ~ Gamma(2, 6)``, global pair ``(a, b)``, per-row

@@ -1,4 +1,4 @@
-"""LeNet-5 style convolutional net (PAPER.md §5): 5x5 convs without padding, tanh, 2x2 average pooling."""
+"""LeNet-5 style convnet (docs/method.md#architectures): 5x5 convs, no padding, tanh, 2x2 average pooling."""
 
 from __future__ import annotations
 

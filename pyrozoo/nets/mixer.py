@@ -1,11 +1,12 @@
-"""MLP-Mixer (PAPER.md §5), built from timm's ``MlpMixer`` class: no pretrained weights."""
+"""MLP-Mixer (docs/method.md#architectures), built from timm's ``MlpMixer`` class: no pretrained weights."""
 
 from __future__ import annotations
 
 from pyrozoo.nets import register_net
 from pyrozoo.nets.vit import check_dropout, sizes_from
 
-# PAPER.md §5: 4x4 patches, width 256, 6 blocks, token MLP 64 -> 512 -> 64 and channel MLP 256 -> 512 -> 256
+# docs/method.md#architectures: 4x4 patches, width 256, 6 blocks, token MLP 64 -> 512 -> 64 and channel MLP
+# 256 -> 512 -> 256
 # (timm sizes both hidden layers as ratio x width).
 PRESETS = {
     "paper": dict(patch_size=4, embed_dim=256, num_blocks=6, mlp_ratio=(2.0, 2.0)),

@@ -1,4 +1,4 @@
-"""Multi-layer perceptron (PAPER.md §5: input -> 500 x 4 -> classes, SiLU)."""
+"""Multi-layer perceptron (docs/method.md#architectures: input -> 500 x 4 -> classes, SiLU)."""
 
 from __future__ import annotations
 

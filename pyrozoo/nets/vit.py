@@ -1,10 +1,11 @@
-"""Vision Transformer (PAPER.md §5), built from timm's ``VisionTransformer`` class: no pretrained weights."""
+"""Vision Transformer (docs/method.md#architectures), timm's ``VisionTransformer``, no pretrained weights."""
 
 from __future__ import annotations
 
 from pyrozoo.nets import register_net
 
-# PAPER.md §5: 4x4 patches, width 256, depth 6, 8 heads, MLP ratio 2; "tiny" is for fast tests and smoke runs.
+# docs/method.md#architectures: 4x4 patches, width 256, depth 6, 8 heads, MLP ratio 2; "tiny" is for fast
+# tests and smoke runs.
 PRESETS = {
     "paper": dict(patch_size=4, embed_dim=256, depth=6, num_heads=8, mlp_ratio=2.0),
     "tiny": dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0),

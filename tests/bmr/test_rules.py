@@ -52,7 +52,7 @@ def test_spike_and_slab_none_prunable():
 def test_spike_and_slab_mixed_matches_a_hand_iteration():
     df = torch.cat([torch.full((90,), 2.0), torch.full((10,), -8.0), torch.tensor([-1.0, -2.5])])
     decision = spike_and_slab(df, torch.ones(len(df), dtype=torch.bool))
-    zeta = _zeta(df.tolist())  # PAPER.md §4, written out independently with the standard library
+    zeta = _zeta(df.tolist())  # docs/method.md#spike-and-slab, written out with the standard library
     assert decision.cutoff == pytest.approx(zeta)
     assert decision.keep.tolist() == [d <= zeta for d in df.tolist()]
     # mostly prunable layer: the cutoff drops below 0, so a weight with dF = -1 goes too
@@ -60,7 +60,7 @@ def test_spike_and_slab_mixed_matches_a_hand_iteration():
 
 
 def _zeta(df: list[float], iterations: int = 4) -> float:
-    """PAPER.md §4's cut-off, written out with the standard library."""
+    """The cut-off of docs/method.md#spike-and-slab, written out with the standard library."""
     zeta = 0.0
     for _ in range(iterations):
         q = [0.5 * (1 + math.tanh((zeta - d) / 2)) for d in df]  # sigmoid, without overflow
