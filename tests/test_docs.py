@@ -28,6 +28,8 @@ SHORT = {
     "prune": ["--fit-size", "64", "--no-progress"],
     "predict": ["--no-progress"],
     "uncertainty": ["--no-progress"],
+    "compress": ["--finetune-steps", "2", "--fit-size", "64", "--repeats", "1", "--baselines", "tp-l1",
+                 "--no-progress"],
 }  # fmt: skip
 
 
@@ -51,8 +53,10 @@ SLOW = {
     "howto/grids-clusters.md:0": "a grid of 12 cells, its baselines and figures: ~25 s",
     "howto/grids-clusters.md:1": "torchrun starts two processes",
     "howto/grids-clusters.md:3": "submitit's local executor starts a process per job",
-    "howto/compress.md:0": "a Laplace fit, a KFAC pruning pass and an export: ~6 s",
-    "howto/compress.md:1": "two runs and two exports: ~9 s",
+    "howto/compress.md:0": "a run, an export and compress with a baseline: ~15 s",
+    "howto/compress.md:1": "compress from Python: ~10 s",
+    "howto/compress.md:2": "a Laplace fit, a KFAC pruning pass and an export: ~6 s",
+    "howto/compress.md:3": "two runs and two exports: ~9 s",
 }
 SNIPPETS = [
     pytest.param(language, code, id=name, marks=[pytest.mark.slow] if name in SLOW else [])
@@ -108,7 +112,7 @@ def _run_shell(command: str, tmp_path: Path) -> None:
         return
     assert words[0] == "pyrozoo", f"a docs snippet runs {words[0]!r}, which no test knows how to run"
     argv = words[1:] + SHORT.get(words[1], [])
-    if words[1] in ("train", "compare"):
+    if words[1] in ("train", "compare", "compress"):
         data = argv.index("--data") + 1 if "--data" in argv else None
         if data is None:
             argv += ["--data", "fashion-mnist-mini"]
