@@ -218,6 +218,16 @@ def mixture_quantile(loc: Tensor, scale: Tensor, q: float | Tensor, iterations: 
     return out if levels.dim() else out[0]
 
 
+# (draw, point) pairs a regression's predictive holds at once: points are taken in chunks of about this many
+# over the number of draws, so that --samples raises the time and not the memory (each chunk replays the draws).
+POINT_DRAWS_AT_ONCE = 2**20
+
+
+def points_per_chunk(samples: int, points: int) -> int:
+    """How many points a regression's predictive over ``samples`` draws takes at once (at least one)."""
+    return max(1, min(points, POINT_DRAWS_AT_ONCE // max(1, samples)))
+
+
 def regression_metrics(
     loc: Tensor, noise_var: Tensor, y: Tensor, y_mean: float = 0.0, y_std: float = 1.0
 ) -> dict:
@@ -228,20 +238,38 @@ def regression_metrics(
     the posterior-mean prediction, the NLL of the posterior-predictive mixture per point (``nll``), the joint
     ``lpd``, and the coverage of the central 50/90/95% predictive intervals (``coverage50`` ...).
     """
-    loc, y = loc.double(), y.double()
-    var = noise_var.double()
-    var = var.reshape(var.shape + (1,) * (loc.dim() - var.dim())).expand_as(loc)
-    scale = var.sqrt()
-    # log N(y; loc, var) in original units: the standardised density minus ln y_std
-    ll = torch.distributions.Normal(loc, scale).log_prob(y) - math.log(y_std)
-    mean = loc.mean(dim=0)
-    out = {"rmse": (y_std * (mean - y)).square().mean().sqrt().item(), "nll": nll(ll), "lpd": lpd(ll)}
+    return regression_metrics_in_chunks([(loc, noise_var, y)], y_mean, y_std)
+
+
+def regression_metrics_in_chunks(chunks: Iterable[tuple[Tensor, Tensor, Tensor]], y_mean=0.0, y_std=1.0) -> dict:
+    """:func:`regression_metrics` of chunks ``(loc [S, B], noise_var, y [B])`` of the points, the same draws in
+    each: memory is that of one chunk, and with one chunk the result is :func:`regression_metrics`' to the bit."""
     levels = torch.tensor(INTERVALS, dtype=torch.float64)
-    bounds = mixture_quantile(loc, scale, torch.cat([(1 - levels) / 2, (1 + levels) / 2]))
-    for i, level in enumerate(INTERVALS):
-        lower, upper = bounds[i], bounds[len(INTERVALS) + i]
-        out[f"coverage{round(level * 100)}"] = ((y >= lower) & (y <= upper)).double().mean().item()
-    return out
+    per_point: dict[str, list[Tensor]] = {}
+    joint = 0.0  # per draw, the log-likelihood of every point so far (for LPD)
+    for loc, noise_var, y in chunks:
+        loc, y = loc.double(), y.double()
+        var = noise_var.double()
+        var = var.reshape(var.shape + (1,) * (loc.dim() - var.dim())).expand_as(loc)
+        scale = var.sqrt()
+        # log N(y; loc, var) in original units: the standardised density minus ln y_std
+        ll = torch.distributions.Normal(loc, scale).log_prob(y) - math.log(y_std)
+        joint = joint + ll.sum(dim=1)
+        parts = {"error2": (y_std * (loc.mean(dim=0) - y)).square(), "lse": torch.logsumexp(ll, dim=0)}
+        bounds = mixture_quantile(loc, scale, torch.cat([(1 - levels) / 2, (1 + levels) / 2]))
+        for i, level in enumerate(INTERVALS):
+            lower, upper = bounds[i], bounds[len(INTERVALS) + i]
+            parts[f"coverage{round(level * 100)}"] = ((y >= lower) & (y <= upper)).double()
+        for key, value in parts.items():
+            per_point.setdefault(key, []).append(value)
+        samples = len(loc)
+    whole = {key: torch.cat(values) for key, values in per_point.items()}
+    out = {
+        "rmse": whole.pop("error2").mean().sqrt().item(),
+        "nll": -(whole.pop("lse") - math.log(samples)).mean().item(),
+        "lpd": ((torch.logsumexp(joint, dim=0) - math.log(samples)) / len(whole["coverage50"])).item(),
+    }
+    return {**out, **{key: value.mean().item() for key, value in whole.items()}}
 
 
 @torch.no_grad()
