@@ -47,13 +47,35 @@ def stop_writing() -> None:
     _WRITES = False
 
 
+def _write_failure(path: Path, e: BaseException) -> PyrozooError | None:
+    """The one-line error for a write that the system refused (no folder, no permission, a full disk, a failing
+    device), or None for any other failure (a bug keeps its traceback). torch.save reports a full disk as a
+    RuntimeError from its zip writer ("unexpected pos ..."), not an OSError: that, and any error while the
+    disk has no space left, is a refusal too."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return PyrozooError(f"cannot write {path}: {e.strerror or e}")
+    if not isinstance(e, Exception):
+        return None  # KeyboardInterrupt, SystemExit: not a write failure
+    text = " ".join(str(e).split())
+    try:
+        full = os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        full = False
+    if full:
+        return PyrozooError(f"cannot write {path}: no space left on device ({text}); free some space")
+    if isinstance(e, RuntimeError) and any(w in text for w in ("unexpected pos", "write failed", "failed writing")):
+        return PyrozooError(f"cannot write {path}: the device refused the write ({text}); is the disk full?")
+    return None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
     The temporary name is unique to this call (so two processes never write the same temporary file), and the
     rename is atomic: a reader, or a run killed at any moment, sees the old file or the new one, never a part.
     If ``write`` fails, the old file stays and the temporary one is removed. The system's refusals (no such
-    folder, no permission, a full disk) are a PyrozooError naming ``path``. (Nothing is fsynced: this guards
+    folder, no permission, a full disk, whatever exception the writer turns them into) are a PyrozooError
+    naming ``path``. (Nothing is fsynced: this guards
     against a killed process, not a power cut.)
     """
     if not _WRITES:
@@ -70,9 +92,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
         faults.reached("write")
         os.replace(tmp, path)
     except BaseException as e:
+        failure = _write_failure(path, e)  # before the unlink frees the space a full disk lacked
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise PyrozooError(f"cannot write {path}: {e.strerror or e}") from e
+        if failure is not None:
+            raise failure from e
         raise
 
 
@@ -105,9 +128,10 @@ def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], object]
         if old is not None:
             shutil.rmtree(old)
     except BaseException as e:
+        failure = _write_failure(path, e)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise PyrozooError(f"cannot write {path}: {e.strerror or e}") from e
+        if failure is not None:
+            raise failure from e
         raise
 
 

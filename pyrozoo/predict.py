@@ -235,7 +235,7 @@ def read_inputs(path: str, like, target: str | None = None) -> tuple[torch.Tenso
     columns in order."""
     import numpy as np
 
-    from pyrozoo.data import _features
+    from pyrozoo.data import _features, check_finite, read_csv
 
     y = None
     try:
@@ -244,7 +244,7 @@ def read_inputs(path: str, like, target: str | None = None) -> tuple[torch.Tenso
                 raise PyrozooError(
                     f"{path} is a table, but the run was trained on images: give a .npy or .pt"
                 )
-            table = pd.read_csv(path)
+            table = read_csv(path)
             if target is not None and target in table:
                 y = _targets(path, table.pop(target), like)
             names = getattr(like, "feature_names", None)
@@ -264,6 +264,7 @@ def read_inputs(path: str, like, target: str | None = None) -> tuple[torch.Tenso
                     f"{path}: feature columns must be numeric and complete; "
                     f"{', '.join(bad or [str(c) for c in table if table[c].isna().any()])} are not"
                 )
+            check_finite(path, table)
             x = _features(table.to_numpy(np.float64))
         elif path.lower().endswith(".npy"):
             x = torch.from_numpy(np.load(path, allow_pickle=False))
