@@ -135,6 +135,16 @@ def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], object]
         raise
 
 
+def make_folder(path: str | os.PathLike) -> Path:
+    """``mkdir -p path``; the system's refusal (a read-only or immutable parent, no permission) is one line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PyrozooError(f"cannot make the folder {path}: {e.strerror or e}") from None
+    return path
+
+
 def remove_leftovers(folder: Path) -> None:
     """Remove the temporary files and folders that writers killed mid-write left in ``folder`` (only safe for
     the folder's one writer, which :class:`FolderLock` makes the caller)."""

@@ -28,7 +28,7 @@ from matplotlib.ticker import FormatStrFormatter, NullFormatter, SymmetricalLogL
 
 from pyrozoo.baselines import BASELINES  # noqa: E402
 from pyrozoo.errors import PyrozooError, reason  # noqa: E402
-from pyrozoo.io import atomic_write  # noqa: E402
+from pyrozoo.io import atomic_write, make_folder  # noqa: E402
 from pyrozoo.methods import METHODS  # noqa: E402
 from pyrozoo.train import CHECKPOINT, Run  # noqa: E402
 
@@ -387,5 +387,4 @@ def plot_epoch_times(runs: dict[str, pd.DataFrame], folder: Path, stem: str) -> 
     pruned_ax.set_ylim(0, 1)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return _save(fig, Path(folder), stem)
+    return _save(fig, make_folder(folder), stem)
