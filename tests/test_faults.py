@@ -4,15 +4,17 @@ columns, corrupt run files for every subcommand that reads them, and refused com
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from pyrozoo import metrics
+from pyrozoo import data, metrics
+from pyrozoo.cli import main
+from clitools import assert_one_line_error, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,3 +75,100 @@ def test_regression_evaluation_and_predict_in_chunks_are_the_whole(tmp_path, mon
     assert predicted.keys() == again.keys()
     for key in predicted:
         torch.testing.assert_close(again[key], predicted[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+# --- item 7: the faults, on one finished tiny run shared by the module ---------------------------------------
+
+TINY = ["--data", "fashion-mnist-mini", "--net", "mlp", "--net-option", "hidden=(4,)", "--epochs", "1",
+        "--steps-per-epoch", "5", "--batch-size", "32", "--samples", "2", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Work in tmp_path, with no data, cache or network but the bundled subset."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("PYROZOO_DATA", "PYROZOO_CACHE"):
+        monkeypatch.setenv(name, str(tmp_path / "none"))
+    monkeypatch.delenv("PYROZOO_FAULT", raising=False)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "none"))
+    monkeypatch.setattr(
+        data, "_download", lambda name, root: (_ for _ in ()).throw(ConnectionError("offline"))
+    )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished 1-epoch, 5-step tiny run, pruned, made once; tests copy it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 0
+    assert main(["prune", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def run(finished, tmp_path) -> Path:
+    shutil.copytree(finished, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (the lock file aside), by relative path, with its bytes."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+# Every subcommand that writes, on the run ("RUN") or into a folder beside it ("OUT"), cheaply.
+WRITERS = {
+    "resume": ["train", "--out", "RUN", "--resume", "--epochs", "2"],
+    "prune": ["prune", "RUN"],
+    "export": ["export", "RUN", "--repeats", "1"],
+    "sweep": ["sweep", "RUN", "--sparsities", "0.5", "--methods", "magnitude", "--no-progress"],
+    "uncertainty": ["uncertainty", "RUN", "--samples", "1", "--no-progress"],
+    "predict": ["predict", "RUN", "--samples", "1", "--no-progress", "--out", "OUT/p.csv"],
+    "compare": ["compare", "--out", "OUT/grid", "--data", "fashion-mnist-mini", "--nets", "mlp", "--methods",
+                "flat-ff", "--epochs", "1", "--no-progress"],
+}  # fmt: skip
+
+
+def _argv(argv: list[str], run: Path, out: Path) -> list[str]:
+    return [a.replace("RUN", str(run)).replace("OUT", str(out)) for a in argv]
+
+
+def _immutable(*folders: Path):
+    """``chattr +i`` on folders (root ignores mode bits; an immutable folder refuses root too); skips the test
+    where it cannot be done."""
+    for folder in folders:
+        done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"chattr +i is not available here: {done.stderr.decode().strip()}")
+
+
+def _mutable(*folders: Path):
+    for folder in folders:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+
+
+@pytest.mark.parametrize("command", list(WRITERS))
+def test_a_read_only_folder_is_one_line_for_every_writing_subcommand(capsys, run, tmp_path, command):
+    out = tmp_path / "out"
+    out.mkdir()
+    before = snapshot(tmp_path)
+    _immutable(run, out)
+    try:
+        code, stdout, err = cli(capsys, *_argv(WRITERS[command], run, out))
+    finally:
+        _mutable(run, out)
+    assert_refused(code, err, "cannot")
+    assert snapshot(tmp_path) == before
+
+
+def assert_refused(code: int, err: str, *words: str) -> None:
+    """Exit 2 and the one-line error last on stderr (a run's progress lines may come before it)."""
+    lines = err.splitlines()
+    assert code == 2 and lines and lines[-1].startswith("pyrozoo: error:"), err
+    assert "Traceback" not in err and sum(line.startswith("pyrozoo: error:") for line in lines) == 1, err
+    for word in words:
+        assert word in lines[-1], lines[-1]
