@@ -20,7 +20,7 @@ from pyrozoo.bmr import REDUCTIONS
 from pyrozoo.config import ALIASES, TABLES, TrainConfig, run_name, run_option_fields
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import GUIDES
-from pyrozoo.io import atomic_write, atomic_write_text
+from pyrozoo.io import atomic_write, atomic_write_text, save_torch
 from pyrozoo.methods import METHODS
 from pyrozoo.models.likelihoods import LIKELIHOODS
 from pyrozoo.models.priors import PRIORS
@@ -602,7 +602,7 @@ def _prune_laplace(
         "report": report.table().to_dict("records"),
         "metrics": after,
     }
-    atomic_write(path, lambda p: torch.save(state, p))
+    atomic_write(path, lambda p: save_torch(state, p))
     print(
         f"pruning ({reduction.describe()}) of {run.out} after epoch {run.epoch} from a {posterior} posterior "
         f"(prior precisions by the Laplace evidence: "

@@ -14,7 +14,7 @@ from torch import nn
 
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.errors import PyrozooError, reason
-from pyrozoo.io import atomic_write_folder
+from pyrozoo.io import atomic_write_folder, save_torch
 from pyrozoo.train import PRUNED
 
 # what ``pyrozoo prune RUN --posterior P`` writes into the run folder, by P
@@ -137,10 +137,10 @@ def export(run, folder: Path, repeats: int = 50, source: dict | None = None, net
     summary["threads"] = torch.get_num_threads()
 
     def write(tmp: Path) -> None:
-        torch.save(sparse.state_dict(), tmp / "sparse_state_dict.pt")
-        torch.save(sparse, tmp / "sparse_net.pt")
+        save_torch(sparse.state_dict(), tmp / "sparse_state_dict.pt")
+        save_torch(sparse, tmp / "sparse_net.pt")
         program = torch.export.export(sparse, (x_test[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
-        torch.export.save(program, tmp / "sparse.pt2")
+        save_torch(program, tmp / "sparse.pt2", torch.export.save)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
 
     atomic_write_folder(folder, write)

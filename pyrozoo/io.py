@@ -135,6 +135,21 @@ def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], object]
         raise
 
 
+def save_torch(obj, path: str | os.PathLike, save: Callable | None = None) -> None:
+    """``torch.save(obj, path)`` (or another ``save(obj, file)``, e.g. ``torch.export.save``) through memory.
+    On a failed write (a full disk) torch's own zip writer raises, then throws again from its destructor, which
+    aborts the whole process; a plain Python write of the bytes raises an OSError that :func:`atomic_write`
+    reports in one line."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    (save or torch.save)(obj, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
 def make_folder(path: str | os.PathLike) -> Path:
     """``mkdir -p path``; the system's refusal (a read-only or immutable parent, no permission) is one line."""
     path = Path(path)

@@ -34,7 +34,7 @@ from pyrozoo.config import OVERRIDABLE, RESUMABLE, TABLES, TrainConfig
 from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError, TrainingDiverged, reason
 from pyrozoo.guides import make_guide
-from pyrozoo.io import FolderLock, atomic_write, hold_folder
+from pyrozoo.io import FolderLock, atomic_write, hold_folder, save_torch
 from pyrozoo.methods import METHODS
 from pyrozoo.metrics import evaluate_draws
 from pyrozoo.models import BayesianModel
@@ -510,7 +510,7 @@ class Run:
             "bmr_log": self.bmr_log,  # and the BMR log's rows (bmr.csv)
             "kept": self.model.kept,  # a compacted run: the original indices its layers still hold
         }
-        atomic_write(self.out / CHECKPOINT, lambda p: torch.save(state, p))
+        atomic_write(self.out / CHECKPOINT, lambda p: save_torch(state, p))
 
     def _load_checkpoint(self) -> None:
         state = read_checkpoint(self.out)
@@ -551,7 +551,7 @@ class Run:
             "report": report.table().to_dict("records"),
             "metrics": metrics,
         }
-        atomic_write(self.out / PRUNED, lambda p: torch.save(state, p))
+        atomic_write(self.out / PRUNED, lambda p: save_torch(state, p))
 
     def load_pruned(self) -> dict:
         """Load the post-hoc pruned state written by :meth:`save_pruned`; returns its metrics. A pruned.pt
