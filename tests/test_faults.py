@@ -4,6 +4,7 @@ columns, corrupt run files for every subcommand that reads them, and refused com
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -245,3 +246,76 @@ def test_a_write_error_of_any_exception_type_is_one_line(capsys, run, monkeypatc
     code, _, err = cli(capsys, *_argv(WRITERS["resume"], run, run))
     assert_refused(code, err, "cannot write", "checkpoint.pt", "unexpected pos")
     assert (run / CHECKPOINT).read_bytes() == before[CHECKPOINT] and compare.finished_epochs(run) == 1
+
+
+# --- data that cannot train, a wrong --data-dir -------------------------------------------------------------
+
+GOOD_TABLE = "a,b,y\n" + "".join(f"{i % 7},{(i * 3) % 5},{i % 4 + 0.5 * (i % 3)}\n" for i in range(30))
+TABLE_ARGS = ["--net", "mlp", "--net-option", "hidden=(4,)", "--target", "y", "--epochs", "1",
+              "--steps-per-epoch", "2", "--batch-size", "8", "--samples", "2", "--no-progress"]  # fmt: skip
+
+
+def _spoil(row: int, column: int, value: str, header: str = "a,b,y") -> str:
+    rows = GOOD_TABLE.splitlines()[1:]
+    cells = rows[row].split(",")
+    cells[column] = value
+    rows[row] = ",".join(cells)
+    return "\n".join([header, *rows]) + "\n"
+
+
+# (id, the table, words the one line must hold)
+BAD_TABLES = [
+    ("inf-feature", _spoil(3, 0, "inf"), ["column 'a'", "infinite"]),
+    ("minus-inf-target", _spoil(5, 2, "-inf"), ["column 'y'", "infinite"]),
+    ("1e300-feature", _spoil(3, 1, "1e300"), ["column 'b'", "too large"]),
+    ("1e300-target", _spoil(7, 2, "1e300"), ["column 'y'", "too large"]),
+    ("constant-target", "a,b,y\n" + "".join(f"{i},{i % 3},2.5\n" for i in range(30)), ["target is 2.5", "constant"]),
+    ("duplicated-header", _spoil(0, 0, "1", header="a,a,y"), ["column 'a' more than once"]),
+    ("duplicated-target-header", _spoil(0, 0, "1", header="y,b,y"), ["column 'y' more than once"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("table, words", [pytest.param(*case[1:], id=case[0]) for case in BAD_TABLES])
+def test_a_table_that_cannot_train_is_refused_before_training(capsys, tmp_path, table, words):
+    (tmp_path / "t.csv").write_text(table)
+    argv = ["train", "--data", str(tmp_path / "t.csv"), *TABLE_ARGS, "--out", str(tmp_path / "new")]
+    assert_one_line_error(*cli(capsys, *argv), *words)
+    assert not (tmp_path / "new").exists()
+
+
+def test_predict_refuses_input_tables_with_infinite_values_or_duplicated_columns(capsys, tmp_path):
+    (tmp_path / "t.csv").write_text(GOOD_TABLE)
+    assert main(["train", "--data", str(tmp_path / "t.csv"), *TABLE_ARGS, "--out", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+    for table, words in [(_spoil(1, 0, "inf"), ["column 'a'", "infinite"]),
+                         (_spoil(1, 1, "-1e300"), ["column 'b'", "too large"]),
+                         (_spoil(1, 0, "2", header="a,a,y"), ["more than once"])]:  # fmt: skip
+        (tmp_path / "in.csv").write_text(table)
+        argv = ["predict", str(tmp_path / "r"), "--input", str(tmp_path / "in.csv"), "--out", str(tmp_path / "p.csv")]
+        assert_one_line_error(*cli(capsys, *argv), *words)
+        assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_data_dir_without_the_data_set_is_an_error_not_another_copy(capsys, tmp_path, monkeypatch):
+    """The data set lies in $PYROZOO_DATA, but --data-dir names an empty folder: refused, naming both."""
+    from test_data import write_mnist_like
+
+    write_mnist_like(tmp_path / "elsewhere")
+    monkeypatch.setenv("PYROZOO_DATA", str(tmp_path / "elsewhere"))
+    (tmp_path / "empty").mkdir()
+    argv = ["train", "--data", "fashion-mnist", "--data-dir", str(tmp_path / "empty"), *TINY[2:],
+            "--out", str(tmp_path / "new")]  # fmt: skip
+    assert_one_line_error(*cli(capsys, *argv), f"--data-dir {tmp_path / 'empty'} does not hold", "elsewhere")
+    assert not (tmp_path / "new").exists()
+    assert data.load("fashion-mnist").source == str(tmp_path / "elsewhere")  # without --data-dir: found
+
+
+def test_values_that_overflow_once_standardised_are_refused():
+    """Training features 0 and 1e-20 have a tiny spread; a test value of 1e20 is then 2e40 standard deviations
+    out, beyond float32: refused, not trained and evaluated to inf."""
+    x_train = torch.tensor([0.0, 1e-20] * 10).reshape(20, 1, 1, 1)
+    x_test = torch.tensor([1e20, 0.0]).reshape(2, 1, 1, 1)
+    raw = data.RawData("t", x_train, torch.arange(20.0), x_test, torch.zeros(2), 1, "memory", "regress")
+    with pytest.raises(data.PyrozooError, match="test values are not finite once standardised"):
+        data.prepare(raw)
+    data.prepare(dataclasses.replace(raw, x_test=x_train[:2]))  # the same spread, ordinary values: fine
