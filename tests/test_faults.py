@@ -319,3 +319,50 @@ def test_values_that_overflow_once_standardised_are_refused():
     with pytest.raises(data.PyrozooError, match="test values are not finite once standardised"):
         data.prepare(raw)
     data.prepare(dataclasses.replace(raw, x_test=x_train[:2]))  # the same spread, ordinary values: fine
+
+
+# --- corrupt run files, for every subcommand that reads them ---------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _another_net(run: Path) -> None:
+    """The checkpoint of a net one unit narrower than the run's config."""
+    state = torch.load(run / CHECKPOINT, weights_only=False)
+    state["guide"] = {k: v[..., :-1] if torch.is_tensor(v) and v.dim() else v for k, v in state["guide"].items()}
+    torch.save(state, run / CHECKPOINT)
+
+
+SPOILERS = {
+    "checkpoint-truncated": (lambda r: _truncate(r / CHECKPOINT), "checkpoint.pt is corrupt"),
+    "config-truncated": (lambda r: _truncate(r / "config.json"), "config.json is corrupt"),
+    "checkpoint-of-another-net": (_another_net, "does not fit the run"),
+    "pruned-truncated": (lambda r: _truncate(r / "pruned.pt"), "pruned.pt is corrupt"),
+}
+READERS = {
+    **{name: WRITERS[name] for name in ("resume", "prune", "export", "sweep", "uncertainty", "predict")},
+    "uncertainty-pruned": [*WRITERS["uncertainty"], "--pruned"],
+    "predict-pruned": [*WRITERS["predict"], "--pruned"],
+}
+# metrics.csv is read only from folders written before checkpoints held the metrics (test_reliability's
+# bad-input table covers that), export/summary.json by no subcommand, pruned.pt only by export and --pruned.
+CORRUPT = [
+    pytest.param(spoiler, reader, id=f"{spoiler}/{reader}")
+    for spoiler in SPOILERS
+    for reader in READERS
+    if spoiler != "pruned-truncated" or reader in ("export", "uncertainty-pruned", "predict-pruned")
+]
+
+
+@pytest.mark.parametrize("spoiler, reader", CORRUPT)
+def test_a_corrupt_run_file_is_one_line_for_every_reader(capsys, run, tmp_path, spoiler, reader):
+    spoil, words = SPOILERS[spoiler]
+    spoil(run)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = snapshot(tmp_path)
+    code, _, err = cli(capsys, *_argv(READERS[reader], run, out))
+    assert_refused(code, err, words)
+    assert snapshot(tmp_path) == before
