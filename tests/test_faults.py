@@ -5,12 +5,16 @@ columns, corrupt run files for every subcommand that reads them, and refused com
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -18,6 +22,7 @@ from pyrozoo import compare, data, metrics
 from pyrozoo.cli import main
 from pyrozoo.train import CHECKPOINT
 from clitools import assert_one_line_error, cli
+from test_reliability import same
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -395,3 +400,125 @@ def test_a_grid_with_a_corrupt_cell_changes_no_file(capsys, finished_grid, tmp_p
     code, _, err = cli(capsys, *argv)
     assert_refused(code, err, words)
     assert snapshot(grid) == before  # figures included
+
+
+# --- kill -9 at file events, then the same command again: the uninterrupted twin, bit for bit ------------------
+
+KILL_RUN = ["--data", "fashion-mnist-mini", "--net", "mlp", "--net-option", "hidden=(16,)", "--method", "bmr-th",
+            "--warmup-steps", "0", "--epochs", "3", "--steps-per-epoch", "3", "--batch-size", "32",
+            "--samples", "2", "--no-progress"]  # fmt: skip
+KILL_GRID = ["--data", "fashion-mnist-mini", "--nets", "mlp", "--methods", "flat-ff", "bmr-th", "--seeds", "0",
+             "--net-option", "hidden=(16,)", "--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "32",
+             "--samples", "2", "--warmup-steps", "0", "--no-progress", "--no-plots"]  # fmt: skip
+STEPS = {  # the command of each case after `pyrozoo`, on the finished run RUN
+    "prune": ["prune", "RUN"],
+    "export": ["export", "RUN", "--repeats", "1"],
+    "sweep": ["sweep", "RUN", "--sparsities", "0.5", "0.8", "--methods", "magnitude", "bmr-run", "--no-progress"],
+}
+
+
+def _pyrozoo(argv: list[str], cwd: Path, wait: bool = True):
+    """``python -m pyrozoo ARGV`` on this checkout, one thread (so twins round alike), in its own session."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env.pop("PYROZOO_FAULT", None)
+    process = subprocess.Popen([sys.executable, "-m", "pyrozoo", *argv], cwd=cwd, env=env, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    if wait:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+    return process
+
+
+def _state(path: Path):
+    """What a file or folder holds, bit for bit but for wall-clock timings."""
+    if path.is_dir():
+        return {p.name: _state(p) for p in sorted(path.iterdir()) if not p.name.startswith(".")}
+    if path.suffix in (".pt", ".pt2") and path.name != "sparse_net.pt":
+        return torch.load(path, weights_only=False) if path.suffix == ".pt" else path.stat().st_size > 0
+    if path.suffix == ".csv":
+        table = pd.read_csv(path)
+        return table.drop(columns=[c for c in table if "seconds" in c]).to_dict("list")
+    if path.name == "summary.json":
+        summary = json.loads(path.read_text())
+        return {k: {i: w for i, w in v.items() if "latency" not in i} if isinstance(v, dict) else v
+                for k, v in summary.items() if "speedup" not in k}  # fmt: skip
+    if path.suffix in (".png", ".pdf", ".md") or path.name == "sparse_net.pt":
+        return path.stat().st_size > 0  # drawn, timed or pickled anew each time: present is all that is asked
+    return path.read_bytes()
+
+
+def kill_at(argv: list[str], cwd: Path, event) -> None:
+    """Run ``pyrozoo ARGV`` and kill -9 its process group as soon as ``event()`` is true (polled every
+    millisecond); the kill must come before the command ends."""
+    process = _pyrozoo(argv, cwd, wait=False)
+    deadline = time.monotonic() + 300
+    while not event() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.001)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+    _, err = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the event came after the command ended: {err}"
+
+
+def changes(path: Path, times: int = 1):
+    """An event: ``path`` was written (appeared or was replaced) ``times`` times, counted by its inode."""
+    seen: list[int] = []
+
+    def event() -> bool:
+        try:
+            inode = path.stat().st_ino
+        except FileNotFoundError:
+            return False
+        if not seen or seen[-1] != inode:
+            seen.append(inode)
+        return len(seen) >= times
+
+    return event
+
+
+def appears(folder: Path, pattern: str):
+    """An event: a file or folder matching ``pattern`` (a temporary one included) appears in ``folder``."""
+    return lambda: folder.is_dir() and any(folder.glob(pattern))
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory) -> Path:
+    """The uninterrupted twin: train, then each of STEPS on its own copy of the trained run."""
+    cwd = tmp_path_factory.mktemp("twin")
+    _pyrozoo(["train", *KILL_RUN, "--out", "run"], cwd)
+    for name, argv in STEPS.items():
+        shutil.copytree(cwd / "run", cwd / name)
+        _pyrozoo([a.replace("RUN", name) for a in argv], cwd)
+    return cwd
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("times", [1, 2])
+def test_train_killed_when_its_checkpoint_changes_resumes_to_the_twin(tmp_path, twin, times):
+    kill_at(["train", *KILL_RUN, "--out", "run"], tmp_path, changes(tmp_path / "run" / CHECKPOINT, times))
+    _pyrozoo(["train", "--out", "run", "--resume", "--no-progress"], tmp_path)
+    same(_state(tmp_path / "run"), _state(twin / "run"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step, event", [
+    ("prune", lambda run: appears(run, "*pruned.pt*")),
+    ("export", lambda run: appears(run, "*export*")),
+    ("sweep", lambda run: appears(run / "sweep", "*sweep.csv*")),
+])  # fmt: skip
+def test_a_step_killed_at_its_file_event_ends_as_the_twin(tmp_path, twin, step, event):
+    run = tmp_path / step
+    shutil.copytree(twin / "run", run)
+    argv = [a.replace("RUN", step) for a in STEPS[step]]
+    kill_at(argv, tmp_path, event(run))
+    _pyrozoo(argv, tmp_path)
+    same(_state(run), _state(twin / step))
+
+
+@pytest.mark.slow
+def test_compare_with_two_jobs_killed_when_a_cell_commits_ends_as_the_twin(tmp_path):
+    _pyrozoo(["compare", *KILL_GRID, "--out", "twin", "--jobs", "2"], tmp_path)
+    cell = tmp_path / "grid" / "mlp-bmr-th-fashion-mnist-mini-s0" / CHECKPOINT
+    kill_at(["compare", *KILL_GRID, "--out", "grid", "--jobs", "2"], tmp_path, changes(cell))
+    _pyrozoo(["compare", *KILL_GRID, "--out", "grid", "--jobs", "2"], tmp_path)
+    same(_state(tmp_path / "grid"), _state(tmp_path / "twin"))
