@@ -22,6 +22,8 @@ from pyrozoo import compare, data, metrics
 from pyrozoo.cli import main
 from pyrozoo.train import CHECKPOINT
 from clitools import assert_one_line_error, cli
+from test_distributed import RUN as DISTRIBUTED_RUN
+from test_distributed import assert_close_runs, two_processes  # noqa: F401 (a fixture)
 from test_reliability import same
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -417,12 +419,14 @@ STEPS = {  # the command of each case after `pyrozoo`, on the finished run RUN
 }
 
 
-def _pyrozoo(argv: list[str], cwd: Path, wait: bool = True):
-    """``python -m pyrozoo ARGV`` on this checkout, one thread (so twins round alike), in its own session."""
+def _pyrozoo(argv: list[str], cwd: Path, wait: bool = True, launcher: tuple[str, ...] = ()):
+    """``python [LAUNCHER] -m pyrozoo ARGV`` on this checkout, one thread (so twins round alike), in its own
+    session (a kill of its group reaches the workers too)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     env.pop("PYROZOO_FAULT", None)
-    process = subprocess.Popen([sys.executable, "-m", "pyrozoo", *argv], cwd=cwd, env=env, start_new_session=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    command = [sys.executable, *launcher, "-m", "pyrozoo", *argv]
+    process = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
     if wait:
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err
@@ -447,17 +451,38 @@ def _state(path: Path):
     return path.read_bytes()
 
 
-def kill_at(argv: list[str], cwd: Path, event) -> None:
-    """Run ``pyrozoo ARGV`` and kill -9 its process group as soon as ``event()`` is true (polled every
-    millisecond); the kill must come before the command ends."""
-    process = _pyrozoo(argv, cwd, wait=False)
+def kill_at(argv: list[str], cwd: Path, event, launcher: tuple[str, ...] = ()) -> None:
+    """Run ``pyrozoo ARGV`` and kill -9 it and every process below it as soon as ``event()`` is true (polled
+    every millisecond); the kill must come before the command ends."""
+    process = _pyrozoo(argv, cwd, wait=False, launcher=launcher)
     deadline = time.monotonic() + 300
     while not event() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.001)
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGKILL)
+        for pid in [process.pid, *_descendants(process.pid)]:  # torchrun's workers have sessions of their own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     _, err = process.communicate()
     assert process.returncode == -signal.SIGKILL, f"the event came after the command ended: {err}"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
 
 
 def changes(path: Path, times: int = 1):
@@ -522,3 +547,14 @@ def test_compare_with_two_jobs_killed_when_a_cell_commits_ends_as_the_twin(tmp_p
     kill_at(["compare", *KILL_GRID, "--out", "grid", "--jobs", "2"], tmp_path, changes(cell))
     _pyrozoo(["compare", *KILL_GRID, "--out", "grid", "--jobs", "2"], tmp_path)
     same(_state(tmp_path / "grid"), _state(tmp_path / "twin"))
+
+
+@pytest.mark.slow  # torchrun: about a minute on a busy 2-core machine
+def test_torchrun_killed_when_its_checkpoint_appears_resumes_with_one_process(tmp_path, two_processes):
+    """Two processes killed as epoch 1 commits (mid-epoch 2 by the time the kill lands), resumed by one: the
+    state of the uninterrupted two-process run, up to the order of the sum over processes."""
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    kill_at(["train", *DISTRIBUTED_RUN, "--out", "run"], tmp_path, changes(tmp_path / "run" / CHECKPOINT), torchrun)
+    assert compare.finished_epochs(tmp_path / "run") < 3
+    _pyrozoo(["train", "--out", "run", "--resume", "--no-progress"], tmp_path)
+    assert_close_runs(tmp_path / "run", two_processes)
