@@ -24,7 +24,7 @@ from pyrozoo.train import CHECKPOINT
 from clitools import assert_one_line_error, cli
 from test_distributed import RUN as DISTRIBUTED_RUN
 from test_distributed import assert_close_runs, two_processes  # noqa: F401 (a fixture)
-from test_reliability import same
+from test_reliability import isolated, same  # noqa: F401 (isolated: an autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,19 +91,6 @@ def test_regression_evaluation_and_predict_in_chunks_are_the_whole(tmp_path, mon
 
 TINY = ["--data", "fashion-mnist-mini", "--net", "mlp", "--net-option", "hidden=(4,)", "--epochs", "1",
         "--steps-per-epoch", "5", "--batch-size", "32", "--samples", "2", "--no-progress"]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """Work in tmp_path, with no data, cache or network but the bundled subset."""
-    monkeypatch.chdir(tmp_path)
-    for name in ("PYROZOO_DATA", "PYROZOO_CACHE"):
-        monkeypatch.setenv(name, str(tmp_path / "none"))
-    monkeypatch.delenv("PYROZOO_FAULT", raising=False)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "none"))
-    monkeypatch.setattr(
-        data, "_download", lambda name, root: (_ for _ in ()).throw(ConnectionError("offline"))
-    )
 
 
 @pytest.fixture(scope="module")
