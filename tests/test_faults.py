@@ -204,7 +204,9 @@ def _fill(disk: Path, leave: int) -> Path:
 
 
 # (subcommand, bytes left free): one page, which the lock file's holder record takes, and then nothing fits.
-FULL = [(command, 4096) for command in ("resume", "prune", "export", "sweep", "uncertainty")] + [
+FULL = [(command, 4096) for command in ("resume", "prune", "export")] + [
+    pytest.param(command, 4096, marks=pytest.mark.slow) for command in ("sweep", "uncertainty")
+] + [
     pytest.param("resume", 0, marks=pytest.mark.xfail(
         reason="FolderLock writes .lock's holder record with a bare os.pwrite: on a disk with no page left it "
         "raises an OSError that nothing turns into one line (exit 3); FolderLock is issue 33 item 2's")),
