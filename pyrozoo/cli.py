@@ -579,8 +579,6 @@ def _prune_laplace(
     run, reduction, posterior: str, fit_size: int | None = None, progress: bool = True
 ) -> None:
     """BMR of a run from a Laplace approximation around its point estimate; writes the pruned net."""
-    import torch
-
     from pyrozoo.bmr import rebuild
     from pyrozoo.export import PRUNED_FILES
     from pyrozoo.guides.laplace import laplace_from_run

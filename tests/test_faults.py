@@ -539,7 +539,7 @@ def test_compare_with_two_jobs_killed_when_a_cell_commits_ends_as_the_twin(tmp_p
 
 
 @pytest.mark.slow  # torchrun: about a minute on a busy 2-core machine
-def test_torchrun_killed_when_its_checkpoint_appears_resumes_with_one_process(tmp_path, two_processes):
+def test_torchrun_killed_when_its_checkpoint_appears_resumes_with_one_process(tmp_path, two_processes):  # noqa: F811
     """Two processes killed as epoch 1 commits (mid-epoch 2 by the time the kill lands), resumed by one: the
     state of the uninterrupted two-process run, up to the order of the sum over processes."""
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
