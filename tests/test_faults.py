@@ -1,6 +1,11 @@
 """Issue 33, items 6 and 7: evaluation memory that does not grow with --samples, and the faults a careless or
 hostile user meets: a full disk, a read-only folder, data that cannot train, a wrong --data-dir, duplicated
-columns, corrupt run files for every subcommand that reads them, and refused commands that change no file."""
+columns, corrupt run files for every subcommand that reads them, refused commands that change no file (figures
+included), and kill -9 at file events (slow), after which the same command ends as the uninterrupted twin.
+
+The cheap cases share one finished tiny run (1 epoch x 5 steps) and one one-cell grid; the full-disk cases mount a
+tmpfs (root only) and the read-only ones use ``chattr +i`` (root ignores mode bits), each skipped where it cannot.
+"""
 
 from __future__ import annotations
 
