@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from pyrozoo.bmr.units import pruned_fraction
-from pyrozoo.io import atomic_write
+from pyrozoo.io import atomic_write, make_folder
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.errors import PyrozooError
 from pyrozoo.models.likelihoods import Categorical
@@ -167,7 +167,7 @@ def run_baseline(folder: Path, method: str, source: Path, sparsity: Path, finetu
     fine-tune it for ``finetune_steps`` (0: not at all), evaluate, and write ``folder``'s config.json, a
     one-row metrics.csv and layers.csv (what survived in each layer); returns the row."""
     record = baseline_record(method, source, sparsity, finetune_steps)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     atomic_write(folder / CONFIG, lambda p: p.write_text(json.dumps({"baseline": record}, indent=2)))
     run = Run.open(source, log=lambda text: None)
     trained = _final_row(source)

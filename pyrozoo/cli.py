@@ -22,7 +22,7 @@ from pyrozoo.bmr import REDUCTIONS
 from pyrozoo.config import ALIASES, TABLES, TrainConfig, run_name, run_option_fields
 from pyrozoo.errors import PyrozooError, did_you_mean
 from pyrozoo.guides import GUIDES
-from pyrozoo.io import atomic_write, atomic_write_text
+from pyrozoo.io import atomic_write, atomic_write_text, save_torch
 from pyrozoo.methods import METHODS
 from pyrozoo.models.likelihoods import LIKELIHOODS
 from pyrozoo.models.priors import PRIORS
@@ -763,8 +763,6 @@ def _prune_laplace(
     run, reduction, posterior: str, fit_size: int | None = None, progress: bool = True
 ) -> None:
     """BMR of a run from a Laplace approximation around its point estimate; writes the pruned net."""
-    import torch
-
     from pyrozoo.bmr import rebuild
     from pyrozoo.export import PRUNED_FILES
     from pyrozoo.guides.laplace import laplace_from_run
@@ -786,7 +784,7 @@ def _prune_laplace(
         "report": report.table().to_dict("records"),
         "metrics": after,
     }
-    atomic_write(path, lambda p: torch.save(state, p))
+    atomic_write(path, lambda p: save_torch(state, p))
     print(
         f"pruning ({reduction.describe()}) of {run.out} after epoch {run.epoch} from a {posterior} posterior "
         f"(prior precisions by the Laplace evidence: "

@@ -57,7 +57,7 @@ from pyrozoo.config import (
     run_option_fields,
     spelled,
 )
-from pyrozoo.io import atomic_write, hold_folder
+from pyrozoo.io import atomic_write, hold_folder, make_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS, net_options
 from pyrozoo.registry import Registry
@@ -507,10 +507,7 @@ def run_grid(
 ) -> pd.DataFrame | None:
     """Train every unfinished cell where ``launcher`` runs them (by default one after another, here), then
     the baselines, and write and return ``results.csv``; None when the launcher only submitted the cells."""
-    try:
-        grid.out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PyrozooError(f"cannot make the grid folder {grid.out}: {e.strerror or e}") from None
+    make_folder(grid.out)
     # Every config is checked before anything trains, so a clash shows at once, not hours into the grid.
     plan = [(cell, grid.config(cell)) for cell in grid.cells()]
     states = {cell: run_state(grid.folder(cell), config) for cell, config in plan}

@@ -399,6 +399,7 @@ def write_report(result: Compressed, folder, record: dict, example: torch.Tensor
 
     import pandas as pd
 
+    from pyrozoo.export import save_net
     from pyrozoo.io import atomic_write_folder
     from pyrozoo.plots import plot_front
 
@@ -409,11 +410,6 @@ def write_report(result: Compressed, folder, record: dict, example: torch.Tensor
         for name, net in result.nets.items():
             where = tmp / "nets" / name.replace("=", "-")
             where.mkdir(parents=True)
-            torch.save(net.state_dict(), where / "state_dict.pt")
-            torch.save(net, where / "net.pt")
-            program = torch.export.export(
-                net.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},)
-            )
-            torch.export.save(program, where / "net.pt2")
+            save_net(net, example, where / "state_dict.pt", where / "net.pt", where / "net.pt2")
 
     atomic_write_folder(folder, write)

@@ -349,6 +349,14 @@ def load(
         return _load_mini()
     if name in _MADE:
         return _MADE[name][0]()
+    if data_dir is not None and _find_in(name, Path(data_dir).expanduser()) is None:
+        # never another copy in its place: the user asked for this folder's, and would not know it was skipped
+        files = "the four IDX files" if name not in _CIFAR else f"the extracted {_CIFAR[name][0]}/ folder"
+        raise PyrozooError(
+            f"--data-dir {data_dir} does not hold dataset '{name}' (looked for {files} in it and in "
+            f"torchvision's layout under it): give the folder that holds them, or leave --data-dir out to use "
+            f"{_elsewhere(name)}"
+        )
     found = locate(name, data_dir)
     if found is not None:
         return _read(name, Path(found), found)
@@ -369,6 +377,12 @@ def load(
         f"dataset '{name}' not found (looked in {places}, each also in torchvision's layout); "
         f"{problem}. To get it: {_how_to_get(name)}"
     )
+
+
+def _elsewhere(name: str) -> str:
+    """Where the data set would come from without --data-dir, in words."""
+    found = locate(name)
+    return found if found is not None else f"a download into {cache_dir()}"
 
 
 def load_default(data_dir: str | os.PathLike | None = None) -> tuple[RawData, str | None]:
@@ -517,6 +531,42 @@ def diabetes() -> RawData:
 _MADE = {"toy1d": (toy1d, "synthetic"), "diabetes": (diabetes, "scikit-learn (bundled)")}
 
 
+def read_csv(path: str | os.PathLike):
+    """``pandas.read_csv``, refusing a header that names a column twice (pandas would rename the second copy
+    ``a.1`` and go on, so a feature would be read by a name that is not in the file)."""
+    import pandas as pd
+
+    header = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False)
+    names = [str(n) for n in header.iloc[0]] if len(header) else []
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise PyrozooError(f"{path}: the header names column {', '.join(map(repr, twice))} more than once; "
+                           "give every column its own name")
+    return pd.read_csv(path)
+
+
+# The largest magnitude a value may have: features and targets are float32.
+_LARGEST = float(np.finfo(np.float32).max)
+
+
+def check_finite(path, table) -> None:
+    """Refuse numeric columns with infinite values, or values that overflow to inf as float32 (training would
+    then only say that the loss became nan, or report inf metrics)."""
+    import pandas as pd
+
+    for column in table:
+        if not pd.api.types.is_numeric_dtype(table[column]) or pd.api.types.is_bool_dtype(table[column]):
+            continue
+        values = table[column].to_numpy(np.float64)
+        if not np.isfinite(values).all():
+            raise PyrozooError(f"{path}: column {column!r} has infinite values; fix or drop those rows first")
+        if np.abs(values).max(initial=0.0) > _LARGEST:
+            raise PyrozooError(
+                f"{path}: column {column!r} has values too large for float32 (up to {np.abs(values).max():g}; "
+                f"at most {_LARGEST:.3g}): rescale the column first"
+            )
+
+
 def read_table(path: str | os.PathLike, target: str | None, task: str | None = None) -> RawData:
     """A user's CSV table: every column but ``target`` is a numeric feature; ``target`` is a number to regress
     on (``task`` "regress", the default) or a label (``"classify"``: its distinct values, sorted, become classes
@@ -527,7 +577,7 @@ def read_table(path: str | os.PathLike, target: str | None, task: str | None = N
     if target is None:
         raise PyrozooError(f"--data {path} is a table: name its target column with --target COLUMN")
     try:
-        table = pd.read_csv(path)
+        table = read_csv(path)
     except FileNotFoundError:
         raise PyrozooError(f"no such file: {path}") from None
     except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as e:
@@ -547,6 +597,7 @@ def read_table(path: str | os.PathLike, target: str | None, task: str | None = N
     if table.isna().any().any():
         column = str(table.columns[table.isna().any()][0])
         raise PyrozooError(f"{path}: column {column!r} has missing values; fill or drop them first")
+    check_finite(path, table)
     if task == "regress":
         if not pd.api.types.is_numeric_dtype(table[target]):
             raise PyrozooError(
@@ -585,9 +636,20 @@ def _prepare_features(raw: RawData, device) -> Prepared:
     y_train, y_test = raw.y_train, raw.y_test
     if raw.task == "regress":
         y_mean = float(raw.y_train.double().mean())
-        y_std = float(raw.y_train.double().std(unbiased=False)) or 1.0
+        y_std = float(raw.y_train.double().std(unbiased=False))
+        if y_std == 0:
+            raise PyrozooError(
+                f"dataset {raw.name} ({raw.source}): the target is {y_mean:g} in every training row; "
+                "a constant has nothing to regress on"
+            )
         y_train = ((raw.y_train.double() - y_mean) / y_std).float()
         y_test = ((raw.y_test.double() - y_mean) / y_std).float()
+    for split, x, y in (("training", raw.x_train, y_train), ("test", raw.x_test, y_test)):
+        if not (torch.isfinite(standardise(x)).all() and torch.isfinite(y).all()):
+            raise PyrozooError(
+                f"dataset {raw.name} ({raw.source}): its {split} values are not finite once standardised "
+                "(inf, or too large for float32): fix or rescale them first"
+            )
     return Prepared(
         standardise(raw.x_train),
         y_train.to(device),

@@ -14,7 +14,7 @@ from torch import nn
 
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.errors import PyrozooError, reason
-from pyrozoo.io import atomic_write_folder
+from pyrozoo.io import atomic_write_folder, save_torch
 from pyrozoo.torchfile import load_tensors
 from pyrozoo.train import PRUNED
 
@@ -102,6 +102,16 @@ def _bytes(net: nn.Module) -> int:
     return buffer.tell()
 
 
+def save_net(net: nn.Module, example: torch.Tensor, state_dict: Path, whole: Path, program: Path) -> None:
+    """Write ``net`` three ways: its ``state_dict``, the module saved whole (a pickle: opened with
+    ``torch.load(path, weights_only=False)`` by whoever trusts it) and a ``torch.export`` program traced on
+    ``example`` with a free batch size, for deployment."""
+    save_torch(net.state_dict(), state_dict)
+    save_torch(net, whole)
+    exported = torch.export.export(net.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    save_torch(exported, program, torch.export.save)
+
+
 def export(run, folder: Path, repeats: int = 50, source: dict | None = None, nets=None) -> dict:
     """Write the rebuilt sparse net and return a summary (sizes, accuracy or a regression's RMSE, latency,
     dense against sparse).
@@ -140,10 +150,7 @@ def export(run, folder: Path, repeats: int = 50, source: dict | None = None, net
     summary["threads"] = torch.get_num_threads()
 
     def write(tmp: Path) -> None:
-        torch.save(sparse.state_dict(), tmp / "sparse_state_dict.pt")
-        torch.save(sparse, tmp / "sparse_net.pt")
-        program = torch.export.export(sparse, (x_test[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
-        torch.export.save(program, tmp / "sparse.pt2")
+        save_net(sparse, x_test[:2], tmp / "sparse_state_dict.pt", tmp / "sparse_net.pt", tmp / "sparse.pt2")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
 
     atomic_write_folder(folder, write)

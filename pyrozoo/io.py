@@ -48,13 +48,35 @@ def stop_writing() -> None:
     _WRITES = False
 
 
+def _write_failure(path: Path, e: BaseException) -> PyrozooError | None:
+    """The one-line error for a write that the system refused (no folder, no permission, a full disk, a failing
+    device), or None for any other failure (a bug keeps its traceback). torch.save reports a full disk as a
+    RuntimeError from its zip writer ("unexpected pos ..."), not an OSError: that, and any error while the
+    disk has no space left, is a refusal too."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return PyrozooError(f"cannot write {path}: {e.strerror or e}")
+    if not isinstance(e, Exception):
+        return None  # KeyboardInterrupt, SystemExit: not a write failure
+    text = " ".join(str(e).split())
+    try:
+        full = os.statvfs(path.parent).f_bavail == 0
+    except OSError:
+        full = False
+    if full:
+        return PyrozooError(f"cannot write {path}: no space left on device ({text}); free some space")
+    if isinstance(e, RuntimeError) and any(w in text for w in ("unexpected pos", "write failed", "failed writing")):
+        return PyrozooError(f"cannot write {path}: the device refused the write ({text}); is the disk full?")
+    return None
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it onto ``path``.
 
     The temporary name is unique to this call (so two processes never write the same temporary file), and the
     rename is atomic: a reader, or a run killed at any moment, sees the old file or the new one, never a part.
     If ``write`` fails, the old file stays and the temporary one is removed. The system's refusals (no such
-    folder, no permission, a full disk) are a PyrozooError naming ``path``. (Nothing is fsynced: this guards
+    folder, no permission, a full disk, whatever exception the writer turns them into) are a PyrozooError
+    naming ``path``. (Nothing is fsynced: this guards
     against a killed process, not a power cut.)
     """
     if not _WRITES:
@@ -71,9 +93,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
         faults.reached("write")
         os.replace(tmp, path)
     except BaseException as e:
+        failure = _write_failure(path, e)  # before the unlink frees the space a full disk lacked
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise PyrozooError(f"cannot write {path}: {e.strerror or e}") from e
+        if failure is not None:
+            raise failure from e
         raise
 
 
@@ -106,10 +129,36 @@ def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], object]
         if old is not None:
             shutil.rmtree(old)
     except BaseException as e:
+        failure = _write_failure(path, e)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and e.errno is not None:
-            raise PyrozooError(f"cannot write {path}: {e.strerror or e}") from e
+        if failure is not None:
+            raise failure from e
         raise
+
+
+def save_torch(obj, path: str | os.PathLike, save: Callable | None = None) -> None:
+    """``torch.save(obj, path)`` (or another ``save(obj, file)``, e.g. ``torch.export.save``) through memory.
+    On a failed write (a full disk) torch's own zip writer raises, then throws again from its destructor, which
+    aborts the whole process; a plain Python write of the bytes raises an OSError that :func:`atomic_write`
+    reports in one line."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    (save or torch.save)(obj, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
+def make_folder(path: str | os.PathLike) -> Path:
+    """``mkdir -p path``; the system's refusal (a read-only or immutable parent, no permission) is one line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PyrozooError(f"cannot make the folder {path}: {e.strerror or e}") from None
+    return path
 
 
 def remove_leftovers(folder: Path) -> None:
@@ -266,8 +315,11 @@ class FolderLock:
             )
             fd = None
         else:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, _holder_record(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, _holder_record(), 0)
+            except OSError:  # a full disk: the lock holds all the same, only without the record naming us
+                pass
             remove_leftovers(self.folder)  # we are its one writer now: no one else is writing these
         _holds[key] = hold = _Hold(fd)
         return hold

@@ -63,11 +63,35 @@ def ece_equal_width(mean_probs: Tensor, targets: Tensor, bins: int = 15) -> floa
     return (gap.abs().sum() / confidence.shape[0]).item()
 
 
-class PredictionAccumulator:
-    """Collects test predictions batch by batch and sample by sample in O(S*N + N*C) memory, never S*N*C.
+class _LogSumExp:
+    """A running ``logsumexp`` of values given a few at a time, elementwise over ``shape``: the largest value so
+    far and the sum of ``exp(value - largest)``, rescaled when a larger one arrives, as ``torch.logsumexp``
+    would compute it at once."""
 
-    Only two things are kept: ll[s, n], the log-probability of the true class (for NLL and LPD), and the
-    running sum over samples of the class probabilities (for accuracy, Brier and ECE: the posterior mean).
+    def __init__(self, shape, device) -> None:
+        self.top = torch.full(shape, -math.inf, dtype=torch.float64, device=device)
+        self.total = torch.zeros(shape, dtype=torch.float64, device=device)
+
+    def add(self, values: Tensor, where=...) -> None:
+        top = torch.maximum(self.top[where], values)
+        # where every value so far is -inf, shift by 0: exp(-inf) = 0 then, not exp(nan)
+        shift = torch.where(torch.isneginf(top), 0.0, top)
+        self.total[where] = self.total[where] * (self.top[where] - shift).exp() + (values - shift).exp()
+        self.top[where] = top
+
+    def result(self) -> Tensor:
+        return self.top + self.total.log()
+
+
+class PredictionAccumulator:
+    """Collects test predictions batch by batch and sample by sample in O(N*C) memory, whatever the number of
+    samples S: never S*N*C, nor S*N.
+
+    Kept per point: a running logsumexp over samples of the true class's log-probability (for NLL) and the
+    running sum over samples of the class probabilities (for accuracy, Brier and ECE: the posterior mean). Per
+    sample still being added: its next point and its sum of log-probabilities over the points so far; once a
+    sample has every point, that sum joins a running logsumexp over samples (for LPD) and only a flag is kept.
+    A sample's points must come in order, in batches; samples may interleave.
     """
 
     def __init__(self, targets: Tensor, num_samples: int, num_classes: int) -> None:
@@ -76,39 +100,53 @@ class PredictionAccumulator:
         self.num_classes = num_classes
         device = self.targets.device
         n = self.targets.shape[0]
-        self.ll = torch.zeros(num_samples, n, dtype=torch.float64, device=device)
+        self.points = n
+        self.point_lse = _LogSumExp((n,), device)
         self.prob_sum = torch.zeros(n, num_classes, dtype=torch.float64, device=device)
-        # Adding a (sample, point) twice or never would silently bias the posterior mean: track coverage.
-        self.seen = torch.zeros(num_samples, n, dtype=torch.bool, device=device)
+        self.joint_lse = _LogSumExp((), device)
+        # Adding a (sample, point) twice or never would silently bias the metrics: track coverage.
+        self.open: dict[int, list] = {}  # sample -> [next point, sum of its log-probabilities so far]
+        self.done = torch.zeros(num_samples, dtype=torch.bool)
 
     def add(self, sample_index: int, start: int, log_probs: Tensor) -> None:
         """Record log-softmax outputs [B, C] of points start..start+B under sample `sample_index`."""
         stop = start + log_probs.shape[0]
-        if not 0 <= sample_index < self.num_samples or start < 0 or stop > self.ll.shape[1]:
-            shape = tuple(self.ll.shape)
+        if not 0 <= sample_index < self.num_samples or start < 0 or stop > self.points:
+            shape = (self.num_samples, self.points)
             raise PyrozooError(f"sample {sample_index}, points {start}..{stop} lie outside {shape}")
         if log_probs.shape[1] != self.num_classes:
             raise PyrozooError(f"expected {self.num_classes} classes, got {log_probs.shape[1]}")
-        if self.seen[sample_index, start:stop].any():
-            raise PyrozooError(f"sample {sample_index}, points {start}..{stop} were already added")
-        log_probs = log_probs.detach().to(self.ll.device, torch.float64)
-        self.ll[sample_index, start:stop] = log_probs.gather(1, self.targets[start:stop, None]).squeeze(1)
+        state = self.open.get(sample_index, [0, 0.0])
+        if self.done[sample_index] or start != state[0]:
+            if self.done[sample_index] or start < state[0]:
+                raise PyrozooError(f"sample {sample_index}, points {start}..{stop} were already added")
+            raise PyrozooError(f"sample {sample_index}: points {state[0]}..{start} were skipped")
+        log_probs = log_probs.detach().to(self.prob_sum.device, torch.float64)
+        ll = log_probs.gather(1, self.targets[start:stop, None]).squeeze(1)
+        self.point_lse.add(ll, slice(start, stop))
         self.prob_sum[start:stop] += log_probs.exp()
-        self.seen[sample_index, start:stop] = True
+        state[0], state[1] = stop, state[1] + ll.sum()
+        self.open[sample_index] = state
+        if stop == self.points:
+            self.joint_lse.add(torch.as_tensor(state[1], dtype=torch.float64))
+            self.done[sample_index] = True
+            del self.open[sample_index]
 
     def result(self) -> dict[str, float]:
         """All metrics; every (sample, point) must have been added exactly once."""
-        if not self.seen.all():
-            missing = int((~self.seen).sum())
+        if not self.done.all():
+            missing = sum(self.points - next_point for next_point, _ in self.open.values())
+            missing += self.points * (int((~self.done).sum()) - len(self.open))
             raise PyrozooError(f"{missing} (sample, point) predictions were never added")
         mean_probs = self.prob_sum / self.num_samples
+        log_s = math.log(self.num_samples)
         return {
             "accuracy": accuracy(mean_probs, self.targets),
-            "nll": nll(self.ll),
+            "nll": -(self.point_lse.result() - log_s).mean().item(),
             "ece": ece_equal_mass(mean_probs, self.targets, bins=20),
             "ece15": ece_equal_width(mean_probs, self.targets, bins=15),
             "brier": brier(mean_probs, self.targets),
-            "lpd": lpd(self.ll),
+            "lpd": ((self.joint_lse.result() - log_s) / self.points).item(),
         }
 
 
@@ -180,6 +218,16 @@ def mixture_quantile(loc: Tensor, scale: Tensor, q: float | Tensor, iterations: 
     return out if levels.dim() else out[0]
 
 
+# (draw, point) pairs a regression's predictive holds at once: points are taken in chunks of about this many
+# over the number of draws, so that --samples raises the time and not the memory (each chunk replays the draws).
+POINT_DRAWS_AT_ONCE = 2**20
+
+
+def points_per_chunk(samples: int, points: int) -> int:
+    """How many points a regression's predictive over ``samples`` draws takes at once (at least one)."""
+    return max(1, min(points, POINT_DRAWS_AT_ONCE // max(1, samples)))
+
+
 def regression_metrics(
     loc: Tensor, noise_var: Tensor, y: Tensor, y_mean: float = 0.0, y_std: float = 1.0
 ) -> dict:
@@ -190,20 +238,38 @@ def regression_metrics(
     the posterior-mean prediction, the NLL of the posterior-predictive mixture per point (``nll``), the joint
     ``lpd``, and the coverage of the central 50/90/95% predictive intervals (``coverage50`` ...).
     """
-    loc, y = loc.double(), y.double()
-    var = noise_var.double()
-    var = var.reshape(var.shape + (1,) * (loc.dim() - var.dim())).expand_as(loc)
-    scale = var.sqrt()
-    # log N(y; loc, var) in original units: the standardised density minus ln y_std
-    ll = torch.distributions.Normal(loc, scale).log_prob(y) - math.log(y_std)
-    mean = loc.mean(dim=0)
-    out = {"rmse": (y_std * (mean - y)).square().mean().sqrt().item(), "nll": nll(ll), "lpd": lpd(ll)}
+    return regression_metrics_in_chunks([(loc, noise_var, y)], y_mean, y_std)
+
+
+def regression_metrics_in_chunks(chunks: Iterable[tuple[Tensor, Tensor, Tensor]], y_mean=0.0, y_std=1.0) -> dict:
+    """:func:`regression_metrics` of chunks ``(loc [S, B], noise_var, y [B])`` of the points, the same draws in
+    each: memory is that of one chunk, and with one chunk the result is :func:`regression_metrics`' to the bit."""
     levels = torch.tensor(INTERVALS, dtype=torch.float64)
-    bounds = mixture_quantile(loc, scale, torch.cat([(1 - levels) / 2, (1 + levels) / 2]))
-    for i, level in enumerate(INTERVALS):
-        lower, upper = bounds[i], bounds[len(INTERVALS) + i]
-        out[f"coverage{round(level * 100)}"] = ((y >= lower) & (y <= upper)).double().mean().item()
-    return out
+    per_point: dict[str, list[Tensor]] = {}
+    joint = 0.0  # per draw, the log-likelihood of every point so far (for LPD)
+    for loc, noise_var, y in chunks:
+        loc, y = loc.double(), y.double()
+        var = noise_var.double()
+        var = var.reshape(var.shape + (1,) * (loc.dim() - var.dim())).expand_as(loc)
+        scale = var.sqrt()
+        # log N(y; loc, var) in original units: the standardised density minus ln y_std
+        ll = torch.distributions.Normal(loc, scale).log_prob(y) - math.log(y_std)
+        joint = joint + ll.sum(dim=1)
+        parts = {"error2": (y_std * (loc.mean(dim=0) - y)).square(), "lse": torch.logsumexp(ll, dim=0)}
+        bounds = mixture_quantile(loc, scale, torch.cat([(1 - levels) / 2, (1 + levels) / 2]))
+        for i, level in enumerate(INTERVALS):
+            lower, upper = bounds[i], bounds[len(INTERVALS) + i]
+            parts[f"coverage{round(level * 100)}"] = ((y >= lower) & (y <= upper)).double()
+        for key, value in parts.items():
+            per_point.setdefault(key, []).append(value)
+        samples = len(loc)
+    whole = {key: torch.cat(values) for key, values in per_point.items()}
+    out = {
+        "rmse": whole.pop("error2").mean().sqrt().item(),
+        "nll": -(whole.pop("lse") - math.log(samples)).mean().item(),
+        "lpd": ((torch.logsumexp(joint, dim=0) - math.log(samples)) / len(whole["coverage50"])).item(),
+    }
+    return {**out, **{key: value.mean().item() for key, value in whole.items()}}
 
 
 @torch.no_grad()

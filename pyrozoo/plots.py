@@ -28,7 +28,7 @@ from matplotlib.ticker import FormatStrFormatter, NullFormatter, SymmetricalLogL
 
 from pyrozoo.baselines import BASELINES  # noqa: E402
 from pyrozoo.errors import PyrozooError, reason  # noqa: E402
-from pyrozoo.io import atomic_write  # noqa: E402
+from pyrozoo.io import atomic_write, make_folder  # noqa: E402
 from pyrozoo.methods import METHODS  # noqa: E402
 from pyrozoo.train import CHECKPOINT, Run  # noqa: E402
 
@@ -220,12 +220,13 @@ def plot_delta_f(summaries: dict[str, dict], title: str, folder: Path, stem: str
     return _save(fig, folder, stem)
 
 
-def plot_posteriors(results: pd.DataFrame, folder: Path, log=print) -> list[Path]:
-    """Weight CDFs and dF histograms from the run folders of ``folder`` (first seed of each dataset and net)."""
-    paths = []
+def posterior_summaries(results: pd.DataFrame, folder: Path, log=print) -> dict[tuple, dict]:
+    """Per (data, net, seed), the posterior summary of each method's run folder of ``folder`` (first seed of
+    each dataset and net): every run file read, and refused if bad, before any figure is drawn."""
+    out = {}
     for (data, net), table in results.groupby(["data", "net"], sort=False):
         seed = int(table["seed"].min())
-        summaries = {}
+        summaries = out.setdefault((data, net, seed), {})
         for method in dict.fromkeys(table["method"]):
             run_folder = folder / f"{net}-{method}-{data}-s{seed}"
             if method in BASELINES:
@@ -234,14 +235,21 @@ def plot_posteriors(results: pd.DataFrame, folder: Path, log=print) -> list[Path
                 log(f"{run_folder}: no {CHECKPOINT}, left out of the weight and dF plots")
                 continue
             summaries[method] = posterior_summary(run_folder)
+    return out
+
+
+def plot_posteriors(summaries: dict[tuple, dict], folder: Path) -> list[Path]:
+    """Weight CDFs and dF histograms of :func:`posterior_summaries`."""
+    paths = []
+    for (data, net, seed), by_method in summaries.items():
         title = f"{net} on {data}, seed {seed}"
-        pair = {m: summaries[m] for m in CDF_METHODS if m in summaries}
+        pair = {m: by_method[m] for m in CDF_METHODS if m in by_method}
         if len(pair) == len(CDF_METHODS):
             paths += plot_weight_cdf(
                 pair, f"{title}: CDF of |posterior-mean weight|", folder, f"weight-cdf-{data}-{net}"
             )
-        if any(s["delta_f"] for s in summaries.values()):
-            paths += plot_delta_f(summaries, f"{title}: dF per weight", folder, f"delta-f-{data}-{net}")
+        if any(s["delta_f"] for s in by_method.values()):
+            paths += plot_delta_f(by_method, f"{title}: dF per weight", folder, f"delta-f-{data}-{net}")
     return paths
 
 
@@ -279,7 +287,8 @@ def plot_grid(folder: str | os.PathLike, results: pd.DataFrame | None = None, lo
         if not path.exists():
             raise PyrozooError(f"{folder} has no {RESULTS}: run `pyrozoo compare --out {folder}` first")
         results = read_results(path)
-    return plot_curves(results, folder) + plot_posteriors(results, folder, log)
+    summaries = posterior_summaries(results, folder, log)  # a bad run file refuses before a figure changes
+    return plot_curves(results, folder) + plot_posteriors(summaries, folder)
 
 
 @torch.no_grad()
@@ -387,8 +396,7 @@ def plot_epoch_times(runs: dict[str, pd.DataFrame], folder: Path, stem: str) -> 
     pruned_ax.set_ylim(0, 1)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return _save(fig, Path(folder), stem)
+    return _save(fig, make_folder(folder), stem)
 
 
 def plot_front(table: pd.DataFrame, folder: str | os.PathLike, stem: str = "front") -> list[Path]:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from pyrozoo.errors import PyrozooError
-from pyrozoo.metrics import INTERVALS, mixture_quantile
+from pyrozoo.metrics import INTERVALS, mixture_quantile, points_per_chunk
 from pyrozoo.torchfile import load_tensors
 
 
@@ -130,6 +130,8 @@ def predict(
     if bayesian and not hasattr(model, "likelihood"):
         raise PyrozooError("predict with a guide needs the BayesianModel the guide was trained with")
     task = task or (model.likelihood.task if bayesian else "classify")
+    if task == "regress":  # a regression holds [samples, batch] draws: fewer points at a time for more samples
+        batch_size = min(batch_size, points_per_chunk(samples, len(x)))
     parts: dict[str, list[Tensor]] = {}
     bar = tqdm(total=len(x), unit="input", desc="predict", disable=not progress, dynamic_ncols=True)
     with bar:
@@ -234,7 +236,7 @@ def read_inputs(path: str, like, target: str | None = None) -> tuple[torch.Tenso
     columns in order."""
     import numpy as np
 
-    from pyrozoo.data import _features
+    from pyrozoo.data import _features, check_finite, read_csv
 
     y = None
     try:
@@ -243,7 +245,7 @@ def read_inputs(path: str, like, target: str | None = None) -> tuple[torch.Tenso
                 raise PyrozooError(
                     f"{path} is a table, but the run was trained on images: give a .npy or .pt"
                 )
-            table = pd.read_csv(path)
+            table = read_csv(path)
             if target is not None and target in table:
                 y = _targets(path, table.pop(target), like)
             names = getattr(like, "feature_names", None)
@@ -263,6 +265,7 @@ def read_inputs(path: str, like, target: str | None = None) -> tuple[torch.Tenso
                     f"{path}: feature columns must be numeric and complete; "
                     f"{', '.join(bad or [str(c) for c in table if table[c].isna().any()])} are not"
                 )
+            check_finite(path, table)
             x = _features(table.to_numpy(np.float64))
         elif path.lower().endswith(".npy"):
             x = torch.from_numpy(np.load(path, allow_pickle=False))

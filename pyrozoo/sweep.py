@@ -42,7 +42,7 @@ from pyrozoo.bmr.scores import delta_f
 from pyrozoo.bmr.sparsity import TargetSparsity
 from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.errors import PyrozooError
-from pyrozoo.io import atomic_write
+from pyrozoo.io import atomic_write, make_folder
 
 METHODS = (
     "bmr-laplace-diag",
@@ -251,8 +251,7 @@ def write_sweep(table: pd.DataFrame, folder: str | os.PathLike) -> list[Path]:
     """``folder/sweep.csv`` and the figure ``folder/sweep.{png,pdf}``, each written atomically."""
     from pyrozoo.plots import plot_sweep
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = make_folder(folder)
     atomic_write(folder / TABLE, lambda p: table.to_csv(p, index=False))
     return [folder / TABLE, *plot_sweep(table, folder, FIGURE)]
 

@@ -34,7 +34,7 @@ from pyrozoo.config import OVERRIDABLE, RESUMABLE, TABLES, TrainConfig
 from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError, TrainingDiverged, reason
 from pyrozoo.guides import make_guide
-from pyrozoo.io import FolderLock, atomic_write, hold_folder
+from pyrozoo.io import FolderLock, atomic_write, hold_folder, save_torch
 from pyrozoo.methods import METHODS
 from pyrozoo.metrics import evaluate_draws
 from pyrozoo.models import BayesianModel
@@ -519,7 +519,7 @@ class Run:
             "bmr_log": self.bmr_log,  # and the BMR log's rows (bmr.csv)
             "kept": self.model.kept,  # a compacted run: the original indices its layers still hold
         }
-        atomic_write(self.out / CHECKPOINT, lambda p: torch.save(state, p))
+        atomic_write(self.out / CHECKPOINT, lambda p: save_torch(state, p))
 
     def _load_checkpoint(self) -> None:
         state = read_checkpoint(self.out)
@@ -560,7 +560,7 @@ class Run:
             "report": report.table().to_dict("records"),
             "metrics": metrics,
         }
-        atomic_write(self.out / PRUNED, lambda p: torch.save(state, p))
+        atomic_write(self.out / PRUNED, lambda p: save_torch(state, p))
 
     def load_pruned(self) -> dict:
         """Load the post-hoc pruned state written by :meth:`save_pruned`; returns its metrics. A pruned.pt
@@ -601,9 +601,10 @@ class Run:
         d = self.data
         devices = [d.x_test.device] if d.x_test.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.config.seed * 100_003 + self.epoch)
+            seed = self.config.seed * 100_003 + self.epoch
+            torch.manual_seed(seed)
             if d.task == "regress":
-                return self._evaluate_regression()
+                return self._evaluate_regression(seed)
             metrics = evaluate(
                 self.model,
                 self.guide,
@@ -628,14 +629,24 @@ class Run:
 
         return net_metrics(net, self.data, self.point_likelihood(), self.config.eval_batch_size)
 
-    def _evaluate_regression(self) -> dict[str, float]:
-        """RMSE, NLL, LPD and interval coverage in the targets' original units (see metrics.regression_metrics)."""
-        from pyrozoo.metrics import regression_metrics
+    def _evaluate_regression(self, seed: int) -> dict[str, float]:
+        """RMSE, NLL, LPD and interval coverage in the targets' original units (see metrics.regression_metrics).
+        The test points go in chunks that hold a bounded number of (draw, point) pairs, each chunk drawing the
+        same ``samples`` draws again from ``seed``: more samples take longer, not more memory."""
+        from pyrozoo.metrics import points_per_chunk, regression_metrics_in_chunks
         from pyrozoo.predict import regression_draws
 
         d, c = self.data, self.config
-        locs, noise_var = regression_draws(self.model, self.guide, d.x_test, c.samples, c.eval_batch_size)
-        metrics = regression_metrics(locs, noise_var, d.y_test, d.y_mean, d.y_std)
+        chunk = points_per_chunk(c.samples, len(d.x_test))
+
+        def chunks():
+            for start in range(0, len(d.x_test), chunk):
+                torch.manual_seed(seed)
+                x = d.x_test[start : start + chunk]
+                locs, noise_var = regression_draws(self.model, self.guide, x, c.samples, c.eval_batch_size)
+                yield locs, noise_var, d.y_test[start : start + chunk]
+
+        metrics = regression_metrics_in_chunks(chunks(), d.y_mean, d.y_std)
         faults.reached("eval")
         return metrics
 

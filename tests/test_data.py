@@ -116,9 +116,10 @@ def test_successful_download_is_read_from_the_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("download", [True, False])
-def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path, download):
+def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path, download, monkeypatch):
+    monkeypatch.setenv("PYROZOO_DATA", str(tmp_path / "mine"))
     with pytest.raises(PyrozooError) as info:
-        data.load("fashion-mnist", data_dir=tmp_path / "mine", download=download)
+        data.load("fashion-mnist", download=download)
     message = str(info.value)
     for text in (
         "apt-get install dataset-fashion-mnist",
