@@ -128,6 +128,9 @@ class TrainConfig:
         if "units" in rule_options:  # before reductions were objects, the structured pass was a rule option
             stored["prune_units"] = bool(rule_options.pop("units"))
             stored["rule_options"] = rule_options
+        if "connected" in rule_options:  # before every reduction took allow_empty, sparsity's own switch
+            rule_options["allow_empty"] = not rule_options.pop("connected")
+            stored["rule_options"] = rule_options
         unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise PyrozooError(f"unknown config keys {unknown}")
