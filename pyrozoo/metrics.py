@@ -207,6 +207,18 @@ def regression_metrics(
 
 
 @torch.no_grad()
+def baseline_nll(data) -> float:
+    """The test NLL of a prediction that ignores the inputs (a collapsed net's best): the training set's class
+    frequencies (add-one, so that no class is impossible), or for regression a Normal at the training targets'
+    mean and spread, in the targets' original units as :func:`regression_metrics` reports it."""
+    if data.task == "regress":
+        y = data.y_train.double()
+        ll = torch.distributions.Normal(y.mean(), y.std()).log_prob(data.y_test.double()) - math.log(data.y_std)
+        return -ll.mean().item()
+    counts = torch.bincount(data.y_train.cpu(), minlength=data.num_classes).double() + 1
+    return -(counts / counts.sum()).log()[data.y_test.cpu()].mean().item()
+
+
 def net_metrics(net: torch.nn.Module, data, likelihood, batch_size: int = 2000) -> dict:
     """The test metrics of a deterministic net on ``data`` (a rebuilt, pruned or Laplace-mean net), for the data's
     task: classification as :func:`evaluate_net`; regression as :func:`regression_metrics` of its one draw, with
