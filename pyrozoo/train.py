@@ -37,7 +37,7 @@ from pyrozoo.errors import PyrozooError, TrainingDiverged, reason
 from pyrozoo.guides import make_guide
 from pyrozoo.io import FolderLock, atomic_write, hold_folder
 from pyrozoo.methods import METHODS
-from pyrozoo.metrics import baseline_nll, evaluate_draws
+from pyrozoo.metrics import beats, evaluate_draws, input_free_scores
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.likelihoods import Categorical, Gaussian
 from pyrozoo.nets import NETS, create_net, model_options
@@ -779,7 +779,7 @@ class Run:
             return False
         if not self.bmr_log and not self._posterior_ready():
             return False
-        before = None if self.reduction.allows_empty else self._state()
+        before = None if getattr(self.reduction, "allows_empty", False) else self._state()
         report = self.reduction(self.model, self.guide)
         self.world.broadcast(self.model, self.guide)  # rank 0's masks and posterior, on every rank
         faults.reached("bmr")
@@ -797,15 +797,14 @@ class Run:
         return True
 
     def _posterior_ready(self) -> bool:
-        """Whether the first BMR pass may come now, saying when it does and why then. With ``--warmup-steps``
-        given, at once (the user's schedule); else only once the posterior has moved from its start on more than
+        """Whether the first BMR pass may come now. With ``--warmup-steps`` given, at once (the user's
+        schedule); else only once the posterior has moved from its start on more than
         ``INFORMATIVE`` of the live weights (a posterior still at its start, such as IVON's Hessian at
-        ``hess_init``, makes every removal look good and would prune the net to death)."""
+        ``hess_init``, makes every removal look good and would prune the net to death), saying when it waits and
+        when, and why, the pass then comes."""
         c, when = self.config, f"epoch {self.epoch} (step {self.step})"
         moved = None if c.warmup_steps is not None else self.guide.moved(self.model)
-        if moved is None:
-            why = "the --warmup-steps given" if c.warmup_steps is not None else "the method's warm-up"
-            self._say_once(f"{when}: first BMR pass, after {c.first_pass_step()} steps ({why})")
+        if moved is None:  # the schedule alone: the given --warmup-steps, or a posterior with no fixed start
             return True
         fraction, what = moved
         if fraction > INFORMATIVE:
@@ -829,28 +828,44 @@ class Run:
             self._said_first = True
 
     def _state(self) -> tuple[dict, dict, dict]:
-        """Copies of the model's, guide's and optimiser's state, to undo a pass with."""
+        """Copies of the guide's, model's and optimiser's state, to undo a pass with."""
         return tuple(
             copy.deepcopy(part.state_dict()) for part in (self.guide, self.model, self.optimizer)
         )
 
+    def _load_state(self, state: tuple[dict, dict, dict]) -> None:
+        """Restore a :meth:`_state` (in the order a checkpoint is loaded)."""
+        for part, value in zip((self.guide, self.model, self.optimizer), state):
+            part.load_state_dict(value)
+
+    def _held_out(self) -> dict[str, float]:
+        """Test metrics from a few posterior draws: enough to tell a collapsed net from a working one."""
+        return self.evaluate(samples=min(self.config.samples, COLLAPSE_DRAWS))
+
     def _collapsed(self, before: tuple[dict, dict, dict], seconds: float, row: dict) -> bool:
-        """Whether the pass just made left a net no better on the held-out data than a prediction that ignores
-        the inputs (the class prior, or the target mean); if so the state ``before`` it is restored, one line
-        says so, and ``row`` records the pass's time and the pruned fraction as they now are."""
+        """Whether the pass just made collapsed the net: took a held-out score (NLL; accuracy, or for regression
+        RMSE) that beat every prediction ignoring the inputs (the class prior, the target mean) to no better
+        than those. If so the state ``before`` the pass is restored, one line says so, and ``row`` records the
+        pass's time and the pruned fraction as they now are. A score no better before the pass (an overconfident
+        net's NLL, a barely trained net's) is not the pass's doing and does not count."""
         start = time.perf_counter()
-        nll = self.evaluate(samples=min(self.config.samples, COLLAPSE_DRAWS))["nll"]
-        baseline = baseline_nll(self.data)
-        if nll < baseline:
+        reference = input_free_scores(self.data)
+        after = self._held_out()
+        if beats(after, reference) == set(reference):
             return False
-        for part, state in zip((self.guide, self.model, self.optimizer), before):
-            part.load_state_dict(state)
+        kept = self._state()
+        self._load_state(before)
+        lost = beats(self._held_out(), reference) - beats(after, reference)
+        if not lost:
+            self._load_state(kept)
+            return False
         what = "the target mean" if self.data.task == "regress" else "the class prior"
+        scores = ", ".join(f"{key} {after[key]:.4g} against {reference[key]:.4g}" for key in sorted(lost))
         self.log(
-            f"epoch {self.epoch}: BMR pass undone: it left a collapsed net (held-out NLL {nll:.4g}, no better than "
-            f"predicting {what}, {baseline:.4g}); BMR tries again after the next epoch. The posterior was read "
-            "too early: raise --warmup-steps, or leave it out so that BMR waits for an informative posterior "
-            "(rule option allow_empty=true keeps such a pass)"
+            f"epoch {self.epoch}: BMR pass undone: it collapsed the net (held-out {scores}: no better than "
+            f"predicting {what}); BMR tries again after the next epoch. The posterior was read too early: raise "
+            "--warmup-steps, or leave it out so that BMR waits for an informative posterior (rule option "
+            "allow_empty=true keeps such a pass)"
         )
         row["bmr_seconds"] = round(seconds + time.perf_counter() - start, 4)
         row["pruned_fraction"] = pruned_fraction(self.model)

@@ -139,8 +139,7 @@ def test_ivon_bmr_waits_until_the_hessian_has_moved_unless_warmup_steps_is_given
     forced, said = _ivon_run(tmp_path / "forced", warmup_steps=0)
     forced.step, forced.epoch = 4, 1
     assert forced.guide.moved(forced.model)[0] == 0
-    forced._bmr_pass({})
-    assert any("first BMR pass, after 0 steps (the --warmup-steps given)" in line for line in said)
+    assert forced._bmr_pass({}) and not any("waits" in line for line in said)
 
 
 # --- every method on the bundled data: above chance, never pruned to death ----------------------------------
@@ -206,11 +205,12 @@ def test_a_pass_that_collapses_the_net_is_undone_with_one_line_unless_asked_for(
         data="fashion-mnist-mini",
         method="bmr-th",
         epochs=2,
-        steps_per_epoch=3,
+        steps_per_epoch=20,
         batch_size=64,
         samples=2,
         eval_batch_size=500,
         warmup_steps=0,
+        start="net",  # torch's initialisation: a net better than the class prior after a few steps
         net_options={"hidden": (16,)},
     )
     said = []
