@@ -593,17 +593,19 @@ class Run:
             raise PyrozooError(f"{path} does not fit this run ({reason(e)}): {redo}") from None
         return state["metrics"]
 
-    def evaluate(self, samples: int | None = None) -> dict[str, float]:
+    def evaluate(self, samples: int | None = None, fault: str | None = "eval") -> dict[str, float]:
         """Test metrics now, from ``samples`` posterior draws (default: the run's). The draws come from a random
         stream of their own (seeded by the run's seed and epoch), so how often a run evaluates never changes how
-        it trains."""
+        it trains. ``fault`` is the fault point reached mid-evaluation (None for a check that is not one of
+        the run's evaluations, so that the reliability tests count those)."""
         d = self.data
+        fault = fault or ""  # faults.reached("") is never a point asked for
         samples = samples or self.config.samples
         devices = [d.x_test.device] if d.x_test.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.config.seed * 100_003 + self.epoch)
             if d.task == "regress":
-                return self._evaluate_regression(samples)
+                return self._evaluate_regression(samples, fault)
             metrics = evaluate(
                 self.model,
                 self.guide,
@@ -614,7 +616,7 @@ class Run:
                 self.config.eval_batch_size,
                 world=self.world,
             )
-            faults.reached("eval")
+            faults.reached(fault)
             return metrics
 
     def point_likelihood(self):
@@ -628,7 +630,7 @@ class Run:
 
         return net_metrics(net, self.data, self.point_likelihood(), self.config.eval_batch_size)
 
-    def _evaluate_regression(self, samples: int) -> dict[str, float]:
+    def _evaluate_regression(self, samples: int, fault: str) -> dict[str, float]:
         """RMSE, NLL, LPD and interval coverage in the targets' original units (see metrics.regression_metrics)."""
         from pyrozoo.metrics import regression_metrics
         from pyrozoo.predict import regression_draws
@@ -636,7 +638,7 @@ class Run:
         d, c = self.data, self.config
         locs, noise_var = regression_draws(self.model, self.guide, d.x_test, samples, c.eval_batch_size)
         metrics = regression_metrics(locs, noise_var, d.y_test, d.y_mean, d.y_std)
-        faults.reached("eval")
+        faults.reached(fault)
         return metrics
 
     def train(self, progress: bool = True) -> pd.DataFrame:
@@ -840,7 +842,7 @@ class Run:
 
     def _held_out(self) -> dict[str, float]:
         """Test metrics from a few posterior draws: enough to tell a collapsed net from a working one."""
-        return self.evaluate(samples=min(self.config.samples, COLLAPSE_DRAWS))
+        return self.evaluate(samples=min(self.config.samples, COLLAPSE_DRAWS), fault=None)
 
     def _collapsed(self, before: tuple[dict, dict, dict], seconds: float, row: dict) -> bool:
         """Whether the pass just made collapsed the net: took a held-out score (NLL; accuracy, or for regression
