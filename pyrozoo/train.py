@@ -865,9 +865,10 @@ class Run:
         scores = ", ".join(f"{key} {after[key]:.4g} against {reference[key]:.4g}" for key in sorted(lost))
         self.log(
             f"epoch {self.epoch}: BMR pass undone: it collapsed the net (held-out {scores}: no better than "
-            f"predicting {what}); BMR tries again after the next epoch. The posterior was read too early: raise "
-            "--warmup-steps, or leave it out so that BMR waits for an informative posterior (rule option "
-            "allow_empty=true keeps such a pass)"
+            f"predicting {what}); BMR tries again after the next epoch. The posterior was read too early, or the "
+            "rule prunes too much of it at once: raise --warmup-steps (left out, BMR waits for an informative "
+            "posterior) or the rule's cut-off (--rule-option margin=... for threshold); allow_empty=true keeps "
+            "such a pass"
         )
         row["bmr_seconds"] = round(seconds + time.perf_counter() - start, 4)
         row["pruned_fraction"] = pruned_fraction(self.model)
