@@ -29,7 +29,7 @@ import torch
 from pyrozoo.bmr.livepath import keep_live_path, spared_note
 from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.options import bind_options
-from pyrozoo.registry import Registry
+from pyrozoo.registry import Registry, option_defaults
 
 REDUCTIONS = Registry("reduction")
 
@@ -103,12 +103,8 @@ class Reduction:
         return Sequence((self, later))
 
     def options(self) -> dict:
-        """The option values of this reduction (its dataclass fields)."""
-        return (
-            {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-            if dataclasses.is_dataclass(self)
-            else {}
-        )
+        """The option values of this reduction (its dataclass fields, in the order its options are listed)."""
+        return {name: getattr(self, name) for name in option_defaults(type(self))}
 
     def describe(self) -> str:
         """Its name and its options, e.g. ``spike-and-slab(count_pruned=True, max_cutoff=0.0, iterations=4)``;
