@@ -140,8 +140,8 @@ class TrainConfig:
         return cls(**{key: coerce(f"config key {key}", hints[key], value) for key, value in stored.items()})
 
     def resolved(self) -> "TrainConfig":
-        """A copy with the method's defaults filled in, after checking names, sizes and options (but
-        ``warmup_steps``: None there means the method's warm-up and then a wait, see :meth:`first_pass_step`)."""
+        """A copy with the method's defaults filled in, after checking names, sizes and options; but
+        ``warmup_steps`` stays None, the method's warm-up and then a wait (:meth:`first_pass_step`)."""
         from pyrozoo.bmr.reduction import REDUCTIONS
         from pyrozoo.guides import GUIDES
         from pyrozoo.methods import METHODS

@@ -831,9 +831,7 @@ class Run:
 
     def _state(self) -> tuple[dict, dict, dict]:
         """Copies of the guide's, model's and optimiser's state, to undo a pass with."""
-        return tuple(
-            copy.deepcopy(part.state_dict()) for part in (self.guide, self.model, self.optimizer)
-        )
+        return tuple(copy.deepcopy(part.state_dict()) for part in (self.guide, self.model, self.optimizer))
 
     def _load_state(self, state: tuple[dict, dict, dict]) -> None:
         """Restore a :meth:`_state` (in the order a checkpoint is loaded)."""

@@ -123,7 +123,9 @@ def prune_horseshoe(
                     inverse[name] = inverse[name] + _reduced_var(scale).reciprocal()
     reports = []
     with torch.no_grad():
-        shrinks = {layer.name: (inverse[layer.name] / samples).rsqrt().expand(layer.shape) for layer in layers}
+        shrinks = {
+            layer.name: (inverse[layer.name] / samples).rsqrt().expand(layer.shape) for layer in layers
+        }
         news, notes = {}, {}
         for layer in layers:
             old, shrink = masks[layer.name], shrinks[layer.name]

@@ -9,9 +9,9 @@ target, and no entry comes back, so a model already sparser than the target is l
 A budget never kills the net. Ranked globally, one layer's entries can all score above the others' (a Laplace
 posterior's curvature differs by orders of magnitude between layers), and the budget would empty that layer:
 every unit before it loses its consumers, every unit after it its inputs, and the net is a constant that
-"meets" any sparsity. Unless ``allow_empty`` (every reduction's option), the ranking skips an entry whose removal would leave a
-layer that still has live weights with none, counting the entries that then die with their units (dead or
-unused units, :class:`~pyrozoo.bmr.livepath.Effect`); in a chain of layers that keeps a path from the
+"meets" any sparsity. Unless ``allow_empty`` (every reduction's option), the ranking skips an entry whose
+removal would leave a layer that still has live weights with none, counting the entries that then die with their
+units (dead or unused units, :class:`~pyrozoo.bmr.livepath.Effect`); in a chain of layers that keeps a path from the
 input to every output layer. Where the skipped entries make the budget unreachable the decision stops short, says so in
 the report's ``note`` column, and the report's pruned fraction is the one reached.
 """

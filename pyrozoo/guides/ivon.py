@@ -222,7 +222,10 @@ class IVONPosterior(Posterior, nn.Module):
         start (with beta2 0.999, about 700 steps for weights of little curvature)."""
         start = self.options["hess_init"]
         values = {site: getattr(self.hess, key) for site, (key, _) in self._sites.items()}
-        return moved_fraction(model, values, start), f"IVON's Hessian moved by half its start (hess_init {start:g})"
+        return (
+            moved_fraction(model, values, start),
+            f"IVON's Hessian moved by half its start (hess_init {start:g})",
+        )
 
     # --- the posterior contract -----------------------------------------------------------------------------
 
