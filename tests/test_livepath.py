@@ -3,6 +3,7 @@ informative posterior, the undoing of a pass that collapses the net, and every m
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -17,6 +18,7 @@ from pyrozoo.methods import METHODS
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net
 from pyrozoo.train import Run
+from clitools import cli
 
 QUICK = {"horseshoe": {"steps": 30, "samples": 10}}  # the horseshoe's fit, shortened
 
@@ -206,3 +208,27 @@ def test_a_pass_that_collapses_the_net_is_undone_with_one_line_unless_asked_for(
     assert len(undone) == 1 and "class prior" in undone[0] and "--warmup-steps" in undone[0]
     assert metrics["pruned_fraction"].iloc[0] == 0.0 and run.bmr_log == []
     assert all(bool(run.model.mask(layer.name).all()) for layer in run.model.layers)
+
+
+@pytest.mark.slow
+def test_the_issue_command_ends_above_chance_with_its_collapsing_passes_undone(capsys, tmp_path, monkeypatch):
+    # issue 32's command as given (the default MLP, IVON's Hessian at 90% of its start): it pruned 100% and
+    # ended at chance with exit 0; now each pass that collapses the net is undone
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--net", "mlp", "--method", "ivon-bmr", "--data", "fashion-mnist-mini", "--samples", "2"]
+    argv += [
+        "--epochs",
+        "3",
+        "--steps-per-epoch",
+        "100",
+        "--warmup-steps",
+        "100",
+        "--out",
+        "run",
+        "--no-progress",
+    ]
+    code, _, err = cli(capsys, *argv)
+    assert code == 0, err
+    last = pd.read_csv(tmp_path / "run" / "metrics.csv").iloc[-1]
+    assert last["accuracy"] > CHANCE + 0.1 and last["pruned_fraction"] < 1
+    assert "BMR pass undone" in err
