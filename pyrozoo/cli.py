@@ -965,8 +965,8 @@ def _info() -> None:
         for name, text in rows:
             print(f"  {name:20s} {text}")
 
-    def with_options(factory) -> str:
-        names = option_names(factory)
+    def with_options(factory, shared=()) -> str:
+        names = [name for name in option_names(factory) if name not in shared]
         return f" [options: {', '.join(names)}]" if names else ""
 
     section(
@@ -988,7 +988,10 @@ def _info() -> None:
             for name, m in METHODS.items()
         ),
     )
-    section("reductions", ((name, describe(cls) + with_options(cls)) for name, cls in REDUCTIONS.items()))
+    section(
+        "reductions (each also takes allow_empty: true lets it cut the net's last path from input to output)",
+        ((name, describe(cls) + with_options(cls, ("allow_empty",))) for name, cls in REDUCTIONS.items()),
+    )
     section("priors", ((name, describe(fn) + with_options(fn)) for name, fn in PRIORS.items()))
     section("guides", GUIDES.described())
     section("optimizers", OPTIMIZERS.described())

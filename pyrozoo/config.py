@@ -67,7 +67,9 @@ class TrainConfig:
     eval_batch_size: int = _run_option(2000, "test points per evaluation batch", check="positive")
     warmup_steps: int | None = _run_option(
         None,
-        "SVI steps before the first BMR pass (default: the method's, 500 for BMR methods)",
+        "SVI steps before the first BMR pass, which then comes after the first epoch past them (default: the "
+        "method's, 500 for BMR methods, and then only once the posterior has moved from its start on most "
+        "weights; given, it forces the schedule)",
         check="non-negative",
     )
     device: str = _run_option("cpu", "cpu, cuda or cuda:N")
@@ -136,6 +138,9 @@ class TrainConfig:
         if "units" in rule_options:  # before reductions were objects, the structured pass was a rule option
             stored["prune_units"] = bool(rule_options.pop("units"))
             stored["rule_options"] = rule_options
+        if "connected" in rule_options:  # before every reduction took allow_empty, sparsity's own switch
+            rule_options["allow_empty"] = not rule_options.pop("connected")
+            stored["rule_options"] = rule_options
         unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise PyrozooError(f"unknown config keys {unknown}")
@@ -143,7 +148,8 @@ class TrainConfig:
         return cls(**{key: coerce(f"config key {key}", hints[key], value) for key, value in stored.items()})
 
     def resolved(self) -> "TrainConfig":
-        """A copy with the method's defaults filled in, after checking names, sizes and options."""
+        """A copy with the method's defaults filled in, after checking names, sizes and options; but
+        ``warmup_steps`` stays None, the method's warm-up and then a wait (:meth:`first_pass_step`)."""
         from pyrozoo.bmr.reduction import REDUCTIONS
         from pyrozoo.guides import GUIDES
         from pyrozoo.methods import METHODS
@@ -220,7 +226,6 @@ class TrainConfig:
             lr=self.lr or method.lr,
             optimizer=self.optimizer or method.optimizer,
             samples=self.samples or method.samples,
-            warmup_steps=method.warmup_steps if self.warmup_steps is None else self.warmup_steps,
             start=self.start or NETS[self.net].start,
         )
 
@@ -260,11 +265,20 @@ class TrainConfig:
         reduction = configure(reduction, self.rule_options)
         return reduction.then(Units()) if self.prune_units else reduction
 
+    def first_pass_step(self) -> int:
+        """The warm-up steps before the first BMR pass: ``warmup_steps`` where given (the user's schedule, which
+        it forces), else the method's, after which BMR also waits for an informative posterior (see
+        ``Run._bmr_pass``); ``warmup_steps`` stays None in the resolved config to say so."""
+        from pyrozoo.methods import METHODS
+
+        return METHODS[self.method].warmup_steps if self.warmup_steps is None else self.warmup_steps
+
     def bmr_passes(self) -> int:
-        """How many BMR passes the schedule holds: after every epoch but the last, once past the warm-up."""
+        """How many BMR passes the schedule holds at most: after every epoch but the last, once past the warm-up
+        (fewer when BMR waits for an informative posterior)."""
         if self.reduction() is None:
             return 0
-        return sum(e * self.steps_per_epoch >= self.warmup_steps for e in range(1, self.epochs))
+        return sum(e * self.steps_per_epoch >= self.first_pass_step() for e in range(1, self.epochs))
 
 
 def run_name(net: str, method: str, data: str | None, seed: int) -> str:

@@ -273,6 +273,36 @@ def regression_metrics_in_chunks(chunks: Iterable[tuple[Tensor, Tensor, Tensor]]
 
 
 @torch.no_grad()
+def input_free_scores(data) -> dict[str, float]:
+    """The test scores of the best prediction that ignores the inputs, which a collapsed net can at most reach.
+    Classification: the NLL of the training set's class frequencies (add-one, so that no class is impossible)
+    and the accuracy of the test set's most frequent class (no constant does better). Regression: the NLL and
+    RMSE of a Normal at the training targets' mean and spread, in original units as :func:`regression_metrics`
+    reports them."""
+    if data.task == "regress":
+        y, test = data.y_train.double(), data.y_test.double()
+        ll = torch.distributions.Normal(y.mean(), y.std()).log_prob(test) - math.log(data.y_std)
+        rmse = (data.y_std * (test - y.mean())).square().mean().sqrt().item()
+        return {"nll": -ll.mean().item(), "rmse": rmse}
+    counts = torch.bincount(data.y_train.cpu(), minlength=data.num_classes).double() + 1
+    test = data.y_test.cpu()
+    majority = torch.bincount(test, minlength=data.num_classes).max().item() / max(len(test), 1)
+    return {"nll": -(counts / counts.sum()).log()[test].mean().item(), "accuracy": majority}
+
+
+BETTER = {"nll": -1, "rmse": -1, "accuracy": 1}  # the sign of "better" for the scores input_free_scores gives
+MARGIN = {"nll": 0.01, "rmse": 0.0, "accuracy": 0.01}  # by more than this (nats per point, fraction correct)
+
+
+def beats(metrics: dict[str, float], reference: dict[str, float]) -> set[str]:
+    """The scores of ``reference`` that ``metrics`` beat by more than ``MARGIN`` (a NaN beats nothing)."""
+    return {
+        key
+        for key, value in reference.items()
+        if BETTER[key] * (metrics[key] - value) > MARGIN[key]  # NaN: False
+    }
+
+
 def net_metrics(net: torch.nn.Module, data, likelihood, batch_size: int = 2000) -> dict:
     """The test metrics of a deterministic net on ``data`` (a rebuilt, pruned or Laplace-mean net), for the data's
     task: classification as :func:`evaluate_net`; regression as :func:`regression_metrics` of its one draw, with

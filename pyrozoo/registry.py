@@ -87,11 +87,10 @@ def option_defaults(factory: Callable) -> dict:
     import dataclasses
 
     if dataclasses.is_dataclass(factory):
-        return {
-            f.name: (f.default if f.default is not dataclasses.MISSING else None)
-            for f in dataclasses.fields(factory)
-            if f.init
-        }
+        fields = [f for f in dataclasses.fields(factory) if f.init]
+        # keyword-only fields (a base class's, such as every reduction's allow_empty) after the class's own
+        fields = [f for f in fields if not f.kw_only] + [f for f in fields if f.kw_only]
+        return {f.name: (f.default if f.default is not dataclasses.MISSING else None) for f in fields}
     parameters = list(inspect.signature(factory).parameters.values())[1:]
     return {
         p.name: (None if p.default is inspect.Parameter.empty else p.default)

@@ -11,6 +11,7 @@ checkpoints held the metrics (no ``history`` in ``checkpoint.pt``) is read the s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -36,7 +37,7 @@ from pyrozoo.errors import PyrozooError, TrainingDiverged, reason
 from pyrozoo.guides import make_guide
 from pyrozoo.io import FolderLock, atomic_write, hold_folder, save_torch
 from pyrozoo.methods import METHODS
-from pyrozoo.metrics import evaluate_draws
+from pyrozoo.metrics import beats, evaluate_draws, input_free_scores
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.likelihoods import Categorical, Gaussian
 from pyrozoo.nets import NETS, create_net, model_options
@@ -53,6 +54,13 @@ CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
     "bmr.csv",
 )
 
+
+# BMR's first pass waits until the posterior has moved from its start on more than this fraction of the live
+# weights (Posterior.moved), unless --warmup-steps is given.
+INFORMATIVE = 0.5
+# Posterior draws of the held-out evaluation that tells a collapsed net after a BMR pass (its NLL is at the
+# class prior's, far from a working net's: a few draws tell them apart).
+COLLAPSE_DRAWS = 10
 
 # Set to 1 to keep Pyro's and torch's checks of distribution arguments and sample values on while training
 # (for debugging a model or prior): they cost 7-11% of a step (experiments/RESULTS.md), so training turns them
@@ -414,6 +422,7 @@ class Run:
         self.history: list[dict] = []
         self.bmr_log: list[dict] = []  # one row per BMR pass and layer: the reason for every removal
         self._compact_note = ""
+        self._said_wait = self._said_first = False  # BMR's wait, and its first pass, are said once
         self._source = raw.source
 
     @classmethod
@@ -595,27 +604,31 @@ class Run:
             raise PyrozooError(f"{path} does not fit this run ({reason(e)}): {redo}") from None
         return state["metrics"]
 
-    def evaluate(self) -> dict[str, float]:
-        """Test metrics now. Posterior draws come from a random stream of their own (seeded by the run's seed
-        and epoch), so how often a run evaluates never changes how it trains."""
+    def evaluate(self, samples: int | None = None, fault: str | None = "eval") -> dict[str, float]:
+        """Test metrics now, from ``samples`` posterior draws (default: the run's). The draws come from a random
+        stream of their own (seeded by the run's seed and epoch), so how often a run evaluates never changes how
+        it trains. ``fault`` is the fault point reached mid-evaluation (None for a check that is not one of
+        the run's evaluations, so that the reliability tests count those)."""
         d = self.data
+        fault = fault or ""  # faults.reached("") is never a point asked for
+        samples = samples or self.config.samples
         devices = [d.x_test.device] if d.x_test.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             seed = self.config.seed * 100_003 + self.epoch
             torch.manual_seed(seed)
             if d.task == "regress":
-                return self._evaluate_regression(seed)
+                return self._evaluate_regression(seed, samples, fault)
             metrics = evaluate(
                 self.model,
                 self.guide,
                 d.x_test,
                 d.y_test,
                 d.num_classes,
-                self.config.samples,
+                samples,
                 self.config.eval_batch_size,
                 world=self.world,
             )
-            faults.reached("eval")
+            faults.reached(fault)
             return metrics
 
     def point_likelihood(self):
@@ -629,7 +642,7 @@ class Run:
 
         return net_metrics(net, self.data, self.point_likelihood(), self.config.eval_batch_size)
 
-    def _evaluate_regression(self, seed: int) -> dict[str, float]:
+    def _evaluate_regression(self, seed: int, samples: int, fault: str) -> dict[str, float]:
         """RMSE, NLL, LPD and interval coverage in the targets' original units (see metrics.regression_metrics).
         The test points go in chunks that hold a bounded number of (draw, point) pairs, each chunk drawing the
         same ``samples`` draws again from ``seed``: more samples take longer, not more memory."""
@@ -637,17 +650,17 @@ class Run:
         from pyrozoo.predict import regression_draws
 
         d, c = self.data, self.config
-        chunk = points_per_chunk(c.samples, len(d.x_test))
+        chunk = points_per_chunk(samples, len(d.x_test))
 
         def chunks():
             for start in range(0, len(d.x_test), chunk):
                 torch.manual_seed(seed)
                 x = d.x_test[start : start + chunk]
-                locs, noise_var = regression_draws(self.model, self.guide, x, c.samples, c.eval_batch_size)
+                locs, noise_var = regression_draws(self.model, self.guide, x, samples, c.eval_batch_size)
                 yield locs, noise_var, d.y_test[start : start + chunk]
 
         metrics = regression_metrics_in_chunks(chunks(), d.y_mean, d.y_std)
-        faults.reached("eval")
+        faults.reached(fault)
         return metrics
 
     def train(self, progress: bool = True) -> pd.DataFrame:
@@ -662,18 +675,20 @@ class Run:
             atomic_write(self.out / BMR_LOG, lambda p: pd.DataFrame(self.bmr_log).to_csv(p, index=False))
         if self.reduction is not None and self.epoch == 0 and c.bmr_passes() == 0:
             self.log(
-                f"warning: no BMR pass will run: the first comes after {c.warmup_steps} warm-up steps and after an "
-                f"epoch but the last, and this run has {c.epochs} x {c.steps_per_epoch} steps; lower --warmup-steps "
-                "or train longer"
+                f"warning: no BMR pass will run: the first comes after {c.first_pass_step()} warm-up steps and after "
+                f"an epoch but the last, and this run has {c.epochs} x {c.steps_per_epoch} steps; lower "
+                "--warmup-steps or train longer"
             )
         beta2 = getattr(self.guide, "options", {}).get("beta2")  # IVON's Hessian: a running average
-        if self.reduction is not None and self.epoch == 0 and beta2 is not None and c.bmr_passes():
+        forced = c.warmup_steps is not None  # the user's schedule: BMR does not wait for the posterior
+        if self.reduction is not None and self.epoch == 0 and beta2 is not None and forced and c.bmr_passes():
             initial = beta2**c.warmup_steps  # the weight hess_init still has at the first pass
             if initial > 0.75:
                 self.log(
                     f"warning: after {c.warmup_steps} warm-up steps IVON's Hessian is still {initial:.0%} its initial "
-                    f"value (beta2 {beta2}): the first BMR pass reads a posterior near the prior and may prune most "
-                    "weights; raise --warmup-steps"
+                    f"value (beta2 {beta2}): the first BMR pass reads a posterior near its start and may prune most "
+                    "weights (a pass that collapses the net is undone); raise --warmup-steps, or leave it out and BMR "
+                    "waits for the Hessian to move"
                 )
         bar = tqdm(
             total=c.epochs * c.steps_per_epoch,
@@ -781,13 +796,19 @@ class Run:
         return f"{what} at epoch {self.epoch + 1}, step {step}; {advice}"
 
     def _bmr_pass(self, row: dict) -> bool:
-        """The BMR pass after the epoch just finished, if the schedule has one there; records it in ``row``."""
+        """The BMR pass after the epoch just finished, if the schedule has one there and the posterior is ready
+        for it; records it in ``row``. A pass that collapses the net is undone (:meth:`_collapsed`)."""
         c = self.config
-        if not (self.reduction and 0 < self.epoch < c.epochs and self.step >= c.warmup_steps):
+        if not (self.reduction and 0 < self.epoch < c.epochs and self.step >= c.first_pass_step()):
             return False
+        if not self.bmr_log and not self._posterior_ready():
+            return False
+        before = None if getattr(self.reduction, "allows_empty", False) else self._state()
         report = self.reduction(self.model, self.guide)
         self.world.broadcast(self.model, self.guide)  # rank 0's masks and posterior, on every rank
         faults.reached("bmr")
+        if before is not None and self._collapsed(before, report.seconds, row):
+            return True
         for layer in report.layers:
             if layer.note:
                 self.log(f"epoch {self.epoch}, {layer.layer}: {layer.note}")
@@ -797,6 +818,80 @@ class Run:
         atomic_write(self.out / BMR_LOG, lambda p: pd.DataFrame(self.bmr_log).to_csv(p, index=False))
         row["bmr_seconds"] = round(report.seconds + self._compact(), 4)
         row["pruned_fraction"] = report.pruned_fraction  # just computed, of the original net
+        return True
+
+    def _posterior_ready(self) -> bool:
+        """Whether the first BMR pass may come now. With ``--warmup-steps`` given, at once (the user's
+        schedule); else only once the posterior has moved from its start on more than
+        ``INFORMATIVE`` of the live weights (a posterior still at its start, such as IVON's Hessian at
+        ``hess_init``, makes every removal look good and would prune the net to death), saying when it waits and
+        when, and why, the pass then comes."""
+        c, when = self.config, f"epoch {self.epoch} (step {self.step})"
+        moved = None if c.warmup_steps is not None else self.guide.moved(self.model)
+        if moved is None:  # the schedule alone: the given --warmup-steps, or a posterior with no fixed start
+            return True
+        fraction, what = moved
+        if fraction > INFORMATIVE:
+            self._say_once(
+                f"{when}: first BMR pass, the posterior now informative: {what} on {fraction:.0%} of the live "
+                f"weights (BMR waits for more than {INFORMATIVE:.0%}; --warmup-steps forces a schedule)"
+            )
+            return True
+        if not self._said_wait:
+            self.log(
+                f"{when}: BMR waits for an informative posterior: {what} on only {fraction:.0%} of the live "
+                f"weights, and the first pass needs more than {INFORMATIVE:.0%} (--warmup-steps forces a schedule)"
+            )
+            self._said_wait = True
+        return False
+
+    def _say_once(self, line: str) -> None:
+        """Say when the first pass came (not again when a collapse undid it and a later one comes)."""
+        if not self._said_first:
+            self.log(line)
+            self._said_first = True
+
+    def _state(self) -> tuple[dict, dict, dict]:
+        """Copies of the guide's, model's and optimiser's state, to undo a pass with."""
+        return tuple(copy.deepcopy(part.state_dict()) for part in (self.guide, self.model, self.optimizer))
+
+    def _load_state(self, state: tuple[dict, dict, dict]) -> None:
+        """Restore a :meth:`_state` (in the order a checkpoint is loaded)."""
+        for part, value in zip((self.guide, self.model, self.optimizer), state):
+            part.load_state_dict(value)
+
+    def _held_out(self) -> dict[str, float]:
+        """Test metrics from a few posterior draws: enough to tell a collapsed net from a working one."""
+        return self.evaluate(samples=min(self.config.samples, COLLAPSE_DRAWS), fault=None)
+
+    def _collapsed(self, before: tuple[dict, dict, dict], seconds: float, row: dict) -> bool:
+        """Whether the pass just made collapsed the net: took a held-out score (NLL; accuracy, or for regression
+        RMSE) that beat every prediction ignoring the inputs (the class prior, the target mean) to no better
+        than those. If so the state ``before`` the pass is restored, one line says so, and ``row`` records the
+        pass's time and the pruned fraction as they now are. A score no better before the pass (an overconfident
+        net's NLL, a barely trained net's) is not the pass's doing and does not count."""
+        start = time.perf_counter()
+        reference = input_free_scores(self.data)
+        after = self._held_out()
+        if beats(after, reference) == set(reference):
+            return False
+        kept = self._state()
+        self._load_state(before)
+        lost = beats(self._held_out(), reference) - beats(after, reference)
+        if not lost:
+            self._load_state(kept)
+            return False
+        what = "the target mean" if self.data.task == "regress" else "the class prior"
+        scores = ", ".join(f"{key} {after[key]:.4g} against {reference[key]:.4g}" for key in sorted(lost))
+        self.log(
+            f"epoch {self.epoch}: BMR pass undone: it collapsed the net (held-out {scores}: no better than "
+            f"predicting {what}); BMR tries again after the next epoch. The posterior was read too early, or the "
+            "rule prunes too much of it at once: raise --warmup-steps (left out, BMR waits for an informative "
+            "posterior) or the rule's cut-off (--rule-option margin=... for threshold); allow_empty=true keeps "
+            "such a pass"
+        )
+        row["bmr_seconds"] = round(seconds + time.perf_counter() - start, 4)
+        row["pruned_fraction"] = pruned_fraction(self.model)
         return True
 
     def _compact(self) -> float:

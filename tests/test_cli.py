@@ -243,7 +243,13 @@ def test_prune_removes_whole_units(capsys, tmp_path):
     assert code == 0, err
     code, out, err = cli(capsys, "prune", "run", "--rule", "units", "--margin=-1e9")
     assert code == 0, err
-    assert "pruned fraction 1.0000" in out and "live units removed" in out
+    # every unit but those the live-path guard keeps (issue 32); asked for, the net is emptied
+    assert "pruned fraction 0.99" in out and "live units removed" in out
+    code, out, err = cli(
+        capsys, "prune", "run", "--rule", "units", "--margin=-1e9", "--rule-option", "allow_empty=true"
+    )
+    assert code == 0, err
+    assert "pruned fraction 1.0000" in out
 
 
 def test_prune_refuses_a_map_run(capsys):

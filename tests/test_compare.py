@@ -122,7 +122,7 @@ def test_a_folder_holding_another_run_is_an_error_and_old_configs_are_read(tmp_p
     run_grid(grid, progress=False)
     assert calls.calls == []
 
-    with pytest.raises(PyrozooError, match="warmup_steps 500 there, 0 requested"):
+    with pytest.raises(PyrozooError, match="warmup_steps None there, 0 requested"):
         run_grid(tiny_grid(tmp_path, ["bmr-ss"], warmup_steps=0), progress=False)
     path.write_text(json.dumps({**record, "config": dict(record["config"], lr=0.5)}))
     with pytest.raises(PyrozooError, match=r"holds a different run \(lr 0.5 there, 0.01 requested\)"):

@@ -362,9 +362,10 @@ def test_local_scales_train_to_the_end_and_prune_by_shrinkage(capsys, tmp_path):
     scales = pd.read_csv(tmp_path / "run" / SCALES)
     assert len(scales) == 2 and (scales["min_scale"] > 0).all()  # hidden (16) and head
     assert compare.finished_epochs(tmp_path / "run") == 1
-    code, out, err = cli(capsys, "prune", "run", "--rule", "shrinkage", "--threshold", "1e9")
+    code, out, err = cli(capsys, "prune", "run", "--rule", "shrinkage", "--threshold", "1e9",
+                         "--rule-option", "allow_empty=true")  # fmt: skip
     assert code == 0, err
-    assert "pruned fraction 1.0000" in out  # every row's scale is below 1e9
+    assert "pruned fraction 1.0000" in out  # every row's scale is below 1e9 (and emptying was asked for)
 
 
 # --- crashes are not user errors ------------------------------------------------------------------------------

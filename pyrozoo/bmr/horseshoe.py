@@ -5,8 +5,10 @@ hyperparameters ``h`` (the tiered prior's, one scale per output row): it says ho
 weight k's N(0, 1) prior (on its latent z) were shrunk to N(0, gamma_k^2). A mean-field guide over ``h`` is fitted
 by SVI on that factor alone; each weight's prior is then shrunk by ``r_k = E[gamma_k^-2]^-1/2`` (written into the
 model's mask as a multiplier), its posterior replaced by the exact reduced one, and weights with ``r_k`` below
-``delta`` pruned. A layer the fit would empty is left as it was and flagged: the reference implementation of this
-method is known to collapse, and a silently empty network would be worse than no reduction.
+``delta`` pruned. A layer the fit would empty is left as it was and flagged, and where the others' removals would
+still cut the net the live-path guard (:mod:`pyrozoo.bmr.livepath`) leaves the fewest, least shrunk, weights as
+they were: the reference implementation of this method is known to collapse, and a silently empty network would
+be worse than no reduction.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from pyro import poutine
 
 from pyrozoo.bmr.delta_f import meanfield
+from pyrozoo.bmr.livepath import keep_live_path, spared_note
 from pyrozoo.bmr.reduction import REDUCTIONS, LayerReport, PruneReport, Reduction
 from pyrozoo.bmr.scores import Z_PRIOR_VAR
 from pyrozoo.bmr.units import pruned_fraction
@@ -77,7 +80,9 @@ class Horseshoe(Reduction):
             )
 
     def __call__(self, model, posterior) -> PruneReport:
-        return prune_horseshoe(model, posterior, self.tau0, self.steps, self.lr, self.samples, self.delta)
+        return prune_horseshoe(
+            model, posterior, self.tau0, self.steps, self.lr, self.samples, self.delta, self.allow_empty
+        )
 
 
 def prune_horseshoe(
@@ -88,8 +93,10 @@ def prune_horseshoe(
     lr: float = 5e-2,
     samples: int = 100,
     delta: float = 1e-6,
+    allow_empty: bool = False,
 ) -> PruneReport:
-    """Fit the horseshoe to dF, shrink and prune every prunable layer; masks only ever shrink."""
+    """Fit the horseshoe to dF, shrink and prune every prunable layer; masks only ever shrink. A layer is never
+    emptied, nor the net cut, unless ``allow_empty``: the weights it would take are left as they were."""
     if guide.point_mass:
         raise PyrozooError(f"BMR-RHS needs a posterior with spread; {type(guide).__name__} is a point mass")
     start = time.perf_counter()
@@ -117,13 +124,26 @@ def prune_horseshoe(
                     inverse[name] = inverse[name] + _reduced_var(scale).reciprocal()
     reports = []
     with torch.no_grad():
+        shrinks = {
+            layer.name: (inverse[layer.name] / samples).rsqrt().expand(layer.shape) for layer in layers
+        }
+        news, notes = {}, {}
         for layer in layers:
-            shrink = (inverse[layer.name] / samples).rsqrt().expand(layer.shape)
-            old = masks[layer.name]
-            new = torch.where(shrink < delta, 0.0, old * shrink)
-            note = ""
-            if bool((old != 0).any()) and not bool((new != 0).any()):
-                new, note = old, "collapse guarded: the fit would prune every weight; layer left as it was"
+            old, shrink = masks[layer.name], shrinks[layer.name]
+            news[layer.name] = torch.where(shrink < delta, 0.0, old * shrink)
+            if not allow_empty and bool((old != 0).any()) and not bool((news[layer.name] != 0).any()):
+                news[layer.name] = old
+                notes[layer.name] = "collapse guarded: the fit would prune every weight; layer left as it was"
+        if not allow_empty:  # and no layer cut through the units that die with the others' weights
+            keep = {name: new != 0 for name, new in news.items()}
+            scores = {name: -shrink for name, shrink in shrinks.items()}  # the most shrunk go first
+            spared = keep_live_path(model, {name: old != 0 for name, old in masks.items()}, keep, scores)
+            for name, count in spared.items():
+                news[name] = torch.where(keep[name] & (news[name] == 0), masks[name], news[name])
+                notes[name] = "; ".join(filter(None, [notes.get(name), spared_note(count)]))
+        for layer in layers:
+            shrink, old, new = shrinks[layer.name], masks[layer.name], news[layer.name]
+            note = notes.get(layer.name, "")
             loc, precision = posterior[layer.name]
             reduced = meanfield(loc, precision, Z_PRIOR_VAR, shrink.square())
             # z's prior becomes N(0, 1) again under the new multiplier: rescale the reduced posterior by 1/shrink

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import ClassVar, NamedTuple
 
 import pandas as pd
 import torch
 
+from pyrozoo.bmr.livepath import keep_live_path, spared_note
 from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.options import bind_options, build_with_options
-from pyrozoo.registry import Registry
+from pyrozoo.registry import Registry, option_defaults
 
 REDUCTIONS = Registry("reduction")
 
@@ -75,10 +76,16 @@ def score_summary(scores: torch.Tensor, live: torch.Tensor) -> tuple[float, floa
     return float(values.min()), float(values.median()), float(values.max())
 
 
+@dataclass(frozen=True)
 class Reduction:
     """Maps ``(model, posterior)`` to a :class:`PruneReport`, writing new keep-masks into the model and the
-    reduced posterior into the posterior source. Masks only ever lose entries."""
+    reduced posterior into the posterior source. Masks only ever lose entries.
 
+    Every reduction takes the option ``allow_empty`` (declared here, once): off, it never leaves a layer between
+    the input and the output without a live weight (:mod:`pyrozoo.bmr.livepath`); on, the rule's decision stands
+    even where it cuts the net."""
+
+    allow_empty: bool = field(default=False, kw_only=True)
     name: ClassVar[str] = ""
 
     def __call__(self, model, posterior) -> PruneReport:
@@ -96,17 +103,20 @@ class Reduction:
         return Sequence((self, later))
 
     def options(self) -> dict:
-        """The option values of this reduction (its dataclass fields)."""
-        return (
-            {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-            if dataclasses.is_dataclass(self)
-            else {}
-        )
+        """The option values of this reduction (its dataclass fields, in the order its options are listed)."""
+        return {name: getattr(self, name) for name in option_defaults(type(self))}
 
     def describe(self) -> str:
-        """Its name and its options, e.g. ``spike-and-slab(count_pruned=True, max_cutoff=0.0, iterations=4)``."""
-        options = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        """Its name and its options, e.g. ``spike-and-slab(count_pruned=True, max_cutoff=0.0, iterations=4)``;
+        ``allow_empty`` only when set."""
+        shown = {k: v for k, v in self.options().items() if k != "allow_empty" or v}
+        options = ", ".join(f"{k}={v!r}" for k, v in shown.items())
         return f"{self.name}({options})"
+
+    @property
+    def allows_empty(self) -> bool:
+        """Whether a user asked this reduction (or a step of it) to be free to empty a layer."""
+        return self.allow_empty
 
 
 @dataclass(frozen=True)
@@ -129,13 +139,18 @@ class Sequence(Reduction):
     def describe(self) -> str:
         return " then ".join(step.describe() for step in self.steps)
 
+    @property
+    def allows_empty(self) -> bool:
+        return any(step.allows_empty for step in self.steps)
+
 
 class WeightReduction(Reduction):
     """A reduction of single entries: score every entry of every prunable layer, decide per layer which to keep.
 
     Subclasses implement :meth:`decide` (one layer), or :meth:`decide_layers` (all layers at once, for decisions
     that rank across layers), or :meth:`decide_model` (for decisions that also look at how the layers connect),
-    and may override :meth:`scores`. Pruned entries of the posterior are reset to
+    and may override :meth:`scores`. Unless ``allow_empty``, the decisions then go through the live-path guard
+    (:func:`~pyrozoo.bmr.livepath.keep_live_path`). Pruned entries of the posterior are reset to
     their prior, their exact posterior once the weight no longer touches the likelihood; under a mean-field
     posterior the surviving entries' reduced posterior equals their full one, so nothing else changes.
     """
@@ -163,10 +178,14 @@ class WeightReduction(Reduction):
         layers = [layer for layer in model.layers if layer.name in scores]
         live = {layer.name: model.mask(layer.name).bool() for layer in layers}
         decisions = self.decide_model(model, scores, live)
+        # pruned entries stay pruned whatever a decision says
+        keeps = {name: decisions[name].keep & was_live for name, was_live in live.items()}
+        spared = {} if self.allow_empty else keep_live_path(model, live, keeps, scores)
         reports = []
         for layer in layers:
-            decision, was_live = decisions[layer.name], live[layer.name]
-            keep = decision.keep & was_live  # pruned entries stay pruned whatever a decision says
+            decision, was_live, keep = decisions[layer.name], live[layer.name], keeps[layer.name]
+            notes = [decision.note] + ([spared_note(spared[layer.name])] if layer.name in spared else [])
+            note = "; ".join(filter(None, notes))
             model.set_mask(layer.name, keep)
             if self.resets_pruned:  # and a correlated posterior's survivors move to the reduced mean
                 posterior.reduce(layer.site, ~keep)
@@ -179,7 +198,7 @@ class WeightReduction(Reduction):
                     decision.inclusion,
                     decision.cutoff,
                     *score_summary(scores[layer.name], was_live),
-                    note=decision.note,
+                    note=note,
                     score_positive=float((scores[layer.name] > 0).double().mean()),
                 )
             )

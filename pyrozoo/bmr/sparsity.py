@@ -9,9 +9,9 @@ target, and no entry comes back, so a model already sparser than the target is l
 A budget never kills the net. Ranked globally, one layer's entries can all score above the others' (a Laplace
 posterior's curvature differs by orders of magnitude between layers), and the budget would empty that layer:
 every unit before it loses its consumers, every unit after it its inputs, and the net is a constant that
-"meets" any sparsity. With ``connected`` (the default) the ranking skips an entry whose removal would leave a
-layer that still has live weights with none, counting the entries that then die with their units (dead or
-unused units, :func:`~pyrozoo.bmr.units.effective_masks`); in a chain of layers that keeps a path from the
+"meets" any sparsity. Unless ``allow_empty`` (every reduction's option), the ranking skips an entry whose
+removal would leave a layer that still has live weights with none, counting the entries that then die with their
+units (dead or unused units, :class:`~pyrozoo.bmr.livepath.Effect`); in a chain of layers that keeps a path from the
 input to every output layer. Where the skipped entries make the budget unreachable the decision stops short, says so in
 the report's ``note`` column, and the report's pruned fraction is the one reached.
 """
@@ -24,8 +24,8 @@ from typing import ClassVar
 
 import torch
 
+from pyrozoo.bmr.livepath import ALLOW_EMPTY, Effect
 from pyrozoo.bmr.reduction import REDUCTIONS, Decision, WeightReduction
-from pyrozoo.bmr.units import model_units, remove_gone_units
 from pyrozoo.errors import PyrozooError
 
 
@@ -33,11 +33,10 @@ from pyrozoo.errors import PyrozooError
 @dataclass(frozen=True)
 class TargetSparsity(WeightReduction):
     """Prune the entries of largest dF until ``sparsity`` of the prunable entries are pruned (globally, or
-    ``per_layer``), never emptying a layer unless ``connected`` is off (see the module docstring)."""
+    ``per_layer``), never emptying a layer unless ``allow_empty`` (see the module docstring)."""
 
     sparsity: float = 0.9
     per_layer: bool = False
-    connected: bool = True
     name: ClassVar[str] = "sparsity"
 
     def __post_init__(self):
@@ -60,7 +59,7 @@ class TargetSparsity(WeightReduction):
         return {n: Decision(part.reshape(live[n].shape), inclusion, cutoff) for n, part in zip(names, parts)}
 
     def decide_model(self, model, scores: dict, live: dict) -> dict[str, Decision]:
-        if not self.connected:
+        if self.allow_empty:
             return self.decide_layers(scores, live)
         return self._guarded(model, scores, live)
 
@@ -74,7 +73,7 @@ class TargetSparsity(WeightReduction):
         resumes without it. Overshooting entries are set aside until the count is within one entry per layer of
         the target, at most :data:`SKIPS` times per ranking. Per layer, the rankings run one layer after another
         and none may push a layer already done over its target (its units can die with a later layer's)."""
-        effect = _Effect(model, live)
+        effect = Effect(model, live)
         names = list(scores)
         sizes = [live[n].numel() for n in names]
         offsets = dict(zip(names, torch.tensor([0, *sizes]).cumsum(0).tolist()))
@@ -140,7 +139,7 @@ class TargetSparsity(WeightReduction):
                 why = (
                     "further entries would take whole units with them past the target"
                     if skips
-                    else "the rest would disconnect the net; connected=False allows it"
+                    else f"the rest would disconnect the net; {ALLOW_EMPTY}"
                 )
                 short.append((group, target - pruned, why))
         inclusion = keep.float().mean().item()
@@ -169,31 +168,3 @@ class TargetSparsity(WeightReduction):
 
 
 SKIPS = 32  # entries set aside for overshooting the target, at most, per ranking
-
-
-class _Effect:
-    """What keep-masks do to the net: the layers they cut (layers that had a live weight under ``live``, bias
-    and norm-offset columns aside, which give a constant, and have none left), and the pruned entries per layer,
-    once dead and unused units are removed with all their entries (:func:`~pyrozoo.bmr.units.remove_gone_units`
-    on masks not yet the model's)."""
-
-    def __init__(self, model, live: dict[str, torch.Tensor]):
-        self.layers = model.layers
-        self.groups = model_units(model)
-        self.others = {
-            layer.name: model.mask(layer.name).bool() for layer in self.layers if layer.name not in live
-        }
-        self.before, _ = self._effective(live)
-
-    def _effective(self, keep: dict[str, torch.Tensor]) -> tuple[set[str], dict[str, int]]:
-        masks = remove_gone_units(
-            self.groups, {name: mask.clone() for name, mask in {**self.others, **keep}.items()}
-        )
-        alive = {layer.name for layer in self.layers if bool(masks[layer.name][:, : layer.fan_in].any())}
-        return alive, {name: int((~mask).sum()) for name, mask in masks.items()}
-
-    def __call__(self, keep: dict[str, torch.Tensor]) -> tuple[list[str], dict[str, int]]:
-        """The layers ``keep`` (masks of some layers, the model's own for the rest) cuts, by name, and the
-        effectively pruned entries of each layer."""
-        alive, pruned = self._effective(keep)
-        return sorted(self.before - alive), pruned

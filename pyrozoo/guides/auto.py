@@ -64,6 +64,7 @@ class AutoNormalGuide(_ScopedAutoGuide, AutoNormal):
         super().__init__(
             model, latents, init_loc_fn=init_to_uniform(radius=init_radius), init_scale=init_scale
         )
+        self.start_scale = init_scale  # BMR waits until the scales have moved from it (Posterior.moved)
 
     def site_posterior(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
         loc = self.get_parameter(f"locs.{site}_unconstrained")  # locs are unconstrained: the loc itself

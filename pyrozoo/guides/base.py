@@ -45,6 +45,8 @@ class Posterior:
     point_mass: ClassVar[bool] = False
     # True when the model's prior must be fixed, with no hyperparameter latents (IVON's prior is its weight decay)
     fixed_prior: ClassVar[bool] = False
+    # the scale every weight entry starts at (a guide's init_scale), or None when it starts nowhere fixed
+    start_scale: float | None = None
 
     # --- what a subclass implements ------------------------------------------------------------------------
 
@@ -63,6 +65,17 @@ class Posterior:
     def _write(self, site: str, loc: torch.Tensor, scale: torch.Tensor, where: torch.Tensor | None) -> None:
         """Store ``(loc, scale)`` for the entries ``where`` of ``site`` (all when None); already checked."""
         raise NotImplementedError
+
+    def moved(self, model) -> tuple[float, str] | None:
+        """How far the posterior has moved from where it started, so that BMR reads it only once the data speak:
+        the fraction of the live entries of ``model``'s prunable layers that have moved, and what moving means;
+        None for a posterior that does not start at a fixed value. Here: scales that moved from ``start_scale``
+        (a subclass with another start, IVON's Hessian, says so itself)."""
+        if self.start_scale is None or self.point_mass:
+            return None
+        scales = {site: self.site_posterior(site)[1] for site in self.sites()}
+        what = f"the posterior scale moved by half its start ({self.start_scale:g})"
+        return moved_fraction(model, scales, self.start_scale), what
 
     # --- the contract, on top of those ---------------------------------------------------------------------
 
@@ -131,6 +144,22 @@ class Posterior:
             )
         loc, _ = self.site_posterior(site)
         self._write(site, torch.zeros_like(loc), torch.full_like(loc, 0.0 if self.point_mass else 1.0), where)
+
+
+MOVED = 0.5  # an entry has moved from its start once it differs from it by this fraction of the start value
+
+
+@torch.no_grad()
+def moved_fraction(model, values: dict[str, torch.Tensor], start: float) -> float:
+    """The fraction of the live entries of ``model``'s prunable layers whose value (``values``, by site) differs
+    from ``start`` by at least ``MOVED * start`` (1 when no entry is live: nothing is left to wait for)."""
+    moved = live = 0
+    for layer in model.layers:
+        if layer.prunable and layer.site in values:
+            mask = model.mask(layer.name) != 0
+            far = (values[layer.site] - start).abs() >= MOVED * start
+            moved, live = moved + int((far & mask).sum()), live + int(mask.sum())
+    return moved / live if live else 1.0
 
 
 # --- unconstrained <-> constrained -------------------------------------------------------------------------

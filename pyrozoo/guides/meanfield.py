@@ -67,6 +67,7 @@ class MeanFieldNormal(Posterior, nn.Module):
     ):
         super().__init__()
         check_start(init_radius, init_scale, "meanfield")
+        self.start_scale = init_scale  # BMR waits until the scales have moved from it (Posterior.moved)
         with poutine.block():  # trace the prior without letting outer handlers (an ELBO's trace) see it
             prototype = poutine.trace(latents or model.sample_weights).get_trace()
         self.locs = nn.ParameterDict()

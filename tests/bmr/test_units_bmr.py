@@ -90,7 +90,7 @@ def test_units_rule_runs_on_every_structure_and_masks_only_shrink(name):
     model = BayesianModel(create_net(name, in_channels=1, image_size=side, num_classes=4, **options))
     guide = make_guide("meanfield", model)
     before = {layer.name: model.mask(layer.name).clone() for layer in model.layers}
-    report = prune_units(model, guide, margin=-1e9)  # every live unit goes
+    report = reduce(model, guide, "units", margin=-1e9, allow_empty=True)  # every live unit goes
     assert len(report.layers) == len(model_units(model))
     for layer in model.layers:
         assert bool((model.mask(layer.name) <= before[layer.name]).all())
