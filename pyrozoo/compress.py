@@ -117,9 +117,11 @@ def _positions(model, example: torch.Tensor) -> dict[str, int]:
     return found
 
 
-def rank_units(model, posterior, example: torch.Tensor, by: str = "params") -> Ranking:
-    """The removable units of ``model`` ranked by ``dF`` per unit of cost (``by``: parameters, or FLOPs for
-    ``flops`` and ``latency``), most favoured removal first; the last live unit of each group is left out."""
+def rank_units(model, posterior, example: torch.Tensor, by: str = "params", unit_cost=None) -> Ranking:
+    """The removable units of ``model`` ranked by ``dF`` per unit of cost, most favoured removal first; the last
+    live unit of each group is left out. The cost of a unit is its parameters (``by="params"``), its FLOPs
+    (``"flops"``), or, given ``unit_cost`` (``{group index: cost of one of its units}``, e.g. measured latency
+    from :func:`latency_per_unit`), that."""
     groups = model_units(model)
     if not groups:
         fixed = "; ".join(f"{k or 'the net'}: {v}" for k, v in _fixed(model).items())
@@ -127,20 +129,51 @@ def rank_units(model, posterior, example: torch.Tensor, by: str = "params") -> R
     names = {name for units in groups for name in units.layers}
     gains = delta_f(model, posterior, names)
     masks = {layer.name: model.mask(layer.name).bool().clone() for layer in model.layers}
-    positions = _positions(model, example) if by != "params" else {}
+    positions = _positions(model, example) if by == "flops" and unit_cost is None else {}
     candidates = []
     for g, units in enumerate(groups):
         live = {name: masks[name] for name in units.layers}
         gain = units.total({name: torch.where(live[name], gains[name], 0.0) for name in live})
-        size = units.total({name: live[name].to(gain.dtype) * positions.get(name, 1) for name in live})
+        if unit_cost is not None:
+            size = torch.full_like(gain, unit_cost.get(g, math.inf))
+        else:
+            size = units.total({name: live[name].to(gain.dtype) * positions.get(name, 1) for name in live})
         alive = (~units.gone(live)).nonzero().flatten().tolist()
         if len(alive) < 2:
             continue
-        per_cost = (gain / size.clamp(min=1)).tolist()
+        per_cost = (gain / size.clamp(min=1e-12)).tolist()
         alive.sort(key=lambda u: per_cost[u], reverse=True)
         candidates += [(per_cost[u], float(gain[u]), g, u) for u in alive[:-1]]  # the group's last unit stays
     candidates.sort(key=lambda c: c[0], reverse=True)
     return Ranking(groups, [(g, u) for _, _, g, u in candidates], [c[1] for c in candidates], masks)
+
+
+def latency_per_unit(model, posterior, dense: nn.Module, example: torch.Tensor, repeats: int = 7) -> dict:
+    """``{group index: latency of one of its units}``, measured: per group, the rebuilt net with half its live
+    units removed (nothing else) is timed against the dense net, and the drop in the latency ratio is shared
+    among the removed units. Latency is not proportional to FLOPs (elementwise layers, memory traffic, channel
+    counts that suit the kernels or not), so a latency target ranks by what removal saves in time. A drop
+    within the timing noise (none, or negative) counts as a tiny cost, so such units go first if the evidence
+    favours their removal and last if it does not."""
+    groups = model_units(model)
+    masks = {layer.name: model.mask(layer.name).bool().clone() for layer in model.layers}
+    base = costs.latency_ratio(rebuild(model, posterior), dense, example, repeats)
+    found = {}
+    for g, units in enumerate(groups):
+        alive = (~units.gone({name: masks[name] for name in units.layers})).nonzero().flatten()
+        if len(alive) < 2:
+            continue
+        remove = torch.zeros(units.count, dtype=torch.bool)
+        remove[alive[: len(alive) // 2]] = True
+        trial = {name: mask.clone() for name, mask in masks.items()}
+        units.remove(trial, remove)
+        for name, mask in trial.items():
+            model.set_mask(name, mask)
+        ratio = costs.latency_ratio(rebuild(model, posterior), dense, example, repeats)
+        found[g] = max(base - ratio, 1e-4) / int(remove.sum())
+    for name, mask in masks.items():
+        model.set_mask(name, mask)
+    return found
 
 
 def _fixed(model) -> dict:
@@ -336,7 +369,11 @@ def compress(
     steps = tqdm(total=len(targets) * (1 + len(baselines)), desc="compress", disable=not progress)
     for t in targets:
         start = time.perf_counter()
-        ranking = rank_units(model, posterior, d.x_train[:2], by="params" if t.kind == "params" else "flops")
+        measured = (
+            latency_per_unit(model, posterior, dense, example[256], repeats) if t.kind == "latency" else None
+        )
+        by = "params" if t.kind in ("params", "evidence") else "flops"
+        ranking = rank_units(model, posterior, d.x_train[:2], by=by, unit_cost=measured)
         small, removed, value = reduce_to(model, posterior, ranking, t, dense, example[256], repeats)
         remove_first(model, ranking, 0)  # the model as fitted, for the next target
         finetune(small, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)

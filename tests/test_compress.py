@@ -153,3 +153,16 @@ def test_the_command_refuses_what_it_cannot_use(capsys, tmp_path):
                                "--data", "fashion-mnist-mini"), "--weights", "no such file")  # fmt: skip
     assert_one_line_error(*cli(capsys, "compress", "lenet", "--weights", "w.pt", "--target", "latency=2"),
                           "between 0 and 1")  # fmt: skip
+
+
+def test_latency_costs_are_measured_per_group_and_leave_the_model_as_it_was(fitted):
+    from pyrozoo.compress import latency_per_unit
+
+    net, model, posterior, x = fitted
+    before = {layer.name: model.mask(layer.name).clone() for layer in model.layers}
+    found = latency_per_unit(model, posterior, net, x[:64], repeats=2)
+    ranking = rank_units(model, posterior, x[:2], unit_cost=found)
+    assert set(found) == {g for g, _ in ranking.order} and all(cost > 0 for cost in found.values())
+    assert all(torch.equal(model.mask(name), mask) for name, mask in before.items())
+    per_cost = [gain / found[g] for gain, (g, _) in zip(ranking.gain, ranking.order)]
+    assert per_cost == sorted(per_cost, reverse=True)
