@@ -173,7 +173,17 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
             _add_key_value(parser, f"--{TABLES[f.name]}-option", f.name, meta["help"])
             continue
         kind = next((k for k in typing.get_args(hints[f.name]) if k is not type(None)), hints[f.name])
-        kwargs = {"help": meta["help"], "default": argparse.SUPPRESS}
+        shown = f.default not in (None, False, True) and kind in (
+            int,
+            float,
+            str,
+        )  # a number or a word to show
+        help = (
+            f"{meta['help']} (default {f.default})"
+            if shown and "default" not in meta["help"]
+            else meta["help"]
+        )
+        kwargs = {"help": help, "default": argparse.SUPPRESS}
         if kind is bool and f.default is True:  # a switch on by default: --no-<name> turns it off
             parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", **kwargs)
         elif kind is bool:
