@@ -241,9 +241,12 @@ def regression_metrics(
     return regression_metrics_in_chunks([(loc, noise_var, y)], y_mean, y_std)
 
 
-def regression_metrics_in_chunks(chunks: Iterable[tuple[Tensor, Tensor, Tensor]], y_mean=0.0, y_std=1.0) -> dict:
+def regression_metrics_in_chunks(
+    chunks: Iterable[tuple[Tensor, Tensor, Tensor]], y_mean=0.0, y_std=1.0
+) -> dict:
     """:func:`regression_metrics` of chunks ``(loc [S, B], noise_var, y [B])`` of the points, the same draws in
-    each: memory is that of one chunk, and with one chunk the result is :func:`regression_metrics`' to the bit."""
+    each: memory is that of one chunk, and with one chunk the result is :func:`regression_metrics`' to the bit.
+    """
     levels = torch.tensor(INTERVALS, dtype=torch.float64)
     per_point: dict[str, list[Tensor]] = {}
     joint = 0.0  # per draw, the log-likelihood of every point so far (for LPD)
@@ -273,19 +276,20 @@ def regression_metrics_in_chunks(chunks: Iterable[tuple[Tensor, Tensor, Tensor]]
 
 
 @torch.no_grad()
-def input_free_scores(data) -> dict[str, float]:
-    """The test scores of the best prediction that ignores the inputs, which a collapsed net can at most reach.
-    Classification: the NLL of the training set's class frequencies (add-one, so that no class is impossible)
-    and the accuracy of the test set's most frequent class (no constant does better). Regression: the NLL and
-    RMSE of a Normal at the training targets' mean and spread, in original units as :func:`regression_metrics`
-    reports them."""
+def input_free_scores(data, targets=None) -> dict[str, float]:
+    """The scores on ``targets`` (default: the test set's) of the best prediction that ignores the inputs, which
+    a collapsed net can at most reach. Classification: the NLL of the training set's class frequencies (add-one,
+    so that no class is impossible) and the accuracy of the targets' most frequent class (no constant does
+    better). Regression: the NLL and RMSE of a Normal at the training targets' mean and spread, in original
+    units as :func:`regression_metrics` reports them."""
+    targets = data.y_test if targets is None else targets
     if data.task == "regress":
-        y, test = data.y_train.double(), data.y_test.double()
+        y, test = data.y_train.double(), targets.double()
         ll = torch.distributions.Normal(y.mean(), y.std()).log_prob(test) - math.log(data.y_std)
         rmse = (data.y_std * (test - y.mean())).square().mean().sqrt().item()
         return {"nll": -ll.mean().item(), "rmse": rmse}
     counts = torch.bincount(data.y_train.cpu(), minlength=data.num_classes).double() + 1
-    test = data.y_test.cpu()
+    test = targets.cpu()
     majority = torch.bincount(test, minlength=data.num_classes).max().item() / max(len(test), 1)
     return {"nll": -(counts / counts.sum()).log()[test].mean().item(), "accuracy": majority}
 

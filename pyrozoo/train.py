@@ -58,9 +58,10 @@ CONFIG, METRICS, CHECKPOINT, PRUNED, SCALES, BMR_LOG = (
 # BMR's first pass waits until the posterior has moved from its start on more than this fraction of the live
 # weights (Posterior.moved), unless --warmup-steps is given.
 INFORMATIVE = 0.5
-# Posterior draws of the held-out evaluation that tells a collapsed net after a BMR pass (its NLL is at the
+# Posterior draws of the evaluation that tells a collapsed net after a BMR pass (its NLL is at the
 # class prior's, far from a working net's: a few draws tell them apart).
 COLLAPSE_DRAWS = 10
+COLLAPSE_POINTS = 1000  # training points it judges on (a fixed random subset; never the test set)
 
 # Set to 1 to keep Pyro's and torch's checks of distribution arguments and sample values on while training
 # (for debugging a model or prior): they cost 7-11% of a step (experiments/RESULTS.md), so training turns them
@@ -604,12 +605,16 @@ class Run:
             raise PyrozooError(f"{path} does not fit this run ({reason(e)}): {redo}") from None
         return state["metrics"]
 
-    def evaluate(self, samples: int | None = None, fault: str | None = "eval") -> dict[str, float]:
-        """Test metrics now, from ``samples`` posterior draws (default: the run's). The draws come from a random
-        stream of their own (seeded by the run's seed and epoch), so how often a run evaluates never changes how
-        it trains. ``fault`` is the fault point reached mid-evaluation (None for a check that is not one of
-        the run's evaluations, so that the reliability tests count those)."""
+    def evaluate(
+        self, samples: int | None = None, fault: str | None = "eval", on: tuple | None = None
+    ) -> dict[str, float]:
+        """Test metrics now (or on ``on``, inputs and targets), from ``samples`` posterior draws (default: the
+        run's). The draws come from a random stream of their own (seeded by the run's seed and epoch), so how
+        often a run evaluates never changes how it trains. ``fault`` is the fault point reached mid-evaluation
+        (None for a check that is not one of the run's evaluations, so that the reliability tests count those).
+        """
         d = self.data
+        x, y = on or (d.x_test, d.y_test)
         fault = fault or ""  # faults.reached("") is never a point asked for
         samples = samples or self.config.samples
         devices = [d.x_test.device] if d.x_test.device.type == "cuda" else []
@@ -617,12 +622,12 @@ class Run:
             seed = self.config.seed * 100_003 + self.epoch
             torch.manual_seed(seed)
             if d.task == "regress":
-                return self._evaluate_regression(seed, samples, fault)
+                return self._evaluate_regression(seed, samples, fault, x, y)
             metrics = evaluate(
                 self.model,
                 self.guide,
-                d.x_test,
-                d.y_test,
+                x,
+                y,
                 d.num_classes,
                 samples,
                 self.config.eval_batch_size,
@@ -642,7 +647,7 @@ class Run:
 
         return net_metrics(net, self.data, self.point_likelihood(), self.config.eval_batch_size)
 
-    def _evaluate_regression(self, seed: int, samples: int, fault: str) -> dict[str, float]:
+    def _evaluate_regression(self, seed: int, samples: int, fault: str, x_all, y_all) -> dict[str, float]:
         """RMSE, NLL, LPD and interval coverage in the targets' original units (see metrics.regression_metrics).
         The test points go in chunks that hold a bounded number of (draw, point) pairs, each chunk drawing the
         same ``samples`` draws again from ``seed``: more samples take longer, not more memory."""
@@ -650,14 +655,14 @@ class Run:
         from pyrozoo.predict import regression_draws
 
         d, c = self.data, self.config
-        chunk = points_per_chunk(samples, len(d.x_test))
+        chunk = points_per_chunk(samples, len(x_all))
 
         def chunks():
-            for start in range(0, len(d.x_test), chunk):
+            for start in range(0, len(x_all), chunk):
                 torch.manual_seed(seed)
-                x = d.x_test[start : start + chunk]
+                x = x_all[start : start + chunk]
                 locs, noise_var = regression_draws(self.model, self.guide, x, samples, c.eval_batch_size)
-                yield locs, noise_var, d.y_test[start : start + chunk]
+                yield locs, noise_var, y_all[start : start + chunk]
 
         metrics = regression_metrics_in_chunks(chunks(), d.y_mean, d.y_std)
         faults.reached(fault)
@@ -860,18 +865,29 @@ class Run:
         for part, value in zip((self.guide, self.model, self.optimizer), state):
             part.load_state_dict(value)
 
+    def _check_points(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed random subset of the training set that the collapse check evaluates on: never the test set,
+        which must not shape the trained model. A collapsed net is no better than an input-free prediction on
+        any data, the data it trained on included."""
+        d = self.data
+        order = torch.randperm(len(d.x_train), generator=torch.Generator().manual_seed(self.config.seed))
+        chosen = order[:COLLAPSE_POINTS].to(d.x_train.device)
+        return d.x_train[chosen], d.y_train[chosen]
+
     def _held_out(self) -> dict[str, float]:
-        """Test metrics from a few posterior draws: enough to tell a collapsed net from a working one."""
-        return self.evaluate(samples=min(self.config.samples, COLLAPSE_DRAWS), fault=None)
+        """Metrics on the check points from a few posterior draws: enough to tell a collapsed net from a working
+        one."""
+        samples = min(self.config.samples, COLLAPSE_DRAWS)
+        return self.evaluate(samples=samples, fault=None, on=self._check_points())
 
     def _collapsed(self, before: tuple[dict, dict, dict], seconds: float, row: dict) -> bool:
-        """Whether the pass just made collapsed the net: took a held-out score (NLL; accuracy, or for regression
+        """Whether the pass just made collapsed the net: took a score on the check points (NLL; accuracy, or for regression
         RMSE) that beat every prediction ignoring the inputs (the class prior, the target mean) to no better
         than those. If so the state ``before`` the pass is restored, one line says so, and ``row`` records the
         pass's time and the pruned fraction as they now are. A score no better before the pass (an overconfident
         net's NLL, a barely trained net's) is not the pass's doing and does not count."""
         start = time.perf_counter()
-        reference = input_free_scores(self.data)
+        reference = input_free_scores(self.data, self._check_points()[1])
         after = self._held_out()
         if beats(after, reference) == set(reference):
             return False
@@ -884,7 +900,7 @@ class Run:
         what = "the target mean" if self.data.task == "regress" else "the class prior"
         scores = ", ".join(f"{key} {after[key]:.4g} against {reference[key]:.4g}" for key in sorted(lost))
         self.log(
-            f"epoch {self.epoch}: BMR pass undone: it collapsed the net (held-out {scores}: no better than "
+            f"epoch {self.epoch}: BMR pass undone: it collapsed the net (on training points, {scores}: no better than "
             f"predicting {what}); BMR tries again after the next epoch. The posterior was read too early, or the "
             "rule prunes too much of it at once: raise --warmup-steps (left out, BMR waits for an informative "
             "posterior) or the rule's cut-off (--rule-option margin=... for threshold); allow_empty=true keeps "
