@@ -28,7 +28,7 @@ from pyrozoo.models.likelihoods import LIKELIHOODS
 from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import NETS, PREFIXES, net_options
 from pyrozoo.optim import OPTIMIZERS
-from pyrozoo.options import parse_option
+from pyrozoo.options import finite_problem, parse_option
 from pyrozoo.pruners import PRUNERS
 from pyrozoo.registry import describe, option_names
 from pyrozoo.shift import SHIFTS
@@ -97,6 +97,8 @@ def _number(kind: type, check: str | None = None):
         if not math.isfinite(value):
             sign = f"{check} " if check else ""
             raise argparse.ArgumentTypeError(f"must be a finite {sign}number, got {text!r}")
+        if finite_problem(value):
+            raise argparse.ArgumentTypeError(finite_problem(value))
         if check == "positive" and not value > 0:
             raise argparse.ArgumentTypeError(f"must be positive, got {value}")
         if check == "non-negative" and not value >= 0:
@@ -424,6 +426,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-pickle", action="store_true", help="open a net saved whole (runs its code)"
     )
     compress.add_argument(
+        "--net-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="the net's sizes as it was trained, repeatable: hidden=(100,100) (pyrozoo nets, tv/timm models and "
+        "factories take their own keyword arguments)",
+    )
+    compress.add_argument(
         "--data", type=_data_choice, default=None, help="the data it was trained on (default: Fashion-MNIST)"
     )
     compress.add_argument("--data-dir", default=None, help="folder holding the data set's files")
@@ -629,7 +638,8 @@ def _compress(args) -> None:
     d = datasets.prepare(raw, pad_to=pad_to)
     if d.task != "classify":
         raise PyrozooError(f"compress takes a classification data set; {raw.name} is a regression one")
-    net = load_trained_net(args.net, args.weights, d, trust_pickle=args.trust_pickle)
+    net_options = dict(parse_option(text) for text in args.net_option or [])
+    net = load_trained_net(args.net, args.weights, d, trust_pickle=args.trust_pickle, net_options=net_options)
     out = Path(args.out or Path("compressed") / args.net.replace(":", "-").replace("/", "-"))
     torch.set_num_threads(args.threads)
     log = lambda text: print(text, file=sys.stderr)  # noqa: E731
@@ -653,7 +663,14 @@ def _compress(args) -> None:
         "weights": args.weights,
         "data": raw.name,
         "targets": [str(t) for t in targets],
+        "net_options": net_options,
         "finetune_steps": args.finetune_steps,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "fit_size": args.fit_size,
+        "baselines": list(args.baselines),
+        "repeats": args.repeats,
+        "seed": args.seed,
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),
@@ -1047,8 +1064,16 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except KeyboardInterrupt:
         command = getattr(args, "command", None)
-        if command == "train" and getattr(args, "out", None):
+        if command == "train" and getattr(args, "out", None) and (Path(args.out) / "checkpoint.pt").exists():
             again = f"pyrozoo train --out {shlex.quote(args.out)} --resume"
+        elif command == "train" and getattr(args, "out", None):  # no epoch finished: nothing to resume yet
+            again = None
+            print(
+                "pyrozoo: interrupted before the first epoch finished, so there is nothing to resume; start "
+                f"again with: {shlex.join(['pyrozoo', *args.argv])}",
+                file=sys.stderr,
+            )
+            return 130
         elif command == "compare":
             again = shlex.join(["pyrozoo", *(sys.argv[1:] if argv is None else argv)])
         else:

@@ -35,7 +35,7 @@ from pyrozoo.baselines import finetune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
 from pyrozoo.bmr.units import Units, model_units
-from pyrozoo.errors import PyrozooError
+from pyrozoo.errors import PyrozooError, reason
 from pyrozoo.metrics import evaluate_net
 
 TARGET_KINDS = (*costs.KINDS, "evidence")
@@ -228,10 +228,14 @@ def reduce_to(
     return best
 
 
-def load_trained_net(spec: str, weights: str, data, trust_pickle: bool = False) -> nn.Module:
+def load_trained_net(
+    spec: str, weights: str, data, trust_pickle: bool = False, net_options: dict | None = None
+) -> nn.Module:
     """The trained net to compress: the architecture ``spec`` (a pyrozoo net, ``tv:NAME``, ``timm:NAME`` or
-    ``package.module:factory``) built for ``data``'s images and classes, holding the state_dict in ``weights``;
-    or, with ``trust_pickle``, the net saved whole in ``weights`` (then ``spec`` only names it)."""
+    ``package.module:factory``) built for ``data``'s images and classes with ``net_options`` (its sizes, as it
+    was trained), holding the state_dict in ``weights``; or, with ``trust_pickle``, the net saved whole in
+    ``weights`` (then ``spec`` only names it)."""
+    net_options = net_options or {}
     import importlib
     import inspect
 
@@ -246,15 +250,18 @@ def load_trained_net(spec: str, weights: str, data, trust_pickle: bool = False) 
         if isinstance(whole, nn.Module):
             return whole.eval()
     if spec in NETS or spec.partition(":")[0] in PREFIXES:
-        net = create_net(spec, **shape)
+        net = create_net(spec, **shape, **net_options)
     elif ":" in spec:
         module_name, _, factory_name = spec.partition(":")
         try:
             factory = getattr(importlib.import_module(module_name), factory_name)
         except (ImportError, AttributeError) as e:
             raise PyrozooError(f"cannot find the net factory {spec} ({e})") from None
-        takes = inspect.signature(factory).parameters
-        net = factory(**{k: v for k, v in shape.items() if k in takes})
+        try:
+            takes = inspect.signature(factory).parameters
+            net = factory(**{k: v for k, v in shape.items() if k in takes}, **net_options)
+        except Exception as e:  # the user's code: whatever it raises is theirs to fix, not a pyrozoo bug
+            raise PyrozooError(f"the net factory {spec} failed ({reason(e)})") from None
         if not isinstance(net, nn.Module):
             raise PyrozooError(f"{spec} returned a {type(net).__name__}, not an nn.Module")
     else:
@@ -410,10 +417,21 @@ def compress(
 COLUMNS = ("method", "target", "accuracy", "nll", "ece", "params", "flops", "latency_b1", "latency_b256")
 
 
-def markdown(table: list[dict]) -> str:
-    """The report's table in Markdown: one row per method and target, costs as fractions of the dense net."""
+def markdown(table: list[dict], record: dict | None = None) -> str:
+    """The report's table in Markdown: one row per method and target, costs as fractions of the dense net;
+    with ``record``, the command, data, machine and date above it."""
     dense = table[0]
-    lines = [
+    lines = []
+    if record:
+        lines += [
+            f"`{record['command']}`",
+            "",
+            f"{record['data']}, {record['machine']}, {record['threads']} thread(s), {record['date']}. Every method "
+            f"but the dense net was fine-tuned for {record['finetune_steps']} Adam steps after pruning; latency is "
+            "a ratio to the dense net's, timed in turns in one process.",
+            "",
+        ]
+    lines += [
         "| method | target | accuracy | NLL | ECE | parameters | FLOPs | latency b1 | latency b256 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -442,7 +460,7 @@ def write_report(result: Compressed, folder, record: dict, example: torch.Tensor
 
     def write(tmp: Path) -> None:
         (tmp / "report.json").write_text(json.dumps({**record, "table": result.table}, indent=2))
-        (tmp / "report.md").write_text(markdown(result.table))
+        (tmp / "report.md").write_text(markdown(result.table, record))
         plot_front(pd.DataFrame(result.table), tmp)
         for name, net in result.nets.items():
             where = tmp / "nets" / name.replace("=", "-")

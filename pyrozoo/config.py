@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from pyrozoo import data as datasets
 from pyrozoo.errors import PyrozooError, did_you_mean
-from pyrozoo.options import bind_options, coerce
+from pyrozoo.options import bind_options, coerce, finite_problem
 from pyrozoo.registry import option_defaults
 
 # What --resume may change: how far the run goes and how it is evaluated, never what it learns (trust_pickle
@@ -304,8 +303,8 @@ def check_value(f: dataclasses.Field, value) -> None:
     if value is None or isinstance(value, (bool, dict, str)):
         return
     flag = "--" + f.name.replace("_", "-")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise PyrozooError(f"{flag} must be a finite number, got {value}")
+    if isinstance(value, float) and finite_problem(value):
+        raise PyrozooError(f"{flag} {finite_problem(value)}")
     check = f.metadata.get("check")
     if check == "positive" and not value > 0:
         raise PyrozooError(f"{flag} must be positive, got {value}")

@@ -116,6 +116,19 @@ def build_with_options(what: str, factory: Callable, options: dict, *args):
         raise PyrozooError(f"{what}: cannot use the options {given} ({e}); choose values in range") from None
 
 
+# The largest float32: the nets, guides and optimisers compute in float32, so a larger number overflows there.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def finite_problem(value: float) -> str | None:
+    """Why a number cannot be an option's value (not finite, or beyond float32), or None when it can."""
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if abs(value) > FLOAT32_MAX:
+        return f"must be at most {FLOAT32_MAX:.3g} in size (the float32 the nets compute in), got {value:g}"
+    return None
+
+
 def coerce(label: str, kind, value):
     """``value`` checked against the annotation ``kind`` (None: anything): a whole number given for a float
     becomes a float, and a float must be finite. ``label`` starts the message, e.g. ``"grid: epochs"``."""
@@ -124,6 +137,6 @@ def coerce(label: str, kind, value):
     float_option = kind is not None and float in _members(kind) and int not in _members(kind)
     if isinstance(value, float) or (float_option and isinstance(value, int) and not isinstance(value, bool)):
         value = float(value)
-        if not math.isfinite(value):
-            raise PyrozooError(f"{label} must be a finite number, got {value}")
+        if finite_problem(value):
+            raise PyrozooError(f"{label} {finite_problem(value)}")
     return value

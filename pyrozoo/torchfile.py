@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +23,9 @@ from pyrozoo.errors import PyrozooError
 # torch's restricted unpickler opens its refusals with these words: of a file that names a function or class it
 # does not allow (a "GLOBAL": a pickled module, or a hostile file), or of bytes that are no pickle at all
 _REFUSED = "Weights only load failed"
+# ... and of a pickle of protocol 4 or newer, whose FRAME opcode (149) the restricted unpickler does not read:
+# such a file may be a plain state_dict (torch.save(..., pickle_protocol=4)) or anything else
+_NEWER_PROTOCOL = "Unsupported operand 149"
 
 
 class NotPlainTensors(PyrozooError):
@@ -50,16 +54,26 @@ def load_tensors(
     exceptions, for the caller to word.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with (
+            warnings.catch_warnings()
+        ):  # torch warns of a pickle protocol it may not read; the refusal says it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if not str(e).startswith(_REFUSED):
             raise
-        if "global" not in str(e).lower():  # not an object it refused, but bytes it cannot read: corrupt
+        newer = _NEWER_PROTOCOL in str(e)
+        if "global" not in str(e).lower() and not newer:  # bytes it cannot read at all: corrupt
             detail = [line for line in str(e).splitlines()[1:] if line.strip() and "error:" not in line]
             raise pickle.UnpicklingError(detail[0] if detail else "not a torch file") from None
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
+        holds = (
+            "it was pickled with protocol 4 or newer, which torch's restricted loader cannot read, so pyrozoo "
+            "cannot tell what it would run"
+            if newer
+            else "it holds pickled Python objects, which could run code when opened"
+        )
         raise NotPlainTensors(
-            f"{what or Path(path)} is not a plain tensor file: it holds pickled Python objects, which could run "
-            f"code when opened, so pyrozoo does not open it; {fix}"
+            f"{what or Path(path)} is not a plain tensor file: {holds}, so pyrozoo does not open it; {fix}"
         ) from None

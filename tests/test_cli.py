@@ -430,3 +430,9 @@ def test_a_run_says_what_it_used_made_and_what_comes_next(capsys, tmp_path, monk
     assert code == 130
     assert f"resuming {out} after epoch 1 (step 2) of 2" in err
     assert f"continue from the last finished epoch with: pyrozoo train --out '{out}' --resume" in err
+    # interrupted before any epoch was committed: the same command again, which then runs
+    fresh = [*argv[:-1], str(tmp_path / "fresh")]
+    code, _, err = cli(capsys, *fresh)
+    assert code == 130 and "nothing to resume; start again with: pyrozoo train" in err
+    monkeypatch.undo()
+    assert cli(capsys, *fresh)[0] == 0

@@ -547,7 +547,7 @@ BAD_INPUTS = [
      ["samples and steps at least 1"]),
     ("rule-option-margin-inf", None, ["prune", "RUN", "--rule-option", "margin=inf"], ["margin", "finite"]),
     ("guide-option-init-scale-overflows", None, ["train", *TINY, "--guide-option", "init_scale=1e300", "--out",
-     "NEW"], ["init_scale must lie in (0, 1000]"]),
+     "NEW"], ["option init_scale must be at most 3.4e+38"]),
     ("guide-option-init-radius-negative", None, ["train", *TINY, "--guide-option", "init_radius=-1", "--out",
      "NEW"], ["init_radius must lie in"]),
     ("override-on-a-finished-run", None, ["train", "--out", "RUN", "--resume", "--lr", "0.001", "--override",

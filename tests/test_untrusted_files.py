@@ -226,3 +226,19 @@ def test_run_files_that_are_links_are_replaced_not_written_through(capsys, run, 
     for name, content in targets.items():
         assert not (run / name).is_symlink()
         assert (tmp_path / f"precious-{name}").read_bytes() == content
+
+
+def test_a_newer_pickle_protocol_is_refused_unless_trusted(tmp_path, marker):
+    """torch's restricted loader cannot read pickle protocol 4+: such a file (a plain state_dict saved with
+    pickle_protocol=4, or a hostile pickle) is refused as not plain, and opens only with trust_pickle."""
+    import pickle
+
+    net = create_net("mlp", in_channels=1, image_size=28, num_classes=10, hidden=(8,))
+    torch.save(net.state_dict(), tmp_path / "p4.pt", pickle_protocol=4)
+    with (tmp_path / "evil4.pt").open("wb") as f:
+        pickle.dump({"x": _Marker(marker)}, f, protocol=4)
+    for name in ("p4.pt", "evil4.pt"):
+        with pytest.raises(NotPlainTensors, match="protocol 4 or newer"):
+            load_tensors(tmp_path / name)
+    state = load_state(tmp_path / "p4.pt", trust_pickle=True)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
