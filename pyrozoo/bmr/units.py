@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pyrozoo.bmr.fold import apply_folds, plan_folds
 from pyrozoo.errors import PyrozooError
 from pyrozoo.models.bayesian import call_arguments, select_output
 from pyrozoo.models.layers import Layer, find_layers, is_batch_norm
@@ -100,11 +101,17 @@ class Units:
             out &= ~member.take(masks[member.layer]).any(dim=1)
         return out
 
-    def dead(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Units whose producing entries are all pruned and whose consumers therefore see 0."""
-        if not self.zero_preserving or not self.producers:
+    def silent(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Units whose producing entries are all pruned: dead, or (not zero-preserving) a constant."""
+        if not self.producers:
             return torch.zeros(self.count, dtype=torch.bool, device=next(iter(masks.values())).device)
         return self._none(masks, self.producers)
+
+    def dead(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Units whose producing entries are all pruned and whose consumers therefore see 0."""
+        if not self.zero_preserving:
+            return torch.zeros(self.count, dtype=torch.bool, device=next(iter(masks.values())).device)
+        return self.silent(masks)
 
     def unused(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Units whose consuming entries are all pruned."""
@@ -149,6 +156,32 @@ def slice_latents(
 # unit passing through one cannot be removed without changing what the others compute.
 _MIXING = ("LayerNorm", "GroupNorm", "Softmax", "Mm", "Bmm", "Matmul", "Attention", "Var", "Std", "Norm")
 # Operations that map a channel of zeros to zeros (with every other input of the unit zero too).
+_MIXING_WORDS = {
+    "Attention": "attention (a scaled dot-product)",
+    "LayerNorm": "a layer normalisation",
+    "GroupNorm": "a group normalisation",
+    "Softmax": "a softmax",
+    "Mm": "a matrix product",
+    "Matmul": "a matrix product",
+    "Var": "a variance over channels",
+    "Std": "a standard deviation over channels",
+    "Norm": "a norm over channels",
+}
+
+
+def _mixing_words(op: str) -> str:
+    """An autograd node's name (``ScaledDotProductFlashAttentionForCpuBackward0``) in a user's words."""
+    return next((words for key, words in _MIXING_WORDS.items() if key in op), "an operation")
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A per-channel module (BatchNorm) that a group's units pass through: sliced with them at the rebuild,
+    with its random rows (if any) among the group's producers."""
+
+    members: list
+
+
 _ZERO_TO_ZERO = (
     "Relu", "Gelu", "Silu", "Tanh", "Hardswish", "Hardtanh", "LeakyRelu", "Elu", "Mish", "Add", "Sub", "Mul",
     "Div", "Mean", "Sum", "Pool", "View", "Reshape", "Permute", "Transpose", "Unsqueeze", "Squeeze", "Flatten",
@@ -274,17 +307,21 @@ def _item_members(graph, item, module_path, by_name, by_param, pruning_dims):
     if isinstance(module, tp.ops._ElementWiseOp):
         op = str(module._grad_fn)
         if "BatchNorm" not in op and any(word in op for word in _MIXING):
-            return f"operation {op}, which mixes channels"
+            return f"its channels pass through {_mixing_words(op)}, which mixes them with the others"
         return None if any(word in op for word in _ZERO_TO_ZERO) else "constant"
     if module in graph.__dict__.get("unmapped", ()):
-        return "a reshape that permutes channels (a channel shuffle)"
+        return "its channels pass through a reshape that permutes them (a channel shuffle)"
     if module.__class__.__module__.startswith("torch_pruning"):
         return None  # concatenation, split, reshape, ...: index mappings only
     path = module_path.get(module)
     if is_batch_norm(module) or isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
-        if path in by_name:
-            return f"random normalisation {path!r}"
-        return "pass"  # deterministic and per channel: sliced with the units, but not zero-preserving
+        # a per-channel affine: sliced with the units. Random and prunable, its rows produce the unit with the
+        # layer before it (all pruned: the unit outputs exactly 0); otherwise its shift is a constant that a
+        # unit whose producers are all pruned still outputs, which the rebuild folds into the consumers
+        layer = by_name.get(path)
+        if layer is not None and layer.prunable:
+            return Pass([(layer, 0, idxs, roots, True)])
+        return Pass([])
     if isinstance(module, nn.PReLU):
         return None if module.num_parameters == 1 else "pass"
     layer = by_name.get(path)
@@ -348,6 +385,8 @@ class Structure:
 
     units: list[Units]
     fixed: dict[str, str]  # root path -> why its units cannot be removed
+    # root path -> why units of a removable group stayed in the last rebuild although their weights are pruned
+    kept: dict[str, str] = field(default_factory=dict)
 
 
 def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None) -> Structure:
@@ -403,10 +442,10 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
             if found == "constant":
                 zero = False
                 continue
-            if found == "pass":
-                zero = False
+            if isinstance(found, Pass):
+                zero &= bool(found.members)  # a deterministic shift: not zero-preserving
                 passthrough.append(module_path.get(item.dep.target.module, "?"))
-                continue
+                found = found.members
             if isinstance(found, str):
                 why = found
                 break
@@ -566,8 +605,10 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | None = None) -> int:
-    """Cut the units that can go (dead or unused under ``masks``, by default the model's effective masks) out
-    of ``net``, a plain copy of ``model.net`` with its weights set, in place; returns how many went.
+    """Cut the units that can go out of ``net``, a plain copy of ``model.net`` with its weights set, in place;
+    returns how many went. Units that can go are those dead or unused under ``masks`` (by default the model's
+    effective masks), and the silent ones (every producing weight pruned) whose constant output folds exactly
+    into their consumers (:mod:`pyrozoo.bmr.fold`). Why silent units stay is in ``structure(model).kept``.
 
     Each group is cut by Torch-Pruning (BatchNorm channels and every coupled layer with it, the module classes
     kept), or, for attention heads, by slicing ``qkv`` and ``proj``. A group keeps at least one unit so that its
@@ -577,31 +618,65 @@ def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | No
     """
     net.eval()
     masks = effective_masks(model) if masks is None else masks
-    cuts = []
-    for units in model_units(model):
-        gone = units.gone(masks)
-        if bool(gone.all()):
-            gone[0] = False
-        if bool(gone.any()):
-            cuts.append((units, gone))
-    if not cuts:
+    found = structure(model)
+    found.kept.clear()
+    candidates = []
+    for units in found.units:
+        gone = units.gone(masks).cpu()
+        silent = units.silent(masks).cpu() & ~gone
+        if bool((gone | silent).any()):
+            candidates.append((units, gone, silent))
+    if not candidates:
         return 0
     example = _example_on(model.example_input(), next(net.parameters()).device)
     reference = _outputs(net, example, model.output_key)
     before = copy.deepcopy(net)
+    cuts, shifts = _plan(net, example, model.output_key, candidates, found.kept)
+    apply_folds(net, example, model.output_key, shifts)
     _cut(net, cuts, example, model.output_key)
     if _same(_outputs(net, example, model.output_key), reference):
         return sum(int(gone.sum()) for _, gone in cuts)
     _restore(net, before)
     removed = 0
-    for cut in cuts:  # a path the graph did not show (a constant reaching the output): find the culprit
+    for candidate in candidates:  # a path the graph did not show (a constant reaching the output): find the culprit
         before = copy.deepcopy(net)
-        _cut(net, [cut], example, model.output_key)
+        cuts, shifts = _plan(net, example, model.output_key, [candidate], {})
+        apply_folds(net, example, model.output_key, shifts)
+        _cut(net, cuts, example, model.output_key)
         if _same(_outputs(net, example, model.output_key), reference):
-            removed += int(cut[1].sum())
+            removed += sum(int(gone.sum()) for _, gone in cuts)
         else:
             _restore(net, before)
+            units = candidate[0]
+            found.kept[units.name] = (
+                f"{int(sum(int(g.sum()) for _, g in cuts))} of its {units.count} units can go by their weights, "
+                "but cutting them changed the outputs on the example batch"
+            )
     return removed
+
+
+def _plan(net, example, output_key, candidates, kept: dict[str, str]):
+    """The cuts ``[(units, gone)]`` of ``candidates`` (``(units, gone, silent)``) and the shifts of their
+    consumers' outputs that keep the function (silent units whose constant folds); why others stay goes into
+    ``kept``."""
+    folding = [(units, silent) for units, _, silent in candidates if bool(silent.any())]
+    plans = plan_folds(net, example, output_key, folding) if folding else {}
+    cuts, shifts = [], {}
+    for units, gone, silent in candidates:
+        fold = plans.get(units.name)
+        foldable = fold.foldable.cpu() if fold is not None else torch.zeros_like(silent)
+        cut = gone | foldable
+        if bool(cut.all()):
+            cut[0] = False  # a group keeps one unit, so that its layers stay valid modules
+        if fold is not None and bool((silent & ~foldable).any()):
+            kept[units.name] = f"{int((silent & ~foldable).sum())} of its {units.count} units have every weight pruned but stay: {fold.why}"
+        if fold is not None:
+            for path, contribution in fold.contributions.items():
+                shift = contribution[(cut & silent).to(contribution.device)].sum(0)
+                shifts[path] = shifts.get(path, 0) + shift
+        if bool(cut.any()):
+            cuts.append((units, cut))
+    return cuts, shifts
 
 
 def _cut(net: nn.Module, cuts: list[tuple[Units, torch.Tensor]], example, output_key) -> None:
