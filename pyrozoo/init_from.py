@@ -152,12 +152,13 @@ def start_from_weights(
     weights: dict[str, torch.Tensor] | nn.Module,
     init_scale: float | None = 1e-3,
     what="the weights",
+    steps: int = 300,
 ) -> None:
     """Set ``guide``'s posterior so that its mean is the trained net ``weights`` (a state_dict or an
     ``nn.Module`` of ``model.net``'s architecture), for any prior: hyperparameters at their MAP given the weights,
     ``z``'s locs at ``w / scale``, every scale ``init_scale`` (0 for a point-mass guide; None: each entry keeps
     the scale it has, e.g. IVON's from its initial Hessian). The model's masks are left as they are (all kept in
-    a new model)."""
+    a new model). ``steps`` of the hyperparameters' fit (0: they stay where the guide has them)."""
     net = trained_net(model.net, weights, what)
     layers = model.layers
     w = {layer.name: layer.join(net).to(model.mask(layer.name)) for layer in layers}
@@ -167,7 +168,7 @@ def start_from_weights(
     def scales(site, like):
         return current[site][1].clone() if spread is None else torch.full_like(like, spread)
 
-    hyper = fit_hyperparameters(model, guide, w)
+    hyper = fit_hyperparameters(model, guide, w, steps)
     for site, loc in hyper.items():
         guide.write_posterior(site, loc, scales(site, loc))
     mean = guide.mean()

@@ -72,7 +72,7 @@ def forced_prune_check(
         train_like_norms(net)
     model = BayesianModel(net, example_input=example, output_key=output_key, **model_options).eval()
     guide = make_guide("meanfield", model)
-    start_from_weights(model, guide, model.net, init_scale=1e-3)
+    start_from_weights(model, guide, model.net, init_scale=1e-3, steps=0)  # the net's weights, confident
     chosen = [layer for layer in model.layers if layer.prunable and not layer.is_output and layer.rows > 1]
     forced = 0
     chosen = chosen[:layers]
