@@ -236,6 +236,9 @@ def _cuts(model) -> tuple[dict[str, list[torch.Tensor]], int, list[str]]:
         if units.passthrough:
             skipped.append(f"{units.name} (through {', '.join(units.passthrough)})")
             continue
+        if units.channels is not None:
+            skipped.append(f"{units.name} (a grouped convolution)")
+            continue
         removed += int(gone.sum())
         for member in units.members:
             keep = keeps.setdefault(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class Units:
     passthrough: tuple[str, ...] = field(
         default=()
     )  # deterministic modules sliced with the units (BatchNorm)
+    channels: torch.Tensor | None = None  # (count, k): the root's channels of each unit, where not one each
 
     @property
     def producers(self) -> list[Member]:
@@ -179,6 +181,15 @@ class Pass:
     """A per-channel module (BatchNorm) that a group's units pass through: sliced with them at the rebuild,
     with its random rows (if any) among the group's producers."""
 
+    members: list
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """A grouped convolution's memberships: its groups hold ``size`` channels each, and a unit must lose the
+    same position in every group (channels ``j, j + size, j + 2 size, ...`` go together)."""
+
+    size: int
     members: list
 
 
@@ -348,20 +359,24 @@ def _item_members(graph, item, module_path, by_name, by_param, pruning_dims):
         return f"attention {path!r}"
     if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_conv_transposes())):
         return f"layer {path!r} of type {type(module).__name__}"
+    groups = getattr(module, "groups", 1)
+    depthwise = groups == getattr(module, "in_channels", 0) == getattr(module, "out_channels", 0)
+    if groups > 1 and not depthwise and (isinstance(module, _conv_transposes()) or list(idxs) != list(roots)):
+        return f"grouped convolution {path!r} behind a reshuffle of its channels"
     if out:
         if layer.is_output:
             return f"the output layer {path!r}"
-        return [(layer, 0, idxs, roots, True)]
-    groups = getattr(module, "groups", 1)
-    if groups > 1:
-        if groups == module.in_channels == module.out_channels:
-            return None  # depthwise: its input channel is its output channel, a row of its own
-        return f"grouped convolution {path!r}"
+        found = [(layer, 0, idxs, roots, True)]
+        return found if groups == 1 or depthwise else Grouped(module.out_channels // groups, found)
+    if depthwise:
+        return None  # its input channel is its output channel, a row of its own
     if isinstance(module, nn.Linear):
         return [(layer, 1, idxs, roots, False)]
-    kernel = layer.fan_in // (module.in_channels // groups)
-    columns = [c * kernel + k for c in idxs for k in range(kernel)]
-    return [(layer, 1, columns, [r for r in roots for _ in range(kernel)], False)]
+    size = module.in_channels // groups  # a grouped conv's column c % size serves channel c of every group
+    kernel = layer.fan_in // size
+    columns = [(c % size) * kernel + k for c in idxs for k in range(kernel)]
+    found = [(layer, 1, columns, [r for r in roots for _ in range(kernel)], False)]
+    return found if groups == 1 else Grouped(size, found)
 
 
 def _conv_transposes():
@@ -373,6 +388,7 @@ def _per_unit(indices: list[int], roots: list[int], count: int) -> torch.Tensor 
     buckets: list[list[int]] = [[] for _ in range(count)]
     for index, root in zip(indices, roots):
         buckets[root].append(index)
+    buckets = [sorted(set(b)) for b in buckets]  # an entry shared by a unit's channels counts once
     sizes = {len(b) for b in buckets}
     if len(sizes) != 1 or 0 in sizes:
         return None
@@ -434,7 +450,7 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
         name = module_path.get(root, str(root))
         count = len(group[0].idxs)
         members: dict[tuple[str, int, bool], tuple[list[int], list[int]]] = {}
-        why, zero, passthrough = None, True, []
+        why, zero, passthrough, period = None, True, [], 0
         for item in group.items:
             found = _item_members(graph, item, module_path, by_name, by_param, pruning_dims)
             if found is None:
@@ -445,6 +461,9 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
             if isinstance(found, Pass):
                 zero &= bool(found.members)  # a deterministic shift: not zero-preserving
                 passthrough.append(module_path.get(item.dep.target.module, "?"))
+                found = found.members
+            if isinstance(found, Grouped):
+                period = math.gcd(period, found.size)
                 found = found.members
             if isinstance(found, str):
                 why = found
@@ -459,7 +478,14 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
                 rs += list(rts)
             if why:
                 break
-        tensors = []
+        tensors, channels = [], None
+        if why is None and period:  # grouped convolutions: a unit is a position in every group
+            if count % period:
+                why = f"its {count} channels do not split into the groups of its grouped convolutions"
+            else:
+                channels = torch.arange(count).reshape(count // period, period).T
+                members = {k: (i, [r % period for r in rs]) for k, (i, rs) in members.items()}
+                count = period
         if why is None:
             for (layer_name, axis, produces), (indices, rs) in members.items():
                 per_unit = _per_unit(indices, rs, count)
@@ -470,7 +496,7 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
         if why is None and not any(not m.produces for m in tensors):
             why = "its units reach no random layer (the output, or an operation)"
         if why is None:
-            units.append(Units(name, count, tuple(tensors), zero, None, tuple(passthrough)))
+            units.append(Units(name, count, tuple(tensors), zero, None, tuple(passthrough), channels))
         else:
             fixed[name] = why
     order = {layer.name: i for i, layer in enumerate(layers)}  # producers before consumers, as in the net
@@ -690,10 +716,9 @@ def _cut(net: nn.Module, cuts: list[tuple[Units, torch.Tensor]], example, output
             graph = dependency_graph(net, example, output_key)
         root = net.get_submodule(units.name)
         pruner = graph.get_pruner_of_module(root)
+        channels = gone.nonzero().flatten() if units.channels is None else units.channels[gone].flatten()
         with _tolerant_reshapes():
-            group = graph.get_pruning_group(
-                root, pruner.prune_out_channels, gone.nonzero().flatten().tolist()
-            )
+            group = graph.get_pruning_group(root, pruner.prune_out_channels, channels.sort().values.tolist())
         group.prune()
 
 

@@ -35,6 +35,15 @@ def _pointwise_consumer():
     )  # fmt: skip
 
 
+def _grouped_cnn():
+    """A grouped 3x3 conv (4 groups) and a depthwise one: a unit is one position in every group."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 24, 3, groups=4),
+        nn.BatchNorm2d(24), nn.ReLU(), nn.Conv2d(24, 24, 3, groups=24, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+        nn.Conv2d(24, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    )  # fmt: skip
+
+
 def _tv_resnet18():
     import torchvision
 
@@ -45,6 +54,7 @@ NETS = {
     "bn-cnn": (_bn_cnn, 32),
     "sigmoid-after-conv": (_sigmoid_cnn, 16),
     "1x1-consumer": (_pointwise_consumer, 16),
+    "grouped-and-depthwise": (_grouped_cnn, 16),
     "resnet20": (lambda: create_net("resnet20", in_channels=3, image_size=32, num_classes=4), 32),
     "tv-resnet18": pytest.param((_tv_resnet18, 32), marks=pytest.mark.slow),
 }
@@ -155,3 +165,14 @@ def test_why_a_group_is_fixed_is_said_in_words_not_autograd_node_names():
     fixed = structure(model).fixed
     assert fixed and not any("Backward" in why or "Cpu" in why for why in fixed.values())
     assert any("attention (a scaled dot-product)" in why or "matrix product" in why for why in fixed.values())
+
+
+def test_a_grouped_convolutions_unit_is_one_position_in_every_group():
+    torch.manual_seed(0)
+    model, _ = _model(_grouped_cnn(), torch.randn(2, 3, 16, 16))
+    groups = {u.name: u for u in structure(model).units}
+    first, second = groups["0"], groups["6"]
+    assert first.count == 4 and torch.equal(first.channels[1], torch.tensor([1, 5, 9, 13]))
+    assert {m.layer: tuple(m.index.shape) for m in first.members} == {"0": (4, 4), "3": (4, 9)}
+    # the grouped conv's rows (6 per group) with the depthwise conv's and the 1x1 conv's columns
+    assert second.count == 6 and {m.layer for m in second.producers} == {"3", "6"}
