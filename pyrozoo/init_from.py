@@ -16,6 +16,7 @@ trace); no prior needs code of its own.
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import os
@@ -83,7 +84,9 @@ def trained_net(net: nn.Module, weights: dict[str, torch.Tensor] | nn.Module, wh
                 "cannot start a dense one; give the net options it was trained with)"
             )
     copied = copy.deepcopy(net)
-    copied.load_state_dict({k: v.to(own[k]) for k, v in state.items()})
+    loaded = collections.OrderedDict((k, v.to(own[k])) for k, v in state.items())
+    loaded._metadata = own._metadata  # module versions: MNASNet refuses a state without them
+    copied.load_state_dict(loaded)
     return copied
 
 

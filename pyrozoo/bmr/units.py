@@ -104,16 +104,18 @@ class Units:
         return out
 
     def silent(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Units whose producing entries are all pruned: dead, or (not zero-preserving) a constant."""
-        if not self.producers:
+        """Units whose producing entries before their per-channel affine (a random BatchNorm's rows, which
+        leave a constant) are all pruned: they output a constant (exactly 0 where :meth:`dead`)."""
+        producers = [m for m in self.producers if m.layer not in self.passthrough] or self.producers
+        if not producers:
             return torch.zeros(self.count, dtype=torch.bool, device=next(iter(masks.values())).device)
-        return self._none(masks, self.producers)
+        return self._none(masks, producers)
 
     def dead(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Units whose producing entries are all pruned and whose consumers therefore see 0."""
-        if not self.zero_preserving:
+        if not self.zero_preserving or not self.producers:
             return torch.zeros(self.count, dtype=torch.bool, device=next(iter(masks.values())).device)
-        return self.silent(masks)
+        return self._none(masks, self.producers)
 
     def unused(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Units whose consuming entries are all pruned."""
@@ -649,7 +651,7 @@ def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | No
     candidates = []
     for units in found.units:
         gone = units.gone(masks).cpu()
-        silent = units.silent(masks).cpu() & ~gone
+        silent = units.silent(masks).cpu() & ~gone  # dead but for a constant: cut where it folds
         if bool((gone | silent).any()):
             candidates.append((units, gone, silent))
     if not candidates:
