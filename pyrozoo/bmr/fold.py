@@ -77,7 +77,10 @@ def _member_fold(module: nn.Module, member, x: torch.Tensor, path: str):
         summed = weight.flatten(2).sum(-1)  # (out, in)
         contribution = (summed[:, channels] * constant).sum(-1).T
         return same.all(1), contribution
-    return None, f"their constant output reaches {path!r} ({type(module).__name__}), which it cannot be folded into"
+    return (
+        None,
+        f"their constant output reaches {path!r} ({type(module).__name__}), which it cannot be folded into",
+    )
 
 
 @torch.no_grad()
@@ -88,7 +91,9 @@ def plan_folds(net: nn.Module, example, output_key, groups: list) -> dict[str, F
     modules = {path: net.get_submodule(path) for path in paths if _has_module(net, path)}
     inputs, hooks = {}, []
     for path, module in modules.items():
-        hooks.append(module.register_forward_pre_hook(lambda m, args, path=path: inputs.__setitem__(path, args[0])))
+        hooks.append(
+            module.register_forward_pre_hook(lambda m, args, path=path: inputs.__setitem__(path, args[0]))
+        )
     args, kwargs = call_arguments(example)
     try:
         select_output(net(*args, **kwargs), output_key)
@@ -102,7 +107,10 @@ def plan_folds(net: nn.Module, example, output_key, groups: list) -> dict[str, F
         for member in units.consumers:
             module, x = modules.get(member.layer), inputs.get(member.layer)
             if module is None or x is None or not isinstance(x, torch.Tensor):
-                found, detail = None, f"their constant output reaches {member.layer!r}, which it cannot be folded into"
+                found, detail = (
+                    None,
+                    f"their constant output reaches {member.layer!r}, which it cannot be folded into",
+                )
             else:
                 found, detail = _member_fold(module, member, x, member.layer)
             if found is None:
@@ -110,13 +118,10 @@ def plan_folds(net: nn.Module, example, output_key, groups: list) -> dict[str, F
                 break
             found = found.to(foldable.device)
             if bool((silent & ~found).any()) and not why:
-                why = (
-                    f"their constant output reaches {member.layer!r}, "
-                    + (
-                        "a zero-padded convolution, where it cannot be folded"
-                        if isinstance(module, _CONVS) and _zero_padded(module)
-                        else "and is not the same at every position of the example batch"
-                    )
+                why = f"their constant output reaches {member.layer!r}, " + (
+                    "a zero-padded convolution, where it cannot be folded"
+                    if isinstance(module, _CONVS) and _zero_padded(module)
+                    else "and is not the same at every position of the example batch"
                 )
             foldable &= found
             contributions[member.layer] = contributions.get(member.layer, 0) + detail
@@ -156,9 +161,14 @@ def _batch_norms_fed(net, example, output_key, paths: set[str]) -> dict[str, nn.
     outputs, readers, hooks = {}, {}, []
     for path in paths:
         module = net.get_submodule(path)
-        hooks.append(module.register_forward_hook(lambda m, a, out, path=path: outputs.__setitem__(id(out), (path, out))))
+        hooks.append(
+            module.register_forward_hook(
+                lambda m, a, out, path=path: outputs.__setitem__(id(out), (path, out))
+            )
+        )
     for module in net.modules():
         if hooks and not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+
             def read(m, args):
                 for a in args:
                     if isinstance(a, torch.Tensor) and id(a) in outputs:
@@ -174,6 +184,8 @@ def _batch_norms_fed(net, example, output_key, paths: set[str]) -> dict[str, nn.
     return {
         path: found[0]
         for path, found in readers.items()
-        if len(found) == 1 and is_batch_norm(found[0]) and not found[0].training
+        if len(found) == 1
+        and is_batch_norm(found[0])
+        and not found[0].training
         and found[0].running_mean is not None
     }

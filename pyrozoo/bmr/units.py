@@ -12,19 +12,24 @@ Where the groups come from:
 - **Torch-Pruning's DependencyGraph** (``torch-pruning`` on PyPI, the DepGraph paper) traces the net on an
   example batch and couples channels through residual additions, BatchNorm, depthwise convolutions,
   concatenations, flattening and 1x1-conv or linear MLPs. Each of its groups (rooted at a layer's output
-  channels) becomes one :class:`Units`; deterministic per-channel modules in it (BatchNorm) are sliced with
-  their units at rebuild. A group whose channels pass through an operation that mixes channels (LayerNorm,
-  GroupNorm, softmax, matrix products, attention) or reach a deterministic weight layer, an RNN's hidden state
-  or the output layer's rows is *fixed*: removing one of its units could change the function.
+  channels) becomes one :class:`Units`. A group whose channels pass through an operation that mixes channels
+  (LayerNorm, GroupNorm, softmax, matrix products, attention) or reach a deterministic weight layer, an RNN's
+  hidden state or the output layer's rows is *fixed*: removing one of its units could change the function.
 - **Attention heads** of timm's ``Attention`` (fused ``qkv`` and ``proj``) are found by hand: the
   DependencyGraph tracks features, not heads, and a head is the unit whose value rows decide whether it
   contributes. Cutting a head removes its query, key and value rows and its ``proj`` columns.
 
+A per-channel affine after a unit (BatchNorm, random or deterministic) is sliced with the group; a random,
+prunable one's rows are among its producers. A grouped convolution couples the channels at one position of every
+group into one unit (:attr:`Units.channels`). Why a group is fixed is said in words, not autograd node names.
+
 A unit is *removable without changing the function* when all its consuming entries are pruned (unused), or when
 all its producing entries are pruned and the path to its consumers maps 0 to 0 (dead: ReLU, GELU, SiLU, tanh,
-pooling, additions of dead channels; not BatchNorm or sigmoid, whose constant output is kept). The rebuild
-(:func:`remove_dead_units`) also checks each group's removal against the unpruned net's outputs on the example
-batch and keeps the units if they differ.
+pooling, additions of dead channels). A *silent* unit (producers pruned, but a BatchNorm shift or sigmoid(0)
+after them) outputs a constant: the rebuild (:func:`remove_dead_units`) cuts it where the constant folds exactly
+into its consumers (:mod:`pyrozoo.bmr.fold`) and says in :attr:`Structure.kept` why it stays elsewhere. The
+rebuild also checks each group's removal against the unpruned net's outputs on the example batch and keeps the
+units if they differ.
 """
 
 from __future__ import annotations
@@ -666,7 +671,9 @@ def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | No
         return sum(int(gone.sum()) for _, gone in cuts)
     _restore(net, before)
     removed = 0
-    for candidate in candidates:  # a path the graph did not show (a constant reaching the output): find the culprit
+    for (
+        candidate
+    ) in candidates:  # a path the graph did not show (a constant reaching the output): find the culprit
         before = copy.deepcopy(net)
         cuts, shifts = _plan(net, example, model.output_key, [candidate], {})
         apply_folds(net, example, model.output_key, shifts)
@@ -697,7 +704,9 @@ def _plan(net, example, output_key, candidates, kept: dict[str, str]):
         if bool(cut.all()):
             cut[0] = False  # a group keeps one unit, so that its layers stay valid modules
         if fold is not None and bool((silent & ~foldable).any()):
-            kept[units.name] = f"{int((silent & ~foldable).sum())} of its {units.count} units have every weight pruned but stay: {fold.why}"
+            kept[units.name] = (
+                f"{int((silent & ~foldable).sum())} of its {units.count} units have every weight pruned but stay: {fold.why}"
+            )
         if fold is not None:
             for path, contribution in fold.contributions.items():
                 shift = contribution[(cut & silent).to(contribution.device)].sum(0)

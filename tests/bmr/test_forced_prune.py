@@ -16,7 +16,12 @@ from pyrozoo.nets import create_net
 def _bn_cnn():
     layers, channels = [], 3
     for width in (8, 12, 16):
-        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2)]
+        layers += [
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
         channels = width
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
 
