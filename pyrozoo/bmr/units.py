@@ -310,17 +310,17 @@ def _item_members(graph, item, module_path, by_name, by_param, pruning_dims):
     module, handler = dep.target.module, dep.handler
     roots = getattr(item, "root_idxs", None)
     if roots is None or any(r is None for r in roots):
-        return "an index mapping without roots"
+        return "Torch-Pruning cannot follow its channels through an index mapping"
     out = graph.is_out_channel_pruning_fn(handler)
     if isinstance(module, nn.Parameter):
         name = by_param.get(id(module))
         if name is None:
-            return "a parameter pyrozoo does not know"
+            return "its channels reach a parameter pyrozoo does not know"
         layer = by_name.get(name)
         if layer is None:
-            return f"deterministic parameter {name!r}"
+            return f"its channels reach deterministic parameter {name!r} (make it random to let them go)"
         if pruning_dims.get(id(module)) != module.dim() - 1:
-            return f"parameter {name!r} along a dimension other than its last"
+            return f"its channels reach parameter {name!r} along a dimension other than its last"
         return [(layer, 1, idxs, roots, True)]
     if isinstance(module, tp.ops._ElementWiseOp):
         op = str(module._grad_fn)
@@ -347,32 +347,38 @@ def _item_members(graph, item, module_path, by_name, by_param, pruning_dims):
     if layer is None and tied is not None and isinstance(module, nn.Linear) and not out:
         if tied.kind == "embedding":  # a decoder sharing an embedding's matrix: its inputs are the columns
             return [(tied, 1, idxs, roots, False)]
-        return f"layer {path!r} tied to {tied.name!r}"
+        return f"its channels reach layer {path!r}, whose weight is tied to {tied.name!r}"
     if layer is None:
         kind = type(module).__name__
         if not any(True for _ in module.parameters(recurse=False)):
             return None
-        return f"deterministic layer {path!r} ({kind})"
+        return f"its channels reach deterministic layer {path!r} ({kind}; make it random to let them go)"
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or layer.kind == "norm":
-        return f"normalisation {path!r}, which mixes channels"
+        return f"its channels pass through normalisation {path!r} ({type(module).__name__}), which mixes them"
     if isinstance(module, nn.Embedding):
-        return [(layer, 1, idxs, roots, True)] if out else f"embedding {path!r} indices"
+        return (
+            [(layer, 1, idxs, roots, True)]
+            if out
+            else f"its channels are the token indices of embedding {path!r}"
+        )
     if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
         if out:
-            return f"the hidden state of {path!r}"
+            return f"its channels are the hidden state of {path!r}, which feeds back into itself"
         names = [n for n in by_name if n.startswith(f"{path}.weight_ih_l0")]
         return [(by_name[n], 1, idxs, roots, False) for n in names]
     if isinstance(module, nn.MultiheadAttention):
-        return f"attention {path!r}"
+        return f"its channels feed attention {path!r} (MultiheadAttention), whose heads mix them"
     if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_conv_transposes())):
-        return f"layer {path!r} of type {type(module).__name__}"
+        return (
+            f"its channels reach layer {path!r} of type {type(module).__name__}, which pyrozoo cannot slice"
+        )
     groups = getattr(module, "groups", 1)
     depthwise = groups == getattr(module, "in_channels", 0) == getattr(module, "out_channels", 0)
     if groups > 1 and not depthwise and (isinstance(module, _conv_transposes()) or list(idxs) != list(roots)):
         return f"grouped convolution {path!r} behind a reshuffle of its channels"
     if out:
         if layer.is_output:
-            return f"the output layer {path!r}"
+            return f"its channels are the outputs of the output layer {path!r}"
         found = [(layer, 0, idxs, roots, True)]
         return found if groups == 1 or depthwise else Grouped(module.out_channels // groups, found)
     if depthwise:
@@ -444,7 +450,7 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
                 )
         except (IndexError, ZeroDivisionError, ValueError, KeyError) as e:
             fixed[module_path.get(root, str(root))] = (
-                f"Torch-Pruning cannot map its channels ({type(e).__name__})"
+                f"its channels pass through a reshape, split or indexing that Torch-Pruning cannot follow channel by channel ({type(e).__name__})"
             )
             visited.add(root)
             continue
@@ -477,7 +483,7 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
                 break
             for layer, axis, idxs, rts, produces in found:
                 if layer.name in claimed:
-                    why = f"attention heads of {layer.name!r} are units of their own"
+                    why = f"it reaches {layer.name!r}, whose attention heads are units of their own"
                     break
                 key = (layer.name, axis, produces)
                 indices, rs = members.setdefault(key, ([], []))
@@ -497,11 +503,11 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
             for (layer_name, axis, produces), (indices, rs) in members.items():
                 per_unit = _per_unit(indices, rs, count)
                 if per_unit is None:
-                    why = f"units of {layer_name!r} of unequal sizes"
+                    why = f"its channels map to unequal numbers of entries of {layer_name!r}"
                     break
                 tensors.append(Member(layer_name, axis, per_unit, produces))
         if why is None and not any(not m.produces for m in tensors):
-            why = "its units reach no random layer (the output, or an operation)"
+            why = "its channels reach no random layer (only the output, or an operation)"
         if why is None:
             units.append(Units(name, count, tuple(tensors), zero, None, tuple(passthrough), channels))
         else:
