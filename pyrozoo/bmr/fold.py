@@ -92,14 +92,11 @@ def plan_folds(net: nn.Module, example, output_key, groups: list) -> dict[str, F
     inputs, hooks = {}, []
     for path, module in modules.items():
         hooks.append(
-            module.register_forward_pre_hook(lambda m, args, path=path: inputs.__setitem__(path, args[0]))
+            module.register_forward_pre_hook(
+                lambda m, args, path=path: inputs.__setitem__(path, args[0] if args else None)
+            )
         )
-    args, kwargs = call_arguments(example)
-    try:
-        select_output(net(*args, **kwargs), output_key)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _run(net, example, output_key, hooks)
     plans = {}
     for units, silent in groups:
         foldable = silent.clone()
@@ -127,6 +124,16 @@ def plan_folds(net: nn.Module, example, output_key, groups: list) -> dict[str, F
             contributions[member.layer] = contributions.get(member.layer, 0) + detail
         plans[units.name] = Fold(foldable, contributions, why)
     return plans
+
+
+def _run(net: nn.Module, example, output_key, hooks: list) -> None:
+    """One forward pass of ``net`` on ``example`` for its ``hooks`` to watch; they are removed after."""
+    args, kwargs = call_arguments(example)
+    try:
+        select_output(net(*args, **kwargs), output_key)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _has_module(net: nn.Module, path: str) -> bool:
@@ -175,12 +182,7 @@ def _batch_norms_fed(net, example, output_key, paths: set[str]) -> dict[str, nn.
                         readers.setdefault(outputs[id(a)][0], []).append(m)
 
             hooks.append(module.register_forward_pre_hook(read))
-    args, kwargs = call_arguments(example)
-    try:
-        select_output(net(*args, **kwargs), output_key)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    _run(net, example, output_key, hooks)
     return {
         path: found[0]
         for path, found in readers.items()
