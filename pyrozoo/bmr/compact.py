@@ -219,7 +219,7 @@ def _remap(found: Structure, keeps: dict[str, list[torch.Tensor]]) -> Structure:
                 Member(member.layer, member.axis, position[member.index[survive]], member.produces)
             )
         units.append(dataclasses.replace(group, count=int(survive.sum()), members=tuple(members)))
-    return Structure(units, found.fixed, found.kept)
+    return Structure(units, found.fixed, found.stayed)
 
 
 def _cuts(model) -> tuple[dict[str, list[torch.Tensor]], int, list[str]]:

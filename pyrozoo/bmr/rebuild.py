@@ -21,7 +21,7 @@ def rebuild(model, guide, remove_dead: bool = True) -> nn.Module:
     MLP and LeNet, hidden neurons of transformer MLP blocks, attention heads: :mod:`pyrozoo.bmr.units`) are cut
     out with the matching slices downstream, so the net really gets smaller and faster; a unit left with a
     constant output (a BatchNorm shift) goes where the constant folds into its consumers, and
-    ``structure(model).kept`` says why others stay. Its outputs do not change and its module classes stay the
+    ``structure(model).stayed`` says why others stay. Its outputs do not change and its module classes stay the
     same (a rebuilt timm model is still a timm model). A model compacted during training
     (:mod:`pyrozoo.bmr.compact`) is first grown back to its original net.
     """
@@ -38,9 +38,9 @@ def rebuild(model, guide, remove_dead: bool = True) -> nn.Module:
     if remove_dead:
         remove_dead_units(net, model)
         if model is not given:  # why units stayed is told on the model the caller holds
-            kept = structure(given).kept
-            kept.clear()
-            kept.update(structure(model).kept)
+            stayed = structure(given).stayed
+            stayed.clear()
+            stayed.update(structure(model).stayed)
     return net.eval()
 
 

@@ -27,7 +27,7 @@ A unit is *removable without changing the function* when all its consuming entri
 all its producing entries are pruned and the path to its consumers maps 0 to 0 (dead: ReLU, GELU, SiLU, tanh,
 pooling, additions of dead channels). A *silent* unit (producers pruned, but a BatchNorm shift or sigmoid(0)
 after them) outputs a constant: the rebuild (:func:`remove_dead_units`) cuts it where the constant folds exactly
-into its consumers (:mod:`pyrozoo.bmr.fold`) and says in :attr:`Structure.kept` why it stays elsewhere. The
+into its consumers (:mod:`pyrozoo.bmr.fold`) and says in :attr:`Structure.stayed` why it stays elsewhere. The
 rebuild also checks each group's removal against the unpruned net's outputs on the example batch and keeps the
 units if they differ.
 """
@@ -415,7 +415,7 @@ class Structure:
     units: list[Units]
     fixed: dict[str, str]  # root path -> why its units cannot be removed
     # root path -> why units of a removable group stayed in the last rebuild although their weights are pruned
-    kept: dict[str, str] = field(default_factory=dict)
+    stayed: dict[str, str] = field(default_factory=dict)
 
 
 def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None) -> Structure:
@@ -647,7 +647,7 @@ def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | No
     """Cut the units that can go out of ``net``, a plain copy of ``model.net`` with its weights set, in place;
     returns how many went. Units that can go are those dead or unused under ``masks`` (by default the model's
     effective masks), and the silent ones (every producing weight pruned) whose constant output folds exactly
-    into their consumers (:mod:`pyrozoo.bmr.fold`). Why silent units stay is in ``structure(model).kept``.
+    into their consumers (:mod:`pyrozoo.bmr.fold`). Why silent units stay is in ``structure(model).stayed``.
 
     Each group is cut by Torch-Pruning (BatchNorm channels and every coupled layer with it, the module classes
     kept), or, for attention heads, by slicing ``qkv`` and ``proj``. A group keeps at least one unit so that its
@@ -658,7 +658,7 @@ def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | No
     net.eval()
     masks = effective_masks(model) if masks is None else masks
     found = structure(model)
-    found.kept.clear()
+    found.stayed.clear()
     candidates = []
     for units in found.units:
         gone = units.gone(masks).cpu()
@@ -670,7 +670,7 @@ def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | No
     example = _example_on(model.example_input(), next(net.parameters()).device)
     reference = _outputs(net, example, model.output_key)
     before = copy.deepcopy(net)
-    cuts, shifts = _plan(net, example, model.output_key, candidates, found.kept)
+    cuts, shifts = _plan(net, example, model.output_key, candidates, found.stayed)
     apply_folds(net, example, model.output_key, shifts)
     _cut(net, cuts, example, model.output_key)
     if _same(_outputs(net, example, model.output_key), reference):
@@ -689,17 +689,17 @@ def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | No
         else:
             _restore(net, before)
             units = candidate[0]
-            found.kept[units.name] = (
+            found.stayed[units.name] = (
                 f"{int(sum(int(g.sum()) for _, g in cuts))} of its {units.count} units can go by their weights, "
                 "but cutting them changed the outputs on the example batch"
             )
     return removed
 
 
-def _plan(net, example, output_key, candidates, kept: dict[str, str]):
+def _plan(net, example, output_key, candidates, stayed: dict[str, str]):
     """The cuts ``[(units, gone)]`` of ``candidates`` (``(units, gone, silent)``) and the shifts of their
     consumers' outputs that keep the function (silent units whose constant folds); why others stay goes into
-    ``kept``."""
+    ``stayed``."""
     folding = [(units, silent) for units, _, silent in candidates if bool(silent.any())]
     plans = plan_folds(net, example, output_key, folding) if folding else {}
     cuts, shifts = [], {}
@@ -710,7 +710,7 @@ def _plan(net, example, output_key, candidates, kept: dict[str, str]):
         if bool(cut.all()):
             cut[0] = False  # a group keeps one unit, so that its layers stay valid modules
         if fold is not None and bool((silent & ~foldable).any()):
-            kept[units.name] = (
+            stayed[units.name] = (
                 f"{int((silent & ~foldable).sum())} of its {units.count} units have every weight pruned but stay: {fold.why}"
             )
         if fold is not None:

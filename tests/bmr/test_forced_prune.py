@@ -108,7 +108,7 @@ def test_a_batch_norm_shift_goes_into_a_linear_bias_and_a_following_batch_norms_
     assert sparse[3].out_channels == 6 and sparse[3].bias is None  # the shift went into BatchNorm 4
     assert not torch.equal(sparse[4].running_mean, model.net[4].running_mean[[0, 1, 2, 3, 6, 7]])
     torch.testing.assert_close(sparse(x), expected, rtol=1e-5, atol=1e-5)
-    assert structure(model).kept == {}
+    assert structure(model).stayed == {}
 
 
 def test_a_constant_into_a_zero_padded_convolution_stays_and_the_report_says_why():
@@ -127,7 +127,7 @@ def test_a_constant_into_a_zero_padded_convolution_stays_and_the_report_says_why
     sparse, expected = _rebuilt_and_expected(model, guide, x)
     assert sparse[0].out_channels == 8 - zero
     torch.testing.assert_close(sparse(x), expected, rtol=1e-5, atol=1e-5)
-    why = structure(model).kept["0"]
+    why = structure(model).stayed["0"]
     assert why.startswith(f"{8 - zero} of its 8 units have every weight pruned but stay") and "'4'" in why
     assert "zero-padded convolution" in why
 
