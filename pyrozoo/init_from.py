@@ -16,6 +16,7 @@ trace); no prior needs code of its own.
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import os
@@ -92,7 +93,9 @@ def trained_net(net: nn.Module, weights: dict[str, torch.Tensor] | nn.Module, wh
                 "cannot start a dense one; give the net options it was trained with)"
             )
     copied = copy.deepcopy(net)
-    copied.load_state_dict({k: v.to(own[k]) for k, v in state.items()})
+    loaded = collections.OrderedDict((k, v.to(own[k])) for k, v in state.items())
+    loaded._metadata = own._metadata  # module versions: MNASNet refuses a state without them
+    copied.load_state_dict(loaded)
     return copied
 
 
@@ -161,12 +164,13 @@ def start_from_weights(
     weights: dict[str, torch.Tensor] | nn.Module,
     init_scale: float | None = 1e-3,
     what="the weights",
+    steps: int = 300,
 ) -> None:
     """Set ``guide``'s posterior so that its mean is the trained net ``weights`` (a state_dict or an
     ``nn.Module`` of ``model.net``'s architecture), for any prior: hyperparameters at their MAP given the weights,
     ``z``'s locs at ``w / scale``, every scale ``init_scale`` (0 for a point-mass guide; None: each entry keeps
     the scale it has, e.g. IVON's from its initial Hessian). The model's masks are left as they are (all kept in
-    a new model)."""
+    a new model). ``steps`` of the hyperparameters' fit (0: they stay where the guide has them)."""
     net = trained_net(model.net, weights, what)
     layers = model.layers
     w = {layer.name: layer.join(net).to(model.mask(layer.name)) for layer in layers}
@@ -176,7 +180,7 @@ def start_from_weights(
     def scales(site, like):
         return current[site][1].clone() if spread is None else torch.full_like(like, spread)
 
-    hyper = fit_hyperparameters(model, guide, w)
+    hyper = fit_hyperparameters(model, guide, w, steps)
     for site, loc in hyper.items():
         guide.write_posterior(site, loc, scales(site, loc))
     mean = guide.mean()

@@ -303,8 +303,9 @@ def test_default_batch_norm_statistics_follow_train_and_eval_mode():
     assert not torch.equal(before["features.1.running_mean"], model.net.features[1].running_mean)
 
 
-def test_a_unit_with_a_constant_output_is_kept_unless_its_consumers_are_pruned():
-    """Sigmoid(0) = 0.5: a unit whose inputs are all pruned still feeds its consumers; the rebuild keeps it."""
+def test_a_unit_with_a_constant_output_goes_with_its_constant_folded_into_the_next_bias():
+    """Sigmoid(0) = 0.5: a unit whose inputs are all pruned still feeds its consumers a constant, which the
+    rebuild moves into the next Linear's bias before cutting the unit; tanh(0) = 0 needs no fold."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     x = torch.randn(3, 4)
@@ -319,9 +320,11 @@ def test_a_unit_with_a_constant_output_is_kept_unless_its_consumers_are_pruned()
     with torch.no_grad():
         expected = model.logits(x, model.weights_from(guide.mean()))
     sparse = rebuild(model, guide)
-    assert sparse[0].out_features == 6 and sparse[2].out_features == 2
+    assert sparse[0].out_features == 4 and sparse[2].out_features == 2
     with torch.no_grad():
         torch.testing.assert_close(sparse(x), expected)
+        dense = rebuild(model, guide, remove_dead=False)
+        assert not torch.equal(sparse[2].bias, dense[2].bias)  # the 0.5s moved into it
 
 
 def test_slicing_latents_by_a_group_matches_the_rebuilt_shapes():

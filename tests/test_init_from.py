@@ -116,3 +116,24 @@ def test_files_that_do_not_fit_are_one_line_errors(tmp_path):
     torch.save(renamed, tmp_path / "renamed.pt")
     with pytest.raises(PyrozooError, match="missing"):
         Run(TrainConfig(**config, init_from=str(tmp_path / "renamed.pt")), tmp_path / "renamed")
+
+
+def test_a_net_whose_modules_check_their_state_version_starts_from_its_weights():
+    """MNASNet refuses a state without module versions (torch keeps them in the state_dict's metadata)."""
+    from torch import nn
+
+    class Versioned(nn.Linear):
+        _version = 2
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+            if local_metadata.get("version") != 2:
+                raise ValueError("version should be set to 2")
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+    net = nn.Sequential(Versioned(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    model = BayesianModel(net, example_input=torch.randn(2, 4))
+    guide = make_guide("meanfield", model)
+    start_from_weights(model, guide, net, steps=0)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(x, model.weights_from(guide.mean())), net(x))

@@ -219,7 +219,7 @@ def _remap(found: Structure, keeps: dict[str, list[torch.Tensor]]) -> Structure:
                 Member(member.layer, member.axis, position[member.index[survive]], member.produces)
             )
         units.append(dataclasses.replace(group, count=int(survive.sum()), members=tuple(members)))
-    return Structure(units, found.fixed)
+    return Structure(units, found.fixed, found.stayed)
 
 
 def _cuts(model) -> tuple[dict[str, list[torch.Tensor]], int, list[str]]:
@@ -235,6 +235,9 @@ def _cuts(model) -> tuple[dict[str, list[torch.Tensor]], int, list[str]]:
             continue
         if units.passthrough:
             skipped.append(f"{units.name} (through {', '.join(units.passthrough)})")
+            continue
+        if units.channels is not None:
+            skipped.append(f"{units.name} (a grouped convolution)")
             continue
         removed += int(gone.sum())
         for member in units.members:

@@ -9,7 +9,7 @@ from torch import nn
 
 from pyrozoo.bmr.check import check_posterior
 from pyrozoo.bmr.compact import expand
-from pyrozoo.bmr.units import remove_dead_units
+from pyrozoo.bmr.units import remove_dead_units, structure
 
 
 @torch.no_grad()
@@ -19,11 +19,14 @@ def rebuild(model, guide, remove_dead: bool = True) -> nn.Module:
     Weights are ``scale * mask * z`` at the posterior means of the latents (``guide.mean()``). With
     ``remove_dead``, units whose every input or every output weight is pruned (hidden neurons and channels of
     MLP and LeNet, hidden neurons of transformer MLP blocks, attention heads: :mod:`pyrozoo.bmr.units`) are cut
-    out with the matching slices downstream, so the net really gets smaller and faster; its outputs do not
-    change and its module classes stay the same (a rebuilt timm model is still a timm model). A model compacted
-    during training (:mod:`pyrozoo.bmr.compact`) is first grown back to its original net.
+    out with the matching slices downstream, so the net really gets smaller and faster; a unit left with a
+    constant output (a BatchNorm shift) goes where the constant folds into its consumers, and
+    ``structure(model).stayed`` says why others stay. Its outputs do not change and its module classes stay the
+    same (a rebuilt timm model is still a timm model). A model compacted during training
+    (:mod:`pyrozoo.bmr.compact`) is first grown back to its original net.
     """
     check_posterior(model, guide)
+    given = model
     model, guide = expand(model, guide)  # a compacted run rebuilds its original net, as its uncompacted twin
     weights = model.weights_from(guide.mean())
     net = copy.deepcopy(model.net)
@@ -34,6 +37,10 @@ def rebuild(model, guide, remove_dead: bool = True) -> nn.Module:
         p.requires_grad_(True)
     if remove_dead:
         remove_dead_units(net, model)
+        if model is not given:  # why units stayed is told on the model the caller holds
+            stayed = structure(given).stayed
+            stayed.clear()
+            stayed.update(structure(model).stayed)
     return net.eval()
 
 

@@ -12,25 +12,31 @@ Where the groups come from:
 - **Torch-Pruning's DependencyGraph** (``torch-pruning`` on PyPI, the DepGraph paper) traces the net on an
   example batch and couples channels through residual additions, BatchNorm, depthwise convolutions,
   concatenations, flattening and 1x1-conv or linear MLPs. Each of its groups (rooted at a layer's output
-  channels) becomes one :class:`Units`; deterministic per-channel modules in it (BatchNorm) are sliced with
-  their units at rebuild. A group whose channels pass through an operation that mixes channels (LayerNorm,
-  GroupNorm, softmax, matrix products, attention) or reach a deterministic weight layer, an RNN's hidden state
-  or the output layer's rows is *fixed*: removing one of its units could change the function.
+  channels) becomes one :class:`Units`. A group whose channels pass through an operation that mixes channels
+  (LayerNorm, GroupNorm, softmax, matrix products, attention) or reach a deterministic weight layer, an RNN's
+  hidden state or the output layer's rows is *fixed*: removing one of its units could change the function.
 - **Attention heads** of timm's ``Attention`` (fused ``qkv`` and ``proj``) are found by hand: the
   DependencyGraph tracks features, not heads, and a head is the unit whose value rows decide whether it
   contributes. Cutting a head removes its query, key and value rows and its ``proj`` columns.
 
+A per-channel affine after a unit (BatchNorm, random or deterministic) is sliced with the group; a random,
+prunable one's rows are among its producers. A grouped convolution couples the channels at one position of every
+group into one unit (:attr:`Units.channels`). Why a group is fixed is said in words, not autograd node names.
+
 A unit is *removable without changing the function* when all its consuming entries are pruned (unused), or when
 all its producing entries are pruned and the path to its consumers maps 0 to 0 (dead: ReLU, GELU, SiLU, tanh,
-pooling, additions of dead channels; not BatchNorm or sigmoid, whose constant output is kept). The rebuild
-(:func:`remove_dead_units`) also checks each group's removal against the unpruned net's outputs on the example
-batch and keeps the units if they differ.
+pooling, additions of dead channels). A *silent* unit (producers pruned, but a BatchNorm shift or sigmoid(0)
+after them) outputs a constant: the rebuild (:func:`remove_dead_units`) cuts it where the constant folds exactly
+into its consumers (:mod:`pyrozoo.bmr.fold`) and says in :attr:`Structure.stayed` why it stays elsewhere. The
+rebuild also checks each group's removal against the unpruned net's outputs on the example batch and keeps the
+units if they differ.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -38,6 +44,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pyrozoo.bmr.fold import apply_folds, plan_folds
 from pyrozoo.errors import PyrozooError
 from pyrozoo.models.bayesian import call_arguments, select_output
 from pyrozoo.models.layers import Layer, find_layers, is_batch_norm
@@ -80,6 +87,7 @@ class Units:
     passthrough: tuple[str, ...] = field(
         default=()
     )  # deterministic modules sliced with the units (BatchNorm)
+    channels: torch.Tensor | None = None  # (count, k): the root's channels of each unit, where not one each
 
     @property
     def producers(self) -> list[Member]:
@@ -99,6 +107,14 @@ class Units:
         for member in members:
             out &= ~member.take(masks[member.layer]).any(dim=1)
         return out
+
+    def silent(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Units whose producing entries before their per-channel affine (a random BatchNorm's rows, which
+        leave a constant) are all pruned: they output a constant (exactly 0 where :meth:`dead`)."""
+        producers = [m for m in self.producers if m.layer not in self.passthrough] or self.producers
+        if not producers:
+            return torch.zeros(self.count, dtype=torch.bool, device=next(iter(masks.values())).device)
+        return self._none(masks, producers)
 
     def dead(self, masks: dict[str, torch.Tensor]) -> torch.Tensor:
         """Units whose producing entries are all pruned and whose consumers therefore see 0."""
@@ -149,6 +165,41 @@ def slice_latents(
 # unit passing through one cannot be removed without changing what the others compute.
 _MIXING = ("LayerNorm", "GroupNorm", "Softmax", "Mm", "Bmm", "Matmul", "Attention", "Var", "Std", "Norm")
 # Operations that map a channel of zeros to zeros (with every other input of the unit zero too).
+_MIXING_WORDS = {
+    "Attention": "attention (a scaled dot-product)",
+    "LayerNorm": "a layer normalisation",
+    "GroupNorm": "a group normalisation",
+    "Softmax": "a softmax",
+    "Mm": "a matrix product",
+    "Matmul": "a matrix product",
+    "Var": "a variance over channels",
+    "Std": "a standard deviation over channels",
+    "Norm": "a norm over channels",
+}
+
+
+def _mixing_words(op: str) -> str:
+    """An autograd node's name (``ScaledDotProductFlashAttentionForCpuBackward0``) in a user's words."""
+    return next((words for key, words in _MIXING_WORDS.items() if key in op), "an operation")
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A per-channel module (BatchNorm) that a group's units pass through: sliced with them at the rebuild,
+    with its random rows (if any) among the group's producers."""
+
+    members: list
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """A grouped convolution's memberships: its groups hold ``size`` channels each, and a unit must lose the
+    same position in every group (channels ``j, j + size, j + 2 size, ...`` go together)."""
+
+    size: int
+    members: list
+
+
 _ZERO_TO_ZERO = (
     "Relu", "Gelu", "Silu", "Tanh", "Hardswish", "Hardtanh", "LeakyRelu", "Elu", "Mish", "Add", "Sub", "Mul",
     "Div", "Mean", "Sum", "Pool", "View", "Reshape", "Permute", "Transpose", "Unsqueeze", "Squeeze", "Flatten",
@@ -259,32 +310,36 @@ def _item_members(graph, item, module_path, by_name, by_param, pruning_dims):
     module, handler = dep.target.module, dep.handler
     roots = getattr(item, "root_idxs", None)
     if roots is None or any(r is None for r in roots):
-        return "an index mapping without roots"
+        return "Torch-Pruning cannot follow its channels through an index mapping"
     out = graph.is_out_channel_pruning_fn(handler)
     if isinstance(module, nn.Parameter):
         name = by_param.get(id(module))
         if name is None:
-            return "a parameter pyrozoo does not know"
+            return "its channels reach a parameter pyrozoo does not know"
         layer = by_name.get(name)
         if layer is None:
-            return f"deterministic parameter {name!r}"
+            return f"its channels reach deterministic parameter {name!r} (make it random to let them go)"
         if pruning_dims.get(id(module)) != module.dim() - 1:
-            return f"parameter {name!r} along a dimension other than its last"
+            return f"its channels reach parameter {name!r} along a dimension other than its last"
         return [(layer, 1, idxs, roots, True)]
     if isinstance(module, tp.ops._ElementWiseOp):
         op = str(module._grad_fn)
         if "BatchNorm" not in op and any(word in op for word in _MIXING):
-            return f"operation {op}, which mixes channels"
+            return f"its channels pass through {_mixing_words(op)}, which mixes them with the others"
         return None if any(word in op for word in _ZERO_TO_ZERO) else "constant"
     if module in graph.__dict__.get("unmapped", ()):
-        return "a reshape that permutes channels (a channel shuffle)"
+        return "its channels pass through a reshape that permutes them (a channel shuffle)"
     if module.__class__.__module__.startswith("torch_pruning"):
         return None  # concatenation, split, reshape, ...: index mappings only
     path = module_path.get(module)
     if is_batch_norm(module) or isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
-        if path in by_name:
-            return f"random normalisation {path!r}"
-        return "pass"  # deterministic and per channel: sliced with the units, but not zero-preserving
+        # a per-channel affine: sliced with the units. Random and prunable, its rows produce the unit with the
+        # layer before it (all pruned: the unit outputs exactly 0); otherwise its shift is a constant that a
+        # unit whose producers are all pruned still outputs, which the rebuild folds into the consumers
+        layer = by_name.get(path)
+        if layer is not None and layer.prunable:
+            return Pass([(layer, 0, idxs, roots, True)])
+        return Pass([])
     if isinstance(module, nn.PReLU):
         return None if module.num_parameters == 1 else "pass"
     layer = by_name.get(path)
@@ -292,39 +347,49 @@ def _item_members(graph, item, module_path, by_name, by_param, pruning_dims):
     if layer is None and tied is not None and isinstance(module, nn.Linear) and not out:
         if tied.kind == "embedding":  # a decoder sharing an embedding's matrix: its inputs are the columns
             return [(tied, 1, idxs, roots, False)]
-        return f"layer {path!r} tied to {tied.name!r}"
+        return f"its channels reach layer {path!r}, whose weight is tied to {tied.name!r}"
     if layer is None:
         kind = type(module).__name__
         if not any(True for _ in module.parameters(recurse=False)):
             return None
-        return f"deterministic layer {path!r} ({kind})"
+        return f"its channels reach deterministic layer {path!r} ({kind}; make it random to let them go)"
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or layer.kind == "norm":
-        return f"normalisation {path!r}, which mixes channels"
+        return f"its channels pass through normalisation {path!r} ({type(module).__name__}), which mixes them"
     if isinstance(module, nn.Embedding):
-        return [(layer, 1, idxs, roots, True)] if out else f"embedding {path!r} indices"
+        return (
+            [(layer, 1, idxs, roots, True)]
+            if out
+            else f"its channels are the token indices of embedding {path!r}"
+        )
     if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
         if out:
-            return f"the hidden state of {path!r}"
+            return f"its channels are the hidden state of {path!r}, which feeds back into itself"
         names = [n for n in by_name if n.startswith(f"{path}.weight_ih_l0")]
         return [(by_name[n], 1, idxs, roots, False) for n in names]
     if isinstance(module, nn.MultiheadAttention):
-        return f"attention {path!r}"
+        return f"its channels feed attention {path!r} (MultiheadAttention), whose heads mix them"
     if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_conv_transposes())):
-        return f"layer {path!r} of type {type(module).__name__}"
+        return (
+            f"its channels reach layer {path!r} of type {type(module).__name__}, which pyrozoo cannot slice"
+        )
+    groups = getattr(module, "groups", 1)
+    depthwise = groups == getattr(module, "in_channels", 0) == getattr(module, "out_channels", 0)
+    if groups > 1 and not depthwise and (isinstance(module, _conv_transposes()) or list(idxs) != list(roots)):
+        return f"grouped convolution {path!r} behind a reshuffle of its channels"
     if out:
         if layer.is_output:
-            return f"the output layer {path!r}"
-        return [(layer, 0, idxs, roots, True)]
-    groups = getattr(module, "groups", 1)
-    if groups > 1:
-        if groups == module.in_channels == module.out_channels:
-            return None  # depthwise: its input channel is its output channel, a row of its own
-        return f"grouped convolution {path!r}"
+            return f"its channels are the outputs of the output layer {path!r}"
+        found = [(layer, 0, idxs, roots, True)]
+        return found if groups == 1 or depthwise else Grouped(module.out_channels // groups, found)
+    if depthwise:
+        return None  # its input channel is its output channel, a row of its own
     if isinstance(module, nn.Linear):
         return [(layer, 1, idxs, roots, False)]
-    kernel = layer.fan_in // (module.in_channels // groups)
-    columns = [c * kernel + k for c in idxs for k in range(kernel)]
-    return [(layer, 1, columns, [r for r in roots for _ in range(kernel)], False)]
+    size = module.in_channels // groups  # a grouped conv's column c % size serves channel c of every group
+    kernel = layer.fan_in // size
+    columns = [(c % size) * kernel + k for c in idxs for k in range(kernel)]
+    found = [(layer, 1, columns, [r for r in roots for _ in range(kernel)], False)]
+    return found if groups == 1 else Grouped(size, found)
 
 
 def _conv_transposes():
@@ -336,6 +401,7 @@ def _per_unit(indices: list[int], roots: list[int], count: int) -> torch.Tensor 
     buckets: list[list[int]] = [[] for _ in range(count)]
     for index, root in zip(indices, roots):
         buckets[root].append(index)
+    buckets = [sorted(set(b)) for b in buckets]  # an entry shared by a unit's channels counts once
     sizes = {len(b) for b in buckets}
     if len(sizes) != 1 or 0 in sizes:
         return None
@@ -348,6 +414,8 @@ class Structure:
 
     units: list[Units]
     fixed: dict[str, str]  # root path -> why its units cannot be removed
+    # root path -> why units of a removable group stayed in the last rebuild although their weights are pruned
+    stayed: dict[str, str] = field(default_factory=dict)
 
 
 def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None) -> Structure:
@@ -382,7 +450,7 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
                 )
         except (IndexError, ZeroDivisionError, ValueError, KeyError) as e:
             fixed[module_path.get(root, str(root))] = (
-                f"Torch-Pruning cannot map its channels ({type(e).__name__})"
+                f"its channels pass through a reshape, split or indexing that Torch-Pruning cannot follow channel by channel ({type(e).__name__})"
             )
             visited.add(root)
             continue
@@ -395,7 +463,7 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
         name = module_path.get(root, str(root))
         count = len(group[0].idxs)
         members: dict[tuple[str, int, bool], tuple[list[int], list[int]]] = {}
-        why, zero, passthrough = None, True, []
+        why, zero, passthrough, period = None, True, [], 0
         for item in group.items:
             found = _item_members(graph, item, module_path, by_name, by_param, pruning_dims)
             if found is None:
@@ -403,16 +471,19 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
             if found == "constant":
                 zero = False
                 continue
-            if found == "pass":
-                zero = False
+            if isinstance(found, Pass):
+                zero &= bool(found.members)  # a deterministic shift: not zero-preserving
                 passthrough.append(module_path.get(item.dep.target.module, "?"))
-                continue
+                found = found.members
+            if isinstance(found, Grouped):
+                period = math.gcd(period, found.size)
+                found = found.members
             if isinstance(found, str):
                 why = found
                 break
             for layer, axis, idxs, rts, produces in found:
                 if layer.name in claimed:
-                    why = f"attention heads of {layer.name!r} are units of their own"
+                    why = f"it reaches {layer.name!r}, whose attention heads are units of their own"
                     break
                 key = (layer.name, axis, produces)
                 indices, rs = members.setdefault(key, ([], []))
@@ -420,18 +491,25 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
                 rs += list(rts)
             if why:
                 break
-        tensors = []
+        tensors, channels = [], None
+        if why is None and period:  # grouped convolutions: a unit is a position in every group
+            if count % period:
+                why = f"its {count} channels do not split into the groups of its grouped convolutions"
+            else:
+                channels = torch.arange(count).reshape(count // period, period).T
+                members = {k: (i, [r % period for r in rs]) for k, (i, rs) in members.items()}
+                count = period
         if why is None:
             for (layer_name, axis, produces), (indices, rs) in members.items():
                 per_unit = _per_unit(indices, rs, count)
                 if per_unit is None:
-                    why = f"units of {layer_name!r} of unequal sizes"
+                    why = f"its channels map to unequal numbers of entries of {layer_name!r}"
                     break
                 tensors.append(Member(layer_name, axis, per_unit, produces))
         if why is None and not any(not m.produces for m in tensors):
-            why = "its units reach no random layer (the output, or an operation)"
+            why = "its channels reach no random layer (only the output, or an operation)"
         if why is None:
-            units.append(Units(name, count, tuple(tensors), zero, None, tuple(passthrough)))
+            units.append(Units(name, count, tuple(tensors), zero, None, tuple(passthrough), channels))
         else:
             fixed[name] = why
     order = {layer.name: i for i, layer in enumerate(layers)}  # producers before consumers, as in the net
@@ -566,8 +644,10 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @torch.no_grad()
 def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | None = None) -> int:
-    """Cut the units that can go (dead or unused under ``masks``, by default the model's effective masks) out
-    of ``net``, a plain copy of ``model.net`` with its weights set, in place; returns how many went.
+    """Cut the units that can go out of ``net``, a plain copy of ``model.net`` with its weights set, in place;
+    returns how many went. Units that can go are those dead or unused under ``masks`` (by default the model's
+    effective masks), and the silent ones (every producing weight pruned) whose constant output folds exactly
+    into their consumers (:mod:`pyrozoo.bmr.fold`). Why silent units stay is in ``structure(model).stayed``.
 
     Each group is cut by Torch-Pruning (BatchNorm channels and every coupled layer with it, the module classes
     kept), or, for attention heads, by slicing ``qkv`` and ``proj``. A group keeps at least one unit so that its
@@ -577,31 +657,69 @@ def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | No
     """
     net.eval()
     masks = effective_masks(model) if masks is None else masks
-    cuts = []
-    for units in model_units(model):
-        gone = units.gone(masks)
-        if bool(gone.all()):
-            gone[0] = False
-        if bool(gone.any()):
-            cuts.append((units, gone))
-    if not cuts:
+    found = structure(model)
+    found.stayed.clear()
+    candidates = []
+    for units in found.units:
+        gone = units.gone(masks).cpu()
+        silent = units.silent(masks).cpu() & ~gone  # dead but for a constant: cut where it folds
+        if bool((gone | silent).any()):
+            candidates.append((units, gone, silent))
+    if not candidates:
         return 0
     example = _example_on(model.example_input(), next(net.parameters()).device)
     reference = _outputs(net, example, model.output_key)
     before = copy.deepcopy(net)
+    cuts, shifts = _plan(net, example, model.output_key, candidates, found.stayed)
+    apply_folds(net, example, model.output_key, shifts)
     _cut(net, cuts, example, model.output_key)
     if _same(_outputs(net, example, model.output_key), reference):
         return sum(int(gone.sum()) for _, gone in cuts)
     _restore(net, before)
     removed = 0
-    for cut in cuts:  # a path the graph did not show (a constant reaching the output): find the culprit
+    for (
+        candidate
+    ) in candidates:  # a path the graph did not show (a constant reaching the output): find the culprit
         before = copy.deepcopy(net)
-        _cut(net, [cut], example, model.output_key)
+        cuts, shifts = _plan(net, example, model.output_key, [candidate], {})
+        apply_folds(net, example, model.output_key, shifts)
+        _cut(net, cuts, example, model.output_key)
         if _same(_outputs(net, example, model.output_key), reference):
-            removed += int(cut[1].sum())
+            removed += sum(int(gone.sum()) for _, gone in cuts)
         else:
             _restore(net, before)
+            units = candidate[0]
+            found.stayed[units.name] = (
+                f"{int(sum(int(g.sum()) for _, g in cuts))} of its {units.count} units can go by their weights, "
+                "but cutting them changed the outputs on the example batch"
+            )
     return removed
+
+
+def _plan(net, example, output_key, candidates, stayed: dict[str, str]):
+    """The cuts ``[(units, gone)]`` of ``candidates`` (``(units, gone, silent)``) and the shifts of their
+    consumers' outputs that keep the function (silent units whose constant folds); why others stay goes into
+    ``stayed``."""
+    folding = [(units, silent) for units, _, silent in candidates if bool(silent.any())]
+    plans = plan_folds(net, example, output_key, folding) if folding else {}
+    cuts, shifts = [], {}
+    for units, gone, silent in candidates:
+        fold = plans.get(units.name)
+        foldable = fold.foldable.cpu() if fold is not None else torch.zeros_like(silent)
+        cut = gone | foldable
+        if bool(cut.all()):
+            cut[0] = False  # a group keeps one unit, so that its layers stay valid modules
+        if fold is not None and bool((silent & ~foldable).any()):
+            stayed[units.name] = (
+                f"{int((silent & ~foldable).sum())} of its {units.count} units have every weight pruned but stay: {fold.why}"
+            )
+        if fold is not None:
+            for path, contribution in fold.contributions.items():
+                shift = contribution[(cut & silent).to(contribution.device)].sum(0)
+                shifts[path] = shifts.get(path, 0) + shift
+        if bool(cut.any()):
+            cuts.append((units, cut))
+    return cuts, shifts
 
 
 def _cut(net: nn.Module, cuts: list[tuple[Units, torch.Tensor]], example, output_key) -> None:
@@ -615,10 +733,9 @@ def _cut(net: nn.Module, cuts: list[tuple[Units, torch.Tensor]], example, output
             graph = dependency_graph(net, example, output_key)
         root = net.get_submodule(units.name)
         pruner = graph.get_pruner_of_module(root)
+        channels = gone.nonzero().flatten() if units.channels is None else units.channels[gone].flatten()
         with _tolerant_reshapes():
-            group = graph.get_pruning_group(
-                root, pruner.prune_out_channels, gone.nonzero().flatten().tolist()
-            )
+            group = graph.get_pruning_group(root, pruner.prune_out_channels, channels.sort().values.tolist())
         group.prune()
 
 

@@ -1,0 +1,108 @@
+"""The forced-prune check (issue 28): do channels that BMR must remove really leave the rebuilt net?
+
+Half the output channels of the first few prunable layers are put at the prior's point (posterior loc 0, a
+small scale), every other weight is confident at the net's own value, and a BMR pass (per weight, then units)
+runs. The channels it prunes must then be cut from the rebuilt plain net wherever the function allows, and the
+rebuilt net must compute what the Bayesian model's posterior-mean net computes. ``trained_norms`` gives the
+BatchNorm layers the statistics and affine of a trained net (at torch's initialisation BatchNorm maps 0 to 0,
+which hides the constant a pruned channel leaves behind in a trained one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pyrozoo.models.bayesian import call_arguments, select_output
+from pyrozoo.models.layers import is_batch_norm
+
+
+@dataclass(frozen=True)
+class ForcedPrune:
+    """What the check found: parameters of the dense and the rebuilt net, the largest output difference
+    (relative to the largest output), whether the predicted classes agree and whether ``torch.export`` took
+    the rebuilt net (its error otherwise)."""
+
+    dense: int
+    sparse: int
+    difference: float
+    same_class: bool
+    export: str  # "" when torch.export worked, else its one-line error
+    forced: int  # channels put at the prior's point
+    removed: int  # of them, those the rebuilt net no longer has
+
+    @property
+    def passed(self) -> bool:
+        return self.sparse < self.dense and self.difference <= 1e-5 and self.same_class and not self.export
+
+
+@torch.no_grad()
+def train_like_norms(net: nn.Module, seed: int = 0) -> None:
+    """Give every BatchNorm of ``net`` running statistics and an affine as a trained net has them."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in net.modules():
+        if not is_batch_norm(module) or module.running_mean is None:
+            continue
+        n = module.running_mean.numel()
+        module.running_mean.copy_(0.3 * torch.randn(n, generator=generator))
+        module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
+        if getattr(module, "weight", None) is not None:
+            module.weight.copy_(0.5 + torch.rand(n, generator=generator))
+            module.bias.copy_(0.3 * torch.randn(n, generator=generator))
+
+
+@torch.no_grad()
+def forced_prune_check(
+    net: nn.Module, example, layers: int = 4, trained_norms: bool = True, output_key=None, **model_options
+) -> ForcedPrune:
+    """Run the forced-prune check on a copy of ``net`` with the batch ``example`` (see the module docstring);
+    ``model_options`` go to :class:`~pyrozoo.models.BayesianModel` (``random=[nn.BatchNorm2d]``, ...)."""
+    import copy
+
+    from pyrozoo.bmr.prune import reduce
+    from pyrozoo.bmr.rebuild import parameter_count, rebuild
+    from pyrozoo.guides import make_guide
+    from pyrozoo.init_from import start_from_weights
+    from pyrozoo.models import BayesianModel
+
+    net = copy.deepcopy(net).eval()
+    if trained_norms:
+        train_like_norms(net)
+    model = BayesianModel(net, example_input=example, output_key=output_key, **model_options).eval()
+    guide = make_guide("meanfield", model)
+    start_from_weights(model, guide, model.net, init_scale=1e-3, steps=0)  # the net's weights, confident
+    chosen = [layer for layer in model.layers if layer.prunable and not layer.is_output and layer.rows > 1]
+    forced = 0
+    chosen = chosen[:layers]
+    for layer in chosen:
+        loc, scale = guide.site_posterior(layer.site)
+        rows = torch.arange(layer.rows, device=loc.device) % 2 == 0  # half the channels: every other one
+        forced += int(rows.sum())
+        at_point = rows[:, None].expand_as(loc)
+        guide.write_posterior(layer.site, torch.where(at_point, 0.0, loc), scale)
+    reduce(model, guide, "threshold", units=True)
+    expected = model.logits(example, model.weights_from(guide.mean()))
+    dense = rebuild(model, guide, remove_dead=False)
+    sparse = rebuild(model, guide)
+    args, kwargs = call_arguments(example)
+    got = select_output(sparse(*args, **kwargs), output_key)
+    scale = max(float(expected.abs().max()), 1.0)
+    difference = float((got - expected).abs().max()) / scale if got.shape == expected.shape else float("inf")
+    same = got.shape == expected.shape and bool(torch.equal(got.argmax(-1), expected.argmax(-1)))
+    try:
+        torch.export.export(sparse, args, kwargs)
+        export = ""
+    except Exception as e:  # any failure of the exporter is the finding, in one line
+        export = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    removed = sum(layer.rows - _rows(sparse, layer) for layer in chosen)
+    return ForcedPrune(
+        parameter_count(dense), parameter_count(sparse), difference, same, export, forced, removed
+    )
+
+
+def _rows(net: nn.Module, layer) -> int:
+    """The rows (output channels) ``layer`` has in ``net``."""
+    weight = net.get_parameter(layer.weight_name)
+    return weight.shape[1] if layer.transposed else weight.shape[0]
