@@ -585,7 +585,8 @@ def original_entries(model, layers) -> int:
 
 
 def pruned_fraction(model) -> float:
-    """Pruned entries over prunable entries (PAPER.md §6), counting every entry of dead and unused units."""
+    """Pruned entries over prunable entries (docs/method.md#pruned-fraction), counting every entry of dead and
+    unused units."""
     masks = effective_masks(model)
     prunable = [layer for layer in model.layers if layer.prunable]
     kept = sum(int(masks[layer.name].sum()) for layer in prunable)
