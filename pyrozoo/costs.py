@@ -66,19 +66,6 @@ def latency_ratio(net: nn.Module, reference: nn.Module, example: torch.Tensor, r
     return statistics.median(ratios)
 
 
-@torch.inference_mode()
-def latency_ms(net: nn.Module, example: torch.Tensor, repeats: int = 7) -> float:
-    """Median milliseconds of one forward pass on ``example`` after one warm-up call, in eval mode."""
-    net.eval()
-    net(example)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        net(example)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def cost(kind: str, net: nn.Module, dense: nn.Module, example: torch.Tensor, repeats: int = 7) -> float:
     """``net``'s cost as a fraction of ``dense``'s: parameters, FLOPs on ``example``, or latency on ``example``."""
     if kind == "params":
