@@ -318,6 +318,7 @@ class KillUnits(Reduction):
     that die at a known pass, so a short run compacts."""
 
     name = "kill-units"
+    allows_empty = True  # a deliberate kill, never undone as a collapse
 
     def __call__(self, model, posterior):
         if not model.kept:
