@@ -776,6 +776,24 @@ def _prune(args) -> None:
     )
     _print_report(report)
     print(_table({"before": before, "after": after}))
+    _warn_if_collapsed(run, before, after)
+
+
+def _warn_if_collapsed(run, before: dict, after: dict) -> None:
+    """One line on stderr when the pruning took the net from better than an input-free prediction (the class
+    prior, the target mean) to no better: the state is written as asked, but the net is useless."""
+    from pyrozoo.metrics import beats, input_free_scores
+
+    reference = input_free_scores(run.data)
+    lost = beats(before, reference) - beats(after, reference)
+    if lost:
+        what = "the target mean" if run.data.task == "regress" else "the class prior"
+        print(
+            f"pyrozoo: warning: the pruned net is no better than predicting {what} on the test set "
+            f"({', '.join(f'{k} {after[k]:.4g} against {reference[k]:.4g}' for k in sorted(lost))}): ask for "
+            "less (a lower sparsity, or the evidence's own rule, --rule threshold)",
+            file=sys.stderr,
+        )
 
 
 def _print_report(report) -> None:
@@ -820,6 +838,7 @@ def _prune_laplace(
     )
     _print_report(report)
     print(_table({"before (posterior mean)": before, "after": after}))
+    _warn_if_collapsed(run, before, after)
 
 
 def _sweep(args) -> None:

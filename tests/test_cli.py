@@ -436,3 +436,18 @@ def test_a_run_says_what_it_used_made_and_what_comes_next(capsys, tmp_path, monk
     assert code == 130 and "nothing to resume; start again with: pyrozoo train" in err
     monkeypatch.undo()
     assert cli(capsys, *fresh)[0] == 0
+
+
+def test_pruning_that_leaves_a_useless_net_says_so(capsys):
+    """A prune that takes the net from better than the class prior to no better writes what was asked, and one
+    warning line says the net is now useless (found by a new user: sparsity=0.999 ended silently at chance)."""
+    from types import SimpleNamespace
+
+    from pyrozoo.cli import _warn_if_collapsed
+
+    y = torch.arange(10).repeat(10)
+    run = SimpleNamespace(data=SimpleNamespace(task="classify", y_train=y, y_test=y, num_classes=10))
+    _warn_if_collapsed(run, {"nll": 0.5, "accuracy": 0.9}, {"nll": 2.4, "accuracy": 0.1})
+    assert "warning: the pruned net is no better than predicting the class prior" in capsys.readouterr().err
+    _warn_if_collapsed(run, {"nll": 0.5, "accuracy": 0.9}, {"nll": 0.6, "accuracy": 0.85})
+    assert capsys.readouterr().err == ""
