@@ -584,7 +584,13 @@ def _train(args) -> None:
         run = Run(make_config(**axes, options=_run_options(args)), out, log=log)
     args.out = str(run.out)  # for the resume command an interrupt prints (main)
     c = run.config
-    if args.resume:
+    if args.resume and run.epoch >= c.epochs:
+        epochs = f"{c.epochs} epoch{'s' if c.epochs != 1 else ''}"
+        log(
+            f"{run.out} has finished its {epochs}: nothing to train (give --epochs N, more than {c.epochs}, "
+            "to extend it)"
+        )
+    elif args.resume:
         log(f"resuming {run.out} after epoch {run.epoch} (step {run.step}) of {c.epochs}")
     processes = f" ({world.size} processes)" if world.parallel else ""
     log(

@@ -365,6 +365,14 @@ def compress(
     dense_row["target"] = "-"
     table = [dense_row]
     log(f"dense: {dense_row['params']:,} parameters, accuracy {dense_row['accuracy']:.4f}")
+    if (
+        finetune_steps
+    ):  # what the fine-tune alone does: every pruned net gets it, so the front is read against this
+        tuned = copy.deepcopy(dense)
+        finetune(tuned, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)
+        table.append(
+            {**_row("dense+finetune", Target("evidence"), tuned, dense, d, example, repeats), "target": "-"}
+        )
 
     start = time.perf_counter()
     model, posterior = laplace(dense, d.x_train, "diag", fit_size=fit_size, progress=progress, seed=seed)

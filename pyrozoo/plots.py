@@ -402,14 +402,19 @@ def plot_epoch_times(runs: dict[str, pd.DataFrame], folder: Path, stem: str) -> 
 def plot_front(table: pd.DataFrame, folder: str | os.PathLike, stem: str = "front") -> list[Path]:
     """``pyrozoo compress``'s figure: test accuracy against CPU latency (batch 256, a fraction of the dense
     net's) for every method at every target, each method's points joined in order of latency, the dense net a
-    star: where one method's curve lies above another's, it is the more accurate at that speed."""
-    rows = table[table.method != "dense"].sort_values("latency_b256")
+    star (and with the same fine-tune, a cross): where one method's curve lies above another's, it is the more
+    accurate at that speed."""
+    reference = table.method.isin(["dense", "dense+finetune"])
+    rows = table[~reference].sort_values("latency_b256")
     fig, ax = plt.subplots(figsize=(6, 4))
     colours = _colours(list(dict.fromkeys(rows.method)))
     for method, points in rows.groupby("method", sort=False):
         ax.plot(points.latency_b256, points.accuracy, marker="o", ms=4, color=colours[method], label=method)
-    dense = table[table.method == "dense"]
-    ax.plot(dense.latency_b256, dense.accuracy, marker="*", ms=12, ls="", color="black", label="dense")
+    for method, marker in (("dense", "*"), ("dense+finetune", "P")):
+        points = table[table.method == method]
+        ax.plot(
+            points.latency_b256, points.accuracy, marker=marker, ms=10, ls="", color="black", label=method
+        )
     ax.set_xlabel("CPU latency at batch 256 (fraction of the dense net's)")
     ax.set_ylabel("test accuracy (after the same fine-tune)")
     ax.grid(alpha=0.3)

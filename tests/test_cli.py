@@ -425,6 +425,9 @@ def test_a_run_says_what_it_used_made_and_what_comes_next(capsys, tmp_path, monk
     def interrupted(self, progress=True):
         raise KeyboardInterrupt
 
+    code, _, err = cli(capsys, "train", "--out", str(out), "--resume", "--no-progress")
+    assert code == 0 and "has finished its 1 epoch: nothing to train (give --epochs N, more than 1" in err
+
     monkeypatch.setattr("pyrozoo.train.Run.train", interrupted)
     code, _, err = cli(capsys, "train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress")
     assert code == 130
@@ -440,7 +443,8 @@ def test_a_run_says_what_it_used_made_and_what_comes_next(capsys, tmp_path, monk
 
 def test_pruning_that_leaves_a_useless_net_says_so(capsys):
     """A prune that takes the net from better than the class prior to no better writes what was asked, and one
-    warning line says the net is now useless (found by a new user: sparsity=0.999 ended silently at chance)."""
+    warning line says the net is now useless (found by a new user: sparsity=0.999 ended silently at chance).
+    """
     from types import SimpleNamespace
 
     from pyrozoo.cli import _warn_if_collapsed

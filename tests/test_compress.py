@@ -127,7 +127,8 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     rows = {row["method"]: row for row in report["table"]}
-    assert set(rows) == {"dense", "pyrozoo", "tp-l1", "global-magnitude"}
+    assert set(rows) == {"dense", "dense+finetune", "pyrozoo", "tp-l1", "global-magnitude"}
+    assert rows["dense+finetune"]["params"] == rows["dense"]["params"]
     assert (
         rows["pyrozoo"]["params"] <= 0.5 * rows["dense"]["params"]
         and rows["tp-l1"]["params"] <= rows["dense"]["params"] * 0.5
