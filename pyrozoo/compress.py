@@ -34,7 +34,7 @@ from pyrozoo import costs, pruners
 from pyrozoo.baselines import finetune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
-from pyrozoo.bmr.units import Units, model_units
+from pyrozoo.bmr.units import Units, model_units, structure
 from pyrozoo.errors import PyrozooError, reason
 from pyrozoo.metrics import evaluate_net
 
@@ -93,6 +93,11 @@ class Ranking:
     masks: dict[str, torch.Tensor]  # the model's masks before any removal
 
 
+def _masks(model) -> dict[str, torch.Tensor]:
+    """The model's keep-masks as booleans, copied."""
+    return {layer.name: model.mask(layer.name).bool().clone() for layer in model.layers}
+
+
 def _positions(model, example: torch.Tensor) -> dict[str, int]:
     """Per layer, how many positions its weights are applied at in one forward pass of one input (a
     convolution's output pixels; 1 for a Linear layer)."""
@@ -124,11 +129,11 @@ def rank_units(model, posterior, example: torch.Tensor, by: str = "params", unit
     from :func:`latency_per_unit`), that."""
     groups = model_units(model)
     if not groups:
-        fixed = "; ".join(f"{k or 'the net'}: {v}" for k, v in _fixed(model).items())
+        fixed = "; ".join(f"{k or 'the net'}: {v}" for k, v in structure(model).fixed.items())
         raise PyrozooError(f"this net has no unit that can be removed ({fixed or 'no coupled groups found'})")
     names = {name for units in groups for name in units.layers}
     gains = delta_f(model, posterior, names)
-    masks = {layer.name: model.mask(layer.name).bool().clone() for layer in model.layers}
+    masks = _masks(model)
     positions = _positions(model, example) if by == "flops" and unit_cost is None else {}
     candidates = []
     for g, units in enumerate(groups):
@@ -156,45 +161,41 @@ def latency_per_unit(model, posterior, dense: nn.Module, example: torch.Tensor, 
     within the timing noise (none, or negative) counts as a tiny cost, so such units go first if the evidence
     favours their removal and last if it does not."""
     groups = model_units(model)
-    masks = {layer.name: model.mask(layer.name).bool().clone() for layer in model.layers}
+    masks = _masks(model)
     base = costs.latency_ratio(rebuild(model, posterior), dense, example, repeats)
     found = {}
     for g, units in enumerate(groups):
-        alive = (~units.gone({name: masks[name] for name in units.layers})).nonzero().flatten()
+        alive = (~units.gone({name: masks[name] for name in units.layers})).nonzero().flatten().tolist()
         if len(alive) < 2:
             continue
-        remove = torch.zeros(units.count, dtype=torch.bool)
-        remove[alive[: len(alive) // 2]] = True
-        trial = {name: mask.clone() for name, mask in masks.items()}
-        units.remove(trial, remove)
-        for name, mask in trial.items():
-            model.set_mask(name, mask)
+        half = alive[: len(alive) // 2]
+        _set_masks(model, masks, groups, {g: half})
         ratio = costs.latency_ratio(rebuild(model, posterior), dense, example, repeats)
-        found[g] = max(base - ratio, 1e-4) / int(remove.sum())
-    for name, mask in masks.items():
-        model.set_mask(name, mask)
+        found[g] = max(base - ratio, 1e-4) / len(half)
+    _set_masks(model, masks, groups, {})
     return found
 
 
-def _fixed(model) -> dict:
-    from pyrozoo.bmr.units import structure
-
-    return structure(model).fixed
+def _set_masks(
+    model, masks: dict[str, torch.Tensor], groups: list[Units], removed: dict[int, list[int]]
+) -> None:
+    """Set ``model``'s masks to ``masks`` (left as they are) less the units ``removed`` (``{group index: unit
+    indices}``) of ``groups``."""
+    masks = {name: mask.clone() for name, mask in masks.items()}
+    for g, units in removed.items():
+        remove = torch.zeros(groups[g].count, dtype=torch.bool)
+        remove[units] = True
+        groups[g].remove(masks, remove)
+    for name, mask in masks.items():
+        model.set_mask(name, mask)
 
 
 def remove_first(model, ranking: Ranking, count: int) -> None:
     """Set ``model``'s masks to those before compression less the first ``count`` units of ``ranking``."""
-    masks = {name: mask.clone() for name, mask in ranking.masks.items()}
     chosen: dict[int, list[int]] = {}
     for g, u in ranking.order[:count]:
         chosen.setdefault(g, []).append(u)
-    for g, units in chosen.items():
-        group = ranking.groups[g]
-        remove = torch.zeros(group.count, dtype=torch.bool)
-        remove[units] = True
-        group.remove(masks, remove)
-    for name, mask in masks.items():
-        model.set_mask(name, mask)
+    _set_masks(model, ranking.masks, ranking.groups, chosen)
 
 
 def reduce_to(
@@ -235,7 +236,6 @@ def load_trained_net(
     ``package.module:factory``) built for ``data``'s images and classes with ``net_options`` (its sizes, as it
     was trained), holding the state_dict in ``weights``; or, with ``trust_pickle``, the net saved whole in
     ``weights`` (then ``spec`` only names it)."""
-    net_options = net_options or {}
     import importlib
     import inspect
 
@@ -243,6 +243,7 @@ def load_trained_net(
     from pyrozoo.nets import NETS, PREFIXES, create_net
     from pyrozoo.torchfile import load_tensors
 
+    net_options = net_options or {}
     shape = {"in_channels": data.x_train.shape[1], "num_classes": data.num_classes}
     shape["image_size"] = data.x_train.shape[-1]
     if trust_pickle:
@@ -288,13 +289,13 @@ class Compressed:
         return next(iter(self.nets.values()))
 
 
-def _data(data, data_dir=None):
+def _data(data):
     """``data`` as an object with x_train, y_train, x_test, y_test, num_classes: a pyrozoo dataset's name, a
     prepared dataset, or a tuple ``(x_train, y_train, x_test, y_test)`` of tensors."""
     from pyrozoo import data as datasets
 
     if isinstance(data, str):
-        prepared = datasets.prepare(datasets.load(data, data_dir))
+        prepared = datasets.prepare(datasets.load(data))
         if prepared.task != "classify":
             raise PyrozooError(f"compress takes a classification data set; {data} is a regression one")
         return prepared
@@ -365,9 +366,8 @@ def compress(
     dense_row["target"] = "-"
     table = [dense_row]
     log(f"dense: {dense_row['params']:,} parameters, accuracy {dense_row['accuracy']:.4f}")
-    if (
-        finetune_steps
-    ):  # what the fine-tune alone does: every pruned net gets it, so the front is read against this
+    # what the fine-tune alone does: every pruned net gets it, so the front is read against this
+    if finetune_steps:
         tuned = copy.deepcopy(dense)
         finetune(tuned, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)
         table.append(

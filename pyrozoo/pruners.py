@@ -40,12 +40,14 @@ def channel_prune_to(
     batch: tuple[torch.Tensor, torch.Tensor] | None = None,
     at_most: bool = True,
     steps: int = 10,
+    most: float = 0.99,
 ) -> tuple[nn.Module, float]:
     """A copy of ``net`` channel-pruned by Torch-Pruning's ``criterion`` (one of :data:`PRUNERS` but
     ``global-magnitude``) to ``measure(pruned) ~ target``, a cost that falls as the ratio grows; returns the
     pruned net and its measure. ``keep`` are modules whose outputs stay (the classifier head). With ``at_most``
     the least-pruned net whose measure is at most ``target`` is returned (the most pruned one tried if none
-    is), otherwise the one closest to it. ``batch`` (inputs, labels) gives ``tp-taylor`` its gradients.
+    is), otherwise the one closest to it. The ratio is bisected ``steps`` times over ``[0, most]``. ``batch``
+    (inputs, labels) gives ``tp-taylor`` its gradients.
     """
     import torch_pruning as tp
 
@@ -72,8 +74,9 @@ def channel_prune_to(
             return value <= target
         return value > than if value <= target else value < than  # least pruned that fits, else most pruned
 
-    lo, hi = 0.0, 0.99
-    best = (net, measure(net))
+    lo, hi = 0.0, most
+    unpruned = pruned(0.0)  # a copy: the caller may fine-tune what it gets
+    best = (unpruned, measure(unpruned))
     for _ in range(steps):
         mid = 0.5 * (lo + hi)
         candidate = pruned(mid)

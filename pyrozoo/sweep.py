@@ -43,6 +43,7 @@ from pyrozoo.bmr.sparsity import TargetSparsity
 from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.errors import PyrozooError
 from pyrozoo.io import atomic_write, make_folder
+from pyrozoo.pruners import channel_prune_to
 
 METHODS = (
     "bmr-laplace-diag",
@@ -106,37 +107,15 @@ def channel_prune(
     net: nn.Module, layers, x_example: torch.Tensor, sparsity: float
 ) -> tuple[nn.Module, float]:
     """Torch-Pruning L1 channel pruning of ``net`` (a copy) to remove about ``sparsity`` of the prunable layers'
-    parameters; returns the pruned net and the fraction it removed. The output layer's outputs are kept."""
-    import torch_pruning as tp
-
+    parameters (:func:`pyrozoo.pruners.channel_prune_to`, the closest of the ratios tried); returns the pruned net
+    and the fraction it removed. The output layer's outputs are kept."""
     dense = _prunable_params(net, layers)
-
-    def pruned(ratio: float) -> tuple[nn.Module, float]:
-        candidate = copy.deepcopy(net).eval()
-        head = candidate.get_submodule(next(layer.name for layer in layers if layer.is_output))
-        if ratio > 0:
-            pruner = tp.pruner.MagnitudePruner(
-                candidate,
-                x_example,
-                importance=tp.importance.MagnitudeImportance(p=1),
-                pruning_ratio=ratio,
-                ignored_layers=[head],
-            )
-            pruner.step()
-        return candidate, 1 - _prunable_params(candidate, layers) / dense
-
-    lo, hi = 0.0, 0.999
-    best = pruned(0.0)
-    for _ in range(10):
-        mid = 0.5 * (lo + hi)
-        candidate = pruned(mid)
-        if candidate[1] < sparsity:
-            lo = mid
-        else:
-            hi = mid
-        if abs(candidate[1] - sparsity) < abs(best[1] - sparsity):
-            best = candidate
-    return best
+    head = net.get_submodule(next(layer.name for layer in layers if layer.is_output))
+    kept = lambda candidate: _prunable_params(candidate, layers) / dense  # noqa: E731
+    candidate, fraction = channel_prune_to(
+        net, x_example, "tp-l1", [head], kept, 1 - sparsity, at_most=False, most=0.999
+    )
+    return candidate, 1 - fraction
 
 
 def sweep(
