@@ -275,7 +275,6 @@ def regression_metrics_in_chunks(
     return {**out, **{key: value.mean().item() for key, value in whole.items()}}
 
 
-@torch.no_grad()
 def input_free_scores(data, targets=None) -> dict[str, float]:
     """The scores on ``targets`` (default: the test set's) of the best prediction that ignores the inputs, which
     a collapsed net can at most reach. Classification: the NLL of the training set's class frequencies (add-one,
@@ -307,6 +306,7 @@ def beats(metrics: dict[str, float], reference: dict[str, float]) -> set[str]:
     }
 
 
+@torch.no_grad()
 def net_metrics(net: torch.nn.Module, data, likelihood, batch_size: int = 2000) -> dict:
     """The test metrics of a deterministic net on ``data`` (a rebuilt, pruned or Laplace-mean net), for the data's
     task: classification as :func:`evaluate_net`; regression as :func:`regression_metrics` of its one draw, with

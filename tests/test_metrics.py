@@ -213,3 +213,19 @@ def test_a_group_of_draws_gives_the_metrics_of_its_draws_one_by_one():
     assert grouped == summarize(log_probs, targets)
     with pytest.raises(PyrozooError, match="never added"):  # a group counts all its samples, not one
         evaluate_draws(groups[:2], torch.arange(23), targets, 4, 5, batch_size=7)
+
+
+def test_net_metrics_builds_no_autograd_graph():
+    """A regressor's test metrics are computed without gradients (the decorator once slid onto a neighbour)."""
+    from types import SimpleNamespace
+
+    from pyrozoo.metrics import net_metrics
+    from pyrozoo.models.likelihoods import Gaussian
+
+    net, seen = torch.nn.Linear(3, 1), []
+    net.register_forward_hook(lambda module, inputs, out: seen.append(out.requires_grad))
+    data = SimpleNamespace(
+        task="regress", x_test=torch.randn(10, 3), y_test=torch.randn(10), y_mean=0.0, y_std=1.0
+    )
+    net_metrics(net, data, Gaussian("fixed", 1.0))
+    assert seen == [False]
