@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -615,25 +616,26 @@ class Run:
         """
         d = self.data
         x, y = on or (d.x_test, d.y_test)
-        fault = fault or ""  # faults.reached("") is never a point asked for
         samples = samples or self.config.samples
         devices = [d.x_test.device] if d.x_test.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             seed = self.config.seed * 100_003 + self.epoch
             torch.manual_seed(seed)
             if d.task == "regress":
-                return self._evaluate_regression(seed, samples, fault, x, y)
-            metrics = evaluate(
-                self.model,
-                self.guide,
-                x,
-                y,
-                d.num_classes,
-                samples,
-                self.config.eval_batch_size,
-                world=self.world,
-            )
-            faults.reached(fault)
+                metrics = self._evaluate_regression(seed, samples, x, y)
+            else:
+                metrics = evaluate(
+                    self.model,
+                    self.guide,
+                    x,
+                    y,
+                    d.num_classes,
+                    samples,
+                    self.config.eval_batch_size,
+                    world=self.world,
+                )
+            if fault:
+                faults.reached(fault)
             return metrics
 
     def point_likelihood(self):
@@ -647,7 +649,7 @@ class Run:
 
         return net_metrics(net, self.data, self.point_likelihood(), self.config.eval_batch_size)
 
-    def _evaluate_regression(self, seed: int, samples: int, fault: str, x_all, y_all) -> dict[str, float]:
+    def _evaluate_regression(self, seed: int, samples: int, x_all, y_all) -> dict[str, float]:
         """RMSE, NLL, LPD and interval coverage in the targets' original units (see metrics.regression_metrics).
         The test points go in chunks that hold a bounded number of (draw, point) pairs, each chunk drawing the
         same ``samples`` draws again from ``seed``: more samples take longer, not more memory."""
@@ -664,9 +666,7 @@ class Run:
                 locs, noise_var = regression_draws(self.model, self.guide, x, samples, c.eval_batch_size)
                 yield locs, noise_var, y_all[start : start + chunk]
 
-        metrics = regression_metrics_in_chunks(chunks(), d.y_mean, d.y_std)
-        faults.reached(fault)
-        return metrics
+        return regression_metrics_in_chunks(chunks(), d.y_mean, d.y_std)
 
     def train(self, progress: bool = True) -> pd.DataFrame:
         """Train the remaining epochs, committing each (metrics, then the checkpoint that holds them); returns
@@ -865,10 +865,11 @@ class Run:
         for part, value in zip((self.guide, self.model, self.optimizer), state):
             part.load_state_dict(value)
 
+    @functools.cached_property
     def _check_points(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed random subset of the training set that the collapse check evaluates on: never the test set,
         which must not shape the trained model. A collapsed net is no better than an input-free prediction on
-        any data, the data it trained on included."""
+        any data, the data it trained on included. Drawn once per run (from its seed)."""
         d = self.data
         order = torch.randperm(len(d.x_train), generator=torch.Generator().manual_seed(self.config.seed))
         chosen = order[:COLLAPSE_POINTS].to(d.x_train.device)
@@ -878,16 +879,21 @@ class Run:
         """Metrics on the check points from a few posterior draws: enough to tell a collapsed net from a working
         one."""
         samples = min(self.config.samples, COLLAPSE_DRAWS)
-        return self.evaluate(samples=samples, fault=None, on=self._check_points())
+        return self.evaluate(samples=samples, fault=None, on=self._check_points)
+
+    @functools.cached_property
+    def _input_free(self) -> dict[str, float]:
+        """The check points' scores of the best prediction that ignores the inputs (computed once per run)."""
+        return input_free_scores(self.data, self._check_points[1])
 
     def _collapsed(self, before: tuple[dict, dict, dict], seconds: float, row: dict) -> bool:
-        """Whether the pass just made collapsed the net: took a score on the check points (NLL; accuracy, or for regression
-        RMSE) that beat every prediction ignoring the inputs (the class prior, the target mean) to no better
+        """Whether the pass just made collapsed the net: took a score on the check points (NLL; accuracy, or for
+        regression RMSE) that beat every prediction ignoring the inputs (the class prior, the target mean) to no better
         than those. If so the state ``before`` the pass is restored, one line says so, and ``row`` records the
         pass's time and the pruned fraction as they now are. A score no better before the pass (an overconfident
         net's NLL, a barely trained net's) is not the pass's doing and does not count."""
         start = time.perf_counter()
-        reference = input_free_scores(self.data, self._check_points()[1])
+        reference = self._input_free
         after = self._held_out()
         if beats(after, reference) == set(reference):
             return False
