@@ -540,8 +540,10 @@ def read_csv(path: str | os.PathLike):
     names = [str(n) for n in header.iloc[0]] if len(header) else []
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise PyrozooError(f"{path}: the header names column {', '.join(map(repr, twice))} more than once; "
-                           "give every column its own name")
+        raise PyrozooError(
+            f"{path}: the header names column {', '.join(map(repr, twice))} more than once; "
+            "give every column its own name"
+        )
     return pd.read_csv(path)
 
 

@@ -56,7 +56,7 @@ def load_state(path: str | os.PathLike, trust_pickle: bool = False, flag: str = 
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PyrozooError(
-            f"{what}: holds neither a state_dict of tensors nor an nn.Module " f"(found {type(obj).__name__})"
+            f"{what}: holds neither a state_dict of tensors nor an nn.Module (found {type(obj).__name__})"
         )
     return obj
 

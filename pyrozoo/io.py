@@ -64,7 +64,9 @@ def _write_failure(path: Path, e: BaseException) -> PyrozooError | None:
         full = False
     if full:
         return PyrozooError(f"cannot write {path}: no space left on device ({text}); free some space")
-    if isinstance(e, RuntimeError) and any(w in text for w in ("unexpected pos", "write failed", "failed writing")):
+    if isinstance(e, RuntimeError) and any(
+        w in text for w in ("unexpected pos", "write failed", "failed writing")
+    ):
         return PyrozooError(f"cannot write {path}: the device refused the write ({text}); is the disk full?")
     return None
 

@@ -130,7 +130,9 @@ def predict(
     if bayesian and not hasattr(model, "likelihood"):
         raise PyrozooError("predict with a guide needs the BayesianModel the guide was trained with")
     task = task or (model.likelihood.task if bayesian else "classify")
-    if task == "regress":  # a regression holds [samples, batch] draws: fewer points at a time for more samples
+    if (
+        task == "regress"
+    ):  # a regression holds [samples, batch] draws: fewer points at a time for more samples
         batch_size = min(batch_size, points_per_chunk(samples, len(x)))
     parts: dict[str, list[Tensor]] = {}
     bar = tqdm(total=len(x), unit="input", desc="predict", disable=not progress, dynamic_ncols=True)

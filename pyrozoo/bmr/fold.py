@@ -88,7 +88,8 @@ def plan_folds(net: nn.Module, example, output_key, groups: list) -> dict[str, F
     """For each ``(units, silent)`` of ``groups`` (``silent``: boolean per unit, producers all pruned), which
     silent units' constants can be folded into their consumers in ``net`` (in eval mode), and how."""
     paths = {member.layer for units, _ in groups for member in units.consumers}
-    modules = {path: net.get_submodule(path) for path in paths if _has_module(net, path)}
+    named = dict(net.named_modules())
+    modules = {path: named[path] for path in paths if path in named}
     inputs, hooks = {}, []
     for path, module in modules.items():
         hooks.append(
@@ -134,14 +135,6 @@ def _run(net: nn.Module, example, output_key, hooks: list) -> None:
     finally:
         for hook in hooks:
             hook.remove()
-
-
-def _has_module(net: nn.Module, path: str) -> bool:
-    try:
-        net.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 @torch.no_grad()

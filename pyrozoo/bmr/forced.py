@@ -73,9 +73,10 @@ def forced_prune_check(
     model = BayesianModel(net, example_input=example, output_key=output_key, **model_options).eval()
     guide = make_guide("meanfield", model)
     start_from_weights(model, guide, model.net, init_scale=1e-3, steps=0)  # the net's weights, confident
-    chosen = [layer for layer in model.layers if layer.prunable and not layer.is_output and layer.rows > 1]
+    chosen = [layer for layer in model.layers if layer.prunable and not layer.is_output and layer.rows > 1][
+        :layers
+    ]
     forced = 0
-    chosen = chosen[:layers]
     for layer in chosen:
         loc, scale = guide.site_posterior(layer.site)
         rows = torch.arange(layer.rows, device=loc.device) % 2 == 0  # half the channels: every other one

@@ -155,6 +155,9 @@ class WeightReduction(Reduction):
     posterior the surviving entries' reduced posterior equals their full one, so nothing else changes.
     """
 
+    # True where decide_model keeps a live path itself, so the shared guard need not check it again
+    guards_live_path: ClassVar[bool] = False
+
     def scores(self, model, posterior) -> dict[str, torch.Tensor]:
         """``{layer: score per entry}``, high meaning prune; BMR's dF by default."""
         from pyrozoo.bmr.scores import delta_f
@@ -180,7 +183,8 @@ class WeightReduction(Reduction):
         decisions = self.decide_model(model, scores, live)
         # pruned entries stay pruned whatever a decision says
         keeps = {name: decisions[name].keep & was_live for name, was_live in live.items()}
-        spared = {} if self.allow_empty else keep_live_path(model, live, keeps, scores)
+        guarded = self.allow_empty or self.guards_live_path
+        spared = {} if guarded else keep_live_path(model, live, keeps, scores)
         reports = []
         for layer in layers:
             decision, was_live, keep = decisions[layer.name], live[layer.name], keeps[layer.name]

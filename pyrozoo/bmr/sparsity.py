@@ -38,6 +38,7 @@ class TargetSparsity(WeightReduction):
     sparsity: float = 0.9
     per_layer: bool = False
     name: ClassVar[str] = "sparsity"
+    guards_live_path: ClassVar[bool] = True  # decide_model's own ranking skips every entry that would cut
 
     def __post_init__(self):
         if not 0 <= self.sparsity <= 1:

@@ -47,7 +47,12 @@ class Units(Reduction):
             unit_gain = units.total({name: torch.where(live[name], gains[name], 0.0) for name in live})
             alive = ~units.gone(live)
             remove = alive & ~decision.decide(unit_gain, alive).keep
-            spared = 0 if self.allow_empty else self._spare(model, units, live, remove, unit_gain)
+            # nothing to spare when nothing goes (an Effect costs passes over every group)
+            spared = (
+                0
+                if self.allow_empty or not bool(remove.any())
+                else self._spare(model, units, live, remove, unit_gain)
+            )
             keep = {name: mask.clone() for name, mask in live.items()}
             units.remove(keep, remove)
             for name in units.layers:

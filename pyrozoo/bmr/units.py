@@ -341,7 +341,7 @@ def _item_members(graph, item, module_path, by_name, by_param, pruning_dims):
             return Pass([(layer, 0, idxs, roots, True)])
         return Pass([])
     if isinstance(module, nn.PReLU):
-        return None if module.num_parameters == 1 else "pass"
+        return None if module.num_parameters == 1 else Pass([])  # per channel: sliced with the units
     layer = by_name.get(path)
     tied = by_name.get(by_param.get(id(getattr(module, "weight", None)), ""))
     if layer is None and tied is not None and isinstance(module, nn.Linear) and not out:
@@ -678,9 +678,8 @@ def remove_dead_units(net: nn.Module, model, masks: dict[str, torch.Tensor] | No
         return sum(int(gone.sum()) for _, gone in cuts)
     _restore(net, before)
     removed = 0
-    for (
-        candidate
-    ) in candidates:  # a path the graph did not show (a constant reaching the output): find the culprit
+    # a path the graph did not show (a constant reaching the output): find the culprit
+    for candidate in candidates:
         before = copy.deepcopy(net)
         cuts, shifts = _plan(net, example, model.output_key, [candidate], {})
         apply_folds(net, example, model.output_key, shifts)

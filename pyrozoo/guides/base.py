@@ -73,7 +73,12 @@ class Posterior:
         (a subclass with another start, IVON's Hessian, says so itself)."""
         if self.start_scale is None or self.point_mass:
             return None
-        scales = {site: self.site_posterior(site)[1] for site in self.sites()}
+        sites = set(self.sites())  # of the prunable layers only: moved_fraction reads no other
+        scales = {
+            layer.site: self.site_posterior(layer.site)[1]
+            for layer in model.layers
+            if layer.prunable and layer.site in sites
+        }
         what = f"the posterior scale moved by half its start ({self.start_scale:g})"
         return moved_fraction(model, scales, self.start_scale), what
 

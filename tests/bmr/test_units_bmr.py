@@ -112,3 +112,14 @@ def test_a_per_weight_pass_can_be_followed_by_a_structured_one():
     assert len(both.layers) == len(plain.layers) + len(model_units(model))
     assert both.pruned_fraction > plain.pruned_fraction
     assert any("units removed" in r.note and not r.note.startswith("0 of") for r in both.layers)
+
+
+def test_a_per_channel_prelu_is_sliced_with_its_units():
+    """A PReLU with one slope per channel passes the units through (its slopes are cut with them); the group is
+    not fixed (a regression of this session's change to how pass-through modules are marked)."""
+    from pyrozoo.bmr.units import structure
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.PReLU(8), torch.nn.Linear(8, 2))
+    model = BayesianModel(net, deterministic=["1"], example_input=torch.randn(2, 3))
+    [units] = structure(model).units
+    assert (units.name, units.count, units.passthrough, units.zero_preserving) == ("0", 8, ("1",), False)
