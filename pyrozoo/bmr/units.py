@@ -450,7 +450,8 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
                 )
         except (IndexError, ZeroDivisionError, ValueError, KeyError) as e:
             fixed[module_path.get(root, str(root))] = (
-                f"its channels pass through a reshape, split or indexing that Torch-Pruning cannot follow channel by channel ({type(e).__name__})"
+                "its channels pass through a reshape, split or indexing that Torch-Pruning cannot follow channel "
+                f"by channel ({type(e).__name__})"
             )
             visited.add(root)
             continue
