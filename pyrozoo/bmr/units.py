@@ -712,7 +712,8 @@ def _plan(net, example, output_key, candidates, stayed: dict[str, str]):
             cut[0] = False  # a group keeps one unit, so that its layers stay valid modules
         if fold is not None and bool((silent & ~foldable).any()):
             stayed[units.name] = (
-                f"{int((silent & ~foldable).sum())} of its {units.count} units have every weight pruned but stay: {fold.why}"
+                f"{int((silent & ~foldable).sum())} of its {units.count} units have every weight pruned but "
+                f"stay: {fold.why}"
             )
         if fold is not None:
             for path, contribution in fold.contributions.items():
