@@ -349,7 +349,10 @@ def load(
         return _load_mini()
     if name in _MADE:
         return _MADE[name][0]()
-    if data_dir is not None and _find_in(name, Path(data_dir).expanduser()) is None:
+    if data_dir is not None:
+        folder = _find_in(name, Path(data_dir).expanduser())
+        if folder is not None:
+            return _read(name, folder, str(folder))
         # never another copy in its place: the user asked for this folder's, and would not know it was skipped
         files = "the four IDX files" if name not in _CIFAR else f"the extracted {_CIFAR[name][0]}/ folder"
         raise PyrozooError(
@@ -357,7 +360,7 @@ def load(
             f"torchvision's layout under it): give the folder that holds them, or leave --data-dir out to use "
             f"{_elsewhere(name)}"
         )
-    found = locate(name, data_dir)
+    found = locate(name)
     if found is not None:
         return _read(name, Path(found), found)
     problem = "download not allowed"
