@@ -1,5 +1,5 @@
 """A BMR run's rebuilt net next to its ``flat-map`` twin pruned to the same sparsity by global magnitude and by
-Torch-Pruning's L1 channel pruning (issue 15): test accuracy, NLL, ECE, pruned fraction, parameters, and CPU
+Torch-Pruning's L1 channel pruning: test accuracy, NLL, ECE, pruned fraction, parameters, and CPU
 latency at batch 256 against the dense net, all measured in this one process: metrics on the device the runs'
 data are on (the GPU for runs trained there), latencies on the CPU, the nets timed in turns (one thread by
 default).
