@@ -33,6 +33,7 @@ from pyrozoo.posteriors import OWN, POSTERIORS, FittedSource, make_source
 from pyrozoo.pruners import PRUNERS
 from pyrozoo.registry import describe, option_names
 from pyrozoo.shift import SHIFTS
+from pyrozoo.sweep import bmr_methods
 from pyrozoo.sweep import methods as sweep_methods
 
 SUMMARY_COLUMNS = [
@@ -355,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
             f"{name}: {text} (RUN/{make_source(name).file})" for name, text in POSTERIORS.described()
         ),
     )
+    _add_key_value(
+        prune, "--posterior-option", "posterior_options", "an option of the posterior source, repeatable"
+    )
     prune.add_argument("--fit-size", type=_number(int, "positive"), default=None, help=_fit_size_help())
     prune.add_argument("--no-progress", action="store_true", help="no progress bar (a posterior fit's)")
     prune.add_argument(
@@ -384,7 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         type=_choice(sweep_methods()),
         default=quiet,
-        help="methods (default: all that apply: BMR from a source that gives the run a posterior with spread)",
+        help="methods (default: all that apply: BMR from a source that gives the run a posterior with spread): "
+        "bmr-SOURCE for each posterior source, "
+        + "; ".join(f"{m}: {v.about}" for m, (name, v) in bmr_methods().items() if m != f"bmr-{name}")
+        + "; magnitude, magnitude-layer: smallest |w| globally, in each layer; torch-pruning: L1 channel pruning",
     )
     sweep.add_argument(
         "--finetune-steps",
@@ -393,6 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also fine-tune every pruned net for this many Adam steps (masks kept) at the run's lr and batch",
     )
     sweep.add_argument("--fit-size", type=_number(int, "positive"), default=None, help=_fit_size_help())
+    _add_key_value(
+        sweep,
+        "--posterior-option",
+        "posterior_options",
+        "an option of the posterior sources that take it, repeatable",
+    )
     sweep.add_argument("--out", default=None, help="folder for sweep.csv and the figure (default RUN/sweep)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -776,7 +789,7 @@ def _prune(args) -> None:
             )
         rule, options = "sparsity", {**options, "sparsity": args.sparsity}
     reduction = make_reduction(rule, **options)  # a wrong option fails before the run is loaded
-    source = make_source(args.posterior, fit_size=args.fit_size)
+    source = make_source(args.posterior, getattr(args, "posterior_options", {}), fit_size=args.fit_size)
     run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
     pruned = source.prune(run, reduction, progress=not args.no_progress)
     print(pruned.line)
@@ -823,6 +836,7 @@ def _sweep(args) -> None:
         progress=not args.no_progress,
         log=lambda text: print(text, file=sys.stderr),
         fit_size=args.fit_size,
+        posterior_options=getattr(args, "posterior_options", {}),
     )
     out = args.out or run.out / "sweep"
     paths = write_sweep(table, out)

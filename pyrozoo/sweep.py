@@ -42,6 +42,7 @@ from pyrozoo.errors import PyrozooError
 from pyrozoo.io import atomic_write, make_folder
 from pyrozoo.posteriors import POSTERIORS, FittedSource, Variant, make_source
 from pyrozoo.pruners import channel_prune_to
+from pyrozoo.registry import option_names
 
 BASELINES = ("magnitude", "magnitude-layer", "torch-pruning")
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
@@ -139,6 +140,26 @@ def _chosen(run, methods_asked, sparsities) -> list[str]:
     return chosen
 
 
+def _sources(methods: list[str]) -> list[str]:
+    """The posterior sources that the BMR methods among ``methods`` fit (a variant's ranking source too)."""
+    bmr, names = bmr_methods(), []
+    for name, variant in (bmr[m] for m in methods if m in bmr):
+        names += [name, variant.ranked_by.name] if variant.ranked_by else [name]
+    return list(dict.fromkeys(names))
+
+
+def _check_options(methods: list[str], options: dict) -> None:
+    """Refuse a posterior option that no posterior source of ``methods`` takes."""
+    sources = _sources(methods)
+    takes = {option for name in sources for option in option_names(POSTERIORS[name])}
+    stray = [k for k in options if k not in takes]
+    if stray:
+        used = ", ".join(sources) or "none"
+        raise PyrozooError(
+            f"posterior option {stray[0]!r} is taken by no posterior source swept (sources: {used})"
+        )
+
+
 class _Posteriors:
     """Each posterior source's ``(model, posterior)`` for ``run``, fitted once when first asked for."""
 
@@ -183,21 +204,20 @@ def sweep(
     progress: bool = True,
     log=print,
     fit_size: int | None = None,
+    posterior_options: dict | None = None,
 ) -> pd.DataFrame:
     """The tidy table of the curve: one row per method, target sparsity and fine-tuning (0 or ``finetune_steps``):
     achieved sparsity, accuracy, NLL, ECE (20 equal-mass bins), ECE (15 bins), Brier, and seconds to prune.
-    ``fit_size`` goes to the posterior sources that take it (a Laplace fit's inputs)."""
+    ``fit_size`` and ``posterior_options`` go to the posterior sources that take them (a Laplace fit's inputs).
+    """
     methods = _chosen(run, methods, sparsities)
+    _check_options(methods, posterior_options or {})
     d, c = run.data, run.config
     base = rebuild(run.model, run.guide, remove_dead=False)
     rows = [_row("dense", 0.0, 0.0, 0, 0.0, run.net_metrics(base))]
-    posteriors = _Posteriors(run, progress, log, fit_size=fit_size)
-    bmr = bmr_methods()
-    for method in (m for m in methods if m in bmr):  # every fit first, before any cell is timed
-        name, variant = bmr[method]
+    posteriors = _Posteriors(run, progress, log, fit_size=fit_size, **(posterior_options or {}))
+    for name in _sources(methods):  # every fit first, before any cell is timed
         posteriors(name)
-        if variant.ranked_by:
-            posteriors(variant.ranked_by.name)
     probe = copy.deepcopy(run.model)  # magnitude's masks, to count its pruned fraction as BMR's is counted
     point = run.point_likelihood()  # what a fine-tune fits
     cells = [(m, s) for s in sparsities for m in methods]

@@ -1,4 +1,5 @@
-"""The after-training commands: ``pyrozoo prune --posterior laplace-*`` and ``pyrozoo sweep`` on a tiny MAP run."""
+"""The after-training commands: ``pyrozoo prune --posterior laplace-*`` and ``pyrozoo sweep`` on a tiny MAP run
+(``map_run``, a copy of the one trained once per session in conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,32 +10,6 @@ from clitools import assert_one_line_error, cli
 
 from pyrozoo.bmr import rebuild
 from pyrozoo.train import Run
-
-TINY = [
-    "--net",
-    "mlp",
-    "--net-option",
-    "hidden=(16,16)",
-    "--data",
-    "fashion-mnist-mini",
-    "--steps-per-epoch",
-    "20",
-    "--no-progress",
-    "--method",
-    "flat-map",
-    "--epochs",
-    "1",
-    "--out",
-    "map",
-]
-
-
-@pytest.fixture
-def map_run(capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code, _, err = cli(capsys, "train", *TINY)
-    assert code == 0, err
-    return tmp_path / "map"
 
 
 @pytest.mark.parametrize("posterior", ["laplace-diag", "laplace-kfac"])

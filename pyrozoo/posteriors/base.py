@@ -20,6 +20,7 @@ from torch import nn
 
 from pyrozoo.errors import PyrozooError, reason
 from pyrozoo.io import atomic_write, save_torch
+from pyrozoo.options import build_with_options
 from pyrozoo.registry import Registry, option_names
 from pyrozoo.torchfile import load_tensors
 
@@ -36,13 +37,14 @@ def register_posterior(name: str):
     return add
 
 
-def make_source(name: str, **options) -> "PosteriorSource":
-    """The registered source ``name`` with those of ``options`` it takes and that are given (not None): the
-    command line's ``--fit-size`` reaches the sources that fit a curvature and no other, as ``sweep`` gives it
-    to every source it uses."""
+def make_source(name: str, options: dict | None = None, **shared) -> "PosteriorSource":
+    """The registered source ``name``. ``options`` are its own, each checked against its fields (one it does not
+    take is an error naming those it does); ``shared`` reach it where it takes them and they are not None, as
+    ``--fit-size`` reaches the sources that fit a curvature and no other."""
     cls = POSTERIORS[name]
     takes = option_names(cls)
-    return cls(**{k: v for k, v in options.items() if k in takes and v is not None})
+    given = {k: v for k, v in shared.items() if k in takes and v is not None}
+    return build_with_options(f"posterior source {name!r}", cls, {**given, **(options or {})})
 
 
 @dataclass(frozen=True)
