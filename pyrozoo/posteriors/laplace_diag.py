@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from pyrozoo.errors import PyrozooError
 from pyrozoo.posteriors.base import FittedSource, register_posterior
 
 
@@ -18,6 +19,10 @@ class LaplaceDiag(FittedSource):
 
     fit_size: int | None = None
     structure: ClassVar[str] = "diag"  # the curvature's (pyrozoo.guides.laplace.STRUCTURES)
+
+    def __post_init__(self):
+        if self.fit_size is not None and not self.fit_size > 0:
+            raise PyrozooError(f"{self.name}: fit_size is a positive number of inputs, got {self.fit_size}")
 
     def fit(self, run, progress: bool = True):
         from pyrozoo.guides.laplace import laplace_from_run
