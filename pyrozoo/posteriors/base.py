@@ -98,6 +98,7 @@ class PosteriorSource(ABC):
 
 
 def headline(run, reduction) -> str:
+    """The start of every source's line about a prune: what pruned which run at which epoch."""
     return f"pruning ({reduction.describe()}) of {run.out} after epoch {run.epoch}"
 
 
