@@ -255,14 +255,14 @@ class TrainConfig:
         """The BMR reduction run after each epoch: the method's, with this run's rule options (and a units pass
         after it with ``prune_units``); None for a method that does not prune while training."""
         from pyrozoo.bmr.reduction import REDUCTIONS, configure
-        from pyrozoo.bmr.structured import Units
+        from pyrozoo.bmr.unit_reduction import UnitReduction
         from pyrozoo.methods import METHODS
 
         reduction = REDUCTIONS[self.rule]() if self.rule else METHODS[self.method].reduction
         if reduction is None:
             return None
         reduction = configure(reduction, self.rule_options)
-        return reduction.then(Units()) if self.prune_units else reduction
+        return reduction.then(UnitReduction()) if self.prune_units else reduction
 
     def first_pass_step(self) -> int:
         """The warm-up steps before the first BMR pass: ``warmup_steps`` where given (the user's schedule, which

@@ -26,7 +26,7 @@ from pyrozoo.bmr.units import model_units, pruned_fraction
 
 @REDUCTIONS.register("units")
 @dataclass(frozen=True)
-class Units(Reduction):
+class UnitReduction(Reduction):
     """Remove each live unit whose summed dF (producer rows and consumer columns) exceeds ``margin``."""
 
     margin: float = 0.0
