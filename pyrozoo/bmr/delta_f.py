@@ -156,13 +156,13 @@ def multivariate(mu, precision, prior_var, reduced_var) -> ReducedGaussian:
     mu, P, s2, g2 = _tensors(mu, precision, prior_var, reduced_var)
     mu, P, s2, g2 = _group_args(mu, P, s2, g2)
 
-    d = torch.sqrt(g2)
+    sqrt_g2 = torch.sqrt(g2)
     a = 1 - g2 / s2
-    m_prime = d.unsqueeze(-1) * P * d.unsqueeze(-2) + torch.diag_embed(a)
+    m_prime = sqrt_g2.unsqueeze(-1) * P * sqrt_g2.unsqueeze(-2) + torch.diag_embed(a)
     C = torch.linalg.cholesky(m_prime)
     L = torch.linalg.cholesky(P)
     b = (P @ mu.unsqueeze(-1)).squeeze(-1)
-    v = torch.linalg.solve_triangular(C, (d * b).unsqueeze(-1), upper=False)
+    v = torch.linalg.solve_triangular(C, (sqrt_g2 * b).unsqueeze(-1), upper=False)
     lt_mu = L.mT @ mu.unsqueeze(-1)
     delta_f = (
         -torch.log(torch.diagonal(C, dim1=-2, dim2=-1)).sum(-1)
@@ -171,7 +171,7 @@ def multivariate(mu, precision, prior_var, reduced_var) -> ReducedGaussian:
         - 0.5 * lt_mu.square().sum((-2, -1))
         + 0.5 * v.square().sum((-2, -1))
     )
-    mean_r = d * torch.linalg.solve_triangular(C.mT, v, upper=True).squeeze(-1)
+    mean_r = sqrt_g2 * torch.linalg.solve_triangular(C.mT, v, upper=True).squeeze(-1)
     return ReducedGaussian(delta_f, mean_r, _reduced_precision(P, s2, g2))
 
 
