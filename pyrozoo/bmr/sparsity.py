@@ -62,9 +62,9 @@ class TargetSparsity(WeightReduction):
     def decide_model(self, model, scores: dict, live: dict) -> dict[str, Decision]:
         if self.allow_empty:
             return self.decide_layers(scores, live)
-        return self._guarded(model, scores, live)
+        return self._decide_keeping_a_path(model, scores, live)
 
-    def _guarded(self, model, scores: dict, live: dict) -> dict[str, Decision]:
+    def _decide_keeping_a_path(self, model, scores: dict, live: dict) -> dict[str, Decision]:
         """Prune in order of dF until the *effective* pruned count (entries of dead and unused units included)
         reaches the target, skipping each entry whose removal (after those before it) would cut a layer or
         overshoot the target.
