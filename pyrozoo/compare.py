@@ -51,11 +51,11 @@ from pyrozoo.config import (
     check_run_options,
     fold_aliases,
     make_config,
+    option_as_given,
+    option_takers,
     options_taken,
-    owners,
     run_name,
     run_option_fields,
-    spelled,
 )
 from pyrozoo.io import atomic_write, hold_folder, make_folder
 from pyrozoo.methods import METHODS
@@ -157,7 +157,8 @@ class Grid:
                 ]
                 if not takers:
                     raise PyrozooError(
-                        f"{spelled(table, key)} belongs to {owners(table, key)}, which no method of the grid uses"
+                        f"{option_as_given(table, key)} belongs to {option_takers(table, key)}, "
+                        "which no method of the grid uses"
                     )
         if options.get("prune_units") and not any(
             options_taken("rule_options", m, prior, rule) is not None for m in self.training_methods

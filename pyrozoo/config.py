@@ -196,12 +196,12 @@ class TrainConfig:
                     whose = f" (whose {TABLES[table]} options are: {', '.join(taken)})" if taken else ""
                     if did_you_mean(key, taken):  # a misspelling of one of its own options
                         raise PyrozooError(
-                            f"this run's {self._part(table)} takes no {spelled(table, key)}"
+                            f"this run's {self._part(table)} takes no {option_as_given(table, key)}"
                             f"{did_you_mean(key, taken)}{whose}"
                         )
                     raise PyrozooError(
-                        f"{spelled(table, key)} belongs to {owners(table, key)}, not to this run's "
-                        f"{self._part(table)}{whose}"
+                        f"{option_as_given(table, key)} belongs to {option_takers(table, key)}, "
+                        f"not to this run's {self._part(table)}{whose}"
                     )
         from pyrozoo.steps import check_step
 
@@ -255,14 +255,14 @@ class TrainConfig:
         """The BMR reduction run after each epoch: the method's, with this run's rule options (and a units pass
         after it with ``prune_units``); None for a method that does not prune while training."""
         from pyrozoo.bmr.reduction import REDUCTIONS, configure
-        from pyrozoo.bmr.structured import Units
+        from pyrozoo.bmr.unit_reduction import UnitReduction
         from pyrozoo.methods import METHODS
 
         reduction = REDUCTIONS[self.rule]() if self.rule else METHODS[self.method].reduction
         if reduction is None:
             return None
         reduction = configure(reduction, self.rule_options)
-        return reduction.then(Units()) if self.prune_units else reduction
+        return reduction.then(UnitReduction()) if self.prune_units else reduction
 
     def first_pass_step(self) -> int:
         """The warm-up steps before the first BMR pass: ``warmup_steps`` where given (the user's schedule, which
@@ -368,7 +368,7 @@ def fold_aliases(options: dict) -> dict:
     return options
 
 
-def spelled(table: str, key: str) -> str:
+def option_as_given(table: str, key: str) -> str:
     """How a user gives a table's option: its short flag if it has one (``--tau0``), else ``prior option tau0``."""
     for name, alias in ALIASES.items():
         if (alias.table, alias.key) == (table, key):
@@ -376,20 +376,19 @@ def spelled(table: str, key: str) -> str:
     return f"{TABLES[table]} option {key!r}"
 
 
-def owners(table: str, key: str) -> str:
+def option_takers(table: str, key: str) -> str:
     """What takes a prior or rule option, for messages: ``the tiered prior (tiered-ff)``."""
     from pyrozoo.methods import METHODS
 
     methods = [name for name in METHODS if key in (options_taken(table, name) or [])]
     if not methods:
         return f"no {TABLES[table]} of any method"
-    m = [METHODS[name] for name in methods]
     part_of = {
-        "prior_options": lambda x: x.prior.__name__,
-        "rule_options": lambda x: x.reduction.name,
-        "guide_options": lambda x: x.guide,
+        "prior_options": lambda method: method.prior.__name__,
+        "rule_options": lambda method: method.reduction.name,
+        "guide_options": lambda method: method.guide,
     }[table]
-    parts = dict.fromkeys(part_of(x) for x in m)
+    parts = dict.fromkeys(part_of(METHODS[name]) for name in methods)
     word = {"prior_options": "prior", "rule_options": "reduction", "guide_options": "guide"}[table]
     return f"the {' and '.join(parts)} {word}{'s' if len(parts) > 1 else ''} ({', '.join(methods)})"
 

@@ -87,7 +87,7 @@ def svi_step(
     """One stochastic-gradient step on ``-ELBO``; returns the loss. ``validate`` (default: whether
     ``$PYROZOO_VALIDATE`` is 1) turns Pyro's and torch's argument checks on or off for the step only, whatever
     Pyro's own setting (on by default, and slow). ``share`` (a data-parallel run's, see
-    :meth:`pyrozoo.distributed.World.sharer`) turns this process's gradients and loss into the run's."""
+    :meth:`pyrozoo.distributed.World.share_hook`) turns this process's gradients and loss into the run's."""
     with pyro.validation_enabled(_validate() if validate is None else validate):
         loss = negative_elbo(model, guide, x, y, dataset_size)
     optimizer.zero_grad(set_to_none=True)
@@ -722,7 +722,7 @@ class Run:
                 start, losses = time.perf_counter(), []
                 for _ in range(c.steps_per_epoch):
                     part, weight = self.world.split(self.batches.next())  # this process's part of the batch
-                    share = self.world.sharer(weight)  # None in one process
+                    share = self.world.share_hook(weight)  # None in one process
                     shared = {} if share is None else {"share": share}
                     loss = self.training_step.step(
                         self.model, self.guide, self.optimizer, *self._batch(part), **shared

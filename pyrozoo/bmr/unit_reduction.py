@@ -2,11 +2,12 @@
 groups that :mod:`pyrozoo.bmr.units` finds in the net's dependency graph.
 
 Removing a unit reduces all its live entries at once: in every layer of its group, its producing rows (or
-columns) and its consuming columns (the output layer's too, although single output weights are never pruned). Under a mean-field posterior dF is additive over
-entries, so a unit's score is the sum of theirs, the exact joint evidence gain; the decision on unit scores is
-the threshold rule. Structures are reduced in order, each on the masks the previous ones left, so every removal
-raises the evidence of the model as it then is. Unless ``allow_empty``, the units whose removal the evidence
-favours least are kept where removing all of them would cut the net (:mod:`pyrozoo.bmr.livepath`).
+columns) and its consuming columns (the output layer's too, although single output weights are never pruned).
+Under a mean-field posterior dF is additive over entries, so a unit's score is the sum of theirs, the exact joint
+evidence gain; the decision on unit scores is the threshold rule. Structures are reduced in order, each on the
+masks the previous ones left, so every removal raises the evidence of the model as it then is. Unless
+``allow_empty``, the units whose removal the evidence favours least are kept where removing all of them would cut
+the net (:mod:`pyrozoo.bmr.livepath`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pyrozoo.bmr.units import model_units, pruned_fraction
 
 @REDUCTIONS.register("units")
 @dataclass(frozen=True)
-class Units(Reduction):
+class UnitReduction(Reduction):
     """Remove each live unit whose summed dF (producer rows and consumer columns) exceeds ``margin``."""
 
     margin: float = 0.0
