@@ -54,7 +54,7 @@ from pyrozoo.models.likelihoods import Categorical, Gaussian
 with warnings.catch_warnings():
     # curvlinops imports linear_operator, which calls torch.jit.script at import (deprecated in torch 2.14)
     warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
-    from curvlinops import KFACLinearOperator
+    from curvlinops import EKFACLinearOperator, KFACLinearOperator
     from curvlinops.kfac_utils import loss_hessian_matrix_sqrt
 
 STRUCTURES = ("diag", "kron")
@@ -89,12 +89,13 @@ def _loss(likelihood) -> tuple[nn.Module, float]:
     )
 
 
-def _kfac(net, modules, x, loss, scale, batch_size, samples, seed, progress, fisher, kfac) -> dict:
-    """``{layer: (G, A)}`` from curvlinops' KFAC: ``G`` summed over images and positions, ``A`` averaged."""
+def _kfac(net, modules, x, loss, scale, batch_size, samples, seed, progress, fisher, kfac, ekfac) -> dict:
+    """``{layer: (G, A)}`` from curvlinops' KFAC: ``G`` summed over images and positions, ``A`` averaged; with
+    ``ekfac`` also the eigenvalues corrected in the factors' eigenbasis, ``(G, A, (U_G, U_A, eigenvalues))``."""
     params = [p for module in modules.values() for p in module.parameters(recurse=False)]
     target = torch.zeros(len(x), dtype=torch.long) if isinstance(loss, nn.CrossEntropyLoss) else torch.zeros(len(x), 1)
     batches = [(x[i : i + batch_size], target[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    operator = KFACLinearOperator(
+    operator = (EKFACLinearOperator if ekfac else KFACLinearOperator)(
         net,
         loss,
         params,
@@ -110,10 +111,37 @@ def _kfac(net, modules, x, loss, scale, batch_size, samples, seed, progress, fis
         num_data=len(x),
     )
     operator.compute_kronecker_factors()
-    return {
+    out = {
         name: (operator._gradient_covariances[name].double() * scale, operator._input_covariances[name].double())
         for name in modules
     }
+    if ekfac:  # a second pass: the per-example gradients' second moments in the eigenbasis
+        operator.compute_eigenvalue_correction()
+        for name in modules:
+            eigenvalues = operator._corrected_eigenvalues[name]
+            if isinstance(eigenvalues, dict):  # a layer without a bias: {weight's position: eigenvalues}
+                (eigenvalues,) = eigenvalues.values()
+            corrected = (
+                operator._gradient_covariances_eigenvectors[name],
+                operator._input_covariances_eigenvectors[name],
+                eigenvalues.double() * scale,
+            )
+            out[name] = (*out[name], corrected)
+    return out
+
+
+def _scaled(curvature: torch.Tensor | tuple, factor: float) -> torch.Tensor | tuple:
+    """A layer's curvature times ``factor``: the diagonal, KFAC's output-side factor and EKFAC's eigenvalues."""
+    if isinstance(curvature, torch.Tensor):
+        return curvature * factor
+    G, A, *corrected = curvature
+    return (G * factor, A, *[(u_g, u_a, eigenvalues * factor) for u_g, u_a, eigenvalues in corrected])
+
+
+def _gaussian(mean: torch.Tensor, curvature: tuple) -> KroneckerGaussian:
+    """The Kronecker Gaussian of a layer's KFAC (or EKFAC) curvature under a unit prior."""
+    G, A, *corrected = curvature
+    return KroneckerGaussian(mean, G, A, prior_var=1.0, corrected=corrected[0] if corrected else None)
 
 
 def _inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +211,7 @@ def curvature(
     likelihood=None,
     fisher: str = "mc",
     kfac: str = "expand",
+    ekfac: bool = False,
 ) -> dict:
     """The GGN of each layer of ``layers`` summed over ``x`` under ``likelihood`` (categorical by default; a
     Gaussian's noise held at a point): ``{layer: diagonal (R, K)}`` or ``{layer: (G (R, R), A (K, K))}`` with
@@ -190,7 +219,9 @@ def curvature(
 
     ``fisher="mc"`` estimates it by the Monte Carlo Fisher, ``samples`` targets drawn per input from the net's own
     predictive; ``"type-2"`` is the exact GGN (one backward pass per output). ``kfac`` is the convolutions'
-    Kronecker factorisation, ``"expand"`` or ``"reduce"`` (Eschenhagen et al. 2023)."""
+    Kronecker factorisation, ``"expand"`` or ``"reduce"`` (Eschenhagen et al. 2023); ``ekfac`` adds, per layer,
+    the eigenvalues refitted in the factors' eigenbasis (EKFAC, George et al. 2018; a second pass over ``x``):
+    ``(G, A, (U_G, U_A, eigenvalues (R, K)))``, whose trace is the GGN block's."""
     likelihood = Categorical() if likelihood is None else likelihood
     if structure not in STRUCTURES:
         raise PyrozooError(f"Laplace structure is one of {', '.join(STRUCTURES)}, not {structure!r}")
@@ -214,7 +245,7 @@ def curvature(
         p.requires_grad_(True)
     try:
         if structure == "kron":
-            return _kfac(net, modules, x, loss, scale, batch_size, samples, seed, progress, fisher, kfac)
+            return _kfac(net, modules, x, loss, scale, batch_size, samples, seed, progress, fisher, kfac, ekfac)
         return _diagonal(net, modules, x, likelihood, loss, scale, batch_size, samples, seed, progress, fisher)
     finally:
         for p, flag in requires.items():
@@ -347,6 +378,7 @@ def laplace(
     fit_size: int | None = None,
     fisher: str = "mc",
     kfac: str = "expand",
+    ekfac: bool = False,
 ) -> tuple[BayesianModel, LaplacePosterior]:
     """A Laplace approximation around ``net``'s own weights, fitted on the training inputs ``x``.
 
@@ -358,7 +390,7 @@ def laplace(
     ``len(x) / fit_size``), for a large training set on a small machine. ``likelihood`` is the observation model
     the curvature is taken under and the returned model keeps: categorical by default; for a regressor
     ``Gaussian("fixed", precision)`` (pyrozoo.models.likelihoods), the noise precision of the targets it was
-    fitted to. ``fisher`` and ``kfac`` choose the curvature (:func:`curvature`).
+    fitted to. ``fisher``, ``kfac`` and ``ekfac`` choose the curvature (:func:`curvature`).
     """
     net = copy.deepcopy(net)
     layers = find_layers(net, output)
@@ -367,16 +399,15 @@ def laplace(
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:fit_size]
         x = x[order.to(x.device)]
     with torch.enable_grad():
-        curv = curvature(net, layers, x, structure, batch_size, samples, seed, progress, likelihood, fisher, kfac)
-    factor = n / len(x)
-    curv = {k: (v[0] * factor, v[1]) if structure == "kron" else v * factor for k, v in curv.items()}
+        curv = curvature(
+            net, layers, x, structure, batch_size, samples, seed, progress, likelihood, fisher, kfac, ekfac
+        )
+    curv = {k: _scaled(v, n / len(x)) for k, v in curv.items()}
     scales, loc, scale, kron, record = {}, {}, {}, {}, []
     for layer in layers:
         w = layer.join(net).double()
         if structure == "kron":
-            G, A = curv[layer.name]
-            full = KroneckerGaussian(w, G, A, prior_var=1.0)
-            eigenvalues = full.eigenvalues()
+            eigenvalues = _gaussian(w, curv[layer.name]).eigenvalues()
         else:
             eigenvalues = curv[layer.name]
         delta = prior_precision(eigenvalues, float(w.square().sum()))
@@ -385,7 +416,7 @@ def laplace(
         site = layer.site
         loc[site] = (w / s).to(layer.dtype)
         if structure == "kron":
-            kron[site] = KroneckerGaussian(w / s, G / delta, A, prior_var=1.0)
+            kron[site] = _gaussian(w / s, _scaled(curv[layer.name], 1 / delta))
             variance = kron[site].marginal_variance()
         else:
             variance = 1 / (eigenvalues / delta + 1)
