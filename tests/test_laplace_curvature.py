@@ -1,8 +1,8 @@
 """The Laplace curvature (pyrozoo.guides.laplace.curvature) against the exact GGN, layer by layer, in float64.
 
 The exact GGN block of a layer, ``Σ_n J_n' H_n J_n`` over the latent's ``[W | b]`` (row-major), is built here
-from torch.func Jacobians and the categorical likelihood's Hessian ``diag(p) - p p'``, independently of
-curvlinops, which computes the KFAC factors.
+from the Jacobians (one backward pass per input and output) and the categorical likelihood's Hessian
+``diag(p) - p p'``, independently of curvlinops, which computes the KFAC factors.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
 
 from pyrozoo.data import load, prepare
 from pyrozoo.guides.laplace import curvature, laplace, prior_precision
@@ -44,18 +43,16 @@ def _small_net():
 
 
 def _jacobians(net, x, name):
-    """``(J (N, C, R*K), H (N, C, C))``: the net's outputs' Jacobian in the latent layout of layer ``name`` and
-    the categorical likelihood's Hessian, per input."""
-    params = {k: v.detach() for k, v in net.named_parameters()}
-    own = {k: params.pop(k) for k in (f"{name}.weight", f"{name}.bias")}
-
-    def f(p, xi):
-        return functional_call(net, {**params, **p}, (xi[None],))[0]
-
-    J = vmap(jacrev(f), in_dims=(None, 0))(own, x)
-    weight, bias = J[f"{name}.weight"], J[f"{name}.bias"]
-    n, c, rows = bias.shape
-    J = torch.cat([weight.reshape(n, c, rows, -1), bias[..., None]], -1).reshape(n, c, -1)
+    """``(J (N, C, R*K), H (N, C, C))``: the net's outputs' Jacobian in the latent layout of layer ``name`` (a
+    backward pass per input and output) and the categorical likelihood's Hessian, per input."""
+    module = net.get_submodule(name)
+    rows = []
+    for xi in x:
+        out = net(xi[None])[0]
+        for c in range(len(out)):
+            weight, bias = torch.autograd.grad(out[c], [module.weight, module.bias], retain_graph=True)
+            rows.append(torch.cat([weight.reshape(len(bias), -1), bias[:, None]], 1).flatten())
+    J = torch.stack(rows).reshape(len(x), -1, rows[0].numel())
     p = net(x).detach().softmax(-1)
     return J, torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
 
@@ -140,13 +137,13 @@ def test_diagonal_is_the_exact_ggn_diagonal_of_every_layer_type():
 
 def test_monte_carlo_curvature_approaches_the_exact_ggn():
     """The default Monte Carlo Fisher (sampled labels) is unbiased for the exact GGN: with many samples the
-    diagonal and the KFAC factors' product come within a few percent of the type-2 ones."""
+    diagonal and the KFAC factors' product come within 10% of the type-2 ones (2-5% measured at 100 samples)."""
     net, x = _small_net(), torch.randn(4, 2, 8, 8)
     layers = find_layers(net)
     for structure in ("diag", "kron"):
         exact = curvature(net, layers, x, structure, fisher="type-2", progress=False)
-        mc = curvature(net, layers, x, structure, samples=400, progress=False)
-        for name in ("0", "9"):
+        mc = curvature(net, layers, x, structure, samples=100, progress=False)
+        for name in ("0", "2", "4", "7", "9"):
             want = _kron(exact[name]) if structure == "kron" else exact[name]
             got = _kron(mc[name]) if structure == "kron" else mc[name]
             assert float((got - want).norm() / want.norm()) < 0.1, (structure, name)

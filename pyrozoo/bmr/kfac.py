@@ -5,7 +5,9 @@ posterior ``N(M, P^-1)`` with ``P = G ⊗ A + I / s2`` over the row-major ``vec(
 output-side factor; ``A``: columns x columns, the input-side factor), as a KFAC Laplace approximation gives.
 With the eigendecompositions ``G = U_G diag(g) U_G'`` and ``A = U_A diag(a) U_A'``, the covariance is
 ``Σ = (U_G ⊗ U_A) diag(D) (U_G ⊗ U_A)'`` with ``D[i, j] = 1 / (g_i a_j + 1/s2)``, so everything below costs
-matrix products of the layer's size (``R² K + R K²``), never ``(R K)²``.
+matrix products of the layer's size (``R² K + R K²``), never ``(R K)²``. EKFAC (George et al. 2018) keeps that
+eigenbasis and replaces ``g_i a_j`` by eigenvalues ``λ_ij`` fitted to the data (``corrected``); every form below
+reads only the basis and ``D``, so it holds for both.
 
 Point-mass reductions (docs/method.md#correlated-posteriors with ``g2 = 0`` on the reduced entries ``S``) of a
 correlated Gaussian:

@@ -15,18 +15,33 @@ posterior is correlated: a single entry's dF is exact with its marginal variance
 :meth:`LaplacePosterior.reduce` writes back the reduced mean, so the surviving weights compensate for the
 removed ones (:mod:`pyrozoo.bmr.kfac`).
 
-Why not laplace-torch's curvature (checked: laplace-torch 0.3 with torch 2.14 fits our MLP and LeNet):
-its KFAC keeps a layer's bias as a Kronecker block of its own, while a pyrozoo unit is a row of ``[W | b]`` and
-is removed with its bias, so the input factor here is over the inputs augmented by a constant 1 (Martens and
-Grosse 2015, one block per layer); and its exact-GGN backends took 30 s for 1,200 LeNet images (KFAC) and 28 s
-for 256 MLP images (diagonal) on the shared 2-core machine, about half an hour for the training set. Here the
-GGN is the Fisher of the net's own predictive estimated by Monte Carlo (``samples`` targets drawn per input,
-Martens and Grosse; unbiased for the GGN of the categorical likelihood, and of the Gaussian one with its noise
-held at a point), one backward pass per batch and sample, and
-the marginal likelihood's optimum is a one-dimensional root per layer given the eigenvalues, which needs no
-optimiser. Convolutions use the KFC factors (Grosse and Martens 2016): ``G`` summed over positions and images
-and divided by the positions, ``A`` averaged over both. Linear and Conv2d layers are supported; other random
-groups (LayerNorm, free tensors) are an error naming them.
+The curvature (:func:`curvature`):
+
+- KFAC is curvlinops' ``KFACLinearOperator`` with ``separate_weight_and_bias=False``: one Kronecker block per
+  layer over ``[W | b]``, the input factor over the inputs augmented by a constant 1 (Martens and Grosse 2015),
+  as a pyrozoo unit is a row of ``[W | b]`` removed with its bias (laplace-torch's wrapper keeps the bias as a
+  block of its own). For a convolution (Grosse and Martens 2016; Eschenhagen et al. 2023) ``"expand"`` (the
+  default) sums ``G`` over images and output positions and averages ``A`` over both, so ``G ⊗ A`` is a sum over
+  the data; ``"reduce"`` sums the output gradients and averages the patches over the positions of each image
+  first. (Before curvlinops, pyrozoo divided ``G`` by the positions as well: a conv layer's curvature was too
+  small by their number, 784x for LeNet's first conv.) The expand factors drop the GGN's cross-position terms,
+  which images correlate strongly: on LeNet, conv1's KFAC trace is about 0.1x the exact GGN block's.
+  ``ekfac=True`` refits the eigenvalues in the factors' eigenbasis (EKFAC, George et al. 2018; curvlinops'
+  ``EKFACLinearOperator``, one more pass), whose trace is the exact block's. curvlinops averages a grouped
+  convolution's input channels over its groups, an approximation for those layers.
+- The GGN is, by default (``fisher="mc"``), the Fisher of the net's own predictive estimated by Monte Carlo
+  (``samples`` targets drawn per input, Martens and Grosse; unbiased for the GGN of the categorical likelihood,
+  and of the Gaussian one with its noise held at a point), one backward pass per batch and sample;
+  ``fisher="type-2"`` is the exact GGN, one backward pass per output.
+- The diagonal is hand-written (per-example gradients, squared): curvlinops estimates a diagonal only
+  stochastically (Hutchinson, XDiag: many products), and BackPACK's exact one needs the net rebuilt from its own
+  modules. It is the exact GGN diagonal (type-2) or its Monte Carlo estimate, checked against the GGN from
+  the exact GGN's Jacobians on Linear, strided and padded, grouped and depthwise layers
+  (tests/test_laplace_curvature.py).
+
+The marginal likelihood's optimum is a one-dimensional root per layer given the eigenvalues (KFAC's ``g_i a_j``,
+EKFAC's refitted ones), which needs no optimiser. Linear and Conv2d layers are supported; other random groups
+(LayerNorm, free tensors) are an error naming them.
 """
 
 from __future__ import annotations
