@@ -17,12 +17,7 @@ from pyrozoo.models.layers import find_layers
 from pyrozoo.nets import create_net
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(dtype)
+pytestmark = pytest.mark.usefixtures("float64")  # (conftest) these compare with exact forms
 
 
 def _small_net():

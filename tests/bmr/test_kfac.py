@@ -11,13 +11,7 @@ from pyrozoo.bmr.delta_f import multivariate_covariance
 from pyrozoo.bmr.kfac import KroneckerGaussian
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    """These tests run in float64 throughout (1e-6 agreement), and leave the default as they found it."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
+pytestmark = pytest.mark.usefixtures("float64")  # (conftest) these compare with exact forms
 
 
 def _spd(n: int, generator, scale: float = 1.0, rank: int | None = None) -> torch.Tensor:
