@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from pyrozoo.data import load, prepare
+from pyrozoo.errors import PyrozooError
 from pyrozoo.guides.laplace import curvature, laplace, prior_precision
 from pyrozoo.models.layers import find_layers
+from pyrozoo.models.likelihoods import Gaussian
 from pyrozoo.nets import create_net
 
 
@@ -189,3 +191,10 @@ def test_ekfac_laplace_chooses_the_prior_by_the_corrected_eigenvalues():
         assert record["prior_precision"] == pytest.approx(prior_precision(eigenvalues, float(w.square().sum())))
         got = posterior.kron[layer.site].eigenvalues()
         assert torch.allclose(got, eigenvalues / record["prior_precision"], rtol=1e-10)
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_a_gaussian_likelihood_over_several_outputs_is_refused(structure):
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(PyrozooError, match="needs a net with 1 output"):
+        curvature(net, find_layers(net), torch.randn(5, 3), structure, likelihood=Gaussian("fixed", 2.0))

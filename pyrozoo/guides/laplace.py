@@ -259,6 +259,8 @@ def curvature(
     for p in net.parameters():
         p.requires_grad_(True)
     try:
+        with torch.no_grad():
+            likelihood.check_output(net(x[:1]))
         if structure == "kron":
             return _kfac(net, modules, x, loss, scale, batch_size, samples, seed, progress, fisher, kfac, ekfac)
         return _diagonal(net, modules, x, likelihood, loss, scale, batch_size, samples, seed, progress, fisher)
