@@ -134,7 +134,8 @@ def test_diagonal_is_the_exact_ggn_diagonal_of_every_layer_type():
 
 def test_monte_carlo_curvature_approaches_the_exact_ggn():
     """The default Monte Carlo Fisher (sampled labels) is unbiased for the exact GGN: with many samples the
-    diagonal and the KFAC factors' product come within 10% of the type-2 ones (2-5% measured at 100 samples)."""
+    diagonal and the KFAC factors' product come within 10% of the type-2 ones (2-5% measured at 100 samples).
+    """
     net, x = _small_net(), torch.randn(4, 2, 8, 8)
     layers = find_layers(net)
     for structure in ("diag", "kron"):
@@ -188,7 +189,9 @@ def test_ekfac_laplace_chooses_the_prior_by_the_corrected_eigenvalues():
     for layer, record in zip(layers, model.laplace):
         eigenvalues = kron[layer.name][2][2]
         w = layer.join(net)
-        assert record["prior_precision"] == pytest.approx(prior_precision(eigenvalues, float(w.square().sum())))
+        assert record["prior_precision"] == pytest.approx(
+            prior_precision(eigenvalues, float(w.square().sum()))
+        )
         got = posterior.kron[layer.site].eigenvalues()
         assert torch.allclose(got, eigenvalues / record["prior_precision"], rtol=1e-10)
 
@@ -198,3 +201,12 @@ def test_a_gaussian_likelihood_over_several_outputs_is_refused(structure):
     net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     with pytest.raises(PyrozooError, match="needs a net with 1 output"):
         curvature(net, find_layers(net), torch.randn(5, 3), structure, likelihood=Gaussian("fixed", 2.0))
+
+
+@pytest.mark.parametrize(
+    "option, message", [({"fisher": "exact"}, "mc, type-2"), ({"kfac": "full"}, "expand, reduce")]
+)
+def test_an_unknown_curvature_option_is_one_line_naming_the_choices(option, message):
+    net = _small_net()
+    with pytest.raises(PyrozooError, match=message):
+        curvature(net, find_layers(net), torch.randn(2, 2, 8, 8), **option)

@@ -88,7 +88,10 @@ class KroneckerGaussian:
     def precision_diagonal(self) -> Tensor:
         """``diag P`` as a ``(R, K)`` matrix."""
         if self.corrected is None:
-            return torch.outer(torch.diagonal(self.G.double()), torch.diagonal(self.A.double())) + 1 / self.prior_var
+            return (
+                torch.outer(torch.diagonal(self.G.double()), torch.diagonal(self.A.double()))
+                + 1 / self.prior_var
+            )
         _, u_g, _, u_a, _ = self._eig
         return u_g.square() @ self._eigenvalues @ u_a.square().T + 1 / self.prior_var
 

@@ -106,9 +106,14 @@ def _loss(likelihood) -> tuple[nn.Module, float]:
 
 def _kfac(net, modules, x, loss, scale, batch_size, samples, seed, progress, fisher, kfac, ekfac) -> dict:
     """``{layer: (G, A)}`` from curvlinops' KFAC: ``G`` summed over images and positions, ``A`` averaged; with
-    ``ekfac`` also the eigenvalues corrected in the factors' eigenbasis, ``(G, A, (U_G, U_A, eigenvalues))``."""
+    ``ekfac`` also the eigenvalues corrected in the factors' eigenbasis, ``(G, A, (U_G, U_A, eigenvalues))``.
+    """
     params = [p for module in modules.values() for p in module.parameters(recurse=False)]
-    target = torch.zeros(len(x), dtype=torch.long) if isinstance(loss, nn.CrossEntropyLoss) else torch.zeros(len(x), 1)
+    target = (
+        torch.zeros(len(x), dtype=torch.long)
+        if isinstance(loss, nn.CrossEntropyLoss)
+        else torch.zeros(len(x), 1)
+    )
     batches = [(x[i : i + batch_size], target[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     operator = (EKFACLinearOperator if ekfac else KFACLinearOperator)(
         net,
@@ -127,7 +132,10 @@ def _kfac(net, modules, x, loss, scale, batch_size, samples, seed, progress, fis
     )
     operator.compute_kronecker_factors()
     out = {
-        name: (operator._gradient_covariances[name].double() * scale, operator._input_covariances[name].double())
+        name: (
+            operator._gradient_covariances[name].double() * scale,
+            operator._input_covariances[name].double(),
+        )
         for name in modules
     }
     if ekfac:  # a second pass: the per-example gradients' second moments in the eigenbasis
@@ -180,7 +188,11 @@ def _diagonal(net, modules, x, likelihood, loss, scale, batch_size, samples, see
 
     def add(name, a, g):
         n, positions, groups, _ = a.shape
-        g = (g.flatten(2).transpose(1, 2) if g.dim() > 2 else g[:, None]).double().reshape(n, positions, groups, -1)
+        g = (
+            (g.flatten(2).transpose(1, 2) if g.dim() > 2 else g[:, None])
+            .double()
+            .reshape(n, positions, groups, -1)
+        )
         if positions == 1 and groups == 1:  # a Linear layer: no (N, R, K) tensor
             d = g[:, 0, 0].square().T @ a[:, 0, 0].square()
         else:
@@ -192,11 +204,14 @@ def _diagonal(net, modules, x, likelihood, loss, scale, batch_size, samples, see
         output.register_hook(lambda g: add(name, a, g.detach()))
 
     handles = [
-        module.register_forward_hook(lambda m, i, o, n=name: capture(m, i, o, n)) for name, module in modules.items()
+        module.register_forward_hook(lambda m, i, o, n=name: capture(m, i, o, n))
+        for name, module in modules.items()
     ]
     generator = torch.Generator(device=x.device).manual_seed(seed)
     try:
-        for start in tqdm(range(0, len(x), batch_size), desc="Laplace diag curvature", unit="batch", disable=not progress):
+        for start in tqdm(
+            range(0, len(x), batch_size), desc="Laplace diag curvature", unit="batch", disable=not progress
+        ):
             xb = x[start : start + batch_size]
             if fisher == "mc":
                 for _ in range(samples):
@@ -243,7 +258,9 @@ def curvature(
     if fisher not in FISHERS:
         raise PyrozooError(f"the Laplace curvature's fisher is one of {', '.join(FISHERS)}, not {fisher!r}")
     if kfac not in KFAC_APPROX:
-        raise PyrozooError(f"the KFAC variant for convolutions is one of {', '.join(KFAC_APPROX)}, not {kfac!r}")
+        raise PyrozooError(
+            f"the KFAC variant for convolutions is one of {', '.join(KFAC_APPROX)}, not {kfac!r}"
+        )
     modules = {}
     for layer in layers:
         module = net.get_submodule(layer.name) if layer.kind == "weight" else None
@@ -262,8 +279,12 @@ def curvature(
         with torch.no_grad():
             likelihood.check_output(net(x[:1]))
         if structure == "kron":
-            return _kfac(net, modules, x, loss, scale, batch_size, samples, seed, progress, fisher, kfac, ekfac)
-        return _diagonal(net, modules, x, likelihood, loss, scale, batch_size, samples, seed, progress, fisher)
+            return _kfac(
+                net, modules, x, loss, scale, batch_size, samples, seed, progress, fisher, kfac, ekfac
+            )
+        return _diagonal(
+            net, modules, x, likelihood, loss, scale, batch_size, samples, seed, progress, fisher
+        )
     finally:
         for p, flag in requires.items():
             p.requires_grad_(flag)
