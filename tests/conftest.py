@@ -30,6 +30,16 @@ def _seed():
 
 
 @pytest.fixture
+def float64():
+    """Double precision as the default dtype (tests that compare with exact forms at 1e-6 or finer), restored
+    after."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)
+
+
+@pytest.fixture
 def tiny_lenet_model():
     net = create_net("lenet", in_channels=1, image_size=32, num_classes=10, channels=(2, 3, 4), hidden=5)
     return BayesianModel(net)

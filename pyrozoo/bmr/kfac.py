@@ -5,7 +5,9 @@ posterior ``N(M, P^-1)`` with ``P = G ⊗ A + I / s2`` over the row-major ``vec(
 output-side factor; ``A``: columns x columns, the input-side factor), as a KFAC Laplace approximation gives.
 With the eigendecompositions ``G = U_G diag(g) U_G'`` and ``A = U_A diag(a) U_A'``, the covariance is
 ``Σ = (U_G ⊗ U_A) diag(D) (U_G ⊗ U_A)'`` with ``D[i, j] = 1 / (g_i a_j + 1/s2)``, so everything below costs
-matrix products of the layer's size (``R² K + R K²``), never ``(R K)²``.
+matrix products of the layer's size (``R² K + R K²``), never ``(R K)²``. EKFAC (George et al. 2018) keeps that
+eigenbasis and replaces ``g_i a_j`` by eigenvalues ``λ_ij`` fitted to the data (``corrected``); every form below
+reads only the basis and ``D``, so it holds for both.
 
 Point-mass reductions (docs/method.md#correlated-posteriors with ``g2 = 0`` on the reduced entries ``S``) of a
 correlated Gaussian:
@@ -46,30 +48,52 @@ class KroneckerGaussian:
     G: Tensor  # (R, R), symmetric positive semi-definite
     A: Tensor  # (K, K), symmetric positive semi-definite
     prior_var: float = 1.0
+    # EKFAC (George et al. 2018): (U_G, U_A, eigenvalues (R, K)), the data precision U diag(eigenvalues) U' in the
+    # factors' eigenbasis U = U_G ⊗ U_A with each eigenvalue fitted to the data instead of g_i a_j
+    corrected: tuple | None = None
     _eig: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
         self.mean = self.mean.detach().double()
-        g, u_g = torch.linalg.eigh(self.G.detach().double())
-        a, u_a = torch.linalg.eigh(self.A.detach().double())
-        g, a = g.clamp(min=0), a.clamp(min=0)  # round-off below 0 on a factor that is PSD by construction
-        self._eig = (g, u_g, a, u_a, 1 / (g[:, None] * a[None, :] + 1 / self.prior_var))
+        if self.corrected is None:
+            g, u_g = torch.linalg.eigh(self.G.detach().double())
+            a, u_a = torch.linalg.eigh(self.A.detach().double())
+            g, a = g.clamp(min=0), a.clamp(min=0)  # round-off below 0 on a factor that is PSD by construction
+            self._eigenvalues = g[:, None] * a[None, :]
+        else:
+            u_g, u_a, eigenvalues = (t.detach().double() for t in self.corrected)
+            g = torch.einsum("ij,ik,kj->j", u_g, self.G.detach().double(), u_g)
+            a = torch.einsum("ij,ik,kj->j", u_a, self.A.detach().double(), u_a)
+            self._eigenvalues = eigenvalues.clamp(min=0)
+        self._eig = (g, u_g, a, u_a, 1 / (self._eigenvalues + 1 / self.prior_var))
 
     @property
     def shape(self) -> torch.Size:
         return self.mean.shape
 
     def eigenvalues(self) -> Tensor:
-        """The data precision's eigenvalues ``g_i a_j`` (without the prior), shape ``(R, K)``."""
-        g, _, a, _, _ = self._eig
-        return g[:, None] * a[None, :]
+        """The data precision's eigenvalues ``g_i a_j`` (EKFAC: the corrected ones), without the prior, ``(R, K)``."""
+        return self._eigenvalues
 
     def with_prior_var(self, prior_var: float) -> "KroneckerGaussian":
-        return KroneckerGaussian(self.mean, self.G, self.A, prior_var)
+        return KroneckerGaussian(self.mean, self.G, self.A, prior_var, self.corrected)
 
     def precision_matvec(self, V: Tensor) -> Tensor:
-        """``P vec(V)`` as a matrix: ``G V A + V / s2``."""
-        return self.G.double() @ V @ self.A.double() + V / self.prior_var
+        """``P vec(V)`` as a matrix: ``G V A + V / s2`` (EKFAC: ``U_G (λ ∘ U_G' V U_A) U_A' + V / s2``)."""
+        if self.corrected is None:
+            return self.G.double() @ V @ self.A.double() + V / self.prior_var
+        _, u_g, _, u_a, _ = self._eig
+        return u_g @ (self._eigenvalues * (u_g.T @ V @ u_a)) @ u_a.T + V / self.prior_var
+
+    def precision_diagonal(self) -> Tensor:
+        """``diag P`` as a ``(R, K)`` matrix."""
+        if self.corrected is None:
+            return (
+                torch.outer(torch.diagonal(self.G.double()), torch.diagonal(self.A.double()))
+                + 1 / self.prior_var
+            )
+        _, u_g, _, u_a, _ = self._eig
+        return u_g.square() @ self._eigenvalues @ u_a.square().T + 1 / self.prior_var
 
     def covariance_matvec(self, V: Tensor) -> Tensor:
         """``Σ vec(V)`` as a matrix."""
@@ -136,10 +160,7 @@ class KroneckerGaussian:
             return self.mean.clone(), 0.0, 0
         source = torch.where(pruned, self.mean, 0.0)  # M_S, zero elsewhere
         b = keep * self.precision_matvec(source)  # P_TS M_S
-        diag = (
-            torch.outer(torch.diagonal(self.G.double()), torch.diagonal(self.A.double())) + 1 / self.prior_var
-        )
-        inv_diag = keep / diag
+        inv_diag = keep / self.precision_diagonal()
         x = torch.zeros_like(b)
         r = b.clone()
         z = inv_diag * r

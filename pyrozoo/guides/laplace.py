@@ -15,24 +15,40 @@ posterior is correlated: a single entry's dF is exact with its marginal variance
 :meth:`LaplacePosterior.reduce` writes back the reduced mean, so the surviving weights compensate for the
 removed ones (:mod:`pyrozoo.bmr.kfac`).
 
-Why not laplace-torch's curvature (checked: laplace-torch 0.3 with torch 2.14 fits our MLP and LeNet):
-its KFAC keeps a layer's bias as a Kronecker block of its own, while a pyrozoo unit is a row of ``[W | b]`` and
-is removed with its bias, so the input factor here is over the inputs augmented by a constant 1 (Martens and
-Grosse 2015, one block per layer); and its exact-GGN backends took 30 s for 1,200 LeNet images (KFAC) and 28 s
-for 256 MLP images (diagonal) on the shared 2-core machine, about half an hour for the training set. Here the
-GGN is the Fisher of the net's own predictive estimated by Monte Carlo (``samples`` targets drawn per input,
-Martens and Grosse; unbiased for the GGN of the categorical likelihood, and of the Gaussian one with its noise
-held at a point), one backward pass per batch and sample, and
-the marginal likelihood's optimum is a one-dimensional root per layer given the eigenvalues, which needs no
-optimiser. Convolutions use the KFC factors (Grosse and Martens 2016): ``G`` summed over positions and images
-and divided by the positions, ``A`` averaged over both. Linear and Conv2d layers are supported; other random
-groups (LayerNorm, free tensors) are an error naming them.
+The curvature (:func:`curvature`):
+
+- KFAC is curvlinops' ``KFACLinearOperator`` with ``separate_weight_and_bias=False``: one Kronecker block per
+  layer over ``[W | b]``, the input factor over the inputs augmented by a constant 1 (Martens and Grosse 2015),
+  as a pyrozoo unit is a row of ``[W | b]`` removed with its bias (laplace-torch's wrapper keeps the bias as a
+  block of its own). For a convolution (Grosse and Martens 2016; Eschenhagen et al. 2023) ``"expand"`` (the
+  default) sums ``G`` over images and output positions and averages ``A`` over both, so ``G ⊗ A`` is a sum over
+  the data; ``"reduce"`` sums the output gradients and averages the patches over the positions of each image
+  first. (Before curvlinops, pyrozoo divided ``G`` by the positions as well: a conv layer's curvature was too
+  small by their number, 784x for LeNet's first conv.) The expand factors drop the GGN's cross-position terms,
+  which images correlate strongly: on LeNet, conv1's KFAC trace is about 0.1x the exact GGN block's.
+  ``ekfac=True`` refits the eigenvalues in the factors' eigenbasis (EKFAC, George et al. 2018; curvlinops'
+  ``EKFACLinearOperator``, one more pass), whose trace is the exact block's. curvlinops averages a grouped
+  convolution's input channels over its groups, an approximation for those layers.
+- The GGN is, by default (``fisher="mc"``), the Fisher of the net's own predictive estimated by Monte Carlo
+  (``samples`` targets drawn per input, Martens and Grosse; unbiased for the GGN of the categorical likelihood,
+  and of the Gaussian one with its noise held at a point), one backward pass per batch and sample;
+  ``fisher="type-2"`` is the exact GGN, one backward pass per output.
+- The diagonal is hand-written (per-example gradients, squared): curvlinops estimates a diagonal only
+  stochastically (Hutchinson, XDiag: many products), and BackPACK's exact one needs the net rebuilt from its own
+  modules. It is the exact GGN diagonal (type-2) or its Monte Carlo estimate, checked against the GGN from
+  the exact GGN's Jacobians on Linear, strided and padded, grouped and depthwise layers
+  (tests/test_laplace_curvature.py).
+
+The marginal likelihood's optimum is a one-dimensional root per layer given the eigenvalues (KFAC's ``g_i a_j``,
+EKFAC's refitted ones), which needs no optimiser. Linear and Conv2d layers are supported; other random groups
+(LayerNorm, free tensors) are an error naming them.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import ClassVar
 
 import pyro
@@ -48,9 +64,17 @@ from pyrozoo.errors import PyrozooError
 from pyrozoo.guides.base import Posterior
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.layers import find_layers
-from pyrozoo.models.likelihoods import Categorical
+from pyrozoo.models.likelihoods import Categorical, Gaussian
+
+with warnings.catch_warnings():
+    # curvlinops imports linear_operator, which calls torch.jit.script at import (deprecated in torch 2.14)
+    warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+    from curvlinops import EKFACLinearOperator, KFACLinearOperator
+    from curvlinops.kfac_utils import loss_hessian_matrix_sqrt
 
 STRUCTURES = ("diag", "kron")
+FISHERS = ("mc", "type-2")  # curvlinops' names: the Monte Carlo Fisher, the exact GGN
+KFAC_APPROX = ("expand", "reduce")
 
 
 class FixedScales:
@@ -67,40 +91,142 @@ class FixedScales:
 # --- curvature ------------------------------------------------------------------------------------------------
 
 
+def _loss(likelihood) -> tuple[nn.Module, float]:
+    """curvlinops' loss for ``likelihood`` and the factor from that loss's curvature to the likelihood's: the
+    summed cross-entropy for a categorical one; for a Gaussian of precision ``tau`` the summed squared error, whose
+    Hessian ``2`` (noise variance 1/2) is rescaled to ``tau``."""
+    if isinstance(likelihood, Gaussian):
+        return nn.MSELoss(reduction="sum"), float(likelihood.precision()) / 2
+    if isinstance(likelihood, Categorical):
+        return nn.CrossEntropyLoss(reduction="sum"), 1.0
+    raise PyrozooError(
+        f"the Laplace curvature is taken under a categorical or Gaussian likelihood, not {type(likelihood).__name__}"
+    )
+
+
+def _kfac(net, modules, x, loss, scale, batch_size, samples, seed, progress, fisher, kfac, ekfac) -> dict:
+    """``{layer: (G, A)}`` from curvlinops' KFAC: ``G`` summed over images and positions, ``A`` averaged; with
+    ``ekfac`` also the eigenvalues corrected in the factors' eigenbasis, ``(G, A, (U_G, U_A, eigenvalues))``.
+    """
+    params = [p for module in modules.values() for p in module.parameters(recurse=False)]
+    target = (
+        torch.zeros(len(x), dtype=torch.long)
+        if isinstance(loss, nn.CrossEntropyLoss)
+        else torch.zeros(len(x), 1)
+    )
+    batches = [(x[i : i + batch_size], target[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    operator = (EKFACLinearOperator if ekfac else KFACLinearOperator)(
+        net,
+        loss,
+        params,
+        batches,
+        progressbar=progress,
+        check_deterministic=False,
+        seed=seed,
+        fisher_type=fisher,
+        mc_samples=samples if fisher == "mc" else 1,
+        kfac_approx=kfac,
+        num_per_example_loss_terms=1,
+        separate_weight_and_bias=False,  # one block per layer over [W | b], as the latent
+        num_data=len(x),
+    )
+    operator.compute_kronecker_factors()
+    out = {
+        name: (
+            operator._gradient_covariances[name].double() * scale,
+            operator._input_covariances[name].double(),
+        )
+        for name in modules
+    }
+    if ekfac:  # a second pass: the per-example gradients' second moments in the eigenbasis
+        operator.compute_eigenvalue_correction()
+        for name in modules:
+            eigenvalues = operator._corrected_eigenvalues[name]
+            if isinstance(eigenvalues, dict):  # a layer without a bias: {weight's position: eigenvalues}
+                (eigenvalues,) = eigenvalues.values()
+            corrected = (
+                operator._gradient_covariances_eigenvectors[name],
+                operator._input_covariances_eigenvectors[name],
+                eigenvalues.double() * scale,
+            )
+            out[name] = (*out[name], corrected)
+    return out
+
+
+def _scaled(curvature: torch.Tensor | tuple, factor: float) -> torch.Tensor | tuple:
+    """A layer's curvature times ``factor``: the diagonal, KFAC's output-side factor and EKFAC's eigenvalues."""
+    if isinstance(curvature, torch.Tensor):
+        return curvature * factor
+    G, A, *corrected = curvature
+    return (G * factor, A, *[(u_g, u_a, eigenvalues * factor) for u_g, u_a, eigenvalues in corrected])
+
+
+def _gaussian(mean: torch.Tensor, curvature: tuple) -> KroneckerGaussian:
+    """The Kronecker Gaussian of a layer's KFAC (or EKFAC) curvature under a unit prior."""
+    G, A, *corrected = curvature
+    return KroneckerGaussian(mean, G, A, prior_var=1.0, corrected=corrected[0] if corrected else None)
+
+
 def _inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's inputs, one row per image and position, with a trailing 1 for the bias: ``(B, P, K)``."""
+    """The layer's inputs, one row per image, position and channel group, with a trailing 1 for the bias:
+    ``(B, P, groups, K)``."""
+    groups = getattr(module, "groups", 1)
     if isinstance(module, nn.Linear):
-        a = x.reshape(len(x), 1, -1)
+        a = x.reshape(len(x), 1, 1, -1)
     else:
-        a = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+        a = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+        a = a.reshape(len(x), groups, -1, a.shape[-1]).permute(0, 3, 1, 2)
     if module.bias is not None:
         a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
     return a
 
 
-def _output_grads(module: nn.Module, g: torch.Tensor) -> torch.Tensor:
-    """The gradient at the layer's output, one row per image and position: ``(B, P, R)``."""
-    return g.reshape(len(g), 1, -1) if isinstance(module, nn.Linear) else g.flatten(2).transpose(1, 2)
+def _diagonal(net, modules, x, likelihood, loss, scale, batch_size, samples, seed, progress, fisher) -> dict:
+    """``{layer: (R, K)}``: the squared per-example gradients of the sampled (``"mc"``) or of each column of the
+    loss Hessian's square root (``"type-2"``) backpropagated, summed."""
+    store: dict = {}
 
-
-@torch.no_grad()
-def _add(store: dict, name: str, structure: str, a: torch.Tensor, g: torch.Tensor) -> None:
-    a, g = a.double(), g.double()
-    positions = a.shape[1]
-    if structure == "kron":
-        G = torch.einsum("npr,nps->rs", g, g) / positions
-        A = torch.einsum("npk,npl->kl", a, a) / positions
-        if name in store:
-            store[name][0].add_(G)
-            store[name][1].add_(A)
+    def add(name, a, g):
+        n, positions, groups, _ = a.shape
+        g = (
+            (g.flatten(2).transpose(1, 2) if g.dim() > 2 else g[:, None])
+            .double()
+            .reshape(n, positions, groups, -1)
+        )
+        if positions == 1 and groups == 1:  # a Linear layer: no (N, R, K) tensor
+            d = g[:, 0, 0].square().T @ a[:, 0, 0].square()
         else:
-            store[name] = [G, A]
-    else:
-        if positions == 1:
-            d = g[:, 0].square().T @ a[:, 0].square()
-        else:
-            d = torch.einsum("npr,npk->nrk", g, a).square().sum(0)
+            d = torch.einsum("npgr,npgk->ngrk", g, a).square().sum(0).flatten(0, 1)
         store[name] = store[name] + d if name in store else d
+
+    def capture(module, inputs, output, name):
+        a = _inputs(module, inputs[0].detach()).double()
+        output.register_hook(lambda g: add(name, a, g.detach()))
+
+    handles = [
+        module.register_forward_hook(lambda m, i, o, n=name: capture(m, i, o, n))
+        for name, module in modules.items()
+    ]
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    try:
+        for start in tqdm(
+            range(0, len(x), batch_size), desc="Laplace diag curvature", unit="batch", disable=not progress
+        ):
+            xb = x[start : start + batch_size]
+            if fisher == "mc":
+                for _ in range(samples):
+                    likelihood.sampled_nll(net(xb), generator).backward()
+            else:
+                out = net(xb)
+                roots = torch.stack(
+                    [loss_hessian_matrix_sqrt(o, o.new_zeros(1), loss) for o in out.detach().split(1)]
+                ) * math.sqrt(scale)
+                for c in range(roots.shape[-1]):
+                    (out * roots[:, :, c]).sum().backward(retain_graph=c < roots.shape[-1] - 1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: value / (samples if fisher == "mc" else 1) for name, value in store.items()}
 
 
 def curvature(
@@ -113,13 +239,28 @@ def curvature(
     seed: int = 0,
     progress: bool = True,
     likelihood=None,
+    fisher: str = "mc",
+    kfac: str = "expand",
+    ekfac: bool = False,
 ) -> dict:
-    """The GGN of each layer of ``layers`` summed over ``x``, by a Monte Carlo Fisher with ``samples`` targets per
-    input drawn from ``likelihood`` (categorical by default; a Gaussian's noise held at a point):
-    ``{layer: diagonal (R, K)}`` or ``{layer: (G (R, R), A (K, K))}`` with ``H ≈ G ⊗ A`` (float64)."""
+    """The GGN of each layer of ``layers`` summed over ``x`` under ``likelihood`` (categorical by default; a
+    Gaussian's noise held at a point): ``{layer: diagonal (R, K)}`` or ``{layer: (G (R, R), A (K, K))}`` with
+    ``H ≈ G ⊗ A`` (float64).
+
+    ``fisher="mc"`` estimates it by the Monte Carlo Fisher, ``samples`` targets drawn per input from the net's own
+    predictive; ``"type-2"`` is the exact GGN (one backward pass per output). ``kfac`` is the convolutions'
+    Kronecker factorisation, ``"expand"`` or ``"reduce"`` (Eschenhagen et al. 2023); ``ekfac`` adds, per layer,
+    the eigenvalues refitted in the factors' eigenbasis (EKFAC, George et al. 2018; a second pass over ``x``):
+    ``(G, A, (U_G, U_A, eigenvalues (R, K)))``, whose trace is the GGN block's."""
     likelihood = Categorical() if likelihood is None else likelihood
     if structure not in STRUCTURES:
         raise PyrozooError(f"Laplace structure is one of {', '.join(STRUCTURES)}, not {structure!r}")
+    if fisher not in FISHERS:
+        raise PyrozooError(f"the Laplace curvature's fisher is one of {', '.join(FISHERS)}, not {fisher!r}")
+    if kfac not in KFAC_APPROX:
+        raise PyrozooError(
+            f"the KFAC variant for convolutions is one of {', '.join(KFAC_APPROX)}, not {kfac!r}"
+        )
     modules = {}
     for layer in layers:
         module = net.get_submodule(layer.name) if layer.kind == "weight" else None
@@ -128,45 +269,27 @@ def curvature(
                 f"Laplace supports Linear and Conv2d layers; {layer.name!r} ({layer.kind}) is neither"
             )
         modules[layer.name] = module
-    store: dict = {}
-    handles = []
-
-    def capture(module, inputs, output, name):
-        a = _inputs(module, inputs[0].detach())
-        output.register_hook(lambda g: _add(store, name, structure, a, _output_grads(module, g.detach())))
-
-    for name, module in modules.items():
-        handles.append(module.register_forward_hook(lambda m, i, o, n=name: capture(m, i, o, n)))
+    loss, scale = _loss(likelihood)
     training = net.training
     net.eval()  # no dropout: the curvature of the network as it predicts
     requires = {p: p.requires_grad for p in net.parameters()}
     for p in net.parameters():
         p.requires_grad_(True)
-    generator = torch.Generator(device=x.device).manual_seed(seed)
     try:
-        starts = range(0, len(x), batch_size)
-        for start in tqdm(starts, desc=f"Laplace {structure} curvature", unit="batch", disable=not progress):
-            xb = x[start : start + batch_size]
-            for _ in range(samples):
-                loss = likelihood.sampled_nll(net(xb), generator)
-                net.zero_grad(set_to_none=True)
-                loss.backward()
+        with torch.no_grad():
+            likelihood.check_output(net(x[:1]))
+        if structure == "kron":
+            return _kfac(
+                net, modules, x, loss, scale, batch_size, samples, seed, progress, fisher, kfac, ekfac
+            )
+        return _diagonal(
+            net, modules, x, likelihood, loss, scale, batch_size, samples, seed, progress, fisher
+        )
     finally:
-        for handle in handles:
-            handle.remove()
         for p, flag in requires.items():
             p.requires_grad_(flag)
         net.zero_grad(set_to_none=True)
         net.train(training)
-    n = len(x)
-    out = {}
-    for name, value in store.items():
-        if structure == "kron":
-            # G summed over images, A averaged (KFAC); both were added once per sampled target
-            out[name] = (value[0] / samples, value[1] / (n * samples))
-        else:
-            out[name] = value / samples
-    return out
 
 
 def prior_precision(eigenvalues: torch.Tensor, squared_norm: float) -> float:
@@ -291,6 +414,9 @@ def laplace(
     likelihood=None,
     progress: bool = True,
     fit_size: int | None = None,
+    fisher: str = "mc",
+    kfac: str = "expand",
+    ekfac: bool = False,
 ) -> tuple[BayesianModel, LaplacePosterior]:
     """A Laplace approximation around ``net``'s own weights, fitted on the training inputs ``x``.
 
@@ -302,7 +428,7 @@ def laplace(
     ``len(x) / fit_size``), for a large training set on a small machine. ``likelihood`` is the observation model
     the curvature is taken under and the returned model keeps: categorical by default; for a regressor
     ``Gaussian("fixed", precision)`` (pyrozoo.models.likelihoods), the noise precision of the targets it was
-    fitted to.
+    fitted to. ``fisher``, ``kfac`` and ``ekfac`` choose the curvature (:func:`curvature`).
     """
     net = copy.deepcopy(net)
     layers = find_layers(net, output)
@@ -311,16 +437,15 @@ def laplace(
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:fit_size]
         x = x[order.to(x.device)]
     with torch.enable_grad():
-        curv = curvature(net, layers, x, structure, batch_size, samples, seed, progress, likelihood)
-    factor = n / len(x)
-    curv = {k: (v[0] * factor, v[1]) if structure == "kron" else v * factor for k, v in curv.items()}
+        curv = curvature(
+            net, layers, x, structure, batch_size, samples, seed, progress, likelihood, fisher, kfac, ekfac
+        )
+    curv = {k: _scaled(v, n / len(x)) for k, v in curv.items()}
     scales, loc, scale, kron, record = {}, {}, {}, {}, []
     for layer in layers:
         w = layer.join(net).double()
         if structure == "kron":
-            G, A = curv[layer.name]
-            full = KroneckerGaussian(w, G, A, prior_var=1.0)
-            eigenvalues = full.eigenvalues()
+            eigenvalues = _gaussian(w, curv[layer.name]).eigenvalues()
         else:
             eigenvalues = curv[layer.name]
         delta = prior_precision(eigenvalues, float(w.square().sum()))
@@ -329,7 +454,7 @@ def laplace(
         site = layer.site
         loc[site] = (w / s).to(layer.dtype)
         if structure == "kron":
-            kron[site] = KroneckerGaussian(w / s, G / delta, A, prior_var=1.0)
+            kron[site] = _gaussian(w / s, _scaled(curv[layer.name], 1 / delta))
             variance = kron[site].marginal_variance()
         else:
             variance = 1 / (eigenvalues / delta + 1)

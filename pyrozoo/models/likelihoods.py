@@ -64,14 +64,18 @@ class Categorical(nn.Module):
         """The likelihood of a deterministic net: itself (it has no latents)."""
         return self
 
-    def sampled_nll(self, output: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Summed ``-log p(y | f(x))`` at labels drawn from the net's own predictive (not differentiated): its
-        gradient's outer product is, in expectation, the Gauss-Newton matrix (the Monte Carlo Fisher)."""
+    def check_output(self, output: torch.Tensor) -> None:
+        """Refuse a net this likelihood gives no curvature for (one output: a regressor)."""
         if output.shape[-1] == 1:
             raise PyrozooError(
                 "a categorical likelihood over a net with 1 output has no curvature: for a regressor pass "
                 "likelihood=Gaussian('fixed', precision=1 / noise variance) (pyrozoo.models.likelihoods)"
             )
+
+    def sampled_nll(self, output: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Summed ``-log p(y | f(x))`` at labels drawn from the net's own predictive (not differentiated): its
+        gradient's outer product is, in expectation, the Gauss-Newton matrix (the Monte Carlo Fisher)."""
+        self.check_output(output)
         with torch.no_grad():
             labels = torch.multinomial(output.softmax(-1), 1, generator=generator).squeeze(-1)
         return -self.log_likelihood(output, labels).sum()
@@ -166,6 +170,10 @@ class Gaussian(nn.Module):
         else:
             precision = float(self.precision())
         return Gaussian("fixed", precision, self.shape, self.rate).to(self.fixed_precision)
+
+    def check_output(self, output: torch.Tensor) -> None:
+        """Refuse a net of more than one output."""
+        _mean(output)
 
     def sampled_nll(self, output: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Summed ``-log p(y | f(x))`` at targets drawn from the net's own predictive (not differentiated): its

@@ -11,13 +11,7 @@ from pyrozoo.bmr.delta_f import multivariate_covariance
 from pyrozoo.bmr.kfac import KroneckerGaussian
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    """These tests run in float64 throughout (1e-6 agreement), and leave the default as they found it."""
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
+pytestmark = pytest.mark.usefixtures("float64")  # (conftest) these compare with exact forms
 
 
 def _spd(n: int, generator, scale: float = 1.0, rank: int | None = None) -> torch.Tensor:
@@ -25,15 +19,24 @@ def _spd(n: int, generator, scale: float = 1.0, rank: int | None = None) -> torc
     return scale * B @ B.T / (rank or n)
 
 
-def _layer(R=3, K=4, seed=0, prior_var=0.7) -> KroneckerGaussian:
+def _layer(R=3, K=4, seed=0, prior_var=0.7, ekfac=False) -> KroneckerGaussian:
+    """A KFAC layer, or with ``ekfac`` the factors' eigenbasis with eigenvalues of its own (EKFAC)."""
     g = torch.Generator().manual_seed(seed)
-    return KroneckerGaussian(
-        torch.randn(R, K, generator=g), _spd(R, g, 3.0), _spd(K, g, 5.0, rank=2), prior_var
-    )
+    mean, G, A = torch.randn(R, K, generator=g), _spd(R, g, 3.0), _spd(K, g, 5.0, rank=2)
+    corrected = None
+    if ekfac:
+        corrected = (torch.linalg.eigh(G)[1], torch.linalg.eigh(A)[1], 4 * torch.rand(R, K, generator=g))
+    return KroneckerGaussian(mean, G, A, prior_var, corrected)
 
 
 def _dense(layer: KroneckerGaussian):
-    P = torch.kron(layer.G, layer.A) + torch.eye(layer.mean.numel()) / layer.prior_var
+    if layer.corrected is None:
+        data = torch.kron(layer.G, layer.A)
+    else:
+        u_g, u_a, eigenvalues = layer.corrected
+        U = torch.kron(u_g, u_a)
+        data = U @ torch.diag(eigenvalues.flatten()) @ U.T
+    P = data + torch.eye(layer.mean.numel()) / layer.prior_var
     return layer.mean.flatten(), torch.linalg.inv(P), P
 
 
@@ -44,17 +47,22 @@ def _dense_reduction(layer: KroneckerGaussian, pruned: torch.Tensor):
     return multivariate_covariance(mu, S, s2, g2, precision=P)
 
 
-def test_marginal_variance_is_the_diagonal_of_the_dense_covariance():
-    layer = _layer()
+@pytest.mark.parametrize("ekfac", [False, True])
+def test_marginal_variance_is_the_diagonal_of_the_dense_covariance(ekfac):
+    layer = _layer(ekfac=ekfac)
     _, S, _ = _dense(layer)
     assert torch.allclose(layer.marginal_variance().flatten(), torch.diagonal(S), atol=1e-10)
     V = torch.randn(3, 4)
     assert torch.allclose(layer.covariance_matvec(V).flatten(), S @ V.flatten(), atol=1e-10)
+    _, _, P = _dense(layer)
+    assert torch.allclose(layer.precision_matvec(V).flatten(), P @ V.flatten(), atol=1e-10)
+    assert torch.allclose(layer.precision_diagonal().flatten(), torch.diagonal(P), atol=1e-10)
 
 
+@pytest.mark.parametrize("ekfac", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_single_entries_match_the_dense_form(seed):
-    layer = _layer(seed=seed)
+def test_single_entries_match_the_dense_form(seed, ekfac):
+    layer = _layer(seed=seed, ekfac=ekfac)
     entries = layer.entries()
     for r in range(3):
         for c in range(4):
@@ -65,9 +73,10 @@ def test_single_entries_match_the_dense_form(seed):
             assert torch.allclose(layer.entry_reduced_mean(r, c).flatten(), dense.mean, atol=1e-6)
 
 
+@pytest.mark.parametrize("ekfac", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_rows_and_columns_match_the_dense_form(seed):
-    layer = _layer(seed=seed)
+def test_rows_and_columns_match_the_dense_form(seed, ekfac):
+    layer = _layer(seed=seed, ekfac=ekfac)
     rows, columns = layer.rows(), layer.columns()
     for r in range(3):
         pruned = torch.zeros(3, 4, dtype=torch.bool)
@@ -81,8 +90,9 @@ def test_rows_and_columns_match_the_dense_form(seed):
         assert float(columns[c]) == pytest.approx(float(_dense_reduction(layer, pruned).delta_f), abs=1e-6)
 
 
-def test_conditional_mean_of_any_set_matches_the_dense_form():
-    layer = _layer(R=5, K=6, seed=3)
+@pytest.mark.parametrize("ekfac", [False, True])
+def test_conditional_mean_of_any_set_matches_the_dense_form(ekfac):
+    layer = _layer(R=5, K=6, seed=3, ekfac=ekfac)
     pruned = torch.rand(5, 6, generator=torch.Generator().manual_seed(4)) < 0.6
     mean, residual, _ = layer.conditional_mean(pruned, tol=1e-12)
     assert residual < 1e-10
