@@ -47,12 +47,8 @@ from pyrozoo.config import (
     TABLES,
     TrainConfig,
     as_stored,
-    bmr_methods,
     check_run_options,
     fold_aliases,
-    make_config,
-    options_taken,
-    owners,
     run_name,
     run_option_fields,
     spelled,
@@ -61,7 +57,9 @@ from pyrozoo.io import atomic_write, hold_folder, make_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS, net_options
 from pyrozoo.registry import Registry
-from pyrozoo.train import CHECKPOINT, CONFIG, METRICS, Run, committed_epoch, committed_metrics
+from pyrozoo.bind import bind, bmr_methods, make_config, options_taken, owners
+from pyrozoo.runfolder import CHECKPOINT, CONFIG, METRICS, committed_epoch, committed_metrics
+from pyrozoo.train import Run
 
 RESULTS, TABLE = "results.csv", "table.md"
 
@@ -183,7 +181,7 @@ class Grid:
         ]
 
     def config(self, cell: Cell) -> TrainConfig:
-        return make_config(cell.net, cell.method, cell.data, cell.seed, self.options, strict=False).resolved()
+        return bind(make_config(cell.net, cell.method, cell.data, cell.seed, self.options, strict=False)).config
 
     def folder(self, cell: Cell) -> Path:
         return self.out / cell.name
@@ -271,7 +269,7 @@ def config_differences(stored: dict, requested: TrainConfig) -> list[str]:
     for something else.
     """
     try:
-        old = as_stored(dataclasses.asdict(TrainConfig.from_record(stored).resolved()))
+        old = as_stored(dataclasses.asdict(bind(TrainConfig.from_record(stored)).config))
     except PyrozooError as e:
         return [str(e)]
     new = as_stored(dataclasses.asdict(requested))

@@ -16,7 +16,7 @@ from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.errors import PyrozooError, reason
 from pyrozoo.io import atomic_write_folder, save_torch
 from pyrozoo.torchfile import load_tensors
-from pyrozoo.train import PRUNED
+from pyrozoo.runfolder import PRUNED
 
 # what ``pyrozoo prune RUN --posterior P`` writes into the run folder, by P
 PRUNED_FILES = {
