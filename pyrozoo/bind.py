@@ -43,7 +43,8 @@ class Bound:
     def first_pass_step(self) -> int:
         """The warm-up steps before the first BMR pass: ``warmup_steps`` where given (the user's schedule, which
         it forces), else the method's, after which BMR also waits for an informative posterior
-        (:class:`pyrozoo.schedule.BMRSchedule`); ``warmup_steps`` stays None in the resolved config to say so."""
+        (:class:`pyrozoo.schedule.BMRSchedule`); ``warmup_steps`` stays None in the resolved config to say so.
+        """
         c = self.config
         return self.method.warmup_steps if c.warmup_steps is None else c.warmup_steps
 

@@ -143,6 +143,7 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         return cls(**{key: coerce(f"config key {key}", hints[key], value) for key, value in stored.items()})
 
+
 def run_name(net: str, method: str, data: str | None, seed: int) -> str:
     """The folder name of one run, in ``runs/`` for ``pyrozoo train`` and in a grid folder for ``compare``."""
     if datasets.is_table(data):  # a path: its file name without the suffix

@@ -17,18 +17,8 @@ from pyrozoo.models import BayesianModel
 from pyrozoo.predict import regression_draws
 
 # What an evaluation writes into a metrics row: classification's, then regression's own columns.
-EVALUATED = (
-    "accuracy",
-    "nll",
-    "ece",
-    "ece15",
-    "brier",
-    "lpd",
-    "rmse",
-    "coverage50",
-    "coverage90",
-    "coverage95",
-)
+CLASSIFICATION = ("accuracy", "nll", "ece", "ece15", "brier", "lpd")
+EVALUATED = (*CLASSIFICATION, "rmse", "coverage50", "coverage90", "coverage95")
 
 
 @torch.no_grad()
@@ -76,7 +66,9 @@ def evaluate(
     return metrics
 
 
-def evaluate_setup(setup, epoch: int, samples: int | None = None, on: tuple | None = None) -> dict[str, float]:
+def evaluate_setup(
+    setup, epoch: int, samples: int | None = None, on: tuple | None = None
+) -> dict[str, float]:
     """Test metrics of a run's ``setup`` after ``epoch`` (or on ``on``, inputs and targets), from ``samples``
     posterior draws (default: the run's). The draws come from a random stream of their own (seeded by the run's
     seed and epoch), so how often a run evaluates never changes how it trains."""

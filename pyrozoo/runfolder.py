@@ -229,7 +229,9 @@ class RunFolder:
 
     def _writable(self) -> Path:
         if self._lock is None:
-            raise PyrozooError(f"{self.path} was opened read-only: open it with RunFolder.for_writing to write")
+            raise PyrozooError(
+                f"{self.path} was opened read-only: open it with RunFolder.for_writing to write"
+            )
         return self.path
 
     def write_record(self, record: dict) -> None:

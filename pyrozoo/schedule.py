@@ -27,7 +27,8 @@ COLLAPSE_POINTS = 1000  # training points it judges on (a fixed random subset; n
 
 class BMRSchedule(Callback):
     """The run's reduction (``setup.bound.reduction``) after each epoch the schedule holds, recorded in the
-    epoch's metrics row and in bmr.csv; ``compaction`` (None: ``--no-compact``) cuts out what a pass killed."""
+    epoch's metrics row and in bmr.csv; ``compaction`` (None: ``--no-compact``) cuts out what a pass killed.
+    """
 
     def __init__(self, compaction: "Compaction | None" = None):
         self.compaction = compaction
@@ -130,7 +131,9 @@ class CollapseCheck:
     def points(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The check points, drawn once per run (from its seed)."""
         d = self.setup.data
-        order = torch.randperm(len(d.x_train), generator=torch.Generator().manual_seed(self.setup.config.seed))
+        order = torch.randperm(
+            len(d.x_train), generator=torch.Generator().manual_seed(self.setup.config.seed)
+        )
         chosen = order[:COLLAPSE_POINTS].to(d.x_train.device)
         return d.x_train[chosen], d.y_train[chosen]
 

@@ -71,7 +71,9 @@ class TrainingStep:
     )  # the one optimiser it trains with (None: any of OPTIMIZERS no other step owns)
     # the posterior scale (in z) a run started from trained weights gets; None: the guide's own initial one
     init_scale: float | None
-    parallel: bool = False  # whether it trains data-parallel (torchrun), its gradients shared between processes
+    parallel: bool = (
+        False  # whether it trains data-parallel (torchrun), its gradients shared between processes
+    )
 
 
 STEPS = Registry("training step")

@@ -29,7 +29,9 @@ def imported(name: str, path: Path, known: set[str]) -> set[str]:
             base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
             module = ".".join(base + ([node.module] if node.module else []))
             # ``from pyrozoo.nets import lenet`` imports the module pyrozoo.nets.lenet, not a name in pyrozoo.nets
-            targets.update(f"{module}.{a.name}" if f"{module}.{a.name}" in known else module for a in node.names)
+            targets.update(
+                f"{module}.{a.name}" if f"{module}.{a.name}" in known else module for a in node.names
+            )
     return {t for t in targets if t in known and t != name}
 
 

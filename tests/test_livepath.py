@@ -152,7 +152,9 @@ def test_ivon_bmr_waits_until_the_hessian_has_moved_unless_warmup_steps_is_given
     forced, said = _ivon_run(tmp_path / "forced", warmup_steps=0)
     forced.progress.step, forced.progress.epoch = 4, 1
     assert forced.guide.moved(forced.model)[0] == 0
-    assert _bmr_pass(forced, said, {}) and not any("waits for an informative posterior:" in line for line in said)
+    assert _bmr_pass(forced, said, {}) and not any(
+        "waits for an informative posterior:" in line for line in said
+    )
 
 
 # --- every method on the bundled data: above chance, never pruned to death ----------------------------------

@@ -195,4 +195,3 @@ def create_net(name: str, *, in_channels: int, image_size: int, num_classes: int
         what = f"with the net options {shown}" if overrides else "for this data"
         raise PyrozooError(f"net {name!r} cannot be built {what} ({why}): check --net-option") from None
     return net
-
