@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from pyrozoo import data as datasets
 from pyrozoo.baselines import BASELINES, SOURCE_METHOD, SPARSITY_METHOD, baseline_state, run_baseline
+from pyrozoo.bind import bind, bmr_methods, make_config, options_taken, owners
 from pyrozoo.errors import PyrozooError
 from pyrozoo.config import (
     ALIASES,
@@ -57,7 +58,6 @@ from pyrozoo.io import atomic_write, hold_folder, make_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS, net_options
 from pyrozoo.registry import Registry
-from pyrozoo.bind import bind, bmr_methods, make_config, options_taken, owners
 from pyrozoo.runfolder import CHECKPOINT, CONFIG, METRICS, committed_epoch, committed_metrics
 from pyrozoo.train import Run
 
@@ -181,7 +181,9 @@ class Grid:
         ]
 
     def config(self, cell: Cell) -> TrainConfig:
-        return bind(make_config(cell.net, cell.method, cell.data, cell.seed, self.options, strict=False)).config
+        return bind(
+            make_config(cell.net, cell.method, cell.data, cell.seed, self.options, strict=False)
+        ).config
 
     def folder(self, cell: Cell) -> Path:
         return self.out / cell.name

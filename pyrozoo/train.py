@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Sequence
 
 import pandas as pd
 
@@ -75,10 +76,10 @@ class Run(TrainedRun):
                 log(f"--override: {key} {before} -> {after} after epoch {run.epoch} (step {run.step})")
         return run
 
-    def train(self, progress: bool = True, extra=()) -> pd.DataFrame:
+    def train(self, progress: bool = True, more: Sequence[loop.Callback] = ()) -> pd.DataFrame:
         """Train the remaining epochs, committing each (metrics, then the checkpoint that holds them); returns
-        the metrics table. ``extra`` callbacks come after pyrozoo's own."""
-        steps = [*callbacks(self.setup, self.record()), *extra]
+        the metrics table. ``more`` callbacks come after pyrozoo's own (:func:`callbacks`)."""
+        steps = [*callbacks(self.setup, self.record()), *more]
         return loop.train(self.setup, self.folder, steps, self.progress, self.log, show_progress=progress)
 
 

@@ -95,7 +95,7 @@ def test_a_run_killed_mid_way_resumes_from_its_checkpoint(tmp_path, monkeypatch)
 
     def killing(config, folder, resume, progress):
         with Run(config, folder, resume=resume, log=print) as run:
-            run.train(progress=False, extra=[KilledInTheSecondRunsSecondEpoch()])
+            run.train(progress=False, more=[KilledInTheSecondRunsSecondEpoch()])
 
     monkeypatch.setattr(compare, "train_run", killing)
     with pytest.raises(KeyboardInterrupt):
