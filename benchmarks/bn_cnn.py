@@ -1,4 +1,4 @@
-"""The BatchNorm CNN of issue 28, and its dense training: four 3x3 convolutions of 32-64-128-128 channels (no
+"""A BatchNorm CNN and its dense training: four 3x3 convolutions of 32-64-128-128 channels (no
 bias: BatchNorm holds the shift), each followed by BatchNorm, ReLU and 2x2 max-pooling, then Linear 512-128-10
 (307,562 parameters at 32x32 input), trained with plain Adam (lr 1e-3, batch 128) on Fashion-MNIST padded to
 32x32, as pyrozoo prepares it.

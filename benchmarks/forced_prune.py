@@ -1,13 +1,13 @@
-"""The forced-prune check (issue 28) on many nets: do channels that BMR must remove leave the rebuilt net?
+"""The forced-prune check on many nets: do channels that BMR must remove leave the rebuilt net?
 
 For each net: half the output channels of its first four prunable layers are put at the prior's point, BMR
 (per weight, then units) runs, and the rebuilt net must be smaller, compute the Bayesian model's outputs to
 1e-5, predict the same classes and go through ``torch.export`` (:mod:`pyrozoo.bmr.forced`). BatchNorm layers get
 the statistics of a trained net first. Every net runs in its own process, under a time limit.
 
-    python benchmarks/forced_prune.py                       # the issue's 4-conv BatchNorm CNN
+    python benchmarks/forced_prune.py                       # the 4-conv BatchNorm CNN (bn-cnn)
     python benchmarks/forced_prune.py --torchvision         # every torchvision classifier that fits
-    python benchmarks/forced_prune.py tv:resnet18 issue28-cnn --json out.json
+    python benchmarks/forced_prune.py tv:resnet18 bn-cnn --json out.json
 
 A torchvision classifier is tried at 32x32 input with ``weights=None`` and 10 classes; nets over
 ``--max-params`` parameters are skipped, and nets that do not run at 32x32 are counted apart.
@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 
-class Issue28CNN(nn.Module):
-    """Issue 28's net: four 3x3 convs of 32-64-128-128 channels, each with BatchNorm, ReLU and max-pooling,
-    then Linear 512-128-10 (307,562 parameters for 1-channel 32x32 input)."""
+class BatchNormCNN(nn.Module):
+    """The BatchNorm CNN of benchmarks/bn_cnn.py: four 3x3 convs of 32-64-128-128 channels, each with BatchNorm,
+    ReLU and max-pooling, then Linear 512-128-10 (307,562 parameters for 1-channel 32x32 input)."""
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10):
         super().__init__()
@@ -47,15 +47,15 @@ class Issue28CNN(nn.Module):
 
 
 def build(name: str) -> tuple[nn.Module, torch.Tensor]:
-    """A net by name (``issue28-cnn`` or ``tv:NAME``) and an example batch of two."""
+    """A net by name (``bn-cnn`` or ``tv:NAME``) and an example batch of two."""
     torch.manual_seed(0)
-    if name == "issue28-cnn":
-        return Issue28CNN(), torch.randn(2, 1, 32, 32)
+    if name == "bn-cnn":
+        return BatchNormCNN(), torch.randn(2, 1, 32, 32)
     if name.startswith("tv:"):
         import torchvision
 
         return torchvision.models.get_model(name[3:], weights=None, num_classes=10), torch.randn(2, 3, 32, 32)
-    raise SystemExit(f"unknown net {name!r}: issue28-cnn or tv:NAME")
+    raise SystemExit(f"unknown net {name!r}: bn-cnn or tv:NAME")
 
 
 def check_one(name: str, max_params: float) -> dict:
@@ -109,7 +109,7 @@ def run(name: str, args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("nets", nargs="*", help="issue28-cnn or tv:NAME (default: issue28-cnn)")
+    parser.add_argument("nets", nargs="*", help="bn-cnn or tv:NAME (default: bn-cnn)")
     parser.add_argument("--torchvision", action="store_true", help="every torchvision classifier")
     parser.add_argument("--max-params", type=float, default=30e6, help="skip larger nets")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per net")
@@ -125,7 +125,7 @@ def main(argv=None):
 
         names += [f"tv:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
     rows = []
-    for name in names or ["issue28-cnn"]:
+    for name in names or ["bn-cnn"]:
         row = run(name, args)
         rows.append(row)
         detail = (

@@ -1,5 +1,5 @@
 """A BMR run's rebuilt net next to its ``flat-map`` twin pruned to the same sparsity by global magnitude and by
-Torch-Pruning's L1 channel pruning (issue 15): test accuracy, NLL, ECE, pruned fraction, parameters, and CPU
+Torch-Pruning's L1 channel pruning: test accuracy, NLL, ECE, pruned fraction, parameters, and CPU
 latency at batch 256 against the dense net, all measured in this one process: metrics on the device the runs'
 data are on (the GPU for runs trained there), latencies on the CPU, the nets timed in turns (one thread by
 default).
@@ -15,7 +15,7 @@ of the prunable parameters) are the ones ``pyrozoo sweep`` runs.
 A magnitude-pruned net keeps the dense shapes, so its latency is the dense net's (zeros are still multiplied);
 it is not timed again. The BMR net's own metrics are the run's (its predictive, ``--samples`` draws; computed
 here the same way where the run's last epoch was not evaluated, or with ``--test-size``); its rebuilt net's
-(the posterior mean, dead units removed) are measured here. ``--units`` adds a structured pass (``Units``:
+(the posterior mean, dead units removed) are measured here. ``--units`` adds a structured pass (``UnitReduction``:
 whole coupled channel groups whose removal raises the evidence) on the BMR run, rebuilt again;
 ``--laplace-units N`` the same pass on the flat-map run's diagonal Laplace posterior (fitted on N training images).
 """
@@ -32,7 +32,7 @@ import torch
 from torch.nn.utils import prune as torch_prune
 
 from pyrozoo.baselines import magnitude_prune
-from pyrozoo.bmr import Units, pruned_fraction
+from pyrozoo.bmr import UnitReduction, pruned_fraction
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.guides.laplace import laplace_from_run
 from pyrozoo.metrics import evaluate_net
@@ -65,14 +65,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--out", default=None, help="write the summary here as JSON")
     parser.add_argument("--test-size", type=int, default=None, help="evaluate all on the first N test images")
-    parser.add_argument("--units", action="store_true", help="also a Units pass on the BMR run, rebuilt")
+    parser.add_argument("--units", action="store_true", help="also a UnitReduction pass on the BMR run, rebuilt")
     parser.add_argument(
         "--laplace-units",
         type=int,
         default=None,
         metavar="FIT_SIZE",
-        help="also a Units pass on the flat-map run from a diagonal Laplace posterior fitted on FIT_SIZE training "
-        "images, rebuilt",
+        help="also a UnitReduction pass on the flat-map run from a diagonal Laplace posterior fitted on FIT_SIZE "
+        "training images, rebuilt",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,7 +122,7 @@ def main() -> None:
 
     if args.units:  # whole coupled channel groups whose removal raises the evidence, then rebuilt again
         start = time.perf_counter()
-        Units()(bmr_run.model, bmr_run.guide)
+        UnitReduction()(bmr_run.model, bmr_run.guide)
         units_net = rebuild(bmr_run.model, bmr_run.guide).cpu().eval()
         seconds = time.perf_counter() - start
         row(f"{bmr_run.config.method} + units pass, rebuilt", units_net, scored(units_net),
@@ -134,7 +134,7 @@ def main() -> None:
         model, posterior = laplace_from_run(
             map_run, "diag", progress=False, fit_size=args.laplace_units, batch_size=16
         )
-        report = Units()(model, posterior)
+        report = UnitReduction()(model, posterior)
         laplace_net = rebuild(model, posterior).cpu().eval()
         seconds = time.perf_counter() - start
         row(

@@ -1,4 +1,4 @@
-"""Do sparse kernels pay where units survive but most of their weights are pruned? (issue 17, item 3)
+"""Do sparse kernels pay where units survive but most of their weights are pruned?
 
 Opens a finished BMR run, rebuilds its sparse net (dead units cut out, pruned weights at exact zeros), and times in
 turns, in one process, on the CPU:

@@ -154,8 +154,9 @@ def compacted_step(name: str, side: int, x, y, sparsity: float = 0.99, seed: int
     dead units' entries counted) with whole units dead, then compacted (:mod:`pyrozoo.bmr.compact`), as a run
     trains once BMR has killed them; and a line describing it.
 
-    The posterior stands in for a trained one as bmr-th leaves it (experiments/runs/mlp-bmr-th: 99.7% pruned, the
-    rebuilt net 51,687 parameters of which 3,093 non-zero): in each group a random ``COMPACTED_SURVIVORS`` of
+    The posterior stands in for a trained one as bmr-th leaves it (run runs/mlp-bmr-th of
+    experiments/run-metrics.csv: 99.7% pruned, the rebuilt net 51,687 parameters of which 3,093 non-zero): in
+    each group a random ``COMPACTED_SURVIVORS`` of
     the units survive, and a random ``COMPACTED_DENSITY`` of the entries between surviving units (and inputs)
     carry weights far from 0 (mean 2-4, scale 0.5 in ``z``), every other entry a weight near 0 (mean 0.01), so
     that BMR's dF ranks those first; :class:`~pyrozoo.bmr.TargetSparsity` then prunes to ``sparsity``, which

@@ -173,7 +173,6 @@ def run_baseline(folder: Path, method: str, source: Path, sparsity: Path, finetu
     atomic_write(folder / CONFIG, lambda p: p.write_text(json.dumps({"baseline": record}, indent=2)))
     run = load(source, log=lambda text: None)
     trained = _final_row(source)
-    d = run.data
     start = time.perf_counter()
     net = rebuild(run.model, run.guide, remove_dead=False)
     magnitudes = {layer.name: _latent(net, layer).abs() for layer in run.model.layers if layer.prunable}
@@ -183,8 +182,8 @@ def run_baseline(folder: Path, method: str, source: Path, sparsity: Path, finetu
     if record["finetune_steps"]:
         finetune(
             net,
-            d.x_train,
-            d.y_train,
+            run.data.x_train,
+            run.data.y_train,
             record["finetune_steps"],
             record["lr"],
             record["batch_size"],

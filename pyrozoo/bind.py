@@ -16,8 +16,8 @@ import torch
 
 from pyrozoo import data as datasets
 from pyrozoo.bmr.reduction import REDUCTIONS, Reduction, configure
-from pyrozoo.bmr.structured import Units
-from pyrozoo.config import TABLES, TrainConfig, check_value, fold_aliases, run_option_fields, spelled
+from pyrozoo.bmr.unit_reduction import UnitReduction
+from pyrozoo.config import TABLES, TrainConfig, check_value, fold_aliases, run_option_fields, option_as_given
 from pyrozoo.errors import PyrozooError, did_you_mean
 from pyrozoo.guides import GUIDES
 from pyrozoo.methods import METHODS, Method
@@ -135,10 +135,10 @@ def _check_table(c: TrainConfig, table: str) -> None:
         whose = f" (whose {TABLES[table]} options are: {', '.join(taken)})" if taken else ""
         if did_you_mean(key, taken):  # a misspelling of one of its own options
             raise PyrozooError(
-                f"this run's {_part(c, table)} takes no {spelled(table, key)}{did_you_mean(key, taken)}{whose}"
+                f"this run's {_part(c, table)} takes no {option_as_given(table, key)}{did_you_mean(key, taken)}{whose}"
             )
         raise PyrozooError(
-            f"{spelled(table, key)} belongs to {owners(table, key)}, not to this run's {_part(c, table)}{whose}"
+            f"{option_as_given(table, key)} belongs to {option_takers(table, key)}, not to this run's {_part(c, table)}{whose}"
         )
 
 
@@ -164,7 +164,7 @@ def _reduction(c: TrainConfig) -> Reduction | None:
     if reduction is None:
         return None
     reduction = configure(reduction, c.rule_options)
-    return reduction.then(Units()) if c.prune_units else reduction
+    return reduction.then(UnitReduction()) if c.prune_units else reduction
 
 
 def bmr_methods() -> list[str]:
@@ -192,18 +192,17 @@ def check_step(step: str, guide: str, optimizer: str) -> None:
             )
 
 
-def owners(table: str, key: str) -> str:
+def option_takers(table: str, key: str) -> str:
     """What takes a prior or rule option, for messages: ``the tiered prior (tiered-ff)``."""
     methods = [name for name in METHODS if key in (options_taken(table, name) or [])]
     if not methods:
         return f"no {TABLES[table]} of any method"
-    m = [METHODS[name] for name in methods]
     part_of = {
-        "prior_options": lambda x: x.prior.__name__,
-        "rule_options": lambda x: x.reduction.name,
-        "guide_options": lambda x: x.guide,
+        "prior_options": lambda method: method.prior.__name__,
+        "rule_options": lambda method: method.reduction.name,
+        "guide_options": lambda method: method.guide,
     }[table]
-    parts = dict.fromkeys(part_of(x) for x in m)
+    parts = dict.fromkeys(part_of(METHODS[name]) for name in methods)
     word = {"prior_options": "prior", "rule_options": "reduction", "guide_options": "guide"}[table]
     return f"the {' and '.join(parts)} {word}{'s' if len(parts) > 1 else ''} ({', '.join(methods)})"
 

@@ -22,19 +22,19 @@ from pyrozoo.bmr import REDUCTIONS
 from pyrozoo.config import ALIASES, TABLES, TrainConfig, run_name, run_option_fields
 from pyrozoo.errors import PyrozooError, did_you_mean
 from pyrozoo.guides import GUIDES
-from pyrozoo.io import atomic_write, atomic_write_text, save_torch
+from pyrozoo.io import atomic_write, atomic_write_text
 from pyrozoo.methods import METHODS
 from pyrozoo.models.likelihoods import LIKELIHOODS
 from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import NETS, PREFIXES, net_options
 from pyrozoo.optim import OPTIMIZERS
 from pyrozoo.options import finite_problem, parse_option
+from pyrozoo.posteriors import OWN, POSTERIORS, FittedSource, make_source
 from pyrozoo.pruners import PRUNERS
 from pyrozoo.registry import describe, option_names
 from pyrozoo.shift import SHIFTS
-from pyrozoo.sweep import METHODS as SWEEP_METHODS
-
-POSTERIORS = ("run", "laplace-diag", "laplace-kfac")
+from pyrozoo.sweep import bmr_methods
+from pyrozoo.sweep import methods as sweep_methods
 
 SUMMARY_COLUMNS = [
     "epoch",
@@ -205,6 +205,23 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _fit_size_help() -> str:
+    takers = [name for name, source in POSTERIORS.items() if "fit_size" in option_names(source)]
+    return (
+        f"with a posterior source that takes it ({', '.join(takers)}): estimate the curvature from this many "
+        "training inputs drawn at random (default: all)"
+    )
+
+
+def _pruned_help(verb: str) -> str:
+    fitted = [name for name, source in POSTERIORS.items() if issubclass(source, FittedSource)]
+    return (
+        f"{verb} with the state pyrozoo prune --posterior P pruned (P {OWN} without a value): one loaded into the "
+        f"run's model and guide is sampled as the run's posterior; the plain net pruned from a posterior fitted "
+        f"after training ({', '.join(fitted)}) is one draw, no epistemic part"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pyrozoo", description="Bayesian sparsification of deep networks with Pyro and BMR."
@@ -333,20 +350,17 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--posterior",
         type=_choice(list(POSTERIORS)),
-        default="run",
-        help="where BMR's posterior comes from: run (the run's own guide, default), laplace-diag or laplace-kfac "
-        "(a Laplace approximation around the run's point estimate, e.g. a flat-map run's MAP weights, fitted on "
-        "its training set; KFAC writes back the reduced mean so the surviving weights compensate); a Laplace "
-        "prune writes RUN/pruned-POSTERIOR.pt (the pruned net) instead of RUN/pruned.pt",
+        default=OWN,
+        help="where BMR's posterior comes from, a posterior source (each writes its file into RUN): "
+        + "; ".join(
+            f"{name}: {text} (RUN/{make_source(name).file})" for name, text in POSTERIORS.described()
+        ),
     )
-    prune.add_argument(
-        "--fit-size",
-        type=_number(int, "positive"),
-        default=None,
-        help="with a Laplace posterior: estimate the curvature from this many training inputs drawn at random "
-        "(default: all)",
+    _add_key_value(
+        prune, "--posterior-option", "posterior_options", "an option of the posterior source, repeatable"
     )
-    prune.add_argument("--no-progress", action="store_true", help="no progress bar (a Laplace fit's)")
+    prune.add_argument("--fit-size", type=_number(int, "positive"), default=None, help=_fit_size_help())
+    prune.add_argument("--no-progress", action="store_true", help="no progress bar (a posterior fit's)")
     prune.add_argument(
         "--sparsity",
         type=_number(float, "non-negative"),
@@ -357,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = sub.add_parser(
         "sweep",
-        help="accuracy-sparsity curve of a trained run: BMR (Laplace diagonal, Laplace KFAC with write-back, the "
-        "run's own posterior) against magnitude and Torch-Pruning channel pruning, one shot (RUN/sweep/)",
+        help="accuracy-sparsity curve of a trained run: BMR from each posterior source ("
+        + ", ".join(POSTERIORS)
+        + ") against magnitude and Torch-Pruning channel pruning, one shot (RUN/sweep/)",
     )
     sweep.add_argument("run", help="run folder (a flat-map run, or any finished run)")
     sweep.add_argument(
@@ -371,9 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--methods",
         nargs="+",
-        type=_choice(list(SWEEP_METHODS)),
+        type=_choice(sweep_methods()),
         default=quiet,
-        help="methods (default: all that apply; bmr-run only for a run whose posterior has spread)",
+        help="methods (default: all that apply: BMR from a source that gives the run a posterior with spread): "
+        "bmr-SOURCE for each posterior source, "
+        + "; ".join(f"{m}: {v.about}" for m, (name, v) in bmr_methods().items() if m != f"bmr-{name}")
+        + "; magnitude, magnitude-layer: smallest |w| globally, in each layer; torch-pruning: L1 channel pruning",
     )
     sweep.add_argument(
         "--finetune-steps",
@@ -381,11 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="also fine-tune every pruned net for this many Adam steps (masks kept) at the run's lr and batch",
     )
-    sweep.add_argument(
-        "--fit-size",
-        type=_number(int, "positive"),
-        default=None,
-        help="Laplace: estimate the curvature from this many training inputs drawn at random (default: all)",
+    sweep.add_argument("--fit-size", type=_number(int, "positive"), default=None, help=_fit_size_help())
+    _add_key_value(
+        sweep,
+        "--posterior-option",
+        "posterior_options",
+        "an option of the posterior sources that take it, repeatable",
     )
     sweep.add_argument("--out", default=None, help="folder for sweep.csv and the figure (default RUN/sweep)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -396,11 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="run folder")
     export.add_argument(
         "--pruned",
-        choices=["latest", "run", "laplace-diag", "laplace-kfac", "none"],
+        choices=["latest", *POSTERIORS, "none"],
         default="latest",
-        help="which pruned result to export: the one pyrozoo prune --posterior P wrote (run: pruned.pt; "
-        "laplace-diag, laplace-kfac: pruned-laplace-*.pt), latest (the default: the newest of those, said when "
-        "there are several), or none (the checkpoint as trained)",
+        help="which pruned result to export: the one pyrozoo prune --posterior P wrote ("
+        + ", ".join(f"{name}: {make_source(name).file}" for name in POSTERIORS)
+        + "), latest (the default: the newest of those, said when there are several), or none (the checkpoint "
+        "as trained)",
     )
     export.add_argument(
         "--repeats", type=_number(int, "positive"), default=50, help="timed forward passes per latency"
@@ -517,10 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--pruned",
         nargs="?",
-        const="run",
-        choices=("run", "laplace-diag", "laplace-kfac"),
-        help="predict with a pruned state: the run's pruned.pt (pyrozoo prune; the default), or the net pruned "
-        "from a Laplace posterior (pyrozoo prune --posterior laplace-*), a plain net: one draw, no epistemic part",
+        const=OWN,
+        choices=list(POSTERIORS),
+        help=_pruned_help("predict"),
     )
     predict.add_argument("--out", required=True, help="CSV file to write (written atomically)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -540,7 +559,9 @@ def build_parser() -> argparse.ArgumentParser:
     uncertainty.add_argument(
         "--batch-size", type=_number(int, "positive"), default=2000, help="inputs per batch"
     )
-    uncertainty.add_argument("--pruned", action="store_true", help="use the run's pruned.pt")
+    uncertainty.add_argument(
+        "--pruned", nargs="?", const=OWN, choices=list(POSTERIORS), help=_pruned_help("measure")
+    )
     uncertainty.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sub.add_parser("info", help="list nets, methods, reductions, priors, guides and datasets")
@@ -768,21 +789,13 @@ def _prune(args) -> None:
             )
         rule, options = "sparsity", {**options, "sparsity": args.sparsity}
     reduction = make_reduction(rule, **options)  # a wrong option fails before the run is loaded
+    source = make_source(args.posterior, getattr(args, "posterior_options", {}), fit_size=args.fit_size)
     run = load(args.run, log=lambda text: print(text, file=sys.stderr))
-    if args.posterior != "run":
-        return _prune_laplace(run, reduction, args.posterior, args.fit_size, not args.no_progress)
-    before = run.evaluate()
-    report = reduction(run.model, run.guide)
-    after = run.evaluate()
-    run.save_pruned(report, after)
-    print(
-        f"pruning ({reduction.describe()}) of {run.out} after epoch {run.epoch} (step {run.step}): "
-        f"{report.seconds * 1e3:.1f} ms, pruned fraction {report.pruned_fraction:.4f}; state written to "
-        f"{run.out / 'pruned.pt'}"
-    )
-    _print_report(report)
-    print(_table({"before": before, "after": after}))
-    _warn_if_collapsed(run, before, after)
+    pruned = source.prune(run, reduction, progress=not args.no_progress)
+    print(pruned.line)
+    _print_report(pruned.report)
+    print(_table({pruned.before_label: pruned.before, "after": pruned.after}))
+    _warn_if_collapsed(run, pruned.before, pruned.after)
 
 
 def _warn_if_collapsed(run, before: dict, after: dict) -> None:
@@ -810,43 +823,6 @@ def _print_report(report) -> None:
     )
 
 
-def _prune_laplace(
-    run, reduction, posterior: str, fit_size: int | None = None, progress: bool = True
-) -> None:
-    """BMR of a run from a Laplace approximation around its point estimate; writes the pruned net."""
-    from pyrozoo.bmr import rebuild
-    from pyrozoo.export import PRUNED_FILES
-    from pyrozoo.guides.laplace import laplace_from_run
-    from pyrozoo.io import atomic_write
-
-    structure = "diag" if posterior == "laplace-diag" else "kron"
-    model, laplace_posterior = laplace_from_run(run, structure, progress=progress, fit_size=fit_size)
-    before = run.net_metrics(rebuild(model, laplace_posterior, remove_dead=False))
-    report = reduction(model, laplace_posterior)
-    net = rebuild(model, laplace_posterior, remove_dead=False)
-    after = run.net_metrics(net)
-    path = run.out / PRUNED_FILES[posterior]
-    state = {
-        "source": run.source(),
-        "posterior": posterior,
-        "laplace": model.laplace,
-        "net_state_dict": net.state_dict(),
-        "masks": {layer.name: model.mask(layer.name).bool() for layer in model.layers},
-        "report": report.table().to_dict("records"),
-        "metrics": after,
-    }
-    atomic_write(path, lambda p: save_torch(state, p))
-    print(
-        f"pruning ({reduction.describe()}) of {run.out} after epoch {run.epoch} from a {posterior} posterior "
-        f"(prior precisions by the Laplace evidence: "
-        + ", ".join(f"{r['layer']} {r['prior_precision']:.3g}" for r in model.laplace)
-        + f"): pruned fraction {report.pruned_fraction:.4f}; the pruned net's state_dict written to {path}"
-    )
-    _print_report(report)
-    print(_table({"before (posterior mean)": before, "after": after}))
-    _warn_if_collapsed(run, before, after)
-
-
 def _sweep(args) -> None:
     from pyrozoo.sweep import below_dense, sweep, write_sweep
     from pyrozoo.trained import load
@@ -860,6 +836,7 @@ def _sweep(args) -> None:
         progress=not args.no_progress,
         log=lambda text: print(text, file=sys.stderr),
         fit_size=args.fit_size,
+        posterior_options=getattr(args, "posterior_options", {}),
     )
     out = args.out or run.out / "sweep"
     paths = write_sweep(table, out)
@@ -874,7 +851,7 @@ def _sweep(args) -> None:
 
 
 def _export(args) -> None:
-    from pyrozoo.export import PRUNED_FILES, export, laplace_pruned_nets, pruned_results
+    from pyrozoo.export import export, pruned_results
     from pyrozoo.trained import load
 
     run = load(args.run, log=lambda text: print(text, file=sys.stderr))
@@ -887,12 +864,10 @@ def _export(args) -> None:
                 f"exporting the newest, {found[which].name} (choose with --pruned " + "|".join(found) + ")",
                 file=sys.stderr,
             )
-    state = "checkpoint" if which == "none" else PRUNED_FILES[which]
-    if which == "run":
-        run.load_pruned()  # refused if it was pruned from an older checkpoint, or is not there
-    elif which != "none":
-        dense, sparse, _ = laplace_pruned_nets(run, which)  # the same refusals
-        nets = dense, sparse
+    source = None if which == "none" else make_source(which)
+    state = "checkpoint" if source is None else source.file
+    if source is not None:
+        nets = source.load_pruned(run)  # refused if pruned from an older checkpoint, or not there
     source = {"state": state, **run.source()}
     summary = export(run, run.out / "export", repeats=args.repeats, source=source, nets=nets)
     print(
@@ -917,15 +892,15 @@ def _export(args) -> None:
 
 
 def _open_for_prediction(args):
-    """The run (with its pruned state if asked) and its raw data, for predict and uncertainty."""
+    """The run (with its pruned state if asked), its raw data, and the pruned plain net when the state asked
+    for is one (else None), for predict and uncertainty."""
     from pyrozoo.trained import load
 
     run = load(args.run, log=lambda text: print(text, file=sys.stderr))
-    if args.pruned in (True, "run"):
-        run.load_pruned()
+    nets = make_source(args.pruned).load_pruned(run) if args.pruned else None
     c = run.config
     raw = datasets.load(c.data, c.data_dir, target=c.target, task=c.task)
-    return run, raw
+    return run, raw, None if nets is None else nets[0].to(run.data.x_test.device)
 
 
 def _predict(args) -> None:
@@ -939,14 +914,9 @@ def _predict(args) -> None:
     )
     from pyrozoo.shift import SHIFTS
 
-    run, raw = _open_for_prediction(args)
+    run, raw, net = _open_for_prediction(args)
     with run:
         c = run.config
-        net = None
-        if args.pruned not in (None, "run"):  # a Laplace-pruned plain net, as pyrozoo export writes it
-            from pyrozoo.export import laplace_pruned_nets
-
-            net = laplace_pruned_nets(run, args.pruned)[0].to(run.data.x_test.device)
         # a point mass or a plain net: one draw
         samples = 1 if run.guide.point_mass or net is not None else args.samples or c.samples
         if args.input is not None:
@@ -1002,10 +972,11 @@ def _predict(args) -> None:
 def _uncertainty(args) -> None:
     from pyrozoo.predict import uncertainty_table
 
-    run, raw = _open_for_prediction(args)
+    run, raw, net = _open_for_prediction(args)
     with run:
-        samples = 1 if run.guide.point_mass else args.samples or run.config.samples  # a point mass: one draw
-        table = uncertainty_table(run, raw, samples, args.batch_size, progress=not args.no_progress)
+        # a point mass or a plain net: one draw
+        samples = 1 if run.guide.point_mass or net is not None else args.samples or run.config.samples
+        table = uncertainty_table(run, raw, samples, args.batch_size, progress=not args.no_progress, net=net)
         table.insert(0, "samples", samples)
         atomic_write(run.out / "uncertainty.csv", lambda p: table.to_csv(p, index=False))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
@@ -1046,6 +1017,10 @@ def _info() -> None:
     )
     section("priors", ((name, describe(fn) + with_options(fn)) for name, fn in PRIORS.items()))
     section("guides", GUIDES.described())
+    section(
+        "posterior sources (pyrozoo prune --posterior)",
+        ((name, text + with_options(POSTERIORS[name])) for name, text in POSTERIORS.described()),
+    )
     section("optimizers", OPTIMIZERS.described())
     section("baselines", BASELINES.described())
     section("likelihoods", LIKELIHOODS.described())

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from pyrozoo import data as datasets
 from pyrozoo.baselines import BASELINES, SOURCE_METHOD, SPARSITY_METHOD, baseline_state, run_baseline
-from pyrozoo.bind import bind, bmr_methods, make_config, options_taken, owners
+from pyrozoo.bind import bind, bmr_methods, make_config, option_takers, options_taken
 from pyrozoo.errors import PyrozooError
 from pyrozoo.config import (
     ALIASES,
@@ -50,9 +50,9 @@ from pyrozoo.config import (
     as_stored,
     check_run_options,
     fold_aliases,
+    option_as_given,
     run_name,
     run_option_fields,
-    spelled,
 )
 from pyrozoo.io import atomic_write, hold_folder, make_folder
 from pyrozoo.methods import METHODS
@@ -155,7 +155,8 @@ class Grid:
                 ]
                 if not takers:
                     raise PyrozooError(
-                        f"{spelled(table, key)} belongs to {owners(table, key)}, which no method of the grid uses"
+                        f"{option_as_given(table, key)} belongs to {option_takers(table, key)}, "
+                        "which no method of the grid uses"
                     )
         if options.get("prune_units") and not any(
             options_taken("rule_options", m, prior, rule) is not None for m in self.training_methods

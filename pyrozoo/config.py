@@ -226,7 +226,7 @@ def fold_aliases(options: dict) -> dict:
     return options
 
 
-def spelled(table: str, key: str) -> str:
+def option_as_given(table: str, key: str) -> str:
     """How a user gives a table's option: its short flag if it has one (``--tau0``), else ``prior option tau0``."""
     for name, alias in ALIASES.items():
         if (alias.table, alias.key) == (table, key):

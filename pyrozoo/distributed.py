@@ -93,8 +93,9 @@ class World:
         part = indices.tensor_split(self.size)[self.rank]
         return part, len(part) / len(indices)
 
-    def sharer(self, weight: float) -> Callable | None:
-        """What :func:`pyrozoo.train.svi_step` calls after ``backward`` (None for one process)."""
+    def share_hook(self, weight: float) -> Callable | None:
+        """The ``share`` hook :func:`pyrozoo.steps.svi_step` calls after ``backward``: it sums this rank's
+        ``weight``-ed gradients and loss over the ranks (None for one process)."""
         if not self.parallel:
             return None
         return lambda loss, optimizer: self.share_gradients(loss, optimizer, weight)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import statistics
@@ -13,74 +12,15 @@ import torch
 from torch import nn
 
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
-from pyrozoo.errors import PyrozooError, reason
 from pyrozoo.io import atomic_write_folder, save_torch
-from pyrozoo.torchfile import load_tensors
-from pyrozoo.runfolder import PRUNED
-
-# what ``pyrozoo prune RUN --posterior P`` writes into the run folder, by P
-PRUNED_FILES = {
-    "run": PRUNED,
-    "laplace-diag": "pruned-laplace-diag.pt",
-    "laplace-kfac": "pruned-laplace-kfac.pt",
-}
+from pyrozoo.posteriors import POSTERIORS, make_source
 
 
 def pruned_results(folder: Path) -> dict[str, Path]:
-    """The pruned results in a run folder, by the posterior they were pruned from, newest first."""
-    found = {
-        kind: Path(folder) / name for kind, name in PRUNED_FILES.items() if (Path(folder) / name).exists()
-    }
+    """The pruned results in a run folder, by the posterior source they were pruned from, newest first."""
+    files = {name: Path(folder) / make_source(name).file for name in POSTERIORS}
+    found = {name: path for name, path in files.items() if path.exists()}
     return dict(sorted(found.items(), key=lambda item: item[1].stat().st_mtime_ns, reverse=True))
-
-
-def laplace_pruned_nets(run, posterior: str) -> tuple[nn.Module, nn.Module, dict]:
-    """The net that ``pyrozoo prune RUN --posterior laplace-diag|laplace-kfac`` pruned, as the dense net (pruned
-    weights at exact zeros, survivors at the reduced posterior mean) and the sparse one (dead units cut out),
-    and the state's record; refused when the run's checkpoint has changed since it was pruned."""
-    from pyrozoo.bmr.units import remove_dead_units
-    from pyrozoo.models import BayesianModel
-    from pyrozoo.guides.laplace import FixedScales
-
-    path = run.out / PRUNED_FILES[posterior]
-    redo = f"prune again (pyrozoo prune {run.out} --posterior {posterior} ...), or delete {path}"
-    try:
-        state = load_tensors(path, fix=redo)
-        if not isinstance(state, dict) or not {"net_state_dict", "masks", "laplace", "source"} <= set(state):
-            raise ValueError("not a pyrozoo Laplace-pruned state")
-    except FileNotFoundError:
-        raise PyrozooError(
-            f"{run.out} has no {path.name}: run pyrozoo prune {run.out} --posterior {posterior} first"
-        ) from None
-    except PyrozooError:
-        raise
-    except Exception as e:
-        raise PyrozooError(f"{path} is corrupt or truncated ({reason(e)}): {redo}") from None
-    made, current = state["source"], run.source()
-    if made != current:
-        raise PyrozooError(
-            f"{path} was pruned from the checkpoint of epoch {made.get('epoch')}, step {made.get('step')}, but "
-            f"the run's checkpoint is now epoch {current['epoch']}, step {current['step']}"
-            + (
-                ""
-                if made.get("checkpoint_sha256") == current["checkpoint_sha256"]
-                else " (written again since)"
-            )
-            + f": {redo}"
-        )
-    dense = rebuild(run.model, run.guide, remove_dead=False).cpu()  # the run's net, its original architecture
-    try:
-        dense.load_state_dict(state["net_state_dict"])
-    except (RuntimeError, KeyError) as e:
-        raise PyrozooError(f"{path} does not fit this run ({reason(e)}): {redo}") from None
-    output = next(layer.name for layer in run.model.layers if layer.is_output)
-    scales = {r["layer"]: r["prior_scale"] for r in state["laplace"]}
-    sparse = copy.deepcopy(dense)
-    model = BayesianModel(sparse, prior=FixedScales(scales), output=output, likelihood=run.model.likelihood)
-    for name, mask in state["masks"].items():
-        model.set_mask(name, mask)
-    remove_dead_units(sparse, model)
-    return dense, sparse.eval(), state
 
 
 def latency_ms(net: nn.Module, example: torch.Tensor, repeats: int = 50) -> float:
@@ -121,7 +61,7 @@ def export(run, folder: Path, repeats: int = 50, source: dict | None = None, net
     ``sparse_state_dict.pt`` its weights only (their shapes differ from the dense net's where units went).
     ``source`` (which state was exported: checkpoint or pruned.pt, its epoch, step and checkpoint checksum;
     by default the run's checkpoint) goes into ``summary.json``. ``nets``, ``(dense, sparse)``, exports those
-    instead of the run's own rebuilt nets (a Laplace-pruned result, :func:`laplace_pruned_nets`).
+    instead of the run's own rebuilt nets (a pruned plain net, :meth:`pyrozoo.posteriors.PosteriorSource.load_pruned`).
     """
     d = run.data
     if nets is None:

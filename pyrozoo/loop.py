@@ -117,7 +117,7 @@ def _epoch(loop: Training, callbacks, bar) -> list[float]:
     start, losses = time.perf_counter(), []
     for _ in range(setup.config.steps_per_epoch):
         part, weight = setup.world.split(setup.batches.next())  # this process's part of the batch
-        share = setup.world.sharer(weight)  # None in one process
+        share = setup.world.share_hook(weight)  # None in one process
         shared = {} if share is None else {"share": share}
         loss = setup.step.step(setup.model, setup.guide, setup.optimizer, *setup.batch(part), **shared)
         for callback in callbacks:

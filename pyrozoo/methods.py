@@ -1,4 +1,4 @@
-"""Named recipes: prior + posterior family + optimiser + reduction + schedule (DESIGN.md), as data.
+"""Named recipes: prior + posterior family + optimiser + reduction + schedule (docs/method.md), as data.
 
 Adding a method is adding one ``METHODS.register`` line; its reduction is a configured value, so a variant of a
 rule (``bmr-lss``) is a method, not a code path.

@@ -79,7 +79,7 @@ class IVONOptimizer(IVON):
     The three per-step methods (draw the weights, collect the gradient, update) are ivon-opt's algorithm rewritten
     in place: ivon-opt concatenates every parameter and gradient into new flat vectors and makes a new tensor for
     each of its ~25 elementwise operations, which on the 1.15 M-weight MLP cost more than the forward and
-    backward passes together (experiments/RESULTS.md, issue 16). Here a one-parameter group (pyrozoo's: one
+    backward passes together (experiments/RESULTS.md, IVON step). Here a one-parameter group (pyrozoo's: one
     layer each) is read through views, the momentum and Hessian are updated in their own storage, and the mean
     in the parameter's; the arithmetic is ivon-opt's (``price`` Hessian estimate, debiasing, learning-rate
     rescaling, clipping), up to the rounding of fused operations (tests/test_ivon.py runs both side by side from

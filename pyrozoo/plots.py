@@ -303,19 +303,19 @@ def plot_regression_bands(run, path_stem: str | os.PathLike, samples: int = 200,
     if isinstance(run, (str, os.PathLike)):
         with load(run, log=lambda _: None) as opened:
             return plot_regression_bands(opened, path_stem, samples, title)
-    d = run.data
-    if d.task != "regress" or d.x_train.shape[1] != 1:
+    data = run.data
+    if data.task != "regress" or data.x_train.shape[1] != 1:
         raise PyrozooError("the band figure is for regression on one input feature")
-    mean, std = float(d.mean[0]), float(d.std[0])
-    x_train = (d.x_train.flatten().cpu() * std + mean).numpy()
-    y_train = (d.y_mean + d.y_std * d.y_train.double().cpu()).numpy()
+    mean, std = float(data.mean[0]), float(data.std[0])
+    x_train = (data.x_train.flatten().cpu() * std + mean).numpy()
+    y_train = (data.y_mean + data.y_std * data.y_train.double().cpu()).numpy()
     span = x_train.max() - x_train.min()
     grid = np.linspace(x_train.min() - 0.25 * span, x_train.max() + 0.25 * span, 400)
-    x = torch.tensor((grid - mean) / std, dtype=torch.float32, device=d.x_train.device).reshape(-1, 1, 1, 1)
-    out = predict(run.model, run.guide, x, samples, y_mean=d.y_mean, y_std=d.y_std, seed=run.config.seed)
+    x = torch.tensor((grid - mean) / std, dtype=torch.float32, device=data.x_train.device).reshape(-1, 1, 1, 1)
+    out = predict(run.model, run.guide, x, samples, y_mean=data.y_mean, y_std=data.y_std, seed=run.config.seed)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.scatter(x_train, y_train, s=4, color="0.6", label="training data")
-    if d.name == "toy1d":
+    if data.name == "toy1d":
         truth = datasets.toy1d_mean(grid)
         ax.plot(grid, truth, "k--", lw=1, label="true mean")
         for z in (-1.96, 1.96):
@@ -328,7 +328,7 @@ def plot_regression_bands(run, path_stem: str | os.PathLike, samples: int = 200,
     ax.plot(grid, out["mean"], color="C0", lw=1.5, label="predictive mean")
     ax.set_xlabel("x")
     ax.set_ylabel("y")
-    ax.set_title(title or f"{run.config.net} {run.config.method} on {d.name}")
+    ax.set_title(title or f"{run.config.net} {run.config.method} on {data.name}")
     ax.legend(fontsize=7, loc="lower left")
     ax.grid(alpha=0.3)
     stem = Path(path_stem)

@@ -372,7 +372,7 @@ def predict_frame(
     net: nn.Module | None = None,
 ):
     """Predictions of a run on prepared data, one row per input (targets and hits when ``known_targets``); with
-    ``net``, of that plain net made from the run (a Laplace-pruned one), a regression's noise the run's."""
+    ``net``, of that plain net made from the run (a pruned one), a regression's noise the run's."""
     noise_std = None
     if net is not None and prepared.task == "regress":
         noise_std = prepared.y_std * float(run.point_likelihood().precision().rsqrt())
@@ -431,9 +431,12 @@ def classification_summary(predictions: dict[str, Tensor], y: Tensor) -> dict[st
     return {**out, **classification_uncertainty(predictions, y)}
 
 
-def uncertainty_table(run, raw, samples: int, batch_size: int = 2000, progress: bool = False) -> pd.DataFrame:
+def uncertainty_table(
+    run, raw, samples: int, batch_size: int = 2000, progress: bool = False, net: nn.Module | None = None
+) -> pd.DataFrame:
     """The run's uncertainty on its clean test set and on shifted copies (each shift, each severity): accuracy,
-    NLL, ECE, mean entropy and mutual information, and the misclassification AUROCs of entropy and MI."""
+    NLL, ECE, mean entropy and mutual information, and the misclassification AUROCs of entropy and MI; with
+    ``net``, of that plain net made from the run (a pruned one)."""
     from pyrozoo.shift import SEVERITIES, SHIFTS
 
     if raw.x_test.is_floating_point():
@@ -446,7 +449,12 @@ def uncertainty_table(run, raw, samples: int, batch_size: int = 2000, progress: 
         x = raw.x_test if name == "none" else SHIFTS[name](raw.x_test, severity, seed=run.config.seed)
         prepared = prepare_like(run, raw, x, raw.y_test)
         predictions = predict(
-            run.model, run.guide, prepared.x_test, samples, batch_size=batch_size, seed=run.config.seed
+            run.model if net is None else net,
+            run.guide if net is None else None,
+            prepared.x_test,
+            samples,
+            batch_size=batch_size,
+            seed=run.config.seed,
         )
         rows.append(
             {"shift": name, "severity": severity, **classification_summary(predictions, prepared.y_test)}

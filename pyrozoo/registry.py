@@ -1,5 +1,5 @@
-"""One registry type for every named component: nets, priors, guides, reductions, methods, optimisers, datasets
-and baselines.
+"""One registry type for every named component: nets, priors, guides, reductions, methods, optimisers, datasets,
+baselines and posterior sources.
 
 A :class:`Registry` is an ordered ``dict`` from name to entry whose lookup of an unknown name raises the one
 user error that lists the known names, so every "unknown X" message reads from the registry itself::

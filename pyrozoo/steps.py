@@ -46,7 +46,7 @@ def svi_step(
     """One stochastic-gradient step on ``loss`` (``-ELBO``); returns the loss. ``validate`` (default: whether
     ``$PYROZOO_VALIDATE`` is 1) turns Pyro's and torch's argument checks on or off for the step only, whatever
     Pyro's own setting (on by default, and slow). ``share`` (a data-parallel run's, see
-    :meth:`pyrozoo.distributed.World.sharer`) turns this process's gradients and loss into the run's."""
+    :meth:`pyrozoo.distributed.World.share_hook`) turns this process's gradients and loss into the run's."""
     with pyro.validation_enabled(validating() if validate is None else validate):
         value = loss(model, guide, x, y, dataset_size)
     optimizer.zero_grad(set_to_none=True)

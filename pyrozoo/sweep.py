@@ -4,14 +4,11 @@ From one trained run (a ``flat-map`` net's MAP weights, or a mean-field run's po
 prunes the same network to each target sparsity, one shot (and optionally fine-tunes the survivors for a few
 Adam steps with the masks kept), and is evaluated at its point estimate on the test set (accuracy, NLL, ECE):
 
-- ``bmr-laplace-diag``: BMR's dF from a diagonal Laplace posterior, the largest dF pruned to the target
-  (:class:`~pyrozoo.bmr.TargetSparsity`, ranked over all prunable layers);
-- ``bmr-laplace-kfac``: the same from a KFAC Laplace posterior, with the reduced posterior mean written back, so
-  the survivors compensate; ``bmr-laplace-kfac-nowb`` keeps the survivors as trained (what write-back adds);
-  ``bmr-laplace-kfac-diagdf`` ranks by the diagonal Laplace's dF and writes back KFAC's reduced mean (the
-  diagonal GGN is exact on the diagonal, where KFAC's marginal variances are only approximate: measured to rank
-  better, see experiments/RESULTS.md);
-- ``bmr-run``: BMR from the run's own posterior, when it has one with spread (a mean-field run);
+- ``bmr-SOURCE``: BMR's dF from each registered posterior source (:mod:`pyrozoo.posteriors`: the run's own
+  posterior when it has spread, Laplace approximations around the point estimate, ...), the largest dF pruned to
+  the target (:class:`~pyrozoo.bmr.TargetSparsity`, ranked over all prunable layers), the reduced posterior
+  mean written back where the posterior has one; ``bmr-SOURCE-VARIANT``: the variants a source declares
+  (:class:`~pyrozoo.posteriors.Variant`: without write-back, or ranked by another source's dF);
 - ``magnitude`` / ``magnitude-layer``: smallest |w| globally / in each layer (:mod:`pyrozoo.baselines`);
 - ``torch-pruning``: Torch-Pruning's ``MagnitudePruner`` with L1 channel importance, the same channel ratio in
   every layer, the ratio found by bisection to remove the target fraction of the prunable parameters.
@@ -43,18 +40,11 @@ from pyrozoo.bmr.sparsity import TargetSparsity
 from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.errors import PyrozooError
 from pyrozoo.io import atomic_write, make_folder
+from pyrozoo.posteriors import POSTERIORS, FittedSource, Variant, make_source
 from pyrozoo.pruners import channel_prune_to
+from pyrozoo.registry import option_names
 
-METHODS = (
-    "bmr-laplace-diag",
-    "bmr-laplace-kfac",
-    "bmr-laplace-kfac-nowb",
-    "bmr-laplace-kfac-diagdf",
-    "bmr-run",
-    "magnitude",
-    "magnitude-layer",
-    "torch-pruning",
-)
+BASELINES = ("magnitude", "magnitude-layer", "torch-pruning")
 DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 TABLE, FIGURE = "sweep.csv", "sweep"
 
@@ -118,6 +108,94 @@ def channel_prune(
     return candidate, 1 - fraction
 
 
+def bmr_methods() -> dict[str, tuple[str, Variant]]:
+    """``{method: (posterior source, variant)}``: ``bmr-NAME`` for every registered source, and
+    ``bmr-NAME-SUFFIX`` for each variant it declares."""
+    out = {}
+    for name, source in POSTERIORS.items():
+        out[f"bmr-{name}"] = (name, Variant(f"BMR from {name}"))
+        out.update({f"bmr-{name}-{suffix}": (name, v) for suffix, v in source.variants.items()})
+    return out
+
+
+def methods() -> list[str]:
+    """Every sweep method: BMR from each posterior source (:func:`bmr_methods`), then the baselines."""
+    return [*bmr_methods(), *BASELINES]
+
+
+def _chosen(run, methods_asked, sparsities) -> list[str]:
+    """The methods to run (by default every one that applies to ``run``), refused when unknown or unusable."""
+    known, bmr = methods(), bmr_methods()
+    why = {m: make_source(bmr[m][0]).unavailable(run) for m in bmr}
+    chosen = list(methods_asked or [m for m in known if not why.get(m)])
+    unknown = [m for m in chosen if m not in known]
+    if unknown:
+        raise PyrozooError(f"unknown sweep method {unknown[0]!r}; choose from {', '.join(known)}")
+    unusable = [m for m in chosen if why.get(m)]
+    if unusable:
+        raise PyrozooError(f"{unusable[0]} needs {why[unusable[0]]}")
+    bad = [s for s in sparsities if not 0 <= s < 1]
+    if bad:
+        raise PyrozooError(f"a target sparsity lies in [0, 1), got {bad[0]}")
+    return chosen
+
+
+def _sources(methods: list[str]) -> list[str]:
+    """The posterior sources that the BMR methods among ``methods`` fit (a variant's ranking source too)."""
+    bmr, names = bmr_methods(), []
+    for name, variant in (bmr[m] for m in methods if m in bmr):
+        names += [name, variant.ranked_by.name] if variant.ranked_by else [name]
+    return list(dict.fromkeys(names))
+
+
+def _check_options(methods: list[str], options: dict) -> None:
+    """Refuse a posterior option that no posterior source of ``methods`` takes."""
+    sources = _sources(methods)
+    takes = {option for name in sources for option in option_names(POSTERIORS[name])}
+    stray = [k for k in options if k not in takes]
+    if stray:
+        used = ", ".join(sources) or "none"
+        raise PyrozooError(
+            f"posterior option {stray[0]!r} is taken by no posterior source swept (sources: {used})"
+        )
+
+
+class _Posteriors:
+    """Each posterior source's ``(model, posterior)`` for ``run``, fitted once when first asked for."""
+
+    def __init__(self, run, progress: bool, log, **options):
+        self.run, self.progress, self.log, self.options, self.fitted = run, progress, log, options, {}
+
+    def __call__(self, name: str):
+        if name not in self.fitted:
+            source = make_source(name, **self.options)
+            start = time.perf_counter()
+            self.fitted[name] = model, _ = source.fit(self.run, self.progress)
+            if isinstance(source, FittedSource):
+                about = source.summary(model)
+                seconds = time.perf_counter() - start
+                self.log(f"{name}: fitted in {seconds:.1f} s" + (f"; {about}" if about else ""))
+        return self.fitted[name]
+
+
+def _pruned(method: str, target: float, run, base: nn.Module, probe, posteriors) -> tuple[nn.Module, float]:
+    """One cell: the net pruned by ``method`` to ``target`` (a copy), and its pruned fraction."""
+    layers = run.model.layers
+    if method in bmr_methods():
+        name, variant = bmr_methods()[method]
+        model, posterior = posteriors(name)
+        scores = delta_f(*posteriors(variant.ranked_by.name)) if variant.ranked_by else None
+        return _bmr_net(model, posterior, target, write_back=variant.write_back, scores=scores)
+    if method in ("magnitude", "magnitude-layer"):
+        net = copy.deepcopy(base)
+        masks = magnitude_prune(net, layers, target, "global" if method == "magnitude" else "layer")
+        # counted as BMR's: the entries of units that died with their weights count as pruned
+        for name, mask in masks.items():
+            probe.set_mask(name, mask)
+        return net, pruned_fraction(probe)
+    return channel_prune(base, layers, run.data.x_train[:2], target)
+
+
 def sweep(
     run,
     sparsities=DEFAULT_SPARSITIES,
@@ -126,92 +204,34 @@ def sweep(
     progress: bool = True,
     log=print,
     fit_size: int | None = None,
+    posterior_options: dict | None = None,
 ) -> pd.DataFrame:
     """The tidy table of the curve: one row per method, target sparsity and fine-tuning (0 or ``finetune_steps``):
-    achieved sparsity, accuracy, NLL, ECE (20 equal-mass bins), ECE (15 bins), Brier, and seconds to prune."""
-    from pyrozoo.guides.laplace import laplace_from_run
-
-    methods = list(methods or [m for m in METHODS if m != "bmr-run" or not run.guide.point_mass])
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise PyrozooError(f"unknown sweep method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    if "bmr-run" in methods and run.guide.point_mass:
-        raise PyrozooError(
-            f"bmr-run needs a posterior with spread; {run.out} is a point-mass ({run.config.method}) run"
-        )
-    bad = [s for s in sparsities if not 0 <= s < 1]
-    if bad:
-        raise PyrozooError(f"a target sparsity lies in [0, 1), got {bad[0]}")
-    d = run.data
-    layers = run.model.layers
+    achieved sparsity, accuracy, NLL, ECE (20 equal-mass bins), ECE (15 bins), Brier, and seconds to prune.
+    ``fit_size`` and ``posterior_options`` go to the posterior sources that take them (a Laplace fit's inputs).
+    """
+    methods = _chosen(run, methods, sparsities)
+    _check_options(methods, posterior_options or {})
+    d, c = run.data, run.config
     base = rebuild(run.model, run.guide, remove_dead=False)
-    dense = run.net_metrics(base)
-    rows = [{"method": "dense", "target": 0.0, "sparsity": 0.0, "finetune_steps": 0, "seconds": 0.0, **dense}]
-
-    posteriors = {}
-    for structure in ("diag", "kron"):
-        name = "bmr-laplace-" + ("diag" if structure == "diag" else "kfac")
-        if any(m.startswith(name) for m in methods) or (
-            structure == "diag" and "bmr-laplace-kfac-diagdf" in methods
-        ):
-            start = time.perf_counter()
-            posteriors[structure] = (
-                *laplace_from_run(run, structure, progress=progress, fit_size=fit_size),
-                time.perf_counter() - start,
-            )
-            log(
-                f"Laplace {structure}: fitted in {posteriors[structure][2]:.1f} s; prior precisions "
-                + ", ".join(
-                    f"{r['layer']} {r['prior_precision']:.3g}" for r in posteriors[structure][0].laplace
-                )
-            )
-
-    def one(method: str, target: float) -> tuple[nn.Module, float]:
-        if method == "bmr-laplace-diag":
-            model, posterior, _ = posteriors["diag"]
-            return _bmr_net(model, posterior, target)
-        elif method == "bmr-laplace-kfac-diagdf":
-            model, posterior, _ = posteriors["kron"]
-            return _bmr_net(model, posterior, target, scores=delta_f(*posteriors["diag"][:2]))
-        elif method in ("bmr-laplace-kfac", "bmr-laplace-kfac-nowb"):
-            model, posterior, _ = posteriors["kron"]
-            return _bmr_net(model, posterior, target, write_back=method == "bmr-laplace-kfac")
-        elif method == "bmr-run":
-            model = copy.deepcopy(run.model)
-            return _bmr_net(model, run.guide, target)
-        elif method in ("magnitude", "magnitude-layer"):
-            net = copy.deepcopy(base)
-            masks = magnitude_prune(net, layers, target, "global" if method == "magnitude" else "layer")
-            # counted as BMR's: the entries of units that died with their weights count as pruned
-            for name, mask in masks.items():
-                probe.set_mask(name, mask)
-            return net, pruned_fraction(probe)
-        return channel_prune(base, layers, d.x_train[:2], target)
-
+    rows = [_row("dense", 0.0, 0.0, 0, 0.0, run.net_metrics(base))]
+    posteriors = _Posteriors(run, progress, log, fit_size=fit_size, **(posterior_options or {}))
+    for name in _sources(methods):  # every fit first, before any cell is timed
+        posteriors(name)
     probe = copy.deepcopy(run.model)  # magnitude's masks, to count its pruned fraction as BMR's is counted
     point = run.point_likelihood()  # what a fine-tune fits
     cells = [(m, s) for s in sparsities for m in methods]
     for method, target in tqdm(cells, desc="sweep", unit="cell", disable=not progress):
         start = time.perf_counter()
-        net, achieved = one(method, target)
+        net, achieved = _pruned(method, target, run, base, probe, posteriors)
         seconds = time.perf_counter() - start
         rows.append(_row(method, target, achieved, 0, seconds, run.net_metrics(net)))
         if finetune_steps:
-            c = run.config
             finetune(net, d.x_train, d.y_train, finetune_steps, c.lr, c.batch_size, c.seed, point)
-            rows.append(
-                _row(
-                    method,
-                    target,
-                    achieved,
-                    finetune_steps,
-                    seconds,
-                    run.net_metrics(net),
-                )
-            )
+            rows.append(_row(method, target, achieved, finetune_steps, seconds, run.net_metrics(net)))
     table = pd.DataFrame(rows)
-    table.insert(0, "net", run.config.net)
-    table.insert(1, "data", run.config.data)
+    table.insert(0, "net", c.net)
+    table.insert(1, "data", c.data)
     return table
 
 

@@ -1,5 +1,5 @@
 """Training with and without compaction: seconds per epoch against epoch (the figure), and the numbers that
-issue 17 asks of the pair: total training seconds, epoch time once >= 95% pruned against epoch 1, and final
+say what compaction saved: total training seconds, epoch time once >= 95% pruned against epoch 1, and final
 accuracy and ECE.
 
 python scripts/compaction_figure.py COMPACTED_RUN UNCOMPACTED_RUN --out FOLDER [--stem NAME]

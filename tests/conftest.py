@@ -1,3 +1,8 @@
+import contextlib
+import io
+import shutil
+from pathlib import Path
+
 import pyro
 import pytest
 import torch
@@ -40,3 +45,27 @@ def tiny_batch():
     x = torch.randn(6, 1, 4, 4)
     y = torch.randint(0, 3, (6,))
     return x, y
+
+
+# A tiny MAP run: an MLP trained one epoch of 20 steps on the bundled data set.
+TINY_MAP_RUN = ["--net", "mlp", "--net-option", "hidden=(16,16)", "--data", "fashion-mnist-mini",
+                "--steps-per-epoch", "20", "--no-progress", "--method", "flat-map", "--epochs", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_map_run(tmp_path_factory) -> Path:
+    """The tiny MAP run, trained once per session. Read-only: a test that writes into it takes ``map_run``."""
+    from pyrozoo.cli import main
+
+    folder = tmp_path_factory.mktemp("trained") / "map"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main(["train", *TINY_MAP_RUN, "--out", str(folder)])
+    assert code == 0, err.getvalue()
+    return folder
+
+
+@pytest.fixture
+def map_run(trained_map_run, tmp_path, monkeypatch) -> Path:
+    """A copy of the tiny MAP run at ``tmp_path/map``, with ``tmp_path`` the working directory."""
+    monkeypatch.chdir(tmp_path)
+    return Path(shutil.copytree(trained_map_run, tmp_path / "map"))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from pyrozoo.bmr import Units
+from pyrozoo.bmr import UnitReduction
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.bmr.units import model_units
 from pyrozoo.elbo import negative_elbo
@@ -186,7 +186,7 @@ def test_any_net_builds_trains_prunes_and_rebuilds_smaller_with_the_same_outputs
         chosen.append((units, which))
     _force(model, guide, chosen)
     model.eval()
-    report = Units(margin=-1e-6)(model, guide)
+    report = UnitReduction(margin=-1e-6)(model, guide)
     masks = {layer.name: model.mask(layer.name).bool() for layer in model.layers}
     for units, which in chosen:
         assert torch.equal(units.unused(masks), which), units.name
@@ -225,7 +225,7 @@ def test_any_net_end_to_end_on_cuda():
     chosen = [(units, torch.arange(units.count) < max(1, units.count // 3)) for units in groups]
     _force(model, guide, chosen)
     model.eval()
-    Units(margin=-1e-6)(model, guide)
+    UnitReduction(margin=-1e-6)(model, guide)
     with torch.no_grad():
         expected = model.logits(x, model.weights_from(guide.mean()))
     sparse = rebuild(model, guide)

@@ -3,11 +3,14 @@ its lookups, option checking, the command line and the tools that read the regis
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+from clitools import cli
 
 from pyrozoo.bind import bind
 from pyrozoo import bmr
@@ -19,6 +22,7 @@ from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import NETS, create_net
+from pyrozoo.posteriors import POSTERIORS, make_source
 
 GUIDE = (Path(__file__).parent.parent / "CONTRIBUTING.md").read_text()
 
@@ -33,9 +37,9 @@ def example(section: str) -> dict:
 
 @pytest.fixture
 def registries_restored():
-    before = {id(r): dict(r) for r in (REDUCTIONS, PRIORS, NETS)}
+    before = {id(r): dict(r) for r in (REDUCTIONS, PRIORS, NETS, POSTERIORS)}
     yield
-    for registry in (REDUCTIONS, PRIORS, NETS):
+    for registry in (REDUCTIONS, PRIORS, NETS, POSTERIORS):
         for name in set(registry) - set(before[id(registry)]):
             dict.pop(registry, name)
 
@@ -81,8 +85,8 @@ def test_a_new_net(registries_restored):
     assert len(BayesianModel(net).layers) == 3
 
 
-def test_a_new_posterior_source():
-    ns = example("How to add a posterior source")
+def test_a_new_posterior():
+    ns = example("How to write a posterior")
     model = _mlp()
     trained = make_guide("meanfield", model)
     source = ns["FixedNormal"](model, trained.posterior())
@@ -95,3 +99,55 @@ def test_a_new_posterior_source():
     assert torch.all(loc[pruned] == 0) and torch.all(scale[pruned] == 1)
     net = bmr.rebuild(model, source)
     assert net(torch.zeros(2, 1, 4, 4)).shape == (2, 3)
+
+
+def test_a_new_posterior_source_is_taken_by_every_command(capsys, map_run, registries_restored):
+    """The example source, registered by its file alone, through prune, export, sweep, predict and uncertainty."""
+    ns = example("How to add a posterior source")
+    assert POSTERIORS["cold-laplace"] is ns["ColdLaplace"]
+    fitted = "--fit-size", "200", "--posterior-option", "temperature=0.25"
+    code, out, err = cli(capsys, "prune", "map", "--posterior", "cold-laplace", *fitted, "--sparsity", "0.5")
+    assert code == 0, err
+    assert "from a cold-laplace posterior" in out and "pruned fraction 0.5000" in out
+    state = torch.load(map_run / "pruned-cold-laplace.pt", weights_only=False)
+    assert state["posterior"] == "cold-laplace"
+    code, out, err = cli(capsys, "export", "map", "--pruned", "cold-laplace", "--repeats", "1")
+    assert code == 0, err
+    summary = json.loads((map_run / "export" / "summary.json").read_text())
+    assert summary["source"]["state"] == "pruned-cold-laplace.pt"
+    assert summary["dense"]["accuracy"] == pytest.approx(state["metrics"]["accuracy"], abs=1e-9)
+    code, out, err = cli(
+        capsys, "predict", "map", "--pruned", "cold-laplace", "--out", "p.csv", "--no-progress"
+    )
+    assert code == 0, err
+    assert "the pruned plain net" in err and f"accuracy {state['metrics']['accuracy']:.4f}" in out
+    code, out, err = cli(capsys, "uncertainty", "map", "--pruned", "cold-laplace", "--no-progress")
+    assert code == 0, err
+    table = pd.read_csv(map_run / "uncertainty.csv")
+    assert (table.samples == 1).all()
+    assert table.accuracy[table["shift"] == "none"].item() == pytest.approx(state["metrics"]["accuracy"])
+    methods = "--methods", "bmr-cold-laplace", "magnitude"
+    code, out, err = cli(capsys, "sweep", "map", *methods, "--sparsities", "0.5", *fitted, "--no-progress")
+    assert code == 0, err
+    sweep = pd.read_csv(map_run / "sweep" / "sweep.csv")
+    assert set(sweep.method) == {"dense", "bmr-cold-laplace", "magnitude"}
+    assert "cold-laplace: fitted in" in err
+    code, _, err = cli(
+        capsys, "prune", "map", "--posterior", "cold-laplace", "--posterior-option", "temperature=0"
+    )
+    assert code == 2 and "temperature must be positive" in err
+    assert main(["info"]) == 0
+    assert re.search(
+        r"cold-laplace +The diagonal Laplace.*\[options: temperature, fit_size\]", capsys.readouterr().out
+    )
+
+
+def test_the_example_source_sharpens_the_diagonal_laplace_posterior(trained_map_run, registries_restored):
+    from pyrozoo.train import Run
+
+    example("How to add a posterior source")
+    run = Run.open(trained_map_run, log=lambda text: None)
+    _, cold = make_source("cold-laplace", {"temperature": 0.25, "fit_size": 100}).fit(run, progress=False)
+    _, plain = make_source("laplace-diag", {"fit_size": 100}).fit(run, progress=False)
+    for site, (loc, scale) in plain.posterior().items():
+        torch.testing.assert_close(cold.posterior()[site], (loc, scale * 0.5))

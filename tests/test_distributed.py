@@ -52,7 +52,7 @@ def _step(world: distributed.World, batch: int) -> dict:
     model, guide, optimizer, x, y = _problem()
     part, weight = world.split(torch.arange(batch))
     pyro.set_rng_seed(1)  # the same weight draw on every rank, as a run's synchronised streams give
-    loss = svi_step(model, guide, optimizer, x[part], y[part], DATASET_SIZE, share=world.sharer(weight))
+    loss = svi_step(model, guide, optimizer, x[part], y[part], DATASET_SIZE, share=world.share_hook(weight))
     return {
         "loss": loss,
         "grads": {name: p.grad.clone() for name, p in guide.named_parameters()},

@@ -23,12 +23,15 @@ from pyrozoo.models import BayesianModel
 from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.optim import OPTIMIZERS
+from pyrozoo.posteriors import POSTERIORS, FittedSource, make_source
 from pyrozoo.options import bind_options
 from pyrozoo.models.likelihoods import LIKELIHOODS
 from pyrozoo.shift import SHIFTS
 from pyrozoo.registry import Registry, describe, option_defaults, option_names
 
-REGISTRIES = [REDUCTIONS, PRIORS, METHODS, NETS, GUIDES, OPTIMIZERS, BASELINES, DATASETS, LIKELIHOODS, SHIFTS]
+REGISTRIES = [
+    REDUCTIONS, PRIORS, METHODS, NETS, GUIDES, OPTIMIZERS, BASELINES, DATASETS, LIKELIHOODS, SHIFTS, POSTERIORS
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("registry", REGISTRIES, ids=lambda r: r.kind)
@@ -140,3 +143,26 @@ def test_every_method_is_a_resolvable_recipe_of_registered_parts(name):
     config = bind(TrainConfig(method=name)).config
     assert (config.guide, config.lr, config.optimizer) == (method.guide, method.lr, method.optimizer)
     assert describe(method)
+
+
+@pytest.mark.parametrize("name", list(POSTERIORS))
+def test_every_posterior_source_gives_bmr_a_posterior_or_says_why_not(name, trained_map_run):
+    """On a MAP run (a point estimate): a source fits a posterior with spread whose dF covers every prunable
+    layer, or says why it cannot; its pruned file is its own, and named so that ``export --pruned`` can
+    tell it from its other choices."""
+    from pyrozoo.bmr.scores import delta_f
+    from pyrozoo.train import Run
+
+    run = Run.open(trained_map_run, log=lambda text: None)
+    source = make_source(name, fit_size=100)
+    files = [make_source(other).file for other in POSTERIORS]
+    assert files.count(source.file) == 1 and name not in ("latest", "none")
+    why = source.unavailable(run)
+    if why is not None:
+        assert "spread" in why and not isinstance(source, FittedSource)
+        return
+    model, posterior = source.fit(run, progress=False)
+    assert not posterior.point_mass
+    scores = delta_f(model, posterior)
+    assert set(scores) == {layer.name for layer in model.layers if layer.prunable}
+    assert all(torch.isfinite(s).all() for s in scores.values())

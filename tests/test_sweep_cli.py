@@ -1,4 +1,5 @@
-"""The after-training commands: ``pyrozoo prune --posterior laplace-*`` and ``pyrozoo sweep`` on a tiny MAP run."""
+"""The after-training commands: ``pyrozoo prune --posterior laplace-*`` and ``pyrozoo sweep`` on a tiny MAP run
+(``map_run``, a copy of the one trained once per session in conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,32 +10,6 @@ from clitools import assert_one_line_error, cli
 
 from pyrozoo.bmr import rebuild
 from pyrozoo.train import Run
-
-TINY = [
-    "--net",
-    "mlp",
-    "--net-option",
-    "hidden=(16,16)",
-    "--data",
-    "fashion-mnist-mini",
-    "--steps-per-epoch",
-    "20",
-    "--no-progress",
-    "--method",
-    "flat-map",
-    "--epochs",
-    "1",
-    "--out",
-    "map",
-]
-
-
-@pytest.fixture
-def map_run(capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code, _, err = cli(capsys, "train", *TINY)
-    assert code == 0, err
-    return tmp_path / "map"
 
 
 @pytest.mark.parametrize("posterior", ["laplace-diag", "laplace-kfac"])
@@ -64,13 +39,20 @@ def test_sweep_writes_the_curve_and_the_figure(capsys, map_run):
         "--no-progress",
         "--methods",
         "bmr-laplace-kfac",
+        "bmr-laplace-kfac-nowb",
+        "bmr-laplace-kfac-diagdf",
         "magnitude",
         "torch-pruning",
     )
     assert code == 0, err
+    assert "laplace-diag: fitted in" in err  # the diagdf variant's ranking, fitted once beside KFAC
     table = pd.read_csv(map_run / "sweep" / "sweep.csv")
-    assert set(table.method) == {"dense", "bmr-laplace-kfac", "magnitude", "torch-pruning"}
-    rows = table[table.method.isin(["bmr-laplace-kfac", "magnitude"])]
+    bmr = ["bmr-laplace-kfac", "bmr-laplace-kfac-nowb", "bmr-laplace-kfac-diagdf"]
+    assert set(table.method) == {"dense", *bmr, "magnitude", "torch-pruning"}
+    # write-back moves the survivors: the same masks (same dF ranking) give another net without it
+    at = table[table.target == 0.9].set_index("method")
+    assert at.nll["bmr-laplace-kfac"] != at.nll["bmr-laplace-kfac-nowb"]
+    rows = table[table.method.isin([*bmr, "magnitude"])]
     assert ((rows.sparsity - rows.target).abs() < 1e-3).all()
     channel = table[table.method == "torch-pruning"]
     assert ((channel.sparsity - channel.target).abs() < 0.1).all()
@@ -80,6 +62,10 @@ def test_sweep_writes_the_curve_and_the_figure(capsys, map_run):
 def test_sweep_refuses_bmr_from_a_point_mass_and_bad_sparsities(capsys, map_run):
     assert_one_line_error(*cli(capsys, "sweep", "map", "--methods", "bmr-run"), "spread")
     assert_one_line_error(*cli(capsys, "sweep", "map", "--sparsities", "1.5"), "1.5")
+    stray = "sweep", "map", "--methods", "magnitude", "--posterior-option", "fit_size=10"
+    assert_one_line_error(*cli(capsys, *stray), "'fit_size' is taken by no posterior source swept")
+    fit = "prune", "map", "--posterior", "laplace-diag", "--posterior-option", "fit_size=0"
+    assert_one_line_error(*cli(capsys, *fit), "fit_size is a positive number")
 
 
 def test_export_a_laplace_pruned_result(capsys, map_run):

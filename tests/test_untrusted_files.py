@@ -122,9 +122,9 @@ def test_a_hostile_pruned_state_never_runs(capsys, run, marker, command):
 
 
 def test_a_hostile_laplace_pruned_state_never_runs(capsys, run, marker):
-    from pyrozoo.export import PRUNED_FILES
+    from pyrozoo.posteriors import make_source
 
-    _hostile(run / PRUNED_FILES["laplace-diag"], marker)
+    _hostile(run / make_source("laplace-diag").file, marker)
     out = str(run.parent / "p.csv")
     _refused(capsys, "predict", str(run), "--pruned", "laplace-diag", "--out", out, "--no-progress")
 

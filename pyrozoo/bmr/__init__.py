@@ -14,7 +14,7 @@ from pyrozoo.bmr.reduction import (
     make_reduction,
 )
 from pyrozoo.bmr.rules import Shrinkage, SpikeAndSlab, Threshold
-from pyrozoo.bmr.structured import Units
+from pyrozoo.bmr.unit_reduction import UnitReduction
 from pyrozoo.bmr.horseshoe import Horseshoe
 from pyrozoo.bmr.sparsity import TargetSparsity
 from pyrozoo.bmr.prune import prune, prune_units, reduce
@@ -31,7 +31,7 @@ __all__ = [
     "SpikeAndSlab",
     "TargetSparsity",
     "Threshold",
-    "Units",
+    "UnitReduction",
     "WeightReduction",
     "make_reduction",
     "prune",

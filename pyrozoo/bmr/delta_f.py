@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "Reduction",
+    "ReducedGaussian",
     "point_mass_meanfield",
     "meanfield",
     "multivariate",
@@ -30,8 +30,9 @@ __all__ = [
 ]
 
 
-class Reduction(NamedTuple):
-    """dF and the reduced posterior ``N(mean, precision^-1)``."""
+class ReducedGaussian(NamedTuple):
+    """The closed-form result of reducing a Gaussian posterior: dF and the reduced posterior
+    ``N(mean, precision^-1)``."""
 
     delta_f: Tensor  # shape = batch shape
     mean: Tensor  # reduced posterior mean (0 where reduced to a point mass)
@@ -77,7 +78,7 @@ def point_mass_meanfield(mu, precision, prior_var=1.0) -> Tensor:
     return 0.5 * (torch.log(pi) + torch.log(s2)) - 0.5 * pi * mu * mu
 
 
-def meanfield(mu, precision, prior_var=1.0, reduced_var=0.0) -> Reduction:
+def meanfield(mu, precision, prior_var=1.0, reduced_var=0.0) -> ReducedGaussian:
     """Elementwise BMR of ``N(0, s2)`` to ``N(0, g2)`` for the posterior ``N(mu, 1/pi)``.
 
     With ``a = 1 - g2/s2`` and ``M = g2 (pi - 1/s2) + 1 = g2 pi + a`` (paper's M):
@@ -110,7 +111,7 @@ def meanfield(mu, precision, prior_var=1.0, reduced_var=0.0) -> Reduction:
     precision_r = torch.where(point, torch.inf, pi + (1 / g2_safe - 1 / s2))
     mean_r = torch.where(point, 0.0, pi * mu * g2 / m)
     shape = torch.broadcast_shapes(mu.shape, pi.shape, s2.shape, g2.shape)
-    return Reduction(delta_f.expand(shape), mean_r.expand(shape), precision_r.expand(shape))
+    return ReducedGaussian(delta_f.expand(shape), mean_r.expand(shape), precision_r.expand(shape))
 
 
 def _group_args(mu, S, s2, g2):
@@ -128,7 +129,7 @@ def _reduced_precision(P, s2, g2):
     return P + torch.diag_embed(torch.where(point, torch.inf, 1 / g2_safe - 1 / s2))
 
 
-def multivariate(mu, precision, prior_var, reduced_var) -> Reduction:
+def multivariate(mu, precision, prior_var, reduced_var) -> ReducedGaussian:
     """BMR of a correlated Gaussian posterior ``N(mu, P^-1)`` from ``N(0, diag(s2))`` to ``N(0, diag(g2))``.
 
     Shapes: ``mu (..., k)``, ``precision (..., k, k)`` symmetric positive definite, ``prior_var`` and
@@ -155,13 +156,13 @@ def multivariate(mu, precision, prior_var, reduced_var) -> Reduction:
     mu, P, s2, g2 = _tensors(mu, precision, prior_var, reduced_var)
     mu, P, s2, g2 = _group_args(mu, P, s2, g2)
 
-    d = torch.sqrt(g2)
+    sqrt_g2 = torch.sqrt(g2)
     a = 1 - g2 / s2
-    m_prime = d.unsqueeze(-1) * P * d.unsqueeze(-2) + torch.diag_embed(a)
+    m_prime = sqrt_g2.unsqueeze(-1) * P * sqrt_g2.unsqueeze(-2) + torch.diag_embed(a)
     C = torch.linalg.cholesky(m_prime)
     L = torch.linalg.cholesky(P)
     b = (P @ mu.unsqueeze(-1)).squeeze(-1)
-    v = torch.linalg.solve_triangular(C, (d * b).unsqueeze(-1), upper=False)
+    v = torch.linalg.solve_triangular(C, (sqrt_g2 * b).unsqueeze(-1), upper=False)
     lt_mu = L.mT @ mu.unsqueeze(-1)
     delta_f = (
         -torch.log(torch.diagonal(C, dim1=-2, dim2=-1)).sum(-1)
@@ -170,11 +171,11 @@ def multivariate(mu, precision, prior_var, reduced_var) -> Reduction:
         - 0.5 * lt_mu.square().sum((-2, -1))
         + 0.5 * v.square().sum((-2, -1))
     )
-    mean_r = d * torch.linalg.solve_triangular(C.mT, v, upper=True).squeeze(-1)
-    return Reduction(delta_f, mean_r, _reduced_precision(P, s2, g2))
+    mean_r = sqrt_g2 * torch.linalg.solve_triangular(C.mT, v, upper=True).squeeze(-1)
+    return ReducedGaussian(delta_f, mean_r, _reduced_precision(P, s2, g2))
 
 
-def multivariate_covariance(mu, covariance, prior_var, reduced_var, precision=None) -> Reduction:
+def multivariate_covariance(mu, covariance, prior_var, reduced_var, precision=None) -> ReducedGaussian:
     """As :func:`multivariate` for a posterior given by its covariance ``S = P^-1``; no cancellation.
 
     Shapes and conditions as in :func:`multivariate`. With ``A = diag(a)``, ``a = 1 - g2/s2``, the matrix
@@ -208,10 +209,10 @@ def multivariate_covariance(mu, covariance, prior_var, reduced_var, precision=No
         precision = 0.5 * (precision + precision.mT)
     else:
         precision = torch.as_tensor(precision, dtype=S.dtype, device=S.device)
-    return Reduction(delta_f, mean_r, _reduced_precision(precision.expand(S.shape), s2, g2))
+    return ReducedGaussian(delta_f, mean_r, _reduced_precision(precision.expand(S.shape), s2, g2))
 
 
-def matrix_normal(mean, row_var, col_cov, prior_var, reduced_var) -> Reduction:
+def matrix_normal(mean, row_var, col_cov, prior_var, reduced_var) -> ReducedGaussian:
     """BMR of a (rows x cols) matrix with independent rows, row ``r ~ N(mean[r], row_var[r] col_cov)``.
 
     Shapes: ``mean (..., R, K)``, ``row_var (..., R)``, ``col_cov (..., K, K)`` SPD; ``prior_var`` and

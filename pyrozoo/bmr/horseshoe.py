@@ -106,7 +106,29 @@ def prune_horseshoe(
         posterior = {layer.name: (full[layer.site][0], full[layer.site][1].pow(-2)) for layer in layers}
         masks = {layer.name: model.mask(layer.name).clone() for layer in layers}
     evidence = _EvidenceModel(layers, posterior, {k: (m != 0).to(m.dtype) for k, m in masks.items()}, tau0)
-    # a seeded stream of its own: the fit leaves training's random stream as it was
+    shrinks = _fit_shrinks(evidence, steps, lr, samples)
+    with torch.no_grad():
+        news, notes = _shrunk_masks(model, layers, masks, shrinks, delta, allow_empty)
+        reports = [
+            _write_layer(
+                model,
+                guide,
+                layer,
+                full[layer.site],
+                shrinks[layer.name],
+                masks[layer.name],
+                news[layer.name],
+                delta,
+                notes.get(layer.name, ""),
+            )
+            for layer in layers
+        ]
+    return PruneReport(reports, time.perf_counter() - start, pruned_fraction(model))
+
+
+def _fit_shrinks(evidence: _EvidenceModel, steps: int, lr: float, samples: int) -> dict[str, torch.Tensor]:
+    """Fit the horseshoe to dF by ``steps`` of SVI and return each layer's shrink ``r = E[gamma^-2]^-1/2``
+    over ``samples`` draws, in a seeded random stream of its own (training's is left as it was)."""
     with poutine.block(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         hyper_guide = MeanFieldNormal(evidence, init_radius=0.0, latents=evidence.scales)
@@ -117,58 +139,67 @@ def prune_horseshoe(
             loss.backward()
             optimizer.step()
         with torch.no_grad():
-            inverse = {layer.name: 0.0 for layer in layers}
+            inverse = {layer.name: 0.0 for layer in evidence.layers}
             for _ in range(samples):
                 scales = poutine.condition(evidence.scales, data=hyper_guide())()
                 for name, scale in scales.items():
                     inverse[name] = inverse[name] + _reduced_var(scale).reciprocal()
-    reports = []
     with torch.no_grad():
-        shrinks = {
-            layer.name: (inverse[layer.name] / samples).rsqrt().expand(layer.shape) for layer in layers
+        return {
+            layer.name: (inverse[layer.name] / samples).rsqrt().expand(layer.shape)
+            for layer in evidence.layers
         }
-        news, notes = {}, {}
-        for layer in layers:
-            old, shrink = masks[layer.name], shrinks[layer.name]
-            news[layer.name] = torch.where(shrink < delta, 0.0, old * shrink)
-            if not allow_empty and bool((old != 0).any()) and not bool((news[layer.name] != 0).any()):
-                news[layer.name] = old
-                notes[layer.name] = "collapse guarded: the fit would prune every weight; layer left as it was"
-        if not allow_empty:  # and no layer cut through the units that die with the others' weights
-            keep = {name: new != 0 for name, new in news.items()}
-            scores = {name: -shrink for name, shrink in shrinks.items()}  # the most shrunk go first
-            spared = keep_live_path(model, {name: old != 0 for name, old in masks.items()}, keep, scores)
-            for name, count in spared.items():
-                news[name] = torch.where(keep[name] & (news[name] == 0), masks[name], news[name])
-                notes[name] = "; ".join(filter(None, [notes.get(name), spared_note(count)]))
-        for layer in layers:
-            shrink, old, new = shrinks[layer.name], masks[layer.name], news[layer.name]
-            note = notes.get(layer.name, "")
-            loc, precision = posterior[layer.name]
-            reduced = meanfield(loc, precision, Z_PRIOR_VAR, shrink.square())
-            # z's prior becomes N(0, 1) again under the new multiplier: rescale the reduced posterior by 1/shrink
-            live = new != 0
-            changed = live & (new != old)
-            guide.write_posterior(
-                layer.site,
-                torch.where(changed, reduced.mean / shrink, loc),
-                torch.where(changed, (reduced.precision * shrink.square()).rsqrt(), full[layer.site][1]),
-            )
-            guide.reset_to_prior(layer.site, ~live)
-            model.set_mask(layer.name, new)
-            log_shrink = shrink[old != 0].log10() if bool((old != 0).any()) else torch.zeros(1)
-            reports.append(
-                LayerReport(
-                    layer.name,
-                    old.numel(),
-                    int((old != 0).sum()),
-                    int(live.sum()),
-                    float(live.float().mean()),
-                    delta,
-                    float(log_shrink.min()),
-                    float(log_shrink.median()),
-                    float(log_shrink.max()),
-                    note,
-                )
-            )
-    return PruneReport(reports, time.perf_counter() - start, pruned_fraction(model))
+
+
+def _shrunk_masks(model, layers, masks: dict, shrinks: dict, delta: float, allow_empty: bool):
+    """The new mask multipliers (``masks`` times the shrinks, 0 below ``delta``) and a note per layer; unless
+    ``allow_empty``, a layer the fit would empty, and the weights whose removal would cut the net, stay as
+    they were."""
+    news, notes = {}, {}
+    for layer in layers:
+        old, shrink = masks[layer.name], shrinks[layer.name]
+        news[layer.name] = torch.where(shrink < delta, 0.0, old * shrink)
+        if not allow_empty and bool((old != 0).any()) and not bool((news[layer.name] != 0).any()):
+            news[layer.name] = old
+            notes[layer.name] = "collapse guarded: the fit would prune every weight; layer left as it was"
+    if not allow_empty:  # and no layer cut through the units that die with the others' weights
+        keep = {name: new != 0 for name, new in news.items()}
+        scores = {name: -shrink for name, shrink in shrinks.items()}  # the most shrunk go first
+        spared = keep_live_path(model, {name: old != 0 for name, old in masks.items()}, keep, scores)
+        for name, count in spared.items():
+            news[name] = torch.where(keep[name] & (news[name] == 0), masks[name], news[name])
+            notes[name] = "; ".join(filter(None, [notes.get(name), spared_note(count)]))
+    return news, notes
+
+
+def _write_layer(
+    model, guide, layer, loc_scale: tuple, shrink, old, new, delta: float, note: str
+) -> LayerReport:
+    """Set one layer's new mask and the exact reduced posterior of its changed weights (the pruned reset to
+    the prior, ``loc_scale`` the full posterior); returns its report row."""
+    loc, scale = loc_scale
+    precision = scale.pow(-2)
+    reduced = meanfield(loc, precision, Z_PRIOR_VAR, shrink.square())
+    # z's prior becomes N(0, 1) again under the new multiplier: rescale the reduced posterior by 1/shrink
+    live = new != 0
+    changed = live & (new != old)
+    guide.write_posterior(
+        layer.site,
+        torch.where(changed, reduced.mean / shrink, loc),
+        torch.where(changed, (reduced.precision * shrink.square()).rsqrt(), scale),
+    )
+    guide.reset_to_prior(layer.site, ~live)
+    model.set_mask(layer.name, new)
+    log_shrink = shrink[old != 0].log10() if bool((old != 0).any()) else torch.zeros(1)
+    return LayerReport(
+        layer.name,
+        old.numel(),
+        int((old != 0).sum()),
+        int(live.sum()),
+        float(live.float().mean()),
+        delta,
+        float(log_shrink.min()),
+        float(log_shrink.median()),
+        float(log_shrink.max()),
+        note,
+    )

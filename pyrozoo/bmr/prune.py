@@ -6,7 +6,7 @@ import torch
 
 from pyrozoo.bmr.check import check_posterior
 from pyrozoo.bmr.reduction import Reduction, make_reduction
-from pyrozoo.bmr.structured import Units
+from pyrozoo.bmr.unit_reduction import UnitReduction
 
 
 def as_reduction(rule: str | Reduction, **options) -> Reduction:
@@ -28,13 +28,13 @@ def prune(model, guide, rule: str | Reduction = "threshold", scores: dict | None
 
 
 def prune_units(model, guide, margin: float = 0.0):
-    """Structured BMR: remove whole units whose summed dF exceeds ``margin`` (:class:`Units`)."""
+    """Structured BMR: remove whole units whose summed dF exceeds ``margin`` (:class:`UnitReduction`)."""
     check_posterior(model, guide)
-    return Units(margin)(model, guide)
+    return UnitReduction(margin)(model, guide)
 
 
 def reduce(model, guide, rule: str | Reduction, units: bool = False, **options):
     """One BMR pass of ``rule`` (with ``options``); ``units=True`` follows it with a structured pass."""
     reduction = as_reduction(rule, **options)
     check_posterior(model, guide)
-    return (reduction.then(Units()) if units else reduction)(model, guide)
+    return (reduction.then(UnitReduction()) if units else reduction)(model, guide)

@@ -8,9 +8,10 @@ Three parts stay separate, as in JAXPruner (``calculate_scores``) and ``torch.nn
 - the **decision** from scores to a keep-mask (:meth:`~WeightReduction.decide`: threshold, spike-and-slab, a
   target sparsity), which only ever loses entries;
 - the **scope**: single weights (:class:`WeightReduction`), or whole units whose entries are scored together
-  (:class:`~pyrozoo.bmr.units.Units`).
+  (:class:`~pyrozoo.bmr.unit_reduction.UnitReduction`, over the coupled groups of
+  :mod:`pyrozoo.bmr.units`).
 
-Reductions compose: ``Threshold().then(Units())`` is one reduction, a per-weight pass and then a structured one.
+Reductions compose: ``Threshold().then(UnitReduction())`` is one reduction, a per-weight pass and then a structured one.
 Every registered reduction is in :data:`REDUCTIONS`; :func:`make_reduction` builds one from a name and options,
 checked against its fields. To add one, write a dataclass subclass in a file of its own and register it (see
 ``pyrozoo/bmr/sparsity.py`` and CONTRIBUTING.md).

@@ -47,7 +47,8 @@ class SpikeAndSlab(WeightReduction):
       layer, pruned ones too, each with its own current dF; and with ``keep_pruned_posterior=True`` (the
       default) a pruned entry keeps its variational parameters, which then drift under the KL alone towards the
       prior (so its dF drifts towards 0 and its vote towards inclusion). Together these give the reference's
-      trajectory: pruning starts late, then accelerates (experiments/RESULTS.md, issue 20).
+      trajectory: pruning starts late, then accelerates (experiments/RESULTS.md, bmr-ss as the reference code
+      runs it).
     - ``pruned_vote=False, keep_pruned_posterior=False``: the sums run over the live weights only and pruned
       entries are reset to the prior, their exact posterior (pyrozoo's rule before 2026-11-30).
     - ``count_pruned=True`` (whatever ``pruned_vote`` says): pruned entries vote as excluded (``q = 0``), so

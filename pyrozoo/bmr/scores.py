@@ -19,8 +19,8 @@ def delta_f(model, posterior, layers=None) -> dict[str, torch.Tensor]:
     if posterior.point_mass:
         raise PyrozooError(
             f"BMR needs a posterior with spread; {type(posterior).__name__} is a point mass (train with a "
-            "mean-field method such as flat-ff or bmr-th, or build a Laplace posterior around the point estimate: "
-            "pyrozoo prune RUN --posterior laplace-kfac|laplace-diag)"
+            "mean-field method such as flat-ff or bmr-th, or fit a posterior around the point estimate: "
+            "pyrozoo prune RUN --posterior SOURCE, the sources listed by pyrozoo info)"
         )
     locs_and_scales = posterior.posterior()
     out = {}

@@ -62,9 +62,9 @@ class TargetSparsity(WeightReduction):
     def decide_model(self, model, scores: dict, live: dict) -> dict[str, Decision]:
         if self.allow_empty:
             return self.decide_layers(scores, live)
-        return self._guarded(model, scores, live)
+        return self._decide_keeping_a_path(model, scores, live)
 
-    def _guarded(self, model, scores: dict, live: dict) -> dict[str, Decision]:
+    def _decide_keeping_a_path(self, model, scores: dict, live: dict) -> dict[str, Decision]:
         """Prune in order of dF until the *effective* pruned count (entries of dead and unused units included)
         reaches the target, skipping each entry whose removal (after those before it) would cut a layer or
         overshoot the target.
@@ -94,11 +94,8 @@ class TargetSparsity(WeightReduction):
             candidate[prefix] = False
             cut, pruned = effect({n: p.reshape(live[n].shape) for n, p in zip(names, candidate.split(sizes))})
             counts = [sum(pruned[n] + removed[n] for n in group) for group, _ in targets]
-            return bool(cut), any(c > t for c, (_, t) in zip(counts, targets)), counts[-1]
-
-        def passes(prefix: torch.Tensor) -> bool:
-            cut, over, _ = trial(prefix)
-            return not (cut or over)
+            over = any(count > target for count, (_, target) in zip(counts, targets))
+            return bool(cut), over, counts[-1]
 
         for group in [[n] for n in names] if self.per_layer else [names]:
             target = round(self.sparsity * sum(live[n].numel() + removed[n] for n in group))
@@ -106,33 +103,8 @@ class TargetSparsity(WeightReduction):
             index = torch.cat([torch.arange(offsets[n], offsets[n] + live[n].numel()) for n in group])
             index = index[keep[index]]
             order = index[flat_scores[index].argsort(descending=True, stable=True)]
-            pruned = trial(order[:0])[2]
-            low = done = skips = 0  # a prefix of ``done`` candidates passes
-            while pruned < target:
-                candidates = order[~(protected | skipped)[order]]
-                # at most what the target still lacks: an entry prunes itself or, already dead with its unit, nothing
-                high = min(len(candidates), done + target - pruned)
-                if passes(candidates[:high]):
-                    low = done = high
-                    pruned = trial(candidates[:low])[2]
-                    if low == len(candidates) or pruned >= target - len(group):
-                        break
-                    continue  # the target lies further down the ranking
-                low = done  # a prefix of ``low`` passes, one of ``high`` fails
-                while high - low > 1:
-                    middle = (low + high) // 2
-                    low, high = (middle, high) if passes(candidates[:middle]) else (low, middle)
-                pruned = trial(candidates[:low])[2]
-                if pruned >= target - len(group):
-                    break
-                cut = trial(candidates[: low + 1])[0]
-                if not cut:
-                    skips += 1
-                    if skips > SKIPS:
-                        break
-                (protected if cut else skipped)[candidates[low]] = True
-                done = low
-            chosen = order[~(protected | skipped)[order]][:low]
+            length, pruned, skips = _longest_safe_prefix(order, target, len(group), trial, protected, skipped)
+            chosen = order[~(protected | skipped)[order]][:length]
             keep[chosen] = False
             if len(chosen):
                 cutoff = min(cutoff, float(flat_scores[chosen].min()))
@@ -143,6 +115,12 @@ class TargetSparsity(WeightReduction):
                     else f"the rest would disconnect the net; {ALLOW_EMPTY}"
                 )
                 short.append((group, target - pruned, why))
+        return self._noted_decisions(names, live, keep, protected, cutoff, short)
+
+    def _noted_decisions(self, names, live, keep, protected, cutoff, short) -> dict[str, Decision]:
+        """Each layer's decision from the flat ``keep``, noting the entries kept to keep a path and the targets
+        that ``short`` (layers, entries missing, why) says were not met."""
+        sizes = [live[n].numel() for n in names]
         inclusion = keep.float().mean().item()
         decisions = {}
         for n, part, kept in zip(names, keep.split(sizes), protected.split(sizes)):
@@ -169,3 +147,42 @@ class TargetSparsity(WeightReduction):
 
 
 SKIPS = 32  # entries set aside for overshooting the target, at most, per ranking
+
+
+def _longest_safe_prefix(order, target: int, slack: int, trial, protected, skipped) -> tuple[int, int, int]:
+    """The longest prefix of the ranking ``order`` (less the entries set aside) that ``trial`` says neither cuts
+    a layer nor overshoots, found by bisection; each entry that fails is set aside in place, in ``protected``
+    (it cuts) or ``skipped`` (it overshoots). Stops within ``slack`` entries of ``target``. Returns the prefix
+    length, the pruned count it reaches and how many entries were skipped."""
+
+    def passes(prefix: torch.Tensor) -> bool:
+        cut, over, _ = trial(prefix)
+        return not (cut or over)
+
+    pruned = trial(order[:0])[2]
+    low = done = skips = 0  # a prefix of ``done`` candidates passes
+    while pruned < target:
+        candidates = order[~(protected | skipped)[order]]
+        # at most what the target still lacks: an entry prunes itself or, already dead with its unit, nothing
+        high = min(len(candidates), done + target - pruned)
+        if passes(candidates[:high]):
+            low = done = high
+            pruned = trial(candidates[:low])[2]
+            if low == len(candidates) or pruned >= target - slack:
+                break
+            continue  # the target lies further down the ranking
+        low = done  # a prefix of ``low`` passes, one of ``high`` fails
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if passes(candidates[:middle]) else (low, middle)
+        pruned = trial(candidates[:low])[2]
+        if pruned >= target - slack:
+            break
+        cut = trial(candidates[: low + 1])[0]
+        if not cut:
+            skips += 1
+            if skips > SKIPS:
+                break
+        (protected if cut else skipped)[candidates[low]] = True
+        done = low
+    return low, pruned, skips

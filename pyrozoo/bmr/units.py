@@ -301,7 +301,19 @@ def dependency_graph(net: nn.Module, example, output_key=None, ignored: list[nn.
     return graph
 
 
-def _item_members(graph, item, module_path, by_name, by_param, pruning_dims):
+@dataclass(frozen=True)
+class _Trace:
+    """A net's DependencyGraph and the look-ups that turn the graph's items into memberships."""
+
+    graph: object  # Torch-Pruning's DependencyGraph
+    module_path: dict  # module -> its path in the net
+    by_name: dict[str, Layer]  # a Layer's name -> the Layer
+    by_param: dict[int, str]  # id(parameter) -> its name (a random layer's name for its weight)
+    pruning_dims: dict[int, int]  # id(unwrapped parameter) -> the dimension Torch-Pruning slices
+    claimed: set[str]  # layers whose attention heads are units of their own
+
+
+def _item_members(trace: _Trace, item):
     """Memberships of one DependencyGraph item, or a string saying why the group must stay fixed, or None for
     an item that holds no random entries and mixes nothing."""
     import torch_pruning as tp
@@ -311,15 +323,15 @@ def _item_members(graph, item, module_path, by_name, by_param, pruning_dims):
     roots = getattr(item, "root_idxs", None)
     if roots is None or any(r is None for r in roots):
         return "Torch-Pruning cannot follow its channels through an index mapping"
-    out = graph.is_out_channel_pruning_fn(handler)
+    out = trace.graph.is_out_channel_pruning_fn(handler)
     if isinstance(module, nn.Parameter):
-        name = by_param.get(id(module))
+        name = trace.by_param.get(id(module))
         if name is None:
             return "its channels reach a parameter pyrozoo does not know"
-        layer = by_name.get(name)
+        layer = trace.by_name.get(name)
         if layer is None:
             return f"its channels reach deterministic parameter {name!r} (make it random to let them go)"
-        if pruning_dims.get(id(module)) != module.dim() - 1:
+        if trace.pruning_dims.get(id(module)) != module.dim() - 1:
             return f"its channels reach parameter {name!r} along a dimension other than its last"
         return [(layer, 1, idxs, roots, True)]
     if isinstance(module, tp.ops._ElementWiseOp):
@@ -327,23 +339,30 @@ def _item_members(graph, item, module_path, by_name, by_param, pruning_dims):
         if "BatchNorm" not in op and any(word in op for word in _MIXING):
             return f"its channels pass through {_mixing_words(op)}, which mixes them with the others"
         return None if any(word in op for word in _ZERO_TO_ZERO) else "constant"
-    if module in graph.__dict__.get("unmapped", ()):
+    if module in trace.graph.__dict__.get("unmapped", ()):
         return "its channels pass through a reshape that permutes them (a channel shuffle)"
     if module.__class__.__module__.startswith("torch_pruning"):
         return None  # concatenation, split, reshape, ...: index mappings only
-    path = module_path.get(module)
+    path = trace.module_path.get(module)
     if is_batch_norm(module) or isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
         # a per-channel affine: sliced with the units. Random and prunable, its rows produce the unit with the
         # layer before it (all pruned: the unit outputs exactly 0); otherwise its shift is a constant that a
         # unit whose producers are all pruned still outputs, which the rebuild folds into the consumers
-        layer = by_name.get(path)
+        layer = trace.by_name.get(path)
         if layer is not None and layer.prunable:
             return Pass([(layer, 0, idxs, roots, True)])
         return Pass([])
     if isinstance(module, nn.PReLU):
         return None if module.num_parameters == 1 else Pass([])  # per channel: sliced with the units
-    layer = by_name.get(path)
-    tied = by_name.get(by_param.get(id(getattr(module, "weight", None)), ""))
+    return _module_members(trace, module, path, idxs, roots, out)
+
+
+def _module_members(trace: _Trace, module: nn.Module, path: str, idxs: list, roots: list, out: bool):
+    """As :func:`_item_members` for a module with weights of its own: a random layer's memberships, or why
+    its channels cannot go (deterministic, tied, normalising, recurrent, attention or of a kind not sliced).
+    """
+    layer = trace.by_name.get(path)
+    tied = trace.by_name.get(trace.by_param.get(id(getattr(module, "weight", None)), ""))
     if layer is None and tied is not None and isinstance(module, nn.Linear) and not out:
         if tied.kind == "embedding":  # a decoder sharing an embedding's matrix: its inputs are the columns
             return [(tied, 1, idxs, roots, False)]
@@ -364,14 +383,20 @@ def _item_members(graph, item, module_path, by_name, by_param, pruning_dims):
     if isinstance(module, (nn.LSTM, nn.GRU, nn.RNN)):
         if out:
             return f"its channels are the hidden state of {path!r}, which feeds back into itself"
-        names = [n for n in by_name if n.startswith(f"{path}.weight_ih_l0")]
-        return [(by_name[n], 1, idxs, roots, False) for n in names]
+        names = [n for n in trace.by_name if n.startswith(f"{path}.weight_ih_l0")]
+        return [(trace.by_name[n], 1, idxs, roots, False) for n in names]
     if isinstance(module, nn.MultiheadAttention):
         return f"its channels feed attention {path!r} (MultiheadAttention), whose heads mix them"
     if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, *_conv_transposes())):
         return (
             f"its channels reach layer {path!r} of type {type(module).__name__}, which pyrozoo cannot slice"
         )
+    return _weight_members(module, layer, path, idxs, roots, out)
+
+
+def _weight_members(module: nn.Module, layer: Layer, path: str, idxs: list, roots: list, out: bool):
+    """A linear or (grouped, depthwise, transposed) convolution layer's memberships: the rows of its outputs
+    or the columns of its inputs, :class:`Grouped` for a grouped convolution."""
     groups = getattr(module, "groups", 1)
     depthwise = groups == getattr(module, "in_channels", 0) == getattr(module, "out_channels", 0)
     if groups > 1 and not depthwise and (isinstance(module, _conv_transposes()) or list(idxs) != list(roots)):
@@ -387,7 +412,7 @@ def _item_members(graph, item, module_path, by_name, by_param, pruning_dims):
         return [(layer, 1, idxs, roots, False)]
     size = module.in_channels // groups  # a grouped conv's column c % size serves channel c of every group
     kernel = layer.fan_in // size
-    columns = [(c % size) * kernel + k for c in idxs for k in range(kernel)]
+    columns = [(channel % size) * kernel + k for channel in idxs for k in range(kernel)]
     found = [(layer, 1, columns, [r for r in roots for _ in range(kernel)], False)]
     return found if groups == 1 else Grouped(size, found)
 
@@ -420,24 +445,46 @@ class Structure:
 
 def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None) -> Structure:
     """Trace ``net`` (a copy; BatchNorm statistics untouched) on ``example`` and group its units."""
-    import torch_pruning as tp
-
     net = copy.deepcopy(net)
     by_name = {layer.name: layer for layer in layers}
     heads = _heads(net, by_name)
-    claimed = {m.layer for u in heads for m in u.members}
     graph = dependency_graph(net, _example_on(example, next(net.parameters()).device), output_key)
-    module_path = {module: path for path, module in net.named_modules()}
     by_param = {id(p): name for name, p in net.named_parameters()}
     for layer in layers:
         by_param.setdefault(id(net.get_parameter(layer.weight_name)), layer.name)
-    pruning_dims = {id(u.parameters): u.pruning_dim for u in graph.unwrapped_parameters}
-    roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding)
+    trace = _Trace(
+        graph,
+        {module: path for path, module in net.named_modules()},
+        by_name,
+        by_param,
+        {id(u.parameters): u.pruning_dim for u in graph.unwrapped_parameters},
+        {m.layer for u in heads for m in u.members},
+    )
     units, fixed = list(heads), {}
+    for group in _pruning_groups(trace, fixed):
+        root = group[0].dep.target.module
+        name = trace.module_path.get(root, str(root))
+        found = _collect_members(trace, group)
+        if not isinstance(found, str):
+            found = _group_units(name, len(group[0].idxs), *found)
+        if isinstance(found, str):
+            fixed[name] = found
+        else:
+            units.append(found)
+    order = {layer.name: i for i, layer in enumerate(layers)}  # producers before consumers, as in the net
+    units.sort(key=lambda u: min(order[m.layer] for m in (u.producers or u.members)))
+    return Structure(units, fixed)
+
+
+def _pruning_groups(trace: _Trace, fixed: dict[str, str]):
+    """Each DependencyGraph group rooted at a layer's output channels, as Torch-Pruning's ``get_all_groups``
+    yields them, except that a root it cannot map is recorded in ``fixed`` (with why) instead."""
+    import torch_pruning as tp
+
+    graph = trace.graph
+    roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding)
     visited: set[nn.Module] = set()
-    for root in list(
-        graph.module2node
-    ):  # as Torch-Pruning's get_all_groups, but a root it cannot map is fixed
+    for root in list(graph.module2node):
         if not isinstance(root, roots) or root in visited:
             continue
         pruner = graph.get_pruner_of_module(root)
@@ -449,7 +496,7 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
                     root, pruner.prune_out_channels, list(range(pruner.get_out_channels(root)))
                 )
         except (IndexError, ZeroDivisionError, ValueError, KeyError) as e:
-            fixed[module_path.get(root, str(root))] = (
+            fixed[trace.module_path.get(root, str(root))] = (
                 "its channels pass through a reshape, split or indexing that Torch-Pruning cannot follow channel "
                 f"by channel ({type(e).__name__})"
             )
@@ -460,62 +507,59 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
             for item in group.items
             if graph.is_out_channel_pruning_fn(item.dep.handler)
         )
-        root = group[0].dep.target.module
-        name = module_path.get(root, str(root))
-        count = len(group[0].idxs)
-        members: dict[tuple[str, int, bool], tuple[list[int], list[int]]] = {}
-        why, zero, passthrough, period = None, True, [], 0
-        for item in group.items:
-            found = _item_members(graph, item, module_path, by_name, by_param, pruning_dims)
-            if found is None:
-                continue
-            if found == "constant":
-                zero = False
-                continue
-            if isinstance(found, Pass):
-                zero &= bool(found.members)  # a deterministic shift: not zero-preserving
-                passthrough.append(module_path.get(item.dep.target.module, "?"))
-                found = found.members
-            if isinstance(found, Grouped):
-                period = math.gcd(period, found.size)
-                found = found.members
-            if isinstance(found, str):
-                why = found
-                break
-            for layer, axis, idxs, rts, produces in found:
-                if layer.name in claimed:
-                    why = f"it reaches {layer.name!r}, whose attention heads are units of their own"
-                    break
-                key = (layer.name, axis, produces)
-                indices, rs = members.setdefault(key, ([], []))
-                indices += list(idxs)
-                rs += list(rts)
-            if why:
-                break
-        tensors, channels = [], None
-        if why is None and period:  # grouped convolutions: a unit is a position in every group
-            if count % period:
-                why = f"its {count} channels do not split into the groups of its grouped convolutions"
-            else:
-                channels = torch.arange(count).reshape(count // period, period).T
-                members = {k: (i, [r % period for r in rs]) for k, (i, rs) in members.items()}
-                count = period
-        if why is None:
-            for (layer_name, axis, produces), (indices, rs) in members.items():
-                per_unit = _per_unit(indices, rs, count)
-                if per_unit is None:
-                    why = f"its channels map to unequal numbers of entries of {layer_name!r}"
-                    break
-                tensors.append(Member(layer_name, axis, per_unit, produces))
-        if why is None and not any(not m.produces for m in tensors):
-            why = "its channels reach no random layer (only the output, or an operation)"
-        if why is None:
-            units.append(Units(name, count, tuple(tensors), zero, None, tuple(passthrough), channels))
-        else:
-            fixed[name] = why
-    order = {layer.name: i for i, layer in enumerate(layers)}  # producers before consumers, as in the net
-    units.sort(key=lambda u: min(order[m.layer] for m in (u.producers or u.members)))
-    return Structure(units, fixed)
+        yield group
+
+
+def _collect_members(trace: _Trace, group):
+    """The memberships of a group's items, gathered per (layer, axis, produces) as (indices, root channels),
+    with whether the group preserves zeros, the per-channel modules it passes through and the period of its
+    grouped convolutions (0: none); or why the group is fixed."""
+    members: dict[tuple[str, int, bool], tuple[list[int], list[int]]] = {}
+    zero, passthrough, period = True, [], 0
+    for item in group.items:
+        found = _item_members(trace, item)
+        if found is None:
+            continue
+        if found == "constant":
+            zero = False
+            continue
+        if isinstance(found, Pass):
+            zero &= bool(found.members)  # a deterministic shift: not zero-preserving
+            passthrough.append(trace.module_path.get(item.dep.target.module, "?"))
+            found = found.members
+        if isinstance(found, Grouped):
+            period = math.gcd(period, found.size)
+            found = found.members
+        if isinstance(found, str):
+            return found
+        for layer, axis, idxs, item_roots, produces in found:
+            if layer.name in trace.claimed:
+                return f"it reaches {layer.name!r}, whose attention heads are units of their own"
+            indices, channel_roots = members.setdefault((layer.name, axis, produces), ([], []))
+            indices += list(idxs)
+            channel_roots += list(item_roots)
+    return members, zero, passthrough, period
+
+
+def _group_units(name: str, count: int, members: dict, zero: bool, passthrough: list, period: int):
+    """The :class:`Units` of a group's gathered memberships (a unit per position of every group where its
+    convolutions are grouped), or why the group is fixed."""
+    channels = None
+    if period:  # grouped convolutions: a unit is a position in every group
+        if count % period:
+            return f"its {count} channels do not split into the groups of its grouped convolutions"
+        channels = torch.arange(count).reshape(count // period, period).T
+        members = {key: (i, [r % period for r in roots]) for key, (i, roots) in members.items()}
+        count = period
+    tensors = []
+    for (layer_name, axis, produces), (indices, roots) in members.items():
+        per_unit = _per_unit(indices, roots, count)
+        if per_unit is None:
+            return f"its channels map to unequal numbers of entries of {layer_name!r}"
+        tensors.append(Member(layer_name, axis, per_unit, produces))
+    if not any(not m.produces for m in tensors):
+        return "its channels reach no random layer (only the output, or an operation)"
+    return Units(name, count, tuple(tensors), zero, None, tuple(passthrough), channels)
 
 
 def find_units(

@@ -47,7 +47,8 @@ class IVONPosterior(Posterior, nn.Module):
     :param beta1: IVON's momentum of the gradient.
     :param beta2: IVON's momentum of the Hessian. 0.999, not ivon-opt's 0.99999: BMR passes read the Hessian
         after a few hundred steps, and with 0.99999 it would still be ``hess_init`` (it moves by 1e-5 a step);
-        on the MLP, 4 epochs with 0.999 reached 0.83 accuracy at 98% pruned (experiments/RESULTS.md, issue 16).
+        on the MLP, 4 epochs with 0.999 reached 0.83 accuracy at 98% pruned (experiments/RESULTS.md, IVON as a
+        posterior source).
     :param mc_samples: weight samples per training step (IVON's own Monte Carlo).
     :param clip_radius: IVON's clipping of the preconditioned step (inf: none).
     """

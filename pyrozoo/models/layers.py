@@ -222,15 +222,47 @@ def find_layers(
     if unknown:
         raise PyrozooError(f"unknown prunable kinds {sorted(unknown)}; kinds are {', '.join(KINDS)}")
     deterministic, random = parse_selectors(deterministic), parse_selectors(random)
-    groups: list[tuple] = []
-    claimed: dict[int, str] = {}  # id of a parameter -> the group holding it (tied weights)
+    _check_selectors(net, deterministic, random)
+    groups = _random_groups(net, deterministic, random)
+    output = _output_name(net, groups, output)
+    layers = []
+    for gname, kind, weight, has_bias, wparam, bparam in groups:
+        module = net.get_submodule(gname) if wparam is None and kind != "tensor" else None
+        transposed = isinstance(module, CONV_TRANSPOSE) and module.groups == 1
+        layers.append(
+            Layer(
+                name=gname,
+                weight_shape=weight.shape,
+                has_bias=has_bias,
+                is_output=gname == output,
+                prunable=gname != output and kind in prunable_kinds,
+                kind=kind,
+                device=weight.device,
+                dtype=weight.dtype,
+                weight_param=wparam,
+                bias_param=bparam,
+                transposed=transposed,
+            )
+        )
+    return layers
+
+
+def _check_selectors(net: nn.Module, deterministic: tuple, random: tuple) -> None:
+    """Refuse a selector that selects no module of ``net``: that is a typo, not a choice."""
     for which, selectors in (("deterministic", deterministic), ("random", random)):
-        for selector in selectors:  # a selector that selects nothing is a typo, not a choice
+        for selector in selectors:
             if not any(matches(selector, name, module) for name, module in net.named_modules()):
                 raise PyrozooError(
                     f"{which} selector {selector!r} matches no module of {type(net).__name__} (a module name, "
                     "pattern, class or class name)"
                 )
+
+
+def _random_groups(net: nn.Module, deterministic: tuple, random: tuple) -> list[tuple]:
+    """``(group name, kind, weight, has_bias, weight param, bias param)`` of every random group, in
+    registration order; a parameter tied to an earlier group's is not a group again."""
+    groups: list[tuple] = []
+    claimed: dict[int, str] = {}  # id of a parameter -> the group holding it (tied weights)
     for name, module in net.named_modules():
         direct = [(p, v) for p, v in module.named_parameters(recurse=False)]
         if not direct:
@@ -266,6 +298,12 @@ def find_layers(
                 continue
             claimed[id(weight)] = gname
             groups.append(group)
+    return groups
+
+
+def _output_name(net: nn.Module, groups: list[tuple], output: str | None) -> str:
+    """The output layer's name: ``output`` if given (checked), else the weight layer ``head`` if there is one,
+    else the last weight layer."""
     weight_names = [g[0] for g in groups if g[1] == "weight"]
     if not weight_names:
         raise PyrozooError(f"{type(net).__name__} has no random weight layers")
@@ -273,23 +311,4 @@ def find_layers(
         output = "head" if "head" in weight_names else weight_names[-1]
     if output not in weight_names:
         raise PyrozooError(f"output layer {output!r} is not one of the net's weight layers: {weight_names}")
-    layers = []
-    for gname, kind, weight, has_bias, wparam, bparam in groups:
-        module = net.get_submodule(gname) if wparam is None and kind != "tensor" else None
-        transposed = isinstance(module, CONV_TRANSPOSE) and module.groups == 1
-        layers.append(
-            Layer(
-                name=gname,
-                weight_shape=weight.shape,
-                has_bias=has_bias,
-                is_output=gname == output,
-                prunable=gname != output and kind in prunable_kinds,
-                kind=kind,
-                device=weight.device,
-                dtype=weight.dtype,
-                weight_param=wparam,
-                bias_param=bparam,
-                transposed=transposed,
-            )
-        )
-    return layers
+    return output

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch.distributions import MultivariateNormal, Normal
 
 from pyrozoo.bmr.delta_f import (
-    Reduction,
+    ReducedGaussian,
     matrix_normal,
     meanfield,
     multivariate,
@@ -375,7 +375,7 @@ def test_matrix_normal_with_diagonal_col_cov_is_meanfield():
 def test_no_reduction_changes_nothing():
     mu, pi, s2, _ = _random_scalars(3)
     red = meanfield(mu, pi, s2, s2)
-    assert isinstance(red, Reduction)
+    assert isinstance(red, ReducedGaussian)
     torch.testing.assert_close(red.delta_f, torch.zeros_like(mu), rtol=0, atol=1e-12)
     torch.testing.assert_close(red.mean, mu, rtol=1e-14, atol=0)
     assert torch.equal(red.precision, pi)
