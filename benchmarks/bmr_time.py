@@ -19,7 +19,7 @@ from pyrozoo.bmr.prune import prune
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import NETS, create_net
-from pyrozoo.train import svi_step
+from pyrozoo.steps import svi_step
 
 # the step-time script beside this one (Python puts a script's folder on sys.path)
 from step_time import BATCH, CLASSES, DATASET_SIZE, median_seconds  # isort:skip

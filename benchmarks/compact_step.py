@@ -18,7 +18,8 @@ import pyro
 import torch
 
 from pyrozoo.bmr.compact import expand
-from pyrozoo.train import Run, svi_step
+from pyrozoo.steps import svi_step
+from pyrozoo.train import Run
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import torch
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import NETS, create_net
-from pyrozoo.train import evaluate
+from pyrozoo.evaluation import evaluate
 
 from step_time import interleaved_medians
 

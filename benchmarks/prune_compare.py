@@ -37,7 +37,8 @@ from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.guides.laplace import laplace_from_run
 from pyrozoo.metrics import evaluate_net
 from pyrozoo.sweep import _prunable_params, channel_prune
-from pyrozoo.train import Run, evaluate
+from pyrozoo.evaluation import evaluate
+from pyrozoo.train import Run
 from step_time import interleaved_medians  # benchmarks/ is on the path when run as a script
 
 

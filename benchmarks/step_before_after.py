@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import NETS, create_net
-from pyrozoo.train import svi_step
+from pyrozoo.steps import svi_step
 
 from step_time import BATCH, CLASSES, DATASET_SIZE, interleaved_medians
 

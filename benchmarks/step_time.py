@@ -39,7 +39,7 @@ from pyrozoo.guides.ivon import ivon_step
 from pyrozoo.models.priors import gaussian
 from pyrozoo.models.priors import tiered as tiered_prior
 from pyrozoo.nets import NETS, create_net
-from pyrozoo.train import svi_step
+from pyrozoo.steps import svi_step
 
 BATCH, DATASET_SIZE, CLASSES = 120, 60_000, 10
 

@@ -27,7 +27,9 @@ from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.errors import PyrozooError
 from pyrozoo.models.likelihoods import Categorical
 from pyrozoo.registry import Registry
-from pyrozoo.train import CONFIG, METRICS, Minibatches, Run, committed_metrics
+from pyrozoo.data import Minibatches
+from pyrozoo.runfolder import CONFIG, METRICS, committed_metrics
+from pyrozoo.trained import load
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def run_baseline(folder: Path, method: str, source: Path, sparsity: Path, finetu
     record = baseline_record(method, source, sparsity, finetune_steps)
     make_folder(folder)
     atomic_write(folder / CONFIG, lambda p: p.write_text(json.dumps({"baseline": record}, indent=2)))
-    run = Run.open(source, log=lambda text: None)
+    run = load(source, log=lambda text: None)
     trained = _final_row(source)
     start = time.perf_counter()
     net = rebuild(run.model, run.guide, remove_dead=False)

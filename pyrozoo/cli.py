@@ -589,7 +589,7 @@ def _run_options(args) -> dict:
 
 def _train(args) -> None:
     from pyrozoo import distributed
-    from pyrozoo.config import make_config
+    from pyrozoo.bind import make_config, prior_function
     from pyrozoo.train import Run
 
     world = distributed.setup()  # several processes when torchrun started this one; rank 0 prints and writes
@@ -615,7 +615,7 @@ def _train(args) -> None:
         log(f"resuming {run.out} after epoch {run.epoch} (step {run.step}) of {c.epochs}")
     processes = f" ({world.size} processes)" if world.parallel else ""
     log(
-        f"training {c.net} with {c.method}: {_with_options(c.prior_function().__name__, c.prior_options)} prior, "
+        f"training {c.net} with {c.method}: {_with_options(prior_function(c).__name__, c.prior_options)} prior, "
         f"guide {_with_options(c.guide, c.guide_options)}, "
         f"{'no pruning while training' if run.reduction is None else 'BMR ' + run.reduction.describe()}; "
         f"{c.optimizer} lr {c.lr}; on {c.data} from {run.data.source}; "
@@ -773,7 +773,7 @@ def _table(rows: dict[str, dict]) -> str:
 
 def _prune(args) -> None:
     from pyrozoo.bmr import make_reduction
-    from pyrozoo.train import Run
+    from pyrozoo.trained import load
 
     aliases = {k: getattr(args, k) for k in ("margin", "threshold", "count_pruned") if hasattr(args, k)}
     given = getattr(args, "rule_options", {})
@@ -790,7 +790,7 @@ def _prune(args) -> None:
         rule, options = "sparsity", {**options, "sparsity": args.sparsity}
     reduction = make_reduction(rule, **options)  # a wrong option fails before the run is loaded
     source = make_source(args.posterior, getattr(args, "posterior_options", {}), fit_size=args.fit_size)
-    run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
+    run = load(args.run, log=lambda text: print(text, file=sys.stderr))
     pruned = source.prune(run, reduction, progress=not args.no_progress)
     print(pruned.line)
     _print_report(pruned.report)
@@ -825,9 +825,9 @@ def _print_report(report) -> None:
 
 def _sweep(args) -> None:
     from pyrozoo.sweep import below_dense, sweep, write_sweep
-    from pyrozoo.train import Run
+    from pyrozoo.trained import load
 
-    run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
+    run = load(args.run, log=lambda text: print(text, file=sys.stderr))
     table = sweep(
         run,
         args.sparsities,
@@ -852,9 +852,9 @@ def _sweep(args) -> None:
 
 def _export(args) -> None:
     from pyrozoo.export import export, pruned_results
-    from pyrozoo.train import Run
+    from pyrozoo.trained import load
 
-    run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
+    run = load(args.run, log=lambda text: print(text, file=sys.stderr))
     which, found, nets = args.pruned, pruned_results(run.out), None
     if which == "latest":
         which = next(iter(found), "none")
@@ -894,9 +894,9 @@ def _export(args) -> None:
 def _open_for_prediction(args):
     """The run (with its pruned state if asked), its raw data, and the pruned plain net when the state asked
     for is one (else None), for predict and uncertainty."""
-    from pyrozoo.train import Run
+    from pyrozoo.trained import load
 
-    run = Run.open(args.run, log=lambda text: print(text, file=sys.stderr))
+    run = load(args.run, log=lambda text: print(text, file=sys.stderr))
     nets = make_source(args.pruned).load_pruned(run) if args.pruned else None
     c = run.config
     raw = datasets.load(c.data, c.data_dir, target=c.target, task=c.task)

@@ -41,19 +41,16 @@ from tqdm.auto import tqdm
 
 from pyrozoo import data as datasets
 from pyrozoo.baselines import BASELINES, SOURCE_METHOD, SPARSITY_METHOD, baseline_state, run_baseline
+from pyrozoo.bind import bind, bmr_methods, make_config, option_takers, options_taken
 from pyrozoo.errors import PyrozooError
 from pyrozoo.config import (
     ALIASES,
     TABLES,
     TrainConfig,
     as_stored,
-    bmr_methods,
     check_run_options,
     fold_aliases,
-    make_config,
     option_as_given,
-    option_takers,
-    options_taken,
     run_name,
     run_option_fields,
 )
@@ -61,7 +58,8 @@ from pyrozoo.io import atomic_write, hold_folder, make_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS, net_options
 from pyrozoo.registry import Registry
-from pyrozoo.train import CHECKPOINT, CONFIG, METRICS, Run, committed_epoch, committed_metrics
+from pyrozoo.runfolder import CHECKPOINT, CONFIG, METRICS, committed_epoch, committed_metrics
+from pyrozoo.train import Run
 
 RESULTS, TABLE = "results.csv", "table.md"
 
@@ -184,7 +182,9 @@ class Grid:
         ]
 
     def config(self, cell: Cell) -> TrainConfig:
-        return make_config(cell.net, cell.method, cell.data, cell.seed, self.options, strict=False).resolved()
+        return bind(
+            make_config(cell.net, cell.method, cell.data, cell.seed, self.options, strict=False)
+        ).config
 
     def folder(self, cell: Cell) -> Path:
         return self.out / cell.name
@@ -272,7 +272,7 @@ def config_differences(stored: dict, requested: TrainConfig) -> list[str]:
     for something else.
     """
     try:
-        old = as_stored(dataclasses.asdict(TrainConfig.from_record(stored).resolved()))
+        old = as_stored(dataclasses.asdict(bind(TrainConfig.from_record(stored)).config))
     except PyrozooError as e:
         return [str(e)]
     new = as_stored(dataclasses.asdict(requested))

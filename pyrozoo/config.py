@@ -3,24 +3,21 @@
 ``pyrozoo train`` and ``pyrozoo compare`` build their flags from these fields (:func:`run_option_fields`), the
 TOML grid reader checks its ``[train]`` table against them, and the Python API uses the dataclass directly.
 Short flags that set one entry of an options table (``--tau0`` is ``--prior-option tau0=...``) are declared in
-:data:`ALIASES`. Prior and reduction options are checked against what the method's prior and reduction declare.
+:data:`ALIASES`. What the names mean (and which options the named prior and reduction take) is checked when a
+run is bound to its components (:func:`pyrozoo.bind.bind`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from pyrozoo import data as datasets
-from pyrozoo.errors import PyrozooError, did_you_mean
-from pyrozoo.options import bind_options, coerce, finite_problem
-from pyrozoo.registry import option_defaults
+from pyrozoo.errors import PyrozooError
+from pyrozoo.options import coerce, finite_problem
 
 # What --resume may change: how far the run goes and how it is evaluated, never what it learns (trust_pickle
 # says how the --init-from file was opened, which a resumed run does not open again).
@@ -146,151 +143,12 @@ class TrainConfig:
         hints = typing.get_type_hints(cls)
         return cls(**{key: coerce(f"config key {key}", hints[key], value) for key, value in stored.items()})
 
-    def resolved(self) -> "TrainConfig":
-        """A copy with the method's defaults filled in, after checking names, sizes and options; but
-        ``warmup_steps`` stays None, the method's warm-up and then a wait (:meth:`first_pass_step`)."""
-        from pyrozoo.bmr.reduction import REDUCTIONS
-        from pyrozoo.guides import GUIDES
-        from pyrozoo.methods import METHODS
-        from pyrozoo.models.priors import PRIORS
-        from pyrozoo.nets import DATA_SHAPE, NETS, STARTS
-        from pyrozoo.optim import OPTIMIZERS
-
-        method = METHODS[self.method]
-        NETS[self.net]
-        fixed = [key for key in DATA_SHAPE if key in self.net_options]
-        if fixed:
-            raise PyrozooError(f"net option {', '.join(fixed)}: the data decides it, not a net option")
-        if self.data is not None and not datasets.is_table(self.data):
-            datasets.DATASETS[self.data]
-        datasets.dataset_task(self.data, self.task)
-        if (self.target is not None or self.task is not None) and not datasets.is_table(self.data):
-            raise PyrozooError("--target and --task describe a --data FILE.csv table")
-        if self.start is not None and self.start not in STARTS:
-            raise PyrozooError(f"unknown --start {self.start!r}; choose from {', '.join(STARTS)}")
-        if self.noise not in ("prior", "fixed", "learned"):
-            raise PyrozooError(f"unknown --noise {self.noise!r}; choose from prior, fixed, learned")
-        for f in run_option_fields():
-            check_value(f, getattr(self, f.name))
-        if self.optimizer is not None:
-            OPTIMIZERS[self.optimizer]
-        if not 0 <= self.seed < 2**32:  # pyro.set_rng_seed seeds numpy too, which takes only this range
-            raise PyrozooError(f"seed must be in 0..{2**32 - 1}, got {self.seed}")
-        try:
-            torch.device(self.device)
-        except RuntimeError:
-            raise PyrozooError(f"unknown device {self.device!r}; use cpu, cuda or cuda:N") from None
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise PyrozooError("--device cuda was asked for, but torch sees no CUDA device")
-        if self.prior is not None:
-            PRIORS[self.prior]
-        if self.rule is not None:
-            REDUCTIONS[self.rule]
-        bind_options(
-            f"guide {self.guide or method.guide!r}", GUIDES[self.guide or method.guide], self.guide_options
-        )
-        for table in ("prior_options", "rule_options"):
-            taken = options_taken(table, self.method, self.prior, self.rule) or []
-            for key in getattr(self, table):
-                if key not in taken:
-                    whose = f" (whose {TABLES[table]} options are: {', '.join(taken)})" if taken else ""
-                    if did_you_mean(key, taken):  # a misspelling of one of its own options
-                        raise PyrozooError(
-                            f"this run's {self._part(table)} takes no {option_as_given(table, key)}"
-                            f"{did_you_mean(key, taken)}{whose}"
-                        )
-                    raise PyrozooError(
-                        f"{option_as_given(table, key)} belongs to {option_takers(table, key)}, "
-                        f"not to this run's {self._part(table)}{whose}"
-                    )
-        from pyrozoo.steps import check_step
-
-        check_step(method.step, self.guide or method.guide, self.optimizer or method.optimizer)
-        guide = GUIDES[self.guide or method.guide]
-        if self.reduction() is not None and guide.point_mass:
-            raise PyrozooError(
-                f"BMR needs a posterior with spread; guide {self.guide or method.guide!r} is a point mass: "
-                "choose a guide such as meanfield, or a method that does not prune"
-            )
-        if self.reduction() is None and self.prune_units:
-            raise PyrozooError(
-                f"--prune-units belongs to the BMR methods ({', '.join(bmr_methods())}); {self.method} prunes "
-                "nothing while it trains"
-            )
-        bind_options(f"the prior of {self.method}", self.prior_function(), self.prior_options)  # value types
-        self.reduction()
-        return dataclasses.replace(
-            self,
-            guide=self.guide or method.guide,
-            lr=self.lr or method.lr,
-            optimizer=self.optimizer or method.optimizer,
-            samples=self.samples or method.samples,
-            start=self.start or NETS[self.net].start,
-        )
-
-    def _part(self, table: str) -> str:
-        """This run's prior or reduction, for messages: ``flat prior (of flat-ff)``."""
-        from pyrozoo.methods import METHODS
-
-        if table == "prior_options":
-            return f"{self.prior_function().__name__} prior" + ("" if self.prior else f" (of {self.method})")
-        if self.rule:
-            return f"reduction, {self.rule}"
-        reduction = METHODS[self.method].reduction
-        return f"reduction, {'none' if reduction is None else reduction.name} (of {self.method})"
-
-    def prior_function(self):
-        """The prior function: the method's, or the one named by ``prior``."""
-        from pyrozoo.methods import METHODS
-        from pyrozoo.models.priors import PRIORS
-
-        return PRIORS[self.prior] if self.prior else METHODS[self.method].prior
-
-    def bound_prior(self):
-        """The prior function with this run's prior options bound."""
-        prior = self.prior_function()
-        return functools.partial(prior, **self.prior_options) if self.prior_options else prior
-
-    def reduction(self):
-        """The BMR reduction run after each epoch: the method's, with this run's rule options (and a units pass
-        after it with ``prune_units``); None for a method that does not prune while training."""
-        from pyrozoo.bmr.reduction import REDUCTIONS, configure
-        from pyrozoo.bmr.unit_reduction import UnitReduction
-        from pyrozoo.methods import METHODS
-
-        reduction = REDUCTIONS[self.rule]() if self.rule else METHODS[self.method].reduction
-        if reduction is None:
-            return None
-        reduction = configure(reduction, self.rule_options)
-        return reduction.then(UnitReduction()) if self.prune_units else reduction
-
-    def first_pass_step(self) -> int:
-        """The warm-up steps before the first BMR pass: ``warmup_steps`` where given (the user's schedule, which
-        it forces), else the method's, after which BMR also waits for an informative posterior (see
-        ``Run._bmr_pass``); ``warmup_steps`` stays None in the resolved config to say so."""
-        from pyrozoo.methods import METHODS
-
-        return METHODS[self.method].warmup_steps if self.warmup_steps is None else self.warmup_steps
-
-    def bmr_passes(self) -> int:
-        """How many BMR passes the schedule holds at most: after every epoch but the last, once past the warm-up
-        (fewer when BMR waits for an informative posterior)."""
-        if self.reduction() is None:
-            return 0
-        return sum(e * self.steps_per_epoch >= self.first_pass_step() for e in range(1, self.epochs))
-
 
 def run_name(net: str, method: str, data: str | None, seed: int) -> str:
     """The folder name of one run, in ``runs/`` for ``pyrozoo train`` and in a grid folder for ``compare``."""
     if datasets.is_table(data):  # a path: its file name without the suffix
         data = Path(data).stem
     return f"{net}-{method}-{data or 'default'}-s{seed}"
-
-
-def bmr_methods() -> list[str]:
-    from pyrozoo.methods import METHODS
-
-    return [name for name, m in METHODS.items() if m.reduction is not None]
 
 
 def run_option_fields() -> list[dataclasses.Field]:
@@ -376,45 +234,6 @@ def option_as_given(table: str, key: str) -> str:
     return f"{TABLES[table]} option {key!r}"
 
 
-def option_takers(table: str, key: str) -> str:
-    """What takes a prior or rule option, for messages: ``the tiered prior (tiered-ff)``."""
-    from pyrozoo.methods import METHODS
-
-    methods = [name for name in METHODS if key in (options_taken(table, name) or [])]
-    if not methods:
-        return f"no {TABLES[table]} of any method"
-    part_of = {
-        "prior_options": lambda method: method.prior.__name__,
-        "rule_options": lambda method: method.reduction.name,
-        "guide_options": lambda method: method.guide,
-    }[table]
-    parts = dict.fromkeys(part_of(METHODS[name]) for name in methods)
-    word = {"prior_options": "prior", "rule_options": "reduction", "guide_options": "guide"}[table]
-    return f"the {' and '.join(parts)} {word}{'s' if len(parts) > 1 else ''} ({', '.join(methods)})"
-
-
-def options_taken(
-    table: str, method: str, prior: str | None = None, rule: str | None = None, guide: str | None = None
-) -> list[str] | None:
-    """The options that the prior, the reduction or the guide of a run declares (None: it has no reduction):
-    the method's, or those named by ``prior``, ``rule`` and ``guide``. Net options are the net's, not listed.
-    """
-    from pyrozoo.bmr.reduction import REDUCTIONS
-    from pyrozoo.guides import GUIDES
-    from pyrozoo.methods import METHODS
-    from pyrozoo.models.priors import PRIORS
-
-    m = METHODS[method]
-    if table == "guide_options":
-        return list(option_defaults(GUIDES[guide or m.guide]))
-    if table == "prior_options":
-        return list(option_defaults(PRIORS[prior] if prior else m.prior))
-    if table == "rule_options":
-        reduction = REDUCTIONS[rule] if rule else (None if m.reduction is None else type(m.reduction))
-        return None if reduction is None else list(option_defaults(reduction))
-    raise ValueError(table)
-
-
 def check_run_options(options: dict, where: str) -> dict:
     """Run options (field and alias names) from a grid file or a caller, checked for names and types; ints
     given for float options become floats."""
@@ -434,27 +253,3 @@ def check_run_options(options: dict, where: str) -> dict:
             check_value(fields[key], value)
         checked[key] = value
     return checked
-
-
-def make_config(
-    net: str, method: str, data: str | None, seed: int, options: dict, strict: bool = True
-) -> TrainConfig:
-    """The run of ``net`` x ``method`` on ``data`` with ``seed`` under run ``options`` (aliases allowed).
-
-    With ``strict`` an option that ``method`` does not take is an error (as for ``pyrozoo train``); otherwise
-    it is left out of this run, as in a grid of several methods (the grid checks that some method takes it).
-    """
-    options = fold_aliases(options)
-    if not strict:
-        prior, rule, guide = options.get("prior"), options.get("rule"), options.get("guide")
-        for table in ("prior_options", "rule_options", "guide_options"):
-            taken = options_taken(table, method, prior, rule, guide) or []
-            options[table] = {k: v for k, v in options.get(table, {}).items() if k in taken}
-        if options_taken("rule_options", method, prior, rule) is None:
-            options["prune_units"] = False
-        from pyrozoo.nets import net_options
-
-        options["net_options"] = {
-            k: v for k, v in options.get("net_options", {}).items() if k in net_options(net)
-        }
-    return TrainConfig(net=net, method=method, data=data, seed=seed, **options)

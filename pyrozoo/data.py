@@ -669,3 +669,26 @@ def _prepare_features(raw: RawData, device) -> Prepared:
         y_mean,
         y_std,
     )
+
+
+class Minibatches:
+    """Random minibatches: the data are shuffled, consumed in order, and shuffled again when used up."""
+
+    def __init__(self, size: int, batch_size: int, seed: int):
+        self.size, self.batch_size = size, min(batch_size, size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = torch.randperm(size, generator=self.generator), 0
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.size:
+            self.order, self.position = torch.randperm(self.size, generator=self.generator), 0
+        indices = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return indices
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order, self.position = state["order"], state["position"]

@@ -94,7 +94,7 @@ class World:
         return part, len(part) / len(indices)
 
     def share_hook(self, weight: float) -> Callable | None:
-        """The ``share`` hook :func:`pyrozoo.train.svi_step` calls after ``backward``: it sums this rank's
+        """The ``share`` hook :func:`pyrozoo.steps.svi_step` calls after ``backward``: it sums this rank's
         ``weight``-ed gradients and loss over the ranks (None for one process)."""
         if not self.parallel:
             return None

@@ -30,7 +30,6 @@ import weakref
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pyrozoo import faults
 from pyrozoo.errors import PyrozooError
 
 _UMASK = os.umask(0)
@@ -92,7 +91,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes owner-only files; give the usual permissions
         write(Path(tmp))
-        faults.reached("write")
         os.replace(tmp, path)
     except BaseException as e:
         failure = _write_failure(path, e)  # before the unlink frees the space a full disk lacked

@@ -30,7 +30,8 @@ from pyrozoo.baselines import BASELINES  # noqa: E402
 from pyrozoo.errors import PyrozooError, reason  # noqa: E402
 from pyrozoo.io import atomic_write, make_folder  # noqa: E402
 from pyrozoo.methods import METHODS  # noqa: E402
-from pyrozoo.train import CHECKPOINT, Run  # noqa: E402
+from pyrozoo.runfolder import CHECKPOINT  # noqa: E402
+from pyrozoo.trained import load  # noqa: E402
 
 CURVES = [("accuracy", "test accuracy"), ("nll", "test NLL"), ("ece", "ECE (20 equal-mass bins)")]
 REGRESSION_CURVES = [("rmse", "test RMSE"), ("nll", "test NLL"), ("coverage90", "90% interval coverage")]
@@ -138,7 +139,7 @@ def posterior_summary(run_folder: Path) -> dict:
     from pyrozoo.bmr.scores import delta_f
     from pyrozoo.bmr.units import pruned_fraction
 
-    run = Run.open(run_folder, log=lambda text: None)
+    run = load(run_folder, log=lambda text: None)
     weights = run.model.weights_from(run.guide.mean())
     summary = {
         "weights": {
@@ -295,14 +296,12 @@ def plot_grid(folder: str | os.PathLike, results: pd.DataFrame | None = None, lo
 def plot_regression_bands(run, path_stem: str | os.PathLike, samples: int = 200, title: str | None = None):
     """A 1-D regression run's predictive mean and its 50% and 95% bands (and the epistemic part alone) over the
     inputs' range and beyond, against the training data (and, for toy1d, the true function and noise). ``run``
-    is a :class:`pyrozoo.train.Run` or a run folder."""
+    is a :class:`pyrozoo.trained.TrainedRun` or a run folder."""
     from pyrozoo import data as datasets
     from pyrozoo.predict import predict
 
     if isinstance(run, (str, os.PathLike)):
-        from pyrozoo.train import Run
-
-        with Run.open(run, log=lambda _: None) as opened:
+        with load(run, log=lambda _: None) as opened:
             return plot_regression_bands(opened, path_stem, samples, title)
     data = run.data
     if data.task != "regress" or data.x_train.shape[1] != 1:

@@ -7,22 +7,54 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
+import pyro
 import torch
 
+from pyrozoo.elbo import negative_elbo
+from pyrozoo.errors import PyrozooError
 from pyrozoo.guides.ivon import ivon_step
 from pyrozoo.optim import OPTIMIZERS
 from pyrozoo.registry import Registry
 
 
-def svi_step(model, guide, optimizer: torch.optim.Optimizer, x, y, dataset_size: int, share=None) -> float:
-    """:func:`pyrozoo.train.svi_step`, looked up at each call: it stays in pyrozoo.train, whose ``negative_elbo``
-    the reliability tests replace to inject failures. ``share``: a data-parallel run's gradient sharing."""
-    from pyrozoo import train
+# Set to 1 to keep Pyro's and torch's checks of distribution arguments and sample values on while training
+# (for debugging a model or prior): they cost 7-11% of a step (experiments/RESULTS.md), so training turns them
+# off otherwise.
+VALIDATE_ENV = "PYROZOO_VALIDATE"
 
-    return train.svi_step(model, guide, optimizer, x, y, dataset_size, share=share)
+
+def validating() -> bool:
+    """Whether ``$PYROZOO_VALIDATE`` asks for Pyro's and torch's argument checks while training."""
+    return os.environ.get(VALIDATE_ENV) == "1"
+
+
+def svi_step(
+    model,
+    guide,
+    optimizer: torch.optim.Optimizer,
+    x,
+    y,
+    dataset_size: int,
+    validate: bool | None = None,
+    share=None,
+    loss: Callable = negative_elbo,
+) -> float:
+    """One stochastic-gradient step on ``loss`` (``-ELBO``); returns the loss. ``validate`` (default: whether
+    ``$PYROZOO_VALIDATE`` is 1) turns Pyro's and torch's argument checks on or off for the step only, whatever
+    Pyro's own setting (on by default, and slow). ``share`` (a data-parallel run's, see
+    :meth:`pyrozoo.distributed.World.share_hook`) turns this process's gradients and loss into the run's."""
+    with pyro.validation_enabled(validating() if validate is None else validate):
+        value = loss(model, guide, x, y, dataset_size)
+    optimizer.zero_grad(set_to_none=True)
+    value.backward()
+    if share is not None:
+        value = share(value, optimizer)
+    optimizer.step()
+    return value.item()
 
 
 @dataclass(frozen=True)
@@ -39,6 +71,9 @@ class TrainingStep:
     )  # the one optimiser it trains with (None: any of OPTIMIZERS no other step owns)
     # the posterior scale (in z) a run started from trained weights gets; None: the guide's own initial one
     init_scale: float | None
+    parallel: bool = (
+        False  # whether it trains data-parallel (torchrun), its gradients shared between processes
+    )
 
 
 STEPS = Registry("training step")
@@ -54,6 +89,7 @@ STEPS.register(
         None,
         None,
         1e-3,
+        parallel=True,
     ),
 )
 STEPS.register(
@@ -70,40 +106,9 @@ STEPS.register(
 
 
 def _ivon_optimizer(model, guide, lr: float, dataset_size: int):
-    from pyrozoo.errors import PyrozooError
-
     if model.deterministic_parameters():
         raise PyrozooError(
             "the ivon methods train only the net's random layers; this net has deterministic parameters "
             "(BatchNorm's affine, or modules selected deterministic), which IVON would leave untrained"
         )
     return guide.make_optimizer(lr, dataset_size)
-
-
-def check_step(step: str, guide: str, optimizer: str) -> None:
-    """A PyrozooError unless training ``step`` can use ``guide`` and ``optimizer``: a step that owns a guide or an
-    optimiser (IVON's posterior is its optimiser's state) takes only those, and no other step takes them."""
-    from pyrozoo.errors import PyrozooError
-
-    own = STEPS[step]
-    for kind, chosen, wanted in (("guide", guide, own.guide), ("optimizer", optimizer, own.optimizer_name)):
-        if wanted is not None and chosen != wanted:
-            raise PyrozooError(
-                f"this method trains by {step}, which needs the {kind} {wanted!r}, not {chosen!r}"
-            )
-        owners = [
-            name
-            for name, other in STEPS.items()
-            if chosen in (other.guide, other.optimizer_name) and name != step
-        ]
-        if wanted is None and owners:
-            raise PyrozooError(
-                f"the {kind} {chosen!r} is trained only by {owners[0]} (methods "
-                f"{', '.join(m for m, x in _methods().items() if x.step == owners[0])}), not by {step}"
-            )
-
-
-def _methods():
-    from pyrozoo.methods import METHODS
-
-    return METHODS

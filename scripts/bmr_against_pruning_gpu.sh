@@ -27,7 +27,7 @@ RUNS=${RUNS:-$(mktemp -d)}
 BMR="$RUNS/$NET-bmr-th" MAP="$RUNS/$NET-flat-map"
 S="--net $NET --data $DATA --batch-size $BATCH --steps-per-epoch $STEPS --eval-every $EVAL_EVERY
    --eval-batch-size 2000 --device $DEVICE --no-progress --seed 0 ${DATA_DIR:+--data-dir $DATA_DIR}"
-epoch() { python3 -c "from pyrozoo.train import committed_epoch; print(committed_epoch('$1'))"; }
+epoch() { python3 -c "from pyrozoo.runfolder import committed_epoch; print(committed_epoch('$1'))"; }
 flat_map() {  # flat-map for $1 epochs
   echo "== flat-map for $1 epochs (at most ${MAP_SECONDS}s): $(date -u +%FT%TZ)"
   timeout "$MAP_SECONDS" python3 -m pyrozoo train $S --method flat-map --epochs "$1" --out "$MAP" 2>&1 |

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from pyrozoo.plots import epoch_seconds, plot_epoch_times
-from pyrozoo.train import committed_metrics
+from pyrozoo.runfolder import committed_metrics
 
 PRUNED = 0.95
 

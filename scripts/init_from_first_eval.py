@@ -18,7 +18,8 @@ import torch
 
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.metrics import evaluate_net
-from pyrozoo.train import Run, TrainConfig
+from pyrozoo.config import TrainConfig
+from pyrozoo.train import Run
 
 
 def main() -> None:

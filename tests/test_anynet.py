@@ -268,7 +268,8 @@ def test_local_weights_are_loaded(tmp_path):
 def test_selectors_as_net_options_reach_the_model_and_deterministic_parameters_are_trained_and_saved(
     tmp_path,
 ):
-    from pyrozoo.train import Run, TrainConfig
+    from pyrozoo.config import TrainConfig
+    from pyrozoo.train import Run
 
     config = TrainConfig(
         net="resnet20", data="fashion-mnist-mini", method="bmr-th", epochs=1, steps_per_epoch=2, batch_size=8,
@@ -440,12 +441,14 @@ def test_resnet18_starts_at_torchs_activation_scale():
 def test_where_training_starts_by_net_and_by_choice(tmp_path):
     """lenet, mlp, vit and mixer start where the paper's runs (experiments/RESULTS.md) started, at the guide's
     own draw; every other net at its own initialisation; --start chooses."""
-    from pyrozoo.train import Run, TrainConfig
+    from pyrozoo.bind import bind
+    from pyrozoo.config import TrainConfig
+    from pyrozoo.train import Run
 
     for name in ("lenet", "mlp", "vit", "mixer"):
-        assert TrainConfig(net=name).resolved().start == "guide"
+        assert bind(TrainConfig(net=name)).config.start == "guide"
     for name in ("resnet18", "resnet20", "tv:resnet18"):
-        assert TrainConfig(net=name).resolved().start == "net"
+        assert bind(TrainConfig(net=name)).config.start == "net"
     locs = {}
     for start in (None, "guide", "net"):
         config = TrainConfig(
@@ -457,4 +460,4 @@ def test_where_training_starts_by_net_and_by_choice(tmp_path):
     assert all(torch.equal(locs[None][k], locs["guide"][k]) for k in locs[None])
     assert not torch.equal(locs["net"]["head-weight_base"], locs["guide"]["head-weight_base"])
     with pytest.raises(PyrozooError, match="--start"):
-        TrainConfig(net="lenet", start="zero").resolved()
+        bind(TrainConfig(net="lenet", start="zero"))

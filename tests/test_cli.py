@@ -347,11 +347,12 @@ def test_autonormal_trains_prunes_and_exports(capsys, tmp_path):
 
 
 def test_a_warm_up_as_long_as_the_run_is_announced(capsys, tmp_path):
+    from pyrozoo.bind import bind
     from pyrozoo.config import TrainConfig
 
     # The case: 500 warm-up steps outlast the BMR passes after epochs 1-3 of 100 steps each.
-    assert TrainConfig(method="bmr-ss", epochs=4, steps_per_epoch=100).resolved().bmr_passes() == 0
-    assert TrainConfig(method="bmr-ss", epochs=7, steps_per_epoch=100).resolved().bmr_passes() == 2
+    assert bind(TrainConfig(method="bmr-ss", epochs=4, steps_per_epoch=100)).bmr_passes() == 0
+    assert bind(TrainConfig(method="bmr-ss", epochs=7, steps_per_epoch=100)).bmr_passes() == 2
     bmr = ["train", *TINY, "--method", "bmr-ss", "--epochs", "2", "--steps-per-epoch", "3"]
     code, _, err = cli(capsys, *bmr, "--warmup-steps", "6", "--out", "late")
     assert code == 0, err

@@ -310,7 +310,9 @@ def test_nothing_to_cut_changes_nothing_and_autoguides_are_refused_with_a_reason
 
 from pyrozoo.bmr.reduction import PruneReport, Reduction  # noqa: E402
 from pyrozoo.config import TrainConfig  # noqa: E402
-from pyrozoo.train import Run, read_checkpoint  # noqa: E402
+from pyrozoo.checkpoint import snapshot  # noqa: E402
+from pyrozoo.runfolder import read_checkpoint  # noqa: E402
+from pyrozoo.train import Run  # noqa: E402
 
 
 class KillUnits(Reduction):
@@ -397,7 +399,7 @@ def test_export_of_a_compacted_run_equals_that_of_its_uncompacted_twin(tmp_path,
     with Run.open(tmp_path / "compacted", log=lambda text: None) as run:
         removed, _ = compact(run.model, run.guide, run.optimizer)
         assert removed > 0
-        run._save_checkpoint()
+        run.folder.commit(snapshot(run.setup, run.progress))
     assert read_checkpoint(tmp_path / "compacted")["kept"]
     summaries = {}
     for name in ("twin", "compacted"):

@@ -13,8 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-import pyrozoo.train as train_module
+from pyrozoo.bind import bind
 from pyrozoo import compare
+from pyrozoo.loop import Callback
+from pyrozoo.train import Run
 from pyrozoo.baselines import BASELINES, finetune, magnitude_prune
 from pyrozoo.metrics import evaluate_net
 from pyrozoo.cli import main
@@ -51,7 +53,8 @@ class Calls:
         self.calls.append((folder.name, resume))
         if len(self.calls) == self.interrupt_at:
             raise KeyboardInterrupt
-        train_module.Run(config, folder, resume=resume, log=print).train(progress=False)
+        with Run(config, folder, resume=resume, log=print) as run:
+            run.train(progress=False)
 
 
 # --- resume -------------------------------------------------------------------------------------------------
@@ -82,21 +85,24 @@ def test_an_interrupted_grid_finishes_the_rest_without_redoing_the_first_run(tmp
 
 def test_a_run_killed_mid_way_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     grid = tiny_grid(tmp_path, ["flat-map"], seeds=[0, 1], epochs=2)
-    real, count = train_module.negative_elbo, []
+    count = []
 
-    def killed_in_the_second_runs_second_epoch(*args, **kwargs):
-        count.append(1)
-        if len(count) == 6 + 3 + 1:  # run 1: 6 steps; run 2: epoch 1 = 3 steps, then killed
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    class KilledInTheSecondRunsSecondEpoch(Callback):
+        def after_step(self, loop, loss):
+            count.append(1)
+            if len(count) == 6 + 3 + 1:  # run 1: 6 steps; run 2: epoch 1 = 3 steps, then killed
+                raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "negative_elbo", killed_in_the_second_runs_second_epoch)
+    def killing(config, folder, resume, progress):
+        with Run(config, folder, resume=resume, log=print) as run:
+            run.train(progress=False, more=[KilledInTheSecondRunsSecondEpoch()])
+
+    monkeypatch.setattr(compare, "train_run", killing)
     with pytest.raises(KeyboardInterrupt):
         run_grid(grid, progress=False)
     second = tmp_path / "mlp-flat-map-fashion-mnist-mini-s1"
     assert list(pd.read_csv(second / "metrics.csv")["epoch"]) == [1]
 
-    monkeypatch.setattr(train_module, "negative_elbo", real)
     calls = Calls()
     monkeypatch.setattr(compare, "train_run", calls)
     run_grid(grid, progress=False)
@@ -313,7 +319,7 @@ def test_option_tables_in_a_config_file_reach_the_methods_that_take_them(tmp_pat
     assert ss.rule_options == {"count_pruned": True, "max_cutoff": 0.0} and ss.prune_units
     assert th.rule_options == {} and th.prune_units  # threshold takes neither option
     assert ff.rule_options == {} and not ff.prune_units and ff.prior_options == {"hidden_scale": 0.2}
-    assert ss.reduction().describe() == (
+    assert bind(ss).reduction.describe() == (
         "spike-and-slab(count_pruned=True, max_cutoff=0.0, iterations=4, pruned_vote=True, "
         "keep_pruned_posterior=True) then units(margin=0.0)"
     )

@@ -12,6 +12,7 @@ import pytest
 import torch
 from clitools import cli
 
+from pyrozoo.bind import bind
 from pyrozoo import bmr
 from pyrozoo.bmr import REDUCTIONS, make_reduction
 from pyrozoo.cli import main
@@ -60,8 +61,8 @@ def test_a_new_reduction(capsys, registries_restored):
     assert code == 2 and "reduction 'quantile' takes no option 'margin'; its options: q" in err
     assert main(["info"]) == 0
     assert re.search(r"quantile +Prune, in each layer.*\[options: q\]", capsys.readouterr().out)
-    config = TrainConfig(method="bmr-th", rule="quantile", rule_options={"q": 0.8}).resolved()
-    assert config.reduction() == ns["Quantile"](0.8)
+    bound = bind(TrainConfig(method="bmr-th", rule="quantile", rule_options={"q": 0.8}))
+    assert bound.reduction == ns["Quantile"](0.8)
 
 
 def test_a_new_prior(registries_restored):
@@ -71,10 +72,10 @@ def test_a_new_prior(registries_restored):
     assert {f"{layer.name}.scale" for layer in model.layers} <= set(
         make_guide("meanfield", model).posterior()
     )
-    config = TrainConfig(method="flat-ff", prior="exponential", prior_options={"rate": 5}).resolved()
-    assert config.bound_prior().keywords == {"rate": 5.0}
+    bound = bind(TrainConfig(method="flat-ff", prior="exponential", prior_options={"rate": 5}))
+    assert bound.prior.keywords == {"rate": 5.0}
     with pytest.raises(PyrozooError, match="prior option 'tau' belongs to no prior"):
-        TrainConfig(method="flat-ff", prior="exponential", prior_options={"tau": 5}).resolved()
+        bind(TrainConfig(method="flat-ff", prior="exponential", prior_options={"tau": 5}))
 
 
 def test_a_new_net(registries_restored):

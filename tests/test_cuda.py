@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from pyrozoo.cli import main
-from pyrozoo.train import CHECKPOINT, Run, TrainConfig
+from pyrozoo.config import TrainConfig
+from pyrozoo.runfolder import CHECKPOINT
+from pyrozoo.train import Run
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [

@@ -28,7 +28,8 @@ from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net
-from pyrozoo.train import CHECKPOINT, CONFIG, METRICS, svi_step
+from pyrozoo.runfolder import CHECKPOINT, CONFIG, METRICS
+from pyrozoo.steps import svi_step
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (8, 7)  # split 4 + 4 and 4 + 3 over two ranks
@@ -184,7 +185,7 @@ def _env(fault: str | None = None) -> dict:
 def torchrun(*argv: str, cwd: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     return subprocess.run(
-        [*command, "-m", "pyrozoo", *argv],
+        [*command, *([str(ROOT / "tests" / "faults.py")] if fault else ["-m", "pyrozoo"]), *argv],
         cwd=cwd,
         env=_env(fault),
         capture_output=True,

@@ -25,7 +25,7 @@ import torch
 
 from pyrozoo import compare, data, metrics
 from pyrozoo.cli import main
-from pyrozoo.train import CHECKPOINT
+from pyrozoo.runfolder import CHECKPOINT
 from clitools import assert_one_line_error, cli
 from test_distributed import RUN as DISTRIBUTED_RUN
 from test_distributed import assert_close_runs, two_processes  # noqa: F401 (a fixture)

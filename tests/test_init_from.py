@@ -15,7 +15,8 @@ from pyrozoo.metrics import evaluate_net
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.priors import flat, tiered
 from pyrozoo.nets import create_net
-from pyrozoo.train import Run, TrainConfig
+from pyrozoo.config import TrainConfig
+from pyrozoo.train import Run
 
 
 def _trained_mlp(seed: int = 3):

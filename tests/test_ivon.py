@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from pyrozoo.bind import bind
 from pyrozoo.bmr import Threshold
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
@@ -20,7 +21,8 @@ from pyrozoo.guides import make_guide
 from pyrozoo.guides.ivon import IVONPosterior
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.priors import gaussian
-from pyrozoo.train import Run, TrainConfig
+from pyrozoo.config import TrainConfig
+from pyrozoo.train import Run
 
 N, D, NOISE_VAR, PRIOR_SCALE = 40, 6, 0.5, 0.7
 
@@ -145,7 +147,7 @@ def test_pruned_entries_stay_pruned_in_the_net_and_in_the_optimiser(tmp_path):
     assert pruned.any() and (~pruned).any()
     group = optimizer.param_groups[0]
     for _ in range(5):  # more steps: nothing comes back
-        run.training_step.step(run.model, guide, optimizer, *run._batch(run.batches.next()))
+        run.setup.step.step(run.model, guide, optimizer, *run.setup.batch(run.setup.batches.next()))
     assert bool((guide.weights[layer.name.replace(".", "-")][pruned] == 0).all())
     assert bool((guide.hess.get_buffer(layer.name.replace(".", "-"))[pruned] == 0).all())
     assert bool((group["hess"].view(layer.shape)[pruned] == 0).all())
@@ -216,7 +218,7 @@ def test_init_from_starts_ivon_at_the_weights(tmp_path):
 )
 def test_misuse_is_a_one_line_error(changes, message, tmp_path):
     with pytest.raises(PyrozooError, match=message):
-        _tiny(**changes).resolved()
+        bind(_tiny(**changes))
 
 
 def test_ivon_needs_a_fixed_prior(tiny_mlp_model):

@@ -23,7 +23,7 @@ import pytest
 from pyrozoo.compare import RESULTS, Local, Slurm, make_grid, run_grid
 from pyrozoo.errors import PyrozooError
 from pyrozoo.io import hold_folder
-from pyrozoo.train import CHECKPOINT, committed_epoch
+from pyrozoo.runfolder import CHECKPOINT, committed_epoch
 from clitools import assert_one_line_error, cli
 
 ROOT = Path(__file__).resolve().parents[1]

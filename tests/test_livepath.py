@@ -3,10 +3,13 @@ informative posterior, the undoing of a pass that collapses the net, and every m
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
 
+from pyrozoo.bind import bind
 from pyrozoo.bmr import REDUCTIONS, TargetSparsity, make_reduction, pruned_fraction
 from pyrozoo.bmr.reduction import PruneReport, Reduction
 from pyrozoo.bmr.units import effective_masks
@@ -14,9 +17,11 @@ from pyrozoo.config import TrainConfig
 from pyrozoo.data import load, prepare
 from pyrozoo.guides import make_guide
 from pyrozoo.guides.laplace import laplace
+from pyrozoo.loop import Training
 from pyrozoo.methods import METHODS
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net
+from pyrozoo.schedule import BMRSchedule
 from pyrozoo.train import Run
 from clitools import cli
 
@@ -99,7 +104,7 @@ def test_a_laplace_posterior_fitted_on_100_points_is_pruned_to_a_live_path(struc
 
 def test_an_old_sparsity_option_connected_is_read_as_allow_empty():
     stored = dict(method="bmr-th", rule="sparsity", rule_options={"connected": False})
-    assert TrainConfig.from_record(stored).reduction().allow_empty
+    assert bind(TrainConfig.from_record(stored)).reduction.allow_empty
     assert "allow_empty" not in make_reduction("threshold").describe()
 
 
@@ -113,6 +118,16 @@ def _config(**overrides) -> TrainConfig:
     return TrainConfig(**{**settings, **overrides})
 
 
+def _bmr_pass(run, said: list, row: dict) -> bool:
+    """Whether the BMR schedule makes a pass after the run's current epoch (recorded in ``row``)."""
+    if not hasattr(run, "schedule"):
+        run.schedule, run.training = BMRSchedule(), Training(run.setup, run.folder, run.progress, said.append)
+        run.schedule.start(run.training)
+    row.setdefault("bmr_seconds", float("nan"))
+    run.schedule.end_of_epoch(run.training, row)
+    return not math.isnan(row["bmr_seconds"])
+
+
 def _ivon_run(tmp_path, **overrides):
     said = []
     return Run(_config(**overrides), tmp_path, log=said.append), said
@@ -123,21 +138,23 @@ def test_ivon_bmr_waits_until_the_hessian_has_moved_unless_warmup_steps_is_given
     assert run.config.warmup_steps is None  # the method's warm-up, then the wait
     fraction, what = run.guide.moved(run.model)
     assert fraction == 0 and "hess_init" in what  # at its start
-    run.step = 10_000  # past any warm-up: only the posterior holds BMR back
-    run.epoch = 1
+    run.progress.step = 10_000  # past any warm-up: only the posterior holds BMR back
+    run.progress.epoch = 1
     row = {}
-    assert not run._bmr_pass(row) and run.bmr_log == []
+    assert not _bmr_pass(run, said, row) and run.progress.bmr_log == []
     assert any("BMR waits for an informative posterior" in line and "0%" in line for line in said)
     # moved (here by hand, as training would move it), the first pass comes, and the log says why then
     for key, _ in run.guide._sites.values():
         getattr(run.guide.hess, key).mul_(0.3)
-    assert run._bmr_pass(row)  # made (and, the net untrained, undone as a collapse: tested below)
+    assert _bmr_pass(run, said, row)  # made (and, the net untrained, undone as a collapse: tested below)
     assert any("first BMR pass, the posterior now informative" in line and "100%" in line for line in said)
     # an explicit --warmup-steps forces the schedule
     forced, said = _ivon_run(tmp_path / "forced", warmup_steps=0)
-    forced.step, forced.epoch = 4, 1
+    forced.progress.step, forced.progress.epoch = 4, 1
     assert forced.guide.moved(forced.model)[0] == 0
-    assert forced._bmr_pass({}) and not any("waits for an informative posterior:" in line for line in said)
+    assert _bmr_pass(forced, said, {}) and not any(
+        "waits for an informative posterior:" in line for line in said
+    )
 
 
 # --- every method on the bundled data: above chance, never pruned to death ----------------------------------

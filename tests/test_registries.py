@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import torch
 
+from pyrozoo.bind import bind
 from pyrozoo.baselines import BASELINES
 from pyrozoo.data import DATASETS
 from pyrozoo.bmr import REDUCTIONS, Reduction, make_reduction, pruned_fraction
@@ -139,7 +140,7 @@ def test_every_method_is_a_resolvable_recipe_of_registered_parts(name):
     method = METHODS[name]
     assert method.guide in GUIDES and method.optimizer in OPTIMIZERS and method.prior in PRIORS.values()
     assert method.reduction is None or type(method.reduction) in REDUCTIONS.values()
-    config = TrainConfig(method=name).resolved()
+    config = bind(TrainConfig(method=name)).config
     assert (config.guide, config.lr, config.optimizer) == (method.guide, method.lr, method.optimizer)
     assert describe(method)
 

@@ -2,13 +2,15 @@
 resuming gives the run an uninterrupted one gives, bit for bit; two real processes on one run folder; and a
 table of bad inputs, each held to the exit-code contract (2 and one line on stderr; 1 a diverged loss; 3 a bug).
 
-The kills use the fault points of :mod:`pyrozoo.faults` (``PYROZOO_FAULT=POINT@N``: SIGKILL at the N-th time the
+The kills use the fault points of ``tests/faults.py`` (``PYROZOO_FAULT=POINT@N``: SIGKILL at the N-th time the
 process gets there). A subprocess costs seconds of imports, so one kill runs by default and the rest of the
 table is marked slow: ``python -m pytest tests/test_reliability.py -m "slow or not slow"`` runs them all.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -24,16 +26,20 @@ import pandas as pd
 import pytest
 import torch
 
-import pyrozoo.train as train_module
+from pyrozoo.bind import bind
 from pyrozoo import bmr, compare, data
 from pyrozoo.cli import BUG_EXIT_CODE, main
+from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import make_guide
 from pyrozoo.io import hold_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net
-from pyrozoo.train import BMR_LOG, CHECKPOINT, CONFIG, METRICS, PRUNED, SCALES, Run, TrainConfig
+from pyrozoo.config import TrainConfig
+from pyrozoo.runfolder import BMR_LOG, CHECKPOINT, CONFIG, METRICS, PRUNED, SCALES
+from pyrozoo.steps import STEPS, svi_step
+from pyrozoo.train import Run
 from clitools import assert_one_line_error, cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,17 +58,26 @@ VIT = [arg if arg != "mlp" else "vit" for arg in TINY if arg not in ("--net-opti
 
 
 def pyrozoo(*argv: str, cwd: Path, fault: str | None = None, wait: bool = True):
-    """``python -m pyrozoo.cli ARGV`` in a subprocess that imports this checkout, optionally with a fault."""
+    """``python -m pyrozoo.cli ARGV`` in a subprocess that imports this checkout, optionally with a fault
+    (tests/faults.py runs it then)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("PYROZOO_FAULT", None)
     if fault:
         env["PYROZOO_FAULT"] = fault
-    command = [sys.executable, "-m", "pyrozoo.cli", *argv]
+    runner = [str(ROOT / "tests" / "faults.py")] if fault else ["-m", "pyrozoo.cli"]
+    command = [sys.executable, *runner, *argv]
     if not wait:
         return subprocess.Popen(
             command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def svi_on(monkeypatch, loss) -> None:
+    """Runs that train by SVI take their steps on ``loss`` (the seam a failing loss comes in by): a training
+    step registered in its place."""
+    step = dataclasses.replace(STEPS["svi"], step=functools.partial(svi_step, loss=loss))
+    monkeypatch.setitem(STEPS, "svi", step)
 
 
 def same(a, b, where: str = "") -> None:
@@ -228,7 +243,7 @@ def test_metrics_one_epoch_ahead_of_the_checkpoint_is_not_finished(capsys, tmp_p
     capsys.readouterr()
     assert compare.finished_epochs(run) == 1
     assert list(compare.committed_metrics(run)["epoch"]) == [1]
-    assert compare.run_state(run, TrainConfig.from_record(config["config"]).resolved()) == "resume"
+    assert compare.run_state(run, bind(TrainConfig.from_record(config["config"])).config) == "resume"
     code, _, err = cli(capsys, "train", "--out", str(run), "--resume", "--no-progress")
     assert code == 0, err
     resumed = torch.load(run / CHECKPOINT, weights_only=False)
@@ -257,7 +272,7 @@ def test_a_run_that_cannot_write_its_scales_is_not_finished(tmp_path, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("posterior_scales broke")
 
-    monkeypatch.setattr(train_module, "posterior_scales", broken)
+    monkeypatch.setattr("pyrozoo.checkpoint.posterior_scales", broken)
     config = TrainConfig(net="mlp", data="fashion-mnist-mini", method="flat-ff", epochs=2, steps_per_epoch=2,
                          batch_size=32, samples=1, net_options={"hidden": (8,)})  # fmt: skip
     with pytest.raises(RuntimeError), Run(config, tmp_path / "run", log=print) as run:
@@ -314,19 +329,19 @@ def test_a_pruned_state_from_a_retrained_run_is_stale_too(capsys, run, trained):
 def test_a_diverged_run_resumes_with_a_smaller_lr_by_the_command_its_message_gives(
     capsys, tmp_path, monkeypatch
 ):
-    real, calls = train_module.negative_elbo, []
+    calls = []
 
     def nan_in_epoch_two(*args, **kwargs):
         calls.append(1)
-        loss = real(*args, **kwargs)
+        loss = negative_elbo(*args, **kwargs)
         return loss * float("nan") if len(calls) == 5 else loss
 
-    monkeypatch.setattr(train_module, "negative_elbo", nan_in_epoch_two)
-    code, out, err = cli(capsys, "train", *TINY, "--method", "flat-ff", "--epochs", "3", "--out", "run")
+    with monkeypatch.context() as patched:
+        svi_on(patched, nan_in_epoch_two)
+        code, out, err = cli(capsys, "train", *TINY, "--method", "flat-ff", "--epochs", "3", "--out", "run")
     assert code == 1 and "Traceback" not in err
     command = "pyrozoo train --out run --resume --lr 0.0005 --override lr"
     assert command in err.splitlines()[-1]
-    monkeypatch.setattr(train_module, "negative_elbo", real)
 
     # Without the opt-in, a changed lr stays an error that names the way to do it.
     assert_one_line_error(
@@ -345,9 +360,7 @@ def test_a_diverged_run_resumes_with_a_smaller_lr_by_the_command_its_message_giv
 
 
 def test_a_nan_in_the_first_epoch_says_to_start_again(capsys, monkeypatch):
-    monkeypatch.setattr(
-        train_module, "negative_elbo", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
-    )
+    svi_on(monkeypatch, lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     code, _, err = cli(capsys, "train", *TINY, "--epochs", "1", "--out", "run")
     assert code == 1 and "nothing to resume" in err and "--lr 0.0005" in err
 
@@ -375,7 +388,7 @@ def test_a_bug_keeps_its_traceback_and_exits_3(capsys, monkeypatch):
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(train_module.Run, "train", bug)
+    monkeypatch.setattr(Run, "train", bug)
     code, out, err = cli(capsys, "train", *TINY, "--epochs", "1", "--out", "run")
     assert code == BUG_EXIT_CODE == 3
     assert "Traceback" in err and "ZeroDivisionError: a bug" in err

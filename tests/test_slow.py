@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pyrozoo.bmr import rebuild
-from pyrozoo.train import Run, TrainConfig
+from pyrozoo.config import TrainConfig
+from pyrozoo.train import Run
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ Everything trains a one-hidden-layer MLP (32 units) on the bundled 4000/1000-ima
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -15,13 +16,22 @@ import pandas as pd
 import pytest
 import torch
 
-import pyrozoo.train as train_module
 from pyrozoo.errors import PyrozooError, TrainingDiverged
 from pyrozoo.optim import OPTIMIZERS
-from pyrozoo.train import CHECKPOINT, CONFIG, METRICS, Minibatches, Run, TrainConfig
+from pyrozoo.config import TrainConfig
+from pyrozoo.data import Minibatches
+from pyrozoo.elbo import negative_elbo
+from pyrozoo.runfolder import CHECKPOINT, CONFIG, METRICS
+from pyrozoo.steps import VALIDATE_ENV, svi_step
+from pyrozoo.train import Run
 
 DOCUMENTED_COLUMNS = ["epoch", "step", "seconds", "elbo", "accuracy", "nll", "ece", "ece15", "brier", "lpd"]
 EVAL_COLUMNS = ["accuracy", "nll", "ece", "ece15", "brier", "lpd"]
+
+
+def with_loss(run: Run, loss) -> None:
+    """The run's SVI steps on ``loss`` instead of -ELBO: the seam the tests inject a failing loss through."""
+    run.setup.step = dataclasses.replace(run.setup.step, step=functools.partial(svi_step, loss=loss))
 
 
 def tiny(**overrides) -> TrainConfig:
@@ -242,16 +252,16 @@ def test_bad_config_is_a_pyrozoo_error(tmp_path, field, value, words):
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_epoch(tmp_path, monkeypatch):
-    real, calls = train_module.negative_elbo, []
+    real, calls = negative_elbo, []
 
     def nan_from_epoch_two(*args, **kwargs):
         calls.append(1)
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) > 4 + 2 else loss  # epoch 1 = calls 1-4; NaN at step 7
 
-    monkeypatch.setattr(train_module, "negative_elbo", nan_from_epoch_two)
     config = tiny(epochs=3, steps_per_epoch=4)
     run = Run(config, tmp_path, log=quiet)
+    with_loss(run, nan_from_epoch_two)
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step 7") as info:
         run.train(progress=False)
     assert info.value.exit_code == 1 and isinstance(info.value, PyrozooError)
@@ -263,7 +273,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_epoch(tmp_path, monkeypatch)
     assert len(pd.read_csv(tmp_path / METRICS)) == 1
 
     # The folder is a valid epoch-1 state: with the loss fixed, resuming finishes the run.
-    monkeypatch.setattr(train_module, "negative_elbo", real)
+    run.close()
     resumed = Run(config, tmp_path, resume=True, log=quiet)
     assert resumed.epoch == 1
     resumed.train(progress=False)
@@ -392,7 +402,7 @@ def test_evaluating_samples_together_gives_the_metrics_of_the_one_at_a_time_loop
     (vmap over the stacked weights), and so the same metrics; a different seed gives other metrics, so the
     comparison can fail."""
     from pyrozoo.guides import make_guide
-    from pyrozoo.train import evaluate
+    from pyrozoo.evaluation import evaluate
 
     model = request.getfixturevalue(net)
     side = 32 if net == "tiny_lenet_model" else 4
@@ -420,18 +430,18 @@ def test_training_checks_distribution_arguments_only_when_asked(tmp_path, monkey
     from pyrozoo.nets import create_net
 
     seen = []
-    elbo = train_module.negative_elbo
 
     def recording_elbo(*args):
         seen.append(is_validation_enabled())
-        return elbo(*args)
+        return negative_elbo(*args)
 
-    monkeypatch.setattr(train_module, "negative_elbo", recording_elbo)
     if env is None:
-        monkeypatch.delenv(train_module.VALIDATE_ENV, raising=False)
+        monkeypatch.delenv(VALIDATE_ENV, raising=False)
     else:
-        monkeypatch.setenv(train_module.VALIDATE_ENV, env)
-    train(tiny(epochs=1, steps_per_epoch=2), tmp_path / "run")
+        monkeypatch.setenv(VALIDATE_ENV, env)
+    with Run(tiny(epochs=1, steps_per_epoch=2), tmp_path / "run", log=quiet) as run:
+        with_loss(run, recording_elbo)
+        run.train(progress=False)
     assert seen == [checked, checked]
     model = BayesianModel(create_net("mlp", in_channels=1, image_size=4, num_classes=3, hidden=(5,)))
     guide = make_guide("meanfield", model)
@@ -439,6 +449,6 @@ def test_training_checks_distribution_arguments_only_when_asked(tmp_path, monkey
     x, y = torch.randn(6, 1, 4, 4), torch.randint(0, 3, (6,))
     for validate in (None, True, False):
         seen.clear()
-        train_module.svi_step(model, guide, optimizer, x, y, 60, validate=validate)
+        svi_step(model, guide, optimizer, x, y, 60, validate=validate, loss=recording_elbo)
         assert seen == [checked if validate is None else validate]
     assert is_validation_enabled()  # the tests' setting, which the step changed only while it ran

@@ -186,7 +186,8 @@ def test_an_attention_with_every_head_dead_keeps_one():
 @pytest.mark.parametrize("name", ["vit", "mixer"])
 def test_bmr_ss_trains_prunes_and_exports_a_tiny_transformer(name, tmp_path):
     from pyrozoo.export import export
-    from pyrozoo.train import Run, TrainConfig
+    from pyrozoo.config import TrainConfig
+    from pyrozoo.train import Run
 
     config = TrainConfig(
         net=name,
@@ -219,7 +220,7 @@ def test_bmr_ss_trains_prunes_and_exports_a_tiny_transformer(name, tmp_path):
 @pytest.mark.parametrize("name", ["vit", "mixer"])
 def test_every_prior_gives_a_finite_training_step_on_every_kind_of_group(name, prior):
     from pyrozoo.models.priors import PRIORS
-    from pyrozoo.train import svi_step
+    from pyrozoo.steps import svi_step
 
     model = BayesianModel(tiny(name), prior=PRIORS[prior])
     guide = make_guide("meanfield", model)

@@ -22,7 +22,8 @@ from pyrozoo.init_from import load_state
 from pyrozoo.io import FolderLock, LOCK_NAME
 from pyrozoo.nets import create_net
 from pyrozoo.torchfile import NotPlainTensors, load_tensors
-from pyrozoo.train import CHECKPOINT, PRUNED, Run, read_checkpoint
+from pyrozoo.runfolder import CHECKPOINT, PRUNED, read_checkpoint
+from pyrozoo.train import Run
 
 NOT_PLAIN = "is not a plain tensor file"
 RUN = [

@@ -82,6 +82,12 @@ class Posterior:
         what = f"the posterior scale moved by half its start ({self.start_scale:g})"
         return moved_fraction(model, scales, self.start_scale), what
 
+    def forced_pass_warning(self, steps: int) -> str | None:
+        """Why a BMR pass forced after ``steps`` training steps (``--warmup-steps``) would read a posterior still
+        near its start, or None when it would not. A posterior whose start is averaged away slowly (IVON's
+        Hessian) says so itself."""
+        return None
+
     # --- the contract, on top of those ---------------------------------------------------------------------
 
     @torch.no_grad()

@@ -228,6 +228,10 @@ class IVONPosterior(Posterior, nn.Module):
             f"IVON's Hessian moved by half its start (hess_init {start:g})",
         )
 
+    def forced_pass_warning(self, steps: int) -> str | None:
+        """IVON's Hessian is a running average: its start weighs ``beta2 ** steps`` after ``steps`` steps."""
+        return _forced_pass_warning(self.options["beta2"], steps)
+
     # --- the posterior contract -----------------------------------------------------------------------------
 
     def _z(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,6 +282,20 @@ class IVONPosterior(Posterior, nn.Module):
 
 
 KL_EVERY = 50  # steps between refreshes of the KL term of the reported loss (a full pass over the weights)
+
+
+def _forced_pass_warning(beta2: float, steps: int) -> str | None:
+    """The warning for a first BMR pass forced after ``steps`` steps, when the Hessian's start ``hess_init``
+    still weighs more than 75% (None otherwise): such a pass may prune most weights."""
+    initial = beta2**steps
+    if initial <= 0.75:
+        return None
+    return (
+        f"warning: after {steps} warm-up steps IVON's Hessian is still {initial:.0%} its initial "
+        f"value (beta2 {beta2}): the first BMR pass reads a posterior near its start and may prune most "
+        "weights (a pass that collapses the net is undone); raise --warmup-steps, or leave it out and BMR "
+        "waits for the Hessian to move"
+    )
 
 
 def ivon_step(model, guide: IVONPosterior, optimizer: IVONOptimizer, x, y, dataset_size: int) -> float:

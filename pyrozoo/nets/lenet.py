@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pyrozoo.nets import register_net
+from pyrozoo.nets.registry import register_net
 
 # Reference sizes: (conv channels, dense width) for grey-scale (Fashion-MNIST) and colour (CIFAR) inputs.
 _SIZES = {1: ((6, 16, 120), 84), 3: ((18, 48, 360), 256)}

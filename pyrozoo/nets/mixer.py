@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pyrozoo.nets import register_net
+from pyrozoo.nets.registry import register_net
 from pyrozoo.nets.vit import check_dropout, sizes_from
 
 # docs/method.md#architectures: 4x4 patches, width 256, 6 blocks, token MLP 64 -> 512 -> 64 and channel MLP

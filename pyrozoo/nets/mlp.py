@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pyrozoo.nets import register_net
+from pyrozoo.nets.registry import register_net
 
 
 class MLP(nn.Module):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from pyrozoo.nets import register_net
+from pyrozoo.nets.registry import register_net
 
 
 class BasicBlock(nn.Module):

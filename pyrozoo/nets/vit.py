@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pyrozoo.nets import register_net
+from pyrozoo.nets.registry import register_net
 
 # docs/method.md#architectures: 4x4 patches, width 256, depth 6, 8 heads, MLP ratio 2; "tiny" is for fast
 # tests and smoke runs.

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyrozoo.posteriors.base import PosteriorSource, Pruned, headline, register_posterior
-from pyrozoo.train import PRUNED
+from pyrozoo.runfolder import PRUNED
 
 
 @register_posterior("run")
