@@ -527,20 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shift", choices=["rotate", "noise"], default=None, help="shift the test images first"
     )
     predict.add_argument("--severity", type=int, default=3, help="shift severity 1..5 (default 3)")
-    predict.add_argument(
-        "--samples",
-        type=_number(int, "positive"),
-        default=None,
-        help="posterior samples " "(default: the run's)",
-    )
-    predict.add_argument("--batch-size", type=_number(int, "positive"), default=2000, help="inputs per batch")
-    predict.add_argument(
-        "--pruned",
-        nargs="?",
-        const=OWN,
-        choices=list(POSTERIORS),
-        help=_pruned_help("predict"),
-    )
+    _add_sampling_options(predict, "predict")
     predict.add_argument("--out", required=True, help="CSV file to write (written atomically)")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -550,22 +537,23 @@ def build_parser() -> argparse.ArgumentParser:
         "rotated and noisy copies of it, severities 1..5 (writes RUN/uncertainty.csv)",
     )
     uncertainty.add_argument("run", help="run folder")
-    uncertainty.add_argument(
+    _add_sampling_options(uncertainty, "measure")
+    uncertainty.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sub.add_parser("info", help="list nets, methods, reductions, priors, guides and datasets")
+    return parser
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser, verb: str) -> None:
+    """--samples, --batch-size and --pruned, which predict and uncertainty read alike."""
+    parser.add_argument(
         "--samples",
         type=_number(int, "positive"),
         default=None,
         help="posterior samples (default: the run's)",
     )
-    uncertainty.add_argument(
-        "--batch-size", type=_number(int, "positive"), default=2000, help="inputs per batch"
-    )
-    uncertainty.add_argument(
-        "--pruned", nargs="?", const=OWN, choices=list(POSTERIORS), help=_pruned_help("measure")
-    )
-    uncertainty.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    sub.add_parser("info", help="list nets, methods, reductions, priors, guides and datasets")
-    return parser
+    parser.add_argument("--batch-size", type=_number(int, "positive"), default=2000, help="inputs per batch")
+    parser.add_argument("--pruned", nargs="?", const=OWN, choices=list(POSTERIORS), help=_pruned_help(verb))
 
 
 # Parsed arguments that are not run options.
@@ -747,7 +735,8 @@ def _compare(args) -> None:
     if results is None:
         print(
             f"grid {grid.out}: jobs submitted; when they are done, the same command collects the results "
-            f"(a cell still queued then is submitted again: whichever of its jobs starts second finds it finished, or running and stops)"
+            "(a cell still queued then is submitted again: whichever of its jobs starts second finds it finished, "
+            "or running and stops)"
         )
         return
     summary = summary_markdown(results)

@@ -362,6 +362,13 @@ def prepare_like(run, raw, x_raw: torch.Tensor, y_raw: torch.Tensor | None = Non
     return datasets.prepare(shifted, pad_to=NETS[run.config.net].pad_to, device=run.config.device)
 
 
+def _predict_run(run, net: nn.Module | None, x: Tensor, samples: int, **options) -> dict[str, Tensor]:
+    """:func:`predict` of a run's Bayesian model under its guide, or of ``net``, a plain net made from it."""
+    return predict(
+        run.model if net is None else net, run.guide if net is None else None, x, samples, **options
+    )
+
+
 def predict_frame(
     run,
     prepared,
@@ -376,9 +383,9 @@ def predict_frame(
     noise_std = None
     if net is not None and prepared.task == "regress":
         noise_std = prepared.y_std * float(run.point_likelihood().precision().rsqrt())
-    predictions = predict(
-        run.model if net is None else net,
-        run.guide if net is None else None,
+    predictions = _predict_run(
+        run,
+        net,
         prepared.x_test,
         samples,
         batch_size=batch_size,
@@ -448,13 +455,8 @@ def uncertainty_table(
     for name, severity in tqdm(cases, desc="shifts", disable=not progress, dynamic_ncols=True):
         x = raw.x_test if name == "none" else SHIFTS[name](raw.x_test, severity, seed=run.config.seed)
         prepared = prepare_like(run, raw, x, raw.y_test)
-        predictions = predict(
-            run.model if net is None else net,
-            run.guide if net is None else None,
-            prepared.x_test,
-            samples,
-            batch_size=batch_size,
-            seed=run.config.seed,
+        predictions = _predict_run(
+            run, net, prepared.x_test, samples, batch_size=batch_size, seed=run.config.seed
         )
         rows.append(
             {"shift": name, "severity": severity, **classification_summary(predictions, prepared.y_test)}
