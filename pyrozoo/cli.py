@@ -9,10 +9,13 @@ checked against its registry.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import shlex
+import shutil
 import sys
+import textwrap
 import traceback
 from pathlib import Path
 
@@ -703,9 +706,7 @@ def _with_options(name: str, options: dict) -> str:
 
 
 def _compare(args) -> None:
-    from pyrozoo.compare import RESULTS, TABLE, make_grid, run_grid, summary_markdown
-
-    from pyrozoo.compare import LAUNCHERS
+    from pyrozoo.compare import LAUNCHERS, RESULTS, TABLE, make_grid, run_grid, summary_markdown
 
     given = {k.replace("-", "_"): v for k, v in vars(args).items()}
     for key in (
@@ -972,10 +973,13 @@ def _uncertainty(args) -> None:
 
 
 def _info() -> None:
+    width = max(60, shutil.get_terminal_size().columns - 1)
+
     def section(title: str, rows) -> None:
-        print(f"{title}:")
+        print(textwrap.fill(f"{title}:", width, subsequent_indent="  "))
         for name, text in rows:
-            print(f"  {name:20s} {text}")
+            lead = f"  {name:20s} "
+            print(textwrap.fill(text, width, initial_indent=lead, subsequent_indent=" " * len(lead)))
 
     def with_options(factory, shared=()) -> str:
         names = [name for name in option_names(factory) if name not in shared]
@@ -1016,15 +1020,28 @@ def _info() -> None:
     section("shifts (pyrozoo uncertainty)", SHIFTS.described())
     section(
         "datasets",
-        (
-            (
-                name,
-                f"{info.description} [{info.task}]; "
-                + (f"found in {where}" if (where := datasets.locate(name)) else "not found locally"),
-            )
-            for name, info in datasets.DATASETS.items()
-        ),
+        ((name, f"{info.description} [{info.task}]; {datasets.availability(name)}")
+         for name, info in datasets.DATASETS.items()),  # fmt: skip
     )
+    section("optional extras", _extras())
+
+
+# What each optional part of pyrozoo needs: (module to find, what it gives, how to install it).
+_EXTRAS = (
+    ("torchvision", "tv:NAME nets and dataset downloads", "pip install torchvision"),
+    ("timm", "timm:NAME nets, and the vit and mixer nets", "pip install timm"),
+    ("transformers", "Hugging Face models as nets (Python API)", "pip install transformers"),
+    ("sklearn", "the diabetes data set", "pip install 'pyrozoo[tabular]'"),
+    ("submitit", "pyrozoo compare --launcher slurm", "pip install 'pyrozoo[cluster]'"),
+    ("mkdocs", "the documentation site (mkdocs serve)", "pip install 'pyrozoo[docs]'"),
+)
+
+
+def _extras():
+    """``(module, whether it is installed here and what it gives)`` for ``pyrozoo info``."""
+    for module, gives, install in _EXTRAS:
+        here = importlib.util.find_spec(module) is not None
+        yield module, f"{gives}: {'installed' if here else 'not installed (' + install + ')'}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import importlib.util
 import math
 import os
 import pickle
@@ -532,6 +533,21 @@ def diabetes() -> RawData:
 
 
 _MADE = {"toy1d": (toy1d, "synthetic"), "diabetes": (diabetes, "scikit-learn (bundled)")}
+_NEEDS = {"diabetes": ("sklearn", "pip install 'pyrozoo[tabular]'")}  # made from an optional extra
+
+
+def availability(name: str) -> str:
+    """Whether ``load(name)`` can read the dataset here and from where, or what it takes: for ``pyrozoo info``."""
+    if name in _NEEDS and importlib.util.find_spec(_NEEDS[name][0]) is None:
+        return f"needs {_NEEDS[name][0]}: {_NEEDS[name][1]}"
+    where = locate(name)
+    if where == "bundled":
+        return "bundled with pyrozoo"
+    if name in _MADE:
+        return "made on the fly" if where == "synthetic" else f"read from {where}"
+    if where:
+        return f"found in {where}"
+    return "not here: downloaded on first use, or give --data-dir FOLDER"
 
 
 def read_csv(path: str | os.PathLike):

@@ -195,6 +195,10 @@ class IVONOptimizer(IVON):
 
 
 OPTIMIZERS = Registry("optimizer")
-OPTIMIZERS.register("adam", torch.optim.Adam)
+OPTIMIZERS.register(
+    "adam",
+    torch.optim.Adam,
+    description="Adam (torch.optim.Adam), the optimiser of every method but the ivon ones",
+)
 OPTIMIZERS.register("adabelief", AdaBelief)
 OPTIMIZERS.register("ivon", IVONOptimizer)  # only with the ivon guide and step (method ivon-bmr), see config

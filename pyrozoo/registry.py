@@ -31,14 +31,21 @@ class Registry(dict):
         super().__init__()
         self.kind = kind
         self.plural = plural or f"{kind}s"
+        self.descriptions: dict[str, str] = (
+            {}
+        )  # given at registration, for entries whose docstring is not ours
 
-    def register(self, name: str, entry=None):
-        """Add ``entry`` under ``name``; without ``entry``, a decorator that adds what it decorates."""
+    def register(self, name: str, entry=None, *, description: str | None = None):
+        """Add ``entry`` under ``name``; without ``entry``, a decorator that adds what it decorates.
+        ``description`` is the one line ``pyrozoo info`` shows, where the entry's own docstring will not do
+        (another library's class, or a docstring that names code rather than values)."""
 
         def add(value: T) -> T:
             if name in self:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
             super(Registry, self).__setitem__(name, value)
+            if description:
+                self.descriptions[name] = description
             return value
 
         return add if entry is None else add(entry)
@@ -54,7 +61,7 @@ class Registry(dict):
     def described(self) -> Iterator[tuple[str, str]]:
         """``(name, one-line description)`` of every entry, for ``pyrozoo info``."""
         for name, entry in self.items():
-            yield name, describe(entry)
+            yield name, self.descriptions.get(name) or describe(entry)
 
 
 _ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|obj):`~?([^`]+)`")

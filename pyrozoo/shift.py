@@ -27,7 +27,10 @@ SEVERITIES = (1, 2, 3, 4, 5)
 SHIFTS = Registry("shift")
 
 
-@SHIFTS.register("rotate")
+@SHIFTS.register(
+    "rotate",
+    description=f"rotate every image by {'/'.join(map(str, ROTATION_DEGREES))} degrees at severity 1..5",
+)
 def rotate(images: torch.Tensor, severity: int, seed: int = 0) -> torch.Tensor:
     """Rotate every image by ``ROTATION_DEGREES[severity - 1]`` degrees (counter-clockwise, about its centre)."""
     angle = math.radians(ROTATION_DEGREES[_check(severity) - 1])
@@ -39,7 +42,10 @@ def rotate(images: torch.Tensor, severity: int, seed: int = 0) -> torch.Tensor:
     return _to_uint8(out)
 
 
-@SHIFTS.register("noise")
+@SHIFTS.register(
+    "noise",
+    description=f"add Gaussian noise of std {'/'.join(map(str, NOISE_STD))} (pixels in [0, 1]) at severity 1..5",
+)
 def noise(images: torch.Tensor, severity: int, seed: int = 0) -> torch.Tensor:
     """Add Gaussian noise of standard deviation ``NOISE_STD[severity - 1]`` (pixels scaled to [0, 1]), from a
     stream seeded by ``seed``, so the shifted set is the same every time."""

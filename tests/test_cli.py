@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,13 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from clitools import assert_one_line_error, cli
 
 from pyrozoo import data
 from pyrozoo.cli import SUMMARY_COLUMNS
 from pyrozoo.guides import GUIDES
 from pyrozoo.methods import METHODS
 from pyrozoo.nets import NETS
-from clitools import assert_one_line_error, cli
 
 TINY = [
     "--data",
@@ -201,8 +202,23 @@ def test_info_lists_every_name(capsys):
     for section in ("nets:", "methods:", "guides:", "datasets:"):
         assert section in stdout.splitlines()
     mini = next(line for line in stdout.splitlines() if line.split()[0] == "fashion-mnist-mini")
-    assert "found in bundled" in mini
-    assert "not found locally" in next(line for line in stdout.splitlines() if line.split()[0] == "mnist")
+    assert "bundled with pyrozoo" in " ".join(stdout.split("fashion-mnist-mini", 1)[1].split()[:20])
+    assert "not here" in " ".join(stdout.split("\n  mnist", 1)[1].split()[:20])
+    del mini
+
+
+def test_info_fits_the_terminal_and_speaks_in_words(capsys, monkeypatch):
+    """Every line within the terminal's width; each component described in words, not by another library's
+    docstring or a code expression; the optional extras said installed or how to install them."""
+    monkeypatch.setenv("COLUMNS", "80")
+    code, stdout, _ = cli(capsys, "info")
+    assert code == 0 and max(map(len, stdout.splitlines())) <= 80
+    flat = " ".join(stdout.split())
+    assert "Implements Adam" not in flat and "[severity - 1]" not in flat and "15/30/45/60/90 degrees" in flat
+    assert "optional extras:" in stdout.splitlines()
+    extras = stdout.split("optional extras:\n", 1)[1]
+    rows = [" ".join(row.split()) for row in re.split(r"\n(?=  \S)", extras) if row.strip()]
+    assert len(rows) >= 5 and all(row.endswith("installed") or "(pip install" in row for row in rows), rows
 
 
 def test_installed_console_script(tmp_path):
