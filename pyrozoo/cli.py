@@ -216,13 +216,40 @@ def _fit_size_help() -> str:
     )
 
 
-def _pruned_help(verb: str) -> str:
+def _add_pruned_option(parser: argparse.ArgumentParser, verb: str, default: str) -> None:
+    """--pruned [latest|SOURCE|none], alike on export, predict and uncertainty; only the default differs."""
     fitted = [name for name, source in POSTERIORS.items() if issubclass(source, FittedSource)]
-    return (
-        f"{verb} with the state pyrozoo prune --posterior P pruned (P {OWN} without a value): one loaded into the "
-        f"run's model and guide is sampled as the run's posterior; the plain net pruned from a posterior fitted "
-        f"after training ({', '.join(fitted)}) is one draw, no epistemic part"
+    parser.add_argument(
+        "--pruned",
+        nargs="?",
+        const="latest",
+        default=default,
+        choices=["latest", *POSTERIORS, "none"],
+        help=f"{verb} the state pyrozoo prune --posterior P pruned: P (its file: "
+        + ", ".join(f"{name} {make_source(name).file}" for name in POSTERIORS)
+        + "), latest (the newest of those, said when there are several; --pruned alone), or none (the "
+        f"checkpoint as trained; default {default}). A state loaded into the run's model and guide is sampled as "
+        f"the run's posterior; the plain net pruned from a posterior fitted after training ({', '.join(fitted)}) "
+        "is one draw, no epistemic part",
     )
+
+
+def chosen_pruned(run, which: str, log=print, or_trained: bool = False):
+    """The posterior source whose pruned result ``--pruned which`` names (latest: the newest there is), or None
+    for the checkpoint as trained, which ``latest`` falls back to only ``or_trained`` (export's default)."""
+    from pyrozoo.export import pruned_results
+
+    if which == "latest":
+        found = pruned_results(run.out)
+        if not found and not or_trained:
+            raise PyrozooError(f"{run.out} has no pruned result: make one with pyrozoo prune {run.out}")
+        which = next(iter(found), "none")
+        if len(found) > 1:
+            log(
+                f"{run.out} has {len(found)} pruned results ({', '.join(p.name for p in found.values())}): "
+                f"using the newest, {found[which].name} (choose with --pruned " + "|".join(found) + ")"
+            )
+    return None if which == "none" else make_source(which)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,15 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="rebuild the run's sparse net, save it, compare it with the dense one"
     )
     export.add_argument("run", help="run folder")
-    export.add_argument(
-        "--pruned",
-        choices=["latest", *POSTERIORS, "none"],
-        default="latest",
-        help="which pruned result to export: the one pyrozoo prune --posterior P wrote ("
-        + ", ".join(f"{name}: {make_source(name).file}" for name in POSTERIORS)
-        + "), latest (the default: the newest of those, said when there are several), or none (the checkpoint "
-        "as trained)",
-    )
+    _add_pruned_option(export, "export", default="latest")
     export.add_argument(
         "--repeats", type=_number(int, "positive"), default=50, help="timed forward passes per latency"
     )
@@ -556,7 +575,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, verb: str) -> None:
         help="posterior samples (default: the run's)",
     )
     parser.add_argument("--batch-size", type=_number(int, "positive"), default=2000, help="inputs per batch")
-    parser.add_argument("--pruned", nargs="?", const=OWN, choices=list(POSTERIORS), help=_pruned_help(verb))
+    _add_pruned_option(parser, verb, default="none")
 
 
 # Parsed arguments that are not run options.
@@ -841,20 +860,12 @@ def _sweep(args) -> None:
 
 
 def _export(args) -> None:
-    from pyrozoo.export import export, pruned_results
+    from pyrozoo.export import export
     from pyrozoo.trained import load
 
     run = load(args.run, log=lambda text: print(text, file=sys.stderr))
-    which, found, nets = args.pruned, pruned_results(run.out), None
-    if which == "latest":
-        which = next(iter(found), "none")
-        if len(found) > 1:
-            print(
-                f"{run.out} has {len(found)} pruned results ({', '.join(p.name for p in found.values())}): "
-                f"exporting the newest, {found[which].name} (choose with --pruned " + "|".join(found) + ")",
-                file=sys.stderr,
-            )
-    source = None if which == "none" else make_source(which)
+    source = chosen_pruned(run, args.pruned, log=lambda text: print(text, file=sys.stderr), or_trained=True)
+    nets = None
     state = "checkpoint" if source is None else source.file
     if source is not None:
         nets = source.load_pruned(run)  # refused if pruned from an older checkpoint, or not there
@@ -887,7 +898,8 @@ def _open_for_prediction(args):
     from pyrozoo.trained import load
 
     run = load(args.run, log=lambda text: print(text, file=sys.stderr))
-    nets = make_source(args.pruned).load_pruned(run) if args.pruned else None
+    source = chosen_pruned(run, args.pruned, log=lambda text: print(text, file=sys.stderr))
+    nets = None if source is None else source.load_pruned(run)
     c = run.config
     raw = datasets.load(c.data, c.data_dir, target=c.target, task=c.task)
     return run, raw, None if nets is None else nets[0].to(run.data.x_test.device)
@@ -973,7 +985,9 @@ def _uncertainty(args) -> None:
 
 
 def _info() -> None:
-    width = max(60, shutil.get_terminal_size().columns - 1)
+    # Wrapped to the terminal (or $COLUMNS); piped into grep or a file, one line per entry.
+    wrap = sys.stdout.isatty() or "COLUMNS" in os.environ
+    width = max(60, shutil.get_terminal_size().columns - 1) if wrap else 10**6
 
     def section(title: str, rows) -> None:
         print(textwrap.fill(f"{title}:", width, subsequent_indent="  "))

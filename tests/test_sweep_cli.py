@@ -82,7 +82,7 @@ def test_export_a_laplace_pruned_result(capsys, map_run):
             assert "pruned-laplace-kfac.pt" in out and "several" not in err
     code, out, err = cli(capsys, "export", "map", "--repeats", "1")
     assert code == 0, err
-    assert "2 pruned results" in err and "exporting the newest, pruned-laplace-diag.pt" in err
+    assert "2 pruned results" in err and "using the newest, pruned-laplace-diag.pt" in err
     for posterior in ("laplace-kfac", "laplace-diag"):
         code, out, err = cli(capsys, "export", "map", "--pruned", posterior, "--repeats", "1")
         assert code == 0, err
@@ -113,3 +113,20 @@ def test_export_a_laplace_pruned_result(capsys, map_run):
     assert code == 0, err
     summary = pd.read_json(map_run / "export" / "summary.json", typ="series")
     assert summary["sparse"]["parameters"] < summary["dense"]["parameters"]
+
+
+def test_pruned_means_the_same_on_export_predict_and_uncertainty(capsys, map_run):
+    """``--pruned`` alone is the newest pruned result on all three; with none there, predict and uncertainty
+    say how to make one (export falls back to the trained checkpoint, its documented default); an unknown value
+    is refused alike."""
+    for command in (["predict", "map", "--out", "p.csv"], ["uncertainty", "map"]):
+        assert_one_line_error(*cli(capsys, *command, "--pruned", "--no-progress"), "no pruned result", "prune")
+        code, _, err = cli(capsys, *command, "--pruned", "lastest", "--no-progress")
+        assert code == 2 and "invalid choice" in err
+    code, out, _ = cli(capsys, "export", "map", "--pruned", "--repeats", "1")
+    assert code == 0 and "(checkpoint," in out
+    assert cli(capsys, "prune", "map", "--posterior", "laplace-diag", "--rule", "sparsity", "--no-progress")[0] == 0
+    code, out, _ = cli(capsys, "predict", "map", "--pruned", "--out", "p.csv", "--no-progress")
+    assert code == 0
+    code, out, _ = cli(capsys, "export", "map", "--pruned", "--repeats", "1")
+    assert code == 0 and "pruned-laplace-diag.pt" in out
