@@ -50,18 +50,26 @@ def tiny_batch():
 # A tiny MAP run: an MLP trained one epoch of 20 steps on the bundled data set.
 TINY_MAP_RUN = ["--net", "mlp", "--net-option", "hidden=(16,16)", "--data", "fashion-mnist-mini",
                 "--steps-per-epoch", "20", "--no-progress", "--method", "flat-map", "--epochs", "1"]  # fmt: skip
+# A tiny flat-ff run (a posterior to prune): the default MLP trained one epoch of 3 steps, as test_cli's TINY.
+TINY_FF_RUN = ["--data", "fashion-mnist-mini", "--net", "mlp", "--steps-per-epoch", "3", "--batch-size", "32",
+               "--samples", "2", "--no-progress", "--method", "flat-ff", "--epochs", "1"]  # fmt: skip
+
+
+def _trained(tmp_path_factory, name: str, argv: list[str]) -> Path:
+    """``pyrozoo train *argv`` into a fresh folder, quietly; a failure shows what the run said."""
+    from pyrozoo.cli import main
+
+    folder = tmp_path_factory.mktemp("trained") / name
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        code = main(["train", *argv, "--out", str(folder)])
+    assert code == 0, err.getvalue()
+    return folder
 
 
 @pytest.fixture(scope="session")
 def trained_map_run(tmp_path_factory) -> Path:
     """The tiny MAP run, trained once per session. Read-only: a test that writes into it takes ``map_run``."""
-    from pyrozoo.cli import main
-
-    folder = tmp_path_factory.mktemp("trained") / "map"
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
-        code = main(["train", *TINY_MAP_RUN, "--out", str(folder)])
-    assert code == 0, err.getvalue()
-    return folder
+    return _trained(tmp_path_factory, "map", TINY_MAP_RUN)
 
 
 @pytest.fixture
@@ -69,3 +77,16 @@ def map_run(trained_map_run, tmp_path, monkeypatch) -> Path:
     """A copy of the tiny MAP run at ``tmp_path/map``, with ``tmp_path`` the working directory."""
     monkeypatch.chdir(tmp_path)
     return Path(shutil.copytree(trained_map_run, tmp_path / "map"))
+
+
+@pytest.fixture(scope="session")
+def trained_ff_run(tmp_path_factory) -> Path:
+    """The tiny flat-ff run, trained once per session. Read-only: a test that writes into it takes ``ff_run``."""
+    return _trained(tmp_path_factory, "ff", TINY_FF_RUN)
+
+
+@pytest.fixture
+def ff_run(trained_ff_run, tmp_path, monkeypatch) -> Path:
+    """A copy of the tiny flat-ff run at ``tmp_path/run``, with ``tmp_path`` the working directory."""
+    monkeypatch.chdir(tmp_path)
+    return Path(shutil.copytree(trained_ff_run, tmp_path / "run"))
