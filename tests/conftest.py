@@ -54,15 +54,24 @@ TINY_MAP_RUN = ["--net", "mlp", "--net-option", "hidden=(16,16)", "--data", "fas
 TINY_FF_RUN = ["--data", "fashion-mnist-mini", "--net", "mlp", "--steps-per-epoch", "3", "--batch-size", "32",
                "--samples", "2", "--no-progress", "--method", "flat-ff", "--epochs", "1"]  # fmt: skip
 
+# A tiny BMR run, pruned after training (files of every kind a run holds): the MLP of test_untrusted_files' RUN.
+TINY_PRUNED_RUN = [
+    "--data", "fashion-mnist-mini", "--net", "mlp", "--net-option", "hidden=(8,)", "--method", "bmr-th",
+    "--epochs", "1", "--steps-per-epoch", "2", "--warmup-steps", "0", "--batch-size", "32", "--samples", "2",
+    "--no-progress",
+]  # fmt: skip
 
-def _trained(tmp_path_factory, name: str, argv: list[str]) -> Path:
-    """``pyrozoo train *argv`` into a fresh folder, quietly; a failure shows what the run said."""
+
+def _trained(tmp_path_factory, name: str, argv: list[str], *after: list[str]) -> Path:
+    """``pyrozoo train *argv`` into a fresh folder, then each command of ``after`` on it (``RUN``: the folder),
+    quietly; a failure shows what the command said."""
     from pyrozoo.cli import main
 
     folder = tmp_path_factory.mktemp("trained") / name
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
-        code = main(["train", *argv, "--out", str(folder)])
-    assert code == 0, err.getvalue()
+    for command in (["train", *argv, "--out", "RUN"], *after):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+            code = main([str(folder) if arg == "RUN" else arg for arg in command])
+        assert code == 0, err.getvalue()
     return folder
 
 
@@ -90,3 +99,10 @@ def ff_run(trained_ff_run, tmp_path, monkeypatch) -> Path:
     """A copy of the tiny flat-ff run at ``tmp_path/run``, with ``tmp_path`` the working directory."""
     monkeypatch.chdir(tmp_path)
     return Path(shutil.copytree(trained_ff_run, tmp_path / "run"))
+
+
+@pytest.fixture(scope="session")
+def trained_pruned_run(tmp_path_factory) -> Path:
+    """The tiny BMR run, trained and pruned once per session (checkpoint.pt and pruned.pt). Read-only: tests copy
+    it."""
+    return _trained(tmp_path_factory, "pruned", TINY_PRUNED_RUN, ["prune", "RUN", "--no-progress"])
