@@ -81,11 +81,16 @@ def trained_map_run(tmp_path_factory) -> Path:
     return _trained(tmp_path_factory, "map", TINY_MAP_RUN)
 
 
+def _copied(trained: Path, folder: Path, monkeypatch) -> Path:
+    """A copy of a session's run at ``folder``, with the folder above it the working directory."""
+    monkeypatch.chdir(folder.parent)
+    return Path(shutil.copytree(trained, folder))
+
+
 @pytest.fixture
 def map_run(trained_map_run, tmp_path, monkeypatch) -> Path:
     """A copy of the tiny MAP run at ``tmp_path/map``, with ``tmp_path`` the working directory."""
-    monkeypatch.chdir(tmp_path)
-    return Path(shutil.copytree(trained_map_run, tmp_path / "map"))
+    return _copied(trained_map_run, tmp_path / "map", monkeypatch)
 
 
 @pytest.fixture(scope="session")
@@ -97,8 +102,7 @@ def trained_ff_run(tmp_path_factory) -> Path:
 @pytest.fixture
 def ff_run(trained_ff_run, tmp_path, monkeypatch) -> Path:
     """A copy of the tiny flat-ff run at ``tmp_path/run``, with ``tmp_path`` the working directory."""
-    monkeypatch.chdir(tmp_path)
-    return Path(shutil.copytree(trained_ff_run, tmp_path / "run"))
+    return _copied(trained_ff_run, tmp_path / "run", monkeypatch)
 
 
 @pytest.fixture(scope="session")
