@@ -82,7 +82,7 @@ class IVONOptimizer(IVON):
     backward passes together (experiments/RESULTS.md, IVON step). Here a one-parameter group (pyrozoo's: one
     layer each) is read through views, the momentum and Hessian are updated in their own storage, and the mean
     in the parameter's; the arithmetic is ivon-opt's (``price`` Hessian estimate, debiasing, learning-rate
-    rescaling, clipping), up to the rounding of fused operations (tests/test_ivon.py runs both side by side from
+    rescaling, clipping), up to the rounding of fused operations (tests/guides/test_ivon.py runs both side by side from
     the same random draws). The state layout (``group["hess"]``, ``group["momentum"]``) is ivon-opt's, so its
     ``state_dict`` is unchanged.
     """

@@ -60,22 +60,63 @@ def tiny_batch():
 # A tiny MAP run: an MLP trained one epoch of 20 steps on the bundled data set.
 TINY_MAP_RUN = ["--net", "mlp", "--net-option", "hidden=(16,16)", "--data", "fashion-mnist-mini",
                 "--steps-per-epoch", "20", "--no-progress", "--method", "flat-map", "--epochs", "1"]  # fmt: skip
+# A tiny flat-ff run (a posterior to prune): the default MLP trained one epoch of 3 steps, as test_cli's TINY.
+TINY_FF_RUN = ["--data", "fashion-mnist-mini", "--net", "mlp", "--steps-per-epoch", "3", "--batch-size", "32",
+               "--samples", "2", "--no-progress", "--method", "flat-ff", "--epochs", "1"]  # fmt: skip
+
+# A tiny BMR run, pruned after training (files of every kind a run holds): the MLP of test_untrusted_files' RUN.
+TINY_PRUNED_RUN = [
+    "--data", "fashion-mnist-mini", "--net", "mlp", "--net-option", "hidden=(8,)", "--method", "bmr-th",
+    "--epochs", "1", "--steps-per-epoch", "2", "--warmup-steps", "0", "--batch-size", "32", "--samples", "2",
+    "--no-progress",
+]  # fmt: skip
+
+
+def _trained(tmp_path_factory, name: str, argv: list[str], *after: list[str]) -> Path:
+    """``pyrozoo train *argv`` into a fresh folder, then each command of ``after`` on it (``RUN``: the folder),
+    quietly; a failure shows what the command said."""
+    from pyrozoo.cli import main
+
+    folder = tmp_path_factory.mktemp("trained") / name
+    for command in (["train", *argv, "--out", "RUN"], *after):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+            code = main([str(folder) if arg == "RUN" else arg for arg in command])
+        assert code == 0, err.getvalue()
+    return folder
 
 
 @pytest.fixture(scope="session")
 def trained_map_run(tmp_path_factory) -> Path:
     """The tiny MAP run, trained once per session. Read-only: a test that writes into it takes ``map_run``."""
-    from pyrozoo.cli import main
+    return _trained(tmp_path_factory, "map", TINY_MAP_RUN)
 
-    folder = tmp_path_factory.mktemp("trained") / "map"
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
-        code = main(["train", *TINY_MAP_RUN, "--out", str(folder)])
-    assert code == 0, err.getvalue()
-    return folder
+
+def _copied(trained: Path, folder: Path, monkeypatch) -> Path:
+    """A copy of a session's run at ``folder``, with the folder above it the working directory."""
+    monkeypatch.chdir(folder.parent)
+    return Path(shutil.copytree(trained, folder))
 
 
 @pytest.fixture
 def map_run(trained_map_run, tmp_path, monkeypatch) -> Path:
     """A copy of the tiny MAP run at ``tmp_path/map``, with ``tmp_path`` the working directory."""
-    monkeypatch.chdir(tmp_path)
-    return Path(shutil.copytree(trained_map_run, tmp_path / "map"))
+    return _copied(trained_map_run, tmp_path / "map", monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def trained_ff_run(tmp_path_factory) -> Path:
+    """The tiny flat-ff run, trained once per session. Read-only: a test that writes into it takes ``ff_run``."""
+    return _trained(tmp_path_factory, "ff", TINY_FF_RUN)
+
+
+@pytest.fixture
+def ff_run(trained_ff_run, tmp_path, monkeypatch) -> Path:
+    """A copy of the tiny flat-ff run at ``tmp_path/run``, with ``tmp_path`` the working directory."""
+    return _copied(trained_ff_run, tmp_path / "run", monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def trained_pruned_run(tmp_path_factory) -> Path:
+    """The tiny BMR run, trained and pruned once per session (checkpoint.pt and pruned.pt). Read-only: tests copy
+    it."""
+    return _trained(tmp_path_factory, "pruned", TINY_PRUNED_RUN, ["prune", "RUN", "--no-progress"])

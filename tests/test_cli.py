@@ -159,9 +159,8 @@ def test_tiny_training_run(capsys, tmp_path):
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
 
 
-def test_existing_run_needs_resume(capsys, tmp_path):
-    out = tmp_path / "run"
-    assert cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(out))[0] == 0
+def test_existing_run_needs_resume(capsys, ff_run):
+    out = ff_run  # trained as TINY for one epoch
     checkpoint = (out / "checkpoint.pt").read_bytes()
 
     assert_one_line_error(*cli(capsys, "train", *TINY, "--epochs", "1", "--out", str(out)), "--resume")
@@ -236,10 +235,8 @@ def test_installed_console_script(tmp_path):
     assert bad.stderr.splitlines() == [bad.stderr.strip()] and bad.stderr.startswith("pyrozoo: error:")
 
 
-def test_prune_and_export_a_finished_run(capsys, tmp_path):
+def test_prune_and_export_a_finished_run(capsys, tmp_path, ff_run):
     """One-shot BMR of a tiny flat-ff run, then export of the rebuilt sparse net."""
-    code, _, err = cli(capsys, "train", *TINY, "--method", "flat-ff", "--epochs", "1", "--out", "run")
-    assert code == 0, err
     code, out, err = cli(capsys, "prune", "run", "--rule", "threshold", "--margin=-1e9")
     assert code == 0, err
     assert "pruned fraction 1.0000" in out  # margin -1e9: every prunable weight goes
@@ -254,9 +251,7 @@ def test_prune_and_export_a_finished_run(capsys, tmp_path):
     assert program.module()(x).shape == (3, 10)
 
 
-def test_prune_removes_whole_units(capsys, tmp_path):
-    code, _, err = cli(capsys, "train", *TINY, "--method", "flat-ff", "--epochs", "1", "--out", "run")
-    assert code == 0, err
+def test_prune_removes_whole_units(capsys, tmp_path, ff_run):
     code, out, err = cli(capsys, "prune", "run", "--rule", "units", "--margin=-1e9")
     assert code == 0, err
     # every unit but those the live-path guard keeps (issue 32); asked for, the net is emptied
@@ -268,9 +263,7 @@ def test_prune_removes_whole_units(capsys, tmp_path):
     assert "pruned fraction 1.0000" in out
 
 
-def test_prune_refuses_a_map_run(capsys):
-    code, _, err = cli(capsys, "train", *TINY, "--method", "flat-map", "--epochs", "1", "--out", "map")
-    assert code == 0, err
+def test_prune_refuses_a_map_run(capsys, map_run):
     assert_one_line_error(*cli(capsys, "prune", "map"), "point mass")
 
 
@@ -338,9 +331,7 @@ def test_net_options_structured_pruning_and_optimizer_reach_the_run(capsys, tmp_
     )
 
 
-def test_a_rule_option_reaches_its_reduction_and_one_it_does_not_take_is_refused(capsys, tmp_path):
-    code, _, err = cli(capsys, "train", *TINY, "--method", "flat-ff", "--epochs", "1", "--out", "run")
-    assert code == 0, err
+def test_a_rule_option_reaches_its_reduction_and_one_it_does_not_take_is_refused(capsys, tmp_path, ff_run):
     assert_one_line_error(
         *cli(capsys, "prune", "run", "--rule", "spike-and-slab", "--rule-option", "margin=1"),
         "reduction 'spike-and-slab' takes no option 'margin'; its options: count_pruned, max_cutoff, iterations",
@@ -378,9 +369,7 @@ def test_a_warm_up_as_long_as_the_run_is_announced(capsys, tmp_path):
     assert "warning" not in err
 
 
-def test_resume_refuses_a_flag_that_changes_the_run(capsys, tmp_path):
-    code, _, err = cli(capsys, "train", *TINY, "--method", "flat-ff", "--epochs", "1", "--out", "run")
-    assert code == 0, err
+def test_resume_refuses_a_flag_that_changes_the_run(capsys, tmp_path, ff_run):
     assert_one_line_error(
         *cli(capsys, "train", "--out", "run", "--resume", "--lr", "1", "--no-progress"), "--lr", "--resume"
     )

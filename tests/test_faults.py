@@ -3,8 +3,9 @@ hostile user meets: a full disk, a read-only folder, data that cannot train, a w
 columns, corrupt run files for every subcommand that reads them, refused commands that change no file (figures
 included), and kill -9 at file events (slow), after which the same command ends as the uninterrupted twin.
 
-The cheap cases share one finished tiny run (1 epoch x 5 steps) and one one-cell grid; the full-disk cases mount a
-tmpfs (root only) and the read-only ones use ``chattr +i`` (root ignores mode bits), each skipped where it cannot.
+The cheap cases share one finished tiny run (conftest's trained_pruned_run) and one one-cell grid; the full-disk
+cases mount a tmpfs (root only) and the read-only ones use ``chattr +i`` (root ignores mode bits), each skipped
+where it cannot.
 """
 
 from __future__ import annotations
@@ -98,13 +99,10 @@ TINY = ["--data", "fashion-mnist-mini", "--net", "mlp", "--net-option", "hidden=
         "--steps-per-epoch", "5", "--batch-size", "32", "--samples", "2", "--no-progress"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished 1-epoch, 5-step tiny run, pruned, made once; tests copy it."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert main(["train", *TINY, "--out", str(out)]) == 0
-    assert main(["prune", str(out)]) == 0
-    return out
+@pytest.fixture
+def finished(trained_pruned_run) -> Path:
+    """A finished one-epoch tiny run, pruned, made once per session (conftest's); tests copy it."""
+    return trained_pruned_run
 
 
 @pytest.fixture

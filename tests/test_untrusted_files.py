@@ -52,16 +52,11 @@ def _hostile(path: Path, marker: Path, *, legacy: bool = False) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished one-epoch run, pruned, with an input file beside it (read-only: tests copy it)."""
-    from pyrozoo.cli import main
-
-    folder = tmp_path_factory.mktemp("untrusted") / "run"
-    assert main(["train", *RUN, "--out", str(folder)]) == 0
-    assert main(["prune", str(folder), "--no-progress"]) == 0
-    assert (folder / PRUNED).exists()
-    return folder
+@pytest.fixture
+def finished(trained_pruned_run) -> Path:
+    """A finished one-epoch run of RUN, pruned (conftest's, shared with test_faults; read-only: tests copy it)."""
+    assert (trained_pruned_run / PRUNED).exists()
+    return trained_pruned_run
 
 
 @pytest.fixture

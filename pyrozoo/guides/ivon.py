@@ -13,7 +13,7 @@ The frame. pyrozoo's models are non-centred: ``w = scale * mask * z``, ``z ~ N(0
 set to ``delta = 1 / (ess s^2)``: IVON's prior is then exactly the model's, and the posterior in ``z`` is
 ``N(m / s, 1 / (ess h s^2 + 1))`` (variance), since ``ess (h + delta) s^2 = ess h s^2 + 1``. BMR's closed forms
 (pyrozoo.bmr.delta_f) take it as they take any mean-field posterior in ``z`` against ``N(0, 1)``; no form of
-its own is needed (tests/test_ivon.py checks dF against the exact evidence of a conjugate linear regression).
+its own is needed (tests/guides/test_ivon.py checks dF against the exact evidence of a conjugate linear regression).
 A pruned entry is reset to the prior: weight 0, Hessian 0 (precision ``ess delta``, scale 1 in ``z``) and
 momentum 0, a fixed point of IVON's update, and the net multiplies it by its mask, so it never comes back.
 """

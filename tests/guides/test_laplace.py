@@ -280,7 +280,7 @@ def test_readme_compress_section_runs_as_written():
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     block = re.search(r"## Compress a network you already have.*?```python\n(.*?)```", readme, re.S).group(1)
     namespace = {"net": _net("lenet"), "x_train": _inputs("lenet", 30)}
     exec(compile(block, "README.md", "exec"), namespace)
