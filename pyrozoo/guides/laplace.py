@@ -37,7 +37,7 @@ The curvature (:func:`curvature`):
   stochastically (Hutchinson, XDiag: many products), and BackPACK's exact one needs the net rebuilt from its own
   modules. It is the exact GGN diagonal (type-2) or its Monte Carlo estimate, checked against the GGN from
   the exact GGN's Jacobians on Linear, strided and padded, grouped and depthwise layers
-  (tests/test_laplace_curvature.py).
+  (tests/guides/test_laplace_curvature.py).
 
 The marginal likelihood's optimum is a one-dimensional root per layer given the eigenvalues (KFAC's ``g_i a_j``,
 EKFAC's refitted ones), which needs no optimiser. Linear and Conv2d layers are supported; other random groups
