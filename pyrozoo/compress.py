@@ -176,6 +176,13 @@ def latency_per_unit(model, posterior, dense: nn.Module, example: torch.Tensor, 
     return found
 
 
+def rank_for(model, posterior, target: Target, dense: nn.Module, example, trace_example, repeats: int = 7) -> Ranking:
+    """The ranking :func:`compress` reduces ``model`` along for ``target``."""
+    measured = latency_per_unit(model, posterior, dense, example, repeats) if target.kind == "latency" else None
+    by = "params" if target.kind in ("params", "evidence") else "flops"
+    return rank_units(model, posterior, trace_example, by=by, unit_cost=measured)
+
+
 def _set_masks(
     model, masks: dict[str, torch.Tensor], groups: list[Units], removed: dict[int, list[int]]
 ) -> None:
@@ -327,6 +334,78 @@ def _row(
     }
 
 
+@dataclass
+class _Job:
+    """What every method of one :func:`compress` call shares: the data, the dense net, the timing examples
+    and the fine-tune every pruned net gets."""
+
+    d: object
+    dense: nn.Module
+    example: dict[int, torch.Tensor]
+    repeats: int
+    finetune_steps: int
+    lr: float
+    batch_size: int
+    seed: int
+
+    def tune(self, net: nn.Module) -> None:
+        finetune(net, self.d.x_train, self.d.y_train, self.finetune_steps, self.lr, self.batch_size, self.seed)
+
+    def row(self, method: str, target: Target, net: nn.Module, **extra) -> dict:
+        return _row(method, target, net, self.dense, self.d, self.example, self.repeats, **extra)
+
+
+def _targets(target: str | Target | list[Target]) -> list[Target]:
+    if isinstance(target, str):
+        return Target.parse(target)
+    return [target] if isinstance(target, Target) else list(target)
+
+
+def _references(job: _Job, log) -> list[dict]:
+    """The dense net's row, and the dense net given the same fine-tune (every pruned net gets it, so the front
+    is read against this)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(job.seed)
+        dense_row = {**job.row("dense", Target("evidence"), job.dense), "target": "-"}
+    log(f"dense: {dense_row['params']:,} parameters, accuracy {dense_row['accuracy']:.4f}")
+    if not job.finetune_steps:
+        return [dense_row]
+    tuned = copy.deepcopy(job.dense)
+    job.tune(tuned)
+    return [dense_row, {**job.row("dense+finetune", Target("evidence"), tuned), "target": "-"}]
+
+
+def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tuple[nn.Module, float, dict]:
+    """pyrozoo's net for target ``t``, fine-tuned: ``(net, the cost it reached, its row)``."""
+    start = time.perf_counter()
+    ranking = rank_for(model, posterior, t, job.dense, job.example[256], job.d.x_train[:2], job.repeats)
+    small, removed, value = reduce_to(model, posterior, ranking, t, job.dense, job.example[256], job.repeats)
+    remove_first(model, ranking, 0)  # the model as fitted, for the next target
+    job.tune(small)
+    seconds = fitted + time.perf_counter() - start
+    log(f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units ({value:.3f} of the dense cost)")
+    return small, value, job.row("pyrozoo", t, small, units_removed=removed, seconds=seconds)
+
+
+def _baseline(job: _Job, name: str, t: Target, small: nn.Module, value: float, keep: list[nn.Module]) -> dict:
+    """The row of baseline ``name`` brought to the cost pyrozoo's net reached for ``t``, measured the same way
+    (for ``evidence``: its parameters), and given the same fine-tune."""
+    start = time.perf_counter()
+    dense = job.dense
+    if name == "global-magnitude":  # as many weights zeroed as pyrozoo's net has fewer
+        fraction = 1 - costs.parameters(small) / costs.parameters(dense)
+        pruned = pruners.global_magnitude(dense, keep, fraction)
+        job.tune(pruned)
+        pruners.make_permanent(pruned)
+    else:
+        kind, reached = ("params", value) if t.kind == "evidence" else (t.kind, t.value)
+        measure = lambda candidate: costs.cost(kind, candidate, dense, job.example[256], job.repeats)  # noqa: E731
+        batch = (job.d.x_train[: job.batch_size], job.d.y_train[: job.batch_size])
+        pruned, _ = pruners.channel_prune_to(dense, job.example[1], name, keep, measure, reached, batch)
+        job.tune(pruned)
+    return job.row(name, t, pruned, seconds=time.perf_counter() - start)
+
+
 def compress(
     net: nn.Module,
     data,
@@ -347,11 +426,7 @@ def compress(
     of Adam at ``lr``. ``net`` is not changed."""
     from pyrozoo.guides.laplace import laplace
 
-    targets = (
-        Target.parse(target)
-        if isinstance(target, str)
-        else [target] if isinstance(target, Target) else target
-    )
+    targets = _targets(target)
     unknown = set(baselines) - set(pruners.PRUNERS)
     if unknown:
         raise PyrozooError(f"unknown baselines {sorted(unknown)}; known: {', '.join(pruners.PRUNERS)}")
@@ -360,19 +435,8 @@ def compress(
     d = _data(data)
     dense = copy.deepcopy(net).eval()
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        dense_row = _row("dense", Target("evidence"), dense, dense, d, example, repeats)
-    dense_row["target"] = "-"
-    table = [dense_row]
-    log(f"dense: {dense_row['params']:,} parameters, accuracy {dense_row['accuracy']:.4f}")
-    # what the fine-tune alone does: every pruned net gets it, so the front is read against this
-    if finetune_steps:
-        tuned = copy.deepcopy(dense)
-        finetune(tuned, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)
-        table.append(
-            {**_row("dense+finetune", Target("evidence"), tuned, dense, d, example, repeats), "target": "-"}
-        )
+    job = _Job(d, dense, example, repeats, finetune_steps, lr, batch_size, seed)
+    table = _references(job, log)
 
     start = time.perf_counter()
     model, posterior = laplace(dense, d.x_train, "diag", fit_size=fit_size, progress=progress, seed=seed)
@@ -380,46 +444,17 @@ def compress(
     keep = [dense.get_submodule(head.name)]
     fitted = time.perf_counter() - start
     nets = {}
-    batch = (d.x_train[:batch_size], d.y_train[:batch_size])
     steps = tqdm(total=len(targets) * (1 + len(baselines)), desc="compress", disable=not progress)
     for t in targets:
-        start = time.perf_counter()
-        measured = (
-            latency_per_unit(model, posterior, dense, example[256], repeats) if t.kind == "latency" else None
-        )
-        by = "params" if t.kind in ("params", "evidence") else "flops"
-        ranking = rank_units(model, posterior, d.x_train[:2], by=by, unit_cost=measured)
-        small, removed, value = reduce_to(model, posterior, ranking, t, dense, example[256], repeats)
-        remove_first(model, ranking, 0)  # the model as fitted, for the next target
-        finetune(small, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)
-        seconds = fitted + time.perf_counter() - start
+        small, value, row = _pyrozoo(job, model, posterior, t, fitted, log)
         nets[str(t)] = small
-        table.append(
-            _row("pyrozoo", t, small, dense, d, example, repeats, units_removed=removed, seconds=seconds)
-        )
-        log(
-            f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units ({value:.3f} of the dense cost)"
-        )
+        table.append(row)
         steps.update()
-        # the baselines meet the cost pyrozoo's net reached, measured the same way
-        kind, reached = ("params", value) if t.kind == "evidence" else (t.kind, t.value)
-        measure = lambda candidate: costs.cost(kind, candidate, dense, example[256], repeats)  # noqa: E731
         for name in baselines:
-            start = time.perf_counter()
-            if name == "global-magnitude":  # as many weights zeroed as pyrozoo's net has fewer
-                fraction = 1 - costs.parameters(small) / dense_row["params"]
-                pruned = pruners.global_magnitude(dense, keep, fraction)
-                finetune(pruned, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)
-                pruners.make_permanent(pruned)
-            else:
-                pruned, _ = pruners.channel_prune_to(dense, example[1], name, keep, measure, reached, batch)
-                finetune(pruned, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)
-            table.append(
-                _row(name, t, pruned, dense, d, example, repeats, seconds=time.perf_counter() - start)
-            )
+            table.append(_baseline(job, name, t, small, value, keep))
             steps.update()
     steps.close()
-    return Compressed(nets, table, dense_row)
+    return Compressed(nets, table, table[0])
 
 
 COLUMNS = ("method", "target", "accuracy", "nll", "ece", "params", "flops", "latency_b1", "latency_b256")
