@@ -122,11 +122,32 @@ def _positions(model, example: torch.Tensor) -> dict[str, int]:
     return found
 
 
-def rank_units(model, posterior, example: torch.Tensor, by: str = "params", unit_cost=None) -> Ranking:
-    """The removable units of ``model`` ranked by ``dF`` per unit of cost, most favoured removal first; the last
-    live unit of each group is left out. The cost of a unit is its parameters (``by="params"``), its FLOPs
-    (``"flops"``), or, given ``unit_cost`` (``{group index: cost of one of its units}``, e.g. measured latency
-    from :func:`latency_per_unit`), that."""
+ALLOCATIONS = ("uniform", "global")
+
+
+def unit_gains(units: Units, gains: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per unit, the dF of switching it off: the sum of ``gains`` over its entries; where a normalisation
+    follows its producing layers (a BatchNorm), over the normalisation's own entries and the consumers' only.
+    The producing rows before a normalisation are scale-invariant in training (it divides out their scale), so
+    their dF says how much prior volume they take, not what the unit contributes (docs/howto/compress.md)."""
+    members = units.members
+    if units.passthrough:
+        members = [m for m in members if not m.produces or m.layer in units.passthrough] or members
+    return sum(m.take(gains[m.layer]).sum(dim=1) for m in members)
+
+
+def rank_units(
+    model, posterior, example: torch.Tensor, by: str = "params", unit_cost=None, allocation: str = "global"
+) -> Ranking:
+    """The removable units of ``model`` ranked for removal, most favoured first; the last live unit of each
+    group is left out. Within a group units go in order of :func:`unit_gains` per unit of cost. Across groups,
+    ``allocation="global"`` orders every unit by ``dF`` per cost; ``"uniform"`` interleaves the groups so that
+    any prefix takes about the same fraction of each group's units (Torch-Pruning's one ratio per layer, the
+    evidence choosing which units). The cost of a unit is its parameters (``by="params"``), its FLOPs
+    (``"flops"``), or, given ``unit_cost`` (``{group index: cost of one of its units}``, e.g. from
+    :func:`latency_model`), that."""
+    if allocation not in ALLOCATIONS:
+        raise PyrozooError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
     groups = model_units(model)
     if not groups:
         fixed = "; ".join(f"{k or 'the net'}: {v}" for k, v in structure(model).fixed.items())
@@ -138,7 +159,7 @@ def rank_units(model, posterior, example: torch.Tensor, by: str = "params", unit
     candidates = []
     for g, units in enumerate(groups):
         live = {name: masks[name] for name in units.layers}
-        gain = units.total({name: torch.where(live[name], gains[name], 0.0) for name in live})
+        gain = unit_gains(units, {name: torch.where(live[name], gains[name], 0.0) for name in live})
         if unit_cost is not None:
             size = torch.full_like(gain, unit_cost.get(g, math.inf))
         else:
@@ -148,39 +169,58 @@ def rank_units(model, posterior, example: torch.Tensor, by: str = "params", unit
             continue
         per_cost = (gain / size.clamp(min=1e-12)).tolist()
         alive.sort(key=lambda u: per_cost[u], reverse=True)
-        candidates += [(per_cost[u], float(gain[u]), g, u) for u in alive[:-1]]  # the group's last unit stays
+        for i, u in enumerate(alive[:-1]):  # the group's last unit stays
+            key = (-(i + 1) / len(alive), per_cost[u]) if allocation == "uniform" else (per_cost[u],)
+            candidates.append((key, float(gain[u]), g, u))
     candidates.sort(key=lambda c: c[0], reverse=True)
     return Ranking(groups, [(g, u) for _, _, g, u in candidates], [c[1] for c in candidates], masks)
 
 
-def latency_per_unit(model, posterior, dense: nn.Module, example: torch.Tensor, repeats: int = 7) -> dict:
-    """``{group index: latency of one of its units}``, measured: per group, the rebuilt net with half its live
-    units removed (nothing else) is timed against the dense net, and the drop in the latency ratio is shared
-    among the removed units. Latency is not proportional to FLOPs (elementwise layers, memory traffic, channel
-    counts that suit the kernels or not), so a latency target ranks by what removal saves in time. A drop
-    within the timing noise (none, or negative) counts as a tiny cost, so such units go first if the evidence
-    favours their removal and last if it does not."""
-    groups = model_units(model)
+def rank_for(
+    model,
+    posterior,
+    target: Target,
+    dense: nn.Module,
+    example,
+    trace_example,
+    allocation: str,
+    repeats: int = 7,
+) -> Ranking:
+    """The ranking :func:`compress` reduces ``model`` along for ``target``: by evidence per parameter for
+    ``evidence`` (always global: the units whose removal raises the evidence); otherwise per unit of the
+    target's cost (the :func:`latency_model` for a latency target), with ``allocation`` across groups."""
+    if target.kind == "evidence":
+        return rank_units(model, posterior, trace_example)
+    latency = target.kind == "latency" and allocation == "global"
+    modelled = latency_model(model, dense, example, repeats) if latency else None
+    by = "params" if target.kind == "params" else "flops"
+    return rank_units(model, posterior, trace_example, by=by, unit_cost=modelled, allocation=allocation)
+
+
+def latency_model(model, dense: nn.Module, example: torch.Tensor, repeats: int = 7) -> dict[int, float]:
+    """``{group index: seconds one of its units costs}``, from the dense net's modules timed once
+    (:func:`pyrozoo.costs.module_times`): a unit's share of each layer it has entries in (its rows or columns
+    over the layer's), and a 1/count share of the modules that run on the group's channels between its
+    producing layers and its consumers (BatchNorm, activation, pooling). Unlike timing a rebuilt net per group,
+    whose drop in latency is a difference of two noisy timings, the shares come from one profile, so the
+    ranking does not move with the load on the machine."""
+    times = costs.module_times(dense, example, repeats)
+    position = {name: i for i, (name, _, _) in enumerate(times)}
+    seconds = {name: t for name, t, _ in times}
     masks = _masks(model)
-    base = costs.latency_ratio(rebuild(model, posterior), dense, example, repeats)
     found = {}
-    for g, units in enumerate(groups):
-        alive = (~units.gone({name: masks[name] for name in units.layers})).nonzero().flatten().tolist()
-        if len(alive) < 2:
-            continue
-        half = alive[: len(alive) // 2]
-        _set_masks(model, masks, groups, {g: half})
-        ratio = costs.latency_ratio(rebuild(model, posterior), dense, example, repeats)
-        found[g] = max(base - ratio, 1e-4) / len(half)
-    _set_masks(model, masks, groups, {})
+    for g, units in enumerate(model_units(model)):
+        cost = sum(
+            seconds.get(m.layer, 0.0) * m.index.shape[1] / masks[m.layer].shape[m.axis] for m in units.members
+        )
+        producers = [position[m.layer] for m in units.producers if m.layer in position]
+        consumers = {m.layer for m in units.consumers}
+        for name, t, width in times[max(producers, default=len(times)) + 1 :]:
+            if name in consumers or width != units.count:
+                break
+            cost += t / units.count
+        found[g] = cost
     return found
-
-
-def rank_for(model, posterior, target: Target, dense: nn.Module, example, trace_example, repeats: int = 7) -> Ranking:
-    """The ranking :func:`compress` reduces ``model`` along for ``target``."""
-    measured = latency_per_unit(model, posterior, dense, example, repeats) if target.kind == "latency" else None
-    by = "params" if target.kind in ("params", "evidence") else "flops"
-    return rank_units(model, posterior, trace_example, by=by, unit_cost=measured)
 
 
 def _set_masks(
@@ -347,9 +387,12 @@ class _Job:
     lr: float
     batch_size: int
     seed: int
+    allocation: str = "uniform"
 
     def tune(self, net: nn.Module) -> None:
-        finetune(net, self.d.x_train, self.d.y_train, self.finetune_steps, self.lr, self.batch_size, self.seed)
+        finetune(
+            net, self.d.x_train, self.d.y_train, self.finetune_steps, self.lr, self.batch_size, self.seed
+        )
 
     def row(self, method: str, target: Target, net: nn.Module, **extra) -> dict:
         return _row(method, target, net, self.dense, self.d, self.example, self.repeats, **extra)
@@ -378,12 +421,15 @@ def _references(job: _Job, log) -> list[dict]:
 def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tuple[nn.Module, float, dict]:
     """pyrozoo's net for target ``t``, fine-tuned: ``(net, the cost it reached, its row)``."""
     start = time.perf_counter()
-    ranking = rank_for(model, posterior, t, job.dense, job.example[256], job.d.x_train[:2], job.repeats)
+    trace = job.d.x_train[:2]
+    ranking = rank_for(model, posterior, t, job.dense, job.example[256], trace, job.allocation, job.repeats)
     small, removed, value = reduce_to(model, posterior, ranking, t, job.dense, job.example[256], job.repeats)
     remove_first(model, ranking, 0)  # the model as fitted, for the next target
     job.tune(small)
     seconds = fitted + time.perf_counter() - start
-    log(f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units ({value:.3f} of the dense cost)")
+    log(
+        f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units ({value:.3f} of the dense cost)"
+    )
     return small, value, job.row("pyrozoo", t, small, units_removed=removed, seconds=seconds)
 
 
@@ -399,7 +445,9 @@ def _baseline(job: _Job, name: str, t: Target, small: nn.Module, value: float, k
         pruners.make_permanent(pruned)
     else:
         kind, reached = ("params", value) if t.kind == "evidence" else (t.kind, t.value)
-        measure = lambda candidate: costs.cost(kind, candidate, dense, job.example[256], job.repeats)  # noqa: E731
+        measure = lambda candidate: costs.cost(
+            kind, candidate, dense, job.example[256], job.repeats
+        )  # noqa: E731
         batch = (job.d.x_train[: job.batch_size], job.d.y_train[: job.batch_size])
         pruned, _ = pruners.channel_prune_to(dense, job.example[1], name, keep, measure, reached, batch)
         job.tune(pruned)
@@ -418,24 +466,28 @@ def compress(
     baselines: tuple[str, ...] = pruners.PRUNERS,
     repeats: int = 7,
     seed: int = 0,
+    allocation: str = "uniform",
     progress: bool = True,
     log=print,
 ) -> Compressed:
-    """Compress the trained classifier ``net`` on ``data`` (see the module docstring) to each target; every
-    baseline in ``baselines`` is pruned to the same cost as pyrozoo's net and given the same ``finetune_steps``
-    of Adam at ``lr``. ``net`` is not changed."""
+    """Compress the trained classifier ``net`` on ``data`` (see the module docstring) to each target, the units
+    shared out across groups by ``allocation`` (:func:`rank_units`); every baseline in ``baselines`` is pruned
+    to the same cost as pyrozoo's net and given the same ``finetune_steps`` of Adam at ``lr``. ``net`` is not
+    changed."""
     from pyrozoo.guides.laplace import laplace
 
     targets = _targets(target)
     unknown = set(baselines) - set(pruners.PRUNERS)
     if unknown:
         raise PyrozooError(f"unknown baselines {sorted(unknown)}; known: {', '.join(pruners.PRUNERS)}")
+    if allocation not in ALLOCATIONS:
+        raise PyrozooError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
     if finetune_steps < 0 or batch_size < 1:
         raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
     d = _data(data)
     dense = copy.deepcopy(net).eval()
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
-    job = _Job(d, dense, example, repeats, finetune_steps, lr, batch_size, seed)
+    job = _Job(d, dense, example, repeats, finetune_steps, lr, batch_size, seed, allocation)
     table = _references(job, log)
 
     start = time.perf_counter()
