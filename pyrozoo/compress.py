@@ -6,13 +6,17 @@
    prior scale per layer chosen by the evidence);
 2. scores every removable unit (a neuron, a channel with what couples to it, an attention head:
    :mod:`pyrozoo.bmr.units`) by the change in evidence ``dF`` of switching the whole unit off, its producing
-   rows and consuming columns together. Under a fully factorised posterior and prior the reduced model of a
-   group factorises too, so the group's ``dF`` is exactly the sum of its entries' (docs/method.md);
-3. removes units in order of ``dF`` per unit of cost (its parameters, times the positions a convolution slides
-   over when the target is FLOPs or latency), most favoured first, until the rebuilt net meets the target
-   (``params=0.25``, ``flops=0.3``, ``latency=0.5``: a fraction of the dense net's cost, measured on the
-   rebuilt net), or, with ``evidence``, every unit whose removal raises the evidence. Each group keeps at
-   least one unit, so no layer is emptied;
+   rows and consuming columns together (only the consuming side where a BatchNorm follows the producers,
+   which makes them scale-invariant: :func:`unit_gains`). Under a fully factorised posterior and prior the
+   reduced model of a group factorises too, so the group's ``dF`` is exactly the sum of its entries'
+   (docs/method.md);
+3. removes units, most favoured first, until the rebuilt net meets the target (``params=0.25``,
+   ``flops=0.3``, ``latency=0.5``: a fraction of the dense net's cost, measured on the rebuilt net), or, with
+   ``evidence``, every unit whose removal raises the evidence. By default (``allocation="uniform"``) every
+   group loses the same fraction of its units, the evidence choosing which; ``"global"`` orders all units by
+   ``dF`` per unit of cost (parameters, FLOPs, or for latency :func:`latency_model`'s share of a profile of the
+   dense net). On issue 28's BatchNorm CNN the global order kept the early, latency-heavy layers wide and lost
+   after fine-tuning (docs/howto/compress.md). Each group keeps at least one unit, so no layer is emptied;
 4. rebuilds a plain net of the same classes with the units cut out (:func:`pyrozoo.bmr.rebuild.rebuild`),
    fine-tunes it, and evaluates it against the dense net and the baselines of :mod:`pyrozoo.pruners`, each
    brought to the same cost and given the same fine-tune.
