@@ -14,7 +14,7 @@ from pyrozoo import costs, pruners
 from pyrozoo.baselines import finetune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
-from pyrozoo.compress import Target, latency_model, rank_units, reduce_to, remove_first
+from pyrozoo.compress import Target, compress, latency_model, rank_units, reduce_to, remove_first
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides.laplace import laplace
 
@@ -186,6 +186,8 @@ def test_a_uniform_allocation_takes_the_same_fraction_of_every_group(fitted):
         assert [u for h, u in ranking.order if h == g] == [u for h, u in glob.order if h == g]
     with pytest.raises(PyrozooError, match="unknown allocation"):
         rank_units(model, posterior, x[:2], allocation="sideways")
+    with pytest.raises(PyrozooError, match="unknown allocation"):
+        compress(net, (x, torch.zeros(len(x), dtype=torch.long)) * 2, "params=0.5", allocation="sideways")
 
 
 def test_units_followed_by_batchnorm_are_scored_by_what_consumes_them():
