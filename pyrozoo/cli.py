@@ -521,6 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--threads", type=_number(int, "positive"), default=1, help="CPU threads for timing (default 1)"
     )
+    compress.add_argument(
+        "--allocation",
+        choices=["uniform", "global"],
+        default="uniform",
+        help="how many units each layer group loses: uniform (the same fraction of each, the evidence choosing "
+        "which; the default) or global (every unit by evidence per unit of cost)",
+    )
     compress.add_argument("--seed", type=_number(int, "non-negative"), default=0, help="random seed")
     compress.add_argument("--out", default=None, help="report folder (default compressed/NET)")
     compress.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -691,6 +698,7 @@ def _compress(args) -> None:
         baselines=tuple(args.baselines),
         repeats=args.repeats,
         seed=args.seed,
+        allocation=args.allocation,
         progress=not args.no_progress,
         log=log,
     )
@@ -708,6 +716,7 @@ def _compress(args) -> None:
         "baselines": list(args.baselines),
         "repeats": args.repeats,
         "seed": args.seed,
+        "allocation": args.allocation,
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),

@@ -6,13 +6,17 @@
    prior scale per layer chosen by the evidence);
 2. scores every removable unit (a neuron, a channel with what couples to it, an attention head:
    :mod:`pyrozoo.bmr.units`) by the change in evidence ``dF`` of switching the whole unit off, its producing
-   rows and consuming columns together. Under a fully factorised posterior and prior the reduced model of a
-   group factorises too, so the group's ``dF`` is exactly the sum of its entries' (docs/method.md);
-3. removes units in order of ``dF`` per unit of cost (its parameters, times the positions a convolution slides
-   over when the target is FLOPs or latency), most favoured first, until the rebuilt net meets the target
-   (``params=0.25``, ``flops=0.3``, ``latency=0.5``: a fraction of the dense net's cost, measured on the
-   rebuilt net), or, with ``evidence``, every unit whose removal raises the evidence. Each group keeps at
-   least one unit, so no layer is emptied;
+   rows and consuming columns together (only the consuming side where a BatchNorm follows the producers,
+   which makes them scale-invariant: :func:`unit_gains`). Under a fully factorised posterior and prior the
+   reduced model of a group factorises too, so the group's ``dF`` is exactly the sum of its entries'
+   (docs/method.md);
+3. removes units, most favoured first, until the rebuilt net meets the target (``params=0.25``,
+   ``flops=0.3``, ``latency=0.5``: a fraction of the dense net's cost, measured on the rebuilt net), or, with
+   ``evidence``, every unit whose removal raises the evidence. By default (``allocation="uniform"``) every
+   group loses the same fraction of its units, the evidence choosing which; ``"global"`` orders all units by
+   ``dF`` per unit of cost (parameters, FLOPs, or for latency :func:`latency_model`'s share of a profile of the
+   dense net). On issue 28's BatchNorm CNN the global order kept the early, latency-heavy layers wide and lost
+   after fine-tuning (docs/howto/compress.md). Each group keeps at least one unit, so no layer is emptied;
 4. rebuilds a plain net of the same classes with the units cut out (:func:`pyrozoo.bmr.rebuild.rebuild`),
    fine-tunes it, and evaluates it against the dense net and the baselines of :mod:`pyrozoo.pruners`, each
    brought to the same cost and given the same fine-tune.
@@ -122,11 +126,32 @@ def _positions(model, example: torch.Tensor) -> dict[str, int]:
     return found
 
 
-def rank_units(model, posterior, example: torch.Tensor, by: str = "params", unit_cost=None) -> Ranking:
-    """The removable units of ``model`` ranked by ``dF`` per unit of cost, most favoured removal first; the last
-    live unit of each group is left out. The cost of a unit is its parameters (``by="params"``), its FLOPs
-    (``"flops"``), or, given ``unit_cost`` (``{group index: cost of one of its units}``, e.g. measured latency
-    from :func:`latency_per_unit`), that."""
+ALLOCATIONS = ("uniform", "global")
+
+
+def unit_gains(units: Units, gains: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per unit, the dF of switching it off: the sum of ``gains`` over its entries; where a normalisation
+    follows its producing layers (a BatchNorm), over the normalisation's own entries and the consumers' only.
+    The producing rows before a normalisation are scale-invariant in training (it divides out their scale), so
+    their dF says how much prior volume they take, not what the unit contributes (docs/howto/compress.md)."""
+    members = units.members
+    if units.passthrough:
+        members = [m for m in members if not m.produces or m.layer in units.passthrough] or members
+    return sum(m.take(gains[m.layer]).sum(dim=1) for m in members)
+
+
+def rank_units(
+    model, posterior, example: torch.Tensor, by: str = "params", unit_cost=None, allocation: str = "global"
+) -> Ranking:
+    """The removable units of ``model`` ranked for removal, most favoured first; the last live unit of each
+    group is left out. Within a group units go in order of :func:`unit_gains` per unit of cost. Across groups,
+    ``allocation="global"`` orders every unit by ``dF`` per cost; ``"uniform"`` interleaves the groups so that
+    any prefix takes about the same fraction of each group's units (Torch-Pruning's one ratio per layer, the
+    evidence choosing which units). The cost of a unit is its parameters (``by="params"``), its FLOPs
+    (``"flops"``), or, given ``unit_cost`` (``{group index: cost of one of its units}``, e.g. from
+    :func:`latency_model`), that."""
+    if allocation not in ALLOCATIONS:
+        raise PyrozooError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
     groups = model_units(model)
     if not groups:
         fixed = "; ".join(f"{k or 'the net'}: {v}" for k, v in structure(model).fixed.items())
@@ -138,7 +163,7 @@ def rank_units(model, posterior, example: torch.Tensor, by: str = "params", unit
     candidates = []
     for g, units in enumerate(groups):
         live = {name: masks[name] for name in units.layers}
-        gain = units.total({name: torch.where(live[name], gains[name], 0.0) for name in live})
+        gain = unit_gains(units, {name: torch.where(live[name], gains[name], 0.0) for name in live})
         if unit_cost is not None:
             size = torch.full_like(gain, unit_cost.get(g, math.inf))
         else:
@@ -148,31 +173,57 @@ def rank_units(model, posterior, example: torch.Tensor, by: str = "params", unit
             continue
         per_cost = (gain / size.clamp(min=1e-12)).tolist()
         alive.sort(key=lambda u: per_cost[u], reverse=True)
-        candidates += [(per_cost[u], float(gain[u]), g, u) for u in alive[:-1]]  # the group's last unit stays
+        for i, u in enumerate(alive[:-1]):  # the group's last unit stays
+            key = (-(i + 1) / len(alive), per_cost[u]) if allocation == "uniform" else (per_cost[u],)
+            candidates.append((key, float(gain[u]), g, u))
     candidates.sort(key=lambda c: c[0], reverse=True)
     return Ranking(groups, [(g, u) for _, _, g, u in candidates], [c[1] for c in candidates], masks)
 
 
-def latency_per_unit(model, posterior, dense: nn.Module, example: torch.Tensor, repeats: int = 7) -> dict:
-    """``{group index: latency of one of its units}``, measured: per group, the rebuilt net with half its live
-    units removed (nothing else) is timed against the dense net, and the drop in the latency ratio is shared
-    among the removed units. Latency is not proportional to FLOPs (elementwise layers, memory traffic, channel
-    counts that suit the kernels or not), so a latency target ranks by what removal saves in time. A drop
-    within the timing noise (none, or negative) counts as a tiny cost, so such units go first if the evidence
-    favours their removal and last if it does not."""
-    groups = model_units(model)
+def rank_for(
+    model,
+    posterior,
+    target: Target,
+    dense: nn.Module,
+    example,
+    trace_example,
+    allocation: str,
+    repeats: int = 7,
+) -> Ranking:
+    """The ranking :func:`compress` reduces ``model`` along for ``target``: by evidence per parameter for
+    ``evidence`` (always global: the units whose removal raises the evidence); otherwise per unit of the
+    target's cost (the :func:`latency_model` for a latency target), with ``allocation`` across groups."""
+    if target.kind == "evidence":
+        return rank_units(model, posterior, trace_example)
+    latency = target.kind == "latency" and allocation == "global"
+    modelled = latency_model(model, dense, example, repeats) if latency else None
+    by = "params" if target.kind == "params" else "flops"
+    return rank_units(model, posterior, trace_example, by=by, unit_cost=modelled, allocation=allocation)
+
+
+def latency_model(model, dense: nn.Module, example: torch.Tensor, repeats: int = 7) -> dict[int, float]:
+    """``{group index: seconds one of its units costs}``, from the dense net's modules timed once
+    (:func:`pyrozoo.costs.module_times`): a unit's share of each layer it has entries in (its rows or columns
+    over the layer's), and a 1/count share of the modules that run on the group's channels between its
+    producing layers and its consumers (BatchNorm, activation, pooling). Unlike timing a rebuilt net per group,
+    whose drop in latency is a difference of two noisy timings, the shares come from one profile, so the
+    ranking does not move with the load on the machine."""
+    times = costs.module_times(dense, example, repeats)
+    position = {name: i for i, (name, _, _) in enumerate(times)}
+    seconds = {name: t for name, t, _ in times}
     masks = _masks(model)
-    base = costs.latency_ratio(rebuild(model, posterior), dense, example, repeats)
     found = {}
-    for g, units in enumerate(groups):
-        alive = (~units.gone({name: masks[name] for name in units.layers})).nonzero().flatten().tolist()
-        if len(alive) < 2:
-            continue
-        half = alive[: len(alive) // 2]
-        _set_masks(model, masks, groups, {g: half})
-        ratio = costs.latency_ratio(rebuild(model, posterior), dense, example, repeats)
-        found[g] = max(base - ratio, 1e-4) / len(half)
-    _set_masks(model, masks, groups, {})
+    for g, units in enumerate(model_units(model)):
+        cost = sum(
+            seconds.get(m.layer, 0.0) * m.index.shape[1] / masks[m.layer].shape[m.axis] for m in units.members
+        )
+        producers = [position[m.layer] for m in units.producers if m.layer in position]
+        consumers = {m.layer for m in units.consumers}
+        for name, t, width in times[max(producers, default=len(times)) + 1 :]:
+            if name in consumers or width != units.count:
+                break
+            cost += t / units.count
+        found[g] = cost
     return found
 
 
@@ -327,6 +378,86 @@ def _row(
     }
 
 
+@dataclass
+class _Job:
+    """What every method of one :func:`compress` call shares: the data, the dense net, the timing examples
+    and the fine-tune every pruned net gets."""
+
+    d: object
+    dense: nn.Module
+    example: dict[int, torch.Tensor]
+    repeats: int
+    finetune_steps: int
+    lr: float
+    batch_size: int
+    seed: int
+    allocation: str = "uniform"
+
+    def tune(self, net: nn.Module) -> None:
+        finetune(
+            net, self.d.x_train, self.d.y_train, self.finetune_steps, self.lr, self.batch_size, self.seed
+        )
+
+    def row(self, method: str, target: Target, net: nn.Module, **extra) -> dict:
+        return _row(method, target, net, self.dense, self.d, self.example, self.repeats, **extra)
+
+
+def _targets(target: str | Target | list[Target]) -> list[Target]:
+    if isinstance(target, str):
+        return Target.parse(target)
+    return [target] if isinstance(target, Target) else list(target)
+
+
+def _references(job: _Job, log) -> list[dict]:
+    """The dense net's row, and the dense net given the same fine-tune (every pruned net gets it, so the front
+    is read against this)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(job.seed)
+        dense_row = {**job.row("dense", Target("evidence"), job.dense), "target": "-"}
+    log(f"dense: {dense_row['params']:,} parameters, accuracy {dense_row['accuracy']:.4f}")
+    if not job.finetune_steps:
+        return [dense_row]
+    tuned = copy.deepcopy(job.dense)
+    job.tune(tuned)
+    return [dense_row, {**job.row("dense+finetune", Target("evidence"), tuned), "target": "-"}]
+
+
+def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tuple[nn.Module, float, dict]:
+    """pyrozoo's net for target ``t``, fine-tuned: ``(net, the cost it reached, its row)``."""
+    start = time.perf_counter()
+    trace = job.d.x_train[:2]
+    ranking = rank_for(model, posterior, t, job.dense, job.example[256], trace, job.allocation, job.repeats)
+    small, removed, value = reduce_to(model, posterior, ranking, t, job.dense, job.example[256], job.repeats)
+    remove_first(model, ranking, 0)  # the model as fitted, for the next target
+    job.tune(small)
+    seconds = fitted + time.perf_counter() - start
+    log(
+        f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units ({value:.3f} of the dense cost)"
+    )
+    return small, value, job.row("pyrozoo", t, small, units_removed=removed, seconds=seconds)
+
+
+def _baseline(job: _Job, name: str, t: Target, small: nn.Module, value: float, keep: list[nn.Module]) -> dict:
+    """The row of baseline ``name`` brought to the cost pyrozoo's net reached for ``t``, measured the same way
+    (for ``evidence``: its parameters), and given the same fine-tune."""
+    start = time.perf_counter()
+    dense = job.dense
+    if name == "global-magnitude":  # as many weights zeroed as pyrozoo's net has fewer
+        fraction = 1 - costs.parameters(small) / costs.parameters(dense)
+        pruned = pruners.global_magnitude(dense, keep, fraction)
+        job.tune(pruned)
+        pruners.make_permanent(pruned)
+    else:
+        kind, reached = ("params", value) if t.kind == "evidence" else (t.kind, t.value)
+        measure = lambda candidate: costs.cost(
+            kind, candidate, dense, job.example[256], job.repeats
+        )  # noqa: E731
+        batch = (job.d.x_train[: job.batch_size], job.d.y_train[: job.batch_size])
+        pruned, _ = pruners.channel_prune_to(dense, job.example[1], name, keep, measure, reached, batch)
+        job.tune(pruned)
+    return job.row(name, t, pruned, seconds=time.perf_counter() - start)
+
+
 def compress(
     net: nn.Module,
     data,
@@ -339,40 +470,29 @@ def compress(
     baselines: tuple[str, ...] = pruners.PRUNERS,
     repeats: int = 7,
     seed: int = 0,
+    allocation: str = "uniform",
     progress: bool = True,
     log=print,
 ) -> Compressed:
-    """Compress the trained classifier ``net`` on ``data`` (see the module docstring) to each target; every
-    baseline in ``baselines`` is pruned to the same cost as pyrozoo's net and given the same ``finetune_steps``
-    of Adam at ``lr``. ``net`` is not changed."""
+    """Compress the trained classifier ``net`` on ``data`` (see the module docstring) to each target, the units
+    shared out across groups by ``allocation`` (:func:`rank_units`); every baseline in ``baselines`` is pruned
+    to the same cost as pyrozoo's net and given the same ``finetune_steps`` of Adam at ``lr``. ``net`` is not
+    changed."""
     from pyrozoo.guides.laplace import laplace
 
-    targets = (
-        Target.parse(target)
-        if isinstance(target, str)
-        else [target] if isinstance(target, Target) else target
-    )
+    targets = _targets(target)
     unknown = set(baselines) - set(pruners.PRUNERS)
     if unknown:
         raise PyrozooError(f"unknown baselines {sorted(unknown)}; known: {', '.join(pruners.PRUNERS)}")
+    if allocation not in ALLOCATIONS:
+        raise PyrozooError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
     if finetune_steps < 0 or batch_size < 1:
         raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
     d = _data(data)
     dense = copy.deepcopy(net).eval()
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        dense_row = _row("dense", Target("evidence"), dense, dense, d, example, repeats)
-    dense_row["target"] = "-"
-    table = [dense_row]
-    log(f"dense: {dense_row['params']:,} parameters, accuracy {dense_row['accuracy']:.4f}")
-    # what the fine-tune alone does: every pruned net gets it, so the front is read against this
-    if finetune_steps:
-        tuned = copy.deepcopy(dense)
-        finetune(tuned, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)
-        table.append(
-            {**_row("dense+finetune", Target("evidence"), tuned, dense, d, example, repeats), "target": "-"}
-        )
+    job = _Job(d, dense, example, repeats, finetune_steps, lr, batch_size, seed, allocation)
+    table = _references(job, log)
 
     start = time.perf_counter()
     model, posterior = laplace(dense, d.x_train, "diag", fit_size=fit_size, progress=progress, seed=seed)
@@ -380,46 +500,17 @@ def compress(
     keep = [dense.get_submodule(head.name)]
     fitted = time.perf_counter() - start
     nets = {}
-    batch = (d.x_train[:batch_size], d.y_train[:batch_size])
     steps = tqdm(total=len(targets) * (1 + len(baselines)), desc="compress", disable=not progress)
     for t in targets:
-        start = time.perf_counter()
-        measured = (
-            latency_per_unit(model, posterior, dense, example[256], repeats) if t.kind == "latency" else None
-        )
-        by = "params" if t.kind in ("params", "evidence") else "flops"
-        ranking = rank_units(model, posterior, d.x_train[:2], by=by, unit_cost=measured)
-        small, removed, value = reduce_to(model, posterior, ranking, t, dense, example[256], repeats)
-        remove_first(model, ranking, 0)  # the model as fitted, for the next target
-        finetune(small, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)
-        seconds = fitted + time.perf_counter() - start
+        small, value, row = _pyrozoo(job, model, posterior, t, fitted, log)
         nets[str(t)] = small
-        table.append(
-            _row("pyrozoo", t, small, dense, d, example, repeats, units_removed=removed, seconds=seconds)
-        )
-        log(
-            f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units ({value:.3f} of the dense cost)"
-        )
+        table.append(row)
         steps.update()
-        # the baselines meet the cost pyrozoo's net reached, measured the same way
-        kind, reached = ("params", value) if t.kind == "evidence" else (t.kind, t.value)
-        measure = lambda candidate: costs.cost(kind, candidate, dense, example[256], repeats)  # noqa: E731
         for name in baselines:
-            start = time.perf_counter()
-            if name == "global-magnitude":  # as many weights zeroed as pyrozoo's net has fewer
-                fraction = 1 - costs.parameters(small) / dense_row["params"]
-                pruned = pruners.global_magnitude(dense, keep, fraction)
-                finetune(pruned, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)
-                pruners.make_permanent(pruned)
-            else:
-                pruned, _ = pruners.channel_prune_to(dense, example[1], name, keep, measure, reached, batch)
-                finetune(pruned, d.x_train, d.y_train, finetune_steps, lr, batch_size, seed)
-            table.append(
-                _row(name, t, pruned, dense, d, example, repeats, seconds=time.perf_counter() - start)
-            )
+            table.append(_baseline(job, name, t, small, value, keep))
             steps.update()
     steps.close()
-    return Compressed(nets, table, dense_row)
+    return Compressed(nets, table, table[0])
 
 
 COLUMNS = ("method", "target", "accuracy", "nll", "ece", "params", "flops", "latency_b1", "latency_b256")

@@ -14,7 +14,7 @@ from pyrozoo import costs, pruners
 from pyrozoo.baselines import finetune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
-from pyrozoo.compress import Target, rank_units, reduce_to, remove_first
+from pyrozoo.compress import Target, compress, latency_model, rank_units, reduce_to, remove_first
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides.laplace import laplace
 
@@ -156,14 +156,85 @@ def test_the_command_refuses_what_it_cannot_use(capsys, tmp_path):
                           "between 0 and 1")  # fmt: skip
 
 
-def test_latency_costs_are_measured_per_group_and_leave_the_model_as_it_was(fitted):
-    from pyrozoo.compress import latency_per_unit
+def test_a_latency_target_ranks_globally_by_the_latency_model(fitted, monkeypatch):
+    from pyrozoo.compress import rank_for
 
     net, model, posterior, x = fitted
     before = {layer.name: model.mask(layer.name).clone() for layer in model.layers}
-    found = latency_per_unit(model, posterior, net, x[:64], repeats=2)
-    ranking = rank_units(model, posterior, x[:2], unit_cost=found)
-    assert set(found) == {g for g, _ in ranking.order} and all(cost > 0 for cost in found.values())
+    ranking = rank_for(model, posterior, Target("latency", 0.5), net, x[:8], x[:2], "global", repeats=2)
+    modelled = latency_model(model, net, x[:8], repeats=2)
+    assert all(cost > 0 for cost in modelled.values())
     assert all(torch.equal(model.mask(name), mask) for name, mask in before.items())
-    per_cost = [gain / found[g] for gain, (g, _) in zip(ranking.gain, ranking.order)]
+    monkeypatch.setattr("pyrozoo.compress.latency_model", lambda *a, **k: modelled)  # the same timings twice
+    ranking = rank_for(model, posterior, Target("latency", 0.5), net, x[:8], x[:2], "global", repeats=2)
+    per_cost = [gain / modelled[g] for gain, (g, _) in zip(ranking.gain, ranking.order)]
     assert per_cost == sorted(per_cost, reverse=True)
+
+
+def test_a_uniform_allocation_takes_the_same_fraction_of_every_group(fitted):
+    net, model, posterior, x = fitted
+    ranking = rank_units(model, posterior, x[:2], allocation="uniform")
+    glob = rank_units(model, posterior, x[:2])
+    counts = [g.count for g in ranking.groups]
+    assert sorted(ranking.order) == sorted(glob.order)  # the same candidates, in another order
+    removed = [0] * len(counts)
+    for g, u in ranking.order:
+        removed[g] += 1
+        fractions = [r / n for r, n in zip(removed, counts)]
+        assert all(max(fractions) - f <= 1 / n + 1e-9 for f, n in zip(fractions, counts))
+    for g in range(len(counts)):  # within a group, the order of the evidence
+        assert [u for h, u in ranking.order if h == g] == [u for h, u in glob.order if h == g]
+    with pytest.raises(PyrozooError, match="unknown allocation"):
+        rank_units(model, posterior, x[:2], allocation="sideways")
+    with pytest.raises(PyrozooError, match="unknown allocation"):
+        compress(net, (x, torch.zeros(len(x), dtype=torch.long)) * 2, "params=0.5", allocation="sideways")
+
+
+def test_units_followed_by_batchnorm_are_scored_by_what_consumes_them():
+    from pyrozoo.bmr.units import model_units
+    from pyrozoo.compress import unit_gains
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.ReLU(), nn.Linear(5, 3),
+    )  # fmt: skip
+    finetune(net, x, y, 10, 1e-2, 32, 0)
+    model, posterior = laplace(net.eval(), x, "diag", progress=False)
+    groups = {units.name: units for units in model_units(model)}
+    gains = delta_f(model, posterior, {name for units in groups.values() for name in units.layers})
+    conv, hidden = groups["0"], groups["5"]
+    assert conv.passthrough == ("1",) and not hidden.passthrough
+    consumers = sum(m.take(gains[m.layer]).sum(dim=1) for m in conv.consumers)
+    torch.testing.assert_close(unit_gains(conv, gains), consumers)
+    assert not torch.allclose(conv.total(gains), consumers)  # the conv's own rows are left out
+    torch.testing.assert_close(unit_gains(hidden, gains), hidden.total(gains))
+
+
+def test_module_times_follow_the_forward_pass():
+    net = _cnn()
+    times = costs.module_times(net, torch.randn(4, 1, 8, 8), repeats=3)
+    assert [name for name, _, _ in times] == [str(i) for i in range(10)]  # every leaf, in the order it runs
+    assert [width for _, _, width in times][:3] == [6, 6, 6] and times[-1][2] == 3
+    assert all(seconds > 0 for _, seconds, _ in times)
+
+
+def test_the_latency_model_shares_each_module_among_the_units_it_runs_on(fitted, monkeypatch):
+    """A unit's cost is its share of the layers it has entries in, plus 1/count of the modules between its
+    producers and its consumers on its channels (here the ReLU and the pooling)."""
+    from pyrozoo.bmr.units import model_units
+
+    net, model, _, x = fitted
+    widths = {name: width for name, _, width in costs.module_times(net, x[:4], repeats=1)}
+    fake = [(str(i), float(2**i), widths[str(i)]) for i in range(10)]  # module i takes 2**i seconds
+    monkeypatch.setattr(costs, "module_times", lambda *a, **k: fake)
+    found = latency_model(model, net, x[:4])
+    cost = {units.name: found[g] for g, units in enumerate(model_units(model))}
+    # conv 0 (1 of 6 rows), ReLU 1 and pool 2 on its 6 channels, conv 3's columns of one input channel (9 of
+    # 6 * 9 + 1, the bias's column included)
+    assert cost["0"] == pytest.approx(1 / 6 + 2 / 6 + 4 / 6 + 8 * 9 / 55)
+    # conv 3's 8 output channels, ReLU 4 and pool 5, then the Flatten's 32 features stop the walk; the Linear 7
+    # reads 4 of its 32 + 1 columns per channel
+    assert cost["3"] == pytest.approx(8 / 8 + 16 / 8 + 32 / 8 + 128 * 4 / 33)
+    assert cost["7"] == pytest.approx(128 / 12 + 256 / 12 + 512 / 13)  # Linear 7, ReLU 8, the head's columns
