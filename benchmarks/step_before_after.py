@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import platform
 import subprocess
 import sys
 import tempfile
@@ -20,14 +19,13 @@ from pathlib import Path
 
 import pyro
 import torch
-import torch.nn.functional as F
 
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.steps import svi_step
 
-from step_time import BATCH, CLASSES, DATASET_SIZE, interleaved_medians
+from step_time import BATCH, CLASSES, DATASET_SIZE, adam_step, interleaved_medians, print_set_up
 
 FILES = {
     "elbo": "pyrozoo/elbo.py",
@@ -61,14 +59,7 @@ def bench_net(name: str, before: dict, repeats: int, warmup: int) -> None:
     def fresh():
         return create_net(name, in_channels=1, image_size=side, num_classes=CLASSES)
 
-    net = fresh()
-    plain_optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-
-    def plain():
-        loss = F.cross_entropy(net(x), y)
-        plain_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        plain_optimizer.step()
+    plain = adam_step(fresh(), x, y)
 
     old_model = before["bayesian"].BayesianModel(fresh())
     old_guide = before["meanfield"].MeanFieldNormal(old_model)
@@ -107,13 +98,7 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    print(
-        f"# before = {args.before}, batch {BATCH}, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"pyro {pyro.__version__}, {platform.processor() or platform.machine()}"
-    )
+    print_set_up(args.threads, before=f"before = {args.before}, ")
     with tempfile.TemporaryDirectory() as folder:
         before = load_before(args.before, Path(folder))
         for name in args.nets:

@@ -191,17 +191,36 @@ def compacted_step(name: str, side: int, x, y, sparsity: float = 0.99, seed: int
     return (lambda: svi_step(model, guide, optimizer, x, y, DATASET_SIZE)), describe
 
 
-def bench_net(name: str, repeats: int, warmup: int, only=(), with_checks: bool = False) -> None:
-    side = NETS[name].pad_to or 28
-    x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
-    net = create_net(name, in_channels=1, image_size=side, num_classes=CLASSES)
+def print_set_up(threads: int | None, before: str = "") -> None:
+    """Set the threads (None: torch's choice) and the seed, and print the line that says what was timed on."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    print(
+        f"# {before}batch {BATCH}, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"pyro {pyro.__version__}, {platform.processor() or platform.machine()}"
+    )
+
+
+def adam_step(net, x, y):
+    """One plain Adam step of ``net`` on the batch ``(x, y)`` (cross-entropy, lr 1e-3): the floor every
+    Bayesian step is compared with."""
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
 
-    def plain_step():
+    def step():
         loss = F.cross_entropy(net(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+
+    return step
+
+
+def bench_net(name: str, repeats: int, warmup: int, only=(), with_checks: bool = False) -> None:
+    side = NETS[name].pad_to or 28
+    x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
+    net = create_net(name, in_channels=1, image_size=side, num_classes=CLASSES)
+    plain_step = adam_step(net, x, y)
 
     model = BayesianModel(create_net(name, in_channels=1, image_size=side, num_classes=CLASSES))
     hand = HandWrittenMeanField(model, lr=1e-3)
@@ -304,13 +323,7 @@ def main() -> None:
         "--with-checks", action="store_true", help="also time our step with Pyro's argument checks on"
     )
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    print(
-        f"# batch {BATCH}, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"pyro {pyro.__version__}, {platform.processor() or platform.machine()}"
-    )
+    print_set_up(args.threads)
     for name in args.nets:
         bench_net(name, args.repeats, args.warmup, args.only, args.with_checks)
 

@@ -13,18 +13,18 @@ import pandas as pd
 import pytest
 import torch
 
-from pyrozoo.bind import bind
 from pyrozoo import compare
-from pyrozoo.loop import Callback
-from pyrozoo.train import Run
 from pyrozoo.baselines import BASELINES, finetune, magnitude_prune
-from pyrozoo.metrics import evaluate_net
+from pyrozoo.bind import bind
 from pyrozoo.cli import main
 from pyrozoo.compare import RESULTS, TABLE, make_grid, read_config, run_grid
 from pyrozoo.errors import PyrozooError
+from pyrozoo.loop import Callback
 from pyrozoo.methods import METHODS
+from pyrozoo.metrics import evaluate_net
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net
+from pyrozoo.train import Run
 
 TINY = dict(epochs=1, steps_per_epoch=3, batch_size=32, samples=2)
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"

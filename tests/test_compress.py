@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from clitools import assert_one_line_error, cli
 from torch import nn
 
-from clitools import assert_one_line_error, cli
 from pyrozoo import costs, pruners
 from pyrozoo.baselines import finetune
 from pyrozoo.bmr.rebuild import rebuild

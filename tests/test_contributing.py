@@ -12,8 +12,8 @@ import pytest
 import torch
 from clitools import cli
 
-from pyrozoo.bind import bind
 from pyrozoo import bmr
+from pyrozoo.bind import bind
 from pyrozoo.bmr import REDUCTIONS, make_reduction
 from pyrozoo.cli import main
 from pyrozoo.config import TrainConfig

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from configs import tiny_config
 
 from pyrozoo.cli import main
 from pyrozoo.config import TrainConfig
@@ -29,22 +30,11 @@ pytestmark = [
 
 
 def tiny(**overrides) -> TrainConfig:
-    settings = dict(
-        net="lenet",
-        data="fashion-mnist-mini",
-        method="bmr-th",
-        epochs=3,
-        steps_per_epoch=5,
-        batch_size=64,
-        samples=2,
-        warmup_steps=0,
-        seed=0,
-        device="cuda",
-        prune_units=True,
-        net_options={"channels": (4, 6, 8), "hidden": 16},
+    lenet = dict(net="lenet", net_options={"channels": (4, 6, 8), "hidden": 16})
+    changes = dict(
+        method="bmr-th", epochs=3, steps_per_epoch=5, warmup_steps=0, device="cuda", prune_units=True
     )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    return tiny_config(**{**lenet, **changes, **overrides})
 
 
 def quiet(text: str) -> None:

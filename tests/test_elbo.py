@@ -7,6 +7,21 @@ from pyrozoo.elbo import negative_elbo
 from pyrozoo.guides import make_guide
 
 
+def _assert_same_loss_and_gradients(reference, model, guide, x, y, seed: int, size: int = 60) -> None:
+    """pyrozoo's negative ELBO and Pyro's ``reference`` loss, from the same random draws: equal values and
+    equal gradients in every guide parameter."""
+    params = list(guide.parameters())
+    pyro.set_rng_seed(seed)
+    ours = negative_elbo(model, guide, x, y, size)
+    ours_grad = torch.autograd.grad(ours, params)
+    pyro.set_rng_seed(seed)
+    theirs = reference.differentiable_loss(model, guide, x, y, size)
+    theirs_grad = torch.autograd.grad(theirs, params)
+    torch.testing.assert_close(ours, theirs)
+    for a, b in zip(ours_grad, theirs_grad):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize(
     "kind, reference",
     [("meanfield", TraceMeanField_ELBO), ("autonormal", TraceMeanField_ELBO), ("autodelta", Trace_ELBO)],
@@ -14,16 +29,7 @@ from pyrozoo.guides import make_guide
 def test_same_value_and_gradient_as_pyro(kind, reference, tiny_mlp_model, tiny_batch):
     x, y = tiny_batch
     guide = make_guide(kind, tiny_mlp_model, x, y, 60)
-    params = list(guide.parameters())
-    pyro.set_rng_seed(3)
-    ours = negative_elbo(tiny_mlp_model, guide, x, y, 60)
-    ours_grad = torch.autograd.grad(ours, params)
-    pyro.set_rng_seed(3)
-    theirs = reference().differentiable_loss(tiny_mlp_model, guide, x, y, 60)
-    theirs_grad = torch.autograd.grad(theirs, params)
-    torch.testing.assert_close(ours, theirs)
-    for a, b in zip(ours_grad, theirs_grad):
-        torch.testing.assert_close(a, b)
+    _assert_same_loss_and_gradients(reference(), tiny_mlp_model, guide, x, y, seed=3)
 
 
 def test_meanfield_uses_the_analytic_kl(tiny_mlp_model):
@@ -103,13 +109,4 @@ def test_lenet_elbo_with_pruned_weights_matches_pyro(tiny_lenet_model):
     model.set_mask(layer.name, keep)
     x, y = torch.randn(4, 1, 32, 32), torch.randint(0, 10, (4,))
     guide = make_guide("meanfield", model)
-    params = list(guide.parameters())
-    pyro.set_rng_seed(5)
-    ours = negative_elbo(model, guide, x, y, 60)
-    ours_grad = torch.autograd.grad(ours, params)
-    pyro.set_rng_seed(5)
-    theirs = TraceMeanField_ELBO().differentiable_loss(model, guide, x, y, 60)
-    theirs_grad = torch.autograd.grad(theirs, params)
-    torch.testing.assert_close(ours, theirs)
-    for a, b in zip(ours_grad, theirs_grad):
-        torch.testing.assert_close(a, b)
+    _assert_same_loss_and_gradients(TraceMeanField_ELBO(), model, guide, x, y, seed=5)

@@ -23,14 +23,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
-from pyrozoo import compare, data, metrics
-from pyrozoo.cli import main
-from pyrozoo.runfolder import CHECKPOINT
 from clitools import assert_one_line_error, cli
 from test_distributed import RUN as DISTRIBUTED_RUN
 from test_distributed import assert_close_runs, two_processes  # noqa: F401 (a fixture)
 from test_reliability import isolated, same  # noqa: F401 (isolated: an autouse fixture)
+
+from pyrozoo import compare, data, metrics
+from pyrozoo.cli import main
+from pyrozoo.runfolder import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,9 +72,10 @@ def test_points_per_chunk_bounds_the_draws_held():
 
 def test_regression_evaluation_and_predict_in_chunks_are_the_whole(tmp_path, monkeypatch):
     """Chunks of 70 points, each replaying the draws: the metrics and predictions of one chunk of all points."""
+    from test_regression import quiet, tiny_regression
+
     from pyrozoo.predict import predict
     from pyrozoo.train import Run
-    from test_regression import quiet, tiny_regression
 
     run = Run(tiny_regression("flat-ff", epochs=1), tmp_path, log=quiet)
     run.train(progress=False)

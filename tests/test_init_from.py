@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from configs import tiny_config
 
 from pyrozoo.bmr.rebuild import rebuild
+from pyrozoo.config import TrainConfig
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import GUIDES, make_guide
 from pyrozoo.init_from import fit_hyperparameters, start_from_weights
@@ -15,7 +17,6 @@ from pyrozoo.metrics import evaluate_net
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.priors import flat, tiered
 from pyrozoo.nets import create_net
-from pyrozoo.config import TrainConfig
 from pyrozoo.train import Run
 
 
@@ -58,32 +59,24 @@ def test_hyperparameters_fit_the_weights_scale():
 
 
 def test_first_evaluation_is_the_trained_nets_accuracy(tmp_path):
-    config = dict(
-        net="mlp",
-        data="fashion-mnist-mini",
-        epochs=1,
-        steps_per_epoch=2,
-        batch_size=64,
-        samples=20,
-        net_options={"hidden": (16, 16)},
-    )
-    source = Run(TrainConfig(method="flat-map", **config, lr=1e-2), tmp_path / "map", log=print)
+    config = dict(epochs=1, steps_per_epoch=2, samples=20, net_options={"hidden": (16, 16)})
+    source = Run(tiny_config(method="flat-map", **config, lr=1e-2), tmp_path / "map", log=print)
     source.train(progress=False)
     net = rebuild(source.model, source.guide, remove_dead=False)
     torch.save(net.state_dict(), tmp_path / "net.pt")
     d = source.data
     accuracy = evaluate_net(net, d.x_test, d.y_test, d.num_classes)["accuracy"]
     for method in ("bmr-th", "tiered-ff"):
-        run = Run(TrainConfig(method=method, init_from=str(tmp_path / "net.pt"), **config), tmp_path / method)
+        run = Run(tiny_config(method=method, init_from=str(tmp_path / "net.pt"), **config), tmp_path / method)
         assert run.evaluate()["accuracy"] == pytest.approx(accuracy, abs=0.01)
-        fresh = Run(TrainConfig(method=method, **config), tmp_path / f"{method}-fresh")
+        fresh = Run(tiny_config(method=method, **config), tmp_path / f"{method}-fresh")
         assert abs(fresh.evaluate()["accuracy"] - accuracy) > 0.05  # the test could fail
     # flat-map's net has dropout layers, which shift nn.Sequential's names: the same tensors under other names
     assert set(net.state_dict()) != set(run.model.net.state_dict())
     whole = tmp_path / "whole.pt"
     torch.save(net, whole)  # a net saved whole, as pyrozoo export's sparse_net.pt
     run = Run(
-        TrainConfig(method="flat-ff", init_from=str(whole), trust_pickle=True, **config), tmp_path / "whole"
+        tiny_config(method="flat-ff", init_from=str(whole), trust_pickle=True, **config), tmp_path / "whole"
     )
     assert run.evaluate()["accuracy"] == pytest.approx(accuracy, abs=0.01)
 

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from clitools import assert_one_line_error, cli
 
 from pyrozoo.compare import RESULTS, Local, Slurm, make_grid, run_grid
 from pyrozoo.errors import PyrozooError
 from pyrozoo.io import hold_folder
 from pyrozoo.runfolder import CHECKPOINT, committed_epoch
-from clitools import assert_one_line_error, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2

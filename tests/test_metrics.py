@@ -15,8 +15,8 @@ from pyrozoo.metrics import (
     brier,
     ece_equal_mass,
     ece_equal_width,
-    lpd,
     evaluate_draws,
+    lpd,
     nll,
 )
 

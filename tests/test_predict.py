@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from pyro import poutine
+from test_regression import regression_model
 
 import pyrozoo
 from pyrozoo.guides import make_guide
 from pyrozoo.metrics import regression_metrics
 from pyrozoo.nets import create_net
-from test_regression import regression_model
 
 
 def test_predict_entropy_decomposition(tiny_mlp_model):

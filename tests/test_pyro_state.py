@@ -13,8 +13,8 @@ from pyro.nn import PyroModule, PyroParam
 from torch import nn
 from torch.distributions import constraints
 
-from pyrozoo.guides import GUIDES, make_guide
 from pyrozoo.elbo import negative_elbo
+from pyrozoo.guides import GUIDES, make_guide
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.priors import flat, gaussian
 from pyrozoo.nets import create_net

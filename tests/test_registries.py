@@ -9,25 +9,25 @@ import dataclasses
 import pytest
 import torch
 
-from pyrozoo.bind import bind
 from pyrozoo.baselines import BASELINES
-from pyrozoo.data import DATASETS
+from pyrozoo.bind import bind
 from pyrozoo.bmr import REDUCTIONS, Reduction, make_reduction, pruned_fraction
 from pyrozoo.bmr.units import model_units
 from pyrozoo.cli import main
 from pyrozoo.config import TrainConfig
+from pyrozoo.data import DATASETS
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import GUIDES, make_guide
 from pyrozoo.methods import METHODS
 from pyrozoo.models import BayesianModel
+from pyrozoo.models.likelihoods import LIKELIHOODS
 from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.optim import OPTIMIZERS
-from pyrozoo.posteriors import POSTERIORS, FittedSource, make_source
 from pyrozoo.options import bind_options
-from pyrozoo.models.likelihoods import LIKELIHOODS
-from pyrozoo.shift import SHIFTS
+from pyrozoo.posteriors import POSTERIORS, FittedSource, make_source
 from pyrozoo.registry import Registry, describe, option_defaults, option_names
+from pyrozoo.shift import SHIFTS
 
 REGISTRIES = [
     REDUCTIONS, PRIORS, METHODS, NETS, GUIDES, OPTIMIZERS, BASELINES, DATASETS, LIKELIHOODS, SHIFTS, POSTERIORS

@@ -8,6 +8,7 @@ import pandas as pd
 import pyro
 import pytest
 import torch
+from configs import tiny_config
 from pyro import poutine
 from pyro.infer import Predictive
 
@@ -195,18 +196,8 @@ def test_predictive_in_parallel_with_every_prior(prior):
 
 
 def tiny_regression(method="flat-ff", **changes):
-    options = dict(
-        net="mlp",
-        data="toy1d",
-        method=method,
-        epochs=2,
-        steps_per_epoch=3,
-        batch_size=50,
-        samples=3,
-        warmup_steps=3,
-        net_options={"hidden": (8,)},
-    )
-    return TrainConfig(**{**options, **changes})
+    options = dict(data="toy1d", steps_per_epoch=3, batch_size=50, samples=3, warmup_steps=3)
+    return tiny_config(method=method, **{**options, "net_options": {"hidden": (8,)}, **changes})
 
 
 @pytest.mark.parametrize("method", list(METHODS))

@@ -25,10 +25,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from clitools import assert_one_line_error, cli
 
-from pyrozoo.bind import bind
 from pyrozoo import bmr, compare, data
+from pyrozoo.bind import bind
 from pyrozoo.cli import BUG_EXIT_CODE, main
+from pyrozoo.config import TrainConfig
 from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import make_guide
@@ -36,11 +38,9 @@ from pyrozoo.io import hold_folder
 from pyrozoo.methods import METHODS
 from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net
-from pyrozoo.config import TrainConfig
 from pyrozoo.runfolder import BMR_LOG, CHECKPOINT, CONFIG, METRICS, PRUNED, SCALES
 from pyrozoo.steps import STEPS, svi_step
 from pyrozoo.train import Run
-from clitools import assert_one_line_error, cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny BMR run: 3 epochs of 3 steps, a pass after epochs 1 and 2, evaluation after each.

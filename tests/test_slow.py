@@ -10,15 +10,8 @@ from pyrozoo.train import Run
 
 @pytest.mark.slow
 def test_stochastic_bmr_prunes_and_the_rebuilt_net_agrees(tmp_path):
-    config = TrainConfig(
-        net="lenet",
-        data="fashion-mnist-mini",
-        method="bmr-ss",
-        epochs=8,
-        steps_per_epoch=200,
-        warmup_steps=200,
-        samples=20,
-    )
+    config = TrainConfig(net="lenet", data="fashion-mnist-mini", method="bmr-ss", epochs=8, samples=20)
+    config.steps_per_epoch = config.warmup_steps = 200
     run = Run(config, tmp_path, log=lambda text: None)
     metrics = run.train(progress=False)
     assert metrics["pruned_fraction"].is_monotonic_increasing and metrics["pruned_fraction"].iloc[-1] > 0.05

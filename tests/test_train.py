@@ -15,12 +15,13 @@ import math
 import pandas as pd
 import pytest
 import torch
+from configs import tiny_config
 
-from pyrozoo.errors import PyrozooError, TrainingDiverged
-from pyrozoo.optim import OPTIMIZERS
 from pyrozoo.config import TrainConfig
 from pyrozoo.data import Minibatches
 from pyrozoo.elbo import negative_elbo
+from pyrozoo.errors import PyrozooError, TrainingDiverged
+from pyrozoo.optim import OPTIMIZERS
 from pyrozoo.runfolder import CHECKPOINT, CONFIG, METRICS
 from pyrozoo.steps import VALIDATE_ENV, svi_step
 from pyrozoo.train import Run
@@ -34,21 +35,7 @@ def with_loss(run: Run, loss) -> None:
     run.setup.step = dataclasses.replace(run.setup.step, step=functools.partial(svi_step, loss=loss))
 
 
-def tiny(**overrides) -> TrainConfig:
-    settings = dict(
-        net="mlp",
-        data="fashion-mnist-mini",
-        method="flat-ff",
-        epochs=2,
-        steps_per_epoch=6,
-        batch_size=64,
-        samples=2,
-        eval_batch_size=400,
-        seed=0,
-        net_options={"hidden": (32,)},
-    )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+tiny = tiny_config
 
 
 def quiet(text: str) -> None:
@@ -401,8 +388,8 @@ def test_evaluating_samples_together_gives_the_metrics_of_the_one_at_a_time_loop
     """The same seed gives the same draws whether they go through the net one at a time or several together
     (vmap over the stacked weights), and so the same metrics; a different seed gives other metrics, so the
     comparison can fail."""
-    from pyrozoo.guides import make_guide
     from pyrozoo.evaluation import evaluate
+    from pyrozoo.guides import make_guide
 
     model = request.getfixturevalue(net)
     side = 32 if net == "tiny_lenet_model" else 4

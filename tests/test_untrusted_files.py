@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from clitools import assert_one_line_error, cli
+
 from pyrozoo.errors import PyrozooError
 from pyrozoo.init_from import load_state
-from pyrozoo.io import FolderLock, LOCK_NAME
+from pyrozoo.io import LOCK_NAME, FolderLock
 from pyrozoo.nets import create_net
-from pyrozoo.torchfile import NotPlainTensors, load_tensors
 from pyrozoo.runfolder import CHECKPOINT, PRUNED, read_checkpoint
+from pyrozoo.torchfile import NotPlainTensors, load_tensors
 from pyrozoo.train import Run
 
 NOT_PLAIN = "is not a plain tensor file"

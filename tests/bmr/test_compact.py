@@ -19,6 +19,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 import torch.nn.functional as F
+from configs import tiny_config
 
 from pyrozoo.bmr.compact import compact, expand
 from pyrozoo.bmr.units import model_units, pruned_fraction
@@ -309,8 +310,8 @@ def test_nothing_to_cut_changes_nothing_and_autoguides_are_refused_with_a_reason
 # --- in a training run: resume and export -------------------------------------------------------------------
 
 from pyrozoo.bmr.reduction import PruneReport, Reduction  # noqa: E402
-from pyrozoo.config import TrainConfig  # noqa: E402
 from pyrozoo.checkpoint import snapshot  # noqa: E402
+from pyrozoo.config import TrainConfig  # noqa: E402
 from pyrozoo.runfolder import read_checkpoint  # noqa: E402
 from pyrozoo.train import Run  # noqa: E402
 
@@ -329,12 +330,9 @@ class KillUnits(Reduction):
 
 
 RUN = dict(
-    net="mlp",
-    data="fashion-mnist-mini",
     method="bmr-th",
     steps_per_epoch=4,
     batch_size=32,
-    samples=2,
     eval_every=10,
     warmup_steps=0,
     net_options={"hidden": (16, 12)},
@@ -342,7 +340,7 @@ RUN = dict(
 
 
 def _train(folder, epochs, resume=False, **options):
-    config = TrainConfig(epochs=epochs, **{**RUN, **options})
+    config = tiny_config(epochs=epochs, **{**RUN, **options})
     run = Run.open(folder, log=lambda text: None, epochs=epochs) if resume else Run(config, folder, log=print)
     run.reduction = KillUnits()
     with run:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pyrozoo.bmr.forced import forced_prune_check, train_like_norms
-from pyrozoo.bmr.rebuild import parameter_count, rebuild
+from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.units import structure
 from pyrozoo.guides import make_guide
 from pyrozoo.models import BayesianModel

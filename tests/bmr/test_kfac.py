@@ -10,7 +10,6 @@ import torch
 from pyrozoo.bmr.delta_f import multivariate_covariance
 from pyrozoo.bmr.kfac import KroneckerGaussian
 
-
 pytestmark = pytest.mark.usefixtures("float64")  # (conftest) these compare with exact forms
 
 

@@ -8,6 +8,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from clitools import cli
 
 from pyrozoo.bind import bind
 from pyrozoo.bmr import REDUCTIONS, TargetSparsity, make_reduction, pruned_fraction
@@ -23,7 +24,6 @@ from pyrozoo.models import BayesianModel
 from pyrozoo.nets import create_net
 from pyrozoo.schedule import BMRSchedule
 from pyrozoo.train import Run
-from clitools import cli
 
 QUICK = {"horseshoe": {"steps": 30, "samples": 10}}  # the horseshoe's fit, shortened
 

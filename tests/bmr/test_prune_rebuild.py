@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pyrozoo.bmr import prune, pruned_fraction
-from pyrozoo.bmr.scores import delta_f
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
+from pyrozoo.bmr.scores import delta_f
 from pyrozoo.bmr.units import effective_masks
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import make_guide

@@ -10,18 +10,19 @@ import math
 
 import pytest
 import torch
+from configs import tiny_config
 from torch import nn
 
 from pyrozoo.bind import bind
 from pyrozoo.bmr import Threshold
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
+from pyrozoo.config import TrainConfig
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides import make_guide
 from pyrozoo.guides.ivon import IVONPosterior
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.priors import gaussian
-from pyrozoo.config import TrainConfig
 from pyrozoo.train import Run
 
 N, D, NOISE_VAR, PRIOR_SCALE = 40, 6, 0.5, 0.7
@@ -122,20 +123,10 @@ def test_ivon_trained_on_the_regression_reaches_its_posterior_and_dF():
 
 
 def _tiny(**overrides) -> TrainConfig:
-    settings = dict(
-        net="mlp",
-        data="fashion-mnist-mini",
-        method="ivon-bmr",
-        epochs=3,
-        steps_per_epoch=8,
-        batch_size=64,
-        samples=3,
-        eval_batch_size=500,
-        warmup_steps=0,
-        net_options={"hidden": (24,)},
+    changes = dict(
+        method="ivon-bmr", epochs=3, steps_per_epoch=8, samples=3, eval_batch_size=500, warmup_steps=0
     )
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    return tiny_config(**{**changes, "net_options": {"hidden": (24,)}, **overrides})
 
 
 def test_pruned_entries_stay_pruned_in_the_net_and_in_the_optimiser(tmp_path):

@@ -18,7 +18,6 @@ from pyrozoo.models.layers import find_layers
 from pyrozoo.models.likelihoods import Gaussian
 from pyrozoo.nets import create_net
 
-
 pytestmark = pytest.mark.usefixtures("float64")  # (conftest) these compare with exact forms
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from configs import tiny_config
 from pyro import poutine
 from timm.layers import Attention, Mlp
 from timm.models.mlp_mixer import MlpMixer
@@ -186,21 +187,10 @@ def test_an_attention_with_every_head_dead_keeps_one():
 @pytest.mark.parametrize("name", ["vit", "mixer"])
 def test_bmr_ss_trains_prunes_and_exports_a_tiny_transformer(name, tmp_path):
     from pyrozoo.export import export
-    from pyrozoo.config import TrainConfig
     from pyrozoo.train import Run
 
-    config = TrainConfig(
-        net=name,
-        data="fashion-mnist-mini",
-        method="bmr-ss",
-        epochs=2,
-        steps_per_epoch=4,
-        batch_size=32,
-        samples=2,
-        eval_batch_size=500,
-        warmup_steps=2,
-        net_options={"preset": "tiny"},
-    )
+    changes = dict(method="bmr-ss", steps_per_epoch=4, batch_size=32, eval_batch_size=500, warmup_steps=2)
+    config = tiny_config(net=name, net_options={"preset": "tiny"}, **changes)
     run = Run(config, tmp_path / "run", log=lambda text: None)
     metrics = run.train(progress=False)
     assert list(metrics["pruned_fraction"].notna()) == [True, True] and 0 <= metrics["accuracy"].iloc[-1] <= 1
