@@ -34,7 +34,7 @@ from torch.nn.utils import prune as torch_prune
 from pyrozoo.baselines import magnitude_prune
 from pyrozoo.bmr import UnitReduction, pruned_fraction
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
-from pyrozoo.guides.laplace import laplace_from_run
+from pyrozoo.posteriors.laplace import laplace_from_run
 from pyrozoo.metrics import evaluate_net
 from pyrozoo.sweep import _prunable_params, channel_prune
 from pyrozoo.evaluation import evaluate

@@ -2,7 +2,7 @@
 
 :func:`compress` takes any trained classifier (an ``nn.Module``) and its data, and
 
-1. fits a diagonal Laplace posterior around the trained weights (:func:`pyrozoo.guides.laplace.laplace`; its
+1. fits a diagonal Laplace posterior around the trained weights (:func:`pyrozoo.posteriors.laplace.laplace`; its
    prior scale per layer chosen by the evidence);
 2. scores every removable unit (a neuron, a channel with what couples to it, an attention head:
    :mod:`pyrozoo.bmr.units`) by the change in evidence ``dF`` of switching the whole unit off, its producing
@@ -478,7 +478,7 @@ def compress(
     shared out across groups by ``allocation`` (:func:`rank_units`); every baseline in ``baselines`` is pruned
     to the same cost as pyrozoo's net and given the same ``finetune_steps`` of Adam at ``lr``. ``net`` is not
     changed."""
-    from pyrozoo.guides.laplace import laplace
+    from pyrozoo.posteriors.laplace import laplace
 
     targets = _targets(target)
     unknown = set(baselines) - set(pruners.PRUNERS)

@@ -16,7 +16,7 @@ from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
 from pyrozoo.compress import Target, compress, latency_model, rank_units, reduce_to, remove_first
 from pyrozoo.errors import PyrozooError
-from pyrozoo.guides.laplace import laplace
+from pyrozoo.posteriors.laplace import laplace
 
 
 def _cnn() -> nn.Module:

@@ -218,7 +218,7 @@ def test_every_method_trains_on_regression(tmp_path, method):
 def test_a_deterministic_net_holds_the_noise_at_its_posterior_mean(tmp_path, method):
     """A rebuilt or Laplace net has no noise latent: the run's noise precision is held at its posterior mean
     (a log-normal's mean under mean-field, the point under MAP); the Laplace model keeps that constant."""
-    from pyrozoo.guides.laplace import laplace_from_run
+    from pyrozoo.posteriors.laplace import laplace_from_run
 
     run = Run(tiny_regression(method), tmp_path, log=quiet)
     run.train(progress=False)
@@ -281,7 +281,7 @@ def test_laplace_prune_sweep_and_export_of_a_regression_run(tmp_path, capsys):
 
 
 def test_laplace_of_a_one_output_net_as_a_classifier_says_how_to_make_it_a_regressor():
-    from pyrozoo.guides.laplace import laplace
+    from pyrozoo.posteriors.laplace import laplace
 
     net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
     with pytest.raises(PyrozooError, match="likelihood=Gaussian"):

@@ -1,4 +1,4 @@
-"""The diagonal Laplace posterior around a run's point estimate (:mod:`pyrozoo.guides.laplace`)."""
+"""The diagonal Laplace posterior around a run's point estimate (:mod:`pyrozoo.posteriors.laplace`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from pyrozoo.errors import PyrozooError
 from pyrozoo.posteriors.base import FittedSource, register_posterior
+from pyrozoo.posteriors.laplace import laplace_from_run
 
 
 @register_posterior("laplace-diag")
@@ -18,15 +19,13 @@ class LaplaceDiag(FittedSource):
     ``fit_size`` estimates the curvature from that many training inputs drawn at random (default: all)."""
 
     fit_size: int | None = None
-    structure: ClassVar[str] = "diag"  # the curvature's (pyrozoo.guides.laplace.STRUCTURES)
+    structure: ClassVar[str] = "diag"  # the curvature's (pyrozoo.posteriors.laplace.STRUCTURES)
 
     def __post_init__(self):
         if self.fit_size is not None and not self.fit_size > 0:
             raise PyrozooError(f"{self.name}: fit_size is a positive number of inputs, got {self.fit_size}")
 
     def fit(self, run, progress: bool = True):
-        from pyrozoo.guides.laplace import laplace_from_run
-
         return laplace_from_run(run, self.structure, progress=progress, fit_size=self.fit_size)
 
     def summary(self, model) -> str:

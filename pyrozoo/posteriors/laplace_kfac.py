@@ -1,4 +1,4 @@
-"""The KFAC Laplace posterior around a run's point estimate (:mod:`pyrozoo.guides.laplace`), whose correlations
+"""The KFAC Laplace posterior around a run's point estimate (:mod:`pyrozoo.posteriors.laplace`), whose correlations
 write the reduced mean back into the surviving weights (:mod:`pyrozoo.bmr.kfac`)."""
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from pyrozoo.bmr.units import effective_masks
 from pyrozoo.config import TrainConfig
 from pyrozoo.data import load, prepare
 from pyrozoo.guides import make_guide
-from pyrozoo.guides.laplace import laplace
+from pyrozoo.posteriors.laplace import laplace
 from pyrozoo.loop import Training
 from pyrozoo.methods import METHODS
 from pyrozoo.models import BayesianModel

@@ -13,7 +13,7 @@ from pyrozoo.bmr import TargetSparsity, pruned_fraction, rebuild
 from pyrozoo.bmr.kfac import KroneckerGaussian
 from pyrozoo.bmr.units import effective_masks
 from pyrozoo.guides import GUIDES, Posterior, make_guide
-from pyrozoo.guides.laplace import (
+from pyrozoo.posteriors.laplace import (
     LaplacePosterior,
     curvature,
     laplace,

@@ -1,4 +1,4 @@
-"""The Laplace curvature (pyrozoo.guides.laplace.curvature) against the exact GGN, layer by layer, in float64.
+"""The Laplace curvature (pyrozoo.posteriors.laplace.curvature) against the exact GGN, layer by layer, in float64.
 
 The exact GGN block of a layer, ``Σ_n J_n' H_n J_n`` over the latent's ``[W | b]`` (row-major), is built here
 from the Jacobians (one backward pass per input and output) and the categorical likelihood's Hessian
@@ -13,7 +13,7 @@ from torch import nn
 
 from pyrozoo.data import load, prepare
 from pyrozoo.errors import PyrozooError
-from pyrozoo.guides.laplace import curvature, laplace, prior_precision
+from pyrozoo.posteriors.laplace import curvature, laplace, prior_precision
 from pyrozoo.models.layers import find_layers
 from pyrozoo.models.likelihoods import Gaussian
 from pyrozoo.nets import create_net

@@ -37,7 +37,7 @@ The curvature (:func:`curvature`):
   stochastically (Hutchinson, XDiag: many products), and BackPACK's exact one needs the net rebuilt from its own
   modules. It is the exact GGN diagonal (type-2) or its Monte Carlo estimate, checked against the GGN from
   the exact GGN's Jacobians on Linear, strided and padded, grouped and depthwise layers
-  (tests/guides/test_laplace_curvature.py).
+  (tests/posteriors/test_laplace_curvature.py).
 
 The marginal likelihood's optimum is a one-dimensional root per layer given the eigenvalues (KFAC's ``g_i a_j``,
 EKFAC's refitted ones), which needs no optimiser. Linear and Conv2d layers are supported; other random groups
@@ -60,6 +60,7 @@ from torch.distributions import constraints
 from tqdm.auto import tqdm
 
 from pyrozoo.bmr.kfac import KroneckerGaussian
+from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides.base import Posterior
 from pyrozoo.models import BayesianModel
@@ -478,8 +479,6 @@ def laplace_from_run(run, structure: str = "kron", progress: bool = True, **opti
     """:func:`laplace` around a run's point estimate (posterior mean; a ``flat-map`` run's MAP weights), fitted
     on its training inputs; a regression run's noise precision is held at its posterior mean (or its learned or
     fixed value)."""
-    from pyrozoo.bmr.rebuild import rebuild
-
     net = rebuild(run.model, run.guide, remove_dead=False)
     output = next(layer.name for layer in run.model.layers if layer.is_output)
     return laplace(
