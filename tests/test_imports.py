@@ -1,5 +1,7 @@
 """The package has no import circle: the graph of its modules' imports of each other, module-level and
-function-local alike (a local import that closes a circle is a circle put off, not removed), has no cycle."""
+function-local alike (a local import that closes a circle is a circle put off, not removed), has no cycle; nor
+has the graph of its subpackages (``bmr``, ``guides``, ``models``, ``nets``, ``posteriors``) and top-level
+modules, so no subpackage reaches up into one that builds on it."""
 
 from __future__ import annotations
 
@@ -71,6 +73,16 @@ def test_the_package_has_no_import_circle():
     graph = {name: imported(name, path, set(found)) for name, path in found.items()}
     circles = cycles(graph)
     assert not circles, "import circles: " + "; ".join(" <-> ".join(c) for c in circles)
+
+
+def test_no_subpackage_reaches_up_into_one_that_imports_it():
+    found = modules()
+    top = {name: ".".join(name.split(".")[:2]) for name in found}  # pyrozoo.bmr.units -> pyrozoo.bmr
+    graph = {room: set() for room in top.values()}
+    for name, path in found.items():
+        graph[top[name]].update(top[t] for t in imported(name, path, set(found)) if top[t] != top[name])
+    circles = cycles(graph)
+    assert not circles, "circles between subpackages: " + "; ".join(" <-> ".join(c) for c in circles)
 
 
 def test_the_check_finds_a_circle():
