@@ -885,11 +885,11 @@ def _export(args) -> None:
         f"sparse_net.pt, sparse_state_dict.pt, sparse.pt2 (torch.export); CPU, {summary['threads']} threads"
     )
     # "dense": the pruned net in the trained net's shapes (pruned weights at zero); "sparse": dead units cut out
-    print(_table({"pruned, full shapes": summary["dense"], "pruned, dead units cut": summary["sparse"]}))
-    if summary["dense"]["parameters"] == summary["sparse"]["parameters"]:
+    print(_table({"pruned, full shapes": summary["full_shapes"], "pruned, dead units cut": summary["units_cut"]}))
+    if summary["full_shapes"]["parameters"] == summary["units_cut"]["parameters"]:
         print(
             "no unit is dead: the net keeps its shapes (the latency difference is noise), and its "
-            f"{summary['sparse']['nonzero_parameters']:,d} non-zero parameters are "
+            f"{summary['units_cut']['nonzero_parameters']:,d} non-zero parameters are "
             f"{summary['nonzero_ratio']:.1f}x fewer than its parameters"
         )
     else:

@@ -1,4 +1,5 @@
-"""Export a run's rebuilt network: dense vs sparse size, accuracy and CPU latency, and files to deploy."""
+"""Export a run's rebuilt network: its size, accuracy and CPU latency in the trained shapes and with its dead units
+cut, and files to deploy."""
 
 from __future__ import annotations
 
@@ -53,8 +54,10 @@ def save_net(net: nn.Module, example: torch.Tensor, state_dict: Path, whole: Pat
 
 
 def export(run, folder: Path, repeats: int = 50, source: dict | None = None, nets=None) -> dict:
-    """Write the rebuilt sparse net and return a summary (sizes, accuracy or a regression's RMSE, latency,
-    dense against sparse).
+    """Write the rebuilt sparse net and return a summary (sizes, accuracy or a regression's RMSE, latency): the
+    pruned net in the trained shapes (``full_shapes``, pruned weights at zero) against the same net with its dead
+    units cut (``units_cut``); ``trained_parameters`` is the dense count, ``nonzero_ratio`` that count over the
+    cut net's non-zero parameters.
 
     ``folder/sparse.pt2`` is a ``torch.export`` program for deployment; ``sparse_net.pt`` the whole module
     (``torch.load(path, weights_only=False)``; a rebuilt timm model is still a timm model, to fine-tune);
@@ -71,7 +74,8 @@ def export(run, folder: Path, repeats: int = 50, source: dict | None = None, net
     dense, sparse = (net.cpu() for net in nets)
     x_test = d.x_test.cpu()
     summary = {"source": source or {"state": "checkpoint", **run.source()}}
-    for name, net, value in (("dense", dense, scores[0]), ("sparse", sparse, scores[1])):
+    # named as pyrozoo export prints them: the pruned net in the trained shapes, and with its dead units cut
+    for name, net, value in (("full_shapes", dense, scores[0]), ("units_cut", sparse, scores[1])):
         summary[name] = {
             "parameters": parameter_count(net),
             "nonzero_parameters": parameter_count(net, nonzero=True),
@@ -81,12 +85,13 @@ def export(run, folder: Path, repeats: int = 50, source: dict | None = None, net
             "latency_ms_batch256": latency_ms(net, x_test[:256], repeats),
         }
     summary["speedup_batch256"] = (
-        summary["dense"]["latency_ms_batch256"] / summary["sparse"]["latency_ms_batch256"]
+        summary["full_shapes"]["latency_ms_batch256"] / summary["units_cut"]["latency_ms_batch256"]
     )
-    summary["parameter_ratio"] = summary["dense"]["parameters"] / summary["sparse"]["parameters"]
-    summary["nonzero_ratio"] = summary["dense"]["parameters"] / max(
-        summary["sparse"]["nonzero_parameters"], 1
+    summary["parameter_ratio"] = summary["full_shapes"]["parameters"] / summary["units_cut"]["parameters"]
+    summary["nonzero_ratio"] = summary["full_shapes"]["parameters"] / max(
+        summary["units_cut"]["nonzero_parameters"], 1
     )
+    summary["trained_parameters"] = summary["full_shapes"]["parameters"]  # the dense count, before pruning
     summary["threads"] = torch.get_num_threads()
 
     def write(tmp: Path) -> None:

@@ -245,7 +245,10 @@ def test_prune_and_export_a_finished_run(capsys, tmp_path, ff_run):
     assert code == 0, err
     assert "pruned.pt" in out and "latency_ms_batch256" in out
     summary = pd.read_json(tmp_path / "run" / "export" / "summary.json", typ="series")
-    assert summary["sparse"]["parameters"] < summary["dense"]["parameters"]
+    assert summary["units_cut"]["parameters"] < summary["full_shapes"]["parameters"]
+    # named as the command prints them, with the dense count
+    assert summary["trained_parameters"] == summary["full_shapes"]["parameters"] and "dense" not in summary
+    assert "pruned, full shapes" in out and "pruned, dead units cut" in out
     program = torch.export.load(tmp_path / "run" / "export" / "sparse.pt2")
     x = torch.zeros(3, 1, 28, 28)
     assert program.module()(x).shape == (3, 10)

@@ -115,7 +115,7 @@ def test_a_new_posterior_source_is_taken_by_every_command(capsys, map_run, regis
     assert code == 0, err
     summary = json.loads((map_run / "export" / "summary.json").read_text())
     assert summary["source"]["state"] == "pruned-cold-laplace.pt"
-    assert summary["dense"]["accuracy"] == pytest.approx(state["metrics"]["accuracy"], abs=1e-9)
+    assert summary["full_shapes"]["accuracy"] == pytest.approx(state["metrics"]["accuracy"], abs=1e-9)
     code, out, err = cli(
         capsys, "predict", "map", "--pruned", "cold-laplace", "--out", "p.csv", "--no-progress"
     )

@@ -269,7 +269,7 @@ def test_laplace_prune_sweep_and_export_of_a_regression_run(tmp_path, capsys):
     code, out, err = cli(capsys, "export", str(tmp_path), "--pruned", "laplace-kfac")
     assert code == 0, err
     summary = pd.read_json(tmp_path / "export" / "summary.json", typ="series")
-    assert summary["sparse"]["rmse"] == pytest.approx(state["metrics"]["rmse"], rel=1e-6)
+    assert summary["units_cut"]["rmse"] == pytest.approx(state["metrics"]["rmse"], rel=1e-6)
     preds = tmp_path / "preds.csv"
     code, out, err = cli(capsys, "predict", str(tmp_path), "--pruned", "laplace-kfac", "--out", str(preds))
     assert code == 0, err

@@ -90,11 +90,11 @@ def test_export_a_laplace_pruned_result(capsys, map_run):
         summary = pd.read_json(map_run / "export" / "summary.json", typ="series")
         assert summary["source"]["state"] == f"pruned-{posterior}.pt"
         # the exported nets are the pruned net: its accuracy, its non-zero weights, its function
-        assert summary["dense"]["accuracy"] == pytest.approx(state["metrics"]["accuracy"], abs=1e-9)
-        assert summary["sparse"]["accuracy"] == pytest.approx(state["metrics"]["accuracy"], abs=1e-9)
+        assert summary["full_shapes"]["accuracy"] == pytest.approx(state["metrics"]["accuracy"], abs=1e-9)
+        assert summary["units_cut"]["accuracy"] == pytest.approx(state["metrics"]["accuracy"], abs=1e-9)
         nonzero = sum(int((v != 0).sum()) for v in state["net_state_dict"].values())
-        assert summary["dense"]["nonzero_parameters"] == nonzero
-        assert summary["sparse"]["parameters"] <= summary["dense"]["parameters"]
+        assert summary["full_shapes"]["nonzero_parameters"] == nonzero
+        assert summary["units_cut"]["parameters"] <= summary["full_shapes"]["parameters"]
         run = Run.open(map_run)
         dense = rebuild(run.model, run.guide, remove_dead=False)
         dense.load_state_dict(state["net_state_dict"])
@@ -112,7 +112,7 @@ def test_export_a_laplace_pruned_result(capsys, map_run):
     code, out, err = cli(capsys, "export", "map", "--pruned", "laplace-kfac", "--repeats", "1")
     assert code == 0, err
     summary = pd.read_json(map_run / "export" / "summary.json", typ="series")
-    assert summary["sparse"]["parameters"] < summary["dense"]["parameters"]
+    assert summary["units_cut"]["parameters"] < summary["full_shapes"]["parameters"]
 
 
 def test_pruned_means_the_same_on_export_predict_and_uncertainty(capsys, map_run):

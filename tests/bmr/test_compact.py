@@ -407,9 +407,9 @@ def test_export_of_a_compacted_run_equals_that_of_its_uncompacted_twin(tmp_path,
             summaries[name] = (sparse.state_dict(), export(run, tmp_path / name / "export", repeats=2), run)
     (twin_net, twin_summary, twin_run), (net, summary, run) = summaries["twin"], summaries["compacted"]
     _equal_states(dict(twin_net), dict(net))
-    assert twin_summary["sparse"]["parameters"] == summary["sparse"]["parameters"]
-    assert twin_summary["sparse"]["accuracy"] == summary["sparse"]["accuracy"]
-    assert twin_summary["dense"]["parameters"] == summary["dense"]["parameters"]
+    assert twin_summary["units_cut"]["parameters"] == summary["units_cut"]["parameters"]
+    assert twin_summary["units_cut"]["accuracy"] == summary["units_cut"]["accuracy"]
+    assert twin_summary["full_shapes"]["parameters"] == summary["full_shapes"]["parameters"]
     exported = torch.load(tmp_path / "compacted" / "export" / "sparse_state_dict.pt")
     _equal_states(exported, torch.load(tmp_path / "twin" / "export" / "sparse_state_dict.pt"))
     assert pruned_fraction(run.model) == pruned_fraction(twin_run.model)

@@ -197,7 +197,7 @@ def test_bmr_ss_trains_prunes_and_exports_a_tiny_transformer(name, tmp_path):
     # a few steps barely move the posterior from its initialisation: prune everything to have units to cut
     assert prune(run.model, run.guide, "threshold", margin=-1e9, allow_empty=True).pruned_fraction == 1.0
     summary = export(run, tmp_path / "export", repeats=1)
-    assert summary["sparse"]["nonzero_parameters"] < summary["dense"]["parameters"]
+    assert summary["units_cut"]["nonzero_parameters"] < summary["full_shapes"]["parameters"]
     program = torch.export.load(tmp_path / "export" / "sparse.pt2")
     x = run.data.x_test[:3]
     sparse = torch.load(tmp_path / "export" / "sparse_net.pt", weights_only=False)
