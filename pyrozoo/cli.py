@@ -994,8 +994,8 @@ def _uncertainty(args) -> None:
 
 
 def _info() -> None:
-    # Wrapped to the terminal (or $COLUMNS); piped into grep or a file, one line per entry.
-    wrap = sys.stdout.isatty() or "COLUMNS" in os.environ
+    # Wrapped to a terminal's width ($COLUMNS, else its own); piped into grep or a file, one line per entry.
+    wrap = sys.stdout.isatty()
     width = max(60, shutil.get_terminal_size().columns - 1) if wrap else 10**6
 
     def section(title: str, rows) -> None:

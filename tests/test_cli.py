@@ -211,6 +211,9 @@ def test_info_fits_the_terminal_and_speaks_in_words(capsys, monkeypatch):
     docstring or a code expression; the optional extras said installed or how to install them."""
     monkeypatch.setenv("COLUMNS", "80")
     code, stdout, _ = cli(capsys, "info")
+    assert code == 0 and max(map(len, stdout.splitlines())) > 80  # piped: one line per entry, for grep
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # as on a terminal 80 columns wide
+    code, stdout, _ = cli(capsys, "info")
     assert code == 0 and max(map(len, stdout.splitlines())) <= 80
     flat = " ".join(stdout.split())
     assert "Implements Adam" not in flat and "[severity - 1]" not in flat and "15/30/45/60/90 degrees" in flat
