@@ -49,6 +49,8 @@ def save_net(net: nn.Module, example: torch.Tensor, state_dict: Path, whole: Pat
     ``example`` with a free batch size, for deployment."""
     save_torch(net.state_dict(), state_dict)
     save_torch(net, whole)
+    # a copy: a slice of the test set is a view, and the program would store the whole tensor under it
+    example = example.clone()
     exported = torch.export.export(net.eval(), (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     save_torch(exported, program, torch.export.save)
 

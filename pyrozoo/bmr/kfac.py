@@ -75,9 +75,6 @@ class KroneckerGaussian:
         """The data precision's eigenvalues ``g_i a_j`` (EKFAC: the corrected ones), without the prior, ``(R, K)``."""
         return self._eigenvalues
 
-    def with_prior_var(self, prior_var: float) -> "KroneckerGaussian":
-        return KroneckerGaussian(self.mean, self.G, self.A, prior_var, self.corrected)
-
     def precision_matvec(self, V: Tensor) -> Tensor:
         """``P vec(V)`` as a matrix: ``G V A + V / s2`` (EKFAC: ``U_G (λ ∘ U_G' V U_A) U_A' + V / s2``)."""
         if self.corrected is None:
