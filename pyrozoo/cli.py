@@ -216,7 +216,7 @@ def _fit_size_help() -> str:
     )
 
 
-def _add_pruned_option(parser: argparse.ArgumentParser, verb: str, default: str) -> None:
+def _add_pruned_option(parser: argparse.ArgumentParser, verb: str, default: str | None) -> None:
     """--pruned [latest|SOURCE|none], alike on export, predict and uncertainty; only the default differs."""
     fitted = [name for name, source in POSTERIORS.items() if issubclass(source, FittedSource)]
     parser.add_argument(
@@ -228,20 +228,25 @@ def _add_pruned_option(parser: argparse.ArgumentParser, verb: str, default: str)
         help=f"{verb} the state pyrozoo prune --posterior P pruned: P (its file: "
         + ", ".join(f"{name} {make_source(name).file}" for name in POSTERIORS)
         + "), latest (the newest of those, said when there are several; --pruned alone), or none (the "
-        f"checkpoint as trained; default {default}). A state loaded into the run's model and guide is sampled as "
-        f"the run's posterior; the plain net pruned from a posterior fitted after training ({', '.join(fitted)}) "
-        "is one draw, no epistemic part",
+        + (
+            "checkpoint as trained; default: the newest pruned result, else the checkpoint)"
+            if default is None
+            else f"checkpoint as trained; default {default}). A state loaded into the run's model and guide is "
+            f"sampled as the run's posterior; the plain net pruned from a posterior fitted after training "
+            f"({', '.join(fitted)}) is one draw, no epistemic part"
+        ),
     )
 
 
-def chosen_pruned(run, which: str, log=print, or_trained: bool = False):
-    """The posterior source whose pruned result ``--pruned which`` names (latest: the newest there is), or None
-    for the checkpoint as trained, which ``latest`` falls back to only ``or_trained`` (export's default)."""
+def chosen_pruned(run, which: str | None, log=print):
+    """The posterior source whose pruned result ``--pruned which`` names (latest: the newest there is, refused
+    when there is none), or None for the checkpoint as trained; ``which`` None: the newest, else the checkpoint
+    (export's default)."""
     from pyrozoo.export import pruned_results
 
-    if which == "latest":
+    if which in ("latest", None):
         found = pruned_results(run.out)
-        if not found and not or_trained:
+        if not found and which == "latest":
             raise PyrozooError(f"{run.out} has no pruned result: make one with pyrozoo prune {run.out}")
         which = next(iter(found), "none")
         if len(found) > 1:
@@ -443,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="rebuild the run's sparse net, save it, compare it with the dense one"
     )
     export.add_argument("run", help="run folder")
-    _add_pruned_option(export, "export", default="latest")
+    _add_pruned_option(export, "export", default=None)
     export.add_argument(
         "--repeats", type=_number(int, "positive"), default=50, help="timed forward passes per latency"
     )
@@ -873,7 +878,7 @@ def _export(args) -> None:
     from pyrozoo.trained import load
 
     run = load(args.run, log=lambda text: print(text, file=sys.stderr))
-    source = chosen_pruned(run, args.pruned, log=lambda text: print(text, file=sys.stderr), or_trained=True)
+    source = chosen_pruned(run, args.pruned, log=lambda text: print(text, file=sys.stderr))
     nets = None
     state = "checkpoint" if source is None else source.file
     if source is not None:
@@ -885,7 +890,11 @@ def _export(args) -> None:
         f"sparse_net.pt, sparse_state_dict.pt, sparse.pt2 (torch.export); CPU, {summary['threads']} threads"
     )
     # "dense": the pruned net in the trained net's shapes (pruned weights at zero); "sparse": dead units cut out
-    print(_table({"pruned, full shapes": summary["full_shapes"], "pruned, dead units cut": summary["units_cut"]}))
+    print(
+        _table(
+            {"pruned, full shapes": summary["full_shapes"], "pruned, dead units cut": summary["units_cut"]}
+        )
+    )
     if summary["full_shapes"]["parameters"] == summary["units_cut"]["parameters"]:
         print(
             "no unit is dead: the net keeps its shapes (the latency difference is noise), and its "

@@ -116,16 +116,24 @@ def test_export_a_laplace_pruned_result(capsys, map_run):
 
 
 def test_pruned_means_the_same_on_export_predict_and_uncertainty(capsys, map_run):
-    """``--pruned`` alone is the newest pruned result on all three; with none there, predict and uncertainty
-    say how to make one (export falls back to the trained checkpoint, its documented default); an unknown value
+    """``--pruned`` alone is the newest pruned result on all three, and with none there each says how to make
+    one (export without --pruned falls back to the trained checkpoint, its documented default); an unknown value
     is refused alike."""
     for command in (["predict", "map", "--out", "p.csv"], ["uncertainty", "map"]):
-        assert_one_line_error(*cli(capsys, *command, "--pruned", "--no-progress"), "no pruned result", "prune")
+        assert_one_line_error(
+            *cli(capsys, *command, "--pruned", "--no-progress"), "no pruned result", "prune"
+        )
         code, _, err = cli(capsys, *command, "--pruned", "lastest", "--no-progress")
         assert code == 2 and "invalid choice" in err
-    code, out, _ = cli(capsys, "export", "map", "--pruned", "--repeats", "1")
+    assert_one_line_error(*cli(capsys, "export", "map", "--pruned", "--repeats", "1"), "no pruned result")
+    code, out, _ = cli(
+        capsys, "export", "map", "--repeats", "1"
+    )  # its default: the newest, else the checkpoint
     assert code == 0 and "(checkpoint," in out
-    assert cli(capsys, "prune", "map", "--posterior", "laplace-diag", "--rule", "sparsity", "--no-progress")[0] == 0
+    assert (
+        cli(capsys, "prune", "map", "--posterior", "laplace-diag", "--rule", "sparsity", "--no-progress")[0]
+        == 0
+    )
     code, out, _ = cli(capsys, "predict", "map", "--pruned", "--out", "p.csv", "--no-progress")
     assert code == 0
     code, out, _ = cli(capsys, "export", "map", "--pruned", "--repeats", "1")
