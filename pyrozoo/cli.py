@@ -359,7 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("grid", help="grid folder written by pyrozoo compare")
 
-    prune = sub.add_parser("prune", help="one-shot BMR of a finished mean-field run (writes RUN/pruned.pt)")
+    prune = sub.add_parser(
+        "prune",
+        help="one-shot BMR of a finished run, from its own posterior or one fitted after training (writes "
+        "RUN/pruned.pt, or RUN/pruned-SOURCE.pt with --posterior SOURCE)",
+    )
     prune.add_argument("run", help="run folder")
     prune.add_argument(
         "--rule",
