@@ -915,8 +915,9 @@ def _export(args) -> None:
 
 
 def _open_for_prediction(args):
-    """The run (with its pruned state if asked), its raw data, and the pruned plain net when the state asked
-    for is one (else None), for predict and uncertainty."""
+    """The run (with its pruned state if asked), its raw data, the pruned plain net when the state asked for is
+    one (else None), and that state's name (``checkpoint``, or the pruned file), for predict and uncertainty.
+    """
     from pyrozoo.trained import load
 
     run = load(args.run, log=lambda text: print(text, file=sys.stderr))
@@ -924,7 +925,8 @@ def _open_for_prediction(args):
     nets = None if source is None else source.load_pruned(run)
     c = run.config
     raw = datasets.load(c.data, c.data_dir, target=c.target, task=c.task)
-    return run, raw, None if nets is None else nets[0].to(run.data.x_test.device)
+    state = "checkpoint" if source is None else source.file
+    return run, raw, None if nets is None else nets[0].to(run.data.x_test.device), state
 
 
 def _predict(args) -> None:
@@ -938,7 +940,7 @@ def _predict(args) -> None:
     )
     from pyrozoo.shift import SHIFTS
 
-    run, raw, net = _open_for_prediction(args)
+    run, raw, net, state = _open_for_prediction(args)
     with run:
         c = run.config
         # a point mass or a plain net: one draw
@@ -984,7 +986,7 @@ def _predict(args) -> None:
         draws = (
             "the pruned plain net" if net is not None else f"{samples} posterior sample{'s' * (samples > 1)}"
         )
-        print(f"{len(frame)} predictions ({draws}) in {args.out}", file=sys.stderr)
+        print(f"{len(frame)} predictions of {state} ({draws}) in {args.out}", file=sys.stderr)
         if known:
             if prepared.task == "classify":
                 summary = classification_summary(predictions, prepared.y_test)
@@ -996,14 +998,20 @@ def _predict(args) -> None:
 def _uncertainty(args) -> None:
     from pyrozoo.predict import uncertainty_table
 
-    run, raw, net = _open_for_prediction(args)
+    run, raw, net, state = _open_for_prediction(args)
     with run:
         # a point mass or a plain net: one draw
         samples = 1 if run.guide.point_mass or net is not None else args.samples or run.config.samples
         table = uncertainty_table(run, raw, samples, args.batch_size, progress=not args.no_progress, net=net)
         table.insert(0, "samples", samples)
-        atomic_write(run.out / "uncertainty.csv", lambda p: table.to_csv(p, index=False))
+        table.insert(0, "state", state)
+        # one file per state measured, so measuring a pruned one keeps the trained one's
+        path = run.out / (
+            "uncertainty.csv" if state == "checkpoint" else f"uncertainty-{Path(state).stem}.csv"
+        )
+        atomic_write(path, lambda p: table.to_csv(p, index=False))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"written: {path}", file=sys.stderr)
 
 
 def _info() -> None:

@@ -136,8 +136,10 @@ def test_a_new_posterior_source_is_taken_by_every_command(capsys, map_run, regis
     assert "the pruned plain net" in err and f"accuracy {state['metrics']['accuracy']:.4f}" in out
     code, out, err = cli(capsys, "uncertainty", "map", "--pruned", "cold-laplace", "--no-progress")
     assert code == 0, err
-    table = pd.read_csv(map_run / "uncertainty.csv")
-    assert (table.samples == 1).all()
+    # its own file, beside the trained state's: the pruned state measured is named in it and said
+    table = pd.read_csv(map_run / "uncertainty-pruned-cold-laplace.csv")
+    assert "uncertainty-pruned-cold-laplace.csv" in err and not (map_run / "uncertainty.csv").exists()
+    assert (table.samples == 1).all() and (table.state == "pruned-cold-laplace.pt").all()
     assert table.accuracy[table["shift"] == "none"].item() == pytest.approx(state["metrics"]["accuracy"])
     methods = "--methods", "bmr-cold-laplace", "magnitude"
     code, out, err = cli(capsys, "sweep", "map", *methods, "--sparsities", "0.5", *fitted, "--no-progress")
