@@ -891,19 +891,25 @@ def _export(args) -> None:
     summary = export(run, run.out / "export", repeats=args.repeats, source=source, nets=nets)
     print(
         f"{run.out} ({state}, epoch {run.epoch}, step {run.step}) exported to {run.out / 'export'}: "
-        f"sparse_net.pt, sparse_state_dict.pt, sparse.pt2 (torch.export); CPU, {summary['threads']} threads"
+        f"sparse_net.pt, sparse_state_dict.pt, sparse.pt2 (torch.export); CPU, {summary['threads']} "
+        f"thread{'s' * (summary['threads'] != 1)}"
     )
-    # "dense": the pruned net in the trained net's shapes (pruned weights at zero); "sparse": dead units cut out
+    # full shapes: the pruned net in the trained net's shapes (pruned weights at zero); then with dead units cut
     print(
         _table(
             {"pruned, full shapes": summary["full_shapes"], "pruned, dead units cut": summary["units_cut"]}
         )
     )
     if summary["full_shapes"]["parameters"] == summary["units_cut"]["parameters"]:
+        nonzero = summary["units_cut"]["nonzero_parameters"]
         print(
-            "no unit is dead: the net keeps its shapes (the latency difference is noise), and its "
-            f"{summary['units_cut']['nonzero_parameters']:,d} non-zero parameters are "
-            f"{summary['nonzero_ratio']:.1f}x fewer than its parameters"
+            "no unit is dead: the net keeps its shapes (the latency difference is noise), and "
+            + (
+                f"its {nonzero:,d} non-zero parameters are {summary['nonzero_ratio']:.1f}x fewer than its parameters"
+                if summary["nonzero_ratio"] >= 1.05
+                else f"{nonzero:,d} of its {summary['trained_parameters']:,d} parameters are non-zero: nothing "
+                "was pruned to speak of (pyrozoo prune RUN first)"
+            )
         )
     else:
         speed = summary["speedup_batch256"]
