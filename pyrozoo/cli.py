@@ -22,7 +22,7 @@ from pathlib import Path
 from pyrozoo import data as datasets
 from pyrozoo.baselines import BASELINES
 from pyrozoo.bmr import REDUCTIONS
-from pyrozoo.config import ALIASES, TABLES, TrainConfig, run_name, run_option_fields
+from pyrozoo.config import ALIASES, SECTIONS, TABLES, TrainConfig, run_name, run_option_fields
 from pyrozoo.errors import PyrozooError, did_you_mean
 from pyrozoo.guides import GUIDES
 from pyrozoo.io import atomic_write, atomic_write_text
@@ -172,10 +172,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     import typing
 
     hints = typing.get_type_hints(TrainConfig)
-    for f in run_option_fields():
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+    groups = {name: parser.add_argument_group(f"run options, {text}") for name, text in SECTIONS.items()}
+    for f in sorted(run_option_fields(), key=lambda f: list(SECTIONS).index(f.metadata["section"])):
+        flag, meta, group = "--" + f.name.replace("_", "-"), f.metadata, groups[f.metadata["section"]]
         if f.name in TABLES:
-            _add_key_value(parser, f"--{TABLES[f.name]}-option", f.name, meta["help"])
+            _add_key_value(group, f"--{TABLES[f.name]}-option", f.name, meta["help"])
             continue
         kind = next((k for k in typing.get_args(hints[f.name]) if k is not type(None)), hints[f.name])
         shown = f.default not in (None, False, True) and kind in (
@@ -190,21 +191,22 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         )
         kwargs = {"help": help, "default": argparse.SUPPRESS}
         if kind is bool and f.default is True:  # a switch on by default: --no-<name> turns it off
-            parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", **kwargs)
+            group.add_argument("--no-" + flag[2:], dest=f.name, action="store_false", **kwargs)
         elif kind is bool:
-            parser.add_argument(flag, action="store_true", **kwargs)
+            group.add_argument(flag, action="store_true", **kwargs)
         elif meta.get("choices"):
-            parser.add_argument(flag, type=_choice(list(REGISTRIES[meta["choices"]])), **kwargs)
+            group.add_argument(flag, type=_choice(list(REGISTRIES[meta["choices"]])), **kwargs)
         elif kind in (int, float):
-            parser.add_argument(flag, type=_number(kind, meta.get("check")), **kwargs)
+            group.add_argument(flag, type=_number(kind, meta.get("check")), **kwargs)
         else:
-            parser.add_argument(flag, **kwargs)
+            group.add_argument(flag, **kwargs)
+    sections = {f.name: f.metadata["section"] for f in run_option_fields()}
     for name, alias in ALIASES.items():
-        flag = "--" + name.replace("_", "-")
+        flag, group = "--" + name.replace("_", "-"), groups[sections[alias.table]]
         if alias.kind is bool:
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=alias.help)
+            group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=alias.help)
         else:
-            parser.add_argument(flag, type=_number(alias.kind), default=argparse.SUPPRESS, help=alias.help)
+            group.add_argument(flag, type=_number(alias.kind), default=argparse.SUPPRESS, help=alias.help)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

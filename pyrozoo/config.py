@@ -28,10 +28,27 @@ OVERRIDABLE = ("lr",)
 TABLES = {"net_options": "net", "prior_options": "prior", "rule_options": "rule", "guide_options": "guide"}
 
 
-def _run_option(default, help: str, *, check: str | None = None, choices: str | None = None, **kw):
-    """A run option: shown on the command line and in grid files. ``check`` is "positive" or "non-negative";
-    ``choices`` names a registry (resolved lazily, as registries import this module's users)."""
-    metadata = {"help": help, "check": check, "choices": choices}
+# The concerns a run's options fall into, in the order `pyrozoo train --help` shows them: each part of a run
+# reads its own (TrainConfig.section).
+SECTIONS = {
+    "data": "the data set",
+    "model": "the model: net, prior and likelihood",
+    "posterior": "the posterior: guide and where it starts",
+    "reduction": "the reduction schedule: BMR passes, units and compaction",
+    "optimisation": "optimisation: epochs, steps, batches and the optimiser",
+    "evaluation": "evaluation",
+    "running": "where it runs",
+}
+
+
+def _run_option(
+    default, help: str, *, section: str, check: str | None = None, choices: str | None = None, **kw
+):
+    """A run option: shown on the command line and in grid files, under its ``section`` (of SECTIONS). ``check``
+    is "positive" or "non-negative"; ``choices`` names a registry (resolved lazily, as registries import this
+    module's users)."""
+    assert section in SECTIONS, section
+    metadata = {"help": help, "check": check, "choices": choices, "section": section}
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=metadata, **kw)
     return field(default=default, metadata=metadata, **kw)
@@ -45,86 +62,130 @@ class TrainConfig:
     data: str | None = None  # None: full Fashion-MNIST if it can be had, else the bundled subset
     method: str = "flat-ff"
     seed: int = 0
-    data_dir: str | None = _run_option(None, "folder holding the dataset's files")
-    prior: str | None = _run_option(None, "override the method's prior", choices="priors")
-    guide: str | None = _run_option(None, "override the method's guide", choices="guides")
+    data_dir: str | None = _run_option(None, "folder holding the dataset's files", section="data")
+    prior: str | None = _run_option(None, "override the method's prior", choices="priors", section="model")
+    guide: str | None = _run_option(
+        None, "override the method's guide", choices="guides", section="posterior"
+    )
     rule: str | None = _run_option(
-        None, "override the method's BMR reduction, run after every epoch but the last", choices="reductions"
+        None,
+        "override the method's BMR reduction, run after every epoch but the last",
+        choices="reductions",
+        section="reduction",
     )
-    epochs: int = _run_option(50, "epochs (with --resume: extend the run to this many)", check="positive")
-    steps_per_epoch: int = _run_option(500, "SVI steps per epoch", check="positive")
-    batch_size: int = _run_option(120, "minibatch size", check="positive")
-    lr: float | None = _run_option(None, "learning rate (default: the method's)", check="positive")
-    optimizer: str | None = _run_option(None, "optimiser (default: the method's, adam)", choices="optimizers")
+    epochs: int = _run_option(
+        50, "epochs (with --resume: extend the run to this many)", check="positive", section="optimisation"
+    )
+    steps_per_epoch: int = _run_option(500, "SVI steps per epoch", check="positive", section="optimisation")
+    batch_size: int = _run_option(120, "minibatch size", check="positive", section="optimisation")
+    lr: float | None = _run_option(
+        None, "learning rate (default: the method's)", check="positive", section="optimisation"
+    )
+    optimizer: str | None = _run_option(
+        None, "optimiser (default: the method's, adam)", choices="optimizers", section="optimisation"
+    )
     samples: int | None = _run_option(
-        None, "posterior samples per evaluation (default: the method's, 100; 1 for MAP)", check="positive"
+        None,
+        "posterior samples per evaluation (default: the method's, 100; 1 for MAP)",
+        check="positive",
+        section="evaluation",
     )
-    eval_every: int = _run_option(1, "evaluate every N epochs (and always after the last)", check="positive")
-    eval_batch_size: int = _run_option(2000, "test points per evaluation batch", check="positive")
+    eval_every: int = _run_option(
+        1, "evaluate every N epochs (and always after the last)", check="positive", section="evaluation"
+    )
+    eval_batch_size: int = _run_option(
+        2000, "test points per evaluation batch", check="positive", section="evaluation"
+    )
     warmup_steps: int | None = _run_option(
         None,
         "SVI steps before the first BMR pass, which then comes after the first epoch past them (default: the "
         "method's, 500 for BMR methods, and then only once the posterior has moved from its start on most "
         "weights; given, it forces the schedule)",
         check="non-negative",
+        section="reduction",
     )
-    device: str = _run_option("cpu", "cpu, cuda or cuda:N")
+    device: str = _run_option("cpu", "cpu, cuda or cuda:N", section="running")
     net_options: dict = _run_option(
-        {}, "a net size or option, repeatable: preset=tiny, depth=2, hidden=(256,256)"
+        {},
+        "a net size or option, repeatable: preset=tiny, depth=2, hidden=(256,256)",
+        section="model",
     )
     prior_options: dict = _run_option(
-        {}, "an option of the method's prior, repeatable: tau0=0.01, hidden_scale=0.1"
+        {},
+        "an option of the method's prior, repeatable: tau0=0.01, hidden_scale=0.1",
+        section="model",
     )
     rule_options: dict = _run_option(
-        {}, "an option of the method's BMR reduction, repeatable: count_pruned=true, margin=0.5"
+        {},
+        "an option of the method's BMR reduction, repeatable: count_pruned=true, margin=0.5",
+        section="reduction",
     )
     guide_options: dict = _run_option(
-        {}, "an option of the guide, repeatable: init_scale=0.05, init_locs={'features.0.precision': 1.5}"
+        {},
+        "an option of the guide, repeatable: init_scale=0.05, init_locs={'features.0.precision': 1.5}",
+        section="posterior",
     )
     target: str | None = _run_option(
-        None, "with --data FILE.csv: the target column (the others are features)"
+        None,
+        "with --data FILE.csv: the target column (the others are features)",
+        section="data",
     )
     task: str | None = _run_option(
-        None, "with --data FILE.csv: regress (a numeric target, the default) or classify (a label column)"
+        None,
+        "with --data FILE.csv: regress (a numeric target, the default) or classify (a label column)",
+        section="data",
     )
     noise: str = _run_option(
         "prior",
         "regression: the noise precision is a latent with a Gamma(2, 2) prior (prior), a constant (fixed) or a "
         "point estimate fitted by SVI (learned)",
+        section="model",
     )
     noise_precision: float = _run_option(
         1.0,
         "regression, --noise fixed or learned: the (initial) noise precision of standardised targets",
         check="positive",
+        section="model",
     )
     init_from: str | None = _run_option(
         None,
         "start from a trained net: a file holding its state_dict, or a net saved whole (pyrozoo export's "
         "sparse_net.pt, when no unit was removed; with --trust-pickle); the posterior means start at its weights, "
         "the scales small",
+        section="posterior",
     )
     trust_pickle: bool = _run_option(
         False,
         "with --init-from: open a net saved whole (torch.save(net, path)) by unpickling it, which runs any code "
         "the file holds; only for a file you made or trust (a state_dict never needs it)",
+        section="posterior",
     )
     start: str | None = _run_option(
         None,
         "where the posterior starts: net (its means at the net's own torch initialisation, so activations have "
         "torch's scale; every net's default but lenet, mlp, vit and mixer) or guide (the guide's random start, "
         "the paper's; theirs); --init-from starts from trained weights instead",
+        section="posterior",
     )
     prune_units: bool = _run_option(
         False,
         "BMR methods: after each per-weight pass, remove whole units (neurons, channels, attention heads) "
         "whose removal raises the evidence",
+        section="reduction",
     )
     compact: bool = _run_option(
         True,
         "BMR methods: after each pass, cut the units it killed out of the net, the posterior and the optimiser "
         "state, so that training gets cheaper (the function and the surviving state stay exactly as they were); "
         "--no-compact keeps the full shapes",
+        section="reduction",
     )
+
+    def section(self, name: str) -> dict:
+        """The options of one concern (a key of SECTIONS), by name: what that part of a run reads."""
+        if name not in SECTIONS:
+            raise PyrozooError(f"unknown section {name!r}; sections: {', '.join(SECTIONS)}")
+        return {f.name: getattr(self, f.name) for f in run_option_fields() if f.metadata["section"] == name}
 
     @classmethod
     def from_record(cls, stored: dict) -> "TrainConfig":

@@ -52,3 +52,33 @@ def test_check_run_options_checks_names_types_and_signs():
 
 def test_as_stored_is_the_json_spelling_so_a_tuple_is_no_change():
     assert as_stored({"hidden": (32, 32)}) == as_stored({"hidden": [32, 32]}) == {"hidden": [32, 32]}
+
+
+def test_every_run_option_has_a_section_and_a_part_reads_its_own():
+    """The run options are grouped by concern: each in one section of SECTIONS, every section used, and
+    ``section()`` gives one concern's options; ``pyrozoo train --help`` lists them under those headings."""
+    import dataclasses
+
+    from pyrozoo.cli import build_parser
+    from pyrozoo.config import SECTIONS, run_option_fields
+
+    sections = [f.metadata["section"] for f in run_option_fields()]
+    assert set(sections) == set(SECTIONS)
+    config = TrainConfig(epochs=3, lr=0.01)
+    assert config.section("optimisation") == dict(
+        epochs=3, steps_per_epoch=500, batch_size=120, lr=0.01, optimizer=None
+    )
+    assert sum(len(config.section(name)) for name in SECTIONS) == len(run_option_fields())
+    assert set(config.section("evaluation")) | set(config.section("data")) <= {
+        f.name for f in dataclasses.fields(TrainConfig)
+    }
+    train = next(
+        a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "train"
+    )[1]
+    text = train.format_help()
+    for name, heading in SECTIONS.items():
+        assert f"run options, {heading}:" in text
+    optimisation = text.split("run options, " + SECTIONS["optimisation"])[1].split("run options, ")[0]
+    assert "--epochs" in optimisation and "--lr" in optimisation and "--rule" not in optimisation
+    with pytest.raises(PyrozooError, match="unknown section"):
+        config.section("optimization")
