@@ -25,7 +25,9 @@ def test_the_bound_holds_the_options_bound_and_converted():
     )
     assert isinstance(bound, Bound) and bound.method is METHODS["bmr-th"]
     assert isinstance(bound.prior, functools.partial) and bound.prior.func is METHODS["bmr-th"].prior
-    assert bound.prior.keywords == {"hidden_scale": 2.0} and isinstance(bound.prior.keywords["hidden_scale"], float)
+    assert bound.prior.keywords == {"hidden_scale": 2.0} and isinstance(
+        bound.prior.keywords["hidden_scale"], float
+    )
     assert bound.reduction.margin == 1.0 and isinstance(bound.reduction.margin, float)
     assert bound.guide_options == {"init_scale": 0.01}
     method = METHODS["bmr-th"]  # the method's defaults filled in

@@ -20,8 +20,8 @@ def test_the_setups_model_guide_and_optimizer_agree(method):
     assert list(layers) == ["body.1", "head"]
     assert layers["body.1"].weight_shape == (7, 28 * 28) and layers["head"].weight_shape == (10, 7)
     # the guide has a posterior for each layer's weights (and bias column), of the model's shape
-    weights = {site.removesuffix(".weight_base"): loc.shape for site, (loc, _) in setup.guide.posterior().items()
-               if site.endswith(".weight_base")}  # fmt: skip
+    posterior = setup.guide.posterior()
+    weights = {s.removesuffix(".weight_base"): m.shape for s, (m, _) in posterior.items() if "weight" in s}
     assert weights == setup.model.full_shapes and list(weights) == list(layers)
     # the optimiser trains exactly the guide's parameters
     optimised = {id(p) for group in setup.optimizer.param_groups for p in group["params"]}

@@ -48,7 +48,10 @@ def test_hooks_are_called_in_the_documented_order_each_in_the_callbacks_order(tm
     expected = [("start", 0, 0)]
     for epoch in (0, 1):
         first = 2 * epoch
-        expected += [("after_step", epoch, first), ("after_step", epoch, first + 1)]  # before the step is counted
+        expected += [
+            ("after_step", epoch, first),
+            ("after_step", epoch, first + 1),
+        ]  # before the step is counted
         expected += [("after_steps", epoch, first + 2), ("end_of_epoch", epoch + 1, first + 2)]
     assert calls == [(name, *call) for call in expected for name in "ab"]
 
@@ -65,21 +68,36 @@ def test_a_raising_callback_stops_the_loop_and_leaves_the_last_commit(tmp_path):
         folder.write_record(record)
         calls = []
         with pytest.raises(RuntimeError, match="stopped"):
-            train(setup, folder, [*callbacks(setup, record), Stop(), Recording("r", calls)], show_progress=False)
+            train(
+                setup, folder, [*callbacks(setup, record), Stop(), Recording("r", calls)], show_progress=False
+            )
         assert calls[-1] == ("r", "after_step", 1, 2)  # the callbacks after the raising one are not called
         assert folder.epoch() == 1 and list(folder.metrics()["epoch"]) == [1]
         assert folder.checkpoint()["step"] == 2
 
 
 def test_a_run_that_skipped_its_last_bmr_pass_catches_up_first(tmp_path):
-    """A run resumed past what was its last epoch (which had no BMR pass) gets ``catch_up`` before any step."""
+    """A run resumed past what was its last epoch (which had no BMR pass) gets ``catch_up`` before a step."""
     from pyrozoo.loop import Progress
 
     setup, calls = build(tiny_config(epochs=2, steps_per_epoch=1)), []
-    row = {"epoch": 1, "step": 1, "seconds": 0.0, "elbo": 0.0, "bmr_seconds": float("nan"), "pruned_fraction": 0}
+    row = {
+        "epoch": 1,
+        "step": 1,
+        "seconds": 0.0,
+        "elbo": 0.0,
+        "bmr_seconds": float("nan"),
+        "pruned_fraction": 0,
+    }
     with RunFolder.for_writing(tmp_path / "run", resume=False) as folder:
         train(setup, folder, [Recording("r", calls)], Progress(1, 1, 0.0, [row]), show_progress=False)
-    assert [hook for _, hook, *_ in calls] == ["start", "catch_up", "after_step", "after_steps", "end_of_epoch"]
+    assert [hook for _, hook, *_ in calls] == [
+        "start",
+        "catch_up",
+        "after_step",
+        "after_steps",
+        "end_of_epoch",
+    ]
 
 
 @pytest.mark.parametrize("folder", [None, "run"])

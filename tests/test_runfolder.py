@@ -71,7 +71,9 @@ def test_the_committed_epoch_and_metrics_are_the_checkpoints(tmp_path):
     reader = RunFolder(tmp_path)
     assert reader.epoch() == 1
     pd.testing.assert_frame_equal(reader.metrics(), pd.DataFrame(rows[:1]))
-    assert len(pd.read_csv(tmp_path / METRICS)) == 2  # the file holds the uncommitted row; the reader skips it
+    assert (
+        len(pd.read_csv(tmp_path / METRICS)) == 2
+    )  # the file holds the uncommitted row; the reader skips it
     assert reader.bmr_log(reader.checkpoint()) == [{"epoch": 1, "layer": "fc"}]
 
 
@@ -79,7 +81,9 @@ def test_a_checkpoint_round_trip_gives_back_the_trained_state(tmp_path):
     config = tiny_config(epochs=1, steps_per_epoch=2)
     trained = build(config)
     for _ in range(2):
-        trained.step.step(trained.model, trained.guide, trained.optimizer, *trained.batch(trained.batches.next()))
+        trained.step.step(
+            trained.model, trained.guide, trained.optimizer, *trained.batch(trained.batches.next())
+        )
     progress = Progress(1, 2, 0.5, [{"epoch": 1, "step": 2, "elbo": -1.0}])
     with RunFolder.for_writing(tmp_path, resume=False) as folder:
         folder.commit(snapshot(trained, progress))
@@ -87,7 +91,14 @@ def test_a_checkpoint_round_trip_gives_back_the_trained_state(tmp_path):
     before = fresh.guide.state_dict()
     assert any(not torch.equal(before[k], v) for k, v in trained.guide.state_dict().items())  # so it can fail
     restored = restore(fresh, RunFolder(tmp_path))  # reading needs no lock
-    assert (restored.epoch, restored.step, restored.seconds, restored.history) == (1, 2, 0.5, progress.history)
+    assert (restored.epoch, restored.step, restored.seconds, restored.history) == (
+        1,
+        2,
+        0.5,
+        progress.history,
+    )
     for key, value in trained.guide.state_dict().items():
         assert torch.equal(fresh.guide.state_dict()[key], value), key
-    assert torch.equal(fresh.batches.next(), trained.batches.next())  # the minibatch order goes on where it was
+    assert torch.equal(
+        fresh.batches.next(), trained.batches.next()
+    )  # the minibatch order goes on where it was
