@@ -7,7 +7,7 @@ import json
 
 import pandas as pd
 import pytest
-from test_io import try_in_another_process
+from test_io import Holder, try_in_another_process
 
 from pyrozoo.errors import PyrozooError
 from pyrozoo.runfolder import CHECKPOINT, CONFIG, METRICS, RunFolder
@@ -49,3 +49,21 @@ def test_a_run_without_a_checkpoint_is_one_error(map_run):
     (map_run / CHECKPOINT).unlink()
     with pytest.raises(PyrozooError, match=f"it has no {CHECKPOINT}"):
         load(map_run, log=print)
+
+
+def test_a_read_only_load_takes_no_lock_and_writes_nothing(map_run):
+    """What predict opens: a run another process holds (training it, or a reader that writes) still loads, and
+    the read-only folder refuses writes."""
+    holder = Holder(map_run)
+    try:
+        before = {p.name: p.read_bytes() for p in map_run.iterdir() if p.is_file()}
+        with pytest.raises(PyrozooError, match=f"is in use by process {holder.pid}"):
+            load(map_run, log=print)  # a writer is still refused
+        with load(map_run, log=print, write=False) as run, load(map_run, log=print, write=False) as again:
+            assert run.epoch == again.epoch == 1
+            pd.testing.assert_frame_equal(run.metrics(), RunFolder(map_run).metrics())
+            with pytest.raises(PyrozooError, match="opened read-only"):
+                run.folder.write_table(METRICS, [])
+        assert {p.name: p.read_bytes() for p in map_run.iterdir() if p.is_file()} == before
+    finally:
+        holder.stop()
