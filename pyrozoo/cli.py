@@ -922,13 +922,13 @@ def _export(args) -> None:
         )
 
 
-def _open_for_prediction(args):
+def _open_for_prediction(args, write: bool):
     """The run (with its pruned state if asked), its raw data, the pruned plain net when the state asked for is
-    one (else None), and that state's name (``checkpoint``, or the pruned file), for predict and uncertainty.
-    """
+    one (else None), and that state's name (``checkpoint``, or the pruned file), for predict and uncertainty;
+    ``write``: the command writes into the run folder."""
     from pyrozoo.trained import load
 
-    run = load(args.run, log=lambda text: print(text, file=sys.stderr))
+    run = load(args.run, log=lambda text: print(text, file=sys.stderr), write=write)
     source = chosen_pruned(run, args.pruned, log=lambda text: print(text, file=sys.stderr))
     nets = None if source is None else source.load_pruned(run)
     c = run.config
@@ -948,7 +948,9 @@ def _predict(args) -> None:
     )
     from pyrozoo.shift import SHIFTS
 
-    run, raw, net, state = _open_for_prediction(args)
+    run, raw, net, state = _open_for_prediction(
+        args, write=False
+    )  # predict writes nothing into the run folder
     with run:
         c = run.config
         # a point mass or a plain net: one draw
@@ -1006,7 +1008,7 @@ def _predict(args) -> None:
 def _uncertainty(args) -> None:
     from pyrozoo.predict import uncertainty_table
 
-    run, raw, net, state = _open_for_prediction(args)
+    run, raw, net, state = _open_for_prediction(args, write=True)  # its table goes into the run folder
     with run:
         # a point mass or a plain net: one draw
         samples = 1 if run.guide.point_mass or net is not None else args.samples or run.config.samples

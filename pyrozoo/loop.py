@@ -18,6 +18,8 @@ import pyro
 from tqdm.auto import tqdm
 
 from pyrozoo.bmr.units import pruned_fraction
+from pyrozoo.errors import PyrozooError
+from pyrozoo.runfolder import RunFolder
 from pyrozoo.steps import validating
 
 
@@ -60,8 +62,8 @@ class Callback:
 class Training:
     """What the callbacks see: the setup, the run folder, the progress and the log."""
 
-    setup: object  # a pyrozoo.build.Setup
-    folder: object  # a pyrozoo.runfolder.RunFolder
+    setup: object  # a pyrozoo.build.Setup (not imported: the builder is above the loop)
+    folder: RunFolder
     progress: Progress
     log: object = print
 
@@ -71,10 +73,32 @@ class Training:
 
 
 def train(
-    setup, folder, callbacks=(), progress: Progress | None = None, log=print, show_progress: bool = True
+    setup,
+    folder: RunFolder,
+    callbacks=(),
+    progress: Progress | None = None,
+    log=print,
+    show_progress: bool = True,
 ) -> pd.DataFrame:
-    """Train ``setup`` to its config's epochs from ``progress`` (a new run's when None), calling ``callbacks``;
-    returns the metrics table."""
+    """Train ``setup`` (a :class:`pyrozoo.build.Setup`) to its config's epochs from ``progress`` (a new run's
+    when None), calling ``callbacks``; returns the metrics table.
+
+    ``folder`` is required, opened for writing: the callbacks write the run into it (bmr.csv, metrics.csv, the
+    checkpoint) and name it in their messages. A new run in Python, as :class:`pyrozoo.train.Run` trains it::
+
+        setup = build(config)
+        with RunFolder.for_writing(out, resume=False) as folder:
+            record = config_record(setup)
+            folder.write_record(record)
+            train(setup, folder, callbacks(setup, record))
+
+    (:func:`pyrozoo.build.build`, :func:`pyrozoo.trained.config_record`, :func:`pyrozoo.train.callbacks`.)
+    """
+    if not isinstance(folder, RunFolder):
+        raise PyrozooError(
+            f"train needs the run's folder, not {folder!r}: open one with RunFolder.for_writing(out, "
+            "resume=False) (its callbacks write the run there)"
+        )
     loop = Training(setup, folder, progress or Progress(), log)
     p, c = loop.progress, setup.config
     for callback in callbacks:

@@ -25,7 +25,9 @@ from pyrozoo.trained import TrainedRun, open_run, stored_record
 
 def callbacks(setup, record: dict) -> list[loop.Callback]:
     """pyrozoo's callbacks of a run, in the order the loop calls them: the divergence checks, the BMR schedule
-    (for a method that prunes while training), the evaluation, and the commit that writes ``record``."""
+    (for a method that prunes while training), the evaluation, and the commit that writes ``record`` (what
+    config.json says of the run: :func:`pyrozoo.trained.config_record` of ``setup``) into the folder each epoch.
+    :func:`pyrozoo.loop.train` shows them used by hand."""
     schedule = [BMRSchedule(Compaction() if setup.config.compact else None)] if setup.bound.reduction else []
     return [Divergence(), *schedule, Evaluate(), Commit(record)]
 

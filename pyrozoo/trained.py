@@ -2,8 +2,10 @@
 ``uncertainty``, ``sweep``, the plots and the baselines read (:func:`load`), never the trainer.
 
 :func:`load` builds the run from its config.json (:func:`pyrozoo.build.build`) and loads its checkpoint into it.
-The folder is opened for writing (its lock held until :meth:`TrainedRun.close`): the readers write derived files
-into it (pruned.pt, export/, uncertainty.csv).
+The folder is opened for writing (its lock held until :meth:`TrainedRun.close`) when the reader writes derived
+files into it (pruned.pt, export/, uncertainty.csv); a reader that writes nothing there (``predict``) opens it
+read-only, taking no lock, so that it can read a run that is training or that another reader holds (each file it
+reads is renamed into place whole, and the checkpoint alone says which epoch is committed).
 """
 
 from __future__ import annotations
@@ -138,19 +140,39 @@ def open_run(config: TrainConfig, out: str | os.PathLike, resume: bool, log, wor
     return setup, folder, progress
 
 
-def stored_record(out: str | os.PathLike) -> dict:
-    """The config.json record of the run in ``out``, read while no other process rewrites it."""
+def stored_record(out: str | os.PathLike, lock: bool = True) -> dict:
+    """The config.json record of the run in ``out``, read while no other process rewrites it (with ``lock``;
+    without, as it is now: the file is only ever replaced whole)."""
     if not (Path(out) / CONFIG).exists():
         raise PyrozooError(f"{out} holds no run: it has no {CONFIG}")
+    if not lock:
+        return RunFolder(out).record()
     with hold_folder(out):
         return RunFolder(out).record()
 
 
-def load(out: str | os.PathLike, log=print) -> TrainedRun:
-    """The run in folder ``out`` at its last committed epoch, to evaluate, prune or export it."""
+def load(out: str | os.PathLike, log=print, write: bool = True) -> TrainedRun:
+    """The run in folder ``out`` at its last committed epoch, to evaluate, prune or export it. With ``write``
+    the folder is locked until :meth:`TrainedRun.close` (the caller writes into it); without, it is opened
+    read-only and no lock is taken (a run that is training, or that another reader holds, can be read)."""
     world = distributed.setup()  # before the lock: in a data-parallel run only rank 0 takes it
-    record = stored_record(out)
+    record = stored_record(out, lock=write)
     log = log if world.main else lambda text: None
-    run = TrainedRun(*open_run(TrainConfig.from_record(record["config"]), out, True, log, world), log)
+    config = TrainConfig.from_record(record["config"])
+    if write:
+        run = TrainedRun(*open_run(config, out, True, log, world), log)
+    else:
+        run = TrainedRun(*_read_run(config, out, log, world), log)
     run.overrides = list(record.get("overrides", []))
     return run
+
+
+def _read_run(config: TrainConfig, out: str | os.PathLike, log, world) -> tuple:
+    """``(setup, folder, progress)`` of the run in ``out`` at its last committed epoch, the folder read-only."""
+    if not (Path(out) / CHECKPOINT).exists():
+        raise PyrozooError(f"nothing to load in {out}: it has no {CHECKPOINT}")
+    setup = build(config, world, log, fresh=False)
+    folder = RunFolder(out)
+    progress = restore(setup, folder)
+    world.sync_rng()
+    return setup, folder, progress

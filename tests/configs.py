@@ -3,7 +3,11 @@ changes."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 from pyrozoo.config import TrainConfig
+from pyrozoo.steps import svi_step
 
 # The MLP on the bundled subset, a handful of steps: seconds on one CPU thread.
 TINY = dict(
@@ -23,3 +27,12 @@ TINY = dict(
 def tiny_config(**changes) -> TrainConfig:
     """:data:`TINY` with ``changes`` (TrainConfig's fields) applied."""
     return TrainConfig(**{**TINY, **changes})
+
+
+def quiet(text: str) -> None:
+    raise AssertionError(f"unexpected log message: {text}")  # an explicit dataset never warns
+
+
+def with_loss(run, loss) -> None:
+    """The run's SVI steps on ``loss`` instead of -ELBO: the seam the tests inject a failing loss through."""
+    run.setup.step = dataclasses.replace(run.setup.step, step=functools.partial(svi_step, loss=loss))

@@ -467,3 +467,21 @@ def test_pruning_that_leaves_a_useless_net_says_so(capsys):
     assert "warning: the pruned net is no better than predicting the class prior" in capsys.readouterr().err
     _warn_if_collapsed(run, {"nll": 0.5, "accuracy": 0.9}, {"nll": 0.6, "accuracy": 0.85})
     assert capsys.readouterr().err == ""
+
+
+def test_predict_reads_a_run_that_another_process_holds_and_uncertainty_waits(capsys, map_run, tmp_path):
+    """predict writes nothing into the run folder, so it takes no lock: it reads a run that is training (here a
+    second process holding the folder); uncertainty, which writes uncertainty.csv there, is refused."""
+    from test_io import Holder
+
+    holder = Holder(map_run)
+    try:
+        for out in ("one.csv", "two.csv"):  # one after another, as two predicts at once would
+            code, _, err = cli(capsys, "predict", str(map_run), "--out", str(tmp_path / out), "--no-progress")
+            assert code == 0, err
+        assert (tmp_path / "one.csv").read_bytes() == (tmp_path / "two.csv").read_bytes()
+        code, out, err = cli(capsys, "uncertainty", str(map_run), "--no-progress")
+        assert_one_line_error(code, out, err, f"is in use by process {holder.pid}")
+        assert not (map_run / "uncertainty.csv").exists()
+    finally:
+        holder.stop()

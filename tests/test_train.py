@@ -1,5 +1,5 @@
-"""Tests for pyrozoo.train: exact resume, seeding, the run folder's files, errors, divergence, guides and
-minibatches.
+"""Tests for pyrozoo.train: exact resume, seeding, the run folder's files, errors, guides and minibatches
+(divergence: test_divergence.py).
 
 Everything trains a one-hidden-layer MLP (32 units) on the bundled 4000/1000-image subset for a few steps.
 """
@@ -7,7 +7,6 @@ Everything trains a one-hidden-layer MLP (32 units) on the bundled 4000/1000-ima
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
 import math
@@ -15,12 +14,12 @@ import math
 import pandas as pd
 import pytest
 import torch
-from configs import tiny_config
+from configs import quiet, tiny_config, with_loss
 
 from pyrozoo.config import TrainConfig
 from pyrozoo.data import Minibatches
 from pyrozoo.elbo import negative_elbo
-from pyrozoo.errors import PyrozooError, TrainingDiverged
+from pyrozoo.errors import PyrozooError
 from pyrozoo.optim import OPTIMIZERS
 from pyrozoo.runfolder import CHECKPOINT, CONFIG, METRICS
 from pyrozoo.steps import VALIDATE_ENV, svi_step
@@ -30,16 +29,7 @@ DOCUMENTED_COLUMNS = ["epoch", "step", "seconds", "elbo", "accuracy", "nll", "ec
 EVAL_COLUMNS = ["accuracy", "nll", "ece", "ece15", "brier", "lpd"]
 
 
-def with_loss(run: Run, loss) -> None:
-    """The run's SVI steps on ``loss`` instead of -ELBO: the seam the tests inject a failing loss through."""
-    run.setup.step = dataclasses.replace(run.setup.step, step=functools.partial(svi_step, loss=loss))
-
-
 tiny = tiny_config
-
-
-def quiet(text: str) -> None:
-    raise AssertionError(f"unexpected log message: {text}")  # an explicit dataset never warns
 
 
 def train(config: TrainConfig, out, resume: bool = False) -> Run:
@@ -235,39 +225,6 @@ def test_bad_config_is_a_pyrozoo_error(tmp_path, field, value, words):
     assert not (tmp_path / "out" / CHECKPOINT).exists()
 
 
-# --- divergence ---------------------------------------------------------------------------------------------
-
-
-def test_nan_loss_stops_training_and_keeps_the_last_epoch(tmp_path, monkeypatch):
-    real, calls = negative_elbo, []
-
-    def nan_from_epoch_two(*args, **kwargs):
-        calls.append(1)
-        loss = real(*args, **kwargs)
-        return loss * float("nan") if len(calls) > 4 + 2 else loss  # epoch 1 = calls 1-4; NaN at step 7
-
-    config = tiny(epochs=3, steps_per_epoch=4)
-    run = Run(config, tmp_path, log=quiet)
-    with_loss(run, nan_from_epoch_two)
-    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 7") as info:
-        run.train(progress=False)
-    assert info.value.exit_code == 1 and isinstance(info.value, PyrozooError)
-    assert len(calls) == 7
-
-    checkpoint = torch.load(tmp_path / CHECKPOINT, weights_only=False)
-    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 4)
-    assert all(torch.isfinite(t).all() for t in checkpoint["guide"].values())
-    assert len(pd.read_csv(tmp_path / METRICS)) == 1
-
-    # The folder is a valid epoch-1 state: with the loss fixed, resuming finishes the run.
-    run.close()
-    resumed = Run(config, tmp_path, resume=True, log=quiet)
-    assert resumed.epoch == 1
-    resumed.train(progress=False)
-    assert list(pd.read_csv(tmp_path / METRICS)["epoch"]) == [1, 2, 3]
-    assert all(torch.isfinite(t).all() for t in resumed.guide.state_dict().values())
-
-
 # --- stochastic BMR ----------------------------------------------------------------------------------------
 
 
@@ -380,30 +337,6 @@ def test_evaluation_never_changes_training(tmp_path):
     extended = Run.open(tmp_path / "extended", epochs=3, log=quiet)
     extended.train(progress=False)
     assert_same_tensors(guide_params(extended), guide_params(every))
-
-
-@pytest.mark.parametrize("net", ["tiny_mlp_model", "tiny_lenet_model"])
-@pytest.mark.parametrize("at_once", [2, 5])
-def test_evaluating_samples_together_gives_the_metrics_of_the_one_at_a_time_loop(net, at_once, request):
-    """The same seed gives the same draws whether they go through the net one at a time or several together
-    (vmap over the stacked weights), and so the same metrics; a different seed gives other metrics, so the
-    comparison can fail."""
-    from pyrozoo.evaluation import evaluate
-    from pyrozoo.guides import make_guide
-
-    model = request.getfixturevalue(net)
-    side = 32 if net == "tiny_lenet_model" else 4
-    classes = 10 if net == "tiny_lenet_model" else 3
-    x, y = torch.randn(9, 1, side, side), torch.randint(0, classes, (9,))
-    guide = make_guide("meanfield", model)
-    results = []
-    for seed, group in [(1, 1), (1, at_once), (2, 1)]:
-        torch.manual_seed(seed)
-        results.append(evaluate(model, guide, x, y, classes, 5, batch_size=8, samples_at_once=group))
-    one_by_one, together, other_seed = results
-    for key in one_by_one:
-        assert together[key] == pytest.approx(one_by_one[key], abs=1e-6, rel=1e-6), key
-    assert any(other_seed[key] != pytest.approx(one_by_one[key], abs=1e-6) for key in one_by_one)
 
 
 @pytest.mark.parametrize("env, checked", [(None, False), ("1", True)])
