@@ -22,13 +22,20 @@ from pyrozoo.steps import svi_step
 from pyrozoo.train import Run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_arguments(doc: str, rounds: str) -> argparse.Namespace:
+    """The command line of a benchmark of one finished run: its folder, the timed ``rounds`` (200 by default)
+    and the CPU threads (1), which it sets."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("run")
-    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument(rounds, type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = run_arguments(__doc__, "--rounds")
     with Run.open(args.run, log=lambda text: None) as run:
         if not run.model.kept:
             raise SystemExit(f"{args.run} is not compacted")

@@ -16,7 +16,6 @@ Semi-structured 2:4 sparsity needs a GPU with sparse tensor cores (none here). P
 
 from __future__ import annotations
 
-import argparse
 import copy
 import warnings
 
@@ -26,7 +25,8 @@ from torch import nn
 
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.train import Run
-from step_time import interleaved_medians  # benchmarks/ is on the path when run as a script
+from compact_step import run_arguments  # benchmarks/ is on the path when run as a script
+from step_time import interleaved_medians
 
 
 class SparseLinear(nn.Module):
@@ -82,12 +82,7 @@ def layer_step(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, layout
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run")
-    parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = run_arguments(__doc__, "--repeats")
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
     with Run.open(args.run, log=lambda text: None) as run:

@@ -68,8 +68,12 @@ class UnitReduction(Reduction):
                     float((alive & ~remove).sum()) / units.count,
                     self.margin,
                     *score_summary(unit_gain, alive),
-                    "; ".join(
-                        [f"{int(remove.sum())} of {int(alive.sum())} live units removed"]
+                    "; ".join(  # said only when the pass removed or spared some, not every epoch of every layer
+                        (
+                            [f"{int(remove.sum())} of {int(alive.sum())} live units removed"]
+                            if remove.any()
+                            else []
+                        )
                         + ([spared_note(spared, "units")] if spared else [])
                     ),
                 )

@@ -52,7 +52,7 @@ def test_a_units_gain_is_the_joint_evidence_gain_of_removing_all_its_entries():
     report = prune_units(model, guide)
     removed = ~model.mask(producer).bool().any(dim=1)
     assert torch.equal(removed, expected > 0)
-    assert report.layers[0].note == f"{int((expected > 0).sum())} of 6 live units removed"
+    assert report.layers[0].note == (f"{int(removed.sum())} of 6 live units removed" if removed.any() else "")
 
 
 @torch.no_grad()
@@ -74,7 +74,8 @@ def test_only_units_whose_removal_raises_the_evidence_go_and_the_rebuilt_net_agr
     _set_posterior(guide, second.site, loc, scale)
     x = torch.randn(4, 1, 3, 3)
     report = reduce(model, guide, "units")
-    assert [r.note for r in report.layers] == ["1 of 6 live units removed", "0 of 5 live units removed"]
+    # a layer that lost none says nothing (a units pass runs after every epoch of a BMR run)
+    assert [r.note for r in report.layers] == ["1 of 6 live units removed", ""]
     assert not model.mask(first.name)[2].any() and not model.mask(second.name)[:, 2].any()
     assert model.mask(first.name).sum() == 5 * 10 and model.mask(head.name).all()
     expected = model.logits(x, model.weights_from(guide.mean()))
