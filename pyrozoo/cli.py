@@ -207,7 +207,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=alias.help)
         else:
             group.add_argument(flag, type=_number(alias.kind), default=argparse.SUPPRESS, help=alias.help)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _no_progress(parser)
 
 
 def _fit_size_help() -> str:
@@ -361,12 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("grid", help="grid folder written by pyrozoo compare")
 
-    prune = sub.add_parser(
+    prune = _run_command(
+        sub,
         "prune",
         help="one-shot BMR of a finished run, from its own posterior or one fitted after training (writes "
         "RUN/pruned.pt, or RUN/pruned-SOURCE.pt with --posterior SOURCE)",
     )
-    prune.add_argument("run", help="run folder")
     prune.add_argument(
         "--rule",
         type=_choice(list(REDUCTIONS)),
@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
         prune, "--posterior-option", "posterior_options", "an option of the posterior source, repeatable"
     )
     prune.add_argument("--fit-size", type=_number(int, "positive"), default=None, help=_fit_size_help())
-    prune.add_argument("--no-progress", action="store_true", help="no progress bar (a posterior fit's)")
+    _no_progress(prune, " (a posterior fit's)")
     prune.add_argument(
         "--sparsity",
         type=_number(float, "non-negative"),
@@ -448,12 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
         "an option of the posterior sources that take it, repeatable",
     )
     sweep.add_argument("--out", default=None, help="folder for sweep.csv and the figure (default RUN/sweep)")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _no_progress(sweep)
 
-    export = sub.add_parser(
-        "export", help="rebuild the run's sparse net, save it, compare it with the dense one"
+    export = _run_command(
+        sub, "export", help="rebuild the run's sparse net, save it, compare it with the dense one"
     )
-    export.add_argument("run", help="run folder")
     _add_pruned_option(export, "export", default=None)
     export.add_argument(
         "--repeats", type=_number(int, "positive"), default=50, help="timed forward passes per latency"
@@ -541,14 +540,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument("--seed", type=_number(int, "non-negative"), default=0, help="random seed")
     compress.add_argument("--out", default=None, help="report folder (default compressed/NET)")
-    compress.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _no_progress(compress)
 
-    predict = sub.add_parser(
+    predict = _run_command(
+        sub,
         "predict",
         help="per-input predictions with their uncertainty (class probabilities, entropy, mutual information; "
         "regression mean, std and intervals) into a CSV",
     )
-    predict.add_argument("run", help="run folder")
     source = predict.add_mutually_exclusive_group()
     source.add_argument(
         "--data",
@@ -569,19 +568,30 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--severity", type=int, default=3, help="shift severity 1..5 (default 3)")
     _add_sampling_options(predict, "predict")
     predict.add_argument("--out", required=True, help="CSV file to write (written atomically)")
-    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _no_progress(predict)
 
-    uncertainty = sub.add_parser(
+    uncertainty = _run_command(
+        sub,
         "uncertainty",
         help="accuracy, ECE, NLL and misclassification AUROC of entropy and MI on the clean test set and on "
         "rotated and noisy copies of it, severities 1..5 (writes RUN/uncertainty.csv)",
     )
-    uncertainty.add_argument("run", help="run folder")
     _add_sampling_options(uncertainty, "measure")
-    uncertainty.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _no_progress(uncertainty)
 
     sub.add_parser("info", help="list nets, methods, reductions, priors, guides and datasets")
     return parser
+
+
+def _run_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand that works on one run folder, its first argument."""
+    parser = sub.add_parser(name, help=help)
+    parser.add_argument("run", help="run folder")
+    return parser
+
+
+def _no_progress(parser: argparse.ArgumentParser, whose: str = "") -> None:
+    parser.add_argument("--no-progress", action="store_true", help=f"no progress bar{whose}")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, verb: str) -> None:
