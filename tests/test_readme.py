@@ -16,15 +16,27 @@ def test_python_api_tour_runs():
     exec(compile(block, "README.md", "exec"), namespace)
     assert isinstance(namespace["net"], torch.nn.Module)
     assert 0 <= namespace["report"].pruned_fraction <= 1
-    # the transformer example continues in the same namespace
+    # the transformer example runs on its own
     block = re.search(r"### Transformers, and any `nn.Module`.*?```python\n(.*?)```", readme, re.S).group(1)
-    exec(compile(block, "README.md", "exec"), namespace)
-    assert type(namespace["small"]) is type(namespace["vit"])
+    alone: dict = {}
+    exec(compile(block, "README.md", "exec"), alone)
+    assert type(alone["small"]) is type(alone["vit"])
     # bring your own network: a torchvision model through build, train, prune, rebuild and export
     block = re.search(r"### Bring your own network.*?```python\n(.*?)```", readme, re.S).group(1)
     exec(compile(block.replace("range(200)", "range(2)"), "README.md", "exec"), namespace)
     assert type(namespace["small"]) is type(namespace["net"])
     assert "classifier.0" not in {layer.name for layer in namespace["model"].layers}
+
+
+@pytest.mark.slow
+def test_the_tour_as_written_prunes_and_prints_no_tensor(capsys):
+    """The tour's first block, its 200 steps as written: a pruned fraction above zero, and no raw tensor printed."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"## The Python API\s+```python\n(.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["report"].pruned_fraction > 0
+    assert "tensor(" not in capsys.readouterr().out
 
 
 def _documented_train_commands() -> list[str]:
