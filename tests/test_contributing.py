@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from clitools import cli
+from configs import tiny_config
 from test_imports import cycles, imported, modules
 
 from pyrozoo import bmr
@@ -24,6 +25,7 @@ from pyrozoo.models import BayesianModel
 from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.posteriors import POSTERIORS, make_source
+from pyrozoo.train import Run
 
 GUIDE = (Path(__file__).parent.parent / "CONTRIBUTING.md").read_text()
 
@@ -66,15 +68,18 @@ def test_a_new_reduction(capsys, registries_restored):
     assert bound.reduction == ns["Quantile"](0.8)
 
 
-def test_a_new_prior(registries_restored):
+def test_a_new_prior(registries_restored, tmp_path):
     ns = example("How to add a prior")
     assert PRIORS["exponential"] is ns["exponential"]
     model = BayesianModel(_mlp().net, prior=PRIORS["exponential"])
     assert {f"{layer.name}.scale" for layer in model.layers} <= set(
         make_guide("meanfield", model).posterior()
     )
-    bound = bind(TrainConfig(method="flat-ff", prior="exponential", prior_options={"rate": 5}))
-    assert bound.prior.keywords == {"rate": 5.0}
+    bound = bind(TrainConfig(method="flat-ff", prior="exponential", prior_options={"scale": 5}))
+    assert bound.prior.keywords == {"scale": 5.0}
+    # it trains to sane numbers: a few steps of the tiny run, its NLL near the chance level's, not exploded
+    run = Run(tiny_config(prior="exponential", epochs=1, steps_per_epoch=10), tmp_path, log=lambda text: None)
+    assert run.train(progress=False)["nll"].iloc[-1] < 5
     with pytest.raises(PyrozooError, match="prior option 'tau' belongs to no prior"):
         bind(TrainConfig(method="flat-ff", prior="exponential", prior_options={"tau": 5}))
 
