@@ -680,6 +680,11 @@ def _train(args) -> None:
     ]
     if run.reduction is None and not run.guide.point_mass:
         steps.insert(0, (f"pyrozoo prune {folder}", "one-shot BMR of the trained posterior -> pruned.pt"))
+    _print_next(steps)
+
+
+def _print_next(steps: list[tuple[str, str]]) -> None:
+    """The commands a user may run next, each with what it gives."""
     width = max(len(command) for command, _ in steps)
     print("next:\n" + "\n".join(f"  {command:<{width}}  # {why}" for command, why in steps))
 
@@ -835,6 +840,13 @@ def _prune(args) -> None:
     _print_report(pruned.report)
     print(_table({pruned.before_label: pruned.before, "after": pruned.after}))
     _warn_if_collapsed(run, pruned.before, pruned.after)
+    folder, which = shlex.quote(str(run.out)), f" --pruned {source.name}"
+    _print_next(
+        [
+            (f"pyrozoo export {folder}{which}", "the pruned net rebuilt, its dead units cut, timed"),
+            (f"pyrozoo predict {folder}{which} --out predictions.csv", "the pruned net's predictions"),
+        ]
+    )
 
 
 def _warn_if_collapsed(run, before: dict, after: dict) -> None:

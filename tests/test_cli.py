@@ -262,6 +262,7 @@ def test_prune_removes_whole_units(capsys, tmp_path, ff_run):
     assert code == 0, err
     # every unit but those the live-path guard keeps (issue 32); asked for, the net is emptied
     assert "pruned fraction 0.99" in out and "live units removed" in out
+    assert "next:" in out and "pyrozoo export run --pruned run" in out  # what to do with the pruned state
     code, out, err = cli(
         capsys, "prune", "run", "--rule", "units", "--margin=-1e9", "--rule-option", "allow_empty=true"
     )
