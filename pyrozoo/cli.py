@@ -179,7 +179,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
             _add_key_value(group, f"--{TABLES[f.name]}-option", f.name, meta["help"])
             continue
         kind = next((k for k in typing.get_args(hints[f.name]) if k is not type(None)), hints[f.name])
-        shown = f.default not in (None, False, True) and kind in (
+        shown = not any(f.default is v for v in (None, False, True)) and kind in (
             int,
             float,
             str,

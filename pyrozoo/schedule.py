@@ -196,7 +196,8 @@ class Compaction:
             sizes = sum(layer.shape.numel() for layer in setup.model.layers)
             total = original_entries(setup.model, setup.model.layers)
             loop.log(
-                f"epoch {epoch}: compacted {removed} units (gone with the weights pruned so far, or by a units "
+                f"epoch {epoch}: compacted {removed} unit{'s' * (removed != 1)} (gone with the weights pruned so "
+                "far, or by a units "
                 f"rule); the latents now hold {sizes:,d} of the original {total:,d} entries"
             )
         return time.perf_counter() - start
