@@ -72,9 +72,9 @@ def test_every_run_option_has_a_section_and_a_part_reads_its_own():
     assert set(config.section("evaluation")) | set(config.section("data")) <= {
         f.name for f in dataclasses.fields(TrainConfig)
     }
-    train = next(
-        a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "train"
-    )[1]
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "train")[
+        1
+    ]
     text = train.format_help()
     for name, heading in SECTIONS.items():
         assert f"run options, {heading}:" in text
@@ -82,3 +82,17 @@ def test_every_run_option_has_a_section_and_a_part_reads_its_own():
     assert "--epochs" in optimisation and "--lr" in optimisation and "--rule" not in optimisation
     with pytest.raises(PyrozooError, match="unknown section"):
         config.section("optimization")
+
+
+def test_train_help_shows_every_default():
+    """Every run option with a value for a default (a number or a word) says it in ``pyrozoo train --help``, 1
+    included (which equals True, and once hid --eval-every's)."""
+    from pyrozoo.cli import build_parser
+    from pyrozoo.config import run_option_fields
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    helps = {a.dest: a.help for a in train._actions}
+    for f in run_option_fields():
+        if isinstance(f.default, (int, float, str)) and not isinstance(f.default, bool):
+            assert "default" in helps[f.name], f.name
+    assert "(default 1)" in helps["eval_every"]
