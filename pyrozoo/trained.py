@@ -117,17 +117,20 @@ def config_record(setup: Setup, overrides: list[dict] = ()) -> dict:
     return record
 
 
-def open_run(config: TrainConfig, out: str | os.PathLike, resume: bool, log, world) -> tuple:
+def open_run(
+    config: TrainConfig, out: str | os.PathLike, resume: bool, log, world, write: bool = True
+) -> tuple:
     """``(setup, folder, progress)`` of the run ``config`` in folder ``out``: a new one (its config.json
-    written), or with ``resume`` the one the folder holds, at its last committed epoch."""
+    written), or with ``resume`` the one the folder holds, at its last committed epoch; without ``write``
+    (only with ``resume``), that one with its folder read-only and unlocked."""
     out = Path(out)
     if resume and not (out / CHECKPOINT).exists():  # checked before the lock, which makes the folder
-        raise PyrozooError(f"nothing to resume in {out}: it has no {CHECKPOINT}")
+        raise PyrozooError(f"nothing to {'resume' if write else 'load'} in {out}: it has no {CHECKPOINT}")
     # Everything a user's setting can break (the config, the data, the net options, the batch size) is
     # built before the lock, which makes the folder: a mistake leaves no folder behind.
     setup = build(config, world, log, fresh=not resume)
     # One writer per run folder; in a data-parallel run rank 0 holds it, and the others stop too if it cannot.
-    folder = RunFolder.for_writing(out, resume, agree=world.agree)
+    folder = RunFolder.for_writing(out, resume, agree=world.agree) if write else RunFolder(out)
     try:
         progress = restore(setup, folder) if resume else Progress()
         if resume:
@@ -159,20 +162,6 @@ def load(out: str | os.PathLike, log=print, write: bool = True) -> TrainedRun:
     record = stored_record(out, lock=write)
     log = log if world.main else lambda text: None
     config = TrainConfig.from_record(record["config"])
-    if write:
-        run = TrainedRun(*open_run(config, out, True, log, world), log)
-    else:
-        run = TrainedRun(*_read_run(config, out, log, world), log)
+    run = TrainedRun(*open_run(config, out, True, log, world, write=write), log)
     run.overrides = list(record.get("overrides", []))
     return run
-
-
-def _read_run(config: TrainConfig, out: str | os.PathLike, log, world) -> tuple:
-    """``(setup, folder, progress)`` of the run in ``out`` at its last committed epoch, the folder read-only."""
-    if not (Path(out) / CHECKPOINT).exists():
-        raise PyrozooError(f"nothing to load in {out}: it has no {CHECKPOINT}")
-    setup = build(config, world, log, fresh=False)
-    folder = RunFolder(out)
-    progress = restore(setup, folder)
-    world.sync_rng()
-    return setup, folder, progress
