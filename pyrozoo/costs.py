@@ -85,7 +85,7 @@ def module_times(net: nn.Module, example: torch.Tensor, repeats: int = 7) -> lis
     difference of two whole-net timings does not."""
     leaves = [(name, m) for name, m in net.named_modules() if name and not any(True for _ in m.children())]
     seen: dict[str, list[float]] = {}
-    order: list[tuple[str, int]] = []
+    order: dict[str, int] = {}  # name -> output width, in the order the pass first runs them
     started: dict[str, float] = {}
 
     def before(name):
@@ -94,10 +94,8 @@ def module_times(net: nn.Module, example: torch.Tensor, repeats: int = 7) -> lis
     def after(name):
         def hook(m, i, out):
             seen.setdefault(name, []).append(time.perf_counter() - started[name])
-            if len(order) < len(leaves) and name not in dict(order):
-                order.append(
-                    (name, int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() > 1 else 0)
-                )
+            if name not in order:
+                order[name] = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() > 1 else 0
 
         return hook
 
@@ -117,4 +115,4 @@ def module_times(net: nn.Module, example: torch.Tensor, repeats: int = 7) -> lis
         for hook in hooks:
             hook.remove()
         net.train(training)
-    return [(name, statistics.median(seen[name]), width) for name, width in order]
+    return [(name, statistics.median(seen[name]), width) for name, width in order.items()]
