@@ -218,6 +218,11 @@ def _fit_size_help() -> str:
     )
 
 
+def _to_stderr(text: str) -> None:
+    """The log of every command: messages on stderr, so stdout holds only results."""
+    print(text, file=sys.stderr)
+
+
 def _add_pruned_option(parser: argparse.ArgumentParser, verb: str, default: str | None) -> None:
     """--pruned [latest|SOURCE|none], alike on export, predict and uncertainty; only the default differs."""
     fitted = [name for name, source in POSTERIORS.items() if issubclass(source, FittedSource)]
@@ -631,7 +636,7 @@ def _train(args) -> None:
     from pyrozoo.train import Run
 
     world = distributed.setup()  # several processes when torchrun started this one; rank 0 prints and writes
-    log = lambda text: print(text, file=sys.stderr) if world.main else None  # noqa: E731
+    log = _to_stderr if world.main else lambda text: None
     axes = {k: getattr(args, k, getattr(TrainConfig, k)) for k in ("net", "method", "data", "seed")}
     out = args.out or os.path.join("runs", run_name(**axes))
     if args.resume:
@@ -712,7 +717,7 @@ def _compress(args) -> None:
     net = load_trained_net(args.net, args.weights, d, trust_pickle=args.trust_pickle, net_options=net_options)
     out = Path(args.out or Path("compressed") / args.net.replace(":", "-").replace("/", "-"))
     torch.set_num_threads(args.threads)
-    log = lambda text: print(text, file=sys.stderr)  # noqa: E731
+    log = _to_stderr
     result = compress(
         net,
         d,
@@ -805,7 +810,7 @@ def _compare(args) -> None:
 def _plot_files(folder, results=None) -> None:
     from pyrozoo.plots import plot_grid
 
-    paths = plot_grid(folder, results, log=lambda text: print(text, file=sys.stderr))
+    paths = plot_grid(folder, results, log=_to_stderr)
     print(f"figures in {folder}: {', '.join(sorted({p.stem for p in paths}))} (PNG and PDF)")
 
 
@@ -834,7 +839,7 @@ def _prune(args) -> None:
         rule, options = "sparsity", {**options, "sparsity": args.sparsity}
     reduction = make_reduction(rule, **options)  # a wrong option fails before the run is loaded
     source = make_source(args.posterior, getattr(args, "posterior_options", {}), fit_size=args.fit_size)
-    run = load(args.run, log=lambda text: print(text, file=sys.stderr))
+    run = load(args.run, log=_to_stderr)
     pruned = source.prune(run, reduction, progress=not args.no_progress)
     print(pruned.line)
     _print_report(pruned.report)
@@ -878,14 +883,14 @@ def _sweep(args) -> None:
     from pyrozoo.sweep import below_dense, sweep, write_sweep
     from pyrozoo.trained import load
 
-    run = load(args.run, log=lambda text: print(text, file=sys.stderr))
+    run = load(args.run, log=_to_stderr)
     table = sweep(
         run,
         args.sparsities,
         getattr(args, "methods", None),
         args.finetune_steps,
         progress=not args.no_progress,
-        log=lambda text: print(text, file=sys.stderr),
+        log=_to_stderr,
         fit_size=args.fit_size,
         posterior_options=getattr(args, "posterior_options", {}),
     )
@@ -905,8 +910,8 @@ def _export(args) -> None:
     from pyrozoo.export import export
     from pyrozoo.trained import load
 
-    run = load(args.run, log=lambda text: print(text, file=sys.stderr))
-    source = chosen_pruned(run, args.pruned, log=lambda text: print(text, file=sys.stderr))
+    run = load(args.run, log=_to_stderr)
+    source = chosen_pruned(run, args.pruned, log=_to_stderr)
     nets = None
     state = "checkpoint" if source is None else source.file
     if source is not None:
@@ -950,8 +955,8 @@ def _open_for_prediction(args, write: bool):
     ``write``: the command writes into the run folder."""
     from pyrozoo.trained import load
 
-    run = load(args.run, log=lambda text: print(text, file=sys.stderr), write=write)
-    source = chosen_pruned(run, args.pruned, log=lambda text: print(text, file=sys.stderr))
+    run = load(args.run, log=_to_stderr, write=write)
+    source = chosen_pruned(run, args.pruned, log=_to_stderr)
     nets = None if source is None else source.load_pruned(run)
     c = run.config
     raw = datasets.load(c.data, c.data_dir, target=c.target, task=c.task)
