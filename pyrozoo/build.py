@@ -73,7 +73,7 @@ def build(
     guide.to(data.x_train.device)
     model.to(data.x_train.device)
     if fresh:
-        _start(bound, model, guide)
+        _start(bound, model, guide, data)
     if world.parallel and not bound.step.parallel:
         raise PyrozooError(
             f"{config.method} trains by {bound.method.step}, which runs in one process only: "
@@ -118,7 +118,7 @@ def _model(bound: Bound, d: datasets.Prepared, log) -> BayesianModel:
     )
 
 
-def _start(bound: Bound, model: BayesianModel, guide) -> None:
+def _start(bound: Bound, model: BayesianModel, guide, data: datasets.Prepared) -> None:
     """Where a new run's posterior starts: a trained net's weights (``--init-from``), the net's own
     initialisation (``--start net``), or the guide's own random start."""
     config = bound.config
@@ -127,8 +127,10 @@ def _start(bound: Bound, model: BayesianModel, guide) -> None:
             model,
             guide,
             load_state(config.init_from, trust_pickle=config.trust_pickle),
-            init_scale=bound.step.init_scale,
+            # the user's --guide-option init_scale=S, else the step's start ("laplace": from the data)
+            init_scale=bound.guide_options.get("init_scale", bound.step.init_scale),
             what=f"--init-from {config.init_from}",
+            inputs=data.x_train,
         )
     elif config.start == "net":
         start_from_net(model, guide)

@@ -151,7 +151,7 @@ class TrainConfig:
         None,
         "start from a trained net: a file holding its state_dict, or a net saved whole (pyrozoo export's "
         "sparse_net.pt, when no unit was removed; with --trust-pickle); the posterior means start at its weights, "
-        "the scales small",
+        "each scale at its weight's diagonal Laplace scale on the data (--guide-option init_scale=S: every scale S)",
         section="posterior",
     )
     trust_pickle: bool = _run_option(

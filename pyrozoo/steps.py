@@ -69,8 +69,9 @@ class TrainingStep:
     optimizer_name: (
         str | None
     )  # the one optimiser it trains with (None: any of OPTIMIZERS no other step owns)
-    # the posterior scale (in z) a run started from trained weights gets; None: the guide's own initial one
-    init_scale: float | None
+    # the posterior scale (in z) a run started from trained weights gets: a number, "laplace" (each weight's
+    # diagonal Laplace scale, pyrozoo.init_from.laplace_start_curvature) or None (the guide's own initial one)
+    init_scale: float | str | None
     parallel: bool = (
         False  # whether it trains data-parallel (torchrun), its gradients shared between processes
     )
@@ -88,7 +89,7 @@ STEPS.register(
         svi_step,
         None,
         None,
-        1e-3,
+        "laplace",
         parallel=True,
     ),
 )

@@ -4,6 +4,8 @@ trained net's accuracy; files that do not fit are one-line errors."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from configs import tiny_config
@@ -59,7 +61,9 @@ def test_hyperparameters_fit_the_weights_scale():
 
 
 def test_first_evaluation_is_the_trained_nets_accuracy(tmp_path):
+    # scales start small (the Laplace start of a net trained 2 steps on 600 images is near the prior's)
     config = dict(epochs=1, steps_per_epoch=2, samples=20, net_options={"hidden": (16, 16)})
+    small = {"guide_options": {"init_scale": 1e-3}}
     source = Run(tiny_config(method="flat-map", **config, lr=1e-2), tmp_path / "map", log=print)
     source.train(progress=False)
     net = rebuild(source.model, source.guide, remove_dead=False)
@@ -67,7 +71,10 @@ def test_first_evaluation_is_the_trained_nets_accuracy(tmp_path):
     d = source.data
     accuracy = evaluate_net(net, d.x_test, d.y_test, d.num_classes)["accuracy"]
     for method in ("bmr-th", "tiered-ff"):
-        run = Run(tiny_config(method=method, init_from=str(tmp_path / "net.pt"), **config), tmp_path / method)
+        run = Run(
+            tiny_config(method=method, init_from=str(tmp_path / "net.pt"), **config, **small),
+            tmp_path / method,
+        )
         assert run.evaluate()["accuracy"] == pytest.approx(accuracy, abs=0.01)
         fresh = Run(tiny_config(method=method, **config), tmp_path / f"{method}-fresh")
         assert abs(fresh.evaluate()["accuracy"] - accuracy) > 0.05  # the test could fail
@@ -76,7 +83,8 @@ def test_first_evaluation_is_the_trained_nets_accuracy(tmp_path):
     whole = tmp_path / "whole.pt"
     torch.save(net, whole)  # a net saved whole, as pyrozoo export's sparse_net.pt
     run = Run(
-        tiny_config(method="flat-ff", init_from=str(whole), trust_pickle=True, **config), tmp_path / "whole"
+        tiny_config(method="flat-ff", init_from=str(whole), trust_pickle=True, **config, **small),
+        tmp_path / "whole",
     )
     assert run.evaluate()["accuracy"] == pytest.approx(accuracy, abs=0.01)
 
@@ -131,3 +139,40 @@ def test_a_net_whose_modules_check_their_state_version_starts_from_its_weights()
     x = torch.randn(5, 4)
     with torch.no_grad():
         torch.testing.assert_close(model.logits(x, model.weights_from(guide.mean())), net(x))
+
+
+def test_laplace_start_is_the_diagonal_laplace_scale_of_an_exact_ggn():
+    """init_scale="laplace": each latent starts at (1 + scale^2 H)^-1/2, H the GGN diagonal summed over the data,
+    here against a softmax regression's exact one, sum_n p_i (1 - p_i) [x_n, 1]_j^2 (its Monte Carlo estimate
+    from LAPLACE_FIT_SIZE of 6,000 inputs, scaled up: within 15%)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    model = BayesianModel(net, flat)
+    guide = make_guide("meanfield", model)
+    trained = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.copy_(torch.randn(p.shape))
+    x = torch.randn(6000, 1, 2, 2)
+    start_from_weights(model, guide, trained, init_scale="laplace", inputs=x)
+    layer = model.layers[0]
+    p = trained(x).softmax(-1).double()
+    a = torch.cat([x.flatten(1), torch.ones(len(x), 1)], 1).double()
+    exact = (p * (1 - p)).T @ a.square()
+    scale = float(guide.mean()[f"{layer.name}.precision"].rsqrt())  # the flat prior's, on an output layer
+    got = guide.posterior()[layer.site][1].double()
+    torch.testing.assert_close(got, (1 + scale**2 * exact).rsqrt(), rtol=0.15, atol=0)
+    assert float(got.max()) < 0.5  # the data pin these weights: far below the prior's 1, far above 1e-3
+
+
+def test_a_given_init_scale_wins_over_the_laplace_start(tmp_path):
+    config = dict(epochs=1, steps_per_epoch=1, net_options={"hidden": (8,)})
+    source = Run(tiny_config(method="flat-map", **config), tmp_path / "map")
+    torch.save(rebuild(source.model, source.guide, remove_dead=False).state_dict(), tmp_path / "net.pt")
+    for options, small in (({"init_scale": 2e-3}, True), ({}, False)):
+        config_ = tiny_config(
+            method="bmr-th", init_from=str(tmp_path / "net.pt"), guide_options=options, **config
+        )
+        run = Run(config_, tmp_path / f"bmr-th-{small}")
+        scales = torch.cat([s.flatten() for _, s in run.guide.posterior().values()])
+        assert bool((scales <= 2.001e-3).all()) == small
