@@ -575,11 +575,45 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, help="CSV file to write (written atomically)")
     _no_progress(predict)
 
-    uncertainty = _run_command(
-        sub,
+    uncertainty = sub.add_parser(
         "uncertainty",
         help="accuracy, ECE, NLL and misclassification AUROC of entropy and MI on the clean test set and on "
-        "rotated and noisy copies of it, severities 1..5 (writes RUN/uncertainty.csv)",
+        "rotated and noisy copies of it, severities 1..5 (writes RUN/uncertainty.csv); with --ood DATASET, "
+        "out-of-distribution detection instead, one row per run and baseline (writes ood-DATASET.csv)",
+    )
+    uncertainty.add_argument(
+        "run", nargs="*", help="run folder; with --ood, any number of them, one row each"
+    )
+    uncertainty.add_argument(
+        "--ood",
+        default=None,
+        metavar="DATASET",
+        help="an out-of-distribution set: a dataset's test split (e.g. digits for a Fashion-MNIST run) or a "
+        ".npy/.pt file of images; reports the AUROC and AUPR of entropy and of mutual information for telling "
+        "it from the test set, beside the test set's accuracy, NLL and ECE",
+    )
+    uncertainty.add_argument(
+        "--mc-dropout",
+        type=_number(int, "positive"),
+        default=None,
+        metavar="N",
+        help="with --ood: a row more for each run whose net has dropout: MC dropout, N passes of its "
+        "posterior-mean net (a flat-map run's MAP) with dropout kept on",
+    )
+    uncertainty.add_argument(
+        "--ensemble",
+        nargs="+",
+        action="append",
+        default=None,
+        metavar="RUN",
+        help="with --ood: a row for the deep ensemble of these runs (the mean of their probabilities; its MI "
+        "the members' disagreement); repeatable, a row each",
+    )
+    uncertainty.add_argument(
+        "--out",
+        default=None,
+        help="with --ood: the folder for ood-DATASET.csv and its figure (default: the run's folder, when "
+        "the table is of one run)",
     )
     _add_sampling_options(uncertainty, "measure")
     _no_progress(uncertainty)
@@ -949,13 +983,13 @@ def _export(args) -> None:
         )
 
 
-def _open_for_prediction(args, write: bool):
-    """The run (with its pruned state if asked), its raw data, the pruned plain net when the state asked for is
-    one (else None), and that state's name (``checkpoint``, or the pruned file), for predict and uncertainty;
-    ``write``: the command writes into the run folder."""
+def _open_for_prediction(args, write: bool, folder=None):
+    """The run (``folder``, else ``args.run``; with its pruned state if asked), its raw data, the pruned plain net
+    when the state asked for is one (else None), and that state's name (``checkpoint``, or the pruned file), for
+    predict and uncertainty; ``write``: the command writes into the run folder."""
     from pyrozoo.trained import load
 
-    run = load(args.run, log=_to_stderr, write=write)
+    run = load(args.run if folder is None else folder, log=_to_stderr, write=write)
     source = chosen_pruned(run, args.pruned, log=_to_stderr)
     nets = None if source is None else source.load_pruned(run)
     c = run.config
@@ -980,8 +1014,7 @@ def _predict(args) -> None:
     )  # predict writes nothing into the run folder
     with run:
         c = run.config
-        # a point mass or a plain net: one draw
-        samples = 1 if run.guide.point_mass or net is not None else args.samples or c.samples
+        samples = _samples(args, run, net)
         if args.input is not None:
             x, y = read_inputs(args.input, raw, c.target)
             if y is not None:  # say so: the column is not an input, and the rows are scored against it
@@ -1032,13 +1065,28 @@ def _predict(args) -> None:
             print(" ".join(f"{k} {v:.4f}" for k, v in summary.items()))
 
 
+def _samples(args, run, net) -> int:
+    """How many posterior draws predict and uncertainty average: one for a point mass or a plain net."""
+    return 1 if run.guide.point_mass or net is not None else args.samples or run.config.samples
+
+
 def _uncertainty(args) -> None:
     from pyrozoo.predict import uncertainty_table
 
-    run, raw, net, state = _open_for_prediction(args, write=True)  # its table goes into the run folder
+    if args.ood is not None:
+        return _ood(args)
+    if len(args.run) != 1 or args.mc_dropout or args.ensemble or args.out:
+        given = [f for f, v in (("--mc-dropout", args.mc_dropout), ("--ensemble", args.ensemble),
+                                ("--out", args.out)) if v]  # fmt: skip
+        raise PyrozooError(
+            f"{' and '.join(given or [f'{len(args.run)} runs'])}: the shift table is of one run; the table of "
+            "runs and baselines is out-of-distribution detection: add --ood DATASET (e.g. --ood digits)"
+        )
+    run, raw, net, state = _open_for_prediction(
+        args, write=True, folder=args.run[0]
+    )  # its table goes into the run folder
     with run:
-        # a point mass or a plain net: one draw
-        samples = 1 if run.guide.point_mass or net is not None else args.samples or run.config.samples
+        samples = _samples(args, run, net)
         table = uncertainty_table(run, raw, samples, args.batch_size, progress=not args.no_progress, net=net)
         table.insert(0, "samples", samples)
         table.insert(0, "state", state)
@@ -1049,6 +1097,117 @@ def _uncertainty(args) -> None:
         atomic_write(path, lambda p: table.to_csv(p, index=False))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(f"written: {path}", file=sys.stderr)
+
+
+def _run_predictor(args, run, net, samples: int):
+    """The run's predictions on prepared inputs as the command asks: its posterior from ``samples`` draws, or the
+    pruned plain net ``net``; every row of ``uncertainty --ood`` that is a run's own comes from here."""
+    from pyrozoo.predict import predict
+
+    model, guide = (run.model, run.guide) if net is None else (net, None)
+    return lambda x: predict(model, guide, x, samples, batch_size=args.batch_size, seed=run.config.seed)
+
+
+def _ood(args) -> None:
+    """``uncertainty --ood``: one row per run (its posterior), per run with dropout (MC dropout) and per
+    ensemble; in-distribution accuracy, NLL, ECE, and the out-of-distribution AUROC/AUPR of entropy and MI."""
+    import contextlib
+
+    import pandas as pd
+
+    from pyrozoo.bmr.rebuild import rebuild
+    from pyrozoo.io import make_folder
+    from pyrozoo.ood import SHOWN, dropout_layers, ensemble, mc_dropout, ood_inputs, ood_name, ood_row
+    from pyrozoo.plots import plot_ood
+    from pyrozoo.predict import prepare_like
+
+    groups = args.ensemble or []
+    if not args.run and not groups:
+        raise PyrozooError("uncertainty --ood needs a run folder, or --ensemble RUN RUN ...")
+    if any(len(group) < 2 for group in groups):
+        raise PyrozooError("--ensemble needs at least two run folders (--ensemble RUN RUN ...)")
+    into_run = args.out is None  # the table of one run goes into its folder, as uncertainty.csv does
+    if into_run and (len(args.run) != 1 or groups):
+        raise PyrozooError(
+            "a table of several runs or of an ensemble goes into a folder of its own: give --out FOLDER"
+        )
+    name, first, measured = ood_name(args.ood), {}, {}
+    rows, figure = [], {}
+
+    def measure(folder, keep, dropout: bool):
+        """Predictions of the run in ``folder`` on its test set and on the OOD set, by its posterior and, when
+        asked and its net has dropout, by MC dropout; once per folder."""
+        key = str(Path(folder).resolve())
+        if key in measured and (not dropout or "mc" in measured[key]):
+            return measured[key]
+        run, raw, net, state = _open_for_prediction(args, write=into_run, folder=folder)
+        if into_run:
+            keep.enter_context(run)  # the lock held until the run's table is written
+        with contextlib.nullcontext() if into_run else run:
+            c = run.config
+            if raw.task != "classify":
+                raise PyrozooError(f"--ood scores class probabilities; {folder} is a {raw.task} run")
+            if not first:
+                first.update(data=c.data, x=ood_inputs(args.ood, raw, c.data_dir))
+            elif c.data != first["data"]:
+                raise PyrozooError(
+                    f"the table compares runs on one test set: {folder} was trained on {c.data}, the first "
+                    f"run on {first['data']}"
+                )
+            x_in, y = run.data.x_test, run.data.y_test.cpu()
+            x_out = prepare_like(run, raw, first["x"]).x_test
+            samples = _samples(args, run, net)
+            predict = _run_predictor(args, run, net, samples)
+            found = {"method": c.method, "state": state, "samples": samples, "y": y}
+            found["posterior"] = (predict(x_in), predict(x_out))
+            if dropout:
+                plain = net if net is not None else rebuild(run.model, run.guide, remove_dead=False)
+                if dropout_layers(plain):
+                    found["mc"] = tuple(
+                        mc_dropout(plain, x, args.mc_dropout, c.seed, args.batch_size) for x in (x_in, x_out)
+                    )
+                else:
+                    found["mc"] = None
+                    _to_stderr(f"{folder}: its net has no dropout, so no MC dropout row")
+        measured[key] = found
+        return found
+
+    def add(label, folders, y, predictions, samples, state):
+        label = label if label not in figure else f"{label} [{' '.join(folders)}]"
+        inside, outside = predictions
+        rows.append(
+            {"row": label, "runs": " ".join(folders), "state": state, "samples": samples, "ood": name,
+             "ood_count": len(outside["entropy"]), **ood_row(inside, y, outside)}
+        )  # fmt: skip
+        figure[label] = (inside, y, outside)
+
+    with contextlib.ExitStack() as keep:
+        for folder in args.run:
+            found = measure(folder, keep, dropout=args.mc_dropout is not None)
+            y, state = found["y"], found["state"]
+            add(found["method"], [folder], y, found["posterior"], found["samples"], state)
+            if found.get("mc") is not None:
+                add(f"{found['method']} mc-dropout", [folder], y, found["mc"], args.mc_dropout, state)
+        for group in groups:
+            members = [measure(folder, keep, dropout=False) for folder in group]
+            methods = "/".join(dict.fromkeys(m["method"] for m in members))
+            predictions = tuple(ensemble([m["posterior"][i] for m in members]) for i in (0, 1))
+            states = "/".join(dict.fromkeys(m["state"] for m in members))
+            add(f"ensemble of {len(group)} {methods}", group, members[0]["y"], predictions,
+                sum(m["samples"] for m in members), states)  # fmt: skip
+        table = pd.DataFrame(rows)
+        if into_run:
+            state = rows[0]["state"]
+            folder = Path(args.run[0])
+            stem = f"ood-{name}" if state == "checkpoint" else f"ood-{name}-{Path(state).stem}"
+        else:
+            folder, stem = make_folder(args.out), f"ood-{name}"
+        path = folder / f"{stem}.csv"
+        atomic_write(path, lambda p: table.to_csv(p, index=False))
+        plots = plot_ood(figure, folder, stem, ood=name)
+    shown = ["row", "samples", *(c for c in SHOWN if c in table)]
+    print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}", na_rep="-"))
+    _to_stderr(f"written: {path}; figure {', '.join(str(p) for p in plots)}")
 
 
 def _info() -> None:

@@ -76,6 +76,15 @@ for _entry in (
         "442 patients, split 354/88",
         "regress",
     ),
+    DatasetInfo(
+        "digits",
+        1,
+        28,
+        10,
+        "handwritten digits (scikit-learn's bundled copy of the UCI set, 8x8 at 17 grey levels; pip install "
+        "'pyrozoo[tabular]'), scaled up to MNIST's layout (a 20x20 box centred in 28x28, pixels 0..255): 1797 "
+        "images, split 899/898",
+    ),
 ):
     DATASETS.register(_entry.name, _entry)
 
@@ -517,14 +526,7 @@ def diabetes() -> RawData:
     """scikit-learn's bundled diabetes data (Efron et al. 2004: 442 patients, 10 baseline features, disease
     progression after a year), split 80/20. It ships inside scikit-learn, so it needs no download; sklearn is
     an optional extra (``pip install 'pyrozoo[tabular]'``)."""
-    try:
-        from sklearn.datasets import load_diabetes
-    except ImportError:
-        raise PyrozooError(
-            "dataset 'diabetes' is read from scikit-learn's bundled copy: pip install 'pyrozoo[tabular]' "
-            "(or scikit-learn)"
-        ) from None
-    x, y = load_diabetes(return_X_y=True, scaled=False)
+    x, y = _sklearn_loader("diabetes", "load_diabetes")(return_X_y=True, scaled=False)
     train, test = _split(len(x))
     xs, ys = _features(x), torch.from_numpy(np.asarray(y, dtype=np.float32))
     return RawData(
@@ -532,8 +534,43 @@ def diabetes() -> RawData:
     )
 
 
-_MADE = {"toy1d": (toy1d, "synthetic"), "diabetes": (diabetes, "scikit-learn (bundled)")}
-_NEEDS = {"diabetes": ("sklearn", "pip install 'pyrozoo[tabular]'")}  # made from an optional extra
+def _sklearn_loader(name: str, loader: str):
+    """scikit-learn's loader of its bundled copy of dataset ``name``; sklearn is an optional extra."""
+    try:
+        import sklearn.datasets
+    except ImportError:
+        raise PyrozooError(
+            f"dataset '{name}' is read from scikit-learn's bundled copy: pip install 'pyrozoo[tabular]' "
+            "(or scikit-learn)"
+        ) from None
+    return getattr(sklearn.datasets, loader)
+
+
+DIGITS_BOX = 20  # MNIST's digits were scaled to fit 20x20 and centred in 28x28 (LeCun et al. 1998)
+
+
+def digits() -> RawData:
+    """scikit-learn's bundled handwritten digits (the UCI optical recognition set: 1797 images, 8x8 blocks of
+    counts 0..16), scaled bilinearly to MNIST's layout, a 20x20 box in the middle of 28x28 with pixels 0..255, so
+    that a net of the MNIST-likes takes them: a digit set that needs no download, e.g. out of distribution for a
+    Fashion-MNIST run. Split 50/50 (as scikit-learn's own digits example) by a fixed permutation."""
+    images, y = _sklearn_loader("digits", "load_digits")(return_X_y=True)
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32)).reshape(-1, 1, 8, 8) * (255 / 16)
+    x = F.interpolate(x, size=(DIGITS_BOX, DIGITS_BOX), mode="bilinear", align_corners=False)
+    margin = (28 - DIGITS_BOX) // 2
+    x = F.pad(x, (margin, margin, margin, margin)).clamp(0, 255).round().to(torch.uint8)
+    ys = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    train, test = _split(len(x), test_fraction=0.5)
+    return RawData("digits", x[train], ys[train], x[test], ys[test], 10, "scikit-learn (bundled)")
+
+
+_MADE = {
+    "toy1d": (toy1d, "synthetic"),
+    "diabetes": (diabetes, "scikit-learn (bundled)"),
+    "digits": (digits, "scikit-learn (bundled)"),
+}
+# made from an optional extra
+_NEEDS = {name: ("sklearn", "pip install 'pyrozoo[tabular]'") for name in ("diabetes", "digits")}
 
 
 def availability(name: str) -> str:

@@ -52,15 +52,23 @@ def ece_equal_mass(mean_probs: Tensor, targets: Tensor, bins: int = 20) -> float
     return (torch.stack(gaps).sum() / confidence.shape[0]).item()
 
 
-def ece_equal_width(mean_probs: Tensor, targets: Tensor, bins: int = 15) -> float:
-    """ECE with bins (k/B, (k+1)/B]; confidence 0 goes in the first bin; empty bins add nothing."""
+def reliability(mean_probs: Tensor, targets: Tensor, bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
+    """Per confidence bin (k/B, (k+1)/B] (confidence 0 in the first): the number of points, the sum of their
+    confidences and the number of them predicted right; a reliability diagram plots hits/count against
+    confidence/count."""
     confidence, hits = _confidence_and_hits(mean_probs, targets)
     # Inner edges from linspace, so a confidence equal to k/B lands in bin k-1 as the edges are written.
     edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64, device=confidence.device)[1:-1]
     index = torch.bucketize(confidence, edges)  # right-closed bins; 0 falls in the first
-    gap = torch.zeros(bins, dtype=torch.float64, device=confidence.device)
-    gap.index_add_(0, index, hits - confidence)
-    return (gap.abs().sum() / confidence.shape[0]).item()
+    sums = torch.zeros(3, bins, dtype=torch.float64, device=confidence.device)
+    sums.index_add_(1, index, torch.stack([torch.ones_like(confidence), confidence, hits]))
+    return sums[0], sums[1], sums[2]
+
+
+def ece_equal_width(mean_probs: Tensor, targets: Tensor, bins: int = 15) -> float:
+    """ECE with bins (k/B, (k+1)/B]; confidence 0 goes in the first bin; empty bins add nothing."""
+    count, confidence, hits = reliability(mean_probs, targets, bins)
+    return ((hits - confidence).abs().sum() / count.sum()).item()
 
 
 class _LogSumExp:
@@ -345,3 +353,21 @@ def auroc(scores: Tensor, positive: Tensor) -> float:
     ranks[order] = average[inverse]
     u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
     return (u / (n_pos * n_neg)).item()
+
+
+def average_precision(scores: Tensor, positive: Tensor) -> float:
+    """Area under the precision-recall curve of ``scores`` for finding the ``positive`` points, as scikit-learn's
+    ``average_precision_score``: the sum over thresholds (each distinct score, highest first) of the precision
+    there times the recall it adds. NaN when there is no positive."""
+    scores, positive = scores.double().flatten(), positive.bool().flatten()
+    n_pos = int(positive.sum())
+    if n_pos == 0 or len(scores) == 0:
+        return float("nan")
+    order = torch.argsort(scores, descending=True, stable=True)
+    sorted_scores, hits = scores[order], positive[order].double()
+    # a threshold at each distinct score: the last point of each run of ties
+    last = torch.cat([torch.nonzero(sorted_scores[1:] != sorted_scores[:-1])[:, 0], torch.tensor([len(scores) - 1])])
+    true_pos = hits.cumsum(0)[last]
+    precision = true_pos / (last + 1).double()
+    recall = true_pos / n_pos
+    return (torch.diff(recall, prepend=recall.new_zeros(1)) * precision).sum().item()

@@ -420,3 +420,35 @@ def plot_front(table: pd.DataFrame, folder: str | os.PathLike, stem: str = "fron
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, Path(folder), stem)
+
+
+def plot_ood(rows: dict[str, tuple], folder: Path, stem: str, ood: str = "OOD", bins: int = 15) -> list[Path]:
+    """``uncertainty --ood``'s figure, one column per row of its table (``label -> (inside, y, outside)``, the
+    predictions on the test set, its labels and the predictions on the OOD set): the predictive entropy's
+    histograms on the test set and on the OOD set, and the reliability diagram on the test set (accuracy against
+    confidence in ``bins`` equal-width bins, with the equal-width ECE)."""
+    from pyrozoo.metrics import ece_equal_width, reliability
+
+    fig, axes = plt.subplots(2, len(rows), figsize=(3.2 * len(rows), 6.0), squeeze=False)
+    for k, (label, (inside, y, outside)) in enumerate(rows.items()):
+        top, bottom = axes[0, k], axes[1, k]
+        most = float(np.log(inside["probs"].shape[1]))  # the entropy of a uniform prediction
+        edges = np.linspace(0, most, 31)
+        top.hist(inside["entropy"].numpy(), edges, density=True, alpha=0.6, label="test set")
+        top.hist(outside["entropy"].numpy(), edges, density=True, alpha=0.6, label=ood)
+        top.set(title=label, xlabel="predictive entropy (nats)", ylabel="density" if k == 0 else None)
+        count, confidence, hits = (t.numpy() for t in reliability(inside["probs"], y, bins))
+        seen = count > 0
+        width = 1.0 / bins
+        centres = (np.arange(bins) + 0.5) * width
+        bottom.bar(centres[seen], hits[seen] / count[seen], width=width, edgecolor="k", label="accuracy")
+        bottom.plot(confidence[seen] / count[seen], hits[seen] / count[seen], "r.", label="at mean confidence")
+        bottom.plot([0, 1], [0, 1], "k--", lw=1)
+        ece = ece_equal_width(inside["probs"], y, bins)
+        bottom.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"ECE ({bins} bins) {ece:.3f}")
+        if k == 0:
+            bottom.set_ylabel("accuracy")
+            top.legend(fontsize="small")
+            bottom.legend(fontsize="small", loc="upper left")
+    fig.tight_layout()
+    return _save(fig, folder, stem)

@@ -529,7 +529,27 @@ def test_prepare_rejects_too_small_pad():
 
 def test_datasets_table():
     assert list(data.DATASETS) == [
-        "fashion-mnist", "fashion-mnist-mini", "mnist", "cifar10", "cifar100", "toy1d", "diabetes"
+        "fashion-mnist", "fashion-mnist-mini", "mnist", "cifar10", "cifar100", "toy1d", "diabetes", "digits"
     ]  # fmt: skip
     assert [name for name, info in data.DATASETS.items() if info.task == "regress"] == ["toy1d", "diabetes"]
     assert data.DATASETS["cifar100"].num_classes == 100 and data.DATASETS["cifar10"].channels == 3
+
+
+def test_digits_are_sklearns_scaled_to_the_mnist_layout():
+    """The bundled UCI digits, 8x8 at 0..16, become 28x28 uint8 images: a 20x20 box of the scaled digit with a
+    4-pixel empty border, split 50/50 with every image in one split, labels kept."""
+    sklearn = pytest.importorskip("sklearn.datasets")
+    images, labels = sklearn.load_digits(return_X_y=True)
+    raw = data.load("digits")
+    assert raw.x_train.shape[1:] == raw.x_test.shape[1:] == (1, 28, 28) and raw.x_test.dtype == torch.uint8
+    assert (len(raw.x_train), len(raw.x_test)) == (899, 898) and data.locate("digits").startswith("scikit")
+    x = torch.cat([raw.x_train, raw.x_test])
+    assert x[:, :, :4].max() == 0 and x[:, :, -4:].max() == 0 and x[..., :4].max() == 0 and x[..., -4:].max() == 0
+    # each image is its 8x8 original: averaging its 20x20 box back down to 8x8 lands near it (bilinear blurs)
+    train, test = data._split(len(images), test_fraction=0.5)
+    order = torch.cat([train, test])
+    original = torch.from_numpy(images.reshape(-1, 1, 8, 8)).float()[order] * 255 / 16
+    down = torch.nn.functional.interpolate(x[:, :, 4:24, 4:24].float(), size=(8, 8), mode="area")
+    mismatched = original[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))]
+    assert (down - original).abs().mean() < 0.5 * (down - mismatched).abs().mean()
+    assert torch.equal(torch.from_numpy(labels)[order], torch.cat([raw.y_train, raw.y_test]))
