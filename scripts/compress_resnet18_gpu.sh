@@ -7,10 +7,12 @@
 #   OUT=... [NET=resnet18] [WEIGHTS=trained.pt] [EPOCHS=3] [DEVICE=cuda] [DATA=fashion-mnist] [DATA_DIR=...]
 #   [TARGET=latency=0.5] [STEPS=300] [FIT_SIZE=2000] [REPEATS=5] [THREADS=16] [BASELINES="tp-l1 ..."]
 #   bash scripts/compress_resnet18_gpu.sh
-# About 6-8 minutes on an H100/H200 with a 16-core host at the defaults (resnet18 latency at batch 256 is
-# ~0.5 s a pass on 8 threads, so most of the time is the bisections' timing). A check of the plumbing on a
-# CPU in a minute: OUT=/tmp/c DEVICE=cpu NET=lenet DATA=fashion-mnist-mini EPOCHS=0.5 STEPS=2 FIT_SIZE=64 \
-#   REPEATS=1 THREADS=1 bash scripts/compress_resnet18_gpu.sh
+# Estimated, not yet run on a GPU: 6-8 minutes on an H100/H200 with a 16-core host at the defaults (training
+# ~1 min at ~40 ms a step; the Laplace fit ~1 min; resnet18 at batch 256 takes ~0.5 s a pass on 8 host threads,
+# so most of the rest is the bisections' timing). NET=resnet20 THREADS=1 gives issue 28's one-thread CPU
+# latency. A check of the plumbing on a CPU (a few minutes):
+#   OUT=/tmp/c DEVICE=cpu NET=lenet DATA=fashion-mnist-mini EPOCHS=0.5 STEPS=2 FIT_SIZE=64 REPEATS=1 THREADS=1 \
+#   bash scripts/compress_resnet18_gpu.sh
 set -eu -o pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
 OUT=${OUT:?set OUT}

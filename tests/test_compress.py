@@ -166,6 +166,23 @@ def test_compress_refuses_a_device_it_cannot_use(fitted):
             compress(net, data, "params=0.5", device="cuda", progress=False)
 
 
+@pytest.mark.parametrize("name", ["resnet20", "tv:mobilenet_v3_small"])
+def test_compress_shrinks_issue_28s_nets(name):
+    """resnet20 (residual groups, BatchNorm) and MobileNetV3-small (SE blocks, hardswish): compress finds units,
+    meets the target with a smaller net of the same class, and Torch-Pruning's row stands beside it."""
+    from pyrozoo.nets import create_net
+
+    torch.manual_seed(0)
+    net = create_net(name, in_channels=1, image_size=32, num_classes=10).eval()
+    x, y = torch.randn(32, 1, 32, 32), torch.randint(0, 10, (32,))
+    result = compress(net, (x, y, x, y), "params=0.5", finetune_steps=1, batch_size=16, fit_size=None,
+                      baselines=("tp-l1",), repeats=1, progress=False, log=lambda text: None)  # fmt: skip
+    rows = {row["method"]: row for row in result.table}
+    assert rows["pyrozoo"]["params"] <= 0.5 * rows["dense"]["params"] and rows["pyrozoo"]["units_removed"] > 0
+    assert rows["tp-l1"]["params"] <= 0.5 * rows["dense"]["params"]
+    assert type(result.net) is type(net) and result.net(x[:2]).shape == (2, 10)
+
+
 @pytest.mark.slow
 def test_the_compress_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
     """scripts/compress_resnet18_gpu.sh with DEVICE=cpu and a tiny setting: it trains the net, compresses it
