@@ -7,6 +7,8 @@
 #   OUT=... [NET=resnet18] [WEIGHTS=trained.pt] [EPOCHS=3] [DEVICE=cuda] [DATA=fashion-mnist] [DATA_DIR=...]
 #   [TARGET=latency=0.5] [STEPS=300] [FIT_SIZE=2000] [REPEATS=5] [THREADS=16] [BASELINES="tp-l1 ..."]
 #   bash scripts/compress_resnet18_gpu.sh
+# The GPU machine has no internet: DATA_DIR names a folder, carried with the working tree, holding the data's
+# files (for Fashion-MNIST the four idx .gz files of /usr/share/datasets/fashion-mnist).
 # Estimated, not yet run on a GPU: 6-8 minutes on an H100/H200 with a 16-core host at the defaults (training
 # ~1 min at ~40 ms a step; the Laplace fit ~1 min; resnet18 at batch 256 takes ~0.5 s a pass on 8 host threads,
 # so most of the rest is the bisections' timing). NET=resnet20 THREADS=1 gives issue 28's one-thread CPU
