@@ -1,10 +1,13 @@
 """A BatchNorm CNN and its dense training: four 3x3 convolutions of 32-64-128-128 channels (no
 bias: BatchNorm holds the shift), each followed by BatchNorm, ReLU and 2x2 max-pooling, then Linear 512-128-10
 (307,562 parameters at 32x32 input), trained with plain Adam (lr 1e-3, batch 128) on Fashion-MNIST padded to
-32x32, as pyrozoo prepares it.
+32x32, as pyrozoo prepares it. ``--net`` trains any other net ``pyrozoo compress`` takes the same way
+(a pyrozoo net such as resnet20, ``tv:NAME``, ``timm:NAME``, ``package.module:factory``).
 
     python benchmarks/bn_cnn.py --epochs 2 --out bn_cnn.pt          # the trained state_dict
     PYTHONPATH=benchmarks pyrozoo compress bn_cnn:bn_cnn --weights bn_cnn.pt --pad-to 32 --target latency=0.5
+    python benchmarks/bn_cnn.py --net resnet20 --epochs 2 --out resnet20.pt
+    pyrozoo compress resnet20 --weights resnet20.pt --target latency=0.5
 
 The factory takes the data's ``in_channels`` and ``num_classes``, as ``pyrozoo compress`` passes them.
 """
@@ -35,30 +38,35 @@ def bn_cnn(in_channels: int = 1, num_classes: int = 10) -> nn.Sequential:
 def main() -> None:
     from pyrozoo import data as datasets
     from pyrozoo.baselines import finetune
+    from pyrozoo.compress import build_net
     from pyrozoo.metrics import evaluate_net
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--net", default="bn_cnn", help="bn_cnn (this file's), or any net compress takes")
     parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--data-dir", default=None, help="folder holding the data set's files")
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bn_cnn.pt")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    d = datasets.prepare(datasets.load(args.data), pad_to=32)
-    net = bn_cnn(d.x_train.shape[1], d.num_classes)
+    d = datasets.prepare(datasets.load(args.data, args.data_dir), pad_to=32)
+    net = bn_cnn(d.x_train.shape[1], d.num_classes) if args.net == "bn_cnn" else build_net(args.net, d)
     steps = round(args.epochs * len(d.x_train) / args.batch_size)
     start = time.perf_counter()
-    finetune(net, d.x_train, d.y_train, steps, 1e-3, args.batch_size, args.seed)
-    metrics = evaluate_net(net, d.x_test, d.y_test, d.num_classes)
+    to = args.device
+    finetune(net.to(to), d.x_train.to(to), d.y_train.to(to), steps, 1e-3, args.batch_size, args.seed)
+    metrics = evaluate_net(net, d.x_test.to(to), d.y_test.to(to), d.num_classes)
     print(
-        f"bn_cnn: {sum(p.numel() for p in net.parameters()):,} parameters, {steps} Adam steps in "
+        f"{args.net}: {sum(p.numel() for p in net.parameters()):,} parameters, {steps} Adam steps in "
         f"{time.perf_counter() - start:.0f} s, test accuracy {metrics['accuracy']:.4f}, NLL {metrics['nll']:.4f}, "
         f"ECE {metrics['ece']:.4f}"
     )
-    torch.save(net.state_dict(), args.out)
+    torch.save(net.cpu().state_dict(), args.out)
 
 
 if __name__ == "__main__":

@@ -543,6 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how many units each layer group loses: uniform (the same fraction of each, the evidence choosing "
         "which; the default) or global (every unit by evidence per unit of cost)",
     )
+    compress.add_argument(
+        "--device",
+        default="cpu",
+        help="where fine-tuning and the test metrics run: cpu (default), cuda or cuda:N; the Laplace fit, "
+        "pruning and latency stay on the CPU",
+    )
     compress.add_argument("--seed", type=_number(int, "non-negative"), default=0, help="random seed")
     compress.add_argument("--out", default=None, help="report folder (default compressed/NET)")
     _no_progress(compress)
@@ -764,6 +770,7 @@ def _compress(args) -> None:
         repeats=args.repeats,
         seed=args.seed,
         allocation=args.allocation,
+        device=args.device,
         progress=not args.no_progress,
         log=log,
     )
@@ -782,6 +789,7 @@ def _compress(args) -> None:
         "repeats": args.repeats,
         "seed": args.seed,
         "allocation": args.allocation,
+        "device": args.device,
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),

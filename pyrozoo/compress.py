@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
@@ -280,47 +280,52 @@ def reduce_to(
     return best
 
 
-def load_trained_net(
-    spec: str, weights: str, data, trust_pickle: bool = False, net_options: dict | None = None
-) -> nn.Module:
-    """The trained net to compress: the architecture ``spec`` (a pyrozoo net, ``tv:NAME``, ``timm:NAME`` or
-    ``package.module:factory``) built for ``data``'s images and classes with ``net_options`` (its sizes, as it
-    was trained), holding the state_dict in ``weights``; or, with ``trust_pickle``, the net saved whole in
-    ``weights`` (then ``spec`` only names it)."""
+def build_net(spec: str, data, net_options: dict | None = None) -> nn.Module:
+    """The untrained net ``spec`` (a pyrozoo net, ``tv:NAME``, ``timm:NAME`` or ``package.module:factory``)
+    built for ``data``'s images and classes with ``net_options`` (its sizes)."""
     import importlib
     import inspect
 
-    from pyrozoo.init_from import load_state, trained_net
     from pyrozoo.nets import NETS, PREFIXES, create_net
-    from pyrozoo.torchfile import load_tensors
 
     net_options = net_options or {}
     shape = {"in_channels": data.x_train.shape[1], "num_classes": data.num_classes}
     shape["image_size"] = data.x_train.shape[-1]
-    if trust_pickle:
-        whole = load_tensors(weights, trust_pickle=True)
-        if isinstance(whole, nn.Module):
-            return whole.eval()
     if spec in NETS or spec.partition(":")[0] in PREFIXES:
-        net = create_net(spec, **shape, **net_options)
-    elif ":" in spec:
-        module_name, _, factory_name = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), factory_name)
-        except (ImportError, AttributeError) as e:
-            raise PyrozooError(f"cannot find the net factory {spec} ({e})") from None
-        try:
-            takes = inspect.signature(factory).parameters
-            net = factory(**{k: v for k, v in shape.items() if k in takes}, **net_options)
-        except Exception as e:  # the user's code: whatever it raises is theirs to fix, not a pyrozoo bug
-            raise PyrozooError(f"the net factory {spec} failed ({reason(e)})") from None
-        if not isinstance(net, nn.Module):
-            raise PyrozooError(f"{spec} returned a {type(net).__name__}, not an nn.Module")
-    else:
+        return create_net(spec, **shape, **net_options)
+    if ":" not in spec:
         raise PyrozooError(
             f"unknown net {spec!r}: give a pyrozoo net ({', '.join(NETS)}), tv:NAME, timm:NAME or "
             "package.module:factory"
         )
+    module_name, _, factory_name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as e:
+        raise PyrozooError(f"cannot find the net factory {spec} ({e})") from None
+    try:
+        takes = inspect.signature(factory).parameters
+        net = factory(**{k: v for k, v in shape.items() if k in takes}, **net_options)
+    except Exception as e:  # the user's code: whatever it raises is theirs to fix, not a pyrozoo bug
+        raise PyrozooError(f"the net factory {spec} failed ({reason(e)})") from None
+    if not isinstance(net, nn.Module):
+        raise PyrozooError(f"{spec} returned a {type(net).__name__}, not an nn.Module")
+    return net
+
+
+def load_trained_net(
+    spec: str, weights: str, data, trust_pickle: bool = False, net_options: dict | None = None
+) -> nn.Module:
+    """The trained net to compress: :func:`build_net` holding the state_dict in ``weights``; or, with
+    ``trust_pickle``, the net saved whole in ``weights`` (then ``spec`` only names it)."""
+    from pyrozoo.init_from import load_state, trained_net
+    from pyrozoo.torchfile import load_tensors
+
+    if trust_pickle:
+        whole = load_tensors(weights, trust_pickle=True)
+        if isinstance(whole, nn.Module):
+            return whole.eval()
+    net = build_net(spec, data, net_options)
     return trained_net(
         net, load_state(weights, trust_pickle=trust_pickle, flag="--weights"), what=f"--weights {weights}"
     ).eval()
@@ -362,9 +367,9 @@ def _data(data):
 
 
 def _row(
-    method: str, target: Target, net: nn.Module, dense: nn.Module, d, example: dict, repeats: int, **extra
+    method: str, target: Target, net: nn.Module, dense: nn.Module, metrics: dict, example: dict, repeats: int,
+    **extra,
 ):
-    metrics = evaluate_net(net, d.x_test, d.y_test, d.num_classes)
     return {
         "method": method,
         "target": str(target),
@@ -381,7 +386,8 @@ def _row(
 @dataclass
 class _Job:
     """What every method of one :func:`compress` call shares: the data, the dense net, the timing examples
-    and the fine-tune every pruned net gets."""
+    and the fine-tune every pruned net gets. Fine-tuning and the test metrics run on ``device`` (the data moved
+    there once); every net stays on the CPU between them, where it is pruned and its costs are measured."""
 
     d: object
     dense: nn.Module
@@ -392,14 +398,24 @@ class _Job:
     batch_size: int
     seed: int
     allocation: str = "uniform"
+    device: str = "cpu"
+    moved: dict = field(default_factory=dict)
+
+    def data(self, name: str) -> torch.Tensor:
+        """The data's tensor ``name`` (``x_train``, ``y_test``, ...) on the job's device."""
+        if name not in self.moved:
+            self.moved[name] = getattr(self.d, name).to(self.device)
+        return self.moved[name]
 
     def tune(self, net: nn.Module) -> None:
-        finetune(
-            net, self.d.x_train, self.d.y_train, self.finetune_steps, self.lr, self.batch_size, self.seed
-        )
+        x, y = self.data("x_train"), self.data("y_train")
+        finetune(net.to(self.device), x, y, self.finetune_steps, self.lr, self.batch_size, self.seed)
+        net.cpu()
 
     def row(self, method: str, target: Target, net: nn.Module, **extra) -> dict:
-        return _row(method, target, net, self.dense, self.d, self.example, self.repeats, **extra)
+        metrics = evaluate_net(net.to(self.device), self.data("x_test"), self.data("y_test"), self.d.num_classes)
+        net.cpu()
+        return _row(method, target, net, self.dense, metrics, self.example, self.repeats, **extra)
 
 
 def _targets(target: str | Target | list[Target]) -> list[Target]:
@@ -458,6 +474,15 @@ def _baseline(job: _Job, name: str, t: Target, small: nn.Module, value: float, k
     return job.row(name, t, pruned, seconds=time.perf_counter() - start)
 
 
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise PyrozooError(f"unknown device {device!r}: give cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise PyrozooError(f"device {device} was asked for, but torch sees no CUDA device: give cpu")
+
+
 def compress(
     net: nn.Module,
     data,
@@ -471,13 +496,15 @@ def compress(
     repeats: int = 7,
     seed: int = 0,
     allocation: str = "uniform",
+    device: str = "cpu",
     progress: bool = True,
     log=print,
 ) -> Compressed:
     """Compress the trained classifier ``net`` on ``data`` (see the module docstring) to each target, the units
     shared out across groups by ``allocation`` (:func:`rank_units`); every baseline in ``baselines`` is pruned
-    to the same cost as pyrozoo's net and given the same ``finetune_steps`` of Adam at ``lr``. ``net`` is not
-    changed."""
+    to the same cost as pyrozoo's net and given the same ``finetune_steps`` of Adam at ``lr``. Fine-tuning and
+    the test metrics run on ``device`` (e.g. ``"cuda"``); the Laplace fit, pruning and the costs (latency on
+    the CPU) on the CPU. ``net`` is not changed."""
     from pyrozoo.posteriors.laplace import laplace
 
     targets = _targets(target)
@@ -488,10 +515,11 @@ def compress(
         raise PyrozooError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
     if finetune_steps < 0 or batch_size < 1:
         raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
+    _check_device(device)
     d = _data(data)
-    dense = copy.deepcopy(net).eval()
+    dense = copy.deepcopy(net).cpu().eval()
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
-    job = _Job(d, dense, example, repeats, finetune_steps, lr, batch_size, seed, allocation)
+    job = _Job(d, dense, example, repeats, finetune_steps, lr, batch_size, seed, allocation, device)
     table = _references(job, log)
 
     start = time.perf_counter()
@@ -526,8 +554,9 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
             f"`{record['command']}`",
             "",
             f"{record['data']}, {record['machine']}, {record['threads']} thread(s), {record['date']}. Every method "
-            f"but the dense net was fine-tuned for {record['finetune_steps']} Adam steps after pruning; latency is "
-            "a ratio to the dense net's, timed in turns in one process.",
+            f"but the dense net was fine-tuned for {record['finetune_steps']} Adam steps after pruning (on "
+            f"{record.get('device', 'cpu')}); latency is a ratio to the dense net's, timed in turns in one process "
+            "on the CPU.",
             "",
         ]
     lines += [

@@ -156,6 +156,53 @@ def test_the_command_refuses_what_it_cannot_use(capsys, tmp_path):
                           "between 0 and 1")  # fmt: skip
 
 
+def test_compress_refuses_a_device_it_cannot_use(fitted):
+    net, _, _, x = fitted
+    data = (x, torch.zeros(len(x), dtype=torch.long), x, torch.zeros(len(x), dtype=torch.long))
+    with pytest.raises(PyrozooError, match="unknown device 'gpu0'"):
+        compress(net, data, "params=0.5", device="gpu0", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(PyrozooError, match="no CUDA device"):
+            compress(net, data, "params=0.5", device="cuda", progress=False)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "tv:mobilenet_v3_small"])
+def test_compress_shrinks_issue_28s_nets(name):
+    """resnet20 (residual groups, BatchNorm) and MobileNetV3-small (SE blocks, hardswish): compress finds units,
+    meets the target with a smaller net of the same class, and Torch-Pruning's row stands beside it."""
+    from pyrozoo.nets import create_net
+
+    torch.manual_seed(0)
+    net = create_net(name, in_channels=1, image_size=32, num_classes=10).eval()
+    x, y = torch.randn(32, 1, 32, 32), torch.randint(0, 10, (32,))
+    result = compress(net, (x, y, x, y), "params=0.5", finetune_steps=1, batch_size=16, fit_size=None,
+                      baselines=("tp-l1",), repeats=1, progress=False, log=lambda text: None)  # fmt: skip
+    rows = {row["method"]: row for row in result.table}
+    assert rows["pyrozoo"]["params"] <= 0.5 * rows["dense"]["params"] and rows["pyrozoo"]["units_removed"] > 0
+    assert rows["tp-l1"]["params"] <= 0.5 * rows["dense"]["params"]
+    assert type(result.net) is type(net) and result.net(x[:2]).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_the_compress_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
+    """scripts/compress_resnet18_gpu.sh with DEVICE=cpu and a tiny setting: it trains the net, compresses it
+    against every baseline and writes the report (the full run needs a GPU; tests/test_cuda.py runs it there)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "OUT": str(tmp_path), "DEVICE": "cpu", "NET": "lenet", "DATA": "fashion-mnist-mini",
+           "EPOCHS": "0.5", "STEPS": "2", "FIT_SIZE": "64", "REPEATS": "1", "THREADS": "1"}  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", "scripts/compress_resnet18_gpu.sh"], cwd=root, env=env, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "compress" / "report.json").read_text())
+    methods = {row["method"] for row in report["table"]}
+    assert methods == {"dense", "dense+finetune", "pyrozoo", *pruners.PRUNERS}
+    assert report["device"] == "cpu" and (tmp_path / "lenet-dense.pt").is_file()
+
+
 def test_a_latency_target_ranks_globally_by_the_latency_model(fitted, monkeypatch):
     from pyrozoo.compress import rank_for
 

@@ -91,3 +91,32 @@ def test_two_gpu_processes_train_what_one_process_trains(tmp_path):
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
     assert_close_runs(tmp_path / "one", tmp_path / "two")
+
+
+def test_compress_fine_tunes_on_the_gpu_and_measures_on_the_cpu():
+    """``compress(device="cuda")``: the data are moved to the GPU for the fine-tunes and the test metrics; the
+    nets it returns, and the net it was given, are on the CPU, where their latency was timed."""
+    from pyrozoo.compress import compress
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(6 * 8 * 8, 3),
+    )  # fmt: skip
+    result = compress(net, (x, y, x, y), "params=0.5", finetune_steps=3, batch_size=16, fit_size=None,
+                      baselines=("tp-l1",), repeats=1, device="cuda", progress=False, log=quiet)  # fmt: skip
+    assert all(p.device.type == "cpu" for p in result.net.parameters())
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    assert [row["method"] for row in result.table] == ["dense", "dense+finetune", "pyrozoo", "tp-l1"]
+    assert all(0 <= row["accuracy"] <= 1 for row in result.table)
+
+
+def test_the_compress_gpu_script_runs_on_the_gpu(tmp_path):
+    """scripts/compress_resnet18_gpu.sh at a tiny setting on the GPU: training, compress and the report."""
+    env = {**os.environ, "OUT": str(tmp_path), "NET": "lenet", "DATA": "fashion-mnist-mini", "EPOCHS": "0.5",
+           "STEPS": "2", "FIT_SIZE": "64", "REPEATS": "1", "THREADS": "2", "BASELINES": "tp-l1"}  # fmt: skip
+    done = subprocess.run(["bash", "scripts/compress_resnet18_gpu.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (tmp_path / "compress" / "report.json").is_file()
