@@ -100,14 +100,14 @@ OWN_LOCS = ("init_locs", "init_radius")
 
 def _start(config: TrainConfig) -> str:
     """Where the posterior starts: ``--start``; else the guide's own start where a guide option places its locs,
-    else the net's own initialisation."""
+    else the net's default (:class:`pyrozoo.nets.registry.NetEntry`)."""
     own = [key for key in OWN_LOCS if key in config.guide_options]
     if own and config.start == "net":
         raise PyrozooError(
             f"--guide-option {own[0]} places the guide's locs, and --start net would replace them by the net's "
             "initialisation: pass --start guide (or leave --start out), or drop the option"
         )
-    return config.start or ("guide" if own else "net")
+    return config.start or ("guide" if own else NETS[config.net].start)
 
 
 def _check_names(c: TrainConfig) -> None:

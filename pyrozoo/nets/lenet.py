@@ -53,7 +53,7 @@ class LeNet(nn.Module):
 
 
 @register_net(
-    "lenet", pad_to=32, description="LeNet-5: convs 6-16-120, dense 84 (CIFAR: 18-48-360, 256)"
+    "lenet", pad_to=32, start="guide", description="LeNet-5: convs 6-16-120, dense 84 (CIFAR: 18-48-360, 256)"
 )
 def lenet(
     *,

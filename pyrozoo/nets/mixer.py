@@ -17,6 +17,7 @@ PRESETS = {
 @register_net(
     "mixer",
     pad_to=32,
+    start="guide",
     description="MLP-Mixer (timm): 4x4 patches, width 256, 6 blocks, hidden 512",
 )
 def mixer(

@@ -35,7 +35,7 @@ class MLP(nn.Module):
         return self.head(self.body(x))
 
 
-@register_net("mlp", description="MLP, 4 hidden layers of 500 SiLU units")
+@register_net("mlp", start="guide", description="MLP, 4 hidden layers of 500 SiLU units")
 def mlp(
     *,
     in_channels: int,

@@ -22,12 +22,13 @@ class NetEntry:
     factory: Callable[..., nn.Module]
     pad_to: int | None  # input side length the net expects; smaller images are zero-padded up to it
     description: str
+    # where training starts the posterior (pyrozoo.init_from.start_from_net): "net", the means at the net's own
+    # torch initialisation (any net's default); "guide", the guide's own random start (the paper's, which
+    # the runs of lenet, mlp, vit and mixer in experiments/RESULTS.md were measured with)
+    start: str = "net"
 
 
 PREFIXES = {"tv": "torchvision", "timm": "timm"}
-# where training starts the posterior: "net", the means at the net's own torch initialisation
-# (pyrozoo.init_from.start_from_net, every net's default); "guide", the guide's own random start (the paper's,
-# which the runs of lenet, mlp, vit and mixer in experiments/RESULTS.md before 2026-12-06 were measured with)
 STARTS = ("net", "guide")
 # Options every net takes: they choose what the Bayesian model makes random, not how the net is built.
 MODEL_OPTIONS = ("deterministic", "random")
@@ -116,12 +117,18 @@ def _timm(model: str, in_channels: int, num_classes: int) -> nn.Module:
 NETS = NetRegistry("net")
 
 
-def register_net(name: str, *, pad_to: int | None = None, description: str = ""):
-    """Decorator adding a net factory to the registry under ``name``."""
+def register_net(name: str, *, pad_to: int | None = None, description: str = "", start: str = "net"):
+    """Decorator adding a net factory to the registry under ``name``; ``start`` says where training starts
+    its posterior by default (:class:`NetEntry`)."""
+    if start not in STARTS:
+        raise ValueError(f"start must be one of {STARTS}, got {start!r}")
 
     def decorate(factory):
         NETS.register(
-            name, NetEntry(name, factory, pad_to, description or (factory.__doc__ or "").strip().split("\n")[0])
+            name,
+            NetEntry(
+                name, factory, pad_to, description or (factory.__doc__ or "").strip().split("\n")[0], start
+            ),
         )
         return factory
 

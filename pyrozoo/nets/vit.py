@@ -27,6 +27,7 @@ def check_dropout(dropout: float) -> None:
 @register_net(
     "vit",
     pad_to=32,
+    start="guide",
     description="ViT (timm): 4x4 patches, width 256, depth 6, 8 heads, MLP ratio 2",
 )
 def vit(
