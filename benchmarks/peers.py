@@ -86,7 +86,7 @@ def _shim_tyxe() -> None:
         pyro.util.deep_getattr = lambda obj, name: functools.reduce(getattr, name.split("."), obj)
 
 
-def _svi_peer(name, model, guide, lr, dataset_size, predict) -> Peer:
+def _svi_peer(name, model, guide, lr, predict) -> Peer:
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), TraceMeanField_ELBO())
     return Peer(name, lambda x, y: svi.step(x, y), predict)
 
@@ -108,7 +108,7 @@ def tyxe(net: torch.nn.Module, dataset_size: int, lr: float) -> Peer | None:
     def log_probs(x):
         return torch.log_softmax(bnn.predict(x, num_predictions=1, aggregate=False)[0], -1)
 
-    return _svi_peer("TyXe", bnn.model, bnn.guide, lr, dataset_size, log_probs)
+    return _svi_peer("TyXe", bnn.model, bnn.guide, lr, log_probs)
 
 
 def plain_pyro(net: torch.nn.Module, dataset_size: int, lr: float) -> Peer:
@@ -132,7 +132,7 @@ def plain_pyro(net: torch.nn.Module, dataset_size: int, lr: float) -> Peer:
             weights = guide(x)  # one draw of every weight
             return torch.log_softmax(pyro.poutine.condition(bnn, data=weights)(x), -1)
 
-    return _svi_peer("plain Pyro", model, guide, lr, dataset_size, log_probs)
+    return _svi_peer("plain Pyro", model, guide, lr, log_probs)
 
 
 def peers(net: torch.nn.Module, dataset_size: int, lr: float) -> tuple[list[Peer], list[str]]:
