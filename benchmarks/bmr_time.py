@@ -1,8 +1,9 @@
 """Time of one BMR pass (dF, spike-and-slab rule, masks, guide reset, pruned fraction) against training time.
 
-For each net: the median time of ``pyrozoo.bmr.prune`` over all prunable layers of a mean-field guide, in
-milliseconds and milliseconds per million weights, and as a ratio to one epoch of 500 SVI steps at batch 120
-(500 x the median step time measured in the same process).
+For each net: the time of ``pyrozoo.bmr.prune`` over all prunable layers of a mean-field guide (each pass from
+the same saved state, its restoring counted), as a ratio to one epoch of 500 SVI steps at batch 120 (500 x the
+step's time), the two timed round-robin in a shuffled order (step_time's timer) and paired per round, median
+[IQR]; and the median milliseconds per million weights.
 
     python benchmarks/bmr_time.py [--nets mlp lenet] [--repeats 20] [--threads N]
 """
@@ -11,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 
-import pyro
 import torch
 
 from pyrozoo.bmr.prune import prune
@@ -22,7 +23,9 @@ from pyrozoo.nets import NETS, create_net
 from pyrozoo.steps import svi_step
 
 # the step-time script beside this one (Python puts a script's folder on sys.path)
-from step_time import BATCH, CLASSES, DATASET_SIZE, median_seconds  # isort:skip
+from pyrozoo.costs import paired_ratios
+
+from step_time import BATCH, CLASSES, DATASET_SIZE, timed  # isort:skip
 
 STEPS_PER_EPOCH = 500
 
@@ -36,23 +39,23 @@ def bench_net(name: str, repeats: int) -> None:
         for p in guide.locs.values():
             p.mul_(torch.rand_like(p) > 0.5)
     optimizer = torch.optim.Adam(guide.parameters(), lr=1e-2)
-    with pyro.validation_enabled(False):
-        step = median_seconds(lambda: svi_step(model, guide, optimizer, x, y, DATASET_SIZE), repeats)
     fresh = copy.deepcopy(model.state_dict()), copy.deepcopy(guide.state_dict())
 
-    def one_pass():
+    def one_pass():  # from the same state each time, so the step after it trains the unpruned posterior
         model.load_state_dict(fresh[0])
         guide.load_state_dict(fresh[1])
-        return prune(model, guide, "spike-and-slab").seconds
+        prune(model, guide, "spike-and-slab")
+        model.load_state_dict(fresh[0])
+        guide.load_state_dict(fresh[1])
 
-    one_pass()
-    seconds = sorted(one_pass() for _ in range(repeats))[repeats // 2]
+    steps = {"step": lambda: svi_step(model, guide, optimizer, x, y, DATASET_SIZE), "bmr": one_pass}
+    times = timed(steps, repeats, warmup=1)
+    q1, median, q3 = (r / STEPS_PER_EPOCH for r in paired_ratios(times, "step")["bmr"])
     weights = sum(layer.shape.numel() for layer in model.layers if layer.prunable)
-    epoch = STEPS_PER_EPOCH * step
+    per_million = statistics.median(times["bmr"]) * 1e3 / (weights / 1e6)
     print(
-        f"{name:6s} BMR pass {seconds * 1e3:7.2f} ms over {weights / 1e6:.3f} M weights = "
-        f"{seconds * 1e3 / (weights / 1e6):6.2f} ms per million weights; epoch of {STEPS_PER_EPOCH} steps "
-        f"{epoch:6.2f} s; ratio BMR / epoch {seconds / epoch:.4f}"
+        f"{name:6s} BMR pass over {weights / 1e6:.3f} M weights: {per_million:6.2f} ms per million weights; "
+        f"BMR / epoch of {STEPS_PER_EPOCH} steps {median:.4f} [{q1:.4f}-{q3:.4f}]"
     )
 
 

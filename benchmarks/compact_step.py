@@ -2,8 +2,9 @@
 
 Opens a run folder whose checkpoint is compacted (``pyrozoo train`` with a BMR method), grows a copy of its model
 and guide back to the original shapes (:func:`pyrozoo.bmr.compact.expand`: removed entries pruned, at the prior),
-and times one SVI step (Adam, the run's batch size) of each, alternating, so that the machine's load affects both
-alike. Prints the medians and their ratio.
+and times one SVI step (Adam, the run's batch size) of each, round-robin in a shuffled order (step_time's
+timer), so that the machine's load affects both alike. Prints the compacted step's time over the uncompacted one's
+in the same round, median [IQR].
 
     python benchmarks/compact_step.py RUN_FOLDER [--rounds 200] [--threads 1]
 """
@@ -11,15 +12,13 @@ alike. Prints the medians and their ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
-import pyro
 import torch
 
 from pyrozoo.bmr.compact import expand
 from pyrozoo.steps import svi_step
 from pyrozoo.train import Run
+from step_time import print_ratios, timed  # benchmarks/ is on the path when run as a script
 
 
 def run_arguments(doc: str, rounds: str) -> argparse.Namespace:
@@ -45,21 +44,17 @@ def main() -> None:
         setups["uncompacted"] = expand(run.model, run.guide)
         optimizers = {k: torch.optim.Adam(g.parameters(), lr=1e-3) for k, (m, g) in setups.items()}
         sizes = {k: sum(layer.shape.numel() for layer in m.layers) for k, (m, g) in setups.items()}
-        times = {k: [] for k in setups}
-        with pyro.validation_enabled(False):
-            for r in range(args.rounds + 10):
-                for key, (model, guide) in setups.items():
-                    start = time.perf_counter()
-                    svi_step(model, guide, optimizers[key], x, y, n)
-                    if r >= 10:  # warm-up rounds are not counted
-                        times[key].append(time.perf_counter() - start)
-    medians = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        steps = {
+            key: (lambda m=m, g=g, key=key: svi_step(m, g, optimizers[key], x, y, n))
+            for key, (m, g) in setups.items()
+        }
+        times = timed(steps, args.rounds, warmup=10)
     print(
         f"run {args.run}, epoch {run.epoch}, batch {len(x)}, {args.threads} thread(s), {args.rounds} rounds"
     )
     for key in setups:
-        print(f"{key:12s} latent entries {sizes[key]:>9,d}  median step {medians[key]:.2f} ms")
-    print(f"compacted / uncompacted step time: {medians['compacted'] / medians['uncompacted']:.3f}")
+        print(f"{key:12s} latent entries {sizes[key]:>9,d}")
+    print_ratios("step", times, {"uncompacted": "uncompacted"})
 
 
 if __name__ == "__main__":

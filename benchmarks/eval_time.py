@@ -1,6 +1,7 @@
 """Time of the test evaluation (``pyrozoo.train.evaluate``) with posterior samples run through the net one at a
 time and several at once (``samples_at_once``: vmap over their stacked weights), as ratios measured in the same
-process, the candidates timed in turns. Each candidate draws the same samples from the same seed.
+process, the candidates timed round-robin in a shuffled order (step_time's timer), each as its time over one-at-a-time's
+in the same round, median [IQR]. Each candidate draws the same samples from the same seed.
 
     python benchmarks/eval_time.py [--nets mlp lenet] [--points 2000] [--samples 8] [--at-once 4 8]
         [--repeats 5] [--threads 1]
@@ -19,7 +20,7 @@ from pyrozoo.models import BayesianModel
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.evaluation import evaluate
 
-from step_time import interleaved_medians
+from step_time import print_ratios, timed
 
 CLASSES = 10
 
@@ -38,11 +39,7 @@ def bench_net(name: str, args) -> None:
         return run
 
     steps = {f"samples at once {k}": candidate(k) for k in [1, *args.at_once]}
-    with pyro.validation_enabled(False):
-        timings = interleaved_medians(steps, args.repeats, warmup=1)
-    base = timings["samples at once 1"]
-    for what, seconds in timings.items():
-        print(f"{name:6s} {what:20s} {seconds:8.3f} s   ratio vs one at a time {seconds / base:5.2f}")
+    print_ratios(name, timed(steps, args.repeats, warmup=1), {"one at a time": "samples at once 1"})
 
 
 def main() -> None:

@@ -2,7 +2,8 @@
 
 Prints, per step, the profiled time of each part: ivon-opt's own (drawing the weights, collecting the gradient,
 the update) and pyrozoo's (forward and loss, backward, handing the Hessian to the posterior), next to the plain
-step's parts; then the step times, interleaved in one process, of the plain Adam step, pyrozoo's IVON step, and
+step's parts; then the step times, round-robin in a shuffled order in one process (step_time's timer), as ratios
+to the plain Adam step's in the same round, median [IQR], of the plain Adam step, pyrozoo's IVON step, and
 the IVON step as pyrozoo took it before 2026-11-30 (every layer multiplied by its mask even with nothing pruned,
 the Hessian copied into the posterior after each step), so the wrapper's saving is a ratio within one run.
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import BATCH, CLASSES, DATASET_SIZE, interleaved_medians  # noqa: E402
+from step_time import BATCH, CLASSES, DATASET_SIZE, print_ratios, timed  # noqa: E402
 
 from pyrozoo.guides import make_guide  # noqa: E402
 from pyrozoo.guides.ivon import ivon_step  # noqa: E402
@@ -125,7 +126,7 @@ def main() -> None:
         loss.backward()
         adam.step()
 
-    timings = interleaved_medians(
+    times = timed(
         {
             "plain": plain_step,
             "ivon": lambda: ivon_step(model, guide, optimizer, x, y, DATASET_SIZE),
@@ -134,9 +135,7 @@ def main() -> None:
         args.repeats,
         warmup=5,
     )
-    plain = timings["plain"]
-    for what, seconds in timings.items():
-        print(f"{what:12s} {seconds * 1e3:8.2f} ms   ratio vs plain Adam step {seconds / plain:5.2f}")
+    print_ratios("MLP step", times, {"plain Adam step": "plain"})
 
 
 if __name__ == "__main__":

@@ -26,12 +26,14 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import time
 
 import torch
 from torch.nn.utils import prune as torch_prune
 
 from pyrozoo.baselines import magnitude_prune
+from pyrozoo.costs import paired_ratios
 from pyrozoo.bmr import UnitReduction, pruned_fraction
 from pyrozoo.bmr.rebuild import parameter_count, rebuild
 from pyrozoo.posteriors.laplace import laplace_from_run
@@ -39,17 +41,20 @@ from pyrozoo.metrics import evaluate_net
 from pyrozoo.sweep import _prunable_params, channel_prune
 from pyrozoo.evaluation import evaluate
 from pyrozoo.train import Run
-from step_time import interleaved_medians  # benchmarks/ is on the path when run as a script
+from step_time import timed  # benchmarks/ is on the path when run as a script
 
 
-def latencies(nets: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median milliseconds per forward pass of each net on ``x`` in eval mode, the nets timed in turns after one
-    warm-up pass (step_time's timer), so that load from other jobs falls on all of them alike."""
+def latencies(nets: dict, x: torch.Tensor, repeats: int, base: str) -> dict[str, tuple[float, float]]:
+    """Per net: (median milliseconds of a forward pass on ``x``, the pass's time over ``base``'s in the same
+    round, median), in eval mode, the nets timed round-robin in a shuffled order after one warm-up round
+    (step_time's timer), so that load from other jobs falls on all of them alike."""
     for net in nets.values():
         net.eval()
     with torch.inference_mode():
         calls = {name: (lambda net=net: net(x)) for name, net in nets.items()}
-        return {name: t * 1e3 for name, t in interleaved_medians(calls, repeats, warmup=1).items()}
+        times = timed(calls, repeats, warmup=1)
+    ratios = paired_ratios(times, base)
+    return {name: (statistics.median(t) * 1e3, ratios[name][1]) for name, t in times.items()}
 
 
 def _evaluated(metrics: dict) -> bool:
@@ -173,16 +178,12 @@ def main() -> None:
         nets["units"] = units_net
     if args.laplace_units:
         nets[laplace_name] = laplace_net
-    timed = latencies(
-        nets,
-        x[: args.batch].cpu(),
-        args.repeats,
-    )
+    measured = latencies(nets, x[: args.batch].cpu(), args.repeats, base="flat-map dense")
     for name, r in rows.items():
         key = ("units" if "units" in name else "bmr") if name.startswith(bmr_run.config.method) else name
-        ms = timed.get(key, timed["flat-map dense"])  # magnitude pruning keeps the dense shapes
-        r["latency_ms"] = ms
-        r["speedup"] = timed["flat-map dense"] / ms
+        # magnitude pruning keeps the dense shapes
+        r["latency_ms"], ratio = measured.get(key, measured["flat-map dense"])
+        r["speedup"] = 1 / ratio  # paired per round
         r["parameter_ratio"] = rows["flat-map dense"]["parameters"] / r["parameters"]
     summary = {
         "bmr_run": str(bmr_run.out),

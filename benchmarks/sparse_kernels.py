@@ -9,7 +9,9 @@ turns, in one process, on the CPU:
   dense (``F.linear``, gradient of the whole matrix) against CSR (gradient of the CSR values), for each Linear layer
   of the net, at the layer's density.
 
-Semi-structured 2:4 sparsity needs a GPU with sparse tensor cores (none here). Prints medians and ratios.
+Semi-structured 2:4 sparsity needs a GPU with sparse tensor cores (none here). The candidates are timed
+round-robin in a shuffled order (step_time's timer); prints each one's time over the dense one's in the same
+round, median [IQR].
 
     python benchmarks/sparse_kernels.py RUN [--repeats 200] [--threads 1]
 """
@@ -26,7 +28,7 @@ from torch import nn
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.train import Run
 from compact_step import run_arguments  # benchmarks/ is on the path when run as a script
-from step_time import interleaved_medians
+from step_time import print_ratios, timed
 
 
 class SparseLinear(nn.Module):
@@ -53,11 +55,6 @@ def sparsified(net: nn.Module, layout: str) -> nn.Module:
             parent, _, child = name.rpartition(".")
             setattr(net.get_submodule(parent) if parent else net, child, SparseLinear(module, layout))
     return net
-
-
-def medians(candidates: dict, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each callable, timed in turns after 10 warm-up calls (step_time's timer)."""
-    return {k: v * 1e3 for k, v in interleaved_medians(candidates, repeats, warmup=10).items()}
 
 
 def layer_step(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, layout: str):
@@ -103,11 +100,8 @@ def main() -> None:
             reference = nets["dense"](x)
             for key, candidate in nets.items():
                 torch.testing.assert_close(candidate(x), reference, rtol=1e-4, atol=1e-4)
-            times = medians({k: (lambda n=n: n(x)) for k, n in nets.items()}, args.repeats)
-            print(
-                f"inference, batch {size:3d}: "
-                + ", ".join(f"{k} {v:.3f} ms ({v / times['dense']:.2f}x dense)" for k, v in times.items())
-            )
+            times = timed({k: (lambda n=n: n(x)) for k, n in nets.items()}, args.repeats)
+            print_ratios(f"inference, batch {size}", times, {"dense": "dense"})
     inputs = {}
     hooks = [
         m.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, i[0].detach())) for n, m in linears
@@ -119,12 +113,11 @@ def main() -> None:
     for name, module in linears:
         weight, bias = module.weight.detach(), module.bias.detach()
         density = float((weight != 0).float().mean())
-        times = medians(
-            {k: layer_step(weight, bias, inputs[name], k) for k in ("dense", "csr")}, args.repeats
-        )
-        print(
-            f"training, layer {name} {tuple(weight.shape)} density {density:.3f}, batch {batch}: dense "
-            f"{times['dense']:.3f} ms, csr {times['csr']:.3f} ms ({times['csr'] / times['dense']:.2f}x dense)"
+        times = timed({k: layer_step(weight, bias, inputs[name], k) for k in ("dense", "csr")}, args.repeats)
+        print_ratios(
+            f"training, layer {name} {tuple(weight.shape)} density {density:.3f}, batch {batch}",
+            times,
+            {"dense": "dense"},
         )
 
 

@@ -2,8 +2,9 @@
 
 The ELBO (``pyrozoo/elbo.py``), the mean-field guide (``pyrozoo/guides/meanfield.py``) and the Bayesian model
 (``pyrozoo/models/bayesian.py``) are loaded as they were at ``--before`` (read with ``git show``) beside the
-current ones; the net, the prior and Adam are shared code. Candidates are timed in turns, with a plain PyTorch
-step of the deterministic net as the base of the ratios.
+current ones; the net, the prior and Adam are shared code. Candidates are timed round-robin in a shuffled
+order (step_time's timer), with a plain PyTorch step of the deterministic net and the step before as the bases of
+the ratios, paired per round.
 
     python benchmarks/step_before_after.py --before main [--nets mlp lenet] [--repeats 100] [--threads 1]
 """
@@ -17,7 +18,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pyro
 import torch
 
 from pyrozoo.guides import make_guide
@@ -25,7 +25,7 @@ from pyrozoo.models import BayesianModel
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.steps import svi_step
 
-from step_time import BATCH, CLASSES, DATASET_SIZE, adam_step, interleaved_medians, print_set_up
+from step_time import BATCH, CLASSES, DATASET_SIZE, adam_step, print_ratios, print_set_up, timed
 
 FILES = {
     "elbo": "pyrozoo/elbo.py",
@@ -79,13 +79,8 @@ def bench_net(name: str, before: dict, repeats: int, warmup: int) -> None:
         "mean-field step before": old,
         "mean-field step now": lambda: svi_step(new_model, new_guide, new_optimizer, x, y, DATASET_SIZE),
     }
-    with pyro.validation_enabled(False):
-        timings = interleaved_medians(steps, repeats, warmup)
-    base = timings["plain pytorch (deterministic)"]
-    for what, seconds in timings.items():
-        print(f"{name:6s} {what:30s} {seconds * 1e3:8.2f} ms   ratio vs plain {seconds / base:5.2f}")
-    ratio = timings["mean-field step now"] / timings["mean-field step before"]
-    print(f"{name:6s} now / before step ratio {ratio:5.3f}")
+    bases = {"plain": "plain pytorch (deterministic)", "before": "mean-field step before"}
+    print_ratios(name, timed(steps, repeats, warmup), bases)
 
 
 def main() -> None:

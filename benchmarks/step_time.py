@@ -1,21 +1,27 @@
-"""Median time of one training step, as a ratio against plain PyTorch measured in the same process.
+"""One training step of each contender, as a ratio to pyrozoo's mean-field SVI step, paired per round.
 
 For each net at batch 120 on the CPU: a plain PyTorch Adam step of the deterministic net; a hand-written plain
 PyTorch mean-field step of the same Bayesian model (weights sampled as ``loc + scale * noise``, analytic KL for
 the weights, the layer-scale hyperprior sampled log-normally with a one-sample KL, Adam), which is the floor any
-Pyro-based mean-field step can approach; one pyrozoo SVI step with each guide (flat prior); and one step of
-tiered-ff (regularised-horseshoe prior, our mean-field guide), also as a ratio to the flat-ff step; one IVON step
-(methods ivon, ivon-bmr: the plain net trained by IVON, whose state is the posterior), as a ratio to the plain
-Adam step, and the same step with ivon-opt's own update (before pyrozoo's in-place rewrite); for the MLP, the mean-field SVI step of the net pruned to 99% with whole units dead and compacted
-(:func:`compacted_step`), as a ratio to the dense plain step and to the dense flat-ff step. A peer's
-line, when it is installed (``pip install -e ".[bench]"``; otherwise the line is skipped and says so):
-bayesian-torch's reparameterised layers (``dnn_to_bnn`` of the same net, N(0, 1) prior, its KL from
-``get_kl_loss``, Adam), also as a ratio to pyrozoo's mean-field step.
+Pyro-based mean-field step can approach; one pyrozoo SVI step with each guide (flat prior); one step of
+tiered-ff (regularised-horseshoe prior, our mean-field guide); one IVON step (methods ivon, ivon-bmr: the plain
+net trained by IVON, whose state is the posterior) and the same step with ivon-opt's own update (before
+pyrozoo's in-place rewrite); for the MLP, the mean-field SVI step of the net pruned to 99% with whole units dead
+and compacted (:func:`compacted_step`); and the peers of ``benchmarks/peers.py`` where they are installed
+(``pip install -e ".[bench]"``; otherwise their lines are skipped and say so): bayesian-torch with its shipped
+averaged KL and with that KL summed (the true ELBO), TyXe and plain Pyro, each on the same net with a N(0, 1)
+prior.
 
-    python benchmarks/step_time.py [--nets mlp lenet vit mixer] [--repeats 100] [--warmup 10] [--threads 2]
+Every contender is built once; then every round calls each once, in an order shuffled afresh, after warm-up
+rounds (:func:`pyrozoo.costs.round_robin`), and each is reported as its time over pyrozoo's mean-field step's
+(and over the plain Adam step's) *in the same round*, median [first-third quartile] over the rounds
+(:func:`pyrozoo.costs.paired_ratios`): the load of a shared machine drifts, but within a round it falls on
+every contender alike, so the paired ratios hold where absolute times do not.
+
+    python benchmarks/step_time.py [--nets mlp lenet vit mixer] [--rounds 100] [--warmup 10] [--threads 1]
         [--only WORD ...] [--with-checks]
 
-ViT and MLP-Mixer steps take seconds on a CPU: time them with fewer repeats (``--repeats 10 --warmup 2``).
+ViT and MLP-Mixer steps take seconds on a CPU: time them with fewer rounds (``--rounds 10 --warmup 2``).
 """
 
 from __future__ import annotations
@@ -23,9 +29,8 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import platform
-import statistics
-import time
 
 import pyro
 import pyro.distributions as dist
@@ -39,28 +44,35 @@ from pyrozoo.guides.ivon import ivon_step
 from pyrozoo.models.priors import gaussian
 from pyrozoo.models.priors import tiered as tiered_prior
 from pyrozoo.nets import NETS, create_net
+from pyrozoo.costs import paired_ratios, round_robin
 from pyrozoo.steps import svi_step
+
+from peers import peers  # benchmarks/ is on the path when run as a script
 
 BATCH, DATASET_SIZE, CLASSES = 120, 60_000, 10
 
 
-def median_seconds(step, repeats: int, warmup: int = 10) -> float:
-    return interleaved_medians({"step": step}, repeats, warmup)["step"]
+def timed(calls: dict, rounds: int, warmup: int = 10) -> dict[str, list[float]]:
+    """Seconds of each call per round, timed round-robin in a shuffled order (:func:`pyrozoo.costs.round_robin`),
+    with Pyro's argument checks off as in training: every benchmark's timer."""
+    with pyro.validation_enabled(False):
+        return round_robin(calls, rounds, warmup)
 
 
-def interleaved_medians(steps: dict, repeats: int, warmup: int = 10) -> dict[str, float]:
-    """Median seconds of each step, timed in turns (one of each per round), so that a shared machine's drifting
-    load hits every candidate alike and the ratios stay fair."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+def ratio_text(quartiles: tuple[float, float, float]) -> str:
+    """A paired ratio as ``median [first-third quartile]``."""
+    q1, median, q3 = quartiles
+    return f"{median:5.2f} [{q1:.2f}-{q3:.2f}]"
+
+
+def print_ratios(title: str, times: dict[str, list[float]], bases: dict[str, str]) -> None:
+    """One line per call: its paired ratio (:func:`pyrozoo.costs.paired_ratios`) to each base, ``{column: base's
+    key}``."""
+    ratios = {column: paired_ratios(times, base) for column, base in bases.items()}
+    width = max(map(len, times))
+    print(f"{title:{width}s}  " + "  ".join(f"{'/ ' + column:>18s}" for column in bases))
+    for name in times:
+        print(f"{name:{width}s}  " + "  ".join(f"{ratio_text(r[name]):>18s}" for r in ratios.values()))
 
 
 class HandWrittenMeanField:
@@ -115,34 +127,6 @@ def published_ivon(optimizer):
     return IVON(groups, mc_samples=optimizer.mc_samples, **settings)
 
 
-def bayesian_torch_step(net: torch.nn.Module, x, y, lr: float):
-    """One step of bayesian-torch's reparameterised mean-field layers on a copy of ``net`` (None when
-    bayesian-torch is not installed): the minibatch log-likelihood scaled to the dataset plus the KL."""
-    try:
-        from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn, get_kl_loss
-    except ImportError:
-        return None
-    bnn = copy.deepcopy(net)
-    prior = {
-        "prior_mu": 0.0,
-        "prior_sigma": 1.0,
-        "posterior_mu_init": 0.0,
-        "posterior_rho_init": -3.0,
-        "type": "Reparameterization",
-        "moped_enable": False,
-    }
-    dnn_to_bnn(bnn, prior)
-    optimizer = torch.optim.Adam(bnn.parameters(), lr=lr)
-
-    def step():
-        loss = F.cross_entropy(bnn(x), y, reduction="sum") * (DATASET_SIZE / len(x)) + get_kl_loss(bnn)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step
-
-
 # the stand-in for a trained posterior (compacted_step): the fraction of each group's units that survive (about 55
 # of the MLP's 500 per layer, as bmr-th's run keeps), and of the entries between survivors that matter (a little
 # more than a 99% budget leaves)
@@ -192,13 +176,15 @@ def compacted_step(name: str, side: int, x, y, sparsity: float = 0.99, seed: int
 
 
 def print_set_up(threads: int | None, before: str = "") -> None:
-    """Set the threads (None: torch's choice) and the seed, and print the line that says what was timed on."""
+    """Set the threads (None or 0: torch's choice) and the seed, and print the line that says what was timed on,
+    with the machine's load average (1, 5, 15 minutes)."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     print(
         f"# {before}batch {BATCH}, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"pyro {pyro.__version__}, {platform.processor() or platform.machine()}"
+        f"pyro {pyro.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}"
     )
 
 
@@ -216,15 +202,21 @@ def adam_step(net, x, y):
     return step
 
 
-def bench_net(name: str, repeats: int, warmup: int, only=(), with_checks: bool = False) -> None:
-    side = NETS[name].pad_to or 28
-    x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
-    net = create_net(name, in_channels=1, image_size=side, num_classes=CLASSES)
-    plain_step = adam_step(net, x, y)
+PLAIN, FLOOR, OURS = "plain pytorch (deterministic)", "hand-written mean-field", "pyrozoo svi, guide=meanfield"
+IVON, PUBLISHED = "pyrozoo ivon (plain net + IVON)", "pyrozoo ivon, ivon-opt's own update"
+SUMMED = "bayesian-torch, KL summed (true ELBO)"
 
-    model = BayesianModel(create_net(name, in_channels=1, image_size=side, num_classes=CLASSES))
+
+def contenders(name: str, x, y, only=(), with_checks: bool = False) -> dict:
+    """Every contender's step on the batch ``(x, y)`` of net ``name``, built once: ``{name: step()}``."""
+    side = x.shape[-1]
+
+    def fresh():
+        return create_net(name, in_channels=1, image_size=side, num_classes=CLASSES)
+
+    model = BayesianModel(fresh())
     hand = HandWrittenMeanField(model, lr=1e-3)
-    steps = {"plain pytorch (deterministic)": plain_step, "hand-written mean-field": lambda: hand.step(x, y)}
+    steps = {PLAIN: adam_step(fresh(), x, y), FLOOR: lambda: hand.step(x, y)}
 
     def pyrozoo_step(bayesian, guide, validate=None):
         optimizer = torch.optim.Adam(guide.parameters(), lr=1e-3)
@@ -232,25 +224,17 @@ def bench_net(name: str, repeats: int, warmup: int, only=(), with_checks: bool =
 
     for kind in ("meanfield", "autonormal", "autodelta"):
         steps[f"pyrozoo svi, guide={kind}"] = pyrozoo_step(model, make_guide(kind, model, x, y, DATASET_SIZE))
-    tiered = BayesianModel(
-        create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), prior=tiered_prior
-    )
+    tiered = BayesianModel(fresh(), prior=tiered_prior)
     steps["pyrozoo svi, tiered-ff"] = pyrozoo_step(tiered, make_guide("meanfield", tiered))
-    ivon_model = BayesianModel(
-        create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), prior=gaussian
-    )
+    ivon_model = BayesianModel(fresh(), prior=gaussian)
     ivon_guide = make_guide("ivon", ivon_model)
     ivon_optimizer = ivon_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE)
-    steps["pyrozoo ivon (plain net + IVON)"] = lambda: ivon_step(
-        ivon_model, ivon_guide, ivon_optimizer, x, y, DATASET_SIZE
-    )
+    steps[IVON] = lambda: ivon_step(ivon_model, ivon_guide, ivon_optimizer, x, y, DATASET_SIZE)
     published_model = copy.deepcopy(ivon_model)
     published_guide = make_guide("ivon", published_model)
     published = published_ivon(published_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE))
     published_guide.optimizer = published
-    steps["pyrozoo ivon, ivon-opt's own update"] = lambda: ivon_step(
-        published_model, published_guide, published, x, y, DATASET_SIZE
-    )
+    steps[PUBLISHED] = lambda: ivon_step(published_model, published_guide, published, x, y, DATASET_SIZE)
     if with_checks:  # Pyro's and torch's argument checks on, as Pyro has them by default
         steps["pyrozoo svi, meanfield, checks on"] = pyrozoo_step(
             model, make_guide("meanfield", model), validate=True
@@ -258,65 +242,41 @@ def bench_net(name: str, repeats: int, warmup: int, only=(), with_checks: bool =
     compacted = "pyrozoo svi, compacted at 99% pruned"
     if name == "mlp" and (not only or any(word in compacted for word in only)):
         steps[compacted], describe = compacted_step(name, side, x, y)
-    peer = bayesian_torch_step(
-        create_net(name, in_channels=1, image_size=side, num_classes=CLASSES), x, y, 1e-3
-    )
-    if peer is None:
-        print(f"{name:6s} bayesian-torch is not installed: its line is skipped (pip install -e '.[bench]')")
-    else:
-        steps["bayesian-torch reparameterization"] = peer
-    base = ("plain pytorch (deterministic)", "hand-written mean-field", "pyrozoo svi, guide=meanfield")
+        print(f"{name}: {compacted}: {describe}")
+    built, missing = peers(fresh(), DATASET_SIZE, 1e-3)
+    for line in missing:
+        print(f"{name}: {line}")
+    for peer in built:
+        steps[peer.name] = lambda step=peer.step: step(x, y)
     if only:
-        steps = {k: v for k, v in steps.items() if k in base or any(word in k for word in only)}
-    with pyro.validation_enabled(False):
-        timings = interleaved_medians(steps, repeats, warmup)
-    plain, floor = timings["plain pytorch (deterministic)"], timings["hand-written mean-field"]
-    for what, seconds in timings.items():
-        print(
-            f"{name:6s} {what:34s} {seconds * 1e3:8.2f} ms   ratio vs plain {seconds / plain:5.2f}"
-            f"   ratio vs hand-written {seconds / floor:5.2f}"
-        )
-    flat_ff = timings["pyrozoo svi, guide=meanfield"]
-    if "pyrozoo svi, tiered-ff" in timings:
-        print(f"{name:6s} tiered-ff / flat-ff step ratio {timings['pyrozoo svi, tiered-ff'] / flat_ff:5.2f}")
-    if "pyrozoo ivon (plain net + IVON)" in timings:
-        ivon = timings["pyrozoo ivon (plain net + IVON)"]
-        print(
-            f"{name:6s} ivon / plain adam step ratio {ivon / plain:5.2f}   ivon / flat-ff {ivon / flat_ff:5.2f}"
-        )
-    if "pyrozoo ivon, ivon-opt's own update" in timings:
-        published = timings["pyrozoo ivon, ivon-opt's own update"]
-        print(
-            f"{name:6s} ivon with ivon-opt's own update / plain adam step ratio {published / plain:5.2f}   "
-            f"pyrozoo's in-place update / ivon-opt's {timings['pyrozoo ivon (plain net + IVON)'] / published:5.2f}"
-        )
-    if "pyrozoo svi, compacted at 99% pruned" in timings:
-        seconds = timings["pyrozoo svi, compacted at 99% pruned"]
-        print(
-            f"{name:6s} compacted at 99% pruned ({describe}): step / dense plain step {seconds / plain:5.2f}   "
-            f"/ dense flat-ff step {seconds / flat_ff:5.2f}"
-        )
-    if "pyrozoo svi, meanfield, checks on" in timings:
-        ratio = timings["pyrozoo svi, meanfield, checks on"] / flat_ff
-        print(f"{name:6s} flat-ff step with / without argument checks {ratio:5.2f}")
-    if "bayesian-torch reparameterization" in timings:
-        ratio = flat_ff / timings["bayesian-torch reparameterization"]
-        print(f"{name:6s} pyrozoo flat-ff / bayesian-torch step ratio {ratio:5.2f}")
+        steps = {k: v for k, v in steps.items() if k in (PLAIN, FLOOR, OURS) or any(word in k for word in only)}
+    return steps
+
+
+def bench_net(name: str, rounds: int, warmup: int, only=(), with_checks: bool = False) -> None:
+    side = NETS[name].pad_to or 28
+    x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
+    times = timed(contenders(name, x, y, only, with_checks), rounds, warmup)
+    print(f"{name}: {rounds} rounds; paired ratios per round, median [IQR]")
+    print_ratios(name, times, {"pyrozoo meanfield": OURS, "plain Adam": PLAIN})
+    if SUMMED in times:
+        ratio = ratio_text(paired_ratios(times, SUMMED)[OURS])
+        print(f"{name}: pyrozoo meanfield / bayesian-torch (KL summed) {ratio}")
+    if IVON in times and PUBLISHED in times:
+        print(f"{name}: pyrozoo's in-place IVON update / ivon-opt's {ratio_text(paired_ratios(times, PUBLISHED)[IVON])}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nets", nargs="+", default=["mlp", "lenet"])
-    parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=10, help="untimed steps of each candidate first")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
-    )
+    parser.add_argument("--rounds", type=int, default=100, help="timed rounds (each contender once per round)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
     parser.add_argument(
         "--only",
         nargs="+",
         default=(),
-        help="time only candidates whose name holds one of these words "
+        help="time only contenders whose name holds one of these words "
         "(besides plain, hand-written and pyrozoo's mean-field step, the bases of the ratios)",
     )
     parser.add_argument(
@@ -325,7 +285,7 @@ def main() -> None:
     args = parser.parse_args()
     print_set_up(args.threads)
     for name in args.nets:
-        bench_net(name, args.repeats, args.warmup, args.only, args.with_checks)
+        bench_net(name, args.rounds, args.warmup, args.only, args.with_checks)
 
 
 if __name__ == "__main__":

@@ -87,10 +87,27 @@ def bind(config: TrainConfig) -> Bound:
         lr=config.lr or method.lr,
         optimizer=optimizer,
         samples=config.samples or method.samples,
-        start=config.start or NETS[config.net].start,
+        start=_start(config),
     )
     bound_prior = functools.partial(prior, **prior_options) if prior_options else prior
     return Bound(resolved, method, bound_prior, reduction, guide_options, STEPS[method.step])
+
+
+# guide options that place the guide's locs themselves (init_locs: another run's initial draw, as the runs that
+# track the reference code from its draw take it): the guide's own start keeps them, the net's would replace them
+OWN_LOCS = ("init_locs", "init_radius")
+
+
+def _start(config: TrainConfig) -> str:
+    """Where the posterior starts: ``--start``; else the guide's own start where a guide option places its locs,
+    else the net's default (:class:`pyrozoo.nets.registry.NetEntry`)."""
+    own = [key for key in OWN_LOCS if key in config.guide_options]
+    if own and config.start == "net":
+        raise PyrozooError(
+            f"--guide-option {own[0]} places the guide's locs, and --start net would replace them by the net's "
+            "initialisation: pass --start guide (or leave --start out), or drop the option"
+        )
+    return config.start or ("guide" if own else NETS[config.net].start)
 
 
 def _check_names(c: TrainConfig) -> None:

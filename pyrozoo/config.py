@@ -164,7 +164,8 @@ class TrainConfig:
         None,
         "where the posterior starts: net (its means at the net's own torch initialisation, so activations have "
         "torch's scale; every net's default but lenet, mlp, vit and mixer) or guide (the guide's random start, "
-        "the paper's; theirs); --init-from starts from trained weights instead",
+        "the paper's; theirs, and any net's where --guide-option init_locs or init_radius places the locs); "
+        "--init-from starts from trained weights instead",
         section="posterior",
     )
     prune_units: bool = _run_option(

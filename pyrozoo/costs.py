@@ -4,14 +4,17 @@ FLOPs are counted by torch's own ``torch.utils.flop_counter.FlopCounterMode`` (t
 dispatches, so a rebuilt net with fewer channels counts fewer), not by a formula per layer type. Latency is a
 ratio to a reference net timed in the same process, the two called in turns (round-robin) and the median taken,
 so that load from other jobs on a shared machine falls on both alike: absolute milliseconds on a loaded machine
-mean little, the ratio is what a target such as ``latency=0.5`` asks for.
+mean little, the ratio is what a target such as ``latency=0.5`` asks for. :func:`round_robin` and
+:func:`paired_ratios` are that timing for any set of calls (the benchmarks' too).
 """
 
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -45,25 +48,60 @@ def _calls_per_turn(net: nn.Module, example: torch.Tensor, seconds: float = 0.00
     return max(1, min(1000, math.ceil(seconds / once)))
 
 
+def round_robin(
+    calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds of each call in each of ``rounds`` rounds, after ``warmup`` untimed rounds. Every round calls
+    each once, in an order shuffled afresh (by its own generator, seeded ``seed``), so that a shared machine's
+    load, which drifts within a round as well as between rounds, falls on every call alike."""
+    order, times = list(calls), {name: [] for name in calls}
+    shuffle = random.Random(seed).shuffle
+    for timed in [False] * warmup + [True] * rounds:
+        shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            calls[name]()
+            if timed:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile) of ``values``."""
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, median, q3
+
+
+def paired_ratios(times: dict[str, list[float]], base: str) -> dict[str, tuple[float, float, float]]:
+    """Each call's time over ``base``'s in the same round (:func:`round_robin`), as ``(q1, median, q3)`` over
+    the rounds: a round's load is shared by its calls, so the ratio of one round is steadier than a ratio of
+    medians taken over different moments."""
+    return {
+        name: quartiles([t / b for t, b in zip(seconds, times[base])]) for name, seconds in times.items()
+    }
+
+
+def _repeated(call: Callable[[], object], count: int) -> Callable[[], None]:
+    def repeated():
+        for _ in range(count):
+            call()
+
+    return repeated
+
+
 @torch.inference_mode()
 def latency_ratio(net: nn.Module, reference: nn.Module, example: torch.Tensor, repeats: int = 7) -> float:
     """Median over ``repeats`` rounds of (``net``'s time / ``reference``'s) for a forward pass on ``example``,
-    the two called in turns (each turn the same number of passes, enough to last a few milliseconds) after a
-    warm-up, in eval mode."""
+    the two called in turns (:func:`round_robin`; each turn the same number of passes, enough to last a few
+    milliseconds) after a warm-up, in eval mode."""
     nets = (net.eval(), reference.eval())
     if net is reference:
         return 1.0
     calls = max(_calls_per_turn(candidate, example) for candidate in nets)
-    ratios = []
-    for _ in range(repeats):
-        seconds = []
-        for candidate in nets:
-            start = time.perf_counter()
-            for _ in range(calls):
-                candidate(example)
-            seconds.append(time.perf_counter() - start)
-        ratios.append(seconds[0] / seconds[1])
-    return statistics.median(ratios)
+    turns = {key: _repeated(lambda c=candidate: c(example), calls) for key, candidate in zip("nr", nets)}
+    return paired_ratios(round_robin(turns, repeats, warmup=0), "r")["n"][1]
 
 
 def cost(kind: str, net: nn.Module, dense: nn.Module, example: torch.Tensor, repeats: int = 7) -> float:

@@ -267,6 +267,18 @@ def test_module_times_follow_the_forward_pass():
     assert all(seconds > 0 for _, seconds, _ in times)
 
 
+def test_round_robin_calls_each_once_a_round_in_a_fresh_order_and_pairs_ratios_by_round():
+    """The benchmarks' timer: warm-up rounds untimed, every call once per timed round, the order shuffled; a
+    ratio is taken within each round, so a round slowed for all (the third) does not skew it as medians would."""
+    calls: list[str] = []
+    times = costs.round_robin({k: (lambda k=k: calls.append(k)) for k in "abcd"}, rounds=20, warmup=2)
+    rounds = [calls[i : i + 4] for i in range(0, len(calls), 4)]
+    assert len(rounds) == 22 and all(sorted(r) == list("abcd") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 5 and {k: len(t) for k, t in times.items()} == dict.fromkeys("abcd", 20)
+    ratios = costs.paired_ratios({"base": [1.0, 1.0, 10.0], "x": [2.0, 20.0, 20.0]}, "base")
+    assert ratios["x"] == (2.0, 2.0, 11.0) and ratios["base"] == (1.0, 1.0, 1.0)  # medians' ratio: 20
+
+
 def test_the_latency_model_shares_each_module_among_the_units_it_runs_on(fitted, monkeypatch):
     """A unit's cost is its share of the layers it has entries in, plus 1/count of the modules between its
     producers and its consumers on its channels (here the ReLU and the pooling)."""

@@ -449,6 +449,12 @@ def test_where_training_starts_by_net_and_by_choice(tmp_path):
         assert bind(TrainConfig(net=name)).config.start == "guide"
     for name in ("resnet18", "resnet20", "tv:resnet18"):
         assert bind(TrainConfig(net=name)).config.start == "net"
+    # a guide option placing the locs (another run's initial draw) keeps the guide's own start, which --start
+    # net would silently undo
+    drawn = {"guide_options": {"init_locs": {"conv1.precision": 1.5}}}
+    assert bind(TrainConfig(net="resnet20", **drawn)).config.start == "guide"
+    with pytest.raises(PyrozooError, match="--start guide"):
+        bind(TrainConfig(net="lenet", start="net", **drawn))
     locs = {}
     for start in (None, "guide", "net"):
         config = TrainConfig(
