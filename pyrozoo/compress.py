@@ -489,7 +489,8 @@ def compress(
     if finetune_steps < 0 or batch_size < 1:
         raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
     d = _data(data)
-    dense = copy.deepcopy(net).eval()
+    training = net.training
+    dense = net.eval()  # read only (every method prunes and tunes a copy): a large net is not held twice
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
     job = _Job(d, dense, example, repeats, finetune_steps, lr, batch_size, seed, allocation)
     table = _references(job, log)
@@ -510,6 +511,7 @@ def compress(
             table.append(_baseline(job, name, t, small, value, keep))
             steps.update()
     steps.close()
+    net.train(training)
     return Compressed(nets, table, table[0])
 
 
