@@ -740,8 +740,10 @@ def _compress(args) -> None:
 
     import torch
 
+    from pyrozoo import distributed
     from pyrozoo.compress import Target, compress, load_trained_net, markdown, write_report
 
+    distributed.one_process("compress")
     targets = [t for text in (args.target or ["evidence"]) for t in Target.parse(text)]
     if args.data is None:
         raw, warning = datasets.load_default(args.data_dir)

@@ -367,7 +367,13 @@ def _data(data):
 
 
 def _row(
-    method: str, target: Target, net: nn.Module, dense: nn.Module, metrics: dict, example: dict, repeats: int,
+    method: str,
+    target: Target,
+    net: nn.Module,
+    dense: nn.Module,
+    metrics: dict,
+    example: dict,
+    repeats: int,
     **extra,
 ):
     return {
@@ -413,7 +419,9 @@ class _Job:
         net.cpu()
 
     def row(self, method: str, target: Target, net: nn.Module, **extra) -> dict:
-        metrics = evaluate_net(net.to(self.device), self.data("x_test"), self.data("y_test"), self.d.num_classes)
+        metrics = evaluate_net(
+            net.to(self.device), self.data("x_test"), self.data("y_test"), self.d.num_classes
+        )
         net.cpu()
         return _row(method, target, net, self.dense, metrics, self.example, self.repeats, **extra)
 
@@ -517,7 +525,10 @@ def compress(
         raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
     _check_device(device)
     d = _data(data)
-    dense = copy.deepcopy(net).cpu().eval()
+    training = net.training
+    # read only (every method prunes and tunes a copy): a large net is not held twice; one on a GPU is copied
+    on_cpu = all(p.device.type == "cpu" for p in net.parameters())
+    dense = (net if on_cpu else copy.deepcopy(net).cpu()).eval()
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
     job = _Job(d, dense, example, repeats, finetune_steps, lr, batch_size, seed, allocation, device)
     table = _references(job, log)
@@ -538,6 +549,7 @@ def compress(
             table.append(_baseline(job, name, t, small, value, keep))
             steps.update()
     steps.close()
+    net.train(training)
     return Compressed(nets, table, table[0])
 
 

@@ -238,6 +238,18 @@ def setup() -> World:
     return world
 
 
+def one_process(command: str) -> None:
+    """Refuse to run ``command`` in a run of several processes: it is not data-parallel, and N copies of it would
+    each do the whole job and race to write its output. Read from the environment, without joining a process
+    group (a rank that stops at once would break the others' rendezvous); each rank says so itself."""
+    size = _env_int("WORLD_SIZE", 1)
+    if size > 1:
+        raise PyrozooError(
+            f"pyrozoo {command} runs in one process, but torchrun started {size}: run it without torchrun "
+            f"(pyrozoo {command} ...); only pyrozoo train runs data-parallel"
+        )
+
+
 def finish() -> None:
     """Leave the process group (at the end of a distributed run)."""
     if dist.is_available() and dist.is_initialized():

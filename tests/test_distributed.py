@@ -257,3 +257,26 @@ def test_more_processes_than_points_in_a_batch_is_one_error(tmp_path):
     assert len(lines) == 2 and "smaller than the 2 processes" in lines[0]  # each rank finds it itself
     assert "internal error" not in done.stderr  # (torchrun's agent prints a traceback of its own)
     assert not (tmp_path / "run").exists()
+
+
+def test_compress_under_torchrun_is_one_error_saying_what_to_run(capsys, monkeypatch, tmp_path):
+    """compress is not data-parallel: started by torchrun, each rank refuses before loading anything, from the
+    environment alone (joining the process group would race with a rank that already stopped)."""
+    from clitools import assert_one_line_error, cli
+
+    for rank in ("0", "1"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        line = assert_one_line_error(
+            *cli(capsys, "compress", "lenet", "--weights", str(tmp_path / "none.pt")), "one process", "torchrun"
+        )
+        assert "pyrozoo compress ..." in line and not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_compress_under_torchrun_stops_every_rank_with_its_error(tmp_path):
+    done = torchrun("compress", "lenet", "--weights", "none.pt", "--data", "fashion-mnist-mini", cwd=tmp_path)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if line.startswith("pyrozoo: error:")]
+    assert len(lines) == 2 and "runs in one process" in lines[0]
+    assert "internal error" not in done.stderr

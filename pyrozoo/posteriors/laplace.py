@@ -198,7 +198,10 @@ def _diagonal(net, modules, x, likelihood, loss, scale, batch_size, samples, see
             d = g[:, 0, 0].square().T @ a[:, 0, 0].square()
         else:
             d = torch.einsum("npgr,npgk->ngrk", g, a).square().sum(0).flatten(0, 1)
-        store[name] = store[name] + d if name in store else d
+        if name in store:
+            store[name].add_(d)  # in place: a second (R, K) float64 tensor of a large layer is hundreds of MB
+        else:
+            store[name] = d
 
     def capture(module, inputs, output, name):
         a = _inputs(module, inputs[0].detach()).double()
@@ -227,7 +230,7 @@ def _diagonal(net, modules, x, likelihood, loss, scale, batch_size, samples, see
     finally:
         for handle in handles:
             handle.remove()
-    return {name: value / (samples if fisher == "mc" else 1) for name, value in store.items()}
+    return {name: value.div_(samples if fisher == "mc" else 1) for name, value in store.items()}  # in place
 
 
 def curvature(
@@ -298,11 +301,12 @@ def prior_precision(eigenvalues: torch.Tensor, squared_norm: float) -> float:
     ``-δ/2 |w*|² + n/2 ln δ - 1/2 Σ ln(h + δ)`` over the data precision's eigenvalues ``h``: the root of
     ``γ(δ) = δ |w*|²`` with ``γ = Σ h / (h + δ)`` the effective number of parameters (MacKay), by bisection in
     ``ln δ`` (``γ(δ) - δ |w*|²`` falls monotonically)."""
-    h = eigenvalues.double().flatten().clamp(min=0)
+    h = _nonnegative(eigenvalues)
+    buffer = torch.empty_like(h)  # one scratch tensor for every step of the bisection (a layer's size in float64)
 
     def excess(log_delta: float) -> float:
         delta = math.exp(log_delta)
-        return float((h / (h + delta)).sum()) - delta * squared_norm
+        return float(torch.div(h, torch.add(h, delta, out=buffer), out=buffer).sum()) - delta * squared_norm
 
     lo, hi = -30.0, 30.0
     if excess(lo) <= 0:
@@ -317,10 +321,17 @@ def prior_precision(eigenvalues: torch.Tensor, squared_norm: float) -> float:
 
 def log_marginal_likelihood(eigenvalues: torch.Tensor, squared_norm: float, delta: float) -> float:
     """The δ-dependent part of a layer's Laplace log marginal likelihood (what :func:`prior_precision` maximises)."""
-    h = eigenvalues.double().flatten().clamp(min=0)
+    h = _nonnegative(eigenvalues)
     return (
-        -0.5 * delta * squared_norm + 0.5 * h.numel() * math.log(delta) - 0.5 * float((h + delta).log().sum())
+        -0.5 * delta * squared_norm + 0.5 * h.numel() * math.log(delta) - 0.5 * float((h + delta).log_().sum())
     )
+
+
+def _nonnegative(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """The eigenvalues flattened, in float64, negative ones (rounding) at 0; without a copy when they are
+    already so (a diagonal's squares are)."""
+    h = eigenvalues.double().flatten()
+    return h.clamp(min=0) if bool((h < 0).any()) else h
 
 
 # --- the posterior ------------------------------------------------------------------------------------------
@@ -441,15 +452,16 @@ def laplace(
         curv = curvature(
             net, layers, x, structure, batch_size, samples, seed, progress, likelihood, fisher, kfac, ekfac
         )
-    curv = {k: _scaled(v, n / len(x)) for k, v in curv.items()}
+    curv = {k: _scaled(curv.pop(k), n / len(x)) for k in list(curv)}  # each layer's old copy freed as it goes
     scales, loc, scale, kron, record = {}, {}, {}, {}, []
     for layer in layers:
         w = layer.join(net).double()
         if structure == "kron":
             eigenvalues = _gaussian(w, curv[layer.name]).eigenvalues()
         else:
-            eigenvalues = curv[layer.name]
-        delta = prior_precision(eigenvalues, float(w.square().sum()))
+            eigenvalues = curv.pop(layer.name)  # read here only: a large layer's float64 diagonal goes with it
+        squared_norm = float(w.square().sum())
+        delta = prior_precision(eigenvalues, squared_norm)
         s = delta**-0.5
         scales[layer.name] = s
         site = layer.site
@@ -457,15 +469,16 @@ def laplace(
         if structure == "kron":
             kron[site] = _gaussian(w / s, _scaled(curv[layer.name], 1 / delta))
             variance = kron[site].marginal_variance()
-        else:
-            variance = 1 / (eigenvalues / delta + 1)
-        scale[site] = variance.sqrt().to(layer.dtype)
+        else:  # 1 / (h / delta + 1), in place
+            variance = (eigenvalues / delta).add_(1).reciprocal_()
+        scale[site] = variance.sqrt_().to(layer.dtype)
+        del variance
         record.append(
             {
                 "layer": layer.name,
                 "prior_precision": delta,
                 "prior_scale": s,
-                "log_marginal": log_marginal_likelihood(eigenvalues, float(w.square().sum()), delta),
+                "log_marginal": log_marginal_likelihood(eigenvalues, squared_norm, delta),
             }
         )
     kwargs = {} if likelihood is None else {"likelihood": likelihood}
