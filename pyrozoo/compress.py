@@ -473,9 +473,10 @@ def _baseline(job: _Job, name: str, t: Target, small: nn.Module, value: float, k
         pruners.make_permanent(pruned)
     else:
         kind, reached = ("params", value) if t.kind == "evidence" else (t.kind, t.value)
-        measure = lambda candidate: costs.cost(
-            kind, candidate, dense, job.example[256], job.repeats
-        )  # noqa: E731
+
+        def measure(candidate):
+            return costs.cost(kind, candidate, dense, job.example[256], job.repeats)
+
         batch = (job.d.x_train[: job.batch_size], job.d.y_train[: job.batch_size])
         pruned, _ = pruners.channel_prune_to(dense, job.example[1], name, keep, measure, reached, batch)
         job.tune(pruned)

@@ -43,7 +43,7 @@ if [ -z "$WEIGHTS" ]; then
 fi
 echo "== compress $NET to $TARGET: $(date -u +%FT%TZ)"
 # shellcheck disable=SC2086  # BASELINES is a list of words
-python3 -m pyrozoo compress "$NET" --weights "$WEIGHTS" --data "$DATA" ${DATA_DIR:+--data-dir "$DATA_DIR"} \
+python3 -m pyrozoo compress "$NET" --weights "$WEIGHTS" --pad-to 32 --data "$DATA" ${DATA_DIR:+--data-dir "$DATA_DIR"} \
   --target "$TARGET" --baselines $BASELINES --finetune-steps "$STEPS" --fit-size "$FIT_SIZE" \
   --repeats "$REPEATS" --threads "$THREADS" --device "$DEVICE" --no-progress --out "$OUT/compress" 2>&1 |
   tee "$OUT/compress.log"
