@@ -5,7 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from pyrozoo.bmr.forced import forced_prune_check, train_like_norms
+from pyrozoo.bmr.forced import (
+    MAX_PARAMETERS,
+    forced_prune_check,
+    parameters_of,
+    prepare,
+    train_like_norms,
+    zoo_names,
+)
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.units import structure
 from pyrozoo.guides import make_guide
@@ -73,6 +80,34 @@ def test_forced_prune_check_the_channels_go_and_the_rebuilt_net_computes_the_sam
     assert found.sparse < found.dense and found.removed > 0
     assert found.difference <= 1e-5 and found.same_class and found.export == ""
     assert found.passed
+
+
+# Every torchvision classifier and timm's four families (pyrozoo.bmr.forced.zoo_names); these few, quick at
+# 32x32, run in the default suite and the others are slow. A net is left out only by prepare's rule.
+QUICK = ("tv:mobilenet_v3_small", "tv:squeezenet1_1")
+
+
+@pytest.mark.parametrize(
+    "name", [name if name in QUICK else pytest.param(name, marks=pytest.mark.slow) for name in zoo_names()]
+)
+def test_forced_prune_check_passes_on_every_zoo_net_that_fits(name):
+    prepared = prepare(name)
+    if isinstance(prepared, str):
+        pytest.skip(prepared)
+    found = forced_prune_check(*prepared)
+    assert found.passed, found
+
+
+def test_a_zoo_net_is_left_out_only_when_too_large_or_it_does_not_run_at_32x32():
+    names = zoo_names()
+    assert {"tv:resnet18", "tv:swin_t", "tv:vit_b_16", "timm:vit_tiny_patch16_224"} <= set(names)
+    assert any(name.startswith(f"timm:{family}") for family in ("resnet", "efficientnet", "convnext", "vit")
+               for name in names)  # fmt: skip
+    assert parameters_of("tv:vit_b_16") > MAX_PARAMETERS
+    assert prepare("tv:vit_b_16") == f"{parameters_of('tv:vit_b_16'):,} parameters, over {MAX_PARAMETERS:,}"
+    assert prepare("tv:regnet_y_400mf", max_parameters=1000).endswith("parameters, over 1,000")
+    net, x = prepare("timm:vit_tiny_patch16_224")  # a ViT at 32x32: 4x4 patches
+    assert x.shape == (2, 3, 32, 32) and net(x).shape == (2, 10)
 
 
 def _model(net, x, **options):
