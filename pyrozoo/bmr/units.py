@@ -246,12 +246,14 @@ def _fixed_heads(net: nn.Module, heads: list[Units]) -> dict[str, str]:
     taken = {units.heads_of for units in heads}
     fixed = {}
     for path, module in net.named_modules():
-        count = getattr(module, "num_heads", None)
+        count = getattr(module, "num_heads", getattr(module, "num_attention_heads", None))  # Hugging Face's
         if path in taken or not isinstance(count, int):
             continue
         kind = type(module).__name__
         if isinstance(module, nn.MultiheadAttention):
             why = "nn.MultiheadAttention needs as many attention channels as input channels"
+        elif _timm_attention(module, dict(module.named_children())):
+            why = "its qkv or proj layer is deterministic (make both random to let heads go)"
         elif "Window" in kind:  # torchvision's and timm's Swin
             why = f"{kind} computes its head width from its input width and keeps a position bias per head"
         else:

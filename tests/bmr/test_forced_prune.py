@@ -206,6 +206,14 @@ def test_why_a_group_is_fixed_is_said_in_words_not_autograd_node_names():
     assert fixed and not any("Backward" in why or "Cpu" in why for why in fixed.values())
     assert any("attention (a scaled dot-product)" in why or "matrix product" in why for why in fixed.values())
 
+    class HuggingFaceLike(Attention):  # an attention module pyrozoo cannot cut heads out of: its own reason
+        num_attention_heads = 2
+
+    model, _ = _model(HuggingFaceLike(), torch.randn(2, 5, 8))
+    assert structure(model).fixed[""] == (
+        "its 2 attention heads stay: pyrozoo knows timm's Attention (fused qkv and proj) but not HuggingFaceLike"
+    )
+
 
 def test_a_grouped_convolutions_unit_is_one_position_in_every_group():
     torch.manual_seed(0)
@@ -256,3 +264,14 @@ def test_a_multihead_attention_keeps_its_heads_and_says_why_while_its_feed_forwa
         "its 2 attention heads stay: nn.MultiheadAttention needs as many attention channels as input channels"
     )
     assert [u.name for u in structure(model).units] == ["encoder.layers.0.linear1"]
+
+
+def test_a_timm_attention_with_a_deterministic_qkv_keeps_its_heads_and_says_why():
+    from timm.layers import Attention
+
+    net = nn.Sequential(Attention(8, num_heads=2), nn.Flatten(), nn.Linear(40, 3))
+    model, _ = _model(net, torch.randn(2, 5, 8), deterministic=["0.qkv"])
+    assert structure(model).fixed["0"] == (
+        "its 2 attention heads stay: its qkv or proj layer is deterministic (make both random to let heads go)"
+    )
+    assert [u.heads_of for u in structure(_model(net, torch.randn(2, 5, 8))[0]).units] == ["0"]
