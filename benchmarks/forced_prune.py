@@ -7,10 +7,11 @@ the statistics of a trained net first. Every net runs in its own process, under 
 
     python benchmarks/forced_prune.py                       # the 4-conv BatchNorm CNN (bn-cnn)
     python benchmarks/forced_prune.py --torchvision         # every torchvision classifier that fits
-    python benchmarks/forced_prune.py tv:resnet18 bn-cnn --json out.json
+    python benchmarks/forced_prune.py --timm                # timm's resnet, efficientnet, convnext, vit nets
+    python benchmarks/forced_prune.py tv:resnet18 timm:convnext_atto bn-cnn --json out.json
 
-A torchvision classifier is tried at 32x32 input with ``weights=None`` and 10 classes; nets over
-``--max-params`` parameters are skipped, and nets that do not run at 32x32 are counted apart.
+A net is tried at 32x32 input with no pretrained weights and 10 classes (``pyrozoo.bmr.forced.prepare``); nets
+over ``--max-params`` parameters are skipped, and nets that do not run at 32x32 are counted apart.
 """
 
 from __future__ import annotations
@@ -46,34 +47,22 @@ class BatchNormCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def build(name: str) -> tuple[nn.Module, torch.Tensor]:
-    """A net by name (``bn-cnn`` or ``tv:NAME``) and an example batch of two."""
-    torch.manual_seed(0)
-    if name == "bn-cnn":
-        return BatchNormCNN(), torch.randn(2, 1, 32, 32)
-    if name.startswith("tv:"):
-        import torchvision
-
-        return torchvision.models.get_model(name[3:], weights=None, num_classes=10), torch.randn(2, 3, 32, 32)
-    raise SystemExit(f"unknown net {name!r}: bn-cnn or tv:NAME")
-
-
 def check_one(name: str, max_params: float) -> dict:
     import warnings
 
-    from pyrozoo.bmr.forced import forced_prune_check
+    from pyrozoo.bmr.forced import forced_prune_check, prepare
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
-    net, x = build(name)
-    params = sum(p.numel() for p in net.parameters())
-    if params > max_params:
-        return {"net": name, "status": "skipped", "why": f"{params:,} parameters"}
-    try:
-        with torch.no_grad():
-            net.eval()(x)
-    except Exception as e:  # the net itself does not take 32x32 input
-        return {"net": name, "status": "no-32x32", "why": f"{type(e).__name__}: {str(e)[:120]}"}
+    if name == "bn-cnn":
+        torch.manual_seed(0)
+        prepared = BatchNormCNN(), torch.randn(2, 1, 32, 32)
+    else:
+        prepared = prepare(name, int(max_params))
+    if isinstance(prepared, str):
+        status = "no-32x32" if prepared.startswith("does not run") else "skipped"
+        return {"net": name, "status": status, "why": prepared}
+    net, x = prepared
     start = time.perf_counter()
     try:
         found = forced_prune_check(net, x)
@@ -109,8 +98,9 @@ def run(name: str, args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("nets", nargs="*", help="bn-cnn or tv:NAME (default: bn-cnn)")
+    parser.add_argument("nets", nargs="*", help="bn-cnn, tv:NAME or timm:NAME (default: bn-cnn)")
     parser.add_argument("--torchvision", action="store_true", help="every torchvision classifier")
+    parser.add_argument("--timm", action="store_true", help="timm's nets of pyrozoo.bmr.forced.TIMM_NETS")
     parser.add_argument("--max-params", type=float, default=30e6, help="skip larger nets")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per net")
     parser.add_argument("--json", help="write the rows here")
@@ -120,10 +110,11 @@ def main(argv=None):
         print(json.dumps(check_one(args.one, args.max_params)))
         return
     names = list(args.nets)
-    if args.torchvision:
-        import torchvision
+    if args.torchvision or args.timm:
+        from pyrozoo.bmr.forced import zoo_names
 
-        names += [f"tv:{n}" for n in torchvision.models.list_models(module=torchvision.models)]
+        wanted = ("tv:",) * args.torchvision + ("timm:",) * args.timm
+        names += [n for n in zoo_names() if n.startswith(wanted)]
     rows = []
     for name in names or ["bn-cnn"]:
         row = run(name, args)

@@ -1,15 +1,22 @@
 """The forced-prune check (issue 28): do channels that BMR must remove really leave the rebuilt net?
 
-Half the output channels of the first few prunable layers are put at the prior's point (posterior loc 0, a
+Half the output channels of the first few prunable layers (and of the first layer that makes a removable
+group's units, where none of those does) are put at the prior's point (posterior loc 0, a
 small scale), every other weight is confident at the net's own value, and a BMR pass (per weight, then units)
 runs. The channels it prunes must then be cut from the rebuilt plain net wherever the function allows, and the
 rebuilt net must compute what the Bayesian model's posterior-mean net computes. ``trained_norms`` gives the
 BatchNorm layers the statistics and affine of a trained net (at torch's initialisation BatchNorm maps 0 to 0,
 which hides the constant a pruned channel leaves behind in a trained one).
+
+The nets it is run on (:func:`zoo_names`): every torchvision classifier, and small members of timm's resnet,
+efficientnet, convnext and vit families, at 32x32 input with 10 classes and no pretrained weights. A net is
+checked where :func:`prepare` builds it: at most :data:`MAX_PARAMETERS` parameters (the Bayesian model holds
+several copies of each) and a forward pass at 32x32 that works.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -73,9 +80,8 @@ def forced_prune_check(
     model = BayesianModel(net, example_input=example, output_key=output_key, **model_options).eval()
     guide = make_guide("meanfield", model)
     start_from_weights(model, guide, model.net, init_scale=1e-3, steps=0)  # the net's weights, confident
-    chosen = [layer for layer in model.layers if layer.prunable and not layer.is_output and layer.rows > 1][
-        :layers
-    ]
+    chosen = [layer for layer in model.layers if layer.prunable and not layer.is_output and layer.rows > 1]
+    chosen = chosen[:layers] + _first_producer(model, chosen[:layers], chosen[layers:])
     forced = 0
     for layer in chosen:
         loc, scale = guide.site_posterior(layer.site)
@@ -101,6 +107,95 @@ def forced_prune_check(
     return ForcedPrune(
         parameter_count(dense), parameter_count(sparse), difference, same, export, forced, removed
     )
+
+
+# A net over this many parameters is not checked: the Bayesian model and the rebuilt nets hold several copies.
+MAX_PARAMETERS = 30_000_000
+# Small members of timm's four families, with the options that make them take 32x32 input (ViTs: 4x4 patches).
+_VIT_AT_32 = {"img_size": 32, "patch_size": 4}
+TIMM_NETS = {
+    **dict.fromkeys(("resnet10t", "resnet18", "resnet18d", "resnet26", "resnet34"), {}),
+    **dict.fromkeys(("efficientnet_b0", "efficientnet_b1", "efficientnet_lite0", "efficientnet_es"), {}),
+    # not ConvNeXt-V2: its GlobalResponseNorm divides each channel by a mean over all channels, so after every
+    # LayerNorm, and in every block's MLP, no channel can go without changing the others
+    **dict.fromkeys(("convnext_atto", "convnext_femto", "convnext_pico"), {}),
+    **dict.fromkeys(("vit_tiny_patch16_224", "vit_small_patch16_224"), _VIT_AT_32),
+}
+
+
+def zoo_names() -> list[str]:
+    """Every torchvision classification model (``tv:NAME``) and the timm nets of :data:`TIMM_NETS`."""
+    import torchvision
+
+    return [f"tv:{name}" for name in torchvision.models.list_models(module=torchvision.models)] + [
+        f"timm:{name}" for name in TIMM_NETS
+    ]
+
+
+def _build(name: str, device=None) -> nn.Module:
+    library, _, model = name.partition(":")
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        if library == "tv":
+            import torchvision
+
+            return torchvision.models.get_model(model, weights=None, num_classes=10)
+        if library == "timm" and model in TIMM_NETS:
+            import timm
+
+            return timm.create_model(model, pretrained=False, num_classes=10, **TIMM_NETS[model])
+    raise ValueError(f"unknown net {name!r}: tv:NAME or timm:NAME of {sorted(TIMM_NETS)}")
+
+
+def parameters_of(name: str) -> int:
+    """How many parameters the net ``name`` has, counted without allocating them where torch allows."""
+    try:
+        net = _build(name, "meta")
+    except Exception:  # a builder that computes with tensors (regnet's widths) needs real ones: left empty
+        with _no_init():
+            net = _build(name)
+    return sum(p.numel() for p in net.parameters())
+
+
+@contextlib.contextmanager
+def _no_init():
+    """``torch.nn.init``'s in-place initialisers do nothing: a large net's parameters stay untouched (empty)
+    memory."""
+    names = [name for name in dir(nn.init) if name.endswith("_") and not name.startswith("_")]
+    saved = {name: getattr(nn.init, name) for name in names}
+    for name in names:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
+
+
+def prepare(name: str, max_parameters: int = MAX_PARAMETERS) -> tuple[nn.Module, torch.Tensor] | str:
+    """The net ``name`` of :func:`zoo_names` (seeded) and an example batch of two 32x32 RGB images, or why it
+    is not checked: over ``max_parameters`` parameters, or no forward pass at 32x32."""
+    count = parameters_of(name)
+    if count > max_parameters:
+        return f"{count:,} parameters, over {max_parameters:,}"
+    torch.manual_seed(0)
+    net, example = _build(name).eval(), torch.randn(2, 3, 32, 32)
+    try:
+        with torch.no_grad():
+            net(example)
+    except Exception as e:  # the net itself does not take 32x32 input
+        return f"does not run at 32x32 ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    return net, example
+
+
+def _first_producer(model, chosen: list, rest: list) -> list:
+    """``[the first layer of rest whose rows make a removable group's units]`` where none of ``chosen``'s do
+    (every group of the first layers is fixed, as Swin's are), else ``[]``."""
+    from pyrozoo.bmr.units import structure
+
+    producers = {m.layer for units in structure(model).units for m in units.producers}
+    if any(layer.name in producers for layer in chosen):
+        return []
+    return [layer for layer in rest if layer.name in producers][:1]
 
 
 def _rows(net: nn.Module, layer) -> int:

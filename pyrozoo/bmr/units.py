@@ -241,6 +241,27 @@ def _heads(net: nn.Module, by_name: dict[str, Layer]) -> list[Units]:
     return found
 
 
+def _fixed_heads(net: nn.Module, heads: list[Units]) -> dict[str, str]:
+    """Why the heads of each attention module that :func:`_heads` did not take stay, by its path."""
+    taken = {units.heads_of for units in heads}
+    fixed = {}
+    for path, module in net.named_modules():
+        count = getattr(module, "num_heads", getattr(module, "num_attention_heads", None))  # Hugging Face's
+        if path in taken or not isinstance(count, int):
+            continue
+        kind = type(module).__name__
+        if isinstance(module, nn.MultiheadAttention):
+            why = "nn.MultiheadAttention needs as many attention channels as input channels"
+        elif _timm_attention(module, dict(module.named_children())):
+            why = "its qkv or proj layer is deterministic (make both random to let heads go)"
+        elif "Window" in kind:  # torchvision's and timm's Swin
+            why = f"{kind} computes its head width from its input width and keeps a position bias per head"
+        else:
+            why = f"pyrozoo knows timm's Attention (fused qkv and proj) but not {kind}"
+        fixed[path] = f"its {count} attention heads stay: {why}"
+    return fixed
+
+
 def _example_on(example, device):
     if isinstance(example, dict):
         return {k: _example_on(v, device) for k, v in example.items()}
@@ -253,14 +274,26 @@ def _example_on(example, device):
     )
 
 
+# Flattenings that map one channel group to more entries than this, together, are Torch-Pruning mistaking a
+# reshape of a channels-last tensor (Swin's windows) for a flattening of channels: each further one multiplies
+# the indices, until memory runs out. A real flattening into a Linear stays far below (VGG's 512 x 7 x 7 = 25,088).
+_MAX_FLATTENED = 2**18
+
+
+class _Unfollowable(ValueError):
+    """A reshape whose channel mapping Torch-Pruning gets wrong (see :data:`_MAX_FLATTENED`)."""
+
+
 @contextlib.contextmanager
 def _tolerant_reshapes():
     """Torch-Pruning cannot map channels through a reshape that permutes them (ShuffleNet's channel shuffle) and
     fails with a ZeroDivisionError. While active, such a reshape is recorded in its graph's ``unmapped`` set
-    instead, and every group that passes through it is fixed (:func:`find_structure`)."""
+    instead, and every group that passes through it is fixed (:func:`find_structure`); a flattening whose
+    indices run away raises :class:`_Unfollowable` instead of filling memory."""
     from torch_pruning.dependency import index_mapping
 
     original = index_mapping.update_reshape_index_mapping
+    flatten = index_mapping._FlattenIndexMapping.__call__
 
     def tolerant(graph, node):
         try:
@@ -268,11 +301,22 @@ def _tolerant_reshapes():
         except ZeroDivisionError:
             graph.__dict__.setdefault("unmapped", set()).add(node.module)
 
+    flattened = [0]  # indices made by flattenings so far, in this group
+
+    def bounded(mapping, idxs):
+        if not mapping.reverse:
+            flattened[0] += len(idxs) * mapping._stride
+            if flattened[0] > _MAX_FLATTENED:
+                raise _Unfollowable(f"{len(idxs)} channels flattened {mapping._stride}-fold")
+        return flatten(mapping, idxs)
+
     index_mapping.update_reshape_index_mapping = tolerant
+    index_mapping._FlattenIndexMapping.__call__ = bounded
     try:
         yield
     finally:
         index_mapping.update_reshape_index_mapping = original
+        index_mapping._FlattenIndexMapping.__call__ = flatten
 
 
 def dependency_graph(net: nn.Module, example, output_key=None, ignored: list[nn.Module] = ()):
@@ -460,7 +504,7 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
         {id(u.parameters): u.pruning_dim for u in graph.unwrapped_parameters},
         {m.layer for u in heads for m in u.members},
     )
-    units, fixed = list(heads), {}
+    units, fixed = list(heads), _fixed_heads(net, heads)
     for group in _pruning_groups(trace, fixed):
         root = group[0].dep.target.module
         name = trace.module_path.get(root, str(root))
@@ -497,8 +541,11 @@ def _pruning_groups(trace: _Trace, fixed: dict[str, str]):
                 )
         except (IndexError, ZeroDivisionError, ValueError, KeyError) as e:
             fixed[trace.module_path.get(root, str(root))] = (
-                "its channels pass through a reshape, split or indexing that Torch-Pruning cannot follow channel "
-                f"by channel ({type(e).__name__})"
+                "its channels pass through a reshape of a channels-last tensor (a window partition, say) that "
+                "Torch-Pruning takes for a flattening of channels, so it cannot follow them"
+                if isinstance(e, _Unfollowable)
+                else "its channels pass through a reshape, split or indexing that Torch-Pruning cannot follow "
+                f"channel by channel ({type(e).__name__})"
             )
             visited.add(root)
             continue

@@ -5,7 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from pyrozoo.bmr.forced import forced_prune_check, train_like_norms
+from pyrozoo.bmr.forced import (
+    MAX_PARAMETERS,
+    forced_prune_check,
+    parameters_of,
+    prepare,
+    train_like_norms,
+    zoo_names,
+)
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.units import structure
 from pyrozoo.guides import make_guide
@@ -73,6 +80,34 @@ def test_forced_prune_check_the_channels_go_and_the_rebuilt_net_computes_the_sam
     assert found.sparse < found.dense and found.removed > 0
     assert found.difference <= 1e-5 and found.same_class and found.export == ""
     assert found.passed
+
+
+# Every torchvision classifier and timm's four families (pyrozoo.bmr.forced.zoo_names); the quick ones at 32x32
+# run in the default suite, the others are slow. A net is left out only by prepare's rule (skipped, with why).
+QUICK = ("tv:squeezenet1_1",)
+
+
+@pytest.mark.parametrize(
+    "name", [name if name in QUICK else pytest.param(name, marks=pytest.mark.slow) for name in zoo_names()]
+)
+def test_forced_prune_check_passes_on_every_zoo_net_that_fits(name):
+    prepared = prepare(name)
+    if isinstance(prepared, str):
+        pytest.skip(prepared)
+    found = forced_prune_check(*prepared)
+    assert found.passed, found
+
+
+def test_a_zoo_net_is_left_out_only_when_too_large_or_it_does_not_run_at_32x32():
+    names = zoo_names()
+    assert {"tv:resnet18", "tv:swin_t", "tv:vit_b_16", "timm:vit_tiny_patch16_224"} <= set(names)
+    assert any(name.startswith(f"timm:{family}") for family in ("resnet", "efficientnet", "convnext", "vit")
+               for name in names)  # fmt: skip
+    assert parameters_of("tv:vit_b_16") > MAX_PARAMETERS
+    assert prepare("tv:vit_b_16") == f"{parameters_of('tv:vit_b_16'):,} parameters, over {MAX_PARAMETERS:,}"
+    assert prepare("tv:regnet_y_400mf", max_parameters=1000).endswith("parameters, over 1,000")
+    net, x = prepare("timm:vit_tiny_patch16_224")  # a ViT at 32x32: 4x4 patches
+    assert x.shape == (2, 3, 32, 32) and net(x).shape == (2, 10)
 
 
 def _model(net, x, **options):
@@ -171,6 +206,14 @@ def test_why_a_group_is_fixed_is_said_in_words_not_autograd_node_names():
     assert fixed and not any("Backward" in why or "Cpu" in why for why in fixed.values())
     assert any("attention (a scaled dot-product)" in why or "matrix product" in why for why in fixed.values())
 
+    class HuggingFaceLike(Attention):  # an attention module pyrozoo cannot cut heads out of: its own reason
+        num_attention_heads = 2
+
+    model, _ = _model(HuggingFaceLike(), torch.randn(2, 5, 8))
+    assert structure(model).fixed[""] == (
+        "its 2 attention heads stay: pyrozoo knows timm's Attention (fused qkv and proj) but not HuggingFaceLike"
+    )
+
 
 def test_a_grouped_convolutions_unit_is_one_position_in_every_group():
     torch.manual_seed(0)
@@ -181,3 +224,54 @@ def test_a_grouped_convolutions_unit_is_one_position_in_every_group():
     assert {m.layer: tuple(m.index.shape) for m in first.members} == {"0": (4, 4), "3": (4, 9)}
     # the grouped conv's rows (6 per group) with the depthwise conv's and the 1x1 conv's columns
     assert second.count == 6 and {m.layer for m in second.producers} == {"3", "6"}
+
+
+def test_a_swin_passes_with_its_heads_and_window_reshaped_channels_fixed_in_words():
+    """torchvision's Swin: its attention heads and the channels that pass its window partition cannot go (said
+    in words, found without filling memory), its MLPs' hidden channels do."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    net, x = SwinTransformer([4, 4], 8, [1, 1], [2, 2], [2, 2], num_classes=5), torch.randn(2, 3, 16, 16)
+    found = forced_prune_check(net, x)
+    assert found.passed and found.removed > 0 and found.difference <= 1e-5
+    model, _ = _model(net.eval(), x)
+    fixed = structure(model).fixed
+    assert fixed["features.1.0.attn"].startswith(
+        "its 2 attention heads stay: ShiftedWindowAttention computes"
+    )
+    assert any("window partition" in why for why in fixed.values())
+    assert {u.name for u in structure(model).units} == {"features.1.0.mlp.0", "features.3.0.mlp.0"}
+
+
+def test_a_multihead_attention_keeps_its_heads_and_says_why_while_its_feed_forward_shrinks():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+        def forward(self, x):
+            return self.head(self.encoder(self.embed(x)).mean(1))
+
+    torch.manual_seed(0)
+    net, x = Encoder(), torch.randn(2, 5, 6)
+    found = forced_prune_check(net, x)
+    assert found.passed and found.removed > 0
+    model, _ = _model(net.eval(), x)
+    assert structure(model).fixed["encoder.layers.0.self_attn"] == (
+        "its 2 attention heads stay: nn.MultiheadAttention needs as many attention channels as input channels"
+    )
+    assert [u.name for u in structure(model).units] == ["encoder.layers.0.linear1"]
+
+
+def test_a_timm_attention_with_a_deterministic_qkv_keeps_its_heads_and_says_why():
+    from timm.layers import Attention
+
+    net = nn.Sequential(Attention(8, num_heads=2), nn.Flatten(), nn.Linear(40, 3))
+    model, _ = _model(net, torch.randn(2, 5, 8), deterministic=["0.qkv"])
+    assert structure(model).fixed["0"] == (
+        "its 2 attention heads stay: its qkv or proj layer is deterministic (make both random to let heads go)"
+    )
+    assert [u.heads_of for u in structure(_model(net, torch.randn(2, 5, 8))[0]).units] == ["0"]
