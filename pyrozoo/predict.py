@@ -54,7 +54,12 @@ def predict_batch(
     training = model.training
     model.eval()  # no dropout at test time
     try:
-        if bayesian:
+        if bayesian and getattr(guide, "predictive", "samples") == "glm":
+            # a Laplace posterior: the linearised net's outputs at the same draws (pyrozoo.posteriors.linearised)
+            from pyrozoo.posteriors.linearised import linearised_outputs
+
+            outputs = linearised_outputs(model, guide, x, _draws(model, guide, samples, seed))
+        elif bayesian:
             outputs = (
                 (model.logits(x, weights), latents)
                 for weights, latents in _draws(model, guide, samples, seed)
