@@ -14,6 +14,8 @@ the model's ``weights_from``, so a pruned weight (mask 0) is 0 in ``w_s`` and in
 
 from __future__ import annotations
 
+import itertools
+import warnings
 from typing import Iterable, Iterator
 
 import torch
@@ -34,13 +36,15 @@ def check_predictive(predictive: str) -> str:
 
 
 def linearised_outputs(
-    model, posterior, x: Tensor, draws: Iterable[tuple[dict, dict]]
+    model, posterior, x: Tensor, draws: Iterable[tuple[dict, dict]], inputs_per_pass: int = 8192
 ) -> Iterator[tuple[Tensor, dict]]:
-    """``(f(x; w*) + J(x) (w_s - w*), latents_s)`` for each posterior draw ``(weights w_s, latents_s)`` of
-    ``draws``, with ``w*`` the weights at the posterior's mean (``posterior.loc``, the model's masks applied).
+    """``(f(x; θ*) + J(x) (θ_s - θ*), latents_s)`` for each posterior draw ``(weights θ_s, latents_s)`` of
+    ``draws``, with ``θ*`` the weights at the posterior's mean (``posterior.loc``, the model's masks applied).
 
     The weights must be linear in the latents (a Laplace model's fixed prior scales, ``w = s · mask · z``), so
-    that ``w_s - w*`` is the draw's offset in weight space."""
+    that ``θ_s - θ*`` is the draw's offset in weight space. Draws go through the forward-mode product together,
+    as many as make about ``inputs_per_pass`` inputs (``torch.func.vmap``: one pass instead of one per draw on
+    small batches)."""
     names = [layer.name for layer in model.layers]
     centre = model.weights_from(posterior.loc)
     primals = tuple(centre[name] for name in names)
@@ -48,8 +52,16 @@ def linearised_outputs(
     def net(*weights):
         return model.logits(x, dict(zip(names, weights)))
 
+    def offset(*tangents):
+        return torch.func.jvp(net, primals, tangents)[1]
+
     mean = net(*primals)
-    for weights, latents in draws:
-        tangents = tuple(weights[name] - centre[name] for name in names)
-        _, offset = torch.func.jvp(net, primals, tangents)
-        yield mean + offset, latents
+    together = max(1, inputs_per_pass // max(len(x), 1))
+    draws = iter(draws)
+    while chunk := list(itertools.islice(draws, together)):  # the draws made as they are needed
+        tangents = tuple(torch.stack([w[name] - centre[name] for w, _ in chunk]) for name in names)
+        with warnings.catch_warnings():
+            # torch's first forward-mode product loads its decompositions through the deprecated jit.script
+            warnings.filterwarnings("ignore", "`torch.jit.script` is deprecated", FutureWarning)
+            offsets = torch.func.vmap(offset)(*tangents)
+        yield from ((mean + o, latents) for o, (_, latents) in zip(offsets, chunk))
