@@ -975,8 +975,6 @@ def _open_for_prediction(args, write: bool):
     if args.posterior != OWN or getattr(args, "posterior_options", {}):
         # refused before the run is loaded: a fitted posterior of the checkpoint, and its options
         fitted = make_source(args.posterior, getattr(args, "posterior_options", {}), fit_size=args.fit_size)
-        if not isinstance(fitted, FittedSource):
-            raise PyrozooError(f"--posterior-option: the run's own posterior ({OWN}) takes none")
         if args.pruned not in (None, "none"):
             raise PyrozooError(
                 f"--posterior {args.posterior} is fitted around the checkpoint as trained; leave out --pruned "
