@@ -66,7 +66,9 @@ def gp_row() -> dict:
     mean = gp.predict(raw.x_test.reshape(-1, 1).numpy())
     _, std = gp.predict(GRID[:, None], return_std=True)  # sklearn's includes the white kernel's noise
     noise = float(np.sqrt(gp.kernel_.k2.noise_level) * gp._y_train_std)
-    latent = np.sqrt(np.clip(std**2 - noise**2, 0, None))  # the latent function's std alone: the epistemic part
+    latent = np.sqrt(
+        np.clip(std**2 - noise**2, 0, None)
+    )  # the latent function's std alone: the epistemic part
     return _row(
         f"GP ({gp.kernel_})", float(np.sqrt(np.mean((mean - raw.y_test.numpy()) ** 2))), latent, noise
     )

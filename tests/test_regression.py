@@ -60,7 +60,8 @@ def test_gaussian_log_density_and_noise_prior_match_torch():
 
 @pytest.mark.parametrize("guide", list(GUIDES))
 def test_every_guide_covers_the_noise_latent(guide):
-    if GUIDES[guide].fixed_prior:  # it covers only weight latents (IVON): it refuses to learn the noise, saying why
+    # a guide of weight latents only (IVON) refuses to learn the noise, saying why
+    if GUIDES[guide].fixed_prior:
         for noise in ("prior", "learned"):
             with pytest.raises(PyrozooError, match="IVON cannot learn the noise: .* --noise fixed"):
                 make_guide(guide, regression_model(noise, prior=gaussian))

@@ -525,10 +525,8 @@ def _squared_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size:
     training = net.training
     net.eval()
     try:
-        return sum(
-            float((net(x[i : i + batch_size]).double().reshape(-1) - y[i : i + batch_size].double()).square().sum())
-            for i in range(0, len(x), batch_size)
-        )
+        batches = ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size))
+        return sum(float((net(xb).double().reshape(-1) - yb.double()).square().sum()) for xb, yb in batches)
     finally:
         net.train(training)
 

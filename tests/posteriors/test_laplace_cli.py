@@ -28,7 +28,10 @@ def test_predict_with_a_laplace_posterior_uses_its_linearised_net(capsys, traine
 @pytest.mark.parametrize(
     "argv,words",
     [
-        (["--posterior", "laplace-kfac", "--pruned", "laplace-kfac"], ["--posterior laplace-kfac", "--pruned"]),
+        (
+            ["--posterior", "laplace-kfac", "--pruned", "laplace-kfac"],
+            ["--posterior laplace-kfac", "--pruned"],
+        ),
         (["--posterior", "laplace-diag", "--posterior-option", "predictive=linear"], ["glm", "samples"]),
         (["--posterior-option", "predictive=glm"], ["'run' takes no option 'predictive'"]),
         (["--posterior", "laplace-diag", "--posterior-option", "noise=learned"], ["evidence", "run"]),

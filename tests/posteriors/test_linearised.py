@@ -95,7 +95,8 @@ def test_each_draw_is_the_net_plus_its_jacobian_times_the_offset(kind, structure
 @pytest.mark.parametrize("kind,structure,task", CASES)
 def test_the_glm_predictive_has_the_net_as_mean_and_j_sigma_j_as_covariance(kind, structure, task):
     """Over many draws, the linearised outputs' mean is ``f(x; θ*)`` and their covariance ``J Σ Jᵀ`` (Σ dense,
-    masked); through pyrozoo.predict a regression's epistemic variance is its diagonal, its noise the model's."""
+    masked); through pyrozoo.predict a regression's epistemic variance is its diagonal, its noise the model's.
+    """
     net, model, posterior, x = _fitted(kind, structure, task, masked=True)
     mean, jacobian, sigma, _ = _reference(net, model, posterior, x)
     covariance = jacobian @ sigma @ jacobian.transpose(1, 2)  # (N, C, C)
