@@ -983,14 +983,13 @@ def _open_for_prediction(args, write: bool):
     run = load(args.run, log=_to_stderr, write=write)
     if fitted is not None:
         run = run.with_posterior(*fitted.fit(run, progress=not args.no_progress))
-        c = run.config
-        raw = datasets.load(c.data, c.data_dir, target=c.target, task=c.task)
-        return run, raw, None, f"{fitted.name}-{fitted.predictive}"
-    source = chosen_pruned(run, args.pruned, log=_to_stderr)
+        source, state = None, f"{fitted.name}-{fitted.predictive}"
+    else:
+        source = chosen_pruned(run, args.pruned, log=_to_stderr)
+        state = "checkpoint" if source is None else source.file
     nets = None if source is None else source.load_pruned(run)
     c = run.config
     raw = datasets.load(c.data, c.data_dir, target=c.target, task=c.task)
-    state = "checkpoint" if source is None else source.file
     return run, raw, None if nets is None else nets[0].to(run.data.x_test.device), state
 
 
