@@ -640,15 +640,31 @@ def _no_progress(parser: argparse.ArgumentParser, whose: str = "") -> None:
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, verb: str) -> None:
-    """--samples, --batch-size and --pruned, which predict and uncertainty read alike."""
+    """--samples, --batch-size, --pruned and --posterior, which predict and uncertainty read alike."""
     parser.add_argument(
         "--samples",
         type=_number(int, "positive"),
         default=None,
-        help="posterior samples (default: the run's)",
+        help=f"posterior samples (default: the run's; {FITTED_SAMPLES} for a posterior fitted after training)",
     )
     parser.add_argument("--batch-size", type=_number(int, "positive"), default=2000, help="inputs per batch")
     _add_pruned_option(parser, verb, default="none")
+    fitted = [name for name, source in POSTERIORS.items() if issubclass(source, FittedSource)]
+    parser.add_argument(
+        "--posterior",
+        type=_choice(list(POSTERIORS)),
+        default=OWN,
+        help=f"{verb} from this posterior: the run's own ({OWN}, the default), or one fitted around the "
+        f"checkpoint as trained ({', '.join(fitted)}; a Laplace posterior predicts by its linearised net, "
+        "--posterior-option predictive=samples for the net at sampled weights)",
+    )
+    _add_key_value(
+        parser, "--posterior-option", "posterior_options", "an option of the posterior source, repeatable"
+    )
+    parser.add_argument("--fit-size", type=_number(int, "positive"), default=None, help=_fit_size_help())
+
+
+FITTED_SAMPLES = 100  # the draws of a posterior fitted after training, by default (a flat-map run's own: 1)
 
 
 # Parsed arguments that are not run options.
@@ -999,13 +1015,34 @@ def _open_for_prediction(args, write: bool, folder=None):
     predict and uncertainty; ``write``: the command writes into the run folder."""
     from pyrozoo.trained import load
 
+    fitted = None
+    if args.posterior != OWN or getattr(args, "posterior_options", {}):
+        # refused before the run is loaded: a fitted posterior of the checkpoint, and its options
+        fitted = make_source(args.posterior, getattr(args, "posterior_options", {}), fit_size=args.fit_size)
+        if args.pruned not in (None, "none"):
+            raise PyrozooError(
+                f"--posterior {args.posterior} is fitted around the checkpoint as trained; leave out --pruned "
+                f"{args.pruned} (or predict the pruned net alone: --pruned {args.pruned} without --posterior)"
+            )
     run = load(args.run if folder is None else folder, log=_to_stderr, write=write)
-    source = chosen_pruned(run, args.pruned, log=_to_stderr)
+    if fitted is not None:
+        run = run.with_posterior(*fitted.fit(run, progress=not args.no_progress))
+        source, state = None, f"{fitted.name}-{fitted.predictive}"
+    else:
+        source = chosen_pruned(run, args.pruned, log=_to_stderr)
+        state = "checkpoint" if source is None else source.file
     nets = None if source is None else source.load_pruned(run)
     c = run.config
     raw = datasets.load(c.data, c.data_dir, target=c.target, task=c.task)
-    state = "checkpoint" if source is None else source.file
     return run, raw, None if nets is None else nets[0].to(run.data.x_test.device), state
+
+
+def _prediction_samples(args, run, net) -> int:
+    """How many draws predict and uncertainty average: one of a point mass or a plain net; else --samples, or
+    the run's (a posterior fitted after training: FITTED_SAMPLES, as a point-mass run's own is 1)."""
+    if net is not None or run.guide.point_mass:
+        return 1
+    return args.samples or (FITTED_SAMPLES if run.fitted else run.config.samples)
 
 
 def _predict(args) -> None:
@@ -1024,7 +1061,7 @@ def _predict(args) -> None:
     )  # predict writes nothing into the run folder
     with run:
         c = run.config
-        samples = _samples(args, run, net)
+        samples = _prediction_samples(args, run, net)
         if args.input is not None:
             x, y = read_inputs(args.input, raw, c.target)
             if y is not None:  # say so: the column is not an input, and the rows are scored against it
@@ -1075,11 +1112,6 @@ def _predict(args) -> None:
             print(" ".join(f"{k} {v:.4f}" for k, v in summary.items()))
 
 
-def _samples(args, run, net) -> int:
-    """How many posterior draws predict and uncertainty average: one for a point mass or a plain net."""
-    return 1 if run.guide.point_mass or net is not None else args.samples or run.config.samples
-
-
 def _uncertainty(args) -> None:
     from pyrozoo.predict import uncertainty_table
 
@@ -1096,7 +1128,7 @@ def _uncertainty(args) -> None:
         args, write=True, folder=args.run[0]
     )  # its table goes into the run folder
     with run:
-        samples = _samples(args, run, net)
+        samples = _prediction_samples(args, run, net)
         table = uncertainty_table(run, raw, samples, args.batch_size, progress=not args.no_progress, net=net)
         table.insert(0, "samples", samples)
         table.insert(0, "state", state)
@@ -1166,7 +1198,7 @@ def _ood(args) -> None:
                 )
             x_in, y = run.data.x_test, run.data.y_test.cpu()
             x_out = prepare_like(run, raw, first["x"]).x_test
-            samples = _samples(args, run, net)
+            samples = _prediction_samples(args, run, net)
             predict = _run_predictor(args, run, net, samples)
             found = {"method": c.method, "state": state, "samples": samples, "y": y}
             found["posterior"] = (predict(x_in), predict(x_out))

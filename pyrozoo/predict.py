@@ -2,7 +2,8 @@
 
 :func:`predict` averages ``samples`` posterior draws. The same draws serve every batch of inputs (each batch
 replays one seeded random stream), so inputs are streamed in batches in constant memory and a point's result
-does not depend on the batch it came in.
+does not depend on the batch it came in. A Laplace posterior's draws go through the linearised net (its
+``predictive``, :mod:`pyrozoo.posteriors.linearised`), every other posterior's through the net itself.
 
 Classification (docs/method.md#metrics; Depeweg et al. 2018 for the decomposition): the posterior-mean
 probabilities, the predicted class, the predictive entropy ``H[mean_s p_s]`` (total uncertainty), the expected
@@ -54,7 +55,12 @@ def predict_batch(
     training = model.training
     model.eval()  # no dropout at test time
     try:
-        if bayesian:
+        if bayesian and getattr(guide, "predictive", "samples") == "glm":
+            # a Laplace posterior: the linearised net's outputs at the same draws (pyrozoo.posteriors.linearised)
+            from pyrozoo.posteriors.linearised import linearised_outputs
+
+            outputs = linearised_outputs(model, guide, x, _draws(model, guide, samples, seed))
+        elif bayesian:
             outputs = (
                 (model.logits(x, weights), latents)
                 for weights, latents in _draws(model, guide, samples, seed)

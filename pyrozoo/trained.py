@@ -34,6 +34,7 @@ class TrainedRun:
     def __init__(self, setup: Setup, folder: RunFolder, progress: Progress, log=print):
         self.setup, self.folder, self.progress, self.log = setup, folder, progress, log
         self.overrides: list[dict] = []  # the changes --override made to the run, as config.json records them
+        self.fitted = False  # whether model and guide are a posterior fitted after training (with_posterior)
 
     out = property(lambda self: self.folder.path)
     config = property(lambda self: self.setup.config)
@@ -45,6 +46,14 @@ class TrainedRun:
     step = property(lambda self: self.progress.step)
     history = property(lambda self: self.progress.history)
     bmr_log = property(lambda self: self.progress.bmr_log)
+
+    def with_posterior(self, model, guide) -> "TrainedRun":
+        """The run with a posterior fitted after training (a posterior source's ``fit``: a Laplace model and
+        posterior) in place of its own model and guide, for predictions; the same folder, data and epoch."""
+        setup = dataclasses.replace(self.setup, model=model, guide=guide)
+        other = TrainedRun(setup, self.folder, self.progress, self.log)
+        other.overrides, other.fitted = self.overrides, True
+        return other
 
     def close(self) -> None:
         """Give up the run folder's lock (another process may then write to it)."""

@@ -176,3 +176,16 @@ def test_a_given_init_scale_wins_over_the_laplace_start(tmp_path):
         run = Run(config_, tmp_path / f"bmr-th-{small}")
         scales = torch.cat([s.flatten() for _, s in run.guide.posterior().values()])
         assert bool((scales <= 2.001e-3).all()) == small
+
+
+@pytest.mark.parametrize("guide", ["autodelta", "meanfield"])
+def test_a_regressions_noise_precision_starts_at_its_priors_mode_not_off_to_infinity(guide):
+    """The noise precision is a likelihood latent, not a prior's: fitted by its Gamma(2, 2) prior with the
+    log-Jacobian of exp, its optimum is 1 (by the Jacobian alone it grew without bound: 1.6e6 on toy1d)."""
+    from test_regression import regression_model
+
+    model = regression_model()
+    posterior = make_guide(guide, model)
+    weights = {layer.name: layer.join(model.net) for layer in model.layers}
+    hyper = fit_hyperparameters(model, posterior, weights, steps=600)
+    assert abs(float(hyper["noise.precision"].exp()) - 1.0) < 0.05

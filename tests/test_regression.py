@@ -60,9 +60,11 @@ def test_gaussian_log_density_and_noise_prior_match_torch():
 
 @pytest.mark.parametrize("guide", list(GUIDES))
 def test_every_guide_covers_the_noise_latent(guide):
-    if GUIDES[guide].fixed_prior:  # it covers only weight latents (IVON): it refuses a noise latent by name
-        with pytest.raises(PyrozooError, match="--noise fixed"):
-            make_guide(guide, regression_model(prior=gaussian))
+    # a guide of weight latents only (IVON) refuses to learn the noise, saying why
+    if GUIDES[guide].fixed_prior:
+        for noise in ("prior", "learned"):
+            with pytest.raises(PyrozooError, match="IVON cannot learn the noise: .* --noise fixed"):
+                make_guide(guide, regression_model(noise, prior=gaussian))
         assert "noise.precision" not in make_guide(guide, regression_model("fixed", prior=gaussian)).sites()
         return
     model = regression_model()
@@ -217,7 +219,8 @@ def test_every_method_trains_on_regression(tmp_path, method):
 @pytest.mark.parametrize("method", ["flat-map", "flat-ff"])
 def test_a_deterministic_net_holds_the_noise_at_its_posterior_mean(tmp_path, method):
     """A rebuilt or Laplace net has no noise latent: the run's noise precision is held at its posterior mean
-    (a log-normal's mean under mean-field, the point under MAP); the Laplace model keeps that constant."""
+    (a log-normal's mean under mean-field, the point under MAP); the Laplace model keeps that constant with
+    ``noise="run"``, and by default the one the Laplace evidence chooses from the training targets."""
     from pyrozoo.posteriors.laplace import laplace_from_run
 
     run = Run(tiny_regression(method), tmp_path, log=quiet)
@@ -226,9 +229,11 @@ def test_a_deterministic_net_holds_the_noise_at_its_posterior_mean(tmp_path, met
     want = math.exp(float(loc) + float(scale) ** 2 / 2)  # the log-normal's mean (scale 0: MAP's point)
     point = run.model.likelihood.at_point(run.guide)
     assert point.noise == "fixed" and point.precision().item() == pytest.approx(want, rel=1e-6)
-    model, _ = laplace_from_run(run, "diag", progress=False)
+    model, _ = laplace_from_run(run, "diag", progress=False, noise="run")
     assert model.likelihood.noise == "fixed"
     assert model.likelihood.precision().item() == pytest.approx(want, rel=1e-6)
+    chosen, _ = laplace_from_run(run, "diag", progress=False)
+    assert chosen.likelihood.noise == "fixed" and chosen.likelihood.precision().item() != pytest.approx(want)
     with pytest.raises(PyrozooError, match="noise precision is a latent"):
         run.model.likelihood.at_point(None)
 

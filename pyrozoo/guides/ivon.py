@@ -33,6 +33,13 @@ from pyrozoo.errors import PyrozooError
 from pyrozoo.guides.base import Posterior, moved_fraction
 from pyrozoo.optim import IVONOptimizer
 
+# why an IVON run cannot learn a regression's noise, said wherever it is asked to
+NOISE_WHY_NOT = (
+    "IVON cannot learn the noise: its step is a natural-gradient update of the weights' Gaussian posterior, whose "
+    "prior is its weight decay, and a noise precision is no such weight: give --noise fixed --noise-precision P, "
+    "or let the Laplace evidence choose it after training (pyrozoo predict RUN --posterior laplace-kfac)"
+)
+
 
 class IVONPosterior(Posterior, nn.Module):
     """IVON's diagonal Gaussian posterior over a model's weights, in the model's ``z`` frame.
@@ -83,6 +90,8 @@ class IVONPosterior(Posterior, nn.Module):
             prototype = poutine.trace(model.sample_weights).get_trace()
         layers = model.layers
         hyper = [n for n, _ in prototype.iter_stochastic_nodes() if n not in {layer.site for layer in layers}]
+        if getattr(model.likelihood, "noise", "fixed") != "fixed":
+            raise PyrozooError(NOISE_WHY_NOT)
         if hyper:
             raise PyrozooError(
                 f"guide 'ivon' needs a fixed prior, its weight decay; this model's prior has hyperparameters "

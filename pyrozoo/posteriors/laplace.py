@@ -66,6 +66,7 @@ from pyrozoo.guides.base import Posterior
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.layers import find_layers
 from pyrozoo.models.likelihoods import Categorical, Gaussian
+from pyrozoo.posteriors.linearised import check_predictive
 
 with warnings.catch_warnings():
     # curvlinops imports linear_operator, which calls torch.jit.script at import (deprecated in torch 2.14)
@@ -302,7 +303,9 @@ def prior_precision(eigenvalues: torch.Tensor, squared_norm: float) -> float:
     ``γ(δ) = δ |w*|²`` with ``γ = Σ h / (h + δ)`` the effective number of parameters (MacKay), by bisection in
     ``ln δ`` (``γ(δ) - δ |w*|²`` falls monotonically)."""
     h = _nonnegative(eigenvalues)
-    buffer = torch.empty_like(h)  # one scratch tensor for every step of the bisection (a layer's size in float64)
+    buffer = torch.empty_like(
+        h
+    )  # one scratch tensor for every step of the bisection (a layer's size in float64)
 
     def excess(log_delta: float) -> float:
         delta = math.exp(log_delta)
@@ -319,11 +322,36 @@ def prior_precision(eigenvalues: torch.Tensor, squared_norm: float) -> float:
     return math.exp(0.5 * (lo + hi))
 
 
+def noise_precision(
+    eigenvalues: dict, squared_norms: dict, squared_error: float, n: int, precision: float
+) -> float:
+    """The Gaussian noise precision β maximising the Laplace evidence jointly with every layer's prior precision:
+    MacKay's fixed point ``β = (n - γ) / Σ r²`` over the ``n`` training residuals ``r`` at the mean (summed
+    squares ``squared_error``), ``γ = Σ_layers γ_l`` the effective number of parameters, each layer's δ by
+    :func:`prior_precision` at the curvature of ``β`` (the GGN ``β J'J`` is linear in β). ``eigenvalues`` are
+    each layer's data precision at the noise precision ``precision``."""
+    h = {name: e.double().flatten().clamp(min=0) / precision for name, e in eigenvalues.items()}  # at β = 1
+    squared_error = max(squared_error, 1e-300)
+    beta = precision
+    for _ in range(500):
+        gamma = 0.0
+        for name, unit in h.items():
+            delta = prior_precision(unit * beta, squared_norms[name])
+            gamma += float((unit * beta / (unit * beta + delta)).sum())
+        new = max(n - gamma, 1e-12) / squared_error
+        if abs(new - beta) <= 1e-10 * beta:
+            return new
+        beta = new
+    return beta
+
+
 def log_marginal_likelihood(eigenvalues: torch.Tensor, squared_norm: float, delta: float) -> float:
     """The δ-dependent part of a layer's Laplace log marginal likelihood (what :func:`prior_precision` maximises)."""
     h = _nonnegative(eigenvalues)
     return (
-        -0.5 * delta * squared_norm + 0.5 * h.numel() * math.log(delta) - 0.5 * float((h + delta).log_().sum())
+        -0.5 * delta * squared_norm
+        + 0.5 * h.numel() * math.log(delta)
+        - 0.5 * float((h + delta).log_().sum())
     )
 
 
@@ -340,7 +368,9 @@ def _nonnegative(eigenvalues: torch.Tensor) -> torch.Tensor:
 class LaplacePosterior(Posterior):
     """A Laplace posterior over the latents ``z`` of a model built by :func:`laplace` (``w = s z``).
 
-    ``posterior()`` gives each entry's mean and *marginal* standard deviation. Under KFAC (``kron`` given per
+    ``posterior()`` gives each entry's mean and *marginal* standard deviation; ``predictive`` says how
+    :func:`pyrozoo.predict.predict` predicts with it: ``"glm"``, the linearised net at its draws (the default), or
+    ``"samples"``, the net at its draws (:mod:`pyrozoo.posteriors.linearised`). Under KFAC (``kron`` given per
     site) the posterior is correlated: :meth:`reduce` writes back the mean conditioned on the pruned entries
     being 0, computed from the full posterior, and sampling draws from the Kronecker Gaussian around the
     current (reduced) mean with the full posterior's covariance (the conditional covariance of the survivors
@@ -349,8 +379,10 @@ class LaplacePosterior(Posterior):
 
     point_mass: ClassVar[bool] = False
 
-    def __init__(self, model, loc: dict, scale: dict, kron: dict | None = None):
+    def __init__(self, model, loc: dict, scale: dict, kron: dict | None = None, predictive: str = "glm"):
         self._sites = [layer.site for layer in model.layers]
+        # how pyrozoo.predict uses it (pyrozoo.posteriors.linearised): the linearised net, or the net at draws
+        self.predictive = check_predictive(predictive)
         self.loc = {s: loc[s].clone() for s in self._sites}
         self.scale = {s: scale[s].clone() for s in self._sites}
         self.kron: dict[str, KroneckerGaussian] = dict(kron or {})
@@ -429,6 +461,8 @@ def laplace(
     fisher: str = "mc",
     kfac: str = "expand",
     ekfac: bool = False,
+    y: torch.Tensor | None = None,
+    predictive: str = "glm",
 ) -> tuple[BayesianModel, LaplacePosterior]:
     """A Laplace approximation around ``net``'s own weights, fitted on the training inputs ``x``.
 
@@ -440,28 +474,48 @@ def laplace(
     ``len(x) / fit_size``), for a large training set on a small machine. ``likelihood`` is the observation model
     the curvature is taken under and the returned model keeps: categorical by default; for a regressor
     ``Gaussian("fixed", precision)`` (pyrozoo.models.likelihoods), the noise precision of the targets it was
-    fitted to. ``fisher``, ``kfac`` and ``ekfac`` choose the curvature (:func:`curvature`).
+    fitted to; with its training targets ``y`` (standardised as ``x``'s net predicts them) the noise precision is
+    chosen by the evidence with the prior precisions (:func:`noise_precision`), and the model keeps that one.
+    ``fisher``, ``kfac`` and ``ekfac`` choose the curvature (:func:`curvature`); ``predictive`` how
+    :func:`pyrozoo.predict.predict` uses the posterior (:class:`LaplacePosterior`).
     """
+    check_predictive(predictive)
     net = copy.deepcopy(net)
     layers = find_layers(net, output)
     n = len(x)
     if fit_size is not None and fit_size < n:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:fit_size]
         x = x[order.to(x.device)]
+        y = None if y is None else y[order.to(y.device)]
     with torch.enable_grad():
         curv = curvature(
             net, layers, x, structure, batch_size, samples, seed, progress, likelihood, fisher, kfac, ekfac
         )
     curv = {k: _scaled(curv.pop(k), n / len(x)) for k in list(curv)}  # each layer's old copy freed as it goes
+    by_name = {layer.name: layer for layer in layers}
+    norms = {layer.name: float(layer.join(net).double().square().sum()) for layer in layers}
+
+    def weights(name):  # made when read, not held: a large layer's float64 copy is hundreds of MB
+        return by_name[name].join(net).double()
+
+    def eigenvalues_of(name):
+        return _gaussian(weights(name), curv[name]).eigenvalues() if structure == "kron" else curv[name]
+
+    if y is not None and isinstance(likelihood, Gaussian):
+        before = float(likelihood.precision())
+        error = _squared_error(net, x, y, batch_size) * n / len(x)
+        beta = noise_precision({k: eigenvalues_of(k) for k in curv}, norms, error, n, before)
+        curv = {
+            k: _scaled(curv.pop(k), beta / before) for k in list(curv)
+        }  # the GGN is linear in the precision
+        likelihood = Gaussian("fixed", beta).to(x.device)
     scales, loc, scale, kron, record = {}, {}, {}, {}, []
     for layer in layers:
-        w = layer.join(net).double()
-        if structure == "kron":
-            eigenvalues = _gaussian(w, curv[layer.name]).eigenvalues()
-        else:
-            eigenvalues = curv.pop(layer.name)  # read here only: a large layer's float64 diagonal goes with it
-        squared_norm = float(w.square().sum())
-        delta = prior_precision(eigenvalues, squared_norm)
+        w = weights(layer.name)
+        eigenvalues = eigenvalues_of(layer.name)
+        if structure != "kron":
+            del curv[layer.name]  # read here only: a large layer's float64 diagonal goes with it
+        delta = prior_precision(eigenvalues, norms[layer.name])
         s = delta**-0.5
         scales[layer.name] = s
         site = layer.site
@@ -478,22 +532,41 @@ def laplace(
                 "layer": layer.name,
                 "prior_precision": delta,
                 "prior_scale": s,
-                "log_marginal": log_marginal_likelihood(eigenvalues, squared_norm, delta),
+                "log_marginal": log_marginal_likelihood(eigenvalues, norms[layer.name], delta),
             }
         )
     kwargs = {} if likelihood is None else {"likelihood": likelihood}
     # the example batch traces the net's units (for a units pass and the rebuild) at the inputs' own size
     model = BayesianModel(net, prior=FixedScales(scales), output=output, example_input=x[:2], **kwargs)
     model.laplace = record
-    return model, LaplacePosterior(model, loc, scale, kron)
+    return model, LaplacePosterior(model, loc, scale, kron, predictive)
 
 
-def laplace_from_run(run, structure: str = "kron", progress: bool = True, **options):
+@torch.no_grad()
+def _squared_error(net: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """``Σ (y - f(x))²`` of a one-output regressor, in eval mode (no dropout)."""
+    training = net.training
+    net.eval()
+    try:
+        batches = ((x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size))
+        return sum(float((net(xb).double().reshape(-1) - yb.double()).square().sum()) for xb, yb in batches)
+    finally:
+        net.train(training)
+
+
+NOISES = ("evidence", "run")  # a regression's noise: chosen by the Laplace evidence, or the run's own
+
+
+def laplace_from_run(run, structure: str = "kron", progress: bool = True, noise: str = "evidence", **options):
     """:func:`laplace` around a run's point estimate (posterior mean; a ``flat-map`` run's MAP weights), fitted
-    on its training inputs; a regression run's noise precision is held at its posterior mean (or its learned or
+    on its training inputs; a regression run's noise precision chosen by the Laplace evidence from its training
+    targets (``noise="evidence"``), or held at the run's own (``"run"``: its posterior mean, or its learned or
     fixed value)."""
+    if noise not in NOISES:
+        raise PyrozooError(f"a Laplace fit's noise is one of {', '.join(NOISES)}, not {noise!r}")
     net = rebuild(run.model, run.guide, remove_dead=False)
     output = next(layer.name for layer in run.model.layers if layer.is_output)
+    regress = run.data.task == "regress"
     return laplace(
         net,
         run.data.x_train,
@@ -502,5 +575,6 @@ def laplace_from_run(run, structure: str = "kron", progress: bool = True, **opti
         likelihood=run.point_likelihood(),
         progress=progress,
         seed=run.config.seed,
+        y=run.data.y_train if regress and noise == "evidence" else None,
         **options,
     )

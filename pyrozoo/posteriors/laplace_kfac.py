@@ -16,7 +16,7 @@ class LaplaceKFAC(LaplaceDiag):
     """A Kronecker-factored (KFAC) Laplace approximation around the run's point estimate, fitted on its training
     set; pruning writes back the reduced mean, so the surviving weights compensate.
 
-    ``fit_size`` estimates the curvature from that many training inputs drawn at random (default: all)."""
+    Its options are the diagonal one's (:class:`~pyrozoo.posteriors.laplace_diag.LaplaceDiag`)."""
 
     structure: ClassVar[str] = "kron"
     variants: ClassVar[dict[str, Variant]] = {
