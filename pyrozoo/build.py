@@ -22,6 +22,7 @@ from pyrozoo.init_from import load_state, start_from_net, start_from_weights
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.likelihoods import Categorical, Gaussian
 from pyrozoo.nets import NETS, create_net, model_options, net_options
+from pyrozoo.posteriors.laplace import start_curvature
 from pyrozoo.steps import TrainingStep
 
 
@@ -130,7 +131,7 @@ def _start(bound: Bound, model: BayesianModel, guide, data: datasets.Prepared) -
             # the user's --guide-option init_scale=S, else the step's start ("laplace": from the data)
             init_scale=bound.guide_options.get("init_scale", bound.step.init_scale),
             what=f"--init-from {config.init_from}",
-            inputs=data.x_train,
+            curvature=lambda net: start_curvature(model, guide, net, data.x_train),
         )
     elif config.start == "net":
         start_from_net(model, guide)

@@ -8,7 +8,7 @@ their most probable values given the trained weights (MAP in unconstrained space
 initialisation says; then ``z``'s locs are ``w`` divided by the scale at the posterior mean of the
 hyperparameters. That is what ``rebuild`` and the predictions at the posterior mean read, so the net's outputs
 there are the trained net's. Every scale starts at ``init_scale``: a number, or (a run's default) ``"laplace"``,
-each weight's diagonal Laplace scale on the training data (:func:`laplace_start_curvature`).
+each weight's diagonal Laplace scale on the training data (:func:`start_from_weights`).
 
 The MAP step works for any prior function, since it only evaluates the prior's log density (through Pyro's
 trace); no prior needs code of its own.
@@ -20,6 +20,7 @@ import collections
 import copy
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -165,6 +166,11 @@ def fit_hyperparameters(model, guide, weights: dict[str, torch.Tensor], steps: i
     return {s: v.detach() for s, v in free.items()}
 
 
+# init_scale="laplace": a trained net's posterior starts at the spread the data leave its weights
+LAPLACE = "laplace"
+LAPLACE_FALLBACK = 1e-3  # the start scale of the layers no curvature is taken for (only Linear and Conv2d)
+
+
 @torch.no_grad()
 def start_from_weights(
     model,
@@ -173,30 +179,33 @@ def start_from_weights(
     init_scale: float | str | None = 1e-3,
     what="the weights",
     steps: int = 300,
-    inputs: torch.Tensor | None = None,
+    curvature: Callable[[nn.Module], dict] | None = None,
 ) -> None:
     """Set ``guide``'s posterior so that its mean is the trained net ``weights`` (a state_dict or an
     ``nn.Module`` of ``model.net``'s architecture), for any prior: hyperparameters at their MAP given the weights,
     ``z``'s locs at ``w / scale``, every scale ``init_scale`` (0 for a point-mass guide; None: each entry keeps
-    the scale it has, e.g. IVON's from its initial Hessian; ``"laplace"``: :func:`laplace_start_curvature`'s,
-    from the training ``inputs``). The model's masks are left as they are (all kept in a new model). ``steps``
+    the scale it has, e.g. IVON's from its initial Hessian; ``"laplace"``: each Linear and Conv2d
+    entry at its diagonal Laplace scale ``(1 + scale^2 H)^-1/2``, ``H = curvature(trained net)[layer]`` the GGN
+    diagonal summed over the training set, :func:`pyrozoo.posteriors.laplace.start_curvature`; other layers at
+    :data:`LAPLACE_FALLBACK`). The model's masks are left as they are (all kept in a new model). ``steps``
     of the hyperparameters' fit (0: they stay where the guide has them)."""
     net = trained_net(model.net, weights, what)
     layers = model.layers
     w = {layer.name: layer.join(net).to(model.mask(layer.name)) for layer in layers}
     spread = 0.0 if guide.point_mass else init_scale
-    curvature = {}
+    found = {}
     if spread == LAPLACE:
-        if inputs is None:
-            raise PyrozooError('init_scale="laplace" needs the training inputs (inputs=x_train)')
-        curvature = laplace_start_curvature(model, guide, net, inputs)
-        spread = LAPLACE_FALLBACK
+        if curvature is None:
+            raise PyrozooError(
+                'init_scale="laplace" needs the curvature (pyrozoo.posteriors.laplace.start_curvature)'
+            )
+        found, spread = curvature(net), LAPLACE_FALLBACK
     current = guide.posterior()
 
     def scales(site, like, layer=None, scale=None):
-        if layer is not None and layer.name in curvature:
+        if layer is not None and layer.name in found:
             # the diagonal Laplace posterior of z = w / scale under its N(0, 1) prior: precision 1 + scale^2 H
-            return (1 + scale.square() * curvature[layer.name]).rsqrt().to(like)
+            return (1 + scale.square() * found[layer.name]).rsqrt().to(like)
         return current[site][1].clone() if spread is None else torch.full_like(like, spread)
 
     hyper = fit_hyperparameters(model, guide, w, steps)
@@ -211,47 +220,6 @@ def start_from_weights(
     # the net's own parameters (placeholders, but what a deterministic evaluation of model.net would read)
     for name, value in net.state_dict().items():
         model.net.state_dict()[name].copy_(value)
-
-
-# init_scale="laplace": a trained net's posterior starts at the spread its weights are known to on the data
-LAPLACE = "laplace"
-LAPLACE_FIT_SIZE = 2000  # training inputs the curvature is estimated from (as pyrozoo compress's --fit-size)
-LAPLACE_FALLBACK = 1e-3  # the start scale of the layers no curvature is taken for (only Linear and Conv2d)
-
-
-def laplace_start_curvature(model, guide, net: nn.Module, inputs: torch.Tensor, seed: int = 0) -> dict:
-    """``{layer: H}``: the diagonal of the GGN of each Linear and Conv2d layer's ``[W | b]`` at the trained
-    ``net``, summed over the training set ``inputs`` (estimated from :data:`LAPLACE_FIT_SIZE` of them, scaled up),
-    under the model's likelihood at a point (:func:`pyrozoo.posteriors.laplace.curvature`, the Monte Carlo
-    Fisher).
-
-    With it a weight's latent ``z = w / scale`` starts at its diagonal Laplace posterior's scale,
-    ``(1 + scale^2 H)^-1/2``: the spread the data leave the trained weight, where a fixed small start (1e-3)
-    keeps every weight far more certain than the data say, so BMR finds little to remove, and a large one
-    (0.03) loses the trained net's accuracy at the first draws (issue 28's trial). Other layers (normalisation
-    gains, embeddings) start at :data:`LAPLACE_FALLBACK`."""
-    from pyrozoo.posteriors.laplace import curvature
-
-    layers = [
-        layer
-        for layer in model.layers
-        if layer.kind == "weight" and isinstance(net.get_submodule(layer.name), (nn.Linear, nn.Conv2d))
-    ]
-    n = len(inputs)
-    if n > LAPLACE_FIT_SIZE:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:LAPLACE_FIT_SIZE]
-        inputs = inputs[order.to(inputs.device)]
-    with torch.enable_grad():
-        found = curvature(
-            net,
-            layers,
-            inputs,
-            "diag",
-            seed=seed,
-            progress=False,
-            likelihood=model.likelihood.at_point(guide),
-        )
-    return {name: h * (n / len(inputs)) for name, h in found.items()}
 
 
 def start_from_net(model, guide) -> None:

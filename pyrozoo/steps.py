@@ -70,7 +70,7 @@ class TrainingStep:
         str | None
     )  # the one optimiser it trains with (None: any of OPTIMIZERS no other step owns)
     # the posterior scale (in z) a run started from trained weights gets: a number, "laplace" (each weight's
-    # diagonal Laplace scale, pyrozoo.init_from.laplace_start_curvature) or None (the guide's own initial one)
+    # diagonal Laplace scale, pyrozoo.posteriors.laplace.start_curvature) or None (the guide's own initial one)
     init_scale: float | str | None
     parallel: bool = (
         False  # whether it trains data-parallel (torchrun), its gradients shared between processes

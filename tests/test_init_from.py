@@ -19,6 +19,7 @@ from pyrozoo.metrics import evaluate_net
 from pyrozoo.models import BayesianModel
 from pyrozoo.models.priors import flat, tiered
 from pyrozoo.nets import create_net
+from pyrozoo.posteriors.laplace import start_curvature
 from pyrozoo.train import Run
 
 
@@ -144,7 +145,7 @@ def test_a_net_whose_modules_check_their_state_version_starts_from_its_weights()
 def test_laplace_start_is_the_diagonal_laplace_scale_of_an_exact_ggn():
     """init_scale="laplace": each latent starts at (1 + scale^2 H)^-1/2, H the GGN diagonal summed over the data,
     here against a softmax regression's exact one, sum_n p_i (1 - p_i) [x_n, 1]_j^2 (its Monte Carlo estimate
-    from LAPLACE_FIT_SIZE of 6,000 inputs, scaled up: within 15%)."""
+    from START_FIT_SIZE of 6,000 inputs, scaled up: within 15%)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
     model = BayesianModel(net, flat)
@@ -154,7 +155,13 @@ def test_laplace_start_is_the_diagonal_laplace_scale_of_an_exact_ggn():
         for p in trained.parameters():
             p.copy_(torch.randn(p.shape))
     x = torch.randn(6000, 1, 2, 2)
-    start_from_weights(model, guide, trained, init_scale="laplace", inputs=x)
+    start_from_weights(
+        model,
+        guide,
+        trained,
+        init_scale="laplace",
+        curvature=lambda net: start_curvature(model, guide, net, x),
+    )
     layer = model.layers[0]
     p = trained(x).softmax(-1).double()
     a = torch.cat([x.flatten(1), torch.ones(len(x), 1)], 1).double()

@@ -297,6 +297,36 @@ def curvature(
         net.train(training)
 
 
+START_FIT_SIZE = (
+    2000  # training inputs a start's curvature is estimated from (as pyrozoo compress's --fit-size)
+)
+
+
+def start_curvature(model, guide, net: nn.Module, inputs: torch.Tensor, seed: int = 0) -> dict:
+    """``{layer: H}``: the GGN diagonal of each Linear and Conv2d layer's ``[W | b]`` at the trained ``net``,
+    summed over the training set ``inputs`` (estimated from :data:`START_FIT_SIZE` of them, scaled up), under
+    ``model``'s likelihood at a point: the Monte Carlo Fisher of :func:`curvature`.
+
+    ``start_from_weights(..., init_scale="laplace", curvature=...)`` (:mod:`pyrozoo.init_from`) starts each weight's
+    latent ``z = w / scale`` at its diagonal Laplace scale ``(1 + scale^2 H)^-1/2``: the spread the data leave
+    the trained weight, where a fixed small start (1e-3) keeps every weight far more certain than the data say,
+    so BMR finds little to remove, and a large one (0.03) loses the trained net's accuracy at the first draws
+    (issue 28's trial)."""
+    layers = [
+        layer
+        for layer in model.layers
+        if layer.kind == "weight" and isinstance(net.get_submodule(layer.name), (nn.Linear, nn.Conv2d))
+    ]
+    n = len(inputs)
+    if n > START_FIT_SIZE:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:START_FIT_SIZE]
+        inputs = inputs[order.to(inputs.device)]
+    likelihood = model.likelihood.at_point(guide)
+    with torch.enable_grad():
+        found = curvature(net, layers, inputs, "diag", seed=seed, progress=False, likelihood=likelihood)
+    return {name: h * (n / len(inputs)) for name, h in found.items()}
+
+
 def prior_precision(eigenvalues: torch.Tensor, squared_norm: float) -> float:
     """The prior precision δ maximising the Laplace marginal likelihood of one layer,
     ``-δ/2 |w*|² + n/2 ln δ - 1/2 Σ ln(h + δ)`` over the data precision's eigenvalues ``h``: the root of
