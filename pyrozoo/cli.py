@@ -543,6 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how many units each layer group loses: uniform (the same fraction of each, the evidence choosing "
         "which; the default) or global (every unit by evidence per unit of cost)",
     )
+    compress.add_argument(
+        "--score",
+        choices=["obd", "evidence"],
+        default="obd",
+        help="what ranks the units within a group: obd (dF without its Occam term, -1/2 (h + prior precision) "
+        "w^2 summed over the unit; the default) or evidence (the whole dF); the evidence target always uses dF",
+    )
     compress.add_argument("--seed", type=_number(int, "non-negative"), default=0, help="random seed")
     compress.add_argument("--out", default=None, help="report folder (default compressed/NET)")
     _no_progress(compress)
@@ -730,6 +737,7 @@ def _compress(args) -> None:
         repeats=args.repeats,
         seed=args.seed,
         allocation=args.allocation,
+        score=args.score,
         progress=not args.no_progress,
         log=log,
     )
@@ -748,6 +756,7 @@ def _compress(args) -> None:
         "repeats": args.repeats,
         "seed": args.seed,
         "allocation": args.allocation,
+        "score": args.score,
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),
