@@ -20,8 +20,6 @@ correlated Gaussian:
 - one row (a unit: an output neuron or channel with its bias): ``Σ_rr = U_A diag(e_r) U_A'`` with
   ``e_r = (U_G[r]^2) D``, so its determinant and inverse are read off (:meth:`~KroneckerGaussian.rows`);
   one column likewise with the roles of the factors swapped (:meth:`~KroneckerGaussian.columns`);
-- a few rows or columns together (a convolution's ``kh kw`` columns reading one input channel): block diagonal
-  in the other factor's eigenbasis, ``k x k`` blocks (:meth:`~KroneckerGaussian.column_sets`);
 - any set of entries (what a pass to a target sparsity removes): the reduced mean solves
   ``P_TT (M~_T - M_T) = P_TS M_S`` over the survivors ``T`` (the mean of the Gaussian conditioned on
   ``W_S = 0``), by conjugate gradients with ``P``'s Kronecker product as the operator
@@ -142,31 +140,6 @@ class KroneckerGaussian:
         e = D @ u_a.square().T  # (R eigen-index, K): eigenvalues of Σ_cc in the basis U_G
         q = u_g.T @ self.mean
         return 0.5 * (math.log(self.prior_var) - e.log()).sum(0) - 0.5 * (q.square() / e).sum(0)
-
-    def row_sets(self, index: Tensor) -> Tensor:
-        """dF of reducing, for each ``u``, the rows ``index[u]`` (all their columns) together to a point mass at
-        0, ``index`` of shape ``(n, k)``; returns ``(n,)``. In the basis ``U_A`` the covariance of those rows
-        is block diagonal over the input-side eigen-index ``j``, blocks ``U_G[S] diag(D[:, j]) U_G[S]'`` of
-        size ``k``, so the joint dF (cross terms between the rows included) costs ``n K k²``."""
-        _, u_g, _, u_a, D = self._eig
-        return self._sets(u_g[index], D.T, (self.mean @ u_a)[index].transpose(1, 2))
-
-    def column_sets(self, index: Tensor) -> Tensor:
-        """As :meth:`row_sets` for the columns ``index[u]`` (all their rows), e.g. the ``kh kw`` columns of a
-        convolution that read one input channel: blocks ``U_A[S] diag(D[i]) U_A[S]'`` per output-side
-        eigen-index ``i``."""
-        _, u_g, _, u_a, D = self._eig
-        return self._sets(u_a[index], D, (u_g.T @ self.mean)[:, index].permute(1, 0, 2))
-
-    def _sets(self, U: Tensor, D: Tensor, q: Tensor) -> Tensor:
-        """``sum_i [ln N(0; q[u, i], B_ui) - ln N(0; 0, s2 I)]`` with ``B_ui = U[u] diag(D[i]) U[u]'``:
-        ``U`` ``(n, k, m)``, ``D`` ``(e, m)``, ``q`` ``(n, e, k)`` (the rotated means)."""
-        B = torch.einsum("ucm,im,udm->uicd", U, D, U)
-        L = torch.linalg.cholesky(B)
-        logdet = 2 * torch.diagonal(L, dim1=-2, dim2=-1).log().sum(-1)
-        quad = (q * torch.cholesky_solve(q.unsqueeze(-1), L).squeeze(-1)).sum(-1)
-        k = U.shape[1]
-        return (-0.5 * logdet - 0.5 * quad).sum(1) + 0.5 * k * D.shape[0] * math.log(self.prior_var)
 
     # --- any set of entries -------------------------------------------------------------------------------
 

@@ -184,21 +184,3 @@ def test_log_marginal_terms_match_the_dense_log_determinant():
     assert logdet == pytest.approx(float(torch.logdet(P)), abs=1e-8)
     assert sq == pytest.approx(float(layer.mean.square().sum()))
     assert math.isfinite(logdet)
-
-
-@pytest.mark.parametrize("ekfac", [False, True])
-def test_row_and_column_sets_match_the_dense_joint_reduction(ekfac):
-    """The joint dF of several rows (or columns) together, cross terms included, against the dense Gaussian."""
-    layer = _layer(R=5, K=6, seed=2, ekfac=ekfac)
-    sets = torch.tensor([[0, 3], [1, 2], [4, 0]])
-    rows, columns = layer.row_sets(sets), layer.column_sets(sets)
-    for u, chosen in enumerate(sets):
-        pruned = torch.zeros(5, 6, dtype=torch.bool)
-        pruned[chosen] = True
-        assert float(rows[u]) == pytest.approx(float(_dense_reduction(layer, pruned).delta_f), abs=1e-6)
-        pruned = torch.zeros(5, 6, dtype=torch.bool)
-        pruned[:, chosen] = True
-        assert float(columns[u]) == pytest.approx(float(_dense_reduction(layer, pruned).delta_f), abs=1e-6)
-    # one row or column each: the single-row and single-column forms
-    assert torch.allclose(layer.row_sets(torch.arange(5)[:, None]), layer.rows())
-    assert torch.allclose(layer.column_sets(torch.arange(6)[:, None]), layer.columns())
