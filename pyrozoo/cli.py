@@ -549,6 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where fine-tuning and the test metrics run: cpu (default), cuda or cuda:N; the Laplace fit, "
         "pruning and latency stay on the CPU",
     )
+    compress.add_argument(
+        "--score",
+        choices=["obd", "evidence"],
+        default="obd",
+        help="what ranks the units within a group: obd (dF without its Occam term, -1/2 (h + prior precision) "
+        "w^2 summed over the unit; the default) or evidence (the whole dF); the evidence target always uses dF",
+    )
     compress.add_argument("--seed", type=_number(int, "non-negative"), default=0, help="random seed")
     compress.add_argument("--out", default=None, help="report folder (default compressed/NET)")
     _no_progress(compress)
@@ -789,6 +796,7 @@ def _compress(args) -> None:
         seed=args.seed,
         allocation=args.allocation,
         device=args.device,
+        score=args.score,
         progress=not args.no_progress,
         log=log,
     )
@@ -808,6 +816,7 @@ def _compress(args) -> None:
         "seed": args.seed,
         "allocation": args.allocation,
         "device": args.device,
+        "score": args.score,
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),

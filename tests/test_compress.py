@@ -297,3 +297,33 @@ def test_the_latency_model_shares_each_module_among_the_units_it_runs_on(fitted,
     # reads 4 of its 32 + 1 columns per channel
     assert cost["3"] == pytest.approx(8 / 8 + 16 / 8 + 32 / 8 + 128 * 4 / 33)
     assert cost["7"] == pytest.approx(128 / 12 + 256 / 12 + 512 / 13)  # Linear 7, ReLU 8, the head's columns
+
+
+def test_the_obd_score_is_the_evidence_without_its_occam_term(fitted):
+    """delta_f(occam=False) is -1/2 (h + δ) w² per weight, from the curvature, the prior precision and the trained
+    weights computed apart; it differs from dF by the Occam term 1/2 ln(1 + h/δ); rank_units orders by it."""
+    from pyrozoo.models.layers import find_layers
+    from pyrozoo.posteriors.laplace import curvature
+
+    net, model, posterior, x = fitted
+    names = {layer.name for layer in model.layers}
+    fit, full = delta_f(model, posterior, names, occam=False), delta_f(model, posterior, names)
+    h = curvature(net, find_layers(net), x, "diag", progress=False)  # laplace's own (seed 0, all of x)
+    for record in model.laplace:
+        name, delta = record["layer"], record["prior_precision"]
+        w = next(layer for layer in find_layers(net) if layer.name == name).join(net).double()
+        expected = -0.5 * (h[name] + delta) * w.square()
+        torch.testing.assert_close(fit[name].double(), expected, rtol=1e-4, atol=1e-6)
+        occam = 0.5 * torch.log1p(h[name] / delta)
+        torch.testing.assert_close((full[name] - fit[name]).double(), occam, rtol=1e-4, atol=1e-6)
+    ranking = rank_units(model, posterior, x[:2], score="obd")
+    groups = ranking.groups
+    scored = {g: groups[g].total(fit) for g in range(len(groups))}  # no BatchNorm here: every entry of the unit
+    assert ranking.gain == pytest.approx([float(scored[g][u]) for g, u in ranking.order], rel=1e-5)
+    per_parameter = [gain / float(groups[g].total({n: torch.ones_like(fit[n]) for n in fit})[u])
+                     for gain, (g, u) in zip(ranking.gain, ranking.order)]  # fmt: skip
+    assert per_parameter == sorted(per_parameter, reverse=True) and max(ranking.gain) <= 0
+    with pytest.raises(PyrozooError, match="unknown score"):
+        rank_units(model, posterior, x[:2], score="magic")
+    with pytest.raises(PyrozooError, match="unknown score"):
+        compress(net, (x, torch.zeros(len(x), dtype=torch.long)) * 2, "params=0.5", score="magic")

@@ -14,8 +14,15 @@ from pyrozoo.errors import PyrozooError
 Z_PRIOR_VAR = 1.0
 
 
-def delta_f(model, posterior, layers=None) -> dict[str, torch.Tensor]:
-    """dF of removing each weight of each prunable layer (or of ``layers``), ``{layer: tensor like its latent}``."""
+def delta_f(model, posterior, layers=None, occam: bool = True) -> dict[str, torch.Tensor]:
+    """dF of removing each weight of each prunable layer (or of ``layers``), ``{layer: tensor like its latent}``.
+
+    dF = ½ ln(π s2) - ½ π μ² for the posterior N(μ, 1/π) and the prior N(0, s2). ``occam=False`` drops the
+    Occam term ½ ln(π s2): what is left, ``-½ π μ² = ln q(0) - ln q(μ)``, compares the reduced model with the
+    full one at their best weights (the posterior density at the reduced model's point against the mode; a
+    generalised likelihood ratio under the Laplace approximation) instead of by their evidence, i.e. as if the
+    weight cost no prior volume. In weights ``w = s z`` of a Laplace posterior (curvature ``h``, prior
+    precision ``δ``) it is ``-½ (h + δ) w²``, Optimal Brain Damage's saliency with the prior's curvature."""
     if posterior.point_mass:
         raise PyrozooError(
             f"BMR needs a posterior with spread; {type(posterior).__name__} is a point mass (train with a "
@@ -28,7 +35,10 @@ def delta_f(model, posterior, layers=None) -> dict[str, torch.Tensor]:
         if not (layer.prunable if layers is None else layer.name in layers):
             continue
         loc, scale = locs_and_scales[layer.site]
-        out[layer.name] = point_mass_meanfield(loc, scale.pow(-2), Z_PRIOR_VAR)
+        precision = scale.pow(-2)
+        out[layer.name] = (
+            point_mass_meanfield(loc, precision, Z_PRIOR_VAR) if occam else -0.5 * precision * loc * loc
+        )
     return out
 
 
