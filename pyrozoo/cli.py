@@ -1159,6 +1159,53 @@ def _run_predictor(args, run, net, samples: int):
     return lambda x: predict(model, guide, x, samples, batch_size=args.batch_size, seed=run.config.seed)
 
 
+def _ood_predictions(args, folder, keep, dropout: bool, into_run: bool, first: dict, measured: dict) -> dict:
+    """``uncertainty --ood``: predictions of the run in ``folder`` on its test set and on the OOD set, by its
+    posterior and, when asked and its net has dropout, by MC dropout; once per folder (``measured``). ``first``
+    holds the first run's data set and OOD inputs; ``keep`` holds the run's lock when its table goes into it.
+    """
+    import contextlib
+
+    from pyrozoo.bmr.rebuild import rebuild
+    from pyrozoo.ood import dropout_layers, mc_dropout, ood_inputs
+    from pyrozoo.predict import prepare_like
+
+    key = str(Path(folder).resolve())
+    if key in measured and (not dropout or "mc" in measured[key]):
+        return measured[key]
+    run, raw, net, state = _open_for_prediction(args, write=into_run, folder=folder)
+    if into_run:
+        keep.enter_context(run)  # the lock held until the run's table is written
+    with contextlib.nullcontext() if into_run else run:
+        c = run.config
+        if raw.task != "classify":
+            raise PyrozooError(f"--ood scores class probabilities; {folder} is a {raw.task} run")
+        if not first:
+            first.update(data=c.data, x=ood_inputs(args.ood, raw, c.data_dir))
+        elif c.data != first["data"]:
+            raise PyrozooError(
+                f"the table compares runs on one test set: {folder} was trained on {c.data}, the first "
+                f"run on {first['data']}"
+            )
+        x_in, y = run.data.x_test, run.data.y_test.cpu()
+        x_out = prepare_like(run, raw, first["x"]).x_test
+        samples = _prediction_samples(args, run, net)
+        predict = _run_predictor(args, run, net, samples)
+        found = {"method": c.method, "state": state, "samples": samples, "y": y}
+        found["posterior"] = (predict(x_in), predict(x_out))
+        if dropout:
+            plain = net if net is not None else rebuild(run.model, run.guide, remove_dead=False)
+            if dropout_layers(plain):
+                found["mc"] = tuple(
+                    mc_dropout(plain, x, args.mc_dropout, c.seed, args.batch_size) for x in (x_in, x_out)
+                )
+            else:
+                found["mc"] = None
+                _to_stderr(f"{folder}: its net has no dropout, so no MC dropout row")
+    measured[key] = found
+    return found
+
+
 def _ood(args) -> None:
     """``uncertainty --ood``: one row per run (its posterior), per run with dropout (MC dropout) and per
     ensemble; in-distribution accuracy, NLL, ECE, and the out-of-distribution AUROC/AUPR of entropy and MI."""
@@ -1166,11 +1213,9 @@ def _ood(args) -> None:
 
     import pandas as pd
 
-    from pyrozoo.bmr.rebuild import rebuild
     from pyrozoo.io import make_folder
-    from pyrozoo.ood import SHOWN, dropout_layers, ensemble, mc_dropout, ood_inputs, ood_name, ood_row
+    from pyrozoo.ood import SHOWN, ensemble, ood_name, ood_row
     from pyrozoo.plots import plot_ood
-    from pyrozoo.predict import prepare_like
 
     groups = args.ensemble or []
     if not args.run and not groups:
@@ -1185,44 +1230,6 @@ def _ood(args) -> None:
     name, first, measured = ood_name(args.ood), {}, {}
     rows, figure = [], {}
 
-    def measure(folder, keep, dropout: bool):
-        """Predictions of the run in ``folder`` on its test set and on the OOD set, by its posterior and, when
-        asked and its net has dropout, by MC dropout; once per folder."""
-        key = str(Path(folder).resolve())
-        if key in measured and (not dropout or "mc" in measured[key]):
-            return measured[key]
-        run, raw, net, state = _open_for_prediction(args, write=into_run, folder=folder)
-        if into_run:
-            keep.enter_context(run)  # the lock held until the run's table is written
-        with contextlib.nullcontext() if into_run else run:
-            c = run.config
-            if raw.task != "classify":
-                raise PyrozooError(f"--ood scores class probabilities; {folder} is a {raw.task} run")
-            if not first:
-                first.update(data=c.data, x=ood_inputs(args.ood, raw, c.data_dir))
-            elif c.data != first["data"]:
-                raise PyrozooError(
-                    f"the table compares runs on one test set: {folder} was trained on {c.data}, the first "
-                    f"run on {first['data']}"
-                )
-            x_in, y = run.data.x_test, run.data.y_test.cpu()
-            x_out = prepare_like(run, raw, first["x"]).x_test
-            samples = _prediction_samples(args, run, net)
-            predict = _run_predictor(args, run, net, samples)
-            found = {"method": c.method, "state": state, "samples": samples, "y": y}
-            found["posterior"] = (predict(x_in), predict(x_out))
-            if dropout:
-                plain = net if net is not None else rebuild(run.model, run.guide, remove_dead=False)
-                if dropout_layers(plain):
-                    found["mc"] = tuple(
-                        mc_dropout(plain, x, args.mc_dropout, c.seed, args.batch_size) for x in (x_in, x_out)
-                    )
-                else:
-                    found["mc"] = None
-                    _to_stderr(f"{folder}: its net has no dropout, so no MC dropout row")
-        measured[key] = found
-        return found
-
     def add(label, folders, y, predictions, samples, state):
         label = label if label not in figure else f"{label} [{' '.join(folders)}]"
         inside, outside = predictions
@@ -1234,13 +1241,17 @@ def _ood(args) -> None:
 
     with contextlib.ExitStack() as keep:
         for folder in args.run:
-            found = measure(folder, keep, dropout=args.mc_dropout is not None)
+            found = _ood_predictions(
+                args, folder, keep, args.mc_dropout is not None, into_run, first, measured
+            )
             y, state = found["y"], found["state"]
             add(found["method"], [folder], y, found["posterior"], found["samples"], state)
             if found.get("mc") is not None:
                 add(f"{found['method']} mc-dropout", [folder], y, found["mc"], args.mc_dropout, state)
         for group in groups:
-            members = [measure(folder, keep, dropout=False) for folder in group]
+            members = [
+                _ood_predictions(args, folder, keep, False, into_run, first, measured) for folder in group
+            ]
             methods = "/".join(dict.fromkeys(m["method"] for m in members))
             predictions = tuple(ensemble([m["posterior"][i] for m in members]) for i in (0, 1))
             states = "/".join(dict.fromkeys(m["state"] for m in members))

@@ -532,44 +532,63 @@ def laplace(
         return _gaussian(weights(name), curv[name]).eigenvalues() if structure == "kron" else curv[name]
 
     if y is not None and isinstance(likelihood, Gaussian):
-        before = float(likelihood.precision())
         error = _squared_error(net, x, y, batch_size) * n / len(x)
-        beta = noise_precision({k: eigenvalues_of(k) for k in curv}, norms, error, n, before)
-        curv = {
-            k: _scaled(curv.pop(k), beta / before) for k in list(curv)
-        }  # the GGN is linear in the precision
-        likelihood = Gaussian("fixed", beta).to(x.device)
+        eigenvalues = {k: eigenvalues_of(k) for k in curv}
+        likelihood = _evidence_noise(likelihood, curv, eigenvalues, norms, error, n).to(x.device)
     scales, loc, scale, kron, record = {}, {}, {}, {}, []
     for layer in layers:
-        w = weights(layer.name)
         eigenvalues = eigenvalues_of(layer.name)
-        if structure != "kron":
-            del curv[layer.name]  # read here only: a large layer's float64 diagonal goes with it
-        delta = prior_precision(eigenvalues, norms[layer.name])
-        s = delta**-0.5
-        scales[layer.name] = s
+        # a diagonal is read here only: the layer's float64 curvature goes with it
+        factors = curv.pop(layer.name)
         site = layer.site
-        loc[site] = (w / s).to(layer.dtype)
-        if structure == "kron":
-            kron[site] = _gaussian(w / s, _scaled(curv[layer.name], 1 / delta))
-            variance = kron[site].marginal_variance()
-        else:  # 1 / (h / delta + 1), in place
-            variance = (eigenvalues / delta).add_(1).reciprocal_()
-        scale[site] = variance.sqrt_().to(layer.dtype)
-        del variance
-        record.append(
-            {
-                "layer": layer.name,
-                "prior_precision": delta,
-                "prior_scale": s,
-                "log_marginal": log_marginal_likelihood(eigenvalues, norms[layer.name], delta),
-            }
+        fit = _layer_posterior(
+            weights(layer.name),
+            eigenvalues,
+            factors if structure == "kron" else None,
+            norms[layer.name],
+            layer.dtype,
         )
+        scales[layer.name], loc[site], scale[site], gaussian, evidence = fit
+        if gaussian is not None:
+            kron[site] = gaussian
+        record.append({"layer": layer.name, **evidence})
     kwargs = {} if likelihood is None else {"likelihood": likelihood}
     # the example batch traces the net's units (for a units pass and the rebuild) at the inputs' own size
     model = BayesianModel(net, prior=FixedScales(scales), output=output, example_input=x[:2], **kwargs)
     model.laplace = record
     return model, LaplacePosterior(model, loc, scale, kron, predictive)
+
+
+def _layer_posterior(w, eigenvalues, kron_factors: tuple | None, squared_norm: float, dtype: torch.dtype):
+    """One layer's Laplace fit in the latent frame ``z = w / s`` (float64 ``w``): ``(s, loc, marginal scale,
+    KFAC Gaussian or None, its record of the evidence)`` with loc and scale in ``dtype``, the prior precision
+    ``δ = s^-2`` chosen by the evidence (:func:`prior_precision`); ``kron_factors`` the layer's KFAC curvature,
+    or None for the diagonal ``eigenvalues``."""
+    delta = prior_precision(eigenvalues, squared_norm)
+    s = delta**-0.5
+    gaussian = None
+    if kron_factors is not None:
+        gaussian = _gaussian(w / s, _scaled(kron_factors, 1 / delta))
+        variance = gaussian.marginal_variance()
+    else:  # 1 / (h / delta + 1), in place
+        variance = (eigenvalues / delta).add_(1).reciprocal_()
+    evidence = {
+        "prior_precision": delta,
+        "prior_scale": s,
+        "log_marginal": log_marginal_likelihood(eigenvalues, squared_norm, delta),
+    }
+    return s, (w / s).to(dtype), variance.sqrt_().to(dtype), gaussian, evidence
+
+
+def _evidence_noise(likelihood, curv: dict, eigenvalues: dict, norms: dict, error: float, n: int) -> Gaussian:
+    """The Gaussian likelihood with its noise precision chosen by the evidence (:func:`noise_precision`), and
+    the curvature ``curv`` (taken under ``likelihood``'s precision) rescaled to it in place: the GGN is linear
+    in the precision."""
+    before = float(likelihood.precision())
+    beta = noise_precision(eigenvalues, norms, error, n, before)
+    for k in list(curv):
+        curv[k] = _scaled(curv.pop(k), beta / before)
+    return Gaussian("fixed", beta)
 
 
 @torch.no_grad()
