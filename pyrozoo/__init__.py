@@ -9,4 +9,8 @@ __version__ = "0.1.0"
 # the module's other helpers are imported by ``from pyrozoo.predict import ...``.
 from pyrozoo.predict import predict  # noqa: E402
 
-__all__ = ["__version__", "predict"]
+# ``pyrozoo.compress(net, data, target="latency=0.5")``: a trained net in, a smaller one out, beside the baselines
+# (the module's other names by ``from pyrozoo.compress import ...``).
+from pyrozoo.compress import compress  # noqa: E402
+
+__all__ = ["__version__", "compress", "predict"]

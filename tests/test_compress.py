@@ -4,6 +4,7 @@ the rebuilt net, the baselines at the same cost, and the command's report."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -212,7 +213,7 @@ def test_a_latency_target_ranks_globally_by_the_latency_model(fitted, monkeypatc
     modelled = latency_model(model, net, x[:8], repeats=2)
     assert all(cost > 0 for cost in modelled.values())
     assert all(torch.equal(model.mask(name), mask) for name, mask in before.items())
-    monkeypatch.setattr("pyrozoo.compress.latency_model", lambda *a, **k: modelled)  # the same timings twice
+    monkeypatch.setattr(sys.modules["pyrozoo.compress"], "latency_model", lambda *a, **k: modelled)  # the same timings twice
     ranking = rank_for(model, posterior, Target("latency", 0.5), net, x[:8], x[:2], "global", repeats=2)
     per_cost = [gain / modelled[g] for gain, (g, _) in zip(ranking.gain, ranking.order)]
     assert per_cost == sorted(per_cost, reverse=True)
