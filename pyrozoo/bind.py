@@ -155,7 +155,8 @@ def _check_table(c: TrainConfig, table: str) -> None:
                 f"this run's {_part(c, table)} takes no {option_as_given(table, key)}{did_you_mean(key, taken)}{whose}"
             )
         raise PyrozooError(
-            f"{option_as_given(table, key)} belongs to {option_takers(table, key)}, not to this run's {_part(c, table)}{whose}"
+            f"{option_as_given(table, key)} belongs to {option_takers(table, key)}, "
+            f"not to this run's {_part(c, table)}{whose}"
         )
 
 

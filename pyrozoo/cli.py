@@ -1231,6 +1231,8 @@ def _ood(args) -> None:
     rows, figure = [], {}
 
     def add(label, folders, y, predictions, samples, state):
+        if state != "checkpoint":  # a pruned state, or a posterior fitted in place of the run's own
+            label = f"{label} ({Path(state).stem})"
         label = label if label not in figure else f"{label} [{' '.join(folders)}]"
         inside, outside = predictions
         rows.append(
@@ -1258,12 +1260,11 @@ def _ood(args) -> None:
             add(f"ensemble of {len(group)} {methods}", group, members[0]["y"], predictions,
                 sum(m["samples"] for m in members), states)  # fmt: skip
         table = pd.DataFrame(rows)
-        if into_run:
-            state = rows[0]["state"]
-            folder = Path(args.run[0])
-            stem = f"ood-{name}" if state == "checkpoint" else f"ood-{name}-{Path(state).stem}"
-        else:
-            folder, stem = make_folder(args.out), f"ood-{name}"
+        states = set(table["state"])
+        # the file names the state its rows share (a pruned file, a fitted posterior), so no other is overwritten
+        state = states.pop() if len(states) == 1 else "checkpoint"
+        stem = f"ood-{name}" if state == "checkpoint" else f"ood-{name}-{Path(state).stem}"
+        folder = Path(args.run[0]) if into_run else make_folder(args.out)
         path = folder / f"{stem}.csv"
         atomic_write(path, lambda p: table.to_csv(p, index=False))
         plots = plot_ood(figure, folder, stem, ood=name)

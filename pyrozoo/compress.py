@@ -592,7 +592,8 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
         lines += [
             f"`{record['command']}`",
             "",
-            f"{record['data']}, {record['machine']}, {record['threads']} thread(s), {record['date']}. Every method "
+            f"{record['data']}, {record['machine']}, {record['threads']} thread(s), {record['date']}. pyrozoo ranked "
+            f"units by {record.get('score', 'obd')}, {record.get('allocation', 'uniform')} across groups. Every method "
             f"but the dense net was fine-tuned for {record['finetune_steps']} Adam steps after pruning (on "
             f"{record.get('device', 'cpu')}); latency is a ratio to the dense net's, timed in turns in one process "
             "on the CPU.",
@@ -603,10 +604,13 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in table:
+        params = f"{row['params']:,} ({row['params'] / dense['params']:.2f})"
+        nonzero = row.get("nonzero_params", row["params"])
+        if nonzero != row["params"]:  # unstructured pruning (global magnitude): zeros at the dense shapes
+            params += f", {nonzero:,} non-zero ({nonzero / dense['params']:.2f})"
         lines.append(
             f"| {row['method']} | {row['target']} | {row['accuracy']:.4f} | {row['nll']:.4f} | {row['ece']:.4f} | "
-            f"{row['params']:,} ({row['params'] / dense['params']:.2f}) | {row['flops'] / dense['flops']:.2f} | "
-            f"{row['latency_b1']:.2f} | {row['latency_b256']:.2f} |"
+            f"{params} | {row['flops'] / dense['flops']:.2f} | {row['latency_b1']:.2f} | {row['latency_b256']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -337,7 +337,8 @@ def plot_regression_bands(run, path_stem: str | os.PathLike, samples: int = 200,
 
 def plot_sweep(table: pd.DataFrame, folder: Path, stem: str = "sweep") -> list[Path]:
     """The accuracy-sparsity curve (``pyrozoo sweep``): accuracy, NLL and ECE (a regression's RMSE, NLL and 90%
-    coverage) against the pruned fraction, one line per method (dashed: after fine-tuning), the dense net as a grey line.
+    coverage) against the pruned fraction, one line per method (dashed: after fine-tuning), the dense net as a
+    grey line.
     """
     dense = table[table.method == "dense"].iloc[0]
     curves = table[table.method != "dense"]

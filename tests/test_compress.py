@@ -43,8 +43,10 @@ def test_targets_are_parsed_and_checked():
     assert Target.parse("latency=0.7,0.5") == [Target("latency", 0.7), Target("latency", 0.5)]
     assert Target.parse("evidence") == [Target("evidence")]
     assert str(Target("params", 0.25)) == "params=0.25"
-    for bad, words in [("params=1.5", "between 0 and 1"), ("params=x", "not a number"), ("speed=0.5", "unknown"),
-                       ("params=inf", "finite"), ("params", "between 0 and 1"), ("evidence=0.5", "takes no value")]:  # fmt: skip
+    bad_targets = [("params=1.5", "between 0 and 1"), ("params=x", "not a number"), ("speed=0.5", "unknown"),
+                   ("params=inf", "finite"), ("params", "between 0 and 1"),
+                   ("evidence=0.5", "takes no value")]  # fmt: skip
+    for bad, words in bad_targets:
         with pytest.raises(PyrozooError, match=words):
             Target.parse(bad)
 
@@ -187,7 +189,8 @@ def test_compress_shrinks_issue_28s_nets(name):
 @pytest.mark.slow
 def test_the_compress_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
     """scripts/compress_resnet18_gpu.sh with DEVICE=cpu and a tiny setting: it trains the net, compresses it
-    against every baseline and writes the report (the full run needs a GPU; tests/test_cuda.py runs it there)."""
+    against every baseline and writes the report (the full run needs a GPU; tests/test_cuda.py runs it there).
+    """
     import os
     import subprocess
     from pathlib import Path
@@ -213,7 +216,9 @@ def test_a_latency_target_ranks_globally_by_the_latency_model(fitted, monkeypatc
     modelled = latency_model(model, net, x[:8], repeats=2)
     assert all(cost > 0 for cost in modelled.values())
     assert all(torch.equal(model.mask(name), mask) for name, mask in before.items())
-    monkeypatch.setattr(sys.modules["pyrozoo.compress"], "latency_model", lambda *a, **k: modelled)  # the same timings twice
+    monkeypatch.setattr(
+        sys.modules["pyrozoo.compress"], "latency_model", lambda *a, **k: modelled
+    )  # the same timings twice
     ranking = rank_for(model, posterior, Target("latency", 0.5), net, x[:8], x[:2], "global", repeats=2)
     per_cost = [gain / modelled[g] for gain, (g, _) in zip(ranking.gain, ranking.order)]
     assert per_cost == sorted(per_cost, reverse=True)
@@ -270,12 +275,15 @@ def test_module_times_follow_the_forward_pass():
 
 def test_round_robin_calls_each_once_a_round_in_a_fresh_order_and_pairs_ratios_by_round():
     """The benchmarks' timer: warm-up rounds untimed, every call once per timed round, the order shuffled; a
-    ratio is taken within each round, so a round slowed for all (the third) does not skew it as medians would."""
+    ratio is taken within each round, so a round slowed for all (the third) does not skew it as medians would.
+    """
     calls: list[str] = []
     times = costs.round_robin({k: (lambda k=k: calls.append(k)) for k in "abcd"}, rounds=20, warmup=2)
     rounds = [calls[i : i + 4] for i in range(0, len(calls), 4)]
     assert len(rounds) == 22 and all(sorted(r) == list("abcd") for r in rounds)
-    assert len({tuple(r) for r in rounds}) > 5 and {k: len(t) for k, t in times.items()} == dict.fromkeys("abcd", 20)
+    assert len({tuple(r) for r in rounds}) > 5 and {k: len(t) for k, t in times.items()} == dict.fromkeys(
+        "abcd", 20
+    )
     ratios = costs.paired_ratios({"base": [1.0, 1.0, 10.0], "x": [2.0, 20.0, 20.0]}, "base")
     assert ratios["x"] == (2.0, 2.0, 11.0) and ratios["base"] == (1.0, 1.0, 1.0)  # medians' ratio: 20
 
@@ -319,7 +327,9 @@ def test_the_obd_score_is_the_evidence_without_its_occam_term(fitted):
         torch.testing.assert_close((full[name] - fit[name]).double(), occam, rtol=1e-4, atol=1e-6)
     ranking = rank_units(model, posterior, x[:2], score="obd")
     groups = ranking.groups
-    scored = {g: groups[g].total(fit) for g in range(len(groups))}  # no BatchNorm here: every entry of the unit
+    scored = {
+        g: groups[g].total(fit) for g in range(len(groups))
+    }  # no BatchNorm here: every entry of the unit
     assert ranking.gain == pytest.approx([float(scored[g][u]) for g, u in ranking.order], rel=1e-5)
     per_parameter = [gain / float(groups[g].total({n: torch.ones_like(fit[n]) for n in fit})[u])
                      for gain, (g, u) in zip(ranking.gain, ranking.order)]  # fmt: skip
@@ -328,3 +338,21 @@ def test_the_obd_score_is_the_evidence_without_its_occam_term(fitted):
         rank_units(model, posterior, x[:2], score="magic")
     with pytest.raises(PyrozooError, match="unknown score"):
         compress(net, (x, torch.zeros(len(x), dtype=torch.long)) * 2, "params=0.5", score="magic")
+
+
+def test_the_report_shows_an_unstructured_nets_non_zero_parameters():
+    """Global magnitude keeps the dense shapes: the table gives its non-zero count beside them, so a row at
+    ``params=0.5`` does not read as 1.00 alone; a structured net's row shows its parameters once."""
+    from pyrozoo.compress import markdown
+
+    row = dict(
+        target="params=0.5", accuracy=0.9, nll=0.3, ece=0.01, flops=10, latency_b1=1.0, latency_b256=1.0
+    )
+    table = [
+        {**row, "method": "dense", "params": 100, "nonzero_params": 100},
+        {**row, "method": "global-magnitude", "params": 100, "nonzero_params": 50},
+        {**row, "method": "pyrozoo", "params": 48, "nonzero_params": 48},
+    ]
+    text = markdown(table)
+    assert "| 100 (1.00), 50 non-zero (0.50) |" in text and text.count("non-zero") == 1
+    assert "| 48 (0.48) |" in text

@@ -52,8 +52,8 @@ class SpikeAndSlab(WeightReduction):
     - ``pruned_vote=False, keep_pruned_posterior=False``: the sums run over the live weights only and pruned
       entries are reset to the prior, their exact posterior (pyrozoo's rule before 2026-11-30).
     - ``count_pruned=True`` (whatever ``pruned_vote`` says): pruned entries vote as excluded (``q = 0``), so
-      the inclusion estimate is the layer's, not the survivors'; ``max_cutoff`` caps the cut-off (with 0 no weight whose removal raises the
-      evidence is ever kept). ``bmr-lss`` is this with the cap at 0.
+      the inclusion estimate is the layer's, not the survivors'; ``max_cutoff`` caps the cut-off (with 0 no
+      weight whose removal raises the evidence is ever kept). ``bmr-lss`` is this with the cap at 0.
     """
 
     count_pruned: bool = False
