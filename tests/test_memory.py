@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from pyrozoo import compress as compress_module
+from pyrozoo.compress import compress
 from pyrozoo.posteriors import laplace as laplace_module
 
 
@@ -33,7 +33,7 @@ def test_compress_reads_the_given_net_without_copying_or_changing_it(monkeypatch
 
     monkeypatch.setattr(laplace_module, "laplace", spy)
     x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))
-    compress_module.compress(
+    compress(
         net, (x, y, x[:32], y[:32]), "params=0.7", finetune_steps=1, baselines=(), repeats=1, progress=False,
         log=lambda text: None,
     )  # fmt: skip
