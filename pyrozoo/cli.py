@@ -1006,7 +1006,12 @@ def _export(args) -> None:
                 f"its {nonzero:,d} non-zero parameters are {summary['nonzero_ratio']:.1f}x fewer than its parameters"
                 if summary["nonzero_ratio"] >= 1.05
                 else f"{nonzero:,d} of its {summary['trained_parameters']:,d} parameters are non-zero: nothing "
-                "was pruned to speak of (pyrozoo prune RUN first)"
+                "was pruned to speak of "
+                + (
+                    "(the trained net as --pruned none asked)"
+                    if args.pruned == "none"
+                    else "(pyrozoo prune RUN first)"
+                )
             )
         )
     else:

@@ -3,6 +3,8 @@ writes are tested in test_cli.py, test_sweep_cli.py and nets/test_transformers.p
 
 import os
 
+from clitools import cli
+
 from pyrozoo.export import pruned_results
 from pyrozoo.posteriors import POSTERIORS, make_source
 
@@ -30,3 +32,9 @@ def test_the_exported_program_holds_its_example_not_the_tensor_under_it(tmp_path
     assert (tmp_path / "p.pt2").stat().st_size < 1_000_000
     x = torch.randn(5, 64)
     assert torch.export.load(tmp_path / "p.pt2").module()(x).shape == (5, 3)
+
+
+def test_exporting_the_trained_state_asked_for_does_not_tell_to_prune_first(capsys, map_run):
+    """``export --pruned none`` (compress's documented path) says the net is the trained one, not to prune it."""
+    code, out, _ = cli(capsys, "export", "map", "--pruned", "none", "--repeats", "1")
+    assert code == 0 and "as --pruned none asked" in out and "prune RUN first" not in out
