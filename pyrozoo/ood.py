@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pyrozoo.errors import PyrozooError
 from pyrozoo.metrics import auroc, average_precision
-from pyrozoo.predict import _entropy, classification_summary, read_inputs
+from pyrozoo.predict import _entropy, classification_summary, mixture, read_inputs
 
 # the table's columns, as printed (the CSV keeps every column of classification_summary too)
 SHOWN = (
@@ -89,22 +89,10 @@ def ood_row(inside: dict[str, Tensor], y: Tensor, outside: dict[str, Tensor]) ->
     return {**classification_summary(inside, y), **ood_scores(inside, outside)}
 
 
-def mixture(prob_sum: Tensor, expected_sum: Tensor, count: int) -> dict[str, Tensor]:
-    """The predictions of an equal mixture of ``count`` predictive distributions, from the sum of their class
-    probabilities and the sum of their (expected) entropies: as :func:`pyrozoo.predict.predict`'s, the mutual
-    information ``H[mean p] - mean H[p]`` (>= 0 by Jensen, clamped against rounding) when ``count > 1``."""
-    probs = prob_sum / count
-    entropy = _entropy(probs.log())
-    out = {"probs": probs, "class": probs.argmax(-1), "entropy": entropy}
-    if count > 1:
-        out["expected_entropy"] = expected_sum / count
-        out["mutual_information"] = (entropy - out["expected_entropy"]).clamp(min=0)
-    return out
-
-
 def ensemble(members: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """A deep ensemble's predictions from its members' (each :func:`pyrozoo.predict.predict`'s on the same
-    inputs): the mean of their probabilities; a member that is itself a mixture brings its expected entropy."""
+    inputs): the mean of their probabilities; a member that is itself a mixture brings its expected entropy.
+    """
     if len(members) < 2:
         raise PyrozooError(f"an ensemble needs at least 2 members, got {len(members)}")
     prob_sum = sum(m["probs"] for m in members)
@@ -118,7 +106,9 @@ def dropout_layers(net: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def mc_dropout(net: nn.Module, x: Tensor, passes: int, seed: int = 0, batch_size: int = 2000) -> dict[str, Tensor]:
+def mc_dropout(
+    net: nn.Module, x: Tensor, passes: int, seed: int = 0, batch_size: int = 2000
+) -> dict[str, Tensor]:
     """MC dropout: the mixture of ``passes`` forward passes of ``net`` with its dropout on (the rest of it, e.g.
     batch norm, in eval mode), from a random stream of their own seeded by ``seed``, so a call gives the same
     predictions every time and leaves the caller's stream as it was."""

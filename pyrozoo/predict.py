@@ -45,6 +45,22 @@ def _entropy(log_probs: Tensor) -> Tensor:
     return -(log_probs.exp() * log_probs).nan_to_num().sum(-1)  # 0 log 0 = 0
 
 
+def mixture(prob_sum: Tensor, expected_sum: Tensor, count: int) -> dict[str, Tensor]:
+    """The predictions of an equal mixture of ``count`` predictive distributions (posterior draws, MC dropout
+    passes, an ensemble's members), from the sum of their class probabilities and of their (expected) entropies:
+    ``probs``, ``class``, ``entropy``, and when ``count > 1`` ``expected_entropy`` and the mutual information
+    ``H[mean p] - mean H[p]``; one draw (a point mass, a plain net) has no epistemic part, and reports none.
+    """
+    probs = prob_sum / count
+    entropy = _entropy(probs.log())
+    out = {"probs": probs, "class": probs.argmax(-1), "entropy": entropy}
+    if count > 1:
+        out["expected_entropy"] = expected_sum / count
+        # >= 0 by Jensen; float64 rounding alone can take it a hair below
+        out["mutual_information"] = (entropy - out["expected_entropy"]).clamp(min=0)
+    return out
+
+
 @torch.no_grad()
 def predict_batch(
     model: nn.Module, guide, x: Tensor, samples: int = 100, task: str | None = None, seed: int = 0
@@ -73,14 +89,7 @@ def predict_batch(
                 log_probs = torch.log_softmax(out.double(), dim=-1)
                 prob_sum = prob_sum + log_probs.exp()
                 expected = expected + _entropy(log_probs)
-            probs = prob_sum / samples
-            entropy = _entropy(probs.log())
-            result = {"probs": probs, "class": probs.argmax(-1), "entropy": entropy}
-            if samples > 1:  # one draw (a point mass, a plain net) has no epistemic part, and reports none
-                result["expected_entropy"] = expected / samples
-                # >= 0 by Jensen; float64 rounding alone can take it a hair below
-                result["mutual_information"] = (entropy - result["expected_entropy"]).clamp(min=0)
-            return result
+            return mixture(prob_sum, expected, samples)
         locs, noise = [], []
         for out, latents in outputs:
             mean = out.double()[..., 0]
