@@ -234,6 +234,19 @@ def _diagonal(net, modules, x, likelihood, loss, scale, batch_size, samples, see
     return {name: value.div_(samples if fisher == "mc" else 1) for name, value in store.items()}  # in place
 
 
+def has_curvature(net: nn.Module, layer) -> bool:
+    """Whether :func:`curvature` takes ``layer`` of ``net``: the weight of a Linear or Conv2d module."""
+    return layer.kind == "weight" and isinstance(net.get_submodule(layer.name), (nn.Linear, nn.Conv2d))
+
+
+def fit_subset(n: int, size: int | None, seed: int) -> torch.Tensor | None:
+    """The indices of ``size`` of ``n`` training inputs drawn at random (seeded), which a curvature's sum over
+    all ``n`` is estimated from (scaled by ``n / size``); None when all are used."""
+    if size is None or size >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
+
+
 def curvature(
     net: nn.Module,
     layers,
@@ -266,14 +279,12 @@ def curvature(
         raise PyrozooError(
             f"the KFAC variant for convolutions is one of {', '.join(KFAC_APPROX)}, not {kfac!r}"
         )
-    modules = {}
     for layer in layers:
-        module = net.get_submodule(layer.name) if layer.kind == "weight" else None
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not has_curvature(net, layer):
             raise PyrozooError(
                 f"Laplace supports Linear and Conv2d layers; {layer.name!r} ({layer.kind}) is neither"
             )
-        modules[layer.name] = module
+    modules = {layer.name: net.get_submodule(layer.name) for layer in layers}
     loss, scale = _loss(likelihood)
     training = net.training
     net.eval()  # no dropout: the curvature of the network as it predicts
@@ -312,14 +323,10 @@ def start_curvature(model, guide, net: nn.Module, inputs: torch.Tensor, seed: in
     the trained weight, where a fixed small start (1e-3) keeps every weight far more certain than the data say,
     so BMR finds little to remove, and a large one (0.03) loses the trained net's accuracy at the first draws
     (issue 28's trial)."""
-    layers = [
-        layer
-        for layer in model.layers
-        if layer.kind == "weight" and isinstance(net.get_submodule(layer.name), (nn.Linear, nn.Conv2d))
-    ]
+    layers = [layer for layer in model.layers if has_curvature(net, layer)]
     n = len(inputs)
-    if n > START_FIT_SIZE:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:START_FIT_SIZE]
+    order = fit_subset(n, START_FIT_SIZE, seed)
+    if order is not None:
         inputs = inputs[order.to(inputs.device)]
     likelihood = model.likelihood.at_point(guide)
     with torch.enable_grad():
@@ -513,8 +520,8 @@ def laplace(
     net = copy.deepcopy(net)
     layers = find_layers(net, output)
     n = len(x)
-    if fit_size is not None and fit_size < n:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:fit_size]
+    order = fit_subset(n, fit_size, seed)
+    if order is not None:
         x = x[order.to(x.device)]
         y = None if y is None else y[order.to(y.device)]
     with torch.enable_grad():
