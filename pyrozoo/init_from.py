@@ -202,10 +202,7 @@ def start_from_weights(
         found, spread = curvature(net), LAPLACE_FALLBACK
     current = guide.posterior()
 
-    def scales(site, like, layer=None, scale=None):
-        if layer is not None and layer.name in found:
-            # the diagonal Laplace posterior of z = w / scale under its N(0, 1) prior: precision 1 + scale^2 H
-            return (1 + scale.square() * found[layer.name]).rsqrt().to(like)
+    def scales(site, like):
         return current[site][1].clone() if spread is None else torch.full_like(like, spread)
 
     hyper = fit_hyperparameters(model, guide, w, steps)
@@ -216,7 +213,12 @@ def start_from_weights(
     for layer in layers:
         scale = _layer_scale(model, layer, hyper_mean).expand(layer.shape)
         z = w[layer.name] / scale
-        guide.write_posterior(layer.site, z, scales(layer.site, z, layer, scale.double()))
+        if layer.name in found:
+            # the diagonal Laplace posterior of z = w / scale under its N(0, 1) prior: precision 1 + scale^2 H
+            spread_z = (1 + scale.double().square() * found[layer.name]).rsqrt().to(z)
+        else:
+            spread_z = scales(layer.site, z)
+        guide.write_posterior(layer.site, z, spread_z)
     # the net's own parameters (placeholders, but what a deterministic evaluation of model.net would read)
     for name, value in net.state_dict().items():
         model.net.state_dict()[name].copy_(value)
