@@ -12,12 +12,11 @@ import functools
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
-
 from pyrozoo import data as datasets
 from pyrozoo.bmr.reduction import REDUCTIONS, Reduction, configure
 from pyrozoo.bmr.unit_reduction import UnitReduction
-from pyrozoo.config import TABLES, TrainConfig, check_value, fold_aliases, run_option_fields, option_as_given
+from pyrozoo.config import TABLES, TrainConfig, check_value, fold_aliases, option_as_given, run_option_fields
+from pyrozoo.distributed import check_device
 from pyrozoo.errors import PyrozooError, did_you_mean
 from pyrozoo.guides import GUIDES
 from pyrozoo.methods import METHODS, Method
@@ -131,12 +130,7 @@ def _check_names(c: TrainConfig) -> None:
         OPTIMIZERS[c.optimizer]
     if not 0 <= c.seed < 2**32:  # pyro.set_rng_seed seeds numpy too, which takes only this range
         raise PyrozooError(f"seed must be in 0..{2**32 - 1}, got {c.seed}")
-    try:
-        torch.device(c.device)
-    except RuntimeError:
-        raise PyrozooError(f"unknown device {c.device!r}; use cpu, cuda or cuda:N") from None
-    if c.device.startswith("cuda") and not torch.cuda.is_available():
-        raise PyrozooError("--device cuda was asked for, but torch sees no CUDA device")
+    check_device(c.device)
     if c.prior is not None:
         PRIORS[c.prior]
     if c.rule is not None:

@@ -43,6 +43,7 @@ from pyrozoo.baselines import finetune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
 from pyrozoo.bmr.units import Units, model_units, structure
+from pyrozoo.distributed import check_device
 from pyrozoo.errors import PyrozooError, reason
 from pyrozoo.metrics import evaluate_net
 
@@ -506,15 +507,6 @@ def _baseline(job: _Job, name: str, t: Target, small: nn.Module, value: float, k
     return job.row(name, t, pruned, seconds=time.perf_counter() - start)
 
 
-def _check_device(device: str) -> None:
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise PyrozooError(f"unknown device {device!r}: give cpu, cuda or cuda:N") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise PyrozooError(f"device {device} was asked for, but torch sees no CUDA device: give cpu")
-
-
 def compress(
     net: nn.Module,
     data,
@@ -550,7 +542,7 @@ def compress(
         raise PyrozooError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
     if finetune_steps < 0 or batch_size < 1:
         raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
-    _check_device(device)
+    check_device(device)
     d = _data(data)
     training = net.training
     # read only (every method prunes and tunes a copy): a large net is not held twice; one on a GPU is copied

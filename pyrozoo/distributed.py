@@ -43,6 +43,18 @@ from pyrozoo import io
 from pyrozoo.errors import PyrozooError
 
 
+def check_device(device: str) -> None:
+    """``device`` is one torch knows, and a CUDA one only where torch sees a GPU: else one PyrozooError."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise PyrozooError(f"unknown device {device!r}: give cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise PyrozooError(
+            f"--device {device} was asked for, but torch sees no CUDA device: give --device cpu"
+        )
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place in a distributed run: ``rank`` of ``size`` processes, ``local_rank`` on its node.
