@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pyrozoo.errors import PyrozooError
 from pyrozoo.metrics import auroc, average_precision
-from pyrozoo.predict import _entropy, classification_summary, mixture, read_inputs
+from pyrozoo.predict import classification_summary, mixture, mixture_of_logits, read_inputs
 
 # the table's columns, as printed (the CSV keeps every column of classification_summary too)
 SHOWN = (
@@ -127,12 +127,8 @@ def mc_dropout(
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
             torch.manual_seed(seed)
             for start in range(0, len(x), batch_size):
-                prob_sum, expected = 0.0, 0.0
-                for _ in range(passes):
-                    log_probs = torch.log_softmax(net(x[start : start + batch_size]).double(), dim=-1)
-                    prob_sum = prob_sum + log_probs.exp()
-                    expected = expected + _entropy(log_probs)
-                for key, value in mixture(prob_sum, expected, passes).items():
+                batch = x[start : start + batch_size]
+                for key, value in mixture_of_logits((net(batch) for _ in range(passes)), passes).items():
                     parts.setdefault(key, []).append(value.cpu())
     finally:
         net.train(training)

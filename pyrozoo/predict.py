@@ -17,7 +17,7 @@ one draw: it has no epistemic part, and reports none; nor does a single draw of 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import pandas as pd
 import torch
@@ -61,6 +61,17 @@ def mixture(prob_sum: Tensor, expected_sum: Tensor, count: int) -> dict[str, Ten
     return out
 
 
+def mixture_of_logits(logits: Iterable[Tensor], count: int) -> dict[str, Tensor]:
+    """:func:`mixture` of the ``count`` categorical predictives whose logits ``logits`` yields (posterior draws,
+    MC dropout passes), summed in float64 as they come."""
+    prob_sum, expected = 0.0, 0.0
+    for out in logits:
+        log_probs = torch.log_softmax(out.double(), dim=-1)
+        prob_sum = prob_sum + log_probs.exp()
+        expected = expected + _entropy(log_probs)
+    return mixture(prob_sum, expected, count)
+
+
 @torch.no_grad()
 def predict_batch(
     model: nn.Module, guide, x: Tensor, samples: int = 100, task: str | None = None, seed: int = 0
@@ -84,12 +95,7 @@ def predict_batch(
         else:
             outputs, samples = iter([(model(x), None)]), 1
         if task == "classify":
-            prob_sum, expected = 0.0, 0.0
-            for out, _ in outputs:
-                log_probs = torch.log_softmax(out.double(), dim=-1)
-                prob_sum = prob_sum + log_probs.exp()
-                expected = expected + _entropy(log_probs)
-            return mixture(prob_sum, expected, samples)
+            return mixture_of_logits((out for out, _ in outputs), samples)
         locs, noise = [], []
         for out, latents in outputs:
             mean = out.double()[..., 0]
