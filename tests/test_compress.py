@@ -134,7 +134,7 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
     assert rows["dense+finetune"]["params"] == rows["dense"]["params"]
     assert (
         rows["pyrozoo"]["params"] <= 0.5 * rows["dense"]["params"]
-        and rows["tp-l1"]["params"] <= rows["dense"]["params"] * 0.5
+        and rows["tp-l1"]["params"] <= rows["pyrozoo"]["params"]  # brought to the cost pyrozoo's net reached
     )
     assert rows["global-magnitude"]["nonzero_params"] < rows["dense"]["params"]
     for name in (
