@@ -7,7 +7,7 @@ bias: BatchNorm holds the shift), each followed by BatchNorm, ReLU and 2x2 max-p
     python benchmarks/bn_cnn.py --epochs 2 --out bn_cnn.pt          # the trained state_dict
     PYTHONPATH=benchmarks pyrozoo compress bn_cnn:bn_cnn --weights bn_cnn.pt --pad-to 32 --target latency=0.5
     python benchmarks/bn_cnn.py --net resnet20 --epochs 2 --out resnet20.pt
-    pyrozoo compress resnet20 --weights resnet20.pt --target latency=0.5
+    pyrozoo compress resnet20 --weights resnet20.pt --pad-to 32 --target latency=0.5   # trained at 32x32, as here
 
 The factory takes the data's ``in_channels`` and ``num_classes``, as ``pyrozoo compress`` passes them.
 """
