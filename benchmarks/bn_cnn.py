@@ -7,6 +7,7 @@ bias: BatchNorm holds the shift), each followed by BatchNorm, ReLU and 2x2 max-p
     python benchmarks/bn_cnn.py --epochs 2 --out bn_cnn.pt          # the trained state_dict
     PYTHONPATH=benchmarks pyrozoo compress bn_cnn:bn_cnn --weights bn_cnn.pt --pad-to 32 --target latency=0.5
     python benchmarks/bn_cnn.py --net resnet20 --epochs 2 --out resnet20.pt
+    python benchmarks/bn_cnn.py --net resnet20 --epochs 1 --resume resnet20.pt --out resnet20-e3.pt  # one more epoch
     pyrozoo compress resnet20 --weights resnet20.pt --pad-to 32 --target latency=0.5   # trained at 32x32, as here
 
 The factory takes the data's ``in_channels`` and ``num_classes``, as ``pyrozoo compress`` passes them.
@@ -51,11 +52,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bn_cnn.pt")
+    parser.add_argument("--resume", default=None, help="a state_dict this script wrote: train it on (fresh Adam)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     d = datasets.prepare(datasets.load(args.data, args.data_dir), pad_to=32)
     net = bn_cnn(d.x_train.shape[1], d.num_classes) if args.net == "bn_cnn" else build_net(args.net, d)
+    if args.resume:
+        from pyrozoo.init_from import load_state, trained_net
+
+        net = trained_net(net, load_state(args.resume, flag="--resume"), what=f"--resume {args.resume}")
     steps = round(args.epochs * len(d.x_train) / args.batch_size)
     start = time.perf_counter()
     to = args.device
