@@ -55,6 +55,19 @@ def check_device(device: str) -> None:
         )
 
 
+def in_place(tensors: list[torch.Tensor], communicate: Callable[[torch.Tensor], object]) -> None:
+    """``communicate`` (a collective that changes its tensor in place) applied to ``tensors`` as one flat buffer
+    per device and dtype, the result copied back: one message per kind, not one per tensor."""
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    for group in by_kind.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        communicate(flat)
+        for t, part in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(part.view_as(t))
+
+
 @dataclass(frozen=True)
 class World:
     """This process's place in a distributed run: ``rank`` of ``size`` processes, ``local_rank`` on its node.
@@ -119,14 +132,7 @@ class World:
         for p in params:
             if p.grad is None:  # a parameter this step did not reach; another rank's may have
                 p.grad = torch.zeros_like(p)
-        by_kind: dict[tuple, list[torch.Tensor]] = {}
-        for p in params:
-            by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-        for tensors in by_kind.values():
-            flat = torch.cat([t.reshape(-1) for t in tensors]).mul_(weight)
-            dist.all_reduce(flat)
-            for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-                t.copy_(part.view_as(t))
+        in_place([p.grad for p in params], lambda flat: dist.all_reduce(flat.mul_(weight)))
         total = loss.detach().reshape(1).double() * weight
         dist.all_reduce(total)
         return total.to(loss.dtype)[0]
@@ -138,15 +144,7 @@ class World:
             return
         for module in modules:
             state = module.state_dict(keep_vars=False)
-            tensors = [t for t in state.values() if torch.is_tensor(t)]
-            by_kind: dict[tuple, list[torch.Tensor]] = {}
-            for t in tensors:
-                by_kind.setdefault((t.device, t.dtype), []).append(t)
-            for group in by_kind.values():
-                flat = torch.cat([t.reshape(-1) for t in group])
-                dist.broadcast(flat, src=0)
-                for t, part in zip(group, flat.split([t.numel() for t in group])):
-                    t.copy_(part.view_as(t))
+            in_place([t for t in state.values() if torch.is_tensor(t)], lambda flat: dist.broadcast(flat, src=0))
             module.load_state_dict(state)
 
     def sync_rng(self) -> None:
@@ -186,24 +184,41 @@ class World:
         return gathered
 
     def agree(self, act: Callable):
-        """``act()`` on rank 0 alone, its user error raised on every rank (so that no rank waits for one that
-        stopped); returns what ``act`` returned on rank 0, None on the others."""
+        """``act()`` on rank 0 alone, its result (pickled: keep it small) or its user error given to every rank
+        (so that no rank waits for one that stopped): for what one rank must decide for all, such as a timing,
+        which differs between processes."""
         if not self.parallel:
             return act()
-        result, message = None, [None]
+        message = [None, None]  # (rank 0's result, its error)
         if self.main:
             try:
-                result = act()
+                message[0] = act()
             except PyrozooError as e:
-                message = [str(e)]
-                dist.broadcast_object_list(message, src=0)
+                dist.broadcast_object_list([None, str(e)], src=0)
                 raise
-            dist.broadcast_object_list(message, src=0)
-        else:
-            dist.broadcast_object_list(message, src=0)
-            if message[0] is not None:
-                raise RankZeroStopped(message[0])
-        return result
+        dist.broadcast_object_list(message, src=0)
+        if message[1] is not None:
+            raise RankZeroStopped(message[1])
+        return message[0]
+
+    def mean_buffers(self, module: torch.nn.Module) -> None:
+        """Replace every rank's floating-point buffers of ``module`` (BatchNorm's running statistics, each rank's
+        from its parts of the batches) by their mean over the ranks, so that every rank holds the same net."""
+        if not self.parallel:
+            return
+        buffers = [b for b in module.buffers() if b.is_floating_point()]
+
+        def mean(flat: torch.Tensor) -> None:
+            dist.all_reduce(flat)
+            flat.div_(self.size)
+
+        in_place(buffers, mean)
+
+    def sum(self, tensors: list[torch.Tensor]) -> None:
+        """Replace every rank's ``tensors`` (the same shapes, in the same order on every rank) by their sum over
+        the ranks."""
+        if self.parallel:
+            in_place(tensors, dist.all_reduce)
 
 
 class RankZeroStopped(PyrozooError):
@@ -248,18 +263,6 @@ def setup() -> World:
     if not world.main:
         io.stop_writing()
     return world
-
-
-def one_process(command: str) -> None:
-    """Refuse to run ``command`` in a run of several processes: it is not data-parallel, and N copies of it would
-    each do the whole job and race to write its output. Read from the environment, without joining a process
-    group (a rank that stops at once would break the others' rendezvous); each rank says so itself."""
-    size = _env_int("WORLD_SIZE", 1)
-    if size > 1:
-        raise PyrozooError(
-            f"pyrozoo {command} runs in one process, but torchrun started {size}: run it without torchrun "
-            f"(pyrozoo {command} ...); only pyrozoo train runs data-parallel"
-        )
 
 
 def finish() -> None:

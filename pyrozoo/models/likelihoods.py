@@ -72,12 +72,21 @@ class Categorical(nn.Module):
                 "likelihood=Gaussian('fixed', precision=1 / noise variance) (pyrozoo.models.likelihoods)"
             )
 
-    def sampled_nll(self, output: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sampled_nll(
+        self, output: torch.Tensor, generator: torch.Generator | None = None, part: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Summed ``-log p(y | f(x))`` at labels drawn from the net's own predictive (not differentiated): its
-        gradient's outer product is, in expectation, the Gauss-Newton matrix (the Monte Carlo Fisher)."""
+        gradient's outer product is, in expectation, the Gauss-Newton matrix (the Monte Carlo Fisher). With
+        ``part = (first, size)``, ``output`` is rows ``first...`` of a batch of ``size``: the draw is made for the
+        whole batch, so a process's part of it gets the labels one process draws for those rows."""
         self.check_output(output)
+        first, size = part or (0, len(output))
         with torch.no_grad():
-            labels = torch.multinomial(output.softmax(-1), 1, generator=generator).squeeze(-1)
+            probs = output.softmax(-1)
+            # torch.multinomial's own draw of one label (the exponential race: the same labels from the same
+            # generator), written out so that it can be made for rows this process does not hold
+            race = probs.new_empty(size, probs.shape[-1]).exponential_(1, generator=generator)
+            labels = (probs / race[first : first + len(output)]).argmax(-1)
         return -self.log_likelihood(output, labels).sum()
 
 
@@ -175,13 +184,18 @@ class Gaussian(nn.Module):
         """Refuse a net of more than one output."""
         _mean(output)
 
-    def sampled_nll(self, output: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sampled_nll(
+        self, output: torch.Tensor, generator: torch.Generator | None = None, part: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Summed ``-log p(y | f(x))`` at targets drawn from the net's own predictive (not differentiated): its
         gradient's outer product is, in expectation, the Gauss-Newton matrix ``tau J'J`` (the Monte Carlo
-        Fisher). The noise must be held at a point (:meth:`at_point`)."""
+        Fisher). The noise must be held at a point (:meth:`at_point`). ``part``: as :meth:`Categorical.sampled_nll`."""
         mean, precision = _mean(output), self.precision()
+        first, size = part or (0, len(output))
         with torch.no_grad():
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            shape = (size, *mean.shape[1:])
+            noise = torch.randn(shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            noise = noise[first : first + len(mean)]
             y = mean + noise * precision.rsqrt()
         return -self.log_likelihood(output, y).sum()
 
