@@ -465,8 +465,11 @@ class _Job:
         x, y = self.data("x_test"), self.data("y_test")
         metrics = evaluate_net(net.to(self.device), x, y, self.d.num_classes, world=self.world)
         net.cpu()
-        row = lambda: _row(method, target, net, self.dense, metrics, self.example, self.repeats, **extra)  # noqa: E731
-        return self.world.agree(row)  # the costs (latency) as the first process measured them
+
+        def measured() -> dict:  # the costs (latency) as the first process measures them, for all
+            return _row(method, target, net, self.dense, metrics, self.example, self.repeats, **extra)
+
+        return self.world.agree(measured)
 
 
 def _targets(target: str | Target | list[Target]) -> list[Target]:
@@ -497,7 +500,9 @@ def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tupl
     ranking = rank_for(
         model, posterior, t, job.dense, example, trace, job.allocation, job.repeats, job.score, job.world
     )
-    small, removed, value = reduce_to(model, posterior, ranking, t, job.dense, example, job.repeats, job.world)
+    small, removed, value = reduce_to(
+        model, posterior, ranking, t, job.dense, example, job.repeats, job.world
+    )
     remove_first(model, ranking, 0)  # the model as fitted, for the next target
     job.tune(small)
     seconds = fitted + time.perf_counter() - start
@@ -579,7 +584,9 @@ def compress(
     on_cpu = all(p.device.type == "cpu" for p in net.parameters())
     dense = (net if on_cpu else copy.deepcopy(net).cpu()).eval()
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
-    job = _Job(d, dense, example, repeats, finetune_steps, lr, batch_size, seed, allocation, score, device, world)
+    job = _Job(
+        d, dense, example, repeats, finetune_steps, lr, batch_size, seed, allocation, score, device, world
+    )
     table = _references(job, log)
 
     start = time.perf_counter()
@@ -621,10 +628,9 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
         lines += [
             f"`{record['command']}`",
             "",
-            f"{record['data']}, {record['machine']}, {record['threads']} thread(s){_processes(record)}, {record['date']}. "
-            "pyrozoo ranked "
-            f"units by {record.get('score', 'obd')}, {record.get('allocation', 'uniform')} across groups. Every method "
-            f"but the dense net was fine-tuned for {record['finetune_steps']} Adam steps after pruning (on "
+            f"{record['data']}, {record['machine']}, {record['threads']} thread(s){_processes(record)}, "
+            f"{record['date']}. pyrozoo ranked units by {record.get('score', 'obd')}, "
+            f"{record.get('allocation', 'uniform')} across groups. Every method but the dense net was fine-tuned for {record['finetune_steps']} Adam steps after pruning (on "
             f"{record.get('device', 'cpu')}); latency is a ratio to the dense net's, timed in turns in one process "
             "on the CPU.",
             "",

@@ -144,7 +144,9 @@ class World:
             return
         for module in modules:
             state = module.state_dict(keep_vars=False)
-            in_place([t for t in state.values() if torch.is_tensor(t)], lambda flat: dist.broadcast(flat, src=0))
+            in_place(
+                [t for t in state.values() if torch.is_tensor(t)], lambda flat: dist.broadcast(flat, src=0)
+            )
             module.load_state_dict(state)
 
     def sync_rng(self) -> None:

@@ -73,7 +73,10 @@ class Categorical(nn.Module):
             )
 
     def sampled_nll(
-        self, output: torch.Tensor, generator: torch.Generator | None = None, part: tuple[int, int] | None = None
+        self,
+        output: torch.Tensor,
+        generator: torch.Generator | None = None,
+        part: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Summed ``-log p(y | f(x))`` at labels drawn from the net's own predictive (not differentiated): its
         gradient's outer product is, in expectation, the Gauss-Newton matrix (the Monte Carlo Fisher). With
@@ -185,11 +188,15 @@ class Gaussian(nn.Module):
         _mean(output)
 
     def sampled_nll(
-        self, output: torch.Tensor, generator: torch.Generator | None = None, part: tuple[int, int] | None = None
+        self,
+        output: torch.Tensor,
+        generator: torch.Generator | None = None,
+        part: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Summed ``-log p(y | f(x))`` at targets drawn from the net's own predictive (not differentiated): its
         gradient's outer product is, in expectation, the Gauss-Newton matrix ``tau J'J`` (the Monte Carlo
-        Fisher). The noise must be held at a point (:meth:`at_point`). ``part``: as :meth:`Categorical.sampled_nll`."""
+        Fisher). The noise must be held at a point (:meth:`at_point`). ``part``: as :meth:`Categorical.sampled_nll`.
+        """
         mean, precision = _mean(output), self.precision()
         first, size = part or (0, len(output))
         with torch.no_grad():

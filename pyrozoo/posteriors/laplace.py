@@ -550,7 +550,19 @@ def laplace(
         y = None if y is None else y[order.to(y.device)]
     with torch.enable_grad():
         curv = curvature(
-            net, layers, x, structure, batch_size, samples, seed, progress, likelihood, fisher, kfac, ekfac, world
+            net,
+            layers,
+            x,
+            structure,
+            batch_size,
+            samples,
+            seed,
+            progress,
+            likelihood,
+            fisher,
+            kfac,
+            ekfac,
+            world,
         )
     curv = {k: _scaled(curv.pop(k), n / len(x)) for k in list(curv)}  # each layer's old copy freed as it goes
     by_name = {layer.name: layer for layer in layers}
