@@ -630,9 +630,9 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
             "",
             f"{record['data']}, {record['machine']}, {record['threads']} thread(s){_processes(record)}, "
             f"{record['date']}. pyrozoo ranked units by {record.get('score', 'obd')}, "
-            f"{record.get('allocation', 'uniform')} across groups. Every method but the dense net was fine-tuned for {record['finetune_steps']} Adam steps after pruning (on "
-            f"{record.get('device', 'cpu')}); latency is a ratio to the dense net's, timed in turns in one process "
-            "on the CPU.",
+            f"{record.get('allocation', 'uniform')} across groups. Every method but the dense net was fine-tuned "
+            f"for {record['finetune_steps']} Adam steps after pruning (on {record.get('device', 'cpu')}); "
+            "latency is a ratio to the dense net's, timed in turns in one process on the CPU.",
             "",
         ]
     lines += [
