@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from test_distributed import one_process, torchrun
+from test_distributed import forked_ranks, one_process, torchrun
 from torch import nn
 
 from pyrozoo import distributed
@@ -110,12 +109,7 @@ def _worker(rank: int, size: int, init_file: str, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gloo")
-    # forked (one torch thread, see conftest), which spares each worker the seconds of importing pyrozoo again
-    mp.start_processes(
-        _worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True, start_method="fork"
-    )
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return forked_ranks(_worker, tmp_path_factory.mktemp("gloo"))
 
 
 def _assert_same(a: dict, b: dict, atol: float) -> None:

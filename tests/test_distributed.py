@@ -107,14 +107,18 @@ def _worker(rank: int, size: int, init_file: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gloo")
+def forked_ranks(worker, folder: Path) -> list[dict]:
+    """What ``worker(rank, 2, init_file, folder)`` saved as ``folder/rank{r}.pt`` on each of two gloo ranks."""
     # forked (one torch thread, see conftest), which spares each worker the seconds of importing pyrozoo again
     mp.start_processes(
-        _worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True, start_method="fork"
+        worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True, start_method="fork"
     )
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return forked_ranks(_worker, tmp_path_factory.mktemp("gloo"))
 
 
 @pytest.mark.parametrize("batch", BATCHES)
