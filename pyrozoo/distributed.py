@@ -28,6 +28,12 @@ floating-point reductions are not deterministic (some CUDA kernels). Evaluation 
 ranks and gathers the log-probabilities (:meth:`World.sharded`), so every rank computes the same metrics from the
 whole test set. Only rank 0 writes files or takes folder locks (:func:`pyrozoo.io.stop_writing` on the others);
 a checkpoint holds rank 0's state, which is every rank's, so ``--resume`` works with any number of processes.
+
+``pyrozoo compress`` (:func:`pyrozoo.compress.compress`) uses the same pieces: the Laplace fit's diagonal
+curvature is summed over the ranks' parts of each batch (:meth:`World.sum`), its fine-tunes share the gradients of
+split minibatches (:func:`pyrozoo.baselines.finetune`), its test metrics are sharded, and every cost it decides by
+(a latency, which differs between processes) is measured on rank 0 and given to all (:meth:`World.agree`), so
+that every rank removes the same units and holds the same nets.
 """
 
 from __future__ import annotations
