@@ -198,13 +198,14 @@ class World:
         if not self.parallel:
             return act()
         message = [None, None]  # (rank 0's result, its error)
+        cpu = torch.device("cpu")  # through gloo: with NCCL beside it, objects would go by the current GPU
         if self.main:
             try:
                 message[0] = act()
             except PyrozooError as e:
-                dist.broadcast_object_list([None, str(e)], src=0)
+                dist.broadcast_object_list([None, str(e)], src=0, device=cpu)
                 raise
-        dist.broadcast_object_list(message, src=0)
+        dist.broadcast_object_list(message, src=0, device=cpu)
         if message[1] is not None:
             raise RankZeroStopped(message[1])
         return message[0]
