@@ -108,30 +108,29 @@ def finetune(
     """``steps`` of Adam on the negative log-likelihood (``likelihood``, a point one; the cross-entropy by
     default), on random minibatches; pruning masks stay applied. In a run of several processes (``world``,
     every one calling this) each takes its part of every minibatch and the gradients are summed over them
-    (:meth:`~pyrozoo.distributed.World.share_gradients`), so all take the one-process step. A net whose training
-    forward pass couples the points of a batch (BatchNorm's batch statistics) or draws per point (dropout) sees
-    its part only, as under DistributedDataParallel; its running statistics are averaged over the processes at
-    the end, so that every one holds the same net."""
+    (:meth:`~pyrozoo.distributed.World.share_gradients`), BatchNorm normalising by the whole minibatch's
+    statistics (:meth:`~pyrozoo.distributed.World.batch_statistics`), so all take the one-process step. Dropout
+    draws its masks per process (the same law, not the same draws)."""
     likelihood = Categorical() if likelihood is None else likelihood
     world = World() if world is None else world
     parameters = [p.requires_grad_(True) for p in net.parameters()]  # the pruned ones' masks stay in force
     optimizer = torch.optim.Adam(parameters, lr=lr)
     batches = Minibatches(len(x), batch_size, seed)
     devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), world.batch_statistics(net):
         torch.manual_seed(seed)  # dropout, where the net has it, as in the MAP run's training
         net.train()
         for _ in range(steps):
             i, weight = world.split(batches.next())
             i = i.to(x.device)
-            loss = -likelihood.log_likelihood(net(x[i]), y[i]).mean()
+            # this process's share b_r / B of the minibatch's mean (the weight before backward, for BatchNorm)
+            loss = -likelihood.log_likelihood(net(x[i]), y[i]).mean() * weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if world.parallel:
-                world.share_gradients(loss, optimizer, weight)
+                world.share_gradients(loss, optimizer, 1.0)
             optimizer.step()
         net.eval()
-    world.mean_buffers(net)
 
 
 def _final_row(folder: Path) -> dict:

@@ -39,7 +39,9 @@ that every rank removes the same units and holds the same nets.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -210,24 +212,58 @@ class World:
             raise RankZeroStopped(message[1])
         return message[0]
 
-    def mean_buffers(self, module: torch.nn.Module) -> None:
-        """Replace every rank's floating-point buffers of ``module`` (BatchNorm's running statistics, each rank's
-        from its parts of the batches) by their mean over the ranks, so that every rank holds the same net."""
+    @contextmanager
+    def batch_statistics(self, net: torch.nn.Module):
+        """Within it, every BatchNorm of ``net`` in training mode normalises by the statistics of the whole global
+        batch (every rank's part: a sum over the ranks that ``backward`` passes through) and updates its running
+        statistics with them, as one process's BatchNorm does on the whole batch; torch's SyncBatchNorm, which
+        does the same, takes GPU tensors only. The ranks' losses must be weighted by their shares before
+        ``backward`` (``b_r / B``): the gradient reaching a rank's statistics is the sum of every rank's."""
+        norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         if not self.parallel:
+            yield
             return
-        buffers = [b for b in module.buffers() if b.is_floating_point()]
-
-        def mean(flat: torch.Tensor) -> None:
-            dist.all_reduce(flat)
-            flat.div_(self.size)
-
-        in_place(buffers, mean)
+        for norm in norms:
+            norm.forward = partial(_global_batch_norm, norm)  # the instance's, over its class's
+        try:
+            yield
+        finally:
+            for norm in norms:
+                del norm.forward
 
     def sum(self, tensors: list[torch.Tensor]) -> None:
         """Replace every rank's ``tensors`` (the same shapes, in the same order on every rank) by their sum over
         the ranks."""
         if self.parallel:
             in_place(tensors, dist.all_reduce)
+
+
+def _global_batch_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """``norm``'s forward pass with the mean and (biased) variance of the whole global batch, in two passes over
+    the ranks (the mean, then the squared deviations from it, as one process computes them)."""
+    if not norm.training:
+        return type(norm).forward(norm, x)
+    from torch.distributed.nn.functional import all_reduce  # differentiable: backward sums the gradients
+
+    norm._check_input_dim(x)
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    count = all_reduce(x.new_full((1,), x.numel() / x.shape[1]).detach())
+    mean = all_reduce(x.sum(dims)) / count
+    centred = x - mean.view(shape)
+    var = all_reduce(centred.square().sum(dims)) / count
+    if norm.track_running_stats and norm.running_mean is not None:
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            factor = 1 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+            norm.running_mean.lerp_(mean.detach(), factor)
+            norm.running_var.lerp_(
+                var.detach() * count / (count - 1).clamp(min=1), factor
+            )  # unbiased, as torch
+    out = centred * torch.rsqrt(var.view(shape) + norm.eps)
+    if norm.affine:
+        out = out * norm.weight.view(shape) + norm.bias.view(shape)
+    return out
 
 
 class RankZeroStopped(PyrozooError):
