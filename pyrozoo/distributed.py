@@ -63,7 +63,7 @@ def check_device(device: str) -> None:
         )
 
 
-def in_place(tensors: list[torch.Tensor], communicate: Callable[[torch.Tensor], object]) -> None:
+def _in_place(tensors: list[torch.Tensor], communicate: Callable[[torch.Tensor], object]) -> None:
     """``communicate`` (a collective that changes its tensor in place) applied to ``tensors`` as one flat buffer
     per device and dtype, the result copied back: one message per kind, not one per tensor."""
     by_kind: dict[tuple, list[torch.Tensor]] = {}
@@ -140,7 +140,7 @@ class World:
         for p in params:
             if p.grad is None:  # a parameter this step did not reach; another rank's may have
                 p.grad = torch.zeros_like(p)
-        in_place([p.grad for p in params], lambda flat: dist.all_reduce(flat.mul_(weight)))
+        _in_place([p.grad for p in params], lambda flat: dist.all_reduce(flat.mul_(weight)))
         total = loss.detach().reshape(1).double() * weight
         dist.all_reduce(total)
         return total.to(loss.dtype)[0]
@@ -152,7 +152,7 @@ class World:
             return
         for module in modules:
             state = module.state_dict(keep_vars=False)
-            in_place(
+            _in_place(
                 [t for t in state.values() if torch.is_tensor(t)], lambda flat: dist.broadcast(flat, src=0)
             )
             module.load_state_dict(state)
@@ -235,7 +235,7 @@ class World:
         """Replace every rank's ``tensors`` (the same shapes, in the same order on every rank) by their sum over
         the ranks."""
         if self.parallel:
-            in_place(tensors, dist.all_reduce)
+            _in_place(tensors, dist.all_reduce)
 
 
 def _global_batch_norm(norm, x: torch.Tensor) -> torch.Tensor:
