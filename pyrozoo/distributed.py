@@ -238,20 +238,36 @@ class World:
             _in_place(tensors, dist.all_reduce)
 
 
+class _Summed(torch.autograd.Function):
+    """A tensor summed over the ranks, differentiably: every rank's loss depends on the sum, so the gradient
+    reaching each rank's term is the sum of the ranks' gradients of the sum (torch's own,
+    ``torch.distributed.nn.functional.all_reduce``, is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+
 def _global_batch_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """``norm``'s forward pass with the mean and (biased) variance of the whole global batch, in two passes over
     the ranks (the mean, then the squared deviations from it, as one process computes them)."""
     if not norm.training:
         return type(norm).forward(norm, x)
-    from torch.distributed.nn.functional import all_reduce  # differentiable: backward sums the gradients
-
     norm._check_input_dim(x)
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    count = all_reduce(x.new_full((1,), x.numel() / x.shape[1]).detach())
-    mean = all_reduce(x.sum(dims)) / count
+    count = _Summed.apply(x.new_full((1,), x.numel() / x.shape[1]))
+    mean = _Summed.apply(x.sum(dims)) / count
     centred = x - mean.view(shape)
-    var = all_reduce(centred.square().sum(dims)) / count
+    var = _Summed.apply(centred.square().sum(dims)) / count
     if norm.track_running_stats and norm.running_mean is not None:
         with torch.no_grad():
             norm.num_batches_tracked.add_(1)
