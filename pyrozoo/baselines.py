@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from pyrozoo.bmr.units import pruned_fraction
+from pyrozoo.distributed import World
 from pyrozoo.io import atomic_write, make_folder
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.errors import PyrozooError
@@ -94,23 +95,40 @@ def magnitude_prune(
 
 
 def finetune(
-    net: nn.Module, x, y, steps: int, lr: float, batch_size: int, seed: int, likelihood=None
+    net: nn.Module,
+    x,
+    y,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    likelihood=None,
+    world: World | None = None,
 ) -> None:
     """``steps`` of Adam on the negative log-likelihood (``likelihood``, a point one; the cross-entropy by
-    default), on random minibatches; pruning masks stay applied."""
+    default), on random minibatches; pruning masks stay applied. In a run of several processes (``world``,
+    every one calling this) each takes its part of every minibatch and the gradients are summed over them
+    (:meth:`~pyrozoo.distributed.World.share_gradients`), BatchNorm normalising by the whole minibatch's
+    statistics (:meth:`~pyrozoo.distributed.World.batch_statistics`), so all take the one-process step. Dropout
+    draws its masks per process (the same law, not the same draws)."""
     likelihood = Categorical() if likelihood is None else likelihood
+    world = World() if world is None else world
     parameters = [p.requires_grad_(True) for p in net.parameters()]  # the pruned ones' masks stay in force
     optimizer = torch.optim.Adam(parameters, lr=lr)
     batches = Minibatches(len(x), batch_size, seed)
     devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), world.batch_statistics(net):
         torch.manual_seed(seed)  # dropout, where the net has it, as in the MAP run's training
         net.train()
         for _ in range(steps):
-            i = batches.next().to(x.device)
-            loss = -likelihood.log_likelihood(net(x[i]), y[i]).mean()
+            i, weight = world.split(batches.next())
+            i = i.to(x.device)
+            # this process's share b_r / B of the minibatch's mean (the weight before backward, for BatchNorm)
+            loss = -likelihood.log_likelihood(net(x[i]), y[i]).mean() * weight
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world.parallel:
+                world.share_gradients(loss, optimizer, 1.0)
             optimizer.step()
         net.eval()
 

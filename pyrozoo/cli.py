@@ -766,11 +766,11 @@ def _compress(args) -> None:
     from pyrozoo import distributed
     from pyrozoo.compress import Target, compress, load_trained_net, markdown, write_report
 
-    distributed.one_process("compress")
+    world = distributed.setup()  # several processes when torchrun started this one; rank 0 prints and writes
     targets = [t for text in (args.target or ["evidence"]) for t in Target.parse(text)]
     if args.data is None:
         raw, warning = datasets.load_default(args.data_dir)
-        if warning:
+        if warning and world.main:
             print(f"pyrozoo: {warning}", file=sys.stderr)
     else:
         raw = datasets.load(args.data, args.data_dir)
@@ -818,9 +818,13 @@ def _compress(args) -> None:
         "device": args.device,
         "score": args.score,
         "threads": args.threads,
+        "processes": world.size,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),
     }
+    distributed.finish()
+    if not world.main:
+        return
     write_report(result, out, record, d.x_test[:2])
     print(markdown(result.table))
     print(

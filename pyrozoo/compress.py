@@ -43,7 +43,7 @@ from pyrozoo.baselines import finetune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
 from pyrozoo.bmr.units import Units, model_units, structure
-from pyrozoo.distributed import check_device
+from pyrozoo.distributed import World, check_device, current
 from pyrozoo.errors import PyrozooError, reason
 from pyrozoo.metrics import evaluate_net
 
@@ -207,15 +207,18 @@ def rank_for(
     allocation: str,
     repeats: int = 7,
     score: str = "evidence",
+    world: World | None = None,
 ) -> Ranking:
     """The ranking :func:`compress` reduces ``model`` along for ``target``: by evidence per parameter for
     ``evidence`` (always global and the whole dF: the units whose removal raises the evidence); otherwise by
     ``score`` per unit of the target's cost (the :func:`latency_model` for a latency target), with
-    ``allocation`` across groups."""
+    ``allocation`` across groups. In a run of several processes (``world``) the latency model is timed by the
+    first and given to all, so that every process ranks alike."""
     if target.kind == "evidence":
         return rank_units(model, posterior, trace_example)
+    world = World() if world is None else world
     latency = target.kind == "latency" and allocation == "global"
-    modelled = latency_model(model, dense, example, repeats) if latency else None
+    modelled = world.agree(lambda: latency_model(model, dense, example, repeats)) if latency else None
     by = "params" if target.kind == "params" else "flops"
     return rank_units(
         model, posterior, trace_example, by=by, unit_cost=modelled, allocation=allocation, score=score
@@ -271,10 +274,20 @@ def remove_first(model, ranking: Ranking, count: int) -> None:
 
 
 def reduce_to(
-    model, posterior, ranking: Ranking, target: Target, dense: nn.Module, example, repeats: int = 7
+    model,
+    posterior,
+    ranking: Ranking,
+    target: Target,
+    dense: nn.Module,
+    example,
+    repeats: int = 7,
+    world: World | None = None,
 ):
     """The rebuilt net with as few units removed as meets ``target`` (bisection over the ranking's prefix,
-    each candidate rebuilt and measured); returns ``(net, units removed, cost)``."""
+    each candidate rebuilt and measured); returns ``(net, units removed, cost)``. In a run of several processes
+    (``world``) the first measures each candidate for all (a latency differs between them), so that every
+    process bisects alike."""
+    world = World() if world is None else world
     if target.kind == "evidence":
         count = sum(1 for gain in ranking.gain if gain > 0)
         remove_first(model, ranking, count)
@@ -284,7 +297,7 @@ def reduce_to(
     def measured(count: int) -> tuple[nn.Module, float]:
         remove_first(model, ranking, count)
         net = rebuild(model, posterior)
-        return net, costs.cost(target.kind, net, dense, example, repeats)
+        return net, world.agree(lambda: costs.cost(target.kind, net, dense, example, repeats))
 
     lo, hi = 0, len(ranking.order)
     best = None
@@ -414,7 +427,9 @@ def _row(
 class _Job:
     """What every method of one :func:`compress` call shares: the data, the dense net, the timing examples
     and the fine-tune every pruned net gets. Fine-tuning and the test metrics run on ``device`` (the data moved
-    there once); every net stays on the CPU between them, where it is pruned and its costs are measured."""
+    there once); every net stays on the CPU between them, where it is pruned and its costs are measured. In a run
+    of several processes (``world``) they share the fine-tune's batches and the test set, and the first measures
+    the costs for all."""
 
     d: object
     dense: nn.Module
@@ -427,6 +442,7 @@ class _Job:
     allocation: str = "uniform"
     score: str = "obd"
     device: str = "cpu"
+    world: World = field(default_factory=World)
     moved: dict = field(default_factory=dict)
 
     def data(self, name: str) -> torch.Tensor:
@@ -437,15 +453,23 @@ class _Job:
 
     def tune(self, net: nn.Module) -> None:
         x, y = self.data("x_train"), self.data("y_train")
-        finetune(net.to(self.device), x, y, self.finetune_steps, self.lr, self.batch_size, self.seed)
+        steps, lr, batch_size, seed = self.finetune_steps, self.lr, self.batch_size, self.seed
+        finetune(net.to(self.device), x, y, steps, lr, batch_size, seed, world=self.world)
         net.cpu()
 
+    def cost(self, kind: str, net: nn.Module) -> float:
+        """``net``'s ``kind`` of cost as a fraction of the dense net's, measured by the first process for all."""
+        return self.world.agree(lambda: costs.cost(kind, net, self.dense, self.example[256], self.repeats))
+
     def row(self, method: str, target: Target, net: nn.Module, **extra) -> dict:
-        metrics = evaluate_net(
-            net.to(self.device), self.data("x_test"), self.data("y_test"), self.d.num_classes
-        )
+        x, y = self.data("x_test"), self.data("y_test")
+        metrics = evaluate_net(net.to(self.device), x, y, self.d.num_classes, world=self.world)
         net.cpu()
-        return _row(method, target, net, self.dense, metrics, self.example, self.repeats, **extra)
+
+        def measured() -> dict:  # the costs (latency) as the first process measures them, for all
+            return _row(method, target, net, self.dense, metrics, self.example, self.repeats, **extra)
+
+        return self.world.agree(measured)
 
 
 def _targets(target: str | Target | list[Target]) -> list[Target]:
@@ -472,10 +496,13 @@ def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tupl
     """pyrozoo's net for target ``t``, fine-tuned: ``(net, the cost it reached, its row)``."""
     start = time.perf_counter()
     trace = job.d.x_train[:2]
+    example = job.example[256]
     ranking = rank_for(
-        model, posterior, t, job.dense, job.example[256], trace, job.allocation, job.repeats, job.score
+        model, posterior, t, job.dense, example, trace, job.allocation, job.repeats, job.score, job.world
     )
-    small, removed, value = reduce_to(model, posterior, ranking, t, job.dense, job.example[256], job.repeats)
+    small, removed, value = reduce_to(
+        model, posterior, ranking, t, job.dense, example, job.repeats, job.world
+    )
     remove_first(model, ranking, 0)  # the model as fitted, for the next target
     job.tune(small)
     seconds = fitted + time.perf_counter() - start
@@ -499,11 +526,8 @@ def _baseline(job: _Job, name: str, t: Target, small: nn.Module, value: float, k
         pruners.make_permanent(pruned)
     else:
         kind = "params" if t.kind == "evidence" else t.kind
-
-        def measure(candidate):
-            return costs.cost(kind, candidate, dense, job.example[256], job.repeats)
-
         batch = (job.d.x_train[: job.batch_size], job.d.y_train[: job.batch_size])
+        measure = lambda candidate: job.cost(kind, candidate)  # noqa: E731
         pruned, _ = pruners.channel_prune_to(dense, job.example[1], name, keep, measure, value, batch)
         job.tune(pruned)
     return job.row(name, t, pruned, seconds=time.perf_counter() - start)
@@ -531,7 +555,13 @@ def compress(
     shared out across groups by ``allocation`` and ranked by ``score`` (:func:`rank_units`); every baseline in
     ``baselines`` is pruned to the same cost as pyrozoo's net and given the same ``finetune_steps`` of Adam at
     ``lr``. Fine-tuning and the test metrics run on ``device`` (e.g. ``"cuda"``); the Laplace fit, pruning and
-    the costs (latency on the CPU) on the CPU. ``net`` is not changed."""
+    the costs (latency on the CPU) on the CPU. ``net`` is not changed.
+
+    Called by every process of a distributed run (``torch.distributed`` initialised, e.g. by
+    :func:`pyrozoo.distributed.setup` under ``torchrun``), the processes share the Laplace fit's batches, the
+    fine-tunes' minibatches (gradients summed over them: the one-process step) and the test set; the first times
+    the latencies for all, so that every decision is the same in each, and alone logs and shows progress. Each
+    returns the same result."""
     from pyrozoo.posteriors.laplace import laplace
 
     targets = _targets(target)
@@ -545,17 +575,26 @@ def compress(
     if finetune_steps < 0 or batch_size < 1:
         raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
     check_device(device)
+    world = current()
+    world.check_batch(batch_size)
+    device = world.device(device)  # with cuda and several processes: the GPU of this one's local rank
+    if not world.main:
+        progress, log = False, lambda text: None
     d = _data(data)
     training = net.training
     # read only (every method prunes and tunes a copy): a large net is not held twice; one on a GPU is copied
     on_cpu = all(p.device.type == "cpu" for p in net.parameters())
     dense = (net if on_cpu else copy.deepcopy(net).cpu()).eval()
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
-    job = _Job(d, dense, example, repeats, finetune_steps, lr, batch_size, seed, allocation, score, device)
+    job = _Job(
+        d, dense, example, repeats, finetune_steps, lr, batch_size, seed, allocation, score, device, world
+    )
     table = _references(job, log)
 
     start = time.perf_counter()
-    model, posterior = laplace(dense, d.x_train, "diag", fit_size=fit_size, progress=progress, seed=seed)
+    model, posterior = laplace(
+        dense, d.x_train, "diag", fit_size=fit_size, progress=progress, seed=seed, world=world
+    )
     head = next(layer for layer in model.layers if layer.is_output)
     keep = [dense.get_submodule(head.name)]
     fitted = time.perf_counter() - start
@@ -574,6 +613,11 @@ def compress(
     return Compressed(nets, table, table[0])
 
 
+def _processes(record: dict) -> str:
+    size = record.get("processes", 1)
+    return f" x {size} processes (torchrun)" if size > 1 else ""
+
+
 COLUMNS = ("method", "target", "accuracy", "nll", "ece", "params", "flops", "latency_b1", "latency_b256")
 
 
@@ -586,11 +630,11 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
         lines += [
             f"`{record['command']}`",
             "",
-            f"{record['data']}, {record['machine']}, {record['threads']} thread(s), {record['date']}. pyrozoo ranked "
-            f"units by {record.get('score', 'obd')}, {record.get('allocation', 'uniform')} across groups. Every method "
-            f"but the dense net was fine-tuned for {record['finetune_steps']} Adam steps after pruning (on "
-            f"{record.get('device', 'cpu')}); latency is a ratio to the dense net's, timed in turns in one process "
-            "on the CPU.",
+            f"{record['data']}, {record['machine']}, {record['threads']} thread(s){_processes(record)}, "
+            f"{record['date']}. pyrozoo ranked units by {record.get('score', 'obd')}, "
+            f"{record.get('allocation', 'uniform')} across groups. Every method but the dense net was fine-tuned "
+            f"for {record['finetune_steps']} Adam steps after pruning (on {record.get('device', 'cpu')}); "
+            "latency is a ratio to the dense net's, timed in turns in one process on the CPU.",
             "",
         ]
     lines += [

@@ -28,12 +28,20 @@ floating-point reductions are not deterministic (some CUDA kernels). Evaluation 
 ranks and gathers the log-probabilities (:meth:`World.sharded`), so every rank computes the same metrics from the
 whole test set. Only rank 0 writes files or takes folder locks (:func:`pyrozoo.io.stop_writing` on the others);
 a checkpoint holds rank 0's state, which is every rank's, so ``--resume`` works with any number of processes.
+
+``pyrozoo compress`` (:func:`pyrozoo.compress.compress`) uses the same pieces: the Laplace fit's diagonal
+curvature is summed over the ranks' parts of each batch (:meth:`World.sum`), its fine-tunes share the gradients of
+split minibatches (:func:`pyrozoo.baselines.finetune`), its test metrics are sharded, and every cost it decides by
+(a latency, which differs between processes) is measured on rank 0 and given to all (:meth:`World.agree`), so
+that every rank removes the same units and holds the same nets.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -53,6 +61,19 @@ def check_device(device: str) -> None:
         raise PyrozooError(
             f"--device {device} was asked for, but torch sees no CUDA device: give --device cpu"
         )
+
+
+def _in_place(tensors: list[torch.Tensor], communicate: Callable[[torch.Tensor], object]) -> None:
+    """``communicate`` (a collective that changes its tensor in place) applied to ``tensors`` as one flat buffer
+    per device and dtype, the result copied back: one message per kind, not one per tensor."""
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_kind.setdefault((t.device, t.dtype), []).append(t)
+    for group in by_kind.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        communicate(flat)
+        for t, part in zip(group, flat.split([t.numel() for t in group])):
+            t.copy_(part.view_as(t))
 
 
 @dataclass(frozen=True)
@@ -119,14 +140,7 @@ class World:
         for p in params:
             if p.grad is None:  # a parameter this step did not reach; another rank's may have
                 p.grad = torch.zeros_like(p)
-        by_kind: dict[tuple, list[torch.Tensor]] = {}
-        for p in params:
-            by_kind.setdefault((p.grad.device, p.grad.dtype), []).append(p.grad)
-        for tensors in by_kind.values():
-            flat = torch.cat([t.reshape(-1) for t in tensors]).mul_(weight)
-            dist.all_reduce(flat)
-            for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
-                t.copy_(part.view_as(t))
+        _in_place([p.grad for p in params], lambda flat: dist.all_reduce(flat.mul_(weight)))
         total = loss.detach().reshape(1).double() * weight
         dist.all_reduce(total)
         return total.to(loss.dtype)[0]
@@ -138,15 +152,9 @@ class World:
             return
         for module in modules:
             state = module.state_dict(keep_vars=False)
-            tensors = [t for t in state.values() if torch.is_tensor(t)]
-            by_kind: dict[tuple, list[torch.Tensor]] = {}
-            for t in tensors:
-                by_kind.setdefault((t.device, t.dtype), []).append(t)
-            for group in by_kind.values():
-                flat = torch.cat([t.reshape(-1) for t in group])
-                dist.broadcast(flat, src=0)
-                for t, part in zip(group, flat.split([t.numel() for t in group])):
-                    t.copy_(part.view_as(t))
+            _in_place(
+                [t for t in state.values() if torch.is_tensor(t)], lambda flat: dist.broadcast(flat, src=0)
+            )
             module.load_state_dict(state)
 
     def sync_rng(self) -> None:
@@ -186,24 +194,92 @@ class World:
         return gathered
 
     def agree(self, act: Callable):
-        """``act()`` on rank 0 alone, its user error raised on every rank (so that no rank waits for one that
-        stopped); returns what ``act`` returned on rank 0, None on the others."""
+        """``act()`` on rank 0 alone, its result (pickled: keep it small) or its user error given to every rank
+        (so that no rank waits for one that stopped): for what one rank must decide for all, such as a timing,
+        which differs between processes."""
         if not self.parallel:
             return act()
-        result, message = None, [None]
+        message = [None, None]  # (rank 0's result, its error)
+        cpu = torch.device("cpu")  # through gloo: with NCCL beside it, objects would go by the current GPU
         if self.main:
             try:
-                result = act()
+                message[0] = act()
             except PyrozooError as e:
-                message = [str(e)]
-                dist.broadcast_object_list(message, src=0)
+                dist.broadcast_object_list([None, str(e)], src=0, device=cpu)
                 raise
-            dist.broadcast_object_list(message, src=0)
-        else:
-            dist.broadcast_object_list(message, src=0)
-            if message[0] is not None:
-                raise RankZeroStopped(message[0])
-        return result
+        dist.broadcast_object_list(message, src=0, device=cpu)
+        if message[1] is not None:
+            raise RankZeroStopped(message[1])
+        return message[0]
+
+    @contextmanager
+    def batch_statistics(self, net: torch.nn.Module):
+        """Within it, every BatchNorm of ``net`` in training mode normalises by the statistics of the whole global
+        batch (every rank's part: a sum over the ranks that ``backward`` passes through) and updates its running
+        statistics with them, as one process's BatchNorm does on the whole batch; torch's SyncBatchNorm, which
+        does the same, takes GPU tensors only. The ranks' losses must be weighted by their shares before
+        ``backward`` (``b_r / B``): the gradient reaching a rank's statistics is the sum of every rank's."""
+        norms = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if not self.parallel:
+            yield
+            return
+        for norm in norms:
+            norm.forward = partial(_global_batch_norm, norm)  # the instance's, over its class's
+        try:
+            yield
+        finally:
+            for norm in norms:
+                del norm.forward
+
+    def sum(self, tensors: list[torch.Tensor]) -> None:
+        """Replace every rank's ``tensors`` (the same shapes, in the same order on every rank) by their sum over
+        the ranks."""
+        if self.parallel:
+            _in_place(tensors, dist.all_reduce)
+
+
+class _Summed(torch.autograd.Function):
+    """A tensor summed over the ranks, differentiably: every rank's loss depends on the sum, so the gradient
+    reaching each rank's term is the sum of the ranks' gradients of the sum (torch's own,
+    ``torch.distributed.nn.functional.all_reduce``, is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total
+
+
+def _global_batch_norm(norm, x: torch.Tensor) -> torch.Tensor:
+    """``norm``'s forward pass with the mean and (biased) variance of the whole global batch, in two passes over
+    the ranks (the mean, then the squared deviations from it, as one process computes them)."""
+    if not norm.training:
+        return type(norm).forward(norm, x)
+    norm._check_input_dim(x)
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    count = _Summed.apply(x.new_full((1,), x.numel() / x.shape[1]))
+    mean = _Summed.apply(x.sum(dims)) / count
+    centred = x - mean.view(shape)
+    var = _Summed.apply(centred.square().sum(dims)) / count
+    if norm.track_running_stats and norm.running_mean is not None:
+        with torch.no_grad():
+            norm.num_batches_tracked.add_(1)
+            factor = 1 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+            norm.running_mean.lerp_(mean.detach(), factor)
+            norm.running_var.lerp_(
+                var.detach() * count / (count - 1).clamp(min=1), factor
+            )  # unbiased, as torch
+    out = centred * torch.rsqrt(var.view(shape) + norm.eps)
+    if norm.affine:
+        out = out * norm.weight.view(shape) + norm.bias.view(shape)
+    return out
 
 
 class RankZeroStopped(PyrozooError):
@@ -248,18 +324,6 @@ def setup() -> World:
     if not world.main:
         io.stop_writing()
     return world
-
-
-def one_process(command: str) -> None:
-    """Refuse to run ``command`` in a run of several processes: it is not data-parallel, and N copies of it would
-    each do the whole job and race to write its output. Read from the environment, without joining a process
-    group (a rank that stops at once would break the others' rendezvous); each rank says so itself."""
-    size = _env_int("WORLD_SIZE", 1)
-    if size > 1:
-        raise PyrozooError(
-            f"pyrozoo {command} runs in one process, but torchrun started {size}: run it without torchrun "
-            f"(pyrozoo {command} ...); only pyrozoo train runs data-parallel"
-        )
 
 
 def finish() -> None:

@@ -188,13 +188,16 @@ def evaluate_draws(
 
 @torch.no_grad()
 def evaluate_net(
-    net: torch.nn.Module, x: Tensor, y: Tensor, num_classes: int, batch_size: int = 2000
+    net: torch.nn.Module, x: Tensor, y: Tensor, num_classes: int, batch_size: int = 2000, world=None
 ) -> dict:
-    """The metrics of a deterministic classifier (one 'posterior sample'), in eval mode."""
+    """The metrics of a deterministic classifier (one 'posterior sample'), in eval mode; in a run of several
+    processes (``world``, every one calling this), each computes its part of every batch and all get the metrics
+    of the whole (:meth:`pyrozoo.distributed.World.sharded`)."""
     training = net.training
     net.eval()
+    draw = lambda xb: torch.log_softmax(net(xb), dim=-1)  # noqa: E731
     metrics = evaluate_draws(
-        [lambda xb: torch.log_softmax(net(xb), dim=-1)], x, y, num_classes, 1, batch_size
+        [draw if world is None else world.sharded(draw)], x, y, num_classes, 1, batch_size
     )
     net.train(training)
     return metrics

@@ -3,8 +3,8 @@
 - The gradient the two ranks share, from their parts of one global minibatch, is the one-process gradient on the
   whole minibatch (float64, 1e-10), for an even and an uneven split; one optimiser step leaves both ranks with the
   same parameters, equal to the one-process step.
-- Sharded evaluation gathers what one process computes; a broadcast makes rank 0's masks every rank's; a user
-  error on rank 0 stops the other ranks too.
+- Sharded evaluation gathers what one process computes; a broadcast makes rank 0's masks every rank's; what
+  rank 0 decides every rank gets, and a user error on rank 0 stops the other ranks too.
 - A ``torchrun`` run of 2 processes killed mid-epoch resumes with 1 process to the state of an uninterrupted
   2-process run.
 """
@@ -101,19 +101,24 @@ def _worker(rank: int, size: int, init_file: str, out: str) -> None:
             world.agree(fail)
         except PyrozooError as e:
             result["error"] = (type(e).__name__, str(e))
+        result["agreed"] = world.agree(lambda: f"decided by rank {rank}")  # e.g. a timing: rank 0's for all
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("gloo")
+def forked_ranks(worker, folder: Path) -> list[dict]:
+    """What ``worker(rank, 2, init_file, folder)`` saved as ``folder/rank{r}.pt`` on each of two gloo ranks."""
     # forked (one torch thread, see conftest), which spares each worker the seconds of importing pyrozoo again
     mp.start_processes(
-        _worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True, start_method="fork"
+        worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True, start_method="fork"
     )
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return forked_ranks(_worker, tmp_path_factory.mktemp("gloo"))
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -162,6 +167,10 @@ def test_a_broadcast_gives_every_rank_the_masks_of_rank_0(ranks):
 def test_a_user_error_on_rank_0_stops_every_rank(ranks):
     assert ranks[0]["error"] == ("PyrozooError", "rank 0 cannot go on")
     assert ranks[1]["error"] == ("RankZeroStopped", "rank 0 cannot go on")
+
+
+def test_what_rank_0_decides_every_rank_gets(ranks):
+    assert [rank["agreed"] for rank in ranks] == ["decided by rank 0"] * 2
 
 
 # --- whole runs under torchrun --------------------------------------------------------------------------
@@ -257,26 +266,3 @@ def test_more_processes_than_points_in_a_batch_is_one_error(tmp_path):
     assert len(lines) == 2 and "smaller than the 2 processes" in lines[0]  # each rank finds it itself
     assert "internal error" not in done.stderr  # (torchrun's agent prints a traceback of its own)
     assert not (tmp_path / "run").exists()
-
-
-def test_compress_under_torchrun_is_one_error_saying_what_to_run(capsys, monkeypatch, tmp_path):
-    """compress is not data-parallel: started by torchrun, each rank refuses before loading anything, from the
-    environment alone (joining the process group would race with a rank that already stopped)."""
-    from clitools import assert_one_line_error, cli
-
-    for rank in ("0", "1"):
-        monkeypatch.setenv("WORLD_SIZE", "2")
-        monkeypatch.setenv("RANK", rank)
-        line = assert_one_line_error(
-            *cli(capsys, "compress", "lenet", "--weights", str(tmp_path / "none.pt")), "one process", "torchrun"
-        )
-        assert "pyrozoo compress ..." in line and not dist.is_initialized()
-
-
-@pytest.mark.slow
-def test_compress_under_torchrun_stops_every_rank_with_its_error(tmp_path):
-    done = torchrun("compress", "lenet", "--weights", "none.pt", "--data", "fashion-mnist-mini", cwd=tmp_path)
-    assert done.returncode != 0
-    lines = [line for line in done.stderr.splitlines() if line.startswith("pyrozoo: error:")]
-    assert len(lines) == 2 and "runs in one process" in lines[0]
-    assert "internal error" not in done.stderr

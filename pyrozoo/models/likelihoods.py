@@ -9,6 +9,7 @@ net's output to a predictive distribution per posterior draw (:meth:`predictive`
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import pyro
 import pyro.distributions as dist
@@ -28,6 +29,16 @@ def _data_plate(batch: int, dataset_size: int | None, device):
     return pyro.plate(
         "data", size=dataset_size or batch, subsample=torch.arange(batch, device=device), dim=-1
     )
+
+
+Part = tuple[int, int] | None  # (first row, rows of the whole batch): a process's part of a batch
+
+
+def _drawn(part: Part, rows: int, draw: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """The noise for ``rows`` points: ``draw(n)`` (noise for ``n`` points) made for the whole batch ``part`` is of,
+    and ``part``'s rows of it, so that a process's part of a batch gets what one process draws for them."""
+    first, size = part or (0, rows)
+    return draw(size)[first : first + rows]
 
 
 class Categorical(nn.Module):
@@ -72,12 +83,23 @@ class Categorical(nn.Module):
                 "likelihood=Gaussian('fixed', precision=1 / noise variance) (pyrozoo.models.likelihoods)"
             )
 
-    def sampled_nll(self, output: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sampled_nll(
+        self, output: torch.Tensor, generator: torch.Generator | None = None, part: Part = None
+    ) -> torch.Tensor:
         """Summed ``-log p(y | f(x))`` at labels drawn from the net's own predictive (not differentiated): its
-        gradient's outer product is, in expectation, the Gauss-Newton matrix (the Monte Carlo Fisher)."""
+        gradient's outer product is, in expectation, the Gauss-Newton matrix (the Monte Carlo Fisher). With
+        ``part = (first, size)``, ``output`` is rows ``first...`` of a batch of ``size``: the draw is made for the
+        whole batch, so a process's part of it gets the labels one process draws for those rows."""
         self.check_output(output)
         with torch.no_grad():
-            labels = torch.multinomial(output.softmax(-1), 1, generator=generator).squeeze(-1)
+            probs = output.softmax(-1)
+            # torch.multinomial's own draw of one label (the exponential race: the same labels from the same
+            # generator), written out so that it can be made for rows this process does not hold
+            classes = probs.shape[-1]
+            race = _drawn(
+                part, len(probs), lambda n: probs.new_empty(n, classes).exponential_(1, generator=generator)
+            )
+            labels = (probs / race).argmax(-1)
         return -self.log_likelihood(output, labels).sum()
 
 
@@ -175,13 +197,17 @@ class Gaussian(nn.Module):
         """Refuse a net of more than one output."""
         _mean(output)
 
-    def sampled_nll(self, output: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sampled_nll(
+        self, output: torch.Tensor, generator: torch.Generator | None = None, part: Part = None
+    ) -> torch.Tensor:
         """Summed ``-log p(y | f(x))`` at targets drawn from the net's own predictive (not differentiated): its
         gradient's outer product is, in expectation, the Gauss-Newton matrix ``tau J'J`` (the Monte Carlo
-        Fisher). The noise must be held at a point (:meth:`at_point`)."""
+        Fisher). The noise must be held at a point (:meth:`at_point`). ``part``: as :meth:`Categorical.sampled_nll`.
+        """
         mean, precision = _mean(output), self.precision()
         with torch.no_grad():
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            options = dict(generator=generator, device=mean.device, dtype=mean.dtype)
+            noise = _drawn(part, len(mean), lambda n: torch.randn((n, *mean.shape[1:]), **options))
             y = mean + noise * precision.rsqrt()
         return -self.log_likelihood(output, y).sum()
 

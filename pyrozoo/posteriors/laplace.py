@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 from pyrozoo.bmr.kfac import KroneckerGaussian
 from pyrozoo.bmr.rebuild import rebuild
+from pyrozoo.distributed import World
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides.base import Posterior
 from pyrozoo.models import BayesianModel
@@ -183,9 +184,13 @@ def _inputs(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return a
 
 
-def _diagonal(net, modules, x, likelihood, loss, scale, batch_size, samples, seed, progress, fisher) -> dict:
+def _diagonal(
+    net, modules, x, likelihood, loss, scale, batch_size, samples, seed, progress, fisher, world
+) -> dict:
     """``{layer: (R, K)}``: the squared per-example gradients of the sampled (``"mc"``) or of each column of the
-    loss Hessian's square root (``"type-2"``) backpropagated, summed."""
+    loss Hessian's square root (``"type-2"``) backpropagated, summed. In a run of several processes (``world``)
+    each takes its part of every batch (the labels drawn for the whole batch, as one process draws them), and
+    the parts' sums are added up over the processes: every one gets the one-process sum, up to rounding."""
     store: dict = {}
 
     def add(name, a, g):
@@ -217,10 +222,13 @@ def _diagonal(net, modules, x, likelihood, loss, scale, batch_size, samples, see
         for start in tqdm(
             range(0, len(x), batch_size), desc="Laplace diag curvature", unit="batch", disable=not progress
         ):
-            xb = x[start : start + batch_size]
+            rows, _ = world.split(torch.arange(start, min(start + batch_size, len(x))))
+            if not len(rows):  # a last batch smaller than the processes: this one has no part of it
+                continue
+            xb, part = x[rows.to(x.device)], (int(rows[0]) - start, min(batch_size, len(x) - start))
             if fisher == "mc":
                 for _ in range(samples):
-                    likelihood.sampled_nll(net(xb), generator).backward()
+                    likelihood.sampled_nll(net(xb), generator, part).backward()
             else:
                 out = net(xb)
                 roots = torch.stack(
@@ -231,7 +239,11 @@ def _diagonal(net, modules, x, likelihood, loss, scale, batch_size, samples, see
     finally:
         for handle in handles:
             handle.remove()
-    return {name: value.div_(samples if fisher == "mc" else 1) for name, value in store.items()}  # in place
+    missing = [name for name in modules if name not in store]
+    if missing:  # every process had a part of the first batch (the caller checks len(x) >= world.size)
+        raise RuntimeError(f"no curvature was summed for {missing}")
+    world.sum([store[name] for name in modules])  # in one order on every process
+    return {name: store[name].div_(samples if fisher == "mc" else 1) for name in modules}  # in place
 
 
 def has_curvature(net: nn.Module, layer) -> bool:
@@ -260,6 +272,7 @@ def curvature(
     fisher: str = "mc",
     kfac: str = "expand",
     ekfac: bool = False,
+    world: World | None = None,
 ) -> dict:
     """The GGN of each layer of ``layers`` summed over ``x`` under ``likelihood`` (categorical by default; a
     Gaussian's noise held at a point): ``{layer: diagonal (R, K)}`` or ``{layer: (G (R, R), A (K, K))}`` with
@@ -269,7 +282,9 @@ def curvature(
     predictive; ``"type-2"`` is the exact GGN (one backward pass per output). ``kfac`` is the convolutions'
     Kronecker factorisation, ``"expand"`` or ``"reduce"`` (Eschenhagen et al. 2023); ``ekfac`` adds, per layer,
     the eigenvalues refitted in the factors' eigenbasis (EKFAC, George et al. 2018; a second pass over ``x``):
-    ``(G, A, (U_G, U_A, eigenvalues (R, K)))``, whose trace is the GGN block's."""
+    ``(G, A, (U_G, U_A, eigenvalues (R, K)))``, whose trace is the GGN block's. Given the ``world`` of a run of
+    several processes, they share the diagonal's batches (:func:`_diagonal`; every process must call this); the
+    KFAC factors are computed whole by each."""
     likelihood = Categorical() if likelihood is None else likelihood
     if structure not in STRUCTURES:
         raise PyrozooError(f"Laplace structure is one of {', '.join(STRUCTURES)}, not {structure!r}")
@@ -298,8 +313,14 @@ def curvature(
             return _kfac(
                 net, modules, x, loss, scale, batch_size, samples, seed, progress, fisher, kfac, ekfac
             )
+        world = World() if world is None else world
+        if len(x) < world.size:
+            raise PyrozooError(
+                f"the curvature is fitted on {len(x)} inputs, fewer than the {world.size} processes that share "
+                "them: fit it on at least one input per process"
+            )
         return _diagonal(
-            net, modules, x, likelihood, loss, scale, batch_size, samples, seed, progress, fisher
+            net, modules, x, likelihood, loss, scale, batch_size, samples, seed, progress, fisher, world
         )
     finally:
         for p, flag in requires.items():
@@ -500,6 +521,7 @@ def laplace(
     ekfac: bool = False,
     y: torch.Tensor | None = None,
     predictive: str = "glm",
+    world: World | None = None,
 ) -> tuple[BayesianModel, LaplacePosterior]:
     """A Laplace approximation around ``net``'s own weights, fitted on the training inputs ``x``.
 
@@ -514,7 +536,9 @@ def laplace(
     fitted to; with its training targets ``y`` (standardised as ``x``'s net predicts them) the noise precision is
     chosen by the evidence with the prior precisions (:func:`noise_precision`), and the model keeps that one.
     ``fisher``, ``kfac`` and ``ekfac`` choose the curvature (:func:`curvature`); ``predictive`` how
-    :func:`pyrozoo.predict.predict` uses the posterior (:class:`LaplacePosterior`).
+    :func:`pyrozoo.predict.predict` uses the posterior (:class:`LaplacePosterior`). In a run of several
+    processes, every one calls this with its ``world``: they share the diagonal curvature's batches and all get
+    the same posterior.
     """
     check_predictive(predictive)
     net = copy.deepcopy(net)
@@ -526,7 +550,19 @@ def laplace(
         y = None if y is None else y[order.to(y.device)]
     with torch.enable_grad():
         curv = curvature(
-            net, layers, x, structure, batch_size, samples, seed, progress, likelihood, fisher, kfac, ekfac
+            net,
+            layers,
+            x,
+            structure,
+            batch_size,
+            samples,
+            seed,
+            progress,
+            likelihood,
+            fisher,
+            kfac,
+            ekfac,
+            world,
         )
     curv = {k: _scaled(curv.pop(k), n / len(x)) for k in list(curv)}  # each layer's old copy freed as it goes
     by_name = {layer.name: layer for layer in layers}
