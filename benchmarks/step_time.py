@@ -2,8 +2,8 @@
 
 For each net at batch 120 on the CPU: a plain PyTorch Adam step of the deterministic net; a hand-written plain
 PyTorch mean-field step of the same Bayesian model (weights sampled as ``loc + scale * noise``, analytic KL for
-the weights, the layer-scale hyperprior sampled log-normally with a one-sample KL, Adam), which is the floor any
-Pyro-based mean-field step can approach; one pyrozoo SVI step with each guide (flat prior); one step of
+the weights, the layer-scale hyperprior sampled log-normally with a one-sample KL, Adam), the step as one would write it
+by hand without tuning; one pyrozoo SVI step with each guide (flat prior); one step of
 tiered-ff (regularised-horseshoe prior, our mean-field guide); one IVON step (methods ivon, ivon-bmr: the plain
 net trained by IVON, whose state is the posterior) and the same step with ivon-opt's own update (before
 pyrozoo's in-place rewrite); for the MLP, the mean-field SVI step of the net pruned to 99% with whole units dead

@@ -30,6 +30,14 @@ _LOG_GAMMA_2_2 = 2 * math.log(2.0) - math.lgamma(2.0)  # Gamma(2, 2)'s log-densi
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+def summed_kl_value(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``sum(KL(N(loc, scale) || N(0, 1)))`` in four passes (two dot products, a log and its sum), for the
+    autograd nodes that give its derivative by hand (here and :class:`pyrozoo.elbo._SummedKLToStandardNormal`)."""
+    flat_loc, flat_scale = loc.reshape(-1), scale.reshape(-1)
+    squares = torch.dot(flat_scale, flat_scale) + torch.dot(flat_loc, flat_loc)
+    return 0.5 * (squares - flat_loc.numel()) - flat_scale.log().sum()
+
+
 class _LayerDraw(torch.autograd.Function):
     """One layer's weights ``c * mask * (loc + softplus(raw) * noise)`` and the summed KL of ``N(loc,
     softplus(raw))`` to ``N(0, 1)``, as one autograd node: the sample, the mask, the layer scale ``c`` and the KL
@@ -42,11 +50,8 @@ class _LayerDraw(torch.autograd.Function):
         z = torch.addcmul(loc, noise, scale)
         if mask is not None:
             z.mul_(mask)
-        flat_loc, flat_scale = loc.reshape(-1), scale.reshape(-1)
-        squares = torch.dot(flat_scale, flat_scale) + torch.dot(flat_loc, flat_loc)
-        kl = 0.5 * (squares - flat_loc.numel()) - flat_scale.log().sum()
         ctx.save_for_backward(loc, raw, noise, scale, c, mask)
-        return z.mul_(c), kl
+        return z.mul_(c), summed_kl_value(loc, scale)
 
     @staticmethod
     def backward(ctx, grad_w, grad_kl):
