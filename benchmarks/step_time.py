@@ -1,13 +1,13 @@
 """One training step of each contender, as a ratio to pyrozoo's mean-field SVI step, paired per round.
 
 For each net at batch 120 on the CPU: a plain PyTorch Adam step of the deterministic net; a hand-written plain
-PyTorch mean-field step of the same Bayesian model (weights sampled as ``loc + scale * noise``, analytic KL for
-the weights, the layer-scale hyperprior sampled log-normally with a one-sample KL, Adam), the step as one would write it
-by hand without tuning; one pyrozoo SVI step with each guide (flat prior); one step of
-tiered-ff (regularised-horseshoe prior, our mean-field guide); one IVON step (methods ivon, ivon-bmr: the plain
-net trained by IVON, whose state is the posterior) and the same step with ivon-opt's own update (before
-pyrozoo's in-place rewrite); for the MLP, the mean-field SVI step of the net pruned to 99% with whole units dead
-and compacted (:func:`compacted_step`); and the peers of ``benchmarks/peers.py`` where they are installed
+PyTorch mean-field step of the same Bayesian model (weights sampled as ``loc + scale * noise``, analytic KL
+for the weights, the layer-scale hyperprior sampled log-normally with a one-sample KL, Adam), the step as one
+would write it by hand without tuning; one pyrozoo SVI step with each guide (flat prior); one step of
+tiered-ff (regularised-horseshoe prior, our mean-field guide); one IVON step (methods ivon, ivon-bmr: the
+plain net trained by IVON, whose state is the posterior) and the same step with ivon-opt's own update (before
+pyrozoo's in-place rewrite); for the MLP, the mean-field SVI step of the net pruned to 99% with whole units
+dead and compacted (:func:`compacted_step`); and the peers of ``benchmarks/peers.py`` where they are installed
 (``pip install -e ".[bench]"``; otherwise their lines are skipped and say so): bayesian-torch with its shipped
 averaged KL and with that KL summed (the true ELBO), TyXe and plain Pyro, each on the same net with a N(0, 1)
 prior.
@@ -178,7 +178,7 @@ def compacted_step(name: str, side: int, x, y, sparsity: float = 0.99, seed: int
         raise RuntimeError(f"the benchmark's model did not compact: {note}")
     held = sum(layer.shape.numel() for layer in model.layers)
     full = sum(shape.numel() for shape in model.full_shapes.values())
-    optimizer = torch.optim.Adam(guide.parameters(), lr=1e-3)
+    optimizer = STEPS["svi"].optimizer(model, guide, 1e-3, "adam", DATASET_SIZE)
     describe = f"{fraction:.4f} pruned, {removed} units removed; the compacted latents hold {held:,} of {full:,} entries"
     return (lambda: svi_step(model, guide, optimizer, x, y, DATASET_SIZE)), describe
 

@@ -32,7 +32,8 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 def summed_kl_value(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``sum(KL(N(loc, scale) || N(0, 1)))`` in four passes (two dot products, a log and its sum), for the
-    autograd nodes that give its derivative by hand (here and :class:`pyrozoo.elbo._SummedKLToStandardNormal`)."""
+    autograd nodes that give its derivative by hand (here and :class:`pyrozoo.elbo._SummedKLToStandardNormal`).
+    """
     flat_loc, flat_scale = loc.reshape(-1), scale.reshape(-1)
     squares = torch.dot(flat_scale, flat_scale) + torch.dot(flat_loc, flat_loc)
     return 0.5 * (squares - flat_loc.numel()) - flat_scale.log().sum()

@@ -79,7 +79,10 @@ def test_other_cases_take_the_traced_path(tiny_mlp_model, tiny_batch):
     with pyro.validation_enabled(False):
         assert fast_negative_elbo(tiny_mlp_model, guide, x, y, 60) is not None
         assert fast_negative_elbo(tiny_mlp_model, guide, x, None, 60) is None  # no labels
-        assert fast_negative_elbo(tiny_mlp_model, make_guide("autonormal", tiny_mlp_model, x, y, 60), x, y) is None
+        assert (
+            fast_negative_elbo(tiny_mlp_model, make_guide("autonormal", tiny_mlp_model, x, y, 60), x, y)
+            is None
+        )
         horseshoe = BayesianModel(tiny_mlp_model.net, prior=tiered)
         assert fast_negative_elbo(horseshoe, make_guide("meanfield", horseshoe), x, y, 60) is None
         other = BayesianModel(tiny_mlp_model.net, prior=functools.partial(flat, hidden_scale=0.2, extra=1))
