@@ -219,7 +219,9 @@ class BayesianModel(nn.Module):
         first = weights[layers[0].name]
         batch = first.shape[: first.dim() - 2]
         if not batch:
-            return one(*(weights[layer.name] for layer in layers), nhwc=first.device.type == "cpu")
+            # channels-last on the CPU, outside torch.func's transforms (vmap's batched weights cannot take it)
+            plain = not torch._C._functorch.is_functorch_wrapped_tensor(first)
+            return one(*(weights[layer.name] for layer in layers), nhwc=plain and first.device.type == "cpu")
         flat = [weights[layer.name].expand(batch + layer.shape).reshape(-1, *layer.shape) for layer in layers]
         out = torch.vmap(one, randomness="different")(*flat)
         return out.reshape(batch + out.shape[1:])
