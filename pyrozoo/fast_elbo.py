@@ -13,6 +13,7 @@ guide, prior or likelihood, an active Pyro handler, Pyro's argument checks on), 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import torch
@@ -72,11 +73,13 @@ class _LayerDraw(torch.autograd.Function):
 
 def _hidden_scale(prior) -> float | None:
     """The flat prior's hidden-layer factor, or None for any other prior (or the flat one with other options)."""
+    default = inspect.signature(flat).parameters["hidden_scale"].default
     if prior is flat:
-        return 0.1
+        return default
     if isinstance(prior, functools.partial) and prior.func is flat and not prior.args:
-        if set(prior.keywords) <= {"hidden_scale"}:
-            return float(prior.keywords.get("hidden_scale", 0.1))
+        hidden = prior.keywords.get("hidden_scale", default)
+        if set(prior.keywords) <= {"hidden_scale"} and isinstance(hidden, (int, float)) and hidden > 0:
+            return float(hidden)  # (a bad one goes the traced way, where flat refuses it)
     return None
 
 

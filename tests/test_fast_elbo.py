@@ -87,6 +87,8 @@ def test_other_cases_take_the_traced_path(tiny_mlp_model, tiny_batch):
         assert fast_negative_elbo(horseshoe, make_guide("meanfield", horseshoe), x, y, 60) is None
         other = BayesianModel(tiny_mlp_model.net, prior=functools.partial(flat, hidden_scale=0.2, extra=1))
         assert fast_negative_elbo(other, guide, x, y, 60) is None
+        bad = BayesianModel(tiny_mlp_model.net, prior=functools.partial(flat, hidden_scale=-1.0))
+        assert fast_negative_elbo(bad, make_guide("meanfield", tiny_mlp_model), x, y, 60) is None
         with pyro.poutine.scale(scale=2.0):  # a handler the traced path would honour
             assert fast_negative_elbo(tiny_mlp_model, guide, x, y, 60) is None
     with pyro.validation_enabled(True):  # Pyro's argument checks: the traced path, which runs them
