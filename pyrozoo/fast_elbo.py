@@ -1,5 +1,5 @@
 """The negative ELBO of the common case without Pyro's machinery: the mean-field guide over a classifier with the
-flat prior (every method's default but tiered-ff's).
+flat prior (methods flat-ff and bmr-*).
 
 :func:`pyrozoo.elbo.negative_elbo` traces the guide, replays the model against the trace and scores every site:
 on a small net that Python, and the dozens of scalar operations of the five log-normal layer precisions, cost
@@ -43,8 +43,8 @@ def summed_kl_value(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 class _LayerDraw(torch.autograd.Function):
     """One layer's weights ``c * mask * (loc + softplus(raw) * noise)`` and the summed KL of ``N(loc,
     softplus(raw))`` to ``N(0, 1)``, as one autograd node: the sample, the mask, the layer scale ``c`` and the KL
-    in two passes over the entries forward, where autograd records five nodes that each allocate a tensor the size
-    of the layer (the sum of the entrywise KL as :class:`pyrozoo.elbo._SummedKLToStandardNormal` has it)."""
+    with two tensors the size of the layer (the scale and the weights), where autograd records five nodes that
+    each allocate one or more (the KL summed as :class:`pyrozoo.elbo._SummedKLToStandardNormal` sums it)."""
 
     @staticmethod
     def forward(ctx, loc, raw, noise, c, mask):
