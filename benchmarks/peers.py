@@ -45,6 +45,9 @@ class Peer:
     name: str
     step: Callable[[torch.Tensor, torch.Tensor], None]
     log_probs: Callable[[torch.Tensor], torch.Tensor]
+    # bayesian-torch's step in its parts (benchmarks/step_phases.py times them apart): the loss and the optimiser
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    optimizer: torch.optim.Optimizer | None = None
 
 
 def _summed_kl_div(mu_q, sigma_q, mu_p, sigma_p):
@@ -53,8 +56,12 @@ def _summed_kl_div(mu_q, sigma_q, mu_p, sigma_p):
     return kl.sum()
 
 
-def bayesian_torch(net: torch.nn.Module, dataset_size: int, lr: float, summed: bool) -> Peer | None:
-    """bayesian-torch's mean-field net made from a copy of ``net``; ``summed``: its KL summed (the true ELBO)."""
+def bayesian_torch(
+    net: torch.nn.Module, dataset_size: int, lr: float, summed: bool, fused: bool = False
+) -> Peer | None:
+    """bayesian-torch's mean-field net made from a copy of ``net``; ``summed``: its KL summed (the true ELBO);
+    ``fused``: tuned as pyrozoo is, trained by torch's fused Adam (one kernel per parameter) rather than its
+    default, its convolutions' parameters and inputs in channels-last order."""
     try:
         from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn, get_kl_loss
     except ImportError:
@@ -65,17 +72,26 @@ def bayesian_torch(net: torch.nn.Module, dataset_size: int, lr: float, summed: b
         for layer in bnn.modules():
             if hasattr(layer, "kl_loss"):
                 layer.kl_div = _summed_kl_div
-    optimizer = torch.optim.Adam(bnn.parameters(), lr=lr)
+    if fused:
+        bnn.to(memory_format=torch.channels_last)  # its 4-D parameters and noise buffers
+    optimizer = torch.optim.Adam(bnn.parameters(), lr=lr, fused=fused or None)
+
+    def loss(x, y):
+        if fused and x.dim() == 4:  # channels-last strides even with one channel, where .contiguous keeps them
+            x = torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+        return F.cross_entropy(bnn(x), y, reduction="sum") * (dataset_size / len(x)) + get_kl_loss(bnn)
 
     def step(x, y):
-        loss = F.cross_entropy(bnn(x), y, reduction="sum") * (dataset_size / len(x)) + get_kl_loss(bnn)
+        value = loss(x, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        value.backward()
         optimizer.step()
 
     # bayesian-torch draws new weights at every forward pass: one pass is one posterior sample
-    name = f"bayesian-torch, KL {'summed (true ELBO)' if summed else 'averaged (shipped)'}"
-    return Peer(name, step, lambda x: torch.log_softmax(bnn(x), -1))
+    name = f"bayesian-torch, KL {'summed (true ELBO)' if summed else 'averaged (shipped)'}" + (
+        ", fused Adam, channels-last" if fused else ""
+    )
+    return Peer(name, step, lambda x: torch.log_softmax(bnn(x), -1), loss, optimizer)
 
 
 def _shim_tyxe() -> None:

@@ -1,13 +1,13 @@
 """One training step of each contender, as a ratio to pyrozoo's mean-field SVI step, paired per round.
 
 For each net at batch 120 on the CPU: a plain PyTorch Adam step of the deterministic net; a hand-written plain
-PyTorch mean-field step of the same Bayesian model (weights sampled as ``loc + scale * noise``, analytic KL for
-the weights, the layer-scale hyperprior sampled log-normally with a one-sample KL, Adam), which is the floor any
-Pyro-based mean-field step can approach; one pyrozoo SVI step with each guide (flat prior); one step of
-tiered-ff (regularised-horseshoe prior, our mean-field guide); one IVON step (methods ivon, ivon-bmr: the plain
-net trained by IVON, whose state is the posterior) and the same step with ivon-opt's own update (before
-pyrozoo's in-place rewrite); for the MLP, the mean-field SVI step of the net pruned to 99% with whole units dead
-and compacted (:func:`compacted_step`); and the peers of ``benchmarks/peers.py`` where they are installed
+PyTorch mean-field step of the same Bayesian model (weights sampled as ``loc + scale * noise``, analytic KL
+for the weights, the layer-scale hyperprior sampled log-normally with a one-sample KL, Adam), the step as one
+would write it by hand without tuning; one pyrozoo SVI step with each guide (flat prior); one step of
+tiered-ff (regularised-horseshoe prior, our mean-field guide); one IVON step (methods ivon, ivon-bmr: the
+plain net trained by IVON, whose state is the posterior) and the same step with ivon-opt's own update (before
+pyrozoo's in-place rewrite); for the MLP, the mean-field SVI step of the net pruned to 99% with whole units
+dead and compacted (:func:`compacted_step`); and the peers of ``benchmarks/peers.py`` where they are installed
 (``pip install -e ".[bench]"``; otherwise their lines are skipped and say so): bayesian-torch with its shipped
 averaged KL and with that KL summed (the true ELBO), TyXe and plain Pyro, each on the same net with a N(0, 1)
 prior.
@@ -18,8 +18,15 @@ rounds (:func:`pyrozoo.costs.round_robin`), and each is reported as its time ove
 (:func:`pyrozoo.costs.paired_ratios`): the load of a shared machine drifts, but within a round it falls on
 every contender alike, so the paired ratios hold where absolute times do not.
 
-    python benchmarks/step_time.py [--nets mlp lenet vit mixer] [--rounds 100] [--warmup 10] [--threads 1]
-        [--only WORD ...] [--with-checks]
+    python benchmarks/step_time.py [--nets mlp lenet bn_cnn vit mixer] [--rounds 100] [--warmup 10]
+        [--threads 1] [--only WORD ...] [--with-checks]
+
+``bn_cnn`` is the compress issue's BatchNorm CNN (``benchmarks/bn_cnn.py``, 32x32 input) as a fresh Bayesian
+model: its convolutions and linear layers random, BatchNorm's affine a point estimate trained beside the guide
+(the IVON lines are left out: IVON trains no deterministic parameters). pyrozoo's steps train with the optimiser
+a run builds (``STEPS["svi"].optimizer``: the registry's Adam, fused on the CPU); bayesian-torch's with torch's
+default Adam and torch's default memory order, as its examples do, and once more tuned as pyrozoo is (``fused
+Adam, channels-last``: :func:`peers.bayesian_torch`), for the share of the difference that is tuning.
 
 ViT and MLP-Mixer steps take seconds on a CPU: time them with fewer rounds (``--rounds 10 --warmup 2``).
 """
@@ -45,9 +52,10 @@ from pyrozoo.models.priors import gaussian
 from pyrozoo.models.priors import tiered as tiered_prior
 from pyrozoo.nets import NETS, create_net
 from pyrozoo.costs import paired_ratios, round_robin
-from pyrozoo.steps import svi_step
+from pyrozoo.steps import STEPS, svi_step
 
-from peers import peers  # benchmarks/ is on the path when run as a script
+from bn_cnn import bn_cnn  # benchmarks/ is on the path when run as a script
+from peers import bayesian_torch, peers
 
 BATCH, DATASET_SIZE, CLASSES = 120, 60_000, 10
 
@@ -170,7 +178,7 @@ def compacted_step(name: str, side: int, x, y, sparsity: float = 0.99, seed: int
         raise RuntimeError(f"the benchmark's model did not compact: {note}")
     held = sum(layer.shape.numel() for layer in model.layers)
     full = sum(shape.numel() for shape in model.full_shapes.values())
-    optimizer = torch.optim.Adam(guide.parameters(), lr=1e-3)
+    optimizer = STEPS["svi"].optimizer(model, guide, 1e-3, "adam", DATASET_SIZE)
     describe = f"{fraction:.4f} pruned, {removed} units removed; the compacted latents hold {held:,} of {full:,} entries"
     return (lambda: svi_step(model, guide, optimizer, x, y, DATASET_SIZE)), describe
 
@@ -205,6 +213,7 @@ def adam_step(net, x, y):
 PLAIN, FLOOR, OURS = "plain pytorch (deterministic)", "hand-written mean-field", "pyrozoo svi, guide=meanfield"
 IVON, PUBLISHED = "pyrozoo ivon (plain net + IVON)", "pyrozoo ivon, ivon-opt's own update"
 SUMMED = "bayesian-torch, KL summed (true ELBO)"
+SUMMED_FUSED = SUMMED + ", fused Adam, channels-last"
 
 
 def contenders(name: str, x, y, only=(), with_checks: bool = False) -> dict:
@@ -212,6 +221,8 @@ def contenders(name: str, x, y, only=(), with_checks: bool = False) -> dict:
     side = x.shape[-1]
 
     def fresh():
+        if name == "bn_cnn":
+            return bn_cnn(1, CLASSES)
         return create_net(name, in_channels=1, image_size=side, num_classes=CLASSES)
 
     model = BayesianModel(fresh())
@@ -219,22 +230,24 @@ def contenders(name: str, x, y, only=(), with_checks: bool = False) -> dict:
     steps = {PLAIN: adam_step(fresh(), x, y), FLOOR: lambda: hand.step(x, y)}
 
     def pyrozoo_step(bayesian, guide, validate=None):
-        optimizer = torch.optim.Adam(guide.parameters(), lr=1e-3)
+        # the optimiser a run trains with (the registry's Adam, fused on the CPU; BatchNorm's affine beside)
+        optimizer = STEPS["svi"].optimizer(bayesian, guide, 1e-3, "adam", DATASET_SIZE)
         return lambda: svi_step(bayesian, guide, optimizer, x, y, DATASET_SIZE, validate=validate)
 
     for kind in ("meanfield", "autonormal", "autodelta"):
         steps[f"pyrozoo svi, guide={kind}"] = pyrozoo_step(model, make_guide(kind, model, x, y, DATASET_SIZE))
     tiered = BayesianModel(fresh(), prior=tiered_prior)
     steps["pyrozoo svi, tiered-ff"] = pyrozoo_step(tiered, make_guide("meanfield", tiered))
-    ivon_model = BayesianModel(fresh(), prior=gaussian)
-    ivon_guide = make_guide("ivon", ivon_model)
-    ivon_optimizer = ivon_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE)
-    steps[IVON] = lambda: ivon_step(ivon_model, ivon_guide, ivon_optimizer, x, y, DATASET_SIZE)
-    published_model = copy.deepcopy(ivon_model)
-    published_guide = make_guide("ivon", published_model)
-    published = published_ivon(published_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE))
-    published_guide.optimizer = published
-    steps[PUBLISHED] = lambda: ivon_step(published_model, published_guide, published, x, y, DATASET_SIZE)
+    if not model.deterministic_parameters():  # IVON trains only random layers (no BatchNorm)
+        ivon_model = BayesianModel(fresh(), prior=gaussian)
+        ivon_guide = make_guide("ivon", ivon_model)
+        ivon_optimizer = ivon_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE)
+        steps[IVON] = lambda: ivon_step(ivon_model, ivon_guide, ivon_optimizer, x, y, DATASET_SIZE)
+        published_model = copy.deepcopy(ivon_model)
+        published_guide = make_guide("ivon", published_model)
+        published = published_ivon(published_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE))
+        published_guide.optimizer = published
+        steps[PUBLISHED] = lambda: ivon_step(published_model, published_guide, published, x, y, DATASET_SIZE)
     if with_checks:  # Pyro's and torch's argument checks on, as Pyro has them by default
         steps["pyrozoo svi, meanfield, checks on"] = pyrozoo_step(
             model, make_guide("meanfield", model), validate=True
@@ -246,7 +259,8 @@ def contenders(name: str, x, y, only=(), with_checks: bool = False) -> dict:
     built, missing = peers(fresh(), DATASET_SIZE, 1e-3)
     for line in missing:
         print(f"{name}: {line}")
-    for peer in built:
+    fused = bayesian_torch(fresh(), DATASET_SIZE, 1e-3, summed=True, fused=True)
+    for peer in built + ([fused] if fused else []):
         steps[peer.name] = lambda step=peer.step: step(x, y)
     if only:
         steps = {k: v for k, v in steps.items() if k in (PLAIN, FLOOR, OURS) or any(word in k for word in only)}
@@ -254,21 +268,21 @@ def contenders(name: str, x, y, only=(), with_checks: bool = False) -> dict:
 
 
 def bench_net(name: str, rounds: int, warmup: int, only=(), with_checks: bool = False) -> None:
-    side = NETS[name].pad_to or 28
+    side = 32 if name == "bn_cnn" else NETS[name].pad_to or 28
     x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
     times = timed(contenders(name, x, y, only, with_checks), rounds, warmup)
     print(f"{name}: {rounds} rounds; paired ratios per round, median [IQR]")
     print_ratios(name, times, {"pyrozoo meanfield": OURS, "plain Adam": PLAIN})
-    if SUMMED in times:
-        ratio = ratio_text(paired_ratios(times, SUMMED)[OURS])
-        print(f"{name}: pyrozoo meanfield / bayesian-torch (KL summed) {ratio}")
+    for peer in (SUMMED, SUMMED_FUSED):
+        if peer in times:
+            print(f"{name}: pyrozoo meanfield / {peer} {ratio_text(paired_ratios(times, peer)[OURS])}")
     if IVON in times and PUBLISHED in times:
         print(f"{name}: pyrozoo's in-place IVON update / ivon-opt's {ratio_text(paired_ratios(times, PUBLISHED)[IVON])}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--nets", nargs="+", default=["mlp", "lenet"])
+    parser.add_argument("--nets", nargs="+", default=["mlp", "lenet", "bn_cnn"])
     parser.add_argument("--rounds", type=int, default=100, help="timed rounds (each contender once per round)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")

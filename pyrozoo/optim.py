@@ -194,11 +194,44 @@ class IVONOptimizer(IVON):
                     offset += p.numel()
 
 
+def _tensors(params: list) -> list[torch.Tensor]:
+    """The tensors of ``params``: a list of tensors or of parameter groups (dicts with ``"params"``)."""
+    if params and isinstance(params[0], dict):
+        return [p for group in params for p in group["params"]]
+    return params
+
+
+def _fusable(tensors: list[torch.Tensor]) -> bool:
+    """Whether torch's fused Adam kernel takes every tensor: floating point, on one device type it has it for."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    kinds = {p.device.type for p in tensors}
+    return (
+        len(kinds) == 1
+        and kinds <= set(_get_fused_kernels_supported_devices())
+        and all(torch.is_floating_point(p) for p in tensors)
+    )
+
+
+class Adam(torch.optim.Adam):
+    """torch's Adam, fused (``fused=True``: the whole update of a parameter in one kernel) wherever torch has the
+    kernel for every parameter. Unfused, torch runs a dozen kernels per parameter on the CPU (it takes its
+    ``foreach`` path only on a GPU), which was an eighth of the MLP's SVI step (experiments/RESULTS.md); the
+    update is the same up to the rounding of the fused arithmetic. Pass ``fused=False`` for torch's default."""
+
+    def __init__(self, params, lr: float = 1e-3, **kwargs):
+        params = list(params)
+        if "fused" not in kwargs and not kwargs.get("foreach") and not kwargs.get("differentiable"):
+            kwargs["fused"] = _fusable(_tensors(params)) or None
+        super().__init__(params, lr=lr, **kwargs)
+
+
 OPTIMIZERS = Registry("optimizer")
 OPTIMIZERS.register(
     "adam",
-    torch.optim.Adam,
-    description="Adam (torch.optim.Adam), the optimiser of every method but the ivon ones",
+    Adam,
+    description="Adam (torch.optim.Adam, fused where torch has the kernel), the optimiser of every method but the "
+    "ivon ones",
 )
 OPTIMIZERS.register("adabelief", AdaBelief)
 OPTIMIZERS.register("ivon", IVONOptimizer)  # only with the ivon guide and step (method ivon-bmr), see config

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyrozoo.errors import PyrozooError
-from pyrozoo.optim import OPTIMIZERS, AdaBelief
+from pyrozoo.optim import OPTIMIZERS, AdaBelief, Adam
 
 
 def steps(optimizer_class, grads, lr=0.1, **kwargs):
@@ -96,6 +96,17 @@ def test_bad_arguments():
     for kwargs in (dict(lr=0.0), dict(lr=1e-3, betas=(1.0, 0.9)), dict(lr=1e-3, eps=-1.0)):
         with pytest.raises(ValueError):
             AdaBelief(p, **kwargs)
-    assert OPTIMIZERS["adabelief"] is AdaBelief and OPTIMIZERS["adam"] is torch.optim.Adam
+    assert OPTIMIZERS["adabelief"] is AdaBelief and issubclass(OPTIMIZERS["adam"], torch.optim.Adam)
     with pytest.raises(PyrozooError, match="unknown optimizer 'sgd'; known optimizers: adam, adabelief"):
         OPTIMIZERS["sgd"]
+
+
+def test_adam_is_fused_where_torch_has_the_kernel_with_torchs_numbers():
+    """The registry's Adam takes torch's fused kernel for CPU parameters (one kernel per parameter, not a dozen)
+    and gives torch's unfused trajectory to float rounding, in parameter groups too; an explicit choice stands."""
+    grads = torch.randn(20, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    torch.testing.assert_close(steps(Adam, grads, lr=1e-2), steps(torch.optim.Adam, grads, lr=1e-2, fused=False))
+    p = torch.zeros(3, requires_grad=True)
+    assert Adam([p]).defaults["fused"] and Adam([{"params": [p]}], lr=0.1).defaults["fused"]
+    assert not Adam([p], fused=False).defaults["fused"] and not Adam([p], foreach=True).defaults["fused"]
+    assert not Adam([torch.zeros(3, dtype=torch.float64, device="meta", requires_grad=True)]).defaults["fused"]

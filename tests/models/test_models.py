@@ -130,7 +130,16 @@ def test_logits_use_the_given_weights(tiny_lenet_model):
         for layer in tiny_lenet_model.layers:
             for key, value in layer.split(weights[layer.name]).items():
                 plain.get_parameter(key).copy_(value)
+    seen = []  # the convolutions get their weights in channels-last strides on the CPU, the same values
+    hooks = [
+        module.register_forward_pre_hook(lambda m, _: seen.append(m.weight.stride()[1] == 1))
+        for module in tiny_lenet_model.net.modules()
+        if isinstance(module, nn.Conv2d)
+    ]
     torch.testing.assert_close(tiny_lenet_model.logits(x, weights), plain(x))
+    for hook in hooks:
+        hook.remove()
+    assert seen == [True] * 3
 
 
 def test_minibatch_likelihood_is_scaled_to_the_dataset(tiny_mlp_model, tiny_batch):
