@@ -17,6 +17,7 @@ one draw: it has no epistemic part, and reports none; nor does a single draw of 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import pandas as pd
@@ -72,6 +73,29 @@ def mixture_of_logits(logits: Iterable[Tensor], count: int) -> dict[str, Tensor]
     return mixture(prob_sum, expected, count)
 
 
+@contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode (no dropout at test time) for the block, then as it was."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
+
+
+def draw_outputs(model, guide, x: Tensor, samples: int, seed: int = 0) -> Iterator[tuple[Tensor, dict]]:
+    """``(outputs on x, latents)`` of each of ``samples`` seeded posterior draws (the same draws for every ``x``): a
+    Laplace posterior's linearised net at them (its ``predictive``, glm: :mod:`pyrozoo.posteriors.linearised`),
+    every other posterior's net at the drawn weights. The caller holds the model in eval mode."""
+    draws = _draws(model, guide, samples, seed)
+    if getattr(guide, "predictive", "samples") == "glm":
+        from pyrozoo.posteriors.linearised import linearised_outputs
+
+        return linearised_outputs(model, guide, x, draws)
+    return ((model.logits(x, weights), latents) for weights, latents in draws)
+
+
 @torch.no_grad()
 def predict_batch(
     model: nn.Module, guide, x: Tensor, samples: int = 100, task: str | None = None, seed: int = 0
@@ -79,19 +103,9 @@ def predict_batch(
     """:func:`predict` on one batch, in float64, without the intervals' original-units mapping."""
     bayesian = guide is not None
     task = task or (model.likelihood.task if bayesian else "classify")
-    training = model.training
-    model.eval()  # no dropout at test time
-    try:
-        if bayesian and getattr(guide, "predictive", "samples") == "glm":
-            # a Laplace posterior: the linearised net's outputs at the same draws (pyrozoo.posteriors.linearised)
-            from pyrozoo.posteriors.linearised import linearised_outputs
-
-            outputs = linearised_outputs(model, guide, x, _draws(model, guide, samples, seed))
-        elif bayesian:
-            outputs = (
-                (model.logits(x, weights), latents)
-                for weights, latents in _draws(model, guide, samples, seed)
-            )
+    with evaluating(model):
+        if bayesian:
+            outputs = draw_outputs(model, guide, x, samples, seed)
         else:
             outputs, samples = iter([(model(x), None)]), 1
         if task == "classify":
@@ -103,8 +117,6 @@ def predict_batch(
             if bayesian:
                 noise.append(model.likelihood.predictive(out, latents)[1].double().expand_as(mean))
         return {"locs": torch.stack(locs), "noise_var": torch.stack(noise) if noise else None}
-    finally:
-        model.train(training)
 
 
 @torch.no_grad()
