@@ -128,18 +128,8 @@ def test_the_sweeps_predictive_rows_are_pyrozoo_predict_of_the_reduced_posterior
 
 def test_sweep_draws_a_runs_own_reduced_posterior(capsys, ff_run):
     """A mean-field run's own posterior, reduced by BMR, predicts by the net at its sampled weights."""
-    code, out, err = cli(
-        capsys,
-        "sweep",
-        "run",
-        "--methods",
-        "bmr-run",
-        "--sparsities",
-        "0.5",
-        "--samples",
-        "3",
-        "--no-progress",
-    )
+    sweep = "sweep", "run", "--methods", "bmr-run", "--sparsities", "0.5", "--samples", "3", "--no-progress"
+    code, out, err = cli(capsys, *sweep)
     assert code == 0, err
     table = pd.read_csv(ff_run / "sweep" / "sweep.csv").set_index("predictive")
     assert table.loc["samples", "samples"] == 3 and table.loc["samples", "method"] == "bmr-run"
