@@ -19,7 +19,7 @@ from pyrozoo.metrics import (
 from pyrozoo.metrics import net_metrics as _net_metrics
 from pyrozoo.metrics import points_per_chunk, regression_metrics_in_chunks
 from pyrozoo.models import BayesianModel
-from pyrozoo.predict import draw_outputs, evaluating, predict_batch, regression_draws
+from pyrozoo.predict import draw_outputs, evaluating, predict_batch, regression_draws, seeded_draws
 
 # What an evaluation writes into a metrics row: classification's, then regression's own columns.
 CLASSIFICATION = ("accuracy", "nll", "ece", "ece15", "brier", "lpd")
@@ -128,18 +128,19 @@ def predictive_metrics(setup, model, guide, samples: int) -> dict[str, float]:
     ``pyrozoo predict`` draws them, and the same for every batch of test inputs."""
     d, seed, batch_size = setup.data, setup.config.seed, setup.config.eval_batch_size
     x, y = d.x_test, d.y_test
+    draws = seeded_draws(model, guide, samples, seed)  # made once, for every batch
     if d.task == "regress":
         step = min(batch_size, points_per_chunk(samples, len(x)))
         chunks = (
             (out["locs"], out["noise_var"], y[i : i + step])
             for i in range(0, len(x), step)
-            for out in [predict_batch(model, guide, x[i : i + step], samples, "regress", seed)]
+            for out in [predict_batch(model, guide, x[i : i + step], samples, "regress", seed, draws)]
         )
         return regression_metrics_in_chunks(chunks, d.y_mean, d.y_std)
     accumulator = PredictionAccumulator(y, samples, d.num_classes)
     with evaluating(model):
         for start in range(0, len(x), batch_size):
-            outputs = draw_outputs(model, guide, x[start : start + batch_size], samples, seed)
+            outputs = draw_outputs(model, guide, x[start : start + batch_size], samples, seed, draws)
             for k, (out, _) in enumerate(outputs):
                 accumulator.add(k, start, torch.log_softmax(out.double(), dim=-1))
     return accumulator.result()

@@ -84,11 +84,20 @@ def evaluating(model: nn.Module):
         model.train(training)
 
 
-def draw_outputs(model, guide, x: Tensor, samples: int, seed: int = 0) -> Iterator[tuple[Tensor, dict]]:
-    """``(outputs on x, latents)`` of each of ``samples`` seeded posterior draws (the same draws for every ``x``): a
-    Laplace posterior's linearised net at them (its ``predictive``, glm: :mod:`pyrozoo.posteriors.linearised`),
-    every other posterior's net at the drawn weights. The caller holds the model in eval mode."""
-    draws = _draws(model, guide, samples, seed)
+def seeded_draws(model, guide, samples: int, seed: int = 0) -> list[tuple[dict, dict]]:
+    """The ``samples`` draws :func:`predict` makes from ``seed``, made once, for a caller that passes them to
+    every batch (a reduced KFAC posterior's draw costs a solve per layer)."""
+    return list(_draws(model, guide, samples, seed))
+
+
+def draw_outputs(
+    model, guide, x: Tensor, samples: int, seed: int = 0, draws: Iterable | None = None
+) -> Iterator[tuple[Tensor, dict]]:
+    """``(outputs on x, latents)`` of each of ``samples`` seeded posterior draws (the same draws for every ``x``;
+    ``draws``: those draws made already): a Laplace posterior's linearised net at them (its ``predictive``,
+    glm: :mod:`pyrozoo.posteriors.linearised`), every other posterior's net at the drawn weights. The caller
+    holds the model in eval mode."""
+    draws = _draws(model, guide, samples, seed) if draws is None else draws
     if getattr(guide, "predictive", "samples") == "glm":
         from pyrozoo.posteriors.linearised import linearised_outputs
 
@@ -98,14 +107,21 @@ def draw_outputs(model, guide, x: Tensor, samples: int, seed: int = 0) -> Iterat
 
 @torch.no_grad()
 def predict_batch(
-    model: nn.Module, guide, x: Tensor, samples: int = 100, task: str | None = None, seed: int = 0
+    model: nn.Module,
+    guide,
+    x: Tensor,
+    samples: int = 100,
+    task: str | None = None,
+    seed: int = 0,
+    draws: Iterable | None = None,
 ) -> dict[str, Tensor]:
-    """:func:`predict` on one batch, in float64, without the intervals' original-units mapping."""
+    """:func:`predict` on one batch, in float64, without the intervals' original-units mapping (``draws``: the
+    seeded draws made already, :func:`seeded_draws`)."""
     bayesian = guide is not None
     task = task or (model.likelihood.task if bayesian else "classify")
     with evaluating(model):
         if bayesian:
-            outputs = draw_outputs(model, guide, x, samples, seed)
+            outputs = draw_outputs(model, guide, x, samples, seed, draws)
         else:
             outputs, samples = iter([(model(x), None)]), 1
         if task == "classify":
