@@ -12,10 +12,7 @@ from pyro import poutine
 
 from pyrozoo import distributed
 from pyrozoo.loop import Callback
-from pyrozoo.metrics import (
-    PredictionAccumulator,
-    evaluate_draws,
-)
+from pyrozoo.metrics import PredictionAccumulator, evaluate_draws
 from pyrozoo.metrics import net_metrics as _net_metrics
 from pyrozoo.metrics import points_per_chunk, regression_metrics_in_chunks
 from pyrozoo.models import BayesianModel

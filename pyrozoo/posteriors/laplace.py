@@ -474,9 +474,8 @@ class LaplacePosterior(Posterior):
                 g, u_g, a, u_a, D = k._eig
                 eps = torch.randn(loc.shape, dtype=torch.float64, device=loc.device)
                 offset = u_g @ (D.sqrt() * eps) @ u_a.T
-                if (
-                    site in self.pruned
-                ):  # of the reduced posterior: the draw conditioned on the pruned being 0
+                # of the reduced posterior: the draw conditioned on the pruned entries being 0
+                if site in self.pruned:
                     offset = k.conditional_mean(self.pruned[site], of=offset)[0]
                 value = loc + offset.to(loc)
                 out[site] = pyro.sample(site, dist.Delta(value, event_dim=2))
