@@ -445,12 +445,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="also fine-tune every pruned net for this many Adam steps (masks kept) at the run's lr and batch",
     )
+    sweep.add_argument(
+        "--samples",
+        type=_number(int, "positive"),
+        default=0,
+        help="also evaluate each BMR method's reduced posterior (pruned entries 0) by its predictive from this "
+        "many draws, as rows of predictive glm (a Laplace posterior's linearised net; --posterior-option "
+        "predictive=samples for the net at sampled weights) or samples (a run's own posterior); fine-tuned "
+        "nets have no posterior, so their rows stay point estimates",
+    )
     sweep.add_argument("--fit-size", type=_number(int, "positive"), default=None, help=_fit_size_help())
     _add_key_value(
         sweep,
         "--posterior-option",
         "posterior_options",
-        "an option of the posterior sources that take it, repeatable",
+        "an option of the posterior sources that take it, repeatable (predictive: with --samples)",
     )
     sweep.add_argument("--out", default=None, help="folder for sweep.csv and the figure (default RUN/sweep)")
     _no_progress(sweep)
@@ -966,12 +975,18 @@ def _sweep(args) -> None:
         log=_to_stderr,
         fit_size=args.fit_size,
         posterior_options=getattr(args, "posterior_options", {}),
+        samples=args.samples,
     )
     out = args.out or run.out / "sweep"
     paths = write_sweep(table, out)
     shown = table.drop(columns=["net", "data", "ece15", "brier", "lpd"], errors="ignore")
     score = "RMSE" if "rmse" in table else "accuracy"
-    print(f"{run.out} (epoch {run.epoch}): {score}-sparsity curve, one shot, evaluated at the point estimate")
+    how = "evaluated at the point estimate"
+    if args.samples:
+        how += (
+            f" (predictive point) and, for BMR, by the reduced posterior's predictive ({args.samples} draws)"
+        )
+    print(f"{run.out} (epoch {run.epoch}): {score}-sparsity curve, one shot, {how}")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     worse = "RMSE is 1% above" if "rmse" in table else "accuracy is 1 point below"
     print(f"\nwhere each one's {worse} the dense net's:")

@@ -1,5 +1,6 @@
-"""A run's test metrics: from posterior draws (:func:`evaluate`, :func:`evaluate_setup`), or of a deterministic
-net made from it (:func:`net_metrics`); and the loop's :class:`Evaluate` callback, on the run's schedule."""
+"""A run's test metrics: from posterior draws (:func:`evaluate`, :func:`evaluate_setup`), of a deterministic
+net made from it (:func:`net_metrics`) or of the predictive of a posterior made from it
+(:func:`predictive_metrics`); and the loop's :class:`Evaluate` callback, on the run's schedule."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from pyro import poutine
 
 from pyrozoo import distributed
 from pyrozoo.loop import Callback
-from pyrozoo.metrics import evaluate_draws, points_per_chunk, regression_metrics_in_chunks
+from pyrozoo.metrics import PredictionAccumulator, evaluate_draws
 from pyrozoo.metrics import net_metrics as _net_metrics
+from pyrozoo.metrics import points_per_chunk, regression_metrics_in_chunks
 from pyrozoo.models import BayesianModel
-from pyrozoo.predict import regression_draws
+from pyrozoo.predict import draw_outputs, evaluating, predict_batch, regression_draws, seeded_draws
 
 # What an evaluation writes into a metrics row: classification's, then regression's own columns.
 CLASSIFICATION = ("accuracy", "nll", "ece", "ece15", "brier", "lpd")
@@ -113,6 +115,32 @@ def point_likelihood(setup):
 def net_metrics(setup, net: torch.nn.Module) -> dict[str, float]:
     """The test metrics of a deterministic net made from a run, for its task (see metrics.net_metrics)."""
     return _net_metrics(net, setup.data, point_likelihood(setup), setup.config.eval_batch_size)
+
+
+@torch.no_grad()
+def predictive_metrics(setup, model, guide, samples: int) -> dict[str, float]:
+    """The test metrics (:func:`net_metrics`' columns) of the predictive of ``samples`` draws of ``guide``, a
+    posterior of ``model`` made from the run (a reduced one, say): a Laplace posterior's by its ``predictive``
+    (the linearised net by default), others' by the net at the draws; the draws seeded by the run's seed, as
+    ``pyrozoo predict`` draws them, and the same for every batch of test inputs."""
+    d, seed, batch_size = setup.data, setup.config.seed, setup.config.eval_batch_size
+    x, y = d.x_test, d.y_test
+    draws = seeded_draws(model, guide, samples, seed)  # made once, for every batch
+    if d.task == "regress":
+        step = min(batch_size, points_per_chunk(samples, len(x)))
+        chunks = (
+            (out["locs"], out["noise_var"], y[i : i + step])
+            for i in range(0, len(x), step)
+            for out in [predict_batch(model, guide, x[i : i + step], samples, "regress", seed, draws)]
+        )
+        return regression_metrics_in_chunks(chunks, d.y_mean, d.y_std)
+    accumulator = PredictionAccumulator(y, samples, d.num_classes)
+    with evaluating(model):
+        for start in range(0, len(x), batch_size):
+            outputs = draw_outputs(model, guide, x[start : start + batch_size], samples, seed, draws)
+            for k, (out, _) in enumerate(outputs):
+                accumulator.add(k, start, torch.log_softmax(out.double(), dim=-1))
+    return accumulator.result()
 
 
 class Evaluate(Callback):

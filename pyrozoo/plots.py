@@ -337,26 +337,27 @@ def plot_regression_bands(run, path_stem: str | os.PathLike, samples: int = 200,
 
 def plot_sweep(table: pd.DataFrame, folder: Path, stem: str = "sweep") -> list[Path]:
     """The accuracy-sparsity curve (``pyrozoo sweep``): accuracy, NLL and ECE (a regression's RMSE, NLL and 90%
-    coverage) against the pruned fraction, one line per method (dashed: after fine-tuning), the dense net as a
-    grey line.
+    coverage) against the pruned fraction, one line per method (dashed: after fine-tuning; dotted: a reduced
+    posterior's predictive, ``glm`` or ``samples``), the dense net as a grey line.
     """
     dense = table[table.method == "dense"].iloc[0]
-    curves = table[table.method != "dense"]
+    # each row's predictive: point (the pruned net), or glm / samples (a reduced posterior's draws)
+    curves = table[table.method != "dense"].assign(how=table.get("predictive", "point"))
     colours = _colours(list(dict.fromkeys(curves.method)))
     panels = REGRESSION_CURVES if "rmse" in table else CURVES
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (column, label) in zip(axes[0], panels):
         ax.axhline(dense[column], color="grey", lw=1, label="dense")
-        for (method, steps), rows in curves.groupby(["method", "finetune_steps"], sort=False):
+        for (method, steps, how), rows in curves.groupby(["method", "finetune_steps", "how"], sort=False):
             rows = rows.sort_values("target")
             ax.plot(
                 rows.sparsity,
                 rows[column],
-                marker="o",
+                marker="o" if how == "point" else "s",
                 ms=3,
                 color=colours[method],
-                ls="--" if steps else "-",
-                label=method + (f" +{steps} steps" if steps else ""),
+                ls="--" if steps else "-" if how == "point" else ":",
+                label=method + (f" +{steps} steps" if steps else "") + ("" if how == "point" else f" {how}"),
             )
         ax.set_xlabel("pruned fraction (logit scale)")
         ax.set_ylabel(label)

@@ -17,6 +17,7 @@ one draw: it has no epistemic part, and reports none; nor does a single draw of 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from typing import Iterable, Iterator
 
 import pandas as pd
@@ -72,26 +73,55 @@ def mixture_of_logits(logits: Iterable[Tensor], count: int) -> dict[str, Tensor]
     return mixture(prob_sum, expected, count)
 
 
+@contextmanager
+def evaluating(model: nn.Module):
+    """``model`` in eval mode (no dropout at test time) for the block, then as it was."""
+    training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(training)
+
+
+def seeded_draws(model, guide, samples: int, seed: int = 0) -> list[tuple[dict, dict]]:
+    """The ``samples`` draws :func:`predict` makes from ``seed``, made once, for a caller that passes them to
+    every batch (a reduced KFAC posterior's draw costs a solve per layer)."""
+    return list(_draws(model, guide, samples, seed))
+
+
+def draw_outputs(
+    model, guide, x: Tensor, samples: int, seed: int = 0, draws: Iterable | None = None
+) -> Iterator[tuple[Tensor, dict]]:
+    """``(outputs on x, latents)`` of each of ``samples`` seeded posterior draws (the same draws for every ``x``;
+    ``draws``: those draws made already): a Laplace posterior's linearised net at them (its ``predictive``,
+    glm: :mod:`pyrozoo.posteriors.linearised`), every other posterior's net at the drawn weights. The caller
+    holds the model in eval mode."""
+    draws = _draws(model, guide, samples, seed) if draws is None else draws
+    if getattr(guide, "predictive", "samples") == "glm":
+        from pyrozoo.posteriors.linearised import linearised_outputs
+
+        return linearised_outputs(model, guide, x, draws)
+    return ((model.logits(x, weights), latents) for weights, latents in draws)
+
+
 @torch.no_grad()
 def predict_batch(
-    model: nn.Module, guide, x: Tensor, samples: int = 100, task: str | None = None, seed: int = 0
+    model: nn.Module,
+    guide,
+    x: Tensor,
+    samples: int = 100,
+    task: str | None = None,
+    seed: int = 0,
+    draws: Iterable | None = None,
 ) -> dict[str, Tensor]:
-    """:func:`predict` on one batch, in float64, without the intervals' original-units mapping."""
+    """:func:`predict` on one batch, in float64, without the intervals' original-units mapping (``draws``: the
+    seeded draws made already, :func:`seeded_draws`)."""
     bayesian = guide is not None
     task = task or (model.likelihood.task if bayesian else "classify")
-    training = model.training
-    model.eval()  # no dropout at test time
-    try:
-        if bayesian and getattr(guide, "predictive", "samples") == "glm":
-            # a Laplace posterior: the linearised net's outputs at the same draws (pyrozoo.posteriors.linearised)
-            from pyrozoo.posteriors.linearised import linearised_outputs
-
-            outputs = linearised_outputs(model, guide, x, _draws(model, guide, samples, seed))
-        elif bayesian:
-            outputs = (
-                (model.logits(x, weights), latents)
-                for weights, latents in _draws(model, guide, samples, seed)
-            )
+    with evaluating(model):
+        if bayesian:
+            outputs = draw_outputs(model, guide, x, samples, seed, draws)
         else:
             outputs, samples = iter([(model(x), None)]), 1
         if task == "classify":
@@ -103,8 +133,6 @@ def predict_batch(
             if bayesian:
                 noise.append(model.likelihood.predictive(out, latents)[1].double().expand_as(mean))
         return {"locs": torch.stack(locs), "noise_var": torch.stack(noise) if noise else None}
-    finally:
-        model.train(training)
 
 
 @torch.no_grad()

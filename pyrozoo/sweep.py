@@ -2,7 +2,9 @@
 
 From one trained run (a ``flat-map`` net's MAP weights, or a mean-field run's posterior mean), every method
 prunes the same network to each target sparsity, one shot (and optionally fine-tunes the survivors for a few
-Adam steps with the masks kept), and is evaluated at its point estimate on the test set (accuracy, NLL, ECE):
+Adam steps with the masks kept), and is evaluated at its point estimate on the test set (accuracy, NLL, ECE);
+optionally a BMR method's reduced posterior also by its predictive (a Laplace posterior's linearised net, the
+GLM), which a fine-tuned net has not:
 
 - ``bmr-SOURCE``: BMR's dF from each registered posterior source (:mod:`pyrozoo.posteriors`: the run's own
   posterior when it has spread, Laplace approximations around the point estimate, ...), the largest dF pruned to
@@ -25,6 +27,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -49,23 +52,27 @@ DEFAULT_SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
 TABLE, FIGURE = "sweep.csv", "sweep"
 
 
-def _bmr_net(
-    model, posterior, sparsity: float, write_back: bool = True, scores: dict | None = None
-) -> tuple[nn.Module, float]:
-    """The net after pruning ``model`` to ``sparsity`` by dF (on copies), at the reduced posterior mean, and its
-    pruned fraction of the prunable entries (the true one: entries of units that died with their weights count).
-    """
+@contextmanager
+def _reduced(model, posterior, sparsity: float, write_back: bool = True, scores: dict | None = None):
+    """A copy of ``model`` pruned to ``sparsity`` by dF, with ``posterior`` reduced in place for the block (its
+    reduced mean written back, or not) and restored after (guides do not deep-copy)."""
     model = copy.deepcopy(model)
-    saved = copy.deepcopy(posterior.state_dict())  # the posterior is restored after (guides do not deep-copy)
+    saved = copy.deepcopy(posterior.state_dict())
     if not write_back:
         posterior.reduce = lambda site, pruned: posterior.reset_to_prior(site, pruned)
     try:
         TargetSparsity(sparsity)(model, posterior, scores=scores)
-        net = rebuild(model, posterior, remove_dead=False)
+        yield model
     finally:
         if not write_back:
             del posterior.reduce
         posterior.load_state_dict(saved)
+
+
+def _bmr_net(model, posterior) -> tuple[nn.Module, float]:
+    """The net of a pruned ``model`` at its reduced ``posterior``'s mean, and its pruned fraction of the prunable
+    entries (the true one: entries of units that died with their weights count)."""
+    net = rebuild(model, posterior, remove_dead=False)
     return _masked(net, model), pruned_fraction(model)
 
 
@@ -178,22 +185,53 @@ class _Posteriors:
         return self.fitted[name]
 
 
-def _pruned(method: str, target: float, run, base: nn.Module, probe, posteriors) -> tuple[nn.Module, float]:
-    """One cell: the net pruned by ``method`` to ``target`` (a copy), and its pruned fraction."""
-    layers = run.model.layers
+def _pruned(
+    method: str, target: float, run, base: nn.Module, probe, posteriors, samples: int = 0
+) -> tuple[nn.Module, float, float, dict | None]:
+    """One cell: the net pruned by ``method`` to ``target`` (a copy), its pruned fraction, the seconds that took,
+    and with ``samples`` a BMR method's reduced posterior's predictive metrics from that many draws (else None).
+    """
+    start, layers = time.perf_counter(), run.model.layers
     if method in bmr_methods():
         name, variant = bmr_methods()[method]
         model, posterior = posteriors(name)
         scores = delta_f(*posteriors(variant.ranked_by.name)) if variant.ranked_by else None
-        return _bmr_net(model, posterior, target, write_back=variant.write_back, scores=scores)
+        with _reduced(model, posterior, target, variant.write_back, scores) as reduced:
+            net, achieved = _bmr_net(reduced, posterior)
+            seconds = time.perf_counter() - start
+            # the pruned entries are 0 in every draw: the reduced model's masks zero them
+            predicted = run.predictive_metrics(reduced, posterior, samples) if samples else None
+        return net, achieved, seconds, predicted
     if method in ("magnitude", "magnitude-layer"):
         net = copy.deepcopy(base)
         masks = magnitude_prune(net, layers, target, "global" if method == "magnitude" else "layer")
         # counted as BMR's: the entries of units that died with their weights count as pruned
         for name, mask in masks.items():
             probe.set_mask(name, mask)
-        return net, pruned_fraction(probe)
-    return channel_prune(base, layers, run.data.x_train[:2], target)
+        achieved = pruned_fraction(probe)
+    else:
+        net, achieved = channel_prune(base, layers, run.data.x_train[:2], target)
+    return net, achieved, time.perf_counter() - start, None
+
+
+def predictive_of(posterior) -> str:
+    """How a posterior's draws predict: a Laplace posterior's ``predictive`` (glm, the linearised net, or
+    samples), every other's the net at sampled weights."""
+    return getattr(posterior, "predictive", "samples")
+
+
+def _check_samples(methods: list[str], samples: int, options: dict) -> None:
+    """Refuse draws of a reduced posterior where no BMR method is swept, and a predictive without draws."""
+    if samples and not any(m in bmr_methods() for m in methods):
+        raise PyrozooError(
+            f"--samples evaluates the reduced posterior of a BMR method; none is swept ({', '.join(methods)}): "
+            "add one (e.g. --methods bmr-laplace-kfac) or leave out --samples"
+        )
+    if "predictive" in options and not samples:
+        raise PyrozooError(
+            "posterior option predictive says how the reduced posterior's draws predict: add --samples N "
+            "(the pruned nets are otherwise evaluated at their point estimate)"
+        )
 
 
 def sweep(
@@ -205,13 +243,20 @@ def sweep(
     log=print,
     fit_size: int | None = None,
     posterior_options: dict | None = None,
+    samples: int = 0,
 ) -> pd.DataFrame:
-    """The tidy table of the curve: one row per method, target sparsity and fine-tuning (0 or ``finetune_steps``):
-    achieved sparsity, accuracy, NLL, ECE (20 equal-mass bins), ECE (15 bins), Brier, and seconds to prune.
-    ``fit_size`` and ``posterior_options`` go to the posterior sources that take them (a Laplace fit's inputs).
+    """The tidy table of the curve: one row per method, target sparsity, fine-tuning (0 or ``finetune_steps``)
+    and predictive: achieved sparsity, accuracy, NLL, ECE (20 equal-mass bins), ECE (15 bins), Brier, and
+    seconds to prune. Every pruned net is evaluated at its point estimate (``predictive`` ``point``, one draw);
+    with ``samples``, each BMR method's reduced posterior (after the pass, pruned entries 0) also by its
+    predictive from that many draws (a Laplace posterior's ``glm``, the linearised net, unless the option
+    ``predictive=samples`` asks for the net at sampled weights; a run's own posterior's ``samples``). A
+    fine-tuned net has no posterior: its rows are point estimates only. ``fit_size`` and ``posterior_options``
+    go to the posterior sources that take them (a Laplace fit's inputs, its predictive).
     """
     methods = _chosen(run, methods, sparsities)
     _check_options(methods, posterior_options or {})
+    _check_samples(methods, samples, posterior_options or {})
     d, c = run.data, run.config
     base = rebuild(run.model, run.guide, remove_dead=False)
     rows = [_row("dense", 0.0, 0.0, 0, 0.0, run.net_metrics(base))]
@@ -222,10 +267,11 @@ def sweep(
     point = run.point_likelihood()  # what a fine-tune fits
     cells = [(m, s) for s in sparsities for m in methods]
     for method, target in tqdm(cells, desc="sweep", unit="cell", disable=not progress):
-        start = time.perf_counter()
-        net, achieved = _pruned(method, target, run, base, probe, posteriors)
-        seconds = time.perf_counter() - start
+        net, achieved, seconds, predicted = _pruned(method, target, run, base, probe, posteriors, samples)
         rows.append(_row(method, target, achieved, 0, seconds, run.net_metrics(net)))
+        if predicted is not None:
+            how = predictive_of(posteriors(bmr_methods()[method][0])[1])
+            rows.append(_row(method, target, achieved, 0, seconds, predicted, how, samples))
         if finetune_steps:
             finetune(net, d.x_train, d.y_train, finetune_steps, c.lr, c.batch_size, c.seed, point)
             rows.append(_row(method, target, achieved, finetune_steps, seconds, run.net_metrics(net)))
@@ -235,12 +281,14 @@ def sweep(
     return table
 
 
-def _row(method, target, achieved, steps, seconds, metrics) -> dict:
+def _row(method, target, achieved, steps, seconds, metrics, predictive="point", samples=1) -> dict:
     return {
         "method": method,
         "target": target,
         "sparsity": achieved,
         "finetune_steps": steps,
+        "predictive": predictive,
+        "samples": samples,
         "seconds": seconds,
         **metrics,
     }
@@ -256,12 +304,15 @@ def write_sweep(table: pd.DataFrame, folder: str | os.PathLike) -> list[Path]:
 
 
 def below_dense(table: pd.DataFrame, points: float = 0.01) -> pd.DataFrame:
-    """Per method (and fine-tuning), the smallest target sparsity whose accuracy is ``points`` below the dense
-    net's (a regression's: whose RMSE is a fraction ``points`` above it), and the largest one still within it
-    (NaN where none)."""
+    """Per method, fine-tuning and predictive, the smallest target sparsity whose accuracy is ``points`` below
+    the dense net's (a regression's: whose RMSE is a fraction ``points`` above it), and the largest one still
+    within it (NaN where none)."""
     dense = table.loc[table.method == "dense"].iloc[0]
     out = []
-    for (method, steps), rows in table[table.method != "dense"].groupby(["method", "finetune_steps"]):
+    keys = [
+        k for k in ("method", "finetune_steps", "predictive") if k in table
+    ]  # older tables: no predictive
+    for group, rows in table[table.method != "dense"].groupby(keys):
         rows = rows.sort_values("target")
         if "rmse" in table:
             within = rows.rmse <= dense.rmse * (1 + points)
@@ -269,8 +320,7 @@ def below_dense(table: pd.DataFrame, points: float = 0.01) -> pd.DataFrame:
             within = rows.accuracy >= dense.accuracy - points
         out.append(
             {
-                "method": method,
-                "finetune_steps": steps,
+                **dict(zip(keys, group)),
                 "last_within_1pt": rows.target[within].max() if within.any() else float("nan"),
                 "first_1pt_below": rows.target[~within].min() if (~within).any() else float("nan"),
             }

@@ -22,7 +22,7 @@ from pyrozoo.build import Setup, build
 from pyrozoo.checkpoint import restore
 from pyrozoo.config import TrainConfig
 from pyrozoo.errors import PyrozooError, reason
-from pyrozoo.evaluation import evaluate_setup, net_metrics, point_likelihood
+from pyrozoo.evaluation import evaluate_setup, net_metrics, point_likelihood, predictive_metrics
 from pyrozoo.io import hold_folder
 from pyrozoo.loop import Progress
 from pyrozoo.runfolder import CHECKPOINT, CONFIG, RunFolder
@@ -78,6 +78,9 @@ class TrainedRun:
 
     def net_metrics(self, net: torch.nn.Module) -> dict[str, float]:
         return net_metrics(self.setup, net)
+
+    def predictive_metrics(self, model, guide, samples: int) -> dict[str, float]:
+        return predictive_metrics(self.setup, model, guide, samples)
 
     def source(self) -> dict:
         """Which committed state this run holds: its epoch, step and the checksum of its checkpoint.pt."""

@@ -64,8 +64,76 @@ def test_sweep_refuses_bmr_from_a_point_mass_and_bad_sparsities(capsys, map_run)
     assert_one_line_error(*cli(capsys, "sweep", "map", "--sparsities", "1.5"), "1.5")
     stray = "sweep", "map", "--methods", "magnitude", "--posterior-option", "fit_size=10"
     assert_one_line_error(*cli(capsys, *stray), "'fit_size' is taken by no posterior source swept")
+    magnitude = "sweep", "map", "--methods", "magnitude", "--samples", "3"
+    assert_one_line_error(
+        *cli(capsys, *magnitude), "--samples evaluates the reduced posterior of a BMR method"
+    )
+    glm = "sweep", "map", "--methods", "bmr-laplace-diag", "--posterior-option", "predictive=glm"
+    assert_one_line_error(*cli(capsys, *glm), "add --samples N")
     fit = "prune", "map", "--posterior", "laplace-diag", "--posterior-option", "fit_size=0"
     assert_one_line_error(*cli(capsys, *fit), "fit_size is a positive number")
+
+
+def test_sweep_adds_the_reduced_laplace_posteriors_glm_predictive_to_the_one_shot_rows(capsys, map_run):
+    """``--samples N``: each BMR-from-Laplace cell gets a row more, its reduced posterior's GLM predictive; the
+    fine-tuned net has no posterior (point estimate only), nor has magnitude pruning."""
+    code, out, err = cli(
+        capsys, "sweep", "map", "--methods", "bmr-laplace-kfac", "magnitude", "--sparsities", "0.5",
+        "--fit-size", "300", "--samples", "4", "--finetune-steps", "2", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    table = pd.read_csv(map_run / "sweep" / "sweep.csv")
+
+    def rows(method):  # (fine-tune steps, predictive, draws) of each of the method's rows
+        picked = table[table.method == method]
+        return list(zip(picked.finetune_steps, picked.predictive, picked.samples))
+
+    assert rows("bmr-laplace-kfac") == [(0, "point", 1), (0, "glm", 4), (2, "point", 1)]
+    assert rows("magnitude") == [(0, "point", 1), (2, "point", 1)] and rows("dense") == [(0, "point", 1)]
+    kfac = table[table.method == "bmr-laplace-kfac"]
+    assert kfac.sparsity.nunique() == 1 and kfac[kfac.predictive == "glm"].accuracy.between(0, 1).all()
+    assert "reduced posterior's predictive (4 draws)" in out
+    assert (map_run / "sweep" / "sweep.png").exists()
+
+
+@pytest.mark.parametrize("predictive", ["glm", "samples"])
+def test_the_sweeps_predictive_rows_are_pyrozoo_predict_of_the_reduced_posterior(trained_map_run, predictive):
+    """The sweep's predictive row is ``pyrozoo.predict`` of the Laplace posterior fitted and reduced by the same
+    pass outside the sweep (same draws: the run's seed), whose draws are 0 at every pruned entry."""
+    from pyrozoo.bmr import TargetSparsity
+    from pyrozoo.metrics import accuracy, ece_equal_mass
+    from pyrozoo.posteriors import make_source
+    from pyrozoo.predict import _draws, predict
+    from pyrozoo.sweep import sweep
+
+    options = {"predictive": predictive}
+    with Run.open(trained_map_run, log=lambda text: None) as run:
+        table = sweep(run, [0.7], ["bmr-laplace-kfac"], progress=False, log=lambda text: None, fit_size=300,
+                      posterior_options=options, samples=6)  # fmt: skip
+        row = table[table.predictive == predictive].iloc[0]
+        model, posterior = make_source("laplace-kfac", options, fit_size=300).fit(run, progress=False)
+        TargetSparsity(0.7)(model, posterior)
+        x, y = run.data.x_test, run.data.y_test
+        out = predict(model, posterior, x, 6, seed=run.config.seed, y=y)
+    assert row.samples == 6 and row.sparsity == pytest.approx(0.7, abs=1e-3)
+    assert row.accuracy == pytest.approx(accuracy(out["probs"], y), abs=1e-12)
+    assert row.nll == pytest.approx(float(out["nll"].mean()), rel=1e-9)
+    assert row.ece == pytest.approx(ece_equal_mass(out["probs"], y), abs=1e-12)
+    point = table[table.predictive == "point"].iloc[1]  # the same reduced posterior's mean, one draw
+    assert row.nll != point.nll
+    for weights, _ in _draws(model, posterior, 3, seed=run.config.seed):
+        for layer in model.layers:
+            assert bool((weights[layer.name][model.mask(layer.name) == 0] == 0).all())
+
+
+def test_sweep_draws_a_runs_own_reduced_posterior(capsys, ff_run):
+    """A mean-field run's own posterior, reduced by BMR, predicts by the net at its sampled weights."""
+    sweep = "sweep", "run", "--methods", "bmr-run", "--sparsities", "0.5", "--samples", "3", "--no-progress"
+    code, out, err = cli(capsys, *sweep)
+    assert code == 0, err
+    table = pd.read_csv(ff_run / "sweep" / "sweep.csv").set_index("predictive")
+    assert table.loc["samples", "samples"] == 3 and table.loc["samples", "method"] == "bmr-run"
+    assert 0 <= table.loc["samples", "accuracy"] <= 1
 
 
 def test_export_a_laplace_pruned_result(capsys, map_run):

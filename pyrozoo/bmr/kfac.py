@@ -144,18 +144,21 @@ class KroneckerGaussian:
     # --- any set of entries -------------------------------------------------------------------------------
 
     def conditional_mean(
-        self, pruned: Tensor, tol: float = 1e-6, max_iter: int = 500
+        self, pruned: Tensor, tol: float = 1e-6, max_iter: int = 500, of: Tensor | None = None
     ) -> tuple[Tensor, float, int]:
         """The reduced mean after removing the entries ``pruned`` (bool ``(R, K)``) together.
 
         Solves ``P_TT x = P_TS M_S`` over the survivors ``T`` by conjugate gradients, preconditioned by
-        ``diag P``; returns ``(M~, relative residual, iterations)``. ``M~`` is 0 on ``pruned``.
+        ``diag P``; returns ``(M~, relative residual, iterations)``. ``M~`` is 0 on ``pruned``. With ``of``, the
+        same map applied to that matrix in place of the mean: of a draw ``ε ~ N(0, Σ)``, it gives a draw of the
+        conditional ``N(0, P_TT^-1)`` on the survivors (Matheron's rule), 0 on ``pruned``.
         """
+        mean = self.mean if of is None else of.to(self.mean)
         pruned = pruned.to(self.mean.device).bool()
         keep = (~pruned).double()
         if not bool(pruned.any()):
-            return self.mean.clone(), 0.0, 0
-        source = torch.where(pruned, self.mean, 0.0)  # M_S, zero elsewhere
+            return mean.clone(), 0.0, 0
+        source = torch.where(pruned, mean, 0.0)  # M_S, zero elsewhere
         b = keep * self.precision_matvec(source)  # P_TS M_S
         inv_diag = keep / self.precision_diagonal()
         x = torch.zeros_like(b)
@@ -176,7 +179,7 @@ class KroneckerGaussian:
             rz = rz_new
             iterations += 1
             residual = float(r.norm()) / norm_b
-        return torch.where(pruned, 0.0, self.mean + x), residual, iterations
+        return torch.where(pruned, 0.0, mean + x), residual, iterations
 
     def log_marginal_terms(self) -> tuple[float, float]:
         """``(sum ln(g_i a_j + 1/s2), |M|^2)``: what the Laplace evidence needs of this layer."""

@@ -430,9 +430,11 @@ class LaplacePosterior(Posterior):
     :func:`pyrozoo.predict.predict` predicts with it: ``"glm"``, the linearised net at its draws (the default), or
     ``"samples"``, the net at its draws (:mod:`pyrozoo.posteriors.linearised`). Under KFAC (``kron`` given per
     site) the posterior is correlated: :meth:`reduce` writes back the mean conditioned on the pruned entries
-    being 0, computed from the full posterior, and sampling draws from the Kronecker Gaussian around the
-    current (reduced) mean with the full posterior's covariance (the conditional covariance of the survivors
-    is not Kronecker; pruned entries are masked anyway).
+    being 0, computed from the full posterior, and keeps which entries it pruned; a draw is then of that
+    conditional Gaussian, the full posterior's draw conditioned the same way (Matheron's rule, one
+    conjugate-gradient solve a layer and draw): its survivors' covariance ``P_TT^-1`` is not Kronecker, and is
+    smaller than their marginal one, which masking a draw of the full posterior would give (and which left the
+    linearised predictive of a pruned LeNet far too wide: experiments/RESULTS.md).
     """
 
     point_mass: ClassVar[bool] = False
@@ -444,6 +446,7 @@ class LaplacePosterior(Posterior):
         self.loc = {s: loc[s].clone() for s in self._sites}
         self.scale = {s: scale[s].clone() for s in self._sites}
         self.kron: dict[str, KroneckerGaussian] = dict(kron or {})
+        self.pruned: dict[str, torch.Tensor] = {}  # per Kronecker site, the entries a reduction fixed at 0
         self.report: list[dict] = []  # the write-backs: site, pruned entries, CG residual and iterations
 
     @property
@@ -471,6 +474,7 @@ class LaplacePosterior(Posterior):
         if site in self.kron and bool(pruned.any()):
             mean, residual, iterations = self.kron[site].conditional_mean(pruned)
             self.loc[site] = mean.to(self.loc[site])
+            self.pruned[site] = pruned.bool().clone()  # every pruned entry of the site: draws are conditioned
             self.report.append(
                 {
                     "site": site,
@@ -490,18 +494,23 @@ class LaplacePosterior(Posterior):
                 k = self.kron[site]
                 g, u_g, a, u_a, D = k._eig
                 eps = torch.randn(loc.shape, dtype=torch.float64, device=loc.device)
-                value = loc + (u_g @ (D.sqrt() * eps) @ u_a.T).to(loc)
+                offset = u_g @ (D.sqrt() * eps) @ u_a.T
+                # of the reduced posterior: the draw conditioned on the pruned entries being 0
+                if site in self.pruned:
+                    offset = k.conditional_mean(self.pruned[site], of=offset)[0]
+                value = loc + offset.to(loc)
                 out[site] = pyro.sample(site, dist.Delta(value, event_dim=2))
             else:
                 out[site] = pyro.sample(site, dist.Normal(loc, self.scale[site]).to_event(2))
         return out
 
     def state_dict(self) -> dict:
-        return {"loc": self.loc, "scale": self.scale}
+        return {"loc": self.loc, "scale": self.scale, "pruned": self.pruned}
 
     def load_state_dict(self, state: dict) -> None:
         self.loc = {s: v.clone() for s, v in state["loc"].items()}
         self.scale = {s: v.clone() for s, v in state["scale"].items()}
+        self.pruned = {s: v.clone() for s, v in state.get("pruned", {}).items()}
 
 
 @torch.no_grad()

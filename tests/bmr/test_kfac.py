@@ -99,6 +99,23 @@ def test_conditional_mean_of_any_set_matches_the_dense_form(ekfac):
     assert bool((mean[pruned] == 0).all())
 
 
+def test_a_draw_conditioned_on_the_pruned_entries_has_the_reduced_posteriors_covariance():
+    """The same map applied to a draw of the full posterior (``of``) is linear, and sends its covariance ``Σ`` to
+    the reduced posterior's: ``P_TT^-1`` on the survivors, 0 on the pruned entries (smaller than ``Σ_TT``)."""
+    layer = _layer(R=4, K=5, seed=5)
+    pruned = torch.rand(4, 5, generator=torch.Generator().manual_seed(6)) < 0.5
+    _, S, P = _dense(layer)
+    basis = torch.eye(20)
+    C = torch.stack(
+        [layer.conditional_mean(pruned, tol=1e-13, of=e.reshape(4, 5))[0].flatten() for e in basis]
+    )
+    T = ~pruned.flatten()
+    reduced = C.T @ S @ C  # the covariance of C' ε for ε ~ N(0, Σ) (rows of C: the images of the basis)
+    assert torch.allclose(reduced[T][:, T], torch.linalg.inv(P[T][:, T]), atol=1e-8)
+    assert bool((reduced[~T] == 0).all()) and bool((reduced[:, ~T] == 0).all())
+    assert float(torch.diagonal(S)[T].sum()) > float(torch.diagonal(reduced)[T].sum())
+
+
 # --- a conjugate linear regression: KFAC is exact there, so BMR is exact -------------------------------------
 
 

@@ -3,6 +3,7 @@ float64; the Laplace evidence's noise precision."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -117,6 +118,32 @@ def test_the_glm_predictive_has_the_net_as_mean_and_j_sigma_j_as_covariance(kind
     empirical = torch.einsum("snc,snd->ncd", centred, centred) / draws
     scale = torch.sqrt(variance[:, :, None] * variance[:, None, :])
     assert bool(((empirical - covariance).abs() <= 0.15 * scale).all())
+
+
+def test_a_reduced_kfac_posteriors_draws_are_conditioned_on_the_pruned_entries():
+    """After a reduction, each KFAC draw is the full posterior's draw conditioned on the pruned entries being 0
+    (KroneckerGaussian.conditional_mean of it: tests/bmr/test_kfac.py), not that draw masked; a restored state
+    draws unconditioned again."""
+    _, model, posterior, _ = _fitted("linear", "kron", "classify", masked=False)
+    site = model.layers[0].site
+    full = copy.deepcopy(posterior.state_dict())  # its dicts are the posterior's own
+    pruned = torch.rand(posterior.loc[site].shape, generator=torch.Generator().manual_seed(2)) < 0.5
+    posterior.reduce(site, pruned)
+    reduced = copy.deepcopy(posterior.state_dict())
+
+    def draw(state):
+        posterior.load_state_dict(state)
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            return posterior()[site] - posterior.loc[site]
+
+    offset, raw = draw(reduced), draw({**reduced, "pruned": {}})
+    assert bool((offset[pruned] == 0).all()) and not bool((raw[pruned] == 0).all())
+    want = posterior.kron[site].conditional_mean(pruned, of=raw)[0]
+    torch.testing.assert_close(offset, want.to(offset))
+    assert not torch.allclose(offset[~pruned], raw[~pruned])
+    posterior.load_state_dict(full)
+    assert posterior.pruned == {}
 
 
 def test_glm_is_the_default_and_samples_the_option():
