@@ -1219,6 +1219,8 @@ def _ood_predictions(args, folder, keep, dropout: bool, into_run: bool, first: d
         found["posterior"] = (predict(x_in), predict(x_out))
         if dropout:
             plain = net if net is not None else rebuild(run.model, run.guide, remove_dead=False)
+            # a pruned state's net is MC dropout's too; a fitted posterior's mean is the run's own net
+            found["mc_state"] = state if net is not None else "checkpoint"
             if dropout_layers(plain):
                 found["mc"] = tuple(
                     mc_dropout(plain, x, args.mc_dropout, c.seed, args.batch_size) for x in (x_in, x_out)
@@ -1273,7 +1275,8 @@ def _ood(args) -> None:
             y, state = found["y"], found["state"]
             add(found["method"], [folder], y, found["posterior"], found["samples"], state)
             if found.get("mc") is not None:
-                add(f"{found['method']} mc-dropout", [folder], y, found["mc"], args.mc_dropout, state)
+                mc_label, mc_state = f"{found['method']} mc-dropout", found["mc_state"]
+                add(mc_label, [folder], y, found["mc"], args.mc_dropout, mc_state)
         for group in groups:
             members = [
                 _ood_predictions(args, folder, keep, False, into_run, first, measured) for folder in group

@@ -86,6 +86,22 @@ def test_mc_dropout_is_seeded_leaves_the_callers_stream_and_needs_dropout():
         mc_dropout(nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.0)), x, passes=2)
 
 
+def test_a_laplace_rows_mc_dropout_row_is_labelled_as_the_runs_own_net(capsys, map_run, tmp_path):
+    """MC dropout runs the run's own net, not a fitted posterior's draws: its row keeps the checkpoint's label
+    beside the Laplace GLM row, and its numbers are those of the run without --posterior."""
+    args = ("--ood", "digits", "--mc-dropout", "2", "--samples", "2", "--no-progress")
+    code, _, err = cli(capsys, "uncertainty", "map", *args, "--posterior", "laplace-diag", "--fit-size", "100",
+                       "--out", str(tmp_path / "glm"))  # fmt: skip
+    assert code == 0, err
+    code, _, err = cli(capsys, "uncertainty", "map", *args, "--out", str(tmp_path / "own"))
+    assert code == 0, err
+    glm = pd.read_csv(next((tmp_path / "glm").glob("*.csv")))
+    own = pd.read_csv(tmp_path / "own" / "ood-digits.csv")
+    assert glm["row"][0].startswith("flat-map (laplace-diag") and glm["row"][1] == "flat-map mc-dropout"
+    assert glm["state"].tolist()[1] == "checkpoint"
+    assert glm["ood_entropy_auroc"][1] == pytest.approx(own["ood_entropy_auroc"][1], abs=1e-12)
+
+
 def test_uncertainty_ood_on_a_digit_set_matches_sklearn_on_the_runs_own_predictions(capsys, map_run):
     """One run: its MAP row and its MC dropout row in RUN/ood-digits.csv, and the MAP row's numbers are those
     scikit-learn gives on pyrozoo.predict's predictions of the test set and the digits (prepared as the run's)."""
