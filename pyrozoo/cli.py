@@ -747,6 +747,8 @@ def _train(args) -> None:
     columns = [col for col in shown if col in evaluated]
     print(f"\n{c.net} {c.method} on {c.data}: metrics per evaluated epoch (seconds = training time so far)")
     print(evaluated[columns].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if len(evaluated) and score:
+        _warn_if_input_free(run, evaluated.iloc[-1])
     written = sorted(p.name for p in run.out.iterdir() if p.is_file() and not p.name.startswith("."))
     folder = shlex.quote(str(run.out))
     print(f"\nwritten to {run.out}: {', '.join(written)}")
@@ -758,6 +760,23 @@ def _train(args) -> None:
     if run.reduction is None and not run.guide.point_mass:
         steps.insert(0, (f"pyrozoo prune {folder}", "one-shot BMR of the trained posterior -> pruned.pt"))
     _print_next(steps)
+
+
+def _warn_if_input_free(run, last) -> None:
+    """One line on stderr when the trained net's last evaluation beats no prediction that ignores the inputs
+    (the class prior, the target mean): it learned a constant, and every command after it would only measure
+    that (a flat-map MLP on toy1d at its defaults does)."""
+    from pyrozoo.metrics import beats, input_free_scores
+
+    reference = {k: v for k, v in input_free_scores(run.data).items() if k in last.index}
+    if reference and not beats({k: float(last[k]) for k in reference}, reference):
+        what = "the target mean" if run.data.task == "regress" else "the class prior"
+        scores = ", ".join(f"{k} {float(last[k]):.4g} against {v:.4g}" for k, v in sorted(reference.items()))
+        _to_stderr(
+            f"pyrozoo: warning: the trained net is no better than predicting {what} on the test set ({scores}): "
+            "it learned a constant. Train longer or with a larger --lr, or start the weights at the net's own "
+            "initialisation (--start net)"
+        )
 
 
 def _print_next(steps: list[tuple[str, str]]) -> None:

@@ -528,3 +528,20 @@ def test_predict_data_csv_reads_columns_by_name_and_labels_as_the_runs_classes(t
     assert torch.equal(x2, x) and y2.tolist() == [1, 2]
     with pytest.raises(PyrozooError, match="not trained on: never"):
         align_table(dataclasses.replace(theirs, class_labels=("never", "yes")), like)
+
+
+@pytest.mark.parametrize("rmse, warned", [(None, True), (0.1, False)])
+def test_training_warns_when_the_net_learned_a_constant(capsys, rmse, warned):
+    """A regression net whose last evaluation beats neither the target mean's RMSE nor its NLL gets one line
+    on stderr saying so and what to try; a net that beats them gets none."""
+    from types import SimpleNamespace
+
+    from pyrozoo.cli import _warn_if_input_free
+    from pyrozoo.metrics import input_free_scores
+
+    d = datasets.prepare(datasets.load("toy1d"))
+    constant = input_free_scores(d)
+    last = pd.Series({"rmse": constant["rmse"] if rmse is None else rmse, "nll": constant["nll"]})
+    _warn_if_input_free(SimpleNamespace(data=d), last)
+    err = capsys.readouterr().err
+    assert ("learned a constant" in err and "--start net" in err) == warned
