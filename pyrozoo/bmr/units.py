@@ -220,23 +220,67 @@ def _timm_attention(module: nn.Module, children: dict) -> bool:
     )
 
 
-def _heads(net: nn.Module, by_name: dict[str, Layer]) -> list[Units]:
-    found = []
-    for path, module in net.named_modules():
-        prefix = f"{path}." if path else ""
-        children = dict(module.named_children())
-        if not _timm_attention(module, children):
-            continue
-        qkv_name, proj_name = prefix + "qkv", prefix + "proj"
-        if qkv_name not in by_name or proj_name not in by_name:
-            continue
-        heads, size = module.num_heads, module.head_dim
-        qkv = torch.arange(3 * heads * size).reshape(3, heads, size).permute(1, 0, 2)  # (head, q/k/v, d)
-        members = (
-            Member(qkv_name, 0, qkv[:, 2], True),  # value rows decide whether a head contributes
-            Member(qkv_name, 0, qkv[:, :2].flatten(1), False),  # queries and keys go with it
-            Member(proj_name, 1, torch.arange(heads * size).reshape(heads, size), False),
+def _hf_attention(module: nn.Module, children: dict) -> bool:
+    """Hugging Face's BERT-style self-attention (``BertSelfAttention`` and the models that copy it): separate
+    ``query``, ``key`` and ``value`` layers of ``num_attention_heads`` heads of ``attention_head_size`` rows."""
+    heads, size = getattr(module, "num_attention_heads", None), getattr(module, "attention_head_size", None)
+    return (
+        isinstance(heads, int)
+        and isinstance(size, int)
+        and all(
+            isinstance(children.get(role), nn.Linear) and children[role].out_features == heads * size
+            for role in ("query", "key", "value")
         )
+    )
+
+
+def _hf_output(parent: nn.Module, attention: nn.Module) -> nn.Linear | None:
+    """A Hugging Face self-attention's output projection: the ``dense`` layer of its parent's ``output``
+    (``BertSelfOutput``), which takes the heads' values side by side; None where there is no such layer."""
+    dense = getattr(getattr(parent, "output", None), "dense", None)
+    width = attention.num_attention_heads * attention.attention_head_size
+    return dense if isinstance(dense, nn.Linear) and dense.in_features == width else None
+
+
+def _attention_layers(net: nn.Module):
+    """Each attention module whose heads pyrozoo knows how to cut: ``(path, module, layers)`` with ``layers``
+    the paths of its layers by role: ``qkv`` and ``proj`` (timm's ``Attention``), or ``query``, ``key``,
+    ``value`` and ``output`` (Hugging Face's, its output projection held by its parent)."""
+    for path, parent in net.named_modules():
+        prefix = f"{path}." if path else ""
+        if _timm_attention(parent, dict(parent.named_children())):
+            yield path, parent, {role: prefix + role for role in ("qkv", "proj")}
+        for name, child in parent.named_children():
+            if _hf_attention(child, dict(child.named_children())) and _hf_output(parent, child) is not None:
+                layers = {role: f"{prefix}{name}.{role}" for role in ("query", "key", "value")}
+                yield f"{prefix}{name}", child, {**layers, "output": f"{prefix}output.dense"}
+
+
+def _heads(net: nn.Module, by_name: dict[str, Layer]) -> list[Units]:
+    """A group per attention module of :func:`_attention_layers` whose layers are all random: a unit per
+    head, its value rows producing it (zero values: the head adds nothing), its query and key rows and its
+    output projection's columns consuming it."""
+    found = []
+    for path, module, layers in _attention_layers(net):
+        if not all(name in by_name for name in layers.values()):
+            continue
+        if "qkv" in layers:  # timm: one fused layer, rows ordered (q/k/v, head, d)
+            heads, size = module.num_heads, module.head_dim
+            qkv = torch.arange(3 * heads * size).reshape(3, heads, size).permute(1, 0, 2)  # (head, q/k/v, d)
+            members = (
+                Member(layers["qkv"], 0, qkv[:, 2], True),
+                Member(layers["qkv"], 0, qkv[:, :2].flatten(1), False),
+                Member(layers["proj"], 1, torch.arange(heads * size).reshape(heads, size), False),
+            )
+        else:  # Hugging Face: head h holds rows h * size ... (h + 1) * size - 1 of each layer
+            heads, size = module.num_attention_heads, module.attention_head_size
+            per_head = torch.arange(heads * size).reshape(heads, size)
+            members = (
+                Member(layers["value"], 0, per_head, True),
+                Member(layers["query"], 0, per_head, False),
+                Member(layers["key"], 0, per_head, False),
+                Member(layers["output"], 1, per_head, False),
+            )
         found.append(Units(path, heads, members, True, heads_of=path))
     return found
 
@@ -244,6 +288,7 @@ def _heads(net: nn.Module, by_name: dict[str, Layer]) -> list[Units]:
 def _fixed_heads(net: nn.Module, heads: list[Units]) -> dict[str, str]:
     """Why the heads of each attention module that :func:`_heads` did not take stay, by its path."""
     taken = {units.heads_of for units in heads}
+    known = {path: layers for path, _, layers in _attention_layers(net)}
     fixed = {}
     for path, module in net.named_modules():
         count = getattr(module, "num_heads", getattr(module, "num_attention_heads", None))  # Hugging Face's
@@ -252,14 +297,34 @@ def _fixed_heads(net: nn.Module, heads: list[Units]) -> dict[str, str]:
         kind = type(module).__name__
         if isinstance(module, nn.MultiheadAttention):
             why = "nn.MultiheadAttention needs as many attention channels as input channels"
-        elif _timm_attention(module, dict(module.named_children())):
-            why = "its qkv or proj layer is deterministic (make both random to let heads go)"
+        elif path in known:
+            roles, which = (
+                ("qkv or proj", "both") if "qkv" in known[path] else ("query, key, value or output", "all four")
+            )
+            why = f"its {roles} layer is deterministic (make {which} random to let heads go)"
         elif "Window" in kind:  # torchvision's and timm's Swin
             why = f"{kind} computes its head width from its input width and keeps a position bias per head"
+        elif _hf_attention(module, dict(module.named_children())):
+            why = f"{kind} has no output projection pyrozoo can find (its parent's output.dense)"
         else:
-            why = f"pyrozoo knows timm's Attention (fused qkv and proj) but not {kind}"
+            why = (
+                "pyrozoo cuts the heads of timm's Attention (fused qkv, proj) and of Hugging Face's BERT-style "
+                f"self-attention (query, key, value, the parent's output.dense), not of {kind}"
+            )
         fixed[path] = f"its {count} attention heads stay: {why}"
     return fixed
+
+
+def fix_head_count(attention: nn.Module) -> None:
+    """Set an attention module's head count, and the widths made from it, from its layers' sizes: after heads
+    were cut out of them."""
+    if hasattr(attention, "qkv"):  # timm's
+        attention.num_heads = attention.qkv.out_features // (3 * attention.head_dim)
+        if hasattr(attention, "attn_dim"):
+            attention.attn_dim = attention.num_heads * attention.head_dim
+    else:  # Hugging Face's: both are read in forward (older versions view by them, newer ones by -1)
+        attention.num_attention_heads = attention.value.out_features // attention.attention_head_size
+        attention.all_head_size = attention.num_attention_heads * attention.attention_head_size
 
 
 def _example_on(example, device):
@@ -710,16 +775,16 @@ def _sliced_linear(module: nn.Linear, rows=None, inputs=None) -> nn.Linear:
 
 
 def _cut_heads(net: nn.Module, units: Units, keep: torch.Tensor) -> None:
-    attention = net.get_submodule(units.heads_of)
-    prefix = f"{units.heads_of}." if units.heads_of else ""
-    rows = torch.cat([m.index for m in units.members if m.layer == prefix + "qkv"], dim=1)
-    columns = next(m.index for m in units.members if m.layer == prefix + "proj")
-    rows = rows[keep].flatten().sort().values
-    _replace(net, prefix + "qkv", _sliced_linear(attention.qkv, rows=rows))
-    _replace(net, prefix + "proj", _sliced_linear(attention.proj, inputs=columns[keep].flatten()))
-    attention.num_heads = int(keep.sum())
-    if hasattr(attention, "attn_dim"):
-        attention.attn_dim = attention.num_heads * attention.head_dim
+    """Cut the heads not in ``keep`` out of each of the group's layers (rows or columns, by membership) and
+    set the attention module's head count to what is left."""
+    kept: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for member in units.members:
+        kept.setdefault((member.layer, member.axis), []).append(member.index[keep].flatten())
+    for (name, axis), indices in kept.items():
+        index = torch.cat(indices).sort().values
+        linear = net.get_submodule(name)
+        _replace(net, name, _sliced_linear(linear, **({"rows": index} if axis == 0 else {"inputs": index})))
+    fix_head_count(net.get_submodule(units.heads_of))
 
 
 def _outputs(net: nn.Module, example, output_key) -> torch.Tensor:
