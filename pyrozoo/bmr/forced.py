@@ -125,7 +125,9 @@ def forced_prune_check(
         export = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     removed = sum(layer.rows - _rows(sparse, layer) for layer in chosen)
     forced_heads = sum((units.count + 1) // 2 for units in head_groups)
-    removed_heads = sum(units.count - _head_count(sparse.get_submodule(units.heads_of)) for units in head_groups)
+    removed_heads = sum(
+        units.count - _head_count(sparse.get_submodule(units.heads_of)) for units in head_groups
+    )
     return ForcedPrune(
         parameter_count(dense),
         parameter_count(sparse),

@@ -220,40 +220,72 @@ def _timm_attention(module: nn.Module, children: dict) -> bool:
     )
 
 
-def _hf_attention(module: nn.Module, children: dict) -> bool:
-    """Hugging Face's BERT-style self-attention (``BertSelfAttention`` and the models that copy it): separate
-    ``query``, ``key`` and ``value`` layers of ``num_attention_heads`` heads of ``attention_head_size`` rows."""
-    heads, size = getattr(module, "num_attention_heads", None), getattr(module, "attention_head_size", None)
-    return (
-        isinstance(heads, int)
-        and isinstance(size, int)
-        and all(
-            isinstance(children.get(role), nn.Linear) and children[role].out_features == heads * size
-            for role in ("query", "key", "value")
-        )
+# Hugging Face's attention layouts: the head width's attribute -> the query, key and value layers' names.
+# BERT's (and RoBERTa's, ELECTRA's, ...) output projection is its parent's ``output.dense``; the other layout's
+# (ViT's in transformers 5, Llama's, ...) is its own ``o_proj``.
+_HF_LAYOUTS = {"attention_head_size": ("query", "key", "value"), "head_dim": ("q_proj", "k_proj", "v_proj")}
+
+
+def _hf_layers(module: nn.Module) -> dict[str, str] | None:
+    """``{"query": name, "key": name, "value": name}`` of a Hugging Face attention module: separate Linear
+    layers of ``num_attention_heads`` heads of its head width each (a key and a value head per query head);
+    None for any other module."""
+    heads = getattr(module, "num_attention_heads", None)
+    for size_name, names in _HF_LAYOUTS.items():
+        size = getattr(module, size_name, None)
+        if isinstance(heads, int) and isinstance(size, int) and all(
+            isinstance(getattr(module, name, None), nn.Linear) and getattr(module, name).out_features == heads * size
+            for name in names
+        ):  # fmt: skip
+            return dict(zip(("query", "key", "value"), names))
+    return None
+
+
+def _head_width(module: nn.Module) -> int:
+    return getattr(module, "attention_head_size", getattr(module, "head_dim", 0))
+
+
+def _hf_output(parent: nn.Module, attention: nn.Module) -> tuple[str, nn.Linear] | None:
+    """A Hugging Face attention module's output projection, which takes the heads' values side by side, with its
+    path from ``parent``: its own ``o_proj``, or its parent's ``output.dense`` (``BertSelfOutput``); None where
+    there is no such layer."""
+    width = attention.num_attention_heads * _head_width(attention)
+    own = getattr(attention, "o_proj", None)
+    found = (
+        ("o_proj", own)
+        if own is not None
+        else ("output.dense", getattr(getattr(parent, "output", None), "dense", None))
     )
+    return found if isinstance(found[1], nn.Linear) and found[1].in_features == width else None
 
 
-def _hf_output(parent: nn.Module, attention: nn.Module) -> nn.Linear | None:
-    """A Hugging Face self-attention's output projection: the ``dense`` layer of its parent's ``output``
-    (``BertSelfOutput``), which takes the heads' values side by side; None where there is no such layer."""
-    dense = getattr(getattr(parent, "output", None), "dense", None)
-    width = attention.num_attention_heads * attention.attention_head_size
-    return dense if isinstance(dense, nn.Linear) and dense.in_features == width else None
+def _other_parameters(module: nn.Module, layers) -> bool:
+    """Whether a Hugging Face attention module holds parameters besides its query, key, value (and own output)
+    layers (ALBERT's LayerNorm, BEiT's position bias per head), which pyrozoo does not cut with its heads."""
+    own = {id(p) for name in layers for p in module.get_submodule(name).parameters()}
+    return any(id(p) not in own for p in module.parameters())
 
 
 def _attention_layers(net: nn.Module):
     """Each attention module whose heads pyrozoo knows how to cut: ``(path, module, layers)`` with ``layers``
     the paths of its layers by role: ``qkv`` and ``proj`` (timm's ``Attention``), or ``query``, ``key``,
-    ``value`` and ``output`` (Hugging Face's, its output projection held by its parent)."""
+    ``value`` and ``output`` (Hugging Face's, with no other parameters)."""
     for path, parent in net.named_modules():
         prefix = f"{path}." if path else ""
         if _timm_attention(parent, dict(parent.named_children())):
             yield path, parent, {role: prefix + role for role in ("qkv", "proj")}
         for name, child in parent.named_children():
-            if _hf_attention(child, dict(child.named_children())) and _hf_output(parent, child) is not None:
-                layers = {role: f"{prefix}{name}.{role}" for role in ("query", "key", "value")}
-                yield f"{prefix}{name}", child, {**layers, "output": f"{prefix}output.dense"}
+            layers, output = _hf_layers(child), None
+            if layers is not None:
+                output = _hf_output(parent, child)
+            if output is None:
+                continue
+            own = [*layers.values(), *([output[0]] if output[0] == "o_proj" else [])]
+            if _other_parameters(child, own):
+                continue
+            found = {role: f"{prefix}{name}.{layer}" for role, layer in layers.items()}
+            output_path = f"{prefix}{name}.o_proj" if output[0] == "o_proj" else f"{prefix}output.dense"
+            yield f"{prefix}{name}", child, {**found, "output": output_path}
 
 
 def _heads(net: nn.Module, by_name: dict[str, Layer]) -> list[Units]:
@@ -273,7 +305,7 @@ def _heads(net: nn.Module, by_name: dict[str, Layer]) -> list[Units]:
                 Member(layers["proj"], 1, torch.arange(heads * size).reshape(heads, size), False),
             )
         else:  # Hugging Face: head h holds rows h * size ... (h + 1) * size - 1 of each layer
-            heads, size = module.num_attention_heads, module.attention_head_size
+            heads, size = module.num_attention_heads, _head_width(module)
             per_head = torch.arange(heads * size).reshape(heads, size)
             members = (
                 Member(layers["value"], 0, per_head, True),
@@ -289,8 +321,8 @@ def _fixed_heads(net: nn.Module, heads: list[Units]) -> dict[str, str]:
     """Why the heads of each attention module that :func:`_heads` did not take stay, by its path."""
     taken = {units.heads_of for units in heads}
     known = {path: layers for path, _, layers in _attention_layers(net)}
-    fixed = {}
-    for path, module in net.named_modules():
+    modules, fixed = dict(net.named_modules()), {}
+    for path, module in modules.items():
         count = getattr(module, "num_heads", getattr(module, "num_attention_heads", None))  # Hugging Face's
         if path in taken or not isinstance(count, int):
             continue
@@ -299,17 +331,26 @@ def _fixed_heads(net: nn.Module, heads: list[Units]) -> dict[str, str]:
             why = "nn.MultiheadAttention needs as many attention channels as input channels"
         elif path in known:
             roles, which = (
-                ("qkv or proj", "both") if "qkv" in known[path] else ("query, key, value or output", "all four")
+                ("qkv or proj", "both")
+                if "qkv" in known[path]
+                else ("query, key, value or output", "all four")
             )
             why = f"its {roles} layer is deterministic (make {which} random to let heads go)"
         elif "Window" in kind:  # torchvision's and timm's Swin
             why = f"{kind} computes its head width from its input width and keeps a position bias per head"
-        elif _hf_attention(module, dict(module.named_children())):
-            why = f"{kind} has no output projection pyrozoo can find (its parent's output.dense)"
+        elif _hf_layers(module) is not None:
+            why = (
+                f"{kind} holds parameters besides its query, key, value and output layers, which pyrozoo does "
+                "not cut with its heads (a normalisation, a position bias per head)"
+                if _hf_output(modules.get(path.rpartition(".")[0]) if path else None, module) is not None
+                else f"{kind} has no output projection pyrozoo can find (its own o_proj or its parent's "
+                "output.dense)"
+            )
         else:
             why = (
-                "pyrozoo cuts the heads of timm's Attention (fused qkv, proj) and of Hugging Face's BERT-style "
-                f"self-attention (query, key, value, the parent's output.dense), not of {kind}"
+                "pyrozoo cuts the heads of timm's Attention (fused qkv, proj) and of Hugging Face's BERT- and "
+                "ViT-style attention (separate query, key and value layers, a key and value head per query head), "
+                f"not of {kind}"
             )
         fixed[path] = f"its {count} attention heads stay: {why}"
     return fixed
@@ -323,8 +364,10 @@ def fix_head_count(attention: nn.Module) -> None:
         if hasattr(attention, "attn_dim"):
             attention.attn_dim = attention.num_heads * attention.head_dim
     else:  # Hugging Face's: both are read in forward (older versions view by them, newer ones by -1)
-        attention.num_attention_heads = attention.value.out_features // attention.attention_head_size
-        attention.all_head_size = attention.num_attention_heads * attention.attention_head_size
+        value = attention.value if hasattr(attention, "value") else attention.v_proj
+        attention.num_attention_heads = value.out_features // _head_width(attention)
+        if hasattr(attention, "all_head_size"):
+            attention.all_head_size = attention.num_attention_heads * _head_width(attention)
 
 
 def _example_on(example, device):
