@@ -15,9 +15,12 @@ Where the groups come from:
   channels) becomes one :class:`Units`. A group whose channels pass through an operation that mixes channels
   (LayerNorm, GroupNorm, softmax, matrix products, attention) or reach a deterministic weight layer, an RNN's
   hidden state or the output layer's rows is *fixed*: removing one of its units could change the function.
-- **Attention heads** of timm's ``Attention`` (fused ``qkv`` and ``proj``) are found by hand: the
-  DependencyGraph tracks features, not heads, and a head is the unit whose value rows decide whether it
-  contributes. Cutting a head removes its query, key and value rows and its ``proj`` columns.
+- **Attention heads** are found by hand: the DependencyGraph tracks features, not heads, and a head is the unit
+  whose value rows decide whether it contributes. Known layouts: timm's ``Attention`` (fused ``qkv`` and
+  ``proj``), and Hugging Face's with separate query, key and value layers of one head per query head: BERT's
+  (``query``, ``key``, ``value``, the parent's ``output.dense``) and transformers 5's ViT (``q_proj`` ...
+  ``o_proj``). Cutting a head removes its query, key and value rows and its output projection's columns, and
+  sets the module's head count (``num_heads``; ``num_attention_heads`` and ``all_head_size``).
 
 A per-channel affine after a unit (BatchNorm, random or deterministic) is sliced with the group; a random,
 prunable one's rows are among its producers. A grouped convolution couples the channels at one position of every

@@ -57,6 +57,7 @@ def test_pruned_value_rows_take_their_heads_out_of_the_rebuilt_bert_and_the_othe
     _silence_value_rows(model, heads=(0, 2))
     with torch.no_grad():
         expected = model.logits(x, model.weights_from(guide.mean()))
+        assert not torch.allclose(dense(x).logits, expected, atol=1e-4)  # the pruned heads did contribute
     sparse = rebuild(model, guide)
     for layer in range(2):
         attention = sparse.get_submodule(ATTENTION.format(layer))
