@@ -9,7 +9,7 @@ the statistics of a trained net first. Every net runs in its own process, under 
     python benchmarks/forced_prune.py --torchvision         # every torchvision classifier that fits
     python benchmarks/forced_prune.py --timm                # timm's resnet, efficientnet, convnext, vit nets
     python benchmarks/forced_prune.py tv:resnet18 timm:convnext_atto bn-cnn --json out.json
-    python benchmarks/forced_prune.py hf:bert-tiny          # a tiny Hugging Face BERT, every other head forced too
+    python benchmarks/forced_prune.py hf:bert-tiny          # a tiny Hugging Face BERT, half its heads forced
 
 A net is tried at 32x32 input with no pretrained weights and 10 classes (``pyrozoo.bmr.forced.prepare``); nets
 over ``--max-params`` parameters are skipped, and nets that do not run at 32x32 are counted apart.

@@ -236,20 +236,21 @@ def _hf_layers(module: nn.Module) -> dict[str, str] | None:
     heads = getattr(module, "num_attention_heads", None)
     for size_name, names in _HF_LAYOUTS.items():
         size = getattr(module, size_name, None)
-        if isinstance(heads, int) and isinstance(size, int) and all(
-            isinstance(getattr(module, name, None), nn.Linear) and getattr(module, name).out_features == heads * size
-            for name in names
-        ):  # fmt: skip
+        if not isinstance(heads, int) or not isinstance(size, int):
+            continue
+        linears = [getattr(module, name, None) for name in names]
+        if all(isinstance(m, nn.Linear) and m.out_features == heads * size for m in linears):
             return dict(zip(("query", "key", "value"), names))
     return None
 
 
 def _head_width(module: nn.Module) -> int:
+    """A Hugging Face attention module's head width (BERT's ``attention_head_size``, else ``head_dim``)."""
     return getattr(module, "attention_head_size", getattr(module, "head_dim", 0))
 
 
 def _hf_output(parent: nn.Module, attention: nn.Module) -> tuple[str, nn.Linear] | None:
-    """A Hugging Face attention module's output projection, which takes the heads' values side by side, with its
+    """A Hugging Face attention module's output projection (it takes the heads' values side by side), with its
     path from ``parent``: its own ``o_proj``, or its parent's ``output.dense`` (``BertSelfOutput``); None where
     there is no such layer."""
     width = attention.num_attention_heads * _head_width(attention)
@@ -264,7 +265,7 @@ def _hf_output(parent: nn.Module, attention: nn.Module) -> tuple[str, nn.Linear]
 
 def _other_parameters(module: nn.Module, layers) -> bool:
     """Whether a Hugging Face attention module holds parameters besides its query, key, value (and own output)
-    layers (ALBERT's LayerNorm, BEiT's position bias per head), which pyrozoo does not cut with its heads."""
+    layers (a normalisation, BEiT's position bias per head), which pyrozoo does not cut with its heads."""
     own = {id(p) for name in layers for p in module.get_submodule(name).parameters()}
     return any(id(p) not in own for p in module.parameters())
 
@@ -352,8 +353,8 @@ def _fixed_heads(net: nn.Module, heads: list[Units]) -> dict[str, str]:
         else:
             why = (
                 "pyrozoo cuts the heads of timm's Attention (fused qkv, proj) and of Hugging Face's BERT- and "
-                "ViT-style attention (separate query, key and value layers, a key and value head per query head), "
-                f"not of {kind}"
+                "ViT-style attention (separate query, key and value layers, a key and value head per query "
+                f"head), not of {kind}"
             )
         fixed[path] = f"its {count} attention heads stay: {why}"
     return fixed

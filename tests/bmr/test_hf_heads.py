@@ -1,6 +1,6 @@
 """A Hugging Face BERT's attention heads are units (issue 28): a head is its rows of ``query``, ``key`` and
 ``value`` and its columns of the sibling ``output.dense``; a head whose value rows are all pruned leaves the
-rebuilt net, which is still a ``BertForSequenceClassification`` with fewer heads, computes the reduced Bayesian
+rebuilt net, still a ``BertForSequenceClassification`` with fewer heads, which computes the reduced Bayesian
 model's outputs and goes through ``torch.export``. Skipped where transformers is not installed."""
 
 import pytest
