@@ -9,6 +9,7 @@ the statistics of a trained net first. Every net runs in its own process, under 
     python benchmarks/forced_prune.py --torchvision         # every torchvision classifier that fits
     python benchmarks/forced_prune.py --timm                # timm's resnet, efficientnet, convnext, vit nets
     python benchmarks/forced_prune.py tv:resnet18 timm:convnext_atto bn-cnn --json out.json
+    python benchmarks/forced_prune.py hf:bert-tiny          # a tiny Hugging Face BERT, half its heads forced
 
 A net is tried at 32x32 input with no pretrained weights and 10 classes (``pyrozoo.bmr.forced.prepare``); nets
 over ``--max-params`` parameters are skipped, and nets that do not run at 32x32 are counted apart.
@@ -50,13 +51,16 @@ class BatchNormCNN(nn.Module):
 def check_one(name: str, max_params: float) -> dict:
     import warnings
 
-    from pyrozoo.bmr.forced import forced_prune_check, prepare
+    from pyrozoo.bmr.forced import forced_prune_check, prepare, tiny_bert
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
+    options = {}
     if name == "bn-cnn":
         torch.manual_seed(0)
         prepared = BatchNormCNN(), torch.randn(2, 1, 32, 32)
+    elif name == "hf:bert-tiny":  # token input, logits under "logits"; its heads forced as well as rows
+        prepared, options = tiny_bert(), {"output_key": "logits", "heads": True}
     else:
         prepared = prepare(name, int(max_params))
     if isinstance(prepared, str):
@@ -65,7 +69,7 @@ def check_one(name: str, max_params: float) -> dict:
     net, x = prepared
     start = time.perf_counter()
     try:
-        found = forced_prune_check(net, x)
+        found = forced_prune_check(net, x, **options)
     except Exception as e:  # the check's own failure is a finding
         return {"net": name, "status": "error", "why": f"{type(e).__name__}: {str(e)[:200]}"}
     return {
@@ -75,6 +79,7 @@ def check_one(name: str, max_params: float) -> dict:
         "sparse": found.sparse,
         "forced": found.forced,
         "removed": found.removed,
+        "heads": f"{found.removed_heads}/{found.forced_heads}",
         "difference": found.difference,
         "same_class": found.same_class,
         "export": found.export,
@@ -98,7 +103,9 @@ def run(name: str, args) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("nets", nargs="*", help="bn-cnn, tv:NAME or timm:NAME (default: bn-cnn)")
+    parser.add_argument(
+        "nets", nargs="*", help="bn-cnn, hf:bert-tiny, tv:NAME or timm:NAME (default: bn-cnn)"
+    )
     parser.add_argument("--torchvision", action="store_true", help="every torchvision classifier")
     parser.add_argument("--timm", action="store_true", help="timm's nets of pyrozoo.bmr.forced.TIMM_NETS")
     parser.add_argument("--max-params", type=float, default=30e6, help="skip larger nets")
@@ -121,7 +128,8 @@ def main(argv=None):
         rows.append(row)
         detail = (
             f"{row['dense']:,} -> {row['sparse']:,} parameters, {row['removed']}/{row['forced']} forced channels "
-            f"gone, difference {row['difference']:.1e}, same class {row['same_class']}, "
+            f"gone{', ' + row['heads'] + ' forced heads gone' if row['heads'] != '0/0' else ''}, "
+            f"difference {row['difference']:.1e}, same class {row['same_class']}, "
             f"export {'ok' if not row['export'] else row['export'][:60]}, {row['seconds']} s"
             if "dense" in row
             else row.get("why", "")

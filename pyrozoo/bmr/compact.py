@@ -33,7 +33,16 @@ import math
 import torch
 from torch import nn
 
-from pyrozoo.bmr.units import Member, Structure, Units, _same, effective_masks, structure, _STRUCTURES
+from pyrozoo.bmr.units import (
+    Member,
+    Structure,
+    Units,
+    _same,
+    effective_masks,
+    fix_head_count,
+    structure,
+    _STRUCTURES,
+)
 from pyrozoo.models.bayesian import _buffer_name
 from pyrozoo.models.layers import CONV_TRANSPOSE, Layer
 
@@ -183,14 +192,10 @@ def _resize_model(model, target: dict[str, tuple[torch.Tensor, torch.Tensor]]) -
 
 
 def _fix_heads(model, groups: list[Units]) -> None:
-    """An attention module's head count follows its ``qkv`` rows."""
+    """An attention module's head count follows its layers' rows."""
     for units in groups:
-        if units.heads_of is None:
-            continue
-        attention = model.net.get_submodule(units.heads_of)
-        attention.num_heads = attention.qkv.out_features // (3 * attention.head_dim)
-        if hasattr(attention, "attn_dim"):
-            attention.attn_dim = attention.num_heads * attention.head_dim
+        if units.heads_of is not None:
+            fix_head_count(model.net.get_submodule(units.heads_of))
 
 
 def _remap(found: Structure, keeps: dict[str, list[torch.Tensor]]) -> Structure:

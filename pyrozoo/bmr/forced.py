@@ -39,6 +39,8 @@ class ForcedPrune:
     export: str  # "" when torch.export worked, else its one-line error
     forced: int  # channels put at the prior's point
     removed: int  # of them, those the rebuilt net no longer has
+    forced_heads: int = 0  # attention heads whose value rows were put at the prior's point (heads=True)
+    removed_heads: int = 0  # attention heads the rebuilt net no longer has
 
     @property
     def passed(self) -> bool:
@@ -62,14 +64,23 @@ def train_like_norms(net: nn.Module, seed: int = 0) -> None:
 
 @torch.no_grad()
 def forced_prune_check(
-    net: nn.Module, example, layers: int = 4, trained_norms: bool = True, output_key=None, **model_options
+    net: nn.Module,
+    example,
+    layers: int = 4,
+    trained_norms: bool = True,
+    output_key=None,
+    heads: bool = False,
+    **model_options,
 ) -> ForcedPrune:
     """Run the forced-prune check on a copy of ``net`` with the batch ``example`` (see the module docstring);
-    ``model_options`` go to :class:`~pyrozoo.models.BayesianModel` (``random=[nn.BatchNorm2d]``, ...)."""
+    ``heads=True`` also puts the value rows of every other head of each attention module whose heads are units
+    at the prior's point (a head's output channels). ``model_options`` go to
+    :class:`~pyrozoo.models.BayesianModel` (``random=[nn.BatchNorm2d]``, ...)."""
     import copy
 
     from pyrozoo.bmr.prune import reduce
     from pyrozoo.bmr.rebuild import parameter_count, rebuild
+    from pyrozoo.bmr.units import structure
     from pyrozoo.guides import make_guide
     from pyrozoo.init_from import start_from_weights
     from pyrozoo.models import BayesianModel
@@ -89,6 +100,15 @@ def forced_prune_check(
         forced += int(rows.sum())
         at_point = rows[:, None].expand_as(loc)
         guide.write_posterior(layer.site, torch.where(at_point, 0.0, loc), scale)
+    head_groups = [units for units in structure(model).units if units.heads_of is not None] if heads else []
+    sites = {layer.name: layer.site for layer in model.layers}
+    for units in head_groups:
+        for member in units.producers:
+            site = sites[member.layer]
+            loc, scale = guide.site_posterior(site)
+            loc = loc.clone()
+            member.put(loc, torch.arange(units.count) % 2 == 0, 0.0)
+            guide.write_posterior(site, loc, scale)
     reduce(model, guide, "threshold", units=True)
     expected = model.logits(example, model.weights_from(guide.mean()))
     dense = rebuild(model, guide, remove_dead=False)
@@ -104,8 +124,20 @@ def forced_prune_check(
     except Exception as e:  # any failure of the exporter is the finding, in one line
         export = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     removed = sum(layer.rows - _rows(sparse, layer) for layer in chosen)
+    forced_heads = sum((units.count + 1) // 2 for units in head_groups)
+    removed_heads = sum(
+        units.count - _head_count(sparse.get_submodule(units.heads_of)) for units in head_groups
+    )
     return ForcedPrune(
-        parameter_count(dense), parameter_count(sparse), difference, same, export, forced, removed
+        parameter_count(dense),
+        parameter_count(sparse),
+        difference,
+        same,
+        export,
+        forced,
+        removed,
+        forced_heads,
+        removed_heads,
     )
 
 
@@ -189,13 +221,34 @@ def prepare(name: str, max_parameters: int = MAX_PARAMETERS) -> tuple[nn.Module,
 
 def _first_producer(model, chosen: list, rest: list) -> list:
     """``[the first layer of rest whose rows make a removable group's units]`` where none of ``chosen``'s do
-    (every group of the first layers is fixed, as Swin's are), else ``[]``."""
+    (every group of the first layers is fixed, as Swin's are), else ``[]``. Attention heads do not count:
+    a head has many value rows, so every other row pruned leaves every head alive (``heads=True`` forces
+    them)."""
     from pyrozoo.bmr.units import structure
 
-    producers = {m.layer for units in structure(model).units for m in units.producers}
+    producers = {m.layer for u in structure(model).units if u.heads_of is None for m in u.producers}
     if any(layer.name in producers for layer in chosen):
         return []
     return [layer for layer in rest if layer.name in producers][:1]
+
+
+def _head_count(attention: nn.Module) -> int:
+    """An attention module's head count: timm's ``num_heads``, Hugging Face's ``num_attention_heads``."""
+    return getattr(attention, "num_heads", getattr(attention, "num_attention_heads", 0))
+
+
+def tiny_bert(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A tiny Hugging Face ``BertForSequenceClassification`` (2 layers of 4 heads of width 8, 3 classes, a
+    vocabulary of 50; built from its config, no hub) and two sequences of 8 tokens; its logits are
+    ``output_key="logits"``. Needs ``transformers``."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        num_labels=3,
+    )  # fmt: skip
+    return BertForSequenceClassification(config).eval(), torch.randint(0, 50, (2, 8))
 
 
 def _rows(net: nn.Module, layer) -> int:

@@ -15,9 +15,12 @@ Where the groups come from:
   channels) becomes one :class:`Units`. A group whose channels pass through an operation that mixes channels
   (LayerNorm, GroupNorm, softmax, matrix products, attention) or reach a deterministic weight layer, an RNN's
   hidden state or the output layer's rows is *fixed*: removing one of its units could change the function.
-- **Attention heads** of timm's ``Attention`` (fused ``qkv`` and ``proj``) are found by hand: the
-  DependencyGraph tracks features, not heads, and a head is the unit whose value rows decide whether it
-  contributes. Cutting a head removes its query, key and value rows and its ``proj`` columns.
+- **Attention heads** are found by hand: the DependencyGraph tracks features, not heads, and a head is the unit
+  whose value rows decide whether it contributes. Known layouts: timm's ``Attention`` (fused ``qkv`` and
+  ``proj``), and Hugging Face's with separate query, key and value layers of one head per query head: BERT's
+  (``query``, ``key``, ``value``, the parent's ``output.dense``) and transformers 5's ViT (``q_proj`` ...
+  ``o_proj``). Cutting a head removes its query, key and value rows and its output projection's columns, and
+  sets the module's head count (``num_heads``; ``num_attention_heads`` and ``all_head_size``).
 
 A per-channel affine after a unit (BatchNorm, random or deterministic) is sliced with the group; a random,
 prunable one's rows are among its producers. A grouped convolution couples the channels at one position of every
@@ -220,23 +223,100 @@ def _timm_attention(module: nn.Module, children: dict) -> bool:
     )
 
 
-def _heads(net: nn.Module, by_name: dict[str, Layer]) -> list[Units]:
-    found = []
-    for path, module in net.named_modules():
+# Hugging Face's attention layouts: the head width's attribute -> the query, key and value layers' names.
+# BERT's (and RoBERTa's, ELECTRA's, ...) output projection is its parent's ``output.dense``; the other layout's
+# (ViT's in transformers 5, Llama's, ...) is its own ``o_proj``.
+_HF_LAYOUTS = {"attention_head_size": ("query", "key", "value"), "head_dim": ("q_proj", "k_proj", "v_proj")}
+
+
+def _hf_layers(module: nn.Module) -> dict[str, str] | None:
+    """``{"query": name, "key": name, "value": name}`` of a Hugging Face attention module: separate Linear
+    layers of ``num_attention_heads`` heads of its head width each (a key and a value head per query head);
+    None for any other module."""
+    heads = getattr(module, "num_attention_heads", None)
+    for size_name, names in _HF_LAYOUTS.items():
+        size = getattr(module, size_name, None)
+        if not isinstance(heads, int) or not isinstance(size, int):
+            continue
+        linears = [getattr(module, name, None) for name in names]
+        if all(isinstance(m, nn.Linear) and m.out_features == heads * size for m in linears):
+            return dict(zip(("query", "key", "value"), names))
+    return None
+
+
+def _head_width(module: nn.Module) -> int:
+    """A Hugging Face attention module's head width (BERT's ``attention_head_size``, else ``head_dim``)."""
+    return getattr(module, "attention_head_size", getattr(module, "head_dim", 0))
+
+
+def _hf_output(parent: nn.Module, attention: nn.Module) -> tuple[str, nn.Linear] | None:
+    """A Hugging Face attention module's output projection (it takes the heads' values side by side), with its
+    path from ``parent``: its own ``o_proj``, or its parent's ``output.dense`` (``BertSelfOutput``); None where
+    there is no such layer."""
+    width = attention.num_attention_heads * _head_width(attention)
+    own = getattr(attention, "o_proj", None)
+    found = (
+        ("o_proj", own)
+        if own is not None
+        else ("output.dense", getattr(getattr(parent, "output", None), "dense", None))
+    )
+    return found if isinstance(found[1], nn.Linear) and found[1].in_features == width else None
+
+
+def _other_parameters(module: nn.Module, layers) -> bool:
+    """Whether a Hugging Face attention module holds parameters besides its query, key, value (and own output)
+    layers (a normalisation, BEiT's position bias per head), which pyrozoo does not cut with its heads."""
+    own = {id(p) for name in layers for p in module.get_submodule(name).parameters()}
+    return any(id(p) not in own for p in module.parameters())
+
+
+def _attention_layers(net: nn.Module):
+    """Each attention module whose heads pyrozoo knows how to cut: ``(path, module, layers)`` with ``layers``
+    the paths of its layers by role: ``qkv`` and ``proj`` (timm's ``Attention``), or ``query``, ``key``,
+    ``value`` and ``output`` (Hugging Face's, with no other parameters)."""
+    for path, parent in net.named_modules():
         prefix = f"{path}." if path else ""
-        children = dict(module.named_children())
-        if not _timm_attention(module, children):
+        if _timm_attention(parent, dict(parent.named_children())):
+            yield path, parent, {role: prefix + role for role in ("qkv", "proj")}
+        for name, child in parent.named_children():
+            layers, output = _hf_layers(child), None
+            if layers is not None:
+                output = _hf_output(parent, child)
+            if output is None:
+                continue
+            own = [*layers.values(), *([output[0]] if output[0] == "o_proj" else [])]
+            if _other_parameters(child, own):
+                continue
+            found = {role: f"{prefix}{name}.{layer}" for role, layer in layers.items()}
+            output_path = f"{prefix}{name}.o_proj" if output[0] == "o_proj" else f"{prefix}output.dense"
+            yield f"{prefix}{name}", child, {**found, "output": output_path}
+
+
+def _heads(net: nn.Module, by_name: dict[str, Layer]) -> list[Units]:
+    """A group per attention module of :func:`_attention_layers` whose layers are all random: a unit per
+    head, its value rows producing it (zero values: the head adds nothing), its query and key rows and its
+    output projection's columns consuming it."""
+    found = []
+    for path, module, layers in _attention_layers(net):
+        if not all(name in by_name for name in layers.values()):
             continue
-        qkv_name, proj_name = prefix + "qkv", prefix + "proj"
-        if qkv_name not in by_name or proj_name not in by_name:
-            continue
-        heads, size = module.num_heads, module.head_dim
-        qkv = torch.arange(3 * heads * size).reshape(3, heads, size).permute(1, 0, 2)  # (head, q/k/v, d)
-        members = (
-            Member(qkv_name, 0, qkv[:, 2], True),  # value rows decide whether a head contributes
-            Member(qkv_name, 0, qkv[:, :2].flatten(1), False),  # queries and keys go with it
-            Member(proj_name, 1, torch.arange(heads * size).reshape(heads, size), False),
-        )
+        if "qkv" in layers:  # timm: one fused layer, rows ordered (q/k/v, head, d)
+            heads, size = module.num_heads, module.head_dim
+            qkv = torch.arange(3 * heads * size).reshape(3, heads, size).permute(1, 0, 2)  # (head, q/k/v, d)
+            members = (
+                Member(layers["qkv"], 0, qkv[:, 2], True),
+                Member(layers["qkv"], 0, qkv[:, :2].flatten(1), False),
+                Member(layers["proj"], 1, torch.arange(heads * size).reshape(heads, size), False),
+            )
+        else:  # Hugging Face: head h holds rows h * size ... (h + 1) * size - 1 of each layer
+            heads, size = module.num_attention_heads, _head_width(module)
+            per_head = torch.arange(heads * size).reshape(heads, size)
+            members = (
+                Member(layers["value"], 0, per_head, True),
+                Member(layers["query"], 0, per_head, False),
+                Member(layers["key"], 0, per_head, False),
+                Member(layers["output"], 1, per_head, False),
+            )
         found.append(Units(path, heads, members, True, heads_of=path))
     return found
 
@@ -244,22 +324,54 @@ def _heads(net: nn.Module, by_name: dict[str, Layer]) -> list[Units]:
 def _fixed_heads(net: nn.Module, heads: list[Units]) -> dict[str, str]:
     """Why the heads of each attention module that :func:`_heads` did not take stay, by its path."""
     taken = {units.heads_of for units in heads}
-    fixed = {}
-    for path, module in net.named_modules():
+    known = {path: layers for path, _, layers in _attention_layers(net)}
+    modules, fixed = dict(net.named_modules()), {}
+    for path, module in modules.items():
         count = getattr(module, "num_heads", getattr(module, "num_attention_heads", None))  # Hugging Face's
         if path in taken or not isinstance(count, int):
             continue
         kind = type(module).__name__
         if isinstance(module, nn.MultiheadAttention):
             why = "nn.MultiheadAttention needs as many attention channels as input channels"
-        elif _timm_attention(module, dict(module.named_children())):
-            why = "its qkv or proj layer is deterministic (make both random to let heads go)"
+        elif path in known:
+            roles, which = (
+                ("qkv or proj", "both")
+                if "qkv" in known[path]
+                else ("query, key, value or output", "all four")
+            )
+            why = f"its {roles} layer is deterministic (make {which} random to let heads go)"
         elif "Window" in kind:  # torchvision's and timm's Swin
             why = f"{kind} computes its head width from its input width and keeps a position bias per head"
+        elif _hf_layers(module) is not None:
+            why = (
+                f"{kind} holds parameters besides its query, key, value and output layers, which pyrozoo does "
+                "not cut with its heads (a normalisation, a position bias per head)"
+                if _hf_output(modules.get(path.rpartition(".")[0]) if path else None, module) is not None
+                else f"{kind} has no output projection pyrozoo can find (its own o_proj or its parent's "
+                "output.dense)"
+            )
         else:
-            why = f"pyrozoo knows timm's Attention (fused qkv and proj) but not {kind}"
+            why = (
+                "pyrozoo cuts the heads of timm's Attention (fused qkv, proj) and of Hugging Face's BERT- and "
+                "ViT-style attention (separate query, key and value layers, a key and value head per query "
+                f"head), not of {kind}"
+            )
         fixed[path] = f"its {count} attention heads stay: {why}"
     return fixed
+
+
+def fix_head_count(attention: nn.Module) -> None:
+    """Set an attention module's head count, and the widths made from it, from its layers' sizes: after heads
+    were cut out of them."""
+    if hasattr(attention, "qkv"):  # timm's
+        attention.num_heads = attention.qkv.out_features // (3 * attention.head_dim)
+        if hasattr(attention, "attn_dim"):
+            attention.attn_dim = attention.num_heads * attention.head_dim
+    else:  # Hugging Face's: both are read in forward (older versions view by them, newer ones by -1)
+        value = attention.value if hasattr(attention, "value") else attention.v_proj
+        attention.num_attention_heads = value.out_features // _head_width(attention)
+        if hasattr(attention, "all_head_size"):
+            attention.all_head_size = attention.num_attention_heads * _head_width(attention)
 
 
 def _example_on(example, device):
@@ -710,16 +822,16 @@ def _sliced_linear(module: nn.Linear, rows=None, inputs=None) -> nn.Linear:
 
 
 def _cut_heads(net: nn.Module, units: Units, keep: torch.Tensor) -> None:
-    attention = net.get_submodule(units.heads_of)
-    prefix = f"{units.heads_of}." if units.heads_of else ""
-    rows = torch.cat([m.index for m in units.members if m.layer == prefix + "qkv"], dim=1)
-    columns = next(m.index for m in units.members if m.layer == prefix + "proj")
-    rows = rows[keep].flatten().sort().values
-    _replace(net, prefix + "qkv", _sliced_linear(attention.qkv, rows=rows))
-    _replace(net, prefix + "proj", _sliced_linear(attention.proj, inputs=columns[keep].flatten()))
-    attention.num_heads = int(keep.sum())
-    if hasattr(attention, "attn_dim"):
-        attention.attn_dim = attention.num_heads * attention.head_dim
+    """Cut the heads not in ``keep`` out of each of the group's layers (rows or columns, by membership) and
+    set the attention module's head count to what is left."""
+    kept: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for member in units.members:
+        kept.setdefault((member.layer, member.axis), []).append(member.index[keep].flatten())
+    for (name, axis), indices in kept.items():
+        index = torch.cat(indices).sort().values
+        linear = net.get_submodule(name)
+        _replace(net, name, _sliced_linear(linear, **({"rows": index} if axis == 0 else {"inputs": index})))
+    fix_head_count(net.get_submodule(units.heads_of))
 
 
 def _outputs(net: nn.Module, example, output_key) -> torch.Tensor:

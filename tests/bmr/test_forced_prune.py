@@ -211,7 +211,9 @@ def test_why_a_group_is_fixed_is_said_in_words_not_autograd_node_names():
 
     model, _ = _model(HuggingFaceLike(), torch.randn(2, 5, 8))
     assert structure(model).fixed[""] == (
-        "its 2 attention heads stay: pyrozoo knows timm's Attention (fused qkv and proj) but not HuggingFaceLike"
+        "its 2 attention heads stay: pyrozoo cuts the heads of timm's Attention (fused qkv, proj) and of Hugging "
+        "Face's BERT- and ViT-style attention (separate query, key and value layers, a key and value head per "
+        "query head), not of HuggingFaceLike"
     )
 
 
