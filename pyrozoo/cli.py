@@ -16,6 +16,7 @@ import shlex
 import shutil
 import sys
 import textwrap
+import time
 import traceback
 from pathlib import Path
 
@@ -1078,7 +1079,15 @@ def _open_for_prediction(args, write: bool, folder=None):
             )
     run = load(args.run if folder is None else folder, log=_to_stderr, write=write)
     if fitted is not None:
-        run = run.with_posterior(*fitted.fit(run, progress=not args.no_progress))
+        inputs = f"{args.fit_size:,}" if args.fit_size else "all its"
+        _to_stderr(f"fitting {fitted.name} around {run.out}'s weights on {inputs} training inputs")
+        start = time.perf_counter()
+        model, posterior = fitted.fit(run, progress=not args.no_progress)
+        about = fitted.summary(model)
+        _to_stderr(
+            f"{fitted.name}: fitted in {time.perf_counter() - start:.1f} s" + (f"; {about}" if about else "")
+        )
+        run = run.with_posterior(model, posterior)
         source, state = None, f"{fitted.name}-{fitted.predictive}"
     else:
         source = chosen_pruned(run, args.pruned, log=_to_stderr)
