@@ -558,21 +558,11 @@ def laplace(
         x = x[order.to(x.device)]
         y = None if y is None else y[order.to(y.device)]
     with torch.enable_grad():
+        # fmt: off
         curv = curvature(
-            net,
-            layers,
-            x,
-            structure,
-            batch_size,
-            samples,
-            seed,
-            progress,
-            likelihood,
-            fisher,
-            kfac,
-            ekfac,
-            world,
+            net, layers, x, structure, batch_size, samples, seed, progress, likelihood, fisher, kfac, ekfac, world
         )
+        # fmt: on
     curv = {k: _scaled(curv.pop(k), n / len(x)) for k in list(curv)}  # each layer's old copy freed as it goes
     by_name = {layer.name: layer for layer in layers}
     norms = {layer.name: float(layer.join(net).double().square().sum()) for layer in layers}
@@ -587,10 +577,20 @@ def laplace(
         error = _squared_error(net, x, y, batch_size) * n / len(x)
         eigenvalues = {k: eigenvalues_of(k) for k in curv}
         likelihood = _evidence_noise(likelihood, curv, eigenvalues, norms, error, n).to(x.device)
+    scales, loc, scale, kron, record = _layer_fits(layers, curv, eigenvalues_of, weights, norms, structure)
+    kwargs = {} if likelihood is None else {"likelihood": likelihood}
+    # the example batch traces the net's units (for a units pass and the rebuild) at the inputs' own size
+    model = BayesianModel(net, prior=FixedScales(scales), output=output, example_input=x[:2], **kwargs)
+    model.laplace = record
+    return model, LaplacePosterior(model, loc, scale, kron, predictive)
+
+
+def _layer_fits(layers, curv: dict, eigenvalues_of, weights, norms: dict, structure: str) -> tuple:
+    """Every layer's :func:`_layer_posterior`, each layer's curvature popped from ``curv`` as it is read (its
+    float64 copy goes with it): ``(scales, loc, scale, kron, record)`` by layer name or site."""
     scales, loc, scale, kron, record = {}, {}, {}, {}, []
     for layer in layers:
         eigenvalues = eigenvalues_of(layer.name)
-        # a diagonal is read here only: the layer's float64 curvature goes with it
         factors = curv.pop(layer.name)
         site = layer.site
         fit = _layer_posterior(
@@ -604,11 +604,7 @@ def laplace(
         if gaussian is not None:
             kron[site] = gaussian
         record.append({"layer": layer.name, **evidence})
-    kwargs = {} if likelihood is None else {"likelihood": likelihood}
-    # the example batch traces the net's units (for a units pass and the rebuild) at the inputs' own size
-    model = BayesianModel(net, prior=FixedScales(scales), output=output, example_input=x[:2], **kwargs)
-    model.laplace = record
-    return model, LaplacePosterior(model, loc, scale, kron, predictive)
+    return scales, loc, scale, kron, record
 
 
 def _layer_posterior(w, eigenvalues, kron_factors: tuple | None, squared_norm: float, dtype: torch.dtype):
