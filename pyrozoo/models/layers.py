@@ -134,14 +134,21 @@ class Layer:
         return dataclasses.replace(self, device=device, dtype=dtype)
 
     def split(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The net's parameters (weight, and bias if any) from a latent-shaped matrix ``w``."""
-        weight = w[:, : self.fan_in]
+        """The net's parameters (weight, and bias if any) from a latent-shaped matrix ``w``.
+
+        One ``torch.split`` rather than two slices: its backward writes the latent's gradient once (a
+        concatenation), where each slice's backward fills a zeroed latent-sized tensor and autograd then adds the
+        two, four more passes over the weights in every step (the same values: the sum adds only zeros)."""
+        if self.has_bias:
+            weight, bias = w.split([self.fan_in, 1], dim=1)
+        else:
+            weight, bias = w, None
         if self.transposed:
             s = self.weight_shape
             weight = weight.reshape(s[1], s[0], *s[2:]).transpose(0, 1)
         params = {self.weight_name: weight.reshape(self.weight_shape)}
-        if self.has_bias:
-            params[self.bias_name] = w[:, self.fan_in]
+        if bias is not None:
+            params[self.bias_name] = bias.squeeze(1)
         return params
 
     def join(self, net: nn.Module) -> torch.Tensor:
