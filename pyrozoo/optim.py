@@ -121,8 +121,8 @@ class IVONOptimizer(IVON):
     def _scratch(self, i: int, numel: int) -> dict:
         """Group ``i``'s scratch vectors, kept across steps (one allocation, not one per step; reallocated when
         compaction resizes the group): ``shifted`` (``hess + wd``), ``scale`` (``(hess + wd)^-1/2``, the
-        noise's scale at the last draw but for ``ess^-1/2``), ``drawn`` (the drawn weights) and ``z`` (the draw's standard normal
-        noise, then ``z * g``). Not in ``state_dict``."""
+        noise's scale but for ``ess^-1/2``), ``drawn`` (the drawn weights) and ``z`` (the draw's standard
+        normal noise, then ``z * g``). Not in ``state_dict``."""
         scratch = self._scratches.get(i)
         if scratch is None or scratch["shifted"].numel() != numel:
             scratch = {
@@ -131,6 +131,24 @@ class IVONOptimizer(IVON):
             }
             self._scratches[i] = scratch
         return scratch
+
+    @staticmethod
+    def _mark_scale(group: dict, scratch: dict) -> None:
+        """Record which Hessian (the tensor and its in-place version) and weight decay the scratch's ``shifted``
+        and ``scale`` were computed from."""
+        scratch["from"] = (group["hess"], group["hess"]._version, group["weight_decay"])
+
+    @staticmethod
+    def _scale_current(group: dict, scratch: dict) -> bool:
+        """Whether ``shifted`` and ``scale`` are still those of the group's Hessian: computed by the last update
+        (while its data is in cache), and neither written in place since (a BMR pass, a load) nor replaced."""
+        made = scratch.get("from")
+        return (
+            made is not None
+            and made[0] is group["hess"]
+            and made[1] == group["hess"]._version
+            and made[2] == group["weight_decay"]
+        )
 
     def _sample_params(self):
         """Each parameter becomes ``mean + z / sqrt(ess (hess + wd))``, ``z`` ivon-opt's ``randn`` of the group
@@ -141,8 +159,10 @@ class IVONOptimizer(IVON):
         means, draws = [], []
         for i, group in enumerate(self.param_groups):
             scratch = self._scratch(i, group["numel"])
-            torch.add(group["hess"], group["weight_decay"], out=scratch["shifted"])
-            torch.rsqrt(scratch["shifted"], out=scratch["scale"])  # ess is a number: folded in below
+            if not self._scale_current(group, scratch):
+                torch.add(group["hess"], group["weight_decay"], out=scratch["shifted"])
+                torch.rsqrt(scratch["shifted"], out=scratch["scale"])  # ess is a number: folded in below
+                self._mark_scale(group, scratch)
             z = scratch["z"].normal_()  # the numbers of ivon-opt's torch.randn(numel), into a kept buffer
             params = self._params(group)
             mean = self._flat([p.data for p in params])
@@ -198,7 +218,8 @@ class IVONOptimizer(IVON):
             scratch = self._scratch(i, group["numel"])  # hess + wd and the scale, as the draws used them
             shifted = scratch["shifted"]
             momentum.lerp_(self.state["avg_grad"][i], 1.0 - b1)  # b1 momentum + (1 - b1) gradient
-            # ivon-opt's f = ess (hess + wd) noise g with noise = z r / sqrt(ess), r = (hess + wd)^-1/2: f = sqrt(ess) z g / r
+            # ivon-opt's f = ess (hess + wd) noise g; noise = z r / sqrt(ess), r = (hess + wd)^-1/2, so
+            # f = sqrt(ess) z g / r
             zxg = self.state["avg_nxg"][i]
             d = torch.addcdiv(hess, zxg, scratch["scale"], value=-math.sqrt(group["ess"]), out=zxg)  # hess - f
             # hess <- b2 hess + (1 - b2) f + (1 - b2)^2 / 2 (hess - f)^2 / (hess + wd), as
@@ -222,6 +243,8 @@ class IVONOptimizer(IVON):
                 for p in params:
                     p.data.copy_(mean[offset : offset + p.numel()].view(p.shape))
                     offset += p.numel()
+            torch.rsqrt(shifted, out=scratch["scale"])  # the next draw's, while hess + wd is in cache
+            self._mark_scale(group, scratch)
 
 
 def _tensors(params: list) -> list[torch.Tensor]:
