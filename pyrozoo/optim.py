@@ -82,9 +82,12 @@ class IVONOptimizer(IVON):
     each of its ~25 elementwise operations, which on the 1.15 M-weight MLP cost more than the forward and
     backward passes together (experiments/RESULTS.md, IVON step). Here a one-parameter group (pyrozoo's: one
     layer each) is read through views, the momentum and Hessian are updated in their own storage, and the mean
-    in the parameter's; the arithmetic is ivon-opt's (``price`` Hessian estimate, debiasing, learning-rate
-    rescaling, clipping), up to the rounding of fused operations (tests/guides/test_ivon.py runs both side by side from
-    the same random draws). The state layout (``group["hess"]``, ``group["momentum"]``) is ivon-opt's, so its
+    in the parameter's; the draw goes into buffers kept across steps (the noise refilled by ``normal_``, the
+    same numbers as ivon-opt's ``randn``) and is swapped in and out, so the means are never perturbed and
+    restored; ivon-opt's ``noise * g`` is kept as ``z * g`` with the draw's scale applied once in the update,
+    whose Hessian step takes two passes over the weights instead of five. The arithmetic is ivon-opt's
+    (``price`` Hessian estimate, debiasing, learning-rate rescaling, clipping), up to the rounding of fused
+    operations (tests/guides/test_ivon.py runs both side by side from the same random draws). The state layout (``group["hess"]``, ``group["momentum"]``) is ivon-opt's, so its
     ``state_dict`` is unchanged.
     """
 
