@@ -82,8 +82,8 @@ class IVONOptimizer(IVON):
     each of its ~25 elementwise operations, which on the 1.15 M-weight MLP cost more than the forward and
     backward passes together (experiments/RESULTS.md, IVON step). Here a one-parameter group (pyrozoo's: one
     layer each) is read through views, the momentum and Hessian are updated in their own storage, and the mean
-    in the parameter's; the draw goes into buffers kept across steps (the noise refilled by ``normal_``, the
-    same numbers as ivon-opt's ``randn``) and is swapped in and out, so the means are never perturbed and
+    in the parameter's; the draw goes into buffers kept across steps (the noise drawn by ``randn`` into a kept
+    buffer, ivon-opt's numbers) and is swapped in and out, so the means are never perturbed and
     restored; ivon-opt's ``noise * g`` is kept as ``z * g`` with the draw's scale applied once in the update,
     whose Hessian step takes two passes over the weights instead of five. The arithmetic is ivon-opt's
     (``price`` Hessian estimate, debiasing, learning-rate rescaling, clipping), up to the rounding of fused
@@ -166,7 +166,8 @@ class IVONOptimizer(IVON):
                 torch.add(group["hess"], group["weight_decay"], out=scratch["shifted"])
                 torch.rsqrt(scratch["shifted"], out=scratch["scale"])  # ess is a number: folded in below
                 self._mark_scale(group, scratch)
-            z = scratch["z"].normal_()  # the numbers of ivon-opt's torch.randn(numel), into a kept buffer
+            # ivon-opt's torch.randn(numel), into a kept buffer (the call as ivon-opt makes it, which tests patch)
+            z = torch.randn(group["numel"], out=scratch["z"])
             params = self._params(group)
             mean = self._flat([p.data for p in params])
             torch.addcmul(mean, z, scratch["scale"], value=group["ess"] ** -0.5, out=scratch["drawn"])
