@@ -1,6 +1,7 @@
 """One training step of each contender, as a ratio to pyrozoo's mean-field SVI step, paired per round.
 
-For each net at batch 120 on the CPU: a plain PyTorch Adam step of the deterministic net; a hand-written plain
+For each net at batch 120 on the CPU: a plain PyTorch Adam step of the deterministic net (``torch.optim.Adam`` as
+a user builds it, unfused on the CPU, and once more fused); a hand-written plain
 PyTorch mean-field step of the same Bayesian model (weights sampled as ``loc + scale * noise``, analytic KL
 for the weights, the layer-scale hyperprior sampled log-normally with a one-sample KL, Adam), the step as one
 would write it by hand without tuning; one pyrozoo SVI step with each guide (flat prior); one step of
@@ -196,10 +197,11 @@ def print_set_up(threads: int | None, before: str = "") -> None:
     )
 
 
-def adam_step(net, x, y):
+def adam_step(net, x, y, fused: bool = False):
     """One plain Adam step of ``net`` on the batch ``(x, y)`` (cross-entropy, lr 1e-3): the floor every
-    Bayesian step is compared with."""
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    Bayesian step is compared with, ``torch.optim.Adam`` as a user builds it (unfused on the CPU, torch's
+    default there), or ``fused``."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=fused or None)
 
     def step():
         loss = F.cross_entropy(net(x), y)
@@ -211,6 +213,7 @@ def adam_step(net, x, y):
 
 
 PLAIN, FLOOR, OURS = "plain pytorch (deterministic)", "hand-written mean-field", "pyrozoo svi, guide=meanfield"
+PLAIN_FUSED = PLAIN + ", fused Adam"
 IVON, PUBLISHED = "pyrozoo ivon (plain net + IVON)", "pyrozoo ivon, ivon-opt's own update"
 SUMMED = "bayesian-torch, KL summed (true ELBO)"
 SUMMED_FUSED = SUMMED + ", fused Adam, channels-last"
@@ -227,7 +230,8 @@ def contenders(name: str, x, y, only=(), with_checks: bool = False) -> dict:
 
     model = BayesianModel(fresh())
     hand = HandWrittenMeanField(model, lr=1e-3)
-    steps = {PLAIN: adam_step(fresh(), x, y), FLOOR: lambda: hand.step(x, y)}
+    steps = {PLAIN: adam_step(fresh(), x, y), PLAIN_FUSED: adam_step(fresh(), x, y, fused=True)}
+    steps[FLOOR] = lambda: hand.step(x, y)
 
     def pyrozoo_step(bayesian, guide, validate=None):
         # the optimiser a run trains with (the registry's Adam, fused on the CPU; BatchNorm's affine beside)
@@ -263,7 +267,8 @@ def contenders(name: str, x, y, only=(), with_checks: bool = False) -> dict:
     for peer in built + ([fused] if fused else []):
         steps[peer.name] = lambda step=peer.step: step(x, y)
     if only:
-        steps = {k: v for k, v in steps.items() if k in (PLAIN, FLOOR, OURS) or any(word in k for word in only)}
+        bases = (PLAIN, PLAIN_FUSED, FLOOR, OURS)
+        steps = {k: v for k, v in steps.items() if k in bases or any(word in k for word in only)}
     return steps
 
 
@@ -272,7 +277,7 @@ def bench_net(name: str, rounds: int, warmup: int, only=(), with_checks: bool = 
     x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
     times = timed(contenders(name, x, y, only, with_checks), rounds, warmup)
     print(f"{name}: {rounds} rounds; paired ratios per round, median [IQR]")
-    print_ratios(name, times, {"pyrozoo meanfield": OURS, "plain Adam": PLAIN})
+    print_ratios(name, times, {"pyrozoo meanfield": OURS, "plain Adam": PLAIN, "fused Adam": PLAIN_FUSED})
     for peer in (SUMMED, SUMMED_FUSED):
         if peer in times:
             print(f"{name}: pyrozoo meanfield / {peer} {ratio_text(paired_ratios(times, peer)[OURS])}")
@@ -291,7 +296,7 @@ def main() -> None:
         nargs="+",
         default=(),
         help="time only contenders whose name holds one of these words "
-        "(besides plain, hand-written and pyrozoo's mean-field step, the bases of the ratios)",
+        "(besides the two plain Adam steps, hand-written and pyrozoo's mean-field step, the bases of the ratios)",
     )
     parser.add_argument(
         "--with-checks", action="store_true", help="also time our step with Pyro's argument checks on"

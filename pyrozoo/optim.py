@@ -9,6 +9,7 @@ its per-step arithmetic redone in place for speed (:class:`IVONOptimizer` says w
 
 from __future__ import annotations
 
+import math
 from math import pow
 from typing import Iterable
 
@@ -81,14 +82,18 @@ class IVONOptimizer(IVON):
     each of its ~25 elementwise operations, which on the 1.15 M-weight MLP cost more than the forward and
     backward passes together (experiments/RESULTS.md, IVON step). Here a one-parameter group (pyrozoo's: one
     layer each) is read through views, the momentum and Hessian are updated in their own storage, and the mean
-    in the parameter's; the arithmetic is ivon-opt's (``price`` Hessian estimate, debiasing, learning-rate
-    rescaling, clipping), up to the rounding of fused operations (tests/guides/test_ivon.py runs both side by side from
-    the same random draws). The state layout (``group["hess"]``, ``group["momentum"]``) is ivon-opt's, so its
+    in the parameter's; the draw goes into buffers kept across steps (the noise drawn by ``randn`` into a kept
+    buffer, ivon-opt's numbers) and is swapped in and out, so the means are never perturbed and
+    restored; ivon-opt's ``noise * g`` is kept as ``z * g`` with the draw's scale applied once in the update,
+    whose Hessian step takes two passes over the weights instead of five. The arithmetic is ivon-opt's
+    (``price`` Hessian estimate, debiasing, learning-rate rescaling, clipping), up to the rounding of fused
+    operations (tests/guides/test_ivon.py runs both side by side from the same random draws). The state layout (``group["hess"]``, ``group["momentum"]``) is ivon-opt's, so its
     ``state_dict`` is unchanged.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._scratches: dict[int, dict] = {}
         if self.hess_approx != "price":
             raise ValueError("pyrozoo's IVON step implements hess_approx='price' (ivon-opt's default) only")
 
@@ -116,24 +121,68 @@ class IVONOptimizer(IVON):
     def _params(self, group: dict) -> list:
         return [p for p in group["params"] if p is not None]
 
+    def _scratch(self, i: int, numel: int) -> dict:
+        """Group ``i``'s scratch vectors, kept across steps (one allocation, not one per step; reallocated when
+        compaction resizes the group): ``shifted`` (``hess + wd``), ``scale`` (``(hess + wd)^-1/2``, the
+        noise's scale but for ``ess^-1/2``), ``drawn`` (the drawn weights) and ``z`` (the draw's standard
+        normal noise, then ``z * g``). Not in ``state_dict``."""
+        scratch = self._scratches.get(i)
+        if scratch is None or scratch["shifted"].numel() != numel:
+            scratch = {
+                key: torch.empty(numel, device=self._device, dtype=self._dtype)
+                for key in ("shifted", "scale", "drawn", "z")
+            }
+            self._scratches[i] = scratch
+        return scratch
+
+    @staticmethod
+    def _mark_scale(group: dict, scratch: dict) -> None:
+        """Record which Hessian (the tensor and its in-place version) and weight decay the scratch's ``shifted``
+        and ``scale`` were computed from."""
+        scratch["from"] = (group["hess"], group["hess"]._version, group["weight_decay"])
+
+    @staticmethod
+    def _scale_current(group: dict, scratch: dict) -> bool:
+        """Whether ``shifted`` and ``scale`` are still those of the group's Hessian: computed by the last update
+        (while its data is in cache), and neither written in place since (a BMR pass, a load) nor replaced."""
+        made = scratch.get("from")
+        return (
+            made is not None
+            and made[0] is group["hess"]
+            and made[1] == group["hess"]._version
+            and made[2] == group["weight_decay"]
+        )
+
     def _sample_params(self):
-        """Each parameter becomes ``mean + noise / sqrt(ess (hess + wd))``; returns the means (the parameters'
-        own tensors, untouched) and each group's noise."""
-        means, noises = [], []
-        for group in self.param_groups:
-            sd = group["hess"].add(group["weight_decay"]).mul_(group["ess"]).sqrt_()
-            noise = torch.randn(group["numel"], device=self._device, dtype=self._dtype).div_(sd)
-            noises.append(noise)
+        """Each parameter becomes ``mean + z / sqrt(ess (hess + wd))``, ``z`` ivon-opt's ``randn`` of the group
+        (three passes over the weights besides the draw, where ivon-opt makes five new tensors),
+        written into a buffer kept across steps (the parameter's ``data`` swapped to it, its own tensor, the
+        mean, untouched); returns the means and each group's ``z`` (standard normal, not scaled: the gradient
+        collection and the update need it only through ``z * g``, with the scale kept from this draw)."""
+        means, draws = [], []
+        for i, group in enumerate(self.param_groups):
+            scratch = self._scratch(i, group["numel"])
+            if not self._scale_current(group, scratch):
+                torch.add(group["hess"], group["weight_decay"], out=scratch["shifted"])
+                torch.rsqrt(scratch["shifted"], out=scratch["scale"])  # ess is a number: folded in below
+                self._mark_scale(group, scratch)
+            # ivon-opt's torch.randn(numel), into a kept buffer (the call as ivon-opt makes it, which tests patch)
+            z = torch.randn(group["numel"], out=scratch["z"])
+            params = self._params(group)
+            mean = self._flat([p.data for p in params])
+            torch.addcmul(mean, z, scratch["scale"], value=group["ess"] ** -0.5, out=scratch["drawn"])
             offset = 0
-            for p in self._params(group):
+            for p in params:
                 means.append(p.data)
-                p.data = p.data + noise[offset : offset + p.numel()].view(p.shape)
+                p.data = scratch["drawn"][offset : offset + p.numel()].view(p.shape)
                 offset += p.numel()
-        return means, noises
+            draws.append(z)
+        return means, draws
 
     def _restore_param_average(self, train: bool, param_avg, noise):
-        """The means back in place; with ``train``, the gradient and ``noise * gradient`` of this draw enter their
-        running means over the draws (Welford, as ivon-opt)."""
+        """The means back in place; with ``train``, the gradient and ``z * gradient`` of this draw enter their
+        running means over the draws (Welford, as ivon-opt; ivon-opt's ``noise * gradient`` is this over the
+        draw's scale, which :meth:`_update` applies once)."""
         params = [p for group in self.param_groups for p in self._params(group)]
         grads = [p.grad if p.requires_grad and p.grad is not None else torch.zeros_like(p) for p in params]
         for p, mean in zip(params, param_avg):
@@ -148,13 +197,13 @@ class IVONOptimizer(IVON):
             n = len(self._params(group))
             grad = self._flat(grads[first : first + n])
             first += n
-            nxg = noise[i].mul_(grad)  # the noise is not needed after this draw
-            if count == 1:
+            zxg = noise[i].mul_(grad)  # z is not needed after this draw
+            if count == 1:  # with more draws to come, copies: the next draw reuses z's buffer
                 avg_grad.append(grad.clone() if self.mc_samples > 1 else grad)
-                avg_nxg.append(nxg)
+                avg_nxg.append(zxg.clone() if self.mc_samples > 1 else zxg)
             else:
                 avg_grad[i].add_(grad.sub(avg_grad[i]).div_(count))
-                avg_nxg[i].add_(nxg.sub_(avg_nxg[i]).div_(count))
+                avg_nxg[i].add_(zxg.sub_(avg_nxg[i]).div_(count))
         self.state["avg_grad"], self.state["avg_nxg"] = avg_grad, avg_nxg
 
     def _sync_samples(self):
@@ -166,22 +215,28 @@ class IVONOptimizer(IVON):
     def _update(self):
         self.current_step += 1
         for i, group in enumerate(self.param_groups):
-            b1, b2, wd, ess = group["beta1"], group["beta2"], group["weight_decay"], group["ess"]
+            b1, b2, wd = group["beta1"], group["beta2"], group["weight_decay"]
             lr = group["lr"] * (group["hess_init"] + wd) if self.rescale_lr else group["lr"]
             debias = 1.0 - pow(b1, float(self.current_step)) if self.debias else 1.0
             momentum, hess = group["momentum"], group["hess"]
+            scratch = self._scratch(i, group["numel"])  # hess + wd and the scale, as the draws used them
+            shifted = scratch["shifted"]
             momentum.lerp_(self.state["avg_grad"][i], 1.0 - b1)  # b1 momentum + (1 - b1) gradient
-            # hess <- b2 hess + (1 - b2) f + (1 - b2)^2 / 2 (hess - f)^2 / (hess + wd), f = ess nxg (hess + wd)
-            shifted = hess.add(wd)
-            f = self.state["avg_nxg"][i].mul_(shifted).mul_(ess)
-            gap = torch.sub(hess, f).square_()
-            hess.mul_(b2).add_(f, alpha=1.0 - b2).addcdiv_(gap, shifted, value=0.5 * (1.0 - b2) ** 2)
+            # ivon-opt's f = ess (hess + wd) noise g; noise = z r / sqrt(ess), r = (hess + wd)^-1/2, so
+            # f = sqrt(ess) z g / r
+            zxg = self.state["avg_nxg"][i]
+            d = torch.addcdiv(hess, zxg, scratch["scale"], value=-math.sqrt(group["ess"]), out=zxg)  # hess - f
+            # hess <- b2 hess + (1 - b2) f + (1 - b2)^2 / 2 (hess - f)^2 / (hess + wd), as
+            # hess + d (c d / (hess + wd) - (1 - b2)) with c = (1 - b2)^2 / 2: two passes, not five
+            c = 0.5 * (1.0 - b2) ** 2
+            rate = torch.addcdiv(hess.new_tensor(b2 - 1.0), d, shifted, value=c, out=scratch["scale"])
+            hess.addcmul_(d, rate)
             # mean <- mean - lr clip((momentum / debias + wd mean) / (hess + wd), radius)
             params = self._params(group)
             mean = self._flat([p.data for p in params])
             torch.add(hess, wd, out=shifted)
-            # debias (momentum / debias + wd mean), into the spare buffer
-            step = torch.add(momentum, mean, alpha=wd * debias, out=gap)
+            # debias (momentum / debias + wd mean), into d's storage
+            step = torch.add(momentum, mean, alpha=wd * debias, out=d)
             if group["clip_radius"] == float("inf"):
                 mean.addcdiv_(step, shifted, value=-lr / debias)
             else:
@@ -192,6 +247,8 @@ class IVONOptimizer(IVON):
                 for p in params:
                     p.data.copy_(mean[offset : offset + p.numel()].view(p.shape))
                     offset += p.numel()
+            torch.rsqrt(shifted, out=scratch["scale"])  # the next draw's, while hess + wd is in cache
+            self._mark_scale(group, scratch)
 
 
 def _tensors(params: list) -> list[torch.Tensor]:

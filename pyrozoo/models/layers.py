@@ -134,14 +134,24 @@ class Layer:
         return dataclasses.replace(self, device=device, dtype=dtype)
 
     def split(self, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The net's parameters (weight, and bias if any) from a latent-shaped matrix ``w``."""
-        weight = w[:, : self.fan_in]
+        """The net's parameters (weight, and bias if any) from a latent-shaped matrix ``w``.
+
+        Where autograd records it (a tensor that needs a gradient, outside torch.func's transforms) by
+        :class:`_SplitBias`, whose backward writes the latent's gradient in one pass; elsewhere by
+        ``torch.split``. Two slices' backwards would each fill a zeroed latent-sized tensor for autograd to add,
+        and ``torch.split``'s concatenates the column of biases element by element (both the same values)."""
+        if self.has_bias and w.requires_grad and torch.is_grad_enabled() and not _wrapped(w):
+            weight, bias = _SplitBias.apply(w, self.fan_in)
+        elif self.has_bias:
+            weight, bias = w.split([self.fan_in, 1], dim=1)
+        else:
+            weight, bias = w, None
         if self.transposed:
             s = self.weight_shape
             weight = weight.reshape(s[1], s[0], *s[2:]).transpose(0, 1)
         params = {self.weight_name: weight.reshape(self.weight_shape)}
-        if self.has_bias:
-            params[self.bias_name] = w[:, self.fan_in]
+        if bias is not None:
+            params[self.bias_name] = bias.squeeze(1)
         return params
 
     def join(self, net: nn.Module) -> torch.Tensor:
@@ -151,6 +161,35 @@ class Layer:
         if self.has_bias:
             w = torch.cat([w, net.get_parameter(self.bias_name).detach()[:, None]], dim=1)
         return w
+
+
+def _wrapped(w: torch.Tensor) -> bool:
+    """Whether ``w`` is inside a torch.func transform (vmap, jvp, grad), which custom autograd nodes don't enter."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(w)
+
+
+class _SplitBias(torch.autograd.Function):
+    """A latent ``(rows, fan_in + 1)`` as its weight columns and its bias column (views), with the backward
+    that writes the latent's gradient in one pass: the weight's gradient into the first columns of one new
+    tensor, the bias's into the last (Layer.split says what it replaces)."""
+
+    @staticmethod
+    def forward(ctx, w, fan_in):
+        ctx.fan_in = fan_in
+        # the weight copied out (a pass the size of the weights): a view with the latent's row stride would come
+        # back from a linear layer's backward as a column-major gradient (torch recognises only a contiguous
+        # weight's transpose), whose transposing copy into the latent's gradient costs more than the net's GEMM
+        return w[:, :fan_in].contiguous(), w[:, fan_in:]
+
+    @staticmethod
+    def backward(ctx, grad_weight, grad_bias):
+        fan_in = ctx.fan_in
+        rows = grad_weight.shape[0] if grad_weight is not None else grad_bias.shape[0]
+        like = grad_weight if grad_weight is not None else grad_bias
+        grad = like.new_empty(rows, fan_in + 1)
+        for part, value in ((grad[:, :fan_in], grad_weight), (grad[:, fan_in:], grad_bias)):
+            part.copy_(value) if value is not None else part.zero_()
+        return grad, None
 
 
 def _rnn_groups(name: str, module: nn.Module):

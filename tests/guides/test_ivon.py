@@ -236,6 +236,7 @@ def test_threshold_pass_on_ivon_prunes_by_dF(tmp_path):
         {},  # pyrozoo's use: one parameter per group, one draw per step
         {"mc_samples": 3, "clip_radius": 0.05},
         {"joined": True, "rescale_lr": False, "beta2": 0.9},  # a group of several parameters
+        {"resized": True},  # compaction cuts a unit after 3 steps: the kept scratch buffers follow the new size
     ],
 )
 def test_the_in_place_ivon_step_is_ivon_opts(options):
@@ -246,7 +247,7 @@ def test_the_in_place_ivon_step_is_ivon_opts(options):
     from pyrozoo.optim import IVONOptimizer
 
     options = dict(options)
-    joined = options.pop("joined", False)
+    joined, resized = options.pop("joined", False), options.pop("resized", False)
     torch.manual_seed(0)
     nets = [nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))]
     nets.append(copy.deepcopy(nets[0]))
@@ -260,6 +261,16 @@ def test_the_in_place_ivon_step_is_ivon_opts(options):
     settings = dict(lr=0.1, ess=100.0, hess_init=0.3, **options)
     optimizers = [IVON(groups(nets[0]), **settings), IVONOptimizer(groups(nets[1]), **settings)]
     for step in range(6):
+        if resized and step == 3:  # the first layer's last unit cut, as IVONPosterior.resize cuts it
+            cuts = [(slice(0, 6),), (slice(0, 6),), (slice(None), slice(0, 6)), (slice(None),)]
+            for optimizer in optimizers:
+                for group, cut in zip(optimizer.param_groups, cuts):
+                    p = group["params"][0]
+                    for key in ("hess", "momentum"):
+                        group[key] = group[key].view(p.shape)[cut].flatten().clone()
+                    p.data = p.data[cut].clone()
+                    group["numel"] = p.numel()
+                optimizer._numel = sum(g["numel"] for g in optimizer.param_groups)
         for net, optimizer in zip(nets, optimizers):
             torch.manual_seed(step)
             for _ in range(optimizer.mc_samples):
@@ -273,6 +284,47 @@ def test_the_in_place_ivon_step_is_ivon_opts(options):
             for key in ("hess", "momentum"):
                 torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
         assert optimizers[1].current_step == optimizers[0].current_step
+
+
+def test_a_draw_leaves_the_means_in_their_own_storage_bit_for_bit():
+    """The draw writes the sampled weights into a buffer of its own and swaps it in: the means come back as the
+    same tensors with the same bits (no in-place perturbation undone by a subtraction, which would round)."""
+    from pyrozoo.optim import IVONOptimizer
+
+    torch.manual_seed(0)
+    net = nn.Linear(5, 3)
+    optimizer = IVONOptimizer([{"params": [p]} for p in net.parameters()], lr=0.1, ess=10.0, hess_init=0.01)
+    before = [(p.data_ptr(), p.data.clone()) for p in net.parameters()]
+    for _ in range(2):
+        with optimizer.sampled_params(train=False):
+            assert all(not torch.equal(p.data, mean) for p, (_, mean) in zip(net.parameters(), before))
+    for p, (storage, mean) in zip(net.parameters(), before):
+        assert p.data_ptr() == storage and torch.equal(p.data, mean)
+
+
+def test_a_draw_reads_the_hessian_as_it_is_now():
+    """The noise's scale the update leaves for the next draw is not used once the Hessian was written in place
+    since (as a BMR pass or a load writes it): the draw is ``mean + randn / sqrt(ess (hess + wd))`` of the
+    Hessian of the moment."""
+    from pyrozoo.optim import IVONOptimizer
+
+    torch.manual_seed(0)
+    net = nn.Linear(5, 3)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    optimizer = IVONOptimizer([{"params": [net.weight]}], lr=0.1, ess=10.0, hess_init=0.01, weight_decay=0.1)
+    with optimizer.sampled_params(train=True):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+    optimizer.step()
+    group = optimizer.param_groups[0]
+    for change in (lambda hess: None, lambda hess: hess.mul_(4.0)):
+        change(group["hess"])
+        torch.manual_seed(1)
+        with optimizer.sampled_params(train=False):
+            drawn = net.weight.detach().clone()
+        torch.manual_seed(1)
+        noise = torch.randn(group["numel"]) / (10.0 * (group["hess"] + 0.1)).sqrt()
+        torch.testing.assert_close(drawn, net.weight.detach() + noise.view(3, 5))
 
 
 @pytest.mark.parametrize("beta2, warns", [(0.999, True), (0.5, False)])

@@ -40,6 +40,20 @@ def test_split_and_join_are_inverse(tiny_lenet_model):
         assert torch.equal(params[f"{layer.name}.bias"], module.bias)
 
 
+def test_split_gives_the_gradient_of_slicing(tiny_lenet_model):
+    """split's one torch.split (its backward a concatenation) gives the latent the gradient two slices give,
+    bit for bit."""
+    for layer in tiny_lenet_model.layers:
+        w = layer.join(tiny_lenet_model.net).requires_grad_()
+        params = layer.split(w)
+        up = {name: torch.randn(p.shape) for name, p in params.items()}
+        sum((p * up[name]).sum() for name, p in params.items()).backward()
+        sliced = w.detach().clone().requires_grad_()
+        weight, bias = sliced[:, : layer.fan_in].reshape(layer.weight_shape), sliced[:, layer.fan_in]
+        ((weight * up[f"{layer.name}.weight"]).sum() + (bias * up[f"{layer.name}.bias"]).sum()).backward()
+        assert torch.equal(w.grad, sliced.grad)
+
+
 def test_unsupported_layer_is_named_with_the_selector_that_keeps_it_deterministic():
     net = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2))
     with pytest.raises(PyrozooError, match=r"'1' of type PReLU random.*deterministic=\['1'\]"):
