@@ -919,7 +919,8 @@ def _plot_files(folder, results=None) -> None:
 def _table(rows: dict[str, dict]) -> str:
     import pandas as pd
 
-    return pd.DataFrame(rows).T.to_string(float_format=lambda v: f"{v:.4f}")
+    # a row per label, so that each metric keeps its own type (counts print as whole numbers)
+    return pd.DataFrame.from_dict(rows, orient="index").to_string(float_format=lambda v: f"{v:.4f}")
 
 
 def _prune(args) -> None:

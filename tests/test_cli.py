@@ -486,3 +486,11 @@ def test_predict_reads_a_run_that_another_process_holds_and_uncertainty_waits(ca
         assert not (map_run / "uncertainty.csv").exists()
     finally:
         holder.stop()
+
+
+def test_the_before_after_table_prints_counts_as_whole_numbers():
+    """prune's and export's table: a count stays a count beside the fractions (it read 61706.0000)."""
+    from pyrozoo.cli import _table
+
+    text = _table({"dense": {"parameters": 61706, "accuracy": 0.8}, "pruned": {"parameters": 6936, "accuracy": 0.79}})
+    assert "61706 " in text and "6936 " in text and "61706.0" not in text and "0.7900" in text
