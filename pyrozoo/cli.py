@@ -793,10 +793,10 @@ def _compress(args) -> None:
     import torch
 
     from pyrozoo import distributed
-    from pyrozoo.compress import Target, compress, load_trained_net, markdown, write_report
+    from pyrozoo.compress import as_targets, compress, load_trained_net, markdown, write_report
 
     world = distributed.setup()  # several processes when torchrun started this one; rank 0 prints and writes
-    targets = [t for text in (args.target or ["evidence"]) for t in Target.parse(text)]
+    targets = as_targets(args.target or ["evidence"])
     if args.data is None:
         raw, warning = datasets.load_default(args.data_dir)
         if warning and world.main:

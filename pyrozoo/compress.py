@@ -472,10 +472,17 @@ class _Job:
         return self.world.agree(measured)
 
 
-def _targets(target: str | Target | list[Target]) -> list[Target]:
-    if isinstance(target, str):
-        return Target.parse(target)
-    return [target] if isinstance(target, Target) else list(target)
+def as_targets(target: str | Target | list[str | Target]) -> list[Target]:
+    """``target`` as a list of targets: a string as the command line takes it, a :class:`Target`, or a list of
+    either."""
+    if isinstance(target, (str, Target)):
+        target = [target]
+    found = []
+    for item in target:
+        if not isinstance(item, (str, Target)):
+            raise PyrozooError(f"a target is a string such as 'latency=0.5' or a Target, not {item!r}")
+        found += Target.parse(item) if isinstance(item, str) else [item]
+    return found
 
 
 def _references(job: _Job, log) -> list[dict]:
@@ -536,7 +543,7 @@ def _baseline(job: _Job, name: str, t: Target, small: nn.Module, value: float, k
 def compress(
     net: nn.Module,
     data,
-    target: str | Target | list[Target] = "evidence",
+    target: str | Target | list[str | Target] = "evidence",
     *,
     finetune_steps: int = 300,
     lr: float = 1e-3,
@@ -564,7 +571,7 @@ def compress(
     returns the same result."""
     from pyrozoo.posteriors.laplace import laplace
 
-    targets = _targets(target)
+    targets = as_targets(target)
     unknown = set(baselines) - set(pruners.PRUNERS)
     if unknown:
         raise PyrozooError(f"unknown baselines {sorted(unknown)}; known: {', '.join(pruners.PRUNERS)}")

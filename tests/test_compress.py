@@ -15,7 +15,7 @@ from pyrozoo import costs, pruners
 from pyrozoo.baselines import finetune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
-from pyrozoo.compress import Target, compress, latency_model, rank_units, reduce_to, remove_first
+from pyrozoo.compress import Target, as_targets, compress, latency_model, rank_units, reduce_to, remove_first
 from pyrozoo.errors import PyrozooError
 from pyrozoo.posteriors.laplace import laplace
 
@@ -49,6 +49,12 @@ def test_targets_are_parsed_and_checked():
     for bad, words in bad_targets:
         with pytest.raises(PyrozooError, match=words):
             Target.parse(bad)
+    # the Python API takes a string, a Target, or a list of either
+    assert as_targets(["params=0.5", Target("flops", 0.3), "latency=0.7,0.5"]) == [
+        Target("params", 0.5), Target("flops", 0.3), Target("latency", 0.7), Target("latency", 0.5)
+    ]  # fmt: skip
+    with pytest.raises(PyrozooError, match="a target is a string"):
+        as_targets([0.5])
 
 
 def test_units_are_ranked_by_their_joint_evidence_per_parameter(fitted):
