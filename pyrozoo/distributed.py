@@ -180,7 +180,10 @@ class World:
 
         def gathered(x: torch.Tensor) -> torch.Tensor:
             parts = x.tensor_split(self.size)
-            mine = draw(parts[self.rank])
+            # a batch with fewer points than ranks leaves some with none: they run the first point (a net that
+            # flattens by view(B, -1) cannot take an empty batch) and send nothing of it
+            mine = draw(parts[self.rank] if len(parts[self.rank]) else parts[0][:1])
+            mine = mine.narrow(points_dim, 0, len(parts[self.rank]))
             shape = list(mine.shape)
             shape[points_dim] = len(parts[0])  # the largest part
             padded = mine.new_zeros(shape)

@@ -83,6 +83,9 @@ def _worker(rank: int, size: int, init_file: str, out: str) -> None:
             x
         )
 
+        # a batch of one point: rank 1 has none, and a net that flattens by view(B, -1) cannot take an empty one
+        result["one"] = world.sharded(lambda xb: draw(xb.view(len(xb), -1)))(x[:1])
+
         # rank 0's masks (and the model's record of pruned layers) become every rank's
         model, guide, *_ = _problem()
         layer = model.layers[0].name
@@ -153,9 +156,11 @@ def test_sharded_evaluation_gathers_the_whole_batch(ranks):
     x = torch.randn(5, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     whole = torch.log_softmax(x @ weights, dim=-1)
     for rank, part in zip(ranks, (3, 2)):
-        assert rank["seen"] == [part, part, part]  # each rank computed only its part
+        # each rank computed only its part; of a batch of one, rank 1's part is empty and it runs one point
+        assert rank["seen"] == [part, part, part, 1]
         torch.testing.assert_close(rank["gathered"], whole, rtol=0, atol=0)
         torch.testing.assert_close(rank["gathered_k"], torch.stack([whole, 2 * whole]), rtol=0, atol=0)
+        torch.testing.assert_close(rank["one"], whole[:1], rtol=0, atol=0)
 
 
 def test_a_broadcast_gives_every_rank_the_masks_of_rank_0(ranks):
