@@ -60,12 +60,8 @@ def evaluate(
                     lambda xb: model.likelihood.log_probs(batched_logits(xb, stacked)), points_dim=1
                 )
 
-    training = model.training
-    model.eval()  # no dropout at test time
-    with poutine.block():
-        metrics = evaluate_draws(draws(), x, y, num_classes, samples, max(1, batch_size // at_once))
-    model.train(training)
-    return metrics
+    with evaluating(model), poutine.block():  # no dropout at test time
+        return evaluate_draws(draws(), x, y, num_classes, samples, max(1, batch_size // at_once))
 
 
 def evaluate_setup(

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from pyrozoo.errors import PyrozooError
 from pyrozoo.metrics import auroc, average_precision
-from pyrozoo.predict import classification_summary, mixture, mixture_of_logits, read_inputs
+from pyrozoo.predict import classification_summary, evaluating, mixture, mixture_of_logits, read_inputs
 
 # the table's columns, as printed (the CSV keeps every column of classification_summary too)
 SHOWN = (
@@ -118,18 +118,13 @@ def mc_dropout(
             "MC dropout needs a net with dropout; this one has none (flat-map trains with dropout 0.2, and "
             "--dropout P sets it for other methods)"
         )
-    training = net.training
-    net.eval()
-    for layer in layers:
-        layer.train()  # the only part left stochastic
     parts: dict[str, list[Tensor]] = {}
-    try:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for start in range(0, len(x), batch_size):
-                batch = x[start : start + batch_size]
-                for key, value in mixture_of_logits((net(batch) for _ in range(passes)), passes).items():
-                    parts.setdefault(key, []).append(value.cpu())
-    finally:
-        net.train(training)
+    with evaluating(net), torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        for layer in layers:
+            layer.train()  # the only part left stochastic
+        torch.manual_seed(seed)
+        for start in range(0, len(x), batch_size):
+            batch = x[start : start + batch_size]
+            for key, value in mixture_of_logits((net(batch) for _ in range(passes)), passes).items():
+                parts.setdefault(key, []).append(value.cpu())
     return {key: torch.cat(values) for key, values in parts.items()}
