@@ -15,7 +15,7 @@ from torch.distributions import register_kl
 from torch.func import functional_call
 
 from pyrozoo.errors import PyrozooError
-from pyrozoo.models.layers import Layer, Selector, find_layers, parse_selectors
+from pyrozoo.models.layers import Layer, Selector, find_layers, in_transform, parse_selectors
 from pyrozoo.models.likelihoods import Categorical
 from pyrozoo.models.priors import flat
 
@@ -220,7 +220,7 @@ class BayesianModel(nn.Module):
         batch = first.shape[: first.dim() - 2]
         if not batch:
             # channels-last on the CPU, outside torch.func's transforms (vmap's batched weights cannot take it)
-            plain = not torch._C._functorch.is_functorch_wrapped_tensor(first)
+            plain = not in_transform(first)
             return one(*(weights[layer.name] for layer in layers), nhwc=plain and first.device.type == "cpu")
         flat = [weights[layer.name].expand(batch + layer.shape).reshape(-1, *layer.shape) for layer in layers]
         out = torch.vmap(one, randomness="different")(*flat)

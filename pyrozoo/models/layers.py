@@ -140,7 +140,7 @@ class Layer:
         :class:`_SplitBias`, whose backward writes the latent's gradient in one pass; elsewhere by
         ``torch.split``. Two slices' backwards would each fill a zeroed latent-sized tensor for autograd to add,
         and ``torch.split``'s concatenates the column of biases element by element (both the same values)."""
-        if self.has_bias and w.requires_grad and torch.is_grad_enabled() and not _wrapped(w):
+        if self.has_bias and w.requires_grad and torch.is_grad_enabled() and not in_transform(w):
             weight, bias = _SplitBias.apply(w, self.fan_in)
         elif self.has_bias:
             weight, bias = w.split([self.fan_in, 1], dim=1)
@@ -163,7 +163,7 @@ class Layer:
         return w
 
 
-def _wrapped(w: torch.Tensor) -> bool:
+def in_transform(w: torch.Tensor) -> bool:
     """Whether ``w`` is inside a torch.func transform (vmap, jvp, grad), which custom autograd nodes don't enter."""
     return torch._C._functorch.is_functorch_wrapped_tensor(w)
 
