@@ -87,8 +87,8 @@ class IVONOptimizer(IVON):
     restored; ivon-opt's ``noise * g`` is kept as ``z * g`` with the draw's scale applied once in the update,
     whose Hessian step takes two passes over the weights instead of five. The arithmetic is ivon-opt's
     (``price`` Hessian estimate, debiasing, learning-rate rescaling, clipping), up to the rounding of fused
-    operations (tests/guides/test_ivon.py runs both side by side from the same random draws). The state layout (``group["hess"]``, ``group["momentum"]``) is ivon-opt's, so its
-    ``state_dict`` is unchanged.
+    operations (tests/guides/test_ivon.py runs both side by side from the same random draws). The state layout
+    (``group["hess"]``, ``group["momentum"]``) is ivon-opt's, so its ``state_dict`` is unchanged.
     """
 
     def __init__(self, *args, **kwargs):
