@@ -770,14 +770,21 @@ def _warn_if_input_free(run, last) -> None:
     from pyrozoo.metrics import beats, input_free_scores
 
     reference = {k: v for k, v in input_free_scores(run.data).items() if k in last.index}
-    if reference and not beats({k: float(last[k]) for k in reference}, reference):
-        what = "the target mean" if run.data.task == "regress" else "the class prior"
-        scores = ", ".join(f"{k} {float(last[k]):.4g} against {v:.4g}" for k, v in sorted(reference.items()))
+    scores = {k: float(last[k]) for k in reference}
+    if reference and not beats(scores, reference):
         _to_stderr(
-            f"pyrozoo: warning: the trained net is no better than predicting {what} on the test set ({scores}): "
-            "it learned a constant. Train longer or with a larger --lr, or start the weights at the net's own "
+            f"pyrozoo: warning: the trained net is no better than {_input_free(run, scores, reference)}: it "
+            "learned a constant. Train longer or with a larger --lr, or start the weights at the net's own "
             "initialisation (--start net)"
         )
+
+
+def _input_free(run, scores: dict, reference: dict) -> str:
+    """``predicting the class prior (the target mean) on the test set (nll 2.3 against 2.3, ...)``: the input-free
+    prediction a warning compares ``scores`` with, over ``reference``'s keys."""
+    what = "the target mean" if run.data.task == "regress" else "the class prior"
+    against = ", ".join(f"{k} {scores[k]:.4g} against {v:.4g}" for k, v in sorted(reference.items()))
+    return f"predicting {what} on the test set ({against})"
 
 
 def _print_next(steps: list[tuple[str, str]]) -> None:
@@ -965,11 +972,10 @@ def _warn_if_collapsed(run, before: dict, after: dict) -> None:
     reference = input_free_scores(run.data)
     lost = beats(before, reference) - beats(after, reference)
     if lost:
-        what = "the target mean" if run.data.task == "regress" else "the class prior"
         print(
-            f"pyrozoo: warning: the pruned net is no better than predicting {what} on the test set "
-            f"({', '.join(f'{k} {after[k]:.4g} against {reference[k]:.4g}' for k in sorted(lost))}): ask for "
-            "less (a lower sparsity, or the evidence's own rule, --rule threshold)",
+            f"pyrozoo: warning: the pruned net is no better than "
+            f"{_input_free(run, after, {k: reference[k] for k in lost})}: ask for less (a lower sparsity, or the "
+            "evidence's own rule, --rule threshold)",
             file=sys.stderr,
         )
 
