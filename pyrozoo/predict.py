@@ -90,6 +90,12 @@ def seeded_draws(model, guide, samples: int, seed: int = 0) -> list[tuple[dict, 
     return list(_draws(model, guide, samples, seed))
 
 
+def predictive_of(posterior) -> str:
+    """How a posterior's draws predict: a Laplace posterior's ``predictive`` (glm, the linearised net, or
+    samples), every other's the net at sampled weights."""
+    return getattr(posterior, "predictive", "samples")
+
+
 def draw_outputs(
     model, guide, x: Tensor, samples: int, seed: int = 0, draws: Iterable | None = None
 ) -> Iterator[tuple[Tensor, dict]]:
@@ -98,7 +104,7 @@ def draw_outputs(
     glm: :mod:`pyrozoo.posteriors.linearised`), every other posterior's net at the drawn weights. The caller
     holds the model in eval mode."""
     draws = _draws(model, guide, samples, seed) if draws is None else draws
-    if getattr(guide, "predictive", "samples") == "glm":
+    if predictive_of(guide) == "glm":
         from pyrozoo.posteriors.linearised import linearised_outputs
 
         return linearised_outputs(model, guide, x, draws)

@@ -44,6 +44,7 @@ from pyrozoo.bmr.units import pruned_fraction
 from pyrozoo.errors import PyrozooError
 from pyrozoo.io import atomic_write, make_folder
 from pyrozoo.posteriors import POSTERIORS, FittedSource, Variant, make_source
+from pyrozoo.predict import predictive_of
 from pyrozoo.pruners import channel_prune_to
 from pyrozoo.registry import option_names
 
@@ -212,12 +213,6 @@ def _pruned(
     else:
         net, achieved = channel_prune(base, layers, run.data.x_train[:2], target)
     return net, achieved, time.perf_counter() - start, None
-
-
-def predictive_of(posterior) -> str:
-    """How a posterior's draws predict: a Laplace posterior's ``predictive`` (glm, the linearised net, or
-    samples), every other's the net at sampled weights."""
-    return getattr(posterior, "predictive", "samples")
 
 
 def _check_samples(methods: list[str], samples: int, options: dict) -> None:
