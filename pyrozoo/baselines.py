@@ -12,6 +12,7 @@ which survives layers whose weights are all smaller than the others' (global ran
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,14 @@ def magnitude_prune(
     return masks
 
 
+# the fine-tune's learning rate at step s of n, as a factor of lr: held, or decayed along a half cosine to 0
+# (a net near an optimum ends nearer one, and the last noisy steps weigh less, so methods compare cleaner)
+LR_SCHEDULES = {
+    "constant": lambda s, n: 1.0,
+    "cosine": lambda s, n: 0.5 * (1 + math.cos(math.pi * s / n)),
+}
+
+
 def finetune(
     net: nn.Module,
     x,
@@ -104,9 +113,11 @@ def finetune(
     seed: int,
     likelihood=None,
     world: World | None = None,
+    schedule: str = "constant",
 ) -> None:
     """``steps`` of Adam on the negative log-likelihood (``likelihood``, a point one; the cross-entropy by
-    default), on random minibatches; pruning masks stay applied. In a run of several processes (``world``,
+    default), on random minibatches, the learning rate ``lr`` times :data:`LR_SCHEDULES` ``[schedule]``;
+    pruning masks stay applied. In a run of several processes (``world``,
     every one calling this) each takes its part of every minibatch and the gradients are summed over them
     (:meth:`~pyrozoo.distributed.World.share_gradients`), BatchNorm normalising by the whole minibatch's
     statistics (:meth:`~pyrozoo.distributed.World.batch_statistics`), so all take the one-process step. Dropout
@@ -114,13 +125,17 @@ def finetune(
     likelihood = Categorical() if likelihood is None else likelihood
     world = World() if world is None else world
     parameters = [p.requires_grad_(True) for p in net.parameters()]  # the pruned ones' masks stay in force
+    if schedule not in LR_SCHEDULES:
+        raise PyrozooError(f"unknown learning-rate schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
     optimizer = torch.optim.Adam(parameters, lr=lr)
+    factor = LR_SCHEDULES[schedule]
     batches = Minibatches(len(x), batch_size, seed)
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), world.batch_statistics(net):
         torch.manual_seed(seed)  # dropout, where the net has it, as in the MAP run's training
         net.train()
-        for _ in range(steps):
+        for step in range(steps):
+            optimizer.param_groups[0]["lr"] = lr * factor(step, steps)
             i, weight = world.split(batches.next())
             i = i.to(x.device)
             # this process's share b_r / B of the minibatch's mean (the weight before backward, for BatchNorm)

@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 
 from pyrozoo import data as datasets
-from pyrozoo.baselines import BASELINES
+from pyrozoo.baselines import BASELINES, LR_SCHEDULES
 from pyrozoo.bmr import REDUCTIONS
 from pyrozoo.config import ALIASES, SECTIONS, TABLES, TrainConfig, run_name, run_option_fields
 from pyrozoo.errors import PyrozooError, did_you_mean
@@ -526,6 +526,13 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--lr", type=_number(float, "positive"), default=1e-3, help="fine-tune learning rate"
     )
+    compress.add_argument(
+        "--lr-schedule",
+        choices=list(LR_SCHEDULES),
+        default="cosine",
+        help="how the fine-tune's learning rate moves: cosine (decayed to 0 over the steps; the default) or "
+        "constant",
+    )
     compress.add_argument("--batch-size", type=_number(int, "positive"), default=128, help="fine-tune batch")
     compress.add_argument(
         "--fit-size",
@@ -825,6 +832,7 @@ def _compress(args) -> None:
         targets,
         finetune_steps=args.finetune_steps,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
         batch_size=args.batch_size,
         fit_size=args.fit_size,
         baselines=tuple(args.baselines),
@@ -845,6 +853,7 @@ def _compress(args) -> None:
         "net_options": net_options,
         "finetune_steps": args.finetune_steps,
         "lr": args.lr,
+        "lr_schedule": args.lr_schedule,
         "batch_size": args.batch_size,
         "fit_size": args.fit_size,
         "baselines": list(args.baselines),

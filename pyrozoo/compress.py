@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pyrozoo import costs, pruners
-from pyrozoo.baselines import finetune
+from pyrozoo.baselines import LR_SCHEDULES, finetune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
 from pyrozoo.bmr.units import Units, model_units, structure
@@ -443,6 +443,7 @@ class _Job:
     score: str = "obd"
     device: str = "cpu"
     world: World = field(default_factory=World)
+    lr_schedule: str = "cosine"
     moved: dict = field(default_factory=dict)
 
     def data(self, name: str) -> torch.Tensor:
@@ -454,7 +455,17 @@ class _Job:
     def tune(self, net: nn.Module) -> None:
         x, y = self.data("x_train"), self.data("y_train")
         steps, lr, batch_size, seed = self.finetune_steps, self.lr, self.batch_size, self.seed
-        finetune(net.to(self.device), x, y, steps, lr, batch_size, seed, world=self.world)
+        finetune(
+            net.to(self.device),
+            x,
+            y,
+            steps,
+            lr,
+            batch_size,
+            seed,
+            world=self.world,
+            schedule=self.lr_schedule,
+        )
         net.cpu()
 
     def cost(self, kind: str, net: nn.Module) -> float:
@@ -547,6 +558,7 @@ def compress(
     *,
     finetune_steps: int = 300,
     lr: float = 1e-3,
+    lr_schedule: str = "cosine",
     batch_size: int = 128,
     fit_size: int | None = 2000,
     baselines: tuple[str, ...] = pruners.PRUNERS,
@@ -561,8 +573,10 @@ def compress(
     """Compress the trained classifier ``net`` on ``data`` (see the module docstring) to each target, the units
     shared out across groups by ``allocation`` and ranked by ``score`` (:func:`rank_units`); every baseline in
     ``baselines`` is pruned to the same cost as pyrozoo's net and given the same ``finetune_steps`` of Adam at
-    ``lr``. Fine-tuning and the test metrics run on ``device`` (e.g. ``"cuda"``); the Laplace fit, pruning and
-    the costs (latency on the CPU) on the CPU. ``net`` is not changed.
+    ``lr``, decayed by ``lr_schedule`` (:data:`~pyrozoo.baselines.LR_SCHEDULES`: ``cosine`` to zero by default,
+    so that each net ends near an optimum rather than where the last noisy steps left it). Fine-tuning and the
+    test metrics run on ``device`` (e.g. ``"cuda"``); the Laplace fit, pruning and the costs (latency on the
+    CPU) on the CPU. ``net`` is not changed.
 
     Called by every process of a distributed run (``torch.distributed`` initialised, e.g. by
     :func:`pyrozoo.distributed.setup` under ``torchrun``), the processes share the Laplace fit's batches, the
@@ -581,6 +595,8 @@ def compress(
         raise PyrozooError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
     if finetune_steps < 0 or batch_size < 1:
         raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
+    if lr_schedule not in LR_SCHEDULES:
+        raise PyrozooError(f"unknown lr_schedule {lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
     check_device(device)
     world = current()
     world.check_batch(batch_size)
@@ -594,7 +610,19 @@ def compress(
     dense = (net if on_cpu else copy.deepcopy(net).cpu()).eval()
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
     job = _Job(
-        d, dense, example, repeats, finetune_steps, lr, batch_size, seed, allocation, score, device, world
+        d,
+        dense,
+        example,
+        repeats,
+        finetune_steps,
+        lr,
+        batch_size,
+        seed,
+        allocation,
+        score,
+        device,
+        world,
+        lr_schedule=lr_schedule,
     )
     table = _references(job, log)
 
@@ -625,6 +653,13 @@ def _processes(record: dict) -> str:
     return f" x {size} processes (torchrun)" if size > 1 else ""
 
 
+def _schedule(record: dict) -> str:
+    """How the report's fine-tune moved its learning rate (reports before the option held it constant)."""
+    return {"constant": "held", "cosine": "decayed to 0 along a half cosine"}[
+        record.get("lr_schedule", "constant")
+    ]
+
+
 COLUMNS = ("method", "target", "accuracy", "nll", "ece", "params", "flops", "latency_b1", "latency_b256")
 
 
@@ -640,7 +675,8 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
             f"{record['data']}, {record['machine']}, {record['threads']} thread(s){_processes(record)}, "
             f"{record['date']}. pyrozoo ranked units by {record.get('score', 'obd')}, "
             f"{record.get('allocation', 'uniform')} across groups. Every method but the dense net was fine-tuned "
-            f"for {record['finetune_steps']} Adam steps after pruning (on {record.get('device', 'cpu')}); "
+            f"for {record['finetune_steps']} Adam steps after pruning, learning rate {record.get('lr', 1e-3):g} "
+            f"{_schedule(record)} (on {record.get('device', 'cpu')}); "
             "latency is a ratio to the dense net's, timed in turns in one process on the CPU.",
             "",
         ]

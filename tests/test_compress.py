@@ -152,6 +152,7 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
     ):
         assert (out / name).is_file(), name
     assert "| pyrozoo | params=0.5 |" in stdout
+    assert report["lr_schedule"] == "cosine" and "decayed to 0 along a half cosine" in (out / "report.md").read_text()
     loaded = torch.export.load(out / "nets" / "params-0.5" / "net.pt2").module()
     assert loaded(d.x_test[:3]).shape == (3, 10)
 
@@ -173,6 +174,27 @@ def test_compress_refuses_a_device_it_cannot_use(fitted):
     if not torch.cuda.is_available():
         with pytest.raises(PyrozooError, match="no CUDA device"):
             compress(net, data, "params=0.5", device="cuda", progress=False)
+
+
+def test_finetune_holds_or_decays_its_learning_rate_along_a_half_cosine(monkeypatch):
+    seen = []
+    step = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    finetune(nn.Linear(4, 3), x, y, 4, 0.1, 8, 0, schedule="cosine")
+    assert seen == pytest.approx([0.1, 0.05 * (1 + 0.5**0.5), 0.05, 0.05 * (1 - 0.5**0.5)])
+    seen.clear()
+    finetune(nn.Linear(4, 3), x, y, 3, 0.1, 8, 0)
+    assert seen == [0.1] * 3
+    with pytest.raises(PyrozooError, match="unknown learning-rate schedule 'linear'; known: constant, cosine"):
+        finetune(nn.Linear(4, 3), x, y, 3, 0.1, 8, 0, schedule="linear")
+    with pytest.raises(PyrozooError, match="unknown lr_schedule"):
+        compress(nn.Linear(4, 3), (x, y, x, y), "params=0.5", lr_schedule="linear", progress=False)
 
 
 @pytest.mark.parametrize("name", ["resnet20", "tv:mobilenet_v3_small"])
