@@ -310,7 +310,6 @@ def reduce_to(
             lo = mid + 1
         del net  # a candidate that is not the best goes before the next is built
     if best is None or best[1] != lo:
-        best = None
         net, value = measured(lo)
         best = (net, lo, value)
     return best

@@ -967,7 +967,6 @@ def _cut(net: nn.Module, cuts: list[tuple[Units, torch.Tensor]], example, output
             with _tolerant_reshapes():
                 group = graph.get_pruning_group(root, pruner.prune_out_channels, channels.sort().values.tolist())
             group.prune()
-            del group
     finally:
         if graph is not None:
             release(graph)
