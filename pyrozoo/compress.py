@@ -308,6 +308,7 @@ def reduce_to(
             hi, best = mid, (net, mid, value)
         else:
             lo = mid + 1
+        del net  # a candidate that is not the best goes before the next is built
     if best is None or best[1] != lo:
         net, value = measured(lo)
         best = (net, lo, value)

@@ -3,6 +3,7 @@ the rebuilt net, the baselines at the same cost, and the command's report."""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 
@@ -115,6 +116,29 @@ def test_global_magnitude_zeroes_the_fraction_and_keeps_the_head(fitted):
     body = torch.cat([w.flatten() for w in weights[:-1]])
     assert (body == 0).float().mean() == pytest.approx(0.5, abs=0.01)
     assert torch.equal(pruned[-1].weight, net[-1].weight)
+
+
+def test_global_magnitude_in_place_is_torch_prune_through_a_finetune(fitted):
+    """The weights zeroed in place, their gradients masked, are those torch.nn.utils.prune's global L1 masks
+    zero, and a fine-tune ends at the same weights, bit for bit (the zeros kept), as through its masks."""
+    from torch.nn.utils import prune as torch_prune
+
+    net, _, _, x = fitted
+    y = torch.randint(0, 3, (len(x),), generator=torch.Generator().manual_seed(1))
+    reference = copy.deepcopy(net)
+    layers = [(m, "weight") for m in list(reference.modules())[:-1] if isinstance(m, (nn.Conv2d, nn.Linear))]
+    torch_prune.global_unstructured(layers, pruning_method=torch_prune.L1Unstructured, amount=0.6)
+    pruned = pruners.global_magnitude(net, [net[-1]], 0.6)
+    body = [m for m in pruned.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][:-1]
+    zeroed = [m.weight == 0 for m in body]
+    assert all(torch.equal(z, m.weight_mask == 0) for z, (m, _) in zip(zeroed, layers))
+    for tuned in (reference, pruned):
+        finetune(tuned, x, y, 5, 1e-2, 32, 0)
+        pruners.make_permanent(tuned)
+    expected = reference.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in pruned.state_dict().items())
+    assert all(torch.equal(m.weight == 0, z) for m, z in zip(body, zeroed))  # the zeros were kept
+    assert not pruners._KEPT_ZERO.get(pruned) and all(not p._backward_hooks for p in pruned.parameters())
 
 
 def test_the_command_writes_its_report_and_nets(capsys, tmp_path):

@@ -1,15 +1,20 @@
 """Memory of a large net's Bayesian model and compression (issue 28, item 5; benchmarks/memory.py measures
-vgg11_bn): no copy of the trained net beyond those the methods need, and the Laplace diagonal's float64 sums
-made in place with the same numbers as written out of place."""
+vgg11_bn): no copy of the trained net beyond those the methods need, the Laplace diagonal's float64 sums
+made in place with the same numbers as written out of place, and nothing a rebuild traced left for Python's cyclic
+collector."""
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import torch
 from torch import nn
 
-from pyrozoo.compress import compress
+from pyrozoo.bmr import units as units_module
+from pyrozoo.bmr.rebuild import parameter_count, rebuild
+from pyrozoo.compress import compress, rank_units, remove_first
 from pyrozoo.posteriors import laplace as laplace_module
 
 
@@ -56,3 +61,34 @@ def test_the_laplace_evidence_in_place_is_the_written_out_formula():
     written = -0.5 * delta * squared + 0.5 * h.numel() * math.log(delta) - 0.5 * float((flat + delta).log().sum())
     assert laplace_module.log_marginal_likelihood(h, squared, delta) == written
     assert torch.equal(h, kept)
+
+
+def test_rebuilds_leave_nothing_they_traced_for_the_cyclic_collector(monkeypatch):
+    """Torch-Pruning's graphs are webs of reference cycles holding the traced net (the structure's copy, or a
+    rebuild's copy before its cut, whose replaced weights were a large net's whole weights per rebuild) and the
+    traced pass's autograd functions. With Python's cyclic collector off, none of it outlives the rebuild."""
+    traced = []
+    real = units_module.dependency_graph
+
+    def spy(net, *args, **kwargs):
+        graph = real(net, *args, **kwargs)
+        traced.extend(weakref.ref(p) for p in [graph, *net.parameters()])
+        return graph
+
+    monkeypatch.setattr(units_module, "dependency_graph", spy)
+    x = torch.randn(32, 1, 8, 8)
+    model, posterior = laplace_module.laplace(_cnn().eval(), x, "diag", progress=False)
+    ranking = rank_units(model, posterior, x[:2])
+    gc.collect()
+    gc.disable()
+    try:
+        for count in (3, 1):  # each rebuild traces the net it cuts; the first traces the structure too
+            remove_first(model, ranking, count)
+            net = rebuild(model, posterior)
+            assert parameter_count(net) < parameter_count(model.net)  # units were cut
+            kept = {id(p) for p in net.parameters()}
+            alive = [r() for r in traced if r() is not None and id(r()) not in kept]
+            assert traced and not alive
+            del net
+    finally:
+        gc.enable()

@@ -31,7 +31,8 @@ def rebuild(model, guide, remove_dead: bool = True) -> nn.Module:
     weights = model.weights_from(guide.mean())
     net = copy.deepcopy(model.net)
     for layer in model.layers:
-        for name, value in layer.split(weights[layer.name]).items():
+        # popped: the posterior means, a second copy of the weights, are not held through the cut below
+        for name, value in layer.split(weights.pop(layer.name)).items():
             net.get_parameter(name).copy_(value)
     for p in net.parameters():
         p.requires_grad_(True)

@@ -457,6 +457,19 @@ def dependency_graph(net: nn.Module, example, output_key=None, ignored: list[nn.
     return graph
 
 
+def release(graph) -> None:
+    """Free what a Torch-Pruning DependencyGraph no longer in use holds, now; it must not be used after. The
+    graph and its nodes are a web of reference cycles holding the traced forward pass's autograd functions (their
+    saved activations and weights), the traced net's modules and a map of its parameters, those a cut replaced
+    too: a large net's whole weights per trace. Python's cyclic collector frees them only at its next full
+    collection, which is rare in a process with many objects (and takes about a second where torch is loaded)."""
+    for node in graph.module2node.values():
+        for dep in node.dependencies:
+            dep.__dict__.clear()
+        node.__dict__.clear()
+    graph.__dict__.clear()
+
+
 @dataclass(frozen=True)
 class _Trace:
     """A net's DependencyGraph and the look-ups that turn the graph's items into memberships."""
@@ -605,6 +618,15 @@ def find_structure(net: nn.Module, layers: list[Layer], example, output_key=None
     by_name = {layer.name: layer for layer in layers}
     heads = _heads(net, by_name)
     graph = dependency_graph(net, _example_on(example, next(net.parameters()).device), output_key)
+    try:
+        return _grouped(net, layers, graph, heads)
+    finally:
+        release(graph)  # with it the copy of the net goes
+
+
+def _grouped(net: nn.Module, layers: list[Layer], graph, heads: list[Units]) -> Structure:
+    """:func:`find_structure`'s groups of ``net``, traced as ``graph``, given its attention ``heads``."""
+    by_name = {layer.name: layer for layer in layers}
     by_param = {id(p): name for name, p in net.named_parameters()}
     for layer in layers:
         by_param.setdefault(id(net.get_parameter(layer.weight_name)), layer.name)
@@ -929,19 +951,25 @@ def _plan(net, example, output_key, candidates, stayed: dict[str, str]):
 
 def _cut(net: nn.Module, cuts: list[tuple[Units, torch.Tensor]], example, output_key) -> None:
     graph = None
-    for units, gone in cuts:
-        if units.heads_of is not None:
-            _cut_heads(net, units, ~gone)
-            graph = None  # modules were replaced: trace afresh for the next group
-            continue
-        if graph is None:
-            graph = dependency_graph(net, example, output_key)
-        root = net.get_submodule(units.name)
-        pruner = graph.get_pruner_of_module(root)
-        channels = gone.nonzero().flatten() if units.channels is None else units.channels[gone].flatten()
-        with _tolerant_reshapes():
-            group = graph.get_pruning_group(root, pruner.prune_out_channels, channels.sort().values.tolist())
-        group.prune()
+    try:
+        for units, gone in cuts:
+            if units.heads_of is not None:
+                _cut_heads(net, units, ~gone)
+                if graph is not None:  # modules were replaced: trace afresh for the next group
+                    release(graph)
+                    graph = None
+                continue
+            if graph is None:
+                graph = dependency_graph(net, example, output_key)
+            root = net.get_submodule(units.name)
+            pruner = graph.get_pruner_of_module(root)
+            channels = gone.nonzero().flatten() if units.channels is None else units.channels[gone].flatten()
+            with _tolerant_reshapes():
+                group = graph.get_pruning_group(root, pruner.prune_out_channels, channels.sort().values.tolist())
+            group.prune()
+    finally:
+        if graph is not None:
+            release(graph)
 
 
 def _restore(net: nn.Module, before: nn.Module) -> None:
