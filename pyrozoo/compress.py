@@ -23,7 +23,8 @@
    after fine-tuning (docs/howto/compress.md). Each group keeps at least one unit, so no layer is emptied;
 4. rebuilds a plain net of the same classes with the units cut out (:func:`pyrozoo.bmr.rebuild.rebuild`),
    fine-tunes it, and evaluates it against the dense net and the baselines of :mod:`pyrozoo.pruners`, each
-   brought to the same cost and given the same fine-tune.
+   brought to the same cost (for a latency target, the same FLOPs: :data:`MATCHED_BY`) and given the same
+   fine-tune.
 """
 
 from __future__ import annotations
@@ -511,8 +512,8 @@ def _references(job: _Job, log) -> list[dict]:
     return [dense_row, {**job.row("dense+finetune", Target("evidence"), tuned), "target": "-"}]
 
 
-def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tuple[nn.Module, float, dict]:
-    """pyrozoo's net for target ``t``, fine-tuned: ``(net, the cost it reached, its row)``."""
+def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tuple[nn.Module, dict]:
+    """pyrozoo's net for target ``t``, fine-tuned, and its row."""
     start = time.perf_counter()
     trace = job.d.x_train[:2]
     example = job.example[256]
@@ -528,14 +529,19 @@ def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tupl
     log(
         f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units ({value:.3f} of the dense cost)"
     )
-    return small, value, job.row("pyrozoo", t, small, units_removed=removed, seconds=seconds)
+    return small, job.row("pyrozoo", t, small, units_removed=removed, seconds=seconds)
 
 
-def _baseline(job: _Job, name: str, t: Target, small: nn.Module, value: float, keep: list[nn.Module]) -> dict:
-    """The row of baseline ``name`` brought to the cost pyrozoo's net reached for ``t`` (``value``), measured
-    the same way (for ``evidence``: its parameters), and given the same fine-tune. The cost reached, not the
-    target: where pyrozoo's bisection lands below the target (a latency read on a loaded machine), a baseline
-    brought to the target would be compared at a larger size."""
+# what a channel baseline is matched to pyrozoo's net by, per target kind: the target's own cost, but FLOPs for
+# latency, whose readings on a shared CPU move by a third from one to the next (a bisection on them compared
+# nets 10-40% apart in size), where the FLOPs of nets cut from the same one follow their latency and do not move
+MATCHED_BY = {"evidence": "params", "params": "params", "flops": "flops", "latency": "flops"}
+
+
+def _baseline(job: _Job, name: str, t: Target, small: nn.Module, keep: list[nn.Module]) -> dict:
+    """The row of baseline ``name`` brought to the cost of pyrozoo's net ``small`` for ``t``, in the kind of
+    :data:`MATCHED_BY`, and given the same fine-tune. The cost reached, not the target: where pyrozoo's net
+    lands below the target, a baseline brought to the target would be compared at a larger size."""
     start = time.perf_counter()
     dense = job.dense
     if name == "global-magnitude":  # as many weights zeroed as pyrozoo's net has fewer
@@ -544,10 +550,11 @@ def _baseline(job: _Job, name: str, t: Target, small: nn.Module, value: float, k
         job.tune(pruned)
         pruners.make_permanent(pruned)
     else:
-        kind = "params" if t.kind == "evidence" else t.kind
+        kind = MATCHED_BY[t.kind]
         batch = (job.d.x_train[: job.batch_size], job.d.y_train[: job.batch_size])
         measure = lambda candidate: job.cost(kind, candidate)  # noqa: E731
-        pruned, _ = pruners.channel_prune_to(dense, job.example[1], name, keep, measure, value, batch)
+        reached = measure(small)
+        pruned, _ = pruners.channel_prune_to(dense, job.example[1], name, keep, measure, reached, batch)
         job.tune(pruned)
     return job.row(name, t, pruned, seconds=time.perf_counter() - start)
 
@@ -637,12 +644,12 @@ def compress(
     nets = {}
     steps = tqdm(total=len(targets) * (1 + len(baselines)), desc="compress", disable=not progress)
     for t in targets:
-        small, value, row = _pyrozoo(job, model, posterior, t, fitted, log)
+        small, row = _pyrozoo(job, model, posterior, t, fitted, log)
         nets[str(t)] = small
         table.append(row)
         steps.update()
         for name in baselines:
-            table.append(_baseline(job, name, t, small, value, keep))
+            table.append(_baseline(job, name, t, small, keep))
             steps.update()
     steps.close()
     net.train(training)

@@ -221,6 +221,22 @@ def test_finetune_holds_or_decays_its_learning_rate_along_a_half_cosine(monkeypa
         compress(nn.Linear(4, 3), (x, y, x, y), "params=0.5", lr_schedule="linear", progress=False)
 
 
+def test_a_latency_targets_baselines_are_matched_by_flops_whatever_the_timer_reads(fitted, monkeypatch):
+    """Latency readings on a shared CPU move by a third; the baselines are brought to the FLOPs of pyrozoo's net,
+    so a timer that reads at random (as a loaded machine's) still compares nets of the same size."""
+    net, _, _, x = fitted
+    y = torch.randint(0, 3, (len(x),))
+    readings = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(costs, "latency_ratio", lambda *args: 0.2 + torch.rand(1, generator=readings).item())
+    result = compress(net, (x, y, x, y), "latency=0.6", finetune_steps=0, fit_size=None, baselines=("tp-l1",),
+                      repeats=1, progress=False, log=lambda text: None)  # fmt: skip
+    rows = {row["method"]: row for row in result.table}
+    ours, dense = rows["pyrozoo"]["flops"], rows["dense"]["flops"]
+    measure = lambda candidate: costs.cost("flops", candidate, net, x[:256])  # noqa: E731
+    matched, value = pruners.channel_prune_to(net, x[:1], "tp-l1", [net[-1]], measure, ours / dense)
+    assert ours < dense and rows["tp-l1"]["flops"] == costs.flops(matched, x[:1]) and value <= ours / dense
+
+
 @pytest.mark.parametrize("name", ["resnet20", "tv:mobilenet_v3_small"])
 def test_compress_shrinks_issue_28s_nets(name):
     """resnet20 (residual groups, BatchNorm) and MobileNetV3-small (SE blocks, hardswish): compress finds units,
