@@ -215,6 +215,7 @@ def adam_step(net, x, y, fused: bool = False):
 PLAIN, FLOOR, OURS = "plain pytorch (deterministic)", "hand-written mean-field", "pyrozoo svi, guide=meanfield"
 PLAIN_FUSED = PLAIN + ", fused Adam"
 IVON, PUBLISHED = "pyrozoo ivon (plain net + IVON)", "pyrozoo ivon, ivon-opt's own update"
+COMPILED = "pyrozoo ivon, compiled kernel"
 SUMMED = "bayesian-torch, KL summed (true ELBO)"
 SUMMED_FUSED = SUMMED + ", fused Adam, channels-last"
 
@@ -252,6 +253,10 @@ def contenders(name: str, x, y, only=(), with_checks: bool = False) -> dict:
         published = published_ivon(published_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE))
         published_guide.optimizer = published
         steps[PUBLISHED] = lambda: ivon_step(published_model, published_guide, published, x, y, DATASET_SIZE)
+        compiled_model = BayesianModel(fresh(), prior=gaussian)
+        compiled_guide = make_guide("ivon", compiled_model, options={"kernel": "compiled"})
+        compiled = compiled_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE)
+        steps[COMPILED] = lambda: ivon_step(compiled_model, compiled_guide, compiled, x, y, DATASET_SIZE)
     if with_checks:  # Pyro's and torch's argument checks on, as Pyro has them by default
         steps["pyrozoo svi, meanfield, checks on"] = pyrozoo_step(
             model, make_guide("meanfield", model), validate=True

@@ -17,6 +17,7 @@ import torch
 
 from ivon import IVON
 
+from pyrozoo import ivon_kernels
 from pyrozoo.registry import Registry
 
 
@@ -89,13 +90,38 @@ class IVONOptimizer(IVON):
     (``price`` Hessian estimate, debiasing, learning-rate rescaling, clipping), up to the rounding of fused
     operations (tests/guides/test_ivon.py runs both side by side from the same random draws). The state layout
     (``group["hess"]``, ``group["momentum"]``) is ivon-opt's, so its ``state_dict`` is unchanged.
+
+    ``kernel="compiled"`` (CPU, one contiguous parameter per group, as pyrozoo's groups are): the draw and the
+    update each one loop compiled by ``torch.compile`` (:mod:`pyrozoo.ivon_kernels`), the noise from a
+    counter-based generator seeded from torch's, not ivon-opt's ``randn`` (the update's numbers are ivon-opt's
+    given the same noise, tested); where compiling fails, a warning and the eager step.
     """
 
-    def __init__(self, *args, **kwargs):
+    KERNELS = ("eager", "compiled")
+
+    def __init__(self, *args, kernel: str = "eager", **kwargs):
         super().__init__(*args, **kwargs)
         self._scratches: dict[int, dict] = {}
         if self.hess_approx != "price":
             raise ValueError("pyrozoo's IVON step implements hess_approx='price' (ivon-opt's default) only")
+        if kernel not in self.KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(self.KERNELS)}, got {kernel!r}")
+        if kernel == "compiled" and not self._compilable():
+            raise ValueError(
+                "kernel 'compiled' takes float parameters on the CPU, one contiguous parameter per group"
+            )
+        self._compiled = ivon_kernels.kernels() if kernel == "compiled" else None
+        self.kernel = "compiled" if self._compiled else "eager"  # eager where compiling failed (warned)
+        self._noise_is_z = False  # the collected noise holds the draw's z, not z * g (one draw, compiled)
+
+    def _compilable(self) -> bool:
+        params = [p for group in self.param_groups for p in self._params(group)]
+        one_each = all(len(self._params(group)) == 1 for group in self.param_groups)
+        return (
+            one_each
+            and self._device.type == "cpu"
+            and all(p.is_contiguous() and p.dtype in (torch.float32, torch.float64) for p in params)
+        )
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -123,15 +149,14 @@ class IVONOptimizer(IVON):
 
     def _scratch(self, i: int, numel: int) -> dict:
         """Group ``i``'s scratch vectors, kept across steps (one allocation, not one per step; reallocated when
-        compaction resizes the group): ``shifted`` (``hess + wd``), ``scale`` (``(hess + wd)^-1/2``, the
-        noise's scale but for ``ess^-1/2``), ``drawn`` (the drawn weights) and ``z`` (the draw's standard
-        normal noise, then ``z * g``). Not in ``state_dict``."""
+        compaction resizes the group): ``drawn`` (the drawn weights) and ``z`` (the draw's standard normal
+        noise, then ``z * g``); eagerly also ``shifted`` (``hess + wd``) and ``scale`` (``(hess + wd)^-1/2``,
+        the noise's scale but for ``ess^-1/2``), which the compiled loops form in registers. Not in
+        ``state_dict``."""
         scratch = self._scratches.get(i)
-        if scratch is None or scratch["shifted"].numel() != numel:
-            scratch = {
-                key: torch.empty(numel, device=self._device, dtype=self._dtype)
-                for key in ("shifted", "scale", "drawn", "z")
-            }
+        if scratch is None or scratch["z"].numel() != numel:
+            keys = ("drawn", "z") if self._compiled else ("shifted", "scale", "drawn", "z")
+            scratch = {key: torch.empty(numel, device=self._device, dtype=self._dtype) for key in keys}
             self._scratches[i] = scratch
         return scratch
 
@@ -159,6 +184,8 @@ class IVONOptimizer(IVON):
         written into a buffer kept across steps (the parameter's ``data`` swapped to it, its own tensor, the
         mean, untouched); returns the means and each group's ``z`` (standard normal, not scaled: the gradient
         collection and the update need it only through ``z * g``, with the scale kept from this draw)."""
+        if self._compiled:
+            return self._sample_compiled()
         means, draws = [], []
         for i, group in enumerate(self.param_groups):
             scratch = self._scratch(i, group["numel"])
@@ -179,6 +206,22 @@ class IVONOptimizer(IVON):
             draws.append(z)
         return means, draws
 
+    def _sample_compiled(self):
+        """:meth:`_sample_params` as one compiled loop per group: the noise from a fresh seed of torch's
+        generator, the scale formed from the Hessian of the moment."""
+        draw = self._compiled[0]
+        means, draws = [], []
+        for i, group in enumerate(self.param_groups):
+            scratch = self._scratch(i, group["numel"])
+            (p,) = self._params(group)
+            seed = ivon_kernels.draw_seed()
+            wd, noise_scale = group["weight_decay"], group["ess"] ** -0.5
+            draw(p.data.view(-1), group["hess"], seed, wd, noise_scale, scratch["drawn"], scratch["z"])
+            means.append(p.data)
+            p.data = scratch["drawn"].view(p.shape)
+            draws.append(scratch["z"])
+        return means, draws
+
     def _restore_param_average(self, train: bool, param_avg, noise):
         """The means back in place; with ``train``, the gradient and ``z * gradient`` of this draw enter their
         running means over the draws (Welford, as ivon-opt; ivon-opt's ``noise * gradient`` is this over the
@@ -192,12 +235,14 @@ class IVONOptimizer(IVON):
         count = self.state["count"] + 1
         self.state["count"] = count
         avg_grad, avg_nxg = self.state["avg_grad"] or [], self.state["avg_nxg"] or []
+        # one draw, compiled: z kept as it is, the update's loop multiplies it by the gradient
+        self._noise_is_z = self._compiled is not None and self.mc_samples == 1
         first = 0
         for i, group in enumerate(self.param_groups):
             n = len(self._params(group))
             grad = self._flat(grads[first : first + n])
             first += n
-            zxg = noise[i].mul_(grad)  # z is not needed after this draw
+            zxg = noise[i] if self._noise_is_z else noise[i].mul_(grad)  # z is not needed after this draw
             if count == 1:  # with more draws to come, copies: the next draw reuses z's buffer
                 avg_grad.append(grad.clone() if self.mc_samples > 1 else grad)
                 avg_nxg.append(zxg.clone() if self.mc_samples > 1 else zxg)
@@ -207,12 +252,18 @@ class IVONOptimizer(IVON):
         self.state["avg_grad"], self.state["avg_nxg"] = avg_grad, avg_nxg
 
     def _sync_samples(self):
+        if self._noise_is_z:  # the mean over processes is of z * g
+            for zxg, grad in zip(self.state["avg_nxg"], self.state["avg_grad"]):
+                zxg.mul_(grad)
+            self._noise_is_z = False
         world_size = torch.distributed.get_world_size()
         for tensor in (*self.state["avg_grad"], *self.state["avg_nxg"]):
             torch.distributed.all_reduce(tensor)
             tensor.div_(world_size)
 
     def _update(self):
+        if self._compiled:
+            return self._update_compiled()
         self.current_step += 1
         for i, group in enumerate(self.param_groups):
             b1, b2, wd = group["beta1"], group["beta2"], group["weight_decay"]
@@ -249,6 +300,33 @@ class IVONOptimizer(IVON):
                     offset += p.numel()
             torch.rsqrt(shifted, out=scratch["scale"])  # the next draw's, while hess + wd is in cache
             self._mark_scale(group, scratch)
+
+    def _update_compiled(self):
+        """:meth:`_update` as one compiled loop per group (:func:`pyrozoo.ivon_kernels.update`)."""
+        self.current_step += 1
+        update = self._compiled[1]
+        for i, group in enumerate(self.param_groups):
+            b1, wd, radius = group["beta1"], group["weight_decay"], group["clip_radius"]
+            lr = group["lr"] * (group["hess_init"] + wd) if self.rescale_lr else group["lr"]
+            debias = 1.0 - pow(b1, float(self.current_step)) if self.debias else 1.0
+            (p,) = self._params(group)
+            update(
+                p.data.view(-1),
+                group["hess"],
+                group["momentum"],
+                self.state["avg_grad"][i],
+                self.state["avg_nxg"][i],
+                self._noise_is_z,
+                radius != math.inf,
+                b1,
+                group["beta2"],
+                wd,
+                lr,
+                debias,
+                math.sqrt(group["ess"]),
+                radius,
+            )
+        self._noise_is_z = False
 
 
 def _tensors(params: list) -> list[torch.Tensor]:

@@ -230,18 +230,24 @@ def test_threshold_pass_on_ivon_prunes_by_dF(tmp_path):
     assert 0 < report.pruned_fraction < 1
 
 
+IVON_CASES = [
+    {},  # pyrozoo's use: one parameter per group, one draw per step
+    {"mc_samples": 3, "clip_radius": 0.05},
+    {"joined": True, "rescale_lr": False, "beta2": 0.9},  # a group of several parameters
+    {"rescale_lr": False, "beta2": 0.9, "debias": False},  # the Hessian's second-order term counts
+    {"resized": True},  # compaction cuts a unit after 3 steps: the kept scratch buffers follow the new size
+]
+
+
 @pytest.mark.parametrize(
-    "options",
-    [
-        {},  # pyrozoo's use: one parameter per group, one draw per step
-        {"mc_samples": 3, "clip_radius": 0.05},
-        {"joined": True, "rescale_lr": False, "beta2": 0.9},  # a group of several parameters
-        {"resized": True},  # compaction cuts a unit after 3 steps: the kept scratch buffers follow the new size
-    ],
+    "options, kernel",
+    [(case, "eager") for case in IVON_CASES]
+    + [(case, "compiled") for case in IVON_CASES if "joined" not in case],  # compiled: one parameter a group
 )
-def test_the_in_place_ivon_step_is_ivon_opts(options):
-    """pyrozoo's IVON (its three per-step methods rewritten in place) against ivon-opt's own, from the same random
-    draws: the same weights, Hessian and momentum after every step, to float rounding."""
+def test_the_in_place_ivon_step_is_ivon_opts(options, kernel, monkeypatch):
+    """pyrozoo's IVON (its three per-step methods rewritten in place, or compiled) against ivon-opt's own, from
+    the same random draws: the same weights, Hessian and momentum after every step, to float rounding. Compiled,
+    the noise is another generator's: ivon-opt's ``randn`` hands it the noise of pyrozoo's draws, in order."""
     from ivon import IVON
 
     from pyrozoo.optim import IVONOptimizer
@@ -259,7 +265,11 @@ def test_the_in_place_ivon_step_is_ivon_opts(options):
         return [{"params": [p], "weight_decay": 1e-3 * (i + 1)} for i, p in enumerate(net.parameters())]
 
     settings = dict(lr=0.1, ess=100.0, hess_init=0.3, **options)
-    optimizers = [IVON(groups(nets[0]), **settings), IVONOptimizer(groups(nets[1]), **settings)]
+    optimizers = [IVON(groups(nets[0]), **settings), IVONOptimizer(groups(nets[1]), kernel=kernel, **settings)]
+    assert optimizers[1].kernel == kernel
+    if kernel == "compiled":
+        noise = _recorded_draws(optimizers[1])
+        monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: noise.pop(0))
     for step in range(6):
         if resized and step == 3:  # the first layer's last unit cut, as IVONPosterior.resize cuts it
             cuts = [(slice(0, 6),), (slice(0, 6),), (slice(None), slice(0, 6)), (slice(None),)]
@@ -271,7 +281,7 @@ def test_the_in_place_ivon_step_is_ivon_opts(options):
                     p.data = p.data[cut].clone()
                     group["numel"] = p.numel()
                 optimizer._numel = sum(g["numel"] for g in optimizer.param_groups)
-        for net, optimizer in zip(nets, optimizers):
+        for net, optimizer in reversed(list(zip(nets, optimizers))):  # ours first: ivon-opt's noise is its
             torch.manual_seed(step)
             for _ in range(optimizer.mc_samples):
                 with optimizer.sampled_params(train=True):
@@ -284,6 +294,22 @@ def test_the_in_place_ivon_step_is_ivon_opts(options):
             for key in ("hess", "momentum"):
                 torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
         assert optimizers[1].current_step == optimizers[0].current_step
+    if kernel == "compiled":
+        assert not noise  # ivon-opt drew exactly the noise pyrozoo's draws made
+
+
+def _recorded_draws(optimizer) -> list:
+    """The list that collects a copy of each standard normal noise ``optimizer`` draws (in draw order, group by
+    group), which ivon-opt's noise, ``randn(numel) / sqrt(ess (hess + wd))``, is when handed it."""
+    noise, sample = [], optimizer._sample_params
+
+    def recording():
+        means, draws = sample()
+        noise.extend(z.clone() for z in draws)
+        return means, draws
+
+    optimizer._sample_params = recording
+    return noise
 
 
 def test_a_draw_leaves_the_means_in_their_own_storage_bit_for_bit():

@@ -1,0 +1,129 @@
+"""IVON's per-step arithmetic as two fused loops compiled by ``torch.compile``, with a counter-based normal draw.
+
+On the CPU an IVON step is memory-bound elementwise work plus the draw of one normal number per weight, and
+torch's draw (its Mersenne twister, one number after another) alone costs about 0.3x a plain Adam step on the
+MLP (experiments/RESULTS.md, the IVON step against a plain Adam step). Here the draw is a function of a seed and
+each weight's index (:func:`standard_normal`: SplitMix64's output for that counter, Box-Muller's cosine
+branch), which inductor compiles into the same vectorised C++ loop as the perturbation of the weights; and the
+update (momentum, Hessian, means, with ``z * g`` formed inside) is one more loop. Two passes over the weights
+per step where eager code makes a dozen and a serial draw.
+
+The numbers are IVON's update exactly, given the same noise; the noise is another generator's than ivon-opt's
+``torch.randn`` (tests/guides/test_ivon.py hands ivon-opt this module's noise and compares). Used by
+:class:`pyrozoo.optim.IVONOptimizer` with ``kernel="compiled"``; where ``torch.compile`` cannot build (no C++
+compiler, an unsupported platform) :func:`kernels` returns None and the optimiser keeps its eager step.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+# SplitMix64 (Steele, Lea and Flood, OOPSLA 2014; the seeding generator of xoshiro): the state advances by the
+# golden gamma and each output is the state through Stafford's "Mix13" finaliser; as int64 (torch has no uint64
+# arithmetic), whose products wrap as the unsigned ones do
+GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
+MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+MIX2 = 0x94D049BB133111EB - (1 << 64)
+SEED_BOUND = 1 << 62  # seeds are drawn in [0, SEED_BOUND) from torch's generator
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x >> bits`` as unsigned 64-bit (torch's ``>>`` on int64 is arithmetic: the sign bits are masked off)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def standard_normal(seed: torch.Tensor, n: int, device=None) -> torch.Tensor:
+    """``n`` standard normal numbers (float32) of the stream ``seed`` (a 0-d int64 tensor): number ``i`` is
+    SplitMix64's ``i``-th output from state ``seed``, split into two 24-bit uniforms, by Box-Muller's cosine
+    branch ``sqrt(-2 ln u1) cos(2 pi u2)`` (``u1`` in (0, 1], ``u2`` in [0, 1)). Every number depends on its
+    index only, so a compiled loop draws them in any order, vectorised, with the same values eagerly."""
+    # state (seed + i + 1) gamma: SplitMix64 from state seed gamma, the index added to the seed before the
+    # product so that inductor does not fold the product into its loop's index arithmetic (signed overflow there
+    # miscompiled)
+    x = (seed + torch.arange(1, n + 1, dtype=torch.int64, device=device)) * GAMMA
+    x = (x ^ _shift_right(x, 30)) * MIX1
+    x = (x ^ _shift_right(x, 27)) * MIX2
+    x = x ^ _shift_right(x, 31)
+    u1 = (_shift_right(x, 40) + 1).to(torch.float32) * 2.0**-24
+    u2 = (x & 0xFFFFFF).to(torch.float32) * 2.0**-24
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2 * math.pi) * u2)
+
+
+def draw_seed() -> torch.Tensor:
+    """A fresh stream's seed from torch's global generator (so ``torch.manual_seed`` and a saved RNG state make
+    the draws reproducible, as with ``torch.randn``)."""
+    return torch.randint(SEED_BOUND, (), dtype=torch.int64)
+
+
+def draw(mean, hess, seed, weight_decay: float, noise_scale: float, drawn, z) -> None:
+    """IVON's draw of one group: ``z`` the seed's standard normals, ``drawn = mean + z noise_scale / sqrt(hess +
+    weight_decay)`` (``noise_scale`` is ``ess^-1/2``), both written into the given buffers."""
+    noise = standard_normal(seed, mean.numel(), mean.device).to(mean.dtype)
+    z.copy_(noise)
+    drawn.copy_(mean + noise * (noise_scale * torch.rsqrt(hess + weight_decay)))
+
+
+def update(
+    mean, hess, momentum, grad, noise, times_grad: bool, clipped: bool, b1, b2, wd, lr, debias, sqrt_ess, radius
+) -> None:
+    """IVON's update of one group in place (ivon-opt's ``_update`` with ``hess_approx="price"``): ``noise`` is
+    the draw's ``z`` (``times_grad``: one draw, ``z * grad`` formed here) or the mean of ``z * g`` over the
+    draws; ``lr`` is rescaled as ivon-opt rescales it, ``debias`` is ``1 - b1^t`` (or 1), ``radius`` the clip
+    radius, applied where ``clipped``. The numbers are plain floats: compiled, they are the kernel's arguments,
+    not constants, so a changing ``debias`` or ``lr`` compiles nothing anew."""
+    zxg = noise * grad if times_grad else noise
+    new_momentum = torch.lerp(momentum, grad, 1.0 - b1)
+    shifted = hess + wd
+    # ivon-opt's f = ess (hess + wd) noise g with noise = z / sqrt(ess (hess + wd))
+    f = sqrt_ess * zxg * torch.sqrt(shifted)
+    new_hess = b2 * hess + (1.0 - b2) * f + (0.5 * (1.0 - b2) ** 2) * (hess - f).square() / shifted
+    step = (new_momentum / debias + wd * mean) / (new_hess + wd)
+    if clipped:
+        step = step.clamp(-radius, radius)
+    momentum.copy_(new_momentum)
+    hess.copy_(new_hess)
+    mean.copy_(mean - lr * step)
+
+
+_KERNELS: dict = {}
+
+
+def kernels():
+    """``(draw, update)`` compiled (one compilation each per process, for every size: dynamic shapes), checked
+    once on a small group; None, with a warning, where ``torch.compile`` fails here."""
+    if "compiled" not in _KERNELS:
+        _KERNELS["compiled"] = _compile()
+    return _KERNELS["compiled"]
+
+
+def _compile():
+    try:
+        compiled = (torch.compile(draw, dynamic=True), torch.compile(update, dynamic=True))
+        _check(*compiled)
+    except Exception as error:  # no C++ compiler, an unsupported platform, a torch without inductor
+        warnings.warn(
+            f"IVON's compiled kernels are unavailable ({type(error).__name__}: {str(error).splitlines()[0]}); "
+            "its eager step is used",
+            stacklevel=3,
+        )
+        return None
+    return compiled
+
+
+def _check(compiled_draw, compiled_update) -> None:
+    """Run both compiled kernels on a small group against the eager functions (raises where they differ)."""
+    n = 67  # a vector loop and its tail
+    mean, hess = torch.linspace(-1, 1, n), torch.linspace(0.1, 2, n)
+    seed = torch.tensor(12345)
+    buffers = [torch.empty(n) for _ in range(4)]
+    compiled_draw(mean, hess, seed, 0.1, 0.5, buffers[0], buffers[1])
+    draw(mean, hess, seed, 0.1, 0.5, buffers[2], buffers[3])
+    torch.testing.assert_close(buffers[0], buffers[2])
+    states = [[mean.clone(), hess.clone(), torch.zeros(n)] for _ in range(2)]
+    for kernel, state in zip((compiled_update, update), states):
+        kernel(*state, torch.linspace(-3, 3, n), buffers[1], True, False, 0.9, 0.999, 0.1, 0.05, 0.1, 3.0, 1.0)
+    for ours, eager in zip(*states):
+        torch.testing.assert_close(ours, eager)
