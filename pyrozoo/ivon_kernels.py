@@ -40,10 +40,15 @@ def standard_normal(seed: torch.Tensor, n: int, device=None) -> torch.Tensor:
     SplitMix64's ``i``-th output from state ``seed``, split into two 24-bit uniforms, by Box-Muller's cosine
     branch ``sqrt(-2 ln u1) cos(2 pi u2)`` (``u1`` in (0, 1], ``u2`` in [0, 1)). Every number depends on its
     index only, so a compiled loop draws them in any order, vectorised, with the same values eagerly."""
+    return normal_at(seed, torch.arange(n, dtype=torch.int64, device=device))
+
+
+def normal_at(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The numbers of :func:`standard_normal` at the (int64) indices ``index``, of any shape."""
     # state (seed + i + 1) gamma: SplitMix64 from state seed gamma, the index added to the seed before the
     # product so that inductor does not fold the product into its loop's index arithmetic (signed overflow there
     # miscompiled)
-    x = (seed + torch.arange(1, n + 1, dtype=torch.int64, device=device)) * GAMMA
+    x = (seed + (index + 1)) * GAMMA
     x = (x ^ _shift_right(x, 30)) * MIX1
     x = (x ^ _shift_right(x, 27)) * MIX2
     x = x ^ _shift_right(x, 31)
@@ -64,6 +69,47 @@ def draw(mean, hess, seed, weight_decay: float, noise_scale: float, drawn, z) ->
     noise = standard_normal(seed, mean.numel(), mean.device).to(mean.dtype)
     z.copy_(noise)
     drawn.copy_(mean + noise * (noise_scale * torch.rsqrt(hess + weight_decay)))
+
+
+def draw_apart(mean, hess, seed, weight_decay: float, noise_scale: float, weight, bias, z_weight, z_bias) -> None:
+    """:func:`draw` of a group whose parameter is a ``(rows, columns + 1)`` latent, its last column a bias (a
+    layer's ``[W | b]``), written apart: the drawn ``weight`` (``rows, columns``) and ``bias`` (``rows``), each
+    contiguous, as a linear layer takes them (no copy out of the latent in the forward pass, no gradient written
+    back into its layout), and their noise ``z_weight``, ``z_bias``; every number is the one :func:`draw` gives
+    at the same entry of the latent."""
+    rows, columns = weight.shape
+    width = columns + 1
+    mean, hess = mean.view(rows, width), hess.view(rows, width)
+    row = torch.arange(rows, dtype=torch.int64, device=mean.device)[:, None] * width
+    # the bias column as index -1, not ``columns``: a symbolic index would specialise the compiled loop to it
+    for out, z, index, cut in (
+        (weight, z_weight, row + torch.arange(columns, dtype=torch.int64, device=mean.device), slice(0, -1)),
+        (bias, z_bias, row[:, 0] + columns, -1),
+    ):
+        noise = normal_at(seed, index).to(mean.dtype)
+        z.copy_(noise)
+        out.copy_(mean[:, cut] + noise * (noise_scale * torch.rsqrt(hess[:, cut] + weight_decay)))
+
+
+def update_apart(kernels, mean, hess, momentum, grad_weight, grad_bias, z_weight, z_bias, *settings) -> None:
+    """:func:`update` (one draw) of a group drawn by :func:`draw_apart`, by ``kernels`` (two compilations of
+    :func:`update`, or it twice): on the weight's columns of the latent and on its bias column, strided views of
+    the state written in place (a concatenation of the parts would be copied first)."""
+    rows, width = grad_weight.shape[0], grad_weight.shape[1] + 1
+    state = [t.view(rows, width) for t in (mean, hess, momentum)]
+    kernels[0](*(t[:, :-1] for t in state), grad_weight, z_weight, True, *settings)
+    kernels[1](*(t[:, -1] for t in state), grad_bias, z_bias, True, *settings)
+
+
+def _update_columns(*args) -> None:
+    """:func:`update` on the weight's columns: a code object of its own, so that its compilations (one per
+    layout) are cached apart from the others' (dynamo's limit of recompilations is per code object)."""
+    update(*args)
+
+
+def _update_column(*args) -> None:
+    """:func:`update` on the bias column (see :func:`_update_columns`)."""
+    update(*args)
 
 
 def update(
@@ -92,8 +138,9 @@ _KERNELS: dict = {}
 
 
 def kernels():
-    """``(draw, update)`` compiled (one compilation each per process, for every size: dynamic shapes), checked
-    once on a small group; None, with a warning, where ``torch.compile`` fails here."""
+    """``(draw, update, draw_apart, (update on the weight's columns, on the bias column))`` compiled (one
+    compilation each per process and layout, for every size: dynamic shapes), checked once on a small group;
+    None, with a warning, where ``torch.compile`` fails here."""
     if "compiled" not in _KERNELS:
         _KERNELS["compiled"] = _compile()
     return _KERNELS["compiled"]
@@ -101,7 +148,10 @@ def kernels():
 
 def _compile():
     try:
-        compiled = (torch.compile(draw, dynamic=True), torch.compile(update, dynamic=True))
+        draw_, update_, draw_apart_, columns, column = (
+            torch.compile(f, dynamic=True) for f in (draw, update, draw_apart, _update_columns, _update_column)
+        )
+        compiled = (draw_, update_, draw_apart_, (columns, column))
         _check(*compiled)
     except Exception as error:  # no C++ compiler, an unsupported platform, a torch without inductor
         warnings.warn(
@@ -113,17 +163,31 @@ def _compile():
     return compiled
 
 
-def _check(compiled_draw, compiled_update) -> None:
-    """Run both compiled kernels on a small group against the eager functions (raises where they differ)."""
-    n = 67  # a vector loop and its tail
-    mean, hess = torch.linspace(-1, 1, n), torch.linspace(0.1, 2, n)
-    seed = torch.tensor(12345)
-    buffers = [torch.empty(n) for _ in range(4)]
-    compiled_draw(mean, hess, seed, 0.1, 0.5, buffers[0], buffers[1])
-    draw(mean, hess, seed, 0.1, 0.5, buffers[2], buffers[3])
-    torch.testing.assert_close(buffers[0], buffers[2])
-    states = [[mean.clone(), hess.clone(), torch.zeros(n)] for _ in range(2)]
-    for kernel, state in zip((compiled_update, update), states):
-        kernel(*state, torch.linspace(-3, 3, n), buffers[1], True, False, 0.9, 0.999, 0.1, 0.05, 0.1, 3.0, 1.0)
-    for ours, eager in zip(*states):
-        torch.testing.assert_close(ours, eager)
+def _check(compiled_draw, compiled_update, compiled_draw_apart, compiled_apart) -> None:
+    """Run the compiled kernels on a small group (a vector loop and its tail) against the eager functions, the
+    kernels apart against those of the joined latent (raises where they differ); the draws with autograd on and
+    the updates off, as the optimiser calls them, so that each layout compiles here once."""
+    rows, width = 5, 14
+    n = rows * width
+    # the means a view of a (rows, width) parameter, as the optimiser passes them (guards read views' bases)
+    mean, hess, seed = torch.linspace(-1, 1, n).view(rows, width).view(-1), torch.linspace(0.1, 2, n), torch.tensor(12345)
+    drawn, z, eager_drawn, eager_z = (torch.empty(n) for _ in range(4))
+    compiled_draw(mean, hess, seed, 0.1, 0.5, drawn, z)
+    draw(mean, hess, seed, 0.1, 0.5, eager_drawn, eager_z)
+    torch.testing.assert_close((drawn, z), (eager_drawn, eager_z))
+    parts = [torch.empty(rows, width - 1), torch.empty(rows), torch.empty(rows, width - 1), torch.empty(rows)]
+    compiled_draw_apart(mean, hess, seed, 0.1, 0.5, *parts)
+    for part, joined in zip(parts, (drawn, drawn, z, z)):
+        whole = joined.view(rows, width)
+        torch.testing.assert_close(part, whole[:, :-1] if part.dim() == 2 else whole[:, -1])
+    grad = torch.linspace(-3, 3, n)
+    grads = grad.view(rows, width)
+    settings = (False, 0.9, 0.999, 0.1, 0.05, 0.1, 3.0, 1.0)
+    states = [[mean.clone().view(rows, width).view(-1), hess.clone(), torch.zeros(n)] for _ in range(3)]
+    with torch.no_grad():
+        compiled_update(*states[0], grad, z, True, *settings)
+        update(*states[1], grad, z, True, *settings)
+        apart = (grads[:, :-1].contiguous(), grads[:, -1].contiguous(), *parts[2:])
+        update_apart(compiled_apart, *states[2], *apart, *settings)
+    for ours, eager, apart in zip(*states):
+        torch.testing.assert_close((ours, apart), (eager, eager))

@@ -113,6 +113,7 @@ class IVONOptimizer(IVON):
         self._compiled = ivon_kernels.kernels() if kernel == "compiled" else None
         self.kernel = "compiled" if self._compiled else "eager"  # eager where compiling failed (warned)
         self._noise_is_z = False  # the collected noise holds the draw's z, not z * g (one draw, compiled)
+        self._apart = None  # draw_apart's leaves and noise until collect_apart
 
     def _compilable(self) -> bool:
         params = [p for group in self.param_groups for p in self._params(group)]
@@ -222,6 +223,50 @@ class IVONOptimizer(IVON):
             draws.append(scratch["z"])
         return means, draws
 
+    def draw_apart(self, columns: list) -> list[tuple[torch.Tensor, ...]]:
+        """Compiled, one draw (``mc_samples`` 1), for a caller that runs the net from the drawn parameters
+        itself (:func:`pyrozoo.guides.ivon.ivon_step`): each group's drawn parameter as new leaves that take a
+        gradient, ``(weight, bias)`` apart where ``columns[i]`` is a number (the group's parameter is a
+        ``(rows, columns[i] + 1)`` latent whose last column is a bias: :func:`pyrozoo.ivon_kernels.draw_apart`),
+        else ``(drawn,)`` in the parameter's shape; the means stay in the parameters. :meth:`collect_apart`
+        takes the gradients; the numbers are those of :meth:`sampled_params` from the same seed."""
+        draw, draw_apart = self._compiled[0], self._compiled[2]
+        self._apart = []
+        for i, (group, columns_i) in enumerate(zip(self.param_groups, columns)):
+            (p,) = self._params(group)
+            seed, wd, noise_scale = ivon_kernels.draw_seed(), group["weight_decay"], group["ess"] ** -0.5
+            if columns_i is None:
+                scratch = self._scratch(i, group["numel"])
+                draw(p.data.view(-1), group["hess"], seed, wd, noise_scale, scratch["drawn"], scratch["z"])
+                parts, noise = (scratch["drawn"].view(p.shape),), (scratch["z"],)
+            else:
+                buffers = self._apart_buffers(i, p.shape[0], columns_i)
+                draw_apart(p.data.view(-1), group["hess"], seed, wd, noise_scale, *buffers)
+                parts, noise = buffers[:2], buffers[2:]
+            self._apart.append((tuple(t.detach().requires_grad_() for t in parts), noise))
+        return [parts for parts, _ in self._apart]
+
+    def _apart_buffers(self, i: int, rows: int, columns: int) -> tuple[torch.Tensor, ...]:
+        """Group ``i``'s kept buffers for :meth:`draw_apart`: weight, bias, and their noise."""
+        scratch = self._scratches.setdefault(i, {})
+        buffers = scratch.get("apart")
+        if buffers is None or buffers[0].shape != (rows, columns):
+            shapes = [(rows, columns), (rows,)] * 2
+            buffers = tuple(torch.empty(s, device=self._device, dtype=self._dtype) for s in shapes)
+            buffers = (buffers[0], buffers[1], buffers[2], buffers[3])
+            scratch["apart"] = buffers
+        return buffers
+
+    def collect_apart(self) -> None:
+        """The gradients of the leaves :meth:`draw_apart` gave, as this step's one draw (kept apart: the
+        update's loop reads them in the latent's order)."""
+        grads, noises = [], []
+        for parts, noise in self._apart:
+            grads.append(tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in parts))
+            noises.append(noise)
+        self.state.update(count=1, avg_grad=grads, avg_nxg=noises)
+        self._noise_is_z, self._apart = True, None
+
     def _restore_param_average(self, train: bool, param_avg, noise):
         """The means back in place; with ``train``, the gradient and ``z * gradient`` of this draw enter their
         running means over the draws (Welford, as ivon-opt; ivon-opt's ``noise * gradient`` is this over the
@@ -309,23 +354,16 @@ class IVONOptimizer(IVON):
             b1, wd, radius = group["beta1"], group["weight_decay"], group["clip_radius"]
             lr = group["lr"] * (group["hess_init"] + wd) if self.rescale_lr else group["lr"]
             debias = 1.0 - pow(b1, float(self.current_step)) if self.debias else 1.0
+            settings = (radius != math.inf, b1, group["beta2"], wd, lr, debias, math.sqrt(group["ess"]), radius)
             (p,) = self._params(group)
-            update(
-                p.data.view(-1),
-                group["hess"],
-                group["momentum"],
-                self.state["avg_grad"][i],
-                self.state["avg_nxg"][i],
-                self._noise_is_z,
-                radius != math.inf,
-                b1,
-                group["beta2"],
-                wd,
-                lr,
-                debias,
-                math.sqrt(group["ess"]),
-                radius,
-            )
+            state = (p.data.view(-1), group["hess"], group["momentum"])
+            grad, noise = self.state["avg_grad"][i], self.state["avg_nxg"][i]
+            if not isinstance(grad, tuple):  # sampled_params' flat vectors
+                update(*state, grad, noise, self._noise_is_z, *settings)
+            elif len(grad) == 2:  # draw_apart's weight and bias
+                ivon_kernels.update_apart(self._compiled[3], *state, *grad, *noise, *settings)
+            else:
+                update(*state, grad[0].view(-1), noise[0], True, *settings)
         self._noise_is_z = False
 
 

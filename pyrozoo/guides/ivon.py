@@ -322,6 +322,20 @@ def ivon_step(model, guide: IVONPosterior, optimizer: IVONOptimizer, x, y, datas
     ``N * nll + KL(q || prior)``, on the scale of SVI's loss; the KL term, which IVON's step does not need, is
     recomputed every ``KL_EVERY`` steps (it moves slowly) and kept in the guide's state, so a resumed run
     reports what an uninterrupted one does."""
+    if getattr(optimizer, "kernel", "eager") == "compiled" and optimizer.mc_samples == 1:  # (ivon-opt's: none)
+        total = _step_apart(model, guide, optimizer, x, y)
+    else:
+        total = _step_sampled(model, guide, optimizer, x, y)
+    if optimizer.current_step % KL_EVERY == 0:
+        guide.kl.fill_(guide.kl_divergence(model))
+    optimizer.step()
+    guide.pull_state()
+    return dataset_size * total / optimizer.mc_samples + float(guide.kl)
+
+
+def _step_sampled(model, guide: IVONPosterior, optimizer: IVONOptimizer, x, y) -> float:
+    """ivon-opt's protocol: the weights drawn in place of the means, each draw's gradient collected; the summed
+    negative log-likelihoods."""
     total = 0.0
     for _ in range(optimizer.mc_samples):
         with optimizer.sampled_params(train=True):
@@ -329,8 +343,27 @@ def ivon_step(model, guide: IVONPosterior, optimizer: IVONOptimizer, x, y, datas
             nll = -model.likelihood.log_likelihood(model.logits(x, guide.masked_weights(model)), y).mean()
             nll.backward()
         total += nll.item()
-    if optimizer.current_step % KL_EVERY == 0:
-        guide.kl.fill_(guide.kl_divergence(model))
-    optimizer.step()
-    guide.pull_state()
-    return dataset_size * total / optimizer.mc_samples + float(guide.kl)
+    return total
+
+
+def _step_apart(model, guide: IVONPosterior, optimizer: IVONOptimizer, x, y) -> float:
+    """One draw by the compiled kernels, each layer's weight and bias drawn apart into the tensors the net takes
+    (:meth:`IVONOptimizer.draw_apart`; a transposed layer's, or one without a bias, as its latent, split as
+    usual): the negative log-likelihood."""
+    layers = [layer for _, layer in guide._sites.values()]
+    columns = [layer.fan_in if layer.has_bias and not layer.transposed else None for layer in layers]
+    params = {}
+    for layer, parts in zip(layers, optimizer.draw_apart(columns)):
+        pruned = model.has_pruned(layer.name)
+        if len(parts) == 1:
+            params.update(layer.split(parts[0] * model.mask(layer.name) if pruned else parts[0]))
+            continue
+        weight, bias = parts
+        if pruned:  # the latent's mask, cut as the latent is
+            mask = model.mask(layer.name)
+            weight, bias = weight * mask[:, :-1], bias * mask[:, -1]
+        params[layer.weight_name], params[layer.bias_name] = weight.view(layer.weight_shape), bias
+    nll = -model.likelihood.log_likelihood(model.logits_of_params(x, params), y).mean()
+    nll.backward()
+    optimizer.collect_apart()
+    return nll.item()
