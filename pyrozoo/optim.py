@@ -240,6 +240,8 @@ class IVONOptimizer(IVON):
                 draw(p.data.view(-1), group["hess"], seed, wd, noise_scale, scratch["drawn"], scratch["z"])
                 parts, noise = (scratch["drawn"].view(p.shape),), (scratch["z"],)
             else:
+                if p.shape != (p.shape[0], columns_i + 1):
+                    raise ValueError(f"group {i}: a ({p.shape[0]}, {columns_i} + 1) latent expected, got {tuple(p.shape)}")
                 buffers = self._apart_buffers(i, p.shape[0], columns_i)
                 draw_apart(p.data.view(-1), group["hess"], seed, wd, noise_scale, *buffers)
                 parts, noise = buffers[:2], buffers[2:]

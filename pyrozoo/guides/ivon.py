@@ -350,7 +350,8 @@ def _step_apart(model, guide: IVONPosterior, optimizer: IVONOptimizer, x, y) -> 
     """One draw by the compiled kernels, each layer's weight and bias drawn apart into the tensors the net takes
     (:meth:`IVONOptimizer.draw_apart`; a transposed layer's, or one without a bias, as its latent, split as
     usual): the negative log-likelihood."""
-    layers = [layer for _, layer in guide._sites.values()]
+    current = {layer.name: layer for layer in model.layers}  # as compaction leaves them
+    layers = [current[layer.name] for _, layer in guide._sites.values()]
     columns = [layer.fan_in if layer.has_bias and not layer.transposed else None for layer in layers]
     params = {}
     for layer, parts in zip(layers, optimizer.draw_apart(columns)):
