@@ -3,7 +3,7 @@ not enter) of the forward pass (sampling and KL included), the backward pass and
 mean-field SVI step (``negative_elbo``, the run's optimiser), bayesian-torch's with its KL summed, a plain Adam
 step (torch's default, unfused on the CPU, and fused) and, on nets without deterministic layers, pyrozoo's IVON
 step (its weight draw timed apart, ``draw``; the optimiser's phase is the gradient's collection, the update and
-the Hessian handed to the posterior), eager and with ``kernel="compiled"``, called in a shuffled order each round; median over the rounds after 5
+the Hessian handed to the posterior), called in a shuffled order each round; median over the rounds after 5
 warm-up ones. At ``--batch 2``
 the net's arithmetic is small and what is left is each step's fixed cost (Python, small kernels).
 
@@ -100,10 +100,6 @@ def contenders(name: str, batch: int) -> dict:
         ivon_guide = make_guide("ivon", ivon_model)
         ivon_optimizer = ivon_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE)
         calls["pyrozoo ivon"] = ivon_phased(ivon_model, ivon_guide, ivon_optimizer, x, y)
-        compiled_model = BayesianModel(fresh(), prior=gaussian)
-        compiled_guide = make_guide("ivon", compiled_model, options={"kernel": "compiled"})
-        compiled = compiled_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE)
-        calls["pyrozoo ivon, compiled kernel"] = ivon_phased(compiled_model, compiled_guide, compiled, x, y)
     peer = bayesian_torch(fresh(), DATASET_SIZE, 1e-3, summed=True)
     if peer is not None:
         calls[peer.name] = phased(lambda: peer.loss(x, y), peer.optimizer)

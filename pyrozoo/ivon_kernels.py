@@ -170,7 +170,8 @@ def _check(compiled_draw, compiled_update, compiled_draw_apart, compiled_apart) 
     rows, width = 5, 14
     n = rows * width
     # the means a view of a (rows, width) parameter, as the optimiser passes them (guards read views' bases)
-    mean, hess, seed = torch.linspace(-1, 1, n).view(rows, width).view(-1), torch.linspace(0.1, 2, n), torch.tensor(12345)
+    mean = torch.linspace(-1, 1, n).view(rows, width).view(-1)
+    hess, seed = torch.linspace(0.1, 2, n), torch.tensor(12345)
     drawn, z, eager_drawn, eager_z = (torch.empty(n) for _ in range(4))
     compiled_draw(mean, hess, seed, 0.1, 0.5, drawn, z)
     draw(mean, hess, seed, 0.1, 0.5, eager_drawn, eager_z)

@@ -91,10 +91,12 @@ class IVONOptimizer(IVON):
     operations (tests/guides/test_ivon.py runs both side by side from the same random draws). The state layout
     (``group["hess"]``, ``group["momentum"]``) is ivon-opt's, so its ``state_dict`` is unchanged.
 
-    ``kernel="compiled"`` (CPU, one contiguous parameter per group, as pyrozoo's groups are): the draw and the
-    update each one loop compiled by ``torch.compile`` (:mod:`pyrozoo.ivon_kernels`), the noise from a
-    counter-based generator seeded from torch's, not ivon-opt's ``randn`` (the update's numbers are ivon-opt's
-    given the same noise, tested); where compiling fails, a warning and the eager step.
+    ``kernel="compiled"`` (float32 on the CPU, one contiguous parameter per group as pyrozoo's groups are, no
+    ``sync``): the draw and the update each one loop compiled by ``torch.compile`` (:mod:`pyrozoo.ivon_kernels`),
+    the noise from a counter-based generator seeded from torch's, not ivon-opt's ``randn`` (the update's numbers
+    are ivon-opt's given the same noise, tested); where compiling fails, a warning and the eager step. With
+    :meth:`draw_apart` and :meth:`collect_apart` a caller runs the net from a layer's weight and bias drawn
+    apart, as :func:`pyrozoo.guides.ivon.ivon_step` does.
     """
 
     KERNELS = ("eager", "compiled")
@@ -108,7 +110,8 @@ class IVONOptimizer(IVON):
             raise ValueError(f"kernel must be one of {', '.join(self.KERNELS)}, got {kernel!r}")
         if kernel == "compiled" and not self._compilable():
             raise ValueError(
-                "kernel 'compiled' takes float parameters on the CPU, one contiguous parameter per group"
+                "kernel 'compiled' takes float32 parameters on the CPU, one contiguous parameter per group, "
+                "and no sync across processes"
             )
         self._compiled = ivon_kernels.kernels() if kernel == "compiled" else None
         self.kernel = "compiled" if self._compiled else "eager"  # eager where compiling failed (warned)
@@ -120,8 +123,9 @@ class IVONOptimizer(IVON):
         one_each = all(len(self._params(group)) == 1 for group in self.param_groups)
         return (
             one_each
+            and not self.sync
             and self._device.type == "cpu"
-            and all(p.is_contiguous() and p.dtype in (torch.float32, torch.float64) for p in params)
+            and all(p.is_contiguous() and p.dtype == torch.float32 for p in params)
         )
 
     def state_dict(self) -> dict:
@@ -155,10 +159,10 @@ class IVONOptimizer(IVON):
         the noise's scale but for ``ess^-1/2``), which the compiled loops form in registers. Not in
         ``state_dict``."""
         scratch = self._scratches.get(i)
-        if scratch is None or scratch["z"].numel() != numel:
+        if scratch is None or "z" not in scratch or scratch["z"].numel() != numel:
             keys = ("drawn", "z") if self._compiled else ("shifted", "scale", "drawn", "z")
-            scratch = {key: torch.empty(numel, device=self._device, dtype=self._dtype) for key in keys}
-            self._scratches[i] = scratch
+            made = {key: torch.empty(numel, device=self._device, dtype=self._dtype) for key in keys}
+            scratch = self._scratches[i] = {**(scratch or {}), **made}
         return scratch
 
     @staticmethod
@@ -240,8 +244,8 @@ class IVONOptimizer(IVON):
                 draw(p.data.view(-1), group["hess"], seed, wd, noise_scale, scratch["drawn"], scratch["z"])
                 parts, noise = (scratch["drawn"].view(p.shape),), (scratch["z"],)
             else:
-                if p.shape != (p.shape[0], columns_i + 1):
-                    raise ValueError(f"group {i}: a ({p.shape[0]}, {columns_i} + 1) latent expected, got {tuple(p.shape)}")
+                if p.dim() != 2 or p.shape[1] != columns_i + 1:
+                    raise ValueError(f"group {i}: a latent of {columns_i} + 1 columns expected, got {tuple(p.shape)}")
                 buffers = self._apart_buffers(i, p.shape[0], columns_i)
                 draw_apart(p.data.view(-1), group["hess"], seed, wd, noise_scale, *buffers)
                 parts, noise = buffers[:2], buffers[2:]
@@ -255,7 +259,6 @@ class IVONOptimizer(IVON):
         if buffers is None or buffers[0].shape != (rows, columns):
             shapes = [(rows, columns), (rows,)] * 2
             buffers = tuple(torch.empty(s, device=self._device, dtype=self._dtype) for s in shapes)
-            buffers = (buffers[0], buffers[1], buffers[2], buffers[3])
             scratch["apart"] = buffers
         return buffers
 
@@ -298,11 +301,7 @@ class IVONOptimizer(IVON):
                 avg_nxg[i].add_(zxg.sub_(avg_nxg[i]).div_(count))
         self.state["avg_grad"], self.state["avg_nxg"] = avg_grad, avg_nxg
 
-    def _sync_samples(self):
-        if self._noise_is_z:  # the mean over processes is of z * g
-            for zxg, grad in zip(self.state["avg_nxg"], self.state["avg_grad"]):
-                zxg.mul_(grad)
-            self._noise_is_z = False
+    def _sync_samples(self):  # (eager only: the compiled kernel refuses sync)
         world_size = torch.distributed.get_world_size()
         for tensor in (*self.state["avg_grad"], *self.state["avg_nxg"]):
             torch.distributed.all_reduce(tensor)
