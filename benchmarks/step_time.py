@@ -14,13 +14,14 @@ averaged KL and with that KL summed (the true ELBO), TyXe and plain Pyro, each o
 prior.
 
 Every contender is built once; then every round calls each once, in an order shuffled afresh, after warm-up
-rounds (:func:`pyrozoo.costs.round_robin`), and each is reported as its time over pyrozoo's mean-field step's
+rounds (:func:`pyrozoo.costs.round_robin`; a round is ``--passes`` such shuffled passes, each contender's fastest
+counting), and each is reported as its time over pyrozoo's mean-field step's
 (and over the plain Adam step's) *in the same round*, median [first-third quartile] over the rounds
 (:func:`pyrozoo.costs.paired_ratios`): the load of a shared machine drifts, but within a round it falls on
 every contender alike, so the paired ratios hold where absolute times do not.
 
     python benchmarks/step_time.py [--nets mlp lenet bn_cnn vit mixer] [--rounds 100] [--warmup 10]
-        [--threads 1] [--only WORD ...] [--with-checks]
+        [--passes 2] [--threads 1] [--only WORD ...] [--with-checks]
 
 ``bn_cnn`` is the compress issue's BatchNorm CNN (``benchmarks/bn_cnn.py``, 32x32 input) as a fresh Bayesian
 model: its convolutions and linear layers random, BatchNorm's affine a point estimate trained beside the guide
@@ -61,11 +62,12 @@ from peers import bayesian_torch, peers
 BATCH, DATASET_SIZE, CLASSES = 120, 60_000, 10
 
 
-def timed(calls: dict, rounds: int, warmup: int = 10) -> dict[str, list[float]]:
-    """Seconds of each call per round, timed round-robin in a shuffled order (:func:`pyrozoo.costs.round_robin`),
-    with Pyro's argument checks off as in training: every benchmark's timer."""
+def timed(calls: dict, rounds: int, warmup: int = 10, passes: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call per round, timed round-robin in a shuffled order (:func:`pyrozoo.costs.round_robin`;
+    with ``passes``, each call's fastest of that many shuffled passes a round), with Pyro's argument checks off
+    as in training: every benchmark's timer."""
     with pyro.validation_enabled(False):
-        return round_robin(calls, rounds, warmup)
+        return round_robin(calls, rounds, warmup, passes=passes)
 
 
 def ratio_text(quartiles: tuple[float, float, float]) -> str:
@@ -277,11 +279,11 @@ def contenders(name: str, x, y, only=(), with_checks: bool = False) -> dict:
     return steps
 
 
-def bench_net(name: str, rounds: int, warmup: int, only=(), with_checks: bool = False) -> None:
+def bench_net(name: str, rounds: int, warmup: int, only=(), with_checks: bool = False, passes: int = 1) -> None:
     side = 32 if name == "bn_cnn" else NETS[name].pad_to or 28
     x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
-    times = timed(contenders(name, x, y, only, with_checks), rounds, warmup)
-    print(f"{name}: {rounds} rounds; paired ratios per round, median [IQR]")
+    times = timed(contenders(name, x, y, only, with_checks), rounds, warmup, passes)
+    print(f"{name}: {rounds} rounds of {passes} passes; paired ratios per round, median [IQR]")
     print_ratios(name, times, {"pyrozoo meanfield": OURS, "plain Adam": PLAIN, "fused Adam": PLAIN_FUSED})
     for peer in (SUMMED, SUMMED_FUSED):
         if peer in times:
@@ -295,6 +297,12 @@ def main() -> None:
     parser.add_argument("--nets", nargs="+", default=["mlp", "lenet", "bn_cnn"])
     parser.add_argument("--rounds", type=int, default=100, help="timed rounds (each contender once per round)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=2,
+        help="shuffled passes a round, each contender's fastest counting (a preempted call's spike dropped)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
     parser.add_argument(
         "--only",
@@ -309,7 +317,7 @@ def main() -> None:
     args = parser.parse_args()
     print_set_up(args.threads)
     for name in args.nets:
-        bench_net(name, args.rounds, args.warmup, args.only, args.with_checks)
+        bench_net(name, args.rounds, args.warmup, args.only, args.with_checks, args.passes)
 
 
 if __name__ == "__main__":

@@ -91,25 +91,27 @@ def draw_apart(mean, hess, seed, weight_decay: float, noise_scale: float, weight
         out.copy_(mean[:, cut] + noise * (noise_scale * torch.rsqrt(hess[:, cut] + weight_decay)))
 
 
-def update_apart(kernels, mean, hess, momentum, grad_weight, grad_bias, z_weight, z_bias, *settings) -> None:
-    """:func:`update` (one draw) of a group drawn by :func:`draw_apart`, by ``kernels`` (two compilations of
-    :func:`update`, or it twice): on the weight's columns of the latent and on its bias column, strided views of
-    the state written in place (a concatenation of the parts would be copied first)."""
-    rows, width = grad_weight.shape[0], grad_weight.shape[1] + 1
-    state = [t.view(rows, width) for t in (mean, hess, momentum)]
-    kernels[0](*(t[:, :-1] for t in state), grad_weight, z_weight, True, *settings)
-    kernels[1](*(t[:, -1] for t in state), grad_bias, z_bias, True, *settings)
+def columns_and_bias(tensors, rows: int, width: int) -> tuple[list, list]:
+    """Flat latent-shaped tensors (a ``(rows, width)`` latent whose last column is a bias) as strided views of
+    their weight columns and of their bias column, which :func:`update` writes in place: the state of a group
+    drawn by :func:`draw_apart`, whose gradient and noise come in those two parts (a concatenation of the
+    parts would be copied first)."""
+    state = [t.view(rows, width) for t in tensors]
+    return [t[:, :-1] for t in state], [t[:, -1] for t in state]
 
 
-def _update_columns(*args) -> None:
-    """:func:`update` on the weight's columns: a code object of its own, so that its compilations (one per
-    layout) are cached apart from the others' (dynamo's limit of recompilations is per code object)."""
-    update(*args)
+def draw_each(calls: list) -> None:
+    """:func:`draw_apart` for each group's arguments: compiled, one call for every group (a call of a compiled
+    function costs ~30 us of guards, and the groups' loops come out faster in one module)."""
+    for arguments in calls:
+        draw_apart(*arguments)
 
 
-def _update_column(*args) -> None:
-    """:func:`update` on the bias column (see :func:`_update_columns`)."""
-    update(*args)
+def update_each(calls: list) -> None:
+    """:func:`update` for each group's (or group part's) arguments, compiled as one call (see
+    :func:`draw_each`); the numbers, here a list's elements, are still arguments, not constants."""
+    for arguments in calls:
+        update(*arguments)
 
 
 def update(
@@ -137,22 +139,20 @@ def update(
 _KERNELS: dict = {}
 
 
-def kernels():
-    """``(draw, update, draw_apart, (update on the weight's columns, on the bias column))`` compiled (one
-    compilation each per process and layout, for every size: dynamic shapes), checked once on a small group;
-    None, with a warning, where ``torch.compile`` fails here."""
+def kernels() -> dict | None:
+    """:func:`draw`, :func:`draw_each` and :func:`update_each` compiled (``{"draw": ..., "draw_apart": ...,
+    "update": ...}``; one compilation each per process and layout, for every size: dynamic shapes), checked once
+    on a small group; None, with a warning, where ``torch.compile`` fails here."""
     if "compiled" not in _KERNELS:
         _KERNELS["compiled"] = _compile()
     return _KERNELS["compiled"]
 
 
-def _compile():
+def _compile() -> dict | None:
     try:
-        draw_, update_, draw_apart_, columns, column = (
-            torch.compile(f, dynamic=True) for f in (draw, update, draw_apart, _update_columns, _update_column)
-        )
-        compiled = (draw_, update_, draw_apart_, (columns, column))
-        _check(*compiled)
+        named = (("draw", draw), ("draw_apart", draw_each), ("update", update_each))
+        compiled = {key: _compiled(f) for key, f in named}
+        _check(compiled)
     except Exception as error:  # no C++ compiler, an unsupported platform, a torch without inductor
         warnings.warn(
             f"IVON's compiled kernels are unavailable ({type(error).__name__}: {str(error).splitlines()[0]}); "
@@ -163,7 +163,20 @@ def _compile():
     return compiled
 
 
-def _check(compiled_draw, compiled_update, compiled_draw_apart, compiled_apart) -> None:
+# compilations kept per function: one per layout (whole, weight columns, bias column), group count and mode;
+# torch's default of 8 would run a process that trains two nets eagerly from the ninth. Raised process-wide when
+# the kernels are first built (a per-call config.patch costs ~40 us, more than the call).
+RECOMPILE_LIMIT = 64
+
+
+def _compiled(f):
+    """``f`` compiled with dynamic shapes, dynamo's limit of recompilations raised to ``RECOMPILE_LIMIT``."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(f, dynamic=True)
+
+
+def _check(compiled: dict) -> None:
     """Run the compiled kernels on a small group (a vector loop and its tail) against the eager functions, the
     kernels apart against those of the joined latent (raises where they differ); the draws with autograd on and
     the updates off, as the optimiser calls them, so that each layout compiles here once."""
@@ -173,11 +186,11 @@ def _check(compiled_draw, compiled_update, compiled_draw_apart, compiled_apart) 
     mean = torch.linspace(-1, 1, n).view(rows, width).view(-1)
     hess, seed = torch.linspace(0.1, 2, n), torch.tensor(12345)
     drawn, z, eager_drawn, eager_z = (torch.empty(n) for _ in range(4))
-    compiled_draw(mean, hess, seed, 0.1, 0.5, drawn, z)
+    compiled["draw"](mean, hess, seed, 0.1, 0.5, drawn, z)
     draw(mean, hess, seed, 0.1, 0.5, eager_drawn, eager_z)
     torch.testing.assert_close((drawn, z), (eager_drawn, eager_z))
     parts = [torch.empty(rows, width - 1), torch.empty(rows), torch.empty(rows, width - 1), torch.empty(rows)]
-    compiled_draw_apart(mean, hess, seed, 0.1, 0.5, *parts)
+    compiled["draw_apart"]([(mean, hess, seed, 0.1, 0.5, *parts)])
     for part, joined in zip(parts, (drawn, drawn, z, z)):
         whole = joined.view(rows, width)
         torch.testing.assert_close(part, whole[:, :-1] if part.dim() == 2 else whole[:, -1])
@@ -186,9 +199,10 @@ def _check(compiled_draw, compiled_update, compiled_draw_apart, compiled_apart) 
     settings = (False, 0.9, 0.999, 0.1, 0.05, 0.1, 3.0, 1.0)
     states = [[mean.clone().view(rows, width).view(-1), hess.clone(), torch.zeros(n)] for _ in range(3)]
     with torch.no_grad():
-        compiled_update(*states[0], grad, z, True, *settings)
+        compiled["update"]([(*states[0], grad, z, True, *settings)])
         update(*states[1], grad, z, True, *settings)
-        apart = (grads[:, :-1].contiguous(), grads[:, -1].contiguous(), *parts[2:])
-        update_apart(compiled_apart, *states[2], *apart, *settings)
+        columns, bias = columns_and_bias(states[2], rows, width)
+        compiled["update"]([(*columns, grads[:, :-1].contiguous(), parts[2], True, *settings)])
+        compiled["update"]([(*bias, grads[:, -1].contiguous(), parts[3], True, *settings)])
     for ours, eager, apart in zip(*states):
         torch.testing.assert_close((ours, apart), (eager, eager))

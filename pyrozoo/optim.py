@@ -214,7 +214,7 @@ class IVONOptimizer(IVON):
     def _sample_compiled(self):
         """:meth:`_sample_params` as one compiled loop per group: the noise from a fresh seed of torch's
         generator, the scale formed from the Hessian of the moment."""
-        draw = self._compiled[0]
+        draw = self._compiled["draw"]
         means, draws = [], []
         for i, group in enumerate(self.param_groups):
             scratch = self._scratch(i, group["numel"])
@@ -231,11 +231,11 @@ class IVONOptimizer(IVON):
         """Compiled, one draw (``mc_samples`` 1), for a caller that runs the net from the drawn parameters
         itself (:func:`pyrozoo.guides.ivon.ivon_step`): each group's drawn parameter as new leaves that take a
         gradient, ``(weight, bias)`` apart where ``columns[i]`` is a number (the group's parameter is a
-        ``(rows, columns[i] + 1)`` latent whose last column is a bias: :func:`pyrozoo.ivon_kernels.draw_apart`),
-        else ``(drawn,)`` in the parameter's shape; the means stay in the parameters. :meth:`collect_apart`
-        takes the gradients; the numbers are those of :meth:`sampled_params` from the same seed."""
-        draw, draw_apart = self._compiled[0], self._compiled[2]
-        self._apart = []
+        ``(rows, columns[i] + 1)`` latent whose last column is a bias: :func:`pyrozoo.ivon_kernels.draw_apart`,
+        every such group in one call), else ``(drawn,)`` in the parameter's shape; the means stay in the
+        parameters. :meth:`collect_apart` takes the gradients; the numbers are those of :meth:`sampled_params`
+        from the same seed."""
+        draw, self._apart, together = self._compiled["draw"], [], []
         for i, (group, columns_i) in enumerate(zip(self.param_groups, columns)):
             (p,) = self._params(group)
             seed, wd, noise_scale = ivon_kernels.draw_seed(), group["weight_decay"], group["ess"] ** -0.5
@@ -247,9 +247,11 @@ class IVONOptimizer(IVON):
                 if p.dim() != 2 or p.shape[1] != columns_i + 1:
                     raise ValueError(f"group {i}: a latent of {columns_i} + 1 columns expected, got {tuple(p.shape)}")
                 buffers = self._apart_buffers(i, p.shape[0], columns_i)
-                draw_apart(p.data.view(-1), group["hess"], seed, wd, noise_scale, *buffers)
+                together.append((p.data.view(-1), group["hess"], seed, wd, noise_scale, *buffers))
                 parts, noise = buffers[:2], buffers[2:]
             self._apart.append((tuple(t.detach().requires_grad_() for t in parts), noise))
+        if together:
+            self._compiled["draw_apart"](together)
         return [parts for parts, _ in self._apart]
 
     def _apart_buffers(self, i: int, rows: int, columns: int) -> tuple[torch.Tensor, ...]:
@@ -348,9 +350,11 @@ class IVONOptimizer(IVON):
             self._mark_scale(group, scratch)
 
     def _update_compiled(self):
-        """:meth:`_update` as one compiled loop per group (:func:`pyrozoo.ivon_kernels.update`)."""
+        """:meth:`_update` as one compiled loop per group, every group's in one call
+        (:func:`pyrozoo.ivon_kernels.update_each`), a group drawn apart as its weight's columns (with the other
+        groups) and its bias column (in a second call: strided views of the same state)."""
         self.current_step += 1
-        update = self._compiled[1]
+        calls, bias_calls = [], []
         for i, group in enumerate(self.param_groups):
             b1, wd, radius = group["beta1"], group["weight_decay"], group["clip_radius"]
             lr = group["lr"] * (group["hess_init"] + wd) if self.rescale_lr else group["lr"]
@@ -360,11 +364,16 @@ class IVONOptimizer(IVON):
             state = (p.data.view(-1), group["hess"], group["momentum"])
             grad, noise = self.state["avg_grad"][i], self.state["avg_nxg"][i]
             if not isinstance(grad, tuple):  # sampled_params' flat vectors
-                update(*state, grad, noise, self._noise_is_z, *settings)
+                calls.append((*state, grad, noise, self._noise_is_z, *settings))
             elif len(grad) == 2:  # draw_apart's weight and bias
-                ivon_kernels.update_apart(self._compiled[3], *state, *grad, *noise, *settings)
+                columns, bias = ivon_kernels.columns_and_bias(state, *p.shape)
+                calls.append((*columns, grad[0], noise[0], True, *settings))
+                bias_calls.append((*bias, grad[1], noise[1], True, *settings))
             else:
-                update(*state, grad[0].view(-1), noise[0], True, *settings)
+                calls.append((*state, grad[0].view(-1), noise[0], True, *settings))
+        for each in (calls, bias_calls):
+            if each:
+                self._compiled["update"](each)
         self._noise_is_z = False
 
 
