@@ -15,13 +15,14 @@ prior.
 
 Every contender is built once; then every round calls each once, in an order shuffled afresh, after warm-up
 rounds (:func:`pyrozoo.costs.round_robin`; a round is ``--passes`` such shuffled passes, each contender's fastest
-counting), and each is reported as its time over pyrozoo's mean-field step's
+counting; by default with one thread the time is the thread's CPU time, which the machine's other jobs do not
+enter), and each is reported as its time over pyrozoo's mean-field step's
 (and over the plain Adam step's) *in the same round*, median [first-third quartile] over the rounds
 (:func:`pyrozoo.costs.paired_ratios`): the load of a shared machine drifts, but within a round it falls on
 every contender alike, so the paired ratios hold where absolute times do not.
 
     python benchmarks/step_time.py [--nets mlp lenet bn_cnn vit mixer] [--rounds 100] [--warmup 10]
-        [--passes 2] [--threads 1] [--only WORD ...] [--with-checks]
+        [--passes 2] [--threads 1] [--clock cpu|wall] [--only WORD ...] [--with-checks]
 
 ``bn_cnn`` is the compress issue's BatchNorm CNN (``benchmarks/bn_cnn.py``, 32x32 input) as a fresh Bayesian
 model: its convolutions and linear layers random, BatchNorm's affine a point estimate trained beside the guide
@@ -40,6 +41,7 @@ import copy
 import math
 import os
 import platform
+import time
 
 import pyro
 import pyro.distributions as dist
@@ -60,14 +62,15 @@ from bn_cnn import bn_cnn  # benchmarks/ is on the path when run as a script
 from peers import bayesian_torch, peers
 
 BATCH, DATASET_SIZE, CLASSES = 120, 60_000, 10
+CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 
-def timed(calls: dict, rounds: int, warmup: int = 10, passes: int = 1) -> dict[str, list[float]]:
+def timed(calls: dict, rounds: int, warmup: int = 10, passes: int = 1, clock=None) -> dict:
     """Seconds of each call per round, timed round-robin in a shuffled order (:func:`pyrozoo.costs.round_robin`;
-    with ``passes``, each call's fastest of that many shuffled passes a round), with Pyro's argument checks off
-    as in training: every benchmark's timer."""
+    with ``passes``, each call's fastest of that many shuffled passes a round; ``clock`` as there), with Pyro's
+    argument checks off as in training: every benchmark's timer."""
     with pyro.validation_enabled(False):
-        return round_robin(calls, rounds, warmup, passes=passes)
+        return round_robin(calls, rounds, warmup, passes=passes, clock=clock)
 
 
 def ratio_text(quartiles: tuple[float, float, float]) -> str:
@@ -279,10 +282,12 @@ def contenders(name: str, x, y, only=(), with_checks: bool = False) -> dict:
     return steps
 
 
-def bench_net(name: str, rounds: int, warmup: int, only=(), with_checks: bool = False, passes: int = 1) -> None:
+def bench_net(
+    name: str, rounds: int, warmup: int, only=(), with_checks: bool = False, passes: int = 1, clock=None
+) -> None:
     side = 32 if name == "bn_cnn" else NETS[name].pad_to or 28
     x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
-    times = timed(contenders(name, x, y, only, with_checks), rounds, warmup, passes)
+    times = timed(contenders(name, x, y, only, with_checks), rounds, warmup, passes, clock)
     print(f"{name}: {rounds} rounds of {passes} passes; paired ratios per round, median [IQR]")
     print_ratios(name, times, {"pyrozoo meanfield": OURS, "plain Adam": PLAIN, "fused Adam": PLAIN_FUSED})
     for peer in (SUMMED, SUMMED_FUSED):
@@ -305,6 +310,13 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
     parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        help="cpu: the thread's CPU time, which other jobs on the machine do not enter (the default with one "
+        "thread); wall: wall-clock time (the default with more threads, whose work the main thread's CPU time "
+        "leaves out)",
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
         default=(),
@@ -315,9 +327,10 @@ def main() -> None:
         "--with-checks", action="store_true", help="also time our step with Pyro's argument checks on"
     )
     args = parser.parse_args()
-    print_set_up(args.threads)
+    clock = args.clock or ("cpu" if args.threads == 1 else "wall")
+    print_set_up(args.threads, before=f"{clock} clock, ")
     for name in args.nets:
-        bench_net(name, args.rounds, args.warmup, args.only, args.with_checks, args.passes)
+        bench_net(name, args.rounds, args.warmup, args.only, args.with_checks, args.passes, CLOCKS[clock])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ MLP (experiments/RESULTS.md, the IVON step against a plain Adam step). Here the 
 each weight's index (:func:`standard_normal`: SplitMix64's output for that counter, Box-Muller's cosine
 branch), which inductor compiles into the same vectorised C++ loop as the perturbation of the weights; and the
 update (momentum, Hessian, means, with ``z * g`` formed inside) is one more loop. Two passes over the weights
-per step where eager code makes a dozen and a serial draw.
+per step where eager code makes a dozen and a serial draw. A layer's ``[W | b]`` latent can be drawn apart
+(:func:`draw_apart`) into the contiguous weight and bias a linear layer takes, which saves the forward pass its
+copy of the weight out of the latent and the backward pass its gradient written back into the latent's layout;
+the update then reads the parts through strided views (:func:`columns_and_bias`). Every group goes in one call
+(:func:`draw_each`, :func:`update_each`): a compiled call costs ~30 us of guards.
 
 The numbers are IVON's update exactly, given the same noise; the noise is another generator's than ivon-opt's
 ``torch.randn`` (tests/guides/test_ivon.py hands ivon-opt this module's noise and compares). Used by

@@ -297,6 +297,8 @@ def test_round_robin_calls_each_once_a_round_in_a_fresh_order_and_pairs_ratios_b
     durations = {"a": lambda: [next(clock) for _ in range(int(next(slow)) - 1)], "b": lambda: None}
     times = costs.round_robin(durations, rounds=2, warmup=0, passes=3)
     assert times == {"a": [1, 1], "b": [1, 1]}
+    ticks = iter(range(0, 10**6, 7))  # the clock given is the one read
+    assert costs.round_robin({"a": lambda: None}, rounds=2, clock=lambda: next(ticks)) == {"a": [7, 7]}
     ratios = costs.paired_ratios({"base": [1.0, 1.0, 10.0], "x": [2.0, 20.0, 20.0]}, "base")
     assert ratios["x"] == (2.0, 2.0, 11.0) and ratios["base"] == (1.0, 1.0, 1.0)  # medians' ratio: 20
 
