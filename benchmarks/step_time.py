@@ -14,13 +14,15 @@ averaged KL and with that KL summed (the true ELBO), TyXe and plain Pyro, each o
 prior.
 
 Every contender is built once; then every round calls each once, in an order shuffled afresh, after warm-up
-rounds (:func:`pyrozoo.costs.round_robin`), and each is reported as its time over pyrozoo's mean-field step's
+rounds (:func:`pyrozoo.costs.round_robin`; a round is ``--passes`` such shuffled passes, each contender's fastest
+counting; by default with one thread the time is the thread's CPU time, which the machine's other jobs do not
+enter), and each is reported as its time over pyrozoo's mean-field step's
 (and over the plain Adam step's) *in the same round*, median [first-third quartile] over the rounds
 (:func:`pyrozoo.costs.paired_ratios`): the load of a shared machine drifts, but within a round it falls on
 every contender alike, so the paired ratios hold where absolute times do not.
 
     python benchmarks/step_time.py [--nets mlp lenet bn_cnn vit mixer] [--rounds 100] [--warmup 10]
-        [--threads 1] [--only WORD ...] [--with-checks]
+        [--passes 2] [--threads 1] [--clock cpu|wall] [--only WORD ...] [--with-checks]
 
 ``bn_cnn`` is the compress issue's BatchNorm CNN (``benchmarks/bn_cnn.py``, 32x32 input) as a fresh Bayesian
 model: its convolutions and linear layers random, BatchNorm's affine a point estimate trained beside the guide
@@ -39,6 +41,7 @@ import copy
 import math
 import os
 import platform
+import time
 
 import pyro
 import pyro.distributions as dist
@@ -59,13 +62,15 @@ from bn_cnn import bn_cnn  # benchmarks/ is on the path when run as a script
 from peers import bayesian_torch, peers
 
 BATCH, DATASET_SIZE, CLASSES = 120, 60_000, 10
+CLOCKS = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 
-def timed(calls: dict, rounds: int, warmup: int = 10) -> dict[str, list[float]]:
-    """Seconds of each call per round, timed round-robin in a shuffled order (:func:`pyrozoo.costs.round_robin`),
-    with Pyro's argument checks off as in training: every benchmark's timer."""
+def timed(calls: dict, rounds: int, warmup: int = 10, passes: int = 1, clock=None) -> dict:
+    """Seconds of each call per round, timed round-robin in a shuffled order (:func:`pyrozoo.costs.round_robin`;
+    with ``passes``, each call's fastest of that many shuffled passes a round; ``clock`` as there), with Pyro's
+    argument checks off as in training: every benchmark's timer."""
     with pyro.validation_enabled(False):
-        return round_robin(calls, rounds, warmup)
+        return round_robin(calls, rounds, warmup, passes=passes, clock=clock)
 
 
 def ratio_text(quartiles: tuple[float, float, float]) -> str:
@@ -215,6 +220,7 @@ def adam_step(net, x, y, fused: bool = False):
 PLAIN, FLOOR, OURS = "plain pytorch (deterministic)", "hand-written mean-field", "pyrozoo svi, guide=meanfield"
 PLAIN_FUSED = PLAIN + ", fused Adam"
 IVON, PUBLISHED = "pyrozoo ivon (plain net + IVON)", "pyrozoo ivon, ivon-opt's own update"
+COMPILED = "pyrozoo ivon, compiled kernel"
 SUMMED = "bayesian-torch, KL summed (true ELBO)"
 SUMMED_FUSED = SUMMED + ", fused Adam, channels-last"
 
@@ -252,6 +258,10 @@ def contenders(name: str, x, y, only=(), with_checks: bool = False) -> dict:
         published = published_ivon(published_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE))
         published_guide.optimizer = published
         steps[PUBLISHED] = lambda: ivon_step(published_model, published_guide, published, x, y, DATASET_SIZE)
+        compiled_model = BayesianModel(fresh(), prior=gaussian)
+        compiled_guide = make_guide("ivon", compiled_model, options={"kernel": "compiled"})
+        compiled = compiled_guide.make_optimizer(lr=0.1, dataset_size=DATASET_SIZE)
+        steps[COMPILED] = lambda: ivon_step(compiled_model, compiled_guide, compiled, x, y, DATASET_SIZE)
     if with_checks:  # Pyro's and torch's argument checks on, as Pyro has them by default
         steps["pyrozoo svi, meanfield, checks on"] = pyrozoo_step(
             model, make_guide("meanfield", model), validate=True
@@ -272,11 +282,13 @@ def contenders(name: str, x, y, only=(), with_checks: bool = False) -> dict:
     return steps
 
 
-def bench_net(name: str, rounds: int, warmup: int, only=(), with_checks: bool = False) -> None:
+def bench_net(
+    name: str, rounds: int, warmup: int, only=(), with_checks: bool = False, passes: int = 1, clock=None
+) -> None:
     side = 32 if name == "bn_cnn" else NETS[name].pad_to or 28
     x, y = torch.randn(BATCH, 1, side, side), torch.randint(0, CLASSES, (BATCH,))
-    times = timed(contenders(name, x, y, only, with_checks), rounds, warmup)
-    print(f"{name}: {rounds} rounds; paired ratios per round, median [IQR]")
+    times = timed(contenders(name, x, y, only, with_checks), rounds, warmup, passes, clock)
+    print(f"{name}: {rounds} rounds of {passes} passes; paired ratios per round, median [IQR]")
     print_ratios(name, times, {"pyrozoo meanfield": OURS, "plain Adam": PLAIN, "fused Adam": PLAIN_FUSED})
     for peer in (SUMMED, SUMMED_FUSED):
         if peer in times:
@@ -290,7 +302,20 @@ def main() -> None:
     parser.add_argument("--nets", nargs="+", default=["mlp", "lenet", "bn_cnn"])
     parser.add_argument("--rounds", type=int, default=100, help="timed rounds (each contender once per round)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=2,
+        help="shuffled passes a round, each contender's fastest counting (a preempted call's spike dropped)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        help="cpu: the thread's CPU time, which other jobs on the machine do not enter (the default with one "
+        "thread); wall: wall-clock time (the default with more threads, whose work the main thread's CPU time "
+        "leaves out)",
+    )
     parser.add_argument(
         "--only",
         nargs="+",
@@ -302,9 +327,10 @@ def main() -> None:
         "--with-checks", action="store_true", help="also time our step with Pyro's argument checks on"
     )
     args = parser.parse_args()
-    print_set_up(args.threads)
+    clock = args.clock or ("cpu" if args.threads == 1 else "wall")
+    print_set_up(args.threads, before=f"{clock} clock, ")
     for name in args.nets:
-        bench_net(name, args.rounds, args.warmup, args.only, args.with_checks)
+        bench_net(name, args.rounds, args.warmup, args.only, args.with_checks, args.passes, CLOCKS[clock])
 
 
 if __name__ == "__main__":

@@ -49,20 +49,35 @@ def _calls_per_turn(net: nn.Module, example: torch.Tensor, seconds: float = 0.00
 
 
 def round_robin(
-    calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 1, seed: int = 0
+    calls: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    seed: int = 0,
+    passes: int = 1,
+    clock: Callable[[], float] | None = None,
 ) -> dict[str, list[float]]:
     """Seconds of each call in each of ``rounds`` rounds, after ``warmup`` untimed rounds. Every round calls
     each once, in an order shuffled afresh (by its own generator, seeded ``seed``), so that a shared machine's
-    load, which drifts within a round as well as between rounds, falls on every call alike."""
+    load, which drifts within a round as well as between rounds, falls on every call alike. With ``passes``
+    above 1 a round is that many such shuffled passes and a call's time in it is its fastest: a call that
+    another job preempted once counts its undisturbed time, each call still between the others (not repeated
+    back to back, which would find its own data in cache). ``clock`` reads the time: wall-clock (None, the
+    default); ``time.thread_time``, the calling thread's CPU time, leaves out the time other jobs take the core
+    (valid where the calls run on this thread alone: one torch thread)."""
+    clock = clock or time.perf_counter
     order, times = list(calls), {name: [] for name in calls}
     shuffle = random.Random(seed).shuffle
     for timed in [False] * warmup + [True] * rounds:
-        shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            calls[name]()
-            if timed:
-                times[name].append(time.perf_counter() - start)
+        fastest = dict.fromkeys(calls, math.inf)
+        for _ in range(passes):
+            shuffle(order)
+            for name in order:
+                start = clock()
+                calls[name]()
+                fastest[name] = min(fastest[name], clock() - start)
+        if timed:
+            for name, seconds in fastest.items():
+                times[name].append(seconds)
     return times
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ivon import IVON
 
+from pyrozoo import ivon_kernels
 from pyrozoo.registry import Registry
 
 
@@ -89,13 +90,43 @@ class IVONOptimizer(IVON):
     (``price`` Hessian estimate, debiasing, learning-rate rescaling, clipping), up to the rounding of fused
     operations (tests/guides/test_ivon.py runs both side by side from the same random draws). The state layout
     (``group["hess"]``, ``group["momentum"]``) is ivon-opt's, so its ``state_dict`` is unchanged.
+
+    ``kernel="compiled"`` (float32 on the CPU, one contiguous parameter per group as pyrozoo's groups are, no
+    ``sync``): the draw and the update each one loop compiled by ``torch.compile`` (:mod:`pyrozoo.ivon_kernels`),
+    the noise from a counter-based generator seeded from torch's, not ivon-opt's ``randn`` (the update's numbers
+    are ivon-opt's given the same noise, tested); where compiling fails, a warning and the eager step. With
+    :meth:`draw_apart` and :meth:`collect_apart` a caller runs the net from a layer's weight and bias drawn
+    apart, as :func:`pyrozoo.guides.ivon.ivon_step` does.
     """
 
-    def __init__(self, *args, **kwargs):
+    KERNELS = ("eager", "compiled")
+
+    def __init__(self, *args, kernel: str = "eager", **kwargs):
         super().__init__(*args, **kwargs)
         self._scratches: dict[int, dict] = {}
         if self.hess_approx != "price":
             raise ValueError("pyrozoo's IVON step implements hess_approx='price' (ivon-opt's default) only")
+        if kernel not in self.KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(self.KERNELS)}, got {kernel!r}")
+        if kernel == "compiled" and not self._compilable():
+            raise ValueError(
+                "kernel 'compiled' takes float32 parameters on the CPU, one contiguous parameter per group, "
+                "and no sync across processes"
+            )
+        self._compiled = ivon_kernels.kernels() if kernel == "compiled" else None
+        self.kernel = "compiled" if self._compiled else "eager"  # eager where compiling failed (warned)
+        self._noise_is_z = False  # the collected noise holds the draw's z, not z * g (one draw, compiled)
+        self._apart = None  # draw_apart's leaves and noise until collect_apart
+
+    def _compilable(self) -> bool:
+        params = [p for group in self.param_groups for p in self._params(group)]
+        one_each = all(len(self._params(group)) == 1 for group in self.param_groups)
+        return (
+            one_each
+            and not self.sync
+            and self._device.type == "cpu"
+            and all(p.is_contiguous() and p.dtype == torch.float32 for p in params)
+        )
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -123,16 +154,15 @@ class IVONOptimizer(IVON):
 
     def _scratch(self, i: int, numel: int) -> dict:
         """Group ``i``'s scratch vectors, kept across steps (one allocation, not one per step; reallocated when
-        compaction resizes the group): ``shifted`` (``hess + wd``), ``scale`` (``(hess + wd)^-1/2``, the
-        noise's scale but for ``ess^-1/2``), ``drawn`` (the drawn weights) and ``z`` (the draw's standard
-        normal noise, then ``z * g``). Not in ``state_dict``."""
+        compaction resizes the group): ``drawn`` (the drawn weights) and ``z`` (the draw's standard normal
+        noise, then ``z * g``); eagerly also ``shifted`` (``hess + wd``) and ``scale`` (``(hess + wd)^-1/2``,
+        the noise's scale but for ``ess^-1/2``), which the compiled loops form in registers. Not in
+        ``state_dict``."""
         scratch = self._scratches.get(i)
-        if scratch is None or scratch["shifted"].numel() != numel:
-            scratch = {
-                key: torch.empty(numel, device=self._device, dtype=self._dtype)
-                for key in ("shifted", "scale", "drawn", "z")
-            }
-            self._scratches[i] = scratch
+        if scratch is None or "z" not in scratch or scratch["z"].numel() != numel:
+            keys = ("drawn", "z") if self._compiled else ("shifted", "scale", "drawn", "z")
+            made = {key: torch.empty(numel, device=self._device, dtype=self._dtype) for key in keys}
+            scratch = self._scratches[i] = {**(scratch or {}), **made}
         return scratch
 
     @staticmethod
@@ -159,6 +189,8 @@ class IVONOptimizer(IVON):
         written into a buffer kept across steps (the parameter's ``data`` swapped to it, its own tensor, the
         mean, untouched); returns the means and each group's ``z`` (standard normal, not scaled: the gradient
         collection and the update need it only through ``z * g``, with the scale kept from this draw)."""
+        if self._compiled:
+            return self._sample_compiled()
         means, draws = [], []
         for i, group in enumerate(self.param_groups):
             scratch = self._scratch(i, group["numel"])
@@ -179,6 +211,69 @@ class IVONOptimizer(IVON):
             draws.append(z)
         return means, draws
 
+    def _sample_compiled(self):
+        """:meth:`_sample_params` as one compiled loop per group: the noise from a fresh seed of torch's
+        generator, the scale formed from the Hessian of the moment."""
+        draw = self._compiled["draw"]
+        means, draws = [], []
+        for i, group in enumerate(self.param_groups):
+            scratch = self._scratch(i, group["numel"])
+            (p,) = self._params(group)
+            seed = ivon_kernels.draw_seed()
+            wd, noise_scale = group["weight_decay"], group["ess"] ** -0.5
+            draw(p.data.view(-1), group["hess"], seed, wd, noise_scale, scratch["drawn"], scratch["z"])
+            means.append(p.data)
+            p.data = scratch["drawn"].view(p.shape)
+            draws.append(scratch["z"])
+        return means, draws
+
+    def draw_apart(self, columns: list) -> list[tuple[torch.Tensor, ...]]:
+        """Compiled, one draw (``mc_samples`` 1), for a caller that runs the net from the drawn parameters
+        itself (:func:`pyrozoo.guides.ivon.ivon_step`): each group's drawn parameter as new leaves that take a
+        gradient, ``(weight, bias)`` apart where ``columns[i]`` is a number (the group's parameter is a
+        ``(rows, columns[i] + 1)`` latent whose last column is a bias: :func:`pyrozoo.ivon_kernels.draw_apart`,
+        every such group in one call), else ``(drawn,)`` in the parameter's shape; the means stay in the
+        parameters. :meth:`collect_apart` takes the gradients; the numbers are those of :meth:`sampled_params`
+        from the same seed."""
+        draw, self._apart, together = self._compiled["draw"], [], []
+        for i, (group, columns_i) in enumerate(zip(self.param_groups, columns)):
+            (p,) = self._params(group)
+            seed, wd, noise_scale = ivon_kernels.draw_seed(), group["weight_decay"], group["ess"] ** -0.5
+            if columns_i is None:
+                scratch = self._scratch(i, group["numel"])
+                draw(p.data.view(-1), group["hess"], seed, wd, noise_scale, scratch["drawn"], scratch["z"])
+                parts, noise = (scratch["drawn"].view(p.shape),), (scratch["z"],)
+            else:
+                if p.dim() != 2 or p.shape[1] != columns_i + 1:
+                    raise ValueError(f"group {i}: a latent of {columns_i} + 1 columns expected, got {tuple(p.shape)}")
+                buffers = self._apart_buffers(i, p.shape[0], columns_i)
+                together.append((p.data.view(-1), group["hess"], seed, wd, noise_scale, *buffers))
+                parts, noise = buffers[:2], buffers[2:]
+            self._apart.append((tuple(t.detach().requires_grad_() for t in parts), noise))
+        if together:
+            self._compiled["draw_apart"](together)
+        return [parts for parts, _ in self._apart]
+
+    def _apart_buffers(self, i: int, rows: int, columns: int) -> tuple[torch.Tensor, ...]:
+        """Group ``i``'s kept buffers for :meth:`draw_apart`: weight, bias, and their noise."""
+        scratch = self._scratches.setdefault(i, {})
+        buffers = scratch.get("apart")
+        if buffers is None or buffers[0].shape != (rows, columns):
+            shapes = [(rows, columns), (rows,)] * 2
+            buffers = tuple(torch.empty(s, device=self._device, dtype=self._dtype) for s in shapes)
+            scratch["apart"] = buffers
+        return buffers
+
+    def collect_apart(self) -> None:
+        """The gradients of the leaves :meth:`draw_apart` gave, as this step's one draw (kept apart: the
+        update's loop reads them in the latent's order)."""
+        grads, noises = [], []
+        for parts, noise in self._apart:
+            grads.append(tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in parts))
+            noises.append(noise)
+        self.state.update(count=1, avg_grad=grads, avg_nxg=noises)
+        self._noise_is_z, self._apart = True, None
+
     def _restore_param_average(self, train: bool, param_avg, noise):
         """The means back in place; with ``train``, the gradient and ``z * gradient`` of this draw enter their
         running means over the draws (Welford, as ivon-opt; ivon-opt's ``noise * gradient`` is this over the
@@ -192,12 +287,14 @@ class IVONOptimizer(IVON):
         count = self.state["count"] + 1
         self.state["count"] = count
         avg_grad, avg_nxg = self.state["avg_grad"] or [], self.state["avg_nxg"] or []
+        # one draw, compiled: z kept as it is, the update's loop multiplies it by the gradient
+        self._noise_is_z = self._compiled is not None and self.mc_samples == 1
         first = 0
         for i, group in enumerate(self.param_groups):
             n = len(self._params(group))
             grad = self._flat(grads[first : first + n])
             first += n
-            zxg = noise[i].mul_(grad)  # z is not needed after this draw
+            zxg = noise[i] if self._noise_is_z else noise[i].mul_(grad)  # z is not needed after this draw
             if count == 1:  # with more draws to come, copies: the next draw reuses z's buffer
                 avg_grad.append(grad.clone() if self.mc_samples > 1 else grad)
                 avg_nxg.append(zxg.clone() if self.mc_samples > 1 else zxg)
@@ -206,13 +303,15 @@ class IVONOptimizer(IVON):
                 avg_nxg[i].add_(zxg.sub_(avg_nxg[i]).div_(count))
         self.state["avg_grad"], self.state["avg_nxg"] = avg_grad, avg_nxg
 
-    def _sync_samples(self):
+    def _sync_samples(self):  # (eager only: the compiled kernel refuses sync)
         world_size = torch.distributed.get_world_size()
         for tensor in (*self.state["avg_grad"], *self.state["avg_nxg"]):
             torch.distributed.all_reduce(tensor)
             tensor.div_(world_size)
 
     def _update(self):
+        if self._compiled:
+            return self._update_compiled()
         self.current_step += 1
         for i, group in enumerate(self.param_groups):
             b1, b2, wd = group["beta1"], group["beta2"], group["weight_decay"]
@@ -249,6 +348,33 @@ class IVONOptimizer(IVON):
                     offset += p.numel()
             torch.rsqrt(shifted, out=scratch["scale"])  # the next draw's, while hess + wd is in cache
             self._mark_scale(group, scratch)
+
+    def _update_compiled(self):
+        """:meth:`_update` as one compiled loop per group, every group's in one call
+        (:func:`pyrozoo.ivon_kernels.update_each`), a group drawn apart as its weight's columns (with the other
+        groups) and its bias column (in a second call: strided views of the same state)."""
+        self.current_step += 1
+        calls, bias_calls = [], []
+        for i, group in enumerate(self.param_groups):
+            b1, wd, radius = group["beta1"], group["weight_decay"], group["clip_radius"]
+            lr = group["lr"] * (group["hess_init"] + wd) if self.rescale_lr else group["lr"]
+            debias = 1.0 - pow(b1, float(self.current_step)) if self.debias else 1.0
+            settings = (radius != math.inf, b1, group["beta2"], wd, lr, debias, math.sqrt(group["ess"]), radius)
+            (p,) = self._params(group)
+            state = (p.data.view(-1), group["hess"], group["momentum"])
+            grad, noise = self.state["avg_grad"][i], self.state["avg_nxg"][i]
+            if not isinstance(grad, tuple):  # sampled_params' flat vectors
+                calls.append((*state, grad, noise, self._noise_is_z, *settings))
+            elif len(grad) == 2:  # draw_apart's weight and bias
+                columns, bias = ivon_kernels.columns_and_bias(state, *p.shape)
+                calls.append((*columns, grad[0], noise[0], True, *settings))
+                bias_calls.append((*bias, grad[1], noise[1], True, *settings))
+            else:
+                calls.append((*state, grad[0].view(-1), noise[0], True, *settings))
+        for each in (calls, bias_calls):
+            if each:
+                self._compiled["update"](each)
+        self._noise_is_z = False
 
 
 def _tensors(params: list) -> list[torch.Tensor]:

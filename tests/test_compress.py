@@ -341,7 +341,7 @@ def test_module_times_follow_the_forward_pass():
     assert all(seconds > 0 for _, seconds, _ in times)
 
 
-def test_round_robin_calls_each_once_a_round_in_a_fresh_order_and_pairs_ratios_by_round():
+def test_round_robin_calls_each_once_a_round_in_a_fresh_order_and_pairs_ratios_by_round(monkeypatch):
     """The benchmarks' timer: warm-up rounds untimed, every call once per timed round, the order shuffled; a
     ratio is taken within each round, so a round slowed for all (the third) does not skew it as medians would.
     """
@@ -352,6 +352,15 @@ def test_round_robin_calls_each_once_a_round_in_a_fresh_order_and_pairs_ratios_b
     assert len({tuple(r) for r in rounds}) > 5 and {k: len(t) for k, t in times.items()} == dict.fromkeys(
         "abcd", 20
     )
+    calls.clear()  # several passes a round: each call's fastest of its passes, each pass in its own order
+    slow = iter([5.0, 1.0, 3.0] * 2)
+    clock = iter(range(10**6))
+    monkeypatch.setattr(costs.time, "perf_counter", lambda: next(clock))
+    durations = {"a": lambda: [next(clock) for _ in range(int(next(slow)) - 1)], "b": lambda: None}
+    times = costs.round_robin(durations, rounds=2, warmup=0, passes=3)
+    assert times == {"a": [1, 1], "b": [1, 1]}
+    ticks = iter(range(0, 10**6, 7))  # the clock given is the one read
+    assert costs.round_robin({"a": lambda: None}, rounds=2, clock=lambda: next(ticks)) == {"a": [7, 7]}
     ratios = costs.paired_ratios({"base": [1.0, 1.0, 10.0], "x": [2.0, 20.0, 20.0]}, "base")
     assert ratios["x"] == (2.0, 2.0, 11.0) and ratios["base"] == (1.0, 1.0, 1.0)  # medians' ratio: 20
 

@@ -212,9 +212,7 @@ class BayesianModel(nn.Module):
             params = {}
             for layer, w in zip(layers, ws):
                 params.update(layer.split(w))
-            if nhwc:
-                params = {name: _channels_last(p) for name, p in params.items()}
-            return select_output(functional_call(self.net, params, args, kwargs), self.output_key)
+            return self._output(params, args, kwargs, nhwc)
 
         first = weights[layers[0].name]
         batch = first.shape[: first.dim() - 2]
@@ -225,6 +223,19 @@ class BayesianModel(nn.Module):
         flat = [weights[layer.name].expand(batch + layer.shape).reshape(-1, *layer.shape) for layer in layers]
         out = torch.vmap(one, randomness="different")(*flat)
         return out.reshape(batch + out.shape[1:])
+
+    def logits_of_params(self, x, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`logits` from the net's parameters themselves (``{name: tensor}`` as :meth:`Layer.split`
+        gives them, no batch dimensions): for a caller that has them apart already (IVON's compiled draw)."""
+        if self._example is None:
+            self._example = _detached(x)
+        args, kwargs = call_arguments(x)
+        return self._output(params, args, kwargs, nhwc=next(iter(params.values())).device.type == "cpu")
+
+    def _output(self, params: dict[str, torch.Tensor], args, kwargs, nhwc: bool) -> torch.Tensor:
+        if nhwc:
+            params = {name: _channels_last(p) for name, p in params.items()}
+        return select_output(functional_call(self.net, params, args, kwargs), self.output_key)
 
     def forward(self, x, y: torch.Tensor | None = None, dataset_size: int | None = None):
         weights = self.sample_weights()

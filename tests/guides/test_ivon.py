@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -169,10 +170,13 @@ def test_sampling_is_ivons_posterior(tmp_path):
     assert float(ratio) == pytest.approx(1.0, abs=0.05)
 
 
-def test_a_resumed_run_continues_bit_for_bit(tmp_path):
-    straight = Run(_tiny(), tmp_path / "straight", log=print)
+@pytest.mark.parametrize("kernel", ["eager", "compiled"])  # compiled: the noise's seeds are torch's generator's
+def test_a_resumed_run_continues_bit_for_bit(tmp_path, kernel):
+    options = {"guide_options": {"kernel": kernel}}
+    straight = Run(_tiny(**options), tmp_path / "straight", log=print)
     straight.train(progress=False)
-    first = Run(_tiny(epochs=2), tmp_path / "split", log=print)
+    assert straight.optimizer.kernel == kernel
+    first = Run(_tiny(epochs=2, **options), tmp_path / "split", log=print)
     first.train(progress=False)
     first.close()
     resumed = Run.open(tmp_path / "split", log=print, epochs=3)
@@ -230,18 +234,24 @@ def test_threshold_pass_on_ivon_prunes_by_dF(tmp_path):
     assert 0 < report.pruned_fraction < 1
 
 
+IVON_CASES = [
+    {},  # pyrozoo's use: one parameter per group, one draw per step
+    {"mc_samples": 3, "clip_radius": 0.05},
+    {"joined": True, "rescale_lr": False, "beta2": 0.9},  # a group of several parameters
+    {"rescale_lr": False, "beta2": 0.9, "debias": False},  # the Hessian's second-order term counts
+    {"resized": True},  # compaction cuts a unit after 3 steps: the kept scratch buffers follow the new size
+]
+
+
 @pytest.mark.parametrize(
-    "options",
-    [
-        {},  # pyrozoo's use: one parameter per group, one draw per step
-        {"mc_samples": 3, "clip_radius": 0.05},
-        {"joined": True, "rescale_lr": False, "beta2": 0.9},  # a group of several parameters
-        {"resized": True},  # compaction cuts a unit after 3 steps: the kept scratch buffers follow the new size
-    ],
+    "options, kernel",
+    [(case, "eager") for case in IVON_CASES]
+    + [(case, "compiled") for case in IVON_CASES if "joined" not in case],  # compiled: one parameter a group
 )
-def test_the_in_place_ivon_step_is_ivon_opts(options):
-    """pyrozoo's IVON (its three per-step methods rewritten in place) against ivon-opt's own, from the same random
-    draws: the same weights, Hessian and momentum after every step, to float rounding."""
+def test_the_in_place_ivon_step_is_ivon_opts(options, kernel, monkeypatch):
+    """pyrozoo's IVON (its three per-step methods rewritten in place, or compiled) against ivon-opt's own, from
+    the same random draws: the same weights, Hessian and momentum after every step, to float rounding. Compiled,
+    the noise is another generator's: ivon-opt's ``randn`` hands it the noise of pyrozoo's draws, in order."""
     from ivon import IVON
 
     from pyrozoo.optim import IVONOptimizer
@@ -259,7 +269,11 @@ def test_the_in_place_ivon_step_is_ivon_opts(options):
         return [{"params": [p], "weight_decay": 1e-3 * (i + 1)} for i, p in enumerate(net.parameters())]
 
     settings = dict(lr=0.1, ess=100.0, hess_init=0.3, **options)
-    optimizers = [IVON(groups(nets[0]), **settings), IVONOptimizer(groups(nets[1]), **settings)]
+    optimizers = [IVON(groups(nets[0]), **settings), IVONOptimizer(groups(nets[1]), kernel=kernel, **settings)]
+    assert optimizers[1].kernel == kernel
+    if kernel == "compiled":
+        noise = _recorded_draws(optimizers[1])
+        monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: noise.pop(0))
     for step in range(6):
         if resized and step == 3:  # the first layer's last unit cut, as IVONPosterior.resize cuts it
             cuts = [(slice(0, 6),), (slice(0, 6),), (slice(None), slice(0, 6)), (slice(None),)]
@@ -271,7 +285,7 @@ def test_the_in_place_ivon_step_is_ivon_opts(options):
                     p.data = p.data[cut].clone()
                     group["numel"] = p.numel()
                 optimizer._numel = sum(g["numel"] for g in optimizer.param_groups)
-        for net, optimizer in zip(nets, optimizers):
+        for net, optimizer in reversed(list(zip(nets, optimizers))):  # ours first: ivon-opt's noise is its
             torch.manual_seed(step)
             for _ in range(optimizer.mc_samples):
                 with optimizer.sampled_params(train=True):
@@ -284,6 +298,22 @@ def test_the_in_place_ivon_step_is_ivon_opts(options):
             for key in ("hess", "momentum"):
                 torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6)
         assert optimizers[1].current_step == optimizers[0].current_step
+    if kernel == "compiled":
+        assert not noise  # ivon-opt drew exactly the noise pyrozoo's draws made
+
+
+def _recorded_draws(optimizer) -> list:
+    """The list that collects a copy of each standard normal noise ``optimizer`` draws (in draw order, group by
+    group), which ivon-opt's noise, ``randn(numel) / sqrt(ess (hess + wd))``, is when handed it."""
+    noise, sample = [], optimizer._sample_params
+
+    def recording():
+        means, draws = sample()
+        noise.extend(z.clone() for z in draws)
+        return means, draws
+
+    optimizer._sample_params = recording
+    return noise
 
 
 def test_a_draw_leaves_the_means_in_their_own_storage_bit_for_bit():
@@ -338,3 +368,115 @@ def test_a_bmr_pass_on_a_hessian_still_near_its_start_is_warned_of(tmp_path, bet
     assert bool(said) == warns, logs
     if warns:
         assert "99%" in said[0] and "--warmup-steps" in said[0]
+
+
+def _ivon_twins():
+    """A tiny MLP (biases, a pruned entry in its first layer) with pyrozoo's IVON compiled, and its twin with
+    ivon-opt's own optimiser over the same groups and settings."""
+    from ivon import IVON
+
+    from pyrozoo.nets import create_net
+
+    torch.manual_seed(0)
+    net = create_net("mlp", in_channels=1, image_size=4, num_classes=3, hidden=(5, 4))
+    models = [BayesianModel(net, prior=gaussian), BayesianModel(copy.deepcopy(net), prior=gaussian)]
+    for model in models:
+        keep = torch.ones(model.layers[0].shape)
+        keep[1, 2] = keep[3, -1] = 0  # a weight and a bias
+        model.set_mask(model.layers[0].name, keep)
+    guides = [make_guide("ivon", model, options={"kernel": kernel}) for model, kernel in zip(models, KERNELS)]
+    ours = guides[0].make_optimizer(lr=0.1, dataset_size=50)
+    mine = guides[1].make_optimizer(lr=0.1, dataset_size=50)
+    settings = {key: mine.param_groups[0][key] for key in ("lr", "ess", "hess_init", "beta1", "beta2")}
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in mine.param_groups]
+    theirs = guides[1].optimizer = IVON(groups, **settings)
+    return models, guides, (ours, theirs)
+
+
+KERNELS = ("compiled", "eager")
+
+
+def test_the_compiled_ivon_step_is_ivon_opts(monkeypatch):
+    """pyrozoo's IVON step with ``kernel="compiled"`` (each layer's weight and bias drawn apart, the update on
+    strided views of the state, the masks applied to the parts) against ivon-opt's through the eager path,
+    which is handed the same noise: the same losses, weights, Hessian and momentum after every step."""
+    from pyrozoo.guides.ivon import ivon_step
+
+    models, guides, (ours, theirs) = _ivon_twins()
+    assert ours.kernel == "compiled"
+    noise, draw_apart = [], ours.draw_apart
+
+    def recording(columns):  # each group's noise in its latent's order, as ivon-opt draws it
+        parts = draw_apart(columns)
+        for _, drawn in ours._apart:
+            whole = torch.cat([drawn[0], drawn[1][:, None]], dim=1) if len(drawn) == 2 else drawn[0]
+            noise.append(whole.flatten().clone())
+        return parts
+
+    ours.draw_apart = recording
+    monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: noise.pop(0))
+    x, y = torch.rand(16, 1, 4, 4), torch.randint(0, 3, (16,))
+    for _ in range(4):
+        losses = [ivon_step(model, guide, opt, x, y, 50) for model, guide, opt in zip(models, guides, (ours, theirs))]
+        assert not noise and losses[0] == pytest.approx(losses[1], rel=1e-5)
+        for key in guides[0].weights:
+            torch.testing.assert_close(guides[0].weights[key], guides[1].weights[key], rtol=1e-5, atol=1e-6)
+        for group, their in zip(ours.param_groups, theirs.param_groups):
+            for key in ("hess", "momentum"):
+                torch.testing.assert_close(group[key], their[key], rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_noise_is_standard_normal_and_follows_torchs_seed():
+    """The counter-based noise: standard normal (moments, Kolmogorov-Smirnov distance), uncorrelated between
+    neighbours and between seeds; the seeds come from torch's generator, so ``manual_seed`` repeats a draw."""
+    from pyrozoo.ivon_kernels import draw_seed, standard_normal
+
+    n = 200_000
+    torch.manual_seed(0)
+    seeds = [draw_seed() for _ in range(2)]
+    z, other = (standard_normal(seed, n).double() for seed in seeds)
+    tolerance = 5 / math.sqrt(n)  # five standard errors
+    assert abs(float(z.mean())) < tolerance and abs(float(z.var()) - 1) < tolerance * math.sqrt(2)
+    assert abs(float((z[1:] * z[:-1]).mean())) < tolerance and abs(float((z * other).mean())) < tolerance
+    cdf = 0.5 * (1 + torch.erf(z.sort().values / math.sqrt(2)))
+    grid = torch.arange(1, n + 1, dtype=torch.float64) / n
+    assert float((cdf - grid).abs().max()) < 1.95 / math.sqrt(n)  # KS at the 0.1% level
+    torch.manual_seed(0)
+    assert torch.equal(draw_seed(), seeds[0])
+
+
+def test_without_a_compiler_the_compiled_kernel_falls_back_to_the_eager_step(monkeypatch):
+    """Where ``torch.compile`` fails, ``kernel="compiled"`` warns once and takes the eager step: ivon-opt's
+    noise, the same numbers bit for bit as ``kernel="eager"``."""
+    from pyrozoo import ivon_kernels
+    from pyrozoo.optim import IVONOptimizer
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(ivon_kernels, "_KERNELS", {})
+    monkeypatch.setattr(ivon_kernels.torch, "compile", no_compiler)
+    nets = [nn.Linear(5, 3), nn.Linear(5, 3)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    optimizers = []
+    for net, kernel in zip(nets, KERNELS):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            groups = [{"params": [p]} for p in net.parameters()]
+            optimizers.append(IVONOptimizer(groups, lr=0.1, ess=10.0, hess_init=0.1, kernel=kernel))
+        said = ["RuntimeError: no C++ compiler found" in str(w.message) for w in caught]
+        assert said == ([True] if kernel == "compiled" else [])
+    assert [o.kernel for o in optimizers] == ["eager", "eager"]
+    for net, optimizer in zip(nets, optimizers):
+        torch.manual_seed(3)
+        with optimizer.sampled_params(train=True):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters()))
+
+
+def test_an_unknown_kernel_is_a_one_line_error(tiny_mlp_model):
+    with pytest.raises(PyrozooError, match="kernel must be one of eager, compiled, got 'fast'"):
+        make_guide("ivon", BayesianModel(tiny_mlp_model.net, prior=gaussian), options={"kernel": "fast"})
