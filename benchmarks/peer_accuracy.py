@@ -8,8 +8,9 @@ divisor steps, evaluated at each step in ``--at``); the peers train on pyrozoo's
 padded to the net's input side) in minibatches drawn as pyrozoo draws them (``pyrozoo.data.Minibatches``).
 A peer draws new weights at every forward pass, so each evaluation pass over the test set is one posterior draw.
 
-    python benchmarks/peer_accuracy.py [--net lenet] [--steps-at 1000 3000] [--lr 1e-3] [--lr-units weight] [--seeds 0 1]
-        [--samples 20] [--contenders pyrozoo:net pyrozoo:guide bayesian-torch-summed ...] [--out DIR]
+    python benchmarks/peer_accuracy.py [--net lenet] [--steps-at 1000 3000] [--lr 1e-3] [--seeds 0 1]
+        [--lr-units weight] [--samples 20] [--contenders pyrozoo:net pyrozoo:guide bayesian-torch-summed ...]
+        [--out DIR]
 
 Prints one line per contender, seed and step, and appends it as JSON to ``DIR/accuracy.jsonl``.
 """
@@ -89,7 +90,9 @@ def main() -> None:
     parser.add_argument("--steps-at", type=int, nargs="+", default=[1000, 3000])
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
-        "--lr-units", choices=["weight", "latent"], help="what pyrozoo's lr measures (default: flat-ff's, weight)"
+        "--lr-units",
+        choices=["weight", "latent"],
+        help="what pyrozoo's lr measures (default: flat-ff's, weight)",
     )
     parser.add_argument("--batch-size", type=int, default=120)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -112,8 +115,15 @@ def main() -> None:
                 found = peer_run(name, args, seed, prepared)
             seconds = time.perf_counter() - start
             for step, metrics in found.items():
-                row = {"contender": name, "net": args.net, "seed": seed, "step": step, "lr": args.lr,
-                       "lr_units": args.lr_units if name.startswith("pyrozoo:") else None, **metrics}
+                row = {
+                    "contender": name,
+                    "net": args.net,
+                    "seed": seed,
+                    "step": step,
+                    "lr": args.lr,
+                    "lr_units": args.lr_units if name.startswith("pyrozoo:") else None,
+                    **metrics,
+                }
                 print(
                     f"{name:24s} seed {seed} step {step:5d}: accuracy {metrics['accuracy']:.4f} NLL "
                     f"{metrics['nll']:.3f} ECE {metrics['ece']:.3f}   ({seconds:.0f} s)",

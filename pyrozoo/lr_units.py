@@ -19,6 +19,7 @@ from torch.distributions import biject_to
 
 from pyrozoo.errors import PyrozooError
 from pyrozoo.init_from import hyper_sites, layer_scale
+from pyrozoo.optim import OPTIMIZERS
 
 UNITS = ("weight", "latent")
 
@@ -63,7 +64,8 @@ def weight_scales(model, guide) -> dict[str, float]:
 def param_groups(model, guide, lr: float, units: str) -> list[dict]:
     """The optimiser's parameter groups for ``units``: one group at ``lr`` (latent units, the guide's and the
     model's deterministic parameters in the order training always took them), or, in weight units, one group
-    per weight latent's loc at ``lr / s`` (``lr_scale`` 1/s, which :func:`scale_eps` reads) and the rest at lr."""
+    per weight latent's loc at ``lr / s`` (``lr_scale`` 1/s, which :func:`scale_eps` reads) and the rest at lr.
+    """
     check_units(units)
     everything = [*guide.parameters(), *model.deterministic_parameters()]
     if units == "latent":
@@ -85,6 +87,12 @@ def scale_eps(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         if "eps" in group and group.get("lr_scale", 1.0) != 1.0:
             group["eps"] = group["eps"] / group["lr_scale"]
     return optimizer
+
+
+def make_optimizer(model, guide, lr: float, units: str = "weight", optimizer: str = "adam"):
+    """The optimiser ``pyrozoo train`` trains a guide with (a name in pyrozoo.optim.OPTIMIZERS), over the guide's
+    and the model's deterministic parameters, ``lr`` in ``units``."""
+    return scale_eps(OPTIMIZERS[optimizer](param_groups(model, guide, lr, units), lr=lr))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -17,8 +17,7 @@ import torch
 from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides.ivon import ivon_step
-from pyrozoo.lr_units import param_groups, scale_eps
-from pyrozoo.optim import OPTIMIZERS
+from pyrozoo.lr_units import make_optimizer
 from pyrozoo.registry import Registry
 
 
@@ -86,9 +85,7 @@ STEPS.register(
         "stochastic variational inference: a gradient step on -ELBO",
         # deterministic parameters (BatchNorm's affine) are point estimates trained beside the guide; lr is in
         # the run's units (pyrozoo.lr_units), each weight latent's loc a group of its own in weight units
-        lambda model, guide, lr, name, n, units="latent": scale_eps(
-            OPTIMIZERS[name](param_groups(model, guide, lr, units), lr=lr)
-        ),
+        lambda model, guide, lr, name, n, units="latent": make_optimizer(model, guide, lr, units, name),
         svi_step,
         None,
         None,

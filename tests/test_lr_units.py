@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pyrozoo.bind import bind
+from pyrozoo.build import build
 from pyrozoo.config import TrainConfig
 from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError
@@ -101,3 +102,13 @@ def test_which_units_a_run_takes():
     # a run recorded before the option existed trained in latent units, and resumes so
     stored = {k: v for k, v in dataclasses.asdict(TrainConfig(method="flat-ff")).items() if k != "lr_units"}
     assert TrainConfig.from_record(stored).lr_units == "latent"
+
+
+def test_the_reference_fidelity_run_trains_as_before():
+    """bmr-ss from the reference's initial draw (init_locs) keeps the one group at the reference's lr in z."""
+    drawn = {"init_locs": {"features.0.precision": 1.5}}
+    config = TrainConfig(net="lenet", data="fashion-mnist-mini", method="bmr-ss", guide_options=drawn)
+    setup = build(config, log=lambda text: None)
+    (group,) = setup.optimizer.param_groups
+    assert setup.config.lr_units == "latent" and group["lr"] == 1e-2 and group["eps"] == 1e-8
+    assert [id(p) for p in group["params"]] == [id(p) for p in setup.guide.parameters()]
