@@ -87,8 +87,8 @@ class TrainConfig:
     lr_units: str | None = _run_option(
         None,
         "what --lr measures: weight (a step of the weights, each layer's latent locs at lr / its prior scale; "
-        "flat-ff's and tiered-ff's default) or latent (a step of z = w / scale, the reference code's; the "
-        "other methods' default)",
+        "flat-ff's default) or latent (a step of z = w / scale, the reference code's; the other methods' "
+        "default)",
         section="optimisation",
     )
     samples: int | None = _run_option(
