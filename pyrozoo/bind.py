@@ -96,8 +96,7 @@ def bind(config: TrainConfig) -> Bound:
 
 def _lr_units(config: TrainConfig, method, guide: str) -> str:
     """What the run's lr measures: ``--lr-units``, else the method's; a method's weight units fall back to
-    latent ones under a guide that cannot take them (``--guide autodelta``), where asking for them is an error.
-    """
+    latent ones under a guide that cannot take them (``--guide ivon``), where asking for them is an error."""
     if config.lr_units is not None:
         if config.lr_units == "weight":
             check_guide(GUIDES[guide], guide)

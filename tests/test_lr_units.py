@@ -30,16 +30,17 @@ def _loss(model, guide, x, y, step: int) -> torch.Tensor:
     return negative_elbo(model, guide, x, y, 50)
 
 
-def test_a_step_in_weight_units_is_adam_on_the_weights_scale(float64):
+@pytest.mark.parametrize("kind", ["meanfield", "autonormal", "autodelta"])
+def test_a_step_in_weight_units_is_adam_on_the_weights_scale(float64, kind):
     model = _conv_model()
-    guide = make_guide("meanfield", model)
+    guide = make_guide(kind, model)
     x, y = torch.randn(6, 1, 5, 5), torch.randint(0, 3, (6,))
     scales = weight_scales(model, guide)
     assert scales == {"0.weight_base": 0.1, "3.weight_base": 0.1, "5.weight_base": 1.0}  # flat prior at 1
     lr = 3e-3
     optimizer = STEPS["svi"].optimizer(model, guide, lr, "adam", 50, "weight")
     # the reference: torch's plain Adam at lr on u = s * z for each weight latent's loc, z's own for the rest
-    twin = make_guide("meanfield", model)
+    twin = make_guide(kind, model)
     twin.load_state_dict(guide.state_dict())
     u = {site: (s * twin.loc_parameter(site)).detach().requires_grad_() for site, s in scales.items()}
     rest = [p for p in twin.parameters() if all(p is not twin.loc_parameter(site) for site in scales)]
@@ -93,12 +94,14 @@ def test_which_units_a_run_takes():
     assert units(method="bmr-ss") == "latent"  # the reference code's lr (its fidelity runs)
     assert units(method="flat-ff", lr_units="latent") == "latent"
     assert units(method="bmr-ss", lr_units="weight") == "weight"
-    assert units(method="flat-ff", guide="autodelta") == "latent"  # a guide without the layers' locs
+    assert units(method="flat-ff", guide="autonormal") == "weight"
     assert units(method="flat-map") == "latent"
+    assert units(method="flat-map", lr_units="weight") == "weight"  # MAP's points, in weight units
+    assert units(method="ivon") == "latent"  # IVON's own step
     with pytest.raises(PyrozooError, match="unknown --lr-units 'metres'; choose weight .* or latent"):
         units(lr_units="metres")
-    with pytest.raises(PyrozooError, match="--lr-units weight needs a guide .* guide 'autodelta' takes"):
-        units(method="flat-map", lr_units="weight")
+    with pytest.raises(PyrozooError, match="--lr-units weight needs a guide .* guide 'ivon' takes"):
+        units(method="ivon", lr_units="weight")
     # a run recorded before the option existed trained in latent units, and resumes so
     stored = {k: v for k, v in dataclasses.asdict(TrainConfig(method="flat-ff")).items() if k != "lr_units"}
     assert TrainConfig.from_record(stored).lr_units == "latent"
