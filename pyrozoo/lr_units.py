@@ -36,7 +36,7 @@ def check_units(units: str) -> None:
 
 
 def has_weight_units(guide) -> bool:
-    """Whether ``guide`` holds each weight latent's loc as its own parameter (the mean-field guide does)."""
+    """Whether ``guide`` holds each weight latent's loc as its own parameter (all but IVON's do)."""
     return callable(getattr(guide, "loc_parameter", None))
 
 
@@ -44,7 +44,8 @@ def check_guide(guide, name: str) -> None:
     """Refuse weight units for a guide (an instance or its class, called ``name``) that cannot take them."""
     if not has_weight_units(guide):
         raise PyrozooError(
-            f"--lr-units weight needs a guide holding each layer's locs (meanfield); guide {name!r} takes "
+            f"--lr-units weight needs a guide holding each layer's locs (meanfield, autonormal, autodelta); guide "
+            f"{name!r} takes "
             "--lr-units latent"
         )
 
@@ -78,14 +79,16 @@ def param_groups(model, guide, lr: float, units: str) -> list[dict]:
     for site, s in weight_scales(model, guide).items():
         loc = guide.loc_parameter(site)
         groups.append({"params": [loc], "lr": lr / s, "lr_scale": 1 / s})
-        own.add(loc)
-    rest = [p for p in everything if p not in own]
+        own.add(id(loc))
+    rest = [p for p in everything if id(p) not in own]
     return [*groups, {"params": rest, "lr": lr, "lr_scale": 1.0}]
 
 
 def scale_eps(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """Divide each group's ``eps`` by its ``lr_scale`` (``eps * s``), so that its step is Adam's on ``s * z``
-    exactly; returns the optimiser."""
+    exactly; returns the optimiser. (AdaBelief adds its eps, 1e-16, to its second moment too, where exactness
+    would need ``eps * s^2``: a relative difference of about ``eps / (g - m)^2``, below float32's rounding for
+    gradients of any ordinary size.)"""
     for group in optimizer.param_groups:
         if "eps" in group and group.get("lr_scale", 1.0) != 1.0:
             group["eps"] = group["eps"] / group["lr_scale"]
