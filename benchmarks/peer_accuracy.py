@@ -9,7 +9,8 @@ padded to the net's input side) in minibatches drawn as pyrozoo draws them (``py
 A peer draws new weights at every forward pass, so each evaluation pass over the test set is one posterior draw.
 
     python benchmarks/peer_accuracy.py [--net lenet] [--steps-at 1000 3000] [--lr 1e-3] [--seeds 0 1]
-        [--samples 20] [--contenders pyrozoo:net pyrozoo:guide bayesian-torch-summed ...] [--out DIR]
+        [--lr-units weight] [--samples 20] [--contenders pyrozoo:net pyrozoo:guide bayesian-torch-summed ...]
+        [--out DIR]
 
 Prints one line per contender, seed and step, and appends it as JSON to ``DIR/accuracy.jsonl``.
 """
@@ -46,7 +47,8 @@ def pyrozoo_run(start: str, args, seed: int, out: Path) -> dict[int, dict]:
     """{step: metrics} of a flat-ff run from ``start`` (net or guide)."""
     every = reduce(math.gcd, args.steps_at)
     config = TrainConfig(
-        net=args.net, method="flat-ff", data=args.data, start=start, lr=args.lr, batch_size=args.batch_size,
+        net=args.net, method="flat-ff", data=args.data, start=start, lr=args.lr, lr_units=args.lr_units,
+        batch_size=args.batch_size,
         epochs=max(args.steps_at) // every, steps_per_epoch=every, eval_every=1, samples=args.samples, seed=seed,
     )  # fmt: skip
     with Run(config, out / f"pyrozoo-{start}-s{seed}", log=lambda text: None) as run:
@@ -87,6 +89,11 @@ def main() -> None:
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--steps-at", type=int, nargs="+", default=[1000, 3000])
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--lr-units",
+        choices=["weight", "latent"],
+        help="what pyrozoo's lr measures (default: flat-ff's, weight)",
+    )
     parser.add_argument("--batch-size", type=int, default=120)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--samples", type=int, default=20)
@@ -108,7 +115,15 @@ def main() -> None:
                 found = peer_run(name, args, seed, prepared)
             seconds = time.perf_counter() - start
             for step, metrics in found.items():
-                row = {"contender": name, "net": args.net, "seed": seed, "step": step, "lr": args.lr, **metrics}
+                row = {
+                    "contender": name,
+                    "net": args.net,
+                    "seed": seed,
+                    "step": step,
+                    "lr": args.lr,
+                    "lr_units": args.lr_units if name.startswith("pyrozoo:") else None,
+                    **metrics,
+                }
                 print(
                     f"{name:24s} seed {seed} step {step:5d}: accuracy {metrics['accuracy']:.4f} NLL "
                     f"{metrics['nll']:.3f} ECE {metrics['ece']:.3f}   ({seconds:.0f} s)",

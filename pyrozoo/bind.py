@@ -19,6 +19,7 @@ from pyrozoo.config import TABLES, TrainConfig, check_value, fold_aliases, optio
 from pyrozoo.distributed import check_device
 from pyrozoo.errors import PyrozooError, did_you_mean
 from pyrozoo.guides import GUIDES
+from pyrozoo.lr_units import check_guide, check_units, has_weight_units
 from pyrozoo.methods import METHODS, Method
 from pyrozoo.models.priors import PRIORS
 from pyrozoo.nets import DATA_SHAPE, NETS, STARTS, net_options
@@ -85,11 +86,22 @@ def bind(config: TrainConfig) -> Bound:
         guide=guide,
         lr=config.lr or method.lr,
         optimizer=optimizer,
+        lr_units=_lr_units(config, method, guide),
         samples=config.samples or method.samples,
         start=_start(config),
     )
     bound_prior = functools.partial(prior, **prior_options) if prior_options else prior
     return Bound(resolved, method, bound_prior, reduction, guide_options, STEPS[method.step])
+
+
+def _lr_units(config: TrainConfig, method, guide: str) -> str:
+    """What the run's lr measures: ``--lr-units``, else the method's; a method's weight units fall back to
+    latent ones under a guide that cannot take them (``--guide ivon``), where asking for them is an error."""
+    if config.lr_units is not None:
+        if config.lr_units == "weight":
+            check_guide(GUIDES[guide], guide)
+        return config.lr_units
+    return method.lr_units if has_weight_units(GUIDES[guide]) else "latent"
 
 
 # guide options that place the guide's locs themselves (init_locs: another run's initial draw, as the runs that
@@ -122,6 +134,8 @@ def _check_names(c: TrainConfig) -> None:
         raise PyrozooError("--target and --task describe a --data FILE.csv table")
     if c.start is not None and c.start not in STARTS:
         raise PyrozooError(f"unknown --start {c.start!r}; choose from {', '.join(STARTS)}")
+    if c.lr_units is not None:
+        check_units(c.lr_units)
     if c.noise not in ("prior", "fixed", "learned"):
         raise PyrozooError(f"unknown --noise {c.noise!r}; choose from prior, fixed, learned")
     for f in run_option_fields():

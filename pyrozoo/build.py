@@ -80,7 +80,7 @@ def build(
             f"{config.method} trains by {bound.method.step}, which runs in one process only: "
             "start it without torchrun"
         )
-    optimizer = bound.step.optimizer(model, guide, config.lr, config.optimizer, size)
+    optimizer = bound.step.optimizer(model, guide, config.lr, config.optimizer, size, config.lr_units)
     batches = datasets.Minibatches(size, config.batch_size, config.seed)
     return Setup(bound, data, model, guide, optimizer, bound.step, batches, world)
 

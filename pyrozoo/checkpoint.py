@@ -13,6 +13,7 @@ from pyrozoo.bmr.compact import CannotCompact, compact_to
 from pyrozoo.bmr.scores import posterior_scales, scale_table
 from pyrozoo.errors import PyrozooError, reason
 from pyrozoo.loop import Callback, Progress
+from pyrozoo.lr_units import set_lr
 from pyrozoo.runfolder import BMR_LOG, CHECKPOINT, CONFIG, METRICS, SCALES
 
 
@@ -62,9 +63,7 @@ def restore(setup, folder) -> Progress:
             f"{folder.path / CHECKPOINT} does not fit the run its {CONFIG} describes ({reason(e)}): restore "
             f"the two files from one run, or delete {folder.path} and train again"
         ) from None
-    for group in setup.optimizer.param_groups:  # the run's learning rate, which --override may have changed
-        if "lr" in group:
-            group["lr"] = setup.config.lr
+    set_lr(setup.optimizer, setup.config.lr)  # the run's learning rate, which --override may have changed
     history, bmr_log = folder.history(state), folder.bmr_log(state)
     return Progress(state["epoch"], state["step"], state["seconds"], history, bmr_log)
 

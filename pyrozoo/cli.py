@@ -741,7 +741,7 @@ def _train(args) -> None:
         f"training {c.net} with {c.method}: {_with_options(prior_function(c).__name__, c.prior_options)} prior, "
         f"guide {_with_options(c.guide, c.guide_options)}, "
         f"{'no pruning while training' if run.reduction is None else 'BMR ' + run.reduction.describe()}; "
-        f"{c.optimizer} lr {c.lr}; on {c.data} from {run.data.source}; "
+        f"{c.optimizer} lr {c.lr} in {c.lr_units} units; on {c.data} from {run.data.source}; "
         f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}{processes}; "
         f"run folder {run.out}"
     )
@@ -1372,7 +1372,8 @@ def _info() -> None:
         (
             (
                 name,
-                f"{m.description} (prior {m.prior.__name__}, guide {m.guide}, {m.optimizer} lr {m.lr}"
+                f"{m.description} (prior {m.prior.__name__}, guide {m.guide}, {m.optimizer} lr {m.lr} "
+                f"in {m.lr_units} units"
                 + (f", reduction {m.reduction.describe()})" if m.reduction else ")"),
             )
             for name, m in METHODS.items()

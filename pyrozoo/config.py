@@ -84,6 +84,13 @@ class TrainConfig:
     optimizer: str | None = _run_option(
         None, "optimiser (default: the method's, adam)", choices="optimizers", section="optimisation"
     )
+    lr_units: str | None = _run_option(
+        None,
+        "what --lr measures: weight (a step of the weights, each layer's latent locs at lr / its prior scale; "
+        "flat-ff's default) or latent (a step of z = w / scale, the reference code's; the other methods' "
+        "default)",
+        section="optimisation",
+    )
     samples: int | None = _run_option(
         None,
         "posterior samples per evaluation (default: the method's, 100; 1 for MAP)",
@@ -199,6 +206,8 @@ class TrainConfig:
         if "connected" in rule_options:  # before every reduction took allow_empty, sparsity's own switch
             rule_options["allow_empty"] = not rule_options.pop("connected")
             stored["rule_options"] = rule_options
+        # before lr_units existed every run's lr was a step of the latents z
+        stored.setdefault("lr_units", "latent")
         unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise PyrozooError(f"unknown config keys {unknown}")

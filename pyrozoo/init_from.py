@@ -100,12 +100,12 @@ def trained_net(net: nn.Module, weights: dict[str, torch.Tensor] | nn.Module, wh
     return copied
 
 
-def _hyper_sites(model, guide) -> list[str]:
+def hyper_sites(model, guide) -> list[str]:
     weight_sites = {layer.site for layer in model.layers}
     return [site for site in guide.sites() if site not in weight_sites]
 
 
-def _layer_scale(model, layer, hyper: dict[str, torch.Tensor]) -> torch.Tensor:
+def layer_scale(model, layer, hyper: dict[str, torch.Tensor]) -> torch.Tensor:
     """The layer's prior scale (broadcastable to its latent) at the hyperparameter values ``hyper``."""
     with poutine.block():
         return torch.as_tensor(poutine.condition(model.prior, data=hyper)(layer))
@@ -118,7 +118,7 @@ def fit_hyperparameters(model, guide, weights: dict[str, torch.Tensor], steps: i
     precision, by its prior alone) in unconstrained space (with the log-Jacobian of
     the map onto each support, so that densities diverging at a boundary, as Gamma(1/2) does at 0, have a
     finite maximum), starting from the guide's locs."""
-    sites = _hyper_sites(model, guide)
+    sites = hyper_sites(model, guide)
     if not sites:
         return {}
     posterior = guide.posterior()
@@ -211,7 +211,7 @@ def start_from_weights(
     mean = guide.mean()
     hyper_mean = {site: mean[site] for site in hyper}
     for layer in layers:
-        scale = _layer_scale(model, layer, hyper_mean).expand(layer.shape)
+        scale = layer_scale(model, layer, hyper_mean).expand(layer.shape)
         z = w[layer.name] / scale
         if layer.name in found:
             # the diagonal Laplace posterior of z = w / scale under its N(0, 1) prior: precision 1 + scale^2 H

@@ -30,6 +30,8 @@ class Method:
     step: str = (
         "svi"  # how it trains, a name in pyrozoo.steps.STEPS: svi, or ivon (the optimiser's posterior)
     )
+    # what lr measures (pyrozoo.lr_units): latent, a step of z = w / scale (the reference code's), or weight
+    lr_units: str = "latent"
 
 
 METHODS = Registry("method")
@@ -46,7 +48,8 @@ METHODS.register(
     ),
 )
 METHODS.register(
-    "flat-ff", Method(flat, "meanfield", 5e-3, 100, "flat prior, fully factorised Normal posterior")
+    "flat-ff",
+    Method(flat, "meanfield", 1e-3, 100, "flat prior, fully factorised Normal posterior", lr_units="weight"),
 )
 METHODS.register(
     "tiered-ff",

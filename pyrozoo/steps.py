@@ -17,7 +17,7 @@ import torch
 from pyrozoo.elbo import negative_elbo
 from pyrozoo.errors import PyrozooError
 from pyrozoo.guides.ivon import ivon_step
-from pyrozoo.optim import OPTIMIZERS
+from pyrozoo.lr_units import make_optimizer
 from pyrozoo.registry import Registry
 
 
@@ -59,7 +59,8 @@ def svi_step(
 
 @dataclass(frozen=True)
 class TrainingStep:
-    """A way of training: ``optimizer(model, guide, lr, optimizer_name, dataset_size)`` builds the optimiser,
+    """A way of training: ``optimizer(model, guide, lr, optimizer_name, dataset_size, lr_units)`` builds the
+    optimiser,
     ``step(model, guide, optimizer, x, y, dataset_size)`` takes one step and returns ``-ELBO``'s estimate."""
 
     description: str
@@ -82,10 +83,9 @@ STEPS.register(
     "svi",
     TrainingStep(
         "stochastic variational inference: a gradient step on -ELBO",
-        # deterministic parameters (BatchNorm's affine) are point estimates trained beside the guide
-        lambda model, guide, lr, name, n: OPTIMIZERS[name](
-            [*guide.parameters(), *model.deterministic_parameters()], lr=lr
-        ),
+        # deterministic parameters (BatchNorm's affine) are point estimates trained beside the guide; lr is in
+        # the run's units (pyrozoo.lr_units), each weight latent's loc a group of its own in weight units
+        lambda model, guide, lr, name, n, units="latent": make_optimizer(model, guide, lr, units, name),
         svi_step,
         None,
         None,
@@ -97,7 +97,7 @@ STEPS.register(
     "ivon",
     TrainingStep(
         "IVON (ivon-opt) trains the plain net; its state is the posterior",
-        lambda model, guide, lr, name, n: _ivon_optimizer(model, guide, lr, n),
+        lambda model, guide, lr, name, n, units="latent": _ivon_optimizer(model, guide, lr, n),
         ivon_step,
         "ivon",
         "ivon",

@@ -66,7 +66,7 @@ def test_every_run_option_has_a_section_and_a_part_reads_its_own():
     assert set(sections) == set(SECTIONS)
     config = TrainConfig(epochs=3, lr=0.01)
     assert config.section("optimisation") == dict(
-        epochs=3, steps_per_epoch=500, batch_size=120, lr=0.01, optimizer=None
+        epochs=3, steps_per_epoch=500, batch_size=120, lr=0.01, optimizer=None, lr_units=None
     )
     assert sum(len(config.section(name)) for name in SECTIONS) == len(run_option_fields())
     assert set(config.section("evaluation")) | set(config.section("data")) <= {

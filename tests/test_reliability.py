@@ -340,29 +340,35 @@ def test_a_diverged_run_resumes_with_a_smaller_lr_by_the_command_its_message_giv
         svi_on(patched, nan_in_epoch_two)
         code, out, err = cli(capsys, "train", *TINY, "--method", "flat-ff", "--epochs", "3", "--out", "run")
     assert code == 1 and "Traceback" not in err
-    command = "pyrozoo train --out run --resume --lr 0.0005 --override lr"
+    command = "pyrozoo train --out run --resume --lr 0.0001 --override lr"
     assert command in err.splitlines()[-1]
 
     # Without the opt-in, a changed lr stays an error that names the way to do it.
     assert_one_line_error(
-        *cli(capsys, "train", "--out", "run", "--resume", "--lr", "0.0005"), "--override lr"
+        *cli(capsys, "train", "--out", "run", "--resume", "--lr", "0.0001"), "--override lr"
     )
     code, out, err = cli(capsys, *command.split()[1:], "--no-progress")
     assert code == 0, err
-    assert "--override: lr 0.005 -> 0.0005 after epoch 1" in err
+    assert "--override: lr 0.001 -> 0.0001 after epoch 1" in err
     record = json.loads((tmp_path / "run" / CONFIG).read_text())
-    assert record["config"]["lr"] == 0.0005
-    assert record["overrides"] == [{"option": "lr", "from": 0.005, "to": 0.0005, "epoch": 1, "step": 3}]
+    assert record["config"]["lr"] == 0.0001
+    assert record["overrides"] == [{"option": "lr", "from": 0.001, "to": 0.0001, "epoch": 1, "step": 3}]
     state = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)
-    assert state["epoch"] == 3 and [g["lr"] for g in state["optimizer"]["param_groups"]] == [0.0005]
+    # flat-ff's lr is in weight units: each group at the new lr over its layer's prior scale (0.1 hidden, 1 head)
+    assert state["epoch"] == 3 and _lrs(state["optimizer"]["param_groups"]) == [0.0001, 0.001]
     with Run.open(tmp_path / "run", log=lambda text: None) as reopened:  # the new lr is the run's now
-        assert [g["lr"] for g in reopened.optimizer.param_groups] == [0.0005]
+        assert _lrs(reopened.optimizer.param_groups) == [0.0001, 0.001]
+
+
+def _lrs(groups) -> list[float]:
+    assert all(math.isclose(g["lr"], 0.0001 * g["lr_scale"]) for g in groups)
+    return sorted({round(g["lr"], 12) for g in groups})
 
 
 def test_a_nan_in_the_first_epoch_says_to_start_again(capsys, monkeypatch):
     svi_on(monkeypatch, lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     code, _, err = cli(capsys, "train", *TINY, "--epochs", "1", "--out", "run")
-    assert code == 1 and "nothing to resume" in err and "--lr 0.0005" in err
+    assert code == 1 and "nothing to resume" in err and "--lr 0.0001" in err
 
 
 # --- tiered-ff --local-scales --------------------------------------------------------------------------------
@@ -525,6 +531,10 @@ BAD_INPUTS = [
     ("batch-size-over-the-training-set", None, ["train", *TINY, "--batch-size", "100000", "--out", "NEW"],
      ["--batch-size 100000", "4000", "at most"]),
     ("lr-inf", None, ["train", *TINY, "--lr", "inf", "--out", "NEW"], ["--lr", "finite"]),
+    ("lr-units-unknown", None, ["train", *TINY, "--lr-units", "metres", "--out", "NEW"],
+     ["--lr-units 'metres'", "weight", "latent"]),
+    ("lr-units-weight-for-ivon", None, ["train", *TINY, "--method", "ivon", "--lr-units", "weight", "--out", "NEW"],
+     ["--lr-units weight", "guide 'ivon'", "--lr-units latent"]),
     ("tau0-inf", None, ["train", *TINY, "--method", "tiered-ff", "--tau0", "inf", "--out", "NEW"], ["finite"]),
     ("prune-margin-nan", None, ["prune", "RUN", "--margin", "nan"], ["--margin", "finite"]),
     ("prune-rule-option-margin-nan", None, ["prune", "RUN", "--rule-option", "margin=float('nan')"],

@@ -66,6 +66,10 @@ class AutoNormalGuide(_ScopedAutoGuide, AutoNormal):
         )
         self.start_scale = init_scale  # BMR waits until the scales have moved from it (Posterior.moved)
 
+    def loc_parameter(self, site: str) -> torch.nn.Parameter:
+        """The parameter holding ``site``'s locs (an optimiser's group of its own, pyrozoo.lr_units)."""
+        return self.get_parameter(f"locs.{site}_unconstrained")
+
     def site_posterior(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
         loc = self.get_parameter(f"locs.{site}_unconstrained")  # locs are unconstrained: the loc itself
         raw_scale = self.get_parameter(f"scales.{site}_unconstrained")
@@ -96,6 +100,11 @@ class AutoDeltaGuide(_ScopedAutoGuide, AutoDelta):
         # AutoDelta keeps each point in its site's constrained space, through transform_to(support)
         raw = self.get_parameter(f"{site}_unconstrained")
         return raw, transform_to(self._supports[site])
+
+    def loc_parameter(self, site: str) -> torch.nn.Parameter:
+        """The parameter holding a weight latent's point (its support is the real line, so the parameter is the
+        point itself; an optimiser's group of its own, pyrozoo.lr_units)."""
+        return self._value(site)[0]
 
     def site_posterior(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
         raw, to_support = self._value(site)

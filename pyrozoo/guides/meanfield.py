@@ -118,6 +118,10 @@ class MeanFieldNormal(Posterior, nn.Module):
     def site_support(self, site: str) -> constraints.Constraint:
         return self._sites[site][1]
 
+    def loc_parameter(self, site: str) -> nn.Parameter:
+        """The parameter holding ``site``'s locs (an optimiser's group of its own, pyrozoo.lr_units)."""
+        return self.locs[self._sites[site][0]]
+
     def site_posterior(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._sites[site][0]
         return self.locs[key].detach(), F.softplus(self.raw_scales[key]).detach()
