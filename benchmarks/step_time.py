@@ -185,7 +185,9 @@ def compacted_step(name: str, side: int, x, y, sparsity: float = 0.99, seed: int
     held = sum(layer.shape.numel() for layer in model.layers)
     full = sum(shape.numel() for shape in model.full_shapes.values())
     optimizer = STEPS["svi"].optimizer(model, guide, 1e-3, "adam", DATASET_SIZE)
-    describe = f"{fraction:.4f} pruned, {removed} units removed; the compacted latents hold {held:,} of {full:,} entries"
+    describe = (
+        f"{fraction:.4f} pruned, {removed} units removed; the compacted latents hold {held:,} of {full:,} entries"
+    )
     return (lambda: svi_step(model, guide, optimizer, x, y, DATASET_SIZE)), describe
 
 
@@ -294,7 +296,8 @@ def bench_net(
         if peer in times:
             print(f"{name}: pyrozoo meanfield / {peer} {ratio_text(paired_ratios(times, peer)[OURS])}")
     if IVON in times and PUBLISHED in times:
-        print(f"{name}: pyrozoo's in-place IVON update / ivon-opt's {ratio_text(paired_ratios(times, PUBLISHED)[IVON])}")
+        ratio = ratio_text(paired_ratios(times, PUBLISHED)[IVON])
+        print(f"{name}: pyrozoo's in-place IVON update / ivon-opt's {ratio}")
 
 
 def main() -> None:

@@ -439,13 +439,13 @@ class _Job:
     repeats: int
     finetune_steps: int
     lr: float
+    lr_schedule: str
     batch_size: int
     seed: int
     allocation: str = "uniform"
     score: str = "obd"
     device: str = "cpu"
     world: World = field(default_factory=World)
-    lr_schedule: str = "cosine"
     moved: dict = field(default_factory=dict)
 
     def data(self, name: str) -> torch.Tensor:
@@ -559,6 +559,23 @@ def _baseline(job: _Job, name: str, t: Target, small: nn.Module, keep: list[nn.M
     return job.row(name, t, pruned, seconds=time.perf_counter() - start)
 
 
+def _check_options(
+    baselines, allocation: str, score: str, finetune_steps: int, batch_size: int, schedule: str
+):
+    """Refuse, in one line each, the options of :func:`compress` that name nothing it has or count wrong."""
+    unknown = set(baselines) - set(pruners.PRUNERS)
+    if unknown:
+        raise PyrozooError(f"unknown baselines {sorted(unknown)}; known: {', '.join(pruners.PRUNERS)}")
+    if allocation not in ALLOCATIONS:
+        raise PyrozooError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
+    if score not in SCORES:
+        raise PyrozooError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
+    if finetune_steps < 0 or batch_size < 1:
+        raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
+    if schedule not in LR_SCHEDULES:
+        raise PyrozooError(f"unknown lr_schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+
+
 def compress(
     net: nn.Module,
     data,
@@ -594,17 +611,7 @@ def compress(
     from pyrozoo.posteriors.laplace import laplace
 
     targets = as_targets(target)
-    unknown = set(baselines) - set(pruners.PRUNERS)
-    if unknown:
-        raise PyrozooError(f"unknown baselines {sorted(unknown)}; known: {', '.join(pruners.PRUNERS)}")
-    if allocation not in ALLOCATIONS:
-        raise PyrozooError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
-    if score not in SCORES:
-        raise PyrozooError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
-    if finetune_steps < 0 or batch_size < 1:
-        raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
-    if lr_schedule not in LR_SCHEDULES:
-        raise PyrozooError(f"unknown lr_schedule {lr_schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+    _check_options(baselines, allocation, score, finetune_steps, batch_size, lr_schedule)
     check_device(device)
     world = current()
     world.check_batch(batch_size)
@@ -617,21 +624,8 @@ def compress(
     on_cpu = all(p.device.type == "cpu" for p in net.parameters())
     dense = (net if on_cpu else copy.deepcopy(net).cpu()).eval()
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
-    job = _Job(
-        d,
-        dense,
-        example,
-        repeats,
-        finetune_steps,
-        lr,
-        batch_size,
-        seed,
-        allocation,
-        score,
-        device,
-        world,
-        lr_schedule=lr_schedule,
-    )
+    options = (finetune_steps, lr, lr_schedule, batch_size, seed, allocation, score, device, world)
+    job = _Job(d, dense, example, repeats, *options)
     table = _references(job, log)
 
     start = time.perf_counter()

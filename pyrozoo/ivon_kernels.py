@@ -75,7 +75,9 @@ def draw(mean, hess, seed, weight_decay: float, noise_scale: float, drawn, z) ->
     drawn.copy_(mean + noise * (noise_scale * torch.rsqrt(hess + weight_decay)))
 
 
-def draw_apart(mean, hess, seed, weight_decay: float, noise_scale: float, weight, bias, z_weight, z_bias) -> None:
+def draw_apart(
+    mean, hess, seed, weight_decay: float, noise_scale: float, weight, bias, z_weight, z_bias
+) -> None:
     """:func:`draw` of a group whose parameter is a ``(rows, columns + 1)`` latent, its last column a bias (a
     layer's ``[W | b]``), written apart: the drawn ``weight`` (``rows, columns``) and ``bias`` (``rows``), each
     contiguous, as a linear layer takes them (no copy out of the latent in the forward pass, no gradient written
@@ -119,7 +121,20 @@ def update_each(calls: list) -> None:
 
 
 def update(
-    mean, hess, momentum, grad, noise, times_grad: bool, clipped: bool, b1, b2, wd, lr, debias, sqrt_ess, radius
+    mean,
+    hess,
+    momentum,
+    grad,
+    noise,
+    times_grad: bool,
+    clipped: bool,
+    b1,
+    b2,
+    wd,
+    lr,
+    debias,
+    sqrt_ess,
+    radius,
 ) -> None:
     """IVON's update of one group in place (ivon-opt's ``_update`` with ``hess_approx="price"``): ``noise`` is
     the draw's ``z`` (``times_grad``: one draw, ``z * grad`` formed here) or the mean of ``z * g`` over the
@@ -210,3 +225,110 @@ def _check(compiled: dict) -> None:
         compiled["update"]([(*bias, grads[:, -1].contiguous(), parts[3], True, *settings)])
     for ours, eager, apart in zip(*states):
         torch.testing.assert_close((ours, apart), (eager, eager))
+
+
+class CompiledSteps:
+    """:class:`pyrozoo.optim.IVONOptimizer`'s compiled path (``kernel="compiled"``): the methods that call this
+    module's kernels, kept beside them. They read the optimiser's groups, scratch buffers and state, and are
+    mixed into it."""
+
+    def _sample_compiled(self):
+        """:meth:`_sample_params` as one compiled loop per group: the noise from a fresh seed of torch's
+        generator, the scale formed from the Hessian of the moment."""
+        draw = self._compiled["draw"]
+        means, draws = [], []
+        for i, group in enumerate(self.param_groups):
+            scratch = self._scratch(i, group["numel"])
+            (p,) = self._params(group)
+            seed = draw_seed()
+            wd, noise_scale = group["weight_decay"], group["ess"] ** -0.5
+            draw(p.data.view(-1), group["hess"], seed, wd, noise_scale, scratch["drawn"], scratch["z"])
+            means.append(p.data)
+            p.data = scratch["drawn"].view(p.shape)
+            draws.append(scratch["z"])
+        return means, draws
+
+    def draw_apart(self, columns: list) -> list[tuple[torch.Tensor, ...]]:
+        """Compiled, one draw (``mc_samples`` 1), for a caller that runs the net from the drawn parameters
+        itself (:func:`pyrozoo.guides.ivon.ivon_step`): each group's drawn parameter as new leaves that take a
+        gradient, ``(weight, bias)`` apart where ``columns[i]`` is a number (the group's parameter is a
+        ``(rows, columns[i] + 1)`` latent whose last column is a bias: :func:`draw_apart`,
+        every such group in one call), else ``(drawn,)`` in the parameter's shape; the means stay in the
+        parameters. :meth:`collect_apart` takes the gradients; the numbers are those of :meth:`sampled_params`
+        from the same seed."""
+        draw, self._apart, together = self._compiled["draw"], [], []
+        for i, (group, columns_i) in enumerate(zip(self.param_groups, columns)):
+            (p,) = self._params(group)
+            seed, wd, noise_scale = draw_seed(), group["weight_decay"], group["ess"] ** -0.5
+            if columns_i is None:
+                scratch = self._scratch(i, group["numel"])
+                draw(p.data.view(-1), group["hess"], seed, wd, noise_scale, scratch["drawn"], scratch["z"])
+                parts, noise = (scratch["drawn"].view(p.shape),), (scratch["z"],)
+            else:
+                if p.dim() != 2 or p.shape[1] != columns_i + 1:
+                    raise ValueError(
+                        f"group {i}: a latent of {columns_i} + 1 columns expected, got {tuple(p.shape)}"
+                    )
+                buffers = self._apart_buffers(i, p.shape[0], columns_i)
+                together.append((p.data.view(-1), group["hess"], seed, wd, noise_scale, *buffers))
+                parts, noise = buffers[:2], buffers[2:]
+            self._apart.append((tuple(t.detach().requires_grad_() for t in parts), noise))
+        if together:
+            self._compiled["draw_apart"](together)
+        return [parts for parts, _ in self._apart]
+
+    def _apart_buffers(self, i: int, rows: int, columns: int) -> tuple[torch.Tensor, ...]:
+        """Group ``i``'s kept buffers for :meth:`draw_apart`: weight, bias, and their noise."""
+        scratch = self._scratches.setdefault(i, {})
+        buffers = scratch.get("apart")
+        if buffers is None or buffers[0].shape != (rows, columns):
+            shapes = [(rows, columns), (rows,)] * 2
+            buffers = tuple(torch.empty(s, device=self._device, dtype=self._dtype) for s in shapes)
+            scratch["apart"] = buffers
+        return buffers
+
+    def collect_apart(self) -> None:
+        """The gradients of the leaves :meth:`draw_apart` gave, as this step's one draw (kept apart: the
+        update's loop reads them in the latent's order)."""
+        grads, noises = [], []
+        for parts, noise in self._apart:
+            grads.append(tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in parts))
+            noises.append(noise)
+        self.state.update(count=1, avg_grad=grads, avg_nxg=noises)
+        self._noise_is_z, self._apart = True, None
+
+    def _update_compiled(self):
+        """:meth:`_update` as one compiled loop per group, every group's in one call
+        (:func:`update_each`), a group drawn apart as its weight's columns (with the other
+        groups) and its bias column (in a second call: strided views of the same state)."""
+        self.current_step += 1
+        calls, bias_calls = [], []
+        for i, group in enumerate(self.param_groups):
+            b1, wd, radius = group["beta1"], group["weight_decay"], group["clip_radius"]
+            lr = group["lr"] * (group["hess_init"] + wd) if self.rescale_lr else group["lr"]
+            debias = 1.0 - pow(b1, float(self.current_step)) if self.debias else 1.0
+            settings = (
+                radius != math.inf,
+                b1,
+                group["beta2"],
+                wd,
+                lr,
+                debias,
+                math.sqrt(group["ess"]),
+                radius,
+            )
+            (p,) = self._params(group)
+            state = (p.data.view(-1), group["hess"], group["momentum"])
+            grad, noise = self.state["avg_grad"][i], self.state["avg_nxg"][i]
+            if not isinstance(grad, tuple):  # sampled_params' flat vectors
+                calls.append((*state, grad, noise, self._noise_is_z, *settings))
+            elif len(grad) == 2:  # draw_apart's weight and bias
+                columns, bias = columns_and_bias(state, *p.shape)
+                calls.append((*columns, grad[0], noise[0], True, *settings))
+                bias_calls.append((*bias, grad[1], noise[1], True, *settings))
+            else:
+                calls.append((*state, grad[0].view(-1), noise[0], True, *settings))
+        for each in (calls, bias_calls):
+            if each:
+                self._compiled["update"](each)
+        self._noise_is_z = False
