@@ -745,6 +745,12 @@ def _train(args) -> None:
         f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}{processes}; "
         f"run folder {run.out}"
     )
+    if (
+        c.guide_options.get("kernel") == "compiled"
+    ):  # the first step waits on torch.compile, silently otherwise
+        log(
+            "compiling IVON's kernels on the first step: about 40 s the first time, 12 s from torch's disk cache"
+        )
     table = run.train(progress=not args.no_progress)
     distributed.finish()
     if not world.main:
@@ -1373,8 +1379,7 @@ def _info() -> None:
             (
                 name,
                 f"{m.description} (prior {m.prior.__name__}, guide {m.guide}, {m.optimizer} lr {m.lr} "
-                f"in {m.lr_units} units"
-                + (f", reduction {m.reduction.describe()})" if m.reduction else ")"),
+                f"in {m.lr_units} units" + (f", reduction {m.reduction.describe()})" if m.reduction else ")"),
             )
             for name, m in METHODS.items()
         ),

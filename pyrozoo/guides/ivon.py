@@ -60,7 +60,8 @@ class IVONPosterior(Posterior, nn.Module):
     :param clip_radius: IVON's clipping of the preconditioned step (inf: none).
     :param kernel: ``"eager"`` (ivon-opt's noise, torch's ``randn``) or ``"compiled"``: the draw and the update
         each one loop compiled by ``torch.compile`` on the CPU, the noise from a counter-based generator
-        (:class:`pyrozoo.optim.IVONOptimizer`; about 20 s of compiling once per process).
+        (:class:`pyrozoo.optim.IVONOptimizer`; compiled on each process's first step: about 40 s cold, 12 s from
+        torch's disk cache, on a 2-core CPU).
     """
 
     fixed_prior = True

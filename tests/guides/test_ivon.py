@@ -480,3 +480,25 @@ def test_without_a_compiler_the_compiled_kernel_falls_back_to_the_eager_step(mon
 def test_an_unknown_kernel_is_a_one_line_error(tiny_mlp_model):
     with pytest.raises(PyrozooError, match="kernel must be one of eager, compiled, got 'fast'"):
         make_guide("ivon", BayesianModel(tiny_mlp_model.net, prior=gaussian), options={"kernel": "fast"})
+
+
+def test_train_says_it_compiles_ivons_kernels_before_the_first_step(capsys, tmp_path, monkeypatch):
+    """The first compiled step waits on ``torch.compile`` (tens of seconds): the command says so before it starts
+    (here the compiler is mocked away, so the run falls back to the eager step and stays fast)."""
+    from clitools import cli
+
+    from pyrozoo import ivon_kernels
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(ivon_kernels, "_KERNELS", {})
+    monkeypatch.setattr(ivon_kernels.torch, "compile", no_compiler)
+    tiny = ["train", "--data", "fashion-mnist-mini", "--net", "mlp", "--net-option", "hidden=(8,)", "--method", "ivon",
+            "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "16", "--samples", "1", "--no-progress"]  # fmt: skip
+    for kernel, said in (("compiled", True), ("eager", False)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            code, _, err = cli(capsys, *tiny, "--guide-option", f"kernel={kernel}", "--out", str(tmp_path / kernel))
+        assert code == 0, err
+        assert ("compiling IVON's kernels on the first step" in err) == said
