@@ -122,11 +122,11 @@ def finetune(
     (:meth:`~pyrozoo.distributed.World.share_gradients`), BatchNorm normalising by the whole minibatch's
     statistics (:meth:`~pyrozoo.distributed.World.batch_statistics`), so all take the one-process step. Dropout
     draws its masks per process (the same law, not the same draws)."""
+    if schedule not in LR_SCHEDULES:
+        raise PyrozooError(f"unknown learning-rate schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
     likelihood = Categorical() if likelihood is None else likelihood
     world = World() if world is None else world
     parameters = [p.requires_grad_(True) for p in net.parameters()]  # the pruned ones' masks stay in force
-    if schedule not in LR_SCHEDULES:
-        raise PyrozooError(f"unknown learning-rate schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
     optimizer = torch.optim.Adam(parameters, lr=lr)
     factor = LR_SCHEDULES[schedule]
     batches = Minibatches(len(x), batch_size, seed)

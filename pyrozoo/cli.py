@@ -745,9 +745,8 @@ def _train(args) -> None:
         f"{c.epochs} epochs x {c.steps_per_epoch} steps, batch {c.batch_size}, {c.device}{processes}; "
         f"run folder {run.out}"
     )
-    if (
-        c.guide_options.get("kernel") == "compiled"
-    ):  # the first step waits on torch.compile, silently otherwise
+    # the first step waits on torch.compile, silently otherwise
+    if c.guide_options.get("kernel") == "compiled":
         log(
             "compiling IVON's kernels on the first step: about 40 s the first time, 12 s from torch's disk cache"
         )

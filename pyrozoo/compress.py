@@ -137,6 +137,14 @@ ALLOCATIONS = ("uniform", "global")
 SCORES = ("obd", "evidence")
 
 
+def _check_ranking(allocation: str, score: str) -> None:
+    """Refuse an ``allocation`` or ``score`` that :func:`rank_units` does not have, in one line."""
+    if allocation not in ALLOCATIONS:
+        raise PyrozooError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
+    if score not in SCORES:
+        raise PyrozooError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
+
+
 def unit_gains(units: Units, gains: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per unit, the dF of switching it off: the sum of ``gains`` over its entries; where a normalisation
     follows its producing layers (a BatchNorm), over the normalisation's own entries and the consumers' only.
@@ -166,10 +174,7 @@ def rank_units(
     :func:`latency_model`), that. ``score="obd"`` ranks by dF without its Occam term
     (:func:`pyrozoo.bmr.scores.delta_f` with ``occam=False``: the reduced and full models compared at their best
     weights, not by their evidence); ``Ranking.gain`` is then that score, never positive."""
-    if allocation not in ALLOCATIONS:
-        raise PyrozooError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
-    if score not in SCORES:
-        raise PyrozooError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
+    _check_ranking(allocation, score)
     groups = model_units(model)
     if not groups:
         fixed = "; ".join(f"{k or 'the net'}: {v}" for k, v in structure(model).fixed.items())
@@ -566,10 +571,7 @@ def _check_options(
     unknown = set(baselines) - set(pruners.PRUNERS)
     if unknown:
         raise PyrozooError(f"unknown baselines {sorted(unknown)}; known: {', '.join(pruners.PRUNERS)}")
-    if allocation not in ALLOCATIONS:
-        raise PyrozooError(f"unknown allocation {allocation!r}; known: {', '.join(ALLOCATIONS)}")
-    if score not in SCORES:
-        raise PyrozooError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
+    _check_ranking(allocation, score)
     if finetune_steps < 0 or batch_size < 1:
         raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
     if schedule not in LR_SCHEDULES:

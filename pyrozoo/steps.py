@@ -60,8 +60,8 @@ def svi_step(
 @dataclass(frozen=True)
 class TrainingStep:
     """A way of training: ``optimizer(model, guide, lr, optimizer_name, dataset_size, lr_units)`` builds the
-    optimiser,
-    ``step(model, guide, optimizer, x, y, dataset_size)`` takes one step and returns ``-ELBO``'s estimate."""
+    optimiser, ``step(model, guide, optimizer, x, y, dataset_size)`` takes one step and returns ``-ELBO``'s
+    estimate."""
 
     description: str
     optimizer: Callable

@@ -71,7 +71,7 @@ class AutoNormalGuide(_ScopedAutoGuide, AutoNormal):
         return self.get_parameter(f"locs.{site}_unconstrained")
 
     def site_posterior(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
-        loc = self.get_parameter(f"locs.{site}_unconstrained")  # locs are unconstrained: the loc itself
+        loc = self.loc_parameter(site)  # locs are unconstrained: the loc itself
         raw_scale = self.get_parameter(f"scales.{site}_unconstrained")
         return loc.detach(), transform_to(self.scale_constraint)(raw_scale).detach()
 
