@@ -235,18 +235,26 @@ class CompiledSteps:
     def _sample_compiled(self):
         """:meth:`_sample_params` as one compiled loop per group: the noise from a fresh seed of torch's
         generator, the scale formed from the Hessian of the moment."""
-        draw = self._compiled["draw"]
         means, draws = [], []
         for i, group in enumerate(self.param_groups):
-            scratch = self._scratch(i, group["numel"])
             (p,) = self._params(group)
-            seed = draw_seed()
-            wd, noise_scale = group["weight_decay"], group["ess"] ** -0.5
-            draw(p.data.view(-1), group["hess"], seed, wd, noise_scale, scratch["drawn"], scratch["z"])
+            drawn, z = self._draw_whole(i, group, p, draw_seed())
             means.append(p.data)
-            p.data = scratch["drawn"].view(p.shape)
-            draws.append(scratch["z"])
+            p.data = drawn
+            draws.append(z)
         return means, draws
+
+    def _draw_whole(
+        self, i: int, group: dict, p: torch.Tensor, seed: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """Group ``i``'s parameter ``p`` drawn from ``seed`` by one compiled loop into its scratch buffers: the
+        drawn parameter (in ``p``'s shape) and its standard normal noise."""
+        scratch = self._scratch(i, group["numel"])
+        wd, noise_scale = group["weight_decay"], group["ess"] ** -0.5
+        self._compiled["draw"](
+            p.data.view(-1), group["hess"], seed, wd, noise_scale, scratch["drawn"], scratch["z"]
+        )
+        return scratch["drawn"].view(p.shape), scratch["z"]
 
     def draw_apart(self, columns: list) -> list[tuple[torch.Tensor, ...]]:
         """Compiled, one draw (``mc_samples`` 1), for a caller that runs the net from the drawn parameters
@@ -256,14 +264,13 @@ class CompiledSteps:
         every such group in one call), else ``(drawn,)`` in the parameter's shape; the means stay in the
         parameters. :meth:`collect_apart` takes the gradients; the numbers are those of :meth:`sampled_params`
         from the same seed."""
-        draw, self._apart, together = self._compiled["draw"], [], []
+        self._apart, together = [], []
         for i, (group, columns_i) in enumerate(zip(self.param_groups, columns)):
             (p,) = self._params(group)
             seed, wd, noise_scale = draw_seed(), group["weight_decay"], group["ess"] ** -0.5
             if columns_i is None:
-                scratch = self._scratch(i, group["numel"])
-                draw(p.data.view(-1), group["hess"], seed, wd, noise_scale, scratch["drawn"], scratch["z"])
-                parts, noise = (scratch["drawn"].view(p.shape),), (scratch["z"],)
+                drawn, z = self._draw_whole(i, group, p, seed)
+                parts, noise = (drawn,), (z,)
             else:
                 if p.dim() != 2 or p.shape[1] != columns_i + 1:
                     raise ValueError(
