@@ -555,10 +555,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compress.add_argument(
         "--allocation",
-        choices=["uniform", "global"],
-        default="uniform",
+        choices=["auto", "uniform", "global"],
+        default="auto",
         help="how many units each layer group loses: uniform (the same fraction of each, the evidence choosing "
-        "which; the default) or global (every unit by evidence per unit of cost)",
+        "which), global (every unit by evidence per unit of cost; for latency, per its share of the dense net's "
+        "profiled time) or auto (the default: global for a latency target, uniform otherwise)",
+    )
+    compress.add_argument(
+        "--min-width",
+        type=_number(float, "non-negative"),
+        default=0.25,
+        help="with a global allocation, the fraction of each layer group's units that stays (default 0.25)",
     )
     compress.add_argument(
         "--device",
@@ -844,6 +851,7 @@ def _compress(args) -> None:
         repeats=args.repeats,
         seed=args.seed,
         allocation=args.allocation,
+        min_width=args.min_width,
         device=args.device,
         score=args.score,
         progress=not args.no_progress,
@@ -865,6 +873,7 @@ def _compress(args) -> None:
         "repeats": args.repeats,
         "seed": args.seed,
         "allocation": args.allocation,
+        "min_width": args.min_width,
         "device": args.device,
         "score": args.score,
         "threads": args.threads,

@@ -177,6 +177,12 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
         assert (out / name).is_file(), name
     assert "| pyrozoo | params=0.5 |" in stdout
     assert report["lr_schedule"] == "cosine" and "decayed to 0 along a half cosine" in (out / "report.md").read_text()
+    from pyrozoo.compress import MIN_WIDTH
+
+    assert report["allocation"] == "auto" and report["min_width"] == MIN_WIDTH  # the CLI's defaults, the API's
+    assert "global for a latency target (each group keeping at least 25% of its units), uniform otherwise" in (
+        out / "report.md"
+    ).read_text()
     loaded = torch.export.load(out / "nets" / "params-0.5" / "net.pt2").module()
     assert loaded(d.x_test[:3]).shape == (3, 10)
 
@@ -221,20 +227,28 @@ def test_finetune_holds_or_decays_its_learning_rate_along_a_half_cosine(monkeypa
         compress(nn.Linear(4, 3), (x, y, x, y), "params=0.5", lr_schedule="linear", progress=False)
 
 
-def test_a_latency_targets_baselines_are_matched_by_flops_whatever_the_timer_reads(fitted, monkeypatch):
-    """Latency readings on a shared CPU move by a third; the baselines are brought to the FLOPs of pyrozoo's net,
-    so a timer that reads at random (as a loaded machine's) still compares nets of the same size."""
+def test_a_latency_targets_baselines_are_timed_against_pyrozoos_net(fitted, monkeypatch):
+    """A latency target's baselines are matched by latency (a latency-aware allocation reaches it with more
+    FLOPs than a uniform one), each candidate timed in turns with pyrozoo's net itself, not with the dense one:
+    the baseline is the least pruned one no slower than pyrozoo's net."""
     net, _, _, x = fitted
     y = torch.randint(0, 3, (len(x),))
-    readings = torch.Generator().manual_seed(0)
-    monkeypatch.setattr(costs, "latency_ratio", lambda *args: 0.2 + torch.rand(1, generator=readings).item())
+    references = []
+
+    def timer(candidate, reference, example, repeats=7):  # a latency that follows the FLOPs, exactly
+        references.append(costs.parameters(reference))
+        return costs.flops(candidate, example) / costs.flops(reference, example)
+
+    monkeypatch.setattr(costs, "latency_ratio", timer)
     result = compress(net, (x, y, x, y), "latency=0.6", finetune_steps=0, fit_size=None, baselines=("tp-l1",),
                       repeats=1, progress=False, log=lambda text: None)  # fmt: skip
+    small = result.net
     rows = {row["method"]: row for row in result.table}
-    ours, dense = rows["pyrozoo"]["flops"], rows["dense"]["flops"]
-    measure = lambda candidate: costs.cost("flops", candidate, net, x[:256])  # noqa: E731
-    matched, value = pruners.channel_prune_to(net, x[:1], "tp-l1", [net[-1]], measure, ours / dense)
-    assert ours < dense and rows["tp-l1"]["flops"] == costs.flops(matched, x[:1]) and value <= ours / dense
+    assert costs.parameters(small) in references  # the baseline's candidates were timed against pyrozoo's net
+    measure = lambda candidate: timer(candidate, small, x[:256])  # noqa: E731
+    matched, value = pruners.channel_prune_to(net, x[:1], "tp-l1", [net[-1]], measure, 1.0)
+    assert rows["tp-l1"]["params"] == costs.parameters(matched) and value <= 1.0
+    assert rows["tp-l1"]["latency_b256"] <= rows["pyrozoo"]["latency_b256"] < 0.6
 
 
 @pytest.mark.parametrize("name", ["resnet20", "tv:mobilenet_v3_small"])
@@ -309,6 +323,36 @@ def test_a_uniform_allocation_takes_the_same_fraction_of_every_group(fitted):
         rank_units(model, posterior, x[:2], allocation="sideways")
     with pytest.raises(PyrozooError, match="unknown allocation"):
         compress(net, (x, torch.zeros(len(x), dtype=torch.long)) * 2, "params=0.5", allocation="sideways")
+
+
+def test_a_global_allocation_leaves_min_width_of_every_group(fitted):
+    """Unbounded, a global order can cut a layer to one unit (resnet20's inner convolutions); ``min_width`` keeps
+    that fraction of every group, rounded up, out of the ranking, and a uniform allocation ignores it."""
+    import math
+
+    net, model, posterior, x = fitted
+    unbounded = rank_units(model, posterior, x[:2], allocation="global")
+    for width in (0.25, 0.5):
+        ranking = rank_units(model, posterior, x[:2], allocation="global", min_width=width)
+        for g, units in enumerate(ranking.groups):
+            removable = [u for h, u in ranking.order if h == g]
+            assert len(removable) == max(0, units.count - max(1, math.ceil(width * units.count)))
+            assert removable == [u for h, u in unbounded.order if h == g][: len(removable)]  # the same order
+    uniform = rank_units(model, posterior, x[:2], allocation="uniform", min_width=0.5)
+    assert sorted(uniform.order) == sorted(unbounded.order)
+
+
+def test_auto_allocation_is_global_for_latency_and_uniform_otherwise(fitted):
+    from pyrozoo.compress import resolved_allocation
+
+    assert resolved_allocation("auto", Target("latency", 0.5)) == "global"
+    assert [resolved_allocation("auto", Target(kind, 0.5)) for kind in ("params", "flops")] == ["uniform"] * 2
+    assert resolved_allocation("uniform", Target("latency", 0.5)) == "uniform"
+    net, _, _, x = fitted
+    data = (x, torch.zeros(len(x), dtype=torch.long)) * 2
+    for width in (-0.1, 1.0):
+        with pytest.raises(PyrozooError, match=r"min_width is the fraction of each group that stays, in \[0, 1\)"):
+            compress(net, data, "params=0.5", min_width=width, progress=False)
 
 
 def test_units_followed_by_batchnorm_are_scored_by_what_consumes_them():
