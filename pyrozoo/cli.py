@@ -107,6 +107,8 @@ def _number(kind: type, check: str | None = None):
             raise argparse.ArgumentTypeError(f"must be positive, got {value}")
         if check == "non-negative" and not value >= 0:
             raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
+        if check == "fraction" and not 0 <= value < 1:
+            raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), e.g. 0.25; got {value}")
         return value
 
     return parse
@@ -557,15 +559,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--allocation",
         choices=["auto", "uniform", "global"],
         default="auto",
-        help="how many units each layer group loses: uniform (the same fraction of each, the evidence choosing "
-        "which), global (every unit by evidence per unit of cost; for latency, per its share of the dense net's "
-        "profiled time) or auto (the default: global for a latency target, uniform otherwise)",
+        help="how many units each layer group loses: uniform (the same fraction of each, --score choosing which), "
+        "global (every unit by its --score per unit of the target's cost: per parameter, per FLOP, or for latency "
+        "per its share of the dense net's profiled time; each group keeping at least --min-width) or auto (the "
+        "default: global for a latency target, uniform otherwise)",
     )
     compress.add_argument(
         "--min-width",
-        type=_number(float, "non-negative"),
+        type=_number(float, "fraction"),
         default=0.25,
-        help="with a global allocation, the fraction of each layer group's units that stays (default 0.25)",
+        help="with a global allocation (auto's for a latency target), the least fraction of each layer group's "
+        "units that stays, rounded up, in [0, 1) (default 0.25); a high floor can leave a target out of reach",
     )
     compress.add_argument(
         "--device",

@@ -428,25 +428,15 @@ def _data(data):
     return data
 
 
-def _row(
-    method: str,
-    target: Target,
-    net: nn.Module,
-    dense: nn.Module,
-    metrics: dict,
-    example: dict,
-    repeats: int,
-    **extra,
-):
+def _row(method: str, target: Target, net: nn.Module, metrics: dict, example: torch.Tensor, **extra) -> dict:
+    """A method's row but its latencies (:func:`_time_rows` reads them for every row at once)."""
     return {
         "method": method,
         "target": str(target),
         **{k: metrics[k] for k in ("accuracy", "nll", "ece")},
         "params": costs.parameters(net),
         "nonzero_params": sum(int((p != 0).sum()) for p in net.parameters()),
-        "flops": costs.flops(net, example[1]),
-        "latency_b1": costs.latency_ratio(net, dense, example[1], repeats),
-        "latency_b256": costs.latency_ratio(net, dense, example[256], repeats),
+        "flops": costs.flops(net, example),
         **extra,
     }
 
@@ -474,6 +464,7 @@ class _Job:
     device: str = "cpu"
     world: World = field(default_factory=World)
     moved: dict = field(default_factory=dict)
+    timed: list = field(default_factory=list)  # (row, net): the rows whose latencies are still to be read
 
     def data(self, name: str) -> torch.Tensor:
         """The data's tensor ``name`` (``x_train``, ``y_test``, ...) on the job's device."""
@@ -504,14 +495,31 @@ class _Job:
         return self.world.agree(lambda: costs.cost(kind, net, reference, self.example[256], self.repeats))
 
     def row(self, method: str, target: Target, net: nn.Module, **extra) -> dict:
+        """``net``'s row, its latencies left to :func:`_time_rows` (the net is held until then)."""
         x, y = self.data("x_test"), self.data("y_test")
         metrics = evaluate_net(net.to(self.device), x, y, self.d.num_classes, world=self.world)
         net.cpu()
+        # the first process's row for all: the same in each, its seconds included
+        row = self.world.agree(lambda: _row(method, target, net, metrics, self.example[1], **extra))
+        self.timed.append((row, net))
+        return row
 
-        def measured() -> dict:  # the costs (latency) as the first process measures them, for all
-            return _row(method, target, net, self.dense, metrics, self.example, self.repeats, **extra)
 
-        return self.world.agree(measured)
+def _time_rows(job: _Job) -> None:
+    """Every row's latency at batch 1 and 256 as a ratio to the dense net's, all the nets timed in turns in one
+    round-robin per batch size (so that they compare among themselves), by the first process for all."""
+
+    def measured() -> dict[int, list[float]]:
+        nets = [net for _, net in job.timed]
+        return {
+            batch: costs.latency_ratios(nets, job.dense, job.example[batch], job.repeats)
+            for batch in (1, 256)
+        }
+
+    found = job.world.agree(measured)
+    for i, (row, _) in enumerate(job.timed):
+        row["latency_b1"], row["latency_b256"] = found[1][i], found[256][i]
+    job.timed.clear()
 
 
 def as_targets(target: str | Target | list[str | Target]) -> list[Target]:
@@ -532,13 +540,16 @@ def _references(job: _Job, log) -> list[dict]:
     is read against this)."""
     with torch.random.fork_rng():
         torch.manual_seed(job.seed)
-        dense_row = {**job.row("dense", Target("evidence"), job.dense), "target": "-"}
+        dense_row = job.row("dense", Target("evidence"), job.dense)
+    dense_row["target"] = "-"
     log(f"dense: {dense_row['params']:,} parameters, accuracy {dense_row['accuracy']:.4f}")
     if not job.finetune_steps:
         return [dense_row]
     tuned = copy.deepcopy(job.dense)
     job.tune(tuned)
-    return [dense_row, {**job.row("dense+finetune", Target("evidence"), tuned), "target": "-"}]
+    tuned_row = job.row("dense+finetune", Target("evidence"), tuned)
+    tuned_row["target"] = "-"
+    return [dense_row, tuned_row]
 
 
 def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tuple[nn.Module, dict]:
@@ -557,7 +568,23 @@ def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tupl
     log(
         f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units ({value:.3f} of the dense cost)"
     )
-    return small, job.row("pyrozoo", t, small, units_removed=removed, seconds=seconds)
+    allocation = resolved_allocation(job.allocation, t) if t.kind != "evidence" else "global"
+    reached = t.kind == "evidence" or value <= t.value
+    if not reached:
+        log(
+            f"{t}: not reached, {value:.3f} with every removable unit gone{_floor_hint(allocation, job.min_width)}"
+        )
+    extra = {"allocation": allocation, "search_cost": value, "reached": reached}
+    if allocation == "global" and t.kind != "evidence":
+        extra["min_width"] = job.min_width
+    return small, job.row("pyrozoo", t, small, units_removed=removed, seconds=seconds, **extra)
+
+
+def _floor_hint(allocation: str, min_width: float) -> str:
+    """What to change where a global allocation's floor left the target out of reach."""
+    if allocation != "global" or min_width <= 0:
+        return ""
+    return f" (each group keeps {min_width:.0%} of its units: a lower --min-width, or --allocation uniform)"
 
 
 # what a channel baseline is matched to pyrozoo's net by, per target kind: the target's own cost (parameters
@@ -585,9 +612,10 @@ def _baseline(job: _Job, name: str, t: Target, small: nn.Module, keep: list[nn.M
         kind = MATCHED_BY[t.kind]
         batch = (job.d.x_train[: job.batch_size], job.d.y_train[: job.batch_size])
         measure = lambda candidate: job.cost(kind, candidate, small)  # noqa: E731
-        pruned, _ = pruners.channel_prune_to(dense, job.example[1], name, keep, measure, 1.0, batch)
+        pruned, ratio = pruners.channel_prune_to(dense, job.example[1], name, keep, measure, 1.0, batch)
         job.tune(pruned)
-    return job.row(name, t, pruned, seconds=time.perf_counter() - start)
+        return job.row(name, t, pruned, seconds=time.perf_counter() - start, matched_by=kind, matched=ratio)
+    return job.row(name, t, pruned, seconds=time.perf_counter() - start, matched_by="nonzero params")
 
 
 def _check_options(
@@ -604,8 +632,11 @@ def _check_options(
     if unknown:
         raise PyrozooError(f"unknown baselines {sorted(unknown)}; known: {', '.join(pruners.PRUNERS)}")
     _check_ranking(allocation, score, ALLOCATION_CHOICES)
-    if not 0 <= min_width < 1:
-        raise PyrozooError(f"min_width is the fraction of each group that stays, in [0, 1), got {min_width}")
+    if isinstance(min_width, bool) or not isinstance(min_width, (int, float)) or not 0 <= min_width < 1:
+        raise PyrozooError(
+            f"min_width (--min-width) is the least fraction of each layer group a global allocation keeps, a "
+            f"number in [0, 1) such as 0.25; got {min_width!r}"
+        )
     if finetune_steps < 0 or batch_size < 1:
         raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
     if schedule not in LR_SCHEDULES:
@@ -684,6 +715,8 @@ def compress(
             table.append(_baseline(job, name, t, small, keep))
             steps.update()
     steps.close()
+    log("timing every net in turns...")
+    _time_rows(job)
     net.train(training)
     return Compressed(nets, table, table[0])
 
@@ -691,14 +724,6 @@ def compress(
 def _processes(record: dict) -> str:
     size = record.get("processes", 1)
     return f" x {size} processes (torchrun)" if size > 1 else ""
-
-
-def _allocation(record: dict) -> str:
-    allocation = record.get("allocation", "uniform")
-    least = f"each group keeping at least {record.get('min_width', MIN_WIDTH):.0%} of its units"
-    if allocation == "auto":
-        return f"global for a latency target ({least}), uniform otherwise"
-    return f"global ({least})" if allocation == "global" else allocation
 
 
 def _schedule(record: dict) -> str:
@@ -721,8 +746,8 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
             f"`{record['command']}`",
             "",
             f"{record['data']}, {record['machine']}, {record['threads']} thread(s){_processes(record)}, "
-            f"{record['date']}. pyrozoo ranked units by {record.get('score', 'obd')}, "
-            f"{_allocation(record)} across groups. Every method but the dense net was fine-tuned "
+            f"{record['date']}. pyrozoo ranked units by {record.get('score', 'obd')}. Every method but the dense "
+            "net was fine-tuned "
             f"for {record['finetune_steps']} Adam steps after pruning, learning rate {record.get('lr', 1e-3):g} "
             f"{_schedule(record)} (on {record.get('device', 'cpu')}); "
             "latency is a ratio to the dense net's, timed in turns in one process on the CPU.",
@@ -741,7 +766,37 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
             f"| {row['method']} | {row['target']} | {row['accuracy']:.4f} | {row['nll']:.4f} | {row['ece']:.4f} | "
             f"{params} | {row['flops'] / dense['flops']:.2f} | {row['latency_b1']:.2f} | {row['latency_b256']:.2f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _notes(table)) + "\n"
+
+
+def _notes(table: list[dict]) -> list[str]:
+    """Below the table: per target how pyrozoo shared its removals out and what its search read, and what each
+    baseline was matched to pyrozoo's net by (the cost as that baseline's search read it against pyrozoo's).
+    """
+    notes = []
+    for row in table:
+        kind = row["target"].partition("=")[0]
+        if row["method"] == "pyrozoo" and "search_cost" in row:
+            floor = f", each group keeping at least {row['min_width']:.0%}" if "min_width" in row else ""
+            note = (
+                f"- {row['target']}: pyrozoo's units shared out {row['allocation']}{floor}; its search read "
+            )
+            note += f"{row['search_cost']:.3f} of the dense net's {'params' if kind == 'evidence' else kind}"
+            if not row.get("reached", True):
+                hint = _floor_hint(row["allocation"], row.get("min_width", 0))
+                note += f": **not reached** with every removable unit gone{hint}"
+            notes.append(note + ".")
+        elif "matched_by" in row:
+            what = row["matched_by"] + (f", {row['matched']:.3f} of its" if "matched" in row else "")
+            notes.append(f"- {row['target']}: {row['method']}, matched to pyrozoo's net by {what}.")
+    if any(row["target"].startswith("latency") for row in table):
+        notes += [
+            "",
+            "A baseline is the least pruned net no costlier than pyrozoo's, each candidate's latency timed in turns "
+            "with pyrozoo's net. Latency ratios read on a loaded machine move by up to a tenth between readings "
+            "(the table's are read again at the end); a higher --repeats steadies them.",
+        ]
+    return ["", *notes] if notes else []
 
 
 def write_report(result: Compressed, folder, record: dict, example: torch.Tensor) -> None:

@@ -93,9 +93,7 @@ def paired_ratios(times: dict[str, list[float]], base: str) -> dict[str, tuple[f
     """Each call's time over ``base``'s in the same round (:func:`round_robin`), as ``(q1, median, q3)`` over
     the rounds: a round's load is shared by its calls, so the ratio of one round is steadier than a ratio of
     medians taken over different moments."""
-    return {
-        name: quartiles([t / b for t, b in zip(seconds, times[base])]) for name, seconds in times.items()
-    }
+    return {name: quartiles([t / b for t, b in zip(seconds, times[base])]) for name, seconds in times.items()}
 
 
 def _repeated(call: Callable[[], object], count: int) -> Callable[[], None]:
@@ -109,14 +107,26 @@ def _repeated(call: Callable[[], object], count: int) -> Callable[[], None]:
 @torch.inference_mode()
 def latency_ratio(net: nn.Module, reference: nn.Module, example: torch.Tensor, repeats: int = 7) -> float:
     """Median over ``repeats`` rounds of (``net``'s time / ``reference``'s) for a forward pass on ``example``,
-    the two called in turns (:func:`round_robin`; each turn the same number of passes, enough to last a few
-    milliseconds) after a warm-up, in eval mode."""
-    nets = (net.eval(), reference.eval())
-    if net is reference:
-        return 1.0
-    calls = max(_calls_per_turn(candidate, example) for candidate in nets)
-    turns = {key: _repeated(lambda c=candidate: c(example), calls) for key, candidate in zip("nr", nets)}
-    return paired_ratios(round_robin(turns, repeats, warmup=0), "r")["n"][1]
+    the two called in turns (:func:`latency_ratios`)."""
+    return latency_ratios([net], reference, example, repeats)[0]
+
+
+def latency_ratios(
+    nets: list[nn.Module], reference: nn.Module, example: torch.Tensor, repeats: int = 7
+) -> list[float]:
+    """Per net of ``nets``, the median over ``repeats`` rounds of (its time / ``reference``'s) for a forward pass
+    on ``example``, all of them and the reference called in turns in each round (:func:`round_robin`; each turn
+    the same number of passes, enough to last a few milliseconds) after a warm-up, in eval mode. Read in one
+    round-robin, the ratios of several nets compare among themselves: read in separate ones, a loaded machine
+    moves each by up to a tenth (``reference`` itself read 0.74 once). ``reference`` in ``nets`` is 1.0."""
+    distinct = {id(net): net.eval() for net in nets if net is not reference}
+    if not distinct:
+        return [1.0] * len(nets)
+    calls = max(_calls_per_turn(candidate, example) for candidate in [*distinct.values(), reference.eval()])
+    turns = {key: _repeated(lambda c=net: c(example), calls) for key, net in distinct.items()}
+    turns["reference"] = _repeated(lambda: reference(example), calls)
+    ratios = paired_ratios(round_robin(turns, repeats, warmup=0), "reference")
+    return [1.0 if net is reference else ratios[id(net)][1] for net in nets]
 
 
 def cost(kind: str, net: nn.Module, dense: nn.Module, example: torch.Tensor, repeats: int = 7) -> float:

@@ -180,9 +180,11 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
     from pyrozoo.compress import MIN_WIDTH
 
     assert report["allocation"] == "auto" and report["min_width"] == MIN_WIDTH  # the CLI's defaults, the API's
-    assert "global for a latency target (each group keeping at least 25% of its units), uniform otherwise" in (
-        out / "report.md"
-    ).read_text()
+    text = (out / "report.md").read_text()
+    assert "- params=0.5: pyrozoo's units shared out uniform; its search read 0." in text
+    assert "- params=0.5: tp-l1, matched to pyrozoo's net by params, " in text
+    assert "- params=0.5: global-magnitude, matched to pyrozoo's net by nonzero params." in text
+    assert rows["pyrozoo"]["reached"] and rows["pyrozoo"]["allocation"] == "uniform"
     loaded = torch.export.load(out / "nets" / "params-0.5" / "net.pt2").module()
     assert loaded(d.x_test[:3]).shape == (3, 10)
 
@@ -227,6 +229,25 @@ def test_finetune_holds_or_decays_its_learning_rate_along_a_half_cosine(monkeypa
         compress(nn.Linear(4, 3), (x, y, x, y), "params=0.5", lr_schedule="linear", progress=False)
 
 
+def test_the_tables_latencies_are_read_in_one_round_robin_of_every_net(monkeypatch):
+    """Every row's latency comes from one round-robin of all the nets (per batch size), so that they compare
+    among themselves; the reference is 1.0 and is not timed against itself."""
+    torch.manual_seed(0)
+    nets = [nn.Linear(64, 64), nn.Sequential(nn.Linear(64, 512), nn.Linear(512, 64))]
+    reference = nn.Linear(64, 8)
+    rounds = []
+    spy = costs.round_robin
+
+    def counted(calls, *args, **kwargs):
+        rounds.append(list(calls))
+        return spy(calls, *args, **kwargs)
+
+    monkeypatch.setattr(costs, "round_robin", counted)
+    ratios = costs.latency_ratios([reference, *nets, nets[0]], reference, torch.randn(256, 64), repeats=5)
+    assert len(rounds) == 1 and len(rounds[0]) == 3  # the two nets and the reference, once each
+    assert ratios[0] == 1.0 and ratios[1] == ratios[3] and ratios[2] > ratios[1]  # the wide one is slower
+
+
 def test_a_latency_targets_baselines_are_timed_against_pyrozoos_net(fitted, monkeypatch):
     """A latency target's baselines are matched by latency (a latency-aware allocation reaches it with more
     FLOPs than a uniform one), each candidate timed in turns with pyrozoo's net itself, not with the dense one:
@@ -240,6 +261,7 @@ def test_a_latency_targets_baselines_are_timed_against_pyrozoos_net(fitted, monk
         return costs.flops(candidate, example) / costs.flops(reference, example)
 
     monkeypatch.setattr(costs, "latency_ratio", timer)
+    monkeypatch.setattr(costs, "latency_ratios", lambda nets, ref, x, repeats=7: [timer(n, ref, x) for n in nets])
     result = compress(net, (x, y, x, y), "latency=0.6", finetune_steps=0, fit_size=None, baselines=("tp-l1",),
                       repeats=1, progress=False, log=lambda text: None)  # fmt: skip
     small = result.net
@@ -342,6 +364,26 @@ def test_a_global_allocation_leaves_min_width_of_every_group(fitted):
     assert sorted(uniform.order) == sorted(unbounded.order)
 
 
+def test_a_target_out_of_reach_is_said_so_with_the_fix(fitted, monkeypatch):
+    """A floor that leaves the target out of reach (every removable unit gone, the latency still above it) is
+    logged and marked in the report, naming --min-width and --allocation uniform."""
+    from pyrozoo.compress import markdown
+
+    net, _, _, x = fitted
+    monkeypatch.setattr(costs, "latency_ratio", lambda *args: 0.9)  # never below the target
+    said = []
+    y = torch.arange(len(x)) % 3
+    result = compress(net, (x, y) * 2, "latency=0.5", finetune_steps=0,
+                      fit_size=None, baselines=(), repeats=1, min_width=0.5, progress=False,
+                      log=said.append)  # fmt: skip
+    row = next(r for r in result.table if r["method"] == "pyrozoo")
+    assert not row["reached"] and row["allocation"] == "global" and row["min_width"] == 0.5
+    assert any("not reached" in line and "--min-width" in line and "--allocation uniform" in line for line in said)
+    assert "**not reached** with every removable unit gone (each group keeps 50% of its units" in markdown(
+        result.table
+    )
+
+
 def test_auto_allocation_is_global_for_latency_and_uniform_otherwise(fitted):
     from pyrozoo.compress import resolved_allocation
 
@@ -350,8 +392,8 @@ def test_auto_allocation_is_global_for_latency_and_uniform_otherwise(fitted):
     assert resolved_allocation("uniform", Target("latency", 0.5)) == "uniform"
     net, _, _, x = fitted
     data = (x, torch.zeros(len(x), dtype=torch.long)) * 2
-    for width in (-0.1, 1.0):
-        with pytest.raises(PyrozooError, match=r"min_width is the fraction of each group that stays, in \[0, 1\)"):
+    for width in (-0.1, 1.0, "0.25", True):
+        with pytest.raises(PyrozooError, match=r"min_width \(--min-width\) is the least fraction .* in \[0, 1\)"):
             compress(net, data, "params=0.5", min_width=width, progress=False)
 
 
