@@ -584,7 +584,7 @@ def _floor_hint(allocation: str, min_width: float) -> str:
     """What to change where a global allocation's floor left the target out of reach."""
     if allocation != "global" or min_width <= 0:
         return ""
-    return f" (each group keeps {min_width:.0%} of its units: a lower --min-width, or --allocation uniform)"
+    return f" (each group keeps {min_width:.0%} of its units: a lower --min-width or --allocation uniform may reach it)"
 
 
 # what a channel baseline is matched to pyrozoo's net by, per target kind: the target's own cost (parameters
@@ -763,7 +763,8 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
         if nonzero != row["params"]:  # unstructured pruning (global magnitude): zeros at the dense shapes
             params += f", {nonzero:,} non-zero ({nonzero / dense['params']:.2f})"
         lines.append(
-            f"| {row['method']} | {row['target']} | {row['accuracy']:.4f} | {row['nll']:.4f} | {row['ece']:.4f} | "
+            f"| {row['method']} | {row['target']}{'' if row.get('reached', True) else ' (not reached)'} | "
+            f"{row['accuracy']:.4f} | {row['nll']:.4f} | {row['ece']:.4f} | "
             f"{params} | {row['flops'] / dense['flops']:.2f} | {row['latency_b1']:.2f} | {row['latency_b256']:.2f} |"
         )
     return "\n".join(lines + _notes(table)) + "\n"
@@ -773,23 +774,27 @@ def _notes(table: list[dict]) -> list[str]:
     """Below the table: per target how pyrozoo shared its removals out and what its search read, and what each
     baseline was matched to pyrozoo's net by (the cost as that baseline's search read it against pyrozoo's).
     """
-    notes = []
+    notes, dense = [], table[0]
     for row in table:
         kind = row["target"].partition("=")[0]
+        kind = "params" if kind == "evidence" else kind
         if row["method"] == "pyrozoo" and "search_cost" in row:
+            shared = {"global": "globally", "uniform": "uniformly"}[row["allocation"]]
             floor = f", each group keeping at least {row['min_width']:.0%}" if "min_width" in row else ""
-            note = (
-                f"- {row['target']}: pyrozoo's units shared out {row['allocation']}{floor}; its search read "
-            )
-            note += f"{row['search_cost']:.3f} of the dense net's {'params' if kind == 'evidence' else kind}"
+            note = f"- {row['target']}: pyrozoo's units shared out {shared}{floor}; its search read "
+            note += f"{row['search_cost']:.3f} of the dense net's {kind}"
             if not row.get("reached", True):
                 hint = _floor_hint(row["allocation"], row.get("min_width", 0))
                 note += f": **not reached** with every removable unit gone{hint}"
             notes.append(note + ".")
         elif "matched_by" in row:
-            what = row["matched_by"] + (f", {row['matched']:.3f} of its" if "matched" in row else "")
+            what = row["matched_by"]
+            if "matched" in row:
+                what += f", {row['matched']:.3f} of its {row['matched_by']}"
+            if row["params"] == dense["params"] and row["nonzero_params"] == dense["params"]:
+                what += " (not pruned: the dense net itself is within pyrozoo's cost)"
             notes.append(f"- {row['target']}: {row['method']}, matched to pyrozoo's net by {what}.")
-    if any(row["target"].startswith("latency") for row in table):
+    if any(row.get("matched_by") == "latency" for row in table):
         notes += [
             "",
             "A baseline is the least pruned net no costlier than pyrozoo's, each candidate's latency timed in turns "

@@ -181,8 +181,8 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
 
     assert report["allocation"] == "auto" and report["min_width"] == MIN_WIDTH  # the CLI's defaults, the API's
     text = (out / "report.md").read_text()
-    assert "- params=0.5: pyrozoo's units shared out uniform; its search read 0." in text
-    assert "- params=0.5: tp-l1, matched to pyrozoo's net by params, " in text
+    assert "- params=0.5: pyrozoo's units shared out uniformly; its search read 0." in text
+    assert "- params=0.5: tp-l1, matched to pyrozoo's net by params, " in text and "of its params." in text
     assert "- params=0.5: global-magnitude, matched to pyrozoo's net by nonzero params." in text
     assert rows["pyrozoo"]["reached"] and rows["pyrozoo"]["allocation"] == "uniform"
     loaded = torch.export.load(out / "nets" / "params-0.5" / "net.pt2").module()
@@ -379,9 +379,9 @@ def test_a_target_out_of_reach_is_said_so_with_the_fix(fitted, monkeypatch):
     row = next(r for r in result.table if r["method"] == "pyrozoo")
     assert not row["reached"] and row["allocation"] == "global" and row["min_width"] == 0.5
     assert any("not reached" in line and "--min-width" in line and "--allocation uniform" in line for line in said)
-    assert "**not reached** with every removable unit gone (each group keeps 50% of its units" in markdown(
-        result.table
-    )
+    text = markdown(result.table)
+    assert "**not reached** with every removable unit gone (each group keeps 50% of its units" in text
+    assert "| pyrozoo | latency=0.5 (not reached) |" in text
 
 
 def test_auto_allocation_is_global_for_latency_and_uniform_otherwise(fitted):
