@@ -687,6 +687,11 @@ def compress(
     device = world.device(device)  # with cuda and several processes: the GPU of this one's local rank
     if not world.main:
         progress, log = False, lambda text: None
+    global_for = [
+        t for t in targets if t.kind != "evidence" and resolved_allocation(allocation, t) == "global"
+    ]
+    if min_width != MIN_WIDTH and not global_for:
+        log(f"min_width {min_width:g} is used by a global allocation only, and no target here has one")
     d = _data(data)
     training = net.training
     # read only (every method prunes and tunes a copy): a large net is not held twice; one on a GPU is copied

@@ -392,6 +392,11 @@ def test_auto_allocation_is_global_for_latency_and_uniform_otherwise(fitted):
     assert resolved_allocation("uniform", Target("latency", 0.5)) == "uniform"
     net, _, _, x = fitted
     data = (x, torch.zeros(len(x), dtype=torch.long)) * 2
+    said = []
+    labelled = (x, torch.arange(len(x)) % 3) * 2
+    compress(net, labelled, "params=0.5", min_width=0.5, finetune_steps=0, fit_size=None, baselines=(), repeats=1,
+             progress=False, log=said.append)  # fmt: skip
+    assert "min_width 0.5 is used by a global allocation only, and no target here has one" in said
     for width in (-0.1, 1.0, "0.25", True):
         with pytest.raises(PyrozooError, match=r"min_width \(--min-width\) is the least fraction .* in \[0, 1\)"):
             compress(net, data, "params=0.5", min_width=width, progress=False)
