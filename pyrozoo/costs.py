@@ -111,6 +111,7 @@ def latency_ratio(net: nn.Module, reference: nn.Module, example: torch.Tensor, r
     return latency_ratios([net], reference, example, repeats)[0]
 
 
+@torch.inference_mode()
 def latency_ratios(
     nets: list[nn.Module], reference: nn.Module, example: torch.Tensor, repeats: int = 7
 ) -> list[float]:
@@ -118,7 +119,7 @@ def latency_ratios(
     on ``example``, all of them and the reference called in turns in each round (:func:`round_robin`; each turn
     the same number of passes, enough to last a few milliseconds) after a warm-up, in eval mode. Read in one
     round-robin, the ratios of several nets compare among themselves: read in separate ones, a loaded machine
-    moves each by up to a tenth (``reference`` itself read 0.74 once). ``reference`` in ``nets`` is 1.0."""
+    moves each by up to a tenth (a copy of the reference read 0.74 once). ``reference`` in ``nets`` is 1.0."""
     distinct = {id(net): net.eval() for net in nets if net is not reference}
     if not distinct:
         return [1.0] * len(nets)

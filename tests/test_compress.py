@@ -240,6 +240,7 @@ def test_the_tables_latencies_are_read_in_one_round_robin_of_every_net(monkeypat
 
     def counted(calls, *args, **kwargs):
         rounds.append(list(calls))
+        assert torch.is_inference_mode_enabled()  # no autograd graph recorded into the timings
         return spy(calls, *args, **kwargs)
 
     monkeypatch.setattr(costs, "round_robin", counted)
