@@ -246,10 +246,19 @@ def rank_for(
 
 
 def resolved_allocation(allocation: str, target: Target) -> str:
-    """``allocation``, with ``"auto"`` resolved for ``target``: global for latency, uniform otherwise."""
+    """``allocation`` as :func:`rank_for` applies it to ``target``: ``"auto"`` is global for latency and uniform
+    otherwise; the evidence target is always ranked globally."""
+    if target.kind == "evidence":
+        return "global"
     if allocation != "auto":
         return allocation
     return "global" if target.kind == "latency" else "uniform"
+
+
+def floored(allocation: str, target: Target) -> bool:
+    """Whether ``min_width`` holds for ``target`` under ``allocation``: a global order for a cost target (the
+    evidence target's global order stops where dF does, with no floor)."""
+    return target.kind != "evidence" and resolved_allocation(allocation, target) == "global"
 
 
 def latency_model(model, dense: nn.Module, example: torch.Tensor, repeats: int = 7) -> dict[int, float]:
@@ -488,10 +497,8 @@ class _Job:
         )
         net.cpu()
 
-    def cost(self, kind: str, net: nn.Module, reference: nn.Module | None = None) -> float:
-        """``net``'s ``kind`` of cost as a fraction of ``reference``'s (the dense net's by default), measured by
-        the first process for all."""
-        reference = self.dense if reference is None else reference
+    def cost(self, kind: str, net: nn.Module, reference: nn.Module) -> float:
+        """``net``'s ``kind`` of cost as a fraction of ``reference``'s, measured by the first process for all."""
         return self.world.agree(lambda: costs.cost(kind, net, reference, self.example[256], self.repeats))
 
     def row(self, method: str, target: Target, net: nn.Module, **extra) -> dict:
@@ -568,14 +575,14 @@ def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tupl
     log(
         f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units ({value:.3f} of the dense cost)"
     )
-    allocation = resolved_allocation(job.allocation, t) if t.kind != "evidence" else "global"
+    allocation = resolved_allocation(job.allocation, t)
     reached = t.kind == "evidence" or value <= t.value
     if not reached:
         log(
             f"{t}: not reached, {value:.3f} with every removable unit gone{_floor_hint(allocation, job.min_width)}"
         )
     extra = {"allocation": allocation, "search_cost": value, "reached": reached}
-    if allocation == "global" and t.kind != "evidence":
+    if floored(job.allocation, t):
         extra["min_width"] = job.min_width
     return small, job.row("pyrozoo", t, small, units_removed=removed, seconds=seconds, **extra)
 
@@ -687,10 +694,7 @@ def compress(
     device = world.device(device)  # with cuda and several processes: the GPU of this one's local rank
     if not world.main:
         progress, log = False, lambda text: None
-    global_for = [
-        t for t in targets if t.kind != "evidence" and resolved_allocation(allocation, t) == "global"
-    ]
-    if min_width != MIN_WIDTH and not global_for:
+    if min_width != MIN_WIDTH and not any(floored(allocation, t) for t in targets):
         log(f"min_width {min_width:g} is used by a global allocation only, and no target here has one")
     d = _data(data)
     training = net.training

@@ -104,7 +104,6 @@ def _repeated(call: Callable[[], object], count: int) -> Callable[[], None]:
     return repeated
 
 
-@torch.inference_mode()
 def latency_ratio(net: nn.Module, reference: nn.Module, example: torch.Tensor, repeats: int = 7) -> float:
     """Median over ``repeats`` rounds of (``net``'s time / ``reference``'s) for a forward pass on ``example``,
     the two called in turns (:func:`latency_ratios`)."""

@@ -391,6 +391,7 @@ def test_auto_allocation_is_global_for_latency_and_uniform_otherwise(fitted):
     assert resolved_allocation("auto", Target("latency", 0.5)) == "global"
     assert [resolved_allocation("auto", Target(kind, 0.5)) for kind in ("params", "flops")] == ["uniform"] * 2
     assert resolved_allocation("uniform", Target("latency", 0.5)) == "uniform"
+    assert resolved_allocation("uniform", Target("evidence")) == "global"  # as rank_for ranks it
     net, _, _, x = fitted
     data = (x, torch.zeros(len(x), dtype=torch.long)) * 2
     said = []
