@@ -195,11 +195,9 @@ def _diagonal(
 
     def add(name, a, g):
         n, positions, groups, _ = a.shape
-        g = (
-            (g.flatten(2).transpose(1, 2) if g.dim() > 2 else g[:, None])
-            .double()
-            .reshape(n, positions, groups, -1)
-        )
+        g = (g.flatten(2).transpose(1, 2) if g.dim() > 2 else g[:, None]).reshape(n, positions, groups, -1)
+        # a batch's sum in the net's own dtype, the running sum in float64: converting the (N, P, K) patches
+        # to float64 cost as much as the product (resnet20); float32 sums agree to about 1e-6 (tested)
         if positions == 1 and groups == 1:  # a Linear layer: no (N, R, K) tensor
             d = g[:, 0, 0].square().T @ a[:, 0, 0].square()
         else:
@@ -207,10 +205,10 @@ def _diagonal(
         if name in store:
             store[name].add_(d)  # in place: a second (R, K) float64 tensor of a large layer is hundreds of MB
         else:
-            store[name] = d
+            store[name] = d.double()
 
     def capture(module, inputs, output, name):
-        a = _inputs(module, inputs[0].detach()).double()
+        a = _inputs(module, inputs[0].detach())
         output.register_hook(lambda g: add(name, a, g.detach()))
 
     handles = [
