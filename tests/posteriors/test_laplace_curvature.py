@@ -136,8 +136,9 @@ def test_diagonal_of_a_float32_net_matches_its_float64_fit():
     product): it is float64 and within 1e-5 of the same net's in float64, batch sums added in float64."""
     net, x = _small_net(), torch.randn(40, 2, 8, 8)
     exact = curvature(net, find_layers(net), x, "diag", fisher="type-2", batch_size=16, progress=False)
-    fast = curvature(net.float(), find_layers(net), x.float(), "diag", fisher="type-2", batch_size=16, progress=False)  # fmt: skip
-    for layer in find_layers(net):
+    layers = find_layers(net)
+    fast = curvature(net.float(), layers, x.float(), "diag", fisher="type-2", batch_size=16, progress=False)
+    for layer in layers:
         assert fast[layer.name].dtype == torch.float64
         assert torch.allclose(fast[layer.name], exact[layer.name], rtol=1e-5, atol=1e-7), layer.name
 
