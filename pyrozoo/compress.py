@@ -103,6 +103,10 @@ class Ranking:
     order: list[tuple[int, int]]  # (group index, unit index), most favoured removal first
     gain: list[float]  # dF of removing each unit in ``order`` (positive: the evidence rises)
     masks: dict[str, torch.Tensor]  # the model's masks before any removal
+    # the cost of each unit in ``order`` the ranking divided by, and whether it is a given model's
+    # (``unit_cost``: the latency model's fraction of the dense net's time, which guides :func:`reduce_to`)
+    cost: list[float] = field(default_factory=list)
+    modelled: bool = False
 
 
 def _masks(model) -> dict[str, torch.Tensor]:
@@ -211,9 +215,14 @@ def rank_units(
         stay = max(1, math.ceil(min_width * units.count)) if allocation == "global" else 1
         for i, u in enumerate(alive[: max(0, len(alive) - stay)]):  # the group's last units stay
             key = (-(i + 1) / len(alive), per_cost[u]) if allocation == "uniform" else (per_cost[u],)
-            candidates.append((key, float(gain[u]), g, u))
+            candidates.append((key, float(gain[u]), g, u, float(size[u])))
     candidates.sort(key=lambda c: c[0], reverse=True)
-    return Ranking(groups, [(g, u) for _, _, g, u in candidates], [c[1] for c in candidates], masks)
+    order, gain_of, cost_of = (
+        [c[2:4] for c in candidates],
+        [c[1] for c in candidates],
+        [c[4] for c in candidates],
+    )
+    return Ranking(groups, order, gain_of, masks, cost_of, unit_cost is not None)
 
 
 def rank_for(
@@ -262,13 +271,16 @@ def floored(allocation: str, target: Target) -> bool:
 
 
 def latency_model(model, dense: nn.Module, example: torch.Tensor, repeats: int = 7) -> dict[int, float]:
-    """``{group index: seconds one of its units costs}``, from the dense net's modules timed once
-    (:func:`pyrozoo.costs.module_times`): a unit's share of each layer it has entries in (its rows or columns
-    over the layer's), and a 1/count share of the modules that run on the group's channels between its
-    producing layers and its consumers (BatchNorm, activation, pooling). Unlike timing a rebuilt net per group,
-    whose drop in latency is a difference of two noisy timings, the shares come from one profile, so the
-    ranking does not move with the load on the machine."""
+    """``{group index: the fraction of the dense net's time one of its units costs}``, from the dense net's
+    modules timed once (:func:`pyrozoo.costs.module_times`): a unit's share of each layer it has entries in (its
+    rows or columns over the layer's), and a 1/count share of the modules that run on the group's channels
+    between its producing layers and its consumers (BatchNorm, activation, pooling), over the time of every
+    module. Unlike timing a rebuilt net per group, whose drop in latency is a difference of two noisy timings,
+    the shares come from one profile, so the ranking does not move with the load on the machine. The model is
+    linear: a layer losing a fraction of its inputs and of its outputs is charged both, where its time falls
+    by their product, which is why :func:`reduce_to` measures what it guesses from it."""
     times = costs.module_times(dense, example, repeats)
+    total = sum(t for _, t, _ in times) or 1.0
     position = {name: i for i, (name, _, _) in enumerate(times)}
     seconds = {name: t for name, t, _ in times}
     masks = _masks(model)
@@ -283,7 +295,7 @@ def latency_model(model, dense: nn.Module, example: torch.Tensor, repeats: int =
             if name in consumers or width != units.count:
                 break
             cost += t / units.count
-        found[g] = cost
+        found[g] = cost / total
     return found
 
 
@@ -309,6 +321,40 @@ def remove_first(model, ranking: Ranking, count: int) -> None:
     _set_masks(model, ranking.masks, ranking.groups, chosen)
 
 
+# a latency search guided by the latency model stops at a reading this close below the target (a fraction of
+# it): repeated readings of one net on a loaded machine spread by more (0.295-0.407 in session 11's trials)
+LATENCY_SLACK = 0.03
+# the latency search's first probes are the model's guesses, corrected by the readings so far; bisection after
+MODEL_PROBES = 3
+
+
+def _modelled_guess(ranking: Ranking, target: float):
+    """``guess(readings, lo, hi)``: the count of removals in ``[lo, hi)`` that the latency model, corrected by
+    the ``readings`` so far (``{count: measured ratio}``), puts at ``target``. The model predicts ``1 - `` the
+    summed shares of the removed units (:func:`latency_model`); one reading scales it, two or more fit the line
+    through the two nearest the target (the model's error is mostly a scale and an offset: the time a layer
+    keeps whatever its width)."""
+    predicted = [1.0]
+    for cost in ranking.cost:
+        predicted.append(predicted[-1] - cost)
+
+    def count_at(level: float) -> int:  # the fewest removals the model puts at or below ``level``
+        return next((c for c, value in enumerate(predicted) if value <= level), len(predicted) - 1)
+
+    def guess(readings: dict[int, float], lo: int, hi: int) -> int:
+        level = target
+        near = sorted(readings, key=lambda c: abs(readings[c] - target))[:2]
+        if near and predicted[near[0]] > 0:
+            level = target * predicted[near[0]] / readings[near[0]]
+        if len(near) == 2 and predicted[near[0]] != predicted[near[1]]:
+            (a, b), (va, vb) = (predicted[c] for c in near), (readings[c] for c in near)
+            if (vb - va) / (b - a) > 0:  # a reading's noise can tip the line over: then the scale alone
+                level = a + (target - va) * (b - a) / (vb - va)
+        return min(max(count_at(level), lo), hi - 1)
+
+    return guess
+
+
 def reduce_to(
     model,
     posterior,
@@ -319,10 +365,13 @@ def reduce_to(
     repeats: int = 7,
     world: World | None = None,
 ):
-    """The rebuilt net with as few units removed as meets ``target`` (bisection over the ranking's prefix,
-    each candidate rebuilt and measured); returns ``(net, units removed, cost)``. In a run of several processes
-    (``world``) the first measures each candidate for all (a latency differs between them), so that every
-    process bisects alike."""
+    """The rebuilt net with as few units removed as meets ``target``: bisection over the ranking's prefix, each
+    candidate rebuilt and measured; returns ``(net, units removed, cost)``. For a latency target ranked by the
+    latency model (:func:`rank_for`), the first probes are the model's guesses corrected by the readings
+    (:func:`_modelled_guess`), and the search stops at a reading within :data:`LATENCY_SLACK` below the
+    target: three or four readings where bisection took nine or ten, each a noisy timing of two nets. In a run
+    of several processes (``world``) the first measures each candidate for all (a latency differs between
+    them), so that every process searches alike."""
     world = World() if world is None else world
     if target.kind == "evidence":
         count = sum(1 for gain in ranking.gain if gain > 0)
@@ -335,13 +384,19 @@ def reduce_to(
         net = rebuild(model, posterior)
         return net, world.agree(lambda: costs.cost(target.kind, net, dense, example, repeats))
 
+    guided = target.kind == "latency" and ranking.modelled
+    guess = _modelled_guess(ranking, target.value) if guided else None
+    readings: dict[int, float] = {}
     lo, hi = 0, len(ranking.order)
     best = None
     while lo < hi:  # the fewest removals whose cost is at most the target
-        mid = (lo + hi) // 2
+        mid = guess(readings, lo, hi) if guided and len(readings) < MODEL_PROBES else (lo + hi) // 2
         net, value = measured(mid)
+        readings[mid] = value
         if value <= target.value:
             hi, best = mid, (net, mid, value)
+            if guided and value >= target.value * (1 - LATENCY_SLACK):
+                return best
         else:
             lo = mid + 1
         del net  # a candidate that is not the best goes before the next is built

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 
 import pytest
@@ -89,6 +90,45 @@ def test_a_target_is_met_by_the_rebuilt_net_with_the_fewest_removals(fitted, kin
             small(x), rebuild(model, posterior, remove_dead=False)(x), atol=1e-5, rtol=1e-5
         )
     remove_first(model, ranking, 0)
+
+
+def test_the_latency_model_guesses_a_count_and_readings_correct_it():
+    """The model predicts 1 - the removed units' summed shares; one reading scales that, two fit a line (here
+    through (0.75, 0.875) and (0.625, 0.8125): 0.5 predicted reads 0.75), and the guess stays in [lo, hi)."""
+    from pyrozoo.compress import Ranking, _modelled_guess
+
+    ranking = Ranking([], [(0, i) for i in range(10)], [0.0] * 10, {}, [1 / 16] * 10, modelled=True)
+    guess = _modelled_guess(ranking, 0.75)
+    assert guess({}, 0, 10) == 4  # 1 - 4/16
+    assert guess({4: 0.875}, 5, 10) == 6  # 0.75 * 0.75 / 0.875 = 0.64: 1 - 6/16 below it
+    assert guess({4: 0.875, 6: 0.8125}, 7, 10) == 8
+    assert guess({}, 6, 10) == 6 and guess({}, 0, 3) == 2
+
+
+def test_a_latency_search_guided_by_the_model_meets_the_target_in_few_readings(fitted, monkeypatch):
+    """With the latency model's ranking, the search reads a few candidates, not a bisection's, and returns one
+    at most the target and within LATENCY_SLACK of it or with one removal fewer above it. The reading here is
+    the FLOPs ratio (deterministic, and not the linear model's)."""
+    module = sys.modules["pyrozoo.compress"]
+    net, model, posterior, x = fitted
+    shares = latency_model(model, net, x[:8], repeats=2)
+    ranking = rank_units(model, posterior, x[:2], unit_cost=shares)
+    assert ranking.modelled and ranking.cost == pytest.approx([shares[g] for g, _ in ranking.order])
+    readings, flops = [], costs.cost
+
+    def reading(kind, candidate, dense, example, repeats=7):
+        readings.append(flops("flops", candidate, dense, example))
+        return readings[-1]
+
+    monkeypatch.setattr(costs, "cost", reading)
+    small, removed, value = reduce_to(model, posterior, ranking, Target("latency", 0.6), net, x[:4])
+    monkeypatch.undo()
+    assert value <= 0.6 and value in readings
+    remove_first(model, ranking, removed - 1)
+    fewer = costs.cost("flops", rebuild(model, posterior), net, x[:4])
+    remove_first(model, ranking, 0)
+    assert value >= 0.6 * (1 - module.LATENCY_SLACK) or fewer > 0.6
+    assert len(readings) < math.ceil(math.log2(len(ranking.order))) + 1
 
 
 def test_the_evidence_target_removes_exactly_the_units_whose_removal_raises_it(fitted):
@@ -468,7 +508,8 @@ def test_the_latency_model_shares_each_module_among_the_units_it_runs_on(fitted,
     fake = [(str(i), float(2**i), widths[str(i)]) for i in range(10)]  # module i takes 2**i seconds
     monkeypatch.setattr(costs, "module_times", lambda *a, **k: fake)
     found = latency_model(model, net, x[:4])
-    cost = {units.name: found[g] for g, units in enumerate(model_units(model))}
+    # as fractions of the whole pass, 2**10 - 1 seconds
+    cost = {units.name: found[g] * 1023 for g, units in enumerate(model_units(model))}
     # conv 0 (1 of 6 rows), ReLU 1 and pool 2 on its 6 channels, conv 3's columns of one input channel (9 of
     # 6 * 9 + 1, the bias's column included)
     assert cost["0"] == pytest.approx(1 / 6 + 2 / 6 + 4 / 6 + 8 * 9 / 55)
