@@ -95,9 +95,9 @@ def _number(kind: type, check: str | None = None):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}"
-            ) from None
+            what = {"fraction": "a fraction in [0, 1), e.g. 0.25"}.get(check, "a number")
+            what = "a whole number" if kind is int else what
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if not math.isfinite(value):
             sign = f"{check} " if check else ""
             raise argparse.ArgumentTypeError(f"must be a finite {sign}number, got {text!r}")

@@ -236,6 +236,9 @@ def test_the_command_refuses_what_it_cannot_use(capsys, tmp_path):
                                "--data", "fashion-mnist-mini"), "--weights", "no such file")  # fmt: skip
     assert_one_line_error(*cli(capsys, "compress", "lenet", "--weights", "w.pt", "--target", "latency=2"),
                           "between 0 and 1")  # fmt: skip
+    for bad in ("abc", "1.5"):  # not a number, or out of range: the range is said either way
+        assert_one_line_error(*cli(capsys, "compress", "lenet", "--weights", "w.pt", "--min-width", bad),
+                              "--min-width", "fraction in [0, 1)")  # fmt: skip
 
 
 def test_compress_refuses_a_device_it_cannot_use(fitted):
