@@ -366,10 +366,10 @@ def reduce_to(
     world: World | None = None,
 ):
     """The rebuilt net with as few units removed as meets ``target``: bisection over the ranking's prefix, each
-    candidate rebuilt and measured; returns ``(net, units removed, cost)``. For a latency target ranked by the
-    latency model (:func:`rank_for`), the first probes are the model's guesses corrected by the readings
-    (:func:`_modelled_guess`), and the search stops at a reading within :data:`LATENCY_SLACK` below the
-    target: three or four readings where bisection took nine or ten, each a noisy timing of two nets. In a run
+    candidate rebuilt and measured; returns ``(net, units removed, cost, candidates measured)``. For a latency
+    target ranked by the latency model (:func:`rank_for`), the first probes are the model's guesses corrected
+    by the readings (:func:`_modelled_guess`), and the search stops at a reading within :data:`LATENCY_SLACK`
+    below the target: fewer readings than a bisection's nine or ten, each a noisy timing of two nets. In a run
     of several processes (``world``) the first measures each candidate for all (a latency differs between
     them), so that every process searches alike."""
     world = World() if world is None else world
@@ -377,7 +377,7 @@ def reduce_to(
         count = sum(1 for gain in ranking.gain if gain > 0)
         remove_first(model, ranking, count)
         net = rebuild(model, posterior)
-        return net, count, costs.cost("params", net, dense, example)
+        return net, count, costs.cost("params", net, dense, example), 0
 
     def measured(count: int) -> tuple[nn.Module, float]:
         remove_first(model, ranking, count)
@@ -396,14 +396,14 @@ def reduce_to(
         if value <= target.value:
             hi, best = mid, (net, mid, value)
             if guided and value >= target.value * (1 - LATENCY_SLACK):
-                return best
+                return (*best, len(readings))
         else:
             lo = mid + 1
         del net  # a candidate that is not the best goes before the next is built
     if best is None or best[1] != lo:
         net, value = measured(lo)
-        best = (net, lo, value)
-    return best
+        best, readings[lo] = (net, lo, value), value
+    return (*best, len(readings))
 
 
 def build_net(spec: str, data, net_options: dict | None = None) -> nn.Module:
@@ -621,14 +621,16 @@ def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tupl
     example = job.example[256]
     choice = (job.allocation, job.repeats, job.score, job.world, job.min_width)
     ranking = rank_for(model, posterior, t, job.dense, example, trace, *choice)
-    small, removed, value = reduce_to(
+    small, removed, value, readings = reduce_to(
         model, posterior, ranking, t, job.dense, example, job.repeats, job.world
     )
     remove_first(model, ranking, 0)  # the model as fitted, for the next target
     job.tune(small)
     seconds = fitted + time.perf_counter() - start
+    measured = f", {readings} candidates measured" if readings else ""
     log(
-        f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units ({value:.3f} of the dense cost)"
+        f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units ({value:.3f} of the dense "
+        f"cost{measured})"
     )
     allocation = resolved_allocation(job.allocation, t)
     reached = t.kind == "evidence" or value <= t.value
@@ -636,7 +638,7 @@ def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tupl
         log(
             f"{t}: not reached, {value:.3f} with every removable unit gone{_floor_hint(allocation, job.min_width)}"
         )
-    extra = {"allocation": allocation, "search_cost": value, "reached": reached}
+    extra = {"allocation": allocation, "search_cost": value, "search_readings": readings, "reached": reached}
     if floored(job.allocation, t):
         extra["min_width"] = job.min_width
     return small, job.row("pyrozoo", t, small, units_removed=removed, seconds=seconds, **extra)
@@ -847,6 +849,8 @@ def _notes(table: list[dict]) -> list[str]:
             floor = f", each group keeping at least {row['min_width']:.0%}" if "min_width" in row else ""
             note = f"- {row['target']}: pyrozoo's units shared out {shared}{floor}; its search read "
             note += f"{row['search_cost']:.3f} of the dense net's {kind}"
+            if row.get("search_readings"):
+                note += f" ({row['search_readings']} candidates measured)"
             if not row.get("reached", True):
                 hint = _floor_hint(row["allocation"], row.get("min_width", 0))
                 note += f": **not reached** with every removable unit gone{hint}"

@@ -79,7 +79,7 @@ def test_units_are_ranked_by_their_joint_evidence_per_parameter(fitted):
 def test_a_target_is_met_by_the_rebuilt_net_with_the_fewest_removals(fitted, kind):
     net, model, posterior, x = fitted
     ranking = rank_units(model, posterior, x[:2], by=kind)
-    small, removed, value = reduce_to(model, posterior, ranking, Target(kind, 0.6), net, x[:4])
+    small, removed, value, _ = reduce_to(model, posterior, ranking, Target(kind, 0.6), net, x[:4])
     assert value <= 0.6 and value == pytest.approx(costs.cost(kind, small, net, x[:4]))
     remove_first(model, ranking, removed - 1)  # one unit fewer does not meet it
     assert costs.cost(kind, rebuild(model, posterior), net, x[:4]) > 0.6
@@ -121,20 +121,20 @@ def test_a_latency_search_guided_by_the_model_meets_the_target_in_few_readings(f
         return readings[-1]
 
     monkeypatch.setattr(costs, "cost", reading)
-    small, removed, value = reduce_to(model, posterior, ranking, Target("latency", 0.6), net, x[:4])
+    small, removed, value, measured = reduce_to(model, posterior, ranking, Target("latency", 0.6), net, x[:4])
     monkeypatch.undo()
     assert value <= 0.6 and value in readings
     remove_first(model, ranking, removed - 1)
     fewer = costs.cost("flops", rebuild(model, posterior), net, x[:4])
     remove_first(model, ranking, 0)
     assert value >= 0.6 * (1 - module.LATENCY_SLACK) or fewer > 0.6
-    assert len(readings) < math.ceil(math.log2(len(ranking.order))) + 1
+    assert measured == len(readings) < math.ceil(math.log2(len(ranking.order))) + 1
 
 
 def test_the_evidence_target_removes_exactly_the_units_whose_removal_raises_it(fitted):
     net, model, posterior, x = fitted
     ranking = rank_units(model, posterior, x[:2])
-    _, removed, _ = reduce_to(model, posterior, ranking, Target("evidence"), net, x[:4])
+    _, removed, _, _ = reduce_to(model, posterior, ranking, Target("evidence"), net, x[:4])
     assert removed == sum(gain > 0 for gain in ranking.gain)
     remove_first(model, ranking, 0)
 
@@ -222,6 +222,8 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
     assert report["allocation"] == "auto" and report["min_width"] == MIN_WIDTH  # the CLI's defaults, the API's
     text = (out / "report.md").read_text()
     assert "- params=0.5: pyrozoo's units shared out uniformly; its search read 0." in text
+    assert f" ({rows['pyrozoo']['search_readings']} candidates measured)." in text  # a bisection's: several
+    assert rows["pyrozoo"]["search_readings"] > 1
     assert "- params=0.5: tp-l1, matched to pyrozoo's net by params, " in text and "of its params." in text
     assert "- params=0.5: global-magnitude, matched to pyrozoo's net by nonzero params." in text
     assert rows["pyrozoo"]["reached"] and rows["pyrozoo"]["allocation"] == "uniform"
