@@ -6,11 +6,25 @@ ratio to a reference net timed in the same process, the two called in turns (rou
 so that load from other jobs on a shared machine falls on both alike: absolute milliseconds on a loaded machine
 mean little, the ratio is what a target such as ``latency=0.5`` asks for. :func:`round_robin` and
 :func:`paired_ratios` are that timing for any set of calls (the benchmarks' too).
+
+With one torch thread (pyrozoo compress's default) the time read is that thread's CPU time
+(:func:`timing_clock`): the time other jobs hold the core is left out, so on issue 28's BatchNorm CNN at load 3
+the quartiles of one ratio read 0.49-0.51 where the wall clock read 0.30-0.59. Every timing runs under
+:func:`steady_allocator`: glibc serves a block above its mmap threshold (128 KiB to
+32 MiB, moved by what the process freed before) from fresh pages that the kernel zero-fills on every call, so
+a forward pass whose activations cross the threshold pays page faults each time and one under it does not. The
+same two nets read 0.28 to 0.52 of each other with the allocator's defaults, depending on the process's
+history (issue 28's BatchNorm CNN at batch 256, experiments/RESULTS.md); with large blocks kept on the heap
+while timing, 0.49 to 0.53 in a fresh process and in one that had fitted and fine-tuned: the latency is the
+compute's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
+import platform
 import random
 import statistics
 import time
@@ -21,6 +35,47 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 KINDS = ("params", "flops", "latency")
+# glibc's mallopt parameters, and its defaults for them that steady_allocator puts back (the trim threshold at
+# twice the mmap threshold's dynamic ceiling, where a long-running process's usually ends)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+MMAP_MAX_DEFAULT, TRIM_AFTER = 65536, 64 * 2**20
+
+
+def _glibc():
+    """The C library when it is glibc (whose ``mallopt`` steady_allocator sets), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def timing_clock() -> Callable[[], float]:
+    """What a latency is read on: the calling thread's CPU time where torch computes on that thread alone (one
+    intra-op thread; its waits for other jobs left out), else the wall clock (several threads' work overlaps,
+    and the calling thread's CPU time would miss the others')."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+@contextlib.contextmanager
+def steady_allocator():
+    """While inside, glibc keeps every block on the heap (no mmap) and does not hand freed memory back, so a
+    timed pass reuses warm pages whatever the process did before; afterwards mmap is allowed again (glibc's
+    default count), the trim threshold set to 64 MiB, and the heap trimmed. Elsewhere than glibc it does
+    nothing."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_MAX, MMAP_MAX_DEFAULT)
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_AFTER)
+        libc.malloc_trim(0)
 
 
 def parameters(net: nn.Module) -> int:
@@ -42,9 +97,10 @@ def flops(net: nn.Module, example: torch.Tensor) -> int:
 def _calls_per_turn(net: nn.Module, example: torch.Tensor, seconds: float = 0.005) -> int:
     """How many forward passes make a turn of at least ``seconds`` (a pass of a small net at batch 1 takes
     microseconds, below what one reading of the clock resolves under load)."""
-    start = time.perf_counter()
+    clock = timing_clock()
+    start = clock()
     net(example)
-    once = max(time.perf_counter() - start, 1e-6)
+    once = max(clock() - start, 1e-6)
     return max(1, min(1000, math.ceil(seconds / once)))
 
 
@@ -122,10 +178,13 @@ def latency_ratios(
     distinct = {id(net): net.eval() for net in nets if net is not reference}
     if not distinct:
         return [1.0] * len(nets)
-    calls = max(_calls_per_turn(candidate, example) for candidate in [*distinct.values(), reference.eval()])
-    turns = {key: _repeated(lambda c=net: c(example), calls) for key, net in distinct.items()}
-    turns["reference"] = _repeated(lambda: reference(example), calls)
-    ratios = paired_ratios(round_robin(turns, repeats, warmup=0), "reference")
+    with steady_allocator():  # the passes that count the calls per turn warm the heap up too
+        calls = max(
+            _calls_per_turn(candidate, example) for candidate in [*distinct.values(), reference.eval()]
+        )
+        turns = {key: _repeated(lambda c=net: c(example), calls) for key, net in distinct.items()}
+        turns["reference"] = _repeated(lambda: reference(example), calls)
+        ratios = paired_ratios(round_robin(turns, repeats, warmup=0, clock=timing_clock()), "reference")
     return [1.0 if net is reference else ratios[id(net)][1] for net in nets]
 
 
@@ -150,13 +209,14 @@ def module_times(net: nn.Module, example: torch.Tensor, repeats: int = 7) -> lis
     seen: dict[str, list[float]] = {}
     order: dict[str, int] = {}  # name -> output width, in the order the pass first runs them
     started: dict[str, float] = {}
+    clock = timing_clock()
 
     def before(name):
-        return lambda m, i: started.__setitem__(name, time.perf_counter())
+        return lambda m, i: started.__setitem__(name, clock())
 
     def after(name):
         def hook(m, i, out):
-            seen.setdefault(name, []).append(time.perf_counter() - started[name])
+            seen.setdefault(name, []).append(clock() - started[name])
             if name not in order:
                 order[name] = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() > 1 else 0
 
@@ -170,10 +230,11 @@ def module_times(net: nn.Module, example: torch.Tensor, repeats: int = 7) -> lis
     training = net.training
     try:
         net.eval()
-        net(example)  # warm-up
-        seen.clear()
-        for _ in range(repeats):
-            net(example)
+        with steady_allocator():
+            net(example)  # warm-up
+            seen.clear()
+            for _ in range(repeats):
+                net(example)
     finally:
         for hook in hooks:
             hook.remove()

@@ -7,6 +7,7 @@ import copy
 import json
 import math
 import sys
+import time
 
 import pytest
 import torch
@@ -284,14 +285,28 @@ def test_the_tables_latencies_are_read_in_one_round_robin_of_every_net(monkeypat
     spy = costs.round_robin
 
     def counted(calls, *args, **kwargs):
-        rounds.append(list(calls))
+        rounds.append((list(calls), kwargs["clock"]))
         assert torch.is_inference_mode_enabled()  # no autograd graph recorded into the timings
         return spy(calls, *args, **kwargs)
 
     monkeypatch.setattr(costs, "round_robin", counted)
     ratios = costs.latency_ratios([reference, *nets, nets[0]], reference, torch.randn(256, 64), repeats=5)
-    assert len(rounds) == 1 and len(rounds[0]) == 3  # the two nets and the reference, once each
+    assert len(rounds) == 1 and len(rounds[0][0]) == 3  # the two nets and the reference, once each
     assert ratios[0] == 1.0 and ratios[1] == ratios[3] and ratios[2] > ratios[1]  # the wide one is slower
+    assert rounds[0][1] is costs.timing_clock()
+
+
+def test_latency_is_read_on_the_threads_cpu_clock_where_torch_runs_one_thread():
+    """One intra-op thread: the calling thread's CPU time (a loaded machine's waits left out); several: the wall
+    clock, which their overlapping work needs."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert costs.timing_clock() is time.thread_time
+        torch.set_num_threads(2)
+        assert costs.timing_clock() is time.perf_counter
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_latency_targets_baselines_are_timed_against_pyrozoos_net(fitted, monkeypatch):
@@ -501,6 +516,31 @@ def test_round_robin_calls_each_once_a_round_in_a_fresh_order_and_pairs_ratios_b
     assert costs.round_robin({"a": lambda: None}, rounds=2, clock=lambda: next(ticks)) == {"a": [7, 7]}
     ratios = costs.paired_ratios({"base": [1.0, 1.0, 10.0], "x": [2.0, 20.0, 20.0]}, "base")
     assert ratios["x"] == (2.0, 2.0, 11.0) and ratios["base"] == (1.0, 1.0, 1.0)  # medians' ratio: 20
+
+
+@pytest.mark.skipif(costs._glibc() is None, reason="steady_allocator sets glibc's mallopt")
+def test_timing_keeps_large_activations_on_warm_heap_pages_and_puts_the_allocator_back():
+    """A conv's 32 MiB output at batch 256 is above glibc's largest mmap threshold: by default every pass maps
+    fresh pages for it, faulted in as they are written (about 30,000 a pass here). Under steady_allocator the
+    heap keeps them, so a pass faults a fraction of that; afterwards they are mapped afresh again."""
+    import resource
+
+    net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU()).eval()
+    x = torch.randn(256, 1, 32, 32)
+
+    @torch.inference_mode()
+    def faults(passes=4):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(passes):
+            net(x)
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / passes
+
+    default = faults()
+    assert default > 16000
+    with costs.steady_allocator():
+        faults(1)  # the heap grows once
+        assert faults() < default / 5
+    assert faults() > default / 2
 
 
 def test_the_latency_model_shares_each_module_among_the_units_it_runs_on(fitted, monkeypatch):
