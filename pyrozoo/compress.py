@@ -866,8 +866,10 @@ def _notes(table: list[dict]) -> list[str]:
         notes += [
             "",
             "A baseline is the least pruned net no costlier than pyrozoo's, each candidate's latency timed in turns "
-            "with pyrozoo's net. Latency ratios read on a loaded machine move by up to a tenth between readings "
-            "(the table's are read again at the end); a higher --repeats steadies them.",
+            "with pyrozoo's net. With one thread latency is read on that thread's CPU clock, which leaves out the "
+            "time other jobs hold the core; with more, on the wall clock, where a loaded machine moves a ratio by "
+            "up to a tenth between readings (the table's are read again at the end; a higher --repeats steadies "
+            "them).",
         ]
     return ["", *notes] if notes else []
 
