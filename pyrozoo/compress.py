@@ -322,7 +322,7 @@ def remove_first(model, ranking: Ranking, count: int) -> None:
 
 
 # a latency search guided by the latency model stops at a reading this close below the target (a fraction of
-# it): repeated readings of one net on a loaded machine spread by more (0.295-0.407 in session 11's trials)
+# it): about the spread of one net's readings on the thread's clock at load 3 (0.49-0.51, pyrozoo.costs)
 LATENCY_SLACK = 0.03
 # the latency search's first probes are the model's guesses, corrected by the readings so far; bisection after
 MODEL_PROBES = 3
