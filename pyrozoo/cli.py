@@ -90,13 +90,17 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
+FRACTION = "must be a fraction in [0, 1), e.g. 0.25"
+
+
 def _number(kind: type, check: str | None = None):
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            what = {"fraction": "a fraction in [0, 1), e.g. 0.25"}.get(check, "a number")
-            what = "a whole number" if kind is int else what
+            if check == "fraction":  # worded as the range check below words it
+                raise argparse.ArgumentTypeError(f"{FRACTION}; got {text!r}") from None
+            what = "a whole number" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if not math.isfinite(value):
             sign = f"{check} " if check else ""
@@ -108,7 +112,7 @@ def _number(kind: type, check: str | None = None):
         if check == "non-negative" and not value >= 0:
             raise argparse.ArgumentTypeError(f"must not be negative, got {value}")
         if check == "fraction" and not 0 <= value < 1:
-            raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), e.g. 0.25; got {value}")
+            raise argparse.ArgumentTypeError(f"{FRACTION}; got {value}")
         return value
 
     return parse

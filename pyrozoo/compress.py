@@ -88,7 +88,10 @@ class Target:
             try:
                 number = float(value)
             except ValueError:
-                raise PyrozooError(f"--target {text}: {value!r} is not a number") from None
+                hint = "; give each kind its own --target, e.g. --target latency=0.5 --target params=0.3"
+                raise PyrozooError(
+                    f"--target {text}: {value!r} is not a number{hint if '=' in value else ''}"
+                ) from None
             if not math.isfinite(number):
                 raise PyrozooError(f"--target {text}: the fraction must be finite, got {value}")
             out.append(cls(kind, number))
@@ -690,6 +693,7 @@ def _check_options(
     batch_size: int,
     schedule: str,
     min_width: float,
+    repeats: int,
 ):
     """Refuse, in one line each, the options of :func:`compress` that name nothing it has or count wrong."""
     unknown = set(baselines) - set(pruners.PRUNERS)
@@ -703,6 +707,10 @@ def _check_options(
         )
     if finetune_steps < 0 or batch_size < 1:
         raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise PyrozooError(
+            f"repeats (--repeats) is how many rounds each latency is read over, at least 1; got {repeats!r}"
+        )
     if schedule not in LR_SCHEDULES:
         raise PyrozooError(f"unknown lr_schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
 
@@ -744,7 +752,7 @@ def compress(
     from pyrozoo.posteriors.laplace import laplace
 
     targets = as_targets(target)
-    _check_options(baselines, allocation, score, finetune_steps, batch_size, lr_schedule, min_width)
+    _check_options(baselines, allocation, score, finetune_steps, batch_size, lr_schedule, min_width, repeats)
     check_device(device)
     world = current()
     world.check_batch(batch_size)
@@ -862,14 +870,20 @@ def _notes(table: list[dict]) -> list[str]:
             if row["params"] == dense["params"] and row["nonzero_params"] == dense["params"]:
                 what += " (not pruned: the dense net itself is within pyrozoo's cost)"
             notes.append(f"- {row['target']}: {row['method']}, matched to pyrozoo's net by {what}.")
-    if any(row.get("matched_by") == "latency" for row in table):
+    if any(row["target"].startswith("latency") for row in table):
+        matched = any(row.get("matched_by") == "latency" for row in table)
         notes += [
             "",
-            "A baseline is the least pruned net no costlier than pyrozoo's, each candidate's latency timed in turns "
-            "with pyrozoo's net. With one thread latency is read on that thread's CPU clock, which leaves out the "
-            "time other jobs hold the core; with more, on the wall clock, where a loaded machine moves a ratio by "
-            "up to a tenth between readings (the table's are read again at the end; a higher --repeats steadies "
-            "them).",
+            (
+                "A baseline is the least pruned net no costlier than pyrozoo's, each candidate's latency timed in "
+                "turns with pyrozoo's net. "
+                if matched
+                else ""
+            )
+            + "Latency is read on the timing thread's CPU clock with one thread (the time other jobs hold the core "
+            "left out), on the wall clock with more. The table's latencies are read again at the end, every net in "
+            "one round-robin, so they differ a little from what each search read: the search chose the net, the "
+            "table compares the nets. A higher --repeats steadies both.",
         ]
     return ["", *notes] if notes else []
 

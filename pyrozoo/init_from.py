@@ -39,6 +39,11 @@ def load_state(path: str | os.PathLike, trust_pickle: bool = False, flag: str = 
     messages."""
     path = Path(path)
     what = f"{flag} {path}"
+    weights_of_a_run = (
+        "for a pyrozoo run, `pyrozoo export RUN --pruned none` writes them to export/sparse_state_dict.pt"
+    )
+    if path.is_dir():
+        raise PyrozooError(f"{what}: a folder, not a file of weights; {weights_of_a_run}")
     if not path.is_file():
         raise PyrozooError(f"{what}: no such file")
     fix = (
@@ -49,15 +54,19 @@ def load_state(path: str | os.PathLike, trust_pickle: bool = False, flag: str = 
         obj = load_tensors(path, what=what, fix=fix, trust_pickle=trust_pickle)
     except PyrozooError:
         raise
-    except Exception as e:  # a truncated zip, a bad pickle, random bytes: torch raises many kinds
-        raise PyrozooError(f"{what}: not a torch file ({reason(e)})") from None
+    except Exception as e:  # a truncated zip, a bad pickle, random bytes, a torch.export program: many kinds
+        raise PyrozooError(
+            f"{what}: not a file of weights saved by torch.save ({reason(e)[:80]}); save them with "
+            f"torch.save(net.state_dict(), path), or {weights_of_a_run}"
+        ) from None
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PyrozooError(
-            f"{what}: holds neither a state_dict of tensors nor an nn.Module (found {type(obj).__name__})"
+            f"{what}: holds neither a state_dict of tensors nor an nn.Module (found {type(obj).__name__}; a "
+            f"checkpoint.pt holds a run's whole state; {weights_of_a_run})"
         )
     return obj
 

@@ -311,8 +311,12 @@ def plot_regression_bands(run, path_stem: str | os.PathLike, samples: int = 200,
     y_train = (data.y_mean + data.y_std * data.y_train.double().cpu()).numpy()
     span = x_train.max() - x_train.min()
     grid = np.linspace(x_train.min() - 0.25 * span, x_train.max() + 0.25 * span, 400)
-    x = torch.tensor((grid - mean) / std, dtype=torch.float32, device=data.x_train.device).reshape(-1, 1, 1, 1)
-    out = predict(run.model, run.guide, x, samples, y_mean=data.y_mean, y_std=data.y_std, seed=run.config.seed)
+    x = torch.tensor((grid - mean) / std, dtype=torch.float32, device=data.x_train.device).reshape(
+        -1, 1, 1, 1
+    )
+    out = predict(
+        run.model, run.guide, x, samples, y_mean=data.y_mean, y_std=data.y_std, seed=run.config.seed
+    )
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.scatter(x_train, y_train, s=4, color="0.6", label="training data")
     if data.name == "toy1d":
@@ -406,11 +410,19 @@ def plot_front(table: pd.DataFrame, folder: str | os.PathLike, stem: str = "fron
     star (and with the same fine-tune, a cross): where one method's curve lies above another's, it is the more
     accurate at that speed."""
     reference = table.method.isin(["dense", "dense+finetune"])
-    rows = table[~reference].sort_values("latency_b256")
+    rows = table[~reference]
+    colours = _colours(
+        list(dict.fromkeys(rows.method))
+    )  # in the table's order: pyrozoo first, in every report
+    kind = rows.target.str.partition("=")[0]
+    styles = dict(zip(dict.fromkeys(kind), ["-", "--", ":", "-."]))
     fig, ax = plt.subplots(figsize=(6, 4))
-    colours = _colours(list(dict.fromkeys(rows.method)))
-    for method, points in rows.groupby("method", sort=False):
-        ax.plot(points.latency_b256, points.accuracy, marker="o", ms=4, color=colours[method], label=method)
+    # a method's nets for one kind of target joined in order of latency: targets of two kinds are two fronts
+    for (method, of), points in rows.assign(kind=kind).groupby(["method", "kind"], sort=False):
+        points = points.sort_values("latency_b256")
+        label = method if len(styles) == 1 else f"{method} ({of} targets)"
+        ax.plot(points.latency_b256, points.accuracy, marker="o", ms=4, color=colours[method], ls=styles[of],
+                label=label)  # fmt: skip
     for method, marker in (("dense", "*"), ("dense+finetune", "P")):
         points = table[table.method == method]
         ax.plot(
@@ -444,7 +456,9 @@ def plot_ood(rows: dict[str, tuple], folder: Path, stem: str, ood: str = "OOD", 
         width = 1.0 / bins
         centres = (np.arange(bins) + 0.5) * width
         bottom.bar(centres[seen], hits[seen] / count[seen], width=width, edgecolor="k", label="accuracy")
-        bottom.plot(confidence[seen] / count[seen], hits[seen] / count[seen], "r.", label="at mean confidence")
+        bottom.plot(
+            confidence[seen] / count[seen], hits[seen] / count[seen], "r.", label="at mean confidence"
+        )
         bottom.plot([0, 1], [0, 1], "k--", lw=1)
         ece = ece_equal_width(inside["probs"], y, bins)
         bottom.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"ECE ({bins} bins) {ece:.3f}")

@@ -48,7 +48,8 @@ def test_targets_are_parsed_and_checked():
     assert str(Target("params", 0.25)) == "params=0.25"
     bad_targets = [("params=1.5", "between 0 and 1"), ("params=x", "not a number"), ("speed=0.5", "unknown"),
                    ("params=inf", "finite"), ("params", "between 0 and 1"),
-                   ("evidence=0.5", "takes no value")]  # fmt: skip
+                   ("evidence=0.5", "takes no value"),
+                   ("latency=0.5,params=0.3", "give each kind its own --target")]  # fmt: skip
     for bad, words in bad_targets:
         with pytest.raises(PyrozooError, match=words):
             Target.parse(bad)
@@ -91,6 +92,26 @@ def test_a_target_is_met_by_the_rebuilt_net_with_the_fewest_removals(fitted, kin
             small(x), rebuild(model, posterior, remove_dead=False)(x), atol=1e-5, rtol=1e-5
         )
     remove_first(model, ranking, 0)
+
+
+def test_the_report_says_how_latency_was_read_whenever_a_target_is_latency():
+    """With baselines or without, a latency target's report says which clock read it and why the table's
+    latencies differ from the search's; a params-only report does not."""
+    from pyrozoo.compress import _notes
+
+    dense = {"method": "dense", "target": "-", "params": 10, "nonzero_params": 10}
+    mine = {"method": "pyrozoo", "target": "latency=0.5", "params": 5, "allocation": "global", "search_cost": 0.49,
+            "search_readings": 4}  # fmt: skip
+    tp = {"method": "tp-l1", "target": "latency=0.5", "params": 4, "nonzero_params": 4, "matched_by": "latency",
+          "matched": 0.98}  # fmt: skip
+    alone, beside = "\n".join(_notes([dense, mine])), "\n".join(_notes([dense, mine, tp]))
+    for text in (alone, beside):
+        assert "its search read 0.490 of the dense net's latency (4 candidates measured)" in text
+        assert "Latency is read on the timing thread's CPU clock with one thread" in text
+        assert "read again at the end" in text
+    assert "least pruned net no costlier" in beside and "least pruned" not in alone
+    params = {**mine, "target": "params=0.5", "allocation": "uniform"}
+    assert "Latency is read" not in "\n".join(_notes([dense, params]))
 
 
 def test_the_latency_model_guesses_a_count_and_readings_correct_it():
@@ -462,6 +483,9 @@ def test_auto_allocation_is_global_for_latency_and_uniform_otherwise(fitted):
     for width in (-0.1, 1.0, "0.25", True):
         with pytest.raises(PyrozooError, match=r"min_width \(--min-width\) is the least fraction .* in \[0, 1\)"):
             compress(net, data, "params=0.5", min_width=width, progress=False)
+    for repeats in (0, 2.5, True):  # the CLI's --repeats is checked by argparse; the API's here
+        with pytest.raises(PyrozooError, match=r"repeats \(--repeats\) .* at least 1"):
+            compress(net, data, "latency=0.5", repeats=repeats, progress=False)
 
 
 def test_units_followed_by_batchnorm_are_scored_by_what_consumes_them():

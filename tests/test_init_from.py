@@ -105,9 +105,10 @@ def test_files_that_do_not_fit_are_one_line_errors(tmp_path):
     torch.save({"a": 1}, tmp_path / "dict.pt")
     cases = {
         "other.pt": "has shape",
-        "junk.pt": "not a torch file",
-        "dict.pt": "neither a state_dict",
+        "junk.pt": "not a file of weights saved by torch.save .*sparse_state_dict.pt",
+        "dict.pt": "neither a state_dict .*pyrozoo export RUN --pruned none",
         "missing.pt": "no such file",
+        ".": "a folder, not a file of weights",
     }
     for name, message in cases.items():
         with pytest.raises(PyrozooError, match=message) as e:

@@ -118,3 +118,28 @@ def test_epoch_times_figure(tmp_path):
         {"a": metrics, "b": metrics.assign(seconds=[10.0, 20.0, 30.0])}, tmp_path / "f", "s"
     )
     assert [p.name for p in paths] == ["s.png", "s.pdf"] and all(p.stat().st_size > 0 for p in paths)
+
+
+def test_the_front_draws_one_line_per_method_and_kind_of_target_in_fixed_colours(tmp_path, monkeypatch):
+    """Targets of two kinds are two fronts of a method (not one zigzag line through both), and a method keeps its
+    colour whatever order the latencies put the methods in."""
+    from pyrozoo import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, folder, stem: drawn.append(fig.axes[0]) or [])
+
+    def table(pyrozoo_latency):
+        rows = [("dense", "-", 1.0, 0.91), ("dense+finetune", "-", 1.0, 0.93)]
+        rows += [("pyrozoo", "latency=0.5", pyrozoo_latency, 0.92), ("tp-l1", "latency=0.5", 0.5, 0.91),
+                 ("pyrozoo", "params=0.3", 0.3, 0.90), ("tp-l1", "params=0.3", 0.35, 0.90)]  # fmt: skip
+        return pd.DataFrame(rows, columns=["method", "target", "latency_b256", "accuracy"])
+
+    for latency in (0.6, 0.2):  # pyrozoo right of tp-l1, then left of it
+        plots.plot_front(table(latency), tmp_path)
+    for ax in drawn:
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        assert {"pyrozoo (latency targets)", "pyrozoo (params targets)", "tp-l1 (latency targets)"} <= set(lines)
+        assert len(lines["pyrozoo (latency targets)"].get_xdata()) == 1
+    colour = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in drawn]
+    assert colour[0]["pyrozoo (latency targets)"] == colour[1]["pyrozoo (latency targets)"]
+    assert colour[0]["pyrozoo (latency targets)"] != colour[0]["tp-l1 (latency targets)"]
