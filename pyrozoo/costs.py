@@ -15,8 +15,7 @@ the quartiles of one ratio read 0.49-0.51 where the wall clock read 0.30-0.59. E
 a forward pass whose activations cross the threshold pays page faults each time and one under it does not. The
 same two nets read 0.28 to 0.52 of each other with the allocator's defaults, depending on the process's
 history (issue 28's BatchNorm CNN at batch 256, experiments/RESULTS.md); with large blocks kept on the heap
-while timing, 0.49 to 0.53 in a fresh process and in one that had fitted and fine-tuned: the latency is the
-compute's.
+and on the thread's clock, 0.49 to 0.51 in two processes: the latency is the compute's.
 """
 
 from __future__ import annotations
@@ -62,8 +61,9 @@ def timing_clock() -> Callable[[], float]:
 def steady_allocator():
     """While inside, glibc keeps every block on the heap (no mmap) and does not hand freed memory back, so a
     timed pass reuses warm pages whatever the process did before; afterwards mmap is allowed again (glibc's
-    default count), the trim threshold set to 64 MiB, and the heap trimmed. Elsewhere than glibc it does
-    nothing."""
+    default count), the trim threshold set to 64 MiB, and the heap trimmed. Setting them turns glibc's moving
+    thresholds off for the rest of the process, the mmap threshold left where the process had moved it.
+    Elsewhere than glibc it does nothing."""
     libc = _glibc()
     if libc is None:
         yield
