@@ -56,7 +56,7 @@ def load_state(path: str | os.PathLike, trust_pickle: bool = False, flag: str = 
         raise
     except Exception as e:  # a truncated zip, a bad pickle, random bytes, a torch.export program: many kinds
         raise PyrozooError(
-            f"{what}: not a file of weights saved by torch.save ({reason(e)[:80]}); save them with "
+            f"{what}: not a file of weights saved by torch.save ({reason(e).split('. ')[0]}); save them with "
             f"torch.save(net.state_dict(), path), or {weights_of_a_run}"
         ) from None
     if isinstance(obj, nn.Module):
