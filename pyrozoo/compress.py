@@ -709,7 +709,8 @@ def _check_options(
         raise PyrozooError("finetune_steps must not be negative, and batch_size must be at least 1")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise PyrozooError(
-            f"repeats (--repeats) is how many rounds each latency is read over, at least 1; got {repeats!r}"
+            f"repeats (--repeats) is how many rounds each latency is read over, a whole number at least 1; got "
+            f"{repeats!r}"
         )
     if schedule not in LR_SCHEDULES:
         raise PyrozooError(f"unknown lr_schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
@@ -824,7 +825,8 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
             "net was fine-tuned "
             f"for {record['finetune_steps']} Adam steps after pruning, learning rate {record.get('lr', 1e-3):g} "
             f"{_schedule(record)} (on {record.get('device', 'cpu')}); "
-            "latency is a ratio to the dense net's, timed in turns in one process on the CPU.",
+            "latency is a ratio to the dense net's at batch 1 and 256, timed in turns in one process on the CPU; "
+            "a latency target is read at batch 256.",
             "",
         ]
     lines += [
@@ -875,8 +877,8 @@ def _notes(table: list[dict]) -> list[str]:
         notes += [
             "",
             (
-                "A baseline is the least pruned net no costlier than pyrozoo's, each candidate's latency timed in "
-                "turns with pyrozoo's net. "
+                "A latency target's baseline is the least pruned net no costlier than pyrozoo's, each candidate's "
+                "latency timed in turns with pyrozoo's net. "
                 if matched
                 else ""
             )

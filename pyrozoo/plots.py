@@ -415,13 +415,15 @@ def plot_front(table: pd.DataFrame, folder: str | os.PathLike, stem: str = "fron
         list(dict.fromkeys(rows.method))
     )  # in the table's order: pyrozoo first, in every report
     kind = rows.target.str.partition("=")[0]
-    styles = dict(zip(dict.fromkeys(kind), ["-", "--", ":", "-."]))
+    # a kind of target by its line and its marker: one target of a kind is one point, with no line to tell by
+    styles = dict(zip(dict.fromkeys(kind), [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]))
     fig, ax = plt.subplots(figsize=(6, 4))
     # a method's nets for one kind of target joined in order of latency: targets of two kinds are two fronts
     for (method, of), points in rows.assign(kind=kind).groupby(["method", "kind"], sort=False):
         points = points.sort_values("latency_b256")
         label = method if len(styles) == 1 else f"{method} ({of} targets)"
-        ax.plot(points.latency_b256, points.accuracy, marker="o", ms=4, color=colours[method], ls=styles[of],
+        line, marker = styles[of]
+        ax.plot(points.latency_b256, points.accuracy, marker=marker, ms=5, color=colours[method], ls=line,
                 label=label)  # fmt: skip
     for method, marker in (("dense", "*"), ("dense+finetune", "P")):
         points = table[table.method == method]

@@ -140,6 +140,8 @@ def test_the_front_draws_one_line_per_method_and_kind_of_target_in_fixed_colours
         lines = {line.get_label(): line for line in ax.get_lines()}
         assert {"pyrozoo (latency targets)", "pyrozoo (params targets)", "tp-l1 (latency targets)"} <= set(lines)
         assert len(lines["pyrozoo (latency targets)"].get_xdata()) == 1
+    markers = {line.get_label(): line.get_marker() for line in drawn[0].get_lines()}
+    assert markers["pyrozoo (latency targets)"] != markers["pyrozoo (params targets)"]  # told apart as points too
     colour = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in drawn]
     assert colour[0]["pyrozoo (latency targets)"] == colour[1]["pyrozoo (latency targets)"]
     assert colour[0]["pyrozoo (latency targets)"] != colour[0]["tp-l1 (latency targets)"]
