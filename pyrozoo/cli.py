@@ -226,8 +226,12 @@ def _fit_size_help() -> str:
 
 
 def _to_stderr(text: str) -> None:
-    """The log of every command: messages on stderr, so stdout holds only results."""
-    print(text, file=sys.stderr)
+    """The log of every command: messages on stderr, so stdout holds only results; through tqdm, which clears a
+    progress bar on the stream and draws it again below the line (a plain print lands after the bar's text).
+    """
+    from tqdm.auto import tqdm
+
+    tqdm.write(text, file=sys.stderr)
 
 
 def _add_pruned_option(parser: argparse.ArgumentParser, verb: str, default: str | None) -> None:

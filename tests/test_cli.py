@@ -494,3 +494,21 @@ def test_the_before_after_table_prints_counts_as_whole_numbers():
 
     text = _table({"dense": {"parameters": 61706, "accuracy": 0.8}, "pruned": {"parameters": 6936, "accuracy": 0.79}})
     assert "61706 " in text and "6936 " in text and "61706.0" not in text and "0.7900" in text
+
+
+def test_a_log_line_under_a_progress_bar_is_a_line_of_its_own(capsys):
+    """The commands' log goes through tqdm, which clears a bar on stderr before the line and draws it again
+    after; a plain print would land after the bar's text on the bar's line (the new-user trial's catch)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from pyrozoo.cli import _to_stderr
+
+    bar = tqdm(total=3, desc="compress", file=sys.stderr)
+    bar.update()
+    _to_stderr("latency=0.5: pyrozoo removed 69")
+    bar.close()
+    err = capsys.readouterr().err
+    before, _, after = err.partition("latency=0.5: pyrozoo removed 69")
+    assert before.endswith("\r") and "compress" in before and after.startswith("\n")
