@@ -631,9 +631,11 @@ def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tupl
     job.tune(small)
     seconds = fitted + time.perf_counter() - start
     measured = f", {readings} candidates measured" if readings else ""
+    # what is removable moves with the target: a global order leaves each group its floor
+    floor = f" (each group keeping at least {job.min_width:.0%})" if floored(job.allocation, t) else ""
     log(
-        f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units ({value:.3f} of the dense "
-        f"cost{measured})"
+        f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units{floor} ({value:.3f} of the "
+        f"dense cost{measured})"
     )
     allocation = resolved_allocation(job.allocation, t)
     reached = t.kind == "evidence" or value <= t.value

@@ -461,6 +461,7 @@ def test_a_target_out_of_reach_is_said_so_with_the_fix(fitted, monkeypatch):
     row = next(r for r in result.table if r["method"] == "pyrozoo")
     assert not row["reached"] and row["allocation"] == "global" and row["min_width"] == 0.5
     assert any("not reached" in line and "--min-width" in line and "--allocation uniform" in line for line in said)
+    assert any("removable units (each group keeping at least 50%)" in line for line in said)  # why fewer
     text = markdown(result.table)
     assert "**not reached** with every removable unit gone (each group keeps 50% of its units" in text
     assert "| pyrozoo | latency=0.5 (not reached) |" in text
