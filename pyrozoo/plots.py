@@ -311,12 +311,8 @@ def plot_regression_bands(run, path_stem: str | os.PathLike, samples: int = 200,
     y_train = (data.y_mean + data.y_std * data.y_train.double().cpu()).numpy()
     span = x_train.max() - x_train.min()
     grid = np.linspace(x_train.min() - 0.25 * span, x_train.max() + 0.25 * span, 400)
-    x = torch.tensor((grid - mean) / std, dtype=torch.float32, device=data.x_train.device).reshape(
-        -1, 1, 1, 1
-    )
-    out = predict(
-        run.model, run.guide, x, samples, y_mean=data.y_mean, y_std=data.y_std, seed=run.config.seed
-    )
+    x = torch.tensor((grid - mean) / std, dtype=torch.float32, device=data.x_train.device).reshape(-1, 1, 1, 1)
+    out = predict(run.model, run.guide, x, samples, y_mean=data.y_mean, y_std=data.y_std, seed=run.config.seed)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.scatter(x_train, y_train, s=4, color="0.6", label="training data")
     if data.name == "toy1d":
@@ -411,9 +407,8 @@ def plot_front(table: pd.DataFrame, folder: str | os.PathLike, stem: str = "fron
     accurate at that speed."""
     reference = table.method.isin(["dense", "dense+finetune"])
     rows = table[~reference]
-    colours = _colours(
-        list(dict.fromkeys(rows.method))
-    )  # in the table's order: pyrozoo first, in every report
+    # in the table's order, not the latencies': pyrozoo first, in the same colour in every report
+    colours = _colours(list(dict.fromkeys(rows.method)))
     kind = rows.target.str.partition("=")[0]
     # a kind of target by its line and its marker: one target of a kind is one point, with no line to tell by
     styles = dict(zip(dict.fromkeys(kind), [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]))
@@ -458,9 +453,7 @@ def plot_ood(rows: dict[str, tuple], folder: Path, stem: str, ood: str = "OOD", 
         width = 1.0 / bins
         centres = (np.arange(bins) + 0.5) * width
         bottom.bar(centres[seen], hits[seen] / count[seen], width=width, edgecolor="k", label="accuracy")
-        bottom.plot(
-            confidence[seen] / count[seen], hits[seen] / count[seen], "r.", label="at mean confidence"
-        )
+        bottom.plot(confidence[seen] / count[seen], hits[seen] / count[seen], "r.", label="at mean confidence")
         bottom.plot([0, 1], [0, 1], "k--", lw=1)
         ece = ece_equal_width(inside["probs"], y, bins)
         bottom.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=f"ECE ({bins} bins) {ece:.3f}")
