@@ -631,8 +631,9 @@ def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tupl
     job.tune(small)
     seconds = fitted + time.perf_counter() - start
     measured = f", {readings} candidates measured" if readings else ""
+    has_floor = floored(job.allocation, t)
     # what is removable moves with the target: a global order leaves each group its floor
-    floor = f" (each group keeping at least {job.min_width:.0%})" if floored(job.allocation, t) else ""
+    floor = f" ({_floor_words(job.min_width)})" if has_floor else ""
     log(
         f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units{floor} ({value:.3f} of the "
         f"dense cost{measured})"
@@ -644,9 +645,14 @@ def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tupl
             f"{t}: not reached, {value:.3f} with every removable unit gone{_floor_hint(allocation, job.min_width)}"
         )
     extra = {"allocation": allocation, "search_cost": value, "search_readings": readings, "reached": reached}
-    if floored(job.allocation, t):
+    if has_floor:
         extra["min_width"] = job.min_width
     return small, job.row("pyrozoo", t, small, units_removed=removed, seconds=seconds, **extra)
+
+
+def _floor_words(min_width: float) -> str:
+    """The floor of a global allocation, as the log and the report's note say it."""
+    return f"each group keeping at least {min_width:.0%}"
 
 
 def _floor_hint(allocation: str, min_width: float) -> str:
@@ -858,7 +864,7 @@ def _notes(table: list[dict]) -> list[str]:
         kind = "params" if kind == "evidence" else kind
         if row["method"] == "pyrozoo" and "search_cost" in row:
             shared = {"global": "globally", "uniform": "uniformly"}[row["allocation"]]
-            floor = f", each group keeping at least {row['min_width']:.0%}" if "min_width" in row else ""
+            floor = f", {_floor_words(row['min_width'])}" if "min_width" in row else ""
             note = f"- {row['target']}: pyrozoo's units shared out {shared}{floor}; its search read "
             note += f"{row['search_cost']:.3f} of the dense net's {kind}"
             if row.get("search_readings"):

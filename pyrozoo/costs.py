@@ -8,14 +8,14 @@ mean little, the ratio is what a target such as ``latency=0.5`` asks for. :func:
 :func:`paired_ratios` are that timing for any set of calls (the benchmarks' too).
 
 With one torch thread (pyrozoo compress's default) the time read is that thread's CPU time
-(:func:`timing_clock`): the time other jobs hold the core is left out, so on issue 28's BatchNorm CNN at load 3
-the quartiles of one ratio read 0.49-0.51 where the wall clock read 0.30-0.59. Every timing runs under
-:func:`steady_allocator`: glibc serves a block above its mmap threshold (128 KiB to
-32 MiB, moved by what the process freed before) from fresh pages that the kernel zero-fills on every call, so
-a forward pass whose activations cross the threshold pays page faults each time and one under it does not. The
-same two nets read 0.28 to 0.52 of each other with the allocator's defaults, depending on the process's
-history (issue 28's BatchNorm CNN at batch 256, experiments/RESULTS.md); with large blocks kept on the heap
-and on the thread's clock, 0.49 to 0.51 in two processes: the latency is the compute's.
+(:func:`timing_clock`): the time other jobs hold the core is left out, so on issue 28's BatchNorm CNN at load
+3 the quartiles of one ratio read 0.49-0.51 where the wall clock read 0.30-0.59. Every timing runs under
+:func:`steady_allocator`: glibc serves a block above its mmap threshold (128 KiB to 32 MiB, moved by what the
+process freed before) from fresh pages that the kernel zero-fills on every call, so a forward pass whose
+activations cross the threshold pays page faults each time and one under it does not. The same two nets read
+0.28 to 0.52 of each other with the allocator's defaults, depending on the process's history (issue 28's
+BatchNorm CNN at batch 256, experiments/RESULTS.md); with large blocks kept on the heap and on the thread's
+clock, 0.49 to 0.51 in two processes: the latency is the compute's.
 """
 
 from __future__ import annotations
