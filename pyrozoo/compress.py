@@ -578,18 +578,25 @@ class _Job:
 
 def _time_rows(job: _Job) -> None:
     """Every row's latency at batch 1 and 256 as a ratio to the dense net's, all the nets timed in turns in one
-    round-robin per batch size (so that they compare among themselves), by the first process for all."""
+    round-robin per batch size (so that they compare among themselves), by the first process for all: on the
+    CPU, and where there is a GPU on it too (``gpu_latency_b1``, ``gpu_latency_b256``; the job's device where
+    that is one)."""
+    gpu = job.device if torch.device(job.device).type == "cuda" else "cuda" if torch.cuda.is_available() else None
 
-    def measured() -> dict[int, list[float]]:
+    def measured() -> dict[str, list[float]]:
         nets = [net for _, net in job.timed]
-        return {
-            batch: costs.latency_ratios(nets, job.dense, job.example[batch], job.repeats)
-            for batch in (1, 256)
-        }
+        found = {}
+        for batch in (1, 256):
+            example = job.example[batch]
+            found[f"latency_b{batch}"] = costs.latency_ratios(nets, job.dense, example, job.repeats)
+            if gpu is not None:
+                ratios = costs.device_latency_ratios(nets, job.dense, example, gpu, job.repeats)
+                found[f"gpu_latency_b{batch}"] = ratios
+        return found
 
     found = job.world.agree(measured)
     for i, (row, _) in enumerate(job.timed):
-        row["latency_b1"], row["latency_b256"] = found[1][i], found[256][i]
+        row.update({column: ratios[i] for column, ratios in found.items()})
     job.timed.clear()
 
 
@@ -822,7 +829,7 @@ def _schedule(record: dict) -> str:
     ]
 
 
-COLUMNS = ("method", "target", "accuracy", "nll", "ece", "params", "flops", "latency_b1", "latency_b256")
+GPU_COLUMNS = ("gpu_latency_b1", "gpu_latency_b256")  # where compress found a GPU
 
 
 def markdown(table: list[dict], record: dict | None = None) -> str:
@@ -839,13 +846,16 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
             "net was fine-tuned "
             f"for {record['finetune_steps']} Adam steps after pruning, learning rate {record.get('lr', 1e-3):g} "
             f"{_schedule(record)} (on {record.get('device', 'cpu')}); "
-            "latency is a ratio to the dense net's at batch 1 and 256, timed in turns in one process on the CPU; "
-            "a latency target is read at batch 256.",
+            "latency is a ratio to the dense net's at batch 1 and 256, timed in turns in one process on the CPU"
+            f"{' (and on the GPU)' if GPU_COLUMNS[0] in dense else ''}; a latency target is read at batch 256 on "
+            "the CPU.",
             "",
         ]
+    gpu = [c for c in GPU_COLUMNS if c in dense]
     lines += [
-        "| method | target | accuracy | NLL | ECE | parameters | FLOPs | latency b1 | latency b256 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | target | accuracy | NLL | ECE | parameters | FLOPs | latency b1 | latency b256 |"
+        + "".join(f" GPU latency b{c.rpartition('b')[2]} |" for c in gpu),
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(gpu),
     ]
     for row in table:
         params = f"{row['params']:,} ({row['params'] / dense['params']:.2f})"
@@ -856,6 +866,7 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
             f"| {row['method']} | {row['target']}{'' if row.get('reached', True) else ' (not reached)'} | "
             f"{row['accuracy']:.4f} | {row['nll']:.4f} | {row['ece']:.4f} | "
             f"{params} | {row['flops'] / dense['flops']:.2f} | {row['latency_b1']:.2f} | {row['latency_b256']:.2f} |"
+            + "".join(f" {row[c]:.2f} |" for c in gpu)
         )
     return "\n".join(lines + _notes(table)) + "\n"
 

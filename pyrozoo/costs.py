@@ -21,6 +21,7 @@ clock, 0.49 to 0.51 in two processes: the latency is the compute's.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import math
 import platform
@@ -186,6 +187,41 @@ def latency_ratios(
         turns["reference"] = _repeated(lambda: reference(example), calls)
         ratios = paired_ratios(round_robin(turns, repeats, warmup=0, clock=timing_clock()), "reference")
     return [1.0 if net is reference else ratios[id(net)][1] for net in nets]
+
+
+@torch.inference_mode()
+def device_latency_ratios(
+    nets: list[nn.Module], reference: nn.Module, example: torch.Tensor, device, repeats: int = 7
+) -> list[float]:
+    """:func:`latency_ratios` on ``device`` (a GPU): copies of the nets and of ``example`` moved there, each
+    turn waiting until the device has finished its work, read on the wall clock (the host thread's CPU time
+    would leave the device's out), after a warm-up round (kernel selection, the caching allocator's first
+    blocks). ``nets`` stay where they are."""
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    on_device = {id(net): copy.deepcopy(net).to(device).eval() for net in [*nets, reference]}
+    x = example.to(device)
+
+    def passes(net: nn.Module, count: int) -> Callable[[], None]:
+        def run():
+            for _ in range(count):
+                net(x)
+            sync()
+
+        return run
+
+    calls = 1
+    for net in on_device.values():  # passes per turn: enough that the slowest-resolving net's turn lasts 5 ms
+        passes(net, 1)()
+        start = time.perf_counter()
+        passes(net, 1)()
+        calls = max(calls, min(1000, math.ceil(0.005 / max(time.perf_counter() - start, 1e-6))))
+    turns = {key: passes(net, calls) for key, net in on_device.items()}
+    ratios = paired_ratios(round_robin(turns, repeats, warmup=1), id(reference))
+    del on_device, turns
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return [ratios[id(net)][1] for net in nets]
 
 
 def cost(kind: str, net: nn.Module, dense: nn.Module, example: torch.Tensor, repeats: int = 7) -> float:

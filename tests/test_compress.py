@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -316,6 +317,58 @@ def test_the_tables_latencies_are_read_in_one_round_robin_of_every_net(monkeypat
     assert len(rounds) == 1 and len(rounds[0][0]) == 3  # the two nets and the reference, once each
     assert ratios[0] == 1.0 and ratios[1] == ratios[3] and ratios[2] > ratios[1]  # the wide one is slower
     assert rounds[0][1] is costs.timing_clock()
+
+
+def test_device_latency_times_copies_on_the_device_in_one_round_robin(monkeypatch):
+    """On a device (here the CPU, standing in for a GPU), copies of the nets are timed in turns on the wall
+    clock: the reference reads 1.0, a copy of it about 1, a net of a fifth of the work well below; the nets
+    given are left where they were, and no autograd graph is recorded."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Linear(256, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    small = nn.Sequential(nn.Linear(256, 200), nn.ReLU(), nn.Linear(200, 10))
+    rounds, spy = [], costs.round_robin
+
+    def counted(calls, *args, **kwargs):
+        rounds.append(len(calls))
+        assert torch.is_inference_mode_enabled() and kwargs.get("clock") is None  # the wall clock
+        return spy(calls, *args, **kwargs)
+
+    monkeypatch.setattr(costs, "round_robin", counted)
+    before = [p.data_ptr() for p in small.parameters()]
+    ratios = costs.device_latency_ratios(
+        [reference, copy.deepcopy(reference), small], reference, torch.randn(64, 256), "cpu", repeats=5
+    )
+    assert rounds == [3] and ratios[0] == 1.0 and 0.6 < ratios[1] < 1.6 and ratios[2] < 0.6
+    assert [p.data_ptr() for p in small.parameters()] == before
+
+
+def test_the_report_adds_gpu_latency_where_there_is_a_gpu(monkeypatch):
+    """With a GPU seen, every row gets its latency on the GPU too, in the same order as on the CPU, and the
+    Markdown table two more columns; without one, neither."""
+    from pyrozoo.compress import _Job, _time_rows, markdown
+
+    torch.manual_seed(0)
+    dense, small = nn.Linear(16, 4), nn.Linear(16, 4)
+    x = torch.randn(8, 16)
+    seen = []
+
+    def on_gpu(nets, reference, example, device, repeats=7):
+        seen.append((str(device), len(example)))
+        return [0.5 if net is small else 1.0 for net in nets]
+
+    monkeypatch.setattr(costs, "device_latency_ratios", on_gpu)
+    row = dict(target="-", accuracy=0.9, nll=0.3, ece=0.01, params=68, flops=10)
+    for gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        job = _Job(SimpleNamespace(), dense, {1: x[:1], 256: x}, 1, 0, 1e-3, "cosine", 8, 0)
+        table = [{**row, "method": "dense"}, {**row, "method": "pyrozoo"}]
+        job.timed += [(table[0], dense), (table[1], small)]
+        _time_rows(job)
+        text = markdown(table)
+        assert ("gpu_latency_b256" in table[1]) == gpu and ("GPU latency b256 |" in text) == gpu
+    assert seen == [("cuda", 1), ("cuda", 8)]
+    assert table[1]["gpu_latency_b1"] == table[1]["gpu_latency_b256"] == 0.5 and table[0]["gpu_latency_b1"] == 1
+    assert "| 0.50 | 0.50 |" in text.splitlines()[3]
 
 
 def test_latency_is_read_on_the_threads_cpu_clock_where_torch_runs_one_thread():

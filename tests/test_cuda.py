@@ -95,7 +95,8 @@ def test_two_gpu_processes_train_what_one_process_trains(tmp_path):
 
 def test_compress_fine_tunes_on_the_gpu_and_measures_on_the_cpu():
     """``compress(device="cuda")``: the data are moved to the GPU for the fine-tunes and the test metrics; the
-    nets it returns, and the net it was given, are on the CPU, where their latency was timed."""
+    nets it returns, and the net it was given, are on the CPU, where their latency was timed; their latency on the
+    GPU is read from copies."""
     from pyrozoo.compress import compress
 
     torch.manual_seed(0)
@@ -110,6 +111,9 @@ def test_compress_fine_tunes_on_the_gpu_and_measures_on_the_cpu():
     assert all(p.device.type == "cpu" for p in net.parameters())
     assert [row["method"] for row in result.table] == ["dense", "dense+finetune", "pyrozoo", "tp-l1"]
     assert all(0 <= row["accuracy"] <= 1 for row in result.table)
+    # with a GPU, each row's latency on it as well, a ratio to the dense net's there
+    assert all(row["gpu_latency_b1"] > 0 and row["gpu_latency_b256"] > 0 for row in result.table)
+    assert result.table[0]["gpu_latency_b256"] == 1.0
 
 
 def test_the_compress_gpu_script_runs_on_the_gpu(tmp_path):
