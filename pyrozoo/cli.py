@@ -901,6 +901,14 @@ def _compress(args) -> None:
     print(
         f"written to {out}: report.json, report.md, front.png, front.pdf, nets/ (state_dict.pt, net.pt, net.pt2)"
     )
+    missed = [row for row in result.table if not row.get("reached", True)]
+    if missed:
+        from pyrozoo.errors import TargetNotReached
+
+        said = ", ".join(
+            f"{row['target']} ({row['search_cost']:.3f} with every removable unit gone)" for row in missed
+        )
+        raise TargetNotReached(f"not reached: {said}; the report says what may reach it")
 
 
 def _with_options(name: str, options: dict) -> str:

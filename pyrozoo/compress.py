@@ -581,7 +581,9 @@ def _time_rows(job: _Job) -> None:
     round-robin per batch size (so that they compare among themselves), by the first process for all: on the
     CPU, and where there is a GPU on it too (``gpu_latency_b1``, ``gpu_latency_b256``; the job's device where
     that is one)."""
-    gpu = job.device if torch.device(job.device).type == "cuda" else "cuda" if torch.cuda.is_available() else None
+    gpu = job.device if torch.device(job.device).type == "cuda" else None
+    if gpu is None and torch.cuda.is_available():
+        gpu = "cuda"
 
     def measured() -> dict[str, list[float]]:
         nets = [net for _, net in job.timed]

@@ -1,4 +1,5 @@
-"""What a network costs to run: parameters, FLOPs and CPU latency, measured on the network itself.
+"""What a network costs to run: parameters, FLOPs and latency (on the CPU, and on a GPU), measured on the
+network itself.
 
 FLOPs are counted by torch's own ``torch.utils.flop_counter.FlopCounterMode`` (the operators a forward pass
 dispatches, so a rebuilt net with fewer channels counts fewer), not by a formula per layer type. Latency is a

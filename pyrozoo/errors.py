@@ -27,3 +27,10 @@ class TrainingDiverged(PyrozooError):
     """The loss became NaN or infinite; the run folder keeps the state of the last finished epoch."""
 
     exit_code = 1
+
+
+class TargetNotReached(PyrozooError):
+    """A compression target was out of reach: the report and the nets are written, the command says which
+    target and exits with a code of its own, so that a script sees it."""
+
+    exit_code = 4

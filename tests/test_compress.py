@@ -255,6 +255,27 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
     assert loaded(d.x_test[:3]).shape == (3, 10)
 
 
+def test_the_command_exits_4_where_a_target_is_out_of_reach(capsys, tmp_path):
+    """A floor that leaves the target out of reach: the report and nets are written, and the command ends with
+    one line naming the target and exit code 4, so that a script notices."""
+    from pyrozoo import data as datasets
+    from pyrozoo.nets import NETS, create_net
+
+    torch.manual_seed(0)
+    d = datasets.prepare(datasets.load("fashion-mnist-mini"), pad_to=NETS["lenet"].pad_to)
+    net = create_net("lenet", in_channels=1, image_size=d.x_train.shape[-1], num_classes=10)
+    torch.save(net.state_dict(), tmp_path / "lenet.pt")
+    code, stdout, err = cli(
+        capsys, "compress", "lenet", "--weights", str(tmp_path / "lenet.pt"), "--data", "fashion-mnist-mini",
+        "--target", "params=0.3", "--allocation", "global", "--min-width", "0.9", "--finetune-steps", "0",
+        "--fit-size", "64", "--baselines", "--repeats", "1", "--no-progress", "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    assert code == 4 and "| pyrozoo | params=0.3 (not reached) |" in stdout
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("pyrozoo: error: not reached: params=0.3 (0.")
+    assert (tmp_path / "out" / "report.json").is_file() and (tmp_path / "out" / "nets" / "params-0.3").is_dir()
+
+
 def test_the_command_refuses_what_it_cannot_use(capsys, tmp_path):
     assert_one_line_error(*cli(capsys, "compress", "nope:thing", "--weights", str(tmp_path / "w.pt"),
                                "--data", "fashion-mnist-mini"), "cannot find the net factory")  # fmt: skip
