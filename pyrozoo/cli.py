@@ -890,7 +890,8 @@ def _compress(args) -> None:
         "score": args.score,
         "threads": args.threads,
         "processes": world.size,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "date": datetime.date.today().isoformat(),
     }
     distributed.finish()
