@@ -101,6 +101,8 @@ LR_SCHEDULES = {
     "constant": lambda s, n: 1.0,
     "cosine": lambda s, n: 0.5 * (1 + math.cos(math.pi * s / n)),
 }
+# each schedule as a report says it
+LR_SCHEDULE_WORDS = {"constant": "held", "cosine": "decayed to 0 along a half cosine"}
 
 
 def finetune(

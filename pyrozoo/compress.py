@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pyrozoo import costs, pruners
-from pyrozoo.baselines import LR_SCHEDULES, finetune
+from pyrozoo.baselines import LR_SCHEDULE_WORDS, LR_SCHEDULES, finetune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
 from pyrozoo.bmr.units import Units, model_units, structure
@@ -826,9 +826,7 @@ def _processes(record: dict) -> str:
 
 def _schedule(record: dict) -> str:
     """How the report's fine-tune moved its learning rate (reports before the option held it constant)."""
-    return {"constant": "held", "cosine": "decayed to 0 along a half cosine"}[
-        record.get("lr_schedule", "constant")
-    ]
+    return LR_SCHEDULE_WORDS[record.get("lr_schedule", "constant")]
 
 
 GPU_COLUMNS = ("gpu_latency_b1", "gpu_latency_b256")  # where compress found a GPU

@@ -16,7 +16,7 @@ from clitools import assert_one_line_error, cli
 from torch import nn
 
 from pyrozoo import costs, pruners
-from pyrozoo.baselines import finetune
+from pyrozoo.baselines import LR_SCHEDULE_WORDS, LR_SCHEDULES, finetune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
 from pyrozoo.compress import Target, as_targets, compress, latency_model, rank_units, reduce_to, remove_first
@@ -711,6 +711,13 @@ def test_the_obd_score_is_the_evidence_without_its_occam_term(fitted):
         rank_units(model, posterior, x[:2], score="magic")
     with pytest.raises(PyrozooError, match="unknown score"):
         compress(net, (x, torch.zeros(len(x), dtype=torch.long)) * 2, "params=0.5", score="magic")
+
+
+@pytest.mark.parametrize("schedule", sorted(LR_SCHEDULES))
+def test_the_report_words_every_learning_rate_schedule(schedule):
+    from pyrozoo.compress import _schedule
+
+    assert _schedule({"lr_schedule": schedule}) and set(LR_SCHEDULE_WORDS) == set(LR_SCHEDULES)
 
 
 def test_the_report_shows_an_unstructured_nets_non_zero_parameters():
