@@ -2,8 +2,8 @@
 # On one GPU (issue 28): NET (default resnet18) trained with plain Adam for EPOCHS on the full data
 # (benchmarks/bn_cnn.py --net; or given as WEIGHTS), then `pyrozoo compress NET --target TARGET` against every
 # baseline with the same fine-tune. Training, fine-tuning and the test metrics run on DEVICE; the Laplace fit,
-# pruning and the latency (batch 1 and 256, THREADS CPU threads) on the host's CPU. Logs, the weights and the
-# report (report.md/json, front.png, the nets) go to $OUT.
+# pruning and the latency (batch 1 and 256, THREADS CPU threads) on the host's CPU; the report reads the latency
+# on the GPU too. Logs, the weights and the report (report.md/json, front.png, the nets) go to $OUT.
 #   OUT=... [NET=resnet18] [WEIGHTS=trained.pt] [EPOCHS=3] [DEVICE=cuda] [DATA=fashion-mnist] [DATA_DIR=...]
 #   [TARGET=latency=0.5] [STEPS=300] [FIT_SIZE=2000] [REPEATS=5] [THREADS=16] [BASELINES="tp-l1 ..."]
 #   bash scripts/compress_resnet18_gpu.sh
