@@ -20,6 +20,9 @@ correlated Gaussian:
 - one row (a unit: an output neuron or channel with its bias): ``Σ_rr = U_A diag(e_r) U_A'`` with
   ``e_r = (U_G[r]^2) D``, so its determinant and inverse are read off (:meth:`~KroneckerGaussian.rows`);
   one column likewise with the roles of the factors swapped (:meth:`~KroneckerGaussian.columns`);
+- a unit's set of whole columns (a convolution's input channel: its k x k columns) or rows: ``Σ_SS`` is
+  block-diagonal in the other factor's eigenbasis, one k x k block per eigenvector
+  (:meth:`~KroneckerGaussian.unit_sets`);
 - any set of entries (what a pass to a target sparsity removes): the reduced mean solves
   ``P_TT (M~_T - M_T) = P_TS M_S`` over the survivors ``T`` (the mean of the Gaussian conditioned on
   ``W_S = 0``), by conjugate gradients with ``P``'s Kronecker product as the operator
@@ -140,6 +143,37 @@ class KroneckerGaussian:
         e = D @ u_a.square().T  # (R eigen-index, K): eigenvalues of Σ_cc in the basis U_G
         q = u_g.T @ self.mean
         return 0.5 * (math.log(self.prior_var) - e.log()).sum(0) - 0.5 * (q.square() / e).sum(0)
+
+    def unit_sets(self, index: Tensor, axis: int, occam: bool = True) -> Tensor:
+        """dF of reducing, per unit ``u``, the whole columns ``index[u]`` (``axis=1``: e.g. a convolution's input
+        channel, its k x k columns) or rows (``axis=0``) to a point mass at 0, shape ``(count,)``.
+
+        The set ``S`` spans every row (column), so rotating the rows by ``U_G`` (the columns by ``U_A``) keeps it
+        whole, and there ``Σ_SS`` is block-diagonal: one ``k x k`` block ``B_p = U_A[S] diag(D[p]) U_A[S]'`` per
+        eigenvector ``p`` of the other factor. Its determinant and ``M_S' Σ_SS^-1 M_S`` are sums over ``p`` of
+        ``k x k`` ones: exact, the prior included, at ``R k² K`` per unit rather than ``(R k)³``. ``occam=False``
+        keeps the fit term alone, ``-½ M_S' Σ_SS^-1 M_S``: the reduced model at its best weights with the
+        survivors compensating (Optimal Brain Surgeon's saliency for the set, with the prior's curvature)."""
+        _, u_g, _, u_a, D = self._eig
+        # the set's side (its eigenvectors), the rotated mean (eigen-index of the other side, set side), D
+        u_set, rotated, d = (u_a, u_g.T @ self.mean, D) if axis == 1 else (u_g, u_a.T @ self.mean.T, D.T)
+        index = index.to(self.mean.device)
+        k = index.shape[1]
+        out = []
+        per_unit = len(d) * k * k * d.shape[1]
+        for chunk in index.split(max(1, 2**24 // max(per_unit, 1))):  # a few hundred MB of float64 at most
+            us = u_set[chunk]  # (units, k, Q)
+            blocks = torch.einsum("ukq,ulq,pq->upkl", us, us, d)  # (units, P, k, k)
+            m = rotated[:, chunk].permute(1, 0, 2)  # (units, P, k)
+            L = torch.linalg.cholesky(blocks)
+            fit = (m * torch.cholesky_solve(m.unsqueeze(-1), L).squeeze(-1)).sum((1, 2))
+            if occam:
+                logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum((1, 2))
+                n = k * len(d)
+                out.append(0.5 * (n * math.log(self.prior_var) - logdet) - 0.5 * fit)
+            else:
+                out.append(-0.5 * fit)
+        return torch.cat(out)
 
     # --- any set of entries -------------------------------------------------------------------------------
 

@@ -89,6 +89,29 @@ def test_rows_and_columns_match_the_dense_form(seed, ekfac):
         assert float(columns[c]) == pytest.approx(float(_dense_reduction(layer, pruned).delta_f), abs=1e-6)
 
 
+@pytest.mark.parametrize("occam", [True, False])
+@pytest.mark.parametrize("ekfac", [False, True])
+def test_sets_of_whole_columns_or_rows_match_the_dense_form(ekfac, occam):
+    """A unit's columns (a convolution's input channel: several columns) or rows reduced together: the dF of
+    the dense Gaussian, or without the Occam term its fit term ``-½ M_S' Σ_SS^-1 M_S``; single columns and rows
+    agree with :meth:`columns` and :meth:`rows`."""
+    layer = _layer(R=4, K=6, seed=7, ekfac=ekfac)
+    mu, S, _ = _dense(layer)
+    for axis, index in ((1, torch.tensor([[0, 3], [1, 2], [4, 5]])), (0, torch.tensor([[0, 2], [1, 3]]))):
+        found = layer.unit_sets(index, axis, occam=occam)
+        for u, members in enumerate(index):
+            pruned = torch.zeros(4, 6, dtype=torch.bool)
+            pruned[(slice(None), members) if axis == 1 else (members, slice(None))] = True
+            if occam:
+                expected = float(_dense_reduction(layer, pruned).delta_f)
+            else:
+                s = pruned.flatten()
+                expected = float(-0.5 * mu[s] @ torch.linalg.solve(S[s][:, s], mu[s]))
+            assert float(found[u]) == pytest.approx(expected, abs=1e-6)
+    assert torch.allclose(layer.unit_sets(torch.arange(6)[:, None], 1), layer.columns(), atol=1e-8)
+    assert torch.allclose(layer.unit_sets(torch.arange(4)[:, None], 0), layer.rows(), atol=1e-8)
+
+
 @pytest.mark.parametrize("ekfac", [False, True])
 def test_conditional_mean_of_any_set_matches_the_dense_form(ekfac):
     layer = _layer(R=5, K=6, seed=3, ekfac=ekfac)
