@@ -592,6 +592,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="what ranks the units within a group: obd (dF without its Occam term, -1/2 (h + prior precision) "
         "w^2 summed over the unit; the default) or evidence (the whole dF); the evidence target always uses dF",
     )
+    compress.add_argument(
+        "--curvature",
+        choices=["kfac", "diag"],
+        default="kfac",
+        help="the Laplace posterior's curvature: kfac (Kronecker-factored, the default: a unit's columns are "
+        "scored jointly and the rebuilt net's remaining columns compensate for the removed ones) or diag "
+        "(diagonal: each entry on its own, the net rebuilt at the trained weights)",
+    )
     compress.add_argument("--seed", type=_number(int, "non-negative"), default=0, help="random seed")
     compress.add_argument("--out", default=None, help="report folder (default compressed/NET)")
     _no_progress(compress)
@@ -866,6 +874,7 @@ def _compress(args) -> None:
         min_width=args.min_width,
         device=args.device,
         score=args.score,
+        curvature=args.curvature,
         progress=not args.no_progress,
         log=log,
     )
@@ -888,6 +897,7 @@ def _compress(args) -> None:
         "min_width": args.min_width,
         "device": args.device,
         "score": args.score,
+        "curvature": args.curvature,
         "threads": args.threads,
         "processes": world.size,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores"

@@ -151,6 +151,9 @@ ALLOCATION_CHOICES = ("auto", *ALLOCATIONS)
 MIN_WIDTH = 0.25
 # what ranks the units for a target: the evidence's fit term only (Occam term dropped), or the whole dF
 SCORES = ("obd", "evidence")
+# the Laplace posterior compress fits (its name for laplace()'s structure): Kronecker-factored, whose correlations
+# score a unit's columns jointly and let the survivors compensate in the rebuilt net, or diagonal
+CURVATURES = {"kfac": "kron", "diag": "diag"}
 
 
 def _check_ranking(allocation: str, score: str, allocations=ALLOCATIONS) -> None:
@@ -162,15 +165,32 @@ def _check_ranking(allocation: str, score: str, allocations=ALLOCATIONS) -> None
         raise PyrozooError(f"unknown score {score!r}; known: {', '.join(SCORES)}")
 
 
-def unit_gains(units: Units, gains: dict[str, torch.Tensor]) -> torch.Tensor:
+def unit_gains(
+    units: Units, gains: dict[str, torch.Tensor], kron: dict | None = None, occam: bool = True
+) -> torch.Tensor:
     """Per unit, the dF of switching it off: the sum of ``gains`` over its entries; where a normalisation
     follows its producing layers (a BatchNorm), over the normalisation's own entries and the consumers' only.
     The producing rows before a normalisation are scale-invariant in training (it divides out their scale), so
-    their dF says how much prior volume they take, not what the unit contributes (docs/howto/compress.md)."""
+    their dF says how much prior volume they take, not what the unit contributes (docs/howto/compress.md).
+    In a layer with a KFAC posterior (``kron``: ``{layer: KroneckerGaussian}``) a unit's whole columns (or rows)
+    count jointly (:meth:`~pyrozoo.bmr.kfac.KroneckerGaussian.unit_sets`, the whole dF or with ``occam=False``
+    its fit term): the correlations say how far the other columns can stand in for them, which the entries'
+    marginal dFs cannot."""
     members = units.members
     if units.passthrough:
         members = [m for m in members if not m.produces or m.layer in units.passthrough] or members
-    return sum(m.take(gains[m.layer]).sum(dim=1) for m in members)
+    by_layer: dict[str, list] = {}
+    for m in members:
+        by_layer.setdefault(m.layer, []).append(m)
+    total = 0
+    for layer, found in by_layer.items():
+        k = (kron or {}).get(layer)
+        if k is not None and len({m.axis for m in found}) == 1:
+            index = torch.cat([m.index for m in found], dim=1)
+            total = total + k.unit_sets(index, found[0].axis, occam).to(gains[layer].dtype)
+        else:  # entry by entry (a layer whose unit holds both rows and columns, as a depthwise one's does)
+            total = total + sum(m.take(gains[layer]).sum(dim=1) for m in found)
+    return total
 
 
 def rank_units(
@@ -192,7 +212,9 @@ def rank_units(
     (``"flops"``), or, given ``unit_cost`` (``{group index: cost of one of its units}``, e.g. from
     :func:`latency_model`), that. ``score="obd"`` ranks by dF without its Occam term
     (:func:`pyrozoo.bmr.scores.delta_f` with ``occam=False``: the reduced and full models compared at their best
-    weights, not by their evidence); ``Ranking.gain`` is then that score, never positive."""
+    weights, not by their evidence); ``Ranking.gain`` is then that score, never positive. Under a KFAC
+    posterior both are read per unit jointly where its entries are whole columns or rows of a layer
+    (:func:`unit_gains`)."""
     _check_ranking(allocation, score)
     groups = model_units(model)
     if not groups:
@@ -203,9 +225,12 @@ def rank_units(
     masks = _masks(model)
     positions = _positions(model, example) if by == "flops" and unit_cost is None else {}
     candidates = []
+    kron = getattr(posterior, "kron", {})
+    kron = {layer.name: kron[layer.site] for layer in model.layers if layer.site in kron}
     for g, units in enumerate(groups):
         live = {name: masks[name] for name in units.layers}
-        gain = unit_gains(units, {name: torch.where(live[name], gains[name], 0.0) for name in live})
+        masked = {name: torch.where(live[name], gains[name], 0.0) for name in live}
+        gain = unit_gains(units, masked, kron, occam=score == "evidence")
         if unit_cost is not None:
             size = torch.full_like(gain, unit_cost.get(g, math.inf))
         else:
@@ -642,6 +667,10 @@ def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tupl
     small, removed, value, readings = reduce_to(
         model, posterior, ranking, t, job.dense, example, job.repeats, job.world
     )
+    if posterior.structure == "kron":  # the same net, its survivors compensating for the removed inputs
+        remove_first(model, ranking, removed)
+        with posterior.compensating(model):
+            small = rebuild(model, posterior)
     remove_first(model, ranking, 0)  # the model as fitted, for the next target
     job.tune(small)
     seconds = fitted + time.perf_counter() - start
@@ -755,13 +784,15 @@ def compress(
     allocation: str = "auto",
     score: str = "obd",
     min_width: float = MIN_WIDTH,
+    curvature: str = "kfac",
     device: str = "cpu",
     progress: bool = True,
     log=print,
 ) -> Compressed:
     """Compress the trained classifier ``net`` on ``data`` (see the module docstring) to each target, the units
     shared out across groups by ``allocation`` (at least ``min_width`` of each group left where global) and
-    ranked by ``score`` (:func:`rank_units`); every baseline in
+    ranked by ``score`` (:func:`rank_units`) under a Laplace posterior of ``curvature`` (:data:`CURVATURES`:
+    under ``kfac`` the rebuilt net's survivors compensate for what was removed); every baseline in
     ``baselines`` is pruned to the same cost as pyrozoo's net and given the same ``finetune_steps`` of Adam at
     ``lr``, decayed by ``lr_schedule`` (:data:`~pyrozoo.baselines.LR_SCHEDULES`: ``cosine`` to zero by default,
     so that each net ends near an optimum rather than where the last noisy steps left it). Fine-tuning and the
@@ -777,6 +808,8 @@ def compress(
 
     targets = as_targets(target)
     _check_options(baselines, allocation, score, finetune_steps, batch_size, lr_schedule, min_width, repeats)
+    if curvature not in CURVATURES:
+        raise PyrozooError(f"unknown curvature {curvature!r}; known: {', '.join(CURVATURES)}")
     check_device(device)
     world = current()
     world.check_batch(batch_size)
@@ -797,7 +830,7 @@ def compress(
 
     start = time.perf_counter()
     model, posterior = laplace(
-        dense, d.x_train, "diag", fit_size=fit_size, progress=progress, seed=seed, world=world
+        dense, d.x_train, CURVATURES[curvature], fit_size=fit_size, progress=progress, seed=seed, world=world
     )
     head = next(layer for layer in model.layers if layer.is_output)
     keep = [dense.get_submodule(head.name)]
@@ -842,7 +875,8 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
             f"`{record['command']}`",
             "",
             f"{record['data']}, {record['machine']}, {record['threads']} thread(s){_processes(record)}, "
-            f"{record['date']}. pyrozoo ranked units by {record.get('score', 'obd')}. Every method but the dense "
+            f"{record['date']}. pyrozoo ranked units by {record.get('score', 'obd')} under a "
+            f"{record.get('curvature', 'diag')} Laplace posterior. Every method but the dense "
             "net was fine-tuned "
             f"for {record['finetune_steps']} Adam steps after pruning, learning rate {record.get('lr', 1e-3):g} "
             f"{_schedule(record)} (on {record.get('device', 'cpu')}); "

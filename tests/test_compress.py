@@ -43,6 +43,87 @@ def fitted():
     return net.eval(), model, posterior, x
 
 
+@pytest.fixture(scope="module")
+def fitted_kfac(fitted):
+    """The same net's KFAC Laplace posterior."""
+    net, _, _, x = fitted
+    model, posterior = laplace(net, x, "kron", progress=False)
+    return net, model, posterior, x
+
+
+def _dense_set_gain(k, members, occam: bool) -> float:
+    """The dF (or its fit term) of zeroing ``members`` (bool, like the layer's latent) of a Kronecker layer,
+    from its dense Gaussian."""
+    data = torch.kron(k.G.double(), k.A.double())
+    cov = torch.linalg.inv(data + torch.eye(len(data), dtype=data.dtype) / k.prior_var)
+    s, mu = members.flatten(), k.mean.flatten()
+    fit = float(mu[s] @ torch.linalg.solve(cov[s][:, s], mu[s]))
+    if not occam:
+        return -0.5 * fit
+    logdet = float(torch.linalg.slogdet(cov[s][:, s])[1])
+    return 0.5 * (int(s.sum()) * math.log(k.prior_var) - logdet) - 0.5 * fit
+
+
+@pytest.mark.parametrize("score", ["obd", "evidence"])
+def test_under_kfac_a_units_columns_are_scored_jointly(fitted_kfac, score):
+    """Under a KFAC posterior a unit's gain sums, per Kronecker layer, the dF of its columns (or rows) zeroed
+    together, which the dense Gaussian gives, and per other layer its entries' dFs; not the entries' marginal
+    dFs added up."""
+    from pyrozoo.bmr.units import model_units
+    from pyrozoo.compress import unit_gains
+
+    net, model, posterior, x = fitted_kfac
+    kron = {layer.name: posterior.kron[layer.site] for layer in model.layers if layer.site in posterior.kron}
+    occam = score == "evidence"
+    groups = model_units(model)
+    gains = delta_f(model, posterior, {name for units in groups for name in units.layers}, occam=occam)
+    for units in groups:
+        joint, marginal = unit_gains(units, gains, kron, occam), unit_gains(units, gains)
+        for u in range(units.count):
+            expected = 0.0
+            for m in units.members:
+                k = kron.get(m.layer)
+                if k is None:
+                    expected += float(m.take(gains[m.layer])[u].sum())
+                    continue
+                members = torch.zeros(k.mean.shape, dtype=torch.bool)
+                members[(m.index[u], slice(None)) if m.axis == 0 else (slice(None), m.index[u])] = True
+                expected += _dense_set_gain(k, members, occam)
+            assert float(joint[u]) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        assert not torch.allclose(joint, marginal)  # the correlations count
+
+
+def test_under_kfac_the_rebuilt_nets_survivors_compensate(fitted_kfac):
+    """The rebuilt net's weights are the reduced posterior mean given the removed inputs (columns), removed rows
+    zero; the posterior's means are put back after; and the survivors bring the net's outputs nearer the
+    dense net's than the trained weights left as they are."""
+    from pyrozoo.compress import rank_units
+
+    net, model, posterior, x = fitted_kfac
+    ranking = rank_units(model, posterior, x[:2], by="params", allocation="uniform", score="obd")
+    before = {site: loc.clone() for site, loc in posterior.loc.items()}
+    count = len(ranking.order) // 3
+    remove_first(model, ranking, count)
+    plain = rebuild(model, posterior, remove_dead=False)
+    with posterior.compensating(model):
+        compensated = rebuild(model, posterior, remove_dead=False)
+        shifted = dict(posterior.loc)
+    for layer in model.layers:
+        if layer.site not in posterior.kron:
+            continue
+        keep = model.mask(layer.name).bool()
+        columns = (~keep).all(dim=0).expand(keep.shape)
+        if bool(columns.any()):
+            mean = posterior.kron[layer.site].conditional_mean(columns)[0]
+            torch.testing.assert_close(shifted[layer.site], mean.to(before[layer.site]))
+    assert all(torch.equal(posterior.loc[site], before[site]) for site in before)
+    with torch.no_grad():
+        target = net(x)
+        error = [float((candidate(x) - target).square().mean()) for candidate in (plain, compensated)]
+    remove_first(model, ranking, 0)
+    assert error[1] < error[0]
+
+
 def test_targets_are_parsed_and_checked():
     assert Target.parse("latency=0.7,0.5") == [Target("latency", 0.7), Target("latency", 0.5)]
     assert Target.parse("evidence") == [Target("evidence")]

@@ -46,6 +46,7 @@ EKFAC's refitted ones), which needs no optimiser. Linear and Conv2d layers are s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -482,6 +483,29 @@ class LaplacePosterior(Posterior):
                 }
             )
         super().reduce(site, pruned)
+
+    @contextlib.contextmanager
+    def compensating(self, model):
+        """Within: each Kronecker site's mean is the reduced posterior mean given the inputs (whole columns) that
+        ``model``'s masks remove: the surviving columns compensate for the removed ones as far as the posterior's
+        correlations say (Optimal Brain Surgeon's update, the prior included), so that a rebuilt net starts
+        nearer the dense one's function. Rows a mask removes are not conditioned on: a removed unit's producing
+        rows make a value whose readers, its consumers' columns, are gone with it. The means are put back after.
+        """
+        saved = {}
+        for layer in model.layers:
+            if layer.site not in self.kron:
+                continue
+            columns = (model.mask(layer.name) == 0).all(dim=0)
+            if bool(columns.any()):
+                saved[layer.site] = self.loc[layer.site]
+                pruned = columns.expand(self.loc[layer.site].shape)
+                mean = self.kron[layer.site].conditional_mean(pruned)[0]
+                self.loc[layer.site] = mean.to(saved[layer.site])
+        try:
+            yield self
+        finally:
+            self.loc.update(saved)
 
     def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:
         """Sample every latent (the model's arguments are accepted and ignored)."""
