@@ -142,9 +142,11 @@ def _positions(model, example: torch.Tensor) -> dict[str, int]:
 
 
 ALLOCATIONS = ("uniform", "global")
-# what compress takes: "auto" is global for a latency target (the latency model knows which units hold the
-# time: on issue 28's BatchNorm CNN and resnet20 it kept 0.43 and 0.31 of the dense FLOPs at half the latency,
-# where a uniform cut keeps 0.26) and uniform for the others, where no global order was found to win
+# what compress takes: "auto" is uniform under a KFAC posterior (compress's default), where a global order cut
+# resnet20's first and last stages to their floors and lost 1.3-2.0 points at latency=0.5 (session 13); under a
+# diagonal one it is global for a latency target (the latency model knows which units hold the time: on issue
+# 28's BatchNorm CNN it kept 0.43 of the dense FLOPs at half the latency, where a uniform cut keeps 0.26) and
+# uniform for the others, where no global order was found to win
 ALLOCATION_CHOICES = ("auto", *ALLOCATIONS)
 # with a global allocation, the fraction of each group's units that stays: unbounded, resnet20's global order
 # cut the inner convolution of every block to one channel and lost 4 points after fine-tuning
@@ -154,6 +156,25 @@ SCORES = ("obd", "evidence")
 # the Laplace posterior compress fits (its name for laplace()'s structure): Kronecker-factored, whose correlations
 # score a unit's columns jointly and let the survivors compensate in the rebuilt net, or diagonal
 CURVATURES = {"kfac": "kron", "diag": "diag"}
+# the widest Kronecker factor (rows or columns of a layer's matrix) a KFAC fit may hold: 8,192 (0.5 GB in
+# float64, and its eigendecomposition's copies); a wider one (vgg11_bn's 25,089-column classifier) falls back to
+# the diagonal posterior, whose memory grows with the layer, not its square
+KFAC_WIDEST = 8192
+
+
+def _too_wide_for_kfac(net: nn.Module) -> tuple[str, int] | None:
+    """The first linear or convolution layer of ``net`` whose Kronecker factor would be wider than
+    :data:`KFAC_WIDEST`, with that width; None where every one fits."""
+    for name, m in net.named_modules():
+        if isinstance(m, nn.Linear):
+            width = max(m.out_features, m.in_features + 1)
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            width = max(m.out_channels, m.in_channels // m.groups * math.prod(m.kernel_size) + 1)
+        else:
+            continue
+        if width > KFAC_WIDEST:
+            return name, width
+    return None
 
 
 def _check_ranking(allocation: str, score: str, allocations=ALLOCATIONS) -> None:
@@ -202,6 +223,7 @@ def rank_units(
     allocation: str = "global",
     score: str = "evidence",
     min_width: float = 0.0,
+    shared_by_entries: bool = False,
 ) -> Ranking:
     """The removable units of ``model`` ranked for removal, most favoured first; the last live unit of each
     group is left out, and with ``allocation="global"`` the last ``min_width`` of its units (rounded up).
@@ -214,7 +236,8 @@ def rank_units(
     (:func:`pyrozoo.bmr.scores.delta_f` with ``occam=False``: the reduced and full models compared at their best
     weights, not by their evidence); ``Ranking.gain`` is then that score, never positive. Under a KFAC
     posterior both are read per unit jointly where its entries are whole columns or rows of a layer
-    (:func:`unit_gains`)."""
+    (:func:`unit_gains`); with ``shared_by_entries`` a global order takes each group's share from the entries'
+    own dFs and only the choice within the group from the joint ones."""
     _check_ranking(allocation, score)
     groups = model_units(model)
     if not groups:
@@ -227,6 +250,10 @@ def rank_units(
     candidates = []
     kron = getattr(posterior, "kron", {})
     kron = {layer.name: kron[layer.site] for layer in model.layers if layer.site in kron}
+    # a global order for a cost target under KFAC: the groups' shares from the entries' own dFs, which units
+    # of a group go from the joint ones (each joint score counts on the rest of its layer standing in for the
+    # unit, so across layers it makes many removals from a wide one look cheap: resnet20 lost 1.8 points)
+    shared_by_entries = shared_by_entries and bool(kron) and allocation == "global"
     for g, units in enumerate(groups):
         live = {name: masks[name] for name in units.layers}
         masked = {name: torch.where(live[name], gains[name], 0.0) for name in live}
@@ -240,9 +267,13 @@ def rank_units(
             continue
         per_cost = (gain / size.clamp(min=1e-12)).tolist()
         alive.sort(key=lambda u: per_cost[u], reverse=True)
+        share = per_cost
+        if shared_by_entries:
+            share = (unit_gains(units, masked) / size.clamp(min=1e-12)).tolist()
+        slots = sorted((share[u] for u in alive), reverse=True)  # the group's i-th removal's place in the order
         stay = max(1, math.ceil(min_width * units.count)) if allocation == "global" else 1
         for i, u in enumerate(alive[: max(0, len(alive) - stay)]):  # the group's last units stay
-            key = (-(i + 1) / len(alive), per_cost[u]) if allocation == "uniform" else (per_cost[u],)
+            key = (-(i + 1) / len(alive), per_cost[u]) if allocation == "uniform" else (slots[i],)
             candidates.append((key, float(gain[u]), g, u, float(size[u])))
     candidates.sort(key=lambda c: c[0], reverse=True)
     order, gain_of, cost_of = (
@@ -279,7 +310,7 @@ def rank_for(
     latency = target.kind == "latency" and allocation == "global"
     modelled = world.agree(lambda: latency_model(model, dense, example, repeats)) if latency else None
     by = "params" if target.kind == "params" else "flops"
-    return rank_units(model, posterior, trace_example, by, modelled, allocation, score, min_width)
+    return rank_units(model, posterior, trace_example, by, modelled, allocation, score, min_width, True)
 
 
 def resolved_allocation(allocation: str, target: Target) -> str:
@@ -816,13 +847,22 @@ def compress(
     device = world.device(device)  # with cuda and several processes: the GPU of this one's local rank
     if not world.main:
         progress, log = False, lambda text: None
-    if min_width != MIN_WIDTH and not any(floored(allocation, t) for t in targets):
-        log(f"min_width {min_width:g} is used by a global allocation only, and no target here has one")
     d = _data(data)
     training = net.training
     # read only (every method prunes and tunes a copy): a large net is not held twice; one on a GPU is copied
     on_cpu = all(p.device.type == "cpu" for p in net.parameters())
     dense = (net if on_cpu else copy.deepcopy(net).cpu()).eval()
+    wide = _too_wide_for_kfac(dense) if curvature == "kfac" else None
+    if wide:
+        log(
+            f"{wide[0]}'s Kronecker factor would be {wide[1]:,} wide (more than {KFAC_WIDEST:,}): fitting the "
+            "diagonal posterior instead (--curvature diag)"
+        )
+        curvature = "diag"
+    if allocation == "auto" and curvature == "kfac":  # see ALLOCATION_CHOICES
+        allocation = "uniform"
+    if min_width != MIN_WIDTH and not any(floored(allocation, t) for t in targets):
+        log(f"min_width {min_width:g} is used by a global allocation only, and no target here has one")
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
     options = (finetune_steps, lr, lr_schedule, batch_size, seed, allocation, score, min_width, device, world)
     job = _Job(d, dense, example, repeats, *options)

@@ -93,6 +93,54 @@ def test_under_kfac_a_units_columns_are_scored_jointly(fitted_kfac, score):
         assert not torch.allclose(joint, marginal)  # the correlations count
 
 
+def test_under_kfac_a_global_order_shares_by_the_entries_and_chooses_by_the_joint_score(fitted_kfac):
+    """For a cost target, every prefix of the global order takes as many units from each group as the order by
+    the entries' own dFs does, and within each group the units in the order of the joint score."""
+    from pyrozoo.bmr.units import model_units
+    from pyrozoo.compress import rank_units, unit_gains
+
+    net, model, posterior, x = fitted_kfac
+    ranking = rank_units(model, posterior, x[:2], "flops", score="obd", min_width=0.25, shared_by_entries=True)
+    kron = {layer.name: posterior.kron[layer.site] for layer in model.layers if layer.site in posterior.kron}
+    joint = rank_units(model, posterior, x[:2], "flops", score="obd", min_width=0.25)
+    posterior_kron, posterior.kron = posterior.kron, {}  # the same posterior read entry by entry
+    try:
+        entries = rank_units(model, posterior, x[:2], "flops", score="obd", min_width=0.25)
+    finally:
+        posterior.kron = posterior_kron
+    groups = model_units(model)
+    assert [g for g, _ in ranking.order] == [g for g, _ in entries.order]
+    for g, units in enumerate(groups):
+        mine = [u for h, u in ranking.order if h == g]
+        assert mine == [u for h, u in joint.order if h == g]  # the joint score's choice within the group
+        gains = unit_gains(units, delta_f(model, posterior, units.layers, occam=False), kron, occam=False)
+        assert len(mine) < 2 or gains[mine[0]] >= gains[mine[-1]]
+
+
+def test_a_net_too_wide_for_kfac_is_fitted_with_the_diagonal_posterior(fitted, monkeypatch):
+    """A layer whose Kronecker factor would pass KFAC_WIDEST (vgg11_bn's classifier, 25,089 columns) makes
+    compress say so and fit the diagonal posterior, whose memory grows with the layer, not its square."""
+    import pyrozoo.posteriors.laplace as laplace_module
+
+    module = sys.modules["pyrozoo.compress"]
+    net, _, _, x = fitted
+    monkeypatch.setattr(module, "KFAC_WIDEST", 60)  # the widest: Conv2d(6, 8, 3)'s 6 x 9 + 1 columns
+    assert module._too_wide_for_kfac(net) is None
+    monkeypatch.setattr(module, "KFAC_WIDEST", 40)
+    assert module._too_wide_for_kfac(net) == ("3", 55)
+    fits, said, fit = [], [], laplace_module.laplace
+
+    def spy(net, x, structure, **options):
+        fits.append(structure)
+        return fit(net, x, structure, **options)
+
+    monkeypatch.setattr(laplace_module, "laplace", spy)
+    labelled = (x, torch.arange(len(x)) % 3) * 2
+    compress(net, labelled, "params=0.5", finetune_steps=0, fit_size=None, baselines=(), repeats=1,
+             progress=False, log=said.append)  # fmt: skip
+    assert fits == ["diag"] and any("would be 55 wide (more than 40)" in line and "diag" in line for line in said)
+
+
 def test_under_kfac_the_rebuilt_nets_survivors_compensate(fitted_kfac):
     """The rebuilt net's weights are the reduced posterior mean given the removed inputs (columns), removed rows
     zero; the posterior's means are put back after; and the survivors bring the net's outputs nearer the
@@ -611,7 +659,7 @@ def test_a_target_out_of_reach_is_said_so_with_the_fix(fitted, monkeypatch):
     monkeypatch.setattr(costs, "latency_ratio", lambda *args: 0.9)  # never below the target
     said = []
     y = torch.arange(len(x)) % 3
-    result = compress(net, (x, y) * 2, "latency=0.5", finetune_steps=0,
+    result = compress(net, (x, y) * 2, "latency=0.5", finetune_steps=0, curvature="diag",
                       fit_size=None, baselines=(), repeats=1, min_width=0.5, progress=False,
                       log=said.append)  # fmt: skip
     row = next(r for r in result.table if r["method"] == "pyrozoo")
@@ -623,17 +671,24 @@ def test_a_target_out_of_reach_is_said_so_with_the_fix(fitted, monkeypatch):
     assert "| pyrozoo | latency=0.5 (not reached) |" in text
 
 
-def test_auto_allocation_is_global_for_latency_and_uniform_otherwise(fitted):
+def test_auto_allocation_is_uniform_under_kfac_and_under_diag_global_for_latency(fitted, monkeypatch):
     from pyrozoo.compress import resolved_allocation
+
+    net, _, _, x = fitted
+    labelled = (x, torch.arange(len(x)) % 3) * 2
+    monkeypatch.setattr(costs, "latency_ratio", lambda *args: 0.4)
+    for curvature, expected in (("kfac", "uniform"), ("diag", "global")):
+        result = compress(net, labelled, "latency=0.5", curvature=curvature, finetune_steps=0, fit_size=None,
+                          baselines=(), repeats=1, progress=False, log=lambda text: None)  # fmt: skip
+        assert result.table[-1]["allocation"] == expected
+    monkeypatch.undo()
 
     assert resolved_allocation("auto", Target("latency", 0.5)) == "global"
     assert [resolved_allocation("auto", Target(kind, 0.5)) for kind in ("params", "flops")] == ["uniform"] * 2
     assert resolved_allocation("uniform", Target("latency", 0.5)) == "uniform"
     assert resolved_allocation("uniform", Target("evidence")) == "global"  # as rank_for ranks it
-    net, _, _, x = fitted
     data = (x, torch.zeros(len(x), dtype=torch.long)) * 2
     said = []
-    labelled = (x, torch.arange(len(x)) % 3) * 2
     compress(net, labelled, "params=0.5", min_width=0.5, finetune_steps=0, fit_size=None, baselines=(), repeats=1,
              progress=False, log=said.append)  # fmt: skip
     assert "min_width 0.5 is used by a global allocation only, and no target here has one" in said
