@@ -270,7 +270,8 @@ def rank_units(
         share = per_cost
         if shared_by_entries:
             share = (unit_gains(units, masked) / size.clamp(min=1e-12)).tolist()
-        slots = sorted((share[u] for u in alive), reverse=True)  # the group's i-th removal's place in the order
+        # the place in the order of the group's i-th removal
+        slots = sorted((share[u] for u in alive), reverse=True)
         stay = max(1, math.ceil(min_width * units.count)) if allocation == "global" else 1
         for i, u in enumerate(alive[: max(0, len(alive) - stay)]):  # the group's last units stay
             key = (-(i + 1) / len(alive), per_cost[u]) if allocation == "uniform" else (slots[i],)
