@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how many units each layer group loses: uniform (the same fraction of each, --score choosing which), "
         "global (every unit by its --score per unit of the target's cost: per parameter, per FLOP, or for latency "
         "per its share of the dense net's profiled time; each group keeping at least --min-width) or auto (the "
-        "default: uniform under --curvature kfac; under diag, global for a latency target and uniform otherwise)",
+        "default: global for a latency target, uniform otherwise)",
     )
     compress.add_argument(
         "--min-width",

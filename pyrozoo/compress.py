@@ -142,11 +142,9 @@ def _positions(model, example: torch.Tensor) -> dict[str, int]:
 
 
 ALLOCATIONS = ("uniform", "global")
-# what compress takes: "auto" is uniform under a KFAC posterior (compress's default), where a global order cut
-# resnet20's first and last stages to their floors and lost 1.3-2.0 points at latency=0.5 (session 13); under a
-# diagonal one it is global for a latency target (the latency model knows which units hold the time: on issue
-# 28's BatchNorm CNN it kept 0.43 of the dense FLOPs at half the latency, where a uniform cut keeps 0.26) and
-# uniform for the others, where no global order was found to win
+# what compress takes: "auto" is global for a latency target (the latency model knows which units hold the
+# time: on issue 28's BatchNorm CNN it kept 0.43 of the dense FLOPs at half the latency, where a uniform cut
+# keeps 0.26) and uniform for the others, where no global order was found to win
 ALLOCATION_CHOICES = ("auto", *ALLOCATIONS)
 # with a global allocation, the fraction of each group's units that stays: unbounded, resnet20's global order
 # cut the inner convolution of every block to one channel and lost 4 points after fine-tuning
@@ -223,7 +221,7 @@ def rank_units(
     allocation: str = "global",
     score: str = "evidence",
     min_width: float = 0.0,
-    shared_by_entries: bool = False,
+    shares=None,
 ) -> Ranking:
     """The removable units of ``model`` ranked for removal, most favoured first; the last live unit of each
     group is left out, and with ``allocation="global"`` the last ``min_width`` of its units (rounded up).
@@ -236,8 +234,9 @@ def rank_units(
     (:func:`pyrozoo.bmr.scores.delta_f` with ``occam=False``: the reduced and full models compared at their best
     weights, not by their evidence); ``Ranking.gain`` is then that score, never positive. Under a KFAC
     posterior both are read per unit jointly where its entries are whole columns or rows of a layer
-    (:func:`unit_gains`); with ``shared_by_entries`` a global order takes each group's share from the entries'
-    own dFs and only the choice within the group from the joint ones."""
+    (:func:`unit_gains`). Given ``shares`` (``(model, posterior)`` of a diagonal Laplace fit of the same net), a
+    global order takes each group's share from that posterior's dFs and only the choice within each group from
+    ``posterior``'s."""
     _check_ranking(allocation, score)
     groups = model_units(model)
     if not groups:
@@ -250,10 +249,14 @@ def rank_units(
     candidates = []
     kron = getattr(posterior, "kron", {})
     kron = {layer.name: kron[layer.site] for layer in model.layers if layer.site in kron}
-    # a global order for a cost target under KFAC: the groups' shares from the entries' own dFs, which units
-    # of a group go from the joint ones (each joint score counts on the rest of its layer standing in for the
-    # unit, so across layers it makes many removals from a wide one look cheap: resnet20 lost 1.8 points)
-    shared_by_entries = shared_by_entries and bool(kron) and allocation == "global"
+    # a global order under KFAC takes the groups' shares from a diagonal posterior, which units of a group go
+    # from the joint scores: each joint score counts on the rest of its layer standing in for the unit, and
+    # KFAC's marginals are wider than the exact diagonal's, so across layers both make many removals from a wide
+    # layer look cheap (resnet20's first and last stages went to their floors: 0.8841 and 0.8953, session 13)
+    if shares is not None and allocation == "global":
+        shared = delta_f(shares[0], shares[1], names, occam=score == "evidence")
+    else:
+        shared = None
     for g, units in enumerate(groups):
         live = {name: masks[name] for name in units.layers}
         masked = {name: torch.where(live[name], gains[name], 0.0) for name in live}
@@ -268,8 +271,9 @@ def rank_units(
         per_cost = (gain / size.clamp(min=1e-12)).tolist()
         alive.sort(key=lambda u: per_cost[u], reverse=True)
         share = per_cost
-        if shared_by_entries:
-            share = (unit_gains(units, masked) / size.clamp(min=1e-12)).tolist()
+        if shared is not None:
+            diagonal = unit_gains(units, {name: torch.where(live[name], shared[name], 0.0) for name in live})
+            share = (diagonal / size.clamp(min=1e-12)).tolist()
         # the place in the order of the group's i-th removal
         slots = sorted((share[u] for u in alive), reverse=True)
         stay = max(1, math.ceil(min_width * units.count)) if allocation == "global" else 1
@@ -297,13 +301,15 @@ def rank_for(
     score: str = "evidence",
     world: World | None = None,
     min_width: float = MIN_WIDTH,
+    shares=None,
 ) -> Ranking:
     """The ranking :func:`compress` reduces ``model`` along for ``target``: by evidence per parameter for
     ``evidence`` (always global and the whole dF: the units whose removal raises the evidence); otherwise by
     ``score`` per unit of the target's cost (the :func:`latency_model` for a latency target), with
     ``allocation`` across groups (``"auto"``: :data:`ALLOCATION_CHOICES`) and, where global, ``min_width`` of
-    every group left. In a run of several processes (``world``) the latency model is timed by the first and
-    given to all, so that every process ranks alike."""
+    every group left, the groups' shares from ``shares`` where given (:func:`rank_units`). In a run of several
+    processes (``world``) the latency model is timed by the first and given to all, so that every process ranks
+    alike."""
     if target.kind == "evidence":
         return rank_units(model, posterior, trace_example)
     allocation = resolved_allocation(allocation, target)
@@ -311,7 +317,7 @@ def rank_for(
     latency = target.kind == "latency" and allocation == "global"
     modelled = world.agree(lambda: latency_model(model, dense, example, repeats)) if latency else None
     by = "params" if target.kind == "params" else "flops"
-    return rank_units(model, posterior, trace_example, by, modelled, allocation, score, min_width, True)
+    return rank_units(model, posterior, trace_example, by, modelled, allocation, score, min_width, shares)
 
 
 def resolved_allocation(allocation: str, target: Target) -> str:
@@ -689,12 +695,13 @@ def _references(job: _Job, log) -> list[dict]:
     return [dense_row, tuned_row]
 
 
-def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log) -> tuple[nn.Module, dict]:
-    """pyrozoo's net for target ``t``, fine-tuned, and its row."""
+def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log, shares=None) -> tuple[nn.Module, dict]:
+    """pyrozoo's net for target ``t``, fine-tuned, and its row; a global order's shares from ``shares`` where
+    given (:func:`rank_units`)."""
     start = time.perf_counter()
     trace = job.d.x_train[:2]
     example = job.example[256]
-    choice = (job.allocation, job.repeats, job.score, job.world, job.min_width)
+    choice = (job.allocation, job.repeats, job.score, job.world, job.min_width, shares)
     ranking = rank_for(model, posterior, t, job.dense, example, trace, *choice)
     small, removed, value, readings = reduce_to(
         model, posterior, ranking, t, job.dense, example, job.repeats, job.world
@@ -860,8 +867,6 @@ def compress(
             "diagonal posterior instead (--curvature diag)"
         )
         curvature = "diag"
-    if allocation == "auto" and curvature == "kfac":  # see ALLOCATION_CHOICES
-        allocation = "uniform"
     if min_width != MIN_WIDTH and not any(floored(allocation, t) for t in targets):
         log(f"min_width {min_width:g} is used by a global allocation only, and no target here has one")
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
@@ -870,16 +875,18 @@ def compress(
     table = _references(job, log)
 
     start = time.perf_counter()
-    model, posterior = laplace(
-        dense, d.x_train, CURVATURES[curvature], fit_size=fit_size, progress=progress, seed=seed, world=world
-    )
+    fit = dict(fit_size=fit_size, progress=progress, seed=seed, world=world)
+    model, posterior = laplace(dense, d.x_train, CURVATURES[curvature], **fit)
+    shares = None
+    if curvature == "kfac" and any(floored(allocation, t) for t in targets):  # a global order's shares
+        shares = laplace(dense, d.x_train, "diag", **fit)
     head = next(layer for layer in model.layers if layer.is_output)
     keep = [dense.get_submodule(head.name)]
     fitted = time.perf_counter() - start
     nets = {}
     steps = tqdm(total=len(targets) * (1 + len(baselines)), desc="compress", disable=not progress)
     for t in targets:
-        small, row = _pyrozoo(job, model, posterior, t, fitted, log)
+        small, row = _pyrozoo(job, model, posterior, t, fitted, log, shares)
         nets[str(t)] = small
         table.append(row)
         steps.update()

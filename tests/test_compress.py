@@ -93,28 +93,21 @@ def test_under_kfac_a_units_columns_are_scored_jointly(fitted_kfac, score):
         assert not torch.allclose(joint, marginal)  # the correlations count
 
 
-def test_under_kfac_a_global_order_shares_by_the_entries_and_chooses_by_the_joint_score(fitted_kfac):
-    """For a cost target, every prefix of the global order takes as many units from each group as the order by
-    the entries' own dFs does, and within each group the units in the order of the joint score."""
-    from pyrozoo.bmr.units import model_units
-    from pyrozoo.compress import rank_units, unit_gains
+def test_under_kfac_a_global_order_shares_by_the_diagonal_fit_and_chooses_by_the_joint_score(fitted, fitted_kfac):
+    """For a cost target, every prefix of the global order takes as many units from each group as the diagonal
+    posterior's order does, and within each group the units in the order of the KFAC posterior's joint score."""
+    from pyrozoo.compress import rank_units
 
+    _, diagonal, diagonal_posterior, _ = fitted
     net, model, posterior, x = fitted_kfac
-    ranking = rank_units(model, posterior, x[:2], "flops", score="obd", min_width=0.25, shared_by_entries=True)
-    kron = {layer.name: posterior.kron[layer.site] for layer in model.layers if layer.site in posterior.kron}
-    joint = rank_units(model, posterior, x[:2], "flops", score="obd", min_width=0.25)
-    posterior_kron, posterior.kron = posterior.kron, {}  # the same posterior read entry by entry
-    try:
-        entries = rank_units(model, posterior, x[:2], "flops", score="obd", min_width=0.25)
-    finally:
-        posterior.kron = posterior_kron
-    groups = model_units(model)
+    options = dict(by="flops", score="obd", min_width=0.25)
+    ranking = rank_units(model, posterior, x[:2], **options, shares=(diagonal, diagonal_posterior))
+    joint = rank_units(model, posterior, x[:2], **options)
+    entries = rank_units(diagonal, diagonal_posterior, x[:2], **options)
     assert [g for g, _ in ranking.order] == [g for g, _ in entries.order]
-    for g, units in enumerate(groups):
-        mine = [u for h, u in ranking.order if h == g]
-        assert mine == [u for h, u in joint.order if h == g]  # the joint score's choice within the group
-        gains = unit_gains(units, delta_f(model, posterior, units.layers, occam=False), kron, occam=False)
-        assert len(mine) < 2 or gains[mine[0]] >= gains[mine[-1]]
+    assert [g for g, _ in ranking.order] != [g for g, _ in joint.order]  # the shares did change
+    for g in range(len(ranking.groups)):
+        assert [u for h, u in ranking.order if h == g] == [u for h, u in joint.order if h == g]
 
 
 def test_a_net_too_wide_for_kfac_is_fitted_with_the_diagonal_posterior(fitted, monkeypatch):
@@ -671,13 +664,13 @@ def test_a_target_out_of_reach_is_said_so_with_the_fix(fitted, monkeypatch):
     assert "| pyrozoo | latency=0.5 (not reached) |" in text
 
 
-def test_auto_allocation_is_uniform_under_kfac_and_under_diag_global_for_latency(fitted, monkeypatch):
+def test_auto_allocation_is_global_for_latency_and_uniform_otherwise(fitted, monkeypatch):
     from pyrozoo.compress import resolved_allocation
 
     net, _, _, x = fitted
     labelled = (x, torch.arange(len(x)) % 3) * 2
     monkeypatch.setattr(costs, "latency_ratio", lambda *args: 0.4)
-    for curvature, expected in (("kfac", "uniform"), ("diag", "global")):
+    for curvature, expected in (("kfac", "global"), ("diag", "global")):
         result = compress(net, labelled, "latency=0.5", curvature=curvature, finetune_steps=0, fit_size=None,
                           baselines=(), repeats=1, progress=False, log=lambda text: None)  # fmt: skip
         assert result.table[-1]["allocation"] == expected
