@@ -695,7 +695,9 @@ def _references(job: _Job, log) -> list[dict]:
     return [dense_row, tuned_row]
 
 
-def _pyrozoo(job: _Job, model, posterior, t: Target, fitted: float, log, shares=None) -> tuple[nn.Module, dict]:
+def _pyrozoo(
+    job: _Job, model, posterior, t: Target, fitted: float, log, shares=None
+) -> tuple[nn.Module, dict]:
     """pyrozoo's net for target ``t``, fine-tuned, and its row; a global order's shares from ``shares`` where
     given (:func:`rank_units`)."""
     start = time.perf_counter()
