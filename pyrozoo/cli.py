@@ -589,8 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--score",
         choices=["obd", "evidence"],
         default="obd",
-        help="what ranks the units within a group: obd (dF without its Occam term, -1/2 (h + prior precision) "
-        "w^2 summed over the unit; the default) or evidence (the whole dF); the evidence target always uses dF",
+        help="what ranks the units within a group: obd (dF without its Occam term, the default: under --curvature "
+        "kfac the fit term of the unit's columns together, Optimal Brain Surgeon's saliency; under diag "
+        "-1/2 (h + prior precision) w^2 summed over the unit) or evidence (the whole dF); the evidence target "
+        "always uses dF",
     )
     compress.add_argument(
         "--curvature",
@@ -897,7 +899,7 @@ def _compress(args) -> None:
         "min_width": args.min_width,
         "device": args.device,
         "score": args.score,
-        "curvature": args.curvature,
+        "curvature": result.curvature,  # as fitted: a net too wide for KFAC gets the diagonal posterior
         "threads": args.threads,
         "processes": world.size,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores"

@@ -536,6 +536,7 @@ class Compressed:
     nets: dict[str, nn.Module]  # str(target) -> the compressed, fine-tuned plain net
     table: list[dict]
     dense: dict
+    curvature: str = "kfac"  # the Laplace posterior's, as fitted (a net too wide for KFAC gets "diag")
 
     @property
     def net(self) -> nn.Module:
@@ -877,6 +878,8 @@ def compress(
     table = _references(job, log)
 
     start = time.perf_counter()
+    inputs = f"{min(fit_size, len(d.x_train)):,}" if fit_size else f"all {len(d.x_train):,}"
+    log(f"fitting a {curvature} Laplace posterior around the trained weights on {inputs} training inputs")
     fit = dict(fit_size=fit_size, progress=progress, seed=seed, world=world)
     model, posterior = laplace(dense, d.x_train, CURVATURES[curvature], **fit)
     shares = None
@@ -899,7 +902,7 @@ def compress(
     log("timing every net in turns...")
     _time_rows(job)
     net.train(training)
-    return Compressed(nets, table, table[0])
+    return Compressed(nets, table, table[0], curvature)
 
 
 def _processes(record: dict) -> str:
@@ -966,7 +969,8 @@ def _notes(table: list[dict]) -> list[str]:
         if row["method"] == "pyrozoo" and "search_cost" in row:
             shared = {"global": "globally", "uniform": "uniformly"}[row["allocation"]]
             floor = f", {_floor_words(row['min_width'])}" if "min_width" in row else ""
-            note = f"- {row['target']}: pyrozoo's units shared out {shared}{floor}; its search read "
+            note = f"- {row['target']}: pyrozoo's units shared out {shared}{floor}; "
+            note += "it kept " if row["target"] == "evidence" else "its search read "
             note += f"{row['search_cost']:.3f} of the dense net's {kind}"
             if row.get("search_readings"):
                 note += f" ({row['search_readings']} candidates measured)"

@@ -129,9 +129,11 @@ def test_a_net_too_wide_for_kfac_is_fitted_with_the_diagonal_posterior(fitted, m
 
     monkeypatch.setattr(laplace_module, "laplace", spy)
     labelled = (x, torch.arange(len(x)) % 3) * 2
-    compress(net, labelled, "params=0.5", finetune_steps=0, fit_size=None, baselines=(), repeats=1,
-             progress=False, log=said.append)  # fmt: skip
+    result = compress(net, labelled, "params=0.5", finetune_steps=0, fit_size=None, baselines=(), repeats=1,
+                      progress=False, log=said.append)  # fmt: skip
     assert fits == ["diag"] and any("would be 55 wide (more than 40)" in line and "diag" in line for line in said)
+    assert result.curvature == "diag"  # what the report records: the posterior as fitted
+    assert "fitting a diag Laplace posterior around the trained weights on all 96 training inputs" in said
 
 
 def test_under_kfac_the_rebuilt_nets_survivors_compensate(fitted_kfac):
