@@ -834,6 +834,13 @@ def _print_next(steps: list[tuple[str, str]]) -> None:
     print("next:\n" + "\n".join(f"  {command:<{width}}  # {why}" for command, why in steps))
 
 
+# the options of pyrozoo compress passed to compress() as they are, and recorded in its report
+COMPRESS_OPTIONS = (
+    "finetune_steps", "lr", "lr_schedule", "batch_size", "fit_size", "repeats", "seed", "allocation", "min_width",
+    "device", "score", "curvature",
+)  # fmt: skip
+
+
 def _compress(args) -> None:
     import datetime
     import platform
@@ -841,7 +848,7 @@ def _compress(args) -> None:
     import torch
 
     from pyrozoo import distributed
-    from pyrozoo.compress import as_targets, compress, load_trained_net, markdown, write_report
+    from pyrozoo.compress import as_targets, check_reached, compress, load_trained_net, markdown, write_report
 
     world = distributed.setup()  # several processes when torchrun started this one; rank 0 prints and writes
     targets = as_targets(args.target or ["evidence"])
@@ -859,26 +866,15 @@ def _compress(args) -> None:
     net = load_trained_net(args.net, args.weights, d, trust_pickle=args.trust_pickle, net_options=net_options)
     out = Path(args.out or Path("compressed") / args.net.replace(":", "-").replace("/", "-"))
     torch.set_num_threads(args.threads)
-    log = _to_stderr
+    options = {name: getattr(args, name) for name in COMPRESS_OPTIONS}
     result = compress(
         net,
         d,
         targets,
-        finetune_steps=args.finetune_steps,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        batch_size=args.batch_size,
-        fit_size=args.fit_size,
         baselines=tuple(args.baselines),
-        repeats=args.repeats,
-        seed=args.seed,
-        allocation=args.allocation,
-        min_width=args.min_width,
-        device=args.device,
-        score=args.score,
-        curvature=args.curvature,
         progress=not args.no_progress,
-        log=log,
+        log=_to_stderr,
+        **options,
     )
     record = {
         "command": shlex.join(["pyrozoo", *args.argv]),
@@ -887,18 +883,8 @@ def _compress(args) -> None:
         "data": raw.name,
         "targets": [str(t) for t in targets],
         "net_options": net_options,
-        "finetune_steps": args.finetune_steps,
-        "lr": args.lr,
-        "lr_schedule": args.lr_schedule,
-        "batch_size": args.batch_size,
-        "fit_size": args.fit_size,
         "baselines": list(args.baselines),
-        "repeats": args.repeats,
-        "seed": args.seed,
-        "allocation": args.allocation,
-        "min_width": args.min_width,
-        "device": args.device,
-        "score": args.score,
+        **options,
         "curvature": result.curvature,  # as fitted: a net too wide for KFAC gets the diagonal posterior
         "threads": args.threads,
         "processes": world.size,
@@ -914,14 +900,7 @@ def _compress(args) -> None:
     print(
         f"written to {out}: report.json, report.md, front.png, front.pdf, nets/ (state_dict.pt, net.pt, net.pt2)"
     )
-    missed = [row for row in result.table if not row.get("reached", True)]
-    if missed:
-        from pyrozoo.errors import TargetNotReached
-
-        said = ", ".join(
-            f"{row['target']} ({row['search_cost']:.3f} with every removable unit gone)" for row in missed
-        )
-        raise TargetNotReached(f"not reached: {said}; the report says what may reach it")
+    check_reached(result.table)
 
 
 def _with_options(name: str, options: dict) -> str:

@@ -47,7 +47,7 @@ from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
 from pyrozoo.bmr.units import Units, model_units, structure
 from pyrozoo.distributed import World, check_device, current
-from pyrozoo.errors import PyrozooError, reason
+from pyrozoo.errors import PyrozooError, TargetNotReached, reason
 from pyrozoo.metrics import evaluate_net
 
 TARGET_KINDS = (*costs.KINDS, "evidence")
@@ -779,6 +779,27 @@ def _baseline(job: _Job, name: str, t: Target, small: nn.Module, keep: list[nn.M
     return job.row(name, t, pruned, seconds=time.perf_counter() - start, matched_by="nonzero params")
 
 
+def _fitted(dense: nn.Module, x: torch.Tensor, curvature: str, global_order: bool, fit: dict, log):
+    """``(curvature as fitted, model, posterior, shares)``: the Laplace fit of ``curvature`` around ``dense``
+    (KFAC falls back to the diagonal for a net with a factor wider than :data:`KFAC_WIDEST`), and under KFAC
+    with a ``global_order`` the diagonal fit that shares the units out (:func:`rank_units`), else None."""
+    from pyrozoo.posteriors.laplace import laplace
+
+    wide = _too_wide_for_kfac(dense) if curvature == "kfac" else None
+    if wide:
+        log(
+            f"{wide[0]}'s Kronecker factor would be {wide[1]:,} wide (more than {KFAC_WIDEST:,}): fitting the "
+            "diagonal posterior instead (--curvature diag)"
+        )
+        curvature = "diag"
+    size = fit["fit_size"]
+    inputs = f"{min(size, len(x)):,}" if size else f"all {len(x):,}"
+    log(f"fitting a {curvature} Laplace posterior around the trained weights on {inputs} training inputs")
+    model, posterior = laplace(dense, x, CURVATURES[curvature], **fit)
+    shares = laplace(dense, x, "diag", **fit) if curvature == "kfac" and global_order else None
+    return curvature, model, posterior, shares
+
+
 def _check_options(
     baselines,
     allocation: str,
@@ -846,8 +867,6 @@ def compress(
     fine-tunes' minibatches (gradients summed over them: the one-process step) and the test set; the first times
     the latencies for all, so that every decision is the same in each, and alone logs and shows progress. Each
     returns the same result."""
-    from pyrozoo.posteriors.laplace import laplace
-
     targets = as_targets(target)
     _check_options(baselines, allocation, score, finetune_steps, batch_size, lr_schedule, min_width, repeats)
     if curvature not in CURVATURES:
@@ -863,13 +882,6 @@ def compress(
     # read only (every method prunes and tunes a copy): a large net is not held twice; one on a GPU is copied
     on_cpu = all(p.device.type == "cpu" for p in net.parameters())
     dense = (net if on_cpu else copy.deepcopy(net).cpu()).eval()
-    wide = _too_wide_for_kfac(dense) if curvature == "kfac" else None
-    if wide:
-        log(
-            f"{wide[0]}'s Kronecker factor would be {wide[1]:,} wide (more than {KFAC_WIDEST:,}): fitting the "
-            "diagonal posterior instead (--curvature diag)"
-        )
-        curvature = "diag"
     if min_width != MIN_WIDTH and not any(floored(allocation, t) for t in targets):
         log(f"min_width {min_width:g} is used by a global allocation only, and no target here has one")
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
@@ -878,13 +890,9 @@ def compress(
     table = _references(job, log)
 
     start = time.perf_counter()
-    inputs = f"{min(fit_size, len(d.x_train)):,}" if fit_size else f"all {len(d.x_train):,}"
-    log(f"fitting a {curvature} Laplace posterior around the trained weights on {inputs} training inputs")
     fit = dict(fit_size=fit_size, progress=progress, seed=seed, world=world)
-    model, posterior = laplace(dense, d.x_train, CURVATURES[curvature], **fit)
-    shares = None
-    if curvature == "kfac" and any(floored(allocation, t) for t in targets):  # a global order's shares
-        shares = laplace(dense, d.x_train, "diag", **fit)
+    global_order = any(floored(allocation, t) for t in targets)
+    curvature, model, posterior, shares = _fitted(dense, d.x_train, curvature, global_order, fit, log)
     head = next(layer for layer in model.layers if layer.is_output)
     keep = [dense.get_submodule(head.name)]
     fitted = time.perf_counter() - start
@@ -903,6 +911,17 @@ def compress(
     _time_rows(job)
     net.train(training)
     return Compressed(nets, table, table[0], curvature)
+
+
+def check_reached(table: list[dict]) -> None:
+    """Raise :class:`~pyrozoo.errors.TargetNotReached` naming every target of ``table`` that pyrozoo's net
+    missed (the report and nets are written first, so a script can still read them)."""
+    missed = [row for row in table if not row.get("reached", True)]
+    if missed:
+        said = ", ".join(
+            f"{row['target']} ({row['search_cost']:.3f} with every removable unit gone)" for row in missed
+        )
+        raise TargetNotReached(f"not reached: {said}; the report says what may reach it")
 
 
 def _processes(record: dict) -> str:
