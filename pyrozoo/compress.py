@@ -2,15 +2,17 @@
 
 :func:`compress` takes any trained classifier (an ``nn.Module``) and its data, and
 
-1. fits a diagonal Laplace posterior around the trained weights (:func:`pyrozoo.posteriors.laplace.laplace`; its
-   prior scale per layer chosen by the evidence);
+1. fits a Laplace posterior around the trained weights (:func:`pyrozoo.posteriors.laplace.laplace`; its
+   prior scale per layer chosen by the evidence): Kronecker-factored by default (``curvature="kfac"``), or
+   diagonal;
 2. scores every removable unit (a neuron, a channel with what couples to it, an attention head:
    :mod:`pyrozoo.bmr.units`) by the change in evidence ``dF`` of switching the whole unit off, its producing
    rows and consuming columns together (only the consuming side where a BatchNorm follows the producers,
-   which makes them scale-invariant: :func:`unit_gains`). Under a fully factorised posterior and prior the
-   reduced model of a group factorises too, so the group's ``dF`` is exactly the sum of its entries'
-   (docs/method.md). For a target, units are ranked by default (``score="obd"``) by ``dF`` less its Occam
-   term, ``-½ Σ (h + δ) w²`` over the unit: the reduced and full models compared at their best weights rather
+   which makes them scale-invariant: :func:`unit_gains`). Under a diagonal posterior the reduced model of a
+   group factorises, so the group's ``dF`` is exactly the sum of its entries'; under KFAC a unit's columns in
+   a layer are reduced jointly, their correlations with the rest of the layer included (docs/method.md). For
+   a target, units are ranked by default (``score="obd"``) by ``dF`` less its Occam term (diagonal:
+   ``-½ Σ (h + δ) w²`` over the unit): the reduced and full models compared at their best weights rather
    than by their evidence. The Occam term ``½ ln(1 + h/δ)`` per entry rewards removing well-determined
    (high-curvature) entries, and on issue 28's BatchNorm CNN, on a validation split, ranking with it lost
    about a point of accuracy after fine-tuning (experiments/RESULTS.md);
@@ -21,10 +23,11 @@
    cost (parameters, FLOPs, or for latency :func:`latency_model`'s share of a profile of the dense net), each
    group keeping at least ``min_width`` of its units. The default, ``"auto"``, is global for a latency target
    and uniform otherwise: at half the latency, the latency-aware order kept more of the net than a uniform cut
-   and ended ahead of Torch-Pruning after fine-tuning on issue 28's BatchNorm CNN and resnet20, where at equal
-   FLOPs no order was found to beat it (docs/howto/compress.md). Each group keeps at least one unit, so no
+   and ended ahead of Torch-Pruning after fine-tuning on issue 28's BatchNorm CNN, where at equal FLOPs no order
+   was found to beat it (docs/howto/compress.md); under KFAC it shares the units out by a diagonal fit. Each group keeps at least one unit, so no
    layer is emptied;
-4. rebuilds a plain net of the same classes with the units cut out (:func:`pyrozoo.bmr.rebuild.rebuild`),
+4. rebuilds a plain net of the same classes with the units cut out (:func:`pyrozoo.bmr.rebuild.rebuild`;
+   under KFAC its remaining columns at the posterior mean given the removed ones, which compensates for them),
    fine-tunes it, and evaluates it against the dense net and the baselines of :mod:`pyrozoo.pruners`, each
    brought to the same cost (:data:`MATCHED_BY`) and given the same fine-tune.
 """
