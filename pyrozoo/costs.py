@@ -212,7 +212,7 @@ def device_latency_ratios(
         return run
 
     calls = 1
-    for net in on_device.values():  # passes per turn: enough that the slowest-resolving net's turn lasts 5 ms
+    for net in on_device.values():  # passes per turn: enough that the fastest net's turn lasts 5 ms
         passes(net, 1)()
         start = time.perf_counter()
         passes(net, 1)()
