@@ -24,8 +24,8 @@
    group keeping at least ``min_width`` of its units. The default, ``"auto"``, is global for a latency target
    and uniform otherwise: at half the latency, the latency-aware order kept more of the net than a uniform cut
    and ended ahead of Torch-Pruning after fine-tuning on issue 28's BatchNorm CNN, where at equal FLOPs no order
-   was found to beat it (docs/howto/compress.md); under KFAC it shares the units out by a diagonal fit. Each group keeps at least one unit, so no
-   layer is emptied;
+   was found to beat it (docs/howto/compress.md); under KFAC it shares the units out by a diagonal fit. Each
+   group keeps at least one unit, so no layer is emptied;
 4. rebuilds a plain net of the same classes with the units cut out (:func:`pyrozoo.bmr.rebuild.rebuild`;
    under KFAC its remaining columns at the posterior mean given the removed ones, which compensates for them),
    fine-tunes it, and evaluates it against the dense net and the baselines of :mod:`pyrozoo.pruners`, each
