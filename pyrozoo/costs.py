@@ -96,12 +96,11 @@ def flops(net: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def _calls_per_turn(net: nn.Module, example: torch.Tensor, seconds: float = 0.005) -> int:
-    """How many forward passes make a turn of at least ``seconds`` (a pass of a small net at batch 1 takes
-    microseconds, below what one reading of the clock resolves under load)."""
-    clock = timing_clock()
+def _calls_per_turn(call: Callable[[], object], clock: Callable[[], float], seconds: float = 0.005) -> int:
+    """How many calls of ``call`` (a forward pass) make a turn of at least ``seconds`` on ``clock`` (a pass of
+    a small net at batch 1 takes microseconds, below what one reading of the clock resolves under load)."""
     start = clock()
-    net(example)
+    call()
     once = max(clock() - start, 1e-6)
     return max(1, min(1000, math.ceil(seconds / once)))
 
@@ -181,12 +180,14 @@ def latency_ratios(
     if not distinct:
         return [1.0] * len(nets)
     with steady_allocator():  # the passes that count the calls per turn warm the heap up too
+        clock = timing_clock()
         calls = max(
-            _calls_per_turn(candidate, example) for candidate in [*distinct.values(), reference.eval()]
+            _calls_per_turn(lambda c=candidate: c(example), clock)
+            for candidate in [*distinct.values(), reference.eval()]
         )
         turns = {key: _repeated(lambda c=net: c(example), calls) for key, net in distinct.items()}
         turns["reference"] = _repeated(lambda: reference(example), calls)
-        ratios = paired_ratios(round_robin(turns, repeats, warmup=0, clock=timing_clock()), "reference")
+        ratios = paired_ratios(round_robin(turns, repeats, warmup=0, clock=clock), "reference")
     return [1.0 if net is reference else ratios[id(net)][1] for net in nets]
 
 
@@ -211,12 +212,9 @@ def device_latency_ratios(
 
         return run
 
-    calls = 1
-    for net in on_device.values():  # passes per turn: enough that the fastest net's turn lasts 5 ms
+    for net in on_device.values():  # a first pass selects kernels and allocates: not timed
         passes(net, 1)()
-        start = time.perf_counter()
-        passes(net, 1)()
-        calls = max(calls, min(1000, math.ceil(0.005 / max(time.perf_counter() - start, 1e-6))))
+    calls = max(_calls_per_turn(passes(net, 1), time.perf_counter) for net in on_device.values())
     turns = {key: passes(net, calls) for key, net in on_device.items()}
     ratios = paired_ratios(round_robin(turns, repeats, warmup=1), id(reference))
     del on_device, turns
