@@ -885,7 +885,8 @@ def compress(
     # read only (every method prunes and tunes a copy): a large net is not held twice; one on a GPU is copied
     on_cpu = all(p.device.type == "cpu" for p in net.parameters())
     dense = (net if on_cpu else copy.deepcopy(net).cpu()).eval()
-    if min_width != MIN_WIDTH and not any(floored(allocation, t) for t in targets):
+    global_order = any(floored(allocation, t) for t in targets)
+    if min_width != MIN_WIDTH and not global_order:
         log(f"min_width {min_width:g} is used by a global allocation only, and no target here has one")
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
     options = (finetune_steps, lr, lr_schedule, batch_size, seed, allocation, score, min_width, device, world)
@@ -894,7 +895,6 @@ def compress(
 
     start = time.perf_counter()
     fit = dict(fit_size=fit_size, progress=progress, seed=seed, world=world)
-    global_order = any(floored(allocation, t) for t in targets)
     curvature, model, posterior, shares = _fitted(dense, d.x_train, curvature, global_order, fit, log)
     head = next(layer for layer in model.layers if layer.is_output)
     keep = [dense.get_submodule(head.name)]
