@@ -628,15 +628,27 @@ class _Job:
         )
         net.cpu()
 
+    def untuned_accuracy(self, net: nn.Module) -> tuple[float, float]:
+        """``net``'s test accuracy as pruning left it, before its fine-tune, and the seconds that reading took
+        (left out of its method's time: the fine-tune does not need it)."""
+        start = time.perf_counter()
+        accuracy = self.tested(net)["accuracy"]
+        return accuracy, time.perf_counter() - start
+
+    def tested(self, net: nn.Module) -> dict:
+        """``net``'s test metrics (:func:`~pyrozoo.metrics.evaluate_net`), read on the job's device."""
+        x, y = self.data("x_test"), self.data("y_test")
+        metrics = evaluate_net(net.to(self.device), x, y, self.d.num_classes, world=self.world)
+        net.cpu()
+        return metrics
+
     def cost(self, kind: str, net: nn.Module, reference: nn.Module) -> float:
         """``net``'s ``kind`` of cost as a fraction of ``reference``'s, measured by the first process for all."""
         return self.world.agree(lambda: costs.cost(kind, net, reference, self.example[256], self.repeats))
 
     def row(self, method: str, target: Target, net: nn.Module, **extra) -> dict:
         """``net``'s row, its latencies left to :func:`_time_rows` (the net is held until then)."""
-        x, y = self.data("x_test"), self.data("y_test")
-        metrics = evaluate_net(net.to(self.device), x, y, self.d.num_classes, world=self.world)
-        net.cpu()
+        metrics = self.tested(net)
         # the first process's row for all: the same in each, its seconds included
         row = self.world.agree(lambda: _row(method, target, net, metrics, self.example[1], **extra))
         self.timed.append((row, net))
@@ -717,15 +729,16 @@ def _pyrozoo(
         with posterior.compensating(model):
             small = rebuild(model, posterior)
     remove_first(model, ranking, 0)  # the model as fitted, for the next target
+    untuned, reading = job.untuned_accuracy(small)
     job.tune(small)
-    seconds = fitted + time.perf_counter() - start
+    seconds = fitted + time.perf_counter() - start - reading
     measured = f", {readings} candidates measured" if readings else ""
     has_floor = floored(job.allocation, t)
     # what is removable moves with the target: a global order leaves each group its floor
     floor = f" ({_floor_words(job.min_width)})" if has_floor else ""
     log(
         f"{t}: pyrozoo removed {removed} of {len(ranking.order)} removable units{floor} ({value:.3f} of the "
-        f"dense cost{measured})"
+        f"dense cost{measured}), accuracy {untuned:.4f} before the fine-tune"
     )
     allocation = resolved_allocation(job.allocation, t)
     reached = t.kind == "evidence" or value <= t.value
@@ -733,7 +746,13 @@ def _pyrozoo(
         log(
             f"{t}: not reached, {value:.3f} with every removable unit gone{_floor_hint(allocation, job.min_width)}"
         )
-    extra = {"allocation": allocation, "search_cost": value, "search_readings": readings, "reached": reached}
+    extra = {
+        "allocation": allocation,
+        "search_cost": value,
+        "search_readings": readings,
+        "reached": reached,
+        "untuned_accuracy": untuned,
+    }
     if has_floor:
         extra["min_width"] = job.min_width
     return small, job.row("pyrozoo", t, small, units_removed=removed, seconds=seconds, **extra)
@@ -770,16 +789,20 @@ def _baseline(job: _Job, name: str, t: Target, small: nn.Module, keep: list[nn.M
     if name == "global-magnitude":  # as many weights zeroed as pyrozoo's net has fewer
         fraction = 1 - costs.parameters(small) / costs.parameters(dense)
         pruned = pruners.global_magnitude(dense, keep, fraction)
+        untuned, reading = job.untuned_accuracy(pruned)
         job.tune(pruned)
         pruners.make_permanent(pruned)
+        matched = {"matched_by": "nonzero params"}
     else:
         kind = MATCHED_BY[t.kind]
         batch = (job.d.x_train[: job.batch_size], job.d.y_train[: job.batch_size])
         measure = lambda candidate: job.cost(kind, candidate, small)  # noqa: E731
         pruned, ratio = pruners.channel_prune_to(dense, job.example[1], name, keep, measure, 1.0, batch)
+        untuned, reading = job.untuned_accuracy(pruned)
         job.tune(pruned)
-        return job.row(name, t, pruned, seconds=time.perf_counter() - start, matched_by=kind, matched=ratio)
-    return job.row(name, t, pruned, seconds=time.perf_counter() - start, matched_by="nonzero params")
+        matched = {"matched_by": kind, "matched": ratio}
+    seconds = time.perf_counter() - start - reading
+    return job.row(name, t, pruned, seconds=seconds, untuned_accuracy=untuned, **matched)
 
 
 def _fitted(dense: nn.Module, x: torch.Tensor, curvature: str, global_order: bool, fit: dict, log):
@@ -962,9 +985,9 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
         ]
     gpu = [c for c in GPU_COLUMNS if c in dense]
     lines += [
-        "| method | target | accuracy | NLL | ECE | parameters | FLOPs | latency b1 | latency b256 |"
+        "| method | target | accuracy | before fine-tune | NLL | ECE | parameters | FLOPs | latency b1 | latency b256 |"
         + "".join(f" GPU latency b{c.rpartition('b')[2]} |" for c in gpu),
-        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(gpu),
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(gpu),
     ]
     for row in table:
         params = f"{row['params']:,} ({row['params'] / dense['params']:.2f})"
@@ -973,11 +996,17 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
             params += f", {nonzero:,} non-zero ({nonzero / dense['params']:.2f})"
         lines.append(
             f"| {row['method']} | {row['target']}{'' if row.get('reached', True) else ' (not reached)'} | "
-            f"{row['accuracy']:.4f} | {row['nll']:.4f} | {row['ece']:.4f} | "
+            f"{row['accuracy']:.4f} | {_untuned(row)} | {row['nll']:.4f} | {row['ece']:.4f} | "
             f"{params} | {row['flops'] / dense['flops']:.2f} | {row['latency_b1']:.2f} | {row['latency_b256']:.2f} |"
             + "".join(f" {row[c]:.2f} |" for c in gpu)
         )
     return "\n".join(lines + _notes(table)) + "\n"
+
+
+def _untuned(row: dict) -> str:
+    """A pruned net's accuracy before its fine-tune (what pruning alone left); "-" for the references and for
+    reports written before it was recorded."""
+    return f"{row['untuned_accuracy']:.4f}" if "untuned_accuracy" in row else "-"
 
 
 def _notes(table: list[dict]) -> list[str]:

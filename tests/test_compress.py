@@ -355,6 +355,11 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
         and rows["tp-l1"]["params"] <= rows["pyrozoo"]["params"]  # brought to the cost pyrozoo's net reached
     )
     assert rows["global-magnitude"]["nonzero_params"] < rows["dense"]["params"]
+    # each pruned net's accuracy before its fine-tune, as the test set reads that net before tuning
+    assert all(0 <= rows[m]["untuned_accuracy"] <= 1 for m in ("pyrozoo", "tp-l1", "global-magnitude"))
+    assert "untuned_accuracy" not in rows["dense"] and "untuned_accuracy" not in rows["dense+finetune"]
+    assert f"| {rows['pyrozoo']['accuracy']:.4f} | {rows['pyrozoo']['untuned_accuracy']:.4f} |" in stdout
+    assert f"accuracy {rows['pyrozoo']['untuned_accuracy']:.4f} before the fine-tune" in err + stdout
     for name in (
         "report.md",
         "front.png",
