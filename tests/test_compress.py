@@ -597,6 +597,31 @@ def test_the_compress_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert report["device"] == "cpu" and (tmp_path / "lenet-dense.pt").is_file()
 
 
+def test_the_torch_pruning_yardstick_prunes_to_the_latency_and_fine_tunes(tmp_path, capsys, monkeypatch):
+    """benchmarks/tp_yardstick.py, the wall clock compress is compared with: one pruner to a fraction of the
+    dense latency, then compress's fine-tune; it refuses a fraction outside (0, 1)."""
+    from pathlib import Path
+
+    from pyrozoo import data as datasets
+    from pyrozoo.nets import create_net
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import tp_yardstick
+
+    d = datasets.prepare(datasets.load("fashion-mnist-mini"), pad_to=32)
+    torch.manual_seed(0)
+    net = create_net("lenet", in_channels=1, image_size=32, num_classes=10)
+    torch.save(net.state_dict(), tmp_path / "lenet.pt")
+    common = ["lenet", "--weights", str(tmp_path / "lenet.pt"), "--data", "fashion-mnist-mini"]
+    tp_yardstick.main([*common, "--latency", "0.5", "--finetune-steps", "2", "--repeats", "1"])
+    said = capsys.readouterr().out
+    params = int(said.split(" parameters")[0].split()[-1].replace(",", ""))
+    assert said.startswith("tp-l1: ") and "accuracy 0." in said and params < costs.parameters(net)
+    with pytest.raises(SystemExit):
+        tp_yardstick.main([*common, "--latency", "1.5"])
+    assert "--latency is a fraction of the dense latency in (0, 1), not 1.5" in capsys.readouterr().err
+
+
 def test_a_latency_target_ranks_globally_by_the_latency_model(fitted, monkeypatch):
     from pyrozoo.compress import rank_for
 
