@@ -597,29 +597,34 @@ def test_the_compress_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert report["device"] == "cpu" and (tmp_path / "lenet-dense.pt").is_file()
 
 
-def test_the_torch_pruning_yardstick_prunes_to_the_latency_and_fine_tunes(tmp_path, capsys, monkeypatch):
-    """benchmarks/tp_yardstick.py, the wall clock compress is compared with: one pruner to a fraction of the
-    dense latency, then compress's fine-tune; it refuses a fraction outside (0, 1)."""
+def test_the_wall_clock_benchmark_pairs_pyrozoo_with_a_baseline_per_round(tmp_path, capsys, monkeypatch):
+    """benchmarks/compress_wall_clock.py: per round the seconds of pyrozoo's method and of the baseline's from
+    one compress call, their ratio, and the median; it refuses zero rounds."""
     from pathlib import Path
 
-    from pyrozoo import data as datasets
     from pyrozoo.nets import create_net
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import tp_yardstick
+    import compress_wall_clock
 
-    d = datasets.prepare(datasets.load("fashion-mnist-mini"), pad_to=32)
     torch.manual_seed(0)
     net = create_net("lenet", in_channels=1, image_size=32, num_classes=10)
     torch.save(net.state_dict(), tmp_path / "lenet.pt")
     common = ["lenet", "--weights", str(tmp_path / "lenet.pt"), "--data", "fashion-mnist-mini"]
-    tp_yardstick.main([*common, "--latency", "0.5", "--finetune-steps", "2", "--repeats", "1"])
-    said = capsys.readouterr().out
-    params = int(said.split(" parameters")[0].split()[-1].replace(",", ""))
-    assert said.startswith("tp-l1: ") and "accuracy 0." in said and params < costs.parameters(net)
+    seen = []
+    compress = compress_wall_clock.pyrozoo.compress
+    monkeypatch.setattr(compress_wall_clock.pyrozoo, "compress", lambda *a, **k: seen.append(k) or compress(
+        *a, **{**k, "finetune_steps": 2, "fit_size": 64}))  # fmt: skip
+    compress_wall_clock.main([*common, "--target", "params=0.5", "--rounds", "2", "--repeats", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [k["seed"] for k in seen] == [0, 1] and all(k["baselines"] == ("tp-l1",) for k in seen)
+    assert lines[0].startswith("round 0: pyrozoo ") and ", tp-l1 " in lines[0] and ", ratio " in lines[0]
+    ratios = sorted(float(line.split("ratio ")[1].split()[0]) for line in lines[:2])
+    median = float(lines[2].removeprefix("median ratio ").split()[0])
+    assert lines[2].endswith(" over 2 rounds") and ratios[0] - 0.01 <= median <= ratios[1] + 0.01
     with pytest.raises(SystemExit):
-        tp_yardstick.main([*common, "--latency", "1.5"])
-    assert "--latency is a fraction of the dense latency in (0, 1), not 1.5" in capsys.readouterr().err
+        compress_wall_clock.main([*common, "--rounds", "0"])
+    assert "--rounds and --repeats are at least 1" in capsys.readouterr().err
 
 
 def test_a_latency_target_ranks_globally_by_the_latency_model(fitted, monkeypatch):
