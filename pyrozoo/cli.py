@@ -602,6 +602,14 @@ def build_parser() -> argparse.ArgumentParser:
         "scored jointly and the rebuilt net's remaining columns compensate for the removed ones) or diag "
         "(diagonal: each entry on its own, the net rebuilt at the trained weights)",
     )
+    compress.add_argument(
+        "--calibrate",
+        type=_number(int, "non-negative"),
+        default=0,
+        metavar="N",
+        help="hold out N test inputs (drawn by --seed) to fit each net's temperature, folded into its last layer "
+        "so the saved net is calibrated; the metrics are then read on the other test inputs (default 0: none)",
+    )
     compress.add_argument("--seed", type=_number(int, "non-negative"), default=0, help="random seed")
     compress.add_argument("--out", default=None, help="report folder (default compressed/NET)")
     _no_progress(compress)
@@ -837,7 +845,7 @@ def _print_next(steps: list[tuple[str, str]]) -> None:
 # the options of pyrozoo compress passed to compress() as they are, and recorded in its report
 COMPRESS_OPTIONS = (
     "finetune_steps", "lr", "lr_schedule", "batch_size", "fit_size", "repeats", "seed", "allocation", "min_width",
-    "device", "score", "curvature",
+    "device", "score", "curvature", "calibrate",
 )  # fmt: skip
 
 

@@ -48,6 +48,7 @@ from pyrozoo import costs, pruners
 from pyrozoo.baselines import LR_SCHEDULE_WORDS, LR_SCHEDULES, finetune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
+from pyrozoo.calibration import fit_temperature, fold_temperature
 from pyrozoo.bmr.units import Units, model_units, structure
 from pyrozoo.distributed import World, check_device, current
 from pyrozoo.errors import PyrozooError, TargetNotReached, reason
@@ -603,6 +604,8 @@ class _Job:
     min_width: float = MIN_WIDTH
     device: str = "cpu"
     world: World = field(default_factory=World)
+    held_out: tuple[torch.Tensor, torch.Tensor] | None = None  # (inputs, labels) each net's temperature is fit on
+    head: str = ""  # the module the temperature is folded into: the net's output layer
     moved: dict = field(default_factory=dict)
     timed: list = field(default_factory=list)  # (row, net): the rows whose latencies are still to be read
 
@@ -646,8 +649,21 @@ class _Job:
         """``net``'s ``kind`` of cost as a fraction of ``reference``'s, measured by the first process for all."""
         return self.world.agree(lambda: costs.cost(kind, net, reference, self.example[256], self.repeats))
 
+    def calibrated(self, net: nn.Module) -> float:
+        """Fold into ``net``'s head the temperature fitted on the held-out inputs; returns it."""
+        x, y = self.held_out
+        with torch.no_grad():
+            logits = torch.cat([net.eval()(batch) for batch in x.split(1000)])
+        temperature = fit_temperature(logits, y)
+        fold_temperature(net, self.head, temperature, x[:8])
+        return temperature
+
     def row(self, method: str, target: Target, net: nn.Module, **extra) -> dict:
-        """``net``'s row, its latencies left to :func:`_time_rows` (the net is held until then)."""
+        """``net``'s row, its latencies left to :func:`_time_rows` (the net is held until then); with held-out
+        inputs, of ``net`` calibrated (in place; the dense net a copy, since it is the caller's)."""
+        if self.held_out is not None:
+            net = copy.deepcopy(net) if net is self.dense else net
+            extra["temperature"] = self.calibrated(net)
         metrics = self.tested(net)
         # the first process's row for all: the same in each, its seconds included
         row = self.world.agree(lambda: _row(method, target, net, metrics, self.example[1], **extra))
@@ -826,6 +842,24 @@ def _fitted(dense: nn.Module, x: torch.Tensor, curvature: str, global_order: boo
     return curvature, model, posterior, shares
 
 
+def _held_out(d, count: int, seed: int):
+    """``(d with its test set less count inputs, (those inputs, their labels))``, the held-out inputs drawn by
+    ``seed``; ``(d, None)`` for a count of 0."""
+    tests = len(d.y_test)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < tests:
+        raise PyrozooError(
+            f"calibrate (--calibrate) is how many of the {tests:,} test inputs to hold out for the temperatures, "
+            f"a whole number from 0 (none, the default) to {tests - 1:,}; got {count!r}"
+        )
+    if count == 0:
+        return d, None
+    order = torch.randperm(tests, generator=torch.Generator().manual_seed(seed))
+    held, rest = order[:count], order[count:].sort().values
+    kept = copy.copy(d)
+    kept.x_test, kept.y_test = d.x_test[rest], d.y_test[rest]
+    return kept, (d.x_test[held], d.y_test[held])
+
+
 def _check_options(
     baselines,
     allocation: str,
@@ -875,6 +909,7 @@ def compress(
     min_width: float = MIN_WIDTH,
     curvature: str = "kfac",
     device: str = "cpu",
+    calibrate: int = 0,
     progress: bool = True,
     log=print,
 ) -> Compressed:
@@ -886,7 +921,9 @@ def compress(
     ``lr``, decayed by ``lr_schedule`` (:data:`~pyrozoo.baselines.LR_SCHEDULES`: ``cosine`` to zero by default,
     so that each net ends near an optimum rather than where the last noisy steps left it). Fine-tuning and the
     test metrics run on ``device`` (e.g. ``"cuda"``); the Laplace fit, pruning and the costs (latency on the
-    CPU) on the CPU. ``net`` is not changed.
+    CPU) on the CPU. With ``calibrate`` > 0, that many test inputs (drawn by ``seed``) are held out: every net,
+    the dense one's copy included, gets the temperature that fits them best, folded into its head
+    (:mod:`pyrozoo.calibration`), and the metrics are read on the other test inputs. ``net`` is not changed.
 
     Called by every process of a distributed run (``torch.distributed`` initialised, e.g. by
     :func:`pyrozoo.distributed.setup` under ``torchrun``), the processes share the Laplace fit's batches, the
@@ -903,7 +940,7 @@ def compress(
     device = world.device(device)  # with cuda and several processes: the GPU of this one's local rank
     if not world.main:
         progress, log = False, lambda text: None
-    d = _data(data)
+    d, held_out = _held_out(_data(data), calibrate, seed)
     training = net.training
     # read only (every method prunes and tunes a copy): a large net is not held twice; one on a GPU is copied
     on_cpu = all(p.device.type == "cpu" for p in net.parameters())
@@ -913,15 +950,15 @@ def compress(
         log(f"min_width {min_width:g} is used by a global allocation only, and no target here has one")
     example = {1: d.x_test[:1], 256: d.x_test[:256]}
     options = (finetune_steps, lr, lr_schedule, batch_size, seed, allocation, score, min_width, device, world)
-    job = _Job(d, dense, example, repeats, *options)
-    table = _references(job, log)
+    job = _Job(d, dense, example, repeats, *options, held_out=held_out)
 
     start = time.perf_counter()
     fit = dict(fit_size=fit_size, progress=progress, seed=seed, world=world)
     curvature, model, posterior, shares = _fitted(dense, d.x_train, curvature, global_order, fit, log)
-    head = next(layer for layer in model.layers if layer.is_output)
-    keep = [dense.get_submodule(head.name)]
+    job.head = next(layer for layer in model.layers if layer.is_output).name
+    keep = [dense.get_submodule(job.head)]
     fitted = time.perf_counter() - start
+    table = _references(job, log)
     nets = {}
     steps = tqdm(total=len(targets) * (1 + len(baselines)), desc="compress", disable=not progress)
     for t in targets:
@@ -980,7 +1017,7 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
             f"{_schedule(record)} (on {record.get('device', 'cpu')}); "
             "latency is a ratio to the dense net's at batch 1 and 256, timed in turns in one process on the CPU"
             f"{' (and on the GPU)' if GPU_COLUMNS[0] in dense else ''}; a latency target is read at batch 256 on "
-            "the CPU.",
+            f"the CPU.{_calibration_words(record)}",
             "",
         ]
     gpu = [c for c in GPU_COLUMNS if c in dense]
@@ -1001,6 +1038,21 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
             + "".join(f" {row[c]:.2f} |" for c in gpu)
         )
     return "\n".join(lines + _notes(table)) + "\n"
+
+
+def _calibration_words(record: dict) -> str:
+    """The report's sentence on the held-out test inputs, where ``--calibrate`` held some out."""
+    count = record.get("calibrate", 0)
+    if not count:
+        return ""
+    return (
+        f" {count:,} test inputs (drawn by the seed) were held out to fit each net's temperature, folded into its "
+        "last layer; the metrics are read on the other test inputs."
+    )
+
+
+def _at(row: dict) -> str:
+    return "" if row["target"] == "-" else f" at {row['target']}"
 
 
 def _untuned(row: dict) -> str:
@@ -1036,6 +1088,10 @@ def _notes(table: list[dict]) -> list[str]:
             if row["params"] == dense["params"] and row["nonzero_params"] == dense["params"]:
                 what += " (not pruned: the dense net itself is within pyrozoo's cost)"
             notes.append(f"- {row['target']}: {row['method']}, matched to pyrozoo's net by {what}.")
+    tempered = [row for row in table if "temperature" in row]
+    if tempered:
+        said = ", ".join(f"{row['method']}{_at(row)} {row['temperature']:.3f}" for row in tempered)
+        notes.append(f"- Temperatures (each net's logits divided by its own, fitted on the held-out inputs): {said}.")
     if any(row["target"].startswith("latency") for row in table):
         matched = any(row.get("matched_by") == "latency" for row in table)
         notes += [
