@@ -343,7 +343,7 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
     code, stdout, err = cli(
         capsys, "compress", "lenet", "--weights", str(tmp_path / "lenet.pt"), "--data", "fashion-mnist-mini",
         "--target", "params=0.5", "--finetune-steps", "3", "--fit-size", "64", "--baselines", "tp-l1",
-        "global-magnitude", "--repeats", "1", "--no-progress", "--out", str(out),
+        "global-magnitude", "--repeats", "1", "--calibrate", "100", "--no-progress", "--out", str(out),
     )  # fmt: skip
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
@@ -373,6 +373,10 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
     from pyrozoo.compress import MIN_WIDTH
 
     assert report["allocation"] == "auto" and report["min_width"] == MIN_WIDTH  # the CLI's defaults, the API's
+    assert report["calibrate"] == 100 and all(row["temperature"] > 0 for row in report["table"])
+    assert " 100 test inputs (drawn by the seed) were held out to fit each net's temperature" in (
+        out / "report.md"
+    ).read_text()
     text = (out / "report.md").read_text()
     assert "- params=0.5: pyrozoo's units shared out uniformly; its search read 0." in text
     assert f" ({rows['pyrozoo']['search_readings']} candidates measured)." in text  # a bisection's: several
