@@ -22,7 +22,9 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
     L-BFGS on ``log T``, from ``T = 1``)."""
     logits = logits.detach().double()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=1.0, max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [log_t], lr=1.0, max_iter=200, tolerance_grad=1e-10, line_search_fn="strong_wolfe"
+    )
 
     def nll() -> torch.Tensor:
         opt.zero_grad()

@@ -88,7 +88,9 @@ def test_compress_calibrates_every_net_on_held_out_test_inputs_and_reads_the_res
     for key, value in net.state_dict().items():
         assert torch.equal(value, state[key]), key
     text = markdown(result.table, None)
-    assert "- Temperatures (each net's logits divided by its own, fitted on the held-out inputs): dense " in text
+    assert (
+        "- Temperatures (each net's logits divided by its own, fitted on the held-out inputs): dense " in text
+    )
     assert f"pyrozoo at params=0.5 {rows['pyrozoo']['temperature']:.3f}" in text
     with pytest.raises(PyrozooError, match=r"a whole number from 0 \(none, the default\) to 999; got 1000"):
         _held_out(d, 1000, 0)
