@@ -48,8 +48,8 @@ from pyrozoo import costs, pruners
 from pyrozoo.baselines import LR_SCHEDULE_WORDS, LR_SCHEDULES, finetune
 from pyrozoo.bmr.rebuild import rebuild
 from pyrozoo.bmr.scores import delta_f
-from pyrozoo.calibration import fit_temperature, fold_temperature
 from pyrozoo.bmr.units import Units, model_units, structure
+from pyrozoo.calibration import fit_temperature, fold_temperature
 from pyrozoo.distributed import World, check_device, current
 from pyrozoo.errors import PyrozooError, TargetNotReached, reason
 from pyrozoo.metrics import evaluate_net
@@ -1052,6 +1052,7 @@ def _calibration_words(record: dict) -> str:
 
 
 def _at(row: dict) -> str:
+    """" at TARGET" for a pruned net's row, nothing for the references'."""
     return "" if row["target"] == "-" else f" at {row['target']}"
 
 
