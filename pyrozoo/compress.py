@@ -650,10 +650,13 @@ class _Job:
         return self.world.agree(lambda: costs.cost(kind, net, reference, self.example[256], self.repeats))
 
     def calibrated(self, net: nn.Module) -> float:
-        """Fold into ``net``'s head the temperature fitted on the held-out inputs; returns it."""
+        """Fold into ``net``'s head the temperature fitted on the held-out inputs (its logits read on the job's
+        device); returns it."""
         x, y = self.held_out
         with torch.no_grad():
-            logits = torch.cat([net.eval()(batch) for batch in x.split(1000)])
+            net.to(self.device).eval()
+            logits = torch.cat([net(batch.to(self.device)).cpu() for batch in x.split(1000)])
+            net.cpu()
         temperature = fit_temperature(logits, y)
         fold_temperature(net, self.head, temperature, x[:8])
         return temperature
