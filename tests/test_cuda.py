@@ -106,8 +106,10 @@ def test_compress_fine_tunes_on_the_gpu_and_measures_on_the_cpu():
         torch.nn.Linear(6 * 8 * 8, 3),
     )  # fmt: skip
     result = compress(net, (x, y, x, y), "params=0.5", finetune_steps=3, batch_size=16, fit_size=None,
-                      baselines=("tp-l1",), repeats=1, device="cuda", progress=False, log=quiet)  # fmt: skip
+                      baselines=("tp-l1",), repeats=1, device="cuda", calibrate=16, progress=False,
+                      log=quiet)  # fmt: skip
     assert all(p.device.type == "cpu" for p in result.net.parameters())
+    assert all(row["temperature"] > 0 for row in result.table)  # the held-out logits read on the GPU
     assert all(p.device.type == "cpu" for p in net.parameters())
     assert [row["method"] for row in result.table] == ["dense", "dense+finetune", "pyrozoo", "tp-l1"]
     assert all(0 <= row["accuracy"] <= 1 for row in result.table)
