@@ -4,6 +4,7 @@ method (its Laplace fits, ranking, latency search, rebuild and fine-tune) and th
 latency search and the same fine-tune) on the same machine minutes apart. It prints each round's seconds and
 ratio, the machine's load beside them, and the median ratio:
 
+    python benchmarks/bn_cnn.py --epochs 2 --out bn_cnn.pt     # the trained BatchNorm CNN of issue 28
     PYTHONPATH=benchmarks python benchmarks/compress_wall_clock.py bn_cnn:bn_cnn --weights bn_cnn.pt --rounds 3
 
 Loading the data and the net, the dense net's rows and the report's closing latencies are common to both and
@@ -38,9 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baseline", choices=pruners.PRUNERS, default="tp-l1")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=21, help="timed rounds per latency ratio")
+    parser.add_argument("--finetune-steps", type=int, default=300, help="compress's fine-tune, for every method")
+    parser.add_argument("--fit-size", type=int, default=2000, help="training inputs of the Laplace fit")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.repeats < 1:
-        parser.error("--rounds and --repeats are at least 1")
+    if args.rounds < 1 or args.repeats < 1 or args.finetune_steps < 0 or args.fit_size < 1:
+        parser.error("--rounds, --repeats and --fit-size are at least 1, --finetune-steps at least 0")
     torch.set_num_threads(1)  # compress's default for the command: timings on one thread
     d = datasets.prepare(datasets.load(args.data), pad_to=args.pad_to)
     net = load_trained_net(args.net, args.weights, d)
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         load = _load()
         result = pyrozoo.compress(
             net, d, args.target, baselines=(args.baseline,), repeats=args.repeats, seed=seed, progress=False,
-            log=lambda text: None,
+            finetune_steps=args.finetune_steps, fit_size=args.fit_size, log=lambda text: None,
         )  # fmt: skip
         seconds = {row["method"]: row["seconds"] for row in result.table if "seconds" in row}
         ratios.append(seconds["pyrozoo"] / seconds[args.baseline])

@@ -10,6 +10,8 @@ library does not do, and it is checked on an example batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional
@@ -17,9 +19,13 @@ from torch.nn import functional
 from pyrozoo.errors import PyrozooError
 
 
+BOUNDS = (0.05, 20.0)  # a temperature outside is a fit to too few or too easy inputs, not a calibration
+
+
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The temperature ``T > 0`` minimising the mean NLL of ``softmax(logits / T)`` at ``labels`` (float64
-    L-BFGS on ``log T``, from ``T = 1``)."""
+    """The temperature ``T`` in :data:`BOUNDS` minimising the mean NLL of ``softmax(logits / T)`` at ``labels``
+    (float64 L-BFGS on ``log T``, from ``T = 1``; the NLL is convex in ``1 / T``, so the minimum clamped to the
+    bounds is the constrained one). Inputs all classified right with growing margins pull ``T`` toward 0."""
     logits = logits.detach().double()
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS(
@@ -33,7 +39,12 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return loss
 
     opt.step(nll)
-    return log_t.detach().exp().item()
+    low, high = BOUNDS
+    found = [t for t in (log_t.detach().exp().item(), low, high) if math.isfinite(t)]
+    return min(
+        (min(max(t, low), high) for t in found),
+        key=lambda t: float(functional.cross_entropy(logits / t, labels)),
+    )
 
 
 def fold_temperature(net: nn.Module, head: str, temperature: float, example: torch.Tensor) -> None:

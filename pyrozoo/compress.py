@@ -664,13 +664,14 @@ class _Job:
     def row(self, method: str, target: Target, net: nn.Module, **extra) -> dict:
         """``net``'s row, its latencies left to :func:`_time_rows` (the net is held until then); with held-out
         inputs, of ``net`` calibrated (in place; the dense net a copy, since it is the caller's)."""
+        timed = net  # a temperature leaves the cost alone: the dense row is timed as the reference itself
         if self.held_out is not None:
             net = copy.deepcopy(net) if net is self.dense else net
             extra["temperature"] = self.calibrated(net)
         metrics = self.tested(net)
         # the first process's row for all: the same in each, its seconds included
         row = self.world.agree(lambda: _row(method, target, net, metrics, self.example[1], **extra))
-        self.timed.append((row, net))
+        self.timed.append((row, timed))
         return row
 
 
@@ -720,12 +721,13 @@ def _references(job: _Job, log) -> list[dict]:
         torch.manual_seed(job.seed)
         dense_row = job.row("dense", Target("evidence"), job.dense)
     dense_row["target"] = "-"
+    dense_row["test_inputs"] = len(job.d.y_test)
     log(f"dense: {dense_row['params']:,} parameters, accuracy {dense_row['accuracy']:.4f}")
     if not job.finetune_steps:
         return [dense_row]
     tuned = copy.deepcopy(job.dense)
     job.tune(tuned)
-    tuned_row = job.row("dense+finetune", Target("evidence"), tuned)
+    tuned_row = job.row("dense+finetune", Target("evidence"), tuned, untuned_accuracy=dense_row["accuracy"])
     tuned_row["target"] = "-"
     return [dense_row, tuned_row]
 
@@ -845,14 +847,20 @@ def _fitted(dense: nn.Module, x: torch.Tensor, curvature: str, global_order: boo
     return curvature, model, posterior, shares
 
 
+CALIBRATION_FEWEST = 100  # held-out inputs a temperature is fitted on, and test inputs left for the metrics
+
+
 def _held_out(d, count: int, seed: int):
     """``(d with its test set less count inputs, (those inputs, their labels))``, the held-out inputs drawn by
     ``seed``; ``(d, None)`` for a count of 0."""
     tests = len(d.y_test)
-    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count < tests:
+    fewest = CALIBRATION_FEWEST
+    if isinstance(count, bool) or not isinstance(count, int) or not (count == 0 or fewest <= count <= tests - fewest):
+        most = f"{tests - fewest:,}" if tests >= 2 * fewest else f"none here: {tests:,} test inputs"
         raise PyrozooError(
-            f"calibrate (--calibrate) is how many of the {tests:,} test inputs to hold out for the temperatures, "
-            f"a whole number from 0 (none, the default) to {tests - 1:,}; got {count!r}"
+            f"calibrate (--calibrate) is how many of the {tests:,} test inputs to hold out for the temperatures: 0 "
+            f"(none, the default) or from {fewest} to {most} (at least {fewest} held out and {fewest} left for "
+            f"the metrics; a few thousand fit a temperature well); got {count!r}"
         )
     if count == 0:
         return d, None
@@ -943,7 +951,8 @@ def compress(
     device = world.device(device)  # with cuda and several processes: the GPU of this one's local rank
     if not world.main:
         progress, log = False, lambda text: None
-    d, held_out = _held_out(_data(data), calibrate, seed)
+    full = _data(data)
+    d, held_out = _held_out(full, calibrate, seed)
     training = net.training
     # read only (every method prunes and tunes a copy): a large net is not held twice; one on a GPU is copied
     on_cpu = all(p.device.type == "cpu" for p in net.parameters())
@@ -951,7 +960,7 @@ def compress(
     global_order = any(floored(allocation, t) for t in targets)
     if min_width != MIN_WIDTH and not global_order:
         log(f"min_width {min_width:g} is used by a global allocation only, and no target here has one")
-    example = {1: d.x_test[:1], 256: d.x_test[:256]}
+    example = {1: full.x_test[:1], 256: full.x_test[:256]}  # a batch of 256 whatever is held out
     options = (finetune_steps, lr, lr_schedule, batch_size, seed, allocation, score, min_width, device, world)
     job = _Job(d, dense, example, repeats, *options, held_out=held_out)
 
@@ -1040,7 +1049,19 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
             f"{params} | {row['flops'] / dense['flops']:.2f} | {row['latency_b1']:.2f} | {row['latency_b256']:.2f} |"
             + "".join(f" {row[c]:.2f} |" for c in gpu)
         )
-    return "\n".join(lines + _notes(table)) + "\n"
+    return "\n".join(lines + _legend(dense) + _notes(table)) + "\n"
+
+
+def _legend(dense: dict) -> list[str]:
+    """What the table's columns are read on (reports before it was recorded: nothing)."""
+    if "test_inputs" not in dense:
+        return []
+    return [
+        "",
+        f"Accuracy, NLL and ECE (20 bins of equal count) are read on {dense['test_inputs']:,} test inputs; "
+        "\"before fine-tune\" is a pruned net's accuracy as pruning left it (for dense+finetune, the dense net's); "
+        "parameters are counted, FLOPs and latencies are fractions of the dense net's.",
+    ]
 
 
 def _calibration_words(record: dict) -> str:
@@ -1060,8 +1081,8 @@ def _at(row: dict) -> str:
 
 
 def _untuned(row: dict) -> str:
-    """A pruned net's accuracy before its fine-tune (what pruning alone left); "-" for the references and for
-    reports written before it was recorded."""
+    """A pruned net's accuracy before its fine-tune (what pruning alone left; the dense net's for
+    ``dense+finetune``); "-" for the dense net and for reports written before it was recorded."""
     return f"{row['untuned_accuracy']:.4f}" if "untuned_accuracy" in row else "-"
 
 

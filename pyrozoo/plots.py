@@ -426,7 +426,7 @@ def plot_front(table: pd.DataFrame, folder: str | os.PathLike, stem: str = "fron
             points.latency_b256, points.accuracy, marker=marker, ms=10, ls="", color="black", label=method
         )
     ax.set_xlabel("CPU latency at batch 256 (fraction of the dense net's)")
-    ax.set_ylabel("test accuracy (after the same fine-tune)")
+    ax.set_ylabel("test accuracy (pruned nets: after the same fine-tune)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

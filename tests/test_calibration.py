@@ -22,6 +22,17 @@ def test_the_fitted_temperature_is_the_nll_minimum_a_grid_search_finds():
     assert 1.8 < best < 2.2
 
 
+def test_inputs_all_right_with_growing_margins_get_the_lowest_temperature_not_zero():
+    """Every input classified right: the NLL falls toward T = 0, and the fit stops at the bound."""
+    from pyrozoo.calibration import BOUNDS
+
+    logits = torch.tensor([[3.0, 0.0], [0.0, 2.0], [5.0, 1.0]])
+    assert fit_temperature(logits, torch.tensor([0, 1, 0])) == BOUNDS[0]
+    assert (
+        fit_temperature(-logits, torch.tensor([0, 1, 0])) == BOUNDS[1]
+    )  # every one wrong: as flat as allowed
+
+
 def _heads():
     torch.manual_seed(0)
     linear = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 5))
@@ -92,5 +103,8 @@ def test_compress_calibrates_every_net_on_held_out_test_inputs_and_reads_the_res
         "- Temperatures (each net's logits divided by its own, fitted on the held-out inputs): dense " in text
     )
     assert f"pyrozoo at params=0.5 {rows['pyrozoo']['temperature']:.3f}" in text
-    with pytest.raises(PyrozooError, match=r"a whole number from 0 \(none, the default\) to 999; got 1000"):
-        _held_out(d, 1000, 0)
+    for count in (1000, 901, 99, -1, 2.5):
+        with pytest.raises(
+            PyrozooError, match=r"0 \(none, the default\) or from 100 to 900 \(at least 100 held "
+        ):
+            _held_out(d, count, 0)

@@ -357,7 +357,9 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
     assert rows["global-magnitude"]["nonzero_params"] < rows["dense"]["params"]
     # each pruned net's accuracy before its fine-tune, as the test set reads that net before tuning
     assert all(0 <= rows[m]["untuned_accuracy"] <= 1 for m in ("pyrozoo", "tp-l1", "global-magnitude"))
-    assert "untuned_accuracy" not in rows["dense"] and "untuned_accuracy" not in rows["dense+finetune"]
+    assert "untuned_accuracy" not in rows["dense"]  # dense+finetune's before is the dense net's accuracy
+    assert rows["dense+finetune"]["untuned_accuracy"] == rows["dense"]["accuracy"]
+    assert rows["dense"]["latency_b1"] == rows["dense"]["latency_b256"] == 1.0  # calibrated, timed as itself
     assert f"| {rows['pyrozoo']['accuracy']:.4f} | {rows['pyrozoo']['untuned_accuracy']:.4f} |" in stdout
     assert f"accuracy {rows['pyrozoo']['untuned_accuracy']:.4f} before the fine-tune" in err + stdout
     for name in (
@@ -374,6 +376,7 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
 
     assert report["allocation"] == "auto" and report["min_width"] == MIN_WIDTH  # the CLI's defaults, the API's
     assert report["calibrate"] == 100 and all(row["temperature"] > 0 for row in report["table"])
+    assert "Accuracy, NLL and ECE (20 bins of equal count) are read on 900 test inputs; " in stdout
     assert " 100 test inputs (drawn by the seed) were held out to fit each net's temperature" in (
         out / "report.md"
     ).read_text()
@@ -617,18 +620,19 @@ def test_the_wall_clock_benchmark_pairs_pyrozoo_with_a_baseline_per_round(tmp_pa
     common = ["lenet", "--weights", str(tmp_path / "lenet.pt"), "--data", "fashion-mnist-mini"]
     seen = []
     compress = compress_wall_clock.pyrozoo.compress
-    monkeypatch.setattr(compress_wall_clock.pyrozoo, "compress", lambda *a, **k: seen.append(k) or compress(
-        *a, **{**k, "finetune_steps": 2, "fit_size": 64}))  # fmt: skip
-    compress_wall_clock.main([*common, "--target", "params=0.5", "--rounds", "2", "--repeats", "1"])
+    monkeypatch.setattr(compress_wall_clock.pyrozoo, "compress", lambda *a, **k: seen.append(k) or compress(*a, **k))
+    small = ["--finetune-steps", "2", "--fit-size", "64"]
+    compress_wall_clock.main([*common, *small, "--target", "params=0.5", "--rounds", "2", "--repeats", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert [k["seed"] for k in seen] == [0, 1] and all(k["baselines"] == ("tp-l1",) for k in seen)
+    assert all(k["finetune_steps"] == 2 and k["fit_size"] == 64 for k in seen)
     assert lines[0].startswith("round 0: pyrozoo ") and ", tp-l1 " in lines[0] and ", ratio " in lines[0]
     ratios = sorted(float(line.split("ratio ")[1].split()[0]) for line in lines[:2])
     median = float(lines[2].removeprefix("median ratio ").split()[0])
     assert lines[2].endswith(" over 2 rounds") and ratios[0] - 0.01 <= median <= ratios[1] + 0.01
     with pytest.raises(SystemExit):
         compress_wall_clock.main([*common, "--rounds", "0"])
-    assert "--rounds and --repeats are at least 1" in capsys.readouterr().err
+    assert "--rounds, --repeats and --fit-size are at least 1" in capsys.readouterr().err
 
 
 def test_a_latency_target_ranks_globally_by_the_latency_model(fitted, monkeypatch):

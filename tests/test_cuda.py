@@ -100,13 +100,13 @@ def test_compress_fine_tunes_on_the_gpu_and_measures_on_the_cpu():
     from pyrozoo.compress import compress
 
     torch.manual_seed(0)
-    x, y = torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,))
+    x, y = torch.randn(256, 1, 8, 8), torch.randint(0, 3, (256,))
     net = torch.nn.Sequential(
         torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(), torch.nn.Flatten(),
         torch.nn.Linear(6 * 8 * 8, 3),
     )  # fmt: skip
     result = compress(net, (x, y, x, y), "params=0.5", finetune_steps=3, batch_size=16, fit_size=None,
-                      baselines=("tp-l1",), repeats=1, device="cuda", calibrate=16, progress=False,
+                      baselines=("tp-l1",), repeats=1, device="cuda", calibrate=100, progress=False,
                       log=quiet)  # fmt: skip
     assert all(p.device.type == "cpu" for p in result.net.parameters())
     assert all(row["temperature"] > 0 for row in result.table)  # the held-out logits read on the GPU
