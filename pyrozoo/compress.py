@@ -935,6 +935,8 @@ def compress(
     CPU) on the CPU. With ``calibrate`` > 0, that many test inputs (drawn by ``seed``) are held out: every net,
     the dense one's copy included, gets the temperature that fits them best, folded into its head
     (:mod:`pyrozoo.calibration`), and the metrics are read on the other test inputs. ``net`` is not changed.
+    Each step is said through ``log`` (``print``; ``lambda text: None`` for silence), and ``progress=False``
+    turns the progress bars off.
 
     Called by every process of a distributed run (``torch.distributed`` initialised, e.g. by
     :func:`pyrozoo.distributed.setup` under ``torchrun``), the processes share the Laplace fit's batches, the
