@@ -213,6 +213,7 @@ def test_compress_under_torchrun_writes_one_report_of_the_one_process_result(tmp
     argv = [
         "compress", "lenet", "--weights", "lenet.pt", "--data", "fashion-mnist-mini", "--target", "params=0.5",
         "--finetune-steps", "10", "--fit-size", "200", "--baselines", "tp-l1", "--repeats", "1", "--no-progress",
+        "--calibrate", "200",  # each rank fits every net's temperature alike
     ]  # fmt: skip
     two = torchrun(*argv, "--out", "two", cwd=tmp_path)
     assert two.returncode == 0, two.stderr
@@ -232,5 +233,6 @@ def test_compress_under_torchrun_writes_one_report_of_the_one_process_result(tmp
             assert a.get(key) == b.get(key), key
         assert a["accuracy"] == b["accuracy"]
         assert a["nll"] == pytest.approx(b["nll"], rel=1e-5) and a["ece"] == pytest.approx(b["ece"], abs=1e-5)
+        assert a["temperature"] == pytest.approx(b["temperature"], rel=1e-5)
     nets = [torch.load(tmp_path / name / "nets/params-0.5/state_dict.pt") for name in ("one", "two")]
     _assert_same(nets[0], nets[1], 1e-5)
