@@ -3,9 +3,8 @@ labelled inputs by the NLL of ``logits / T``, then divided into the net's head (
 bias), so that the calibrated net is still the same plain module and exports as one.
 
 Written here rather than taken from a library: torchmetrics and scikit-learn measure calibration but do not fit
-a temperature, and netcal's ``TemperatureScaling`` fits on probabilities with its own optimiser and dependencies
-for what is a one-parameter convex fit (the NLL is convex in ``1 / T``). The fold, not the fit, is the part a
-library does not do, and it is checked on an example batch.
+a temperature, and a calibration library would be a dependency for a one-parameter convex fit (the NLL is
+convex in ``1 / T``). The fold into the net, which no library does, is checked on an example batch.
 """
 
 from __future__ import annotations
