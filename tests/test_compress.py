@@ -604,6 +604,25 @@ def test_the_compress_gpu_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert report["device"] == "cpu" and (tmp_path / "lenet-dense.pt").is_file()
 
 
+def test_the_accuracy_before_the_fine_tune_is_the_pruned_nets_own():
+    """Without a fine-tune, each pruned net's accuracy before it is its accuracy; with one, it is read before
+    the fine-tune moves the net (the fine-tuned nets differ from what pruning left)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(8 * 36, 4)).eval()  # fmt: skip
+    x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 4, (64,))
+    options = dict(fit_size=None, baselines=("tp-l1", "global-magnitude"), repeats=1, progress=False,
+                   log=lambda text: None)  # fmt: skip
+    still = compress(net, (x, y, x, y), "params=0.5", finetune_steps=0, **options)
+    pruned = [row for row in still.table if "untuned_accuracy" in row]
+    assert [row["method"] for row in pruned] == ["pyrozoo", "tp-l1", "global-magnitude"]
+    assert all(row["untuned_accuracy"] == row["accuracy"] for row in pruned)
+    tuned = compress(net, (x, y, x, y), "params=0.5", finetune_steps=30, batch_size=16, **options)
+    rows = {row["method"]: row for row in tuned.table}
+    assert rows["pyrozoo"]["untuned_accuracy"] == still.table[1]["accuracy"]  # the same net, before its tune
+    assert rows["pyrozoo"]["accuracy"] > rows["pyrozoo"]["untuned_accuracy"]  # 30 steps on the test inputs
+
+
 def test_the_wall_clock_benchmark_pairs_pyrozoo_with_a_baseline_per_round(tmp_path, capsys, monkeypatch):
     """benchmarks/compress_wall_clock.py: per round the seconds of pyrozoo's method and of the baseline's from
     one compress call, their ratio, and the median; it refuses zero rounds."""
