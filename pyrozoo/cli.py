@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Adam steps of fine-tuning after pruning, the same for every method (default 300)",
     )
     compress.add_argument(
-        "--lr", type=_number(float, "positive"), default=1e-3, help="fine-tune learning rate"
+        "--lr", type=_number(float, "positive"), default=1e-3, help="fine-tune learning rate (default 1e-3)"
     )
     compress.add_argument(
         "--lr-schedule",
@@ -543,7 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the fine-tune's learning rate moves: cosine (decayed to 0 over the steps; the default) or "
         "constant",
     )
-    compress.add_argument("--batch-size", type=_number(int, "positive"), default=128, help="fine-tune batch")
+    compress.add_argument(
+        "--batch-size", type=_number(int, "positive"), default=128, help="fine-tune batch (default 128)"
+    )
     compress.add_argument(
         "--fit-size",
         type=_number(int, "positive"),
@@ -558,7 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the pruners to compare with, at the same cost and fine-tune (default: all; none: give it empty)",
     )
     compress.add_argument(
-        "--repeats", type=_number(int, "positive"), default=7, help="timed rounds per latency ratio"
+        "--repeats",
+        type=_number(int, "positive"),
+        default=7,
+        help="timed rounds per latency ratio (default 7; 21 steadies a loaded machine's readings)",
     )
     compress.add_argument(
         "--threads", type=_number(int, "positive"), default=1, help="CPU threads for timing (default 1)"
@@ -610,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="hold out N test inputs (drawn by --seed) to fit each net's temperature, folded into its last layer "
         "so the saved net is calibrated; the metrics are then read on the other test inputs (default 0: none)",
     )
-    compress.add_argument("--seed", type=_number(int, "non-negative"), default=0, help="random seed")
+    compress.add_argument("--seed", type=_number(int, "non-negative"), default=0, help="random seed (default 0)")
     compress.add_argument("--out", default=None, help="report folder (default compressed/NET)")
     _no_progress(compress)
 
