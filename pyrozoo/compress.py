@@ -631,12 +631,15 @@ class _Job:
         )
         net.cpu()
 
-    def untuned_accuracy(self, net: nn.Module) -> tuple[float, float]:
-        """``net``'s test accuracy as pruning left it, before its fine-tune, and the seconds that reading took
-        (left out of its method's time: the fine-tune does not need it)."""
+    def tune_pruned(self, net: nn.Module) -> tuple[float, float]:
+        """Fine-tune the pruned ``net`` (:meth:`tune`), its test accuracy read first, as pruning left it; returns
+        that accuracy and the seconds the reading took (left out of its method's time: the fine-tune does not
+        need it)."""
         start = time.perf_counter()
         accuracy = self.tested(net)["accuracy"]
-        return accuracy, time.perf_counter() - start
+        reading = time.perf_counter() - start
+        self.tune(net)
+        return accuracy, reading
 
     def tested(self, net: nn.Module) -> dict:
         """``net``'s test metrics (:func:`~pyrozoo.metrics.evaluate_net`), read on the job's device."""
@@ -750,8 +753,7 @@ def _pyrozoo(
         with posterior.compensating(model):
             small = rebuild(model, posterior)
     remove_first(model, ranking, 0)  # the model as fitted, for the next target
-    untuned, reading = job.untuned_accuracy(small)
-    job.tune(small)
+    untuned, reading = job.tune_pruned(small)
     seconds = fitted + time.perf_counter() - start - reading
     measured = f", {readings} candidates measured" if readings else ""
     has_floor = floored(job.allocation, t)
@@ -810,8 +812,7 @@ def _baseline(job: _Job, name: str, t: Target, small: nn.Module, keep: list[nn.M
     if name == "global-magnitude":  # as many weights zeroed as pyrozoo's net has fewer
         fraction = 1 - costs.parameters(small) / costs.parameters(dense)
         pruned = pruners.global_magnitude(dense, keep, fraction)
-        untuned, reading = job.untuned_accuracy(pruned)
-        job.tune(pruned)
+        untuned, reading = job.tune_pruned(pruned)
         pruners.make_permanent(pruned)
         matched = {"matched_by": "nonzero params"}
     else:
@@ -819,8 +820,7 @@ def _baseline(job: _Job, name: str, t: Target, small: nn.Module, keep: list[nn.M
         batch = (job.d.x_train[: job.batch_size], job.d.y_train[: job.batch_size])
         measure = lambda candidate: job.cost(kind, candidate, small)  # noqa: E731
         pruned, ratio = pruners.channel_prune_to(dense, job.example[1], name, keep, measure, 1.0, batch)
-        untuned, reading = job.untuned_accuracy(pruned)
-        job.tune(pruned)
+        untuned, reading = job.tune_pruned(pruned)
         matched = {"matched_by": kind, "matched": ratio}
     seconds = time.perf_counter() - start - reading
     return job.row(name, t, pruned, seconds=seconds, untuned_accuracy=untuned, **matched)
