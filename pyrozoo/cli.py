@@ -855,13 +855,10 @@ COMPRESS_OPTIONS = (
 
 
 def _compress(args) -> None:
-    import datetime
-    import platform
-
     import torch
 
     from pyrozoo import distributed
-    from pyrozoo.compress import as_targets, check_reached, compress, load_trained_net, markdown, write_report
+    from pyrozoo.compress import as_targets, check_reached, compress, load_trained_net, markdown
 
     world = distributed.setup()  # several processes when torchrun started this one; rank 0 prints and writes
     targets = as_targets(args.target or ["evidence"])
@@ -889,26 +886,11 @@ def _compress(args) -> None:
         log=_to_stderr,
         **options,
     )
-    record = {
-        "command": shlex.join(["pyrozoo", *args.argv]),
-        "net": args.net,
-        "weights": args.weights,
-        "data": raw.name,
-        "targets": [str(t) for t in targets],
-        "net_options": net_options,
-        "baselines": list(args.baselines),
-        **options,
-        "curvature": result.curvature,  # as fitted: a net too wide for KFAC gets the diagonal posterior
-        "threads": args.threads,
-        "processes": world.size,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores"
-        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
-        "date": datetime.date.today().isoformat(),
-    }
     distributed.finish()
     if not world.main:
         return
-    write_report(result, out, record, d.x_test[:2])
+    command = shlex.join(["pyrozoo", *args.argv])
+    result.save(out, command=command, net=args.net, weights=args.weights, data=raw.name, net_options=net_options)
     print(markdown(result.table))
     print(
         f"written to {out}: report.json, report.md, front.png, front.pdf, nets/ (state_dict.pt, net.pt, net.pt2)"

@@ -541,11 +541,19 @@ class Compressed:
     table: list[dict]
     dense: dict
     curvature: str = "kfac"  # the Laplace posterior's, as fitted (a net too wide for KFAC gets "diag")
+    record: dict = field(default_factory=dict)  # how the table was made: the options, machine and date
+    example: torch.Tensor | None = None  # test inputs the nets are exported on
 
     @property
     def net(self) -> nn.Module:
         """The net of the first target."""
         return next(iter(self.nets.values()))
+
+    def save(self, folder, **said) -> None:
+        """Write ``folder`` as ``pyrozoo compress --out`` does (:func:`write_report`): the report, the figure
+        and every target's net, its record :attr:`record` with ``said`` (e.g. ``net="my-cnn"``) in front."""
+        record = {**said, **{k: v for k, v in self.record.items() if k not in said}}
+        write_report(self, folder, record, self.example)
 
 
 def _data(data):
@@ -682,7 +690,8 @@ def _time_rows(job: _Job) -> None:
     """Every row's latency at batch 1 and 256 as a ratio to the dense net's, all the nets timed in turns in one
     round-robin per batch size (so that they compare among themselves), by the first process for all: on the
     CPU, and where there is a GPU on it too (``gpu_latency_b1``, ``gpu_latency_b256``; the job's device where
-    that is one)."""
+    that is one). The dense row also gets the dense net's CPU milliseconds per pass (``latency_ms_b1``,
+    ``latency_ms_b256``) and the clock they were read on (``latency_clock``)."""
     gpu = job.device if torch.device(job.device).type == "cuda" else None
     if gpu is None and torch.cuda.is_available():
         gpu = "cuda"
@@ -692,15 +701,21 @@ def _time_rows(job: _Job) -> None:
         found = {}
         for batch in (1, 256):
             example = job.example[batch]
-            found[f"latency_b{batch}"] = costs.latency_ratios(nets, job.dense, example, job.repeats)
+            ratios, seconds = costs.latency_readings(nets, job.dense, example, job.repeats)
+            found[f"latency_b{batch}"] = ratios
+            found[f"latency_ms_b{batch}"] = 1000 * seconds
             if gpu is not None:
                 ratios = costs.device_latency_ratios(nets, job.dense, example, gpu, job.repeats)
                 found[f"gpu_latency_b{batch}"] = ratios
         return found
 
     found = job.world.agree(measured)
-    for i, (row, _) in enumerate(job.timed):
+    dense = {column: found.pop(column) for column in ("latency_ms_b1", "latency_ms_b256")}
+    for i, (row, net) in enumerate(job.timed):
         row.update({column: ratios[i] for column, ratios in found.items()})
+        if row["method"] == "dense":
+            clock = "one thread's CPU time" if costs.timing_clock() is time.thread_time else "wall clock"
+            row.update(dense, latency_clock=clock)
     job.timed.clear()
 
 
@@ -945,6 +960,11 @@ def compress(
     returns the same result."""
     targets = as_targets(target)
     _check_options(baselines, allocation, score, finetune_steps, batch_size, lr_schedule, min_width, repeats)
+    # fmt: off
+    asked = dict(finetune_steps=finetune_steps, lr=lr, lr_schedule=lr_schedule, batch_size=batch_size,
+                 fit_size=fit_size, repeats=repeats, seed=seed, allocation=allocation, min_width=min_width,
+                 device=device, score=score, calibrate=calibrate)
+    # fmt: on
     if curvature not in CURVATURES:
         raise PyrozooError(f"unknown curvature {curvature!r}; known: {', '.join(CURVATURES)}")
     check_device(device)
@@ -987,7 +1007,28 @@ def compress(
     log("timing every net in turns...")
     _time_rows(job)
     net.train(training)
-    return Compressed(nets, table, table[0], curvature)
+    record = _record(full, targets, baselines, {**asked, "curvature": curvature}, world)
+    return Compressed(nets, table, table[0], curvature, record, full.x_test[:2])
+
+
+def _record(d, targets: list[Target], baselines, options: dict, world: World) -> dict:
+    """How :func:`compress` made its table, as the report records it: the data, targets, baselines and
+    ``options`` (the Laplace posterior's curvature as fitted), the threads and processes, machine and date."""
+    import datetime
+    import os
+    import platform
+
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return {
+        "data": getattr(d, "name", "tensors"),
+        "targets": [str(t) for t in targets],
+        "baselines": list(baselines),
+        **options,
+        "threads": torch.get_num_threads(),
+        "processes": world.size,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores{gpu}",
+        "date": datetime.date.today().isoformat(),
+    }
 
 
 def check_reached(table: list[dict]) -> None:
@@ -1020,9 +1061,8 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
     dense = table[0]
     lines = []
     if record:
+        lines += [f"`{record['command']}`", ""] if "command" in record else []
         lines += [
-            f"`{record['command']}`",
-            "",
             f"{record['data']}, {record['machine']}, {record['threads']} thread(s){_processes(record)}, "
             f"{record['date']}. pyrozoo ranked units by {record.get('score', 'obd')} under a "
             f"{record.get('curvature', 'diag')} Laplace posterior. Every method but the dense "
@@ -1062,8 +1102,18 @@ def _legend(dense: dict) -> list[str]:
         "",
         f"Accuracy, NLL and ECE (20 bins of equal count) are read on {dense['test_inputs']:,} test inputs; "
         "\"before fine-tune\" is a pruned net's accuracy as pruning left it (for dense+finetune, the dense net's); "
-        "parameters are counted, FLOPs and latencies are fractions of the dense net's.",
+        "parameters are counted, FLOPs and latencies are fractions of the dense net's" + _dense_latency(dense) + ".",
     ]
+
+
+def _dense_latency(dense: dict) -> str:
+    """The legend's words on the dense net's own latency (reports before it was recorded: nothing)."""
+    if "latency_ms_b1" not in dense:
+        return ""
+    return (
+        f" (the dense net's: {dense['latency_ms_b1']:.3g} ms per pass at batch 1 and {dense['latency_ms_b256']:.3g} "
+        f"ms at batch 256 on the CPU, {dense['latency_clock']})"
+    )
 
 
 def _calibration_words(record: dict) -> str:

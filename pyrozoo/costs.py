@@ -167,18 +167,25 @@ def latency_ratio(net: nn.Module, reference: nn.Module, example: torch.Tensor, r
     return latency_ratios([net], reference, example, repeats)[0]
 
 
-@torch.inference_mode()
 def latency_ratios(
     nets: list[nn.Module], reference: nn.Module, example: torch.Tensor, repeats: int = 7
 ) -> list[float]:
     """Per net of ``nets``, the median over ``repeats`` rounds of (its time / ``reference``'s) for a forward pass
+    on ``example`` (:func:`latency_readings`). ``reference`` in ``nets`` is 1.0."""
+    return latency_readings(nets, reference, example, repeats)[0]
+
+
+@torch.inference_mode()
+def latency_readings(
+    nets: list[nn.Module], reference: nn.Module, example: torch.Tensor, repeats: int = 7
+) -> tuple[list[float], float]:
+    """Per net of ``nets``, the median over ``repeats`` rounds of (its time / ``reference``'s) for a forward pass
     on ``example``, all of them and the reference called in turns in each round (:func:`round_robin`; each turn
-    the same number of passes, enough to last a few milliseconds) after a warm-up, in eval mode. Read in one
-    round-robin, the ratios of several nets compare among themselves: read in separate ones, a loaded machine
-    moves each by up to a tenth (a copy of the reference read 0.74 once). ``reference`` in ``nets`` is 1.0."""
+    the same number of passes, enough to last a few milliseconds) after a warm-up, in eval mode; and the
+    reference's median seconds per pass, on the clock of :func:`timing_clock`. Read in one round-robin, the
+    ratios of several nets compare among themselves: read in separate ones, a loaded machine moves each by up to
+    a tenth (a copy of the reference read 0.74 once). ``reference`` in ``nets`` is 1.0."""
     distinct = {id(net): net.eval() for net in nets if net is not reference}
-    if not distinct:
-        return [1.0] * len(nets)
     with steady_allocator():  # the passes that count the calls per turn warm the heap up too
         clock = timing_clock()
         calls = max(
@@ -187,8 +194,10 @@ def latency_ratios(
         )
         turns = {key: _repeated(lambda c=net: c(example), calls) for key, net in distinct.items()}
         turns["reference"] = _repeated(lambda: reference(example), calls)
-        ratios = paired_ratios(round_robin(turns, repeats, warmup=0, clock=clock), "reference")
-    return [1.0 if net is reference else ratios[id(net)][1] for net in nets]
+        times = round_robin(turns, repeats, warmup=0, clock=clock)
+    ratios = paired_ratios(times, "reference")
+    seconds = statistics.median(times["reference"]) / calls
+    return [1.0 if net is reference else ratios[id(net)][1] for net in nets], seconds
 
 
 @torch.inference_mode()

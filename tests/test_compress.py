@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 import sys
 import time
 from types import SimpleNamespace
@@ -360,6 +361,9 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
     assert "untuned_accuracy" not in rows["dense"]  # dense+finetune's before is the dense net's accuracy
     assert rows["dense+finetune"]["untuned_accuracy"] == rows["dense"]["accuracy"]
     assert rows["dense"]["latency_b1"] == rows["dense"]["latency_b256"] == 1.0  # calibrated, timed as itself
+    dense_ms = rows["dense"]["latency_ms_b1"], rows["dense"]["latency_ms_b256"]
+    assert all(ms > 0 for ms in dense_ms) and "latency_ms_b1" not in rows["pyrozoo"]
+    assert f"{dense_ms[0]:.3g} ms per pass at batch 1 and {dense_ms[1]:.3g} ms at batch 256 on the CPU, one " in stdout
     assert f"| {rows['pyrozoo']['accuracy']:.4f} | {rows['pyrozoo']['untuned_accuracy']:.4f} |" in stdout
     assert f"accuracy {rows['pyrozoo']['untuned_accuracy']:.4f} before the fine-tune" in err + stdout
     for name in (
@@ -476,6 +480,25 @@ def test_the_tables_latencies_are_read_in_one_round_robin_of_every_net(monkeypat
     assert rounds[0][1] is costs.timing_clock()
 
 
+def test_the_reference_alone_is_timed_for_its_own_seconds_per_pass(monkeypatch):
+    """latency_readings gives the reference's seconds per pass from the same round-robin: its median turn over
+    the passes in a turn; with the reference alone among the nets, it is still timed (a ratio of 1.0)."""
+    reference = nn.Linear(64, 8)
+    turns = []
+    spy = costs.round_robin
+
+    def counted(calls, *args, **kwargs):
+        times = spy(calls, *args, **kwargs)
+        turns.append(times["reference"])
+        return times
+
+    monkeypatch.setattr(costs, "round_robin", counted)
+    monkeypatch.setattr(costs, "_calls_per_turn", lambda call, clock: 3)
+    ratios, seconds = costs.latency_readings([reference, reference], reference, torch.randn(4, 64), repeats=5)
+    assert ratios == [1.0, 1.0] and len(turns[0]) == 5
+    assert seconds == pytest.approx(statistics.median(turns[0]) / 3) and seconds > 0
+
+
 def test_device_latency_times_copies_on_the_device_in_one_round_robin(monkeypatch):
     """On a device (here the CPU, standing in for a GPU), copies of the nets are timed in turns on the wall
     clock: the reference reads 1.0, a copy of it about 1, a net of a fifth of the work well below; the nets
@@ -554,7 +577,8 @@ def test_a_latency_targets_baselines_are_timed_against_pyrozoos_net(fitted, monk
         return costs.flops(candidate, example) / costs.flops(reference, example)
 
     monkeypatch.setattr(costs, "latency_ratio", timer)
-    monkeypatch.setattr(costs, "latency_ratios", lambda nets, ref, x, repeats=7: [timer(n, ref, x) for n in nets])
+    read = lambda nets, ref, x, repeats=7: ([timer(n, ref, x) for n in nets], 1e-3)  # noqa: E731
+    monkeypatch.setattr(costs, "latency_readings", read)
     result = compress(net, (x, y, x, y), "latency=0.6", finetune_steps=0, fit_size=None, baselines=("tp-l1",),
                       repeats=1, progress=False, log=lambda text: None)  # fmt: skip
     small = result.net
@@ -621,6 +645,27 @@ def test_the_accuracy_before_the_fine_tune_is_the_pruned_nets_own():
     rows = {row["method"]: row for row in tuned.table}
     assert rows["pyrozoo"]["untuned_accuracy"] == still.table[1]["accuracy"]  # the same net, before its tune
     assert rows["pyrozoo"]["accuracy"] > rows["pyrozoo"]["untuned_accuracy"]  # 30 steps on the test inputs
+
+
+def test_the_api_saves_what_the_command_writes(tmp_path):
+    """``Compressed.save`` writes the command's folder from the API: the record holds the options, threads and
+    date as compress knew them, with what the caller says in front; the report's Markdown leads with the data
+    (no command line), and every target's net is exported."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
+    x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 4, (64,))
+    result = compress(net, (x, y, x, y), "params=0.5", finetune_steps=2, batch_size=16, fit_size=None,
+                      baselines=("tp-l1",), repeats=1, seed=3, progress=False, log=lambda text: None)  # fmt: skip
+    assert result.record["seed"] == 3 and result.record["threads"] == torch.get_num_threads()
+    result.save(tmp_path / "out", net="my-cnn")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert list(report)[:2] == ["net", "data"] and report["net"] == "my-cnn" and report["data"] == "tensors"
+    assert report["targets"] == ["params=0.5"] and report["baselines"] == ["tp-l1"] and report["curvature"] == "kfac"
+    assert report["table"] == result.table
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert text.startswith("tensors, ") and "for 2 Adam steps after pruning" in text
+    program = torch.export.load(tmp_path / "out" / "nets" / "params-0.5" / "net.pt2").module()
+    assert torch.allclose(program(x[:3]), result.net(x[:3]), atol=1e-6)
 
 
 def test_the_wall_clock_benchmark_pairs_pyrozoo_with_a_baseline_per_round(tmp_path, capsys, monkeypatch):
