@@ -566,7 +566,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="timed rounds per latency ratio (default 7; 21 steadies a loaded machine's readings)",
     )
     compress.add_argument(
-        "--threads", type=_number(int, "positive"), default=1, help="CPU threads for timing (default 1)"
+        "--threads",
+        type=_number(int, "positive"),
+        default=1,
+        help="CPU threads latency is timed on (default 1: read on the thread's CPU clock); the Laplace fit and "
+        "the fine-tunes use torch's own count (OMP_NUM_THREADS)",
     )
     compress.add_argument(
         "--allocation",
@@ -850,13 +854,11 @@ def _print_next(steps: list[tuple[str, str]]) -> None:
 # the options of pyrozoo compress passed to compress() as they are, and recorded in its report
 COMPRESS_OPTIONS = (
     "finetune_steps", "lr", "lr_schedule", "batch_size", "fit_size", "repeats", "seed", "allocation", "min_width",
-    "device", "score", "curvature", "calibrate",
+    "device", "score", "curvature", "calibrate", "threads",
 )  # fmt: skip
 
 
 def _compress(args) -> None:
-    import torch
-
     from pyrozoo import distributed
     from pyrozoo.compress import as_targets, check_reached, compress, load_trained_net, markdown
 
@@ -875,7 +877,6 @@ def _compress(args) -> None:
     net_options = dict(parse_option(text) for text in args.net_option or [])
     net = load_trained_net(args.net, args.weights, d, trust_pickle=args.trust_pickle, net_options=net_options)
     out = Path(args.out or Path("compressed") / args.net.replace(":", "-").replace("/", "-"))
-    torch.set_num_threads(args.threads)
     options = {name: getattr(args, name) for name in COMPRESS_OPTIONS}
     result = compress(
         net,

@@ -613,6 +613,7 @@ class _Job:
     device: str = "cpu"
     world: World = field(default_factory=World)
     held_out: tuple[torch.Tensor, torch.Tensor] | None = None  # (inputs, labels) each net's temperature is fit on
+    compute_threads: int = 0  # torch threads for the fine-tunes and metrics (0: as many as the caller's)
     head: str = ""  # the module the temperature is folded into: the net's output layer
     moved: dict = field(default_factory=dict)
     timed: list = field(default_factory=list)  # (row, net): the rows whose latencies are still to be read
@@ -623,20 +624,17 @@ class _Job:
             self.moved[name] = getattr(self.d, name).to(self.device)
         return self.moved[name]
 
+    def computing(self):
+        """The context the job's compute runs in: torch on :attr:`compute_threads` (the timing may use fewer)."""
+        return costs.torch_threads(self.compute_threads or torch.get_num_threads())
+
     def tune(self, net: nn.Module) -> None:
         x, y = self.data("x_train"), self.data("y_train")
-        steps, lr, batch_size, seed = self.finetune_steps, self.lr, self.batch_size, self.seed
-        finetune(
-            net.to(self.device),
-            x,
-            y,
-            steps,
-            lr,
-            batch_size,
-            seed,
-            world=self.world,
-            schedule=self.lr_schedule,
-        )
+        options = dict(world=self.world, schedule=self.lr_schedule)
+        with self.computing():
+            finetune(
+                net.to(self.device), x, y, self.finetune_steps, self.lr, self.batch_size, self.seed, **options
+            )
         net.cpu()
 
     def tune_pruned(self, net: nn.Module) -> tuple[float, float]:
@@ -652,7 +650,8 @@ class _Job:
     def tested(self, net: nn.Module) -> dict:
         """``net``'s test metrics (:func:`~pyrozoo.metrics.evaluate_net`), read on the job's device."""
         x, y = self.data("x_test"), self.data("y_test")
-        metrics = evaluate_net(net.to(self.device), x, y, self.d.num_classes, world=self.world)
+        with self.computing():
+            metrics = evaluate_net(net.to(self.device), x, y, self.d.num_classes, world=self.world)
         net.cpu()
         return metrics
 
@@ -664,7 +663,7 @@ class _Job:
         """Fold into ``net``'s head the temperature fitted on the held-out inputs (its logits read on the job's
         device); returns it."""
         x, y = self.held_out
-        with torch.no_grad():
+        with torch.no_grad(), self.computing():
             net.to(self.device).eval()
             logits = torch.cat([net(batch.to(self.device)).cpu() for batch in x.split(1000)])
             net.cpu()
@@ -895,6 +894,7 @@ def _check_options(
     schedule: str,
     min_width: float,
     repeats: int,
+    threads: int | None = None,
 ):
     """Refuse, in one line each, the options of :func:`compress` that name nothing it has or count wrong."""
     unknown = set(baselines) - set(pruners.PRUNERS)
@@ -915,6 +915,11 @@ def _check_options(
         )
     if schedule not in LR_SCHEDULES:
         raise PyrozooError(f"unknown lr_schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise PyrozooError(
+            f"threads (--threads) is how many torch threads latency is timed on, a whole number at least 1 (or "
+            f"None: torch's own count); got {threads!r}"
+        )
 
 
 def compress(
@@ -936,6 +941,7 @@ def compress(
     curvature: str = "kfac",
     device: str = "cpu",
     calibrate: int = 0,
+    threads: int | None = None,
     progress: bool = True,
     log=print,
 ) -> Compressed:
@@ -949,9 +955,10 @@ def compress(
     test metrics run on ``device`` (e.g. ``"cuda"``); the Laplace fit, pruning and the costs (latency on the
     CPU) on the CPU. With ``calibrate`` > 0, that many test inputs (drawn by ``seed``) are held out: every net,
     the dense one's copy included, gets the temperature that fits them best, folded into its head
-    (:mod:`pyrozoo.calibration`), and the metrics are read on the other test inputs. ``net`` is not changed.
-    Each step is said through ``log`` (``print``; ``lambda text: None`` for silence), and ``progress=False``
-    turns the progress bars off.
+    (:mod:`pyrozoo.calibration`), and the metrics are read on the other test inputs. Latencies are timed on
+    ``threads`` torch threads (None: as many as torch has now); the fit, the fine-tunes and the metrics run on
+    as many as torch has now. ``net`` is not changed. Each step is said through ``log`` (``print``; ``lambda
+    text: None`` for silence), and ``progress=False`` turns the progress bars off.
 
     Called by every process of a distributed run (``torch.distributed`` initialised, e.g. by
     :func:`pyrozoo.distributed.setup` under ``torchrun``), the processes share the Laplace fit's batches, the
@@ -959,7 +966,9 @@ def compress(
     the latencies for all, so that every decision is the same in each, and alone logs and shows progress. Each
     returns the same result."""
     targets = as_targets(target)
-    _check_options(baselines, allocation, score, finetune_steps, batch_size, lr_schedule, min_width, repeats)
+    _check_options(
+        baselines, allocation, score, finetune_steps, batch_size, lr_schedule, min_width, repeats, threads
+    )
     # fmt: off
     asked = dict(finetune_steps=finetune_steps, lr=lr, lr_schedule=lr_schedule, batch_size=batch_size,
                  fit_size=fit_size, repeats=repeats, seed=seed, allocation=allocation, min_width=min_width,
@@ -984,17 +993,29 @@ def compress(
         log(f"min_width {min_width:g} is used by a global allocation only, and no target here has one")
     example = {1: full.x_test[:1], 256: full.x_test[:256]}  # a batch of 256 whatever is held out
     options = (finetune_steps, lr, lr_schedule, batch_size, seed, allocation, score, min_width, device, world)
-    job = _Job(d, dense, example, repeats, *options, held_out=held_out)
-
-    start = time.perf_counter()
+    job = _Job(d, dense, example, repeats, *options, held_out=held_out, compute_threads=torch.get_num_threads())
+    timing = threads or job.compute_threads
     fit = dict(fit_size=fit_size, progress=progress, seed=seed, world=world)
-    curvature, model, posterior, shares = _fitted(dense, d.x_train, curvature, global_order, fit, log)
+    with costs.torch_threads(timing):
+        curvature, nets, table = _compressed(job, targets, baselines, curvature, global_order, fit, log)
+    net.train(training)
+    record = _record(full, targets, baselines, {**asked, "curvature": curvature, "threads": timing}, world)
+    return Compressed(nets, table, table[0], curvature, record, full.x_test[:2])
+
+
+def _compressed(job: _Job, targets, baselines, curvature: str, global_order: bool, fit: dict, log):
+    """:func:`compress`'s work once its job is set: the Laplace fit (options ``fit``), the references, and per
+    target pyrozoo's net and each baseline's, then every row's latency; returns ``(curvature as fitted, nets,
+    table)``."""
+    start = time.perf_counter()
+    with job.computing():
+        curvature, model, posterior, shares = _fitted(job.dense, job.d.x_train, curvature, global_order, fit, log)
     job.head = next(layer for layer in model.layers if layer.is_output).name
-    keep = [dense.get_submodule(job.head)]
+    keep = [job.dense.get_submodule(job.head)]
     fitted = time.perf_counter() - start
     table = _references(job, log)
     nets = {}
-    steps = tqdm(total=len(targets) * (1 + len(baselines)), desc="compress", disable=not progress)
+    steps = tqdm(total=len(targets) * (1 + len(baselines)), desc="compress", disable=not fit["progress"])
     for t in targets:
         small, row = _pyrozoo(job, model, posterior, t, fitted, log, shares)
         nets[str(t)] = small
@@ -1006,14 +1027,13 @@ def compress(
     steps.close()
     log("timing every net in turns...")
     _time_rows(job)
-    net.train(training)
-    record = _record(full, targets, baselines, {**asked, "curvature": curvature}, world)
-    return Compressed(nets, table, table[0], curvature, record, full.x_test[:2])
+    return curvature, nets, table
 
 
 def _record(d, targets: list[Target], baselines, options: dict, world: World) -> dict:
     """How :func:`compress` made its table, as the report records it: the data, targets, baselines and
-    ``options`` (the Laplace posterior's curvature as fitted), the threads and processes, machine and date."""
+    ``options`` (the Laplace posterior's curvature as fitted, the threads latency was timed on), the processes,
+    machine and date."""
     import datetime
     import os
     import platform
@@ -1024,7 +1044,6 @@ def _record(d, targets: list[Target], baselines, options: dict, world: World) ->
         "targets": [str(t) for t in targets],
         "baselines": list(baselines),
         **options,
-        "threads": torch.get_num_threads(),
         "processes": world.size,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores{gpu}",
         "date": datetime.date.today().isoformat(),

@@ -60,6 +60,17 @@ def timing_clock() -> Callable[[], float]:
 
 
 @contextlib.contextmanager
+def torch_threads(count: int):
+    """While inside, torch computes on ``count`` intra-op threads; afterwards on as many as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def steady_allocator():
     """While inside, glibc keeps every block on the heap (no mmap) and does not hand freed memory back, so a
     timed pass reuses warm pages whatever the process did before; afterwards mmap is allowed again (glibc's

@@ -668,6 +668,34 @@ def test_the_api_saves_what_the_command_writes(tmp_path):
     assert torch.allclose(program(x[:3]), result.net(x[:3]), atol=1e-6)
 
 
+def test_latency_is_timed_on_its_threads_and_the_rest_computes_on_torchs(monkeypatch):
+    """``threads`` sets what latency is timed on alone: the fine-tunes and the test metrics run on torch's own
+    count, which is the same after the call; the report records the timing's."""
+    module = sys.modules["pyrozoo.compress"]  # the package's attribute of that name is the function
+    seen = {"timed": set(), "tuned": set(), "tested": set()}
+    spies = dict(timed=(costs, "latency_readings"), tuned=(module, "finetune"), tested=(module, "evaluate_net"))
+    for kind, (owner, name) in spies.items():
+        def spy(*args, _kind=kind, _call=getattr(owner, name), **kwargs):
+            seen[_kind].add(torch.get_num_threads())
+            return _call(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spy)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
+    x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 4, (64,))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        options = dict(finetune_steps=2, batch_size=16, fit_size=None, baselines=("tp-l1",), repeats=1)
+        result = compress(net, (x, y, x, y), "params=0.5", threads=1, progress=False, log=len, **options)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == {"timed": {1}, "tuned": {2}, "tested": {2}} and result.record["threads"] == 1
+    with pytest.raises(PyrozooError, match=r"threads \(--threads\) is how many torch threads latency is timed on"):
+        compress(net, (x, y, x, y), "params=0.5", threads=0, progress=False)
+
+
 def test_the_wall_clock_benchmark_pairs_pyrozoo_with_a_baseline_per_round(tmp_path, capsys, monkeypatch):
     """benchmarks/compress_wall_clock.py: per round the seconds of pyrozoo's method and of the baseline's from
     one compress call, their ratio, and the median; it refuses zero rounds."""
