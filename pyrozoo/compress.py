@@ -92,10 +92,12 @@ class Target:
             try:
                 number = float(value)
             except ValueError:
-                hint = "; give each kind its own --target, e.g. --target latency=0.5 --target params=0.3"
-                raise PyrozooError(
-                    f"--target {text}: {value!r} is not a number{hint if '=' in value else ''}"
-                ) from None
+                hint = ""
+                if "=" in value:
+                    hint = "; give each kind its own --target, e.g. --target latency=0.5 --target params=0.3"
+                elif value.strip().endswith("%"):
+                    hint = f"; a fraction of the dense net's, e.g. {kind}=0.5 for half"
+                raise PyrozooError(f"--target {text}: {value!r} is not a number{hint}") from None
             if not math.isfinite(number):
                 raise PyrozooError(f"--target {text}: the fraction must be finite, got {value}")
             out.append(cls(kind, number))
@@ -1121,7 +1123,8 @@ def _legend(dense: dict) -> list[str]:
         "",
         f"Accuracy, NLL and ECE (20 bins of equal count) are read on {dense['test_inputs']:,} test inputs; "
         "\"before fine-tune\" is a pruned net's accuracy as pruning left it (for dense+finetune, the dense net's); "
-        "parameters are counted, FLOPs and latencies are fractions of the dense net's" + _dense_latency(dense) + ".",
+        "parameters are counted, FLOPs and latencies are fractions of the dense net's" + _dense_latency(dense) + "; "
+        "a latency target is read on the CPU at batch 256 (latency b256).",
     ]
 
 
@@ -1208,6 +1211,10 @@ def _notes(table: list[dict]) -> list[str]:
     return ["", *notes] if notes else []
 
 
+# what a report folder holds: an earlier report is replaced whole, a folder holding anything else is refused
+REPORT_FILES = frozenset({"report.json", "report.md", "front.png", "front.pdf", "nets"})
+
+
 def write_report(result: Compressed, folder, record: dict, example: torch.Tensor) -> None:
     """Write ``folder`` whole (atomically): ``report.json`` (``record``, the table), ``report.md``, the figure
     ``front.{png,pdf}``, and per target ``nets/TARGET/``: the compressed net's ``state_dict.pt``, the net
@@ -1231,4 +1238,4 @@ def write_report(result: Compressed, folder, record: dict, example: torch.Tensor
             where.mkdir(parents=True)
             save_net(net, example, where / "state_dict.pt", where / "net.pt", where / "net.pt2")
 
-    atomic_write_folder(folder, write)
+    atomic_write_folder(folder, write, REPORT_FILES)

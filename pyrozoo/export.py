@@ -55,6 +55,10 @@ def save_net(net: nn.Module, example: torch.Tensor, state_dict: Path, whole: Pat
     save_torch(exported, program, torch.export.save)
 
 
+# what an export folder holds: an earlier export is replaced whole, a folder holding anything else is refused
+EXPORT_FILES = frozenset({"sparse_state_dict.pt", "sparse_net.pt", "sparse.pt2", "summary.json"})
+
+
 def export(run, folder: Path, repeats: int = 50, source: dict | None = None, nets=None) -> dict:
     """Write the rebuilt sparse net and return a summary (sizes, accuracy or a regression's RMSE, latency): the
     pruned net in the trained shapes (``full_shapes``, pruned weights at zero) against the same net with its dead
@@ -100,5 +104,5 @@ def export(run, folder: Path, repeats: int = 50, source: dict | None = None, net
         save_net(sparse, x_test[:2], tmp / "sparse_state_dict.pt", tmp / "sparse_net.pt", tmp / "sparse.pt2")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    atomic_write_folder(folder, write)
+    atomic_write_folder(folder, write, EXPORT_FILES)
     return summary

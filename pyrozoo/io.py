@@ -104,15 +104,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text))
 
 
-def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
+def atomic_write_folder(
+    path: str | os.PathLike, write: Callable[[Path], object], replaces: frozenset[str] = frozenset()
+) -> None:
     """Call ``write(tmp)`` on a fresh temporary folder beside ``path``, then put it in ``path``'s place.
 
     A kill while writing leaves the previous folder untouched (and a temporary one that the next call ignores);
-    the previous folder is removed only once the new one is complete and in place.
+    the previous folder is removed only once the new one is complete and in place. Only a folder that is empty
+    or holds nothing but names of ``replaces`` (what an earlier write of the same kind left) is replaced: a
+    user's folder, a file and a link are refused (:func:`check_replaceable`) before anything is written.
     """
     if not _WRITES:
         return
     path = Path(path)
+    check_replaceable(path, replaces)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
@@ -134,6 +139,30 @@ def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], object]
         if failure is not None:
             raise failure from e
         raise
+
+
+def check_replaceable(path: Path, replaces: frozenset[str]) -> None:
+    """Refuse, in one line, a ``path`` that :func:`atomic_write_folder` must not put a new folder in place of:
+    no name of its own (``.``), a link (never written through nor replaced), anything but a folder, or a folder
+    holding anything whose name is not in ``replaces``."""
+    if path.name in ("", ".", ".."):
+        raise PyrozooError(f"cannot write {path}: give the folder a name of its own (e.g. {path / 'report'})")
+    if path.is_symlink():
+        raise PyrozooError(
+            f"cannot write {path}: it is a link, and pyrozoo neither writes through a link nor replaces one; "
+            "give a real folder"
+        )
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise PyrozooError(f"cannot write {path}: it is a file, not a folder; give a new folder")
+    foreign = sorted(entry.name for entry in path.iterdir() if entry.name not in replaces)
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise PyrozooError(
+            f"cannot write {path}: it holds {foreign[0]!r}{more}, which an earlier write of this kind did not "
+            "leave, and the folder is replaced whole; give a new or empty folder"
+        )
 
 
 def save_torch(obj, path: str | os.PathLike, save: Callable | None = None) -> None:

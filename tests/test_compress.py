@@ -175,7 +175,9 @@ def test_targets_are_parsed_and_checked():
     bad_targets = [("params=1.5", "between 0 and 1"), ("params=x", "not a number"), ("speed=0.5", "unknown"),
                    ("params=inf", "finite"), ("params", "between 0 and 1"),
                    ("evidence=0.5", "takes no value"),
-                   ("latency=0.5,params=0.3", "give each kind its own --target")]  # fmt: skip
+                   ("latency=0.5,params=0.3", "give each kind its own --target"),
+                   ("latency=50%", "'50%' is not a number; a fraction of the dense net's, e.g. latency=0.5"),
+                   ]  # fmt: skip
     for bad, words in bad_targets:
         with pytest.raises(PyrozooError, match=words):
             Target.parse(bad)

@@ -273,3 +273,45 @@ def test_two_processes_writing_one_file_never_mix(tmp_path):
     assert content in (b"a" * SIZE, b"b" * SIZE)
     assert seen - {b"0"} <= {b"a", b"b"}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left behind
+
+
+# --- atomic_write_folder ------------------------------------------------------------------------------------
+
+
+def _write_report(tmp: Path) -> None:
+    (tmp / "report.json").write_text("{}")
+
+
+def test_a_folder_is_replaced_only_where_an_earlier_write_of_its_kind_left_it(tmp_path):
+    """A new, an empty, or an earlier write's folder is replaced whole; one holding anything else (a user's
+    run beside it, a note added), a file, a link (not followed, not replaced) and ``.`` are refused in one line,
+    and nothing of theirs is touched."""
+    from pyrozoo.io import atomic_write_folder
+
+    kinds = frozenset({"report.json"})
+    out = tmp_path / "out"
+    atomic_write_folder(out, _write_report, kinds)  # new
+    atomic_write_folder(out, _write_report, kinds)  # an earlier write's
+    (tmp_path / "empty").mkdir()
+    atomic_write_folder(tmp_path / "empty", _write_report, kinds)
+    assert (out / "report.json").is_file() and (tmp_path / "empty" / "report.json").is_file()
+    (out / "notes.txt").write_text("mine")
+    (tmp_path / "runs" / "lenet-map").mkdir(parents=True)
+    (tmp_path / "file.log").write_text("mine")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    refused = {
+        out: "it holds 'notes.txt', which an earlier write of this kind did not leave, and the folder is replaced "
+        "whole; give a new or empty folder",
+        tmp_path / "runs": "it holds 'lenet-map', which",
+        tmp_path / "file.log": "it is a file, not a folder",
+        tmp_path / "link": "it is a link, and pyrozoo neither writes through a link nor replaces one",
+        Path("."): "give the folder a name of its own",
+    }
+    for path, words in refused.items():
+        with pytest.raises(PyrozooError, match=re.escape(f"cannot write {path}: {words}")):
+            atomic_write_folder(path, _write_report, kinds)
+    assert (out / "notes.txt").read_text() == "mine" and (tmp_path / "runs" / "lenet-map").is_dir()
+    assert (tmp_path / "file.log").read_text() == "mine" and (tmp_path / "link").is_symlink()
+    assert not any((tmp_path / "real").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file.log", "link", "out", "real", "runs"]

@@ -524,6 +524,8 @@ BAD_INPUTS = [
      "--net-option", "patch_size=0", "--out", "NEW"], ["net 'vit' cannot be built", "patch_size=0"]),
     ("net-option-num-classes", None, ["train", *TINY, "--net-option", "num_classes=3", "--out", "NEW"],
      ["num_classes", "the data"]),
+    ("net-too-large-for-the-images", None, ["compress", "lenet", "--weights", "NEW", "--data", "fashion-mnist-mini",
+     "--pad-to", "28"], ["net 'lenet' cannot be built for this data's 28x28 images", "compress --pad-to"]),
     ("net-option-unknown", None, ["train", *TINY, "--net-option", "depth=2", "--out", "NEW"],
      ["net 'mlp' takes no option 'depth'; its options: hidden, dropout"]),
     ("net-option-hidden-fractional", None, ["train", *TINY, "--net-option", "hidden=(1.5,)", "--out", "NEW"],

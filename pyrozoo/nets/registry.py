@@ -192,6 +192,12 @@ def create_net(name: str, *, in_channels: int, image_size: int, num_classes: int
         raise
     except (TypeError, ValueError, RuntimeError, ZeroDivisionError, AssertionError, IndexError) as e:
         why = reason(e)
-        what = f"with the net options {shown}" if overrides else "for this data"
-        raise PyrozooError(f"net {name!r} cannot be built {what} ({why}): check --net-option") from None
+        if overrides:
+            raise PyrozooError(
+                f"net {name!r} cannot be built with the net options {shown} ({why}): check --net-option"
+            ) from None
+        raise PyrozooError(
+            f"net {name!r} cannot be built for this data's {image_size}x{image_size} images ({why}): pad them to "
+            "the net's size (pyrozoo compress --pad-to), or give the net other sizes (--net-option)"
+        ) from None
     return net
