@@ -891,7 +891,7 @@ def _compress(args) -> None:
     if not world.main:
         return
     command = shlex.join(["pyrozoo", *args.argv])
-    result.save(out, command=command, net=args.net, weights=args.weights, data=raw.name, net_options=net_options)
+    result.save(out, command=command, net=args.net, weights=args.weights, net_options=net_options)
     print(markdown(result.table))
     print(
         f"written to {out}: report.json, report.md, front.png, front.pdf, nets/ (state_dict.pt, net.pt, net.pt2)"

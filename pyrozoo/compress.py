@@ -553,9 +553,15 @@ class Compressed:
 
     def save(self, folder, **said) -> None:
         """Write ``folder`` as ``pyrozoo compress --out`` does (:func:`write_report`): the report, the figure
-        and every target's net, its record :attr:`record` with ``said`` (e.g. ``net="my-cnn"``) in front."""
-        record = {**said, **{k: v for k, v in self.record.items() if k not in said}}
-        write_report(self, folder, record, self.example)
+        and every target's net, its record :attr:`record` with ``said`` (what compress cannot know, e.g.
+        ``net="my-cnn"``) in front."""
+        known = sorted(set(said) & set(self.record))
+        if known:
+            raise PyrozooError(
+                f"save: {', '.join(known)} {'is' if len(known) == 1 else 'are'} recorded by compress itself; pass "
+                "only what it cannot know (e.g. net=, weights=)"
+            )
+        write_report(self, folder, {**said, **self.record}, self.example)
 
 
 def _data(data):

@@ -662,6 +662,8 @@ def test_the_api_saves_what_the_command_writes(tmp_path):
     result.save(tmp_path / "out", net="my-cnn")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert list(report)[:2] == ["net", "data"] and report["net"] == "my-cnn" and report["data"] == "tensors"
+    with pytest.raises(PyrozooError, match="save: seed, targets are recorded by compress itself; pass only"):
+        result.save(tmp_path / "again", targets="mine", seed=1)  # a recorded fact is not overwritten
     assert report["targets"] == ["params=0.5"] and report["baselines"] == ["tp-l1"] and report["curvature"] == "kfac"
     assert report["table"] == result.table
     text = (tmp_path / "out" / "report.md").read_text()
