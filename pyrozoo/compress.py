@@ -400,7 +400,9 @@ LATENCY_MARGIN = 0.03
 # a latency search guided by the latency model stops at a reading this close below its aim (a fraction of the
 # target): about the spread of one net's readings on the thread's clock at load 3 (0.49-0.51, pyrozoo.costs)
 LATENCY_SLACK = 0.03
-# the latency search's first probes are the model's guesses, corrected by the readings so far; bisection after
+# the latency search's first probes are the model's guesses, corrected by the readings so far; after them it
+# steps out beyond its last reading while every reading lies on one side of the aim (:func:`_next_probe`), and
+# bisects once the aim is bracketed
 MODEL_PROBES = 3
 
 
@@ -431,6 +433,29 @@ def _modelled_guess(ranking: Ranking, target: float):
     return guess
 
 
+def _next_probe(readings: dict[int, float], lo: int, hi: int, aim: float, guess) -> int:
+    """The count of removals a latency search reads next, in ``[lo, hi)``: the model's ``guess`` for the first
+    :data:`MODEL_PROBES` readings (no guess: bisection throughout); then, while every reading (``{count:
+    value}``, in the order read) lies on one side of ``aim``, a step beyond the reading nearest the other side,
+    the last step's length doubled at each such step (a guess that landed just short had left the other side of
+    the aim unread, and bisecting everything beyond it read 8 more candidates on the BatchNorm CNN); once the
+    aim is bracketed, the middle of ``[lo, hi)``."""
+    if guess is None:
+        return (lo + hi) // 2
+    if len(readings) < MODEL_PROBES:
+        return guess(readings, lo, hi)
+    sides = {value <= aim for value in readings.values()}
+    if len(sides) == 2:
+        return (lo + hi) // 2
+    counts = list(readings)
+    last = abs(counts[-1] - counts[-2]) if len(counts) > 1 else 1
+    step = max(last * (2 if len(counts) > MODEL_PROBES else 1), 1)  # the first step out: the last guess's
+    # from the reading nearest the side not read: above the aim, the most removals read (lo - 1); below, the
+    # fewest (hi)
+    beyond = hi - step if sides == {True} else lo - 1 + step
+    return min(max(beyond, lo), hi - 1)
+
+
 def reduce_to(
     model,
     posterior,
@@ -445,8 +470,9 @@ def reduce_to(
     candidate rebuilt and measured; returns ``(net, units removed, cost, candidates measured)``. A latency
     target is aimed :data:`LATENCY_MARGIN` below, so that the net meets it when read again. For a latency
     target ranked by the latency model (:func:`rank_for`), the first probes are the model's guesses corrected
-    by the readings (:func:`_modelled_guess`), and the search stops at a reading within :data:`LATENCY_SLACK`
-    below the aim: fewer readings than a bisection's nine or ten, each a noisy timing of two nets. In a run
+    by the readings (:func:`_modelled_guess`), then steps out until the aim is bracketed (:func:`_next_probe`),
+    and the search stops at a reading within :data:`LATENCY_SLACK` below the aim: fewer readings than a
+    bisection's nine or ten, each a noisy timing of two nets. In a run
     of several processes (``world``) the first measures each candidate for all (a latency differs between
     them), so that every process searches alike."""
     world = World() if world is None else world
@@ -468,7 +494,7 @@ def reduce_to(
     lo, hi = 0, len(ranking.order)
     best = None
     while lo < hi:  # the fewest removals whose cost is at most the aim
-        mid = guess(readings, lo, hi) if guided and len(readings) < MODEL_PROBES else (lo + hi) // 2
+        mid = _next_probe(readings, lo, hi, aim, guess)
         net, value = measured(mid)
         readings[mid] = value
         if value <= aim:

@@ -282,6 +282,55 @@ def test_a_latency_search_guided_by_the_model_meets_the_target_in_few_readings(f
     assert measured == len(readings) < math.ceil(math.log2(len(ranking.order))) + 1
 
 
+def test_after_its_guesses_the_search_steps_out_until_the_aim_is_bracketed_then_bisects():
+    """Guesses that all land on one side of the aim leave the other unread: the search steps beyond the reading
+    nearest it by the last guess's step, doubled at each further step, rather than bisecting everything beyond
+    (a BatchNorm CNN's search read 8 more candidates so); once bracketed, it bisects."""
+    from pyrozoo.compress import MODEL_PROBES, _next_probe
+
+    def guess(readings, lo, hi):
+        return lo
+
+    aim = 0.485
+    short = {47: 0.5931, 58: 0.5134, 63: 0.4859}  # session 15's trace: the third guess just above the aim
+    assert MODEL_PROBES == 3 and _next_probe(dict(list(short.items())[:2]), 59, 360, aim, guess) == 59
+    assert _next_probe(short, 64, 360, aim, guess) == 68  # 63 + 5
+    assert _next_probe({**short, 68: 0.49}, 69, 360, aim, guess) == 78  # 68 + 2 * 5
+    assert _next_probe({**short, 68: 0.4668}, 64, 68, aim, guess) == 66  # bracketed: bisection
+    far = {100: 0.30, 90: 0.35, 80: 0.40}  # every reading far below the aim: step down from the fewest
+    assert _next_probe(far, 0, 80, aim, guess) == 70 and _next_probe({**far, 70: 0.45}, 0, 70, aim, guess) == 50
+    assert _next_probe({**short, 68: 0.49}, 69, 72, aim, guess) == 71  # never beyond [lo, hi)
+    assert _next_probe(short, 64, 360, aim, None) == 212  # no model: bisection throughout
+
+
+def test_replayed_the_stepping_search_reads_fewer_candidates_than_bisection(monkeypatch):
+    """On session 15's BatchNorm CNN trace (latencies read at each count, replayed exactly), the search with the
+    steps out reads 6 candidates where bisection after the guesses read 11, and picks the same net."""
+    module = sys.modules["pyrozoo.compress"]
+    from pyrozoo.compress import Ranking
+
+    trace = {0: 1.0, 47: 0.5931, 58: 0.5134, 63: 0.4859, 64: 0.4859, 65: 0.4814, 66: 0.4657, 68: 0.4668,
+             73: 0.4479, 82: 0.3784, 101: 0.3421, 138: 0.2773, 212: 0.2197, 360: 0.1}  # fmt: skip
+    known = sorted(trace)
+
+    def latency(count):  # between the traced counts, linear
+        below = max(c for c in known if c <= count)
+        above = min(c for c in known if c >= count)
+        if below == above:
+            return trace[count]
+        return trace[below] + (trace[above] - trace[below]) * (count - below) / (above - below)
+
+    removed = {}
+    monkeypatch.setattr(module, "remove_first", lambda model, ranking, count: removed.update(count=count))
+    monkeypatch.setattr(module, "rebuild", lambda model, posterior: removed["count"])
+    monkeypatch.setattr(costs, "cost", lambda kind, count, dense, example, repeats=7: latency(count))
+    guesses = iter([47, 58, 63])  # the trace's own guesses
+    monkeypatch.setattr(module, "_modelled_guess", lambda ranking, aim: lambda readings, lo, hi: next(guesses))
+    ranking = Ranking([], [(0, i) for i in range(360)], [0.0] * 360, {}, [1 / 400] * 360, modelled=True)
+    net, count, value, readings = reduce_to(None, None, ranking, Target("latency", 0.5), None, None)
+    assert (count, value) == (65, 0.4814) and readings == 6
+
+
 def test_the_evidence_target_removes_exactly_the_units_whose_removal_raises_it(fitted):
     net, model, posterior, x = fitted
     ranking = rank_units(model, posterior, x[:2])
