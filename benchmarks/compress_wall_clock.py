@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.repeats < 1 or args.finetune_steps < 0 or args.fit_size < 1:
         parser.error("--rounds, --repeats and --fit-size are at least 1, --finetune-steps at least 0")
-    torch.set_num_threads(1)  # compress's default for the command: timings on one thread
+    torch.set_num_threads(1)  # every method's work on one thread alike (the command times on one by default)
     d = datasets.prepare(datasets.load(args.data), pad_to=args.pad_to)
     net = load_trained_net(args.net, args.weights, d)
     ratios = []
