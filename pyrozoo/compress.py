@@ -744,7 +744,7 @@ def _time_rows(job: _Job) -> None:
 
     found = job.world.agree(measured)
     dense = {column: found.pop(column) for column in ("latency_ms_b1", "latency_ms_b256")}
-    for i, (row, net) in enumerate(job.timed):
+    for i, (row, _) in enumerate(job.timed):
         row.update({column: ratios[i] for column, ratios in found.items()})
         if row["method"] == "dense":
             clock = "one thread's CPU time" if costs.timing_clock() is time.thread_time else "wall clock"
