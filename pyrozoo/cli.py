@@ -569,8 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=_number(int, "positive"),
         default=1,
-        help="CPU threads latency is timed on (default 1: read on the thread's CPU clock); the Laplace fit and "
-        "the fine-tunes use torch's own count (OMP_NUM_THREADS)",
+        help="CPU threads latency is timed on (default 1: read on that thread's CPU clock; more: on the wall "
+        "clock); the Laplace fit, the fine-tunes and the test metrics use torch's own count (every core, or "
+        "OMP_NUM_THREADS)",
     )
     compress.add_argument(
         "--allocation",
@@ -860,7 +861,8 @@ COMPRESS_OPTIONS = (
 
 def _compress(args) -> None:
     from pyrozoo import distributed
-    from pyrozoo.compress import as_targets, check_reached, compress, load_trained_net, markdown
+    from pyrozoo.compress import REPORT_FILES, as_targets, check_reached, compress, load_trained_net, markdown
+    from pyrozoo.io import check_replaceable
 
     world = distributed.setup()  # several processes when torchrun started this one; rank 0 prints and writes
     targets = as_targets(args.target or ["evidence"])
@@ -877,6 +879,7 @@ def _compress(args) -> None:
     net_options = dict(parse_option(text) for text in args.net_option or [])
     net = load_trained_net(args.net, args.weights, d, trust_pickle=args.trust_pickle, net_options=net_options)
     out = Path(args.out or Path("compressed") / args.net.replace(":", "-").replace("/", "-"))
+    check_replaceable(out, REPORT_FILES)  # before the work: a folder it would refuse to replace costs none
     options = {name: getattr(args, name) for name in COMPRESS_OPTIONS}
     result = compress(
         net,

@@ -975,7 +975,7 @@ def compress(
     curvature: str = "kfac",
     device: str = "cpu",
     calibrate: int = 0,
-    threads: int | None = None,
+    threads: int | None = 1,
     progress: bool = True,
     log=print,
 ) -> Compressed:
@@ -990,9 +990,10 @@ def compress(
     CPU) on the CPU. With ``calibrate`` > 0, that many test inputs (drawn by ``seed``) are held out: every net,
     the dense one's copy included, gets the temperature that fits them best, folded into its head
     (:mod:`pyrozoo.calibration`), and the metrics are read on the other test inputs. Latencies are timed on
-    ``threads`` torch threads (None: as many as torch has now); the fit, the fine-tunes and the metrics run on
-    as many as torch has now. ``net`` is not changed. Each step is said through ``log`` (``print``; ``lambda
-    text: None`` for silence), and ``progress=False`` turns the progress bars off.
+    ``threads`` torch threads (1, as the command does: on the thread's CPU clock; None: as many as torch has
+    now, on the wall clock); the fit, the fine-tunes and the metrics run on as many as torch has now. ``net`` is
+    not changed. Each step is said through ``log`` (``print``; ``lambda text: None`` for silence), and
+    ``progress=False`` turns the progress bars off.
 
     Called by every process of a distributed run (``torch.distributed`` initialised, e.g. by
     :func:`pyrozoo.distributed.setup` under ``torchrun``), the processes share the Laplace fit's batches, the
@@ -1095,6 +1096,10 @@ def check_reached(table: list[dict]) -> None:
         raise TargetNotReached(f"not reached: {said}; the report says what may reach it")
 
 
+def _threads(count: int) -> str:
+    return f"{count} thread" + ("" if count == 1 else "s")
+
+
 def _processes(record: dict) -> str:
     size = record.get("processes", 1)
     return f" x {size} processes (torchrun)" if size > 1 else ""
@@ -1116,7 +1121,7 @@ def markdown(table: list[dict], record: dict | None = None) -> str:
     if record:
         lines += [f"`{record['command']}`", ""] if "command" in record else []
         lines += [
-            f"{record['data']}, {record['machine']}, {record['threads']} thread(s){_processes(record)}, "
+            f"{record['data']}, {record['machine']}, {_threads(record['threads'])}{_processes(record)}, "
             f"{record['date']}. pyrozoo ranked units by {record.get('score', 'obd')} under a "
             f"{record.get('curvature', 'diag')} Laplace posterior. Every method but the dense "
             "net was fine-tuned "
@@ -1215,7 +1220,7 @@ def _notes(table: list[dict]) -> list[str]:
         elif "matched_by" in row:
             what = row["matched_by"]
             if "matched" in row:
-                what += f", {row['matched']:.3f} of its {row['matched_by']}"
+                what += f", {row['matched']:.3f} of its {row['matched_by']} as the match read it"
             if row["params"] == dense["params"] and row["nonzero_params"] == dense["params"]:
                 what += " (not pruned: the dense net itself is within pyrozoo's cost)"
             notes.append(f"- {row['target']}: {row['method']}, matched to pyrozoo's net by {what}.")

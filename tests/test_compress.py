@@ -439,7 +439,8 @@ def test_the_command_writes_its_report_and_nets(capsys, tmp_path):
     assert "- params=0.5: pyrozoo's units shared out uniformly; its search read 0." in text
     assert f" ({rows['pyrozoo']['search_readings']} candidates measured)." in text  # a bisection's: several
     assert rows["pyrozoo"]["search_readings"] > 1
-    assert "- params=0.5: tp-l1, matched to pyrozoo's net by params, " in text and "of its params." in text
+    assert "- params=0.5: tp-l1, matched to pyrozoo's net by params, " in text
+    assert "of its params as the match read it." in text and ", 1 thread, " in text
     assert "- params=0.5: global-magnitude, matched to pyrozoo's net by nonzero params." in text
     assert rows["pyrozoo"]["reached"] and rows["pyrozoo"]["allocation"] == "uniform"
     loaded = torch.export.load(out / "nets" / "params-0.5" / "net.pt2").module()
@@ -477,6 +478,21 @@ def test_the_command_refuses_what_it_cannot_use(capsys, tmp_path):
     for bad in ("abc", "1.5"):  # not a number, or out of range: the range is said either way
         assert_one_line_error(*cli(capsys, "compress", "lenet", "--weights", "w.pt", "--min-width", bad),
                               "--min-width", "fraction in [0, 1)")  # fmt: skip
+
+
+def test_the_command_refuses_an_out_it_would_not_replace_before_any_work(capsys, tmp_path, monkeypatch):
+    """A --out holding a user's files is refused in one line before the compression runs (a large net's hours
+    are not lost to it), and the files are left alone."""
+    from pyrozoo.nets import create_net
+
+    torch.save(create_net("lenet", in_channels=1, image_size=32, num_classes=10).state_dict(), tmp_path / "w.pt")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "notes.txt").write_text("mine")
+    monkeypatch.setattr(sys.modules["pyrozoo.compress"], "compress", lambda *a, **k: pytest.fail("compressed"))
+    assert_one_line_error(*cli(capsys, "compress", "lenet", "--weights", str(tmp_path / "w.pt"), "--data",
+                               "fashion-mnist-mini", "--out", str(tmp_path / "runs")),
+                          "it holds 'notes.txt'", "give a new or empty folder")  # fmt: skip
+    assert (tmp_path / "runs" / "notes.txt").read_text() == "mine"
 
 
 def test_compress_refuses_a_device_it_cannot_use(fitted):
@@ -707,7 +723,7 @@ def test_the_api_saves_what_the_command_writes(tmp_path):
     x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 4, (64,))
     result = compress(net, (x, y, x, y), "params=0.5", finetune_steps=2, batch_size=16, fit_size=None,
                       baselines=("tp-l1",), repeats=1, seed=3, progress=False, log=lambda text: None)  # fmt: skip
-    assert result.record["seed"] == 3 and result.record["threads"] == torch.get_num_threads()
+    assert result.record["seed"] == 3 and result.record["threads"] == 1  # timed on one thread, as the command
     result.save(tmp_path / "out", net="my-cnn")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert list(report)[:2] == ["net", "data"] and report["net"] == "my-cnn" and report["data"] == "tensors"
