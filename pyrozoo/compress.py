@@ -1034,7 +1034,9 @@ def compress(
     with costs.torch_threads(timing):
         curvature, nets, table = _compressed(job, targets, baselines, curvature, global_order, fit, log)
     net.train(training)
-    record = _record(full, targets, baselines, {**asked, "curvature": curvature, "threads": timing}, world)
+    net_class = f"{type(net).__module__}.{type(net).__qualname__}"  # what state_dict.pt loads into, resized
+    recorded = {"net_class": net_class, **asked, "curvature": curvature, "threads": timing}
+    record = _record(full, targets, baselines, recorded, world)
     return Compressed(nets, table, table[0], curvature, record, full.x_test[:2])
 
 

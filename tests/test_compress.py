@@ -724,6 +724,7 @@ def test_the_api_saves_what_the_command_writes(tmp_path):
     result = compress(net, (x, y, x, y), "params=0.5", finetune_steps=2, batch_size=16, fit_size=None,
                       baselines=("tp-l1",), repeats=1, seed=3, progress=False, log=lambda text: None)  # fmt: skip
     assert result.record["seed"] == 3 and result.record["threads"] == 1  # timed on one thread, as the command
+    assert result.record["net_class"] == "torch.nn.modules.container.Sequential"
     result.save(tmp_path / "out", net="my-cnn")
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert list(report)[:2] == ["net", "data"] and report["net"] == "my-cnn" and report["data"] == "tensors"
