@@ -549,7 +549,8 @@ def test_the_tables_latencies_are_read_in_one_round_robin_of_every_net(monkeypat
 
 def test_the_reference_alone_is_timed_for_its_own_seconds_per_pass(monkeypatch):
     """latency_readings gives the reference's seconds per pass from the same round-robin: its median turn over
-    the passes in a turn; with the reference alone among the nets, it is still timed (a ratio of 1.0)."""
+    the passes in a turn; with the reference alone among the nets, it is still timed (a ratio of 1.0), where
+    latency_ratios, which needs no seconds, times nothing."""
     reference = nn.Linear(64, 8)
     turns = []
     spy = costs.round_robin
@@ -564,6 +565,7 @@ def test_the_reference_alone_is_timed_for_its_own_seconds_per_pass(monkeypatch):
     ratios, seconds = costs.latency_readings([reference, reference], reference, torch.randn(4, 64), repeats=5)
     assert ratios == [1.0, 1.0] and len(turns[0]) == 5
     assert seconds == pytest.approx(statistics.median(turns[0]) / 3) and seconds > 0
+    assert costs.latency_ratios([reference], reference, torch.randn(4, 64)) == [1.0] and len(turns) == 1  # untimed
 
 
 def test_device_latency_times_copies_on_the_device_in_one_round_robin(monkeypatch):
