@@ -568,14 +568,18 @@ class Compressed:
     nets: dict[str, nn.Module]  # str(target) -> the compressed, fine-tuned plain net
     table: list[dict]
     dense: dict
-    curvature: str = "kfac"  # the Laplace posterior's, as fitted (a net too wide for KFAC gets "diag")
-    record: dict = field(default_factory=dict)  # how the table was made: the options, machine and date
-    example: torch.Tensor | None = None  # test inputs the nets are exported on
+    record: dict  # how the table was made: the options (the curvature as fitted), machine and date
+    example: torch.Tensor  # test inputs the nets are exported on
 
     @property
     def net(self) -> nn.Module:
         """The net of the first target."""
         return next(iter(self.nets.values()))
+
+    @property
+    def curvature(self) -> str:
+        """The Laplace posterior's curvature, as fitted (a net too wide for KFAC gets ``"diag"``)."""
+        return self.record["curvature"]
 
     def save(self, folder, **said) -> None:
         """Write ``folder`` as ``pyrozoo compress --out`` does (:func:`write_report`): the report, the figure
@@ -1037,7 +1041,7 @@ def compress(
     net_class = f"{type(net).__module__}.{type(net).__qualname__}"  # what state_dict.pt loads into, resized
     recorded = {"net_class": net_class, **asked, "curvature": curvature, "threads": timing}
     record = _record(full, targets, baselines, recorded, world)
-    return Compressed(nets, table, table[0], curvature, record, full.x_test[:2])
+    return Compressed(nets, table, table[0], record, full.x_test[:2])
 
 
 def _compressed(job: _Job, targets, baselines, curvature: str, global_order: bool, fit: dict, log):
