@@ -716,15 +716,26 @@ def test_the_accuracy_before_the_fine_tune_is_the_pruned_nets_own():
     assert rows["pyrozoo"]["accuracy"] > rows["pyrozoo"]["untuned_accuracy"]  # 30 steps on the test inputs
 
 
+# a compress call that takes seconds: two fine-tune steps, one baseline, one timed round, silent
+QUICK = dict(finetune_steps=2, batch_size=16, fit_size=None, baselines=("tp-l1",), repeats=1, progress=False,
+             log=lambda text: None)  # fmt: skip
+
+
+def _small_cnn() -> tuple[nn.Module, torch.Tensor, tuple]:
+    """A conv net on random 6x6 images of 4 classes, the images, and the data as compress takes tensors (the
+    test set the training set)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
+    x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 4, (64,))
+    return net, x, (x, y, x, y)
+
+
 def test_the_api_saves_what_the_command_writes(tmp_path):
     """``Compressed.save`` writes the command's folder from the API: the record holds the options, threads and
     date as compress knew them, with what the caller says in front; the report's Markdown leads with the data
     (no command line), and every target's net is exported."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
-    x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 4, (64,))
-    result = compress(net, (x, y, x, y), "params=0.5", finetune_steps=2, batch_size=16, fit_size=None,
-                      baselines=("tp-l1",), repeats=1, seed=3, progress=False, log=lambda text: None)  # fmt: skip
+    net, x, data = _small_cnn()
+    result = compress(net, data, "params=0.5", seed=3, **QUICK)
     assert result.record["seed"] == 3 and result.record["threads"] == 1  # timed on one thread, as the command
     assert result.record["net_class"] == "torch.nn.modules.container.Sequential"
     result.save(tmp_path / "out", net="my-cnn")
@@ -752,20 +763,17 @@ def test_latency_is_timed_on_its_threads_and_the_rest_computes_on_torchs(monkeyp
             return _call(*args, **kwargs)
 
         monkeypatch.setattr(owner, name, spy)
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
-    x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 4, (64,))
+    net, _, data = _small_cnn()
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        options = dict(finetune_steps=2, batch_size=16, fit_size=None, baselines=("tp-l1",), repeats=1)
-        result = compress(net, (x, y, x, y), "params=0.5", threads=1, progress=False, log=len, **options)
+        result = compress(net, data, "params=0.5", threads=1, **QUICK)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
     assert seen == {"timed": {1}, "tuned": {2}, "tested": {2}} and result.record["threads"] == 1
     with pytest.raises(PyrozooError, match=r"threads \(--threads\) is how many torch threads latency is timed on"):
-        compress(net, (x, y, x, y), "params=0.5", threads=0, progress=False)
+        compress(net, data, "params=0.5", threads=0, progress=False)
 
 
 def test_the_wall_clock_benchmark_pairs_pyrozoo_with_a_baseline_per_round(tmp_path, capsys, monkeypatch):
